@@ -1,0 +1,5 @@
+import sys
+
+from refinestyle.cli import main
+
+sys.exit(main())

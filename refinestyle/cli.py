@@ -1,0 +1,54 @@
+"""The `refinestyle` console script.
+
+Each subcommand lives in its own module under `refinestyle.commands`; a module
+provides `add_arguments(parser)` and `main(args) -> int`, and the first line of
+its docstring is the subcommand's help text.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand name -> module implementing it
+COMMANDS = {
+    "generate": "refinestyle.commands.generate",
+    "spectrum": "refinestyle.commands.spectrum",
+    "train-inverter": "refinestyle.commands.train_inverter",
+    "invert": "refinestyle.commands.invert",
+    "edit": "refinestyle.commands.edit",
+    "ganspace": "refinestyle.commands.ganspace",
+    "eval-inversion": "refinestyle.commands.eval_inversion",
+    "adapt-text": "refinestyle.commands.adapt_text",
+    "adapt-oneshot": "refinestyle.commands.adapt_oneshot",
+    "eval-adapter": "refinestyle.commands.eval_adapter",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refinestyle",
+        description="RefineStyle: refine a frozen StyleGAN2's dynamic kernels with low-rank residuals.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or "").strip().splitlines()
+        sub = subparsers.add_parser(
+            name,
+            help=doc[0] if doc else None,
+            description=(module.__doc__ or "").strip() or None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

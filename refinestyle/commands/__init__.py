@@ -1,0 +1,1 @@
+"""Subcommands of the `refinestyle` console script (see refinestyle.cli)."""

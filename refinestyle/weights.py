@@ -1,0 +1,43 @@
+"""Local pretrained weights: every pretrained part loads from a path the user gives.
+
+Nothing is ever downloaded. A missing file is an error that names the file, the
+option or environment variable that points to it, and where it is usually obtained.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class MissingWeightsError(FileNotFoundError):
+    """A pretrained weights file that the user must provide is missing."""
+
+
+def resolve_weights(path: str | os.PathLike | None, *, what: str, env_var: str, obtained_from: str) -> Path:
+    """Return the local path of a pretrained weights file, or raise MissingWeightsError.
+
+    path: the path the user gave (a CLI option or argument); None falls back to `env_var`.
+    what: a human name for the file, e.g. "IR-SE50 ArcFace weights (model_ir_se50.pth)".
+    env_var: the environment variable that may hold the path.
+    obtained_from: where such a file is usually obtained, for the error message.
+    """
+    given = path if path is not None else os.environ.get(env_var)
+    if given is None:
+        raise MissingWeightsError(
+            f"{what}: no file given. Pass its path (or set {env_var}). "
+            f"It is usually obtained from {obtained_from}; nothing is downloaded."
+        )
+    resolved = Path(given).expanduser()
+    if not resolved.is_file():
+        raise MissingWeightsError(
+            f"{what}: file not found at {resolved}. It is usually obtained from {obtained_from}; "
+            f"nothing is downloaded."
+        )
+    return resolved
+
+
+def default_device() -> str:
+    """'cuda' when a GPU is usable, else 'cpu'."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
