@@ -1,0 +1,80 @@
+"""Which implementation of the op runs: "reference", "torch" or "triton".
+
+"auto" (the default everywhere) resolves to "triton" for CUDA tensors when Triton
+is importable, else to "torch". `set_backend` and `use_backend` change what "auto"
+means for the whole process (for example to benchmark or debug a model without
+touching its code).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+_default_backend = "auto"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when Triton can be imported (it is never imported just to answer this)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1), which works on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_backend(backend: str) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def set_backend(backend: str) -> None:
+    """Set what backend="auto" resolves to for the whole process ("auto" restores the default rule)."""
+    global _default_backend
+    _default_backend = check_backend(backend)
+
+
+def get_backend() -> str:
+    """The process-wide choice that backend="auto" resolves through."""
+    return _default_backend
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """Context manager: backend="auto" means `backend` inside the block."""
+    global _default_backend
+    previous = _default_backend
+    _default_backend = check_backend(backend)
+    try:
+        yield
+    finally:
+        _default_backend = previous
+
+
+def resolve_backend(backend: str, device) -> str:
+    """The concrete backend for tensors on `device`.
+
+    backend: one of BACKENDS. "auto" follows set_backend/use_backend, then picks
+    "triton" on CUDA when Triton is available and "torch" otherwise. An explicit
+    "triton" on CPU tensors is allowed only under TRITON_INTERPRET=1 (tests).
+    """
+    backend = check_backend(backend)
+    if backend == "auto":
+        backend = _default_backend
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError('backend="triton" needs the triton package (pip install triton)')
+        if device.type != "cuda" and not triton_interpreted():
+            raise RuntimeError(
+                'backend="triton" needs CUDA tensors; on the CPU it runs only in the Triton '
+                "interpreter (set TRITON_INTERPRET=1 before importing refinestyle_kernels)"
+            )
+    return backend

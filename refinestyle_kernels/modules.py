@@ -1,0 +1,383 @@
+"""Drop-in nn.Modules for rosinality/stylegan2-pytorch's StyleGAN2 layers, on the fused op.
+
+Parameter and buffer names and shapes are rosinality's, so a `g_ema` state_dict
+loads with strict=True. The conv layers also take RefineStyle's scaled tokens
+(p, q) and run through `styled_conv2d`, whose backend every module exposes as a
+`backend` attribute ("auto" by default).
+
+Under torch.autocast the modules cast the op's operands to the autocast dtype
+themselves (the op refuses mixed dtypes), so a model runs in bf16/fp16 unchanged.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from refinestyle_kernels.backend import check_backend
+from refinestyle_kernels.ops.bias_act import fused_leaky_relu
+from refinestyle_kernels.ops.modulated_conv2d import (
+    UPSAMPLE_BLUR_PAD,
+    UPSAMPLE_BLUR_TAPS,
+    UPSAMPLE_FACTOR,
+    styled_conv2d,
+)
+from refinestyle_kernels.ops.upfirdn2d import make_blur_kernel, upfirdn2d
+
+DEFAULT_BLUR_KERNEL = (1, 3, 3, 1)
+
+
+def _operand_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the op should run in: autocast's when it is on for x's device, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _cast(tensor, dtype):
+    return None if tensor is None else tensor.to(dtype)
+
+
+class PixelNorm(nn.Module):
+    """Normalise each latent vector to unit RMS: x / sqrt(mean(x^2, dim=1) + 1e-8). x [B, C]."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input * torch.rsqrt(torch.mean(input**2, dim=1, keepdim=True) + 1e-8)
+
+
+class FusedLeakyReLU(nn.Module):
+    """Bias [C] (parameter `bias`), leaky ReLU(negative_slope) and a gain of `scale`."""
+
+    def __init__(self, channel: int, bias: bool = True, negative_slope: float = 0.2, scale: float = math.sqrt(2)):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channel)) if bias else None
+        self.negative_slope = negative_slope
+        self.scale = scale
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return fused_leaky_relu(input, self.bias, self.negative_slope, self.scale)
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalized learning rate (rosinality's EqualLinear).
+
+    weight [out_dim, in_dim] is drawn from N(0, 1) / lr_mul and used times
+    lr_mul / sqrt(in_dim); bias [out_dim] starts at bias_init and is used times lr_mul.
+    activation: None or "fused_lrelu" (bias, leaky ReLU(0.2), gain sqrt(2)).
+    forward: input [B, in_dim] -> [B, out_dim].
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        bias: bool = True,
+        bias_init: float = 0,
+        lr_mul: float = 1,
+        activation: str | None = None,
+    ):
+        super().__init__()
+        if activation not in (None, "fused_lrelu"):
+            raise ValueError(f'activation: expected None or "fused_lrelu", got {activation!r}')
+        self.weight = nn.Parameter(torch.randn(out_dim, in_dim).div_(lr_mul))
+        self.bias = nn.Parameter(torch.zeros(out_dim).fill_(bias_init)) if bias else None
+        self.activation = activation
+        self.scale = (1 / math.sqrt(in_dim)) * lr_mul
+        self.lr_mul = lr_mul
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.ndim != 2 or input.shape[1] != self.weight.shape[1]:
+            raise ValueError(f"input: expected [B, {self.weight.shape[1]}], got {tuple(input.shape)}")
+        bias = None if self.bias is None else self.bias * self.lr_mul
+        if self.activation:
+            return fused_leaky_relu(nn.functional.linear(input, self.weight * self.scale), bias)
+        return nn.functional.linear(input, self.weight * self.scale, bias=bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[1]}, {self.weight.shape[0]}, activation={self.activation}"
+
+
+class ConstantInput(nn.Module):
+    """The learned 4x4 input of the synthesis network (parameter `input` [1, C, size, size]).
+
+    forward(input) returns it repeated to input's batch size; only input.shape[0] is used.
+    """
+
+    def __init__(self, channel: int, size: int = 4):
+        super().__init__()
+        self.input = nn.Parameter(torch.randn(1, channel, size, size))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.input.repeat(input.shape[0], 1, 1, 1)
+
+
+class NoiseInjection(nn.Module):
+    """Per-pixel noise times a learned strength (parameter `weight` [1], zero at init).
+
+    forward(image [B, C, H, W], noise=None | [B or 1, 1, H, W]) -> image + weight * noise,
+    drawing standard normal noise when none is given. Inside StyledConv the op adds
+    the noise in its epilogue instead; this module is kept for the state_dict names.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, image: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        if noise is None:
+            batch, _, height, width = image.shape
+            noise = image.new_empty(batch, 1, height, width).normal_()
+        return image + self.weight * noise
+
+
+class Blur(nn.Module):
+    """FIR filter (buffer `kernel`, [n, n], sum upsample_factor^2) with padding `pad` = (before, after)."""
+
+    def __init__(self, kernel: Sequence[float], pad: tuple[int, int], upsample_factor: int = 1):
+        super().__init__()
+        weights = make_blur_kernel(kernel)
+        if upsample_factor > 1:
+            weights = weights * (upsample_factor**2)
+        self.register_buffer("kernel", weights)
+        self.pad = pad
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return upfirdn2d(input, self.kernel, pad=self.pad)
+
+
+class Upsample(nn.Module):
+    """2x FIR upsampling of the toRGB skip (buffer `kernel` [n, n], sum factor^2)."""
+
+    def __init__(self, kernel: Sequence[float], factor: int = 2):
+        super().__init__()
+        self.factor = factor
+        self.register_buffer("kernel", make_blur_kernel(kernel) * (factor**2))
+        pad = len(kernel) - factor
+        self.pad = ((pad + 1) // 2 + factor - 1, pad // 2)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return upfirdn2d(input, self.kernel, up=self.factor, down=1, pad=self.pad)
+
+
+class ModulatedConv2d(nn.Module):
+    """StyleGAN2's modulated convolution, optionally refined with RefineStyle tokens.
+
+    Parameters (rosinality's names): `weight` [1, Cout, Cin, k, k] ~ N(0, 1),
+    `modulation` = EqualLinear(style_dim, Cin, bias_init=1), and with upsample the
+    buffer `blur.kernel`. scale = 1/sqrt(Cin*k*k).
+
+    forward(input [B, Cin, H, W], style w [B, style_dim], p=None, q=None) -> [B, Cout, H', W'],
+    with p, q the scaled tokens of `refinestyle_kernels.modulated_conv2d` ([B, L, C] or [L, C]).
+    Only the upsampling conv of StyleGAN2's generator is supported (no downsample).
+    """
+
+    def __init__(
+        self,
+        in_channel: int,
+        out_channel: int,
+        kernel_size: int,
+        style_dim: int,
+        demodulate: bool = True,
+        upsample: bool = False,
+        blur_kernel: Sequence[float] = DEFAULT_BLUR_KERNEL,
+        *,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if kernel_size not in (1, 3):
+            raise ValueError(f"kernel_size: expected 1 or 3, got {kernel_size}")
+        self.eps = 1e-8
+        self.kernel_size = kernel_size
+        self.in_channel = in_channel
+        self.out_channel = out_channel
+        self.upsample = upsample
+        self.demodulate = demodulate
+        self.backend = check_backend(backend)
+        self.scale = 1 / math.sqrt(in_channel * kernel_size**2)
+        self.padding = kernel_size // 2
+        self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
+        self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
+        if upsample:
+            if tuple(blur_kernel) != UPSAMPLE_BLUR_TAPS:
+                raise ValueError(f"blur_kernel: the fused upsampling conv implements {UPSAMPLE_BLUR_TAPS} only")
+            # kept for rosinality's state_dict; the op applies the same fixed filter
+            self.blur = Blur(blur_kernel, pad=UPSAMPLE_BLUR_PAD, upsample_factor=UPSAMPLE_FACTOR)
+
+    def layer_forward(
+        self,
+        input: torch.Tensor,
+        style: torch.Tensor,
+        p: torch.Tensor | None = None,
+        q: torch.Tensor | None = None,
+        *,
+        noise: torch.Tensor | None = None,
+        noise_strength: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        activate: bool = False,
+        clamp: float | None = None,
+    ) -> torch.Tensor:
+        """The conv with a fused epilogue (see `refinestyle_kernels.styled_conv2d`); used by StyledConv/ToRGB."""
+        dtype = _operand_dtype(input)
+        styles = self.modulation(style)
+        return styled_conv2d(
+            input.to(dtype),
+            self.weight[0].to(dtype),
+            styles.to(dtype),
+            _cast(p, dtype),
+            _cast(q, dtype),
+            noise=_cast(noise, dtype),
+            noise_strength=_cast(noise_strength, dtype),
+            bias=_cast(bias, dtype),
+            activate=activate,
+            clamp=clamp,
+            demodulate=self.demodulate,
+            upsample=self.upsample,
+            eps=self.eps,
+            scale=self.scale,
+            backend=self.backend,
+        )
+
+    def forward(
+        self, input: torch.Tensor, style: torch.Tensor, p: torch.Tensor | None = None, q: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.layer_forward(input, style, p, q)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channel}, {self.out_channel}, {self.kernel_size}, upsample={self.upsample}, "
+            f"demodulate={self.demodulate}, backend={self.backend!r}"
+        )
+
+
+class StyledConv(nn.Module):
+    """Modulated conv + noise + bias + leaky ReLU(0.2)*sqrt(2): one fused op per layer.
+
+    Parameters: `conv` (ModulatedConv2d), `noise.weight` [1], `activate.bias` [Cout].
+    forward(input [B, Cin, H, W], style [B, style_dim], noise=None | [B or 1, 1, H', W'],
+    p=None, q=None) -> [B, Cout, H', W']; standard normal noise is drawn when none is given.
+    clamp: None or a positive float, applied after the activation (NVlabs' conv_clamp).
+    """
+
+    def __init__(
+        self,
+        in_channel: int,
+        out_channel: int,
+        kernel_size: int,
+        style_dim: int,
+        upsample: bool = False,
+        blur_kernel: Sequence[float] = DEFAULT_BLUR_KERNEL,
+        demodulate: bool = True,
+        *,
+        clamp: float | None = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.conv = ModulatedConv2d(
+            in_channel, out_channel, kernel_size, style_dim, demodulate, upsample, blur_kernel, backend=backend
+        )
+        self.noise = NoiseInjection()
+        self.activate = FusedLeakyReLU(out_channel)
+        self.clamp = clamp
+
+    @property
+    def backend(self) -> str:
+        return self.conv.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.conv.backend = check_backend(value)
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        style: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        p: torch.Tensor | None = None,
+        q: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if noise is None:
+            factor = UPSAMPLE_FACTOR if self.conv.upsample else 1
+            batch, _, height, width = input.shape
+            noise = input.new_empty(batch, 1, height * factor, width * factor).normal_()
+        return self.conv.layer_forward(
+            input,
+            style,
+            p,
+            q,
+            noise=noise,
+            noise_strength=self.noise.weight,
+            bias=self.activate.bias,
+            activate=True,
+            clamp=self.clamp,
+        )
+
+
+class ToRGB(nn.Module):
+    """1x1 modulated conv to RGB (demodulate=False, never refined) + bias + the upsampled skip.
+
+    Parameters: `conv` (ModulatedConv2d(in_channel, 3, 1)), `bias` [1, 3, 1, 1]; with
+    upsample the buffer `upsample.kernel`.
+    forward(input [B, Cin, H, W], style [B, style_dim], skip=None | [B, 3, H/2, W/2]) -> [B, 3, H, W].
+    """
+
+    def __init__(
+        self,
+        in_channel: int,
+        style_dim: int,
+        upsample: bool = True,
+        blur_kernel: Sequence[float] = DEFAULT_BLUR_KERNEL,
+        *,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if upsample:
+            self.upsample = Upsample(blur_kernel)
+        self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False, backend=backend)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    @property
+    def backend(self) -> str:
+        return self.conv.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.conv.backend = check_backend(value)
+
+    def forward(self, input: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.conv.layer_forward(input, style, bias=self.bias.reshape(3), activate=False)
+        if skip is not None:
+            if not hasattr(self, "upsample"):
+                raise ValueError("skip: this ToRGB was built with upsample=False and takes no skip input")
+            out = out + self.upsample(skip.to(out.dtype))
+        return out
+
+
+class LayerTokens(nn.Module):
+    """One layer's learnable RefineStyle tokens and their scaling vectors (paper Eq. 3-4).
+
+    Parameters: `P` [L, Cout] and `Q` [L, Cin] ~ N(0, 1); `A` and `B` [L], initialised to
+    `scale_init` (small, so the refined generator starts at the frozen one).
+    forward() -> (p, q) = (A[:, None] * P, B[:, None] * Q), the shared scaled tokens that
+    `modulated_conv2d` takes; the residual is dW = p^T q [Cout, Cin], of rank <= L.
+    """
+
+    def __init__(self, in_channel: int, out_channel: int, num_tokens: int, scale_init: float = 0.01):
+        super().__init__()
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens: expected a positive integer, got {num_tokens}")
+        self.P = nn.Parameter(torch.randn(num_tokens, out_channel))
+        self.Q = nn.Parameter(torch.randn(num_tokens, in_channel))
+        self.A = nn.Parameter(torch.full((num_tokens,), float(scale_init)))
+        self.B = nn.Parameter(torch.full((num_tokens,), float(scale_init)))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.P.shape[0]
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.A[:, None] * self.P, self.B[:, None] * self.Q
+
+    def extra_repr(self) -> str:
+        return f"L={self.P.shape[0]}, Cout={self.P.shape[1]}, Cin={self.Q.shape[1]}"

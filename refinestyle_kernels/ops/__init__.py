@@ -1,0 +1,1 @@
+"""The ops: one file each, holding the op's kernels, autograd and reference side by side."""
