@@ -1,0 +1,110 @@
+"""Random inputs for the op's tests, and an independent per-sample implementation of the literal formula.
+
+`literal_per_sample` is written without the op's code (one plain conv per sample,
+rosinality's upsampling conv spelled out), so the reference backend is itself checked.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Case:
+    batch: int
+    in_channels: int
+    out_channels: int
+    height: int
+    width: int
+    kernel: int
+    upsample: bool
+    tokens: str | None  # None, "shared" or "per_sample"
+    num_tokens: int = 4
+    demodulate: bool = True
+
+    @property
+    def out_size(self):
+        factor = 2 if self.upsample else 1
+        return self.height * factor, self.width * factor
+
+    def __str__(self):
+        return (
+            f"B{self.batch}-{self.in_channels}to{self.out_channels}-{self.height}x{self.width}-k{self.kernel}"
+            f"{'-up' if self.upsample else ''}-{self.tokens or 'notok'}-L{self.num_tokens}"
+            f"{'' if self.demodulate else '-nodemod'}"
+        )
+
+
+def make_inputs(case: Case, dtype=torch.float64, seed: int = 0, epilogue: bool = True) -> dict:
+    """Fresh random inputs (never zeros) for a case, as keyword arguments of styled_conv2d."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    inputs = {
+        "x": rand(case.batch, case.in_channels, case.height, case.width),
+        "weight": rand(case.out_channels, case.in_channels, case.kernel, case.kernel),
+        "styles": rand(case.batch, case.in_channels) + 1.0,
+        "p": None,
+        "q": None,
+    }
+    # token magnitudes comparable to the modulated kernel's, so the residual matters
+    token_scale = 1.0 / math.sqrt(case.num_tokens * case.in_channels) ** 0.5
+    if case.tokens == "shared":
+        inputs["p"] = rand(case.num_tokens, case.out_channels, scale=token_scale)
+        inputs["q"] = rand(case.num_tokens, case.in_channels, scale=token_scale)
+    elif case.tokens == "per_sample":
+        inputs["p"] = rand(case.batch, case.num_tokens, case.out_channels, scale=token_scale)
+        inputs["q"] = rand(case.batch, case.num_tokens, case.in_channels, scale=token_scale)
+    if epilogue:
+        inputs["noise"] = rand(case.batch, 1, *case.out_size)
+        inputs["noise_strength"] = rand(1, scale=0.5)
+        inputs["bias"] = rand(case.out_channels, scale=0.5)
+    return inputs
+
+
+def literal_per_sample(x, weight, styles, p=None, q=None, *, demodulate=True, upsample=False, eps=1e-8,
+                       noise=None, noise_strength=None, bias=None, activate=False, clamp=None):
+    """The layer computed one sample at a time with an explicitly built kernel (rosinality's math)."""
+    out_channels, in_channels, k, _ = weight.shape
+    scale = 1 / math.sqrt(in_channels * k * k)
+    outputs = []
+    for b in range(x.shape[0]):
+        kernel = scale * weight * styles[b].reshape(1, -1, 1, 1)
+        if p is not None:
+            pb = p[b] if p.ndim == 3 else p
+            qb = q[b] if q.ndim == 3 else q
+            kernel = kernel + (pb.t() @ qb)[:, :, None, None]
+        if demodulate:
+            kernel = kernel / torch.sqrt(kernel.pow(2).sum(dim=(1, 2, 3), keepdim=True) + eps)
+        xb = x[b : b + 1]
+        if upsample:
+            y = F.conv_transpose2d(xb, kernel.transpose(0, 1), stride=2)
+            taps = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=x.dtype)
+            fir = torch.outer(taps, taps)
+            fir = fir / fir.sum() * 4
+            y = F.pad(y, (1, 1, 1, 1))
+            y = F.conv2d(y, fir.flip([0, 1]).expand(out_channels, 1, 4, 4), groups=out_channels)
+        else:
+            y = F.conv2d(xb, kernel, padding=k // 2)
+        outputs.append(y)
+    y = torch.cat(outputs)
+    if noise is not None:
+        y = y + noise_strength * noise
+    if bias is not None:
+        y = y + bias.reshape(1, -1, 1, 1)
+    if activate:
+        y = F.leaky_relu(y, 0.2) * math.sqrt(2)
+    if clamp is not None:
+        y = y.clamp(-clamp, clamp)
+    return y
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "output has NaN/inf (unwritten or broken elements)"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()

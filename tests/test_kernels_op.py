@@ -1,0 +1,167 @@
+"""The reference and torch backends of the op against the literal formula, forward and backward."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kernel_cases import Case, literal_per_sample, make_inputs, relative_error
+from refinestyle_kernels import modulated_conv2d, styled_conv2d
+
+CASES = [
+    Case(3, 5, 6, 5, 7, 3, False, None),
+    Case(3, 5, 6, 5, 7, 3, False, "shared", num_tokens=1),
+    Case(2, 7, 4, 6, 5, 3, False, "per_sample", num_tokens=7),
+    Case(2, 6, 5, 4, 3, 3, True, "per_sample", num_tokens=32),
+    Case(1, 5, 3, 3, 5, 3, True, "shared", num_tokens=7),
+    Case(2, 4, 3, 5, 5, 1, False, None, demodulate=False),  # toRGB
+    Case(2, 9, 3, 4, 6, 1, False, "per_sample", num_tokens=7, demodulate=False),
+    Case(2, 6, 8, 3, 4, 3, False, "shared", num_tokens=256),
+    Case(2, 6, 8, 3, 3, 3, True, "per_sample", num_tokens=256, demodulate=False),
+]
+
+
+def layer_kwargs(case, inputs, activate=True, clamp=0.8):
+    return dict(
+        noise=inputs.get("noise"),
+        noise_strength=inputs.get("noise_strength"),
+        bias=inputs.get("bias"),
+        activate=activate,
+        clamp=clamp,
+        demodulate=case.demodulate,
+        upsample=case.upsample,
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_reference_backend_matches_per_sample_literal(case):
+    inputs = make_inputs(case, seed=1)
+    kwargs = layer_kwargs(case, inputs)
+    args = [inputs[k] for k in ("x", "weight", "styles", "p", "q")]
+    out = styled_conv2d(*args, backend="reference", **kwargs)
+    ref = literal_per_sample(*args, **kwargs)
+    assert out.shape == (case.batch, case.out_channels, *case.out_size)
+    assert relative_error(out, ref) < 1e-13
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_torch_backend_forward_float64(case):
+    inputs = make_inputs(case, seed=2)
+    kwargs = layer_kwargs(case, inputs)
+    args = [inputs[k] for k in ("x", "weight", "styles", "p", "q")]
+    out = styled_conv2d(*args, backend="torch", **kwargs)
+    ref = styled_conv2d(*args, backend="reference", **kwargs)
+    assert relative_error(out, ref) < 1e-12
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_torch_backend_float32_against_float64_reference(case):
+    inputs = make_inputs(case, seed=3)
+    args64 = [inputs[k] for k in ("x", "weight", "styles", "p", "q")]
+    args32 = [None if a is None else a.float() for a in args64]
+    out = modulated_conv2d(*args32, demodulate=case.demodulate, upsample=case.upsample, backend="torch")
+    ref = modulated_conv2d(*args64, demodulate=case.demodulate, upsample=case.upsample, backend="reference")
+    assert out.dtype == torch.float32
+    assert relative_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_torch_backend_gradients_match_reference(case):
+    inputs = make_inputs(case, seed=4)
+    names = [k for k in ("x", "weight", "styles", "p", "q", "noise_strength", "bias") if inputs[k] is not None]
+
+    def grads(backend):
+        leaves = {k: v.clone().requires_grad_(k in names) if v is not None else None for k, v in inputs.items()}
+        out = styled_conv2d(
+            leaves["x"], leaves["weight"], leaves["styles"], leaves["p"], leaves["q"],
+            backend=backend, **layer_kwargs(case, leaves, clamp=None),
+        )
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+        return torch.autograd.grad((out * upstream).sum(), [leaves[k] for k in names])
+
+    for name, g, ref in zip(names, grads("torch"), grads("reference")):
+        assert relative_error(g, ref) < 1e-10, name
+
+
+@pytest.mark.parametrize(
+    "case",
+    [Case(2, 3, 2, 3, 4, 3, False, "per_sample", num_tokens=2), Case(1, 2, 3, 2, 3, 3, True, "shared", num_tokens=2),
+     Case(2, 3, 3, 3, 2, 1, False, "per_sample", num_tokens=1, demodulate=False)],
+    ids=str,
+)
+def test_torch_backend_gradcheck(case):
+    inputs = make_inputs(case, seed=6)
+    names = ["x", "weight", "styles", "p", "q", "noise_strength", "bias"]
+    leaves = [inputs[k].clone().requires_grad_() for k in names]
+
+    def layer(x, weight, styles, p, q, noise_strength, bias):
+        return styled_conv2d(
+            x, weight, styles, p, q, noise=inputs["noise"], noise_strength=noise_strength, bias=bias,
+            demodulate=case.demodulate, upsample=case.upsample, backend="torch",
+        )
+
+    assert torch.autograd.gradcheck(layer, leaves, eps=1e-6, atol=1e-7)
+
+
+def test_frozen_weight_gets_no_gradient_and_tokens_do():
+    case = Case(2, 4, 5, 4, 4, 3, False, "per_sample")
+    inputs = make_inputs(case, dtype=torch.float32, seed=7)
+    weight = inputs["weight"]  # frozen: requires_grad stays False
+    p = inputs["p"].requires_grad_()
+    q = inputs["q"].requires_grad_()
+    out = modulated_conv2d(inputs["x"], weight, inputs["styles"], p, q, backend="torch")
+    out.square().sum().backward()
+    assert weight.grad is None
+    assert p.grad is not None and p.grad.abs().sum() > 0
+    assert q.grad is not None and q.grad.abs().sum() > 0
+
+
+def test_channels_last_input_gives_the_same_result():
+    case = Case(2, 6, 5, 5, 7, 3, True, "per_sample")
+    inputs = make_inputs(case, seed=8)
+    args = [inputs[k] for k in ("x", "weight", "styles", "p", "q")]
+    out = modulated_conv2d(*args, upsample=True, backend="torch")
+    args[0] = args[0].to(memory_format=torch.channels_last)
+    assert relative_error(modulated_conv2d(*args, upsample=True, backend="torch"), out) < 1e-14
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the numel of the largest tensor any aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for value in result if isinstance(result, (tuple, list)) else [result]:
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel())
+        return result
+
+
+@pytest.mark.parametrize("upsample", [False, True])
+def test_torch_backend_never_builds_per_sample_kernels(upsample):
+    # per-sample kernels would be 8*64*64*9 = 295k elements; activations are 8*64*4*4*4 = 32k at most
+    case = Case(8, 64, 64, 4, 4, 3, upsample, "per_sample", num_tokens=4)
+    inputs = make_inputs(case, dtype=torch.float32, seed=9)
+    args = [inputs[k].requires_grad_() for k in ("x", "weight", "styles", "p", "q")]
+    with LargestAllocation() as forward_mode:
+        out = modulated_conv2d(*args, upsample=upsample, backend="torch")
+    with LargestAllocation() as backward_mode:
+        out.square().sum().backward()
+    per_sample_kernels = 8 * 64 * 64 * 9
+    assert forward_mode.largest < per_sample_kernels / 4
+    assert backward_mode.largest < per_sample_kernels / 4
+    # and the reference does build them, so the probe can see it
+    with LargestAllocation() as reference_mode:
+        modulated_conv2d(*[a.detach() for a in args], upsample=upsample, backend="reference")
+    assert reference_mode.largest >= per_sample_kernels
+
+
+def test_output_keeps_input_dtype_in_half_precision():
+    case = Case(2, 4, 4, 4, 4, 3, False, "shared")
+    inputs = make_inputs(case, dtype=torch.bfloat16, seed=10)
+    args = [inputs[k] for k in ("x", "weight", "styles", "p", "q")]
+    out = modulated_conv2d(*args, backend="torch")
+    ref = modulated_conv2d(*[a.double() for a in args], backend="reference")
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out, ref) < 3e-2
