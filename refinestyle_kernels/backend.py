@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import os
 
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -19,8 +18,12 @@ _default_backend = "auto"
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    """True when Triton can be imported (it is never imported just to answer this)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when Triton imports cleanly. Asked only when a backend is resolved, never at import."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a missing, broken or mismatched install must not break the torch path
+        return False
+    return True
 
 
 def triton_interpreted() -> bool:
