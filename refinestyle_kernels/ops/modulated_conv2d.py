@@ -391,11 +391,914 @@ def _styled_conv2d_torch(
 
 
 # === Triton backend ===
-# Owned by the kernels work: fused forward/backward kernels, their autograd Function and
-# torch.library registration. Called with the normalised arguments of `_validate`.
+# The separated form of the op in fused Triton kernels, their autograd and their
+# torch.library registration. Called by `styled_conv2d` with the normalised arguments of
+# `_validate`. Design notes (docs/kernels.md has the long version):
+#
+# Forward, plain 3x3 / 1x1 layer (one kernel, `_conv_gemm_kernel`, MODE 0):
+#     an implicit GEMM over channels-last activations: M = the pixels of one sample
+#     (a tile never straddles two samples, so s_b, d_b and p_b are uniform over it),
+#     N = Cout, K = Cin x taps. The input tile is scaled by s_b as it is loaded; the
+#     weight [taps, Cin, Cout] is the one W0 shared by the whole batch. The low-rank
+#     term rides in the same program: z = q_b x (an [B, H, W, L] projection, one
+#     batched GEMM in torch) is box-summed over the taps in registers and hit by p_b
+#     with one more tl.dot. Epilogue: * d (and * scale), + strength * noise + bias,
+#     leaky ReLU * sqrt(2), clamp, store in x's dtype. fp32 accumulation always.
+# Forward, upsampling layer (two kernels):
+#     `_conv_gemm_kernel` MODE 2 is the stride-2 transposed conv as a gather, split in
+#     the four output phases (even/odd row x even/odd column) so that every program
+#     runs only the taps that hit its phase (4 + 2 + 2 + 1 of the 9): no MAC is wasted
+#     on the zeros of the dilated input. It writes T [B, 2H+1, 2W+1, Cout] in fp32
+#     (times d); `_blur_kernel` applies the 4x4 [1,3,3,1] FIR with pad (1, 1) and the
+#     epilogue.
+# Backward:
+#     `_epilogue_backward_kernel` turns grad_out and the saved output into
+#     g = grad of the conv result (times d), and reduces over pixels the partial sums of
+#     grad bias, grad noise strength and grad d (the pre-activation is recovered from
+#     the saved output: leaky ReLU is invertible, clamped pixels have zero gradient).
+#     For the upsampling layer `_blur_kernel` (transposed) takes g back to T's grid.
+#     `_conv_gemm_kernel` MODE 0 (flipped taps) or MODE 1 (stride-2 gather, the adjoint
+#     of the transposed conv) gives grad x = s * scale * conv^T(g) + box^T(g p_b^T) q_b,
+#     and, in the same epilogue, the partial sums over pixels of x * conv^T(g) that
+#     make the conv part of grad s. The small [B, L, C]-sized products (grad p, grad q)
+#     are batched GEMMs in torch; grad d goes back through `demodulation_coefficients`
+#     by autograd (tiny [B, Cout]-sized ops). The weight gradient is computed only when
+#     weight.requires_grad (RefineStyle freezes the generator): one dense conv weight
+#     gradient (aten.convolution_backward, cuDNN on CUDA) of g against x * s, shared
+#     by the batch, never a per-sample kernel.
+#
+# Precision: operands are loaded in x's dtype (fp16/bf16 go to tl.dot as they are),
+# everything accumulates in fp32, intermediates (T, g, z) are fp32. fp32 inputs use
+# TF32 tensor-core dots when `TRITON_FP32_PRECISION` is "tf32", exact fp32 ("ieee")
+# when it is "ieee"; None (the default) follows torch.backends.cudnn.allow_tf32, the
+# switch PyTorch's own convolutions obey (True by default).
+
+import os
+from typing import List, Optional
+
+try:  # importing the package must never fail for want of a usable Triton
+    import triton
+    import triton.language as tl
+except Exception as _triton_error:  # pragma: no cover - depends on the machine
+    triton = None
+    tl = None
+    _TRITON_IMPORT_ERROR: Exception | None = _triton_error
+else:
+    _TRITON_IMPORT_ERROR = None
+
+# None: follow torch.backends.cudnn.allow_tf32; "tf32" or "ieee" force the choice for fp32 inputs.
+TRITON_FP32_PRECISION: str | None = None
+
+# 1-D taps of the upsampling blur, normalised so the 2-D outer product sums to UPSAMPLE_FACTOR**2.
+_BLUR_TAPS_1D = tuple(t / sum(UPSAMPLE_BLUR_TAPS) * UPSAMPLE_FACTOR for t in UPSAMPLE_BLUR_TAPS)
+
+
+
+# False: launch the conv kernels with one heuristic tile config instead of autotuning them on
+# the first call of every shape (quicker start-up, e.g. for tests; a bit slower kernels).
+TRITON_AUTOTUNE = True
+
+# Tests set this to True: every buffer the Triton path allocates starts as NaN, so an element
+# a kernel forgets to write shows up in the result instead of passing as leftover memory.
+POISON_BUFFERS = False
+
+
+def _alloc(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    if POISON_BUFFERS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device).contiguous(memory_format=memory_format)
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _reduce_block_m(pixels: int) -> int:
+    """The M tile of launches whose per-tile partial sums are reduced afterwards. It is a
+    function of the pixel count alone, so every launch (autotuned or not) writes every row
+    of the partial-sum buffer its caller sized with it."""
+    return min(64, max(16, _next_pow2(pixels)))
+
+
+def _fp32_input_precision() -> str:
+    choice = TRITON_FP32_PRECISION
+    if choice is None:
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    if choice not in ("tf32", "ieee"):
+        raise ValueError(f'TRITON_FP32_PRECISION: expected None, "tf32" or "ieee", got {choice!r}')
+    return choice
+
+
+if triton is not None:
+
+    @triton.jit
+    def _apply_epilogue(
+        acc,
+        b,
+        out_y,
+        out_x,
+        m_ok,
+        offs_n,
+        n_ok,
+        noise_ptr,
+        noise_strength_ptr,
+        bias_ptr,
+        stride_noise_b,
+        stride_noise_h,
+        stride_noise_w,
+        clamp_value,
+        HAS_NOISE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ACTIVATE: tl.constexpr,
+        HAS_CLAMP: tl.constexpr,
+    ):
+        """acc [BLOCK_M, BLOCK_N] fp32 -> act(acc + strength * noise + bias), clamped."""
+        if HAS_NOISE:
+            noise = tl.load(
+                noise_ptr + b * stride_noise_b + out_y * stride_noise_h + out_x * stride_noise_w,
+                mask=m_ok,
+                other=0.0,
+            ).to(tl.float32)
+            strength = tl.load(noise_strength_ptr).to(tl.float32)
+            acc += strength * noise[:, None]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if ACTIVATE:
+            acc = tl.where(acc > 0, acc, acc * 0.2) * 1.4142135623730951
+        if HAS_CLAMP:
+            acc = tl.minimum(tl.maximum(acc, -clamp_value), clamp_value)
+        return acc
+
+    @triton.jit
+    def _conv_gemm_kernel(
+        a_ptr,  # [B, IN_H, IN_W, K] activations, channels last, contiguous
+        a_scale_ptr,  # [B, K] multiplier of a as it is loaded (the styles), if HAS_A_SCALE
+        w_ptr,  # [KSIZE*KSIZE, K, N] weight, contiguous
+        z_ptr,  # [B, IN_H, IN_W, L] (BOX_Z) or [B, OUT_H, OUT_W, L] fp32: the projected low-rank input
+        r_ptr,  # [B or 1, L, N] low-rank output map (p for the forward, q for grad x)
+        alpha_ptr,  # [B, N] fp32 multiplier of the conv part (strided)
+        beta_ptr,  # [B, N] fp32 multiplier of the low-rank part (strided)
+        out_ptr,  # [B, OUT_H, OUT_W, N] channels last, contiguous
+        noise_ptr,
+        noise_strength_ptr,
+        bias_ptr,
+        x_ptr,  # [B, OUT_H, OUT_W, N] contiguous, if REDUCE_X
+        reduce_ptr,  # [B, M_TILES, N] fp32: sum over the tile's pixels of x * conv part, if REDUCE_X
+        IN_H,
+        IN_W,
+        OUT_H,
+        OUT_W,
+        GRID_H,  # the pixel grid a program tiles: OUT_H x OUT_W, or one phase's (IN_H+1) x (IN_W+1)
+        GRID_W,
+        K,
+        N,
+        L,
+        stride_rb,
+        stride_alpha_b,
+        stride_alpha_n,
+        stride_beta_b,
+        stride_beta_n,
+        stride_noise_b,
+        stride_noise_h,
+        stride_noise_w,
+        clamp_value,
+        MODE: tl.constexpr,  # 0: stride 1, same padding; 1: stride 2, no padding; 2: stride-2 transposed (phases)
+        KSIZE: tl.constexpr,
+        HAS_A_SCALE: tl.constexpr,
+        HAS_LOWRANK: tl.constexpr,
+        BOX_Z: tl.constexpr,  # sum z over the taps (else z is already at the output grid)
+        HAS_NOISE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ACTIVATE: tl.constexpr,
+        HAS_CLAMP: tl.constexpr,
+        REDUCE_X: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+    ):
+        """out = alpha * conv(a * a_scale, w) + beta * (box(z) @ r), then the epilogue.
+
+        One program: BLOCK_M pixels of one sample (axis 2) x BLOCK_N output channels.
+        """
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        m_tiles = tl.cdiv(GRID_H * GRID_W, BLOCK_M)
+        phase_y = 0
+        phase_x = 0
+        if MODE == 2:
+            phase = pid_m // m_tiles
+            pid_m = pid_m % m_tiles
+            phase_y = phase // 2
+            phase_x = phase % 2
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        grid_y = offs_m // GRID_W
+        grid_x = offs_m % GRID_W
+        if MODE == 2:
+            out_y = 2 * grid_y + phase_y
+            out_x = 2 * grid_x + phase_x
+        else:
+            out_y = grid_y
+            out_x = grid_x
+        m_ok = (offs_m < GRID_H * GRID_W) & (out_y < OUT_H) & (out_x < OUT_W)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for tap in tl.static_range(KSIZE * KSIZE):
+            ky = tap // KSIZE
+            kx = tap % KSIZE
+            # which input pixel feeds this output pixel through this tap (MODE 2: only the
+            # taps of the program's phase feed it; the others are skipped, not masked)
+            use_tap = True
+            if MODE == 0:
+                in_y = out_y + (ky - KSIZE // 2)
+                in_x = out_x + (kx - KSIZE // 2)
+            elif MODE == 1:
+                in_y = 2 * out_y + ky
+                in_x = 2 * out_x + kx
+            else:
+                use_tap = ((ky % 2) == phase_y) & ((kx % 2) == phase_x)
+                in_y = grid_y - (ky // 2)
+                in_x = grid_x - (kx // 2)
+            if use_tap:
+                pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
+                a_rows = a_ptr + ((b * IN_H + in_y) * IN_W + in_x) * K
+                w_tap = w_ptr + tap * K * N
+                for k0 in range(0, K, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = offs_k < K
+                    a = tl.load(a_rows[:, None] + offs_k[None, :], mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+                    w = tl.load(
+                        w_tap + offs_k[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0
+                    )
+                    if HAS_A_SCALE:
+                        s = tl.load(a_scale_ptr + b * K + offs_k, mask=k_ok, other=0.0)
+                        a = a.to(tl.float32) * s.to(tl.float32)[None, :]
+                    acc = tl.dot(a.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
+
+        if REDUCE_X:  # the conv part of grad s: sum over pixels of x * conv^T(g), before alpha
+            x_tile = tl.load(
+                x_ptr + ((b * OUT_H + out_y) * OUT_W + out_x)[:, None] * N + offs_n[None, :],
+                mask=m_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            tl.store(reduce_ptr + (b * m_tiles + pid_m) * N + offs_n, tl.sum(x_tile * acc, axis=0), mask=n_ok)
+
+        alpha = tl.load(alpha_ptr + b * stride_alpha_b + offs_n * stride_alpha_n, mask=n_ok, other=0.0)
+        acc = acc * alpha[None, :]
+
+        if HAS_LOWRANK:
+            low_rank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for l0 in range(0, L, BLOCK_L):
+                offs_l = l0 + tl.arange(0, BLOCK_L)
+                l_ok = offs_l < L
+                if BOX_Z:
+                    z_box = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
+                    for tap in tl.static_range(KSIZE * KSIZE):
+                        ky = tap // KSIZE
+                        kx = tap % KSIZE
+                        use_tap = True
+                        if MODE == 0:
+                            in_y = out_y + (ky - KSIZE // 2)
+                            in_x = out_x + (kx - KSIZE // 2)
+                        elif MODE == 1:
+                            in_y = 2 * out_y + ky
+                            in_x = 2 * out_x + kx
+                        else:
+                            use_tap = ((ky % 2) == phase_y) & ((kx % 2) == phase_x)
+                            in_y = grid_y - (ky // 2)
+                            in_x = grid_x - (kx // 2)
+                        if use_tap:
+                            pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
+                            z_box += tl.load(
+                                z_ptr + ((b * IN_H + in_y) * IN_W + in_x)[:, None] * L + offs_l[None, :],
+                                mask=pix_ok[:, None] & l_ok[None, :],
+                                other=0.0,
+                            )
+                else:
+                    z_box = tl.load(
+                        z_ptr + ((b * OUT_H + out_y) * OUT_W + out_x)[:, None] * L + offs_l[None, :],
+                        mask=m_ok[:, None] & l_ok[None, :],
+                        other=0.0,
+                    )
+                r = tl.load(
+                    r_ptr + b * stride_rb + offs_l[:, None] * N + offs_n[None, :],
+                    mask=l_ok[:, None] & n_ok[None, :],
+                    other=0.0,
+                )
+                low_rank = tl.dot(z_box.to(r.dtype), r, low_rank, input_precision=INPUT_PRECISION)
+            beta = tl.load(beta_ptr + b * stride_beta_b + offs_n * stride_beta_n, mask=n_ok, other=0.0)
+            acc += low_rank * beta[None, :]
+
+        acc = _apply_epilogue(
+            acc, b, out_y, out_x, m_ok, offs_n, n_ok, noise_ptr, noise_strength_ptr, bias_ptr,
+            stride_noise_b, stride_noise_h, stride_noise_w, clamp_value,
+            HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
+        )  # fmt: skip
+        out_rows = out_ptr + ((b * OUT_H + out_y) * OUT_W + out_x) * N
+        tl.store(
+            out_rows[:, None] + offs_n[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=m_ok[:, None] & n_ok[None, :],
+        )
+
+    @triton.jit
+    def _blur_kernel(
+        src_ptr,  # [B, SRC_H, SRC_W, N] fp32, contiguous
+        taps_ptr,  # [TAPS] fp32: the separable 1-D filter
+        out_ptr,  # [B, OUT_H, OUT_W, N], contiguous
+        noise_ptr,
+        noise_strength_ptr,
+        bias_ptr,
+        SRC_H,
+        SRC_W,
+        OUT_H,
+        OUT_W,
+        N,
+        PAD,
+        stride_noise_b,
+        stride_noise_h,
+        stride_noise_w,
+        clamp_value,
+        TAPS: tl.constexpr,
+        TRANSPOSE: tl.constexpr,  # False: out[y] = sum_a src[y + a - PAD] f[a]; True: its adjoint
+        HAS_NOISE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ACTIVATE: tl.constexpr,
+        HAS_CLAMP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """The 2-D separable FIR of the upsampling layer (or its adjoint), then the epilogue."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        out_y = offs_m // OUT_W
+        out_x = offs_m % OUT_W
+        m_ok = offs_m < OUT_H * OUT_W
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ty in tl.static_range(TAPS):
+            tap_y = tl.load(taps_ptr + ty)
+            if TRANSPOSE:
+                src_y = out_y - ty + PAD
+            else:
+                src_y = out_y + ty - PAD
+            for tx in tl.static_range(TAPS):
+                tap_x = tl.load(taps_ptr + tx)
+                if TRANSPOSE:
+                    src_x = out_x - tx + PAD
+                else:
+                    src_x = out_x + tx - PAD
+                ok = m_ok & (src_y >= 0) & (src_y < SRC_H) & (src_x >= 0) & (src_x < SRC_W)
+                src_rows = src_ptr + ((b * SRC_H + src_y) * SRC_W + src_x) * N
+                value = tl.load(src_rows[:, None] + offs_n[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0)
+                acc += value * (tap_y * tap_x)
+        acc = _apply_epilogue(
+            acc, b, out_y, out_x, m_ok, offs_n, n_ok, noise_ptr, noise_strength_ptr, bias_ptr,
+            stride_noise_b, stride_noise_h, stride_noise_w, clamp_value,
+            HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
+        )  # fmt: skip
+        out_rows = out_ptr + ((b * OUT_H + out_y) * OUT_W + out_x) * N
+        tl.store(out_rows[:, None] + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _epilogue_backward_kernel(
+        grad_ptr,  # [B, N, OUT_H, OUT_W] grad of the output, any strides
+        out_ptr,  # [B, N, OUT_H, OUT_W] the saved output, any strides
+        demod_ptr,  # [B, N] fp32 contiguous, if HAS_DEMOD
+        noise_ptr,
+        noise_strength_ptr,
+        bias_ptr,
+        g_ptr,  # [B, OUT_H, OUT_W, N] fp32 out: grad of the conv result before * d, times d
+        partial_bias_ptr,  # [B, M_TILES, N] fp32 out: per-tile sums of the pre-activation grad
+        partial_noise_ptr,  # [B, M_TILES, N] fp32 out: ... times noise
+        partial_demod_ptr,  # [B, M_TILES, N] fp32 out: ... times the conv result before * d
+        OUT_H,
+        OUT_W,
+        N,
+        stride_gb,
+        stride_gn,
+        stride_gh,
+        stride_gw,
+        stride_ob,
+        stride_on,
+        stride_oh,
+        stride_ow,
+        stride_noise_b,
+        stride_noise_h,
+        stride_noise_w,
+        clamp_value,
+        HAS_DEMOD: tl.constexpr,
+        HAS_NOISE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ACTIVATE: tl.constexpr,
+        HAS_CLAMP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """Backward of the epilogue: out = clamp(act(d * conv + strength * noise + bias))."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        m_tiles = tl.cdiv(OUT_H * OUT_W, BLOCK_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        out_y = offs_m // OUT_W
+        out_x = offs_m % OUT_W
+        m_ok = offs_m < OUT_H * OUT_W
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        mask = m_ok[:, None] & n_ok[None, :]
+        grad = tl.load(
+            grad_ptr + b * stride_gb + (out_y * stride_gh + out_x * stride_gw)[:, None] + offs_n[None, :] * stride_gn,
+            mask=mask,
+            other=0.0,
+        ).to(tl.float32)
+        out = tl.load(
+            out_ptr + b * stride_ob + (out_y * stride_oh + out_x * stride_ow)[:, None] + offs_n[None, :] * stride_on,
+            mask=mask,
+            other=0.0,
+        ).to(tl.float32)
+        if HAS_CLAMP:  # clamped pixels pass no gradient (torch.clamp: only strictly outside)
+            grad = tl.where(tl.abs(out) < clamp_value, grad, 0.0)
+        pre = out  # the pre-activation, recovered from the output (leaky ReLU is invertible)
+        if ACTIVATE:
+            grad = grad * tl.where(out > 0, 1.4142135623730951, 0.2 * 1.4142135623730951)
+            pre = tl.where(out > 0, out * 0.7071067811865476, out * (0.7071067811865476 / 0.2))
+        off_tile = (b * m_tiles + pid_m) * N + offs_n
+        if HAS_BIAS:
+            tl.store(partial_bias_ptr + off_tile, tl.sum(grad, axis=0), mask=n_ok)
+            pre -= tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_NOISE:
+            noise = tl.load(
+                noise_ptr + b * stride_noise_b + out_y * stride_noise_h + out_x * stride_noise_w, mask=m_ok, other=0.0
+            ).to(tl.float32)
+            tl.store(partial_noise_ptr + off_tile, tl.sum(grad * noise[:, None], axis=0), mask=n_ok)
+            pre -= tl.load(noise_strength_ptr).to(tl.float32) * noise[:, None]
+        if HAS_DEMOD:  # pre = d * conv: grad d = sum grad * pre / d; grad conv = grad * d
+            demod = tl.load(demod_ptr + b * N + offs_n, mask=n_ok, other=1.0)
+            tl.store(partial_demod_ptr + off_tile, tl.sum(grad * pre, axis=0) / demod, mask=n_ok)
+            grad = grad * demod[None, :]
+        g_rows = g_ptr + ((b * OUT_H + out_y) * OUT_W + out_x) * N
+        tl.store(g_rows[:, None] + offs_n[None, :], grad, mask=mask)
+
+    # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): 128x128 / 128x64 / 64x128 tiles for the
+    # big GEMMs, narrow N tiles for few output channels (toRGB, the 1024 px layers), short M
+    # tiles for the 4x4 and 8x8 layers (a tile never spans two samples).
+    _CONV_SHAPES = [
+        (128, 128, 32, 8, 3),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 64, 4, 3),
+        (128, 32, 32, 4, 4),
+        (64, 32, 64, 4, 3),
+        (128, 16, 32, 4, 3),
+        (64, 16, 64, 4, 3),
+        (32, 64, 64, 4, 3),
+        (32, 128, 64, 4, 3),
+        (16, 64, 64, 4, 3),
+        (16, 128, 64, 4, 3),
+    ]
+    _CONV_CONFIGS = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+        for m, n, k, w, st in _CONV_SHAPES
+    ]
+
+    def _prune_conv_configs(configs, named_args, **kwargs):
+        """Keep the configs that fit the problem: no N or K tile far wider than N or K, no M
+        tile longer than one sample's pixels, short M tiles only for small images; launches
+        that reduce per tile get exactly `_reduce_block_m`."""
+        pixels = named_args["GRID_H"] * named_args["GRID_W"]
+        n_cap = max(16, _next_pow2(named_args["N"]))
+        k_cap = max(16, _next_pow2(named_args["K"]))
+        m_cap = max(16, _next_pow2(pixels))
+        reduce_m = _reduce_block_m(pixels) if kwargs.get("REDUCE_X", named_args.get("REDUCE_X")) else None
+
+        def fits(config):
+            m, n, k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+            if reduce_m is not None:
+                return m == reduce_m and n <= n_cap and k <= k_cap
+            return n <= n_cap and k <= k_cap and m <= m_cap and (m >= 64 or pixels <= 1024)
+
+        kept = [config for config in configs if fits(config)]
+        if kept:
+            return kept
+        m = reduce_m or min(64, m_cap)
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": min(64, n_cap), "BLOCK_K": min(64, k_cap)}, num_warps=4, num_stages=3)]
+
+    _conv_gemm_tuned = triton.autotune(
+        configs=_CONV_CONFIGS,
+        key=["N", "K", "L", "GRID_H", "GRID_W", "MODE", "KSIZE", "HAS_LOWRANK", "REDUCE_X"],
+        prune_configs_by={"early_config_prune": _prune_conv_configs},
+    )(_conv_gemm_kernel)
+
+
+def _launch_conv_gemm(
+    a, a_scale, w, z, r, alpha, beta, out, *, mode, ksize, in_hw, out_hw, grid_hw, box_z,
+    noise=None, noise_strength=None, bias=None, activate=False, clamp=None, x=None, partial=None,
+):  # fmt: skip
+    """Launch `_conv_gemm_kernel`; tensors as its argument comments say (all on one device)."""
+    batch = a.shape[0]
+    n = w.shape[2]
+    k = w.shape[1]
+    lowrank = z is not None
+    rank = r.shape[1] if lowrank else 1
+    precision = _fp32_input_precision() if w.dtype == torch.float32 else None
+    dummy = alpha
+    noise_strides = noise.stride()[:1] + noise.stride()[2:] if noise is not None else (0, 0, 0)
+    if noise is not None and noise.shape[0] == 1:
+        noise_strides = (0,) + noise_strides[1:]
+    args = (
+        a, a_scale if a_scale is not None else dummy, w, z if lowrank else dummy, r if lowrank else dummy,
+        alpha, beta, out,
+        noise if noise is not None else dummy, noise_strength if noise_strength is not None else dummy,
+        bias if bias is not None else dummy, x if x is not None else dummy, partial if partial is not None else dummy,
+        in_hw[0], in_hw[1], out_hw[0], out_hw[1], grid_hw[0], grid_hw[1], k, n, rank,
+        (r.stride(0) if r.shape[0] > 1 else 0) if lowrank else 0,
+        alpha.stride(0), alpha.stride(1), beta.stride(0), beta.stride(1),
+        *noise_strides, float(clamp) if clamp is not None else 0.0,
+    )  # fmt: skip
+    flags = dict(
+        MODE=mode,
+        KSIZE=ksize,
+        HAS_A_SCALE=a_scale is not None,
+        HAS_LOWRANK=lowrank,
+        BOX_Z=box_z,
+        HAS_NOISE=noise is not None,
+        HAS_BIAS=bias is not None,
+        ACTIVATE=activate,
+        HAS_CLAMP=clamp is not None,
+        REDUCE_X=partial is not None,
+        INPUT_PRECISION=precision,
+        BLOCK_L=min(64, max(16, _next_pow2(rank))),
+    )
+    phases = 4 if mode == 2 else 1
+    pixels = grid_hw[0] * grid_hw[1]
+
+    def grid(meta):
+        return (phases * triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), batch)
+
+    if _interpreted() or not TRITON_AUTOTUNE:
+        # the interpreter pays per program, not per element: one big tile
+        block_m = min(128 if _interpreted() else 64, max(16, _next_pow2(pixels)))
+        if partial is not None:
+            block_m = _reduce_block_m(pixels)
+        blocks = dict(BLOCK_M=block_m, BLOCK_N=min(64, max(16, _next_pow2(n))), BLOCK_K=min(64, max(16, _next_pow2(k))))
+        _conv_gemm_kernel[grid(blocks)](*args, **flags, **blocks, num_warps=4, num_stages=3)
+    else:
+        _conv_gemm_tuned[grid](*args, **flags)
+
+
+def _pointwise_blocks(pixels: int, channels: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the memory-bound pointwise kernels (blur, epilogue backward)."""
+    return _reduce_block_m(pixels), min(64, max(16, _next_pow2(channels)))
+
+
+def _launch_blur(src, out, *, transpose, noise=None, noise_strength=None, bias=None, activate=False, clamp=None):
+    """`_blur_kernel` from src [B, SRC_H, SRC_W, N] fp32 into out [B, OUT_H, OUT_W, N]."""
+    batch, src_h, src_w, n = src.shape
+    out_h, out_w = out.shape[1], out.shape[2]
+    taps = torch.tensor(_BLUR_TAPS_1D, dtype=torch.float32, device=src.device)
+    noise_strides = (0, 0, 0)
+    if noise is not None:
+        noise_strides = (noise.stride(0) if noise.shape[0] > 1 else 0, noise.stride(2), noise.stride(3))
+    block_m, block_n = _pointwise_blocks(out_h * out_w, n)
+    grid = (triton.cdiv(out_h * out_w, block_m), triton.cdiv(n, block_n), batch)
+    dummy = taps
+    _blur_kernel[grid](
+        src, taps, out,
+        noise if noise is not None else dummy, noise_strength if noise_strength is not None else dummy,
+        bias if bias is not None else dummy,
+        src_h, src_w, out_h, out_w, n, UPSAMPLE_BLUR_PAD[0], *noise_strides,
+        float(clamp) if clamp is not None else 0.0,
+        TAPS=len(_BLUR_TAPS_1D), TRANSPOSE=transpose, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None,
+        ACTIVATE=activate, HAS_CLAMP=clamp is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=4,
+    )  # fmt: skip
+
+
+def _as_batched_tokens(tokens: torch.Tensor | None) -> torch.Tensor | None:
+    """[L, C] shared or [B, L, C] per-sample tokens -> [1 or B, L, C] contiguous."""
+    if tokens is None:
+        return None
+    return (tokens[None] if tokens.ndim == 2 else tokens).contiguous()
+
+
+def _project(x_nhwc: torch.Tensor, q3: torch.Tensor) -> torch.Tensor:
+    """z = q_b x: [B, H, W, Cin] x [1 or B, L, Cin] -> [B, H, W, L] fp32 (one batched GEMM)."""
+    batch, height, width, channels = x_nhwc.shape
+    z = torch.matmul(x_nhwc.reshape(batch, height * width, channels), q3.transpose(1, 2))
+    return z.float().reshape(batch, height, width, q3.shape[1])
+
+
+def _box_nhwc(t: torch.Tensor, kernel: int, upsample: bool, adjoint: bool) -> torch.Tensor:
+    """The low-rank branch's all-ones box on [B, H, W, L] (channels last), or its adjoint."""
+    if kernel == 1:
+        return t
+    nchw = t.permute(0, 3, 1, 2)
+    ones = torch.ones(t.shape[3], 1, kernel, kernel, dtype=t.dtype, device=t.device)
+    if not upsample:  # the same-padded box is its own adjoint
+        boxed = F.conv2d(nchw, ones, padding=kernel // 2, groups=t.shape[3])
+    elif adjoint:  # adjoint of the stride-2 transposed box: a stride-2 box
+        boxed = F.conv2d(nchw, ones, stride=UPSAMPLE_FACTOR, groups=t.shape[3])
+    else:
+        boxed = F.conv_transpose2d(nchw, ones, stride=UPSAMPLE_FACTOR, groups=t.shape[3])
+    return boxed.permute(0, 2, 3, 1).contiguous()
+
+
+def _weight_gradient(g_conv, x, weight, styles, scale, upsample):
+    """grad W0 = scale * (the weight gradient of one dense conv of x * s, shared by the batch).
+
+    g_conv [B, H_c, W_c, Cout] fp32: grad of the conv result (T's grid when upsampling);
+    x [B, Cin, H, W]; weight [Cout, Cin, k, k]; styles [B, Cin]. Runs only when
+    weight.requires_grad (RefineStyle freezes W0): cuDNN's (or the CPU's) conv
+    weight-gradient, never a per-sample kernel.
+    """
+    kernel = weight.shape[-1]
+    styled_x = x * styles[:, :, None, None]
+    g_nchw = g_conv.permute(0, 3, 1, 2).to(x.dtype)
+    if upsample:
+        _, grad, _ = torch.ops.aten.convolution_backward(
+            g_nchw, styled_x, weight.transpose(0, 1), None, [UPSAMPLE_FACTOR] * 2, [0, 0], [1, 1], True, [0, 0], 1,
+            [False, True, False],
+        )  # fmt: skip
+        grad = grad.transpose(0, 1)
+    else:
+        _, grad, _ = torch.ops.aten.convolution_backward(
+            g_nchw, styled_x, weight, None, [1, 1], [kernel // 2] * 2, [1, 1], False, [0, 0], 1, [False, True, False]
+        )
+    return (grad * scale).to(weight.dtype).contiguous()
+
+
+def _triton_forward(x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp):
+    """The forward of the Triton op; arguments as `_styled_conv2d_triton_op`. Returns channels_last."""
+    batch, in_channels, height, width = x.shape
+    out_channels, _, kernel, _ = weight.shape
+    x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+    w_taps = weight.permute(2, 3, 1, 0).reshape(kernel * kernel, in_channels, out_channels).contiguous()
+    if demod is not None:
+        alpha = (demod.float() * scale).contiguous()
+        beta = demod.float().contiguous()
+    else:
+        alpha = torch.full((1, 1), scale, dtype=torch.float32, device=x.device).expand(batch, out_channels)
+        beta = torch.ones((1, 1), dtype=torch.float32, device=x.device).expand(batch, out_channels)
+    p3, q3 = _as_batched_tokens(p), _as_batched_tokens(q)
+    z = _project(x_nhwc, q3) if p3 is not None else None
+    styles = styles.contiguous()
+    epilogue = dict(noise=noise, noise_strength=noise_strength, bias=bias, activate=activate, clamp=clamp)
+    if upsample:
+        t_h, t_w = 2 * height + 1, 2 * width + 1
+        transposed = _alloc((batch, t_h, t_w, out_channels), torch.float32, x.device)
+        _launch_conv_gemm(
+            x_nhwc, styles, w_taps, z, p3, alpha, beta, transposed, mode=2, ksize=kernel,
+            in_hw=(height, width), out_hw=(t_h, t_w), grid_hw=(height + 1, width + 1), box_z=True,
+        )  # fmt: skip
+        out = _alloc((batch, out_channels, 2 * height, 2 * width), x.dtype, x.device, torch.channels_last)
+        _launch_blur(transposed, out.permute(0, 2, 3, 1), transpose=False, **epilogue)
+    else:
+        out = _alloc((batch, out_channels, height, width), x.dtype, x.device, torch.channels_last)
+        _launch_conv_gemm(
+            x_nhwc, styles, w_taps, z, p3, alpha, beta, out.permute(0, 2, 3, 1), mode=0, ksize=kernel,
+            in_hw=(height, width), out_hw=(height, width), grid_hw=(height, width), box_z=True, **epilogue,
+        )  # fmt: skip
+    return out
+
+
+def _triton_backward(
+    grad, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp, needs
+):
+    """All gradients of `_triton_forward`; needs = which of (x, styles, weight, p, q, demod,
+    noise_strength, bias) are wanted. Returns them in that order, empty tensors for the rest."""
+    need_x, need_styles, need_weight, need_p, need_q, need_demod, need_strength, need_bias = needs
+    batch, in_channels, height, width = x.shape
+    out_channels, _, kernel, _ = weight.shape
+    out_h, out_w = out.shape[2], out.shape[3]
+    device = x.device
+
+    def empty():  # a placeholder for a gradient nobody wants (outputs must not alias each other)
+        return x.new_empty(0)
+
+    # 1. epilogue backward: g = grad of the (blurred) conv result, times d, plus the per-tile sums
+    block_m, block_n = _pointwise_blocks(out_h * out_w, out_channels)
+    m_tiles = triton.cdiv(out_h * out_w, block_m)
+    g = _alloc((batch, out_h, out_w, out_channels), torch.float32, device)
+    partials = _alloc((3, batch, m_tiles, out_channels), torch.float32, device)
+    demod32 = demod.float().contiguous() if demod is not None else partials
+    noise_strides = (0, 0, 0)
+    if noise is not None:
+        noise_strides = (noise.stride(0) if noise.shape[0] > 1 else 0, noise.stride(2), noise.stride(3))
+    grid = (m_tiles, triton.cdiv(out_channels, block_n), batch)
+    _epilogue_backward_kernel[grid](
+        grad, out, demod32,
+        noise if noise is not None else partials, noise_strength if noise_strength is not None else partials,
+        bias if bias is not None else partials,
+        g, partials[0], partials[1], partials[2],
+        out_h, out_w, out_channels, *grad.stride(), *out.stride(), *noise_strides,
+        float(clamp) if clamp is not None else 0.0,
+        HAS_DEMOD=demod is not None, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None,
+        ACTIVATE=activate, HAS_CLAMP=clamp is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+    grad_bias = partials[0].sum((0, 1)).to(bias.dtype) if (bias is not None and need_bias) else empty()
+    grad_strength = (
+        partials[1].sum().reshape(1).to(noise_strength.dtype) if (noise is not None and need_strength) else empty()
+    )
+    grad_demod = partials[2].sum(1) if (demod is not None and need_demod) else empty()
+
+    # 2. the upsampling layer: back through the blur to the transposed conv's grid
+    if upsample:
+        g_conv = _alloc((batch, 2 * height + 1, 2 * width + 1, out_channels), torch.float32, device)
+        _launch_blur(g, g_conv, transpose=True)
+    else:
+        g_conv = g
+
+    # 3. the low-rank branch's small products (fp32; [B, pixels, L]-sized)
+    grad_p, grad_q = empty(), empty()
+    gz_box = None
+    p3, q3 = _as_batched_tokens(p), _as_batched_tokens(q)
+    x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+    if p3 is not None:
+        shared = p3.shape[0] == 1
+        conv_pixels = g_conv.shape[1] * g_conv.shape[2]
+        g_flat = g_conv.reshape(batch, conv_pixels, out_channels)
+        gz = torch.matmul(g_flat, p3.float().transpose(1, 2))  # [B, conv pixels, L]
+        gz_box = _box_nhwc(gz.reshape(batch, g_conv.shape[1], g_conv.shape[2], -1), kernel, upsample, adjoint=True)
+        if need_p:
+            z = _project(x_nhwc, q3)
+            z_box = _box_nhwc(z, kernel, upsample, adjoint=False).reshape(batch, conv_pixels, -1)
+            grad_p = z_box.transpose(1, 2) @ g_flat  # [B, L, Cout]
+            grad_p = (grad_p.sum(0) if shared else grad_p).to(p.dtype).reshape(p.shape)
+        if need_q:
+            gz_flat = gz_box.reshape(batch, height * width, -1)
+            grad_q = gz_flat.transpose(1, 2) @ x_nhwc.reshape(batch, height * width, in_channels).float()
+            grad_q = (grad_q.sum(0) if shared else grad_q).to(q.dtype).reshape(q.shape)
+
+    # 4. grad x (conv^T with W0 + the low-rank adjoint) and the conv part of grad styles
+    grad_x, grad_styles = empty(), empty()
+    if need_x or need_styles:
+        if upsample:  # adjoint of the transposed stride-2 conv: a stride-2 conv with the same taps
+            w_taps = weight.permute(2, 3, 0, 1).reshape(kernel * kernel, out_channels, in_channels)
+            mode = 1
+        else:  # adjoint of the same-padded conv: the same conv with flipped taps
+            w_taps = weight.flip(2, 3).permute(2, 3, 0, 1).reshape(kernel * kernel, out_channels, in_channels)
+            mode = 0
+        alpha = (styles.float() * scale).contiguous()
+        beta = torch.ones((1, 1), dtype=torch.float32, device=device).expand(batch, in_channels)
+        grad_x_nhwc = _alloc((batch, height, width, in_channels), x.dtype, device)
+        reduce_tiles = triton.cdiv(height * width, _reduce_block_m(height * width))
+        partial_styles = _alloc((batch, reduce_tiles, in_channels), torch.float32, device)
+        _launch_conv_gemm(
+            g_conv, None, w_taps.contiguous(), gz_box, q3, alpha, beta, grad_x_nhwc, mode=mode, ksize=kernel,
+            in_hw=(g_conv.shape[1], g_conv.shape[2]), out_hw=(height, width), grid_hw=(height, width), box_z=False,
+            x=x_nhwc, partial=partial_styles if need_styles else None,
+        )  # fmt: skip
+        if need_x:
+            grad_x = grad_x_nhwc.permute(0, 3, 1, 2)
+        if need_styles:
+            grad_styles = (partial_styles.sum(1) * scale).to(styles.dtype)
+
+    # 5. the weight gradient, only when asked: one dense conv weight-gradient against x * s
+    grad_weight = _weight_gradient(g_conv, x, weight, styles, scale, upsample) if need_weight else empty()
+    return grad_x, grad_styles, grad_weight, grad_p, grad_q, grad_demod, grad_strength, grad_bias
+
+
+# --- torch.library registration: opaque to torch.compile, with fake (meta) implementations
+
+_FORWARD_SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor styles, Tensor? p, Tensor? q, Tensor? demod, Tensor? noise, "
+    "Tensor? noise_strength, Tensor? bias, float scale, bool upsample, bool activate, float? clamp) -> Tensor"
+)
+_BACKWARD_SCHEMA = (
+    "(Tensor grad, Tensor out, Tensor x, Tensor weight, Tensor styles, Tensor? p, Tensor? q, Tensor? demod, "
+    "Tensor? noise, Tensor? noise_strength, Tensor? bias, float scale, bool upsample, bool activate, float? clamp, "
+    "bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("refinestyle_kernels::styled_conv2d_triton", mutates_args=(), schema=_FORWARD_SCHEMA)
+def _styled_conv2d_triton_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    styles: torch.Tensor,
+    p: Optional[torch.Tensor],
+    q: Optional[torch.Tensor],
+    demod: Optional[torch.Tensor],
+    noise: Optional[torch.Tensor],
+    noise_strength: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    scale: float,
+    upsample: bool,
+    activate: bool,
+    clamp: Optional[float],
+) -> torch.Tensor:
+    """The fused layer on the normalised arguments; demod [B, Cout] fp32 or None (no demodulation)."""
+    return _triton_forward(x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp)
+
+
+@_styled_conv2d_triton_op.register_fake
+def _(x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp):
+    factor = UPSAMPLE_FACTOR if upsample else 1
+    shape = (x.shape[0], weight.shape[0], x.shape[2] * factor, x.shape[3] * factor)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+@torch.library.custom_op(
+    "refinestyle_kernels::styled_conv2d_triton_backward", mutates_args=(), schema=_BACKWARD_SCHEMA
+)
+def _styled_conv2d_triton_backward_op(
+    grad: torch.Tensor,
+    out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    styles: torch.Tensor,
+    p: Optional[torch.Tensor],
+    q: Optional[torch.Tensor],
+    demod: Optional[torch.Tensor],
+    noise: Optional[torch.Tensor],
+    noise_strength: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    scale: float,
+    upsample: bool,
+    activate: bool,
+    clamp: Optional[float],
+    needs: List[bool],
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of the fused layer for (x, styles, weight, p, q, demod, noise_strength, bias)."""
+    return _triton_backward(
+        grad, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp, needs
+    )
+
+
+@_styled_conv2d_triton_backward_op.register_fake
+def _(grad, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp, needs):
+    need_x, need_styles, need_weight, need_p, need_q, need_demod, need_strength, need_bias = needs
+    def nothing():
+        return x.new_empty(0)
+
+    def like(wanted, tensor):
+        return torch.empty_like(tensor, memory_format=torch.contiguous_format) if wanted and tensor is not None else nothing()
+
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last) if need_x else nothing()
+    grad_demod = torch.empty(demod.shape, dtype=torch.float32, device=x.device) if need_demod and demod is not None else nothing()
+    return (
+        grad_x, like(need_styles, styles), like(need_weight, weight), like(need_p, p), like(need_q, q),
+        grad_demod, like(need_strength and noise is not None, noise_strength), like(need_bias, bias),
+    )  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp = inputs
+    ctx.save_for_backward(x, weight, styles, p, q, demod, noise, noise_strength, bias, output)
+    ctx.options = (scale, upsample, activate, clamp)
+
+
+def _backward(ctx, grad):
+    x, weight, styles, p, q, demod, noise, noise_strength, bias, out = ctx.saved_tensors
+    wanted = ctx.needs_input_grad
+    # inputs: x, weight, styles, p, q, demod, noise, noise_strength, bias, (options);
+    # the backward op's order: x, styles, weight, p, q, demod, noise_strength, bias
+    needs = [wanted[0], wanted[2], wanted[1], wanted[3], wanted[4], wanted[5], wanted[7], wanted[8]]
+    grads = torch.ops.refinestyle_kernels.styled_conv2d_triton_backward(
+        grad, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, *ctx.options, needs
+    )
+    grad_x, grad_styles, grad_weight, grad_p, grad_q, grad_demod, grad_strength, grad_bias = (
+        g if need else None for g, need in zip(grads, needs)
+    )
+    return grad_x, grad_weight, grad_styles, grad_p, grad_q, grad_demod, None, grad_strength, grad_bias, None, None, None, None
+
+
+_styled_conv2d_triton_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _styled_conv2d_triton(
     x, weight, styles, p, q, *, demodulate, upsample, eps, scale, noise, noise_strength, bias, activate, clamp
 ):
-    raise NotImplementedError("the Triton backend is not written yet")
+    """The "triton" backend of `styled_conv2d` (arguments already validated by `_validate`).
+
+    x [B, Cin, H, W] float32/float16/bfloat16, NCHW or channels_last, on CUDA (or on the CPU
+    under TRITON_INTERPRET=1); weight [Cout, Cin, k, k]; styles [B, Cin]; p, q None or
+    [L, C] / [B, L, C]; noise None or [B or 1, 1, H', W'] (no gradient); noise_strength
+    [1] or None; bias [Cout] or None. Returns [B, Cout, H', W'] in x's dtype, channels_last.
+    The demodulation coefficients d [B, Cout] come from `demodulation_coefficients` in
+    plain torch (autograd carries grad d back to weight, styles, p and q); everything
+    else runs in the custom ops above.
+    """
+    if triton is None:
+        raise RuntimeError(f'backend="triton": Triton could not be imported ({_TRITON_IMPORT_ERROR})')
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f'x: backend="triton" takes float32, float16 or bfloat16 tensors, got {x.dtype}')
+    if noise is not None and noise.requires_grad:
+        raise ValueError('noise: backend="triton" gives no gradient for noise; pass noise.detach() (or use backend="torch")')
+    demod = demodulation_coefficients(weight, styles, p, q, scale, eps) if demodulate else None
+    return _styled_conv2d_triton_op(
+        x, weight, styles, p, q, demod, noise, noise_strength, bias, float(scale), bool(upsample), bool(activate),
+        float(clamp) if clamp is not None else None,
+    )  # fmt: skip

@@ -1,0 +1,594 @@
+"""Run a suite: every case through every implementation, guarded, timed, measured.
+
+For each case: draw input set 0, compute the truth (the reference in float64) and
+the reference's own error in the case's dtype (which sets the guard's tolerance);
+then for each implementation: build it (torch.compile, CUDA graph), run it once
+and check its output (and gradients) against the truth, measure its peak memory
+over one call, draw the rotating input sets and time it. A wrong Triton result
+raises FatalCorrectnessError and ends the run; any other failure is recorded and
+the run goes on.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _datetime
+import gc
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from benchmarks.cases import HEADLINE, Case
+from benchmarks.flops import cross_check_layer, layer_bytes, layer_flops, roofline_floor_seconds
+from benchmarks.implementations import REFERENCE, TORCH, Implementation
+from benchmarks.timing import (
+    DTYPES,
+    CorrectnessError,
+    TimingSettings,
+    compare,
+    measure_peak_memory,
+    measure_peaks,
+    relative_error,
+    time_calls,
+    tolerance_for,
+)
+from benchmarks.workloads import GeneratorWorkload, Workload, make_workload, patched_op
+
+SCHEMA = "refinestyle-bench/1"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+class FatalCorrectnessError(CorrectnessError):
+    """A guarded (Triton) implementation produced a wrong result: the run stops."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment
+
+
+def environment(device: torch.device) -> dict:
+    """Device name, library versions and settings that every number depends on."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - Triton is optional off Linux
+        triton_version = None
+    env = {
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "git_commit": _git_commit(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            device_name=props.name,
+            device_memory_bytes=props.total_memory,
+            multiprocessors=props.multi_processor_count,
+            compute_capability=f"{props.major}.{props.minor}",
+            l2_cache_bytes=getattr(props, "L2_cache_size", None),
+        )
+    else:
+        env.update(device_name=f"CPU ({env['cpu']}, {env['cpu_threads']} threads)", l2_cache_bytes=None)
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or None
+    except Exception:  # noqa: BLE001 - not a git checkout
+        return None
+
+
+def device_slug(env: dict) -> str:
+    """File-name part for the device, e.g. "nvidia-h100-80gb-hbm3" or "cpu-intel-xeon-platinum-8375c"."""
+    name = env["device_name"] if env["device_type"] == "cuda" else "cpu-" + env["cpu"]
+    name = re.sub(r"\((r|tm)\)|cpu @.*|@.*", "", name.lower())
+    slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+    return slug or env["device_type"]
+
+
+def cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20) or (50 << 20))
+    return 32 << 20
+
+
+# ----------------------------------------------------------------------------------------------
+# Work and roofline of a case
+
+
+def case_work(case: Case, peaks: dict | None) -> dict:
+    """Model FLOPs (separated form), least bytes and roofline floor of a case.
+
+    The generator's numbers are sums over its convs (every one refined with the case's
+    tokens) and toRGBs; its floor is the sum of the per-layer floors. Returns
+    {"model_flops", "model_bytes", "floor_ms"} (floor_ms None without peaks).
+    """
+    element_size = DTYPES[case.dtype].itemsize
+    if case.layer is not None:
+        layers = [case.layer]
+    else:
+        convs, torgbs = case.generator.layers()
+        layers = convs + torgbs
+    flops = nbytes = floor = 0.0
+    peak_flops = peak_bytes = None
+    if peaks:
+        peak_flops = peaks["matmul_flops_per_s"].get(case.dtype)
+        peak_bytes = peaks.get("copy_bytes_per_s")
+    for spec in layers:
+        tokens = case.tokens.num_tokens if spec.refinable else 0
+        kwargs = {"shared_tokens": case.tokens.shared}
+        layer_flop = layer_flops(spec, case.batch, tokens, **kwargs)["total"]
+        if case.backward:
+            layer_flop += layer_flops(spec, case.batch, tokens, backward=True, **kwargs)["total"]
+        layer_byte = layer_bytes(
+            spec, case.batch, tokens, element_size=element_size, backward=case.backward, **kwargs
+        )
+        flops += layer_flop
+        nbytes += layer_byte
+        if peak_flops and peak_bytes:
+            floor += roofline_floor_seconds(layer_flop, layer_byte, peak_flops, peak_bytes)
+    return {
+        "model_flops": int(flops),
+        "model_bytes": int(nbytes),
+        "floor_ms": floor * 1e3 if peak_flops and peak_bytes else None,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# One implementation bound to one workload
+
+
+def applicable(implementation: Implementation, case: Case, device: torch.device) -> str | None:
+    """None when the implementation runs on this case, else the reason it does not."""
+    if implementation.needs_cuda and device.type != "cuda":
+        return "needs CUDA"
+    if implementation.cuda_graph and not (
+        case.group == "generator" and case.batch == 1 and case.mode == "forward"
+    ):
+        return "CUDA graphs are captured for batch-1 whole-generator inference only"
+    return None
+
+
+class Bound:
+    """An implementation ready to run a workload: eager, compiled or a captured CUDA graph."""
+
+    def __init__(self, workload: Workload, implementation: Implementation):
+        self.workload = workload
+        self.implementation = implementation
+        self._stack = contextlib.ExitStack()
+        if isinstance(workload, GeneratorWorkload):
+            self._stack.enter_context(patched_op(implementation.op))
+        forward = workload.forward_fn(implementation)
+        if implementation.compiled:
+            torch._dynamo.reset()  # every case compiles afresh: no recompile limits, no stale guards
+            forward = torch.compile(forward, dynamic=False)
+        self.forward = forward
+        self.graph = None
+        self.static_outputs = None
+
+    def first_outputs(self) -> dict[str, torch.Tensor]:
+        """Run input set 0 once (compiling or capturing first) and return the outputs."""
+        if not self.implementation.cuda_graph:
+            return self.workload.run(self.forward, self.workload.sets[0])
+        inputs = self.workload.sets[0]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm up outside the capture: autotuning, lazy init
+                self.workload.run(self.forward, inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_outputs = self.workload.run(self.forward, inputs)
+        self.graph.replay()
+        return self.static_outputs
+
+    def step(self, index: int):
+        if self.graph is not None:
+            self.graph.replay()
+            return self.static_outputs
+        sets = self.workload.sets
+        return self.workload.run(self.forward, sets[index % len(sets)])
+
+    @property
+    def rotating_sets(self) -> int:
+        return 1 if self.graph is not None else len(self.workload.sets)
+
+    def close(self) -> None:
+        self.graph = None
+        self.static_outputs = None
+        self._stack.close()
+        if self.implementation.compiled:
+            torch._dynamo.reset()
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# One case
+
+
+@dataclass
+class RunOptions:
+    device: torch.device
+    settings: TimingSettings
+    seed: int = 0
+    log: Callable[[str], None] = print
+
+
+def guard_precision(case: Case, device: torch.device) -> str:
+    if case.dtype == "float32" and device.type == "cuda" and (
+        torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    ):
+        return "tfloat32"
+    return case.dtype
+
+
+def run_case(case: Case, implementations: list[Implementation], options: RunOptions) -> list[dict]:
+    """Guard, measure and time every applicable implementation on one case.
+
+    Returns one record per implementation that applies. Raises FatalCorrectnessError
+    (after appending the failing record to the list it carries) when a guarded
+    implementation is wrong.
+    """
+    device = options.device
+    workload = make_workload(case, device, options.seed)
+    workload.ensure_sets(1)
+    base = case.as_dict()
+    records: list[dict] = []
+    try:
+        truth, truth_source = _truth(workload)
+        tolerances, reference_errors = _tolerances(workload, truth, guard_precision(case, device))
+        for implementation in implementations:
+            reason = applicable(implementation, case, device)
+            if reason is not None:
+                continue
+            record = dict(base)
+            record.update(
+                implementation=implementation.name,
+                family=implementation.family,
+                status="error",
+                error=None,
+                truth=truth_source,
+                tolerance=tolerances,
+                reference_rel_error=reference_errors,
+            )
+            records.append(record)
+            bound = None
+            try:
+                bound = Bound(workload, implementation)
+                outputs = bound.first_outputs()
+                values = {name: outputs[name].detach() for name in truth}
+                del outputs
+                try:
+                    errors = compare(f"{implementation.name} on {case.case_id}", values, truth, tolerances)
+                except CorrectnessError as error:
+                    record["rel_error"] = {name: relative_error(values[name], truth[name]) for name in truth}
+                    record["status"] = "wrong"
+                    record["error"] = str(error)
+                    if implementation.fatal_on_wrong:
+                        raise FatalCorrectnessError(str(error)) from error
+                    options.log(f"WRONG RESULT (not timed): {error}")
+                    continue
+                finally:
+                    del values
+                record["rel_error"] = errors
+                record["max_rel_error"] = max(errors.values())
+                memory = measure_peak_memory(lambda: bound.step(0), device)
+                record["peak_mem_bytes"] = memory["peak_bytes"]
+                record["peak_mem_extra_bytes"] = memory["extra_bytes"]
+                workload.ensure_sets(workload.num_rotating_sets(cache_bytes(device)))
+                timing = time_calls(bound.step, device, options.settings)
+                record.update(timing.as_dict())
+                record["rotating_sets"] = bound.rotating_sets
+                record["status"] = "ok"
+            except FatalCorrectnessError:
+                raise
+            except Exception as error:  # noqa: BLE001 - one failing variant must not end the run
+                record["status"] = "error"
+                record["error"] = f"{type(error).__name__}: {error}"[:2000]
+                options.log(f"error: {implementation.name} on {case.case_id}: {record['error'].splitlines()[0]}")
+            finally:
+                if bound is not None:
+                    bound.close()
+                del bound
+                workload.drop_sets(1)
+                _free_memory(device)
+    except FatalCorrectnessError as error:
+        error.records = records
+        raise
+    finally:
+        workload.sets.clear()
+        _free_memory(device)
+    return records
+
+
+def _truth(workload: Workload) -> tuple[dict, str]:
+    """The reference's outputs in float64 (float32 without TF32 for big generators).
+
+    Falls back to the torch backend in the same precision when the reference cannot
+    run (out of memory): in float64 the two agree to ~1e-15, which the layer cases
+    of every run check again.
+    """
+    dtype_name = str(workload.truth_dtype()).replace("torch.", "")
+    try:
+        return workload.truth(), f"reference/{dtype_name}"
+    except torch.cuda.OutOfMemoryError:
+        _free_memory(workload.device)
+        inputs = workload.cast(workload.sets[0], workload.truth_dtype())
+        outputs = workload.run(workload.forward_fn(TORCH, workload.truth_dtype()), inputs)
+        return {name: value.detach() for name, value in outputs.items()}, f"torch/{dtype_name}"
+
+
+def _tolerances(workload: Workload, truth: dict, precision: str) -> tuple[dict, dict]:
+    """Per-output tolerance from the reference's own error in the case's dtype (the floor if it cannot run)."""
+    try:
+        bound = Bound(workload, REFERENCE)
+        try:
+            outputs = bound.first_outputs()
+            errors = {name: relative_error(outputs[name], truth[name]) for name in truth}
+        finally:
+            bound.close()
+    except torch.cuda.OutOfMemoryError:
+        errors = {name: 0.0 for name in truth}
+    _free_memory(workload.device)
+    return {name: tolerance_for(precision, error) for name, error in errors.items()}, errors
+
+
+# ----------------------------------------------------------------------------------------------
+# Derived numbers
+
+
+def annotate(records: list[dict], case: Case, peaks: dict | None) -> None:
+    """Add work, TFLOP/s, roofline and speedups (against the reference, against the fastest
+    plain-PyTorch variant of the same case) to the records of one case, in place."""
+    work = case_work(case, peaks)
+    ok = [r for r in records if r["status"] == "ok"]
+    reference = next((r for r in ok if r["implementation"] == REFERENCE.name), None)
+    plain = [r for r in ok if r["family"] in ("reference", "plain")]
+    best_plain = min(plain, key=lambda r: r["median_ms"]) if plain else None
+    for record in records:
+        record.update(work)
+        for key in ("tflops", "pct_of_roofline", "speedup_vs_reference", "speedup_vs_best_plain", "best_plain"):
+            record.setdefault(key, None)
+        if record["status"] != "ok":
+            continue
+        seconds = record["median_ms"] * 1e-3
+        record["tflops"] = work["model_flops"] / seconds / 1e12
+        if work["floor_ms"]:
+            record["pct_of_roofline"] = 100.0 * work["floor_ms"] / record["median_ms"]
+        if reference is not None:
+            record["speedup_vs_reference"] = reference["median_ms"] / record["median_ms"]
+        if best_plain is not None:
+            record["speedup_vs_best_plain"] = best_plain["median_ms"] / record["median_ms"]
+            record["best_plain"] = best_plain["implementation"]
+
+
+TARGETS = (
+    ("speedup_vs_reference", ">=", 4.0, "whole network fwd+bwd, bf16, B=8, 1024 px, L=32: triton vs reference"),
+    ("speedup_vs_best_plain", ">=", 1.3, "same case: triton vs the fastest plain-PyTorch variant"),
+    ("time_over_floor", "<=", 2.0, "same case: triton's median over the roofline floor"),
+    ("refinement_overhead", "<=", 0.12, "triton L=32 over triton unrefined, same case otherwise"),
+    ("peak_memory_ratio", "<=", 0.6, "same case: triton's peak training memory over the reference's"),
+)
+
+
+def evaluate_targets(records: list[dict]) -> list[dict]:
+    """The issue's targets on the headline case (None where it was not measured)."""
+
+    def find(implementation: str, **overrides) -> dict | None:
+        wanted = dict(HEADLINE, **overrides)
+        for record in records:
+            if record["implementation"] == implementation and record["status"] == "ok" and all(
+                record.get(key) == value for key, value in wanted.items()
+            ):
+                return record
+        return None
+
+    triton = find("triton")
+    reference = find("reference")
+    unrefined = find("triton", num_tokens=0, token_sharing="none")
+    values = {
+        "speedup_vs_reference": triton and triton["speedup_vs_reference"],
+        "speedup_vs_best_plain": triton and triton["speedup_vs_best_plain"],
+        "time_over_floor": triton and triton["floor_ms"] and triton["median_ms"] / triton["floor_ms"],
+        "refinement_overhead": triton and unrefined and triton["median_ms"] / unrefined["median_ms"] - 1,
+        "peak_memory_ratio": triton
+        and reference
+        and triton["peak_mem_bytes"]
+        and reference["peak_mem_bytes"]
+        and triton["peak_mem_bytes"] / reference["peak_mem_bytes"],
+    }
+    results = []
+    for name, comparison, threshold, description in TARGETS:
+        value = values[name] or None
+        met = None if value is None else (value >= threshold if comparison == ">=" else value <= threshold)
+        results.append(
+            {"target": name, "comparison": comparison, "threshold": threshold, "value": value, "met": met,
+             "description": description}
+        )
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole suite
+
+
+def flop_checks(cases: list[Case]) -> list[dict]:
+    """FlopCounterMode cross-checks of every distinct layer shape of the layer cases (meta tensors)."""
+    seen, checks = set(), []
+    for case in cases:
+        if case.layer is None:
+            continue
+        key = (case.layer, case.batch, case.tokens, case.backward)
+        if key in seen:
+            continue
+        seen.add(key)
+        checks.append(
+            cross_check_layer(
+                case.layer, case.batch, case.tokens.num_tokens, shared_tokens=case.tokens.shared, backward=case.backward
+            )
+        )
+    return checks
+
+
+def new_run(suite: str, cases: list[Case], implementations: list[Implementation], options: RunOptions, argv) -> dict:
+    env = environment(options.device)
+    return {
+        "schema": SCHEMA,
+        "suite": suite,
+        "gpu_suite_run": suite == "gpu" and options.device.type == "cuda",
+        "complete": False,
+        "stopped_early": None,
+        "fatal_error": None,
+        "created": _datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "finished": None,
+        "duration_s": None,
+        "command": list(argv) if argv is not None else sys.argv[1:],
+        "environment": env,
+        "settings": {**options.settings.as_dict(), "seed": options.seed},
+        "peaks": None,
+        "implementations": [
+            {"name": impl.name, "family": impl.family, "description": impl.description} for impl in implementations
+        ],
+        "num_cases": len(cases),
+        "flop_check": [],
+        "results": [],
+        "targets": [],
+    }
+
+
+def run_suite(
+    run: dict,
+    cases: list[Case],
+    implementations: list[Implementation],
+    options: RunOptions,
+    *,
+    save: Callable[[dict], None] | None = None,
+    max_seconds: float | None = None,
+    measure_device_peaks: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Run every case; fill `run` (see new_run) in place and call save(run) after each case.
+
+    Raises FatalCorrectnessError after saving when a guarded implementation is wrong.
+    """
+    started = time.perf_counter()
+    device = options.device
+    run["flop_check"] = flop_checks(cases)
+    bad = [check for check in run["flop_check"] if not check["ok"]]
+    if bad:
+        options.log(f"warning: analytic FLOPs differ from FlopCounterMode for {len(bad)} layer shapes")
+    if measure_device_peaks:
+        dtypes = sorted({case.dtype for case in cases})
+        run["peaks"] = measure_peaks(device, [DTYPES[name] for name in dtypes])
+    iterator = cases
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(cases, desc="benchmark cases", unit="case", file=sys.stderr, dynamic_ncols=True)
+        iterator = bar
+    log = options.log
+    try:
+        for case in iterator:
+            if max_seconds is not None and time.perf_counter() - started > max_seconds:
+                run["stopped_early"] = f"time limit of {max_seconds:.0f} s reached before {case.case_id}"
+                log(run["stopped_early"])
+                break
+            if bar is not None:
+                bar.set_postfix_str(case.case_id)
+            try:
+                records = run_case(case, implementations, options)
+            except FatalCorrectnessError as error:
+                annotate(error.records, case, run["peaks"])
+                run["results"].extend(error.records)
+                run["fatal_error"] = str(error)
+                raise
+            annotate(records, case, run["peaks"])
+            run["results"].extend(records)
+            for record in records:
+                log(_one_line(record))
+            if save is not None:
+                save(run)
+        else:
+            run["complete"] = True
+    finally:
+        if bar is not None:
+            bar.close()
+        GeneratorWorkload.clear_models()
+        run["targets"] = evaluate_targets(run["results"])
+        run["finished"] = _datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        run["duration_s"] = time.perf_counter() - started
+        if save is not None:
+            save(run)
+    return run
+
+
+def _one_line(record: dict) -> str:
+    head = f"{record['case_id']:<48} {record['implementation']:<18}"
+    if record["status"] != "ok":
+        return f"{head} {record['status'].upper()}: {record['error']}"
+    speed = record["speedup_vs_reference"]
+    speed = f"{speed:5.2f}x ref" if speed else ""
+    return f"{head} {record['median_ms']:10.3f} ms  {speed}"
+
+
+def default_results_path(run: dict, directory: Path | str = RESULTS_DIR) -> Path:
+    """benchmarks/results/<device>_<date>.json, with -2, -3, ... when that exists already."""
+    directory = Path(directory)
+    date = run["created"][:10]
+    stem = f"{device_slug(run['environment'])}_{date}"
+    path = directory / f"{stem}.json"
+    counter = 2
+    while path.exists():
+        path = directory / f"{stem}-{counter}.json"
+        counter += 1
+    return path
+
+
+def is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

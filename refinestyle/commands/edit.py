@@ -1,0 +1,159 @@
+"""Edit inverted images (InterFaceGAN, StyleSpace or GANSpace), keeping their RefineStyle residuals.
+
+From images:   refinestyle edit --generator G.pt --inverter runs/one/inverter.safetensors \\
+                   --input photos/ --boundary smile.npy --strengths=-3,-1.5,0,1.5,3 --out edits/
+From codes:    refinestyle edit --generator G.pt --codes inverted/codes/ --ganspace ganspace.safetensors \\
+                   --component 0 --layers 0-5 --out edits/
+StyleSpace:    ... --stylespace 6:501   (StyleSpace layer:channel; strengths in channel standard deviations)
+
+Every edit changes w+ (or one style channel) and re-renders with the image's own kernel
+residuals, so details the residuals carry survive (--no-refinement renders w+ alone).
+Writes edits/strip.png (a row per image: input, then one column per strength),
+edits/<name>.png (each image's strip) and edits/edit.json (what was done).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one strength")
+    return values
+
+
+def _layer_channel(text: str) -> tuple[int, int]:
+    try:
+        layer, channel = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LAYER:CHANNEL (e.g. 6:501), got {text!r}") from None
+    return layer, channel
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--generator", required=True, help="the StyleGAN2 generator checkpoint")
+    source = parser.add_argument_group("what to edit (one of)")
+    source.add_argument("--codes", help="a code file or folder written by `refinestyle invert` (codes/)")
+    source.add_argument("--input", help="images to invert first (needs --inverter)")
+    source.add_argument("--inverter", help="inverter.safetensors, with --input")
+    edit = parser.add_argument_group("the edit (one of)")
+    edit.add_argument("--boundary", help="InterFaceGAN boundary (.npy/.pt, [1, 512] or [1, n_latent, 512])")
+    edit.add_argument("--ganspace", help="GANSpace directions file from `refinestyle ganspace`")
+    edit.add_argument("--stylespace", type=_layer_channel, metavar="LAYER:CHANNEL",
+                      help="StyleSpace channel (layers count every modulated conv incl. toRGB)")
+    parser.add_argument("--component", type=int, default=0, help="GANSpace component index")
+    parser.add_argument("--layers", help="w+ rows to edit, e.g. 0-5 or 3,4,7 (InterFaceGAN/GANSpace; default all)")
+    parser.add_argument("--strengths", type=_floats, default=[-3.0, -1.5, 0.0, 1.5, 3.0],
+                        help="comma-separated edit strengths (default -3,-1.5,0,1.5,3); use --strengths=-3,3")
+    parser.add_argument("--stylespace-samples", type=int, default=10_000,
+                        help="random images used to measure the StyleSpace channel's standard deviation")
+    parser.add_argument("--no-refinement", action="store_true", help="render w+ only (drop the residuals)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--image-size", type=int, default=256, help="encoder input side, with --input")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default="auto")
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    import refinestyle_kernels
+    from refinestyle.checkpoints import load_generator
+    from refinestyle.imageio import list_images, load_image, save_grid
+    from refinestyle.inversion import editing
+    from refinestyle.inversion.data import ImageFolderDataset
+    from refinestyle.inversion.inference import load_codes, load_inverter_for_inference, unique_stems
+    from refinestyle.inversion.train import pool_or_resize
+    from refinestyle.weights import default_device
+
+    if (args.codes is None) == (args.input is None):
+        raise SystemExit("edit: give exactly one of --codes or --input (with --inverter)")
+    if args.input is not None and args.inverter is None:
+        raise SystemExit("edit: --input needs --inverter")
+    chosen = [flag for flag, value in (("--boundary", args.boundary), ("--ganspace", args.ganspace),
+                                        ("--stylespace", args.stylespace)) if value is not None]
+    if len(chosen) != 1:
+        raise SystemExit(f"edit: give exactly one of --boundary, --ganspace, --stylespace (got {chosen or 'none'})")
+
+    device = torch.device(args.device or default_device())
+    out = Path(args.out)
+    generator = load_generator(args.generator, device)
+    generator.requires_grad_(False).eval()
+    layers = editing.parse_layers(args.layers, generator.n_latent)
+
+    with torch.no_grad(), refinestyle_kernels.use_backend(args.backend):
+        if args.codes is not None:
+            code_paths = [args.codes] if Path(args.codes).is_file() else sorted(Path(args.codes).glob("*.safetensors"))
+            if not code_paths:
+                raise SystemExit(f"edit: no .safetensors code files in {args.codes}")
+            codes = load_codes([Path(p) for p in code_paths], device)
+            names = unique_stems([Path(p) for p in code_paths])
+            w_plus, refinement = codes.w_plus, codes.refinement
+            originals = []
+            for source in codes.sources:
+                try:
+                    originals.append(load_image(source, args.image_size))
+                except (FileNotFoundError, ValueError):
+                    originals.append(None)  # the source image moved: show the reconstruction instead
+        else:
+            paths = list_images(args.input)
+            names = unique_stems(paths)
+            dataset = ImageFolderDataset(args.input, args.image_size)
+            inverter = load_inverter_for_inference(args.inverter, generator, device)
+            w_rows, refinements, originals = [], [], []
+            for start in range(0, len(paths), args.batch_size):
+                images = torch.stack([dataset[i] for i in range(start, min(start + args.batch_size, len(paths)))])
+                result = inverter(images.to(device))
+                w_rows.append(result.w_plus)
+                refinements.append(result.refinement)
+                originals.extend(image[None] for image in images)
+            w_plus = torch.cat(w_rows)
+            refinement = None
+            if refinements[0] is not None:
+                from refinestyle.refinement import Refinement
+
+                refinement = Refinement.cat(refinements, [w.shape[0] for w in w_rows])
+        if args.no_refinement:
+            refinement = None
+
+        if args.boundary is not None:
+            spec = editing.EditSpec("interfacegan", boundary=editing.load_boundary(
+                args.boundary, generator.n_latent, generator.style_dim), layers=layers)
+        elif args.ganspace is not None:
+            spec = editing.EditSpec("ganspace", directions=editing.GANSpaceDirections.load(args.ganspace),
+                                    component=args.component, layers=layers)
+        else:
+            layer, channel = args.stylespace
+            stddev = editing.style_channel_stddev(generator, layer, num_samples=args.stylespace_samples)
+            if not 0 <= channel < stddev.numel():
+                raise SystemExit(f"edit: StyleSpace layer {layer} has {stddev.numel()} channels, got channel {channel}")
+            spec = editing.EditSpec("stylespace", style_layer=layer, channel=channel, unit=float(stddev[channel]))
+
+        size = args.image_size
+        columns = []
+        for strength in args.strengths:
+            edited = []
+            for start in range(0, w_plus.shape[0], args.batch_size):
+                stop = min(start + args.batch_size, w_plus.shape[0])
+                part = None if refinement is None else refinement.batch_slice(start, stop)
+                edited.append(editing.render_edit(generator, w_plus[start:stop], part, spec, strength))
+            columns.append(pool_or_resize(torch.cat(edited), size).float().cpu())
+        first = [
+            original.to(columns[0]) if original is not None else columns[0][i : i + 1]
+            for i, original in enumerate(originals)
+        ]
+        inputs = pool_or_resize(torch.cat(first), size)
+        strip = torch.stack([inputs, *columns], 1)  # [B, 1 + S, 3, size, size]
+
+    for name, row in zip(names, strip):
+        save_grid(row, out / f"{name}.png", nrow=row.shape[0])
+    save_grid(strip.flatten(0, 1), out / "strip.png", nrow=strip.shape[1])
+    (out / "edit.json").write_text(editing.edit_metadata(spec, args.strengths) + "\n")
+    print(f"{spec.describe()}: {len(names)} images x {len(args.strengths)} strengths -> {out / 'strip.png'}")
+    return 0

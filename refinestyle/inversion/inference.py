@@ -1,0 +1,133 @@
+"""Using trained inverters: loading them, inverting images, and storing codes.
+
+A *code file* (safetensors) holds what RefineStyle knows about one image: its w+ code
+and the scaled tokens of its kernel refinement, enough to re-render or edit it later.
+
+    w_plus      [n_latent, style_dim]    float32
+    p.{layer}   [L, Cout]                one per refined conv layer (generator numbering)
+    q.{layer}   [L, Cin]
+    metadata: format="refinestyle-codes", num_layers, source (the image file)
+
+Files without p/q tensors (a w+-only inverter) are valid: their refinement is None.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CODES_FORMAT = "refinestyle-codes"
+
+
+def resolve_inverter_path(path: str | Path) -> Path:
+    """An inverter weights file: `path` itself, or `path/inverter.safetensors` for a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "inverter.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"inverter file not found: {path} (train one with `refinestyle train-inverter`; it writes "
+            f"RUN_DIR/inverter.safetensors)"
+        )
+    return path
+
+
+def load_inverter_for_inference(path: str | Path, generator: nn.Module, device: str | torch.device) -> nn.Module:
+    """Load a trained inverter around `generator`, on `device`, in eval mode, without gradients."""
+    from refinestyle.inversion.models import load_inverter
+
+    inverter = load_inverter(resolve_inverter_path(path), generator)
+    inverter.requires_grad_(False)
+    return inverter.to(device).eval()
+
+
+@dataclass
+class ImageCodes:
+    """w+ [B, n_latent, style_dim] and the refinement (per-sample tokens, or None) of B images."""
+
+    w_plus: torch.Tensor
+    refinement: object | None
+    sources: list[str]
+
+
+def save_codes(directory: str | Path, w_plus: torch.Tensor, refinement, names: list[str], sources: list[str]) -> list[Path]:
+    """Write one code file per image: `directory/<name>.safetensors`.
+
+    w_plus: [B, n_latent, style_dim]; refinement: a Refinement with per-sample or shared
+    tokens (or None); names: B file stems; sources: B image paths (metadata).
+    """
+    from safetensors.torch import save_file
+
+    if w_plus.ndim != 3 or w_plus.shape[0] != len(names) or len(names) != len(sources):
+        raise ValueError(f"w_plus: expected [B={len(names)}, n_latent, style_dim], got {tuple(w_plus.shape)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    num_layers = refinement.num_layers if refinement is not None else 0
+    for index, (name, source) in enumerate(zip(names, sources)):
+        tensors = {"w_plus": w_plus[index].detach().float().cpu().contiguous()}
+        if refinement is not None:
+            for offset, (p, q) in enumerate(zip(refinement.p, refinement.q)):
+                layer = refinement.first_layer + offset
+                tensors[f"p.{layer}"] = (p[index] if p.ndim == 3 else p).detach().float().cpu().contiguous()
+                tensors[f"q.{layer}"] = (q[index] if q.ndim == 3 else q).detach().float().cpu().contiguous()
+        path = directory / f"{name}.safetensors"
+        save_file(tensors, str(path), metadata={"format": CODES_FORMAT, "num_layers": str(num_layers), "source": source})
+        written.append(path)
+    return written
+
+
+def load_codes(paths: list[Path], device: str | torch.device = "cpu") -> ImageCodes:
+    """Read code files written by `save_codes` into one batch (all must refine the same layers)."""
+    from safetensors import safe_open
+
+    from refinestyle.refinement import Refinement
+
+    if not paths:
+        raise ValueError("paths: expected at least one code file")
+    w_rows, p_rows, q_rows, sources = [], [], [], []
+    layers_seen = None
+    num_layers = 0
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"code file not found: {path}")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != CODES_FORMAT:
+                raise ValueError(f"{path}: not a RefineStyle code file (written by `refinestyle invert`)")
+            keys = set(handle.keys())
+            layers = sorted(int(key.split(".")[1]) for key in keys if key.startswith("p."))
+            if layers_seen is None:
+                layers_seen = layers
+            elif layers != layers_seen:
+                raise ValueError(f"{path}: refines layers {layers}, other files refine {layers_seen}")
+            num_layers = int(metadata.get("num_layers", "0"))
+            w_rows.append(handle.get_tensor("w_plus"))
+            p_rows.append([handle.get_tensor(f"p.{layer}") for layer in layers])
+            q_rows.append([handle.get_tensor(f"q.{layer}") for layer in layers])
+            sources.append(metadata.get("source", str(path)))
+    w_plus = torch.stack(w_rows).to(device)
+    refinement = None
+    if layers_seen:
+        if layers_seen != list(range(num_layers - len(layers_seen), num_layers)):
+            raise ValueError(f"code files: refined layers {layers_seen} are not the last ones of {num_layers}")
+        p = [torch.stack([row[i] for row in p_rows]).to(device) for i in range(len(layers_seen))]
+        q = [torch.stack([row[i] for row in q_rows]).to(device) for i in range(len(layers_seen))]
+        refinement = Refinement(p, q, num_layers)
+    return ImageCodes(w_plus, refinement, sources)
+
+
+def unique_stems(paths: list[Path]) -> list[str]:
+    """File stems, made unique with a counter when two images share a name in different folders."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        stem = Path(path).stem
+        count = seen.get(stem, 0)
+        seen[stem] = count + 1
+        stems.append(stem if count == 0 else f"{stem}_{count}")
+    return stems
+

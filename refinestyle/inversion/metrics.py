@@ -1,0 +1,264 @@
+"""Inversion metrics as the paper's Table 1 reports them.
+
+Distortion per image (then mean and standard deviation over a folder):
+- MSE: mean squared error of images in [-1, 1] (pSp / HyperStyle convention), at the
+  loss resolution (256 px, the generator's output average-pooled);
+- LPIPS: AlexNet LPIPS (`refinestyle.losses.LPIPSLoss`);
+- ID: cosine similarity of ArcFace IR-SE50 embeddings (faces only; `IDLoss.similarity`).
+Cost:
+- parameters of the inverter (everything but the generator), of the generator, and trainable;
+- FLOPs of one image's inversion *and* rendering (encoder + branches + generator), counted by
+  torch.utils.flop_counter with the plain-PyTorch backend of the op (Triton kernels are
+  opaque to the counter); reported as GFLOPs (2 per multiply-add) and GMACs;
+- time per image: batch 1, warm-up first, CUDA-synchronised wall clock (median of repeats).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pool_to(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Average-pool [B, 3, H, W] images to size x size (unchanged when already that size)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.adaptive_avg_pool2d(images, (size, size))
+
+
+class ReconstructionMetrics:
+    """Per-image MSE, LPIPS and ID similarity of reconstructions against targets.
+
+    Args:
+        lpips: an LPIPSLoss (anything with `distance(x, y) -> [B]`), or None to skip LPIPS.
+        identity: an IDLoss (anything with `similarity(x, y) -> [B]`), or None to skip ID
+            (non-face domains).
+
+    Calling it with reconstructions and targets, both [B, 3, H, W] float in [-1, 1] of the
+    same shape, returns {"mse": [B], "lpips": [B], "id": [B]} (the metrics available), float32
+    on the inputs' device, without gradients.
+    """
+
+    def __init__(self, lpips=None, identity=None):
+        self.lpips = lpips
+        self.identity = identity
+
+    @classmethod
+    def from_criterion(cls, criterion) -> "ReconstructionMetrics":
+        """Reuse the networks of a `refinestyle.losses.ReconstructionLoss`."""
+        return cls(getattr(criterion, "lpips_loss", None), getattr(criterion, "id_loss", None))
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        lpips_backbone: str | None = None,
+        pretrained_lpips: bool = True,
+        ir_se50: str | None = None,
+        face_domain: bool = True,
+        device: str | torch.device = "cpu",
+    ) -> "ReconstructionMetrics":
+        """Build the metric networks from local weight files (MissingWeightsError when absent).
+
+        lpips_backbone: torchvision AlexNet weights for LPIPS (or pretrained_lpips=False: random, tests).
+        ir_se50: model_ir_se50.pth for the ID similarity; needed when face_domain is True.
+        """
+        from refinestyle.losses import IDLoss, LPIPSLoss
+
+        lpips = LPIPSLoss(lpips_backbone, pretrained_backbone=pretrained_lpips).to(device)
+        identity = IDLoss(ir_se50).to(device) if face_domain else None
+        return cls(lpips, identity)
+
+    @torch.no_grad()
+    def __call__(self, reconstructions: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        if reconstructions.ndim != 4 or reconstructions.shape[1] != 3:
+            raise ValueError(f"reconstructions: expected [B, 3, H, W], got {tuple(reconstructions.shape)}")
+        if targets.shape != reconstructions.shape:
+            raise ValueError(
+                f"targets: expected the shape of reconstructions {tuple(reconstructions.shape)}, got {tuple(targets.shape)}"
+            )
+        reconstructions, targets = reconstructions.float(), targets.float()
+        values = {"mse": (reconstructions - targets).pow(2).flatten(1).mean(1)}
+        if self.lpips is not None:
+            values["lpips"] = self.lpips.distance(reconstructions, targets).float()
+        if self.identity is not None:
+            values["id"] = self.identity.similarity(reconstructions, targets).float()
+        return values
+
+
+def summarize(per_image: dict[str, torch.Tensor]) -> dict[str, float]:
+    """{"mse": [N], ...} -> {"mse_mean", "mse_std", ..., "count"} (std: unbiased, 0 for one image)."""
+    summary: dict[str, float] = {}
+    count = None
+    for key, values in per_image.items():
+        values = values.double().flatten()
+        count = values.numel()
+        summary[f"{key}_mean"] = values.mean().item()
+        summary[f"{key}_std"] = values.std().item() if count > 1 else 0.0
+    summary["count"] = float(count or 0)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost
+
+
+def count_parameters(module: nn.Module, *, trainable_only: bool = False, exclude: Sequence[nn.Module] = ()) -> int:
+    """Number of scalars in `module`'s parameters (shared ones once), minus those of `exclude` modules."""
+    excluded = {id(p) for m in exclude for p in m.parameters()}
+    return sum(
+        p.numel()
+        for p in module.parameters()
+        if id(p) not in excluded and (p.requires_grad or not trainable_only)
+    )
+
+
+def count_flops(function: Callable[..., object], *args, **kwargs) -> int:
+    """FLOPs (2 per multiply-add) of `function(*args, **kwargs)`, by torch.utils.flop_counter.
+
+    Runs the function once under no_grad with the op's plain-PyTorch backend, whose
+    convolutions and matmuls the counter sees (the fused Triton kernels would be invisible).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import refinestyle_kernels
+
+    with torch.no_grad(), refinestyle_kernels.use_backend("torch"):
+        with FlopCounterMode(display=False) as counter:
+            function(*args, **kwargs)
+    return int(counter.get_total_flops())
+
+
+def time_per_image(function: Callable[[torch.Tensor], object], image: torch.Tensor, *, warmup: int = 3, repeats: int = 10) -> float:
+    """Median wall-clock seconds of `function(image)` for one image [1, C, H, W].
+
+    Warms up first; on CUDA every measurement is bracketed by torch.cuda.synchronize so the
+    queued kernels are included.
+    """
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise ValueError(f"image: expected one image [1, C, H, W], got {tuple(image.shape)}")
+    cuda = image.device.type == "cuda"
+    times = []
+    with torch.no_grad():
+        for index in range(warmup + repeats):
+            if cuda:
+                torch.cuda.synchronize(image.device)
+            start = time.perf_counter()
+            function(image)
+            if cuda:
+                torch.cuda.synchronize(image.device)
+            if index >= warmup:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclass
+class InversionCost:
+    """Parameters, FLOPs and time of one inverter on one image (Table 1's cost columns)."""
+
+    params_inverter: int
+    params_trainable: int
+    params_generator: int
+    flops: int
+    seconds_per_image: float | None
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "params_inverter_M": self.params_inverter / 1e6,
+            "params_trainable_M": self.params_trainable / 1e6,
+            "params_generator_M": self.params_generator / 1e6,
+            "gflops": self.flops / 1e9,
+            "gmacs": self.flops / 2e9,
+            "seconds_per_image": self.seconds_per_image if self.seconds_per_image is not None else float("nan"),
+        }
+
+
+def inversion_cost(inverter: nn.Module, image: torch.Tensor, *, timing: bool = True, repeats: int = 10) -> InversionCost:
+    """Cost of inverting and rendering `image` [1, C, H, W] (C = 3: the inverter's input).
+
+    inverter: a OneStageInverter / TwoStageInverter (has `.generator`); its forward renders.
+    """
+    generator = inverter.generator
+    was_training = inverter.training
+    inverter.eval()
+    try:
+        flops = count_flops(inverter, image)
+        seconds = time_per_image(inverter, image, repeats=repeats) if timing else None
+    finally:
+        inverter.train(was_training)
+    synthesis_and_mapping = [generator]
+    return InversionCost(
+        params_inverter=count_parameters(inverter, exclude=synthesis_and_mapping),
+        params_trainable=count_parameters(inverter, trainable_only=True),
+        params_generator=count_parameters(generator),
+        flops=flops,
+        seconds_per_image=seconds,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole folder
+
+
+@torch.no_grad()
+def evaluate_folder(
+    inverter: nn.Module,
+    dataset,
+    metrics: ReconstructionMetrics,
+    *,
+    batch_size: int = 8,
+    metric_size: int = 256,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    max_images: int | None = None,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Invert every image of `dataset` (items [3, S, S] in [-1, 1]) and measure the reconstructions.
+
+    Both the reconstruction (the generator's output) and the input are pooled to
+    min(metric_size, their sizes) pixels. Returns (summary, per-image values): summary as
+    `summarize` gives it, per-image {"mse": [N], ...}.
+    """
+    from tqdm.auto import tqdm
+
+    count = len(dataset) if max_images is None else min(len(dataset), max_images)
+    per_image: dict[str, list[torch.Tensor]] = {}
+    was_training = inverter.training
+    inverter.eval()
+    try:
+        for start in tqdm(range(0, count, batch_size), desc="eval-inversion", unit="batch", disable=not progress):
+            batch = torch.stack([dataset[i] for i in range(start, min(start + batch_size, count))]).to(device)
+            result = inverter(batch)
+            size = min(metric_size, batch.shape[-1], result.image.shape[-1])
+            values = metrics(pool_to(result.image.float(), size), pool_to(batch, size))
+            for key, value in values.items():
+                per_image.setdefault(key, []).append(value.cpu())
+    finally:
+        inverter.train(was_training)
+    values = {key: torch.cat(parts) for key, parts in per_image.items()}
+    return summarize(values), values
+
+
+def format_report(summary: dict[str, float], cost: dict[str, float] | None = None, name: str = "inverter") -> str:
+    """A Markdown table in the layout of the paper's Table 1 (mean +- std; cost columns if given)."""
+    header = ["method", "images", "MSE", "LPIPS", "ID"]
+    row = [name, str(int(summary.get("count", 0)))]
+    for key in ("mse", "lpips", "id"):
+        if f"{key}_mean" in summary:
+            row.append(f"{summary[f'{key}_mean']:.4f} ± {summary[f'{key}_std']:.4f}")
+        else:
+            row.append("-")
+    if cost is not None:
+        header += ["Params (M)", "GFLOPs", "GMACs", "Time (s)"]
+        row += [
+            f"{cost['params_inverter_M']:.2f}",
+            f"{cost['gflops']:.2f}",
+            f"{cost['gmacs']:.2f}",
+            f"{cost['seconds_per_image']:.4f}",
+        ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(row) + " |"]
+    return "\n".join(lines)

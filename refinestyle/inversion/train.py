@@ -1,0 +1,709 @@
+"""Training of the RefineStyle inverters, on one device or many (torchrun + DDP).
+
+`train_inverter(TrainConfig(...))` trains a one-stage or two-stage inverter against a
+frozen generator (paper section 3.3):
+
+- the generator renders at its own resolution through the fused modulated-conv op
+  (forward and backward); its output and the target are average-pooled to the loss
+  resolution (256 px, or less for small generators) for L2 + LPIPS + ID;
+- Ranger (RAdam + Lookahead), lr 1e-4 one-stage / 1e-3 two-stage, batch 8 per process;
+- optional bf16 autocast and gradient checkpointing (generator layers and encoder units);
+- every `checkpoint_every` steps an atomic checkpoint (temporary file + os.replace)
+  holding the trainable weights, the optimizer, the step, every process's RNG states
+  and the position in the data; `resume=True` continues bit-for-bit;
+- a tqdm progress bar, a CSV log of every loss term at every step (and TensorBoard
+  when the package is installed and asked for), image grids (input | w+ only | refined),
+  validation metrics on a held-out folder;
+- DDP: run under `torchrun --nproc_per_node N`; the process group is initialised from
+  the environment (nccl on GPUs, gloo on CPU), each process reads its own shard
+  (DistributedSampler), rank 0 logs and writes checkpoints.
+
+Run layout (`out`): `config.json`, `train_log.csv`, `val_log.csv`, `images/step_*.png`,
+`checkpoints/latest.pt` (training state), `inverter.safetensors` (weights + config for
+`refinestyle invert`).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from refinestyle.inversion.data import ImageFolderDataset, ResumableDistributedSampler
+from refinestyle.inversion.metrics import pool_to
+
+CHECKPOINT_NAME = "latest.pt"
+INVERTER_NAME = "inverter.safetensors"
+# Fields a resumed run may change; everything else must match the interrupted run.
+RESUME_OVERRIDABLE = (
+    "max_steps", "resume", "workers", "progress", "device", "log_every", "image_every",
+    "val_every", "checkpoint_every", "tensorboard", "val_max_images",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as `config.json` in the run folder).
+
+    Paths:
+        generator: the StyleGAN2 generator checkpoint (rosinality .pt; see refinestyle.checkpoints).
+        data: training image folder (any jpg/png, searched recursively).
+        out: the run folder.
+        val_data: optional held-out image folder for validation metrics.
+        first_stage: two-stage only: the frozen first-stage inverter (a file written by
+            `refinestyle train-inverter --stage one --no-refine`, i.e. `inverter.safetensors`).
+        ir_se50: model_ir_se50.pth (ArcFace IR-SE50): initialises the encoder and drives the
+            ID loss. Optional when id_weight is 0 (the encoder then starts from random weights).
+        lpips_backbone: torchvision's AlexNet weights (alexnet-owt-*.pth) for LPIPS; required
+            unless lpips_weight is 0 or lpips_random_backbone is set (tests only).
+    Model:
+        stage: "one" or "two".
+        refine: one-stage only: False trains the w+ branch alone (Style Transformer's design;
+            the result is a first stage for a two-stage model).
+        num_refined: Nr, how many of the last conv layers get residuals (default 10 for
+            one-stage, 17 or all convs for two-stage).
+        num_tokens: L, tokens per layer (32).
+        model_options: extra keyword arguments for the inverter class (e.g. encoder depth,
+            attention heads); stored with the weights.
+    Losses: l2_weight, lpips_weight, id_weight (1.0 / 0.8 / 0.1); domain "face" or "other"
+        ("other" switches the ID loss off). image_size: the side images are read at and the
+        encoder sees (256); the loss resolution is min(image_size, generator size).
+        hflip: random horizontal flips of the training images.
+    Optimisation: lr (None: 1e-4 one-stage, 1e-3 two-stage), batch_size per process (8),
+        max_steps, seed, bf16 (autocast), grad_checkpointing, backend of the modulated conv
+        ("auto": Triton on GPU), deterministic (torch.use_deterministic_algorithms).
+    Logging: log_every (CSV rows and progress bar), image_every, val_every, val_max_images,
+        checkpoint_every (0 disables periodic grids/validation/checkpoints; the final
+        checkpoint is always written), tensorboard, progress.
+    """
+
+    generator: str
+    data: str
+    out: str
+    stage: str = "one"
+    val_data: str | None = None
+    first_stage: str | None = None
+    ir_se50: str | None = None
+    lpips_backbone: str | None = None
+    lpips_random_backbone: bool = False
+    refine: bool = True
+    num_refined: int | None = None
+    num_tokens: int = 32
+    model_options: dict = field(default_factory=dict)
+    l2_weight: float = 1.0
+    lpips_weight: float = 0.8
+    id_weight: float = 0.1
+    domain: str = "face"
+    image_size: int = 256
+    hflip: bool = True
+    lr: float | None = None
+    batch_size: int = 8
+    max_steps: int = 500_000
+    seed: int = 0
+    workers: int = 4
+    bf16: bool = False
+    grad_checkpointing: bool = False
+    backend: str = "auto"
+    deterministic: bool = False
+    device: str | None = None
+    log_every: int = 1
+    image_every: int = 1000
+    val_every: int = 10_000
+    val_max_images: int = 1000
+    checkpoint_every: int = 1000
+    tensorboard: bool = False
+    progress: bool = True
+    resume: bool = False
+
+    def __post_init__(self):
+        if self.stage not in ("one", "two"):
+            raise ValueError(f"stage: expected 'one' or 'two', got {self.stage!r}")
+        if self.domain not in ("face", "other"):
+            raise ValueError(f"domain: expected 'face' or 'other', got {self.domain!r}")
+        if self.stage == "two" and self.first_stage is None:
+            raise ValueError("first_stage: the two-stage model needs the first-stage inverter file")
+        if self.stage == "two" and not self.refine:
+            raise ValueError("refine: a two-stage model always refines (refine=False is for one-stage)")
+        for name in ("batch_size", "max_steps", "image_size", "num_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        for name in ("l2_weight", "lpips_weight", "id_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-4 if self.stage == "one" else 1e-3
+
+    @property
+    def effective_id_weight(self) -> float:
+        return self.id_weight if self.domain == "face" else 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed set-up
+
+
+@dataclass
+class DistributedContext:
+    """Where this process sits: rank, world size, its device. world_size 1 without torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.initialized_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup_distributed(device: str | None = None) -> DistributedContext:
+    """Initialise torch.distributed from torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK).
+
+    Uses nccl when CUDA is available and the device is not forced to CPU, else gloo.
+    Without those variables (a plain `python` run) this returns a single-process context.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if want_cuda:
+        target = torch.device(device) if device not in (None, "cuda") else torch.device("cuda", local_rank)
+        if world_size > 1:
+            target = torch.device("cuda", local_rank)
+        torch.cuda.set_device(target)
+    else:
+        target = torch.device(device or "cpu")
+    context = DistributedContext(rank, world_size, local_rank, target)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
+        context.initialized_here = True
+    return context
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state (for bit-for-bit resume)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU and CUDA generator states of this process."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then os.replace: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the parts
+
+
+def load_frozen_generator(path: str, device: torch.device) -> nn.Module:
+    """The generator from a checkpoint file, frozen (no gradients), in eval mode."""
+    from refinestyle.checkpoints import load_generator
+
+    generator = load_generator(path, device)
+    generator.requires_grad_(False)
+    return generator.eval()
+
+
+def build_inverter(config: TrainConfig, generator: nn.Module, device: torch.device) -> nn.Module:
+    """The inverter of `config` around `generator` (the first stage is loaded for two-stage)."""
+    from refinestyle.inversion import models
+
+    options = dict(config.model_options)
+    if config.stage == "one":
+        num_refined = config.num_refined if config.num_refined is not None else 10
+        model = models.OneStageInverter(
+            generator,
+            num_refined=num_refined,
+            num_tokens=config.num_tokens,
+            ir_se50_path=config.ir_se50,
+            refine=config.refine,
+            **options,
+        )
+    else:
+        first = models.load_inverter(config.first_stage, generator)
+        num_refined = config.num_refined if config.num_refined is not None else len(generator.conv_layers())
+        model = models.TwoStageInverter(
+            generator,
+            models.FirstStage(first),
+            num_refined=num_refined,
+            num_tokens=config.num_tokens,
+            ir_se50_path=config.ir_se50,
+            **options,
+        )
+    return model.to(device)
+
+
+def build_criterion(config: TrainConfig, device: torch.device) -> nn.Module:
+    """L2 + LPIPS + ID with the configured weights (ID off for non-face domains)."""
+    from refinestyle.losses import ReconstructionLoss
+
+    criterion = ReconstructionLoss(
+        l2=config.l2_weight,
+        lpips=config.lpips_weight,
+        id=config.id_weight,
+        face_domain=config.domain == "face",
+        lpips_backbone_path=config.lpips_backbone,
+        pretrained_lpips=not config.lpips_random_backbone,
+        ir_se50_path=config.ir_se50,
+    )
+    criterion.requires_grad_(False)
+    return criterion.to(device).eval()
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    from refinestyle.optim import Ranger
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("the inverter has no trainable parameters")
+    return Ranger(parameters, lr=config.learning_rate)
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of model.state_dict() that training can change.
+
+    Every entry except the frozen parameters and the buffers of wholly frozen submodules
+    (the generator's synthesis network, a first stage): those come back from their own files.
+    """
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    for module in model.modules():
+        parameters = list(module.parameters())
+        if module is not model and parameters and not any(p.requires_grad for p in parameters):
+            frozen.update(id(b) for b in module.buffers())
+    return {
+        key: value.detach().clone()
+        for key, value in model.state_dict(keep_vars=True).items()
+        if id(value) not in frozen
+    }
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> int:
+    """Recompute activations in backward for the generator's StyledConvs and the encoder's units.
+
+    Each selected module's forward is wrapped in torch.utils.checkpoint (non-reentrant,
+    RNG state preserved so the recomputed noise is the same). Parameter names and
+    state_dicts are unchanged. Returns how many modules were wrapped.
+    """
+    from refinestyle_kernels import StyledConv
+
+    def wrap(module: nn.Module) -> None:
+        forward = module.forward
+
+        def checkpointed(*args, **kwargs):
+            if torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return forward(*args, **kwargs)
+
+        module.forward = checkpointed
+
+    count = 0
+    for name, module in model.named_modules():
+        is_encoder_unit = "bottleneck" in type(module).__name__.lower()
+        if isinstance(module, StyledConv) or is_encoder_unit:
+            wrap(module)
+            count += 1
+    return count
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ---------------------------------------------------------------------------------------------
+# Logs
+
+
+class CSVLog:
+    """Append rows of numbers to a CSV file; on resume, rows after the resumed step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        self.fields: list[str] | None = None
+        if resume_step is not None and path.is_file():
+            with path.open(newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            rows = [row for row in rows if int(row["step"]) <= resume_step]
+            if rows:
+                self.fields = list(rows[0].keys())
+            with path.open("w", newline="") as handle:
+                if self.fields:
+                    writer = csv.DictWriter(handle, fieldnames=self.fields)
+                    writer.writeheader()
+                    writer.writerows(rows)
+        elif path.exists():
+            path.unlink()
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.fields is None:
+            self.fields = list(row.keys())
+            with self.path.open("w", newline="") as handle:
+                csv.DictWriter(handle, fieldnames=self.fields).writeheader()
+        with self.path.open("a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore").writerow(row)
+
+
+def _tensorboard_writer(out: Path, wanted: bool):
+    if not wanted:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional; the CSV log always exists
+        print("tensorboard is not installed: logging to CSV only")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids and validation
+
+
+@torch.no_grad()
+def render_comparison(model: nn.Module, images: torch.Tensor, size: int) -> torch.Tensor:
+    """Rows of (input | w+ only | refined) for `images`, each resized to `size`; [3B, 3, size, size]."""
+    model = _unwrap(model)
+    generator = model.generator
+    result = model(images)
+    plain = generator.synthesis(result.w_plus, refinement=None, randomize_noise=False)
+    refined = generator.synthesis(result.w_plus, refinement=result.refinement, randomize_noise=False)
+    columns = [pool_or_resize(images, size), pool_or_resize(plain, size), pool_or_resize(refined, size)]
+    return torch.stack(columns, 1).flatten(0, 1).float()
+
+
+def pool_or_resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] >= size:
+        return pool_to(images, size)
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainSummary:
+    """What a run did: steps done now and in total, the loss terms of this run's first and last step,
+    the validation metrics of the last validation, and the trained inverter itself (`model`)."""
+
+    step: int
+    steps_this_run: int
+    first_losses: dict[str, float]
+    last_losses: dict[str, float]
+    out: str
+    checkpoint: str
+    inverter: str
+    validation: dict[str, float] | None = None
+    model: nn.Module | None = field(default=None, repr=False)
+
+
+def train_inverter(config: TrainConfig) -> TrainSummary:
+    """Train an inverter as `config` says; returns a TrainSummary (on every rank).
+
+    With config.resume, the run folder's checkpoint is loaded and training continues from
+    the step after it; the result is bit-for-bit what an uninterrupted run would have
+    computed (on CPU, or on GPU with config.deterministic).
+    """
+    out = Path(config.out)
+    checkpoint_path = out / "checkpoints" / CHECKPOINT_NAME
+    state = None
+    if config.resume:
+        if not checkpoint_path.is_file():
+            raise FileNotFoundError(f"resume: no checkpoint at {checkpoint_path}")
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        config = _merge_resumed_config(state["config"], config)
+    elif checkpoint_path.is_file():
+        raise FileExistsError(f"{out} already holds a run ({checkpoint_path}); pass resume or choose another out")
+
+    context = setup_distributed(config.device)
+    try:
+        return _train(config, context, state, out, checkpoint_path)
+    finally:
+        context.close()
+
+
+def _merge_resumed_config(saved: dict, given: TrainConfig) -> TrainConfig:
+    merged = dict(saved)
+    for name in RESUME_OVERRIDABLE:
+        merged[name] = getattr(given, name)
+    return TrainConfig(**merged)
+
+
+def _train(config: TrainConfig, context: DistributedContext, state, out: Path, checkpoint_path: Path) -> TrainSummary:
+    from tqdm.auto import tqdm
+
+    import refinestyle_kernels
+
+    device = context.device
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+    if context.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(config.to_json())
+
+    # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    generator = load_frozen_generator(config.generator, device)
+    model = build_inverter(config, generator, device)
+    criterion = build_criterion(config, device)
+    optimizer = build_optimizer(config, model)
+    if config.grad_checkpointing:
+        enable_gradient_checkpointing(model)
+    loss_size = min(config.image_size, generator.size)
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if state is not None:
+        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        if unexpected:
+            raise RuntimeError(f"resume: checkpoint holds unknown weights {unexpected[:5]}")
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        rng_states = state["rng"]
+        if len(rng_states) != context.world_size:
+            raise RuntimeError(
+                f"resume: the checkpoint was written by {len(rng_states)} processes, this run has "
+                f"{context.world_size}; bit-for-bit resume needs the same number"
+            )
+        restore_rng_state(rng_states[context.rank])
+    else:
+        # Different noise per rank from here on; weights are already identical.
+        torch.manual_seed(config.seed + 1_000_003 * (context.rank + 1))
+
+    dataset = ImageFolderDataset(config.data, config.image_size, hflip=config.hflip, seed=config.seed)
+    sampler = ResumableDistributedSampler(
+        dataset, config.batch_size, context.world_size, context.rank, shuffle=True, seed=config.seed, drop_last=True
+    )
+    if sampler.batches_per_epoch() < 1:
+        raise ValueError(
+            f"data: {len(dataset)} images cannot fill one batch of {config.batch_size} on each of "
+            f"{context.world_size} processes"
+        )
+    val_dataset = ImageFolderDataset(config.val_data, config.image_size) if config.val_data else None
+
+    train_model: nn.Module = model
+    if context.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    log = tb = None
+    if context.is_main:
+        log = CSVLog(out / "train_log.csv", resume_step=step if state is not None else None)
+        tb = _tensorboard_writer(out, config.tensorboard)
+    val_log = CSVLog(out / "val_log.csv", resume_step=step if state is not None else None) if (
+        context.is_main and val_dataset is not None
+    ) else None
+
+    start_step = step
+    first_losses: dict[str, float] = {}
+    last_losses: dict[str, float] = {}
+    validation = None
+    bar = tqdm(
+        total=config.max_steps, initial=step, desc=f"train {config.stage}-stage", unit="step",
+        disable=not (config.progress and context.is_main), dynamic_ncols=True,
+    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
+    train_model.train()
+    started = time.perf_counter()
+    with refinestyle_kernels.use_backend(config.backend):
+        while step < config.max_steps:
+            sampler.set_epoch(epoch, start_batch=batch_in_epoch)
+            dataset.set_epoch(epoch)
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_size=config.batch_size,
+                sampler=sampler,
+                num_workers=config.workers,
+                drop_last=True,
+                pin_memory=device.type == "cuda",
+                # A private generator: creating the iterator must not consume the global RNG.
+                generator=torch.Generator().manual_seed(config.seed * 7919 + epoch),
+                persistent_workers=False,
+            )
+            for images in loader:
+                images = images.to(device, non_blocking=True)
+                targets = pool_to(images, loss_size)
+                with autocast:
+                    result = train_model(images)
+                    reconstruction = pool_to(result.image, loss_size)
+                    loss, parts = criterion(reconstruction.float(), targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                batch_in_epoch += 1
+
+                values = _reduce_losses({"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}, context)
+                if not first_losses:
+                    first_losses = values
+                last_losses = values
+                if not all(math.isfinite(v) for v in values.values()):
+                    raise FloatingPointError(f"step {step}: non-finite loss {values}")
+                if context.is_main:
+                    bar.update(1)
+                    if step % config.log_every == 0 or step == config.max_steps:
+                        row = {"step": step, "epoch": epoch, **values, "lr": optimizer.param_groups[0]["lr"],
+                               "seconds": round(time.perf_counter() - started, 3)}
+                        log.write(row)
+                        bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
+                        if tb is not None:
+                            for key, value in values.items():
+                                tb.add_scalar(f"train/{key}", value, step)
+
+                last_step = step == config.max_steps
+                if context.is_main and config.image_every and (step % config.image_every == 0 or last_step):
+                    _save_grid(train_model, images, out / "images" / f"step_{step:07d}.png", config.image_size)
+                if val_dataset is not None and config.val_every and (step % config.val_every == 0 or last_step):
+                    if context.is_main:
+                        validation = _validate(train_model, criterion, val_dataset, config, device, loss_size)
+                        val_log.write({"step": step, **validation})
+                        if tb is not None:
+                            for key, value in validation.items():
+                                tb.add_scalar(f"val/{key}", value, step)
+                    context.barrier()
+                if (config.checkpoint_every and step % config.checkpoint_every == 0) or last_step:
+                    at_epoch_end = batch_in_epoch >= sampler.batches_per_epoch()
+                    _save_checkpoint(
+                        model, optimizer, config, context, checkpoint_path, out / INVERTER_NAME,
+                        step=step, epoch=epoch + 1 if at_epoch_end else epoch,
+                        batch_in_epoch=0 if at_epoch_end else batch_in_epoch,
+                    )
+                if last_step:
+                    break
+            else:
+                epoch += 1
+                batch_in_epoch = 0
+                continue
+            break
+    bar.close()
+    if tb is not None:
+        tb.close()
+    return TrainSummary(
+        step=step, steps_this_run=step - start_step, first_losses=first_losses, last_losses=last_losses,
+        out=str(out), checkpoint=str(checkpoint_path), inverter=str(out / INVERTER_NAME), validation=validation,
+        model=model,
+    )
+
+
+def _reduce_losses(values: dict[str, torch.Tensor], context: DistributedContext) -> dict[str, float]:
+    """Mean of each loss term over the processes, as Python floats."""
+    keys = list(values)
+    stacked = torch.stack([values[k].float().reshape(()) for k in keys])
+    if context.distributed:
+        dist.all_reduce(stacked)
+        stacked /= context.world_size
+    return dict(zip(keys, stacked.tolist()))
+
+
+def _save_grid(model: nn.Module, images: torch.Tensor, path: Path, size: int) -> None:
+    # A private RNG scope: pictures must not change the training's random stream.
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        was_training = model.training
+        model.eval()
+        rows = render_comparison(model, images[:4], size)
+        model.train(was_training)
+    from refinestyle.imageio import save_grid
+
+    save_grid(rows, path, nrow=3)
+
+
+def _validate(model, criterion, dataset, config: TrainConfig, device, loss_size) -> dict[str, float]:
+    """Mean and std of MSE / LPIPS / ID over the validation images (rank 0, a private RNG scope)."""
+    from refinestyle.inversion.metrics import ReconstructionMetrics, evaluate_folder
+
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        summary, _ = evaluate_folder(
+            _unwrap(model), dataset, ReconstructionMetrics.from_criterion(criterion),
+            batch_size=config.batch_size, metric_size=loss_size, device=device, progress=False,
+            max_images=config.val_max_images,
+        )
+    return summary
+
+
+def _save_checkpoint(model, optimizer, config, context, checkpoint_path, inverter_path, *, step, epoch, batch_in_epoch):
+    """Write the training state atomically (rank 0), with every rank's RNG state; then the inverter file."""
+    rng = capture_rng_state()
+    if context.distributed:
+        gathered: list[Any] = [None] * context.world_size
+        dist.all_gather_object(gathered, rng)
+    else:
+        gathered = [rng]
+    if context.is_main:
+        atomic_torch_save(
+            {
+                "format": "refinestyle-train-inverter",
+                "config": dataclasses.asdict(config),
+                "model": trainable_state_dict(model),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "rng": gathered,
+            },
+            checkpoint_path,
+        )
+        _export_inverter(model, inverter_path)
+    context.barrier()
+
+
+def _export_inverter(model: nn.Module, path: Path) -> None:
+    from refinestyle.inversion.models import save_inverter
+
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_inverter(temporary, model)
+    os.replace(temporary, path)

@@ -1,0 +1,167 @@
+"""Loading rosinality-format checkpoints (.pt, bare state_dict, train.py, pSp-style, safetensors) and bad input."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from refinestyle.checkpoints import CheckpointError, infer_generator_config, load_generator, save_rosinality_checkpoint
+from refinestyle.generator import Generator
+from refinestyle.weights import MissingWeightsError
+from rosinality_reference import ReferenceGenerator
+
+STYLE_DIM = 16
+
+
+@pytest.fixture(scope="module")
+def source():
+    """A randomised rosinality-semantics generator (32 px, 16 channels) and its state."""
+    torch.manual_seed(0)
+    channels = {4: 16, 8: 16, 16: 16, 32: 16}
+    reference = ReferenceGenerator(32, STYLE_DIM, 3, channels).randomize_(torch.Generator().manual_seed(1))
+    return reference, {k: v.clone() for k, v in reference.state_dict().items()}, torch.randn(STYLE_DIM)
+
+
+def render(generator, z):
+    with torch.no_grad():
+        return generator([z], randomize_noise=False)[0]
+
+
+def expected_image(reference, z):
+    with torch.no_grad():
+        w_plus = reference.mapping(z)[:, None].repeat(1, reference.n_latent, 1)
+        noise = [getattr(reference.noises, f"noise_{i}") for i in range(reference.num_layers)]
+        return reference.synthesis(w_plus, noise)
+
+
+def close(a, b, tolerance=1e-5):
+    return ((a - b).norm() / b.norm()).item() < tolerance
+
+
+def test_rosinality_checkpoint_with_latent_avg(tmp_path, source):
+    reference, state, latent_avg = source
+    path = tmp_path / "550000.pt"
+    torch.save({"g_ema": state, "latent_avg": latent_avg}, path)
+    generator = load_generator(path, size=32)
+    assert isinstance(generator, Generator) and not generator.training
+    assert (generator.size, generator.style_dim, generator.n_mlp) == (32, STYLE_DIM, 3)
+    assert generator.channels == {4: 16, 8: 16, 16: 16, 32: 16}
+    assert torch.equal(generator.latent_avg, latent_avg)
+    assert generator.checkpoint_format == "rosinality"
+    z = torch.randn(2, STYLE_DIM)
+    assert close(render(generator, z), expected_image(reference, z))
+
+
+def test_bare_state_dict_legacy_format_and_dataparallel_prefix(tmp_path, source):
+    reference, state, _ = source
+    path = tmp_path / "g_ema_legacy.pt"
+    torch.save({f"module.{k}": v for k, v in state.items()}, path, _use_new_zipfile_serialization=False)
+    generator = load_generator(path)
+    assert generator.latent_avg is None
+    z = torch.randn(2, STYLE_DIM)
+    assert close(render(generator, z), expected_image(reference, z))
+
+
+def test_train_checkpoint_with_args_namespace(tmp_path, source):
+    _, state, latent_avg = source
+    path = tmp_path / "train.pt"
+    args = argparse.Namespace(size=32, batch=16, r1=10.0)
+    torch.save({"g": state, "d": {"convs.0.0.weight": torch.randn(2)}, "g_ema": state, "args": args,
+                "ada_aug_p": 0.1}, path)
+    generator = load_generator(path)
+    assert generator.size == 32
+
+
+def test_psp_style_checkpoint_with_decoder_prefix(tmp_path, source):
+    reference, state, latent_avg = source
+    path = tmp_path / "psp_ffhq_encode.pt"
+    encoder = {"encoder.input_layer.0.weight": torch.randn(4, 3, 3, 3)}
+    rows = latent_avg[None].repeat(reference.n_latent, 1)
+    torch.save({"state_dict": {**encoder, **{f"decoder.{k}": v for k, v in state.items()}}, "latent_avg": rows,
+                "opts": {"output_size": 32}}, path)
+    generator = load_generator(path)
+    assert torch.equal(generator.latent_avg, latent_avg)
+
+
+def test_save_and_reload_round_trip_pt_and_safetensors(tmp_path):
+    torch.manual_seed(2)
+    generator = Generator(16, style_dim=8, n_mlp=2, channel_multiplier=1, channel_max=8)
+    generator.latent_avg = torch.randn(8)
+    z = torch.randn(2, 8)
+    for name in ("g.pt", "g.safetensors"):
+        path = save_rosinality_checkpoint(generator, tmp_path / name)
+        loaded = load_generator(path)
+        assert loaded.checkpoint_format == ("safetensors" if name.endswith("safetensors") else "rosinality")
+        assert torch.equal(loaded.latent_avg, generator.latent_avg)
+        assert torch.equal(render(loaded, z), render(generator, z))
+
+
+def test_config_inference_for_config_f_shapes():
+    with torch.device("meta"):
+        state = Generator(1024).state_dict()
+        config = infer_generator_config(state)
+    assert config == {"size": 1024, "style_dim": 512, "n_mlp": 8, "channel_multiplier": 2}
+    with torch.device("meta"):
+        config = infer_generator_config(Generator(256, channel_multiplier=1).state_dict())
+    assert config == {"size": 256, "style_dim": 512, "n_mlp": 8, "channel_multiplier": 1}
+
+
+def test_missing_file_names_the_file(tmp_path):
+    with pytest.raises(MissingWeightsError, match="nowhere.pt"):
+        load_generator(tmp_path / "nowhere.pt")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b"GIF89a not a checkpoint at all", "not a recognised checkpoint"),
+    ],
+)
+def test_unrecognised_files(tmp_path, content, message):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        load_generator(path)
+
+
+def test_truncated_checkpoint_is_reported_as_corrupt(tmp_path, source):
+    _, state, latent_avg = source
+    path = tmp_path / "cut.pt"
+    torch.save({"g_ema": state, "latent_avg": latent_avg}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_generator(path)
+
+
+def test_wrong_content_and_shape_mismatch(tmp_path, source):
+    _, state, _ = source
+    path = tmp_path / "discriminator.pt"
+    torch.save({"d": {"convs.0.0.weight": torch.randn(2)}}, path)
+    with pytest.raises(CheckpointError, match="expected a rosinality StyleGAN2 checkpoint.*found \\['d'\\]"):
+        load_generator(path)
+
+    broken = dict(state)
+    broken["convs.2.conv.modulation.weight"] = torch.randn(16, 15)
+    path = tmp_path / "mismatch.pt"
+    torch.save({"g_ema": broken}, path)
+    with pytest.raises(CheckpointError, match="convs.2.conv.modulation.weight: expected \\(16, 16\\), found \\(16, 15\\)"):
+        load_generator(path)
+
+    missing = {k: v for k, v in state.items() if k != "noises.noise_3"}
+    torch.save({"g_ema": missing}, path)
+    with pytest.raises(CheckpointError, match="missing 1 tensors \\(noises.noise_3\\)"):
+        load_generator(path)
+
+    torch.save({"g_ema": state}, path)
+    with pytest.raises(CheckpointError, match="size=128 was asked for.*32 px"):
+        load_generator(path, size=128)
+
+
+def test_arbitrary_objects_are_refused(tmp_path):
+    path = tmp_path / "whole_module.pt"
+    torch.save({"g_ema": torch.nn.Linear(2, 2)}, path)  # a pickled module, not a state_dict
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_generator(path)

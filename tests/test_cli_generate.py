@@ -1,0 +1,145 @@
+"""`refinestyle generate` on a tiny generator: grid, individual images, seeds, noise, truncation, adapters."""
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from refinestyle.checkpoints import save_rosinality_checkpoint
+from refinestyle.commands import generate
+from refinestyle.generator import Generator
+from refinestyle.imageio import to_uint8
+from refinestyle.refinement import RefinementTokens
+
+SIZE, STYLE_DIM = 16, 8
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    generator = Generator(SIZE, style_dim=STYLE_DIM, n_mlp=2, channel_max=8)
+    with torch.no_grad():
+        for name, parameter in generator.named_parameters():
+            if name.endswith("noise.weight"):
+                parameter.fill_(0.5)  # make the noise visible
+    return save_rosinality_checkpoint(generator, tmp_path_factory.mktemp("ckpt") / "g.pt")
+
+
+def run(argv):
+    parser = argparse.ArgumentParser()
+    generate.add_arguments(parser)
+    return generate.main(parser.parse_args(argv + ["--device", "cpu", "--no-progress"]))
+
+
+def read(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_grid_and_individual_images(tmp_path, checkpoint):
+    out = tmp_path / "grid.png"
+    assert run(["--ckpt", str(checkpoint), "--n", "5", "--seed", "1", "--out", str(out), "--batch-size", "2"]) == 0
+    files = sorted((tmp_path / "grid").glob("*.png"))
+    assert [f.name for f in files] == [f"{i:04d}.png" for i in range(5)]
+    grid = read(out)
+    assert grid.shape == (2 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2, 3)  # 3 per row, padding 2
+    # image 4 sits in row 1, column 1 of the grid
+    assert np.array_equal(grid[SIZE + 4 : 2 * SIZE + 4, SIZE + 4 : 2 * SIZE + 4], read(files[4]))
+    images = np.stack([read(f) for f in files]).astype(float)
+    assert images.std(0).mean() > 1  # different latents give different pictures
+
+    # the batch size does not change the images; the seed does
+    other = tmp_path / "again.png"
+    assert run(["--ckpt", str(checkpoint), "--n", "5", "--seed", "1", "--out", str(other), "--batch-size", "5"]) == 0
+    assert np.array_equal(read(other), grid)
+    assert run(["--ckpt", str(checkpoint), "--n", "5", "--seed", "2", "--out", str(other)]) == 0
+    assert not np.array_equal(read(other), grid)
+
+
+def test_images_match_the_generator(tmp_path, checkpoint):
+    from refinestyle.checkpoints import load_generator
+
+    generator = load_generator(checkpoint)
+    z = torch.randn(3, STYLE_DIM, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = to_uint8(generator([z], randomize_noise=False)[0])
+    out = tmp_path / "g.png"
+    assert run(["--ckpt", str(checkpoint), "--n", "3", "--seed", "7", "--out", str(out), "--outdir", str(tmp_path / "o")]) == 0
+    for index in range(3):
+        assert np.array_equal(read(tmp_path / "o" / f"{index:04d}.png"), expected[index])
+
+
+def test_random_noise_and_truncation(tmp_path, checkpoint):
+    base = ["--ckpt", str(checkpoint), "--n", "4", "--seed", "3"]
+    assert run(base + ["--out", str(tmp_path / "const.png")]) == 0
+    assert run(base + ["--noise", "random", "--out", str(tmp_path / "random.png")]) == 0
+    assert run(base + ["--noise", "random", "--batch-size", "1", "--out", str(tmp_path / "random1.png")]) == 0
+    assert not np.array_equal(read(tmp_path / "const.png"), read(tmp_path / "random.png"))
+    assert np.array_equal(read(tmp_path / "random.png"), read(tmp_path / "random1.png"))
+
+    # truncation 0 collapses every latent onto the mean w (no latent_avg in the file: a sampled mean)
+    assert run(base + ["--truncation", "0", "--truncation-mean", "256", "--out", str(tmp_path / "t0.png")]) == 0
+    images = np.stack([read(f) for f in sorted((tmp_path / "t0").glob("*.png"))]).astype(int)
+    assert np.abs(images - images[0]).max() <= 1
+
+
+def test_adapters_give_one_row_per_domain(tmp_path, checkpoint, monkeypatch):
+    """--adapter against a stand-in for refinestyle.adaptation.adapter.Adapter (load / check_compatible / refinement)."""
+    from refinestyle.checkpoints import load_generator
+
+    generator = load_generator(checkpoint)
+    tokens = {}
+    for name, seed in (("sketch", 1), ("pixar", 2)):
+        torch.manual_seed(seed)
+        tokens[name] = RefinementTokens.for_generator(generator, num_refined=3, num_tokens=4, scale_init=0.5)
+
+    class Adapter:
+        def __init__(self, refinement_tokens):
+            self.tokens = refinement_tokens
+
+        @classmethod
+        def load(cls, path, device=None):
+            return cls(tokens[path.stem])
+
+        def check_compatible(self, g):
+            if g.num_layers != self.tokens.num_layers:
+                raise ValueError("incompatible")
+
+        def refinement(self):
+            return self.tokens()
+
+    module = types.ModuleType("refinestyle.adaptation.adapter")
+    module.Adapter = Adapter
+    monkeypatch.setitem(sys.modules, "refinestyle.adaptation.adapter", module)
+    for name in tokens:
+        (tmp_path / f"{name}.pt").write_bytes(b"stand-in")
+
+    out = tmp_path / "domains.png"
+    argv = ["--ckpt", str(checkpoint), "--n", "3", "--seed", "5", "--out", str(out), "--batch-size", "2",
+            "--adapter", str(tmp_path / "sketch.pt"), "--adapter", str(tmp_path / "pixar.pt")]
+    assert run(argv) == 0
+    grid = read(out)
+    assert grid.shape == (3 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2, 3)  # rows: original, sketch, pixar
+    z = torch.randn(3, STYLE_DIM, generator=torch.Generator().manual_seed(5))
+    for row, name in enumerate(["original", "sketch", "pixar"]):
+        refinement = None if name == "original" else tokens[name]()
+        with torch.no_grad():
+            expected = to_uint8(generator([z], randomize_noise=False, refinement=refinement)[0])
+        for index in range(3):
+            saved = read(tmp_path / "domains" / name / f"{index:04d}.png")
+            assert np.abs(saved.astype(int) - expected[index].astype(int)).max() <= 1
+            top, left = 2 + row * (SIZE + 2), 2 + index * (SIZE + 2)
+            assert np.array_equal(grid[top : top + SIZE, left : left + SIZE], saved)
+    original = read(tmp_path / "domains" / "original" / "0000.png").astype(int)
+    assert np.abs(read(tmp_path / "domains" / "sketch" / "0000.png").astype(int) - original).max() > 10
+
+    assert run(argv[:-1] + [str(tmp_path / "absent.pt")]) == 2
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert run(["--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "g.png")]) == 2
+    assert "nope.pt" in capsys.readouterr().err

@@ -1,0 +1,93 @@
+"""A Style Transformer checkpoint loads as a first stage and computes what Style Transformer computes.
+
+The reference below rebuilds Style Transformer's forward from its description (IR-SE trunk,
+feature pyramid with latlayer1/latlayer2, three post-norm decoder layers, mapping(z)
+queries, + latent_avg) on PyTorch's own nn.TransformerDecoderLayer, which has the same
+sub-module names (self_attn, multihead_attn, linear1, linear2, norm1-3).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refinestyle.generator import Generator
+from refinestyle.inversion import FirstStage, TwoStageInverter
+from refinestyle.inversion.encoder import IRSEBase
+from refinestyle.inversion.style_transformer import load_first_stage, load_style_transformer
+
+DEPTH, WIDTHS, DIM = (1, 1, 1, 1), (16, 16, 24, 32), 32
+
+
+class ReferenceStyleTransformer(nn.Module):
+    def __init__(self, mapping: nn.Module, n_latent: int):
+        super().__init__()
+        self.trunk = IRSEBase(3, DEPTH, WIDTHS)
+        self.latlayer1 = nn.Conv2d(WIDTHS[2], DIM, 1)
+        self.latlayer2 = nn.Conv2d(WIDTHS[1], DIM, 1)
+        self.layers = nn.ModuleList(
+            nn.TransformerDecoderLayer(DIM, 4, 48, dropout=0.0, batch_first=True) for _ in range(3)
+        )
+        self.z = nn.Parameter(torch.randn(1, n_latent, DIM))
+        self.mapping = mapping
+
+    def forward(self, images, latent_avg):
+        _, c1, c2, c3 = self.trunk.stage_outputs(images)
+        p2 = F.interpolate(c3, size=c2.shape[-2:], mode="bilinear", align_corners=True) + self.latlayer1(c2)
+        p1 = F.interpolate(p2, size=c1.shape[-2:], mode="bilinear", align_corners=True) + self.latlayer2(c1)
+        query = self.mapping(self.z[0]).unsqueeze(0).expand(images.shape[0], -1, -1)
+        for layer, features in zip(self.layers, (c3, p2, p1)):
+            query = layer(query, features.flatten(2).transpose(1, 2))
+        return query + latent_avg
+
+    def checkpoint(self, latent_avg, generator):
+        state = {}
+        for key, value in self.trunk.state_dict().items():
+            state[f"encoder.module.{key}"] = value
+        for name in ("latlayer1", "latlayer2"):
+            for key, value in getattr(self, name).state_dict().items():
+                state[f"encoder.module.{name}.{key}"] = value
+        for level, layer in zip(("coarse", "medium", "fine"), self.layers):
+            for key, value in layer.state_dict().items():
+                state[f"encoder.module.transformerlayer_{level}.{key}"] = value
+        state["encoder.module.z"] = self.z.detach()
+        decoder = {k: v for k, v in generator.state_dict().items() if not k.startswith("style.")}
+        decoder.update({f"style.{k}": v for k, v in self.mapping.state_dict().items()})
+        state.update({f"decoder.module.{k}": v for k, v in decoder.items()})
+        return {"state_dict": state, "opts": {"learning_rate": 1e-4, "dataset_type": "ffhq_encode"}, "latent_avg": latent_avg}
+
+
+def test_style_transformer_checkpoint_as_first_stage(tmp_path):
+    torch.manual_seed(0)
+    generator = Generator(32, style_dim=DIM, n_mlp=2, channel_max=16)
+    mapping = Generator(32, style_dim=DIM, n_mlp=2, channel_max=16).style  # trained: differs from the generator's
+    reference = ReferenceStyleTransformer(mapping, generator.n_latent).eval()
+    for module in reference.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    latent_avg = torch.randn(DIM)
+    path = tmp_path / "best_model.pt"
+    torch.save(reference.checkpoint(latent_avg, generator), path)
+
+    model = load_style_transformer(path, generator, encoder_depth=DEPTH, encoder_widths=WIDTHS, encoder_size=32)
+    assert model.config.head_dim == DIM // 4 and model.config.ffn_dim == 48 and not model.refine
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = reference(images, latent_avg)
+        w_plus = model.w_plus_only(images)
+    assert w_plus.shape == (2, generator.n_latent, DIM)
+    assert torch.allclose(w_plus, expected, atol=1e-5), (w_plus - expected).abs().max()
+
+    first = load_first_stage(path, generator, encoder_depth=DEPTH, encoder_widths=WIDTHS, encoder_size=32)
+    assert isinstance(first, FirstStage)
+    two = TwoStageInverter(generator, first, num_refined=3, num_tokens=4, encoder_depth=DEPTH,
+                           encoder_widths=WIDTHS, encoder_size=32, heads=2, head_dim=8, ffn_dim=32)
+    assert torch.allclose(two(images).w_plus, expected, atol=1e-5)
+
+    with pytest.raises(ValueError, match="does not match"):
+        load_style_transformer(path, generator, encoder_depth=(1, 2, 1, 1), encoder_widths=WIDTHS)
+    torch.save({"state_dict": {"encoder.module.input_layer.0.weight": torch.randn(16, 3, 3, 3)}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a Style Transformer"):
+        load_style_transformer(tmp_path / "other.pt", generator)
+    with pytest.raises(FileNotFoundError, match="style-transformer"):
+        load_style_transformer(tmp_path / "absent.pt", generator)

@@ -1,0 +1,347 @@
+"""The Triton backend of the fused refined modulated convolution, against the float64 reference.
+
+On a machine without a GPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1,
+set by conftest.py) on CPU tensors in float32. With a GPU the same cases run compiled on
+CUDA, in float32 (exact fp32 dots, and TF32) and in float16/bfloat16; the interpreter
+cases are then skipped (the interpreter is switched on only when there is no GPU).
+
+Every case draws fresh random inputs and a random output gradient, runs forward and
+backward, and compares the output and every gradient with the `reference` backend in
+float64 by ||a - ref|| / ||ref||. Buffers the Triton path allocates are poisoned with
+NaN, so an element a kernel forgets to write fails the comparison.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+
+import refinestyle_kernels
+from refinestyle_kernels import modulated_conv2d, styled_conv2d
+from refinestyle_kernels.ops import modulated_conv2d as op_module
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETED,
+    reason="the interpreter cases need TRITON_INTERPRET=1, which conftest.py sets only on machines without a GPU",
+)
+needs_cuda = pytest.mark.skipif(
+    not HAS_CUDA, reason="no CUDA GPU here: the compiled Triton kernels are tested only on a GPU"
+)
+
+# the interpreter computes tl.dot in numpy at fp32 or better
+TOLERANCE = {"interpreted": 2e-5, "ieee": 1e-4, "tf32": 5e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+@dataclass(frozen=True)
+class Layer:
+    batch: int = 3
+    in_channels: int = 5
+    out_channels: int = 6
+    height: int = 5
+    width: int = 7
+    kernel: int = 3
+    upsample: bool = False
+    demodulate: bool = True
+    tokens: str | None = "per_sample"  # None, "shared" or "per_sample"
+    num_tokens: int = 7
+    noise: str | None = "per_sample"  # None, "shared" ([1, 1, H', W']) or "per_sample"
+    bias: bool = True
+    activate: bool = True
+    clamp: float | None = None
+    channels_last: bool = False
+    train_weight: bool = True
+
+    def __str__(self):
+        return (
+            f"B{self.batch}-{self.in_channels}to{self.out_channels}-{self.height}x{self.width}-k{self.kernel}"
+            f"{'-up' if self.upsample else ''}{'' if self.demodulate else '-nodemod'}"
+            f"-{self.tokens or 'notokens'}{self.num_tokens if self.tokens else ''}"
+            f"-noise_{self.noise}{'-bias' if self.bias else ''}{'-act' if self.activate else ''}"
+            f"{f'-clamp{self.clamp}' if self.clamp else ''}{'-NHWC' if self.channels_last else ''}"
+            f"{'' if self.train_weight else '-frozenW'}"
+        )
+
+
+# Every layer type, with and without the fused epilogue, shared/per-sample/no tokens, L in
+# {1, 7, 32, 256}, odd sizes, channel counts past the block sizes, NCHW and channels_last.
+LAYERS = [
+    Layer(),  # 3x3 plain, the whole StyledConv epilogue
+    Layer(upsample=True),  # 3x3 upsampling, whole epilogue
+    Layer(kernel=1, demodulate=False, out_channels=3, tokens=None, noise=None, activate=False),  # toRGB
+    Layer(kernel=1, tokens="shared", num_tokens=1, noise="shared", clamp=0.7),  # 1x1 refined
+    Layer(tokens="shared", num_tokens=32, noise=None, bias=False, activate=False, channels_last=True),  # plain op
+    Layer(upsample=True, tokens="shared", num_tokens=1, noise="shared", clamp=0.5, channels_last=True),
+    Layer(upsample=True, tokens=None, demodulate=False, noise=None, bias=False, activate=False, train_weight=False),
+    Layer(tokens=None, clamp=0.4, train_weight=False),
+    Layer(batch=2, tokens="shared", noise="shared", bias=False, activate=False, clamp=0.6),  # clamp, no activation
+    Layer(batch=2, height=2, width=3, tokens="shared", num_tokens=256, noise=None),  # L = 256
+    Layer(batch=1, height=2, width=2, upsample=True, num_tokens=256, noise=None, bias=False),  # L = 256, up
+    # past the interpreter's 64-wide N and K blocks and its M tiles (99 and 153 pixels)
+    Layer(batch=2, in_channels=70, out_channels=66, height=9, width=11, num_tokens=32, train_weight=False),
+    Layer(batch=1, in_channels=17, out_channels=19, height=17, width=9, num_tokens=7, channels_last=True),
+    Layer(batch=1, in_channels=33, out_channels=70, height=6, width=5, upsample=True, tokens="shared", num_tokens=7),
+]
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    value, reference = value.detach().double().cpu(), reference.detach().double().cpu()
+    return ((value - reference).norm() / reference.norm()).item()
+
+
+def make_inputs(layer: Layer, seed: int) -> dict:
+    """Fresh random float64 inputs on the CPU, as styled_conv2d's keyword arguments."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+    out_h, out_w = (2 * layer.height, 2 * layer.width) if layer.upsample else (layer.height, layer.width)
+    inputs = dict(
+        x=rand(layer.batch, layer.in_channels, layer.height, layer.width),
+        weight=rand(layer.out_channels, layer.in_channels, layer.kernel, layer.kernel),
+        styles=rand(layer.batch, layer.in_channels) * 0.5 + 1.0,
+        p=None,
+        q=None,
+        noise=None,
+        noise_strength=None,
+        bias=rand(layer.out_channels) * 0.3 if layer.bias else None,
+    )
+    if layer.tokens:
+        # residual comparable to the modulated kernel, so the low-rank path matters
+        token_scale = (layer.num_tokens * layer.in_channels) ** -0.25
+        lead = () if layer.tokens == "shared" else (layer.batch,)
+        inputs["p"] = rand(*lead, layer.num_tokens, layer.out_channels, scale=token_scale)
+        inputs["q"] = rand(*lead, layer.num_tokens, layer.in_channels, scale=token_scale)
+    if layer.noise:
+        inputs["noise"] = rand(layer.batch if layer.noise == "per_sample" else 1, 1, out_h, out_w)
+        inputs["noise_strength"] = rand(1) * 0.5
+    return inputs
+
+
+def run_layer(layer: Layer, inputs: dict, backend: str, dtype, device, grad_seed: int):
+    """Forward and backward of one layer; returns the output and the gradients by name."""
+    leaves = {}
+    for name, value in inputs.items():
+        if value is None:
+            continue
+        value = value.to(device=device, dtype=dtype)
+        if name == "x" and layer.channels_last:
+            value = value.contiguous(memory_format=torch.channels_last)
+        if name != "noise" and (name != "weight" or layer.train_weight):
+            value.requires_grad_(True)
+        leaves[name] = value
+    args = {name: leaves.get(name) for name in inputs}
+    out = styled_conv2d(
+        **args,
+        activate=layer.activate,
+        clamp=layer.clamp,
+        demodulate=layer.demodulate,
+        upsample=layer.upsample,
+        backend=backend,
+    )
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    wanted = [name for name, value in leaves.items() if value.requires_grad]
+    grads = torch.autograd.grad(out, [leaves[name] for name in wanted], grad_out.to(device=device, dtype=dtype))
+    return out, dict(zip(wanted, grads))
+
+
+def check_layer(layer: Layer, dtype, device, tolerance: float, seed: int = 0):
+    inputs = make_inputs(layer, seed)
+    expected, expected_grads = run_layer(layer, inputs, "reference", torch.float64, "cpu", grad_seed=seed + 1)
+    if layer.clamp:  # the clamp (and its zero gradient) must be exercised on both sides
+        clamped = expected.abs() >= layer.clamp
+        assert clamped.any() and not clamped.all(), "the case's clamp never or always binds"
+    out, grads = run_layer(layer, inputs, "triton", dtype, device, grad_seed=seed + 1)
+    assert out.shape == expected.shape and out.dtype == dtype and out.device.type == device
+    errors = {"out": relative_error(out, expected)}
+    assert set(grads) == set(expected_grads)
+    for name, grad in grads.items():
+        assert grad.shape == expected_grads[name].shape, name
+        errors[name] = relative_error(grad, expected_grads[name])
+    bad = {name: error for name, error in errors.items() if not error <= tolerance}  # NaN fails too
+    assert not bad, f"{layer}: relative errors above {tolerance}: {bad} (all: {errors})"
+    return errors
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    monkeypatch.setattr(op_module, "POISON_BUFFERS", True)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layer", LAYERS, ids=str)
+def test_interpreted_forward_and_backward_match_reference(layer):
+    check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"])
+
+
+@needs_interpreter
+def test_interpreted_matches_torch_backend_and_plain_op():
+    """modulated_conv2d (no epilogue) through the triton backend equals the torch backend."""
+    layer = Layer(tokens="shared", noise=None, bias=False, activate=False)
+    inputs = make_inputs(layer, seed=5)
+    args = {k: inputs[k].float() if inputs[k] is not None else None for k in ("x", "weight", "styles", "p", "q")}
+    fused = modulated_conv2d(**args, backend="triton")
+    plain = modulated_conv2d(**args, backend="torch")
+    assert relative_error(fused, plain) < TOLERANCE["interpreted"]
+
+
+@needs_interpreter
+def test_triton_backend_runs_the_triton_kernels(monkeypatch):
+    """The comparison above would pass for a silent fallback to torch: count the launches."""
+    launched = []
+    for name in ("_conv_gemm_kernel", "_blur_kernel", "_epilogue_backward_kernel"):
+        kernel = getattr(op_module, name)
+
+        class Probe:  # kernel[grid](...) -> record the name, then launch for real
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                launched.append(self.name)
+                return self.kernel[grid]
+
+        monkeypatch.setattr(op_module, name, Probe(kernel, name))
+    check_layer(Layer(upsample=True), torch.float32, "cpu", TOLERANCE["interpreted"], seed=9)
+    # forward: transposed-conv gather + blur/epilogue; backward: epilogue, blur^T, grad-x conv
+    assert launched.count("_conv_gemm_kernel") == 2, launched
+    assert launched.count("_blur_kernel") == 2, launched
+    assert launched.count("_epilogue_backward_kernel") == 1, launched
+
+
+@needs_interpreter
+def test_frozen_weight_costs_no_weight_gradient(monkeypatch):
+    """With weight.requires_grad False the weight-gradient conv never runs."""
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the weight gradient was computed for a frozen weight")
+
+    monkeypatch.setattr(op_module, "_weight_gradient", must_not_run)
+    check_layer(Layer(train_weight=False), torch.float32, "cpu", TOLERANCE["interpreted"], seed=3)
+    with pytest.raises(AssertionError, match="frozen weight"):  # and the probe does fire when it should
+        check_layer(Layer(train_weight=True), torch.float32, "cpu", TOLERANCE["interpreted"], seed=3)
+
+
+@needs_interpreter
+def test_output_is_channels_last_in_input_dtype():
+    layer = Layer(noise=None)
+    inputs = {k: v.float() if v is not None else None for k, v in make_inputs(layer, seed=7).items()}
+    out = styled_conv2d(**inputs, backend="triton")
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_interpreter
+def test_torch_library_registration_passes_opcheck():
+    """Schema, fake (meta) implementation and autograd registration of both custom ops."""
+    layer = Layer(batch=2, in_channels=3, out_channels=4, height=3, width=4, num_tokens=2, clamp=0.8)
+    inputs = {k: v.float() if v is not None else None for k, v in make_inputs(layer, seed=11).items()}
+    demod = refinestyle_kernels.demodulation_coefficients(
+        inputs["weight"], inputs["styles"], inputs["p"], inputs["q"], 1 / math.sqrt(27), 1e-8
+    )
+    args = [inputs[k] for k in ("x", "weight", "styles", "p", "q")] + [demod]
+    args += [inputs["noise"], inputs["noise_strength"], inputs["bias"], 1 / math.sqrt(27), False, True, 0.8]
+    for index in (0, 1, 2, 3, 4, 5, 7, 8):
+        args[index] = args[index].detach().requires_grad_(True)
+    torch.library.opcheck(torch.ops.refinestyle_kernels.styled_conv2d_triton.default, args)
+
+
+def compiled_block(device, dtype, compile_backend):
+    """A StyledConv with shared RefineStyle tokens then a ToRGB, on the triton backend, compiled."""
+    torch.manual_seed(0)
+    conv = refinestyle_kernels.StyledConv(6, 5, 3, 8, upsample=True, backend="triton").to(device, dtype)
+    to_rgb = refinestyle_kernels.ToRGB(5, 8, upsample=False, backend="triton").to(device, dtype)
+    tokens = refinestyle_kernels.LayerTokens(6, 5, num_tokens=4, scale_init=0.3).to(device, dtype)
+    conv.requires_grad_(False)  # RefineStyle: the generator is frozen, the tokens train
+
+    def block(x, w, noise):
+        p, q = tokens()
+        return to_rgb(conv(x, w, noise, p, q), w)
+
+    x = torch.randn(2, 6, 3, 5, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(2, 8, device=device, dtype=dtype)
+    noise = torch.randn(2, 1, 6, 10, device=device, dtype=dtype)
+    eager = block(x, w, noise)
+    eager_grads = torch.autograd.grad(eager.square().sum(), [x, tokens.P, tokens.A])
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend=compile_backend)
+    out = compiled(x, w, noise)
+    grads = torch.autograd.grad(out.square().sum(), [x, tokens.P, tokens.A])
+    return (eager, *eager_grads), (out, *grads)
+
+
+@needs_interpreter
+def test_torch_compile_fullgraph_traces_the_triton_ops():
+    """torch.compile(fullgraph=True) captures the layer with the custom ops, forward and backward.
+
+    On the CPU the kernels run in the interpreter, so the graph goes through AOTAutograd with
+    the fake implementations (backend "aot_eager") rather than Inductor's C++ codegen."""
+    expected, got = compiled_block("cpu", torch.float32, "aot_eager")
+    for value, reference in zip(got, expected):
+        assert relative_error(value, reference) < 1e-5
+
+
+def test_bad_inputs_for_the_triton_backend():
+    x = torch.randn(2, 3, 4, 4)
+    weight, styles = torch.randn(5, 3, 3, 3), torch.randn(2, 3)
+    if INTERPRETED or HAS_CUDA:
+        device = "cuda" if HAS_CUDA else "cpu"
+        noise = torch.randn(2, 1, 4, 4, device=device, requires_grad=True)
+        with pytest.raises(ValueError, match="noise"):
+            styled_conv2d(
+                x.to(device), weight.to(device), styles.to(device), noise=noise, noise_strength=1.0, backend="triton"
+            )
+        with pytest.raises(TypeError, match="x: .*float64"):
+            styled_conv2d(x.double().to(device), weight.double().to(device), styles.double().to(device), backend="triton")
+    with pytest.raises(ValueError, match="TRITON_FP32_PRECISION"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(op_module, "TRITON_FP32_PRECISION", "fast")
+            op_module._fp32_input_precision()
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled on CUDA (skipped without a GPU)
+
+
+@needs_cuda
+@pytest.mark.parametrize("layer", LAYERS, ids=str)
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_compiled_fp32_matches_reference(layer, precision, monkeypatch):
+    monkeypatch.setattr(op_module, "TRITON_FP32_PRECISION", precision)
+    monkeypatch.setattr(op_module, "TRITON_AUTOTUNE", False)  # one config: the large cases autotune
+    check_layer(layer, torch.float32, "cuda", TOLERANCE[precision])
+
+
+@needs_cuda
+@pytest.mark.parametrize("layer", LAYERS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_compiled_half_precision_matches_reference(layer, dtype, monkeypatch):
+    monkeypatch.setattr(op_module, "TRITON_AUTOTUNE", False)
+    check_layer(layer, dtype, "cuda", TOLERANCE[dtype])
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "layer",
+    [  # config-f-like channel counts at small sizes: many K and N tiles, several M tiles
+        Layer(batch=4, in_channels=512, out_channels=512, height=8, width=8, num_tokens=32, noise="shared"),
+        Layer(batch=4, in_channels=512, out_channels=256, height=16, width=16, upsample=True, num_tokens=32),
+        Layer(batch=2, in_channels=32, out_channels=32, height=96, width=80, num_tokens=32, train_weight=False),
+        Layer(batch=2, in_channels=64, out_channels=3, height=64, width=64, kernel=1, demodulate=False, tokens=None),
+    ],
+    ids=str,
+)
+def test_compiled_large_layers_match_reference(layer, monkeypatch):
+    monkeypatch.setattr(op_module, "TRITON_FP32_PRECISION", "ieee")
+    check_layer(layer, torch.float32, "cuda", TOLERANCE["ieee"])
+    check_layer(layer, torch.bfloat16, "cuda", TOLERANCE[torch.bfloat16])
+
+
+@needs_cuda
+def test_compiled_torch_compile_inductor():
+    expected, got = compiled_block("cuda", torch.float32, "inductor")
+    for value, reference in zip(got, expected):
+        assert relative_error(value, reference) < 1e-4
