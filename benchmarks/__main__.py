@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     timing.add_argument("--max-minutes", type=float, default=None,
                         help="start no new case after this long (the results so far are kept)")
     timing.add_argument("--seed", type=int, default=0)
+    timing.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the CPU suite (default: torch's choice)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default benchmarks/results)")
     output.add_argument("--output", type=Path, default=None, help="exact JSON path (CSV/MD/PNG next to it)")
@@ -135,15 +137,6 @@ def suite_from_args(args, on_cuda: bool) -> tuple[str, SuiteSpec, TimingSettings
         spec.layer_generator = GeneratorConfig(
             size, args.channel_multiplier, args.channel_max, args.style_dim, args.n_mlp
         )
-    if args.groups is not None:
-        groups = set(_csv(args.groups))
-        unknown = groups - set(case_module.GROUPS)
-        if unknown:
-            raise SystemExit(f"--groups: unknown {sorted(unknown)}; expected layer and/or generator")
-        if "layer" not in groups:
-            spec.layer_generator = None
-        if "generator" not in groups:
-            spec.generator_sizes = ()
     if args.layers is not None:
         spec.layer_names = _csv(args.layers)
     if args.layer_kinds is not None:
@@ -167,6 +160,16 @@ def suite_from_args(args, on_cuda: bool) -> tuple[str, SuiteSpec, TimingSettings
             spec.tokens = parse_tokens(args.tokens)
         except ValueError as error:
             raise SystemExit(f"--tokens: {error}") from None
+    # last, so that --groups wins over --sizes and --layer-size
+    if args.groups is not None:
+        groups = set(_csv(args.groups))
+        unknown = groups - set(case_module.GROUPS)
+        if unknown:
+            raise SystemExit(f"--groups: unknown {sorted(unknown)}; expected layer and/or generator")
+        if "layer" not in groups:
+            spec.layer_generator = None
+        if "generator" not in groups:
+            spec.generator_sizes = ()
     for field in ("warmup_ms", "min_time_ms", "min_reps", "max_reps"):
         value = getattr(args, field)
         if value is not None:
@@ -182,6 +185,10 @@ def run_main(argv: list[str] | None) -> int:
         tf32 = not args.no_tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads: expected a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
     suite, spec, settings = suite_from_args(args, on_cuda)
     try:
         cases = spec.cases()
@@ -290,8 +297,10 @@ def report_main(argv: list[str]) -> int:
         run["implementations"] = names
         run["complete"] = all(r["complete"] for r in runs)
         run["merged_from"] = [str(path) for path in args.json]
-        from benchmarks.runner import evaluate_targets
+        from benchmarks.runner import add_speedups, evaluate_targets
 
+        # a later run may hold another variant of the same case: recompute the comparisons
+        add_speedups(run["results"])
         run["targets"] = evaluate_targets(run["results"])
         output = args.output or args.json[0].with_name(args.json[0].stem + "_merged.json")
         paths = report.write_all(run, output, png=not args.no_plot)

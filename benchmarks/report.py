@@ -170,7 +170,7 @@ RESULT_HEADER = [
     "vs best plain",
     "TFLOP/s",
     "% roofline",
-    "peak MiB",
+    "peak/own MiB",
     "rel err",
 ]
 
@@ -189,7 +189,7 @@ def _result_row(record: dict) -> list[str]:
         _x(record["speedup_vs_best_plain"]),
         _tflops(record["tflops"]),
         _pct(record["pct_of_roofline"]),
-        _mib(record["peak_mem_bytes"]),
+        _mib(record["peak_mem_bytes"]) + "/" + _mib(record.get("peak_mem_extra_bytes")),
         "-" if err is None else f"{err:.1e}",
     ]
 
@@ -314,8 +314,8 @@ def _headline_series(run: dict) -> tuple[str, list[dict]]:
         series.setdefault(_setting(record), []).append(record)
     if not series:
         return "", []
-    preferred = "B=8 bf16 fwd+bwd L=32"
-    key = preferred if preferred in series else max(series, key=lambda k: len(series[k]))
+    preferred = [key for key in ("B=8 bf16 fwd+bwd L=32", "B=2 fp32 fwd L=32") if key in series]
+    key = preferred[0] if preferred else max(series, key=lambda k: len(series[k]))
     return key, series[key]
 
 
@@ -331,7 +331,7 @@ def plot(run: dict, path: Path | str) -> Path:
     setting, records = _headline_series(run)
     generator_records = [r for r in run["results"] if r["group"] == "generator" and r["status"] == "ok"]
     implementations = [impl["name"] for impl in run["implementations"]]
-    colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(implementations)}
+    colors = {name: plt.get_cmap("tab10" if len(implementations) <= 10 else "tab20")(i % 20) for i, name in enumerate(implementations)}
 
     fig, axes = plt.subplots(1, 3, figsize=(21, 6.5))
     # (a) per-layer time

@@ -76,6 +76,8 @@ def environment(device: torch.device) -> dict:
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "git_commit": _git_commit(),
+        # other work on the machine skews CPU timings; recorded so a reader can tell
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -240,11 +242,15 @@ class Bound:
             torch._dynamo.reset()
 
 
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
+def _free_memory(device: torch.device, thorough: bool = False) -> None:
+    """Give back what a variant left. Reference counting frees tensors at once; the
+    (slow) cycle collection and cache flush only after failures and compiled variants."""
+    if thorough:
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
+        if thorough:
+            torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,9 +304,14 @@ def run_case(case: Case, implementations: list[Implementation], options: RunOpti
             )
             records.append(record)
             bound = None
+            failed = False
             try:
                 bound = Bound(workload, implementation)
-                outputs = bound.first_outputs()
+                if implementation.cuda_graph:
+                    # a graph's memory is allocated at capture: measure warm-up + capture
+                    outputs, memory = measure_peak_memory(bound.first_outputs, device)
+                else:
+                    outputs = bound.first_outputs()
                 values = {name: outputs[name].detach() for name in truth}
                 del outputs
                 try:
@@ -317,7 +328,8 @@ def run_case(case: Case, implementations: list[Implementation], options: RunOpti
                     del values
                 record["rel_error"] = errors
                 record["max_rel_error"] = max(errors.values())
-                memory = measure_peak_memory(lambda: bound.step(0), device)
+                if not implementation.cuda_graph:
+                    _, memory = measure_peak_memory(lambda: bound.step(0), device)
                 record["peak_mem_bytes"] = memory["peak_bytes"]
                 record["peak_mem_extra_bytes"] = memory["extra_bytes"]
                 workload.ensure_sets(workload.num_rotating_sets(cache_bytes(device)))
@@ -328,6 +340,7 @@ def run_case(case: Case, implementations: list[Implementation], options: RunOpti
             except FatalCorrectnessError:
                 raise
             except Exception as error:  # noqa: BLE001 - one failing variant must not end the run
+                failed = True
                 record["status"] = "error"
                 record["error"] = f"{type(error).__name__}: {error}"[:2000]
                 options.log(f"error: {implementation.name} on {case.case_id}: {record['error'].splitlines()[0]}")
@@ -336,13 +349,13 @@ def run_case(case: Case, implementations: list[Implementation], options: RunOpti
                     bound.close()
                 del bound
                 workload.drop_sets(1)
-                _free_memory(device)
+                _free_memory(device, thorough=failed or implementation.compiled)
     except FatalCorrectnessError as error:
         error.records = records
         raise
     finally:
         workload.sets.clear()
-        _free_memory(device)
+        _free_memory(device, thorough=device.type == "cuda")
     return records
 
 
@@ -357,7 +370,7 @@ def _truth(workload: Workload) -> tuple[dict, str]:
     try:
         return workload.truth(), f"reference/{dtype_name}"
     except torch.cuda.OutOfMemoryError:
-        _free_memory(workload.device)
+        _free_memory(workload.device, thorough=True)
         inputs = workload.cast(workload.sets[0], workload.truth_dtype())
         outputs = workload.run(workload.forward_fn(TORCH, workload.truth_dtype()), inputs)
         return {name: value.detach() for name, value in outputs.items()}, f"torch/{dtype_name}"
@@ -374,7 +387,7 @@ def _tolerances(workload: Workload, truth: dict, precision: str) -> tuple[dict, 
             bound.close()
     except torch.cuda.OutOfMemoryError:
         errors = {name: 0.0 for name in truth}
-    _free_memory(workload.device)
+        _free_memory(workload.device, thorough=True)
     return {name: tolerance_for(precision, error) for name, error in errors.items()}, errors
 
 
@@ -383,28 +396,41 @@ def _tolerances(workload: Workload, truth: dict, precision: str) -> tuple[dict, 
 
 
 def annotate(records: list[dict], case: Case, peaks: dict | None) -> None:
-    """Add work, TFLOP/s, roofline and speedups (against the reference, against the fastest
-    plain-PyTorch variant of the same case) to the records of one case, in place."""
+    """Add work, TFLOP/s and roofline (`case_work`) and the speedups (`add_speedups`) to the
+    records of one case, in place."""
     work = case_work(case, peaks)
-    ok = [r for r in records if r["status"] == "ok"]
-    reference = next((r for r in ok if r["implementation"] == REFERENCE.name), None)
-    plain = [r for r in ok if r["family"] in ("reference", "plain")]
-    best_plain = min(plain, key=lambda r: r["median_ms"]) if plain else None
     for record in records:
         record.update(work)
-        for key in ("tflops", "pct_of_roofline", "speedup_vs_reference", "speedup_vs_best_plain", "best_plain"):
-            record.setdefault(key, None)
+        record.setdefault("tflops", None)
+        record.setdefault("pct_of_roofline", None)
         if record["status"] != "ok":
             continue
-        seconds = record["median_ms"] * 1e-3
-        record["tflops"] = work["model_flops"] / seconds / 1e12
+        record["tflops"] = work["model_flops"] / (record["median_ms"] * 1e-3) / 1e12
         if work["floor_ms"]:
             record["pct_of_roofline"] = 100.0 * work["floor_ms"] / record["median_ms"]
-        if reference is not None:
-            record["speedup_vs_reference"] = reference["median_ms"] / record["median_ms"]
-        if best_plain is not None:
-            record["speedup_vs_best_plain"] = best_plain["median_ms"] / record["median_ms"]
-            record["best_plain"] = best_plain["implementation"]
+    add_speedups(records)
+
+
+def add_speedups(records: list[dict]) -> None:
+    """Speedups against the reference and against the fastest plain-PyTorch variant of the
+    same case (records grouped by case_id; also used after merging runs), in place."""
+    by_case: dict[str, list[dict]] = {}
+    for record in records:
+        by_case.setdefault(record["case_id"], []).append(record)
+    for case_records in by_case.values():
+        ok = [r for r in case_records if r["status"] == "ok"]
+        reference = next((r for r in ok if r["implementation"] == REFERENCE.name), None)
+        plain = [r for r in ok if r["family"] in ("reference", "plain")]
+        best_plain = min(plain, key=lambda r: r["median_ms"]) if plain else None
+        for record in case_records:
+            record["speedup_vs_reference"] = record["speedup_vs_best_plain"] = record["best_plain"] = None
+            if record["status"] != "ok":
+                continue
+            if reference is not None:
+                record["speedup_vs_reference"] = reference["median_ms"] / record["median_ms"]
+            if best_plain is not None:
+                record["speedup_vs_best_plain"] = best_plain["median_ms"] / record["median_ms"]
+                record["best_plain"] = best_plain["implementation"]
 
 
 TARGETS = (
@@ -436,11 +462,13 @@ def evaluate_targets(records: list[dict]) -> list[dict]:
         "speedup_vs_best_plain": triton and triton["speedup_vs_best_plain"],
         "time_over_floor": triton and triton["floor_ms"] and triton["median_ms"] / triton["floor_ms"],
         "refinement_overhead": triton and unrefined and triton["median_ms"] / unrefined["median_ms"] - 1,
+        # the memory the implementations themselves need (activations, workspaces); the
+        # frozen weights and the inputs are the same for both and are left out
         "peak_memory_ratio": triton
         and reference
-        and triton["peak_mem_bytes"]
-        and reference["peak_mem_bytes"]
-        and triton["peak_mem_bytes"] / reference["peak_mem_bytes"],
+        and triton["peak_mem_extra_bytes"]
+        and reference["peak_mem_extra_bytes"]
+        and triton["peak_mem_extra_bytes"] / reference["peak_mem_extra_bytes"],
     }
     results = []
     for name, comparison, threshold, description in TARGETS:
@@ -524,7 +552,9 @@ def run_suite(
         options.log(f"warning: analytic FLOPs differ from FlopCounterMode for {len(bad)} layer shapes")
     if measure_device_peaks:
         dtypes = sorted({case.dtype for case in cases})
-        run["peaks"] = measure_peaks(device, [DTYPES[name] for name in dtypes])
+        quick = options.settings.min_time_ms < 100  # smoke runs: a rough peak is enough
+        peak_settings = TimingSettings(0.0, 0.0, 1, 2) if quick else None
+        run["peaks"] = measure_peaks(device, [DTYPES[name] for name in dtypes], peak_settings)
     iterator = cases
     bar = None
     if progress:

@@ -135,24 +135,25 @@ def time_calls(step: Callable[[int], object], device: torch.device, settings: Ti
     )
 
 
-def measure_peak_memory(step: Callable[[], object], device: torch.device) -> dict[str, int | None]:
-    """Peak device memory of one call: {"peak_bytes", "extra_bytes"} (None off CUDA).
+def measure_peak_memory(step: Callable[[], object], device: torch.device) -> tuple[object, dict[str, int | None]]:
+    """Run step() once and measure its peak device memory.
 
+    Returns (step's result, {"peak_bytes", "extra_bytes"}); both None off CUDA.
     peak_bytes: torch.cuda.max_memory_allocated during the call (it includes whatever
-        was allocated before: the model, the one input set that exists at that point).
+        was allocated before: the model, the one input set that exists at that point,
+        the guard's reference outputs).
     extra_bytes: the peak minus what was allocated before the call: the outputs,
         saved activations and workspaces the implementation itself needs.
     """
     if device.type != "cuda":
-        return {"peak_bytes": None, "extra_bytes": None}
+        return step(), {"peak_bytes": None, "extra_bytes": None}
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     result = step()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
-    del result
-    return {"peak_bytes": int(peak), "extra_bytes": int(peak - before)}
+    return result, {"peak_bytes": int(peak), "extra_bytes": int(peak - before)}
 
 
 def measure_peaks(device: torch.device, dtypes: list[torch.dtype], settings: TimingSettings | None = None) -> dict:

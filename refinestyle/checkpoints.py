@@ -710,9 +710,9 @@ def convert_nvlabs_generator(
             convert_torgb(block, where, "to_rgb1")
         else:
             index = int(math.log2(resolution)) - 3
-            convert_layer(child(block, "conv0", f"{where}.conv0"), f"{where}.conv0", f"convs.{2 * index}", 2 * index + 2, resolution)
+            convert_layer(child(block, "conv0", f"{where}.conv0"), f"{where}.conv0", f"convs.{2 * index}", 2 * index + 1, resolution)
             channels[resolution] = convert_layer(
-                child(block, "conv1", f"{where}.conv1"), f"{where}.conv1", f"convs.{2 * index + 1}", 2 * index + 1, resolution
+                child(block, "conv1", f"{where}.conv1"), f"{where}.conv1", f"convs.{2 * index + 1}", 2 * index + 2, resolution
             )
             convert_torgb(block, where, f"to_rgbs.{index}")
             fir4 = (fir * 4).float()

@@ -148,6 +148,8 @@ class Generator(nn.Module):
         # the checkpoint's mean w (set by refinestyle.load_generator); not in the state_dict
         self.register_buffer("latent_avg", None, persistent=False)
         self._conv_clamp: Optional[float] = None
+        # "rosinality", "safetensors" or "nvlabs" when built by refinestyle.load_generator
+        self.checkpoint_format: Optional[str] = None
 
     # ------------------------------------------------------------------ configuration
     @property

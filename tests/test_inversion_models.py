@@ -17,6 +17,7 @@ from refinestyle.inversion import (
     read_inverter_config,
     save_inverter,
 )
+from refinestyle.inversion.models import TokenBranch
 from refinestyle.refinement import Refinement
 from refinestyle.weights import MissingWeightsError
 
@@ -199,6 +200,18 @@ def test_token_branch_groups_are_independent_layers():
     assert grads[1].abs().sum() == 0
 
 
+def test_token_branch_levels_choose_the_features_each_block_reads():
+    branch = TokenBranch([(16, 16), (16, 8)], 7, 4, 32, heads=2, head_dim=16, ffn_dim=64, levels=("fine",))
+    assert len(branch.blocks) == 1
+    features = [torch.randn(2, n, 32, requires_grad=True) for n in (4, 16, 64)]
+    refinement = branch(features)
+    assert refinement.layer_shapes == [(16, 16), (16, 8)] and refinement.first_layer == 5
+    grads = torch.autograd.grad(sum(t.square().sum() for t in refinement.p + refinement.q), features)
+    assert grads[0].abs().sum() == 0 and grads[1].abs().sum() == 0 and grads[2].abs().sum() > 0
+    with pytest.raises(ValueError, match="levels"):
+        TokenBranch([(16, 16)], 7, 4, 32, levels=("finest",))
+
+
 def test_refinement_starts_small():
     generator = tiny_generator()
     model = OneStageInverter(generator, num_refined=7, num_tokens=8, scale_init=0.01, **TINY).eval()
@@ -247,7 +260,7 @@ def test_two_stage_shapes_and_frozen_first_stage():
 
 def test_save_and_load_inverters(tmp_path):
     generator = tiny_generator()
-    one = OneStageInverter(generator, num_refined=3, num_tokens=4, **TINY)
+    one = OneStageInverter(generator, num_refined=3, num_tokens=4, token_levels=("medium", "fine"), **TINY)
     with torch.no_grad():  # make every parameter differ from a fresh initialisation
         for parameter in one.parameters():
             if parameter.requires_grad:
@@ -258,6 +271,7 @@ def test_save_and_load_inverters(tmp_path):
     assert read_inverter_config(path).stage == "one"
     loaded = load_inverter(path, generator)
     assert isinstance(loaded, OneStageInverter) and not loaded.training
+    assert loaded.token_branch.levels == ("medium", "fine") and len(loaded.token_branch.blocks) == 2
     with torch.no_grad():
         a, b = one(images), loaded(images)
     assert torch.equal(a.w_plus, b.w_plus) and torch.equal(a.image, b.image)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -151,7 +151,8 @@ def run_layer(layer: Layer, inputs: dict, backend: str, dtype, device, grad_seed
 
 
 def check_layer(layer: Layer, dtype, device, tolerance: float, seed: int = 0):
-    inputs = make_inputs(layer, seed)
+    # the reference sees the inputs rounded to `dtype`: the comparison measures the kernels
+    inputs = {k: v.to(dtype).double() if v is not None else None for k, v in make_inputs(layer, seed).items()}
     expected, expected_grads = run_layer(layer, inputs, "reference", torch.float64, "cpu", grad_seed=seed + 1)
     if layer.clamp:  # the clamp (and its zero gradient) must be exercised on both sides
         clamped = expected.abs() >= layer.clamp
@@ -177,6 +178,38 @@ def poisoned_buffers(monkeypatch):
 @pytest.mark.parametrize("layer", LAYERS, ids=str)
 def test_interpreted_forward_and_backward_match_reference(layer):
     check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"])
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "layer",
+    [
+        Layer(),
+        Layer(upsample=True, tokens="shared", channels_last=True),
+        Layer(kernel=1, num_tokens=1, clamp=0.7, train_weight=False),
+        Layer(batch=2, in_channels=70, out_channels=66, height=9, width=11, num_tokens=32),
+    ],
+    ids=str,
+)
+def test_interpreted_separate_projection_matches_reference(layer, monkeypatch):
+    """The wide-layer path: z = q x as its own GEMM, box-summed inside the conv kernel."""
+    projections = []
+    monkeypatch.setattr(op_module, "FUSED_PROJECTION_MAX_COUT", 0)
+    monkeypatch.setattr(op_module, "_project", lambda *a: projections.append(1) or PROJECT(*a))
+    check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"])
+    assert len(projections) >= 1  # the forward took the separate path
+
+
+PROJECT = op_module._project
+
+
+@needs_interpreter
+def test_fused_projection_writes_no_projected_input(monkeypatch):
+    """Up to FUSED_PROJECTION_MAX_COUT output channels the forward never materialises z."""
+    inputs = {k: v.float() if v is not None else None for k, v in make_inputs(Layer(num_tokens=32), seed=2).items()}
+    monkeypatch.setattr(op_module, "_project", lambda *a: pytest.fail("z was materialised"))
+    with torch.no_grad():
+        styled_conv2d(**inputs, backend="triton")
 
 
 @needs_interpreter
@@ -282,6 +315,25 @@ def test_torch_compile_fullgraph_traces_the_triton_ops():
     expected, got = compiled_block("cpu", torch.float32, "aot_eager")
     for value, reference in zip(got, expected):
         assert relative_error(value, reference) < 1e-5
+
+
+@pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
+@pytest.mark.parametrize("reduce", [False, True])
+@pytest.mark.parametrize("grid_hw, n, k", [((4, 4), 512, 4608), ((5, 5), 512, 4608), ((64, 64), 3, 64), ((1024, 1024), 32, 288)])
+def test_autotune_pruning_fits_every_layer_shape(grid_hw, n, k, reduce):
+    """The GPU autotuner only tries tiles that fit; reducing launches get the tile their buffer assumes."""
+    named = {"GRID_H": grid_hw[0], "GRID_W": grid_hw[1], "N": n, "K": k}
+    kept = op_module._prune_conv_configs(op_module._CONV_CONFIGS, named, REDUCE_X=reduce)
+    pixels = grid_hw[0] * grid_hw[1]
+    assert kept
+    for config in kept:
+        block = config.kwargs
+        assert min(block["BLOCK_M"], block["BLOCK_N"], block["BLOCK_K"]) >= 16  # tl.dot's minimum
+        assert block["BLOCK_N"] <= max(16, 2 * n) and block["BLOCK_K"] <= max(16, 2 * k)
+        if reduce:
+            assert block["BLOCK_M"] == op_module._reduce_block_m(pixels)
+        else:
+            assert block["BLOCK_M"] <= max(16, 2 * pixels)
 
 
 def test_bad_inputs_for_the_triton_backend():

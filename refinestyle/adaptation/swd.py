@@ -10,29 +10,24 @@ transport is just sorting:
 When the clouds have different sizes, the sorted reference projections are
 resampled (linear interpolation of the quantile function) to the other size.
 GOGA uses this on features of LPIPS' VGG16 (relu4_3 and relu5_3, images pooled
-to 256 px) with 256 random directions drawn afresh at every step; we do the
-same with torchvision's VGG16 trunk, loaded from a local ImageNet weights file
-(LPIPS' VGG backbone is that same network), so one file serves both.
+to 256 px) with 256 random directions drawn afresh at every step. We keep the
+method but take the features from the AlexNet trunk of the LPIPS loss that the
+reconstruction term (Eq. 6) already loads: no VGG file is needed, and one local
+AlexNet file serves both terms. Default taps: AlexNet's relu2 ... relu5 (192 to
+384 channels, 31 to 15 px at 256 px input): mid-level texture and colour
+statistics (relu2, relu3) plus the deeper ones GOGA's choice corresponds to.
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refinestyle.weights import resolve_weights
 
-# torchvision vgg16().features index of each ReLU that LPIPS taps.
-VGG16_RELU_INDEX = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22, "relu5_3": 29}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-VGG16_ENV_VAR = "REFINESTYLE_VGG16"
-VGG16_OBTAINED_FROM = (
-    "torchvision's ImageNet VGG16 weights (vgg16-397923af.pth from download.pytorch.org/models)"
-)
+# AlexNet ReLU outputs (1..5) compared by the style loss.
+DEFAULT_STYLE_LAYERS = (2, 3, 4, 5)
 
 
 def sliced_wasserstein(
@@ -92,51 +87,29 @@ def _as_points(tensor: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"{name}: expected [B, C, H, W] feature maps or [B, N, C] points, got {tuple(tensor.shape)}")
 
 
-class VGG16Features(nn.Module):
-    """Frozen VGG16 trunk returning the activations LPIPS uses, from images in [-1, 1].
+class LPIPSFeatures(nn.Module):
+    """The frozen AlexNet trunk of an LPIPSLoss as a style feature extractor (images in [-1, 1]).
 
-    weights: path of torchvision's ImageNet VGG16 state dict (vgg16-397923af.pth); None falls back
-        to $REFINESTYLE_VGG16. Pass random=True instead for an untrained network (tests only).
-    layers: names from VGG16_RELU_INDEX whose activations forward() returns, in order.
-    input_size: images are average-pooled/resized to input_size x input_size first (GOGA: 256);
-        None keeps their size.
+    lpips_loss: a refinestyle.losses.LPIPSLoss (its AlexNet backbone, loaded from the local
+        torchvision file, is shared, not copied: the reconstruction loss and the style loss
+        need one weights file between them).
+    layers: which of AlexNet's ReLU outputs to return, 1 ... 5 (channels 64, 192, 384, 256, 256;
+        at 256 px input 63, 31, 15, 15, 15 pixels a side).
+    input_size: images are pooled/resized to input_size x input_size first (GOGA: 256);
+        None keeps their size (at least 32 px are needed).
     """
 
-    def __init__(
-        self,
-        weights: str | os.PathLike | None = None,
-        layers: Sequence[str] = ("relu4_3", "relu5_3"),
-        input_size: int | None = 256,
-        *,
-        random: bool = False,
-    ):
+    def __init__(self, lpips_loss: nn.Module, layers: Sequence[int] = DEFAULT_STYLE_LAYERS, input_size: int | None = 256):
         super().__init__()
-        from torchvision.models import vgg16
-
-        unknown = [name for name in layers if name not in VGG16_RELU_INDEX]
-        if unknown or not layers:
-            raise ValueError(f"layers: expected names from {list(VGG16_RELU_INDEX)}, got {list(layers)}")
-        self.layers = tuple(layers)
+        layers = tuple(int(layer) for layer in layers)
+        if not layers or any(layer not in range(1, 6) for layer in layers):
+            raise ValueError(f"layers: expected AlexNet ReLU indices in 1..5, got {list(layers)}")
+        inner = getattr(lpips_loss, "lpips", lpips_loss)
+        if not hasattr(inner, "net") or not hasattr(inner, "scaling_layer"):
+            raise TypeError(f"lpips_loss: expected a refinestyle.losses.LPIPSLoss, got {type(lpips_loss).__name__}")
+        self.layers = layers
         self.input_size = input_size
-        last = max(VGG16_RELU_INDEX[name] for name in self.layers)
-        self.trunk = vgg16(weights=None).features[: last + 1]
-        if not random:
-            path = resolve_weights(
-                weights, what="VGG16 ImageNet weights", env_var=VGG16_ENV_VAR, obtained_from=VGG16_OBTAINED_FROM
-            )
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state)
-            trunk_state = {
-                key[len("features."):]: value for key, value in state.items() if key.startswith("features.")
-            }
-            trunk_state = {key: value for key, value in trunk_state.items() if int(key.split(".")[0]) <= last}
-            self.trunk.load_state_dict(trunk_state, strict=True)
-        self.trunk.eval().requires_grad_(False)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def train(self, mode: bool = True):  # frozen feature extractor: always eval
-        return super().train(False)
+        self.lpips_loss = lpips_loss
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images: float [B, 3, H, W] in [-1, 1] -> list of float [B, C_l, H_l, W_l], one per layer."""
@@ -148,47 +121,53 @@ class VGG16Features(nn.Module):
                 x = F.adaptive_avg_pool2d(x, self.input_size)
             else:
                 x = F.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)
-        x = ((x + 1) / 2 - self.mean) / self.std
-        wanted = {VGG16_RELU_INDEX[name]: name for name in self.layers}
-        outputs = {}
-        for index, module in enumerate(self.trunk):
-            x = module(x)
-            if index in wanted:
-                outputs[wanted[index]] = x
-        return [outputs[name] for name in self.layers]
+        inner = getattr(self.lpips_loss, "lpips", self.lpips_loss)
+        outputs = inner.net(inner.scaling_layer(x))
+        return [outputs[layer - 1] for layer in self.layers]
 
 
 class SWDStyleLoss(nn.Module):
     """Sliced Wasserstein style loss between images and one reference image, on deep features.
 
     features: a module mapping images [B, 3, H, W] in [-1, 1] to a list of feature maps
-        [B, C_l, H_l, W_l] (e.g. VGG16Features).
+        [B, C_l, H_l, W_l] (e.g. LPIPSFeatures).
     num_projections: random directions per layer, drawn afresh at every call (GOGA: 256).
+    normalize: divide each layer's distance by the mean square of the reference's features
+        at that layer (the expected squared projection on a random unit direction, up to C_l),
+        so that layers of different magnitude weigh alike and the loss is scale-free
+        (about 0 for the same style, O(1) for unrelated ones). GOGA uses raw distances; its
+        style weight therefore does not carry over.
 
     set_reference(reference) stores the reference's features (float [1, 3, H, W] in [-1, 1]);
-    forward(images) -> scalar: the mean over layers and samples of sliced_wasserstein.
+    forward(images, generator=None) -> scalar: the mean over layers and samples of
+    sliced_wasserstein; `generator` (a torch.Generator on the features' device) seeds the directions.
     """
 
-    def __init__(self, features: nn.Module, num_projections: int = 256):
+    def __init__(self, features: nn.Module, num_projections: int = 256, normalize: bool = True):
         super().__init__()
         if num_projections < 1:
             raise ValueError(f"num_projections: expected a positive integer, got {num_projections}")
         self.features = features
         self.num_projections = num_projections
+        self.normalize = normalize
         self.reference_features: list[torch.Tensor] | None = None
+        self.layer_scales: list[float] | None = None
 
     @torch.no_grad()
     def set_reference(self, reference: torch.Tensor) -> None:
         if reference.ndim != 4 or reference.shape[:2] != (1, 3):
             raise ValueError(f"reference: expected one image [1, 3, H, W], got {tuple(reference.shape)}")
-        self.reference_features = [f.detach() for f in self.features(reference)]
+        self.reference_features = [f.detach().float() for f in self.features(reference)]
+        self.layer_scales = [
+            max(f.square().mean().item(), 1e-12) if self.normalize else 1.0 for f in self.reference_features
+        ]
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.reference_features is None:
             raise RuntimeError("SWDStyleLoss: call set_reference(reference_image) before computing the loss")
         features = self.features(images)
         losses = [
-            sliced_wasserstein(f, r, self.num_projections, generator=generator).mean()
-            for f, r in zip(features, self.reference_features)
+            sliced_wasserstein(f, r, self.num_projections, generator=generator).mean() / scale
+            for f, r, scale in zip(features, self.reference_features, self.layer_scales)
         ]
         return torch.stack(losses).mean()

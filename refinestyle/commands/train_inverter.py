@@ -75,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     logging = parser.add_argument_group("logging")
     logging.add_argument("--log-every", type=int, default=1, help="CSV row every N steps (1)")
-    logging.add_argument("--image-every", type=int, default=1000, help="image grid every N steps (0: at the end only)")
-    logging.add_argument("--val-every", type=int, default=10_000, help="validation every N steps")
+    logging.add_argument("--image-every", type=int, default=1000, help="image grid (input | w+ only | refined) every N steps and at the end (0: none)")
+    logging.add_argument("--val-every", type=int, default=10_000, help="validation every N steps and at the end (0: none)")
     logging.add_argument("--val-max-images", type=int, default=1000)
     logging.add_argument("--checkpoint-every", type=int, default=1000)
     logging.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")

@@ -59,6 +59,7 @@ __all__ = [
     "read_inverter_config",
 ]
 
+FEATURE_LEVELS = ("coarse", "medium", "fine")
 FILE_FORMAT = "refinestyle.inverter"
 FILE_VERSION = "1"
 
@@ -92,6 +93,7 @@ class InverterConfig:
     layer_shapes: (Cin, Cout) of the refined convs (the generator's last Nr).
     heads, head_dim, ffn_dim, dropout: the transformer blocks.
     scale_init: initial value of the scales A_n, B_n.
+    token_levels: the feature level each grouped block of the token branch attends to.
     encoder_depth, encoder_widths, encoder_size: the IR-SE trunk and the side images are
         resized to before E (256).
     train_mapping: one-stage: whether the copied mapping MLP trains.
@@ -111,6 +113,7 @@ class InverterConfig:
     ffn_dim: int = 1024
     dropout: float = 0.0
     scale_init: float = 0.01
+    token_levels: list = field(default_factory=lambda: list(FEATURE_LEVELS))
     encoder_depth: Any = 50
     encoder_widths: list = field(default_factory=lambda: list(IR_SE50_WIDTHS))
     encoder_size: int = 256
@@ -187,8 +190,10 @@ class TokenBranch(nn.Module):
     dim: C, the token width (the generator's style_dim).
     heads, head_dim, ffn_dim, dropout: the grouped transformer blocks.
     scale_init: initial value of every entry of A_n and B_n ("small", paper eq. 4).
+    levels: one grouped block per entry, attending to that feature level ("coarse",
+        "medium" or "fine"), in order; default all three in turn.
 
-    Parameters: initial_p, initial_q [Nr, L, C]; blocks.{0,1,2}; heads_p.{n} (C -> Cout_n),
+    Parameters: initial_p, initial_q [Nr, L, C]; blocks.{i}; heads_p.{n} (C -> Cout_n),
     heads_q.{n} (C -> Cin_n); scale_p, scale_q [Nr, L] (A_n, B_n as rows).
 
     forward(features: (coarse, medium, fine), each [B, N_i, C]) -> Refinement with
@@ -207,9 +212,14 @@ class TokenBranch(nn.Module):
         ffn_dim: int = 1024,
         dropout: float = 0.0,
         scale_init: float = 0.01,
+        levels: Sequence[str] = FEATURE_LEVELS,
     ):
         super().__init__()
         _check_positive_int("num_tokens", num_tokens)
+        levels = tuple(levels)
+        if not levels or any(level not in FEATURE_LEVELS for level in levels):
+            raise ValueError(f"levels: expected a non-empty sequence of {FEATURE_LEVELS}, got {levels!r}")
+        self.levels = levels
         layer_shapes = [tuple(int(c) for c in shape) for shape in layer_shapes]
         if not layer_shapes:
             raise ValueError("layer_shapes: expected at least one refined layer")
@@ -221,7 +231,7 @@ class TokenBranch(nn.Module):
         self.initial_p = nn.Parameter(torch.randn(count, num_tokens, dim))
         self.initial_q = nn.Parameter(torch.randn(count, num_tokens, dim))
         self.blocks = nn.ModuleList(
-            GroupedTransformerBlock(dim, num_tokens, heads, head_dim, ffn_dim, dropout) for _ in range(3)
+            GroupedTransformerBlock(dim, num_tokens, heads, head_dim, ffn_dim, dropout) for _ in levels
         )
         self.heads_p = nn.ModuleList(nn.Linear(dim, cout) for _, cout in layer_shapes)
         self.heads_q = nn.ModuleList(nn.Linear(dim, cin) for cin, _ in layer_shapes)
@@ -239,8 +249,8 @@ class TokenBranch(nn.Module):
         # 2*Nr groups of L tokens: all P groups, then all Q groups.
         tokens = torch.cat([self.initial_p, self.initial_q], 0).reshape(1, 2 * count * length, dim)
         tokens = tokens.expand(batch, -1, -1)
-        for block, level in zip(self.blocks, features):
-            tokens = block(tokens, level)
+        for block, level in zip(self.blocks, self.levels):
+            tokens = block(tokens, features[FEATURE_LEVELS.index(level)])
         tokens = tokens.reshape(batch, 2, count, length, dim)
         return tokens[:, 0], tokens[:, 1]
 
@@ -334,7 +344,8 @@ class OneStageInverter(_Inverter):
     """The one-stage RefineStyle inverter (w+ branch and token branch on one encoder).
 
     generator: a refinestyle.Generator; frozen in place (requires_grad False) and kept as
-        `self.generator` (its weights are not part of the inverter's files).
+        `self.generator` (its weights are not part of the inverter's files). The inverter
+        is built on the generator's device.
     num_refined: Nr, refine the generator's last Nr convs (paper: 10).
     num_tokens: L, tokens per refined layer (paper: 32).
     refine: False builds the w+ branch only (Style Transformer; a first stage).
@@ -345,6 +356,8 @@ class OneStageInverter(_Inverter):
     encoder_size: the side the input images are resized to for E (256).
     heads, head_dim, ffn_dim, dropout: transformer blocks (paper: 4 heads of width 512).
     scale_init: initial A_n, B_n entries (small: the refinement starts close to zero).
+    token_levels: the feature level of each grouped block of the token branch (default
+        coarse, medium, fine: three blocks).
     latent_avg: [style_dim] mean w added to the w+ branch output; default: the generator's
         `latent_avg`, else the mean of its mapping over 4096 z.
     train_mapping: whether the (copied) mapping MLP of the w+ branch trains (paper: yes).
@@ -372,6 +385,7 @@ class OneStageInverter(_Inverter):
         ffn_dim: int = 1024,
         dropout: float = 0.0,
         scale_init: float = 0.01,
+        token_levels: Sequence[str] = FEATURE_LEVELS,
         latent_avg: Optional[torch.Tensor] = None,
         train_mapping: bool = True,
     ):
@@ -398,6 +412,7 @@ class OneStageInverter(_Inverter):
             ffn_dim=ffn_dim,
             dropout=dropout,
             scale_init=scale_init,
+            token_levels=list(token_levels),
             encoder_depth=self.encoder.stage_units,
             encoder_widths=list(self.encoder.widths),
             encoder_size=encoder_size,
@@ -427,10 +442,12 @@ class OneStageInverter(_Inverter):
                 ffn_dim=ffn_dim,
                 dropout=dropout,
                 scale_init=scale_init,
+                levels=token_levels,
             )
             if refine
             else None
         )
+        self.to(next(generator.parameters()).device)  # built where the generator lives
 
     @property
     def refine(self) -> bool:
@@ -500,7 +517,7 @@ class TwoStageInverter(_Inverter):
     encoder, ir_se50_path, encoder_depth, encoder_widths, encoder_size: as OneStageInverter,
         but the encoder takes 6 channels [I, I0]: with ir_se50_path the pretrained first
         conv fills channels 0-2 and channels 3-5 are freshly initialised.
-    heads, head_dim, ffn_dim, dropout, scale_init: as OneStageInverter.
+    heads, head_dim, ffn_dim, dropout, scale_init, token_levels: as OneStageInverter.
 
     forward(images [B, 3, H, W] in [-1, 1], *, render=True, noise=None,
     randomize_noise=False) -> InversionResult(w_plus = w0+ (no gradient), refinement,
@@ -524,6 +541,7 @@ class TwoStageInverter(_Inverter):
         ffn_dim: int = 1024,
         dropout: float = 0.0,
         scale_init: float = 0.01,
+        token_levels: Sequence[str] = FEATURE_LEVELS,
     ):
         super().__init__()
         self._setup_generator(generator)
@@ -554,6 +572,7 @@ class TwoStageInverter(_Inverter):
             ffn_dim=ffn_dim,
             dropout=dropout,
             scale_init=scale_init,
+            token_levels=list(token_levels),
             encoder_depth=self.encoder.stage_units,
             encoder_widths=list(self.encoder.widths),
             encoder_size=encoder_size,
@@ -570,7 +589,9 @@ class TwoStageInverter(_Inverter):
             ffn_dim=ffn_dim,
             dropout=dropout,
             scale_init=scale_init,
+            levels=token_levels,
         )
+        self.to(next(generator.parameters()).device)  # built where the generator lives
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -712,6 +733,7 @@ def _build_from_config(config: InverterConfig, generator: nn.Module, first_stage
         ffn_dim=config.ffn_dim,
         dropout=config.dropout,
         scale_init=config.scale_init,
+        token_levels=config.token_levels,
     )
     if config.stage == "one":
         return OneStageInverter(

@@ -30,6 +30,8 @@ Triton backend does all of it in the conv's epilogue.
 from __future__ import annotations
 
 import math
+import os
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -433,9 +435,6 @@ def _styled_conv2d_torch(
 # when it is "ieee"; None (the default) follows torch.backends.cudnn.allow_tf32, the
 # switch PyTorch's own convolutions obey (True by default).
 
-import os
-from typing import List, Optional
-
 try:  # importing the package must never fail for want of a usable Triton
     import triton
     import triton.language as tl
@@ -452,7 +451,12 @@ TRITON_FP32_PRECISION: str | None = None
 # 1-D taps of the upsampling blur, normalised so the 2-D outer product sums to UPSAMPLE_FACTOR**2.
 _BLUR_TAPS_1D = tuple(t / sum(UPSAMPLE_BLUR_TAPS) * UPSAMPLE_FACTOR for t in UPSAMPLE_BLUR_TAPS)
 
-
+# Layers with at most this many output channels (at most two N tiles recompute it) project
+# x onto the L tokens inside the conv kernel instead of writing z = q x [B, H, W, L] in fp32
+# and reading it back: the high-resolution layers are memory-bound and z is as big as
+# their output. Wider layers are compute-bound; there one batched GEMM for z is cheaper
+# than recomputing it for every N tile. L > 64 always uses the separate GEMM.
+FUSED_PROJECTION_MAX_COUT = 128
 
 # False: launch the conv kernels with one heuristic tile config instead of autotuning them on
 # the first call of every shape (quicker start-up, e.g. for tests; a bit slower kernels).
@@ -540,6 +544,7 @@ if triton is not None:
         w_ptr,  # [KSIZE*KSIZE, K, N] weight, contiguous
         z_ptr,  # [B, IN_H, IN_W, L] (BOX_Z) or [B, OUT_H, OUT_W, L] fp32: the projected low-rank input
         r_ptr,  # [B or 1, L, N] low-rank output map (p for the forward, q for grad x)
+        q_ptr,  # [B or 1, L, K] projection of a, if FUSE_PROJECTION (then z_ptr is unused)
         alpha_ptr,  # [B, N] fp32 multiplier of the conv part (strided)
         beta_ptr,  # [B, N] fp32 multiplier of the low-rank part (strided)
         out_ptr,  # [B, OUT_H, OUT_W, N] channels last, contiguous
@@ -558,6 +563,7 @@ if triton is not None:
         N,
         L,
         stride_rb,
+        stride_qb,
         stride_alpha_b,
         stride_alpha_n,
         stride_beta_b,
@@ -571,6 +577,7 @@ if triton is not None:
         HAS_A_SCALE: tl.constexpr,
         HAS_LOWRANK: tl.constexpr,
         BOX_Z: tl.constexpr,  # sum z over the taps (else z is already at the output grid)
+        FUSE_PROJECTION: tl.constexpr,  # box(z) = sum over taps of (a tile) @ q^T, in registers; L <= BLOCK_L
         HAS_NOISE: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         ACTIVATE: tl.constexpr,
@@ -611,37 +618,53 @@ if triton is not None:
         n_ok = offs_n < N
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for tap in tl.static_range(KSIZE * KSIZE):
-            ky = tap // KSIZE
-            kx = tap % KSIZE
-            # which input pixel feeds this output pixel through this tap (MODE 2: only the
-            # taps of the program's phase feed it; the others are skipped, not masked)
-            use_tap = True
-            if MODE == 0:
-                in_y = out_y + (ky - KSIZE // 2)
-                in_x = out_x + (kx - KSIZE // 2)
-            elif MODE == 1:
-                in_y = 2 * out_y + ky
-                in_x = 2 * out_x + kx
-            else:
-                use_tap = ((ky % 2) == phase_y) & ((kx % 2) == phase_x)
-                in_y = grid_y - (ky // 2)
-                in_x = grid_x - (kx // 2)
-            if use_tap:
-                pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
-                a_rows = a_ptr + ((b * IN_H + in_y) * IN_W + in_x) * K
-                w_tap = w_ptr + tap * K * N
-                for k0 in range(0, K, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = offs_k < K
+        if FUSE_PROJECTION:
+            offs_l = tl.arange(0, BLOCK_L)
+            l_ok = offs_l < L
+            z_box = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
+        # K blocks outside, taps inside: the taps' shifted tiles of one K block overlap (L1
+        # hits), and their plain sum is box(a) for the fused low-rank projection
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            w_rows = w_ptr + offs_k[:, None] * N + offs_n[None, :]
+            if HAS_A_SCALE:
+                s = tl.load(a_scale_ptr + b * K + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            if FUSE_PROJECTION:
+                a_box = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for tap in tl.static_range(KSIZE * KSIZE):
+                ky = tap // KSIZE
+                kx = tap % KSIZE
+                # which input pixel feeds this output pixel through this tap (MODE 2: only the
+                # taps of the program's phase feed it; the others are skipped, not masked)
+                use_tap = True
+                if MODE == 0:
+                    in_y = out_y + (ky - KSIZE // 2)
+                    in_x = out_x + (kx - KSIZE // 2)
+                elif MODE == 1:
+                    in_y = 2 * out_y + ky
+                    in_x = 2 * out_x + kx
+                else:
+                    use_tap = ((ky % 2) == phase_y) & ((kx % 2) == phase_x)
+                    in_y = grid_y - (ky // 2)
+                    in_x = grid_x - (kx // 2)
+                if use_tap:
+                    pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
+                    a_rows = a_ptr + ((b * IN_H + in_y) * IN_W + in_x) * K
                     a = tl.load(a_rows[:, None] + offs_k[None, :], mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
-                    w = tl.load(
-                        w_tap + offs_k[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0
-                    )
+                    w = tl.load(w_rows + tap * K * N, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                    if FUSE_PROJECTION:
+                        a_box += a.to(tl.float32)
                     if HAS_A_SCALE:
-                        s = tl.load(a_scale_ptr + b * K + offs_k, mask=k_ok, other=0.0)
-                        a = a.to(tl.float32) * s.to(tl.float32)[None, :]
+                        a = a.to(tl.float32) * s[None, :]
                     acc = tl.dot(a.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
+            if FUSE_PROJECTION:  # the low-rank input box(q a) = q box(a): one small dot per K block
+                q_t = tl.load(
+                    q_ptr + b * stride_qb + offs_l[None, :] * K + offs_k[:, None],
+                    mask=k_ok[:, None] & l_ok[None, :],
+                    other=0.0,
+                )
+                z_box = tl.dot(a_box.to(q_t.dtype), q_t, z_box, input_precision=INPUT_PRECISION)
 
         if REDUCE_X:  # the conv part of grad s: sum over pixels of x * conv^T(g), before alpha
             x_tile = tl.load(
@@ -654,7 +677,15 @@ if triton is not None:
         alpha = tl.load(alpha_ptr + b * stride_alpha_b + offs_n * stride_alpha_n, mask=n_ok, other=0.0)
         acc = acc * alpha[None, :]
 
-        if HAS_LOWRANK:
+        if FUSE_PROJECTION:
+            r = tl.load(
+                r_ptr + b * stride_rb + offs_l[:, None] * N + offs_n[None, :],
+                mask=l_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            beta = tl.load(beta_ptr + b * stride_beta_b + offs_n * stride_beta_n, mask=n_ok, other=0.0)
+            acc += tl.dot(z_box.to(r.dtype), r, input_precision=INPUT_PRECISION) * beta[None, :]
+        elif HAS_LOWRANK:
             low_rank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for l0 in range(0, L, BLOCK_L):
                 offs_l = l0 + tl.arange(0, BLOCK_L)
@@ -897,33 +928,40 @@ if triton is not None:
 
     _conv_gemm_tuned = triton.autotune(
         configs=_CONV_CONFIGS,
-        key=["N", "K", "L", "GRID_H", "GRID_W", "MODE", "KSIZE", "HAS_LOWRANK", "REDUCE_X"],
+        key=["N", "K", "L", "GRID_H", "GRID_W", "MODE", "KSIZE", "HAS_LOWRANK", "FUSE_PROJECTION", "REDUCE_X"],
         prune_configs_by={"early_config_prune": _prune_conv_configs},
     )(_conv_gemm_kernel)
 
 
 def _launch_conv_gemm(
-    a, a_scale, w, z, r, alpha, beta, out, *, mode, ksize, in_hw, out_hw, grid_hw, box_z,
+    a, a_scale, w, z, r, alpha, beta, out, *, mode, ksize, in_hw, out_hw, grid_hw, box_z, q=None,
     noise=None, noise_strength=None, bias=None, activate=False, clamp=None, x=None, partial=None,
 ):  # fmt: skip
-    """Launch `_conv_gemm_kernel`; tensors as its argument comments say (all on one device)."""
+    """Launch `_conv_gemm_kernel`; tensors as its argument comments say (all on one device).
+
+    The low-rank term is off when r is None; with r, give either z (the projected input) or
+    q (the projection, fused into the kernel; needs L <= 64)."""
     batch = a.shape[0]
     n = w.shape[2]
     k = w.shape[1]
-    lowrank = z is not None
+    lowrank = r is not None
+    fuse_projection = lowrank and z is None
     rank = r.shape[1] if lowrank else 1
+    if fuse_projection and rank > 64:
+        raise ValueError(f"the fused projection holds L <= 64 tokens in registers, got L={rank}")
     precision = _fp32_input_precision() if w.dtype == torch.float32 else None
     dummy = alpha
     noise_strides = noise.stride()[:1] + noise.stride()[2:] if noise is not None else (0, 0, 0)
     if noise is not None and noise.shape[0] == 1:
         noise_strides = (0,) + noise_strides[1:]
     args = (
-        a, a_scale if a_scale is not None else dummy, w, z if lowrank else dummy, r if lowrank else dummy,
-        alpha, beta, out,
+        a, a_scale if a_scale is not None else dummy, w, z if z is not None else dummy, r if lowrank else dummy,
+        q if fuse_projection else dummy, alpha, beta, out,
         noise if noise is not None else dummy, noise_strength if noise_strength is not None else dummy,
         bias if bias is not None else dummy, x if x is not None else dummy, partial if partial is not None else dummy,
         in_hw[0], in_hw[1], out_hw[0], out_hw[1], grid_hw[0], grid_hw[1], k, n, rank,
         (r.stride(0) if r.shape[0] > 1 else 0) if lowrank else 0,
+        (q.stride(0) if q.shape[0] > 1 else 0) if fuse_projection else 0,
         alpha.stride(0), alpha.stride(1), beta.stride(0), beta.stride(1),
         *noise_strides, float(clamp) if clamp is not None else 0.0,
     )  # fmt: skip
@@ -933,6 +971,7 @@ def _launch_conv_gemm(
         HAS_A_SCALE=a_scale is not None,
         HAS_LOWRANK=lowrank,
         BOX_Z=box_z,
+        FUSE_PROJECTION=fuse_projection,
         HAS_NOISE=noise is not None,
         HAS_BIAS=bias is not None,
         ACTIVATE=activate,
@@ -963,11 +1002,22 @@ def _pointwise_blocks(pixels: int, channels: int) -> tuple[int, int]:
     return _reduce_block_m(pixels), min(64, max(16, _next_pow2(channels)))
 
 
+_BLUR_TAPS_BY_DEVICE: dict = {}
+
+
+def _blur_taps(device) -> torch.Tensor:
+    """The 1-D blur taps on `device`, made once per device: a host-to-device copy per call
+    would synchronise the stream and break CUDA-graph capture."""
+    if device not in _BLUR_TAPS_BY_DEVICE:
+        _BLUR_TAPS_BY_DEVICE[device] = torch.tensor(_BLUR_TAPS_1D, dtype=torch.float32, device=device)
+    return _BLUR_TAPS_BY_DEVICE[device]
+
+
 def _launch_blur(src, out, *, transpose, noise=None, noise_strength=None, bias=None, activate=False, clamp=None):
     """`_blur_kernel` from src [B, SRC_H, SRC_W, N] fp32 into out [B, OUT_H, OUT_W, N]."""
     batch, src_h, src_w, n = src.shape
     out_h, out_w = out.shape[1], out.shape[2]
-    taps = torch.tensor(_BLUR_TAPS_1D, dtype=torch.float32, device=src.device)
+    taps = _blur_taps(src.device)
     noise_strides = (0, 0, 0)
     if noise is not None:
         noise_strides = (noise.stride(0) if noise.shape[0] > 1 else 0, noise.stride(2), noise.stride(3))
@@ -1052,7 +1102,9 @@ def _triton_forward(x, weight, styles, p, q, demod, noise, noise_strength, bias,
         alpha = torch.full((1, 1), scale, dtype=torch.float32, device=x.device).expand(batch, out_channels)
         beta = torch.ones((1, 1), dtype=torch.float32, device=x.device).expand(batch, out_channels)
     p3, q3 = _as_batched_tokens(p), _as_batched_tokens(q)
-    z = _project(x_nhwc, q3) if p3 is not None else None
+    z = None
+    if p3 is not None and not (out_channels <= FUSED_PROJECTION_MAX_COUT and q3.shape[1] <= 64):
+        z = _project(x_nhwc, q3)
     styles = styles.contiguous()
     epilogue = dict(noise=noise, noise_strength=noise_strength, bias=bias, activate=activate, clamp=clamp)
     if upsample:
@@ -1060,7 +1112,7 @@ def _triton_forward(x, weight, styles, p, q, demod, noise, noise_strength, bias,
         transposed = _alloc((batch, t_h, t_w, out_channels), torch.float32, x.device)
         _launch_conv_gemm(
             x_nhwc, styles, w_taps, z, p3, alpha, beta, transposed, mode=2, ksize=kernel,
-            in_hw=(height, width), out_hw=(t_h, t_w), grid_hw=(height + 1, width + 1), box_z=True,
+            in_hw=(height, width), out_hw=(t_h, t_w), grid_hw=(height + 1, width + 1), box_z=True, q=q3,
         )  # fmt: skip
         out = _alloc((batch, out_channels, 2 * height, 2 * width), x.dtype, x.device, torch.channels_last)
         _launch_blur(transposed, out.permute(0, 2, 3, 1), transpose=False, **epilogue)
@@ -1068,7 +1120,7 @@ def _triton_forward(x, weight, styles, p, q, demod, noise, noise_strength, bias,
         out = _alloc((batch, out_channels, height, width), x.dtype, x.device, torch.channels_last)
         _launch_conv_gemm(
             x_nhwc, styles, w_taps, z, p3, alpha, beta, out.permute(0, 2, 3, 1), mode=0, ksize=kernel,
-            in_hw=(height, width), out_hw=(height, width), grid_hw=(height, width), box_z=True, **epilogue,
+            in_hw=(height, width), out_hw=(height, width), grid_hw=(height, width), box_z=True, q=q3, **epilogue,
         )  # fmt: skip
     return out
 

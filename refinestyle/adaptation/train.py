@@ -1,0 +1,591 @@
+"""Token-only domain adaptation: text-driven (vs StyleGAN-NADA) and one-shot (vs GOGA).
+
+The generator stays frozen; only an Adapter's tokens P, Q and scales A, B train
+(paper Sec. 3.4). Both tasks share one loop, `train_tokens`:
+
+- Adam on the adapter's parameters only; the generator's parameters are frozen
+  (requires_grad False) and checked to receive no gradient at every step;
+- every random draw of step t comes from a generator seeded by (seed, t), so a run
+  resumed from a checkpoint takes exactly the steps the uninterrupted run would have;
+- `work_dir/checkpoint.pt` (tokens, Adam state, step, loss history) every
+  `checkpoint_every` steps and at the end; `resume=True` continues from it;
+- `work_dir/samples/step_XXXXXX.png`: source | adapted images for fixed seeds every
+  `sample_every` steps; `work_dir/loss.png`: the loss curves; a tqdm progress bar.
+
+Text-driven (`adapt_text`): each step samples `batch_size` codes, renders them with the
+frozen and the refined generator under the same noise, and minimises the CLIP
+directional loss (Eq. 7). Paper defaults: Adam, lr 1e-3, 300 steps, batch 2, all layers,
+L = 256.
+
+One-shot (`adapt_oneshot`): with the reference I_r and its code w_r,
+    L = L_rec(G_hat(w_r), I_r) + style_weight * SWD(G_hat(w_g), I_r),
+L_rec being Eq. 6 (L2 + LPIPS + ID) and w_g = [w_c, w_r]: rows < mix_index from the
+mapped random z (content), the rest from w_r (the reference's texture). Defaults follow
+GOGA: 600 steps, batch 1, Adam lr 1e-3 with betas (0, 0.999), codes truncated to 0.7,
+mixing after row 8 of 18 (scaled to the generator's n_latent).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refinestyle.adaptation.adapter import Adapter
+from refinestyle.refinement import Refinement
+
+__all__ = [
+    "train_tokens",
+    "adapt_text",
+    "adapt_oneshot",
+    "sample_codes",
+    "mixed_codes",
+    "default_mix_index",
+    "init_tokens_from_refinement",
+    "CHECKPOINT_NAME",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+_STEP_SEED_STRIDE = 1_000_003
+
+# A step's loss: (refinement of the adapter, step index, CPU torch.Generator seeded for the step)
+#   -> (scalar loss with gradient to the refinement, dict of floats to log)
+StepLoss = Callable[[Refinement, int, torch.Generator], "tuple[torch.Tensor, dict[str, float]]"]
+# Sample rendering: (refinement) -> (images [N, 3, H, W] in [-1, 1], images per grid row)
+SampleFn = Callable[[Refinement], "tuple[torch.Tensor, int]"]
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * _STEP_SEED_STRIDE + step)
+
+
+def _noise(generator: nn.Module, batch: int, rng: torch.Generator, device) -> list[torch.Tensor]:
+    """Per-sample noise maps [batch, 1, r, r] for every conv layer, drawn from `rng` (CPU)."""
+    return [
+        torch.randn(batch, 1, 2 ** ((i + 5) // 2), 2 ** ((i + 5) // 2), generator=rng).to(device)
+        for i in range(generator.num_layers)
+    ]
+
+
+@torch.no_grad()
+def sample_codes(
+    generator: nn.Module,
+    batch: int,
+    rng: torch.Generator,
+    truncation: float = 1.0,
+    truncation_latent: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """w+ codes [batch, n_latent, style_dim] of random z drawn from `rng`, truncated towards the mean w.
+
+    truncation: psi (1: none); truncation_latent: [1, style_dim] or [style_dim] mean w (default:
+    the generator's latent_avg; required for truncation < 1 when it has none).
+    """
+    device = _device_of(generator)
+    z = torch.randn(batch, generator.style_dim, generator=rng).to(device)
+    w = generator.style(z)
+    if truncation < 1:
+        mean = truncation_latent if truncation_latent is not None else generator.latent_avg
+        if mean is None:
+            raise ValueError("truncation_latent: required for truncation < 1 when the generator has no latent_avg")
+        w = mean.reshape(1, -1) + truncation * (w - mean.reshape(1, -1))
+    return w[:, None].repeat(1, generator.n_latent, 1)
+
+
+def default_mix_index(n_latent: int) -> int:
+    """GOGA's mixing row, 8 of 18 latent rows at 1024 px, scaled to other generators."""
+    return max(1, min(n_latent - 1, round(n_latent * 8 / 18)))
+
+
+def mixed_codes(content: torch.Tensor, reference: torch.Tensor, mix_index: int) -> torch.Tensor:
+    """w_g = [w_c, w_r]: rows < mix_index from `content` [B, n, C], the rest from `reference` [1, n, C]."""
+    if content.ndim != 3 or reference.ndim != 3 or reference.shape[1:] != content.shape[1:]:
+        raise ValueError(
+            f"content, reference: expected [B, n_latent, C] and [1, n_latent, C], got {tuple(content.shape)} and "
+            f"{tuple(reference.shape)}"
+        )
+    if not 0 <= mix_index <= content.shape[1]:
+        raise ValueError(f"mix_index: expected an integer in [0, {content.shape[1]}], got {mix_index}")
+    return torch.cat([content[:, :mix_index], reference[:, mix_index:].expand(content.shape[0], -1, -1)], 1)
+
+
+def _plot_history(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({key for entry in history for key in entry if key != "step"})
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    steps = [entry["step"] for entry in history]
+    for key in keys:
+        axis.plot(steps, [entry.get(key, math.nan) for entry in history], label=key)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    if all(entry.get(key, 1) > 0 for entry in history for key in keys):
+        axis.set_yscale("log")
+    axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def train_tokens(
+    generator: nn.Module,
+    adapter: Adapter,
+    step_loss: StepLoss,
+    *,
+    iterations: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    seed: int = 0,
+    work_dir: Optional[str | os.PathLike] = None,
+    checkpoint_every: int = 50,
+    sample_every: int = 50,
+    sample_fn: Optional[SampleFn] = None,
+    resume: bool = False,
+    progress: bool = True,
+    description: str = "adapting",
+) -> list[dict[str, float]]:
+    """Optimise only `adapter`'s tokens against `step_loss`, with the generator frozen.
+
+    generator: the refinestyle.Generator; frozen here (requires_grad_(False)); a gradient
+        reaching any of its parameters raises RuntimeError.
+    adapter: the Adapter whose parameters train (in place).
+    step_loss: (refinement, step, rng) -> (loss, logs); rng is a CPU torch.Generator seeded
+        with (seed, step) for every random draw of that step.
+    iterations: total number of steps (a resumed run continues up to it).
+    lr, betas: Adam's settings.
+    work_dir: folder for checkpoint.pt, samples/ and loss.png (None: nothing is written and
+        resume is impossible).
+    checkpoint_every, sample_every: intervals in steps (0 disables; a checkpoint is also
+        written at the end, samples also at step 0 and at the end).
+    sample_fn: renders the sample grid from the current refinement (no gradient).
+    resume: continue from work_dir/checkpoint.pt if it exists (its tokens must fit the adapter).
+    progress: show a tqdm progress bar.
+
+    Returns the loss history: one dict per step with "step" and the logged values.
+    """
+    from tqdm.auto import tqdm
+
+    from refinestyle.imageio import save_grid
+
+    if iterations < 0:
+        raise ValueError(f"iterations: expected a non-negative integer, got {iterations}")
+    if resume and work_dir is None:
+        raise ValueError("resume: needs a work_dir holding the checkpoint")
+    generator.requires_grad_(False)
+    for parameter in generator.parameters():
+        parameter.grad = None
+    adapter.train()
+    parameters = [p for p in adapter.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=lr, betas=betas)
+    work = Path(work_dir) if work_dir is not None else None
+    checkpoint_path = work / CHECKPOINT_NAME if work is not None else None
+
+    start, history = 0, []
+    if resume and checkpoint_path is not None and checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        saved_shapes = state["metadata"].get("layer_shapes"), state["metadata"].get("num_tokens")
+        if saved_shapes != (adapter.metadata["layer_shapes"], adapter.metadata["num_tokens"]):
+            raise ValueError(
+                f"{checkpoint_path}: holds tokens for layers {saved_shapes[0]} with L={saved_shapes[1]}, this run "
+                f"has {adapter.metadata['layer_shapes']} with L={adapter.metadata['num_tokens']}"
+            )
+        adapter.tokens.load_state_dict(state["tokens"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = int(state["step"]), list(state["history"])
+
+    def save_checkpoint(step: int) -> None:
+        if checkpoint_path is None:
+            return
+        checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": step,
+            "tokens": {k: v.detach().cpu() for k, v in adapter.tokens.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "history": history,
+            "metadata": adapter.metadata,
+        }
+        temporary = checkpoint_path.with_suffix(".tmp")
+        torch.save(state, temporary)
+        os.replace(temporary, checkpoint_path)  # never leave a half-written checkpoint behind
+        if history:
+            _plot_history(history, work / "loss.png")
+
+    def save_samples(step: int) -> None:
+        if work is None or sample_fn is None:
+            return
+        with torch.no_grad():
+            images, nrow = sample_fn(adapter.refinement().detach())
+        save_grid(images, work / "samples" / f"step_{step:06d}.png", nrow=nrow)
+
+    if start == 0 and sample_every:
+        save_samples(0)
+    bar = tqdm(range(start, iterations), desc=description, unit="step", disable=not progress,
+               initial=start, total=iterations)
+    for step in bar:
+        loss, logs = step_loss(adapter.refinement(), step, _step_generator(seed, step))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {step}: the loss is {loss.item()} (lower the learning rate?)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if any(p.grad is not None for p in generator.parameters()):
+            raise RuntimeError("a generator parameter received a gradient: the generator must stay frozen")
+        optimizer.step()
+        entry = {"step": step + 1, "loss": loss.item(), **{k: float(v) for k, v in logs.items()}}
+        history.append(entry)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "step"})
+        done = step + 1
+        if sample_every and (done % sample_every == 0 or done == iterations):
+            save_samples(done)
+        if checkpoint_every and done % checkpoint_every == 0 and done != iterations:
+            save_checkpoint(done)
+    save_checkpoint(max(start, iterations))
+    adapter.eval()
+    return history
+
+
+def _training_metadata(**settings: Any) -> dict[str, Any]:
+    return {key: (list(value) if isinstance(value, tuple) else value) for key, value in settings.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Text-driven
+
+
+def adapt_text(
+    generator: nn.Module,
+    clip_loss: nn.Module,
+    *,
+    adapter: Optional[Adapter] = None,
+    num_refined: Optional[int] = None,
+    num_tokens: int = 256,
+    scale_init: Optional[float] = None,
+    iterations: int = 300,
+    batch_size: int = 2,
+    lr: float = 1e-3,
+    truncation: float = 0.7,
+    seed: int = 0,
+    num_samples: int = 4,
+    work_dir: Optional[str | os.PathLike] = None,
+    checkpoint_every: int = 50,
+    sample_every: int = 50,
+    resume: bool = False,
+    progress: bool = True,
+    metadata: Optional[dict[str, Any]] = None,
+) -> tuple[Adapter, list[dict[str, float]]]:
+    """Text-driven adaptation with the CLIP directional loss (StyleGAN-NADA's setting, paper Eq. 7).
+
+    generator: the frozen refinestyle.Generator.
+    clip_loss: a CLIPDirectionalLoss (source/target text already set) or any module
+        (source_images, adapted_images) -> scalar.
+    adapter: tokens to train (default: Adapter.for_generator(generator, num_refined, num_tokens,
+        scale_init=scale_init)).
+    iterations, batch_size, lr: the paper's 300, 2, 1e-3 by default.
+    truncation: psi of the sampled codes (1: none; needs the generator's latent_avg or a
+        sampled mean, computed from 4096 z when absent).
+    seed: seed of every random draw; num_samples: fixed codes shown in the sample grids.
+    work_dir, checkpoint_every, sample_every, resume, progress: see train_tokens.
+    metadata: extra entries for the adapter file.
+    Returns (adapter, loss history).
+    """
+    device = _device_of(generator)
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+    mean = _mean_latent(generator, truncation, seed)
+    settings = _training_metadata(
+        iterations=iterations, batch_size=batch_size, lr=lr, betas=(0.9, 0.999), truncation=truncation, seed=seed,
+        loss="clip_directional",
+    )
+    info = {
+        "kind": "text",
+        "source_text": getattr(clip_loss, "source_text", None),
+        "target_text": getattr(clip_loss, "target_text", None),
+        "clip_models": [getattr(e, "name", "clip") for e in getattr(clip_loss, "encoders", [])],
+        "training": settings,
+        **(metadata or {}),
+    }
+    if adapter is None:
+        adapter = Adapter.for_generator(generator, num_refined, num_tokens, scale_init=scale_init, **info)
+    else:
+        adapter.metadata.update(info)
+
+    def step_loss(refinement: Refinement, step: int, rng: torch.Generator):
+        codes = sample_codes(generator, batch_size, rng, truncation, mean)
+        noise = _noise(generator, batch_size, rng, device)
+        with torch.no_grad():
+            source = generator.synthesis(codes, noise=noise)
+        adapted = generator.synthesis(codes, refinement=refinement, noise=noise)
+        return clip_loss(source, adapted), {}
+
+    sample_rng = torch.Generator().manual_seed(seed + 12345)
+    sample_codes_fixed = sample_codes(generator, num_samples, sample_rng, truncation, mean)
+    sample_noise = _noise(generator, num_samples, sample_rng, device)
+
+    def sample_fn(refinement: Refinement):
+        source = generator.synthesis(sample_codes_fixed, noise=sample_noise)
+        adapted = generator.synthesis(sample_codes_fixed, refinement=refinement, noise=sample_noise)
+        return torch.cat([source, adapted]), num_samples  # row 1: source, row 2: adapted
+
+    history = train_tokens(
+        generator, adapter, step_loss, iterations=iterations, lr=lr, seed=seed, work_dir=work_dir,
+        checkpoint_every=checkpoint_every, sample_every=sample_every, sample_fn=sample_fn, resume=resume,
+        progress=progress, description="adapt-text",
+    )
+    adapter.metadata["training"]["steps_done"] = iterations
+    return adapter, history
+
+
+def _mean_latent(generator: nn.Module, truncation: float, seed: int) -> Optional[torch.Tensor]:
+    """The mean w used for truncation: the checkpoint's latent_avg, else the mean of 4096 seeded z."""
+    if truncation >= 1:
+        return None
+    if generator.latent_avg is not None:
+        return generator.latent_avg.reshape(1, -1)
+    rng = torch.Generator().manual_seed(seed + 777)
+    with torch.no_grad():
+        z = torch.randn(4096, generator.style_dim, generator=rng).to(_device_of(generator))
+        return torch.cat([generator.style(chunk) for chunk in z.split(1024)]).mean(0, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# One-shot
+
+
+@torch.no_grad()
+def init_tokens_from_refinement(adapter: Adapter, refinement: Refinement) -> dict[str, Any]:
+    """Initialise an adapter's tokens from one image's inverted tokens (paper Fig. 8).
+
+    refinement: the inverter's Refinement for the reference image: per-sample tokens with
+        batch size 1 ([1, L_inv, C]) or shared ([L_inv, C]), already scaled (p = A*P, q = B*Q).
+
+    The rule, per conv layer that both refine (layers only the adapter refines keep their
+    random initialisation; layers only the inverter refines are dropped):
+    - L_inv <= L: the first L_inv adapter tokens take the inverter's tokens, split as
+      p_l = A_l * P_l with A_l = rms(p_l) (so P_l has unit RMS like a fresh token) and the
+      same for q; the remaining L - L_inv tokens keep random P, Q and B but get A = 0, so
+      the initial residual is exactly the inverter's and the extra tokens start training
+      from zero (A's gradient is not zero).
+    - L_inv > L: the residual dW = p^T q [Cout, Cin] is truncated to its best rank-L
+      approximation (SVD: dW ~ U_L S_L V_L^T, p = sqrt(S_L) U_L^T, q = sqrt(S_L) V_L^T).
+    Returns a summary dict (layers copied, random, dropped; truncated or padded) that the
+    caller stores in the adapter's metadata.
+    """
+    if refinement.batch_size not in (None, 1):
+        raise ValueError(f"refinement: expected the tokens of ONE image (batch 1), got batch {refinement.batch_size}")
+    if refinement.num_layers != adapter.tokens.num_layers:
+        raise ValueError(
+            f"refinement: built for a generator with {refinement.num_layers} conv layers, the adapter for "
+            f"{adapter.tokens.num_layers}"
+        )
+    adapter_first = adapter.tokens.num_layers - adapter.num_refined
+    summary = {"copied": [], "random": [], "dropped": [], "truncated": [], "padded": []}
+    for layer in range(min(adapter_first, refinement.first_layer), adapter.tokens.num_layers):
+        p, q = refinement.for_layer(layer)
+        if layer < adapter_first:
+            if p is not None:
+                summary["dropped"].append(layer)
+            continue
+        if p is None:
+            summary["random"].append(layer)
+            continue
+        tokens = adapter.tokens.layers[layer - adapter_first]
+        p = p.reshape(p.shape[-2], p.shape[-1]).to(tokens.P)
+        q = q.reshape(q.shape[-2], q.shape[-1]).to(tokens.Q)
+        if p.shape[1] != tokens.P.shape[1] or q.shape[1] != tokens.Q.shape[1]:
+            raise ValueError(
+                f"refinement: conv layer {layer} has tokens p {tuple(p.shape)} / q {tuple(q.shape)}, the adapter "
+                f"expects Cout={tokens.P.shape[1]}, Cin={tokens.Q.shape[1]}"
+            )
+        size = tokens.num_tokens
+        if p.shape[0] > size:
+            u, s, vh = torch.linalg.svd(p.T.double() @ q.double(), full_matrices=False)
+            root = s[:size].sqrt()
+            p = (root[:, None] * u[:, :size].T).to(tokens.P)
+            q = (root[:, None] * vh[:size]).to(tokens.Q)
+            summary["truncated"].append(layer)
+        elif p.shape[0] < size:
+            summary["padded"].append(layer)
+        count = p.shape[0]
+        scale_p = p.square().mean(1).sqrt().clamp_min(1e-12)
+        scale_q = q.square().mean(1).sqrt().clamp_min(1e-12)
+        tokens.P[:count] = p / scale_p[:, None]
+        tokens.A[:count] = scale_p
+        tokens.Q[:count] = q / scale_q[:, None]
+        tokens.B[:count] = scale_q
+        tokens.A[count:] = 0
+        summary["copied"].append(layer)
+    return summary
+
+
+def adapt_oneshot(
+    generator: nn.Module,
+    reference: torch.Tensor,
+    w_r: torch.Tensor,
+    reconstruction_loss: nn.Module,
+    style_loss: nn.Module,
+    *,
+    adapter: Optional[Adapter] = None,
+    num_refined: Optional[int] = None,
+    num_tokens: int = 256,
+    scale_init: Optional[float] = None,
+    init_refinement: Optional[Refinement] = None,
+    reference_noise: Optional[Sequence[torch.Tensor]] = None,
+    iterations: int = 600,
+    batch_size: int = 1,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.0, 0.999),
+    style_weight: float = 1.0,
+    mix_index: Optional[int] = None,
+    truncation: float = 0.7,
+    loss_size: int = 256,
+    seed: int = 0,
+    num_samples: int = 4,
+    work_dir: Optional[str | os.PathLike] = None,
+    checkpoint_every: int = 50,
+    sample_every: int = 50,
+    resume: bool = False,
+    progress: bool = True,
+    metadata: Optional[dict[str, Any]] = None,
+) -> tuple[Adapter, list[dict[str, float]]]:
+    """One-shot adaptation to a reference image (GOGA's setting with the paper's Eq. 6 + SWD).
+
+    generator: the frozen refinestyle.Generator.
+    reference: float [1, 3, H, W] in [-1, 1] (resized to the generator's size).
+    w_r: float [1, n_latent, style_dim], the reference's inverted code.
+    reconstruction_loss: refinestyle.losses.ReconstructionLoss (or any (x, y) -> (loss, parts)
+        or -> loss), compared at min(loss_size, size) px.
+    style_loss: an SWDStyleLoss (its reference is set here) or any module images -> scalar.
+    adapter / num_refined / num_tokens / scale_init: as adapt_text.
+    init_refinement: the inverter's Refinement for the reference (batch 1), to initialise
+        the tokens (see init_tokens_from_refinement); None keeps the random init.
+    reference_noise: noise maps for rendering w_r (e.g. the projection's); default: the
+        generator's stored noise.
+    iterations, batch_size, lr, betas: GOGA's 600, 1, 1e-3, (0, 0.999).
+    style_weight: weight of the SWD style term (normalised SWD, see swd.py; 1.0).
+    mix_index: w_g takes rows < mix_index from random content codes, the rest from w_r
+        (default: default_mix_index(n_latent), 8 at 1024 px).
+    truncation: psi of the random content codes (0.7).
+    seed, num_samples, work_dir, checkpoint_every, sample_every, resume, progress, metadata:
+        as adapt_text.
+    Returns (adapter, loss history).
+    """
+    device = _device_of(generator)
+    size = generator.size
+    if reference.ndim != 4 or reference.shape[:2] != (1, 3):
+        raise ValueError(f"reference: expected one image [1, 3, H, W] in [-1, 1], got {tuple(reference.shape)}")
+    if tuple(w_r.shape) != (1, generator.n_latent, generator.style_dim):
+        raise ValueError(
+            f"w_r: expected [1, {generator.n_latent}, {generator.style_dim}], got {tuple(w_r.shape)}"
+        )
+    reference = reference.to(device, torch.float32)
+    if reference.shape[-2:] != (size, size):
+        reference = F.interpolate(reference, size=(size, size), mode="area" if reference.shape[-1] > size else "bilinear")
+    w_r = w_r.to(device, torch.float32).detach()
+    mix_index = default_mix_index(generator.n_latent) if mix_index is None else mix_index
+    if not 0 <= mix_index <= generator.n_latent:
+        raise ValueError(f"mix_index: expected an integer in [0, {generator.n_latent}], got {mix_index}")
+    compare = min(loss_size, size)
+
+    def for_loss(x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x, compare) if x.shape[-1] != compare else x
+
+    reference_small = for_loss(reference)
+    if hasattr(style_loss, "set_reference"):
+        style_loss.set_reference(reference)
+    mean = _mean_latent(generator, truncation, seed)
+    if reference_noise is None:
+        reference_noise = [getattr(generator.noises, f"noise_{i}") for i in range(generator.num_layers)]
+    reference_noise = [n.to(device) for n in reference_noise]
+
+    settings = _training_metadata(
+        iterations=iterations, batch_size=batch_size, lr=lr, betas=betas, style_weight=style_weight,
+        mix_index=mix_index, truncation=truncation, seed=seed,
+        reconstruction_weights=getattr(reconstruction_loss, "weights", None),
+        loss="reconstruction(Eq.6)+swd",
+    )
+    info = {"kind": "oneshot", "training": settings, **(metadata or {})}
+    if adapter is None:
+        adapter = Adapter.for_generator(generator, num_refined, num_tokens, scale_init=scale_init, **info)
+    else:
+        adapter.metadata.update(info)
+    if init_refinement is not None and not (resume and work_dir and (Path(work_dir) / CHECKPOINT_NAME).is_file()):
+        adapter.metadata["token_init"] = init_tokens_from_refinement(adapter, init_refinement)
+
+    def reconstruction(generated: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        result = reconstruction_loss(for_loss(generated), reference_small)
+        if isinstance(result, tuple):
+            total, parts = result
+            return total, {f"rec_{k}": float(v) for k, v in parts.items() if k != "total"}
+        return result, {}
+
+    def step_loss(refinement: Refinement, step: int, rng: torch.Generator):
+        rec, logs = reconstruction(generator.synthesis(w_r, refinement=refinement, noise=reference_noise))
+        content = sample_codes(generator, batch_size, rng, truncation, mean)
+        w_g = mixed_codes(content, w_r, mix_index)
+        synthesized = generator.synthesis(w_g, refinement=refinement, noise=_noise(generator, batch_size, rng, device))
+        style = style_loss(synthesized)
+        logs.update(rec=rec.item(), style=style.item())
+        return rec + style_weight * style, logs
+
+    sample_rng = torch.Generator().manual_seed(seed + 12345)
+    sample_content = sample_codes(generator, num_samples, sample_rng, truncation, mean)
+    sample_noise = _noise(generator, num_samples, sample_rng, device)
+
+    def sample_fn(refinement: Refinement):
+        # row 1: the reference, then the frozen generator's samples; row 2: G_hat(w_r), then the adapted samples
+        source = generator.synthesis(sample_content, noise=sample_noise)
+        adapted = generator.synthesis(sample_content, refinement=refinement, noise=sample_noise)
+        rebuilt = generator.synthesis(w_r, refinement=refinement, noise=reference_noise)
+        return torch.cat([reference, source, rebuilt, adapted]), num_samples + 1
+
+    history = train_tokens(
+        generator, adapter, step_loss, iterations=iterations, lr=lr, betas=betas, seed=seed, work_dir=work_dir,
+        checkpoint_every=checkpoint_every, sample_every=sample_every, sample_fn=sample_fn, resume=resume,
+        progress=progress, description="adapt-oneshot",
+    )
+    adapter.metadata["training"]["steps_done"] = iterations
+    return adapter, history
+
+
+def save_w_plus(path: str | os.PathLike, w_plus: torch.Tensor, noise: Optional[Sequence[torch.Tensor]] = None) -> None:
+    """Cache an inverted code (and its noise maps) so that a resumed run does not invert again."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"w_plus": w_plus.detach().cpu(), "noise": None if noise is None else [n.detach().cpu() for n in noise]},
+               path)
+
+
+def load_w_plus(path: str | os.PathLike) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state["w_plus"], state["noise"]
+
+
+def history_summary(history: list[dict[str, float]], window: int = 10) -> dict[str, float]:
+    """Mean of every logged value over the first and the last `window` steps (for reports)."""
+    if not history:
+        return {}
+    keys = [k for k in history[0] if k != "step"]
+    first, last = history[:window], history[-window:]
+    summary = {}
+    for key in keys:
+        summary[f"{key}_first"] = sum(e[key] for e in first) / len(first)
+        summary[f"{key}_last"] = sum(e[key] for e in last) / len(last)
+    return summary
+
+
+def write_history(path: str | os.PathLike, history: list[dict[str, float]]) -> None:
+    """The loss history as JSON lines."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(entry) + "\n" for entry in history))

@@ -1,0 +1,166 @@
+"""Smoke runs of the CPU suite (`python -m benchmarks`) on a tiny generator: outputs, schema, guard."""
+import csv
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from benchmarks import implementations as impl_module
+from benchmarks.__main__ import main
+from benchmarks.implementations import TORCH, Implementation
+from benchmarks.timing import CorrectnessError, compare, percentile, tolerance_for
+from refinestyle_kernels import styled_conv2d
+
+TINY = [
+    "--suite", "cpu",
+    "--layer-size", "16", "--sizes", "16",
+    "--channel-max", "8", "--style-dim", "16", "--n-mlp", "1",
+    "--min-time-ms", "0", "--min-reps", "2", "--max-reps", "2", "--warmup-ms", "0",
+    "--quiet",
+]  # fmt: skip
+
+RECORD_KEYS = {
+    "case_id", "group", "implementation", "family", "status", "batch", "dtype", "mode", "num_tokens",
+    "token_sharing", "median_ms", "p20_ms", "p80_ms", "reps", "speedup_vs_reference", "speedup_vs_best_plain",
+    "model_flops", "model_bytes", "tflops", "floor_ms", "pct_of_roofline", "peak_mem_bytes", "rel_error",
+    "tolerance", "truth",
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops on a shared 2-core machine: extra intra-op threads only spin against the other workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _only_json(folder):
+    files = sorted(folder.glob("*.json"))
+    assert len(files) == 1, files
+    return files[0], json.loads(files[0].read_text())
+
+
+def test_cpu_suite_smoke_run_writes_every_report(tmp_path, capsys):
+    argv = TINY + ["--layers", "conv1,convs.0,to_rgbs.1", "--tokens", "0,4,6s", "--mode", "fwd,fwdbwd",
+                   "--out", str(tmp_path)]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "GPU suite was NOT run" in stdout and "REDUCED CPU SUITE" in stdout
+
+    path, run = _only_json(tmp_path)
+    assert path.name.startswith("cpu-") and run["created"][:10] in path.name
+    assert run["schema"] == "refinestyle-bench/1"
+    assert run["suite"] == "cpu" and run["gpu_suite_run"] is False and run["complete"] is True
+    assert run["fatal_error"] is None
+    env = run["environment"]
+    for key in ("device_name", "torch", "triton", "python", "cpu_threads", "tf32_matmul"):
+        assert key in env
+    assert env["torch"] == torch.__version__
+    assert run["peaks"]["matmul_flops_per_s"]["float32"] > 0 and run["peaks"]["copy_bytes_per_s"] > 0
+    assert [impl["name"] for impl in run["implementations"]] == ["reference", "nvlabs", "torch"]
+    assert run["flop_check"] and all(check["ok"] for check in run["flop_check"])
+    assert {t["target"] for t in run["targets"]} >= {"speedup_vs_reference", "peak_memory_ratio"}
+    assert all(t["met"] is None for t in run["targets"])  # no GPU: the targets are not measured
+
+    results = run["results"]
+    # 3 layers (toRGB unrefined only) x 2 modes, + generator with 3 token settings x 2 modes, x 3 implementations
+    assert len(results) == (2 * 3 + 1) * 2 * 3 + 3 * 2 * 3
+    assert {r["group"] for r in results} == {"layer", "generator"}
+    assert {(r["num_tokens"], r["token_sharing"]) for r in results} == {(0, "none"), (4, "per_sample"), (6, "shared")}
+    for record in results:
+        assert RECORD_KEYS <= set(record), RECORD_KEYS - set(record)
+        assert record["status"] == "ok", record
+        assert record["reps"] == 2
+        assert 0 < record["p20_ms"] <= record["median_ms"] <= record["p80_ms"]
+        assert record["model_flops"] > 0 and record["model_bytes"] > 0
+        assert record["floor_ms"] > 0 and 0 < record["pct_of_roofline"]
+        assert record["tflops"] == pytest.approx(record["model_flops"] / (record["median_ms"] * 1e-3) / 1e12)
+        assert record["peak_mem_bytes"] is None  # measured on CUDA only
+        assert record["truth"] == "reference/float64"
+        # the guard compared the output and, for fwd+bwd, every gradient
+        expected = {"out"}
+        if record["mode"] == "forward_backward":
+            expected |= {"grad_x", "grad_styles"} if record["group"] == "layer" else {"grad_w_plus"}
+            if record["num_tokens"]:
+                expected |= {"grad_p", "grad_q"}
+        assert set(record["rel_error"]) == expected
+        assert all(record["rel_error"][k] <= record["tolerance"][k] < 1e-3 for k in expected)
+        if record["implementation"] == "reference":
+            assert record["speedup_vs_reference"] == 1.0
+
+    with path.with_suffix(".csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(results) and float(rows[0]["median_ms"]) == results[0]["median_ms"]
+    markdown = path.with_suffix(".md").read_text()
+    assert "Whole synthesis network" in markdown and "Per layer" in markdown and "GPU SUITE WAS NOT RUN" in markdown
+    png = path.with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    # the report subcommand redraws the same tables from the JSON
+    assert main(["report", str(path), "--no-plot"]) == 0
+    assert "generator 16px" in capsys.readouterr().out
+
+
+def _drops_residual(x, weight, styles, p=None, q=None, **kwargs):
+    """A plausible bug: the low-rank residual silently ignored."""
+    return styled_conv2d(x, weight, styles, None, None, **kwargs)
+
+
+def _with_wrong(monkeypatch, fatal):
+    wrong = Implementation("wrong", "fused" if fatal else "plain", "torch", op=_drops_residual, fatal_on_wrong=fatal)
+    known = dict(impl_module.registry(), wrong=wrong)
+    monkeypatch.setattr(impl_module, "registry", lambda: known)
+
+
+def test_correctness_guard_fails_the_run_loudly(tmp_path, monkeypatch, capsys):
+    _with_wrong(monkeypatch, fatal=True)
+    argv = TINY + ["--groups", "layer", "--layers", "convs.0", "--tokens", "4", "--impls", "torch,wrong",
+                   "--no-plot", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "CORRECTNESS GUARD FAILED" in captured.err and "wrong on layer/" in captured.err
+    _, run = _only_json(tmp_path)
+    assert run["complete"] is False and "differs from the reference" in run["fatal_error"]
+    wrong = [r for r in run["results"] if r["implementation"] == "wrong"]
+    assert len(wrong) == 1 and wrong[0]["status"] == "wrong"
+    assert "median_ms" not in wrong[0] and wrong[0]["rel_error"]["out"] > 0.1  # no time for a wrong result
+    # the case's other implementation was measured before the guard stopped the run
+    assert [r["status"] for r in run["results"] if r["implementation"] == "torch"] == ["ok"]
+
+
+def test_wrong_plain_variant_is_reported_not_timed_and_the_run_goes_on(tmp_path, monkeypatch):
+    _with_wrong(monkeypatch, fatal=False)
+    argv = TINY + ["--groups", "layer", "--layers", "conv1", "--tokens", "0,4", "--impls", "wrong,torch",
+                   "--no-plot", "--out", str(tmp_path)]
+    assert main(argv) == 3
+    _, run = _only_json(tmp_path)
+    assert run["complete"] is True
+    status = {(r["implementation"], r["num_tokens"]): r["status"] for r in run["results"]}
+    # without tokens dropping them changes nothing; with tokens the guard catches it
+    assert status == {("wrong", 0): "ok", ("torch", 0): "ok", ("wrong", 4): "wrong", ("torch", 4): "ok"}
+
+
+def test_compare_and_tolerances():
+    truth = {"out": torch.randn(50, dtype=torch.float64)}
+    close = {"out": truth["out"] * (1 + 1e-6)}
+    assert compare("x", close, truth, {"out": 1e-4})["out"] == pytest.approx(1e-6, rel=1e-3)
+    with pytest.raises(CorrectnessError, match="out: "):
+        compare("x", {"out": truth["out"] * 1.01}, truth, {"out": 1e-4})
+    with pytest.raises(CorrectnessError):
+        compare("x", {"out": torch.full((50,), math.nan)}, truth, {"out": 1.0})
+    assert tolerance_for("bfloat16", 1e-3) == 2e-2 and tolerance_for("bfloat16", 1e-2) == pytest.approx(4e-2)
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0 and percentile([1.0, 2.0], 0.2) == pytest.approx(1.2)
+
+
+def test_selection_errors_are_clear():
+    with pytest.raises(SystemExit, match="unknown"):
+        main(TINY + ["--impls", "reference,cudnn-magic"])
+    with pytest.raises(SystemExit, match="--tokens"):
+        main(TINY + ["--tokens", "lots"])
+    with pytest.raises(SystemExit, match="unknown layer"):
+        main(TINY + ["--layers", "convs.99"])
+    assert replace(TORCH, name="t").name == "t"
