@@ -173,8 +173,8 @@ class Generator(nn.Module):
         if value is not None and not (isinstance(value, (int, float)) and value > 0):
             raise ValueError(f"conv_clamp: expected None or a positive number, got {value!r}")
         self._conv_clamp = None if value is None else float(value)
-        for conv in self.conv_layers():
-            conv.clamp = self._conv_clamp
+        for layer in [*self.conv_layers(), self.to_rgb1, *self.to_rgbs]:
+            layer.clamp = self._conv_clamp
 
     def conv_layers(self) -> list[StyledConv]:
         """The num_layers modulated StyledConv modules in layer order: conv1, convs[0], convs[1], ..."""
@@ -346,7 +346,7 @@ class Generator(nn.Module):
         out = self.input(w_plus)
         p, q = tokens(0)
         out = self.conv1(out, w_plus[:, 0], noise=noise[0], p=p, q=q)
-        skip = self._to_rgb(self.to_rgb1, out, w_plus[:, 1], None)
+        skip = self.to_rgb1(out, w_plus[:, 1])
 
         row = 1
         for block, to_rgb in enumerate(self.to_rgbs):
@@ -355,7 +355,7 @@ class Generator(nn.Module):
             out = up_conv(out, w_plus[:, row], noise=noise[row], p=p, q=q)
             p, q = tokens(row + 1)
             out = conv(out, w_plus[:, row + 1], noise=noise[row + 1], p=p, q=q)
-            skip = self._to_rgb(to_rgb, out, w_plus[:, row + 2], skip)
+            skip = to_rgb(out, w_plus[:, row + 2], skip)
             row += 2
         return skip
 
@@ -379,15 +379,6 @@ class Generator(nn.Module):
                 raise ValueError(f"noise[{index}]: expected [B={batch} or 1, 1, {resolution}, {resolution}], got {shape}")
             checked.append(item)
         return checked
-
-    def _to_rgb(self, to_rgb: ToRGB, out: Tensor, style: Tensor, skip: Optional[Tensor]) -> Tensor:
-        if self._conv_clamp is None:
-            return to_rgb(out, style, skip)
-        # NVlabs clamps the toRGB output (before the skip is added); ToRGB has no clamp option
-        rgb = to_rgb.conv.layer_forward(out, style, bias=to_rgb.bias.reshape(3), activate=False, clamp=self._conv_clamp)
-        if skip is not None:
-            rgb = rgb + to_rgb.upsample(skip.to(rgb.dtype))
-        return rgb
 
     def extra_repr(self) -> str:
         return (

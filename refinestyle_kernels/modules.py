@@ -320,6 +320,7 @@ class ToRGB(nn.Module):
     Parameters: `conv` (ModulatedConv2d(in_channel, 3, 1)), `bias` [1, 3, 1, 1]; with
     upsample the buffer `upsample.kernel`.
     forward(input [B, Cin, H, W], style [B, style_dim], skip=None | [B, 3, H/2, W/2]) -> [B, 3, H, W].
+    clamp: None or a positive float; clamps conv + bias before the skip is added (NVlabs' conv_clamp).
     """
 
     def __init__(
@@ -329,9 +330,11 @@ class ToRGB(nn.Module):
         upsample: bool = True,
         blur_kernel: Sequence[float] = DEFAULT_BLUR_KERNEL,
         *,
+        clamp: float | None = None,
         backend: str = "auto",
     ):
         super().__init__()
+        self.clamp = clamp
         if upsample:
             self.upsample = Upsample(blur_kernel)
         self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False, backend=backend)
@@ -346,7 +349,7 @@ class ToRGB(nn.Module):
         self.conv.backend = check_backend(value)
 
     def forward(self, input: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.conv.layer_forward(input, style, bias=self.bias.reshape(3), activate=False)
+        out = self.conv.layer_forward(input, style, bias=self.bias.reshape(3), activate=False, clamp=self.clamp)
         if skip is not None:
             if not hasattr(self, "upsample"):
                 raise ValueError("skip: this ToRGB was built with upsample=False and takes no skip input")
