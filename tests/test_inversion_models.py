@@ -296,3 +296,33 @@ def test_save_and_load_inverters(tmp_path):
         load_inverter(tmp_path / "one.safetensors", other)
     with pytest.raises(FileNotFoundError):
         load_inverter(tmp_path / "missing.safetensors", generator)
+
+
+def test_paper_table1_sizes_with_head_width_128():
+    """Parameters and MACs of E + branches at 1024 px / 256 px input match the paper's Table 1.
+
+    Built on the meta device (no memory, no arithmetic): the counts depend on shapes only.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def giga_macs(function):
+        with FlopCounterMode(display=False) as counter:
+            function()
+        return counter.get_total_flops() / 2e9
+
+    with torch.device("meta"):
+        generator = Generator(1024)
+        images = torch.empty(1, 3, 256, 256)
+        mapping = sum(p.numel() for p in generator.style.parameters())  # the paper counts it with G
+        w_only = OneStageInverter(generator, refine=False, head_dim=128, latent_avg=torch.zeros(512))
+        one = OneStageInverter(generator, 10, 32, head_dim=128, token_levels=("fine",), latent_avg=torch.zeros(512))
+        two = TwoStageInverter(generator, lambda x: None, 17, 32, head_dim=128)
+        sizes = {
+            "StyleTrans": ((w_only.num_parameters() - mapping) / 1e6, giga_macs(lambda: w_only.w_plus_only(images))),
+            "one-stage": ((one.num_parameters() - mapping) / 1e6, giga_macs(lambda: one(images, render=False))),
+            "two-stage": (two.num_parameters() / 1e6, giga_macs(lambda: two.refinement_for(images, images))),
+        }
+    paper = {"StyleTrans": (40.6, 36.3), "one-stage": (46.4, 43.0), "two-stage": (47.1, 51.1)}
+    for name, (params, macs) in sizes.items():
+        assert abs(params - paper[name][0]) < 0.06, (name, params)
+        assert abs(macs - paper[name][1]) < 0.11, (name, macs)

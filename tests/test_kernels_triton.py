@@ -12,8 +12,12 @@ NaN, so an element a kernel forgets to write fails the comparison.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import subprocess
+import sys
+import textwrap
 from dataclasses import dataclass
 
 import pytest
@@ -247,6 +251,40 @@ def test_triton_backend_runs_the_triton_kernels(monkeypatch):
 
 
 @needs_interpreter
+@pytest.mark.parametrize(
+    "layer",
+    [
+        Layer(batch=2, in_channels=40, out_channels=20, height=9, width=11, num_tokens=7),
+        Layer(batch=2, in_channels=40, out_channels=20, height=7, width=8, upsample=True, tokens="shared"),
+    ],
+    ids=str,
+)
+def test_autotuned_launch_path_runs_every_pruned_config(layer, monkeypatch):
+    """The GPU path launches the conv kernel through triton.autotune. With a stand-in timer the
+    autotuner runs here too: every config that survives pruning is launched (in the
+    interpreter), the last one benchmarked wins, and the result must match the reference."""
+    import triton
+
+    launches = itertools.count()
+
+    def stand_in_timer(kernel_call, quantiles):
+        kernel_call()
+        elapsed = -float(next(launches))  # each config "faster" than the one before
+        return [elapsed] * len(quantiles)
+
+    tuned = triton.autotune(
+        configs=op_module._CONV_CONFIGS,
+        key=["N", "K", "L", "GRID_H", "GRID_W", "MODE", "KSIZE", "HAS_LOWRANK", "FUSE_PROJECTION", "REDUCE_X"],
+        prune_configs_by={"early_config_prune": op_module._prune_conv_configs},
+        do_bench=stand_in_timer,
+    )(op_module._conv_gemm_kernel)
+    monkeypatch.setattr(op_module, "_conv_gemm_tuned", tuned)
+    monkeypatch.setattr(op_module, "_interpreted", lambda: False)  # take the GPU branch of the launcher
+    check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"])
+    assert next(launches) > 2  # forward and grad x were each tuned over more than one config
+
+
+@needs_interpreter
 def test_frozen_weight_costs_no_weight_gradient(monkeypatch):
     """With weight.requires_grad False the weight-gradient conv never runs."""
 
@@ -352,6 +390,56 @@ def test_bad_inputs_for_the_triton_backend():
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(op_module, "TRITON_FP32_PRECISION", "fast")
             op_module._fp32_input_precision()
+
+
+# The interpreter accepts code the compiler rejects (and the reverse). Triton compiles for a GPU
+# without one: AST -> TTIR -> TTGIR -> LLVM -> PTX -> cubin (ptxas ships with Triton). This builds
+# the two most intricate variants for Hopper (sm_90) in a fresh process, outside the interpreter.
+COMPILE_FOR_SM90 = textwrap.dedent(
+    """
+    import os
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from refinestyle_kernels.ops import modulated_conv2d as m
+
+    def build(fn, pointers, constexprs):
+        signature = {
+            name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name == "clamp_value" else "i32")
+            for name in fn.arg_names
+        }
+        source = ASTSource(fn, signature, constexprs=constexprs)
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+        assert kernel.asm["cubin"]
+
+    names = ["a_ptr", "a_scale_ptr", "w_ptr", "z_ptr", "r_ptr", "q_ptr", "alpha_ptr", "beta_ptr", "out_ptr",
+             "noise_ptr", "noise_strength_ptr", "bias_ptr", "x_ptr", "reduce_ptr"]
+    flags = dict(KSIZE=3, BOX_Z=True, HAS_NOISE=False, HAS_BIAS=False, ACTIVATE=False, HAS_CLAMP=False,
+                 BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_L=32)
+    # forward of the upsampling layer, bf16, fused projection: phase taps behind a runtime branch
+    pointers = dict.fromkeys(names, "*bf16") | dict(z_ptr="*fp32", alpha_ptr="*fp32", beta_ptr="*fp32",
+                                                    out_ptr="*fp32", reduce_ptr="*fp32")
+    build(m._conv_gemm_kernel, pointers, dict(flags, MODE=2, HAS_A_SCALE=True, HAS_LOWRANK=True,
+                                              FUSE_PROJECTION=True, REDUCE_X=False, INPUT_PRECISION=None))
+    # grad x of the same layer, fp32 with TF32 dots, the low-rank adjoint and the grad-s reduction
+    flags.update(BOX_Z=False, HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True, HAS_CLAMP=True)
+    build(m._conv_gemm_kernel, dict.fromkeys(names, "*fp32"), dict(flags, MODE=1, HAS_A_SCALE=False,
+          HAS_LOWRANK=True, FUSE_PROJECTION=False, REDUCE_X=True, INPUT_PRECISION="tf32"))
+    print("compiled for sm_90")
+    """
+)
+
+
+@pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
+def test_kernels_compile_for_hopper_without_a_gpu():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and "compiled for sm_90" in result.stdout, result.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def config_from_args(args: argparse.Namespace):
         if not saved.is_file():
             raise FileNotFoundError(f"--resume: {saved} not found; is {args.out} a train-inverter run folder?")
         fields = json.loads(saved.read_text())
-        fields.update(run_time, resume=True)
+        fields.update(run_time, out=args.out, resume=True)
         return TrainConfig(**fields)
     missing = [flag for flag, value in (("--generator", args.generator), ("--data", args.data)) if value is None]
     if missing:

@@ -7,9 +7,10 @@ One-stage (`OneStageInverter`): an image I goes through the feature-pyramid enco
   to learned Gaussian tokens [n_latent, C]; three transformer blocks (self-attention,
   cross-attention to coarse, then medium, then fine features, feed-forward) turn them
   into w+ = output + latent_avg. The MLP (a copy of the generator's) trains with the rest.
-- the token branch: learned initial tokens P~, Q~ [Nr, L, C] pass three grouped
-  transformer blocks (self-attention only within each layer's L tokens, cross-attention
-  to coarse, medium, fine features), then per-layer heads C -> Cout_n and C -> Cin_n and
+- the token branch: learned initial tokens P~, Q~ [Nr, L, C] pass grouped transformer
+  blocks (self-attention only within each layer's L tokens, cross-attention to image
+  features: by default three blocks reading coarse, medium, fine features in turn;
+  `token_levels` picks others), then per-layer heads C -> Cout_n and C -> Cin_n and
   the learnable scales A_n, B_n [L] give p_n = A_n * P_n, q_n = B_n * Q_n: a per-image
   `Refinement` of the generator's last Nr convs.
 
@@ -24,6 +25,11 @@ trained with refine=False (Style Transformer's design).
 P~ and Q~ go through the same grouped blocks as 2*Nr groups of L tokens each (the P
 groups of every layer, then the Q groups): a P token attends to the other P tokens of its
 layer, a Q token to the Q tokens of its layer. C is the generator's style_dim (512).
+
+Head width: the appendix's "4 heads of dimension 512" is the default (head_dim=512);
+the paper's Table 1 parameter counts and FLOPs are matched by head_dim=128 and, for the
+one-stage model, token_levels=("fine",) (see docs/inversion-models.md and
+tests/test_inversion_models.py::test_paper_table1_sizes_with_head_width_128).
 
 Files: `save_inverter` writes the inverter's own weights (not the generator's) to a
 safetensors file with its configuration as JSON in the metadata; `load_inverter` rebuilds

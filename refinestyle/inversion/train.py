@@ -46,9 +46,9 @@ from refinestyle.inversion.metrics import pool_to
 
 CHECKPOINT_NAME = "latest.pt"
 INVERTER_NAME = "inverter.safetensors"
-# Fields a resumed run may change; everything else must match the interrupted run.
+# Fields a resumed run may change (`out`: the run folder may have moved); the rest is the interrupted run's.
 RESUME_OVERRIDABLE = (
-    "max_steps", "resume", "workers", "progress", "device", "log_every", "image_every",
+    "out", "max_steps", "resume", "workers", "progress", "device", "log_every", "image_every",
     "val_every", "checkpoint_every", "tensorboard", "val_max_images",
 )
 
@@ -331,31 +331,33 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> int:
-    """Recompute activations in backward for the generator's StyledConvs and the encoder's units.
+    """Recompute the generator's StyledConv layers in backward instead of keeping their activations.
 
-    Each selected module's forward is wrapped in torch.utils.checkpoint (non-reentrant,
-    RNG state preserved so the recomputed noise is the same). Parameter names and
-    state_dicts are unchanged. Returns how many modules were wrapped.
+    The generator's activations at 1024 px dominate training memory. Each StyledConv's
+    forward is wrapped in torch.utils.checkpoint (non-reentrant; the RNG state is
+    preserved, so randomly drawn noise is drawn again identically). Parameter names and
+    state_dicts are unchanged. Layers with BatchNorm (the encoder) are left alone: a
+    recomputed forward in training mode would update their running statistics twice.
+    Returns how many layers were wrapped.
     """
     from refinestyle_kernels import StyledConv
 
-    def wrap(module: nn.Module) -> None:
-        forward = module.forward
-
-        def checkpointed(*args, **kwargs):
-            if torch.is_grad_enabled():
-                return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-            return forward(*args, **kwargs)
-
-        module.forward = checkpointed
-
     count = 0
-    for name, module in model.named_modules():
-        is_encoder_unit = "bottleneck" in type(module).__name__.lower()
-        if isinstance(module, StyledConv) or is_encoder_unit:
-            wrap(module)
+    for module in model.modules():
+        if isinstance(module, StyledConv) and not getattr(module, "_refinestyle_checkpointed", False):
+            module.forward = _checkpointed(module.forward)
+            module._refinestyle_checkpointed = True
             count += 1
     return count
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return run
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -492,13 +494,15 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(config.to_json())
 
+    # The loss networks first: a missing weights file fails before any other work.
+    torch.manual_seed(config.seed)
+    criterion = build_criterion(config, device)
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
     generator = load_frozen_generator(config.generator, device)
     model = build_inverter(config, generator, device)
-    criterion = build_criterion(config, device)
     optimizer = build_optimizer(config, model)
     if config.grad_checkpointing:
         enable_gradient_checkpointing(model)

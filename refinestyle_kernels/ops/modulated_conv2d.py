@@ -926,11 +926,21 @@ if triton is not None:
         m = reduce_m or min(64, m_cap)
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": min(64, n_cap), "BLOCK_K": min(64, k_cap)}, num_warps=4, num_stages=3)]
 
-    _conv_gemm_tuned = triton.autotune(
-        configs=_CONV_CONFIGS,
-        key=["N", "K", "L", "GRID_H", "GRID_W", "MODE", "KSIZE", "HAS_LOWRANK", "FUSE_PROJECTION", "REDUCE_X"],
-        prune_configs_by={"early_config_prune": _prune_conv_configs},
-    )(_conv_gemm_kernel)
+
+_conv_gemm_tuned = None
+
+
+def _tuned_conv_gemm():
+    """The autotuned `_conv_gemm_kernel`, built on first use: some Triton versions ask the GPU
+    driver for a benchmarker when an autotuner is made, and importing must work without one."""
+    global _conv_gemm_tuned
+    if _conv_gemm_tuned is None:
+        _conv_gemm_tuned = triton.autotune(
+            configs=_CONV_CONFIGS,
+            key=["N", "K", "L", "GRID_H", "GRID_W", "MODE", "KSIZE", "HAS_LOWRANK", "FUSE_PROJECTION", "REDUCE_X"],
+            prune_configs_by={"early_config_prune": _prune_conv_configs},
+        )(_conv_gemm_kernel)
+    return _conv_gemm_tuned
 
 
 def _launch_conv_gemm(
@@ -994,7 +1004,7 @@ def _launch_conv_gemm(
         blocks = dict(BLOCK_M=block_m, BLOCK_N=min(64, max(16, _next_pow2(n))), BLOCK_K=min(64, max(16, _next_pow2(k))))
         _conv_gemm_kernel[grid(blocks)](*args, **flags, **blocks, num_warps=4, num_stages=3)
     else:
-        _conv_gemm_tuned[grid](*args, **flags)
+        _tuned_conv_gemm()[grid](*args, **flags)
 
 
 def _pointwise_blocks(pixels: int, channels: int) -> tuple[int, int]:

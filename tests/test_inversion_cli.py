@@ -1,0 +1,203 @@
+"""Smoke tests of train-inverter, invert, edit, ganspace and eval-inversion on tiny models."""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from inversion_fixtures import one_thread, tiny_generator, write_generator, write_images  # noqa: F401 (one_thread: autouse)
+from refinestyle.cli import COMMANDS
+from refinestyle.weights import MissingWeightsError
+
+TINY_OPTIONS = [
+    "--model-option", "encoder_depth=[1,1,1,1]",
+    "--model-option", "encoder_widths=[16,16,32,32]",
+    "--model-option", "encoder_size=32",
+    "--model-option", "heads=2",
+    "--model-option", "head_dim=16",
+    "--model-option", "ffn_dim=64",
+]
+
+
+def run(command: str, *argv: str) -> int:
+    """Run a subcommand as `refinestyle COMMAND ARGV...` does (same module, parser and main)."""
+    module = importlib.import_module(COMMANDS[command])
+    parser = argparse.ArgumentParser(prog=f"refinestyle {command}")
+    module.add_arguments(parser)
+    return module.main(parser.parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture(autouse=True)
+def no_weight_env(monkeypatch):
+    for name in ("REFINESTYLE_ALEXNET", "REFINESTYLE_IR_SE50", "REFINESTYLE_GENERATOR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A generator file, train/val folders and a 3-step one-stage run made through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    generator = tiny_generator()
+    generator_path = write_generator(generator, root / "generator.pt")
+    write_images(generator, root / "train", 4, seed=11)
+    write_images(generator, root / "val", 3, seed=12)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = run(
+            "train-inverter", "--generator", generator_path, "--data", root / "train", "--val-data", root / "val",
+            "--out", root / "run", "--lpips-random-backbone", "--domain", "other", "--image-size", 32,
+            "--num-refined", 4, "--num-tokens", 4, "--batch-size", 2, "--max-steps", 3, "--workers", 0,
+            "--image-every", 2, "--val-every", 2, "--checkpoint-every", 2, "--no-progress", *TINY_OPTIONS,
+        )
+    finally:
+        torch.set_num_threads(previous)
+    assert code == 0
+    return root, generator_path
+
+
+def test_train_inverter_writes_a_complete_run(trained):
+    root, _ = trained
+    run_dir = root / "run"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["stage"] == "one" and config["model_options"]["encoder_depth"] == [1, 1, 1, 1]
+    with (run_dir / "train_log.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["step"] for r in rows] == ["1", "2", "3"] and "lpips" in rows[0] and "id" not in rows[0]
+    with (run_dir / "val_log.csv").open() as handle:
+        val_rows = list(csv.DictReader(handle))
+    assert [r["step"] for r in val_rows] == ["2", "3"]
+    assert float(val_rows[0]["count"]) == 3 and float(val_rows[0]["mse_mean"]) > 0
+    grids = sorted(p.name for p in (run_dir / "images").iterdir())
+    assert grids == ["step_0000002.png", "step_0000003.png"]
+    with Image.open(run_dir / "images" / "step_0000002.png") as grid:
+        # 2 images (the batch) x (input | w+ only | refined), 32 px tiles, 2 px padding
+        assert grid.size == (3 * 34 + 2, 2 * 34 + 2)
+    assert (run_dir / "checkpoints" / "latest.pt").is_file()
+    assert (run_dir / "inverter.safetensors").is_file()
+
+
+def test_train_inverter_resume_through_the_cli(trained, tmp_path):
+    root, _ = trained
+    import shutil
+
+    shutil.copytree(root / "run", tmp_path / "run")
+    assert run("train-inverter", "--out", tmp_path / "run", "--resume", "--max-steps", 4, "--workers", 0,
+               "--no-progress", "--val-every", 0, "--image-every", 0) == 0
+    state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)
+    assert state["step"] == 4
+    with pytest.raises(SystemExit, match="--generator and --data"):
+        run("train-inverter", "--out", tmp_path / "fresh")
+
+
+def test_invert_writes_reconstructions_codes_and_grid(trained, tmp_path):
+    from refinestyle.inversion.inference import load_codes
+
+    root, generator_path = trained
+    out = tmp_path / "inverted"
+    assert run("invert", "--inverter", root / "run", "--generator", generator_path, "--input", root / "val",
+               "--out", out, "--image-size", 32, "--batch-size", 2, "--no-progress") == 0
+    assert sorted(p.name for p in (out / "reconstructions").iterdir()) == ["000.png", "001.png", "002.png"]
+    codes = load_codes(sorted((out / "codes").glob("*.safetensors")))
+    generator = tiny_generator()
+    assert codes.w_plus.shape == (3, generator.n_latent, generator.style_dim)
+    assert codes.refinement.num_refined == 4 and codes.refinement.batch_size == 3
+    assert codes.refinement.p[0].shape == (3, 4, generator.layer_shapes(4)[0][1])
+    # The codes re-render the saved reconstruction (up to 8-bit rounding).
+    with torch.no_grad():
+        rendered = generator.synthesis(codes.w_plus, refinement=codes.refinement, randomize_noise=False)
+    saved = np.asarray(Image.open(out / "reconstructions" / "001.png"), dtype=np.float32) / 127.5 - 1
+    assert np.abs(rendered[1].clamp(-1, 1).permute(1, 2, 0).numpy() - saved).max() < 1.5 / 127.5
+    with Image.open(out / "comparison.png") as grid:
+        assert grid.size == (3 * 34 + 2, 3 * 34 + 2)
+
+
+@pytest.fixture(scope="module")
+def codes(trained, tmp_path_factory):
+    root, generator_path = trained
+    out = tmp_path_factory.mktemp("codes")
+    run("invert", "--inverter", root / "run" / "inverter.safetensors", "--generator", generator_path,
+        "--input", root / "val", "--out", out, "--image-size", 32, "--no-progress")
+    return out / "codes"
+
+
+def test_edit_with_a_boundary_from_codes(trained, codes, tmp_path):
+    root, generator_path = trained
+    np.save(tmp_path / "boundary.npy", np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32))
+    out = tmp_path / "edit"
+    assert run("edit", "--generator", generator_path, "--codes", codes, "--boundary", tmp_path / "boundary.npy",
+               "--strengths=-2,0,2", "--layers", "0-3", "--out", out, "--image-size", 32) == 0
+    with Image.open(out / "strip.png") as strip:
+        assert strip.size == (4 * 34 + 2, 3 * 34 + 2)  # input + 3 strengths, 3 images
+    tiles = np.asarray(Image.open(out / "001.png"), dtype=np.int16)
+    minus, zero, plus = (tiles[2:34, 2 + 34 * k : 34 + 34 * k] for k in (1, 2, 3))
+    assert np.abs(minus - zero).max() > 0 and np.abs(plus - zero).max() > 0
+    meta = json.loads((out / "edit.json").read_text())
+    assert meta["strengths"] == [-2.0, 0.0, 2.0] and "interfacegan" in meta["edit"]
+
+
+def test_ganspace_then_edit_and_stylespace_from_images(trained, tmp_path):
+    root, generator_path = trained
+    directions = tmp_path / "ganspace.safetensors"
+    assert run("ganspace", "--generator", generator_path, "--out", directions, "--num-samples", 3000,
+               "--num-components", 8, "--preview-components", 2, "--no-progress") == 0
+    from refinestyle.inversion.editing import GANSpaceDirections
+
+    loaded = GANSpaceDirections.load(directions)
+    assert loaded.components.shape == (8, 32) and (loaded.stddev[:-1] >= loaded.stddev[1:]).all()
+    with Image.open(directions.with_suffix(".png")) as preview:
+        assert preview.size == (5 * 34 + 2, 2 * 34 + 2)
+    assert run("edit", "--generator", generator_path, "--inverter", root / "run", "--input", root / "val",
+               "--ganspace", directions, "--component", 1, "--strengths=-1,1", "--out", tmp_path / "g",
+               "--image-size", 32) == 0
+    assert (tmp_path / "g" / "strip.png").is_file()
+    assert run("edit", "--generator", generator_path, "--inverter", root / "run", "--input", root / "val" / "000.png",
+               "--stylespace", "3:5", "--stylespace-samples", 500, "--strengths=-5,5", "--out", tmp_path / "s",
+               "--image-size", 32) == 0
+    with Image.open(tmp_path / "s" / "strip.png") as strip:
+        assert strip.size == (3 * 34 + 2, 34 + 2)
+    with pytest.raises(SystemExit, match="exactly one of --boundary"):
+        run("edit", "--generator", generator_path, "--codes", tmp_path, "--out", tmp_path / "x")
+
+
+def test_eval_inversion_reports_table_one(trained, tmp_path, capsys):
+    root, generator_path = trained
+    out = tmp_path / "eval"
+    assert run("eval-inversion", "--inverter", root / "run", "--generator", generator_path, "--data", root / "val",
+               "--lpips-random-backbone", "--domain", "other", "--image-size", 32, "--timing-repeats", 2,
+               "--out", out, "--no-progress") == 0
+    printed = capsys.readouterr().out
+    assert "| MSE | LPIPS | ID |" in printed.replace("method | images ", "") and "GFLOPs" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["count"] == 3 and report["mse_mean"] > 0 and report["lpips_mean"] > 0
+    assert report["gflops"] > 0 and report["params_inverter_M"] > 0 and report["seconds_per_image"] > 0
+    assert "id_mean" not in report
+    with (out / "per_image.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 and set(rows[0]) == {"image", "mse", "lpips"}
+
+
+def test_missing_weight_files_are_named(trained, tmp_path):
+    root, generator_path = trained
+    with pytest.raises(MissingWeightsError, match="alexnet-owt"):
+        run("train-inverter", "--generator", generator_path, "--data", root / "train", "--out", tmp_path / "a",
+            "--domain", "other", "--workers", 0, "--no-progress", *TINY_OPTIONS)
+    with pytest.raises(MissingWeightsError, match="model_ir_se50.pth"):
+        run("train-inverter", "--generator", generator_path, "--data", root / "train", "--out", tmp_path / "b",
+            "--lpips-random-backbone", "--ir-se50", tmp_path / "model_ir_se50.pth", "--workers", 0,
+            "--no-progress", *TINY_OPTIONS)
+    with pytest.raises(MissingWeightsError, match="model_ir_se50.pth"):
+        run("eval-inversion", "--inverter", root / "run", "--generator", generator_path, "--data", root / "val",
+            "--lpips-random-backbone")
+    with pytest.raises(MissingWeightsError, match="generator"):
+        run("invert", "--inverter", root / "run", "--generator", tmp_path / "G.pt", "--input", root / "val",
+            "--out", tmp_path / "c")
+    with pytest.raises(FileNotFoundError, match="inverter"):
+        run("invert", "--inverter", tmp_path, "--generator", generator_path, "--input", root / "val",
+            "--out", tmp_path / "d")

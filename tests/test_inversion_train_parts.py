@@ -1,0 +1,144 @@
+"""The training's parts: the image-folder dataset, the resumable sampler, metrics and cost counting."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from inversion_fixtures import TINY_MODEL_OPTIONS, one_thread, tiny_generator  # noqa: F401 (one_thread: autouse)
+from refinestyle.inversion.data import ImageFolderDataset, ResumableDistributedSampler
+from refinestyle.inversion.metrics import (
+    ReconstructionMetrics,
+    count_flops,
+    count_parameters,
+    format_report,
+    inversion_cost,
+    summarize,
+)
+from refinestyle.losses import LPIPSLoss
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "sub").mkdir()
+    for index in range(6):
+        pixels = rng.integers(0, 256, size=(20, 28, 3), dtype=np.uint8)  # not square: resized
+        suffix = ".png" if index % 2 else ".jpg"
+        where = tmp_path / "sub" if index == 5 else tmp_path
+        Image.fromarray(pixels).save(where / f"img{index}{suffix}", quality=95)
+    (tmp_path / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+def test_dataset_reads_resizes_and_flips_deterministically(folder):
+    plain = ImageFolderDataset(folder, 16)
+    assert len(plain) == 6  # recursive, jpg and png, the .txt ignored
+    image = plain[0]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.float32
+    assert -1 <= image.min() < image.max() <= 1
+
+    flipping = ImageFolderDataset(folder, 16, hflip=True, seed=3)
+    flips = [flipping.is_flipped(i) for i in range(len(flipping))]
+    assert 0 < sum(flips) < len(flips)  # seed 3 flips some images and not others
+    assert 900 < sum(flipping.is_flipped(i) for i in range(2000)) < 1100  # about half
+    for index, flipped in enumerate(flips):
+        expected = plain[index].flip(-1) if flipped else plain[index]
+        assert torch.equal(flipping[index], expected)
+    again = ImageFolderDataset(folder, 16, hflip=True, seed=3)
+    assert [again.is_flipped(i) for i in range(6)] == flips
+    epochs = []
+    for epoch in range(8):
+        again.set_epoch(epoch)
+        epochs.append(tuple(again.is_flipped(i) for i in range(6)))
+    assert len(set(epochs)) > 1  # fresh flips every epoch
+    again.set_epoch(0)
+    assert [again.is_flipped(i) for i in range(6)] == flips
+
+
+def test_dataset_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ImageFolderDataset(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no images"):
+        ImageFolderDataset(tmp_path)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="not a readable image"):
+        ImageFolderDataset(tmp_path, 8)[0]
+    with pytest.raises(ValueError, match="size"):
+        ImageFolderDataset(tmp_path, 0)
+
+
+def test_sampler_resumes_mid_epoch_and_shards_ranks(folder):
+    dataset = ImageFolderDataset(folder, 8)
+    full = ResumableDistributedSampler(dataset, batch_size=2, seed=1)
+    full.set_epoch(4)
+    order = list(full)
+    assert sorted(order) == list(range(6)) and full.batches_per_epoch() == 3
+    full.set_epoch(4, start_batch=2)
+    assert list(full) == order[4:] and len(full) == 2
+    full.set_epoch(5)
+    assert list(full) != order  # another epoch, another order (6! orders: a clash is 1/720)
+
+    ranks = [ResumableDistributedSampler(dataset, 1, num_replicas=2, rank=r, seed=1) for r in (0, 1)]
+    for sampler in ranks:
+        sampler.set_epoch(4)
+    shards = [list(sampler) for sampler in ranks]
+    assert sorted(shards[0] + shards[1]) == list(range(6))
+    with pytest.raises(ValueError, match="start_batch"):
+        full.set_epoch(0, start_batch=-1)
+
+
+def test_reconstruction_metrics_and_summary():
+    rng = torch.Generator().manual_seed(0)
+    targets = torch.rand(3, 3, 32, 32, generator=rng) * 2 - 1
+    reconstructions = targets + 0.1 * torch.randn(3, 3, 32, 32, generator=rng)
+    torch.manual_seed(0)
+    lpips = LPIPSLoss(pretrained_backbone=False)
+    metrics = ReconstructionMetrics(lpips=lpips)
+    values = metrics(reconstructions, targets)
+    assert set(values) == {"mse", "lpips"}
+    torch.testing.assert_close(values["mse"], ((reconstructions - targets) ** 2).mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(values["lpips"], lpips.distance(reconstructions, targets))
+    assert (values["lpips"] > 0).all()
+    assert float(metrics(targets, targets)["lpips"].abs().max()) < 1e-6
+
+    summary = summarize(values)
+    assert summary["count"] == 3
+    assert summary["mse_mean"] == pytest.approx(values["mse"].mean().item())
+    assert summary["mse_std"] == pytest.approx(values["mse"].std().item())
+    table = format_report(summary, name="tiny")
+    assert "| tiny | 3 |" in table and "±" in table and table.count("\n") == 2
+    with pytest.raises(ValueError, match="targets"):
+        metrics(reconstructions, targets[:2])
+
+
+def test_count_flops_and_parameters():
+    layer = torch.nn.Linear(8, 4)
+    assert count_flops(layer, torch.randn(3, 8)) == 2 * 3 * 8 * 4
+    conv = torch.nn.Conv2d(2, 5, 3, padding=1)
+    assert count_flops(conv, torch.randn(1, 2, 7, 7)) == 2 * 5 * 2 * 9 * 49
+    model = torch.nn.Sequential(layer, torch.nn.Linear(4, 2))
+    model[1].requires_grad_(False)
+    assert count_parameters(model) == 8 * 4 + 4 + 4 * 2 + 2
+    assert count_parameters(model, trainable_only=True) == 8 * 4 + 4
+    assert count_parameters(model, exclude=[layer]) == 4 * 2 + 2
+
+
+def test_inversion_cost_counts_encoder_branches_and_generator():
+    from refinestyle.inversion.models import OneStageInverter
+
+    generator = tiny_generator()
+    inverter = OneStageInverter(generator, 4, 4, **TINY_MODEL_OPTIONS)
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    cost = inversion_cost(inverter, image, repeats=2)
+    generator_flops = count_flops(
+        lambda w: generator.synthesis(w, randomize_noise=False), torch.zeros(1, generator.n_latent, generator.style_dim)
+    )
+    encoder_flops = count_flops(inverter.encoder, image)
+    assert cost.flops > generator_flops + encoder_flops > generator_flops > 0
+    assert cost.params_inverter == inverter.num_parameters()
+    assert cost.params_generator == sum(p.numel() for p in generator.parameters())
+    assert cost.seconds_per_image > 0
+    report = cost.as_dict()
+    assert report["gmacs"] == pytest.approx(report["gflops"] / 2)
