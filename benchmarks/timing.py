@@ -3,7 +3,8 @@
 Timing method (the same on every device):
 
 - warm up first: a first call (it compiles what needs compiling, and its time is
-  reported separately), then further calls for `warmup_ms`;
+  reported separately), then further calls for `warmup_ms` (the CPU suite uses
+  none: its calls are long and nothing there compiles);
 - the number of timed calls follows from the warm-up estimate: enough for
   `min_time_ms` of measurement, at least `min_reps`, at most `max_reps`;
 - each timed call gets the next of several input buffer sets in turn (rotating
@@ -92,18 +93,21 @@ def time_calls(step: Callable[[int], object], device: torch.device, settings: Ti
     synchronize(device)
     first_call_ms = (time.perf_counter() - started) * 1e3
 
-    # warm-up, which also estimates the per-call time
-    warm_calls = 0
-    started = time.perf_counter()
-    while True:
-        step(call)
-        call += 1
-        warm_calls += 1
-        synchronize(device)
-        elapsed_ms = (time.perf_counter() - started) * 1e3
-        if elapsed_ms >= settings.warmup_ms:
-            break
-    estimate_ms = max(elapsed_ms / warm_calls, 1e-3)
+    # warm-up, which also estimates the per-call time (from the first call when there is none)
+    estimate_ms = first_call_ms
+    if settings.warmup_ms > 0:
+        warm_calls = 0
+        started = time.perf_counter()
+        while True:
+            step(call)
+            call += 1
+            warm_calls += 1
+            synchronize(device)
+            elapsed_ms = (time.perf_counter() - started) * 1e3
+            if elapsed_ms >= settings.warmup_ms:
+                break
+        estimate_ms = elapsed_ms / warm_calls
+    estimate_ms = max(estimate_ms, 1e-3)
     reps = int(min(max(settings.min_time_ms / estimate_ms, settings.min_reps), settings.max_reps))
     reps = max(reps, 1)
 

@@ -1,6 +1,8 @@
 """The training's parts: the image-folder dataset, the resumable sampler, metrics and cost counting."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -142,3 +144,22 @@ def test_inversion_cost_counts_encoder_branches_and_generator():
     assert cost.seconds_per_image > 0
     report = cost.as_dict()
     assert report["gmacs"] == pytest.approx(report["gflops"] / 2)
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    from refinestyle.inversion import train
+
+    path = tmp_path / "checkpoints" / "latest.pt"
+    train.atomic_torch_save({"step": 1}, path)
+    assert torch.load(path)["step"] == 1
+
+    def crash_midway(obj, target):
+        Path(target).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train.torch, "save", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        train.atomic_torch_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["step"] == 1  # the previous checkpoint survives intact
+    assert [p.name for p in path.parent.iterdir()] == ["latest.pt"]  # no temporary left behind

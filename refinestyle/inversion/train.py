@@ -7,7 +7,7 @@ frozen generator (paper section 3.3):
   (forward and backward); its output and the target are average-pooled to the loss
   resolution (256 px, or less for small generators) for L2 + LPIPS + ID;
 - Ranger (RAdam + Lookahead), lr 1e-4 one-stage / 1e-3 two-stage, batch 8 per process;
-- optional bf16 autocast and gradient checkpointing (generator layers and encoder units);
+- optional bf16 autocast and gradient checkpointing (the generator's layers);
 - every `checkpoint_every` steps an atomic checkpoint (temporary file + os.replace)
   holding the trainable weights, the optimizer, the step, every process's RNG states
   and the position in the data; `resume=True` continues bit-for-bit;
@@ -149,10 +149,6 @@ class TrainConfig:
             return self.lr
         return 1e-4 if self.stage == "one" else 1e-3
 
-    @property
-    def effective_id_weight(self) -> float:
-        return self.id_weight if self.domain == "face" else 0.0
-
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
@@ -240,8 +236,11 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same folder, then os.replace: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,7 +509,7 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
 
     step, epoch, batch_in_epoch = 0, 0, 0
     if state is not None:
-        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        _, unexpected = model.load_state_dict(state["model"], strict=False)
         if unexpected:
             raise RuntimeError(f"resume: checkpoint holds unknown weights {unexpected[:5]}")
         optimizer.load_state_dict(state["optimizer"])
@@ -586,16 +585,16 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
                     loss, parts = criterion(reconstruction.float(), targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                values = _reduce_losses(parts, context)
+                if not all(math.isfinite(v) for v in values.values()):
+                    # before the update: the last checkpoint and the weights stay usable
+                    raise FloatingPointError(f"step {step + 1}: non-finite loss {values}")
                 optimizer.step()
                 step += 1
                 batch_in_epoch += 1
-
-                values = _reduce_losses({"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}, context)
                 if not first_losses:
                     first_losses = values
                 last_losses = values
-                if not all(math.isfinite(v) for v in values.values()):
-                    raise FloatingPointError(f"step {step}: non-finite loss {values}")
                 if context.is_main:
                     bar.update(1)
                     if step % config.log_every == 0 or step == config.max_steps:
@@ -709,5 +708,8 @@ def _export_inverter(model: nn.Module, path: Path) -> None:
     from refinestyle.inversion.models import save_inverter
 
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_inverter(temporary, model)
-    os.replace(temporary, path)
+    try:
+        save_inverter(temporary, model)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
