@@ -121,7 +121,7 @@ def suite_from_args(args, on_cuda: bool) -> tuple[str, SuiteSpec, TimingSettings
         name = "gpu" if on_cuda else "cpu"
     spec = {"gpu": case_module.gpu_suite, "headline": case_module.headline_suite, "cpu": case_module.cpu_suite}[name]()
     if name == "cpu":
-        settings = TimingSettings(warmup_ms=0.0, min_time_ms=400.0, min_reps=3, max_reps=50)
+        settings = TimingSettings(warmup_ms=0.0, min_time_ms=300.0, min_reps=3, max_reps=50)
     else:
         settings = TimingSettings()
     template = GeneratorConfig(
@@ -158,6 +158,7 @@ def suite_from_args(args, on_cuda: bool) -> tuple[str, SuiteSpec, TimingSettings
     if args.tokens is not None:
         try:
             spec.tokens = parse_tokens(args.tokens)
+            spec.layer_tokens = None
         except ValueError as error:
             raise SystemExit(f"--tokens: {error}") from None
     # last, so that --groups wins over --sizes and --layer-size

@@ -185,6 +185,8 @@ class SuiteSpec:
     generator_sizes: whole-generator sizes (empty: no generator cases).
     batches, dtypes, modes, tokens: the settings grid.
     layer_kinds: "conv" and/or "torgb".
+    layer_tokens: refinement settings of the layer cases when they differ from `tokens`
+        (toRGB layers always run unrefined).
     """
 
     layer_generator: GeneratorConfig | None
@@ -195,6 +197,7 @@ class SuiteSpec:
     tokens: Sequence[TokenSetting]
     layer_names: Sequence[str] | None = None
     layer_kinds: Sequence[str] = ("conv", "torgb")
+    layer_tokens: Sequence[TokenSetting] | None = None
     generator_template: GeneratorConfig = field(default_factory=lambda: GeneratorConfig(1024))
 
     def cases(self) -> list[Case]:
@@ -207,6 +210,15 @@ class SuiteSpec:
             for batch in self.batches
             for tokens in self.tokens
         ]
+        layer_settings = settings
+        if self.layer_tokens is not None:
+            layer_settings = [
+                (batch, dtype, mode, tokens)
+                for dtype in self.dtypes
+                for mode in self.modes
+                for batch in self.batches
+                for tokens in self.layer_tokens
+            ]
         if self.layer_generator is not None:
             convs, torgbs = self.layer_generator.layers()
             layers = [spec for spec in convs + torgbs if spec.kind in self.layer_kinds]
@@ -216,12 +228,12 @@ class SuiteSpec:
                 if unknown:
                     raise ValueError(f"layers: unknown layer names {unknown}; known: {sorted(known)}")
                 layers = [spec for spec in layers if spec.name in self.layer_names]
-            for batch, dtype, mode, tokens in settings:
+            for batch, dtype, mode, tokens in layer_settings:
                 for spec in layers:
-                    if tokens.num_tokens and not spec.refinable:
-                        continue
+                    if not spec.refinable:
+                        # toRGB layers are never refined: one unrefined case per setting
+                        tokens = TokenSetting(0, False)
                     cases.append(Case("layer", self.layer_generator, batch, dtype, mode, tokens, spec))
-            # toRGB layers are never refined: one unrefined toRGB case per setting
             cases = _dedupe(cases)
         for size in self.generator_sizes:
             config = replace(self.generator_template, size=size)
@@ -268,8 +280,8 @@ def headline_suite() -> SuiteSpec:
 
 def cpu_suite() -> SuiteSpec:
     """The reduced suite for a machine without a GPU: the layers of a 256 px config-f
-    generator and the whole 256 px synthesis network, batch 2, fp32, forward, unrefined
-    and with L = 32 per-sample tokens."""
+    generator with L = 32 per-sample tokens (toRGBs unrefined) and the whole 256 px
+    synthesis network unrefined and with L = 32; batch 2, fp32, forward."""
     return SuiteSpec(
         layer_generator=GeneratorConfig(256),
         generator_sizes=(256,),
@@ -277,6 +289,7 @@ def cpu_suite() -> SuiteSpec:
         dtypes=("float32",),
         modes=("forward",),
         tokens=parse_tokens("0,32"),
+        layer_tokens=parse_tokens("32"),
         generator_template=GeneratorConfig(256),
     )
 

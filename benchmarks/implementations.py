@@ -120,7 +120,7 @@ GPU_DEFAULT = (
     "torch+graph",
     "triton+graph",
 )
-CPU_DEFAULT = ("reference", "nvlabs", "torch")
+CPU_DEFAULT = ("reference", "torch")  # the 3-minute budget; add nvlabs with --impls
 
 
 def select(names: list[str]) -> list[Implementation]:

@@ -37,6 +37,7 @@ from benchmarks.timing import (
     measure_peak_memory,
     measure_peaks,
     relative_error,
+    synchronize,
     time_calls,
     tolerance_for,
 )
@@ -310,11 +311,15 @@ def run_case(case: Case, implementations: list[Implementation], options: RunOpti
             failed = False
             try:
                 bound = Bound(workload, implementation)
+                synchronize(device)
+                first_started = time.perf_counter()
                 if implementation.cuda_graph:
                     # a graph's memory is allocated at capture: measure warm-up + capture
                     outputs, memory = measure_peak_memory(bound.first_outputs, device)
                 else:
                     outputs = bound.first_outputs()
+                synchronize(device)
+                first_call_ms = (time.perf_counter() - first_started) * 1e3
                 values = {name: outputs[name].detach() for name in truth}
                 del outputs
                 if tolerances is None:  # this is the reference
@@ -336,12 +341,14 @@ def run_case(case: Case, implementations: list[Implementation], options: RunOpti
                     del values
                 record["rel_error"] = errors
                 record["max_rel_error"] = max(errors.values())
-                if not implementation.cuda_graph:
+                if device.type != "cuda":
+                    memory = {"peak_bytes": None, "extra_bytes": None}
+                elif not implementation.cuda_graph:
                     _, memory = measure_peak_memory(lambda: bound.step(0), device)
                 record["peak_mem_bytes"] = memory["peak_bytes"]
                 record["peak_mem_extra_bytes"] = memory["extra_bytes"]
                 workload.ensure_sets(workload.num_rotating_sets(cache_bytes(device)))
-                timing = time_calls(bound.step, device, options.settings)
+                timing = time_calls(bound.step, device, options.settings, first_call_ms=first_call_ms)
                 record.update(timing.as_dict())
                 record["rotating_sets"] = bound.rotating_sets
                 record["status"] = "ok"

@@ -78,20 +78,29 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(step: Callable[[int], object], device: torch.device, settings: TimingSettings) -> Timing:
+def time_calls(
+    step: Callable[[int], object],
+    device: torch.device,
+    settings: TimingSettings,
+    *,
+    first_call_ms: float | None = None,
+) -> Timing:
     """Time step(i) for i = 0, 1, 2, ...; step picks input set i % n itself.
 
     step: runs one call of the case on input set i (modulo its number of sets).
     device: where the work runs (CUDA events there, perf_counter on the CPU).
     settings: warm-up and measurement lengths.
+    first_call_ms: the caller already made the first call (compiling what needs it) and
+        took this long; None makes and times that first call here.
     """
     call = 0
-    synchronize(device)
-    started = time.perf_counter()
-    step(call)
-    call += 1
-    synchronize(device)
-    first_call_ms = (time.perf_counter() - started) * 1e3
+    if first_call_ms is None:
+        synchronize(device)
+        started = time.perf_counter()
+        step(call)
+        call += 1
+        synchronize(device)
+        first_call_ms = (time.perf_counter() - started) * 1e3
 
     # warm-up, which also estimates the per-call time (from the first call when there is none)
     estimate_ms = first_call_ms

@@ -46,6 +46,7 @@ def _only_json(folder):
 
 def test_cpu_suite_smoke_run_writes_every_report(tmp_path, capsys):
     argv = TINY + ["--layers", "conv1,convs.0,to_rgbs.1", "--tokens", "0,4,6s", "--mode", "fwd,fwdbwd",
+                   "--impls", "reference,nvlabs,torch",
                    "--out", str(tmp_path)]
     assert main(argv) == 0
     stdout = capsys.readouterr().out

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from inversion_fixtures import one_thread, tiny_generator, write_generator, write_images  # noqa: F401 (one_thread: autouse)
-from refinestyle.cli import COMMANDS
+from refinestyle import cli
 from refinestyle.weights import MissingWeightsError
 
 TINY_OPTIONS = [
@@ -26,11 +26,18 @@ TINY_OPTIONS = [
 
 
 def run(command: str, *argv: str) -> int:
-    """Run a subcommand as `refinestyle COMMAND ARGV...` does (same module, parser and main)."""
-    module = importlib.import_module(COMMANDS[command])
-    parser = argparse.ArgumentParser(prog=f"refinestyle {command}")
-    module.add_arguments(parser)
-    return module.main(parser.parse_args([str(a) for a in argv]))
+    """Run `refinestyle COMMAND ARGV...` in this process, through the console script's dispatcher."""
+    return cli.main([command, *(str(a) for a in argv)])
+
+
+def test_commands_are_registered_with_help():
+    for command in ("train-inverter", "invert", "edit", "ganspace", "eval-inversion"):
+        module = importlib.import_module(cli.COMMANDS[command])
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        assert module.__doc__.strip() and parser.format_help()
+    with pytest.raises(SystemExit):
+        run("edit", "--help")
 
 
 @pytest.fixture(autouse=True)
@@ -81,6 +88,8 @@ def test_train_inverter_writes_a_complete_run(trained):
         assert grid.size == (3 * 34 + 2, 2 * 34 + 2)
     assert (run_dir / "checkpoints" / "latest.pt").is_file()
     assert (run_dir / "inverter.safetensors").is_file()
+    with Image.open(run_dir / "losses.png") as plot:
+        assert plot.size[0] > 800  # training and validation panels side by side
 
 
 def test_train_inverter_resume_through_the_cli(trained, tmp_path):
@@ -91,7 +100,10 @@ def test_train_inverter_resume_through_the_cli(trained, tmp_path):
     assert run("train-inverter", "--out", tmp_path / "run", "--resume", "--max-steps", 4, "--workers", 0,
                "--no-progress", "--val-every", 0, "--image-every", 0) == 0
     state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)
-    assert state["step"] == 4
+    assert state["step"] == 4 and state["config"]["out"] == str(tmp_path / "run")
+    # without --max-steps the run keeps its own (now 4): nothing left to do
+    assert run("train-inverter", "--out", tmp_path / "run", "--resume", "--workers", 0, "--no-progress") == 0
+    assert torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)["step"] == 4
     with pytest.raises(SystemExit, match="--generator and --data"):
         run("train-inverter", "--out", tmp_path / "fresh")
 
@@ -181,6 +193,8 @@ def test_eval_inversion_reports_table_one(trained, tmp_path, capsys):
     with (out / "per_image.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 3 and set(rows[0]) == {"image", "mse", "lpips"}
+    with Image.open(out / "examples.png") as examples:
+        assert examples.size == (2 * 34 + 2, 3 * 34 + 2)  # input | reconstruction, one row per image
 
 
 def test_missing_weight_files_are_named(trained, tmp_path):

@@ -62,39 +62,39 @@ def test_one_stage_steps_lower_the_loss(planted, tmp_path):
 
 
 def test_token_branch_beats_w_plus_alone_on_planted_residuals(planted, tmp_path):
-    """Out of domain: images carry a kernel residual the generator cannot produce from w+.
+    """Out of domain: the images carry a kernel residual that no w+ code can produce.
 
-    A first stage (w+ only) is trained; a two-stage model on top of it keeps that w0+
-    and learns tokens. Its refined reconstructions must be clearly closer to the images
-    than the first stage's w0+ renderings. The numbers are printed (pytest -s).
+    After the same short training, the one-stage model with the token branch reconstructs
+    them clearly better than the same model without it (w+ only). A two-stage model on top
+    of the w+-only model keeps its w0+ and learns tokens: its refined reconstructions beat
+    w0+ alone. The numbers are printed (pytest -s).
     """
     generator_path, data = planted
-    first = train_inverter(
-        tiny_train_config(generator_path, data, tmp_path / "first", refine=False, lpips_weight=0.0, lr=3e-3,
-                          max_steps=60)
-    )
-    first_mse = _mse(first.model, data)
+    options = {**TINY_MODEL_OPTIONS, "scale_init": 0.1}  # a short run: start the residuals less close to 0
+    common = dict(lpips_weight=0.0, lr=3e-3, max_steps=100, model_options=options)
+    w_plus_only = train_inverter(tiny_train_config(generator_path, data, tmp_path / "first", refine=False, **common))
+    one_stage = train_inverter(tiny_train_config(generator_path, data, tmp_path / "one", **common))
+    w_plus_only_mse, one_stage_mse = _mse(w_plus_only.model, data), _mse(one_stage.model, data)
+
     two = train_inverter(
-        tiny_train_config(
-            generator_path, data, tmp_path / "two", stage="two", first_stage=first.inverter, lpips_weight=0.0,
-            lr=1e-2, max_steps=40,
-            model_options={**TINY_MODEL_OPTIONS, "scale_init": 0.1},
-        )
+        tiny_train_config(generator_path, data, tmp_path / "two", stage="two", first_stage=w_plus_only.inverter,
+                          lpips_weight=0.0, lr=1e-2, max_steps=40, model_options=options)
     )
-    model = two.model.eval()
     dataset = ImageFolderDataset(data, 32)
     images = torch.stack([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
-        result = model(images)
+        result = two.model.eval()(images)
     refined_mse = (result.image - images).pow(2).mean().item()
-    w_plus_mse = (result.initial_image - images).pow(2).mean().item()
+    initial_mse = (result.initial_image - images).pow(2).mean().item()
     print(
-        f"\nplanted residuals: first stage (w+ only) MSE {first_mse:.5f}; two-stage w0+ alone {w_plus_mse:.5f}, "
-        f"with tokens {refined_mse:.5f}; two-stage loss {two.first_losses['l2']:.5f} -> {two.last_losses['l2']:.5f}"
+        f"\nplanted residuals, reconstruction MSE after 100 steps: one-stage w+ only {w_plus_only_mse:.5f}, "
+        f"one-stage with tokens {one_stage_mse:.5f}; two-stage (+40 steps) w0+ alone {initial_mse:.5f}, "
+        f"with tokens {refined_mse:.5f}"
     )
-    assert w_plus_mse == pytest.approx(first_mse, rel=1e-4)  # the frozen first stage is reused as is
+    assert one_stage_mse < 0.85 * w_plus_only_mse
+    assert initial_mse == pytest.approx(w_plus_only_mse, rel=1e-4)  # the frozen first stage is reused as is
     assert two.last_losses["total"] < two.first_losses["total"]
-    assert refined_mse < 0.85 * w_plus_mse
+    assert refined_mse < 0.85 * initial_mse
 
 
 def test_resume_continues_bit_for_bit(planted, tmp_path):

@@ -139,6 +139,14 @@ def test_inversion_cost_counts_encoder_branches_and_generator():
     )
     encoder_flops = count_flops(inverter.encoder, image)
     assert cost.flops > generator_flops + encoder_flops > generator_flops > 0
+    with torch.no_grad():
+        codes = inverter(image, render=False)
+    refined_rendering_flops = count_flops(
+        lambda w: generator.synthesis(w, refinement=codes.refinement, randomize_noise=False), codes.w_plus
+    )
+    assert refined_rendering_flops > generator_flops  # the low-rank branch costs a little
+    assert cost.flops - cost.flops_without_rendering == refined_rendering_flops  # one rendering less
+    assert cost.flops_without_rendering > encoder_flops
     assert cost.params_inverter == inverter.num_parameters()
     assert cost.params_generator == sum(p.numel() for p in generator.parameters())
     assert cost.seconds_per_image > 0

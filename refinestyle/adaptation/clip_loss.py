@@ -320,3 +320,55 @@ def text_consistency(encoder: CLIPEncoder, images: torch.Tensor, text_embedding:
     (from encoder.encode_text([...])[0]). Returns float [B].
     """
     return encoder.encode_images(images) @ text_embedding.reshape(-1).to(images.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line helpers (shared by adapt-text and eval-adapter)
+
+
+def add_clip_arguments(parser, *, required_note: str = "") -> None:
+    """--clip ARCH=PATH (repeatable), --clip-vit-b16 PATH, --clip-vit-b32 PATH, --clip-no-quick-gelu."""
+    parser.add_argument("--clip-vit-b16", default=None, metavar="PATH",
+                        help="OpenAI CLIP ViT-B/16 weights, a local file (default: $REFINESTYLE_CLIP_VIT_B16)")
+    parser.add_argument("--clip-vit-b32", default=None, metavar="PATH",
+                        help="OpenAI CLIP ViT-B/32 weights, a local file (default: $REFINESTYLE_CLIP_VIT_B32)")
+    parser.add_argument("--clip", action="append", default=[], metavar="ARCH=PATH",
+                        help="another CLIP model: an open_clip architecture name (or an open_clip config .json) "
+                             "and its local weights file; repeatable" + required_note)
+    parser.add_argument("--clip-no-quick-gelu", action="store_true",
+                        help="the open_clip weights use GELU (e.g. LAION's), not OpenAI's QuickGELU")
+
+
+def clip_specs_from_args(args) -> list[tuple[str, str]]:
+    """[(architecture, weights path)] from the CLIP options; the paper's two models from their
+    environment variables when no option names any. Raises MissingWeightsError when none is found."""
+    from refinestyle.weights import MissingWeightsError
+
+    specs = []
+    for spec in args.clip:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--clip: expected ARCH=PATH, got {spec!r}")
+        specs.append((name, path))
+    for name, path in (("ViT-B-16", args.clip_vit_b16), ("ViT-B-32", args.clip_vit_b32)):
+        if path is not None:
+            specs.append((name, path))
+    if not specs:
+        for name, env_var in PAPER_CLIP_MODELS.items():
+            if os.environ.get(env_var):
+                specs.append((name, os.environ[env_var]))
+    if not specs:
+        raise MissingWeightsError(
+            "CLIP weights: none given. Pass --clip-vit-b16 PATH and --clip-vit-b32 PATH (the paper uses both), "
+            "or set REFINESTYLE_CLIP_VIT_B16 / REFINESTYLE_CLIP_VIT_B32, or --clip ARCH=PATH. They are usually "
+            f"obtained from {CLIP_OBTAINED_FROM}; nothing is downloaded."
+        )
+    return specs
+
+
+def clip_encoders_from_args(args, device) -> list[CLIPEncoder]:
+    """Load every CLIP model named by the options (see clip_specs_from_args)."""
+    return [
+        load_clip(name, path, device=device, quick_gelu=not args.clip_no_quick_gelu)
+        for name, path in clip_specs_from_args(args)
+    ]

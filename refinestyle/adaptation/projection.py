@@ -18,7 +18,7 @@ rosinality's projector.py), written for this package:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

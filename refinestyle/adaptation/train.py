@@ -233,23 +233,29 @@ def train_tokens(
         save_samples(0)
     bar = tqdm(range(start, iterations), desc=description, unit="step", disable=not progress,
                initial=start, total=iterations)
-    for step in bar:
-        loss, logs = step_loss(adapter.refinement(), step, _step_generator(seed, step))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: the loss is {loss.item()} (lower the learning rate?)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if any(p.grad is not None for p in generator.parameters()):
-            raise RuntimeError("a generator parameter received a gradient: the generator must stay frozen")
-        optimizer.step()
-        entry = {"step": step + 1, "loss": loss.item(), **{k: float(v) for k, v in logs.items()}}
-        history.append(entry)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "step"})
-        done = step + 1
-        if sample_every and (done % sample_every == 0 or done == iterations):
-            save_samples(done)
-        if checkpoint_every and done % checkpoint_every == 0 and done != iterations:
-            save_checkpoint(done)
+    done = start
+    try:
+        for step in bar:
+            loss, logs = step_loss(adapter.refinement(), step, _step_generator(seed, step))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {step}: the loss is {loss.item()} (lower the learning rate?)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if any(p.grad is not None for p in generator.parameters()):
+                raise RuntimeError("a generator parameter received a gradient: the generator must stay frozen")
+            optimizer.step()
+            entry = {"step": step + 1, "loss": loss.item(), **{k: float(v) for k, v in logs.items()}}
+            history.append(entry)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "step"})
+            done = step + 1
+            if sample_every and (done % sample_every == 0 or done == iterations):
+                save_samples(done)
+            if checkpoint_every and done % checkpoint_every == 0 and done != iterations:
+                save_checkpoint(done)
+    except KeyboardInterrupt:
+        # keep what was trained: the run resumes from here with --resume
+        save_checkpoint(done)
+        raise
     save_checkpoint(max(start, iterations))
     adapter.eval()
     return history

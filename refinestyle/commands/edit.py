@@ -155,5 +155,5 @@ def main(args: argparse.Namespace) -> int:
         save_grid(row, out / f"{name}.png", nrow=row.shape[0])
     save_grid(strip.flatten(0, 1), out / "strip.png", nrow=strip.shape[1])
     (out / "edit.json").write_text(editing.edit_metadata(spec, args.strengths) + "\n")
-    print(f"{spec.describe()}: {len(names)} images x {len(args.strengths)} strengths -> {out / 'strip.png'}")
+    print(f"{spec.describe()}: {len(names)} image(s) x {len(args.strengths)} strength(s) -> {out / 'strip.png'}")
     return 0

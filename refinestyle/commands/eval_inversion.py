@@ -8,7 +8,8 @@ MSE, LPIPS and ID similarity (faces; --domain other skips it) are measured per i
 Params counts the inverter without the generator; FLOPs count one image's encoder,
 branches and generator rendering (torch.utils.flop_counter, 2 FLOPs per multiply-add);
 time is the CUDA-synchronised median per image at batch 1. Prints a Markdown table and,
-with --out, writes report.json, report.md and per_image.csv there.
+with --out, writes report.json, report.md, per_image.csv and examples.png (the first
+images: input | reconstruction) there.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inverter", required=True, help="inverter.safetensors (or its run folder)")
     parser.add_argument("--generator", required=True, help="the StyleGAN2 generator checkpoint")
     parser.add_argument("--data", required=True, help="a folder of test images")
-    parser.add_argument("--out", help="folder for report.json, report.md, per_image.csv")
+    parser.add_argument("--out", help="folder for report.json, report.md, per_image.csv, examples.png")
     parser.add_argument("--lpips-backbone", help="torchvision alexnet-owt-7be5be79.pth (or REFINESTYLE_ALEXNET)")
     parser.add_argument("--lpips-random-backbone", action="store_true", help="random AlexNet (tests only)")
     parser.add_argument("--ir-se50", help="model_ir_se50.pth for the ID similarity (or REFINESTYLE_IR_SE50)")
@@ -43,6 +44,7 @@ def main(args: argparse.Namespace) -> int:
 
     import refinestyle_kernels
     from refinestyle.checkpoints import load_generator
+    from refinestyle.imageio import save_grid
     from refinestyle.inversion.data import ImageFolderDataset
     from refinestyle.inversion.inference import load_inverter_for_inference, resolve_inverter_path
     from refinestyle.inversion.metrics import ReconstructionMetrics, evaluate_folder, format_report, inversion_cost
@@ -59,9 +61,10 @@ def main(args: argparse.Namespace) -> int:
     generator.requires_grad_(False).eval()
     inverter = load_inverter_for_inference(args.inverter, generator, device)
     with refinestyle_kernels.use_backend(args.backend):
+        examples: list = []
         summary, per_image = evaluate_folder(
             inverter, dataset, metrics, batch_size=args.batch_size, metric_size=args.image_size, device=device,
-            progress=not args.no_progress, max_images=args.max_images,
+            progress=not args.no_progress, max_images=args.max_images, examples=examples,
         )
         cost = inversion_cost(
             inverter, dataset[0][None].to(device), timing=not args.no_timing, repeats=args.timing_repeats
@@ -76,6 +79,7 @@ def main(args: argparse.Namespace) -> int:
         report = {"name": name, "device": str(device), **summary, **cost}
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (out / "report.md").write_text(table + "\n")
+        save_grid(torch.cat(examples), out / "examples.png", nrow=2)  # rows: input | reconstruction
         count = int(summary["count"])
         with (out / "per_image.csv").open("w", newline="") as handle:
             writer = csv.writer(handle)

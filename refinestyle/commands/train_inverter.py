@@ -4,11 +4,11 @@ One GPU:    refinestyle train-inverter --stage one --generator G.pt --data FFHQ/
                 --ir-se50 model_ir_se50.pth --lpips-backbone alexnet-owt-7be5be79.pth
 Many GPUs:  torchrun --nproc_per_node 4 -m refinestyle train-inverter ...   (batch size is per GPU)
 First stage (w+ only, Style Transformer's design): --stage one --no-refine
-Two-stage:  --stage two --first-stage runs/first/inverter.safetensors
+Two-stage:  --stage two --first-stage runs/first/inverter.safetensors   (or Style Transformer's best_model.pt)
 Resume:     refinestyle train-inverter --out runs/one --resume [--max-steps N]
 
 The run folder gets config.json, train_log.csv (every loss term at every step),
-val_log.csv, images/step_*.png (input | w+ only | refined), checkpoints/latest.pt (the
+val_log.csv, losses.png (the curves), images/step_*.png (input | w+ only | refined), checkpoints/latest.pt (the
 training state, written atomically) and inverter.safetensors (for `refinestyle invert`).
 """
 from __future__ import annotations
@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     paths.add_argument("--data", help="training images: a folder of jpg/png (searched recursively)")
     paths.add_argument("--val-data", help="held-out images for validation metrics")
     paths.add_argument("--out", required=True, help="run folder (created; holds logs, grids, checkpoints)")
-    paths.add_argument("--first-stage", help="two-stage: the frozen first-stage inverter (inverter.safetensors)")
+    paths.add_argument("--first-stage", help="two-stage: the frozen first stage: our w+ inverter (inverter.safetensors "
+                       "of a --no-refine run) or a Style Transformer checkpoint (best_model.pt)")
     paths.add_argument("--ir-se50", help="model_ir_se50.pth: initialises the encoder, drives the ID loss "
                        "(or set REFINESTYLE_IR_SE50)")
     paths.add_argument("--lpips-backbone", help="torchvision alexnet-owt-7be5be79.pth for LPIPS "
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lr", type=float, help="learning rate (1e-4 one-stage, 1e-3 two-stage)")
     optim.add_argument("--batch-size", type=int, default=8, help="images per step per process (8)")
-    optim.add_argument("--max-steps", type=int, default=500_000)
+    optim.add_argument("--max-steps", type=int, help="training steps (1M one-stage, 700k two-stage)")
     optim.add_argument("--seed", type=int, default=0)
     optim.add_argument("--workers", type=int, default=4, help="data-loader worker processes")
     optim.add_argument("--bf16", action="store_true", help="bf16 autocast")
@@ -98,6 +99,8 @@ def config_from_args(args: argparse.Namespace):
         if not saved.is_file():
             raise FileNotFoundError(f"--resume: {saved} not found; is {args.out} a train-inverter run folder?")
         fields = json.loads(saved.read_text())
+        if args.max_steps is None:
+            del run_time["max_steps"]  # keep the run's own
         fields.update(run_time, out=args.out, resume=True)
         return TrainConfig(**fields)
     missing = [flag for flag, value in (("--generator", args.generator), ("--data", args.data)) if value is None]

@@ -159,12 +159,23 @@ def time_per_image(function: Callable[[torch.Tensor], object], image: torch.Tens
 
 @dataclass
 class InversionCost:
-    """Parameters, FLOPs and time of one inverter on one image (Table 1's cost columns)."""
+    """Parameters, FLOPs and time of one inverter on one image (Table 1's cost columns).
+
+    params_inverter: the inverter without the generator (a built-in first stage included).
+    params_trainable: what training updates.
+    params_generator: the generator's.
+    flops: inverting and rendering one image (encoder, branches, generator).
+    flops_without_rendering: the same without the final rendering (for a two-stage model
+        the first stage's rendering I0 is an input of the encoder and stays counted);
+        the number papers usually report as the inverter's FLOPs.
+    seconds_per_image: median time of inverting and rendering one image (None: not timed).
+    """
 
     params_inverter: int
     params_trainable: int
     params_generator: int
     flops: int
+    flops_without_rendering: int
     seconds_per_image: float | None
 
     def as_dict(self) -> dict[str, float]:
@@ -174,6 +185,7 @@ class InversionCost:
             "params_generator_M": self.params_generator / 1e6,
             "gflops": self.flops / 1e9,
             "gmacs": self.flops / 2e9,
+            "gmacs_without_rendering": self.flops_without_rendering / 2e9,
             "seconds_per_image": self.seconds_per_image if self.seconds_per_image is not None else float("nan"),
         }
 
@@ -181,22 +193,24 @@ class InversionCost:
 def inversion_cost(inverter: nn.Module, image: torch.Tensor, *, timing: bool = True, repeats: int = 10) -> InversionCost:
     """Cost of inverting and rendering `image` [1, C, H, W] (C = 3: the inverter's input).
 
-    inverter: a OneStageInverter / TwoStageInverter (has `.generator`); its forward renders.
+    inverter: a OneStageInverter / TwoStageInverter (has `.generator`; forward(images,
+        render=False) skips the final rendering).
     """
     generator = inverter.generator
     was_training = inverter.training
     inverter.eval()
     try:
         flops = count_flops(inverter, image)
+        flops_without_rendering = count_flops(lambda images: inverter(images, render=False), image)
         seconds = time_per_image(inverter, image, repeats=repeats) if timing else None
     finally:
         inverter.train(was_training)
-    synthesis_and_mapping = [generator]
     return InversionCost(
-        params_inverter=count_parameters(inverter, exclude=synthesis_and_mapping),
+        params_inverter=count_parameters(inverter, exclude=[generator]),
         params_trainable=count_parameters(inverter, trainable_only=True),
         params_generator=count_parameters(generator),
         flops=flops,
+        flops_without_rendering=flops_without_rendering,
         seconds_per_image=seconds,
     )
 
@@ -216,12 +230,15 @@ def evaluate_folder(
     device: str | torch.device = "cpu",
     progress: bool = True,
     max_images: int | None = None,
+    examples: list | None = None,
+    max_examples: int = 8,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Invert every image of `dataset` (items [3, S, S] in [-1, 1]) and measure the reconstructions.
 
     Both the reconstruction (the generator's output) and the input are pooled to
     min(metric_size, their sizes) pixels. Returns (summary, per-image values): summary as
-    `summarize` gives it, per-image {"mse": [N], ...}.
+    `summarize` gives it, per-image {"mse": [N], ...}. When `examples` is a list, the first
+    `max_examples` (input, reconstruction) pairs are appended to it as [2, 3, s, s] CPU tensors.
     """
     from tqdm.auto import tqdm
 
@@ -234,9 +251,14 @@ def evaluate_folder(
             batch = torch.stack([dataset[i] for i in range(start, min(start + batch_size, count))]).to(device)
             result = inverter(batch)
             size = min(metric_size, batch.shape[-1], result.image.shape[-1])
-            values = metrics(pool_to(result.image.float(), size), pool_to(batch, size))
+            reconstructions, targets = pool_to(result.image.float(), size), pool_to(batch, size)
+            values = metrics(reconstructions, targets)
             for key, value in values.items():
                 per_image.setdefault(key, []).append(value.cpu())
+            if examples is not None:
+                for target, reconstruction in zip(targets, reconstructions):
+                    if len(examples) < max_examples:
+                        examples.append(torch.stack([target, reconstruction]).cpu())
     finally:
         inverter.train(was_training)
     values = {key: torch.cat(parts) for key, parts in per_image.items()}
@@ -253,11 +275,12 @@ def format_report(summary: dict[str, float], cost: dict[str, float] | None = Non
         else:
             row.append("-")
     if cost is not None:
-        header += ["Params (M)", "GFLOPs", "GMACs", "Time (s)"]
+        header += ["Params (M)", "GFLOPs", "GMACs", "GMACs w/o rendering", "Time (s)"]
         row += [
             f"{cost['params_inverter_M']:.2f}",
             f"{cost['gflops']:.2f}",
             f"{cost['gmacs']:.2f}",
+            f"{cost['gmacs_without_rendering']:.2f}",
             f"{cost['seconds_per_image']:.4f}",
         ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(row) + " |"]

@@ -18,9 +18,9 @@ frozen generator (paper section 3.3):
   the environment (nccl on GPUs, gloo on CPU), each process reads its own shard
   (DistributedSampler), rank 0 logs and writes checkpoints.
 
-Run layout (`out`): `config.json`, `train_log.csv`, `val_log.csv`, `images/step_*.png`,
-`checkpoints/latest.pt` (training state), `inverter.safetensors` (weights + config for
-`refinestyle invert`).
+Run layout (`out`): `config.json`, `train_log.csv`, `val_log.csv`, `losses.png` (the
+curves, redrawn at every checkpoint), `images/step_*.png`, `checkpoints/latest.pt`
+(training state), `inverter.safetensors` (weights + config for `refinestyle invert`).
 """
 from __future__ import annotations
 
@@ -62,8 +62,9 @@ class TrainConfig:
         data: training image folder (any jpg/png, searched recursively).
         out: the run folder.
         val_data: optional held-out image folder for validation metrics.
-        first_stage: two-stage only: the frozen first-stage inverter (a file written by
-            `refinestyle train-inverter --stage one --no-refine`, i.e. `inverter.safetensors`).
+        first_stage: two-stage only: the frozen first stage: our w+ inverter (the
+            `inverter.safetensors` of `refinestyle train-inverter --stage one --no-refine`) or a
+            pretrained Style Transformer checkpoint (`best_model.pt`, the paper's setting).
         ir_se50: model_ir_se50.pth (ArcFace IR-SE50): initialises the encoder and drives the
             ID loss. Optional when id_weight is 0 (the encoder then starts from random weights).
         lpips_backbone: torchvision's AlexNet weights (alexnet-owt-*.pth) for LPIPS; required
@@ -82,7 +83,7 @@ class TrainConfig:
         encoder sees (256); the loss resolution is min(image_size, generator size).
         hflip: random horizontal flips of the training images.
     Optimisation: lr (None: 1e-4 one-stage, 1e-3 two-stage), batch_size per process (8),
-        max_steps, seed, bf16 (autocast), grad_checkpointing, backend of the modulated conv
+        max_steps (None: 1M one-stage, 700k two-stage, as the paper), seed, bf16 (autocast), grad_checkpointing, backend of the modulated conv
         ("auto": Triton on GPU), deterministic (torch.use_deterministic_algorithms).
     Logging: log_every (CSV rows and progress bar), image_every, val_every, val_max_images,
         checkpoint_every (0 disables periodic grids/validation/checkpoints; the final
@@ -110,7 +111,7 @@ class TrainConfig:
     hflip: bool = True
     lr: float | None = None
     batch_size: int = 8
-    max_steps: int = 500_000
+    max_steps: int | None = None
     seed: int = 0
     workers: int = 4
     bf16: bool = False
@@ -136,6 +137,8 @@ class TrainConfig:
             raise ValueError("first_stage: the two-stage model needs the first-stage inverter file")
         if self.stage == "two" and not self.refine:
             raise ValueError("refine: a two-stage model always refines (refine=False is for one-stage)")
+        if self.max_steps is None:  # the paper's schedules (appendix A.1)
+            self.max_steps = 1_000_000 if self.stage == "one" else 700_000
         for name in ("batch_size", "max_steps", "image_size", "num_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
@@ -193,6 +196,8 @@ def setup_distributed(device: str | None = None) -> DistributedContext:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} was asked for, but no CUDA device is available")
     want_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     if want_cuda:
         target = torch.device(device) if device not in (None, "cuda") else torch.device("cuda", local_rank)
@@ -225,6 +230,7 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set this process's generators back to a `capture_rng_state` result."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -272,11 +278,12 @@ def build_inverter(config: TrainConfig, generator: nn.Module, device: torch.devi
             **options,
         )
     else:
-        first = models.load_inverter(config.first_stage, generator)
-        num_refined = config.num_refined if config.num_refined is not None else len(generator.conv_layers())
+        from refinestyle.inversion.style_transformer import load_first_stage
+
+        num_refined = config.num_refined if config.num_refined is not None else generator.num_layers
         model = models.TwoStageInverter(
             generator,
-            models.FirstStage(first),
+            load_first_stage(config.first_stage, generator),
             num_refined=num_refined,
             num_tokens=config.num_tokens,
             ir_se50_path=config.ir_se50,
@@ -303,6 +310,7 @@ def build_criterion(config: TrainConfig, device: torch.device) -> nn.Module:
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Ranger over the inverter's trainable parameters at the configured learning rate."""
     from refinestyle.optim import Ranger
 
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -396,6 +404,50 @@ class CSVLog:
             csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore").writerow(row)
 
 
+def plot_training_log(run_dir: str | Path) -> Path | None:
+    """Draw `losses.png` in a run folder: every loss term of train_log.csv against the step
+    (log scale), and the validation means of val_log.csv beside them when there are any.
+
+    Returns the picture's path, or None when the log is still empty.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    run_dir = Path(run_dir)
+
+    def columns(path: Path, skip: tuple[str, ...]) -> tuple[list[float], dict[str, list[float]]]:
+        if not path.is_file():
+            return [], {}
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        steps = [float(row["step"]) for row in rows]
+        keys = [k for k in (rows[0] if rows else {}) if k not in skip and not k.endswith("_std")]
+        return steps, {k: [float(row[k]) for row in rows] for k in keys}
+
+    steps, losses = columns(run_dir / "train_log.csv", ("step", "epoch", "lr", "seconds"))
+    if not steps:
+        return None
+    val_steps, val = columns(run_dir / "val_log.csv", ("step", "count"))
+    figure = Figure(figsize=(11 if val_steps else 6, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 2 if val_steps else 1, 1)
+    for key, values in losses.items():
+        if all(v > 0 for v in values):
+            axes.plot(steps, values, label=key, linewidth=1)
+    axes.set(xlabel="step", ylabel="training loss", yscale="log", title="training")
+    axes.legend()
+    if val_steps:
+        axes = figure.add_subplot(1, 2, 2)
+        for key, values in val.items():
+            axes.plot(val_steps, values, marker="o", label=key.replace("_mean", ""))
+        axes.set(xlabel="step", ylabel="mean over the validation images", title="validation")
+        axes.legend()
+    figure.tight_layout()
+    path = run_dir / "losses.png"
+    figure.savefig(path)
+    return path
+
+
 def _tensorboard_writer(out: Path, wanted: bool):
     if not wanted:
         return None
@@ -424,6 +476,7 @@ def render_comparison(model: nn.Module, images: torch.Tensor, size: int) -> torc
 
 
 def pool_or_resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, 3, size, size] for pictures: average-pool down, bilinear up."""
     if images.shape[-1] >= size:
         return pool_to(images, size)
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
@@ -488,6 +541,8 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
 
     device = context.device
     if config.deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic (set before its first use)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     if context.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -701,6 +756,7 @@ def _save_checkpoint(model, optimizer, config, context, checkpoint_path, inverte
             checkpoint_path,
         )
         _export_inverter(model, inverter_path)
+        plot_training_log(inverter_path.parent)  # the run folder
     context.barrier()
 
 

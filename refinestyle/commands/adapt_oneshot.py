@@ -1,0 +1,178 @@
+"""Adapt a frozen generator to the style of ONE reference image by training only refinement tokens.
+
+GOGA's setting with RefineStyle's tokens (paper Sec. 3.4): the loss is Eq. 6 (L2 + LPIPS
++ ArcFace ID) between the reference and the refined generator at the reference's code
+w_r, plus a sliced Wasserstein style loss between LPIPS-AlexNet features of random
+syntheses with the mixed code w_g = [w_c, w_r] (early rows from random content, later
+rows from the reference) and those of the reference.
+
+w_r comes from a trained inverter (--inverter, refinestyle train-inverter's file) or, without
+one, from an optimisation-based projection (LPIPS, --projection-steps). With
+--init-from-inverter the tokens start from the inverter's tokens for the reference
+(paper Fig. 8).
+
+Pretrained parts are local files: the LPIPS AlexNet backbone (--lpips-backbone or
+$REFINESTYLE_ALEXNET) and, for the ID term (faces; --id-weight 0 turns it off),
+IR-SE50 (--ir-se50 or $REFINESTYLE_IR_SE50).
+
+Writes the adapter to --out and, in --work-dir, checkpoint.pt, w_r.pt, samples/step_*.png
+(row 1: reference, then frozen samples; row 2: the adapted reconstruction, then adapted
+samples), loss.png and history.jsonl. --resume continues an interrupted run.
+
+example:
+  refinestyle adapt-oneshot --generator ffhq.pt --reference arcane.png --inverter two_stage.safetensors \\
+      --init-from-inverter --lpips-backbone alexnet-owt-7be5be79.pth --ir-se50 model_ir_se50.pth --out arcane.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from refinestyle.commands.adapt_text import (
+    add_common_training_arguments,
+    load_frozen_generator,
+    prepare_run,
+    report,
+)
+from refinestyle.weights import default_device
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reference", type=Path, required=True, help="the reference image (PNG/JPEG)")
+    add_common_training_arguments(parser, iterations=600, batch_size=1)
+    parser.add_argument("--inverter", default=None, metavar="PATH",
+                        help="a trained inverter file giving w_r (default: optimisation-based projection)")
+    parser.add_argument("--init-from-inverter", action="store_true",
+                        help="initialise the tokens from the inverter's tokens for the reference (paper Fig. 8)")
+    parser.add_argument("--projection-steps", type=int, default=1000,
+                        help="steps of the projection when no --inverter is given (default 1000)")
+    parser.add_argument("--lpips-backbone", default=None, metavar="PATH",
+                        help="torchvision AlexNet weights for LPIPS (default: $REFINESTYLE_ALEXNET)")
+    parser.add_argument("--ir-se50", default=None, metavar="PATH",
+                        help="ArcFace IR-SE50 weights for the ID term (default: $REFINESTYLE_IR_SE50)")
+    parser.add_argument("--l2-weight", type=float, default=1.0, help="Eq. 6's L2 weight (default 1.0)")
+    parser.add_argument("--lpips-weight", type=float, default=0.8, help="Eq. 6's LPIPS weight (default 0.8)")
+    parser.add_argument("--id-weight", type=float, default=0.1,
+                        help="Eq. 6's ID weight (default 0.1; 0 for non-face domains, then no IR-SE50 is needed)")
+    parser.add_argument("--style-weight", type=float, default=1.0,
+                        help="weight of the (normalised) SWD style loss (default 1.0)")
+    parser.add_argument("--style-layers", type=int, nargs="+", default=[2, 3, 4, 5], metavar="N",
+                        help="AlexNet ReLU layers (1-5) compared by the style loss (default 2 3 4 5)")
+    parser.add_argument("--style-size", type=int, default=256,
+                        help="images are resized to this size for the style features (default 256)")
+    parser.add_argument("--swd-projections", type=int, default=256,
+                        help="random directions of the sliced Wasserstein distance (default 256)")
+    parser.add_argument("--mix-index", type=int, default=None,
+                        help="w_g takes rows < N from random content codes (default: 8 of 18, scaled)")
+    parser.add_argument("--loss-size", type=int, default=256,
+                        help="the reconstruction loss compares images at this size (default 256)")
+    parser.set_defaults(lr=1e-3)
+
+
+def main(args: argparse.Namespace) -> int:
+    from refinestyle.adaptation.projection import project
+    from refinestyle.adaptation.swd import LPIPSFeatures, SWDStyleLoss
+    from refinestyle.adaptation.train import adapt_oneshot, load_w_plus, save_w_plus
+    from refinestyle.checkpoints import CheckpointError
+    from refinestyle.imageio import load_image, save_image
+    from refinestyle.losses import LPIPSLoss, ReconstructionLoss
+    from refinestyle.weights import MissingWeightsError
+
+    device = torch.device(args.device or default_device())
+    try:
+        if args.init_from_inverter and args.inverter is None:
+            raise ValueError("--init-from-inverter needs --inverter")
+        if args.projection_steps < 1 or args.swd_projections < 1:
+            raise ValueError("--projection-steps and --swd-projections must be positive")
+        work_dir, resume = prepare_run(args)
+        try:
+            reference = load_image(args.reference)
+        except (FileNotFoundError, ValueError) as error:
+            raise ValueError(f"--reference: {error}") from error
+        generator = load_frozen_generator(args, device)
+        reference = torch.nn.functional.interpolate(
+            reference, size=(generator.size,) * 2, mode="area" if reference.shape[-1] > generator.size else "bilinear"
+        ).to(device)
+        lpips = LPIPSLoss(args.lpips_backbone).to(device)
+        reconstruction = ReconstructionLoss(
+            args.l2_weight, args.lpips_weight, args.id_weight, lpips_module=lpips, ir_se50_path=args.ir_se50
+        ).to(device)
+        style = SWDStyleLoss(
+            LPIPSFeatures(lpips, args.style_layers, input_size=args.style_size), args.swd_projections
+        ).to(device)
+        inverter = None
+        if args.inverter is not None:
+            from refinestyle.inversion.models import load_inverter
+
+            inverter = load_inverter(args.inverter, generator)
+    except (MissingWeightsError, CheckpointError, FileNotFoundError, ValueError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    # w_r (and, with --init-from-inverter, the reference's tokens); cached for resumed runs
+    cache = work_dir / "w_r.pt"
+    init_refinement, reference_noise = None, None
+    if inverter is not None:
+        with torch.no_grad():
+            result = inverter(reference, render=False)
+        w_r = result.w_plus.detach()
+        if args.init_from_inverter:
+            if result.refinement is None:
+                print("error: --init-from-inverter: this inverter has no token branch", file=sys.stderr)
+                return 2
+            init_refinement = result.refinement.detach()
+    elif resume and cache.is_file():
+        w_r, reference_noise = load_w_plus(cache)
+    else:
+        projected = project(generator, reference, lpips, steps=args.projection_steps, seed=args.seed,
+                            progress=not args.no_progress, loss_size=args.loss_size)
+        w_r, reference_noise = projected.w_plus, projected.noise
+        save_image(projected.image[0], work_dir / "projection.png")
+    save_w_plus(cache, w_r, reference_noise)
+
+    try:
+        adapter, history = adapt_oneshot(
+            generator,
+            reference,
+            w_r,
+            reconstruction,
+            style,
+            num_refined=args.num_refined,
+            num_tokens=args.num_tokens,
+            scale_init=args.scale_init,
+            init_refinement=init_refinement,
+            reference_noise=reference_noise,
+            iterations=args.iterations,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            style_weight=args.style_weight,
+            mix_index=args.mix_index,
+            truncation=args.truncation,
+            loss_size=args.loss_size,
+            seed=args.seed,
+            num_samples=args.num_samples,
+            work_dir=work_dir,
+            checkpoint_every=args.checkpoint_every,
+            sample_every=args.sample_every,
+            resume=resume,
+            progress=not args.no_progress,
+            metadata={
+                "reference": str(args.reference),
+                "generator_file": str(args.generator) if args.generator else None,
+                "w_r_source": "inverter" if inverter is not None else "projection",
+                "inverter_file": str(args.inverter) if args.inverter else None,
+                "style_layers": list(args.style_layers),
+            },
+        )
+    except ValueError as error:  # e.g. --resume with settings that do not fit the checkpoint
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the checkpoint in {work_dir} holds the progress; continue with --resume", file=sys.stderr)
+        return 130
+    adapter.save(args.out)
+    report(adapter, history, args.out, work_dir)
+    return 0

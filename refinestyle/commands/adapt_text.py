@@ -1,0 +1,152 @@
+"""Adapt a frozen generator to a text-described domain by training only refinement tokens (CLIP directional loss).
+
+StyleGAN-NADA's setting with RefineStyle's tokens (paper Sec. 3.4, Eq. 7): the change of
+the CLIP image embedding between the frozen and the refined generator is aligned with
+the change of the CLIP text embedding from --source to --target (prompt templates
+averaged), with OpenAI's CLIP ViT-B/16 and ViT-B/32 loaded from local files. Paper
+defaults: Adam lr 1e-3, 300 steps, batch 2, all conv layers with L = 256 tokens
+(2.98M trainable parameters at 1024 px; NADA fine-tunes 26.7M).
+
+Writes the adapter to --out (safetensors) and, in --work-dir (default: --out without its
+suffix, plus ".run"), checkpoint.pt, samples/step_*.png (row 1: frozen generator, row 2:
+adapted, for fixed seeds), loss.png and history.jsonl. --resume continues an interrupted run.
+
+example:
+  refinestyle adapt-text --generator ffhq.pt --source photo --target "pencil sketch" \\
+      --clip-vit-b16 ViT-B-16.pt --clip-vit-b32 ViT-B-32.pt --out sketch.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from refinestyle.adaptation.clip_loss import add_clip_arguments
+from refinestyle.weights import default_device
+
+
+def add_common_training_arguments(parser: argparse.ArgumentParser, *, iterations: int, batch_size: int) -> None:
+    """Options shared by adapt-text and adapt-oneshot."""
+    parser.add_argument("--generator", default=None, metavar="PATH",
+                        help="generator checkpoint: rosinality .pt / .safetensors or NVlabs .pkl "
+                             "(default: $REFINESTYLE_GENERATOR)")
+    parser.add_argument("--out", type=Path, required=True, help="the adapter file to write (.safetensors)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="folder for checkpoint, sample grids and loss curves (default: OUT without suffix + .run)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work-dir")
+    parser.add_argument("--restart", action="store_true", help="discard a checkpoint in --work-dir and start over")
+    parser.add_argument("--iterations", type=int, default=iterations, help=f"training steps (default {iterations})")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"codes per step (default {batch_size})")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--num-tokens", type=int, default=256, help="L, tokens per refined layer (default 256)")
+    parser.add_argument("--num-refined", type=int, default=None,
+                        help="refine the last N conv layers (default: all, 17 at 1024 px)")
+    parser.add_argument("--scale-init", type=float, default=None, help="initial scales A, B (default 0.01)")
+    parser.add_argument("--truncation", type=float, default=0.7, help="truncation psi of the sampled codes (default 0.7)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    parser.add_argument("--sample-every", type=int, default=50, help="steps between sample grids (default 50, 0: off)")
+    parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
+    parser.add_argument("--num-samples", type=int, default=4, help="fixed seeds shown in the sample grids (default 4)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "triton", "torch", "reference"),
+                        help="op backend (default auto: triton on CUDA, torch on CPU)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", default="photo", help='the source domain\'s description (default "photo")')
+    parser.add_argument("--target", required=True, help='the target domain\'s description, e.g. "pencil sketch"')
+    add_common_training_arguments(parser, iterations=300, batch_size=2)
+    add_clip_arguments(parser)
+    parser.add_argument("--clip-weights", type=float, nargs="+", default=None, metavar="W",
+                        help="weight of each CLIP model in the loss, in the order loaded (default: equal)")
+
+
+def prepare_run(args) -> tuple[Path, bool]:
+    """(work dir, resume?) after checking the numeric options and the checkpoint situation."""
+    from refinestyle.adaptation.train import CHECKPOINT_NAME
+
+    for name in ("iterations", "batch_size", "num_tokens", "num_samples"):
+        value = getattr(args, name)
+        if value < (0 if name == "iterations" else 1):
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr: expected a positive number, got {args.lr}")
+    if args.resume and args.restart:
+        raise ValueError("--resume and --restart exclude each other")
+    work_dir = args.work_dir if args.work_dir is not None else args.out.with_suffix(".run")
+    checkpoint = work_dir / CHECKPOINT_NAME
+    if checkpoint.is_file() and not (args.resume or args.restart):
+        raise ValueError(f"{checkpoint} exists: pass --resume to continue that run or --restart to start over")
+    if args.restart and checkpoint.is_file():
+        checkpoint.unlink()
+    if args.resume and not checkpoint.is_file():
+        print(f"note: no checkpoint in {work_dir}, starting a new run", file=sys.stderr)
+    return work_dir, args.resume
+
+
+def load_frozen_generator(args, device):
+    from refinestyle.checkpoints import load_generator
+
+    generator = load_generator(args.generator, device=device, backend=args.backend)
+    return generator.eval().requires_grad_(False)
+
+
+def report(adapter, history, out: Path, work_dir: Path) -> None:
+    from refinestyle.adaptation.train import history_summary, write_history
+
+    write_history(work_dir / "history.jsonl", history)
+    summary = history_summary(history)
+    loss = ""
+    if "loss_first" in summary:
+        loss = f"; loss {summary['loss_first']:.4g} (first 10 steps) -> {summary['loss_last']:.4g} (last 10)"
+    print(f"wrote {out}: {adapter.num_trainable():,} trainable parameters{loss}; samples and curves in {work_dir}")
+
+
+def main(args: argparse.Namespace) -> int:
+    from refinestyle.adaptation.clip_loss import CLIPDirectionalLoss, clip_encoders_from_args
+    from refinestyle.adaptation.train import adapt_text
+    from refinestyle.checkpoints import CheckpointError
+    from refinestyle.weights import MissingWeightsError
+
+    device = torch.device(args.device or default_device())
+    try:
+        work_dir, resume = prepare_run(args)
+        generator = load_frozen_generator(args, device)
+        encoders = clip_encoders_from_args(args, device)
+        clip_loss = CLIPDirectionalLoss(encoders, args.source, args.target, weights=args.clip_weights)
+    except (MissingWeightsError, CheckpointError, ValueError, TypeError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    try:
+        adapter, history = adapt_text(
+            generator,
+            clip_loss,
+            num_refined=args.num_refined,
+            num_tokens=args.num_tokens,
+            scale_init=args.scale_init,
+            iterations=args.iterations,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            truncation=args.truncation,
+            seed=args.seed,
+            num_samples=args.num_samples,
+            work_dir=work_dir,
+            checkpoint_every=args.checkpoint_every,
+            sample_every=args.sample_every,
+            resume=resume,
+            progress=not args.no_progress,
+            metadata={"generator_file": str(args.generator) if args.generator else None},
+        )
+    except ValueError as error:  # e.g. --resume with settings that do not fit the checkpoint
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the checkpoint in {work_dir} holds the progress; continue with --resume", file=sys.stderr)
+        return 130
+    adapter.save(args.out)
+    report(adapter, history, args.out, work_dir)
+    return 0

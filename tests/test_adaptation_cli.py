@@ -1,0 +1,192 @@
+"""CLI smoke tests: adapt-text, adapt-oneshot, eval-adapter and generate --adapter, on tiny random weights."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from refinestyle import cli
+from refinestyle.adaptation import Adapter
+from refinestyle.checkpoints import save_rosinality_checkpoint
+from refinestyle.generator import Generator
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny generator checkpoint, a tiny CLIP (config + random weights), a random AlexNet file, a reference."""
+    import open_clip
+    from torchvision.models import alexnet
+
+    root = tmp_path_factory.mktemp("adaptation_cli")
+    torch.manual_seed(0)
+    generator = Generator(SIZE, style_dim=16, n_mlp=2, channel_max=8)
+    with torch.no_grad():
+        for name, parameter in generator.named_parameters():
+            if name.endswith("noise.weight"):
+                parameter.fill_(0.2)
+    checkpoint = save_rosinality_checkpoint(generator, root / "g.pt")
+
+    config = root / "rs-cli-tiny-clip.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(config)
+    clip_weights = root / "tiny_clip.pt"
+    torch.save(open_clip.create_model("rs-cli-tiny-clip", pretrained=None).state_dict(), clip_weights)
+
+    # the AlexNet trunk in torchvision's file layout (features.* only: all that LPIPS reads)
+    alexnet_file = root / "alexnet.pth"
+    torch.save({f"features.{k}": v for k, v in alexnet(weights=None).features.state_dict().items()}, alexnet_file)
+
+    reference = root / "reference.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(reference)
+    return {"generator": checkpoint, "clip_config": config, "clip": clip_weights, "alexnet": alexnet_file,
+            "reference": reference, "root": root}
+
+
+def clip_args(files):
+    return ["--clip", f"{files['clip_config']}={files['clip']}", "--clip-no-quick-gelu"]
+
+
+def test_adapt_text_then_eval_adapter_then_generate(files, tmp_path, capsys):
+    out = tmp_path / "sketch.safetensors"
+    argv = ["adapt-text", "--generator", str(files["generator"]), "--target", "pencil sketch", "--out", str(out),
+            "--iterations", "4", "--num-tokens", "8", "--sample-every", "2", "--checkpoint-every", "2",
+            "--no-progress", "--device", "cpu", *clip_args(files)]
+    assert cli.main(argv) == 0
+    assert "trainable parameters" in capsys.readouterr().out
+    adapter = Adapter.load(out)
+    assert adapter.metadata["kind"] == "text" and adapter.metadata["target_text"] == "pencil sketch"
+    assert adapter.metadata["source_text"] == "photo" and adapter.metadata["training"]["steps_done"] == 4
+    assert adapter.metadata["training"]["batch_size"] == 2 and adapter.metadata["clip_models"] == ["rs-cli-tiny-clip"]
+    work = tmp_path / "sketch.run"
+    assert sorted(p.name for p in (work / "samples").glob("*.png")) == [
+        "step_000000.png", "step_000002.png", "step_000004.png"
+    ]
+    grid = np.asarray(Image.open(work / "samples" / "step_000004.png"))
+    assert grid.shape == (2 * (SIZE + 2) + 2, 4 * (SIZE + 2) + 2, 3)  # source row, adapted row, 4 seeds
+    assert len((work / "history.jsonl").read_text().splitlines()) == 4
+
+    # a second run into the same work dir must say --resume or --restart; --resume continues to 6 steps
+    assert cli.main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert cli.main(argv[:argv.index("--iterations") + 1] + ["6"] + argv[argv.index("--iterations") + 2:]
+                    + ["--resume"]) == 0
+    assert len((work / "history.jsonl").read_text().splitlines()) == 6
+
+    metrics = tmp_path / "metrics.json"
+    assert cli.main(["eval-adapter", "--generator", str(files["generator"]), "--adapter", str(out), "--n", "5",
+                     "--batch-size", "2", "--out", str(metrics), "--grid", str(tmp_path / "eval.png"),
+                     "--no-progress", "--device", "cpu", *clip_args(files)]) == 0
+    result = json.loads(metrics.read_text())
+    assert result["num_images"] == 5 and result["params"] == Adapter.load(out).num_trainable()
+    assert -1 <= result["text_consistency"] <= 1 and result["target_text"] == "pencil sketch"
+    assert any("ID skipped" in note for note in result["notes"])
+    assert (tmp_path / "eval.png").is_file()
+
+    # generate --adapter A --adapter B: one grid row per domain
+    other = tmp_path / "pixar.safetensors"
+    adapter = Adapter.load(out)
+    with torch.no_grad():
+        for layer in adapter.tokens.layers:
+            layer.A.mul_(-3)
+    adapter.save(other)
+    grid_file = tmp_path / "domains.png"
+    assert cli.main(["generate", "--ckpt", str(files["generator"]), "--n", "3", "--out", str(grid_file),
+                     "--adapter", str(out), "--adapter", str(other), "--device", "cpu", "--no-progress"]) == 0
+    assert np.asarray(Image.open(grid_file)).shape == (3 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2, 3)
+    rows = {name: np.asarray(Image.open(tmp_path / "domains" / name / "0000.png")).astype(int)
+            for name in ("original", "sketch", "pixar")}
+    assert np.abs(rows["sketch"] - rows["pixar"]).max() > 0
+
+
+def test_adapt_oneshot_with_projection(files, tmp_path, capsys):
+    out = tmp_path / "ref.safetensors"
+    argv = ["adapt-oneshot", "--generator", str(files["generator"]), "--reference", str(files["reference"]),
+            "--out", str(out), "--lpips-backbone", str(files["alexnet"]), "--id-weight", "0",
+            "--iterations", "2", "--num-tokens", "4", "--num-refined", "3", "--projection-steps", "3",
+            "--style-size", "64", "--swd-projections", "8", "--loss-size", "32", "--sample-every", "2",
+            "--num-samples", "2", "--no-progress", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    adapter = Adapter.load(out)
+    assert adapter.metadata["kind"] == "oneshot" and adapter.metadata["w_r_source"] == "projection"
+    assert adapter.metadata["reference"] == str(files["reference"]) and adapter.num_refined == 3
+    work = tmp_path / "ref.run"
+    assert (work / "w_r.pt").is_file() and (work / "projection.png").is_file()
+    grid = np.asarray(Image.open(work / "samples" / "step_000002.png"))
+    assert grid.shape == (2 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2, 3)  # reference + 2 seeds, two rows
+
+    # the ID term is on by default and needs IR-SE50: a clear error, not a download
+    assert cli.main(argv[:-2] + ["--restart", "--id-weight", "0.1", "--ir-se50", str(tmp_path / "nope.pth"),
+                                 "--device", "cpu"]) == 2
+    assert "nope.pth" in capsys.readouterr().err
+
+
+def test_adapt_oneshot_from_an_inverter(files, tmp_path):
+    from refinestyle.checkpoints import load_generator
+    from refinestyle.inversion.models import FirstStage, OneStageInverter, TwoStageInverter, save_inverter
+
+    tiny = dict(encoder_depth=(1, 1, 1, 1), encoder_widths=(16, 16, 32, 32), encoder_size=32, heads=2,
+                head_dim=16, ffn_dim=64)
+    generator = load_generator(files["generator"])
+    torch.manual_seed(0)
+    first = FirstStage(OneStageInverter(generator, refine=False, **tiny))
+    inverter = TwoStageInverter(generator, first, num_refined=generator.num_layers, num_tokens=2, **tiny)
+    inverter_file = save_inverter(tmp_path / "inverter.safetensors", inverter)
+
+    out = tmp_path / "ref.safetensors"
+    assert cli.main(["adapt-oneshot", "--generator", str(files["generator"]), "--reference", str(files["reference"]),
+                     "--out", str(out), "--lpips-backbone", str(files["alexnet"]), "--id-weight", "0",
+                     "--inverter", str(inverter_file), "--init-from-inverter", "--iterations", "1",
+                     "--num-tokens", "4", "--style-size", "64", "--swd-projections", "8", "--loss-size", "32",
+                     "--sample-every", "0", "--no-progress", "--device", "cpu"]) == 0
+    adapter = Adapter.load(out)
+    assert adapter.metadata["w_r_source"] == "inverter"
+    assert adapter.metadata["token_init"]["copied"] == list(range(generator.num_layers))
+    assert adapter.metadata["token_init"]["padded"] == list(range(generator.num_layers))
+
+
+def test_clear_errors(files, tmp_path, capsys, monkeypatch):
+    for env in ("REFINESTYLE_CLIP_VIT_B16", "REFINESTYLE_CLIP_VIT_B32"):
+        monkeypatch.delenv(env, raising=False)
+    base = ["--no-progress", "--device", "cpu"]
+    # no CLIP weights anywhere
+    assert cli.main(["adapt-text", "--generator", str(files["generator"]), "--target", "sketch",
+                     "--out", str(tmp_path / "a.safetensors"), *base]) == 2
+    assert "--clip-vit-b16" in capsys.readouterr().err
+    # a missing generator
+    assert cli.main(["adapt-text", "--generator", str(tmp_path / "nope.pt"), "--target", "sketch",
+                     "--out", str(tmp_path / "a.safetensors"), *clip_args(files), *base]) == 2
+    assert "nope.pt" in capsys.readouterr().err
+    # a reference that is not an image, and one that does not exist
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"definitely not a png")
+    for reference, message in ((broken, "not a readable image"), (tmp_path / "absent.png", "not found")):
+        assert cli.main(["adapt-oneshot", "--generator", str(files["generator"]), "--reference", str(reference),
+                         "--out", str(tmp_path / "r.safetensors"), "--id-weight", "0", *base]) == 2
+        error = capsys.readouterr().err
+        assert "--reference" in error and message in error
+    # eval-adapter with an adapter of another generator
+    torch.manual_seed(1)
+    stranger = Adapter.for_generator(Generator(SIZE, style_dim=16, n_mlp=2, channel_max=8), num_tokens=2)
+    stranger.save(tmp_path / "stranger.safetensors")
+    assert cli.main(["eval-adapter", "--generator", str(files["generator"]), "--adapter",
+                     str(tmp_path / "stranger.safetensors"), "--n", "2", *base]) == 2
+    assert "fingerprint" in capsys.readouterr().err

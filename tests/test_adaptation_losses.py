@@ -1,0 +1,190 @@
+"""The CLIP directional loss (wiring, math, local weights) and the sliced Wasserstein style loss."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from refinestyle.adaptation import Adapter
+from refinestyle.adaptation.clip_loss import (
+    CLIPDirectionalLoss,
+    directional_loss,
+    load_clip,
+    random_clip,
+)
+from refinestyle.adaptation.swd import LPIPSFeatures, SWDStyleLoss, sliced_wasserstein
+from refinestyle.generator import Generator
+from refinestyle.weights import MissingWeightsError
+
+# the smallest open_clip model that exercises both towers: one transformer block each
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_clip_config(tmp_path):
+    path = tmp_path / "rs-test-tiny-clip.json"
+    path.write_text(json.dumps(TINY_CLIP))
+    return path
+
+
+def test_clip_directional_loss_reaches_the_tokens_and_nothing_of_the_generator(tiny_clip_config):
+    torch.manual_seed(0)
+    generator = Generator(32, style_dim=16, n_mlp=2, channel_max=8).eval().requires_grad_(False)
+    adapter = Adapter.for_generator(generator, num_tokens=4, scale_init=0.2)  # a visible residual
+    encoders = [random_clip(str(tiny_clip_config), seed=1), random_clip(str(tiny_clip_config), seed=2)]
+    loss_fn = CLIPDirectionalLoss(encoders, "photo", "pencil sketch", weights=[1.0, 3.0])
+
+    w = torch.randn(2, generator.n_latent, 16)
+    noise = [n.repeat(2, 1, 1, 1) for n in generator.make_noise()]
+    with torch.no_grad():
+        source = generator.synthesis(w, noise=noise)
+    adapted = generator.synthesis(w, refinement=adapter.refinement(), noise=noise)
+    loss = loss_fn(source, adapted)
+    assert loss.ndim == 0 and 0 <= loss.item() <= 2
+    loss.backward()
+
+    for layer in adapter.tokens.layers:
+        for parameter in (layer.P, layer.Q, layer.A, layer.B):
+            assert parameter.grad is not None and torch.isfinite(parameter.grad).all()
+    assert sum(layer.A.grad.abs().sum() for layer in adapter.tokens.layers) > 0
+    assert all(p.grad is None for p in generator.parameters())
+    assert all(p.grad is None for e in encoders for p in e.parameters())
+
+    # the loss is the weighted mean of 1 - cos(dI, dT) over the encoders, computed by hand here
+    expected = 0
+    for encoder, weight in zip(encoders, (0.25, 0.75)):
+        with torch.no_grad():
+            d_image = F.normalize(encoder.encode_images(adapted) - encoder.encode_images(source), dim=-1)
+            text = encoder.encode_text(["photo", "pencil sketch"])
+            d_text = F.normalize(text[1] - text[0], dim=0)
+        expected += weight * (1 - d_image @ d_text).mean()
+    assert torch.allclose(loss.detach(), expected, atol=1e-4), (loss.item(), expected.item())
+
+
+def test_directional_loss_math_and_text_templates(tiny_clip_config):
+    direction = F.normalize(torch.randn(8), dim=0)
+    source = F.normalize(torch.randn(3, 8), dim=-1)
+    along = directional_loss(source, source + 0.1 * direction, direction)
+    against = directional_loss(source, source - 0.1 * direction, direction)
+    assert torch.allclose(along, torch.zeros(3), atol=1e-6) and torch.allclose(against, torch.full((3,), 2.0), atol=1e-6)
+    with pytest.raises(ValueError, match="text_direction"):
+        directional_loss(source, source, torch.randn(5))
+
+    encoder = random_clip(str(tiny_clip_config), seed=0)
+    one = encoder.encode_text(["sketch"], templates=["a {}"])
+    averaged = encoder.encode_text(["sketch"], templates=["a {}", "a drawing of a {}"])
+    manual = F.normalize(
+        F.normalize(encoder.model.encode_text(encoder.tokenizer(["a sketch", "a drawing of a sketch"])), dim=-1).mean(0),
+        dim=0,
+    )
+    assert torch.allclose(averaged[0], manual, atol=1e-6)
+    assert not torch.allclose(one, averaged, atol=1e-3)
+    with pytest.raises(TypeError):
+        encoder.encode_text("sketch")
+    with pytest.raises(ValueError, match="same"):
+        CLIPDirectionalLoss([encoder], "photo", "photo")
+
+    # preprocessing: any square size to CLIP's input, differentiable, CLIP-normalised
+    images = (torch.rand(2, 3, 48, 48) * 2 - 1).requires_grad_(True)
+    prepared = encoder.preprocess(images)
+    assert prepared.shape == (2, 3, 32, 32)
+    prepared.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    white = encoder.preprocess(torch.ones(1, 3, 32, 32))
+    assert torch.allclose(white[0, :, 0, 0], (1 - encoder.mean.flatten()) / encoder.std.flatten(), atol=1e-5)
+
+
+def test_clip_loads_only_local_files(tiny_clip_config, tmp_path, monkeypatch):
+    monkeypatch.delenv("REFINESTYLE_CLIP_VIT_B32", raising=False)
+    with pytest.raises(MissingWeightsError, match="REFINESTYLE_CLIP_VIT_B32"):
+        load_clip("ViT-B/32")
+    with pytest.raises(MissingWeightsError, match="absent.pt"):
+        load_clip("ViT-B-16", tmp_path / "absent.pt")
+
+    # an open_clip state dict written to a local file loads back into the same model
+    reference = random_clip(str(tiny_clip_config), seed=4)
+    weights = tmp_path / "tiny.pt"
+    torch.save(reference.model.state_dict(), weights)
+    loaded = load_clip(str(tiny_clip_config), weights, quick_gelu=False)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_images(images), reference.encode_images(images), atol=1e-6)
+    assert torch.allclose(loaded.encode_text(["cat"]), reference.encode_text(["cat"]), atol=1e-6)
+
+    # OpenAI's original files are TorchScript archives: they go to open_clip's OpenAI loader, with the local path
+    import warnings
+
+    import open_clip
+
+    archive = tmp_path / "ViT-B-32.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated, but it is the format OpenAI shipped
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(archive))
+    calls = []
+
+    def fake_openai_loader(name, precision=None, device=None, cache_dir=None):
+        calls.append((name, precision))
+        return reference.model
+
+    monkeypatch.setattr(open_clip, "load_openai_model", fake_openai_loader)
+    load_clip("ViT-B-32", archive)
+    assert calls == [(str(archive), "fp32")]
+
+
+def test_sliced_wasserstein_distance():
+    torch.manual_seed(0)
+    cloud = torch.randn(1, 5, 6, 7)
+    shuffled = cloud.flatten(2)[:, :, torch.randperm(42)].reshape(1, 5, 6, 7)
+    assert sliced_wasserstein(cloud, shuffled).item() == pytest.approx(0, abs=1e-10)  # a distribution, not an image
+    shifted = sliced_wasserstein(cloud + 1.0, cloud, num_projections=4096).item()
+    # a shift by t along every axis: E[(t . d)^2] = |t|^2 / C = 1 for a random unit direction d
+    assert shifted == pytest.approx(1.0, rel=0.1)
+
+    # one channel: exactly the squared 1-D Wasserstein-2 distance (sorting), also between different sizes
+    a, b = torch.randn(1, 1, 100), torch.randn(1, 1, 100) * 2 + 1
+    exact = (a.flatten().sort().values - b.flatten().sort().values).square().mean()
+    ones = torch.ones(1, 1)
+    assert torch.allclose(sliced_wasserstein(a[..., None], b[..., None], directions=ones), exact[None], atol=1e-6)
+    b_big = b.repeat_interleave(3, dim=2)  # the same distribution with 300 points
+    resampled = sliced_wasserstein(a[..., None], b_big[..., None], directions=ones)
+    assert resampled.item() == pytest.approx(exact.item(), rel=0.05)
+
+    per_sample = sliced_wasserstein(torch.cat([cloud, cloud + 3]), cloud, 64)
+    assert per_sample.shape == (2,) and per_sample[0] < 1e-10 < per_sample[1]
+    with pytest.raises(ValueError, match="channels"):
+        sliced_wasserstein(cloud, torch.randn(1, 4, 6, 7))
+
+
+def test_swd_style_loss_on_lpips_features():
+    from refinestyle.losses import LPIPSLoss
+
+    torch.manual_seed(0)
+    lpips = LPIPSLoss(pretrained_backbone=False)
+    style = SWDStyleLoss(LPIPSFeatures(lpips, layers=(2, 3), input_size=64), num_projections=32)
+    reference = torch.rand(1, 3, 32, 32) * 2 - 1
+    with pytest.raises(RuntimeError, match="set_reference"):
+        style(reference)
+    style.set_reference(reference)
+    assert style(reference).item() == pytest.approx(0, abs=1e-8)  # same features, same sorted projections
+    images = (torch.rand(2, 3, 32, 32) * 0.2).requires_grad_(True)
+    loss = style(images)
+    assert loss.item() > 1e-3
+    loss.backward()
+    assert images.grad.abs().sum() > 0
+    assert all(p.grad is None for p in lpips.parameters())
+    with pytest.raises(ValueError, match="AlexNet ReLU"):
+        LPIPSFeatures(lpips, layers=(0, 6))
