@@ -251,7 +251,19 @@ class ModulatedConv2d(nn.Module):
         )
 
 
-class StyledConv(nn.Module):
+class _ConvBackendMixin:
+    """`backend` of a layer is its modulated conv's (settable, e.g. generator-wide)."""
+
+    @property
+    def backend(self) -> str:
+        return self.conv.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.conv.backend = check_backend(value)
+
+
+class StyledConv(_ConvBackendMixin, nn.Module):
     """Modulated conv + noise + bias + leaky ReLU(0.2)*sqrt(2): one fused op per layer.
 
     Parameters: `conv` (ModulatedConv2d), `noise.weight` [1], `activate.bias` [Cout].
@@ -281,14 +293,6 @@ class StyledConv(nn.Module):
         self.activate = FusedLeakyReLU(out_channel)
         self.clamp = clamp
 
-    @property
-    def backend(self) -> str:
-        return self.conv.backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self.conv.backend = check_backend(value)
-
     def forward(
         self,
         input: torch.Tensor,
@@ -314,7 +318,7 @@ class StyledConv(nn.Module):
         )
 
 
-class ToRGB(nn.Module):
+class ToRGB(_ConvBackendMixin, nn.Module):
     """1x1 modulated conv to RGB (demodulate=False, never refined) + bias + the upsampled skip.
 
     Parameters: `conv` (ModulatedConv2d(in_channel, 3, 1)), `bias` [1, 3, 1, 1]; with
@@ -339,14 +343,6 @@ class ToRGB(nn.Module):
             self.upsample = Upsample(blur_kernel)
         self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False, backend=backend)
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
-
-    @property
-    def backend(self) -> str:
-        return self.conv.backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self.conv.backend = check_backend(value)
 
     def forward(self, input: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         out = self.conv.layer_forward(input, style, bias=self.bias.reshape(3), activate=False, clamp=self.clamp)
