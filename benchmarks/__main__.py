@@ -226,6 +226,11 @@ def _run(argv: list[str] | None) -> int:
             print(f"(skipped, they need CUDA: {', '.join(skipped)})")
     if not cases:
         raise SystemExit("benchmarks: no case left after the selection")
+    if suite in ("gpu", "headline") and not on_cuda and not args.list:
+        raise SystemExit(
+            f"--suite {suite}: needs a CUDA device (its 1024 px cases would take hours on a CPU); "
+            "without a GPU run the reduced CPU suite (the default, or --suite cpu)"
+        )
     if args.list:
         for case in cases:
             print(case.case_id)

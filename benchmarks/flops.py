@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 #: MACs of one output value of the upsampling FIR (a 4 x 4 filter).
 FIR_TAPS = 16
@@ -353,19 +353,6 @@ def flop_counter_grouped_wgrad_excess(spec: LayerSpec, batch: int) -> int:
     """
     conv_flops = layer_flops(spec, batch)["conv"]
     return (batch - 1) * conv_flops
-
-
-def describe_counts(specs: Iterable[LayerSpec], batch: int, num_tokens: int) -> list[dict]:
-    """Per-layer rows (spec fields, GMAC of the conv, low-rank share in %) for tables."""
-    rows = []
-    for spec in specs:
-        tokens = num_tokens if spec.refinable else 0
-        counts = layer_flops(spec, batch, tokens)
-        row = spec.as_dict()
-        row["conv_gmac"] = counts["conv"] / 2e9
-        row["low_rank_share_pct"] = 100.0 * counts["low_rank"] / counts["conv"]
-        rows.append(row)
-    return rows
 
 
 def cross_check_layer(

@@ -243,7 +243,7 @@ def _targets_text(run: dict, markdown: bool) -> str:
         met = {None: "-", True: "met", False: "MISSED"}[target["met"]]
         rows.append([target["description"], f"{target['comparison']} {target['threshold']}", shown, met])
     title = "Targets (H100, batch 8, 1024 px, every layer refined with L = 32):"
-    return title + "\n" + _table(["target", "needs", "measured", ""], rows, markdown)
+    return title + ("\n\n" if markdown else "\n") + _table(["target", "needs", "measured", ""], rows, markdown)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,7 +403,9 @@ def plot(run: dict, path: Path | str) -> Path:
             ax.bar(xs, ys, width=width, label=name, color=colors[name])
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
     ax.set_xticklabels([f"{c[0]['generator_size']}px {_setting(c[0])}" for c in cases], rotation=90, fontsize=6)
-    ax.set_yscale("log")
+    times = [r["median_ms"] for r in generator_records]
+    if times and max(times) / min(times) > 20:  # bars from zero unless the range needs a log axis
+        ax.set_yscale("log")
     ax.set_ylabel("median time per call (ms)")
     ax.set_title("whole synthesis network")
     if cases:

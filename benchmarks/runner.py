@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _datetime
 import gc
-import math
 import os
 import platform
 import re
@@ -287,7 +286,18 @@ def run_case(case: Case, implementations: list[Implementation], options: RunOpti
     base = case.as_dict()
     records: list[dict] = []
     try:
-        truth, truth_source = _truth(workload)
+        try:
+            truth, truth_source = _truth(workload)
+        except Exception as error:  # noqa: BLE001 - without a truth nothing is checked, so nothing is timed
+            message = f"no reference result to check against: {type(error).__name__}: {error}"[:2000]
+            options.log(f"error: {case.case_id}: {message.splitlines()[0]}")
+            for implementation in implementations:
+                if applicable(implementation, case, device) is None:
+                    record = dict(base)
+                    record.update(implementation=implementation.name, family=implementation.family,
+                                  status="error", error=message, truth=None)
+                    records.append(record)
+            return records
         precision = guard_precision(case, device)
         tolerances = reference_errors = None
         # the eager reference goes first: its own error in the case's dtype sets the tolerances
@@ -400,7 +410,7 @@ def _tolerances(workload: Workload, truth: dict, precision: str) -> tuple[dict, 
             errors = {name: relative_error(outputs[name], truth[name]) for name in truth}
         finally:
             bound.close()
-    except torch.cuda.OutOfMemoryError:
+    except Exception:  # noqa: BLE001 - e.g. out of memory: fall back to the floors
         errors = {name: 0.0 for name in truth}
         _free_memory(workload.device, thorough=True)
     return {name: tolerance_for(precision, error) for name, error in errors.items()}, errors
@@ -633,7 +643,3 @@ def default_results_path(run: dict, directory: Path | str = RESULTS_DIR) -> Path
         path = directory / f"{stem}-{counter}.json"
         counter += 1
     return path
-
-
-def is_finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -201,7 +201,6 @@ def measure_peaks(device: torch.device, dtypes: list[torch.dtype], settings: Tim
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -2,14 +2,13 @@
 import csv
 import json
 import math
-from dataclasses import replace
 
 import pytest
 import torch
 
 from benchmarks import implementations as impl_module
 from benchmarks.__main__ import main
-from benchmarks.implementations import TORCH, Implementation
+from benchmarks.implementations import Implementation
 from benchmarks.timing import CorrectnessError, compare, percentile, tolerance_for
 from refinestyle_kernels import styled_conv2d
 
@@ -145,6 +144,33 @@ def test_wrong_plain_variant_is_reported_not_timed_and_the_run_goes_on(tmp_path,
     assert status == {("wrong", 0): "ok", ("torch", 0): "ok", ("wrong", 4): "wrong", ("torch", 4): "ok"}
 
 
+def test_a_failing_variant_or_truth_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    from benchmarks import workloads
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel launch failed")
+
+    known = dict(impl_module.registry(), broken=Implementation("broken", "plain", "torch", op=broken))
+    monkeypatch.setattr(impl_module, "registry", lambda: known)
+    real_truth = workloads.LayerWorkload.truth
+
+    def truth_fails_for_conv1(self):
+        if self.spec.name == "conv1":
+            raise RuntimeError("out of luck")
+        return real_truth(self)
+
+    monkeypatch.setattr(workloads.LayerWorkload, "truth", truth_fails_for_conv1)
+    argv = TINY + ["--groups", "layer", "--layers", "conv1,convs.1", "--tokens", "4", "--impls", "torch,broken",
+                   "--no-plot", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    _, run = _only_json(tmp_path)
+    assert run["complete"] is True
+    status = {(r["layer_name"], r["implementation"]): (r["status"], r["error"]) for r in run["results"]}
+    assert status[("conv1", "torch")][0] == "error" and "no reference result" in status[("conv1", "torch")][1]
+    assert status[("convs.1", "torch")] == ("ok", None)
+    assert status[("convs.1", "broken")] == ("error", "RuntimeError: kernel launch failed")
+
+
 def test_compare_and_tolerances():
     truth = {"out": torch.randn(50, dtype=torch.float64)}
     close = {"out": truth["out"] * (1 + 1e-6)}
@@ -164,4 +190,7 @@ def test_selection_errors_are_clear():
         main(TINY + ["--tokens", "lots"])
     with pytest.raises(SystemExit, match="unknown layer"):
         main(TINY + ["--layers", "convs.99"])
-    assert replace(TORCH, name="t").name == "t"
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA device"):
+            main(TINY + ["--suite", "headline"])
+        main(["--suite", "gpu", "--list", "--quiet"])  # listing the GPU cases works anywhere

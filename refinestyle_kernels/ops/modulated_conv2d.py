@@ -269,9 +269,25 @@ def _validate(x, weight, styles, p, q, noise, noise_strength, bias, clamp, demod
 # Shared pieces
 
 
+_UPSAMPLE_BLUR_KERNELS: dict = {}
+
+
 def upsample_blur_kernel(dtype, device) -> torch.Tensor:
-    """The [4, 4] FIR of rosinality's upsampling conv: [1,3,3,1] outer product, sum 1, times 4."""
-    return make_blur_kernel(UPSAMPLE_BLUR_TAPS, dtype=dtype, device=device) * UPSAMPLE_FACTOR**2
+    """The [4, 4] FIR of rosinality's upsampling conv: [1,3,3,1] outer product, sum 1, times 4.
+
+    Cached per (dtype, device): building it copies from host memory, which CUDA graph
+    capture forbids. Under torch.compile it is traced as a constant instead.
+    """
+    if torch.compiler.is_compiling():
+        return make_blur_kernel(UPSAMPLE_BLUR_TAPS, dtype=dtype, device=device) * UPSAMPLE_FACTOR**2
+    key = (dtype, torch.device(device))
+    kernel = _UPSAMPLE_BLUR_KERNELS.get(key)
+    if kernel is None:
+        # a normal tensor even when first asked for under inference_mode, so autograd can save it later
+        with torch.inference_mode(False), torch.no_grad():
+            kernel = make_blur_kernel(UPSAMPLE_BLUR_TAPS, dtype=dtype, device=device) * UPSAMPLE_FACTOR**2
+        _UPSAMPLE_BLUR_KERNELS[key] = kernel
+    return kernel
 
 
 def _epilogue(y, noise, noise_strength, bias, activate, clamp):
