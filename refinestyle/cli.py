@@ -45,9 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Set to 1 to see the full traceback of the errors `main` reports in one line.
+TRACEBACK_ENV = "REFINESTYLE_TRACEBACK"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run `refinestyle COMMAND ...` (argv: the arguments, default sys.argv[1:]); returns the exit status.
+
+    Errors that describe bad input rather than a bug (a missing or unreadable file, a
+    missing weights file, a checkpoint that does not fit, a ValueError from argument
+    validation) are printed as one line, `refinestyle COMMAND: error: ...`, with exit
+    status 2; set REFINESTYLE_TRACEBACK=1 to get the traceback instead.
+    """
+    import os
+
     args = build_parser().parse_args(argv)
-    return int(args._module.main(args) or 0)
+    try:
+        return int(args._module.main(args) or 0)
+    except (FileNotFoundError, ValueError) as error:  # MissingWeightsError, CheckpointError are subclasses
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        print(f"refinestyle {args.command}: error: {error}", file=sys.stderr)
+        print(f"(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -129,7 +129,9 @@ def test_adapt_oneshot_with_projection(files, tmp_path, capsys):
     assert adapter.metadata["kind"] == "oneshot" and adapter.metadata["w_r_source"] == "projection"
     assert adapter.metadata["reference"] == str(files["reference"]) and adapter.num_refined == 3
     work = tmp_path / "ref.run"
-    assert (work / "w_r.pt").is_file() and (work / "projection.png").is_file()
+    assert (work / "w_r.pt").is_file()
+    with Image.open(work / "projection.png") as picture:  # reference | projection, 2 px padding
+        assert picture.size == (2 * (SIZE + 2) + 2, SIZE + 4)
     grid = np.asarray(Image.open(work / "samples" / "step_000002.png"))
     assert grid.shape == (2 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2, 3)  # reference + 2 seeds, two rows
 

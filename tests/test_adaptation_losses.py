@@ -145,6 +145,25 @@ def test_clip_loads_only_local_files(tiny_clip_config, tmp_path, monkeypatch):
     assert calls == [(str(archive), "fp32")]
 
 
+def test_clip_bad_files_and_names_are_value_errors(tiny_clip_config, tmp_path):
+    weights = tmp_path / "tiny.pt"
+    torch.save(random_clip(str(tiny_clip_config), seed=4).model.state_dict(), weights)
+    # weights of another architecture
+    other = dict(TINY_CLIP, embed_dim=24)
+    other_config = tmp_path / "rs-test-other-clip.json"
+    other_config.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="do not fit the CLIP architecture rs-test-other-clip"):
+        load_clip(str(other_config), weights, quick_gelu=False)
+    # not a weights file at all
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pt: not a readable CLIP weights file"):
+        load_clip(str(tiny_clip_config), garbage, quick_gelu=False)
+    # an architecture open_clip does not know
+    with pytest.raises(ValueError, match="name: 'ViT-Q-99' is not an open_clip architecture"):
+        load_clip("ViT-Q-99", weights)
+
+
 def test_sliced_wasserstein_distance():
     torch.manual_seed(0)
     cloud = torch.randn(1, 5, 6, 7)
@@ -188,3 +207,40 @@ def test_swd_style_loss_on_lpips_features():
     assert all(p.grad is None for p in lpips.parameters())
     with pytest.raises(ValueError, match="AlexNet ReLU"):
         LPIPSFeatures(lpips, layers=(0, 6))
+
+
+def test_evaluate_adapter_id_and_text_consistency(tiny_clip_config):
+    """eval-adapter's numbers: ID is the mean identity cosine of (source, adapted) pairs, TC the mean
+    CLIP cosine of the adapted images with the target text; both recomputed here from the images."""
+    from refinestyle.adaptation.metrics import evaluate_adapter
+
+    torch.manual_seed(0)
+    generator = Generator(32, style_dim=16, n_mlp=2, channel_max=8).eval().requires_grad_(False)
+    adapter = Adapter.for_generator(generator, num_tokens=4, scale_init=0.2, target_text="pencil sketch")
+    encoder = random_clip(str(tiny_clip_config), seed=1)
+
+    class CosineID:  # a stand-in for IDLoss: cosine of the flattened pixels
+        def similarity(self, x, y):
+            return F.cosine_similarity(x.flatten(1), y.flatten(1), dim=1)
+
+    seen = []
+    result = evaluate_adapter(generator, adapter, num_images=5, batch_size=2, id_model=CosineID(),
+                              clip_encoders=[encoder], progress=False,
+                              on_batch=lambda index, source, adapted: seen.append((source, adapted)))
+    assert [s.shape[0] for s, _ in seen] == [2, 2, 1] and result["num_images"] == 5
+    source, adapted = torch.cat([s for s, _ in seen]), torch.cat([a for _, a in seen])
+    assert (source - adapted).abs().max() > 1e-3  # the residual is visible
+    cosines = F.cosine_similarity(source.flatten(1), adapted.flatten(1), dim=1)
+    assert result["id_similarity"] == pytest.approx(cosines.mean().item(), abs=1e-6)
+    assert result["id_similarity_std"] == pytest.approx(cosines.std().item(), abs=1e-6)
+    with torch.no_grad():
+        tc = (encoder.encode_images(adapted) @ encoder.encode_text(["pencil sketch"])[0]).mean().item()
+    assert result["text_consistency"] == pytest.approx(tc, abs=1e-5)
+    assert result["target_text"] == "pencil sketch" and result["params"] == adapter.num_trainable()
+
+    # an adapter whose scales are zero changes nothing: ID 1
+    with torch.no_grad():
+        for layer in adapter.tokens.layers:
+            layer.A.zero_()
+    same = evaluate_adapter(generator, adapter, num_images=2, id_model=CosineID(), progress=False)
+    assert same["id_similarity"] == pytest.approx(1.0, abs=1e-6) and "text_consistency" not in same

@@ -10,6 +10,7 @@ from refinestyle.adaptation.train import (
     CHECKPOINT_NAME,
     adapt_oneshot,
     default_mix_index,
+    history_summary,
     init_tokens_from_refinement,
     mixed_codes,
     train_tokens,
@@ -245,3 +246,13 @@ def test_projection_finds_a_code_that_reproduces_the_image():
         assert abs(noise.mean().item()) < 1e-4 and abs(noise.std().item() - 1) < 1e-3
     assert noise_regularisation([torch.ones(1, 1, 16, 16)]) > noise_regularisation([torch.randn(1, 1, 16, 16)])
     assert all(p.grad is None for p in generator.parameters())
+
+
+def test_history_summary_windows_never_overlap():
+    history = [{"step": t, "loss": float(t)} for t in range(1, 31)]
+    summary = history_summary(history)
+    assert summary == {"window": 10, "loss_first": 5.5, "loss_last": 25.5}
+    short = history_summary(history[:6])  # 6 steps: first 3 and last 3, not all 6 twice
+    assert short == {"window": 3, "loss_first": 2.0, "loss_last": 5.0}
+    assert history_summary(history[:1]) == {"window": 1, "loss_first": 1.0, "loss_last": 1.0}
+    assert history_summary([]) == {}

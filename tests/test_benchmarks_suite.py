@@ -1,7 +1,9 @@
 """Smoke runs of the CPU suite (`python -m benchmarks`) on a tiny generator: outputs, schema, guard."""
 import csv
+import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -194,3 +196,30 @@ def test_selection_errors_are_clear():
         with pytest.raises(SystemExit, match="needs a CUDA device"):
             main(TINY + ["--suite", "headline"])
         main(["--suite", "gpu", "--list", "--quiet"])  # listing the GPU cases works anywhere
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter (conftest.py sets it without a GPU)"
+)
+def test_triton_implementation_runs_through_the_suite(tmp_path, monkeypatch):
+    """On CUDA the suite times backend="triton" per layer and through the generator. Here the same
+    path (workload, generator modules on the triton backend, correctness guard, report) runs with
+    the kernels in the Triton interpreter: it must reach the kernels and pass the guard."""
+    from refinestyle_kernels.ops import modulated_conv2d as op_module
+
+    launches = []
+    forward = op_module._triton_forward
+    monkeypatch.setattr(op_module, "_triton_forward", lambda *a: launches.append(1) or forward(*a))
+    interpreted = dataclasses.replace(impl_module.TRITON, needs_cuda=False)
+    known = dict(impl_module.registry(), triton=interpreted)
+    monkeypatch.setattr(impl_module, "registry", lambda: known)
+    argv = TINY + ["--layers", "convs.0", "--tokens", "4", "--mode", "fwdbwd", "--batch", "2",
+                   "--impls", "reference,triton", "--no-plot", "--no-peaks", "--min-reps", "1", "--max-reps", "1",
+                   "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    _, run = _only_json(tmp_path)
+    triton_records = [r for r in run["results"] if r["implementation"] == "triton"]
+    assert {r["group"] for r in triton_records} == {"layer", "generator"}
+    assert all(r["status"] == "ok" and r["family"] == "fused" for r in triton_records), triton_records
+    assert all(r["speedup_vs_reference"] is not None for r in triton_records)
+    assert len(launches) >= 2  # the layer case and the generator's convs went through the kernels

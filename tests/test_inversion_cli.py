@@ -42,7 +42,7 @@ def test_commands_are_registered_with_help():
 
 @pytest.fixture(autouse=True)
 def no_weight_env(monkeypatch):
-    for name in ("REFINESTYLE_ALEXNET", "REFINESTYLE_IR_SE50", "REFINESTYLE_GENERATOR"):
+    for name in ("REFINESTYLE_ALEXNET", "REFINESTYLE_IR_SE50", "REFINESTYLE_GENERATOR", "REFINESTYLE_TRACEBACK"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -197,21 +197,43 @@ def test_eval_inversion_reports_table_one(trained, tmp_path, capsys):
         assert examples.size == (2 * 34 + 2, 3 * 34 + 2)  # input | reconstruction, one row per image
 
 
-def test_missing_weight_files_are_named(trained, tmp_path):
+def test_missing_weight_files_are_named(trained, tmp_path, capsys):
     root, generator_path = trained
-    with pytest.raises(MissingWeightsError, match="alexnet-owt"):
-        run("train-inverter", "--generator", generator_path, "--data", root / "train", "--out", tmp_path / "a",
-            "--domain", "other", "--workers", 0, "--no-progress", *TINY_OPTIONS)
-    with pytest.raises(MissingWeightsError, match="model_ir_se50.pth"):
-        run("train-inverter", "--generator", generator_path, "--data", root / "train", "--out", tmp_path / "b",
-            "--lpips-random-backbone", "--ir-se50", tmp_path / "model_ir_se50.pth", "--workers", 0,
-            "--no-progress", *TINY_OPTIONS)
-    with pytest.raises(MissingWeightsError, match="model_ir_se50.pth"):
-        run("eval-inversion", "--inverter", root / "run", "--generator", generator_path, "--data", root / "val",
-            "--lpips-random-backbone")
+
+    def error_of(*argv) -> str:
+        """Run a command that must fail on bad input: exit status 2 and a one-line error, no traceback."""
+        capsys.readouterr()
+        assert run(*argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"refinestyle {argv[0]}: error: ") and "Traceback" not in err
+        return err
+
+    assert "alexnet-owt" in error_of(
+        "train-inverter", "--generator", generator_path, "--data", root / "train", "--out", tmp_path / "a",
+        "--domain", "other", "--workers", 0, "--no-progress", *TINY_OPTIONS)
+    assert "model_ir_se50.pth" in error_of(
+        "train-inverter", "--generator", generator_path, "--data", root / "train", "--out", tmp_path / "b",
+        "--lpips-random-backbone", "--ir-se50", tmp_path / "model_ir_se50.pth", "--workers", 0,
+        "--no-progress", *TINY_OPTIONS)
+    assert "model_ir_se50.pth" in error_of(
+        "eval-inversion", "--inverter", root / "run", "--generator", generator_path, "--data", root / "val",
+        "--lpips-random-backbone")
+    assert "generator" in error_of(
+        "invert", "--inverter", root / "run", "--generator", tmp_path / "G.pt", "--input", root / "val",
+        "--out", tmp_path / "c")
+    assert "inverter" in error_of(
+        "invert", "--inverter", tmp_path, "--generator", generator_path, "--input", root / "val",
+        "--out", tmp_path / "d")
+    # bad input that is not a file: a ValueError, reported the same way
+    assert "num_refined" in error_of(
+        "train-inverter", "--generator", generator_path, "--data", root / "train", "--out", tmp_path / "e",
+        "--lpips-random-backbone", "--domain", "other", "--num-refined", 99, "--workers", 0, "--no-progress",
+        *TINY_OPTIONS)
+
+
+def test_tracebacks_on_request(trained, tmp_path, monkeypatch):
+    root, generator_path = trained
+    monkeypatch.setenv("REFINESTYLE_TRACEBACK", "1")
     with pytest.raises(MissingWeightsError, match="generator"):
         run("invert", "--inverter", root / "run", "--generator", tmp_path / "G.pt", "--input", root / "val",
             "--out", tmp_path / "c")
-    with pytest.raises(FileNotFoundError, match="inverter"):
-        run("invert", "--inverter", tmp_path, "--generator", generator_path, "--input", root / "val",
-            "--out", tmp_path / "d")

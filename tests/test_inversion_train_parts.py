@@ -171,3 +171,19 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path)["step"] == 1  # the previous checkpoint survives intact
     assert [p.name for p in path.parent.iterdir()] == ["latest.pt"]  # no temporary left behind
+
+
+def test_default_num_refined_fits_small_generators(tmp_path):
+    """One-stage default Nr = 10, or every conv of a generator with fewer (7 at 32 px); two-stage: all."""
+    from refinestyle.inversion.train import TrainConfig, build_inverter
+
+    generator = tiny_generator()
+    assert generator.num_layers == 7
+    config = TrainConfig(generator="unused.pt", data=str(tmp_path), out=str(tmp_path / "run"), num_tokens=2,
+                         model_options=dict(TINY_MODEL_OPTIONS), id_weight=0.0, lpips_random_backbone=True)
+    model = build_inverter(config, generator, torch.device("cpu"))
+    assert model.config.num_refined == 7
+    import dataclasses
+
+    model = build_inverter(dataclasses.replace(config, num_refined=3), generator, torch.device("cpu"))
+    assert model.config.num_refined == 3

@@ -274,7 +274,7 @@ def test_autotuned_launch_path_runs_every_pruned_config(layer, monkeypatch):
 
     tuned = triton.autotune(
         configs=op_module._CONV_CONFIGS,
-        key=["N", "K", "L", "GRID_H", "GRID_W", "MODE", "KSIZE", "HAS_LOWRANK", "FUSE_PROJECTION", "REDUCE_X"],
+        key=op_module.CONV_AUTOTUNE_KEY,
         prune_configs_by={"early_config_prune": op_module._prune_conv_configs},
         do_bench=stand_in_timer,
     )(op_module._conv_gemm_kernel)
@@ -295,6 +295,113 @@ def test_frozen_weight_costs_no_weight_gradient(monkeypatch):
     check_layer(Layer(train_weight=False), torch.float32, "cpu", TOLERANCE["interpreted"], seed=3)
     with pytest.raises(AssertionError, match="frozen weight"):  # and the probe does fire when it should
         check_layer(Layer(train_weight=True), torch.float32, "cpu", TOLERANCE["interpreted"], seed=3)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("upsample", [False, True])
+def test_interpreted_non_contiguous_inputs_match_reference(upsample):
+    """Every tensor argument a strided view (slices, transposes, stride-0 expanded tokens as
+    refinestyle.Refinement.expand makes them) and a non-contiguous output gradient: the
+    kernels must follow the strides or the launcher must make the tensors contiguous."""
+    layer = Layer(upsample=upsample, tokens="shared", num_tokens=3)
+    base = {k: v.float() if v is not None else None for k, v in make_inputs(layer, seed=13).items()}
+    batch = layer.batch
+    leaves = {name: base[name].clone().requires_grad_(True) for name in ("x", "weight", "styles", "p", "q", "bias")}
+
+    def views(leaves, dtype):  # the same values, laid out with strides the kernels must not assume
+        x, weight, styles = leaves["x"], leaves["weight"], leaves["styles"]
+        p, q, bias = leaves["p"], leaves["q"], leaves["bias"]
+        return dict(
+            x=torch.stack([x, x], dim=-1)[..., 1],  # last-dim stride 2
+            weight=weight.transpose(0, 1).contiguous().transpose(0, 1),  # [Cout, Cin] strides swapped
+            styles=torch.stack([styles, styles], dim=0)[1].t().contiguous().t(),  # column-major
+            p=p.unsqueeze(0).expand(batch, -1, -1),  # per-sample tokens with batch stride 0
+            q=q.t().contiguous().t().unsqueeze(0).expand(batch, -1, -1),
+            noise=torch.stack([base["noise"], base["noise"]], dim=-1).to(dtype)[..., 0],
+            noise_strength=base["noise_strength"].to(dtype),
+            bias=torch.stack([bias, bias], dim=-1)[:, 1],  # stride 2
+        )
+
+    grad_out = torch.randn(*reversed(make_grad_shape(layer)), generator=torch.Generator().manual_seed(3)).permute(3, 2, 1, 0)
+    results = {}
+    for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
+        cast = {name: leaf.detach().to(dtype).requires_grad_(True) for name, leaf in leaves.items()}
+        args = views(cast, dtype)
+        contiguous = [n for n in ("x", "weight", "styles", "p", "q", "noise", "bias") if args[n].is_contiguous()]
+        assert not contiguous, contiguous
+        out = styled_conv2d(**args, upsample=upsample, backend=backend)
+        grads = torch.autograd.grad(out, list(cast.values()), grad_out.to(dtype))
+        results[backend] = (out, dict(zip(cast, grads)))
+    (expected, expected_grads), (out, grads) = results["reference"], results["triton"]
+    errors = {"out": relative_error(out, expected)}
+    errors.update({name: relative_error(grads[name], expected_grads[name]) for name in grads})
+    assert max(errors.values()) < TOLERANCE["interpreted"], errors
+
+
+def make_grad_shape(layer: Layer) -> tuple:
+    factor = 2 if layer.upsample else 1
+    return (layer.batch, layer.out_channels, layer.height * factor, layer.width * factor)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "layer",
+    [Layer(batch=5), Layer(batch=3, upsample=True, tokens="shared", noise="shared", channels_last=True)],
+    ids=str,
+)
+def test_batches_past_the_grid_limit_run_in_chunks(layer, monkeypatch):
+    """CUDA grids hold at most 65535 programs in the dimension that carries the batch: larger
+    batches are split. With the limit lowered to 2 the chunked result must still be exact."""
+    calls = []
+    op = op_module._styled_conv2d_triton_op
+    monkeypatch.setattr(op_module, "MAX_LAUNCH_BATCH", 2)
+    monkeypatch.setattr(op_module, "_styled_conv2d_triton_op", lambda x, *a: calls.append(x.shape[0]) or op(x, *a))
+    check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=4)
+    assert calls == [2] * (layer.batch // 2) + [1] * (layer.batch % 2)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("upsample", [False, True])
+def test_triton_backend_never_builds_per_sample_kernels(upsample, monkeypatch):
+    """No tensor of B*Cout*Cin*k*k elements is made, forward or backward (weight trained too).
+
+    The custom ops hide their insides from a dispatch mode outside them, so the probe is
+    switched on inside the forward and backward implementations themselves."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestAllocation(TorchDispatchMode):  # the numel of the largest floating tensor made
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for value in result if isinstance(result, (tuple, list)) else [result]:
+                # (the interpreter's own copies of its arguments are raw uint8 bytes)
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    self.largest = max(self.largest, value.numel())
+            return result
+
+    largest = []
+
+    def probed(function):
+        def run(*args):
+            with LargestAllocation() as mode:
+                result = function(*args)
+            largest.append(mode.largest)
+            return result
+
+        return run
+
+    monkeypatch.setattr(op_module, "_triton_forward", probed(op_module._triton_forward))
+    monkeypatch.setattr(op_module, "_triton_backward", probed(op_module._triton_backward))
+    # per-sample kernels would be 8*64*64*9 = 295k elements; activations are 8*64*8*8 = 33k at most
+    layer = Layer(batch=8, in_channels=64, out_channels=64, height=4, width=4, upsample=upsample, num_tokens=4)
+    with LargestAllocation() as outside:
+        errors = check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=6)
+    assert len(largest) == 2, largest  # the probe saw the forward and the backward
+    per_sample_kernels = 8 * 64 * 64 * 9
+    assert max(largest) < per_sample_kernels / 4, largest
+    assert "weight" in errors  # the weight gradient was computed, without per-sample kernels too
+    assert outside.largest >= per_sample_kernels  # the reference inside check_layer does build them
 
 
 @needs_interpreter
@@ -392,9 +499,13 @@ def test_bad_inputs_for_the_triton_backend():
             op_module._fp32_input_precision()
 
 
-# The interpreter accepts code the compiler rejects (and the reverse). Triton compiles for a GPU
-# without one: AST -> TTIR -> TTGIR -> LLVM -> PTX -> cubin (ptxas ships with Triton). This builds
-# the two most intricate variants for Hopper (sm_90) in a fresh process, outside the interpreter.
+# The interpreter accepts code the compiler rejects (and the reverse), and it has no shared
+# memory to run out of. Triton compiles for a GPU without one: AST -> TTIR -> TTGIR -> LLVM ->
+# PTX -> cubin (ptxas ships with Triton). This builds the two most intricate variants for
+# Hopper (sm_90) in a fresh process, outside the interpreter, with the largest tile the
+# autotuner may pick and the launches' pipelining depth, and checks that they fit the H100's
+# shared memory (227 KB per block): the software pipeliner multi-buffers every tap's tiles,
+# and num_stages > 1 asked for up to 790 KB (an OutOfResources error at every launch).
 COMPILE_FOR_SM90 = textwrap.dedent(
     """
     import os
@@ -404,29 +515,39 @@ COMPILE_FOR_SM90 = textwrap.dedent(
     from triton.compiler import ASTSource
     from refinestyle_kernels.ops import modulated_conv2d as m
 
+    H100_SHARED_MEMORY = 232448  # bytes per block (opt-in maximum)
+    # the 128 x 128 x 32 tile (8 warps) needs the most shared memory of the configs: 64 KB at one stage
+    block_m, block_n, block_k, warps, stages = m._CONV_SHAPES[0]
+    assert (block_m, block_n) == (128, 128)
+    assert stages == m.CONV_NUM_STAGES
+
     def build(fn, pointers, constexprs):
         signature = {
             name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name == "clamp_value" else "i32")
             for name in fn.arg_names
         }
         source = ASTSource(fn, signature, constexprs=constexprs)
-        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
         assert kernel.asm["cubin"]
+        shared = kernel.metadata.shared
+        assert shared <= H100_SHARED_MEMORY, f"needs {shared} bytes of shared memory, the H100 has {H100_SHARED_MEMORY}"
+        return shared
 
     names = ["a_ptr", "a_scale_ptr", "w_ptr", "z_ptr", "r_ptr", "q_ptr", "alpha_ptr", "beta_ptr", "out_ptr",
              "noise_ptr", "noise_strength_ptr", "bias_ptr", "x_ptr", "reduce_ptr"]
     flags = dict(KSIZE=3, BOX_Z=True, HAS_NOISE=False, HAS_BIAS=False, ACTIVATE=False, HAS_CLAMP=False,
-                 BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_L=32)
+                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_L=32)
     # forward of the upsampling layer, bf16, fused projection: phase taps behind a runtime branch
     pointers = dict.fromkeys(names, "*bf16") | dict(z_ptr="*fp32", alpha_ptr="*fp32", beta_ptr="*fp32",
                                                     out_ptr="*fp32", reduce_ptr="*fp32")
-    build(m._conv_gemm_kernel, pointers, dict(flags, MODE=2, HAS_A_SCALE=True, HAS_LOWRANK=True,
-                                              FUSE_PROJECTION=True, REDUCE_X=False, INPUT_PRECISION=None))
-    # grad x of the same layer, fp32 with TF32 dots, the low-rank adjoint and the grad-s reduction
+    shared = [build(m._conv_gemm_kernel, pointers, dict(flags, MODE=2, HAS_A_SCALE=True, HAS_LOWRANK=True,
+                                                        FUSE_PROJECTION=True, REDUCE_X=False, INPUT_PRECISION=None))]
+    # grad x of the same layer (nine taps every K block), fp32 with TF32 dots (the widest
+    # operands), the low-rank adjoint, the grad-s reduction and the whole epilogue
     flags.update(BOX_Z=False, HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True, HAS_CLAMP=True)
-    build(m._conv_gemm_kernel, dict.fromkeys(names, "*fp32"), dict(flags, MODE=1, HAS_A_SCALE=False,
-          HAS_LOWRANK=True, FUSE_PROJECTION=False, REDUCE_X=True, INPUT_PRECISION="tf32"))
-    print("compiled for sm_90")
+    shared.append(build(m._conv_gemm_kernel, dict.fromkeys(names, "*fp32"), dict(flags, MODE=1, HAS_A_SCALE=False,
+                        HAS_LOWRANK=True, FUSE_PROJECTION=False, REDUCE_X=True, INPUT_PRECISION="tf32")))
+    print("compiled for sm_90; shared memory", shared)
     """
 )
 

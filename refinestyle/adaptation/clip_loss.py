@@ -188,6 +188,9 @@ def load_clip(
     quick_gelu: use QuickGELU activations, as OpenAI's CLIP weights need (set False for
         open_clip weights trained with GELU, e.g. LAION ones). Ignored for TorchScript archives,
         which carry their own architecture.
+
+    Raises ValueError for an architecture open_clip does not know, a file that is not CLIP
+    weights, or weights of another architecture (the message names the file).
     """
     import open_clip
 
@@ -198,11 +201,31 @@ def load_clip(
     path = resolve_weights(
         weights, what=f"CLIP {name} weights", env_var=env_var, obtained_from=CLIP_OBTAINED_FROM
     )
-    if _is_torchscript_archive(path):
-        model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
-    else:
-        # pretrained= is a verified local file here, so open_clip never looks up a download tag.
-        model = open_clip.create_model(name, pretrained=str(path), force_quick_gelu=quick_gelu)
+    torchscript = _is_torchscript_archive(path)
+    if not torchscript and name not in open_clip.list_models():
+        raise ValueError(
+            f"name: {name!r} is not an open_clip architecture (e.g. ViT-B-16, ViT-B-32; or pass an open_clip "
+            f"model config .json)"
+        )
+    try:
+        if torchscript:
+            model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+        else:
+            # pretrained= is a verified local file here, so open_clip never looks up a download tag.
+            model = open_clip.create_model(name, pretrained=str(path), force_quick_gelu=quick_gelu)
+    except Exception as error:  # torch.load / load_state_dict / TorchScript errors of many types
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if isinstance(error, RuntimeError) and "state_dict" in str(error):
+            detail = str(error).strip().splitlines()
+            first_line = detail[1].strip() if len(detail) > 1 else first_line
+            raise ValueError(
+                f"{path}: these weights do not fit the CLIP architecture {name} ({first_line}); is it the file "
+                f"of another model?"
+            ) from error
+        raise ValueError(
+            f"{path}: not a readable CLIP weights file for {name} (expected an OpenAI TorchScript archive such as "
+            f"ViT-B-32.pt or an open_clip state dict): {type(error).__name__}: {first_line}"
+        ) from error
     tokenizer = open_clip.get_tokenizer(name)
     return CLIPEncoder(model, tokenizer, name=name).to(device)
 

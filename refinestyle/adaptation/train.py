@@ -578,12 +578,17 @@ def load_w_plus(path: str | os.PathLike) -> tuple[torch.Tensor, Optional[list[to
 
 
 def history_summary(history: list[dict[str, float]], window: int = 10) -> dict[str, float]:
-    """Mean of every logged value over the first and the last `window` steps (for reports)."""
+    """Mean of every logged value over the first and the last `window` steps (for reports).
+
+    The window shrinks to half the history (at least 1 step) so that the two means never
+    share steps; the summary's "window" entry says how many steps each mean covers.
+    """
     if not history:
         return {}
     keys = [k for k in history[0] if k != "step"]
+    window = max(1, min(window, len(history) // 2))
     first, last = history[:window], history[-window:]
-    summary = {}
+    summary = {"window": window}
     for key in keys:
         summary[f"{key}_first"] = sum(e[key] for e in first) / len(first)
         summary[f"{key}_last"] = sum(e[key] for e in last) / len(last)

@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
     from refinestyle.adaptation.swd import LPIPSFeatures, SWDStyleLoss
     from refinestyle.adaptation.train import adapt_oneshot, load_w_plus, save_w_plus
     from refinestyle.checkpoints import CheckpointError
-    from refinestyle.imageio import load_image, save_image
+    from refinestyle.imageio import load_image, save_grid
     from refinestyle.losses import LPIPSLoss, ReconstructionLoss
     from refinestyle.weights import MissingWeightsError
 
@@ -130,7 +130,8 @@ def main(args: argparse.Namespace) -> int:
         projected = project(generator, reference, lpips, steps=args.projection_steps, seed=args.seed,
                             progress=not args.no_progress, loss_size=args.loss_size)
         w_r, reference_noise = projected.w_plus, projected.noise
-        save_image(projected.image[0], work_dir / "projection.png")
+        # reference | its projection, to judge w_r before the adaptation starts
+        save_grid(torch.cat([reference, projected.image[:1].to(reference.dtype)]).cpu(), work_dir / "projection.png", nrow=2)
     save_w_plus(cache, w_r, reference_noise)
 
     try:

@@ -101,7 +101,8 @@ def report(adapter, history, out: Path, work_dir: Path) -> None:
     summary = history_summary(history)
     loss = ""
     if "loss_first" in summary:
-        loss = f"; loss {summary['loss_first']:.4g} (first 10 steps) -> {summary['loss_last']:.4g} (last 10)"
+        steps = f"{summary['window']} step" + ("s" if summary["window"] > 1 else "")
+        loss = f"; loss {summary['loss_first']:.4g} (first {steps}) -> {summary['loss_last']:.4g} (last {steps})"
     print(f"wrote {out}: {adapter.num_trainable():,} trainable parameters{loss}; samples and curves in {work_dir}")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--stage", choices=("one", "two"), default="one")
     model.add_argument("--no-refine", action="store_true",
                        help="one-stage: train the w+ branch only (a first stage for --stage two)")
-    model.add_argument("--num-refined", type=int, help="Nr: refine the last Nr conv layers (10 one-stage, all two-stage)")
+    model.add_argument("--num-refined", type=int, help="Nr: refine the last Nr conv layers (10 one-stage, or all when the generator has fewer; all two-stage)")
     model.add_argument("--num-tokens", type=int, default=32, help="L: tokens per layer (32)")
     model.add_argument("--model-option", type=_model_option, action="append", default=[], metavar="KEY=VALUE",
                        help="extra inverter constructor argument, JSON value (repeatable), e.g. encoder_depth=50")
@@ -65,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--batch-size", type=int, default=8, help="images per step per process (8)")
     optim.add_argument("--max-steps", type=int, help="training steps (1M one-stage, 700k two-stage)")
     optim.add_argument("--seed", type=int, default=0)
-    optim.add_argument("--workers", type=int, default=4, help="data-loader worker processes")
+    optim.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                       help="data-loader worker processes (default: 4, or the CPU count when smaller)")
     optim.add_argument("--bf16", action="store_true", help="bf16 autocast")
     optim.add_argument("--grad-checkpointing", action="store_true",
                        help="recompute generator layers and encoder units in backward (less memory)")

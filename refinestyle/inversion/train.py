@@ -74,7 +74,8 @@ class TrainConfig:
         refine: one-stage only: False trains the w+ branch alone (Style Transformer's design;
             the result is a first stage for a two-stage model).
         num_refined: Nr, how many of the last conv layers get residuals (default 10 for
-            one-stage, 17 or all convs for two-stage).
+            one-stage, or all convs of a generator with fewer; all convs, 17 at 1024 px,
+            for two-stage).
         num_tokens: L, tokens per layer (32).
         model_options: extra keyword arguments for the inverter class (e.g. encoder depth,
             attention heads); stored with the weights.
@@ -268,7 +269,7 @@ def build_inverter(config: TrainConfig, generator: nn.Module, device: torch.devi
 
     options = dict(config.model_options)
     if config.stage == "one":
-        num_refined = config.num_refined if config.num_refined is not None else 10
+        num_refined = config.num_refined if config.num_refined is not None else min(10, generator.num_layers)
         model = models.OneStageInverter(
             generator,
             num_refined=num_refined,

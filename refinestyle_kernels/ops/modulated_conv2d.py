@@ -478,6 +478,21 @@ FUSED_PROJECTION_MAX_COUT = 128
 # the first call of every shape (quicker start-up, e.g. for tests; a bit slower kernels).
 TRITON_AUTOTUNE = True
 
+# Software-pipelining depth of every `_conv_gemm_kernel` launch (see `_CONV_SHAPES`): more than
+# 1 multi-buffers all nine taps' tiles and overflows the GPU's shared memory.
+CONV_NUM_STAGES = 1
+
+# The autotuner's cache key: everything that changes which tile is fastest (Triton adds the
+# dtypes of the tensor arguments itself).
+CONV_AUTOTUNE_KEY = [
+    "N", "K", "L", "GRID_H", "GRID_W", "MODE", "KSIZE", "HAS_A_SCALE", "HAS_LOWRANK", "BOX_Z", "FUSE_PROJECTION",
+    "REDUCE_X", "INPUT_PRECISION",
+]  # fmt: skip
+
+# CUDA limits grid dimensions 1 and 2 to 65535 programs; the batch is dimension 2 of every
+# launch, so larger batches are run in chunks of this many samples.
+MAX_LAUNCH_BATCH = 65535
+
 # Tests set this to True: every buffer the Triton path allocates starts as NaN, so an element
 # a kernel forgets to write shows up in the result instead of passing as leftover memory.
 POISON_BUFFERS = False
@@ -901,19 +916,26 @@ if triton is not None:
     # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): 128x128 / 128x64 / 64x128 tiles for the
     # big GEMMs, narrow N tiles for few output channels (toRGB, the 1024 px layers), short M
     # tiles for the 4x4 and 8x8 layers (a tile never spans two samples).
+    # num_stages is 1 on purpose: the K loop body holds one A and one W load per tap (9 of
+    # each), and Triton's software pipeliner multi-buffers every one of them. Compiled for
+    # sm_90 (Triton 3.6), num_stages=2 already asks for 155 KB (bf16) to 590 KB (fp32) of
+    # shared memory and 3 for up to 790 KB, past the H100's 227 KB per block: the launch
+    # fails with OutOfResources. With 1 stage the largest config needs 64 KB. The
+    # interpreter never sees this; `CONV_NUM_STAGES` and tests/test_kernels_triton.py's
+    # sm_90 compile test guard it.
     _CONV_SHAPES = [
-        (128, 128, 32, 8, 3),
-        (128, 64, 32, 4, 4),
-        (64, 128, 32, 4, 4),
-        (64, 64, 64, 4, 3),
-        (128, 32, 32, 4, 4),
-        (64, 32, 64, 4, 3),
-        (128, 16, 32, 4, 3),
-        (64, 16, 64, 4, 3),
-        (32, 64, 64, 4, 3),
-        (32, 128, 64, 4, 3),
-        (16, 64, 64, 4, 3),
-        (16, 128, 64, 4, 3),
+        (128, 128, 32, 8, CONV_NUM_STAGES),
+        (128, 64, 32, 4, CONV_NUM_STAGES),
+        (64, 128, 32, 4, CONV_NUM_STAGES),
+        (64, 64, 64, 4, CONV_NUM_STAGES),
+        (128, 32, 32, 4, CONV_NUM_STAGES),
+        (64, 32, 64, 4, CONV_NUM_STAGES),
+        (128, 16, 32, 4, CONV_NUM_STAGES),
+        (64, 16, 64, 4, CONV_NUM_STAGES),
+        (32, 64, 64, 4, CONV_NUM_STAGES),
+        (32, 128, 64, 4, CONV_NUM_STAGES),
+        (16, 64, 64, 4, CONV_NUM_STAGES),
+        (16, 128, 64, 4, CONV_NUM_STAGES),
     ]
     _CONV_CONFIGS = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
@@ -940,7 +962,13 @@ if triton is not None:
         if kept:
             return kept
         m = reduce_m or min(64, m_cap)
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": min(64, n_cap), "BLOCK_K": min(64, k_cap)}, num_warps=4, num_stages=3)]
+        return [
+            triton.Config(
+                {"BLOCK_M": m, "BLOCK_N": min(64, n_cap), "BLOCK_K": min(64, k_cap)},
+                num_warps=4,
+                num_stages=CONV_NUM_STAGES,
+            )
+        ]
 
 
 _conv_gemm_tuned = None
@@ -953,7 +981,7 @@ def _tuned_conv_gemm():
     if _conv_gemm_tuned is None:
         _conv_gemm_tuned = triton.autotune(
             configs=_CONV_CONFIGS,
-            key=["N", "K", "L", "GRID_H", "GRID_W", "MODE", "KSIZE", "HAS_LOWRANK", "FUSE_PROJECTION", "REDUCE_X"],
+            key=CONV_AUTOTUNE_KEY,
             prune_configs_by={"early_config_prune": _prune_conv_configs},
         )(_conv_gemm_kernel)
     return _conv_gemm_tuned
@@ -1018,7 +1046,7 @@ def _launch_conv_gemm(
         if partial is not None:
             block_m = _reduce_block_m(pixels)
         blocks = dict(BLOCK_M=block_m, BLOCK_N=min(64, max(16, _next_pow2(n))), BLOCK_K=min(64, max(16, _next_pow2(k))))
-        _conv_gemm_kernel[grid(blocks)](*args, **flags, **blocks, num_warps=4, num_stages=3)
+        _conv_gemm_kernel[grid(blocks)](*args, **flags, **blocks, num_warps=4, num_stages=CONV_NUM_STAGES)
     else:
         _tuned_conv_gemm()[grid](*args, **flags)
 
@@ -1367,7 +1395,8 @@ def _styled_conv2d_triton(
     [1] or None; bias [Cout] or None. Returns [B, Cout, H', W'] in x's dtype, channels_last.
     The demodulation coefficients d [B, Cout] come from `demodulation_coefficients` in
     plain torch (autograd carries grad d back to weight, styles, p and q); everything
-    else runs in the custom ops above.
+    else runs in the custom ops above. Batches larger than `MAX_LAUNCH_BATCH` (CUDA's
+    65535-program limit on the grid dimension that holds the batch) run in chunks.
     """
     if triton is None:
         raise RuntimeError(f'backend="triton": Triton could not be imported ({_TRITON_IMPORT_ERROR})')
@@ -1376,7 +1405,25 @@ def _styled_conv2d_triton(
     if noise is not None and noise.requires_grad:
         raise ValueError('noise: backend="triton" gives no gradient for noise; pass noise.detach() (or use backend="torch")')
     demod = demodulation_coefficients(weight, styles, p, q, scale, eps) if demodulate else None
-    return _styled_conv2d_triton_op(
-        x, weight, styles, p, q, demod, noise, noise_strength, bias, float(scale), bool(upsample), bool(activate),
-        float(clamp) if clamp is not None else None,
-    )  # fmt: skip
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels index bias[n] as bias_ptr + n
+    options = (float(scale), bool(upsample), bool(activate), float(clamp) if clamp is not None else None)
+    batch = x.shape[0]
+    if batch <= MAX_LAUNCH_BATCH:
+        return _styled_conv2d_triton_op(x, weight, styles, p, q, demod, noise, noise_strength, bias, *options)
+
+    def rows(tensor, start, stop, per_sample):  # one chunk of the batch (shared tensors whole)
+        return tensor[start:stop] if tensor is not None and per_sample(tensor) else tensor
+
+    chunks = []
+    for start in range(0, batch, MAX_LAUNCH_BATCH):
+        stop = min(start + MAX_LAUNCH_BATCH, batch)
+        chunks.append(
+            _styled_conv2d_triton_op(
+                x[start:stop], weight, styles[start:stop],
+                rows(p, start, stop, lambda t: t.ndim == 3), rows(q, start, stop, lambda t: t.ndim == 3),
+                rows(demod, start, stop, lambda t: True), rows(noise, start, stop, lambda t: t.shape[0] > 1),
+                noise_strength, bias, *options,
+            )  # fmt: skip
+        )
+    return torch.cat(chunks).contiguous(memory_format=torch.channels_last)
