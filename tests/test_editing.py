@@ -93,6 +93,8 @@ def test_ganspace_recovers_the_principal_axes(tmp_path):
     assert torch.equal(edited[:, :3], w_plus[:, :3])
     with pytest.raises(ValueError, match="component"):
         editing.ganspace_edit(w_plus, loaded, component=3, strength=1.0)
+    with pytest.raises(ValueError, match="num_samples"):
+        editing.compute_ganspace(lambda z: z, dim, num_samples=3, num_components=3)
 
 
 def test_style_layers_follow_stylespace_order(generator):

@@ -239,8 +239,11 @@ def compute_ganspace(
 
     if not 1 <= num_components <= style_dim:
         raise ValueError(f"num_components: expected 1..{style_dim}, got {num_components}")
-    if num_samples < 2:
-        raise ValueError(f"num_samples: expected >= 2, got {num_samples}")
+    if num_samples <= num_components:
+        # with N samples the centred covariance has rank <= N - 1: later components are noise
+        raise ValueError(
+            f"num_samples: expected more than num_components={num_components} samples, got {num_samples}"
+        )
     generator = torch.Generator(device="cpu").manual_seed(seed)
     total = torch.zeros(style_dim, dtype=torch.float64, device=device)
     outer = torch.zeros(style_dim, style_dim, dtype=torch.float64, device=device)
