@@ -16,16 +16,15 @@ backend. The benchmark compares it against the reference like every other varian
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
 from refinestyle_kernels.ops.modulated_conv2d import (
-    LRELU_GAIN,
-    LRELU_SLOPE,
     UPSAMPLE_BLUR_PAD,
     UPSAMPLE_FACTOR,
+    _epilogue,
+    _validate,
     upsample_blur_kernel,
 )
 from refinestyle_kernels.ops.upfirdn2d import upfirdn2d
@@ -54,18 +53,14 @@ def nvlabs_styled_conv2d(
     Arguments and result as in `refinestyle_kernels.styled_conv2d` (x [B, Cin, H, W],
     weight [Cout, Cin, k, k], styles [B, Cin], p [B, L, Cout] or [L, Cout], q [B, L, Cin]
     or [L, Cin], noise [B or 1, 1, H', W'], bias [Cout]); `backend` is accepted and
-    ignored so that this function can stand in for the op. Validation is light: this is
-    a benchmark baseline, fed only by the benchmark's own well-formed cases.
+    ignored so that this function can stand in for the op. Inputs are validated and the
+    epilogue applied by the op's own helpers, so only the conv and d differ.
     """
-    if x.ndim != 4 or weight.ndim != 4 or styles.ndim != 2:
-        raise ValueError(
-            f"x, weight, styles: expected [B, Cin, H, W], [Cout, Cin, k, k], [B, Cin], got "
-            f"{tuple(x.shape)}, {tuple(weight.shape)}, {tuple(styles.shape)}"
-        )
+    x, weight, styles, p, q, noise, noise_strength, bias, scale = _validate(
+        x, weight, styles, p, q, noise, noise_strength, bias, clamp, demodulate, upsample, eps, scale
+    )
     batch, in_channels = styles.shape
     out_channels, _, kernel, _ = weight.shape
-    if scale is None:
-        scale = 1.0 / math.sqrt(in_channels * kernel * kernel)
     shared_weight = weight * scale
 
     # scale activations, one dense conv with the weight shared by the batch
@@ -89,15 +84,7 @@ def nvlabs_styled_conv2d(
         dcoefs = (kernels.square().sum(dim=(2, 3, 4)) + eps).rsqrt()
         y = y * dcoefs.reshape(batch, out_channels, 1, 1)
 
-    if noise is not None:
-        y = y + noise * torch.as_tensor(noise_strength, dtype=y.dtype, device=y.device).reshape(1, 1, 1, 1)
-    if bias is not None:
-        y = y + bias.reshape(1, -1, 1, 1)
-    if activate:
-        y = F.leaky_relu(y, LRELU_SLOPE) * LRELU_GAIN
-    if clamp is not None:
-        y = y.clamp(-clamp, clamp)
-    return y
+    return _epilogue(y, noise, noise_strength, bias, activate, clamp)
 
 
 def _low_rank_branch(x: torch.Tensor, p: torch.Tensor, q: torch.Tensor, kernel: int, upsample: bool) -> torch.Tensor:
