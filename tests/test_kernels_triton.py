@@ -464,16 +464,20 @@ def test_torch_compile_fullgraph_traces_the_triton_ops():
 
 @pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
 @pytest.mark.parametrize("reduce", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("grid_hw, n, k", [((4, 4), 512, 4608), ((5, 5), 512, 4608), ((64, 64), 3, 64), ((1024, 1024), 32, 288)])
-def test_autotune_pruning_fits_every_layer_shape(grid_hw, n, k, reduce):
+def test_autotune_pruning_fits_every_layer_shape(grid_hw, n, k, reduce, dtype):
     """The GPU autotuner only tries tiles that fit; reducing launches get the tile their buffer assumes."""
-    named = {"GRID_H": grid_hw[0], "GRID_W": grid_hw[1], "N": n, "K": k}
+    weight = torch.empty(0, dtype=dtype)
+    named = {"GRID_H": grid_hw[0], "GRID_W": grid_hw[1], "N": n, "K": k, "w_ptr": weight}
     kept = op_module._prune_conv_configs(op_module._CONV_CONFIGS, named, REDUCE_X=reduce)
     pixels = grid_hw[0] * grid_hw[1]
     assert kept
     for config in kept:
         block = config.kwargs
         assert min(block["BLOCK_M"], block["BLOCK_N"], block["BLOCK_K"]) >= 16  # tl.dot's minimum
+        tiles = block["BLOCK_M"] * block["BLOCK_K"] + block["BLOCK_K"] * block["BLOCK_N"]
+        assert config.num_stages * tiles * weight.element_size() <= op_module.CONV_SHARED_MEMORY_BUDGET
         assert block["BLOCK_N"] <= max(16, 2 * n) and block["BLOCK_K"] <= max(16, 2 * k)
         if reduce:
             assert block["BLOCK_M"] == op_module._reduce_block_m(pixels)
@@ -503,9 +507,10 @@ def test_bad_inputs_for_the_triton_backend():
 # memory to run out of. Triton compiles for a GPU without one: AST -> TTIR -> TTGIR -> LLVM ->
 # PTX -> cubin (ptxas ships with Triton). This builds the two most intricate variants for
 # Hopper (sm_90) in a fresh process, outside the interpreter, with the largest tile the
-# autotuner may pick and the launches' pipelining depth, and checks that they fit the H100's
-# shared memory (227 KB per block): the software pipeliner multi-buffers every tap's tiles,
-# and num_stages > 1 asked for up to 790 KB (an OutOfResources error at every launch).
+# autotuner may keep at its pipelining depth, and checks that they fit the H100's shared
+# memory (227 KB per block) and that the main loop is pipelined. (An earlier kernel unrolled
+# the nine taps inside the K loop; the pipeliner multi-buffered every tap's tiles and asked
+# for up to 790 KB, an OutOfResources error at every launch.)
 COMPILE_FOR_SM90 = textwrap.dedent(
     """
     import os
@@ -516,37 +521,49 @@ COMPILE_FOR_SM90 = textwrap.dedent(
     from refinestyle_kernels.ops import modulated_conv2d as m
 
     H100_SHARED_MEMORY = 232448  # bytes per block (opt-in maximum)
-    # the 128 x 128 x 32 tile (8 warps) needs the most shared memory of the configs: 64 KB at one stage
-    block_m, block_n, block_k, warps, stages = m._CONV_SHAPES[0]
-    assert (block_m, block_n) == (128, 128)
-    assert stages == m.CONV_NUM_STAGES
 
-    def build(fn, pointers, constexprs):
+    def largest_config(element_size):  # the config with the most pipelined shared memory that is kept
+        fitting = [shape for shape in m._CONV_SHAPES
+                   if shape[4] * (shape[0] * shape[2] + shape[2] * shape[1]) * element_size
+                   <= m.CONV_SHARED_MEMORY_BUDGET]
+        return max(fitting, key=lambda shape: shape[4] * (shape[0] * shape[2] + shape[2] * shape[1]))
+
+    def build(fn, pointers, constexprs, config):
+        block_m, block_n, block_k, warps, stages = config
+        constexprs = dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
         signature = {
             name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name == "clamp_value" else "i32")
             for name in fn.arg_names
         }
-        source = ASTSource(fn, signature, constexprs=constexprs)
+        # what the JIT assumes at a config-f launch: 16-byte aligned pointers, channel counts
+        # and token strides divisible by 16 (without it, 2-byte loads are too narrow to copy
+        # asynchronously and nothing is pipelined)
+        divisible = [name for name in fn.arg_names if name.endswith("_ptr") or name in ("K", "N", "L", "stride_rb", "stride_qb")]
+        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+        source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
         kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
         assert kernel.asm["cubin"]
         shared = kernel.metadata.shared
         assert shared <= H100_SHARED_MEMORY, f"needs {shared} bytes of shared memory, the H100 has {H100_SHARED_MEMORY}"
+        # the flat (K block, tap) loop is software-pipelined: its loads are asynchronous copies
+        assert "async_copy_global_to_local" in kernel.asm["ttgir"], "the main loop's loads are not pipelined"
         return shared
 
     names = ["a_ptr", "a_scale_ptr", "w_ptr", "z_ptr", "r_ptr", "q_ptr", "alpha_ptr", "beta_ptr", "out_ptr",
              "noise_ptr", "noise_strength_ptr", "bias_ptr", "x_ptr", "reduce_ptr"]
-    flags = dict(KSIZE=3, BOX_Z=True, HAS_NOISE=False, HAS_BIAS=False, ACTIVATE=False, HAS_CLAMP=False,
-                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_L=32)
+    flags = dict(KSIZE=3, BOX_Z=True, HAS_NOISE=False, HAS_BIAS=False, ACTIVATE=False, HAS_CLAMP=False, BLOCK_L=32)
     # forward of the upsampling layer, bf16, fused projection: phase taps behind a runtime branch
     pointers = dict.fromkeys(names, "*bf16") | dict(z_ptr="*fp32", alpha_ptr="*fp32", beta_ptr="*fp32",
                                                     out_ptr="*fp32", reduce_ptr="*fp32")
     shared = [build(m._conv_gemm_kernel, pointers, dict(flags, MODE=2, HAS_A_SCALE=True, HAS_LOWRANK=True,
-                                                        FUSE_PROJECTION=True, REDUCE_X=False, INPUT_PRECISION=None))]
+                                                        FUSE_PROJECTION=True, REDUCE_X=False, INPUT_PRECISION=None),
+                    largest_config(2))]
     # grad x of the same layer (nine taps every K block), fp32 with TF32 dots (the widest
     # operands), the low-rank adjoint, the grad-s reduction and the whole epilogue
     flags.update(BOX_Z=False, HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True, HAS_CLAMP=True)
     shared.append(build(m._conv_gemm_kernel, dict.fromkeys(names, "*fp32"), dict(flags, MODE=1, HAS_A_SCALE=False,
-                        HAS_LOWRANK=True, FUSE_PROJECTION=False, REDUCE_X=True, INPUT_PRECISION="tf32")))
+                        HAS_LOWRANK=True, FUSE_PROJECTION=False, REDUCE_X=True, INPUT_PRECISION="tf32"),
+                        largest_config(4)))
     print("compiled for sm_90; shared memory", shared)
     """
 )

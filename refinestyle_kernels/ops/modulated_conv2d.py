@@ -478,9 +478,13 @@ FUSED_PROJECTION_MAX_COUT = 128
 # the first call of every shape (quicker start-up, e.g. for tests; a bit slower kernels).
 TRITON_AUTOTUNE = True
 
-# Software-pipelining depth of every `_conv_gemm_kernel` launch (see `_CONV_SHAPES`): more than
-# 1 multi-buffers all nine taps' tiles and overflows the GPU's shared memory.
-CONV_NUM_STAGES = 1
+# Software-pipelining depth of the `_conv_gemm_kernel` launches that are not autotuned (the
+# autotuned ones try the depths in `_CONV_SHAPES`).
+CONV_NUM_STAGES = 3
+
+# Shared memory the autotuner lets a config's pipelined tiles take (num_stages x (A tile + W
+# tile)): the H100 has 227 KB per block, and the epilogue's layout conversions need some too.
+CONV_SHARED_MEMORY_BUDGET = 160 * 1024
 
 # The autotuner's cache key: everything that changes which tile is fastest (Triton adds the
 # dtypes of the tensor arguments itself).
@@ -653,49 +657,61 @@ if triton is not None:
             offs_l = tl.arange(0, BLOCK_L)
             l_ok = offs_l < L
             z_box = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
-        # K blocks outside, taps inside: the taps' shifted tiles of one K block overlap (L1
-        # hits), and their plain sum is box(a) for the fused low-rank projection
-        for k0 in range(0, K, BLOCK_K):
+        # The taps that feed this program's pixels: all KSIZE x KSIZE, or in MODE 2 those of
+        # its phase (ky = phase_y + 2 ty, kx = phase_x + 2 tx).
+        if MODE == 2:
+            taps_y = (KSIZE - phase_y + 1) // 2
+            taps_x = (KSIZE - phase_x + 1) // 2
+        else:
+            taps_y = KSIZE
+            taps_x = KSIZE
+        taps = taps_y * taps_x
+        # One flat loop over (K block, tap) with one A tile and one W tile per step, so the
+        # software pipeliner can keep num_stages steps of loads in flight (an unrolled tap loop
+        # multi-buffers all nine pairs and overflows shared memory). Consecutive steps read
+        # shifted, overlapping A tiles of the same K block: L1/L2 hits.
+        for step in range(0, tl.cdiv(K, BLOCK_K) * taps):
+            k0 = (step // taps) * BLOCK_K
+            tap = step % taps
+            ty = tap // taps_x
+            tx = tap % taps_x
+            # which input pixel feeds this output pixel through this tap
+            if MODE == 0:
+                ky = ty
+                kx = tx
+                in_y = out_y + (ky - KSIZE // 2)
+                in_x = out_x + (kx - KSIZE // 2)
+            elif MODE == 1:
+                ky = ty
+                kx = tx
+                in_y = 2 * out_y + ky
+                in_x = 2 * out_x + kx
+            else:
+                ky = phase_y + 2 * ty
+                kx = phase_x + 2 * tx
+                in_y = grid_y - ty
+                in_x = grid_x - tx
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
-            w_rows = w_ptr + offs_k[:, None] * N + offs_n[None, :]
-            if HAS_A_SCALE:
-                s = tl.load(a_scale_ptr + b * K + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            if FUSE_PROJECTION:
-                a_box = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for tap in tl.static_range(KSIZE * KSIZE):
-                ky = tap // KSIZE
-                kx = tap % KSIZE
-                # which input pixel feeds this output pixel through this tap (MODE 2: only the
-                # taps of the program's phase feed it; the others are skipped, not masked)
-                use_tap = True
-                if MODE == 0:
-                    in_y = out_y + (ky - KSIZE // 2)
-                    in_x = out_x + (kx - KSIZE // 2)
-                elif MODE == 1:
-                    in_y = 2 * out_y + ky
-                    in_x = 2 * out_x + kx
-                else:
-                    use_tap = ((ky % 2) == phase_y) & ((kx % 2) == phase_x)
-                    in_y = grid_y - (ky // 2)
-                    in_x = grid_x - (kx // 2)
-                if use_tap:
-                    pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
-                    a_rows = a_ptr + ((b * IN_H + in_y) * IN_W + in_x) * K
-                    a = tl.load(a_rows[:, None] + offs_k[None, :], mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
-                    w = tl.load(w_rows + tap * K * N, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                    if FUSE_PROJECTION:
-                        a_box += a.to(tl.float32)
-                    if HAS_A_SCALE:
-                        a = a.to(tl.float32) * s[None, :]
-                    acc = tl.dot(a.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
-            if FUSE_PROJECTION:  # the low-rank input box(q a) = q box(a): one small dot per K block
+            pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
+            a_rows = a_ptr + ((b * IN_H + in_y) * IN_W + in_x) * K
+            a = tl.load(a_rows[:, None] + offs_k[None, :], mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(
+                w_ptr + (ky * KSIZE + kx) * K * N + offs_k[:, None] * N + offs_n[None, :],
+                mask=k_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            if FUSE_PROJECTION:  # the low-rank input box(q a) = sum over taps of (a tile) q^T
                 q_t = tl.load(
                     q_ptr + b * stride_qb + offs_l[None, :] * K + offs_k[:, None],
                     mask=k_ok[:, None] & l_ok[None, :],
                     other=0.0,
                 )
-                z_box = tl.dot(a_box.to(q_t.dtype), q_t, z_box, input_precision=INPUT_PRECISION)
+                z_box = tl.dot(a.to(q_t.dtype), q_t, z_box, input_precision=INPUT_PRECISION)
+            if HAS_A_SCALE:
+                s = tl.load(a_scale_ptr + b * K + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                a = a.to(tl.float32) * s[None, :]
+            acc = tl.dot(a.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
 
         if REDUCE_X:  # the conv part of grad s: sum over pixels of x * conv^T(g), before alpha
             x_tile = tl.load(
@@ -773,7 +789,7 @@ if triton is not None:
 
     @triton.jit
     def _blur_kernel(
-        src_ptr,  # [B, SRC_H, SRC_W, N] fp32, contiguous
+        src_ptr,  # [B, SRC_H, SRC_W, N] contiguous (summed in fp32)
         taps_ptr,  # [TAPS] fp32: the separable 1-D filter
         out_ptr,  # [B, OUT_H, OUT_W, N], contiguous
         noise_ptr,
@@ -841,7 +857,7 @@ if triton is not None:
         noise_ptr,
         noise_strength_ptr,
         bias_ptr,
-        g_ptr,  # [B, OUT_H, OUT_W, N] fp32 out: grad of the conv result before * d, times d
+        g_ptr,  # [B, OUT_H, OUT_W, N] out (x's dtype): grad of the conv result before * d, times d
         partial_bias_ptr,  # [B, M_TILES, N] fp32 out: per-tile sums of the pre-activation grad
         partial_noise_ptr,  # [B, M_TILES, N] fp32 out: ... times noise
         partial_demod_ptr,  # [B, M_TILES, N] fp32 out: ... times the conv result before * d
@@ -911,31 +927,27 @@ if triton is not None:
             tl.store(partial_demod_ptr + off_tile, tl.sum(grad * pre, axis=0) / demod, mask=n_ok)
             grad = grad * demod[None, :]
         g_rows = g_ptr + ((b * OUT_H + out_y) * OUT_W + out_x) * N
-        tl.store(g_rows[:, None] + offs_n[None, :], grad, mask=mask)
+        tl.store(g_rows[:, None] + offs_n[None, :], grad.to(g_ptr.dtype.element_ty), mask=mask)
 
     # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): 128x128 / 128x64 / 64x128 tiles for the
     # big GEMMs, narrow N tiles for few output channels (toRGB, the 1024 px layers), short M
-    # tiles for the 4x4 and 8x8 layers (a tile never spans two samples).
-    # num_stages is 1 on purpose: the K loop body holds one A and one W load per tap (9 of
-    # each), and Triton's software pipeliner multi-buffers every one of them. Compiled for
-    # sm_90 (Triton 3.6), num_stages=2 already asks for 155 KB (bf16) to 590 KB (fp32) of
-    # shared memory and 3 for up to 790 KB, past the H100's 227 KB per block: the launch
-    # fails with OutOfResources. With 1 stage the largest config needs 64 KB. The
-    # interpreter never sees this; `CONV_NUM_STAGES` and tests/test_kernels_triton.py's
-    # sm_90 compile test guard it.
+    # tiles for the 4x4 and 8x8 layers (a tile never spans two samples). The flat (K block,
+    # tap) loop holds one A and one W tile per step, so 3-4 pipeline stages cost 3-4 tile
+    # pairs of shared memory; `_prune_conv_configs` drops what would not fit.
     _CONV_SHAPES = [
-        (128, 128, 32, 8, CONV_NUM_STAGES),
-        (128, 64, 32, 4, CONV_NUM_STAGES),
-        (64, 128, 32, 4, CONV_NUM_STAGES),
-        (64, 64, 64, 4, CONV_NUM_STAGES),
-        (128, 32, 32, 4, CONV_NUM_STAGES),
-        (64, 32, 64, 4, CONV_NUM_STAGES),
-        (128, 16, 32, 4, CONV_NUM_STAGES),
-        (64, 16, 64, 4, CONV_NUM_STAGES),
-        (32, 64, 64, 4, CONV_NUM_STAGES),
-        (32, 128, 64, 4, CONV_NUM_STAGES),
-        (16, 64, 64, 4, CONV_NUM_STAGES),
-        (16, 128, 64, 4, CONV_NUM_STAGES),
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 8, 4),
+        (128, 64, 64, 4, 3),
+        (64, 128, 64, 4, 3),
+        (64, 64, 64, 4, 3),
+        (128, 32, 64, 4, 3),
+        (64, 32, 64, 4, 4),
+        (128, 16, 64, 4, 3),
+        (64, 16, 64, 4, 4),
+        (32, 64, 64, 4, 3),
+        (32, 128, 64, 4, 3),
+        (16, 64, 64, 4, 3),
+        (16, 128, 64, 4, 3),
     ]
     _CONV_CONFIGS = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
@@ -952,8 +964,12 @@ if triton is not None:
         m_cap = max(16, _next_pow2(pixels))
         reduce_m = _reduce_block_m(pixels) if kwargs.get("REDUCE_X", named_args.get("REDUCE_X")) else None
 
+        element = named_args["w_ptr"].element_size()
+
         def fits(config):
             m, n, k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+            if config.num_stages * (m * k + k * n) * element > CONV_SHARED_MEMORY_BUDGET:
+                return False
             if reduce_m is not None:
                 return m == reduce_m and n <= n_cap and k <= k_cap
             return n <= n_cap and k <= k_cap and m <= m_cap and (m >= 64 or pixels <= 1024)
@@ -1097,11 +1113,39 @@ def _as_batched_tokens(tokens: torch.Tensor | None) -> torch.Tensor | None:
     return (tokens[None] if tokens.ndim == 2 else tokens).contiguous()
 
 
-def _project(x_nhwc: torch.Tensor, q3: torch.Tensor) -> torch.Tensor:
-    """z = q_b x: [B, H, W, Cin] x [1 or B, L, Cin] -> [B, H, W, L] fp32 (one batched GEMM)."""
+def _project(x_nhwc: torch.Tensor, q3: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """z = q_b x: [B, H, W, Cin] x [1 or B, L, Cin] -> [B, H, W, L] in `dtype` (one batched GEMM)."""
     batch, height, width, channels = x_nhwc.shape
     z = torch.matmul(x_nhwc.reshape(batch, height * width, channels), q3.transpose(1, 2))
-    return z.float().reshape(batch, height, width, q3.shape[1])
+    return z.to(dtype).reshape(batch, height, width, q3.shape[1])
+
+
+# Pixels per chunk of `_sum_over_pixels`: long enough that one chunk's product is a real GEMM,
+# short enough that B x (pixels / chunk) chunks fill the GPU.
+PIXEL_CHUNK = 4096
+
+
+def _sum_over_pixels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T b per sample, in fp32: a [B, P, L], b [B, P, C] -> [B, L, C] (sum over the P pixels).
+
+    The token gradients are such products with P up to 2^20 and L, C <= 64: as one batched GEMM
+    that is a single output tile per sample reducing over a million pixels, a handful of
+    thread blocks (cuBLAS picked no split-K here: 3 ms a layer on an H100). Split the pixels into
+    chunks, run one GEMM per (sample, chunk), and sum the chunks' fp32 partials.
+    """
+    batch, pixels, rank = a.shape
+    channels = b.shape[2]
+    chunks = pixels // PIXEL_CHUNK
+    if chunks < 2:
+        return torch.bmm(a.transpose(1, 2), b).float()
+    body = chunks * PIXEL_CHUNK
+    a_body = a[:, :body].reshape(batch * chunks, PIXEL_CHUNK, rank)
+    b_body = b[:, :body].reshape(batch * chunks, PIXEL_CHUNK, channels)
+    partials = torch.bmm(a_body.transpose(1, 2), b_body).float().reshape(batch, chunks, rank, channels)
+    total = partials.sum(1)
+    if body < pixels:
+        total = total + torch.bmm(a[:, body:].transpose(1, 2), b[:, body:]).float()
+    return total
 
 
 def _box_nhwc(t: torch.Tensor, kernel: int, upsample: bool, adjoint: bool) -> torch.Tensor:
@@ -1122,7 +1166,7 @@ def _box_nhwc(t: torch.Tensor, kernel: int, upsample: bool, adjoint: bool) -> to
 def _weight_gradient(g_conv, x, weight, styles, scale, upsample):
     """grad W0 = scale * (the weight gradient of one dense conv of x * s, shared by the batch).
 
-    g_conv [B, H_c, W_c, Cout] fp32: grad of the conv result (T's grid when upsampling);
+    g_conv [B, H_c, W_c, Cout] (x's dtype): grad of the conv result (T's grid when upsampling);
     x [B, Cin, H, W]; weight [Cout, Cin, k, k]; styles [B, Cin]. Runs only when
     weight.requires_grad (RefineStyle freezes W0): cuDNN's (or the CPU's) conv
     weight-gradient, never a per-sample kernel.
@@ -1163,7 +1207,8 @@ def _triton_forward(x, weight, styles, p, q, demod, noise, noise_strength, bias,
     epilogue = dict(noise=noise, noise_strength=noise_strength, bias=bias, activate=activate, clamp=clamp)
     if upsample:
         t_h, t_w = 2 * height + 1, 2 * width + 1
-        transposed = _alloc((batch, t_h, t_w, out_channels), torch.float32, x.device)
+        # the transposed conv's result in x's dtype, as the reference rounds it too
+        transposed = _alloc((batch, t_h, t_w, out_channels), x.dtype, x.device)
         _launch_conv_gemm(
             x_nhwc, styles, w_taps, z, p3, alpha, beta, transposed, mode=2, ksize=kernel,
             in_hw=(height, width), out_hw=(t_h, t_w), grid_hw=(height + 1, width + 1), box_z=True, q=q3,
@@ -1193,10 +1238,13 @@ def _triton_backward(
     def empty():  # a placeholder for a gradient nobody wants (outputs must not alias each other)
         return x.new_empty(0)
 
-    # 1. epilogue backward: g = grad of the (blurred) conv result, times d, plus the per-tile sums
+    # 1. epilogue backward: g = grad of the (blurred) conv result, times d, plus the per-tile sums.
+    # g and everything derived from it are kept in x's dtype: the grad-x kernel feeds them to
+    # its dots in that dtype anyway, and at 1024 px an fp32 g is a 1 GB round trip per layer.
+    grad_dtype = x.dtype
     block_m, block_n = _pointwise_blocks(out_h * out_w, out_channels)
     m_tiles = triton.cdiv(out_h * out_w, block_m)
-    g = _alloc((batch, out_h, out_w, out_channels), torch.float32, device)
+    g = _alloc((batch, out_h, out_w, out_channels), grad_dtype, device)
     partials = _alloc((3, batch, m_tiles, out_channels), torch.float32, device)
     demod32 = demod.float().contiguous() if demod is not None else partials
     noise_strides = (0, 0, 0)
@@ -1221,7 +1269,7 @@ def _triton_backward(
 
     # 2. the upsampling layer: back through the blur to the transposed conv's grid
     if upsample:
-        g_conv = _alloc((batch, 2 * height + 1, 2 * width + 1, out_channels), torch.float32, device)
+        g_conv = _alloc((batch, 2 * height + 1, 2 * width + 1, out_channels), grad_dtype, device)
         _launch_blur(g, g_conv, transpose=True)
     else:
         g_conv = g
@@ -1235,16 +1283,16 @@ def _triton_backward(
         shared = p3.shape[0] == 1
         conv_pixels = g_conv.shape[1] * g_conv.shape[2]
         g_flat = g_conv.reshape(batch, conv_pixels, out_channels)
-        gz = torch.matmul(g_flat, p3.float().transpose(1, 2))  # [B, conv pixels, L]
+        gz = torch.matmul(g_flat, p3.to(grad_dtype).transpose(1, 2))  # [B, conv pixels, L]
         gz_box = _box_nhwc(gz.reshape(batch, g_conv.shape[1], g_conv.shape[2], -1), kernel, upsample, adjoint=True)
         if need_p:
-            z = _project(x_nhwc, q3)
+            z = _project(x_nhwc, q3.to(grad_dtype), grad_dtype)
             z_box = _box_nhwc(z, kernel, upsample, adjoint=False).reshape(batch, conv_pixels, -1)
-            grad_p = z_box.transpose(1, 2) @ g_flat  # [B, L, Cout]
+            grad_p = _sum_over_pixels(z_box, g_flat)  # [B, L, Cout]
             grad_p = (grad_p.sum(0) if shared else grad_p).to(p.dtype).reshape(p.shape)
         if need_q:
             gz_flat = gz_box.reshape(batch, height * width, -1)
-            grad_q = gz_flat.transpose(1, 2) @ x_nhwc.reshape(batch, height * width, in_channels).float()
+            grad_q = _sum_over_pixels(gz_flat, x_nhwc.reshape(batch, height * width, in_channels))
             grad_q = (grad_q.sum(0) if shared else grad_q).to(q.dtype).reshape(q.shape)
 
     # 4. grad x (conv^T with W0 + the low-rank adjoint) and the conv part of grad styles
