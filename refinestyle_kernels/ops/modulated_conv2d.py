@@ -29,6 +29,7 @@ Triton backend does all of it in the conv's epilogue.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import List, Optional
@@ -906,8 +907,8 @@ if triton is not None:
             mask=mask,
             other=0.0,
         ).to(tl.float32)
-        if HAS_CLAMP:  # clamped pixels pass no gradient (torch.clamp: only strictly outside)
-            grad = tl.where(tl.abs(out) < clamp_value, grad, 0.0)
+        if HAS_CLAMP:  # clamped pixels pass no gradient; clamp_value is the bound as out's dtype
+            grad = tl.where(tl.abs(out) < clamp_value, grad, 0.0)  # rounds it (see _clamp_bound)
         pre = out  # the pre-activation, recovered from the output (leaky ReLU is invertible)
         if ACTIVATE:
             grad = grad * tl.where(out > 0, 1.4142135623730951, 0.2 * 1.4142135623730951)
@@ -1174,6 +1175,18 @@ def _weight_gradient(g_conv, x, weight, styles, scale, upsample):
     kernel = weight.shape[-1]
     styled_x = x * styles[:, :, None, None]
     g_nchw = g_conv.permute(0, 3, 1, 2).to(x.dtype)
+    # cuDNN follows the backend's fp32 precision setting, not only torch's TF32 flag
+    exact = x.dtype == torch.float32 and _fp32_input_precision() == "ieee" and torch.backends.cudnn.allow_tf32
+    if not exact:
+        return _dense_weight_gradient(g_nchw, styled_x, weight, kernel, scale, upsample)
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        return _dense_weight_gradient(g_nchw, styled_x, weight, kernel, scale, upsample)
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _dense_weight_gradient(g_nchw, styled_x, weight, kernel, scale, upsample):
     if upsample:
         _, grad, _ = torch.ops.aten.convolution_backward(
             g_nchw, styled_x, weight.transpose(0, 1), None, [UPSAMPLE_FACTOR] * 2, [0, 0], [1, 1], True, [0, 0], 1,
@@ -1224,6 +1237,14 @@ def _triton_forward(x, weight, styles, p, q, demod, noise, noise_strength, bias,
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _clamp_bound(clamp: float, dtype: torch.dtype) -> float:
+    """The clamp bound as a clamped output stores it. The backward tells clamped pixels by
+    |out| < bound; against the unrounded bound a half-precision output clamped to bf16(0.7) =
+    0.69921875 would look unclamped and pass its gradient."""
+    return float(torch.tensor(clamp, dtype=torch.float64).to(dtype))
+
+
 def _triton_backward(
     grad, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp, needs
 ):
@@ -1257,7 +1278,7 @@ def _triton_backward(
         bias if bias is not None else partials,
         g, partials[0], partials[1], partials[2],
         out_h, out_w, out_channels, *grad.stride(), *out.stride(), *noise_strides,
-        float(clamp) if clamp is not None else 0.0,
+        _clamp_bound(clamp, out.dtype) if clamp is not None else 0.0,
         HAS_DEMOD=demod is not None, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None,
         ACTIVATE=activate, HAS_CLAMP=clamp is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
