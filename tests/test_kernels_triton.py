@@ -354,9 +354,9 @@ def test_batches_past_the_grid_limit_run_in_chunks(layer, monkeypatch):
     """CUDA grids hold at most 65535 programs in the dimension that carries the batch: larger
     batches are split. With the limit lowered to 2 the chunked result must still be exact."""
     calls = []
-    op = op_module._styled_conv2d_triton_op
+    op = op_module._styled_conv2d_triton_call
     monkeypatch.setattr(op_module, "MAX_LAUNCH_BATCH", 2)
-    monkeypatch.setattr(op_module, "_styled_conv2d_triton_op", lambda x, *a: calls.append(x.shape[0]) or op(x, *a))
+    monkeypatch.setattr(op_module, "_styled_conv2d_triton_call", lambda x, *a: calls.append(x.shape[0]) or op(x, *a))
     check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=4)
     assert calls == [2] * (layer.batch // 2) + [1] * (layer.batch % 2)
 
