@@ -4,7 +4,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernel_cases import Case, literal_per_sample, make_inputs, relative_error
-from refinestyle_kernels import modulated_conv2d, styled_conv2d
+from refinestyle_kernels import demodulation_coefficients, modulated_conv2d, styled_conv2d
 
 CASES = [
     Case(3, 5, 6, 5, 7, 3, False, None),
@@ -165,3 +165,42 @@ def test_output_keeps_input_dtype_in_half_precision():
     ref = modulated_conv2d(*[a.double() for a in args], backend="reference")
     assert out.dtype == torch.bfloat16
     assert relative_error(out, ref) < 3e-2
+
+
+@pytest.mark.parametrize("tokens", [None, "shared", "per_sample"])
+@pytest.mark.parametrize("train_weight", [True, False])
+def test_demodulation_coefficients_backward_is_the_formulas_gradient(tokens, train_weight):
+    """demodulation_coefficients has a hand-written backward (fewer ops than autograd through the
+    formula): gradcheck it in float64, and check its values against the formula traced by autograd."""
+    from refinestyle_kernels.ops.modulated_conv2d import _demodulation_traced
+
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(6, 5, 3, 3, generator=gen, dtype=torch.float64, requires_grad=train_weight)
+    styles = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    lead = () if tokens == "shared" else (3,)
+    p = q = None
+    if tokens:
+        p = torch.randn(*lead, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+        q = torch.randn(*lead, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def demod(weight, styles, *tokens):
+        return demodulation_coefficients(weight, styles, *(tokens or (None, None)), 0.3, 1e-8)
+
+    inputs = (weight, styles) + ((p, q) if tokens else ())
+    assert torch.autograd.gradcheck(demod, inputs)
+    expected = _demodulation_traced(weight, styles, p, q, 0.3, 1e-8)
+    assert torch.allclose(demod(*inputs), expected, rtol=1e-12, atol=0)
+
+
+def test_demodulation_tap_sums_follow_the_weight():
+    """The frozen weight's tap sums are cached: an in-place change or another tensor refreshes them."""
+    gen = torch.Generator().manual_seed(8)
+    weight = torch.randn(6, 5, 3, 3, generator=gen)
+    styles = torch.randn(2, 5, generator=gen)
+    first = demodulation_coefficients(weight, styles, None, None, 0.3, 1e-8)
+    with torch.no_grad():
+        weight.mul_(2.0)  # sum K^2 x4: d halves
+    assert torch.allclose(demodulation_coefficients(weight, styles, None, None, 0.3, 1e-8), first / 2, rtol=1e-5)
+    other = torch.randn(6, 5, 3, 3, generator=gen)
+    expected = torch.rsqrt((styles.square() @ other.square().sum((2, 3)).t()) * 0.09 + 1e-8)
+    assert torch.allclose(demodulation_coefficients(other, styles, None, None, 0.3, 1e-8), expected, rtol=1e-5)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import weakref
 from typing import List, Optional
 
 import torch
@@ -323,6 +324,12 @@ def demodulation_coefficients(
     weight [Cout, Cin, k, k]; styles [B, Cin]; p [B or -, L, Cout]; q [B or -, L, Cin].
     Computed in float32 at least (float64 stays float64); returns that dtype.
     """
+    if torch.compiler.is_compiling():  # traced: plain ops, autograd does the backward
+        return _demodulation_traced(weight, styles, p, q, scale, eps)
+    return _Demodulation.apply(weight, styles, p, q, scale, eps)
+
+
+def _demodulation_traced(weight, styles, p, q, scale, eps):
     compute_dtype = torch.promote_types(weight.dtype, torch.float32)
     weight = weight.to(compute_dtype)
     styles = styles.to(compute_dtype)
@@ -340,6 +347,93 @@ def demodulation_coefficients(
         energy = energy + 2 * scale * cross + taps * residual
     # sum K^2 >= 0 exactly; the clamp only removes float cancellation below zero
     return torch.rsqrt(energy.clamp_min(0) + eps)
+
+
+# id(weight) -> (weakref to it, its _version, compute dtype, S1, S2): the tap sums of a weight
+# that is not being trained, reused until it changes in place (its version counter moves) or
+# is freed (the weakref dies; a new tensor at the same id is not mistaken for it).
+_TAP_SUMS: dict = {}
+
+
+def _tap_sums(weight: torch.Tensor, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """S1 = sum_taps W0 and S2 = sum_taps W0^2, [Cout, Cin] in compute_dtype."""
+    if weight.requires_grad:
+        weight = weight.detach().to(compute_dtype)
+        return weight.sum((2, 3)), weight.square().sum((2, 3))
+    cached = _TAP_SUMS.get(id(weight))
+    if cached is not None and cached[0]() is weight and cached[1] == weight._version and cached[2] == compute_dtype:
+        return cached[3], cached[4]
+    if len(_TAP_SUMS) >= 1024:  # forget the weights that are gone
+        for key in [key for key, entry in _TAP_SUMS.items() if entry[0]() is None]:
+            del _TAP_SUMS[key]
+    wide = weight.to(compute_dtype)
+    sums = (wide.sum((2, 3)), wide.square().sum((2, 3)))
+    _TAP_SUMS[id(weight)] = (weakref.ref(weight), weight._version, compute_dtype, *sums)
+    return sums
+
+
+class _Demodulation(torch.autograd.Function):
+    """`demodulation_coefficients` with a hand-written backward: autograd through the formula
+    records ~40 small ops a layer, and at batch 8 their host time exceeded the GPU time of
+    every layer up to 64 px (see BENCHMARKS.md). Tokens are handled as [1 or B, L, C]."""
+
+    @staticmethod
+    def forward(ctx, weight, styles, p, q, scale, eps):
+        compute_dtype = torch.promote_types(weight.dtype, torch.float32)
+        s1, s2 = _tap_sums(weight, compute_dtype)
+        styles_c = styles.to(compute_dtype)
+        energy = (styles_c.square() @ s2.t()).mul_(scale**2)
+        p3 = q3 = styled_q = lowrank_u = gram_p = None
+        if p is not None:
+            p3 = (p if p.ndim == 3 else p[None]).to(compute_dtype)
+            q3 = (q if q.ndim == 3 else q[None]).to(compute_dtype)
+            styled_q = q3 * styles_c[:, None, :]  # [B, L, Cin]
+            lowrank_u = styled_q @ s1.t()  # [B, L, Cout]
+            gram_p = (q3 @ q3.transpose(1, 2)) @ p3  # [1 or B, L, Cout]
+            energy += (p3 * lowrank_u).sum(1).mul_(2 * scale)
+            energy += (p3 * gram_p).sum(1).mul_(weight.shape[2] * weight.shape[3])
+        positive = energy > 0  # sum K^2 >= 0 exactly; clamping only removes cancellation below 0
+        demod = torch.rsqrt(energy.clamp_min_(0) + eps)
+        ctx.save_for_backward(weight, styles_c, p3, q3, styled_q, lowrank_u, gram_p, demod, positive, s1, s2)
+        ctx.options = (scale, p is not None and p.ndim == 2, styles.dtype, p.dtype if p is not None else None)
+        return demod
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_demod):
+        weight, styles, p3, q3, styled_q, lowrank_u, gram_p, demod, positive, s1, s2 = ctx.saved_tensors
+        scale, shared, styles_dtype, token_dtype = ctx.options
+        need_weight, need_styles, need_p, need_q = ctx.needs_input_grad[:4]
+        taps = weight.shape[2] * weight.shape[3]
+        # d = (E + eps)^-1/2: dE = -d^3 / 2 * grad d (zero where E was clamped)
+        grad_energy = grad_demod.to(demod.dtype) * demod.pow(3) * -0.5 * positive
+        grad_weight = grad_styles = grad_p = grad_q = None
+        if need_styles:
+            grad_styles = (grad_energy @ s2).mul_(styles).mul_(2 * scale**2)
+        if p3 is not None:
+            weighted_p = grad_energy[:, None, :] * p3  # [B, L, Cout]
+            cross_v = weighted_p @ s1  # [B, L, Cin]: d cross / d (q * s)
+            if need_styles:
+                grad_styles += (q3 * cross_v).sum(1).mul_(2 * scale)
+            if need_p:
+                grad_p = (lowrank_u.mul(2 * scale) + gram_p.mul(2 * taps)).mul_(grad_energy[:, None, :])
+                grad_p = (grad_p.sum(0) if shared else grad_p).to(token_dtype)
+            if need_q:
+                # residual = sum_o dE_o p_o^T (q q^T) p_o: its q-gradient is 2 (p diag(dE) p^T) q
+                outer = weighted_p @ p3.transpose(1, 2)  # [B, L, L]
+                grad_q = (cross_v * styles[:, None, :]).mul_(2 * scale) + (outer @ q3).mul_(2 * taps)
+                grad_q = (grad_q.sum(0) if shared else grad_q).to(token_dtype)
+        if need_weight:
+            grad_s2 = (grad_energy.t() @ styles.square()).mul_(scale**2)  # [Cout, Cin]
+            grad_s1 = torch.zeros_like(grad_s2)
+            if p3 is not None:
+                batch, rank = styled_q.shape[:2]
+                grad_s1 = (weighted_p.reshape(-1, weighted_p.shape[2]).t() @ styled_q.reshape(batch * rank, -1)).mul_(2 * scale)
+            wide = weight.to(grad_s2.dtype)
+            grad_weight = (wide * (2 * grad_s2)[:, :, None, None] + grad_s1[:, :, None, None]).to(weight.dtype)
+        if grad_styles is not None:
+            grad_styles = grad_styles.to(styles_dtype)
+        return grad_weight, grad_styles, grad_p, grad_q, None, None
 
 
 # ----------------------------------------------------------------------------------------------
