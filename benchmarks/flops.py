@@ -218,13 +218,16 @@ def layer_flops(
             hidden["demodulation"] = dots
         else:
             # weight frozen: only the input gradient of the conv, the fir and the box;
-            # both operands of V @ x, U @ (.), q q^T and (q q^T) p need gradients; (s^2) @ S2^T
-            # and (q*s) @ S1^T only on their left side. Then the two reductions over pixels
-            # that give grad s (x * grad(x*s)) and grad d (g * u).
+            # both operands of V @ x and U @ (.) need gradients. The demodulation's backward
+            # (written by hand, refinestyle_kernels' _Demodulation) is one product per forward
+            # product: dE @ S2 and (dE p) @ S1 for grad s and the cross term, then
+            # (p dE p^T) and (p dE p^T) q for the residual term's q-gradient (its p-gradient
+            # reuses the forward's (q q^T) p). Then the two reductions over pixels that give
+            # grad s (x * grad(x*s)) and grad d (g * u).
             conv = conv_macs
             fir = fir_macs
             low_rank = 2 * project + box + 2 * expand
-            demod_visible = energy + cross + 2 * gram + 2 * gram_p
+            demod_visible = energy + cross + gram + gram_p
             reductions = B * Cin * spec.in_size**2 + (B * Cout * spec.out_size**2 if spec.demodulate else 0)
             hidden["demodulation"] = 2 * dots + reductions
         parts = {"conv": conv, "fir": fir, "low_rank": low_rank, "demodulation": demod_visible}

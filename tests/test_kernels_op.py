@@ -204,3 +204,18 @@ def test_demodulation_tap_sums_follow_the_weight():
     other = torch.randn(6, 5, 3, 3, generator=gen)
     expected = torch.rsqrt((styles.square() @ other.square().sum((2, 3)).t()) * 0.09 + 1e-8)
     assert torch.allclose(demodulation_coefficients(other, styles, None, None, 0.3, 1e-8), expected, rtol=1e-5)
+
+
+def test_demodulation_coefficients_stay_float32_under_autocast():
+    """Autocast would round the closed form's matmuls to bf16; d is computed in float32 anyway."""
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.randn(6, 5, 3, 3, generator=gen)
+    styles = torch.randn(3, 5, generator=gen, requires_grad=True)
+    p, q = torch.randn(3, 4, 6, generator=gen), torch.randn(3, 4, 5, generator=gen)
+    expected = demodulation_coefficients(weight, styles, p, q, 0.3, 1e-8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        demod = demodulation_coefficients(weight, styles, p, q, 0.3, 1e-8)
+    assert demod.dtype == torch.float32
+    assert torch.allclose(demod, expected, rtol=1e-6)
+    (grad,) = torch.autograd.grad(demod.sum(), styles)
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all()

@@ -379,6 +379,15 @@ class _Demodulation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, styles, p, q, scale, eps):
+        # in float32 at least, also under autocast (which would round the matmuls to bf16)
+        device_type = weight.device.type
+        if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return _Demodulation._forward(ctx, weight, styles, p, q, scale, eps)
+        return _Demodulation._forward(ctx, weight, styles, p, q, scale, eps)
+
+    @staticmethod
+    def _forward(ctx, weight, styles, p, q, scale, eps):
         compute_dtype = torch.promote_types(weight.dtype, torch.float32)
         s1, s2 = _tap_sums(weight, compute_dtype)
         styles_c = styles.to(compute_dtype)
@@ -415,14 +424,21 @@ class _Demodulation(torch.autograd.Function):
             cross_v = weighted_p @ s1  # [B, L, Cin]: d cross / d (q * s)
             if need_styles:
                 grad_styles += (q3 * cross_v).sum(1).mul_(2 * scale)
+            # the residual term sum_l p (q q^T p) has no styles in it: with shared tokens its
+            # gradients need only the batch's total dE
+            residual_energy = grad_energy.sum(0, keepdim=True) if shared else grad_energy  # [1 or B, Cout]
             if need_p:
-                grad_p = (lowrank_u.mul(2 * scale) + gram_p.mul(2 * taps)).mul_(grad_energy[:, None, :])
-                grad_p = (grad_p.sum(0) if shared else grad_p).to(token_dtype)
+                grad_p = lowrank_u.mul(2 * scale).mul_(grad_energy[:, None, :])
+                grad_p = grad_p.sum(0, keepdim=True) if shared else grad_p
+                grad_p += gram_p.mul(2 * taps).mul_(residual_energy[:, None, :])
+                grad_p = (grad_p[0] if shared else grad_p).to(token_dtype)
             if need_q:
                 # residual = sum_o dE_o p_o^T (q q^T) p_o: its q-gradient is 2 (p diag(dE) p^T) q
-                outer = weighted_p @ p3.transpose(1, 2)  # [B, L, L]
-                grad_q = (cross_v * styles[:, None, :]).mul_(2 * scale) + (outer @ q3).mul_(2 * taps)
-                grad_q = (grad_q.sum(0) if shared else grad_q).to(token_dtype)
+                outer = (residual_energy[:, None, :] * p3) @ p3.transpose(1, 2)  # [1 or B, L, L]
+                grad_q = (cross_v * styles[:, None, :]).mul_(2 * scale)
+                grad_q = grad_q.sum(0, keepdim=True) if shared else grad_q
+                grad_q += (outer @ q3).mul_(2 * taps)
+                grad_q = (grad_q[0] if shared else grad_q).to(token_dtype)
         if need_weight:
             grad_s2 = (grad_energy.t() @ styles.square()).mul_(scale**2)  # [Cout, Cin]
             grad_s1 = torch.zeros_like(grad_s2)

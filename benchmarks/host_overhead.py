@@ -1,0 +1,94 @@
+"""Host (Python + dispatch) time of one layer's forward+backward, with the GPU work taken out.
+
+    python -m benchmarks.host_overhead            # on any machine, GPU or not
+
+The whole 1024 px training step on the H100 was host-bound (BENCHMARKS.md): its low-resolution
+layers cost more CPU time to issue than GPU time to run. This probe measures that host cost
+per implementation on tiny CPU tensors. The Triton launches are replaced by no-ops, so the
+`triton` row is the torch glue around the kernels: validation, demodulation, layout, token
+products and autograd. Add the Triton launches themselves, ~30-50 us each and 3-5 per layer,
+to compare it with the other rows, which run everything. The numbers are relative: a GPU
+machine's host adds CUDA launch costs, and its CPU may be slower than this one.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():  # the triton backend takes CPU tensors only under the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from refinestyle_kernels import styled_conv2d  # noqa: E402
+from refinestyle_kernels.ops import modulated_conv2d as op_module  # noqa: E402
+
+from benchmarks.nvlabs_style import nvlabs_styled_conv2d  # noqa: E402
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _stub_triton_launches() -> None:
+    op_module._launch_conv_gemm = lambda *args, **kwargs: None
+    op_module._launch_blur = lambda *args, **kwargs: None
+    op_module._epilogue_backward_kernel = _NoLaunch()
+
+
+def host_time_us(op, batch: int, channels: int, size: int, tokens: int, upsample: bool, calls: int) -> float:
+    """Median-free mean host time per fwd+bwd call of `op` (styled_conv2d's signature), in us."""
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape, grad=False):
+        return torch.randn(*shape, generator=generator).requires_grad_(grad)
+
+    out_size = 2 * size if upsample else size
+    x = randn(batch, channels, size, size, grad=True)
+    weight = randn(channels, channels, 3, 3)
+    styles = randn(batch, channels, grad=True)
+    p = randn(batch, tokens, channels, grad=True) if tokens else None
+    q = randn(batch, tokens, channels, grad=True) if tokens else None
+    noise = randn(batch, 1, out_size, out_size)
+    noise_strength = randn(1, grad=True)
+    bias = randn(channels, grad=True)
+    grad_out = randn(batch, channels, out_size, out_size)
+
+    def step():
+        out = op(x, weight, styles, p, q, noise=noise, noise_strength=noise_strength, bias=bias, activate=True, upsample=upsample)
+        out.backward(grad_out)
+
+    for _ in range(max(5, calls // 10)):
+        step()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    return 1e6 * (time.perf_counter() - start) / calls
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--tokens", type=int, default=4, help="L per sample (0: unrefined)")
+    parser.add_argument("--upsample", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    _stub_triton_launches()
+    implementations = {
+        "triton (launches stubbed)": lambda *a, **k: styled_conv2d(*a, backend="triton", **k),
+        "torch": lambda *a, **k: styled_conv2d(*a, backend="torch", **k),
+        "nvlabs": nvlabs_styled_conv2d,
+        "reference": lambda *a, **k: styled_conv2d(*a, backend="reference", **k),
+    }
+    print(f"host time per layer fwd+bwd (B=2, 8 channels, 4x4, L={args.tokens}, 1 CPU thread):")
+    for name, op in implementations.items():
+        micros = host_time_us(op, 2, 8, 4, args.tokens, args.upsample, args.calls)
+        print(f"  {name:28s} {micros:8.0f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
