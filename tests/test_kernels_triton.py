@@ -659,3 +659,29 @@ def test_compiled_torch_compile_inductor():
     expected, got = compiled_block("cuda", torch.float32, "inductor")
     for value, reference in zip(got, expected):
         assert relative_error(value, reference) < 1e-4
+
+
+@pytest.mark.skipif(not (INTERPRETED or HAS_CUDA), reason="needs the Triton interpreter or a GPU")
+@pytest.mark.parametrize("upsample", [False, True])
+def test_frozen_weight_layouts_follow_in_place_updates(upsample):
+    """The kernel layouts and tap sums of a frozen weight are cached per weight tensor: an
+    in-place update (an optimizer step, load_state_dict) must reach the next call."""
+    device = "cuda" if HAS_CUDA else "cpu"
+    layer = Layer(upsample=upsample, train_weight=False)
+    inputs = {k: v.float().to(device) if v is not None else None for k, v in make_inputs(layer, seed=5).items()}
+    weight = inputs["weight"]
+    for step in range(2):
+        x = inputs["x"].clone().requires_grad_(True)
+        kwargs = dict(inputs, x=x, upsample=upsample)
+        out = styled_conv2d(**kwargs, backend="triton")
+        (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
+        expected = styled_conv2d(**{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}, backend="reference")
+        assert relative_error(out, expected) < 1e-4, step
+        x64 = inputs["x"].double().requires_grad_(True)
+        (expected_grad,) = torch.autograd.grad(
+            styled_conv2d(**{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in dict(kwargs, x=x64).items()}, backend="reference"),
+            x64, torch.ones_like(expected),
+        )  # fmt: skip
+        assert relative_error(grad_x, expected_grad) < 1e-4, step
+        with torch.no_grad():
+            weight.mul_(-1.5).add_(0.1)  # the next step must see the new weight

@@ -349,27 +349,38 @@ def _demodulation_traced(weight, styles, p, q, scale, eps):
     return torch.rsqrt(energy.clamp_min(0) + eps)
 
 
-# id(weight) -> (weakref to it, its _version, compute dtype, S1, S2): the tap sums of a weight
-# that is not being trained, reused until it changes in place (its version counter moves) or
-# is freed (the weakref dies; a new tensor at the same id is not mistaken for it).
-_TAP_SUMS: dict = {}
+# (id(weight), what) -> (weakref to the weight, its _version, the derived tensors): tensors
+# derived from a weight that is not being trained (tap sums, kernel layouts), reused until it
+# changes in place (its version counter moves) or is freed (the weakref dies; a new tensor
+# that gets the same id is not mistaken for it). RefineStyle keeps W0 frozen, so each layer
+# derives them once instead of in every call.
+_WEIGHT_DERIVED: dict = {}
+
+
+def _derived_from_weight(weight: torch.Tensor, what: tuple, make):
+    """make(weight) for a frozen weight, cached under `what`; recomputed when weight needs grad."""
+    if weight.requires_grad or torch.compiler.is_compiling():
+        return make(weight.detach())
+    key = (id(weight), what)
+    cached = _WEIGHT_DERIVED.get(key)
+    if cached is not None and cached[0]() is weight and cached[1] == weight._version:
+        return cached[2]
+    if len(_WEIGHT_DERIVED) >= 4096:  # forget the weights that are gone
+        for stale in [k for k, entry in _WEIGHT_DERIVED.items() if entry[0]() is None]:
+            del _WEIGHT_DERIVED[stale]
+    derived = make(weight)
+    _WEIGHT_DERIVED[key] = (weakref.ref(weight), weight._version, derived)
+    return derived
 
 
 def _tap_sums(weight: torch.Tensor, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """S1 = sum_taps W0 and S2 = sum_taps W0^2, [Cout, Cin] in compute_dtype."""
-    if weight.requires_grad:
-        weight = weight.detach().to(compute_dtype)
-        return weight.sum((2, 3)), weight.square().sum((2, 3))
-    cached = _TAP_SUMS.get(id(weight))
-    if cached is not None and cached[0]() is weight and cached[1] == weight._version and cached[2] == compute_dtype:
-        return cached[3], cached[4]
-    if len(_TAP_SUMS) >= 1024:  # forget the weights that are gone
-        for key in [key for key, entry in _TAP_SUMS.items() if entry[0]() is None]:
-            del _TAP_SUMS[key]
-    wide = weight.to(compute_dtype)
-    sums = (wide.sum((2, 3)), wide.square().sum((2, 3)))
-    _TAP_SUMS[id(weight)] = (weakref.ref(weight), weight._version, compute_dtype, *sums)
-    return sums
+
+    def make(weight):
+        wide = weight.to(compute_dtype)
+        return wide.sum((2, 3)), wide.square().sum((2, 3))
+
+    return _derived_from_weight(weight, ("tap_sums", compute_dtype), make)
 
 
 class _Demodulation(torch.autograd.Function):
@@ -1241,9 +1252,12 @@ def _as_batched_tokens(tokens: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _project(x_nhwc: torch.Tensor, q3: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """z = q_b x: [B, H, W, Cin] x [1 or B, L, Cin] -> [B, H, W, L] in `dtype` (one batched GEMM)."""
+    """z = q_b x: [B, H, W, Cin] x [1 or B, L, Cin] -> [B, H, W, L] in `dtype` (one GEMM)."""
     batch, height, width, channels = x_nhwc.shape
-    z = torch.matmul(x_nhwc.reshape(batch, height * width, channels), q3.transpose(1, 2))
+    if q3.shape[0] == 1:  # shared tokens: one [B*H*W, Cin] x [Cin, L] product
+        z = torch.mm(x_nhwc.reshape(-1, channels), q3[0].t())
+    else:
+        z = torch.bmm(x_nhwc.reshape(batch, height * width, channels), q3.transpose(1, 2))
     return z.to(dtype).reshape(batch, height, width, q3.shape[1])
 
 
@@ -1331,7 +1345,9 @@ def _triton_forward(x, weight, styles, p, q, demod, noise, noise_strength, bias,
     batch, in_channels, height, width = x.shape
     out_channels, _, kernel, _ = weight.shape
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()
-    w_taps = weight.permute(2, 3, 1, 0).reshape(kernel * kernel, in_channels, out_channels).contiguous()
+    w_taps = _derived_from_weight(
+        weight, ("taps_forward",), lambda w: w.permute(2, 3, 1, 0).reshape(kernel * kernel, in_channels, out_channels).contiguous()
+    )
     if demod is not None:
         alpha = (demod.float() * scale).contiguous()
         beta = demod.float().contiguous()
@@ -1446,10 +1462,16 @@ def _triton_backward(
     grad_x, grad_styles = empty(), empty()
     if need_x or need_styles:
         if upsample:  # adjoint of the transposed stride-2 conv: a stride-2 conv with the same taps
-            w_taps = weight.permute(2, 3, 0, 1).reshape(kernel * kernel, out_channels, in_channels)
+            w_taps = _derived_from_weight(
+                weight, ("taps_adjoint_up",),
+                lambda w: w.permute(2, 3, 0, 1).reshape(kernel * kernel, out_channels, in_channels).contiguous(),
+            )  # fmt: skip
             mode = 1
         else:  # adjoint of the same-padded conv: the same conv with flipped taps
-            w_taps = weight.flip(2, 3).permute(2, 3, 0, 1).reshape(kernel * kernel, out_channels, in_channels)
+            w_taps = _derived_from_weight(
+                weight, ("taps_adjoint",),
+                lambda w: w.flip(2, 3).permute(2, 3, 0, 1).reshape(kernel * kernel, out_channels, in_channels).contiguous(),
+            )  # fmt: skip
             mode = 0
         alpha = (styles.float() * scale).contiguous()
         beta = torch.ones((1, 1), dtype=torch.float32, device=device).expand(batch, in_channels)
@@ -1457,7 +1479,7 @@ def _triton_backward(
         reduce_tiles = triton.cdiv(height * width, _reduce_block_m(height * width))
         partial_styles = _alloc((batch, reduce_tiles, in_channels), torch.float32, device)
         _launch_conv_gemm(
-            g_conv, None, w_taps.contiguous(), gz_box, q3, alpha, beta, grad_x_nhwc, mode=mode, ksize=kernel,
+            g_conv, None, w_taps, gz_box, q3, alpha, beta, grad_x_nhwc, mode=mode, ksize=kernel,
             in_hw=(g_conv.shape[1], g_conv.shape[2]), out_hw=(height, width), grid_hw=(height, width), box_z=False,
             x=x_nhwc, partial=partial_styles if need_styles else None,
         )  # fmt: skip
