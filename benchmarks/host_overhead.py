@@ -1,6 +1,7 @@
 """Host (Python + dispatch) time of one layer's forward+backward, with the GPU work taken out.
 
-    python -m benchmarks.host_overhead            # on any machine, GPU or not
+    python -m benchmarks.host_overhead                     # on a machine without a GPU
+    TRITON_INTERPRET=1 python -m benchmarks.host_overhead  # on a GPU machine (CPU tensors)
 
 The whole 1024 px training step on the H100 was host-bound (BENCHMARKS.md): its low-resolution
 layers cost more CPU time to issue than GPU time to run. This probe measures that host cost
