@@ -685,3 +685,18 @@ def test_frozen_weight_layouts_follow_in_place_updates(upsample):
         assert relative_error(grad_x, expected_grad) < 1e-4, step
         with torch.no_grad():
             weight.mul_(-1.5).add_(0.1)  # the next step must see the new weight
+
+
+@pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
+@pytest.mark.parametrize("disk_cache", [True, False])
+def test_autotuner_keeps_its_choices_on_disk(disk_cache, monkeypatch):
+    """The first 1024 px training step spent 27-75 s tuning on the H100: by default the choices
+    are cached on disk (Triton's cache directory), so later processes skip that."""
+    import inspect
+
+    if "cache_results" not in inspect.signature(op_module.triton.autotune).parameters:
+        pytest.skip("this Triton's autotuner has no disk cache (Triton < 3.2)")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # Triton turns the disk cache off in the interpreter
+    monkeypatch.setattr(op_module, "_conv_gemm_tuned", None)
+    monkeypatch.setattr(op_module, "TRITON_AUTOTUNE_DISK_CACHE", disk_cache)
+    assert op_module._tuned_conv_gemm().cache_results is disk_cache
