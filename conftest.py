@@ -5,6 +5,7 @@ switched on before any kernel is defined, so before refinestyle_kernels is impor
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -15,3 +16,15 @@ if not torch.cuda.is_available():
 if os.environ.get("PYTEST_XDIST_WORKER"):
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`). Their ops are tiny: with two test
+    workers on two cores, extra OpenMP threads only spin against each other and the tests run
+    an order of magnitude slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

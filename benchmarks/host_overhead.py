@@ -41,7 +41,15 @@ def _stub_triton_launches() -> None:
 
 
 def host_time_us(op, batch: int, channels: int, size: int, tokens: int, upsample: bool, calls: int) -> float:
-    """Median-free mean host time per fwd+bwd call of `op` (styled_conv2d's signature), in us."""
+    """Mean wall time, in microseconds, of one forward+backward call of a layer on CPU tensors.
+
+    op: a callable with `styled_conv2d`'s signature. The layer is a 3x3 StyledConv: x
+    [batch, channels, size, size] fp32, weight [channels, channels, 3, 3] (frozen), styles
+    [batch, channels], per-sample tokens p, q [batch, tokens, channels] (none when tokens is
+    0), noise, noise strength and bias; upsample doubles the output size. Gradients flow to x,
+    styles, tokens, noise strength and bias. `calls` timed calls follow max(5, calls // 10)
+    warm-up calls.
+    """
     generator = torch.Generator().manual_seed(0)
 
     def randn(*shape, grad=False):

@@ -66,6 +66,16 @@ def _host_table(steps: int, step, top: int) -> list[dict]:
 
 
 def profile_case(case: Case, implementation_name: str, steps: int, warmup: int, top: int, host: bool = False) -> dict:
+    """Run `case` with one implementation on CUDA and say where its time goes.
+
+    case: a layer or generator `Case`; implementation_name: a name from
+    `benchmarks.implementations.registry()`; steps: profiled calls after `warmup` untimed
+    ones; top: how many rows of each table to keep; host: also profile the Python side.
+    Returns {"case", "implementation", "wall_ms" (per step, CUDA events, outside the
+    profiler), "kernel_ms" (summed GPU kernel time per step), "peak_gib", "kernels" (rows of
+    kernel, ms_per_step, calls_per_step, share), "host" (rows of function, own_ms,
+    cumulative_ms, calls_per_step; empty unless host)}.
+    """
     device = torch.device("cuda")
     (implementation,) = select([implementation_name])
     workload = make_workload(case, device)

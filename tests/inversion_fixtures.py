@@ -110,16 +110,3 @@ def tiny_train_config(generator_path: Path, data: Path, out: Path, **overrides):
     )
     fields.update(overrides)
     return TrainConfig(**fields)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread per test process (autouse where imported).
-
-    With two test workers on two cores, two OpenMP threads per process spin against each
-    other and these small ops run an order of magnitude slower.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

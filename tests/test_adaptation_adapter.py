@@ -11,13 +11,7 @@ from refinestyle.generator import Generator
 from refinestyle.refinement import RefinementTokens
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny convs: threads only add overhead, and CI runs two test workers on two cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_generator(seed: int = 0, size: int = 16) -> Generator:

@@ -19,12 +19,7 @@ from refinestyle.generator import Generator
 from refinestyle.refinement import Refinement
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_generator(size: int = 32, seed: int = 0) -> Generator:

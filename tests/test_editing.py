@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from inversion_fixtures import one_thread, planted_refinement, tiny_generator  # noqa: F401 (one_thread: autouse)
+from inversion_fixtures import planted_refinement, tiny_generator
 from refinestyle.inversion import editing
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

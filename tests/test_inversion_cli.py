@@ -11,9 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from inversion_fixtures import one_thread, tiny_generator, write_generator, write_images  # noqa: F401 (one_thread: autouse)
+from inversion_fixtures import tiny_generator, write_generator, write_images
 from refinestyle import cli
 from refinestyle.weights import MissingWeightsError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY_OPTIONS = [
     "--model-option", "encoder_depth=[1,1,1,1]",

@@ -14,7 +14,6 @@ import torch
 
 from inversion_fixtures import (
     TINY_MODEL_OPTIONS,
-    one_thread,  # noqa: F401 (autouse fixture)
     planted_refinement,
     tiny_generator,
     tiny_train_config,
@@ -23,6 +22,8 @@ from inversion_fixtures import (
 )
 from refinestyle.inversion.data import ImageFolderDataset
 from refinestyle.inversion.train import build_inverter, load_frozen_generator, train_inverter, trainable_state_dict
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 

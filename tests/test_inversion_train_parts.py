@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from inversion_fixtures import TINY_MODEL_OPTIONS, one_thread, tiny_generator  # noqa: F401 (one_thread: autouse)
+from inversion_fixtures import TINY_MODEL_OPTIONS, tiny_generator
 from refinestyle.inversion.data import ImageFolderDataset, ResumableDistributedSampler
 from refinestyle.inversion.metrics import (
     ReconstructionMetrics,
@@ -19,6 +19,8 @@ from refinestyle.inversion.metrics import (
     summarize,
 )
 from refinestyle.losses import LPIPSLoss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -451,14 +451,13 @@ class _Demodulation(torch.autograd.Function):
                 grad_q = grad_q.sum(0, keepdim=True) if shared else grad_q
                 grad_q += (outer @ q3).mul_(2 * taps)
                 grad_q = (grad_q[0] if shared else grad_q).to(token_dtype)
-        if need_weight:
+        if need_weight:  # E depends on W0 through S2 = sum W0^2 and S1 = sum W0 over the taps
             grad_s2 = (grad_energy.t() @ styles.square()).mul_(scale**2)  # [Cout, Cin]
-            grad_s1 = torch.zeros_like(grad_s2)
+            grad_weight = weight.to(grad_s2.dtype) * (2 * grad_s2)[:, :, None, None]
             if p3 is not None:
-                batch, rank = styled_q.shape[:2]
-                grad_s1 = (weighted_p.reshape(-1, weighted_p.shape[2]).t() @ styled_q.reshape(batch * rank, -1)).mul_(2 * scale)
-            wide = weight.to(grad_s2.dtype)
-            grad_weight = (wide * (2 * grad_s2)[:, :, None, None] + grad_s1[:, :, None, None]).to(weight.dtype)
+                grad_s1 = weighted_p.flatten(0, 1).t() @ styled_q.flatten(0, 1)  # [Cout, Cin]
+                grad_weight += grad_s1.mul_(2 * scale)[:, :, None, None]
+            grad_weight = grad_weight.to(weight.dtype)
         if grad_styles is not None:
             grad_styles = grad_styles.to(styles_dtype)
         return grad_weight, grad_styles, grad_p, grad_q, None, None
