@@ -65,7 +65,8 @@ def resolve_backend(backend: str, device) -> str:
 
     backend: one of BACKENDS. "auto" follows set_backend/use_backend, then picks
     "triton" on CUDA when Triton is available and "torch" otherwise. An explicit
-    "triton" on CPU tensors is allowed only under TRITON_INTERPRET=1 (tests).
+    "triton" on CPU tensors is allowed only under TRITON_INTERPRET=1 (tests); on meta tensors
+    it allocates its outputs and buffers and launches nothing (shape and memory planning).
     """
     backend = check_backend(backend)
     if backend == "auto":
@@ -75,7 +76,7 @@ def resolve_backend(backend: str, device) -> str:
     if backend == "triton":
         if not triton_available():
             raise RuntimeError('backend="triton" needs the triton package (pip install triton)')
-        if device.type != "cuda" and not triton_interpreted():
+        if device.type not in ("cuda", "meta") and not triton_interpreted():
             raise RuntimeError(
                 'backend="triton" needs CUDA tensors; on the CPU it runs only in the Triton '
                 "interpreter (set TRITON_INTERPRET=1 before importing refinestyle_kernels)"

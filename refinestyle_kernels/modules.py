@@ -31,8 +31,9 @@ DEFAULT_BLUR_KERNEL = (1, 3, 3, 1)
 
 def _operand_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the op should run in: autocast's when it is on for x's device, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    device_type = x.device.type  # (meta tensors, used to plan memory, have no autocast)
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
     return x.dtype
 
 

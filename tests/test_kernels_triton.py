@@ -86,6 +86,8 @@ LAYERS = [
     Layer(batch=2, tokens="shared", noise="shared", bias=False, activate=False, clamp=0.6),  # clamp, no activation
     Layer(batch=2, height=2, width=3, tokens="shared", num_tokens=256, noise=None),  # L = 256
     Layer(batch=1, height=2, width=2, upsample=True, num_tokens=256, noise=None, bias=False),  # L = 256, up
+    # 64 < L < channels: the low-rank loop over several L blocks (L > channels is refactored)
+    Layer(batch=1, in_channels=96, out_channels=100, height=5, width=4, num_tokens=80, noise=None),
     # past the interpreter's 64-wide N and K blocks and its M tiles (99 and 153 pixels)
     Layer(batch=2, in_channels=70, out_channels=66, height=9, width=11, num_tokens=32, train_weight=False),
     Layer(batch=1, in_channels=17, out_channels=19, height=17, width=9, num_tokens=7, channels_last=True),
@@ -206,6 +208,30 @@ def test_interpreted_separate_projection_matches_reference(layer, monkeypatch):
 
 
 PROJECT = op_module._project
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("in_channels,out_channels", [(6, 9), (9, 6)])
+def test_more_tokens_than_channels_are_refactored_to_the_same_residual(shared, in_channels, out_channels):
+    gen = torch.Generator().manual_seed(3)
+    lead = () if shared else (2,)
+    p = torch.randn(*lead, 20, out_channels, generator=gen, dtype=torch.float64)
+    q = torch.randn(*lead, 20, in_channels, generator=gen, dtype=torch.float64)
+    p_new, q_new = op_module._reduced_rank_tokens(p, q)
+    assert p_new.shape[-2] == q_new.shape[-2] == min(in_channels, out_channels)
+    assert p_new.shape[:-2] == q_new.shape[:-2] == lead
+    torch.testing.assert_close(p_new.mT @ q_new, p.mT @ q)
+
+
+@needs_interpreter
+def test_wide_token_sets_reach_the_kernels_refactored(monkeypatch):
+    """L = 256 on a 12-channel layer: the kernels see 12 tokens, and the result is unchanged."""
+    seen = []
+    launch = op_module._launch_conv_gemm
+    monkeypatch.setattr(op_module, "_launch_conv_gemm", lambda *a, **k: seen.append(a[4].shape[1]) or launch(*a, **k))
+    check_layer(Layer(batch=2, in_channels=12, out_channels=16, height=4, width=3, num_tokens=256), torch.float32,
+                "cpu", TOLERANCE["interpreted"])
+    assert seen and set(seen) == {12}
 
 
 @needs_interpreter
@@ -561,10 +587,22 @@ COMPILE_FOR_SM90 = textwrap.dedent(
                     largest_config(2))]
     # grad x of the same layer (nine taps every K block), fp32 with TF32 dots (the widest
     # operands), the low-rank adjoint, the grad-s reduction and the whole epilogue
-    flags.update(BOX_Z=False, HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True, HAS_CLAMP=True)
+    # (and the low-rank input boxed on the fly from gz on the stride-2 grid)
+    flags.update(BOX_Z=True, HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True, HAS_CLAMP=True)
     shared.append(build(m._conv_gemm_kernel, dict.fromkeys(names, "*fp32"), dict(flags, MODE=1, HAS_A_SCALE=False,
                         HAS_LOWRANK=True, FUSE_PROJECTION=False, REDUCE_X=True, INPUT_PRECISION="tf32"),
                         largest_config(4)))
+    # the token gradients' split-K pixel products, with each box summed on the fly
+    fn = m._pixel_products_kernel
+    for box in (m.BOX_NONE, m.BOX_SAME, m.BOX_STRIDE2, m.BOX_TRANSPOSED):
+        constexprs = dict(BOX=box, KSIZE=3, INPUT_PRECISION="tf32", BLOCK_P=64, BLOCK_L=32, BLOCK_C=64)
+        signature = {name: "constexpr" if name in constexprs else
+                     {"a_ptr": "*bf16", "b_ptr": "*bf16", "partial_ptr": "*fp32"}.get(name, "i32")
+                     for name in fn.arg_names}
+        kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": 4})
+        assert kernel.asm["cubin"] and kernel.metadata.shared <= H100_SHARED_MEMORY
+        shared.append(kernel.metadata.shared)
     print("compiled for sm_90; shared memory", shared)
     """
 )

@@ -861,7 +861,9 @@ if triton is not None:
             acc += tl.dot(z_box.to(r.dtype), r, input_precision=INPUT_PRECISION) * beta[None, :]
         elif HAS_LOWRANK:
             low_rank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for l0 in range(0, L, BLOCK_L):
+            # not pipelined: each step's nine boxed z loads would be multi-buffered (~300 KB of
+            # shared memory at BLOCK_M = 128 in fp32), and the loop is short next to the main one
+            for l0 in tl.range(0, L, BLOCK_L, num_stages=1):
                 offs_l = l0 + tl.arange(0, BLOCK_L)
                 l_ok = offs_l < L
                 if BOX_Z:
@@ -1056,6 +1058,96 @@ if triton is not None:
         g_rows = g_ptr + ((b * OUT_H + out_y) * OUT_W + out_x) * N
         tl.store(g_rows[:, None] + offs_n[None, :], grad.to(g_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _pixel_products_kernel(
+        a_ptr,  # [B, A_H, A_W, L] any strides
+        b_ptr,  # [B, OUT_H * OUT_W, C] any strides, a's dtype
+        partial_ptr,  # [B, SPLITS, L, C] fp32 out: box(a)^T b over one split's pixels
+        A_H,
+        A_W,
+        OUT_H,
+        OUT_W,
+        L,
+        C,
+        stride_ab,
+        stride_ay,
+        stride_ax,
+        stride_al,
+        stride_bb,
+        stride_bp,
+        stride_bc,
+        PIXELS_PER_SPLIT,  # a multiple of BLOCK_P
+        BOX: tl.constexpr,  # -1: a is on b's grid as it is; else the box's MODE (see below)
+        KSIZE: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """Split-K box(a)^T b over the pixels of b's grid: program (tile, split, b) sums one
+        pixel range. The all-ones KSIZE x KSIZE box is summed on the fly from a's taps, in
+        fp32, like `_conv_gemm_kernel`'s BOX_Z: BOX 0 same-padded (a on b's grid), 1 stride 2
+        (a on the (2 OUT_H + 1)-grid), 2 stride-2 transposed (b on a's (2 A_H + 1)-grid)."""
+        c_tiles = tl.cdiv(C, BLOCK_C)
+        pid_l = tl.program_id(0) // c_tiles
+        pid_c = tl.program_id(0) % c_tiles
+        split = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        l_ok = offs_l < L
+        c_ok = offs_c < C
+        pixels = OUT_H * OUT_W
+        start = split * PIXELS_PER_SPLIT
+        stop = tl.minimum(start + PIXELS_PER_SPLIT, pixels)
+        a_base = a_ptr + b * stride_ab + offs_l[:, None] * stride_al
+        acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+        for p0 in range(start, stop, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            p_ok = offs_p < stop
+            out_y = offs_p // OUT_W
+            out_x = offs_p % OUT_W
+            if BOX < 0:
+                a_t = tl.load(  # [BLOCK_L, BLOCK_P]: a's tile, transposed by the indexing
+                    a_base + (out_y * stride_ay + out_x * stride_ax)[None, :].to(tl.int64),
+                    mask=l_ok[:, None] & p_ok[None, :],
+                    other=0.0,
+                )
+            else:
+                a_box = tl.zeros((BLOCK_L, BLOCK_P), dtype=tl.float32)
+                for tap in tl.static_range(KSIZE * KSIZE):
+                    ky = tap // KSIZE
+                    kx = tap % KSIZE
+                    if BOX == 0:
+                        in_y = out_y + (ky - KSIZE // 2)
+                        in_x = out_x + (kx - KSIZE // 2)
+                        tap_ok = p_ok
+                    elif BOX == 1:
+                        in_y = 2 * out_y + ky
+                        in_x = 2 * out_x + kx
+                        tap_ok = p_ok
+                    else:  # the transposed box: a[i] feeds b's pixels 2 i + k
+                        in_y = (out_y - ky) // 2
+                        in_x = (out_x - kx) // 2
+                        tap_ok = p_ok & (out_y >= ky) & (out_x >= kx) & ((out_y - ky) % 2 == 0)
+                        tap_ok = tap_ok & ((out_x - kx) % 2 == 0)
+                    tap_ok = tap_ok & (in_y >= 0) & (in_y < A_H) & (in_x >= 0) & (in_x < A_W)
+                    a_box += tl.load(
+                        a_base + (in_y * stride_ay + in_x * stride_ax)[None, :].to(tl.int64),
+                        mask=l_ok[:, None] & tap_ok[None, :],
+                        other=0.0,
+                    ).to(tl.float32)
+                a_t = a_box.to(a_ptr.dtype.element_ty)  # rounded like a boxed tensor in a's dtype
+            b_tile = tl.load(
+                b_ptr + b * stride_bb + offs_p[:, None].to(tl.int64) * stride_bp + offs_c[None, :] * stride_bc,
+                mask=p_ok[:, None] & c_ok[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a_t, b_tile, acc, input_precision=INPUT_PRECISION)
+        splits = tl.num_programs(1)
+        out = partial_ptr + ((b * splits + split) * L + offs_l[:, None]) * C + offs_c[None, :]
+        tl.store(out, acc, mask=l_ok[:, None] & c_ok[None, :])
+
     # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): 128x128 / 128x64 / 64x128 tiles for the
     # big GEMMs, narrow N tiles for few output channels (toRGB, the 1024 px layers), short M
     # tiles for the 4x4 and 8x8 layers (a tile never spans two samples). The flat (K block,
@@ -1142,6 +1234,8 @@ def _launch_conv_gemm(
 
     The low-rank term is off when r is None; with r, give either z (the projected input) or
     q (the projection, fused into the kernel; needs L <= 64)."""
+    if a.device.type == "meta":  # meta tensors hold no data: nothing to compute
+        return
     batch = a.shape[0]
     n = w.shape[2]
     k = w.shape[1]
@@ -1232,6 +1326,8 @@ def _blur_taps(device) -> torch.Tensor:
 
 def _launch_blur(src, out, *, transpose, noise=None, noise_strength=None, bias=None, activate=False, clamp=None):
     """`_blur_kernel` from src [B, SRC_H, SRC_W, N] fp32 into out [B, OUT_H, OUT_W, N]."""
+    if src.device.type == "meta":
+        return
     batch, src_h, src_w, n = src.shape
     out_h, out_w = out.shape[1], out.shape[2]
     taps = _blur_taps(src.device)
@@ -1270,47 +1366,58 @@ def _project(x_nhwc: torch.Tensor, q3: torch.Tensor, dtype: torch.dtype = torch.
     return z.to(dtype).reshape(batch, height, width, q3.shape[1])
 
 
-# Pixels per chunk of `_sum_over_pixels`: long enough that one chunk's product is a real GEMM,
-# short enough that B x (pixels / chunk) chunks fill the GPU.
-PIXEL_CHUNK = 4096
+# Programs `_sum_over_pixels` aims to launch: a few waves of an H100's 132 SMs, so a
+# reduction over a million pixels is split across the whole GPU ...
+PIXEL_REDUCTION_PROGRAMS = 528
+# ... but each program sums at least this many pixels (16 steps of 64), so small layers do
+# not pay for more partial sums than pixels.
+PIXEL_REDUCTION_MIN_PIXELS = 1024
+
+# The box `_sum_over_pixels` applies to its first operand (the `BOX` of `_pixel_products_kernel`)
+BOX_NONE, BOX_SAME, BOX_STRIDE2, BOX_TRANSPOSED = -1, 0, 1, 2
 
 
-def _sum_over_pixels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a^T b per sample, in fp32: a [B, P, L], b [B, P, C] -> [B, L, C] (sum over the P pixels).
+def _sum_over_pixels(
+    a: torch.Tensor, b: torch.Tensor, *, box: int = BOX_NONE, ksize: int = 1, over_batch: bool = False
+) -> torch.Tensor:
+    """box(a)^T b per sample, in fp32: a [B, A_H, A_W, L], b [B, H, W, C] (any strides, one
+    dtype) -> [B, L, C] summed over b's H x W pixels, or [L, C] summed over the batch too when
+    over_batch (the gradients of shared tokens).
 
-    The token gradients are such products with P up to 2^20 and L, C <= 64: as one batched GEMM
-    that is a single output tile per sample reducing over a million pixels, a handful of
-    thread blocks (cuBLAS picked no split-K here: 3 ms a layer on an H100). Split the pixels into
-    chunks, run one GEMM per (sample, chunk), and sum the chunks' fp32 partials.
+    box: how a reaches b's grid through the low-rank branch's all-ones ksize x ksize box:
+    BOX_NONE (a is on b's grid), BOX_SAME (same padding), BOX_STRIDE2 (a on the
+    (2H+1) x (2W+1) grid of an upsampling layer's transposed conv, b on its input grid) or
+    BOX_TRANSPOSED (the other way round). The box is summed on the fly, so the boxed tensor,
+    as large as an activation when L = C, never exists.
+
+    The token gradients are such products with up to 2^20 pixels and L, C <= 64: as a batched
+    GEMM that is one output tile per sample reducing over a million pixels, a handful of thread
+    blocks (cuBLAS chose no split-K: 3 ms a layer on an H100). `_pixel_products_kernel` splits
+    the pixels across ~`PIXEL_REDUCTION_PROGRAMS` programs that write fp32 partial products,
+    summed here (deterministic, unlike atomics).
     """
-    batch, pixels, rank = a.shape
-    channels = b.shape[2]
-    chunks = pixels // PIXEL_CHUNK
-    if chunks < 2:
-        return torch.bmm(a.transpose(1, 2), b).float()
-    body = chunks * PIXEL_CHUNK
-    a_body = a[:, :body].reshape(batch * chunks, PIXEL_CHUNK, rank)
-    b_body = b[:, :body].reshape(batch * chunks, PIXEL_CHUNK, channels)
-    partials = torch.bmm(a_body.transpose(1, 2), b_body).float().reshape(batch, chunks, rank, channels)
-    total = partials.sum(1)
-    if body < pixels:
-        total = total + torch.bmm(a[:, body:].transpose(1, 2), b[:, body:]).float()
-    return total
-
-
-def _box_nhwc(t: torch.Tensor, kernel: int, upsample: bool, adjoint: bool) -> torch.Tensor:
-    """The low-rank branch's all-ones box on [B, H, W, L] (channels last), or its adjoint."""
-    if kernel == 1:
-        return t
-    nchw = t.permute(0, 3, 1, 2)
-    ones = torch.ones(t.shape[3], 1, kernel, kernel, dtype=t.dtype, device=t.device)
-    if not upsample:  # the same-padded box is its own adjoint
-        boxed = F.conv2d(nchw, ones, padding=kernel // 2, groups=t.shape[3])
-    elif adjoint:  # adjoint of the stride-2 transposed box: a stride-2 box
-        boxed = F.conv2d(nchw, ones, stride=UPSAMPLE_FACTOR, groups=t.shape[3])
-    else:
-        boxed = F.conv_transpose2d(nchw, ones, stride=UPSAMPLE_FACTOR, groups=t.shape[3])
-    return boxed.permute(0, 2, 3, 1).contiguous()
+    batch, out_h, out_w, channels = b.shape
+    a_h, a_w, rank = a.shape[1], a.shape[2], a.shape[3]
+    pixels = out_h * out_w
+    block_l = min(64, max(16, _next_pow2(rank)))
+    block_c = min(64, max(16, _next_pow2(channels)))
+    block_p = 64
+    tiles = triton.cdiv(rank, block_l) * triton.cdiv(channels, block_c)
+    splits = min(triton.cdiv(pixels, PIXEL_REDUCTION_MIN_PIXELS), PIXEL_REDUCTION_PROGRAMS // (batch * tiles))
+    pixels_per_split = triton.cdiv(triton.cdiv(pixels, max(1, splits)), block_p) * block_p
+    splits = triton.cdiv(pixels, pixels_per_split)
+    partials = _alloc((batch, splits, rank, channels), torch.float32, a.device)
+    stride_bb, stride_by, stride_bx, stride_bc = b.stride()
+    if stride_by != out_w * stride_bx:
+        raise ValueError(f"b: expected its rows packed (stride(1) == W * stride(2)), got strides {b.stride()}")
+    if a.device.type != "meta":
+        _pixel_products_kernel[(tiles, splits, batch)](
+            a, b, partials, a_h, a_w, out_h, out_w, rank, channels, *a.stride(), stride_bb, stride_bx, stride_bc,
+            pixels_per_split, BOX=box, KSIZE=ksize,
+            INPUT_PRECISION=_fp32_input_precision() if a.dtype == torch.float32 else "tf32",
+            BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4,
+        )  # fmt: skip
+    return partials.sum((0, 1)) if over_batch else partials.sum(1)
 
 
 def _weight_gradient(g_conv, x, weight, styles, scale, upsample):
@@ -1423,16 +1530,17 @@ def _triton_backward(
     if noise is not None:
         noise_strides = (noise.stride(0) if noise.shape[0] > 1 else 0, noise.stride(2), noise.stride(3))
     grid = (m_tiles, triton.cdiv(out_channels, block_n), batch)
-    _epilogue_backward_kernel[grid](
-        grad, out, demod32,
-        noise if noise is not None else partials, noise_strength if noise_strength is not None else partials,
-        bias if bias is not None else partials,
-        g, partials[0], partials[1], partials[2],
-        out_h, out_w, out_channels, *grad.stride(), *out.stride(), *noise_strides,
-        _clamp_bound(clamp, out.dtype) if clamp is not None else 0.0,
-        HAS_DEMOD=demod is not None, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None,
-        ACTIVATE=activate, HAS_CLAMP=clamp is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-    )  # fmt: skip
+    if device.type != "meta":  # meta tensors hold no data: nothing to compute
+        _epilogue_backward_kernel[grid](
+            grad, out, demod32,
+            noise if noise is not None else partials, noise_strength if noise_strength is not None else partials,
+            bias if bias is not None else partials,
+            g, partials[0], partials[1], partials[2],
+            out_h, out_w, out_channels, *grad.stride(), *out.stride(), *noise_strides,
+            _clamp_bound(clamp, out.dtype) if clamp is not None else 0.0,
+            HAS_DEMOD=demod is not None, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None,
+            ACTIVATE=activate, HAS_CLAMP=clamp is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        )  # fmt: skip
     grad_bias = partials[0].sum((0, 1)).to(bias.dtype) if (bias is not None and need_bias) else empty()
     grad_strength = (
         partials[1].sum().reshape(1).to(noise_strength.dtype) if (noise is not None and need_strength) else empty()
@@ -1443,29 +1551,46 @@ def _triton_backward(
     if upsample:
         g_conv = _alloc((batch, 2 * height + 1, 2 * width + 1, out_channels), grad_dtype, device)
         _launch_blur(g, g_conv, transpose=True)
+        del g  # g_conv replaces it: one activation-sized buffer less at the peak
     else:
         g_conv = g
 
-    # 3. the low-rank branch's small products (fp32; [B, pixels, L]-sized)
+    # 3. the low-rank branch. Two routes, chosen like the forward's projection:
+    # - fused (the grad-x launch's output, Cin, at most FUSED_PROJECTION_MAX_COUT and L <= 64):
+    #   both token gradients come from one per-sample matrix M = sum over the conv's pixels of
+    #   box(x)^T g [Cin, Cout]: grad p = q M and grad q = p M^T (box and projection commute),
+    #   and the grad-x kernel projects g onto p itself. No [B, pixels, L] tensor exists: at
+    #   1024 px with L = 32 each would be as large as an activation.
+    # - separate: z = q x for grad p, then gz = g p^T for grad q and grad x, one at a time,
+    #   their boxes summed on the fly by the kernels that read them.
     grad_p, grad_q = empty(), empty()
-    gz_box = None
+    gz = None
     p3, q3 = _as_batched_tokens(p), _as_batched_tokens(q)
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+    fused = p3 is not None and in_channels <= FUSED_PROJECTION_MAX_COUT and p3.shape[1] <= 64
     if p3 is not None:
         shared = p3.shape[0] == 1
-        conv_pixels = g_conv.shape[1] * g_conv.shape[2]
-        g_flat = g_conv.reshape(batch, conv_pixels, out_channels)
-        gz = torch.matmul(g_flat, p3.to(grad_dtype).transpose(1, 2))  # [B, conv pixels, L]
-        gz_box = _box_nhwc(gz.reshape(batch, g_conv.shape[1], g_conv.shape[2], -1), kernel, upsample, adjoint=True)
-        if need_p:
+        if fused and (need_p or need_q):
+            box = BOX_TRANSPOSED if upsample else BOX_SAME
+            products = _sum_over_pixels(x_nhwc, g_conv, box=box, ksize=kernel, over_batch=shared)  # M
+            if need_p:
+                grad_p = torch.matmul(q3.to(products.dtype), products).to(p.dtype).reshape(p.shape)
+            if need_q:
+                grad_q = torch.matmul(p3.to(products.dtype), products.mT).to(q.dtype).reshape(q.shape)
+        if not fused and need_p:  # grad p = sum over the conv's pixels of box(q x)^T g
             z = _project(x_nhwc, q3.to(grad_dtype), grad_dtype)
-            z_box = _box_nhwc(z, kernel, upsample, adjoint=False).reshape(batch, conv_pixels, -1)
-            grad_p = _sum_over_pixels(z_box, g_flat)  # [B, L, Cout]
-            grad_p = (grad_p.sum(0) if shared else grad_p).to(p.dtype).reshape(p.shape)
-        if need_q:
-            gz_flat = gz_box.reshape(batch, height * width, -1)
-            grad_q = _sum_over_pixels(gz_flat, x_nhwc.reshape(batch, height * width, in_channels))
-            grad_q = (grad_q.sum(0) if shared else grad_q).to(q.dtype).reshape(q.shape)
+            box = BOX_TRANSPOSED if upsample else BOX_SAME
+            grad_p = _sum_over_pixels(z, g_conv, box=box, ksize=kernel, over_batch=shared)
+            del z
+            grad_p = grad_p.to(p.dtype).reshape(p.shape)
+        if not fused and (need_q or need_x or need_styles):  # gz = g p^T, on the conv's grid
+            conv_pixels = g_conv.shape[1] * g_conv.shape[2]
+            gz = torch.matmul(g_conv.reshape(batch, conv_pixels, out_channels), p3.to(grad_dtype).transpose(1, 2))
+            gz = gz.reshape(batch, g_conv.shape[1], g_conv.shape[2], -1)
+        if not fused and need_q:  # grad q = sum over x's pixels of box^T(gz)^T x
+            box = BOX_STRIDE2 if upsample else BOX_SAME
+            grad_q = _sum_over_pixels(gz, x_nhwc, box=box, ksize=kernel, over_batch=shared)
+            grad_q = grad_q.to(q.dtype).reshape(q.shape)
 
     # 4. grad x (conv^T with W0 + the low-rank adjoint) and the conv part of grad styles
     grad_x, grad_styles = empty(), empty()
@@ -1488,14 +1613,15 @@ def _triton_backward(
         reduce_tiles = triton.cdiv(height * width, _reduce_block_m(height * width))
         partial_styles = _alloc((batch, reduce_tiles, in_channels), torch.float32, device)
         _launch_conv_gemm(
-            g_conv, None, w_taps, gz_box, q3, alpha, beta, grad_x_nhwc, mode=mode, ksize=kernel,
-            in_hw=(g_conv.shape[1], g_conv.shape[2]), out_hw=(height, width), grid_hw=(height, width), box_z=False,
-            x=x_nhwc, partial=partial_styles if need_styles else None,
+            g_conv, None, w_taps, gz, q3, alpha, beta, grad_x_nhwc, mode=mode, ksize=kernel,
+            in_hw=(g_conv.shape[1], g_conv.shape[2]), out_hw=(height, width), grid_hw=(height, width), box_z=True,
+            q=p3.to(grad_dtype) if fused else None, x=x_nhwc, partial=partial_styles if need_styles else None,
         )  # fmt: skip
         if need_x:
             grad_x = grad_x_nhwc.permute(0, 3, 1, 2)
         if need_styles:
             grad_styles = (partial_styles.sum(1) * scale).to(styles.dtype)
+    del gz
 
     # 5. the weight gradient, only when asked: one dense conv weight-gradient against x * s
     grad_weight = _weight_gradient(g_conv, x, weight, styles, scale, upsample) if need_weight else empty()
@@ -1642,6 +1768,23 @@ def _styled_conv2d_triton_call(*args):
         return _triton_forward(*args)
 
 
+def _reduced_rank_tokens(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same dW = p^T q with min(Cin, Cout) tokens: p [.., L, Cout], q [.., L, Cin] ->
+    (q^T p, I) when Cin <= Cout, else (I, p^T q); differentiable in p and q.
+
+    With more tokens than channels (L = 256 on the 32-128 channel layers of a domain adapter)
+    the factored branch would carry more than dW itself: its [B, pixels, L] projections would
+    be up to 8x an activation at 1024 px. Refactored, L <= 64 there, and the kernels fuse it.
+    """
+    out_channels, in_channels = p.shape[-1], q.shape[-1]
+    lead = p.shape[:-2]
+    if in_channels <= out_channels:
+        identity = torch.eye(in_channels, dtype=q.dtype, device=q.device).expand(*lead, in_channels, in_channels)
+        return q.mT @ p, identity
+    identity = torch.eye(out_channels, dtype=p.dtype, device=p.device).expand(*lead, out_channels, out_channels)
+    return identity, p.mT @ q
+
+
 def _styled_conv2d_triton(
     x, weight, styles, p, q, *, demodulate, upsample, eps, scale, noise, noise_strength, bias, activate, clamp
 ):
@@ -1663,6 +1806,8 @@ def _styled_conv2d_triton(
     if noise is not None and noise.requires_grad:
         raise ValueError('noise: backend="triton" gives no gradient for noise; pass noise.detach() (or use backend="torch")')
     demod = demodulation_coefficients(weight, styles, p, q, scale, eps) if demodulate else None
+    if p is not None and p.shape[-2] > min(weight.shape[0], weight.shape[1]):
+        p, q = _reduced_rank_tokens(p, q)
     if bias is not None:
         bias = bias.contiguous()  # the kernels index bias[n] as bias_ptr + n
     options = (float(scale), bool(upsample), bool(activate), float(clamp) if clamp is not None else None)
