@@ -8,7 +8,10 @@
 - compile-nvlabs    torch.compile of the NVlabs-style path
 - compile-torch     torch.compile of the torch backend
 - triton            the fused Triton kernels
-- <name>+graph      batch-1 whole-generator inference captured as one CUDA graph
+- compile-triton    torch.compile of the network around the Triton custom ops (Inductor
+                    fuses the torch glue between them; the kernels stay opaque)
+- <name>+graph      the whole-generator case (inference, or a training step: forward and
+                    backward) captured as one CUDA graph and replayed: no host time per op
 
 "Plain PyTorch" (the family the targets compare against) is every implementation but
 the Triton ones. A wrong result from an implementation whose `fatal_on_wrong` is set
@@ -37,8 +40,8 @@ class Implementation:
         call the op with `backend`. During a generator case the replacement is patched
         into refinestyle_kernels.modules, where the generator's layers look the op up.
     compiled: wrap the whole case (layer or network forward) in torch.compile.
-    cuda_graph: capture the case in a CUDA graph and replay it (generator, batch 1,
-        forward only).
+    cuda_graph: capture the case in a CUDA graph and replay it (generator cases: the
+        forward, or forward and backward).
     needs_cuda: skip on machines without CUDA.
     fatal_on_wrong: a result that fails the correctness guard aborts the run.
     description: one line for the reports.
@@ -102,7 +105,7 @@ def graphed(implementation: Implementation) -> Implementation:
 
 def registry() -> dict[str, Implementation]:
     """Every known implementation by name, in report order."""
-    base = [REFERENCE, NVLABS, TORCH, compiled(REFERENCE), compiled(NVLABS), compiled(TORCH), TRITON]
+    base = [REFERENCE, NVLABS, TORCH, compiled(REFERENCE), compiled(NVLABS), compiled(TORCH), TRITON, compiled(TRITON)]
     graphs = [graphed(impl) for impl in (REFERENCE, NVLABS, TORCH, TRITON)]
     return {impl.name: impl for impl in base + graphs}
 
@@ -115,6 +118,7 @@ GPU_DEFAULT = (
     "compile-nvlabs",
     "compile-torch",
     "triton",
+    "compile-triton",
     "reference+graph",
     "nvlabs+graph",
     "torch+graph",

@@ -10,7 +10,9 @@ import torch
 
 from benchmarks import implementations as impl_module
 from benchmarks.__main__ import main
+from benchmarks.cases import HEADLINE
 from benchmarks.implementations import Implementation
+from benchmarks.runner import add_speedups, evaluate_targets
 from benchmarks.timing import CorrectnessError, compare, percentile, tolerance_for
 from refinestyle_kernels import styled_conv2d
 
@@ -238,3 +240,45 @@ def test_host_overhead_probe_times_every_implementation(monkeypatch):
         )
         assert 0 < micros < 1e6
     assert "conv" in launches and "blur" in launches  # the triton path reached its (stubbed) launches
+
+
+def _headline_record(implementation: str, family: str, median_ms: float, memory: int, **overrides) -> dict:
+    record = dict(HEADLINE, implementation=implementation, family=family, status="ok", median_ms=median_ms,
+                  floor_ms=6.0, peak_mem_extra_bytes=memory, case_id="generator/1024px/b8/bf16/fwd+bwd/L32")
+    record.update(overrides)
+    if record["num_tokens"] == 0:
+        record["case_id"] = record["case_id"].replace("L32", "L0")
+    return record
+
+
+def test_targets_take_the_fastest_fused_variant_and_the_eager_op_for_memory():
+    records = [
+        _headline_record("reference", "reference", 100.0, 10),
+        _headline_record("nvlabs", "plain", 80.0, 12),
+        _headline_record("triton", "fused", 60.0, 5),
+        _headline_record("triton+graph", "fused", 20.0, 9),
+        _headline_record("triton", "fused", 55.0, 5, num_tokens=0, token_sharing="none"),
+        _headline_record("triton+graph", "fused", 18.0, 9, num_tokens=0, token_sharing="none"),
+    ]
+    add_speedups(records)
+    targets = {t["target"]: t for t in evaluate_targets(records)}
+    assert targets["speedup_vs_reference"]["implementation"] == "triton+graph"
+    assert targets["speedup_vs_reference"]["value"] == pytest.approx(5.0) and targets["speedup_vs_reference"]["met"]
+    assert targets["speedup_vs_best_plain"]["value"] == pytest.approx(4.0)
+    assert targets["time_over_floor"]["value"] == pytest.approx(20.0 / 6.0) and not targets["time_over_floor"]["met"]
+    assert targets["refinement_overhead"]["value"] == pytest.approx(20.0 / 18.0 - 1)  # graph over graph
+    assert targets["peak_memory_ratio"]["implementation"] == "triton"
+    assert targets["peak_memory_ratio"]["value"] == pytest.approx(0.5) and targets["peak_memory_ratio"]["met"]
+
+
+def test_cuda_graphs_capture_every_generator_case_and_no_layer_case():
+    from benchmarks.cases import headline_suite
+    from benchmarks.runner import applicable
+
+    graph = impl_module.select(["triton+graph"])[0]
+    cases = headline_suite().cases()
+    assert {case.group for case in cases} == {"layer", "generator"}
+    for case in cases:
+        reason = applicable(graph, case, torch.device("cuda"))
+        assert (reason is None) == (case.group == "generator"), case.case_id
+        assert applicable(graph, case, torch.device("cpu")) == "needs CUDA"
