@@ -87,7 +87,12 @@ def peak_bytes_of(step: Callable[[], object]) -> tuple[object, int]:
 
 
 def planned_generator_memory(
-    generator: GeneratorConfig, batch: int, dtype: torch.dtype, tokens: TokenSetting, implementation: Implementation
+    generator: GeneratorConfig,
+    batch: int,
+    dtype: torch.dtype,
+    tokens: TokenSetting,
+    implementation: Implementation,
+    backward: bool = True,
 ) -> dict[str, int]:
     """The memory one training step of the synthesis network allocates, planned on meta tensors.
 
@@ -95,7 +100,8 @@ def planned_generator_memory(
     dtype (weights included); tokens: L per refined layer (0: unrefined), per sample or shared;
     implementation: which op the layers run (on meta tensors the Triton backend allocates
     what it would and launches nothing). The step is the benchmark's forward+backward: w+ [B, n_latent,
-    style_dim] and the tokens need gradients, the weights are frozen, the stored noise is used.
+    style_dim] and the tokens need gradients, the weights are frozen, the stored noise is used;
+    backward=False plans the forward alone, without gradients (the suite's forward cases).
     Returns {"after_forward_bytes": what the forward left alive (output and saved tensors),
     "peak_bytes": the most alive at once}, both over what existed before (weights, inputs).
     """
@@ -109,19 +115,20 @@ def planned_generator_memory(
         ).to(dtype).requires_grad_(False)  # fmt: skip
         model.backend = implementation.backend
         num_latent = int(math.log2(generator.size)) * 2 - 2
-        w_plus = torch.empty(batch, num_latent, generator.style_dim, dtype=dtype, requires_grad=True)
+        w_plus = torch.empty(batch, num_latent, generator.style_dim, dtype=dtype, requires_grad=backward)
         refinement = None
         if tokens.num_tokens:
             lead = () if tokens.shared else (batch,)
             convs, _ = generator.layers()
-            ps = [torch.empty(*lead, tokens.num_tokens, spec.out_channel, dtype=dtype, requires_grad=True) for spec in convs]
-            qs = [torch.empty(*lead, tokens.num_tokens, spec.in_channel, dtype=dtype, requires_grad=True) for spec in convs]
+            ps = [torch.empty(*lead, tokens.num_tokens, spec.out_channel, dtype=dtype, requires_grad=backward) for spec in convs]
+            qs = [torch.empty(*lead, tokens.num_tokens, spec.in_channel, dtype=dtype, requires_grad=backward) for spec in convs]
             refinement = Refinement(ps, qs, model.num_layers)
         grad_image = torch.empty(batch, 3, generator.size, generator.size, dtype=dtype)
     with patched_op(implementation.op), LiveBytes() as live:
         image = model.synthesis(w_plus, refinement=refinement, randomize_noise=False)
         after_forward = live.live_bytes
-        image.backward(grad_image)
+        if backward:
+            image.backward(grad_image)
     return {"after_forward_bytes": after_forward, "peak_bytes": live.peak_bytes}
 
 

@@ -58,6 +58,7 @@ RECORD_FIELDS = (
     "pct_of_roofline",
     "peak_mem_bytes",
     "peak_mem_extra_bytes",
+    "planned_peak_mem_bytes",
     "max_rel_error",
     "rel_error",
     "tolerance",

@@ -28,6 +28,7 @@ import torch
 from benchmarks.cases import HEADLINE, Case
 from benchmarks.flops import cross_check_layer, layer_bytes, layer_flops, roofline_floor_seconds
 from benchmarks.implementations import REFERENCE, TORCH, Implementation
+from benchmarks.memory import planned_generator_memory
 from benchmarks.timing import (
     DTYPES,
     CorrectnessError,
@@ -355,6 +356,7 @@ def run_case(case: Case, implementations: list[Implementation], options: RunOpti
                     _, memory = measure_peak_memory(lambda: bound.step(0), device)
                 record["peak_mem_bytes"] = memory["peak_bytes"]
                 record["peak_mem_extra_bytes"] = memory["extra_bytes"]
+                record["planned_peak_mem_bytes"] = _planned_peak(case, implementation)
                 workload.ensure_sets(workload.num_rotating_sets(cache_bytes(device)))
                 timing = time_calls(bound.step, device, options.settings, first_call_ms=first_call_ms)
                 record.update(timing.as_dict())
@@ -380,6 +382,20 @@ def run_case(case: Case, implementations: list[Implementation], options: RunOpti
         workload.sets.clear()
         _free_memory(device, thorough=device.type == "cuda")
     return records
+
+
+def _planned_peak(case: Case, implementation: Implementation) -> int | None:
+    """The case's peak memory as `benchmarks.memory` plans it on meta tensors (generator
+    cases; the same for a variant's compiled and graphed forms), or None."""
+    if case.group != "generator":
+        return None
+    try:
+        plan = planned_generator_memory(
+            case.generator, case.batch, getattr(torch, case.dtype), case.tokens, implementation, backward=case.backward
+        )
+    except Exception:  # noqa: BLE001 - a plan is a cross-check; it never fails a run
+        return None
+    return plan["peak_bytes"]
 
 
 def _truth(workload: Workload) -> tuple[dict, str]:

@@ -78,6 +78,10 @@ def test_cpu_suite_smoke_run_writes_every_report(tmp_path, capsys):
         assert record["floor_ms"] > 0 and 0 < record["pct_of_roofline"]
         assert record["tflops"] == pytest.approx(record["model_flops"] / (record["median_ms"] * 1e-3) / 1e12)
         assert record["peak_mem_bytes"] is None  # measured on CUDA only
+        if record["group"] == "generator":  # planned on meta tensors everywhere
+            assert record["planned_peak_mem_bytes"] > 0
+        else:
+            assert record["planned_peak_mem_bytes"] is None
         assert record["truth"] == "reference/float64"
         # the guard compared the output and, for fwd+bwd, every gradient
         expected = {"out"}
