@@ -265,6 +265,30 @@ def _training_metadata(**settings: Any) -> dict[str, Any]:
     return {key: (list(value) if isinstance(value, tuple) else value) for key, value in settings.items()}
 
 
+def _adapter_for_run(
+    generator: nn.Module,
+    adapter: Optional[Adapter],
+    num_refined: Optional[int],
+    num_tokens: int,
+    scale_init: Optional[float],
+    info: dict[str, Any],
+) -> Adapter:
+    """`adapter` with `info` merged into its metadata, or a new Adapter for the generator carrying it."""
+    if adapter is None:
+        return Adapter.for_generator(generator, num_refined, num_tokens, scale_init=scale_init, **info)
+    adapter.metadata.update(info)
+    return adapter
+
+
+def _sample_inputs(
+    generator: nn.Module, num_samples: int, seed: int, truncation: float, mean: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The sample grids' fixed codes [num_samples, n_latent, style_dim] and noise maps, drawn from `seed`."""
+    rng = torch.Generator().manual_seed(seed + 12345)
+    codes = sample_codes(generator, num_samples, rng, truncation, mean)
+    return codes, _noise(generator, num_samples, rng, _device_of(generator))
+
+
 # ---------------------------------------------------------------------------------------------
 # Text-driven
 
@@ -321,10 +345,7 @@ def adapt_text(
         "training": settings,
         **(metadata or {}),
     }
-    if adapter is None:
-        adapter = Adapter.for_generator(generator, num_refined, num_tokens, scale_init=scale_init, **info)
-    else:
-        adapter.metadata.update(info)
+    adapter = _adapter_for_run(generator, adapter, num_refined, num_tokens, scale_init, info)
 
     def step_loss(refinement: Refinement, step: int, rng: torch.Generator):
         codes = sample_codes(generator, batch_size, rng, truncation, mean)
@@ -334,9 +355,7 @@ def adapt_text(
         adapted = generator.synthesis(codes, refinement=refinement, noise=noise)
         return clip_loss(source, adapted), {}
 
-    sample_rng = torch.Generator().manual_seed(seed + 12345)
-    sample_codes_fixed = sample_codes(generator, num_samples, sample_rng, truncation, mean)
-    sample_noise = _noise(generator, num_samples, sample_rng, device)
+    sample_codes_fixed, sample_noise = _sample_inputs(generator, num_samples, seed, truncation, mean)
 
     def sample_fn(refinement: Refinement):
         source = generator.synthesis(sample_codes_fixed, noise=sample_noise)
@@ -521,10 +540,7 @@ def adapt_oneshot(
         loss="reconstruction(Eq.6)+swd",
     )
     info = {"kind": "oneshot", "training": settings, **(metadata or {})}
-    if adapter is None:
-        adapter = Adapter.for_generator(generator, num_refined, num_tokens, scale_init=scale_init, **info)
-    else:
-        adapter.metadata.update(info)
+    adapter = _adapter_for_run(generator, adapter, num_refined, num_tokens, scale_init, info)
     if init_refinement is not None and not (resume and work_dir and (Path(work_dir) / CHECKPOINT_NAME).is_file()):
         adapter.metadata["token_init"] = init_tokens_from_refinement(adapter, init_refinement)
 
@@ -544,9 +560,7 @@ def adapt_oneshot(
         logs.update(rec=rec.item(), style=style.item())
         return rec + style_weight * style, logs
 
-    sample_rng = torch.Generator().manual_seed(seed + 12345)
-    sample_content = sample_codes(generator, num_samples, sample_rng, truncation, mean)
-    sample_noise = _noise(generator, num_samples, sample_rng, device)
+    sample_content, sample_noise = _sample_inputs(generator, num_samples, seed, truncation, mean)
 
     def sample_fn(refinement: Refinement):
         # row 1: the reference, then the frozen generator's samples; row 2: G_hat(w_r), then the adapted samples

@@ -35,7 +35,7 @@ from refinestyle.commands.adapt_text import (
     add_common_training_arguments,
     load_frozen_generator,
     prepare_run,
-    report,
+    train_and_save,
 )
 from refinestyle.weights import default_device
 
@@ -134,46 +134,18 @@ def main(args: argparse.Namespace) -> int:
         save_grid(torch.cat([reference, projected.image[:1].to(reference.dtype)]).cpu(), work_dir / "projection.png", nrow=2)
     save_w_plus(cache, w_r, reference_noise)
 
-    try:
-        adapter, history = adapt_oneshot(
-            generator,
-            reference,
-            w_r,
-            reconstruction,
-            style,
-            num_refined=args.num_refined,
-            num_tokens=args.num_tokens,
-            scale_init=args.scale_init,
-            init_refinement=init_refinement,
-            reference_noise=reference_noise,
-            iterations=args.iterations,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            style_weight=args.style_weight,
-            mix_index=args.mix_index,
-            truncation=args.truncation,
-            loss_size=args.loss_size,
-            seed=args.seed,
-            num_samples=args.num_samples,
-            work_dir=work_dir,
-            checkpoint_every=args.checkpoint_every,
-            sample_every=args.sample_every,
-            resume=resume,
-            progress=not args.no_progress,
-            metadata={
-                "reference": str(args.reference),
-                "generator_file": str(args.generator) if args.generator else None,
-                "w_r_source": "inverter" if inverter is not None else "projection",
-                "inverter_file": str(args.inverter) if args.inverter else None,
-                "style_layers": list(args.style_layers),
-            },
-        )
-    except ValueError as error:  # e.g. --resume with settings that do not fit the checkpoint
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: the checkpoint in {work_dir} holds the progress; continue with --resume", file=sys.stderr)
-        return 130
-    adapter.save(args.out)
-    report(adapter, history, args.out, work_dir)
-    return 0
+    return train_and_save(
+        args, work_dir, resume, adapt_oneshot, (generator, reference, w_r, reconstruction, style),
+        init_refinement=init_refinement,
+        reference_noise=reference_noise,
+        style_weight=args.style_weight,
+        mix_index=args.mix_index,
+        loss_size=args.loss_size,
+        metadata={
+            "reference": str(args.reference),
+            "generator_file": str(args.generator) if args.generator else None,
+            "w_r_source": "inverter" if inverter is not None else "projection",
+            "inverter_file": str(args.inverter) if args.inverter else None,
+            "style_layers": list(args.style_layers),
+        },
+    )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -106,6 +107,44 @@ def report(adapter, history, out: Path, work_dir: Path) -> None:
     print(f"wrote {out}: {adapter.num_trainable():,} trainable parameters{loss}; samples and curves in {work_dir}")
 
 
+def train_and_save(args, work_dir: Path, resume: bool, adapt: Callable, inputs: tuple, **options) -> int:
+    """Train an adapter with adapt(*inputs, **options), save it to --out and print the summary.
+
+    `adapt` (adapt_text or adapt_oneshot) also gets work_dir, resume and the training options
+    of add_common_training_arguments under their own names (--no-progress as progress=False).
+    Returns the exit status: 0; 2 after a ValueError (printed); 130 after Ctrl-C, the
+    checkpoint in work_dir keeping the progress.
+    """
+    try:
+        adapter, history = adapt(
+            *inputs,
+            num_refined=args.num_refined,
+            num_tokens=args.num_tokens,
+            scale_init=args.scale_init,
+            iterations=args.iterations,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            truncation=args.truncation,
+            seed=args.seed,
+            num_samples=args.num_samples,
+            work_dir=work_dir,
+            checkpoint_every=args.checkpoint_every,
+            sample_every=args.sample_every,
+            resume=resume,
+            progress=not args.no_progress,
+            **options,
+        )
+    except ValueError as error:  # e.g. --resume with settings that do not fit the checkpoint
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the checkpoint in {work_dir} holds the progress; continue with --resume", file=sys.stderr)
+        return 130
+    adapter.save(args.out)
+    report(adapter, history, args.out, work_dir)
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     from refinestyle.adaptation.clip_loss import CLIPDirectionalLoss, clip_encoders_from_args
     from refinestyle.adaptation.train import adapt_text
@@ -122,32 +161,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    try:
-        adapter, history = adapt_text(
-            generator,
-            clip_loss,
-            num_refined=args.num_refined,
-            num_tokens=args.num_tokens,
-            scale_init=args.scale_init,
-            iterations=args.iterations,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            truncation=args.truncation,
-            seed=args.seed,
-            num_samples=args.num_samples,
-            work_dir=work_dir,
-            checkpoint_every=args.checkpoint_every,
-            sample_every=args.sample_every,
-            resume=resume,
-            progress=not args.no_progress,
-            metadata={"generator_file": str(args.generator) if args.generator else None},
-        )
-    except ValueError as error:  # e.g. --resume with settings that do not fit the checkpoint
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: the checkpoint in {work_dir} holds the progress; continue with --resume", file=sys.stderr)
-        return 130
-    adapter.save(args.out)
-    report(adapter, history, args.out, work_dir)
-    return 0
+    return train_and_save(
+        args, work_dir, resume, adapt_text, (generator, clip_loss),
+        metadata={"generator_file": str(args.generator) if args.generator else None},
+    )

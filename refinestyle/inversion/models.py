@@ -302,6 +302,26 @@ class _Inverter(nn.Module):
             )
         return encoder
 
+    def _make_config(self, **settings: Any) -> InverterConfig:
+        """InverterConfig(**settings) with the generator's sizes and the built encoder's trunk filled in."""
+        return InverterConfig(
+            style_dim=self.generator.style_dim,
+            n_latent=self.generator.n_latent,
+            num_layers=self.generator.num_layers,
+            encoder_depth=self.encoder.stage_units,
+            encoder_widths=list(self.encoder.widths),
+            **settings,
+        )
+
+    def _build_token_branch(self) -> TokenBranch:
+        """The token branch that `self.config` describes."""
+        config = self.config
+        return TokenBranch(
+            config.layer_shapes, config.num_layers, config.num_tokens, config.style_dim,
+            heads=config.heads, head_dim=config.head_dim, ffn_dim=config.ffn_dim, dropout=config.dropout,
+            scale_init=config.scale_init, levels=config.token_levels,
+        )
+
     def _check_images(self, images: torch.Tensor, name: str = "images") -> None:
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -404,23 +424,14 @@ class OneStageInverter(_Inverter):
         layer_shapes = refinement_layer_shapes(generator, num_refined) if refine else []
         _check_positive_int("num_tokens", num_tokens)
         self.encoder = self._build_encoder(encoder, 3, ir_se50_path, encoder_depth, encoder_widths)
-        self.config = InverterConfig(
+        self.config = self._make_config(
             stage="one",
             refine=bool(refine),
             num_refined=num_refined if refine else 0,
             num_tokens=num_tokens if refine else 0,
-            style_dim=dim,
-            n_latent=generator.n_latent,
-            num_layers=generator.num_layers,
             layer_shapes=layer_shapes,
-            heads=heads,
-            head_dim=head_dim,
-            ffn_dim=ffn_dim,
-            dropout=dropout,
-            scale_init=scale_init,
+            heads=heads, head_dim=head_dim, ffn_dim=ffn_dim, dropout=dropout, scale_init=scale_init,
             token_levels=list(token_levels),
-            encoder_depth=self.encoder.stage_units,
-            encoder_widths=list(self.encoder.widths),
             encoder_size=encoder_size,
             train_mapping=bool(train_mapping),
         )
@@ -437,22 +448,7 @@ class OneStageInverter(_Inverter):
             dropout=dropout,
             train_mapping=train_mapping,
         )
-        self.token_branch = (
-            TokenBranch(
-                layer_shapes,
-                generator.num_layers,
-                num_tokens,
-                dim,
-                heads=heads,
-                head_dim=head_dim,
-                ffn_dim=ffn_dim,
-                dropout=dropout,
-                scale_init=scale_init,
-                levels=token_levels,
-            )
-            if refine
-            else None
-        )
+        self.token_branch = self._build_token_branch() if refine else None
         self.to(next(generator.parameters()).device)  # built where the generator lives
 
     @property
@@ -562,41 +558,20 @@ class TwoStageInverter(_Inverter):
             first_stage.requires_grad_(False)
             first_stage.eval()
         self.first_stage = first_stage
-        dim = generator.style_dim
         self.encoder = self._build_encoder(encoder, 6, ir_se50_path, encoder_depth, encoder_widths)
-        self.config = InverterConfig(
+        self.config = self._make_config(
             stage="two",
             refine=True,
             num_refined=num_refined,
             num_tokens=num_tokens,
-            style_dim=dim,
-            n_latent=generator.n_latent,
-            num_layers=generator.num_layers,
             layer_shapes=layer_shapes,
-            heads=heads,
-            head_dim=head_dim,
-            ffn_dim=ffn_dim,
-            dropout=dropout,
-            scale_init=scale_init,
+            heads=heads, head_dim=head_dim, ffn_dim=ffn_dim, dropout=dropout, scale_init=scale_init,
             token_levels=list(token_levels),
-            encoder_depth=self.encoder.stage_units,
-            encoder_widths=list(self.encoder.widths),
             encoder_size=encoder_size,
             train_mapping=False,
             first_stage=asdict(first_stage.inverter.config) if isinstance(first_stage, FirstStage) else None,
         )
-        self.token_branch = TokenBranch(
-            layer_shapes,
-            generator.num_layers,
-            num_tokens,
-            dim,
-            heads=heads,
-            head_dim=head_dim,
-            ffn_dim=ffn_dim,
-            dropout=dropout,
-            scale_init=scale_init,
-            levels=token_levels,
-        )
+        self.token_branch = self._build_token_branch()
         self.to(next(generator.parameters()).device)  # built where the generator lives
 
     def train(self, mode: bool = True):
