@@ -39,6 +39,8 @@ def _stub_triton_launches() -> None:
     op_module._launch_blur = lambda *args, **kwargs: None
     op_module._epilogue_backward_kernel = _NoLaunch()
     op_module._pixel_products_kernel = _NoLaunch()
+    op_module._demodulation_kernel = _NoLaunch()
+    op_module._demodulation_backward_kernel = _NoLaunch()
 
 
 def host_time_us(op, batch: int, channels: int, size: int, tokens: int, upsample: bool, calls: int) -> float:

@@ -235,6 +235,69 @@ def test_wide_token_sets_reach_the_kernels_refactored(monkeypatch):
 
 
 @needs_interpreter
+@pytest.mark.parametrize(
+    "batch,in_channels,out_channels,num_tokens",
+    [(2, 5, 6, 7), (3, 70, 66, 32), (2, 17, 90, 1), (1, 9, 12, 64), (2, 20, 30, 0)],
+)
+def test_triton_demodulation_matches_the_torch_one(batch, in_channels, out_channels, num_tokens):
+    """d and its gradients for styles, p and q against `_Demodulation` (fp32 on both sides)."""
+    gen = torch.Generator().manual_seed(batch * in_channels + num_tokens)
+    weight = torch.randn(out_channels, in_channels, 3, 3, generator=gen)
+    styles = (torch.randn(batch, in_channels, generator=gen) * 0.5 + 1).requires_grad_()
+    leaves = [styles]
+    p = q = None
+    if num_tokens:
+        p = (torch.randn(batch, num_tokens, out_channels, generator=gen) * 0.3).requires_grad_()
+        q = (torch.randn(batch, num_tokens, in_channels, generator=gen) * 0.3).requires_grad_()
+        leaves += [p, q]
+    scale = (in_channels * 9) ** -0.5
+    grad = torch.randn(batch, out_channels, generator=gen)
+    expected = op_module._Demodulation.apply(weight, styles, p, q, scale, 1e-8)
+    expected_grads = torch.autograd.grad(expected, leaves, grad)
+    assert op_module._triton_demodulation_applies(weight, styles, p)
+    demod = op_module._TritonDemodulation.apply(weight, styles, p, q, scale, 1e-8)
+    grads = torch.autograd.grad(demod, leaves, grad)
+    assert relative_error(demod, expected) < 1e-6
+    for value, reference in zip(grads, expected_grads):
+        assert value.dtype == reference.dtype and relative_error(value, reference) < 1e-5
+
+
+@needs_interpreter
+def test_triton_demodulation_passes_no_gradient_where_the_energy_is_clamped():
+    """sum K^2 >= 0 exactly; where float cancellation makes the closed form negative, d is
+    clamped to eps^-1/2 and passes no gradient. Planted here: a negative saved energy."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(4, 3, 3, 3, generator=gen)
+    styles = torch.randn(2, 3, generator=gen).requires_grad_()
+    p = torch.randn(2, 5, 4, generator=gen).requires_grad_()
+    q = torch.randn(2, 5, 3, generator=gen).requires_grad_()
+    demod = op_module._TritonDemodulation.apply(weight, styles, p, q, 1.0, 1e-8)
+    energy = demod.grad_fn.saved_tensors[5]
+    energy.data[:, 0] = -1e-3  # (.data: no version bump, the backward reads the planted value)
+    for channel, passes in ((0, False), (1, True)):
+        grad = torch.zeros(2, 4)
+        grad[:, channel] = 1.0
+        grads = torch.autograd.grad(demod, [styles, p, q], grad, retain_graph=True)
+        assert all((g.abs().max() > 0) == passes for g in grads), channel
+
+
+@needs_interpreter
+def test_triton_backend_uses_the_triton_demodulation_where_it_applies(monkeypatch):
+    calls = []
+    monkeypatch.setattr(op_module._TritonDemodulation, "apply", lambda *a: calls.append(1) or DEMOD_APPLY(*a))
+    inputs = {k: v.float() if v is not None else None for k, v in make_inputs(Layer(num_tokens=4), seed=4).items()}
+    styled_conv2d(**inputs, backend="triton")  # frozen weight, per-sample tokens
+    assert calls == [1]
+    shared = dict(inputs, p=inputs["p"][0], q=inputs["q"][0])
+    styled_conv2d(**shared, backend="triton")
+    styled_conv2d(**dict(inputs, weight=inputs["weight"].requires_grad_()), backend="triton")
+    assert calls == [1]  # shared tokens and a trained weight take demodulation_coefficients
+
+
+DEMOD_APPLY = op_module._TritonDemodulation.apply
+
+
+@needs_interpreter
 def test_fused_projection_writes_no_projected_input(monkeypatch):
     """Up to FUSED_PROJECTION_MAX_COUT output channels the forward never materialises z."""
     inputs = {k: v.float() if v is not None else None for k, v in make_inputs(Layer(num_tokens=32), seed=2).items()}
@@ -598,6 +661,16 @@ COMPILE_FOR_SM90 = textwrap.dedent(
         constexprs = dict(BOX=box, KSIZE=3, INPUT_PRECISION="tf32", BLOCK_P=64, BLOCK_L=32, BLOCK_C=64)
         signature = {name: "constexpr" if name in constexprs else
                      {"a_ptr": "*bf16", "b_ptr": "*bf16", "partial_ptr": "*fp32"}.get(name, "i32")
+                     for name in fn.arg_names}
+        kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": 4})
+        assert kernel.asm["cubin"] and kernel.metadata.shared <= H100_SHARED_MEMORY
+        shared.append(kernel.metadata.shared)
+    # the demodulation, forward and backward, with tokens
+    for fn in (m._demodulation_kernel, m._demodulation_backward_kernel):
+        constexprs = dict(HAS_TOKENS=True, BLOCK_O=64, BLOCK_I=64, BLOCK_L=64)
+        signature = {name: "constexpr" if name in constexprs else
+                     "*fp32" if name.endswith("_ptr") else "fp32" if name in ("scale", "eps", "taps") else "i32"
                      for name in fn.arg_names}
         kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                                 options={"num_warps": 4})

@@ -1148,6 +1148,151 @@ if triton is not None:
         out = partial_ptr + ((b * splits + split) * L + offs_l[:, None]) * C + offs_c[None, :]
         tl.store(out, acc, mask=l_ok[:, None] & c_ok[None, :])
 
+    @triton.jit
+    def _demodulation_kernel(
+        styles_ptr,  # [B, CIN] contiguous
+        s1_ptr,  # [COUT, CIN] fp32 contiguous: sum over the taps of W0
+        s2_ptr,  # [COUT, CIN] fp32 contiguous: sum over the taps of W0^2
+        p_ptr,  # [B, L, COUT] contiguous, if HAS_TOKENS
+        q_ptr,  # [B, L, CIN] contiguous, if HAS_TOKENS
+        demod_ptr,  # [B, COUT] fp32 out: d
+        energy_ptr,  # [B, COUT] fp32 out: sum K^2 before the clamp (the backward's mask)
+        u_ptr,  # [B, L, COUT] fp32 out: (q * s) S1^T, if HAS_TOKENS
+        gp_ptr,  # [B, L, COUT] fp32 out: (q q^T) p, if HAS_TOKENS
+        CIN,
+        COUT,
+        L,
+        scale,
+        eps,
+        taps,
+        HAS_TOKENS: tl.constexpr,
+        BLOCK_O: tl.constexpr,
+        BLOCK_I: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+    ):
+        """d = rsqrt(max(E, 0) + eps), E = scale^2 (s^2) S2^T + 2 scale sum_l p u + taps sum_l p gp,
+        for one sample (axis 1) and BLOCK_O output channels (axis 0); exact fp32 dots."""
+        b = tl.program_id(1).to(tl.int64)
+        offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+        o_ok = offs_o < COUT
+        offs_l = tl.arange(0, BLOCK_L)
+        l_ok = offs_l < L
+        styled_energy = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        u = tl.zeros((BLOCK_L, BLOCK_O), dtype=tl.float32)
+        gram = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
+        for i0 in range(0, CIN, BLOCK_I):
+            offs_i = i0 + tl.arange(0, BLOCK_I)
+            i_ok = offs_i < CIN
+            s = tl.load(styles_ptr + b * CIN + offs_i, mask=i_ok, other=0.0).to(tl.float32)
+            w_mask = o_ok[:, None] & i_ok[None, :]
+            s2 = tl.load(s2_ptr + offs_o[:, None] * CIN + offs_i[None, :], mask=w_mask, other=0.0)
+            styled_energy += tl.sum(s2 * (s * s)[None, :], axis=1)
+            if HAS_TOKENS:
+                s1 = tl.load(s1_ptr + offs_o[:, None] * CIN + offs_i[None, :], mask=w_mask, other=0.0)
+                q = tl.load(
+                    q_ptr + (b * L + offs_l[:, None]) * CIN + offs_i[None, :],
+                    mask=l_ok[:, None] & i_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                u = tl.dot(q * s[None, :], tl.trans(s1), u, input_precision="ieee")
+                gram = tl.dot(q, tl.trans(q), gram, input_precision="ieee")
+        energy = styled_energy * (scale * scale)
+        if HAS_TOKENS:
+            token_mask = l_ok[:, None] & o_ok[None, :]
+            token_offsets = (b * L + offs_l[:, None]) * COUT + offs_o[None, :]
+            p = tl.load(p_ptr + token_offsets, mask=token_mask, other=0.0).to(tl.float32)
+            gp = tl.dot(gram, p, input_precision="ieee")
+            energy += 2.0 * scale * tl.sum(p * u, axis=0) + taps * tl.sum(p * gp, axis=0)
+            tl.store(u_ptr + token_offsets, u, mask=token_mask)
+            tl.store(gp_ptr + token_offsets, gp, mask=token_mask)
+        tl.store(energy_ptr + b * COUT + offs_o, energy, mask=o_ok)
+        demod = 1.0 / tl.sqrt_rn(tl.maximum(energy, 0.0) + eps)
+        tl.store(demod_ptr + b * COUT + offs_o, demod, mask=o_ok)
+
+    @triton.jit
+    def _demodulation_backward_kernel(
+        grad_demod_ptr,  # [B, COUT] contiguous
+        demod_ptr,  # [B, COUT] fp32
+        energy_ptr,  # [B, COUT] fp32
+        styles_ptr,  # [B, CIN] contiguous
+        s1_ptr,
+        s2_ptr,
+        p_ptr,
+        q_ptr,
+        u_ptr,
+        gp_ptr,
+        grad_styles_ptr,  # [B, CIN] out, styles' dtype
+        grad_p_ptr,  # [B, L, COUT] out, p's dtype, if HAS_TOKENS
+        grad_q_ptr,  # [B, L, CIN] out, q's dtype, if HAS_TOKENS
+        CIN,
+        COUT,
+        L,
+        scale,
+        taps,
+        HAS_TOKENS: tl.constexpr,
+        BLOCK_O: tl.constexpr,
+        BLOCK_I: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+    ):
+        """grad styles and grad q for BLOCK_I input channels (the first cdiv(CIN, BLOCK_I)
+        programs of axis 0), or grad p for BLOCK_O output channels (the rest); axis 1: the sample.
+        dE = -d^3 / 2 * grad d where E > 0, else 0 (the clamp)."""
+        b = tl.program_id(1).to(tl.int64)
+        i_blocks = tl.cdiv(CIN, BLOCK_I)
+        offs_l = tl.arange(0, BLOCK_L)
+        l_ok = offs_l < L
+        if tl.program_id(0) < i_blocks:
+            offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+            i_ok = offs_i < CIN
+            s = tl.load(styles_ptr + b * CIN + offs_i, mask=i_ok, other=0.0).to(tl.float32)
+            energy_s2 = tl.zeros((BLOCK_I,), dtype=tl.float32)  # sum_o dE S2
+            cross = tl.zeros((BLOCK_L, BLOCK_I), dtype=tl.float32)  # (dE * p) S1
+            outer = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)  # (dE * p) p^T
+            for o0 in range(0, COUT, BLOCK_O):
+                offs_o = o0 + tl.arange(0, BLOCK_O)
+                o_ok = offs_o < COUT
+                grad_demod = tl.load(grad_demod_ptr + b * COUT + offs_o, mask=o_ok, other=0.0).to(tl.float32)
+                demod = tl.load(demod_ptr + b * COUT + offs_o, mask=o_ok, other=0.0)
+                energy = tl.load(energy_ptr + b * COUT + offs_o, mask=o_ok, other=0.0)
+                grad_energy = tl.where(energy > 0, grad_demod * demod * demod * demod * -0.5, 0.0)
+                w_mask = o_ok[:, None] & i_ok[None, :]
+                s2 = tl.load(s2_ptr + offs_o[:, None] * CIN + offs_i[None, :], mask=w_mask, other=0.0)
+                energy_s2 += tl.sum(grad_energy[:, None] * s2, axis=0)
+                if HAS_TOKENS:
+                    s1 = tl.load(s1_ptr + offs_o[:, None] * CIN + offs_i[None, :], mask=w_mask, other=0.0)
+                    p = tl.load(
+                        p_ptr + (b * L + offs_l[:, None]) * COUT + offs_o[None, :],
+                        mask=l_ok[:, None] & o_ok[None, :],
+                        other=0.0,
+                    ).to(tl.float32)
+                    weighted_p = p * grad_energy[None, :]
+                    cross = tl.dot(weighted_p, s1, cross, input_precision="ieee")
+                    outer = tl.dot(weighted_p, tl.trans(p), outer, input_precision="ieee")
+            grad_styles = 2.0 * scale * scale * s * energy_s2
+            if HAS_TOKENS:
+                q_mask = l_ok[:, None] & i_ok[None, :]
+                q_offsets = (b * L + offs_l[:, None]) * CIN + offs_i[None, :]
+                q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0).to(tl.float32)
+                grad_styles += 2.0 * scale * tl.sum(q * cross, axis=0)
+                # the residual sum_o dE_o p_o^T (q q^T) p_o has q-gradient 2 (p diag(dE) p^T) q
+                grad_q = 2.0 * scale * s[None, :] * cross + 2.0 * taps * tl.dot(outer, q, input_precision="ieee")
+                tl.store(grad_q_ptr + q_offsets, grad_q.to(grad_q_ptr.dtype.element_ty), mask=q_mask)
+            tl.store(grad_styles_ptr + b * CIN + offs_i, grad_styles.to(grad_styles_ptr.dtype.element_ty), mask=i_ok)
+        else:
+            if HAS_TOKENS:
+                offs_o = (tl.program_id(0) - i_blocks) * BLOCK_O + tl.arange(0, BLOCK_O)
+                o_ok = offs_o < COUT
+                grad_demod = tl.load(grad_demod_ptr + b * COUT + offs_o, mask=o_ok, other=0.0).to(tl.float32)
+                demod = tl.load(demod_ptr + b * COUT + offs_o, mask=o_ok, other=0.0)
+                energy = tl.load(energy_ptr + b * COUT + offs_o, mask=o_ok, other=0.0)
+                grad_energy = tl.where(energy > 0, grad_demod * demod * demod * demod * -0.5, 0.0)
+                token_mask = l_ok[:, None] & o_ok[None, :]
+                token_offsets = (b * L + offs_l[:, None]) * COUT + offs_o[None, :]
+                u = tl.load(u_ptr + token_offsets, mask=token_mask, other=0.0)
+                gp = tl.load(gp_ptr + token_offsets, mask=token_mask, other=0.0)
+                grad_p = 2.0 * grad_energy[None, :] * (scale * u + taps * gp)
+                tl.store(grad_p_ptr + token_offsets, grad_p.to(grad_p_ptr.dtype.element_ty), mask=token_mask)
+
     # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): 128x128 / 128x64 / 64x128 tiles for the
     # big GEMMs, narrow N tiles for few output channels (toRGB, the 1024 px layers), short M
     # tiles for the 4x4 and 8x8 layers (a tile never spans two samples). The flat (K block,
@@ -1418,6 +1563,88 @@ def _sum_over_pixels(
             BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4,
         )  # fmt: skip
     return partials.sum((0, 1)) if over_batch else partials.sum(1)
+
+
+# Per-sample token sets up to this size get the Triton demodulation (`_TritonDemodulation`):
+# the gram q q^T [L, L] and the products [L, BLOCK] live in registers.
+TRITON_DEMODULATION_MAX_TOKENS = 64
+
+
+def _triton_demodulation_applies(weight, styles, p) -> bool:
+    """Whether `_TritonDemodulation` computes d here: eager mode, a frozen weight (it gives no
+    weight gradient), per-sample or no tokens, L <= TRITON_DEMODULATION_MAX_TOKENS, data on a
+    device the kernels run on. Everything else goes to `demodulation_coefficients`."""
+    if triton is None or torch.compiler.is_compiling() or weight.requires_grad:
+        return False
+    if weight.device.type != "cuda" and not (weight.device.type == "cpu" and _interpreted()):
+        return False
+    if weight.dtype == torch.float64 or styles.dtype == torch.float64:
+        return False
+    return p is None or (p.ndim == 3 and p.shape[1] <= TRITON_DEMODULATION_MAX_TOKENS and p.dtype != torch.float64)
+
+
+def _demodulation_blocks(in_channels: int, out_channels: int, rank: int) -> tuple[int, int, int]:
+    block_l = max(16, _next_pow2(rank))
+    return min(64, max(16, _next_pow2(out_channels))), min(64, max(16, _next_pow2(in_channels))), block_l
+
+
+class _TritonDemodulation(torch.autograd.Function):
+    """`demodulation_coefficients` for the Triton backend in two kernel launches, forward and
+    backward, instead of ~50 small torch ops: at 8-128 px the layer's host time was the step's
+    time (BENCHMARKS.md). Frozen weight, per-sample tokens [B, L, C] or none; d in fp32."""
+
+    @staticmethod
+    def forward(ctx, weight, styles, p, q, scale, eps):
+        batch, in_channels = styles.shape
+        out_channels = weight.shape[0]
+        s1, s2 = _tap_sums(weight, torch.float32)
+        styles = styles.contiguous()
+        rank = p.shape[1] if p is not None else 1
+        device = styles.device
+        demod = _alloc((batch, out_channels), torch.float32, device)
+        energy = _alloc((batch, out_channels), torch.float32, device)
+        u = gp = None
+        if p is not None:
+            p, q = p.contiguous(), q.contiguous()
+            u = _alloc((batch, rank, out_channels), torch.float32, device)
+            gp = _alloc((batch, rank, out_channels), torch.float32, device)
+        block_o, block_i, block_l = _demodulation_blocks(in_channels, out_channels, rank)
+        _demodulation_kernel[(triton.cdiv(out_channels, block_o), batch)](
+            styles, s1, s2, p if p is not None else s1, q if q is not None else s1, demod, energy,
+            u if u is not None else demod, gp if gp is not None else demod,
+            in_channels, out_channels, rank, float(scale), float(eps), float(weight.shape[2] * weight.shape[3]),
+            HAS_TOKENS=p is not None, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=4,
+        )  # fmt: skip
+        ctx.save_for_backward(weight, styles, p, q, demod, energy, u, gp)
+        ctx.scale = float(scale)
+        return demod
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_demod):
+        weight, styles, p, q, demod, energy, u, gp = ctx.saved_tensors
+        batch, in_channels = styles.shape
+        out_channels = weight.shape[0]
+        s1, s2 = _tap_sums(weight, torch.float32)
+        rank = p.shape[1] if p is not None else 1
+        grad_styles = _alloc(styles.shape, styles.dtype, styles.device)
+        grad_p = _alloc(p.shape, p.dtype, p.device) if p is not None else None
+        grad_q = _alloc(q.shape, q.dtype, q.device) if q is not None else None
+        block_o, block_i, block_l = _demodulation_blocks(in_channels, out_channels, rank)
+        programs = triton.cdiv(in_channels, block_i) + (triton.cdiv(out_channels, block_o) if p is not None else 0)
+        _demodulation_backward_kernel[(programs, batch)](
+            grad_demod.contiguous(), demod, energy, styles, s1, s2,
+            p if p is not None else s1, q if q is not None else s1, u if u is not None else demod,
+            gp if gp is not None else demod, grad_styles,
+            grad_p if grad_p is not None else demod, grad_q if grad_q is not None else demod,
+            in_channels, out_channels, rank, ctx.scale, float(weight.shape[2] * weight.shape[3]),
+            HAS_TOKENS=p is not None, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=4,
+        )  # fmt: skip
+        need_styles, need_p, need_q = ctx.needs_input_grad[1:4]
+        return (
+            None, grad_styles if need_styles else None, grad_p if need_p else None, grad_q if need_q else None,
+            None, None,
+        )  # fmt: skip
 
 
 def _weight_gradient(g_conv, x, weight, styles, scale, upsample):
@@ -1794,9 +2021,10 @@ def _styled_conv2d_triton(
     under TRITON_INTERPRET=1); weight [Cout, Cin, k, k]; styles [B, Cin]; p, q None or
     [L, C] / [B, L, C]; noise None or [B or 1, 1, H', W'] (no gradient); noise_strength
     [1] or None; bias [Cout] or None. Returns [B, Cout, H', W'] in x's dtype, channels_last.
-    The demodulation coefficients d [B, Cout] come from `demodulation_coefficients` in
-    plain torch (autograd carries grad d back to weight, styles, p and q); everything
-    else runs in the custom ops above. Batches larger than `MAX_LAUNCH_BATCH` (CUDA's
+    The demodulation coefficients d [B, Cout] come from `_TritonDemodulation` (frozen weight,
+    per-sample or no tokens, L <= 64) or else from `demodulation_coefficients` in plain
+    torch; autograd carries grad d back to weight, styles, p and q. Everything else runs in
+    the custom ops above. Batches larger than `MAX_LAUNCH_BATCH` (CUDA's
     65535-program limit on the grid dimension that holds the batch) run in chunks.
     """
     if triton is None:
@@ -1805,7 +2033,11 @@ def _styled_conv2d_triton(
         raise TypeError(f'x: backend="triton" takes float32, float16 or bfloat16 tensors, got {x.dtype}')
     if noise is not None and noise.requires_grad:
         raise ValueError('noise: backend="triton" gives no gradient for noise; pass noise.detach() (or use backend="torch")')
-    demod = demodulation_coefficients(weight, styles, p, q, scale, eps) if demodulate else None
+    demod = None
+    if demodulate and _triton_demodulation_applies(weight, styles, p):
+        demod = _TritonDemodulation.apply(weight, styles, p, q, scale, eps)
+    elif demodulate:
+        demod = demodulation_coefficients(weight, styles, p, q, scale, eps)
     if p is not None and p.shape[-2] > min(weight.shape[0], weight.shape[1]):
         p, q = _reduced_rank_tokens(p, q)
     if bias is not None:
