@@ -17,8 +17,10 @@ import argparse
 import os
 import sys
 import time
+from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():  # the triton backend takes CPU tensors only under the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -43,15 +45,14 @@ def _stub_triton_launches() -> None:
     op_module._demodulation_backward_kernel = _NoLaunch()
 
 
-def host_time_us(op, batch: int, channels: int, size: int, tokens: int, upsample: bool, calls: int) -> float:
-    """Mean wall time, in microseconds, of one forward+backward call of a layer on CPU tensors.
+def layer_step(op, batch: int, channels: int, size: int, tokens: int, upsample: bool) -> Callable[[], None]:
+    """One forward+backward call of a layer on CPU tensors, as a function of no arguments.
 
     op: a callable with `styled_conv2d`'s signature. The layer is a 3x3 StyledConv: x
     [batch, channels, size, size] fp32, weight [channels, channels, 3, 3] (frozen), styles
     [batch, channels], per-sample tokens p, q [batch, tokens, channels] (none when tokens is
     0), noise, noise strength and bias; upsample doubles the output size. Gradients flow to x,
-    styles, tokens, noise strength and bias. `calls` timed calls follow max(5, calls // 10)
-    warm-up calls.
+    styles, tokens, noise strength and bias.
     """
     generator = torch.Generator().manual_seed(0)
 
@@ -73,12 +74,39 @@ def host_time_us(op, batch: int, channels: int, size: int, tokens: int, upsample
         out = op(x, weight, styles, p, q, noise=noise, noise_strength=noise_strength, bias=bias, activate=True, upsample=upsample)
         out.backward(grad_out)
 
+    return step
+
+
+def host_time_us(op, batch: int, channels: int, size: int, tokens: int, upsample: bool, calls: int) -> float:
+    """Mean wall time, in microseconds, of one `layer_step` call (same arguments); `calls`
+    timed calls follow max(5, calls // 10) warm-up calls."""
+    step = layer_step(op, batch, channels, size, tokens, upsample)
     for _ in range(max(5, calls // 10)):
         step()
     start = time.perf_counter()
     for _ in range(calls):
         step()
     return 1e6 * (time.perf_counter() - start) / calls
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def aten_op_count(op, batch: int, channels: int, size: int, tokens: int, upsample: bool) -> int:
+    """How many aten ops one `layer_step` call (same arguments) dispatches below autograd, after
+    a warm-up call: each costs host time, ~20 us apiece on the H100 machine (BENCHMARKS.md)."""
+    step = layer_step(op, batch, channels, size, tokens, upsample)
+    step()
+    with _CountOps() as counter:
+        step()
+    return counter.count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host time per layer fwd+bwd (B=2, 8 channels, 4x4, L={args.tokens}, 1 CPU thread):")
     for name, op in implementations.items():
         micros = host_time_us(op, 2, 8, 4, args.tokens, args.upsample, args.calls)
-        print(f"  {name:28s} {micros:8.0f} us")
+        ops = aten_op_count(op, 2, 8, 4, args.tokens, args.upsample)
+        print(f"  {name:28s} {micros:8.0f} us  {ops:4d} aten ops")
     return 0
 
 
