@@ -658,7 +658,7 @@ COMPILE_FOR_SM90 = textwrap.dedent(
     # the token gradients' split-K pixel products, with each box summed on the fly
     fn = m._pixel_products_kernel
     for box in (m.BOX_NONE, m.BOX_SAME, m.BOX_STRIDE2, m.BOX_TRANSPOSED):
-        constexprs = dict(BOX=box, KSIZE=3, INPUT_PRECISION="tf32", BLOCK_P=64, BLOCK_L=32, BLOCK_C=64)
+        constexprs = dict(BOX=box, KSIZE=3, INPUT_PRECISION=None, BLOCK_P=64, BLOCK_L=32, BLOCK_C=64)
         signature = {name: "constexpr" if name in constexprs else
                      {"a_ptr": "*bf16", "b_ptr": "*bf16", "partial_ptr": "*fp32"}.get(name, "i32")
                      for name in fn.arg_names}

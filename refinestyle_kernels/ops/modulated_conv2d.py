@@ -1559,7 +1559,7 @@ def _sum_over_pixels(
         _pixel_products_kernel[(tiles, splits, batch)](
             a, b, partials, a_h, a_w, out_h, out_w, rank, channels, *a.stride(), stride_bb, stride_bx, stride_bc,
             pixels_per_split, BOX=box, KSIZE=ksize,
-            INPUT_PRECISION=_fp32_input_precision() if a.dtype == torch.float32 else "tf32",
+            INPUT_PRECISION=_fp32_input_precision() if a.dtype == torch.float32 else None,
             BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4,
         )  # fmt: skip
     return partials.sum((0, 1)) if over_batch else partials.sum(1)
