@@ -1525,9 +1525,9 @@ BOX_NONE, BOX_SAME, BOX_STRIDE2, BOX_TRANSPOSED = -1, 0, 1, 2
 def _sum_over_pixels(
     a: torch.Tensor, b: torch.Tensor, *, box: int = BOX_NONE, ksize: int = 1, over_batch: bool = False
 ) -> torch.Tensor:
-    """box(a)^T b per sample, in fp32: a [B, A_H, A_W, L], b [B, H, W, C] (any strides, one
-    dtype) -> [B, L, C] summed over b's H x W pixels, or [L, C] summed over the batch too when
-    over_batch (the gradients of shared tokens).
+    """box(a)^T b per sample, in fp32: a [B, A_H, A_W, L] (any strides), b [B, H, W, C] (rows
+    packed: stride(1) == W * stride(2)), both of one float dtype -> [B, L, C] summed over b's
+    H x W pixels, or [L, C] summed over the batch too when over_batch (shared tokens).
 
     box: how a reaches b's grid through the low-rank branch's all-ones ksize x ksize box:
     BOX_NONE (a is on b's grid), BOX_SAME (same padding), BOX_STRIDE2 (a on the
