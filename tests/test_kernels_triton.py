@@ -236,10 +236,11 @@ def test_wide_token_sets_reach_the_kernels_refactored(monkeypatch):
 
 @needs_interpreter
 @pytest.mark.parametrize(
-    "batch,in_channels,out_channels,num_tokens",
-    [(2, 5, 6, 7), (3, 70, 66, 32), (2, 17, 90, 1), (1, 9, 12, 64), (2, 20, 30, 0)],
+    "batch,in_channels,out_channels,num_tokens,shared",
+    [(2, 5, 6, 7, False), (3, 70, 66, 32, False), (2, 17, 90, 1, False), (1, 9, 12, 64, False),
+     (2, 20, 30, 0, False), (3, 70, 20, 13, True), (1, 6, 5, 4, True)],
 )
-def test_triton_demodulation_matches_the_torch_one(batch, in_channels, out_channels, num_tokens):
+def test_triton_demodulation_matches_the_torch_one(batch, in_channels, out_channels, num_tokens, shared):
     """d and its gradients for styles, p and q against `_Demodulation` (fp32 on both sides)."""
     gen = torch.Generator().manual_seed(batch * in_channels + num_tokens)
     weight = torch.randn(out_channels, in_channels, 3, 3, generator=gen)
@@ -247,8 +248,9 @@ def test_triton_demodulation_matches_the_torch_one(batch, in_channels, out_chann
     leaves = [styles]
     p = q = None
     if num_tokens:
-        p = (torch.randn(batch, num_tokens, out_channels, generator=gen) * 0.3).requires_grad_()
-        q = (torch.randn(batch, num_tokens, in_channels, generator=gen) * 0.3).requires_grad_()
+        lead = () if shared else (batch,)
+        p = (torch.randn(*lead, num_tokens, out_channels, generator=gen) * 0.3).requires_grad_()
+        q = (torch.randn(*lead, num_tokens, in_channels, generator=gen) * 0.3).requires_grad_()
         leaves += [p, q]
     scale = (in_channels * 9) ** -0.5
     grad = torch.randn(batch, out_channels, generator=gen)
@@ -287,11 +289,16 @@ def test_triton_backend_uses_the_triton_demodulation_where_it_applies(monkeypatc
     monkeypatch.setattr(op_module._TritonDemodulation, "apply", lambda *a: calls.append(1) or DEMOD_APPLY(*a))
     inputs = {k: v.float() if v is not None else None for k, v in make_inputs(Layer(num_tokens=4), seed=4).items()}
     styled_conv2d(**inputs, backend="triton")  # frozen weight, per-sample tokens
-    assert calls == [1]
-    shared = dict(inputs, p=inputs["p"][0], q=inputs["q"][0])
-    styled_conv2d(**shared, backend="triton")
+    styled_conv2d(**dict(inputs, p=inputs["p"][0], q=inputs["q"][0]), backend="triton")  # shared
+    assert calls == [1, 1]
+    narrow = dict(inputs, p=torch.randn(3, 65, 6), q=torch.randn(3, 65, 5))  # refactored to 5 tokens first
+    styled_conv2d(**narrow, backend="triton")
+    assert calls == [1, 1, 1]
+    wide = {k: v.float() if v is not None else None
+            for k, v in make_inputs(Layer(in_channels=66, out_channels=70, height=3, width=3, num_tokens=65), 5).items()}
+    styled_conv2d(**wide, backend="triton")
     styled_conv2d(**dict(inputs, weight=inputs["weight"].requires_grad_()), backend="triton")
-    assert calls == [1]  # shared tokens and a trained weight take demodulation_coefficients
+    assert calls == [1, 1, 1]  # 64 < L <= channels and a trained weight take demodulation_coefficients
 
 
 DEMOD_APPLY = op_module._TritonDemodulation.apply

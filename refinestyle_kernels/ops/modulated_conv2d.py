@@ -1153,8 +1153,8 @@ if triton is not None:
         styles_ptr,  # [B, CIN] contiguous
         s1_ptr,  # [COUT, CIN] fp32 contiguous: sum over the taps of W0
         s2_ptr,  # [COUT, CIN] fp32 contiguous: sum over the taps of W0^2
-        p_ptr,  # [B, L, COUT] contiguous, if HAS_TOKENS
-        q_ptr,  # [B, L, CIN] contiguous, if HAS_TOKENS
+        p_ptr,  # [B or 1, L, COUT], rows contiguous, if HAS_TOKENS
+        q_ptr,  # [B or 1, L, CIN], rows contiguous, if HAS_TOKENS
         demod_ptr,  # [B, COUT] fp32 out: d
         energy_ptr,  # [B, COUT] fp32 out: sum K^2 before the clamp (the backward's mask)
         u_ptr,  # [B, L, COUT] fp32 out: (q * s) S1^T, if HAS_TOKENS
@@ -1162,6 +1162,8 @@ if triton is not None:
         CIN,
         COUT,
         L,
+        stride_tokens_b,  # 0 for tokens shared by the batch, else L * C of the tensor
+        stride_q_b,
         scale,
         eps,
         taps,
@@ -1190,7 +1192,7 @@ if triton is not None:
             if HAS_TOKENS:
                 s1 = tl.load(s1_ptr + offs_o[:, None] * CIN + offs_i[None, :], mask=w_mask, other=0.0)
                 q = tl.load(
-                    q_ptr + (b * L + offs_l[:, None]) * CIN + offs_i[None, :],
+                    q_ptr + b * stride_q_b + offs_l[:, None] * CIN + offs_i[None, :],
                     mask=l_ok[:, None] & i_ok[None, :],
                     other=0.0,
                 ).to(tl.float32)
@@ -1200,7 +1202,9 @@ if triton is not None:
         if HAS_TOKENS:
             token_mask = l_ok[:, None] & o_ok[None, :]
             token_offsets = (b * L + offs_l[:, None]) * COUT + offs_o[None, :]
-            p = tl.load(p_ptr + token_offsets, mask=token_mask, other=0.0).to(tl.float32)
+            p = tl.load(
+                p_ptr + b * stride_tokens_b + offs_l[:, None] * COUT + offs_o[None, :], mask=token_mask, other=0.0
+            ).to(tl.float32)
             gp = tl.dot(gram, p, input_precision="ieee")
             energy += 2.0 * scale * tl.sum(p * u, axis=0) + taps * tl.sum(p * gp, axis=0)
             tl.store(u_ptr + token_offsets, u, mask=token_mask)
@@ -1222,11 +1226,13 @@ if triton is not None:
         u_ptr,
         gp_ptr,
         grad_styles_ptr,  # [B, CIN] out, styles' dtype
-        grad_p_ptr,  # [B, L, COUT] out, p's dtype, if HAS_TOKENS
-        grad_q_ptr,  # [B, L, CIN] out, q's dtype, if HAS_TOKENS
+        grad_p_ptr,  # [B, L, COUT] out, if HAS_TOKENS (per sample also for shared tokens)
+        grad_q_ptr,  # [B, L, CIN] out, if HAS_TOKENS
         CIN,
         COUT,
         L,
+        stride_tokens_b,  # of p: 0 for shared tokens
+        stride_q_b,
         scale,
         taps,
         HAS_TOKENS: tl.constexpr,
@@ -1261,7 +1267,7 @@ if triton is not None:
                 if HAS_TOKENS:
                     s1 = tl.load(s1_ptr + offs_o[:, None] * CIN + offs_i[None, :], mask=w_mask, other=0.0)
                     p = tl.load(
-                        p_ptr + (b * L + offs_l[:, None]) * COUT + offs_o[None, :],
+                        p_ptr + b * stride_tokens_b + offs_l[:, None] * COUT + offs_o[None, :],
                         mask=l_ok[:, None] & o_ok[None, :],
                         other=0.0,
                     ).to(tl.float32)
@@ -1272,7 +1278,9 @@ if triton is not None:
             if HAS_TOKENS:
                 q_mask = l_ok[:, None] & i_ok[None, :]
                 q_offsets = (b * L + offs_l[:, None]) * CIN + offs_i[None, :]
-                q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0).to(tl.float32)
+                q = tl.load(
+                    q_ptr + b * stride_q_b + offs_l[:, None] * CIN + offs_i[None, :], mask=q_mask, other=0.0
+                ).to(tl.float32)
                 grad_styles += 2.0 * scale * tl.sum(q * cross, axis=0)
                 # the residual sum_o dE_o p_o^T (q q^T) p_o has q-gradient 2 (p diag(dE) p^T) q
                 grad_q = 2.0 * scale * s[None, :] * cross + 2.0 * taps * tl.dot(outer, q, input_precision="ieee")
@@ -1572,15 +1580,15 @@ TRITON_DEMODULATION_MAX_TOKENS = 64
 
 def _triton_demodulation_applies(weight, styles, p) -> bool:
     """Whether `_TritonDemodulation` computes d here: eager mode, a frozen weight (it gives no
-    weight gradient), per-sample or no tokens, L <= TRITON_DEMODULATION_MAX_TOKENS, data on a
-    device the kernels run on. Everything else goes to `demodulation_coefficients`."""
+    weight gradient), L <= TRITON_DEMODULATION_MAX_TOKENS tokens (or none), data on a device
+    the kernels run on. Everything else goes to `demodulation_coefficients`."""
     if triton is None or torch.compiler.is_compiling() or weight.requires_grad:
         return False
     if weight.device.type != "cuda" and not (weight.device.type == "cpu" and _interpreted()):
         return False
     if weight.dtype == torch.float64 or styles.dtype == torch.float64:
         return False
-    return p is None or (p.ndim == 3 and p.shape[1] <= TRITON_DEMODULATION_MAX_TOKENS and p.dtype != torch.float64)
+    return p is None or (p.shape[-2] <= TRITON_DEMODULATION_MAX_TOKENS and p.dtype != torch.float64)
 
 
 def _demodulation_blocks(in_channels: int, out_channels: int, rank: int) -> tuple[int, int, int]:
@@ -1591,32 +1599,39 @@ def _demodulation_blocks(in_channels: int, out_channels: int, rank: int) -> tupl
 class _TritonDemodulation(torch.autograd.Function):
     """`demodulation_coefficients` for the Triton backend in two kernel launches, forward and
     backward, instead of ~50 small torch ops: at 8-128 px the layer's host time was the step's
-    time (BENCHMARKS.md). Frozen weight, per-sample tokens [B, L, C] or none; d in fp32."""
+    time (BENCHMARKS.md). Frozen weight; tokens [B, L, C] per sample, [L, C] shared, or none;
+    d in fp32."""
 
     @staticmethod
     def forward(ctx, weight, styles, p, q, scale, eps):
         batch, in_channels = styles.shape
         out_channels = weight.shape[0]
+        token_shapes = (p.shape, q.shape) if p is not None else None
         s1, s2 = _tap_sums(weight, torch.float32)
         styles = styles.contiguous()
-        rank = p.shape[1] if p is not None else 1
+        rank = p.shape[-2] if p is not None else 1
         device = styles.device
         demod = _alloc((batch, out_channels), torch.float32, device)
         energy = _alloc((batch, out_channels), torch.float32, device)
         u = gp = None
+        token_strides = (0, 0)
         if p is not None:
-            p, q = p.contiguous(), q.contiguous()
+            p, q = _as_batched_tokens(p), _as_batched_tokens(q)
+            token_strides = (p.stride(0) if p.shape[0] > 1 else 0, q.stride(0) if q.shape[0] > 1 else 0)
             u = _alloc((batch, rank, out_channels), torch.float32, device)
             gp = _alloc((batch, rank, out_channels), torch.float32, device)
         block_o, block_i, block_l = _demodulation_blocks(in_channels, out_channels, rank)
         _demodulation_kernel[(triton.cdiv(out_channels, block_o), batch)](
             styles, s1, s2, p if p is not None else s1, q if q is not None else s1, demod, energy,
             u if u is not None else demod, gp if gp is not None else demod,
-            in_channels, out_channels, rank, float(scale), float(eps), float(weight.shape[2] * weight.shape[3]),
+            in_channels, out_channels, rank, *token_strides, float(scale), float(eps),
+            float(weight.shape[2] * weight.shape[3]),
             HAS_TOKENS=p is not None, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=4,
         )  # fmt: skip
         ctx.save_for_backward(weight, styles, p, q, demod, energy, u, gp)
         ctx.scale = float(scale)
+        ctx.token_strides = token_strides
+        ctx.token_shapes = token_shapes
         return demod
 
     @staticmethod
@@ -1627,9 +1642,13 @@ class _TritonDemodulation(torch.autograd.Function):
         out_channels = weight.shape[0]
         s1, s2 = _tap_sums(weight, torch.float32)
         rank = p.shape[1] if p is not None else 1
+        shared = p is not None and p.shape[0] == 1 and batch > 1
         grad_styles = _alloc(styles.shape, styles.dtype, styles.device)
-        grad_p = _alloc(p.shape, p.dtype, p.device) if p is not None else None
-        grad_q = _alloc(q.shape, q.dtype, q.device) if q is not None else None
+        grad_p = grad_q = None
+        if p is not None:  # per sample; shared tokens sum them over the batch afterwards, in fp32
+            token_dtype = torch.float32 if shared else p.dtype
+            grad_p = _alloc((batch, rank, out_channels), token_dtype, p.device)
+            grad_q = _alloc((batch, rank, in_channels), token_dtype, q.device)
         block_o, block_i, block_l = _demodulation_blocks(in_channels, out_channels, rank)
         programs = triton.cdiv(in_channels, block_i) + (triton.cdiv(out_channels, block_o) if p is not None else 0)
         _demodulation_backward_kernel[(programs, batch)](
@@ -1637,10 +1656,14 @@ class _TritonDemodulation(torch.autograd.Function):
             p if p is not None else s1, q if q is not None else s1, u if u is not None else demod,
             gp if gp is not None else demod, grad_styles,
             grad_p if grad_p is not None else demod, grad_q if grad_q is not None else demod,
-            in_channels, out_channels, rank, ctx.scale, float(weight.shape[2] * weight.shape[3]),
+            in_channels, out_channels, rank, *ctx.token_strides, ctx.scale, float(weight.shape[2] * weight.shape[3]),
             HAS_TOKENS=p is not None, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=4,
         )  # fmt: skip
         need_styles, need_p, need_q = ctx.needs_input_grad[1:4]
+        if p is not None and (shared or grad_p.shape != ctx.token_shapes[0]):  # back to [L, C]
+            p_shape, q_shape = ctx.token_shapes
+            grad_p = (grad_p.sum(0) if shared else grad_p).to(p.dtype).reshape(p_shape)
+            grad_q = (grad_q.sum(0) if shared else grad_q).to(q.dtype).reshape(q_shape)
         return (
             None, grad_styles if need_styles else None, grad_p if need_p else None, grad_q if need_q else None,
             None, None,
@@ -2022,7 +2045,7 @@ def _styled_conv2d_triton(
     [L, C] / [B, L, C]; noise None or [B or 1, 1, H', W'] (no gradient); noise_strength
     [1] or None; bias [Cout] or None. Returns [B, Cout, H', W'] in x's dtype, channels_last.
     The demodulation coefficients d [B, Cout] come from `_TritonDemodulation` (frozen weight,
-    per-sample or no tokens, L <= 64) or else from `demodulation_coefficients` in plain
+    at most 64 tokens) or else from `demodulation_coefficients` in plain
     torch; autograd carries grad d back to weight, styles, p and q. Everything else runs in
     the custom ops above. Batches larger than `MAX_LAUNCH_BATCH` (CUDA's
     65535-program limit on the grid dimension that holds the batch) run in chunks.
@@ -2033,13 +2056,13 @@ def _styled_conv2d_triton(
         raise TypeError(f'x: backend="triton" takes float32, float16 or bfloat16 tensors, got {x.dtype}')
     if noise is not None and noise.requires_grad:
         raise ValueError('noise: backend="triton" gives no gradient for noise; pass noise.detach() (or use backend="torch")')
+    if p is not None and p.shape[-2] > min(weight.shape[0], weight.shape[1]):
+        p, q = _reduced_rank_tokens(p, q)  # the same residual, so the same d
     demod = None
     if demodulate and _triton_demodulation_applies(weight, styles, p):
         demod = _TritonDemodulation.apply(weight, styles, p, q, scale, eps)
     elif demodulate:
         demod = demodulation_coefficients(weight, styles, p, q, scale, eps)
-    if p is not None and p.shape[-2] > min(weight.shape[0], weight.shape[1]):
-        p, q = _reduced_rank_tokens(p, q)
     if bias is not None:
         bias = bias.contiguous()  # the kernels index bias[n] as bias_ptr + n
     options = (float(scale), bool(upsample), bool(activate), float(clamp) if clamp is not None else None)
