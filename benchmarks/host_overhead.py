@@ -36,13 +36,17 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
+# the op module's Triton kernels that are launched directly (kernel[grid](...)), and its launch helpers
+STUBBED_KERNELS = ("_epilogue_backward_kernel", "_pixel_products_kernel", "_demodulation_kernel",
+                   "_demodulation_backward_kernel")  # fmt: skip
+STUBBED_LAUNCHERS = ("_launch_conv_gemm", "_launch_blur")
+
+
 def _stub_triton_launches() -> None:
-    op_module._launch_conv_gemm = lambda *args, **kwargs: None
-    op_module._launch_blur = lambda *args, **kwargs: None
-    op_module._epilogue_backward_kernel = _NoLaunch()
-    op_module._pixel_products_kernel = _NoLaunch()
-    op_module._demodulation_kernel = _NoLaunch()
-    op_module._demodulation_backward_kernel = _NoLaunch()
+    for name in STUBBED_LAUNCHERS:
+        setattr(op_module, name, lambda *args, **kwargs: None)
+    for name in STUBBED_KERNELS:
+        setattr(op_module, name, _NoLaunch())
 
 
 def layer_step(op, batch: int, channels: int, size: int, tokens: int, upsample: bool) -> Callable[[], None]:

@@ -145,12 +145,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impls", default="reference,nvlabs,torch,triton")
     args = parser.parse_args(argv)
     generator = GeneratorConfig(args.size)
-    (tokens,) = parse_tokens(args.tokens)
+    try:
+        tokens = parse_tokens(args.tokens)
+        implementations = select(args.impls.split(","))
+    except ValueError as error:
+        parser.error(str(error))
+    if len(tokens) != 1:
+        parser.error(f"--tokens: expected one setting, got {args.tokens!r}")
+    (tokens,) = tokens
     dtype = getattr(torch, args.dtype)
     print(f"planned training-step memory, {generator.label}, B={args.batch}, {args.dtype}, {tokens.label} "
           "(meta tensors: whole storages, no allocator rounding or library workspaces)")
     plans = {}
-    for implementation in select(args.impls.split(",")):
+    for implementation in implementations:
         plans[implementation.name] = planned_generator_memory(generator, args.batch, dtype, tokens, implementation)
     reference = plans.get("reference")
     for name, plan in plans.items():

@@ -237,8 +237,7 @@ def test_host_overhead_probe_times_every_implementation(monkeypatch):
     launches = []
     monkeypatch.setattr(op_module, "_launch_conv_gemm", lambda *a, **k: launches.append("conv"))
     monkeypatch.setattr(op_module, "_launch_blur", lambda *a, **k: launches.append("blur"))
-    for kernel in ("_epilogue_backward_kernel", "_pixel_products_kernel", "_demodulation_kernel",
-                   "_demodulation_backward_kernel"):
+    for kernel in host_overhead.STUBBED_KERNELS:
         monkeypatch.setattr(op_module, kernel, host_overhead._NoLaunch())
     for backend in ("triton", "torch"):
         micros = host_overhead.host_time_us(

@@ -1214,6 +1214,14 @@ if triton is not None:
         tl.store(demod_ptr + b * COUT + offs_o, demod, mask=o_ok)
 
     @triton.jit
+    def _energy_gradient(grad_demod_ptr, demod_ptr, energy_ptr, offsets, mask):
+        """dE = -d^3 / 2 * grad d where the energy E > 0, else 0 (d was clamped there)."""
+        grad_demod = tl.load(grad_demod_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        demod = tl.load(demod_ptr + offsets, mask=mask, other=0.0)
+        energy = tl.load(energy_ptr + offsets, mask=mask, other=0.0)
+        return tl.where(energy > 0, grad_demod * demod * demod * demod * -0.5, 0.0)
+
+    @triton.jit
     def _demodulation_backward_kernel(
         grad_demod_ptr,  # [B, COUT] contiguous
         demod_ptr,  # [B, COUT] fp32
@@ -1241,8 +1249,7 @@ if triton is not None:
         BLOCK_L: tl.constexpr,
     ):
         """grad styles and grad q for BLOCK_I input channels (the first cdiv(CIN, BLOCK_I)
-        programs of axis 0), or grad p for BLOCK_O output channels (the rest); axis 1: the sample.
-        dE = -d^3 / 2 * grad d where E > 0, else 0 (the clamp)."""
+        programs of axis 0), or grad p for BLOCK_O output channels (the rest); axis 1: the sample."""
         b = tl.program_id(1).to(tl.int64)
         i_blocks = tl.cdiv(CIN, BLOCK_I)
         offs_l = tl.arange(0, BLOCK_L)
@@ -1257,10 +1264,7 @@ if triton is not None:
             for o0 in range(0, COUT, BLOCK_O):
                 offs_o = o0 + tl.arange(0, BLOCK_O)
                 o_ok = offs_o < COUT
-                grad_demod = tl.load(grad_demod_ptr + b * COUT + offs_o, mask=o_ok, other=0.0).to(tl.float32)
-                demod = tl.load(demod_ptr + b * COUT + offs_o, mask=o_ok, other=0.0)
-                energy = tl.load(energy_ptr + b * COUT + offs_o, mask=o_ok, other=0.0)
-                grad_energy = tl.where(energy > 0, grad_demod * demod * demod * demod * -0.5, 0.0)
+                grad_energy = _energy_gradient(grad_demod_ptr, demod_ptr, energy_ptr, b * COUT + offs_o, o_ok)
                 w_mask = o_ok[:, None] & i_ok[None, :]
                 s2 = tl.load(s2_ptr + offs_o[:, None] * CIN + offs_i[None, :], mask=w_mask, other=0.0)
                 energy_s2 += tl.sum(grad_energy[:, None] * s2, axis=0)
@@ -1290,10 +1294,7 @@ if triton is not None:
             if HAS_TOKENS:
                 offs_o = (tl.program_id(0) - i_blocks) * BLOCK_O + tl.arange(0, BLOCK_O)
                 o_ok = offs_o < COUT
-                grad_demod = tl.load(grad_demod_ptr + b * COUT + offs_o, mask=o_ok, other=0.0).to(tl.float32)
-                demod = tl.load(demod_ptr + b * COUT + offs_o, mask=o_ok, other=0.0)
-                energy = tl.load(energy_ptr + b * COUT + offs_o, mask=o_ok, other=0.0)
-                grad_energy = tl.where(energy > 0, grad_demod * demod * demod * demod * -0.5, 0.0)
+                grad_energy = _energy_gradient(grad_demod_ptr, demod_ptr, energy_ptr, b * COUT + offs_o, o_ok)
                 token_mask = l_ok[:, None] & o_ok[None, :]
                 token_offsets = (b * L + offs_l[:, None]) * COUT + offs_o[None, :]
                 u = tl.load(u_ptr + token_offsets, mask=token_mask, other=0.0)
