@@ -210,6 +210,44 @@ def test_interpreted_separate_projection_matches_reference(layer, monkeypatch):
 PROJECT = op_module._project
 
 
+@needs_interpreter
+@pytest.mark.parametrize("scale_weight", [False, True], ids=["styles-on-A", "styles-on-W"])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        Layer(batch=2, in_channels=12, out_channels=10, height=6, width=37, num_tokens=5),
+        Layer(batch=1, in_channels=12, out_channels=10, height=5, width=19, upsample=True, tokens="shared"),
+    ],
+    ids=str,
+)
+def test_interpreted_two_dimensional_pixel_blocks_and_style_placement(layer, scale_weight, monkeypatch):
+    """Grids several pixel blocks wide, partial blocks on both edges, for the forward (styles on
+    the A or the W tile), the transposed conv's phases and grad x's per-block reductions."""
+    launched = []
+    launch = op_module._launch_conv_gemm
+
+    def probe(*args, **kwargs):
+        launched.append((kwargs["grid_hw"], args[1] is not None))
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(op_module, "CONV_SCALE_WEIGHT", scale_weight)
+    monkeypatch.setattr(op_module, "_launch_conv_gemm", probe)
+    check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=4)
+    # every launch's grid is wider than its pixel block, and the forward scaled by the styles
+    assert all(grid_w > 16 for (_, grid_w), _ in launched)  # 16: the widest pixel block
+    assert any(scaled for _, scaled in launched)
+
+
+def test_pixel_blocks_are_about_square_and_cover_the_grid():
+    assert [op_module._tile_width(m, 1024) for m in (16, 32, 64, 128, 256)] == [4, 8, 8, 16, 16]
+    assert op_module._tile_width(128, 5) == 8 and op_module._tile_width(16, 1) == 1
+    for grid_h, grid_w, block_m in [(5, 37, 128), (1024, 1024, 64), (3, 3, 16), (513, 513, 128)]:
+        tile_w = op_module._tile_width(block_m, grid_w)
+        tiles = op_module._pixel_tiles(grid_h, grid_w, block_m)
+        assert tiles * block_m >= grid_h * grid_w  # every pixel has a block
+        assert tiles == math.ceil(grid_h / (block_m // tile_w)) * math.ceil(grid_w / tile_w)
+
+
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("in_channels,out_channels", [(6, 9), (9, 6)])
 def test_more_tokens_than_channels_are_refactored_to_the_same_residual(shared, in_channels, out_channels):
@@ -564,12 +602,21 @@ def test_torch_compile_fullgraph_traces_the_triton_ops():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("grid_hw, n, k", [((4, 4), 512, 4608), ((5, 5), 512, 4608), ((64, 64), 3, 64), ((1024, 1024), 32, 288)])
 def test_autotune_pruning_fits_every_layer_shape(grid_hw, n, k, reduce, dtype):
-    """The GPU autotuner only tries tiles that fit; reducing launches get the tile their buffer assumes."""
+    """The GPU autotuner only tries tiles that fit; reducing launches get the tile their buffer
+    assumes; every tile gets its pixel block's width, and launches that scale A by the styles
+    try both placements of the scale."""
     weight = torch.empty(0, dtype=dtype)
     named = {"GRID_H": grid_hw[0], "GRID_W": grid_hw[1], "N": n, "K": k, "w_ptr": weight}
-    kept = op_module._prune_conv_configs(op_module._CONV_CONFIGS, named, REDUCE_X=reduce)
+    scale_a = not reduce  # the forward scales A; grad x (the reducing launch) does not
+    kept = op_module._prune_conv_configs(op_module._CONV_CONFIGS, named, REDUCE_X=reduce, HAS_A_SCALE=scale_a)
     pixels = grid_hw[0] * grid_hw[1]
     assert kept
+    tiles_tried = {}
+    for config in kept:
+        tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_stages)
+        tiles_tried.setdefault(tile, set()).add(config.kwargs["SCALE_WEIGHT"])
+        assert config.kwargs["TILE_W"] == op_module._tile_width(config.kwargs["BLOCK_M"], grid_hw[1])
+    assert all(placements == ({False, True} if scale_a else {False}) for placements in tiles_tried.values())
     for config in kept:
         block = config.kwargs
         assert min(block["BLOCK_M"], block["BLOCK_N"], block["BLOCK_K"]) >= 16  # tl.dot's minimum
@@ -612,9 +659,7 @@ COMPILE_FOR_SM90 = textwrap.dedent(
     """
     import os
     os.environ.pop("TRITON_INTERPRET", None)
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from benchmarks.kernel_audit import FAMILIES, OTHER_KERNELS, compile_conv_for_hopper
     from refinestyle_kernels.ops import modulated_conv2d as m
 
     H100_SHARED_MEMORY = 232448  # bytes per block (opt-in maximum)
@@ -625,64 +670,28 @@ COMPILE_FOR_SM90 = textwrap.dedent(
                    <= m.CONV_SHARED_MEMORY_BUDGET]
         return max(fitting, key=lambda shape: shape[4] * (shape[0] * shape[2] + shape[2] * shape[1]))
 
-    def build(fn, pointers, constexprs, config):
-        block_m, block_n, block_k, warps, stages = config
-        constexprs = dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-        signature = {
-            name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name == "clamp_value" else "i32")
-            for name in fn.arg_names
-        }
-        # what the JIT assumes at a config-f launch: 16-byte aligned pointers, channel counts
-        # and token strides divisible by 16 (without it, 2-byte loads are too narrow to copy
-        # asynchronously and nothing is pipelined)
-        divisible = [name for name in fn.arg_names if name.endswith("_ptr") or name in ("K", "N", "L", "stride_rb", "stride_qb")]
-        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
-        source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    def check(kernel):
         assert kernel.asm["cubin"]
         shared = kernel.metadata.shared
         assert shared <= H100_SHARED_MEMORY, f"needs {shared} bytes of shared memory, the H100 has {H100_SHARED_MEMORY}"
-        # the flat (K block, tap) loop is software-pipelined: its loads are asynchronous copies
-        assert "async_copy_global_to_local" in kernel.asm["ttgir"], "the main loop's loads are not pipelined"
         return shared
 
-    names = ["a_ptr", "a_scale_ptr", "w_ptr", "z_ptr", "r_ptr", "q_ptr", "alpha_ptr", "beta_ptr", "out_ptr",
-             "noise_ptr", "noise_strength_ptr", "bias_ptr", "x_ptr", "reduce_ptr"]
-    flags = dict(KSIZE=3, BOX_Z=True, HAS_NOISE=False, HAS_BIAS=False, ACTIVATE=False, HAS_CLAMP=False, BLOCK_L=32)
-    # forward of the upsampling layer, bf16, fused projection: phase taps behind a runtime branch
-    pointers = dict.fromkeys(names, "*bf16") | dict(z_ptr="*fp32", alpha_ptr="*fp32", beta_ptr="*fp32",
-                                                    out_ptr="*fp32", reduce_ptr="*fp32")
-    shared = [build(m._conv_gemm_kernel, pointers, dict(flags, MODE=2, HAS_A_SCALE=True, HAS_LOWRANK=True,
-                                                        FUSE_PROJECTION=True, REDUCE_X=False, INPUT_PRECISION=None),
-                    largest_config(2))]
-    # grad x of the same layer (nine taps every K block), fp32 with TF32 dots (the widest
-    # operands), the low-rank adjoint, the grad-s reduction and the whole epilogue
-    # (and the low-rank input boxed on the fly from gz on the stride-2 grid)
-    flags.update(BOX_Z=True, HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True, HAS_CLAMP=True)
-    shared.append(build(m._conv_gemm_kernel, dict.fromkeys(names, "*fp32"), dict(flags, MODE=1, HAS_A_SCALE=False,
-                        HAS_LOWRANK=True, FUSE_PROJECTION=False, REDUCE_X=True, INPUT_PRECISION="tf32"),
-                        largest_config(4)))
-    # the token gradients' split-K pixel products, with each box summed on the fly
-    fn = m._pixel_products_kernel
-    for box in (m.BOX_NONE, m.BOX_SAME, m.BOX_STRIDE2, m.BOX_TRANSPOSED):
-        constexprs = dict(BOX=box, KSIZE=3, INPUT_PRECISION=None, BLOCK_P=64, BLOCK_L=32, BLOCK_C=64)
-        signature = {name: "constexpr" if name in constexprs else
-                     {"a_ptr": "*bf16", "b_ptr": "*bf16", "partial_ptr": "*fp32"}.get(name, "i32")
-                     for name in fn.arg_names}
-        kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": 4})
-        assert kernel.asm["cubin"] and kernel.metadata.shared <= H100_SHARED_MEMORY
-        shared.append(kernel.metadata.shared)
-    # the demodulation, forward and backward, with tokens
-    for fn in (m._demodulation_kernel, m._demodulation_backward_kernel):
-        constexprs = dict(HAS_TOKENS=True, BLOCK_O=64, BLOCK_I=64, BLOCK_L=64)
-        signature = {name: "constexpr" if name in constexprs else
-                     "*fp32" if name.endswith("_ptr") else "fp32" if name in ("scale", "eps", "taps") else "i32"
-                     for name in fn.arg_names}
-        kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": 4})
-        assert kernel.asm["cubin"] and kernel.metadata.shared <= H100_SHARED_MEMORY
-        shared.append(kernel.metadata.shared)
+    shared = []
+    # every launch family of the conv kernel (forward of the upsampling layer with its phase
+    # taps behind a runtime branch, the styles on A and on W, grad x with the low-rank adjoint
+    # boxed on the fly and the grad-s reduction), bf16, with the largest tile the autotuner keeps
+    for family in FAMILIES:
+        for label, flags in family.variants():
+            kernel = compile_conv_for_hopper(flags, largest_config(2), "bf16", family.grid_w)
+            # the flat (K block, tap) loop is software-pipelined: its loads are asynchronous copies
+            assert "async_copy_global_to_local" in kernel.asm["ttgir"], f"{label}: the main loop is not pipelined"
+            shared.append(check(kernel))
+    # fp32 with TF32 dots (the widest operands) and the whole epilogue, clamp included
+    flags = dict(FAMILIES[-1].flags, SCALE_WEIGHT=False, INPUT_PRECISION="tf32", HAS_NOISE=True, HAS_BIAS=True,
+                 ACTIVATE=True, HAS_CLAMP=True)
+    shared.append(check(compile_conv_for_hopper(flags, largest_config(4), "fp32")))
+    # the pixel products in every box mode, the blur, the epilogue backward and the demodulation
+    shared += [check(case.compile()) for case in OTHER_KERNELS]
     print("compiled for sm_90; shared memory", shared)
     """
 )

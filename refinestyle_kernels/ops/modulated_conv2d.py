@@ -609,6 +609,12 @@ TRITON_AUTOTUNE_DISK_CACHE = True
 # autotuned ones try the depths in `_CONV_SHAPES`).
 CONV_NUM_STAGES = 3
 
+# Where the launches that are not autotuned apply the styles: True scales the W tile in
+# registers (both MMA operands stay in shared memory), False the A tile (A becomes a register
+# operand, which ptxas serialises on Hopper for their 64 x 64 tile; see
+# `python -m benchmarks.kernel_audit`). The autotuned launches try both.
+CONV_SCALE_WEIGHT = True
+
 # Shared memory the autotuner lets a config's pipelined tiles take (num_stages x (A tile + W
 # tile)): the H100 has 227 KB per block, and the epilogue's layout conversions need some too.
 CONV_SHARED_MEMORY_BUDGET = 160 * 1024
@@ -648,6 +654,18 @@ def _reduce_block_m(pixels: int) -> int:
     function of the pixel count alone, so every launch (autotuned or not) writes every row
     of the partial-sum buffer its caller sized with it."""
     return min(64, max(16, _next_pow2(pixels)))
+
+
+def _tile_width(block_m: int, grid_w: int) -> int:
+    """Columns of `_conv_gemm_kernel`'s 2-D pixel block: about square (16 x 8 for 128 pixels,
+    8 x 8 for 64), and no wider than the pixel grid."""
+    return min(1 << (block_m.bit_length() // 2), _next_pow2(grid_w), block_m)
+
+
+def _pixel_tiles(grid_h: int, grid_w: int, block_m: int) -> int:
+    """How many 2-D pixel blocks of `block_m` pixels `_conv_gemm_kernel` tiles a grid_h x grid_w grid with."""
+    tile_w = _tile_width(block_m, grid_w)
+    return -(-grid_h // (block_m // tile_w)) * -(-grid_w // tile_w)
 
 
 def _fp32_input_precision() -> str:
@@ -746,19 +764,25 @@ if triton is not None:
         HAS_CLAMP: tl.constexpr,
         REDUCE_X: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
+        SCALE_WEIGHT: tl.constexpr,  # apply a_scale to the W tile (B operand) instead of the A tile
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_L: tl.constexpr,
+        TILE_W: tl.constexpr,  # the BLOCK_M pixels form a (BLOCK_M // TILE_W) x TILE_W block of the grid
     ):
         """out = alpha * conv(a * a_scale, w) + beta * (box(z) @ r), then the epilogue.
 
-        One program: BLOCK_M pixels of one sample (axis 2) x BLOCK_N output channels.
+        One program: a 2-D block of BLOCK_M pixels of one sample (axis 2) x BLOCK_N output
+        channels. 2-D blocks (16 x 8 for 128 pixels) make the nine taps' shifted A tiles overlap
+        in all but a one-pixel rim, and the A loads go through L1 (.ca) to reuse them.
         """
+        TILE_H: tl.constexpr = BLOCK_M // TILE_W
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
-        m_tiles = tl.cdiv(GRID_H * GRID_W, BLOCK_M)
+        tiles_w = tl.cdiv(GRID_W, TILE_W)
+        m_tiles = tl.cdiv(GRID_H, TILE_H) * tiles_w
         phase_y = 0
         phase_x = 0
         if MODE == 2:
@@ -766,16 +790,16 @@ if triton is not None:
             pid_m = pid_m % m_tiles
             phase_y = phase // 2
             phase_x = phase % 2
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        grid_y = offs_m // GRID_W
-        grid_x = offs_m % GRID_W
+        offs_m = tl.arange(0, BLOCK_M)
+        grid_y = (pid_m // tiles_w) * TILE_H + offs_m // TILE_W
+        grid_x = (pid_m % tiles_w) * TILE_W + offs_m % TILE_W
         if MODE == 2:
             out_y = 2 * grid_y + phase_y
             out_x = 2 * grid_x + phase_x
         else:
             out_y = grid_y
             out_x = grid_x
-        m_ok = (offs_m < GRID_H * GRID_W) & (out_y < OUT_H) & (out_x < OUT_W)
+        m_ok = (grid_y < GRID_H) & (grid_x < GRID_W) & (out_y < OUT_H) & (out_x < OUT_W)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
 
@@ -822,7 +846,9 @@ if triton is not None:
             k_ok = offs_k < K
             pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
             a_rows = a_ptr + ((b * IN_H + in_y) * IN_W + in_x) * K
-            a = tl.load(a_rows[:, None] + offs_k[None, :], mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+            a = tl.load(
+                a_rows[:, None] + offs_k[None, :], mask=pix_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".ca"
+            )
             w = tl.load(
                 w_ptr + (ky * KSIZE + kx) * K * N + offs_k[:, None] * N + offs_n[None, :],
                 mask=k_ok[:, None] & n_ok[None, :],
@@ -837,7 +863,14 @@ if triton is not None:
                 z_box = tl.dot(a.to(q_t.dtype), q_t, z_box, input_precision=INPUT_PRECISION)
             if HAS_A_SCALE:
                 s = tl.load(a_scale_ptr + b * K + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-                a = a.to(tl.float32) * s[None, :]
+                # Scaling A makes it a register operand of the MMA; ptxas then serialises the
+                # Hopper wgmma chain for some tiles (C7515). Scaling W keeps both operands in
+                # shared memory, at the cost of a W tile written back per step. The autotuner
+                # tries both (`python -m benchmarks.kernel_audit` shows which tiles serialise).
+                if SCALE_WEIGHT:
+                    w = (w.to(tl.float32) * s[:, None]).to(w.dtype)
+                else:
+                    a = a.to(tl.float32) * s[None, :]
             acc = tl.dot(a.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
 
         if REDUCE_X:  # the conv part of grad s: sum over pixels of x * conv^T(g), before alpha
@@ -857,10 +890,13 @@ if triton is not None:
                 mask=l_ok[:, None] & n_ok[None, :],
                 other=0.0,
             )
+            # beta goes onto r so the dot accumulates into acc: a second [BLOCK_M, BLOCK_N] fp32
+            # tile would cost 64 registers a thread (spills at 128 x 128)
             beta = tl.load(beta_ptr + b * stride_beta_b + offs_n * stride_beta_n, mask=n_ok, other=0.0)
-            acc += tl.dot(z_box.to(r.dtype), r, input_precision=INPUT_PRECISION) * beta[None, :]
+            r = (r.to(tl.float32) * beta[None, :]).to(r.dtype)
+            acc = tl.dot(z_box.to(r.dtype), r, acc, input_precision=INPUT_PRECISION)
         elif HAS_LOWRANK:
-            low_rank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            beta = tl.load(beta_ptr + b * stride_beta_b + offs_n * stride_beta_n, mask=n_ok, other=0.0)
             # not pipelined: each step's nine boxed z loads would be multi-buffered (~300 KB of
             # shared memory at BLOCK_M = 128 in fp32), and the loop is short next to the main one
             for l0 in tl.range(0, L, BLOCK_L, num_stages=1):
@@ -868,7 +904,10 @@ if triton is not None:
                 l_ok = offs_l < L
                 if BOX_Z:
                     z_box = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
-                    for tap in tl.static_range(KSIZE * KSIZE):
+                    # one tap at a time (a rolled loop): nine [BLOCK_M, BLOCK_L] fp32 loads in
+                    # flight need ~290 registers a thread at BLOCK_M = 128 and spill to local
+                    # memory, three (one row) still spill at 4 warps (`benchmarks.kernel_audit`)
+                    for tap in tl.range(0, KSIZE * KSIZE, num_stages=1):
                         ky = tap // KSIZE
                         kx = tap % KSIZE
                         use_tap = True
@@ -900,9 +939,8 @@ if triton is not None:
                     mask=l_ok[:, None] & n_ok[None, :],
                     other=0.0,
                 )
-                low_rank = tl.dot(z_box.to(r.dtype), r, low_rank, input_precision=INPUT_PRECISION)
-            beta = tl.load(beta_ptr + b * stride_beta_b + offs_n * stride_beta_n, mask=n_ok, other=0.0)
-            acc += low_rank * beta[None, :]
+                r = (r.to(tl.float32) * beta[None, :]).to(r.dtype)  # beta onto r, as above
+                acc = tl.dot(z_box.to(r.dtype), r, acc, input_precision=INPUT_PRECISION)
 
         acc = _apply_epilogue(
             acc, b, out_y, out_x, m_ok, offs_n, n_ok, noise_ptr, noise_strength_ptr, bias_ptr,
@@ -1115,7 +1153,7 @@ if triton is not None:
                 )
             else:
                 a_box = tl.zeros((BLOCK_L, BLOCK_P), dtype=tl.float32)
-                for tap in tl.static_range(KSIZE * KSIZE):
+                for tap in tl.range(0, KSIZE * KSIZE, num_stages=1):  # one tap at a time, as BOX_Z
                     ky = tap // KSIZE
                     kx = tap % KSIZE
                     if BOX == 0:
@@ -1330,7 +1368,9 @@ if triton is not None:
     def _prune_conv_configs(configs, named_args, **kwargs):
         """Keep the configs that fit the problem: no N or K tile far wider than N or K, no M
         tile longer than one sample's pixels, short M tiles only for small images; launches
-        that reduce per tile get exactly `_reduce_block_m`."""
+        that reduce per tile get exactly `_reduce_block_m`. Each kept config gets its pixel
+        block's width (`_tile_width`) and, for launches that scale A, is tried with the scale
+        on A and on W."""
         pixels = named_args["GRID_H"] * named_args["GRID_W"]
         n_cap = max(16, _next_pow2(named_args["N"]))
         k_cap = max(16, _next_pow2(named_args["K"]))
@@ -1348,15 +1388,24 @@ if triton is not None:
             return n <= n_cap and k <= k_cap and m <= m_cap and (m >= 64 or pixels <= 1024)
 
         kept = [config for config in configs if fits(config)]
-        if kept:
-            return kept
-        m = reduce_m or min(64, m_cap)
+        if not kept:
+            m = reduce_m or min(64, m_cap)
+            kept = [
+                triton.Config(
+                    {"BLOCK_M": m, "BLOCK_N": min(64, n_cap), "BLOCK_K": min(64, k_cap)},
+                    num_warps=4,
+                    num_stages=CONV_NUM_STAGES,
+                )
+            ]
+        scale_a = kwargs.get("HAS_A_SCALE", named_args.get("HAS_A_SCALE"))
         return [
             triton.Config(
-                {"BLOCK_M": m, "BLOCK_N": min(64, n_cap), "BLOCK_K": min(64, k_cap)},
-                num_warps=4,
-                num_stages=CONV_NUM_STAGES,
+                dict(config.kwargs, TILE_W=_tile_width(config.kwargs["BLOCK_M"], named_args["GRID_W"]), SCALE_WEIGHT=on_w),
+                num_warps=config.num_warps,
+                num_stages=config.num_stages,
             )
+            for config in kept
+            for on_w in ((False, True) if scale_a else (False,))
         ]
 
 
@@ -1433,14 +1482,22 @@ def _launch_conv_gemm(
     pixels = grid_hw[0] * grid_hw[1]
 
     def grid(meta):
-        return (phases * triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), batch)
+        tile_w = meta["TILE_W"]
+        pixel_tiles = triton.cdiv(grid_hw[0], meta["BLOCK_M"] // tile_w) * triton.cdiv(grid_hw[1], tile_w)
+        return (phases * pixel_tiles, triton.cdiv(n, meta["BLOCK_N"]), batch)
 
     if _interpreted() or not TRITON_AUTOTUNE:
         # the interpreter pays per program, not per element: one big tile
         block_m = min(128 if _interpreted() else 64, max(16, _next_pow2(pixels)))
         if partial is not None:
             block_m = _reduce_block_m(pixels)
-        blocks = dict(BLOCK_M=block_m, BLOCK_N=min(64, max(16, _next_pow2(n))), BLOCK_K=min(64, max(16, _next_pow2(k))))
+        blocks = dict(
+            BLOCK_M=block_m,
+            BLOCK_N=min(64, max(16, _next_pow2(n))),
+            BLOCK_K=min(64, max(16, _next_pow2(k))),
+            TILE_W=_tile_width(block_m, grid_hw[1]),
+            SCALE_WEIGHT=CONV_SCALE_WEIGHT and a_scale is not None,
+        )
         _conv_gemm_kernel[grid(blocks)](*args, **flags, **blocks, num_warps=4, num_stages=CONV_NUM_STAGES)
     else:
         # after the first launch of a shape, skip triton.autotune's per-call bookkeeping (~0.2 ms
@@ -1592,9 +1649,15 @@ def _triton_demodulation_applies(weight, styles, p) -> bool:
     return p is None or (p.shape[-2] <= TRITON_DEMODULATION_MAX_TOKENS and p.dtype != torch.float64)
 
 
-def _demodulation_blocks(in_channels: int, out_channels: int, rank: int) -> tuple[int, int, int]:
+def _demodulation_blocks(in_channels: int, out_channels: int, rank: int, backward: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_O, BLOCK_I, BLOCK_L, num_warps) of the demodulation kernels. Their exact fp32 dots
+    run on FMA units with register-hungry layouts: at 64 x 64 x 32 the forward spilled 1.2 KB
+    a thread. These blocks keep both kernels free of spills for L <= 64 on sm_90
+    (`python -m benchmarks.kernel_audit --families demodulation`)."""
     block_l = max(16, _next_pow2(rank))
-    return min(64, max(16, _next_pow2(out_channels))), min(64, max(16, _next_pow2(in_channels))), block_l
+    wide = block_l >= 64
+    block_i = (32 if wide else 64) if backward else 16
+    return min(64, max(16, _next_pow2(out_channels))), min(block_i, max(16, _next_pow2(in_channels))), block_l, 8 if wide else 4
 
 
 class _TritonDemodulation(torch.autograd.Function):
@@ -1621,13 +1684,13 @@ class _TritonDemodulation(torch.autograd.Function):
             token_strides = (p.stride(0) if p.shape[0] > 1 else 0, q.stride(0) if q.shape[0] > 1 else 0)
             u = _alloc((batch, rank, out_channels), torch.float32, device)
             gp = _alloc((batch, rank, out_channels), torch.float32, device)
-        block_o, block_i, block_l = _demodulation_blocks(in_channels, out_channels, rank)
+        block_o, block_i, block_l, warps = _demodulation_blocks(in_channels, out_channels, rank, backward=False)
         _demodulation_kernel[(triton.cdiv(out_channels, block_o), batch)](
             styles, s1, s2, p if p is not None else s1, q if q is not None else s1, demod, energy,
             u if u is not None else demod, gp if gp is not None else demod,
             in_channels, out_channels, rank, *token_strides, float(scale), float(eps),
             float(weight.shape[2] * weight.shape[3]),
-            HAS_TOKENS=p is not None, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=4,
+            HAS_TOKENS=p is not None, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=warps,
         )  # fmt: skip
         ctx.save_for_backward(weight, styles, p, q, demod, energy, u, gp)
         ctx.scale = float(scale)
@@ -1650,7 +1713,7 @@ class _TritonDemodulation(torch.autograd.Function):
             token_dtype = torch.float32 if shared else p.dtype
             grad_p = _alloc((batch, rank, out_channels), token_dtype, p.device)
             grad_q = _alloc((batch, rank, in_channels), token_dtype, q.device)
-        block_o, block_i, block_l = _demodulation_blocks(in_channels, out_channels, rank)
+        block_o, block_i, block_l, warps = _demodulation_blocks(in_channels, out_channels, rank, backward=True)
         programs = triton.cdiv(in_channels, block_i) + (triton.cdiv(out_channels, block_o) if p is not None else 0)
         _demodulation_backward_kernel[(programs, batch)](
             grad_demod.contiguous(), demod, energy, styles, s1, s2,
@@ -1658,7 +1721,7 @@ class _TritonDemodulation(torch.autograd.Function):
             gp if gp is not None else demod, grad_styles,
             grad_p if grad_p is not None else demod, grad_q if grad_q is not None else demod,
             in_channels, out_channels, rank, *ctx.token_strides, ctx.scale, float(weight.shape[2] * weight.shape[3]),
-            HAS_TOKENS=p is not None, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=4,
+            HAS_TOKENS=p is not None, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=warps,
         )  # fmt: skip
         need_styles, need_p, need_q = ctx.needs_input_grad[1:4]
         if p is not None and (shared or grad_p.shape != ctx.token_shapes[0]):  # back to [L, C]
@@ -1861,7 +1924,7 @@ def _triton_backward(
         alpha = (styles.float() * scale).contiguous()
         beta = torch.ones((1, 1), dtype=torch.float32, device=device).expand(batch, in_channels)
         grad_x_nhwc = _alloc((batch, height, width, in_channels), x.dtype, device)
-        reduce_tiles = triton.cdiv(height * width, _reduce_block_m(height * width))
+        reduce_tiles = _pixel_tiles(height, width, _reduce_block_m(height * width))
         partial_styles = _alloc((batch, reduce_tiles, in_channels), torch.float32, device)
         _launch_conv_gemm(
             g_conv, None, w_taps, gz, q3, alpha, beta, grad_x_nhwc, mode=mode, ksize=kernel,

@@ -1,0 +1,369 @@
+"""What ptxas makes of each Triton kernel for the H100, without a GPU.
+
+    python -m benchmarks.kernel_audit                  # the headline layers' launches, a few tiles
+    python -m benchmarks.kernel_audit --shapes all     # every tile the autotuner may try (minutes)
+    python -m benchmarks.kernel_audit --markdown       # the table for BENCHMARKS.md
+
+Triton compiles for a GPU it does not have: source -> TTGIR -> PTX -> cubin, with the ptxas it
+ships. For every launch family of a config-f training step in bf16 (the forward of a plain and
+of an upsampling layer, refined or not, with the styles applied to the A or to the W tile; grad
+x of both) and for each tile config, this compiles `_conv_gemm_kernel` for sm_90a and reports
+what decides its speed before any timing does:
+
+- shared memory per program, and registers and spills per thread (from `ptxas -v`);
+- whether the main loop's dots became Hopper wgmma instructions, and its loads asynchronous copies;
+- ptxas's C7515 note: the wgmma chain serialised because non-wgmma instructions write its
+  accumulator registers. It appears when A is scaled in registers (an RS wgmma) for some tiles;
+- programs per SM that registers, shared memory and warps allow (the H100's limits).
+
+It makes no speed claim: timings come from `python -m benchmarks` on a GPU. It says which
+configs can be fast, and catches a kernel change that spills or serialises its MMAs.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+from refinestyle_kernels.ops import modulated_conv2d as op_module
+
+# the H100 (sm_90) per-SM and per-program limits the occupancy estimate uses
+H100_REGISTERS_PER_SM = 65536
+H100_SHARED_MEMORY_PER_SM = 233472  # 228 KB
+H100_SHARED_MEMORY_PER_PROGRAM = 232448  # 227 KB, the opt-in maximum
+H100_WARPS_PER_SM = 64
+H100_PROGRAMS_PER_SM = 32
+SHARED_MEMORY_RESERVED_PER_PROGRAM = 1024  # what the runtime keeps per block
+
+# the argument names of `_conv_gemm_kernel` that are pointers
+CONV_POINTERS = ("a_ptr", "a_scale_ptr", "w_ptr", "z_ptr", "r_ptr", "q_ptr", "alpha_ptr", "beta_ptr", "out_ptr",
+                 "noise_ptr", "noise_strength_ptr", "bias_ptr", "x_ptr", "reduce_ptr")  # fmt: skip
+# always fp32, whatever the activations' dtype
+CONV_FP32_POINTERS = ("z_ptr", "alpha_ptr", "beta_ptr", "reduce_ptr", "noise_strength_ptr")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One kind of `_conv_gemm_kernel` launch: its constexpr flags, as the op sets them."""
+
+    name: str
+    flags: dict
+    grid_w: int  # the pixel grid's width at 1024 px, for the pixel block's width
+
+    def variants(self) -> list[tuple[str, dict]]:
+        """(label, flags) for each placement of the styles the autotuner tries."""
+        if not self.flags["HAS_A_SCALE"]:
+            return [(self.name, dict(self.flags, SCALE_WEIGHT=False))]
+        return [(f"{self.name}, styles on {where}", dict(self.flags, SCALE_WEIGHT=on_w))
+                for where, on_w in (("A", False), ("W", True))]  # fmt: skip
+
+
+_COMMON = dict(KSIZE=3, HAS_CLAMP=False, INPUT_PRECISION=None, BLOCK_L=32)
+_STYLED_EPILOGUE = dict(HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True)
+_NO_EPILOGUE = dict(HAS_NOISE=False, HAS_BIAS=False, ACTIVATE=False)
+
+# the launches of a config-f training step with L = 32 per-sample tokens (docs/kernels.md)
+FAMILIES = (
+    Family("forward, 3x3, L=32 fused", dict(_COMMON, **_STYLED_EPILOGUE, MODE=0, HAS_A_SCALE=True, HAS_LOWRANK=True,
+                                            BOX_Z=True, FUSE_PROJECTION=True, REDUCE_X=False), 1024),
+    Family("forward, 3x3, unrefined", dict(_COMMON, **_STYLED_EPILOGUE, MODE=0, HAS_A_SCALE=True, HAS_LOWRANK=False,
+                                           BOX_Z=True, FUSE_PROJECTION=False, REDUCE_X=False), 1024),
+    Family("forward, upsampling, L=32 fused", dict(_COMMON, **_NO_EPILOGUE, MODE=2, HAS_A_SCALE=True, HAS_LOWRANK=True,
+                                                   BOX_Z=True, FUSE_PROJECTION=True, REDUCE_X=False), 513),
+    Family("forward, 3x3, L=32 separate z", dict(_COMMON, **_STYLED_EPILOGUE, MODE=0, HAS_A_SCALE=True,
+                                                 HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=False,
+                                                 REDUCE_X=False), 64),
+    Family("grad x, 3x3, L=32 fused", dict(_COMMON, **_NO_EPILOGUE, MODE=0, HAS_A_SCALE=False, HAS_LOWRANK=True,
+                                           BOX_Z=True, FUSE_PROJECTION=True, REDUCE_X=True), 1024),
+    Family("grad x, stride 2, L=32 separate gz", dict(_COMMON, **_NO_EPILOGUE, MODE=1, HAS_A_SCALE=False,
+                                                      HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=False,
+                                                      REDUCE_X=True), 64),
+)
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) audited by default: the big square tile,
+# the tiles of the 64- and 32-channel layers, and the tile of launches that are not autotuned
+DEFAULT_SHAPES = ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 32, 64, 4, 3), (64, 64, 64, 4, 3))
+
+
+def compile_for_hopper(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int, divisible=()):
+    """Compile a @triton.jit function for sm_90 without a GPU; returns Triton's compiled kernel.
+
+    fn: the kernel. pointers: argument name -> Triton pointer type ("*bf16") for every pointer
+    argument; other arguments are i32 (fp32 for `clamp_value`, `scale`, `eps` and `taps`).
+    constexprs: every constexpr argument's value. divisible: arguments the JIT would see as
+    divisible by 16 at a real launch (16-byte aligned pointers, channel counts): without the
+    hint 2-byte loads are too narrow for asynchronous copies.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if not isinstance(fn, triton.runtime.jit.JITFunction) or type(fn).__name__ == "InterpretedFunction":
+        raise RuntimeError(
+            f"{getattr(fn, '__name__', fn)} was made by Triton's interpreter (TRITON_INTERPRET=1 at import): "
+            "compile in a process without it"
+        )
+
+    scalars = {"clamp_value": "fp32", "scale": "fp32", "eps": "fp32", "taps": "fp32"}
+    signature = {
+        name: "constexpr" if name in constexprs else pointers.get(name, scalars.get(name, "i32"))
+        for name in fn.arg_names
+    }
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    target = GPUTarget("cuda", 90, 32)
+    return triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def compile_conv_for_hopper(flags: dict, shape: tuple, dtype: str = "bf16", grid_w: int = 1024):
+    """`compile_for_hopper` for `_conv_gemm_kernel`: flags as `Family.flags` (with SCALE_WEIGHT),
+    shape (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), activations of Triton type dtype."""
+    block_m, block_n, block_k, warps, stages = shape
+    constexprs = dict(flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                      TILE_W=op_module._tile_width(block_m, grid_w))  # fmt: skip
+    pointers = {name: "*fp32" if name in CONV_FP32_POINTERS else f"*{dtype}" for name in CONV_POINTERS}
+    fn = op_module._conv_gemm_kernel
+    divisible = [name for name in fn.arg_names if name.endswith("_ptr") or name in ("K", "N", "L", "stride_rb", "stride_qb")]
+    return compile_for_hopper(fn, pointers, constexprs, warps, stages, divisible)
+
+
+@dataclasses.dataclass
+class PtxasReport:
+    registers: int
+    spill_bytes: int  # spill stores + spill loads
+    stack_bytes: int
+    serialized_wgmma: bool  # ptxas note C7515 (or another "wgmma ... serialized" note)
+    notes: list
+
+    @classmethod
+    def parse(cls, log: str) -> "PtxasReport":
+        """Read `ptxas -v`'s log: registers, spills, stack frame and the performance notes."""
+        registers = re.search(r"Used (\d+) registers", log)
+        if registers is None:
+            raise ValueError(f"no register count in the ptxas log:\n{log}")
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+        stack = re.search(r"(\d+) bytes stack frame", log)
+        notes = [line.strip() for line in log.splitlines() if "Performance Loss" in line or "warning" in line.lower()]
+        return cls(
+            registers=int(registers.group(1)),
+            spill_bytes=int(spills.group(1)) + int(spills.group(2)) if spills else 0,
+            stack_bytes=int(stack.group(1)) if stack else 0,
+            serialized_wgmma=any("wgmma" in note and "serialized" in note for note in notes),
+            notes=notes,
+        )
+
+
+def run_ptxas(ptx: str) -> PtxasReport:
+    """Assemble PTX for sm_90a with the ptxas Triton uses, verbosely, and parse its log."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as handle:
+            handle.write(ptx)
+        result = subprocess.run(
+            [get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", source, "-o", os.path.join(folder, "kernel.cubin")],
+            capture_output=True, text=True,
+        )  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"ptxas failed:\n{result.stderr}")
+    return PtxasReport.parse(result.stdout + result.stderr)
+
+
+def programs_per_sm(registers: int, shared_bytes: int, num_warps: int) -> int:
+    """Programs (thread blocks) one H100 SM holds at once, limited by registers (allocated per
+    warp in units of 256), shared memory and warps."""
+    registers_per_warp = -(-registers * 32 // 256) * 256
+    by_registers = H100_REGISTERS_PER_SM // (registers_per_warp * num_warps)
+    by_shared = H100_SHARED_MEMORY_PER_SM // (shared_bytes + SHARED_MEMORY_RESERVED_PER_PROGRAM)
+    by_warps = H100_WARPS_PER_SM // num_warps
+    return min(by_registers, by_shared, by_warps, H100_PROGRAMS_PER_SM)
+
+
+@dataclasses.dataclass(frozen=True)
+class OtherKernel:
+    """A launch of one of the op's other kernels, with the blocks its launcher picks."""
+
+    label: str
+    kernel: str  # its name in refinestyle_kernels.ops.modulated_conv2d
+    constexprs: dict
+    pointers: dict  # pointer arguments that are not bf16
+    num_warps: int = 4
+
+    def compile(self):
+        fn = getattr(op_module, self.kernel)
+        pointers = {name: self.pointers.get(name, "*bf16") for name in fn.arg_names if name.endswith("_ptr")}
+        divisible = [name for name in fn.arg_names if name.endswith("_ptr") or name in ("N", "C", "L", "CIN", "COUT")]
+        return compile_for_hopper(fn, pointers, self.constexprs, self.num_warps, 3, divisible)
+
+
+_FP32 = "*fp32"
+
+
+
+_PIXEL_PRODUCTS = dict(KSIZE=3, INPUT_PRECISION=None, BLOCK_P=64)
+_DEMODULATION_POINTERS = dict.fromkeys(("s1_ptr", "s2_ptr", "demod_ptr", "energy_ptr", "u_ptr", "gp_ptr", "p_ptr",
+                                        "q_ptr", "styles_ptr", "grad_demod_ptr", "grad_styles_ptr", "grad_p_ptr",
+                                        "grad_q_ptr"), _FP32)  # fmt: skip
+
+# the memory-bound kernels of the same step, with the blocks of the 1024 px layers (64 channels)
+OTHER_KERNELS = (
+    OtherKernel("pixel products M = box(x)^T g, same box", "_pixel_products_kernel",
+                dict(_PIXEL_PRODUCTS, BOX=0, BLOCK_L=64, BLOCK_C=64), dict(partial_ptr=_FP32)),
+    OtherKernel("pixel products, transposed stride-2 box", "_pixel_products_kernel",
+                dict(_PIXEL_PRODUCTS, BOX=2, BLOCK_L=64, BLOCK_C=32), dict(partial_ptr=_FP32)),
+    OtherKernel("pixel products, stride-2 box (separate gz)", "_pixel_products_kernel",
+                dict(_PIXEL_PRODUCTS, BOX=1, BLOCK_L=32, BLOCK_C=64), dict(partial_ptr=_FP32)),
+    OtherKernel("pixel products, no box", "_pixel_products_kernel",
+                dict(_PIXEL_PRODUCTS, BOX=-1, BLOCK_L=32, BLOCK_C=64), dict(partial_ptr=_FP32)),
+    OtherKernel("blur 4x4 + epilogue", "_blur_kernel",
+                dict(TAPS=4, TRANSPOSE=False, HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True, HAS_CLAMP=False,
+                     BLOCK_M=64, BLOCK_N=32), dict(taps_ptr=_FP32, noise_strength_ptr=_FP32)),
+    OtherKernel("blur^T 4x4", "_blur_kernel",
+                dict(TAPS=4, TRANSPOSE=True, HAS_NOISE=False, HAS_BIAS=False, ACTIVATE=False, HAS_CLAMP=False,
+                     BLOCK_M=64, BLOCK_N=32), dict(taps_ptr=_FP32, noise_strength_ptr=_FP32)),
+    OtherKernel("epilogue backward", "_epilogue_backward_kernel",
+                dict(HAS_DEMOD=True, HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True, HAS_CLAMP=False,
+                     BLOCK_M=64, BLOCK_N=64),
+                dict(demod_ptr=_FP32, noise_strength_ptr=_FP32, partial_bias_ptr=_FP32, partial_noise_ptr=_FP32,
+                     partial_demod_ptr=_FP32)),
+    *(
+        OtherKernel(f"demodulation{' backward' if backward else ''}, L={rank}",
+                    "_demodulation_backward_kernel" if backward else "_demodulation_kernel",
+                    dict(HAS_TOKENS=True, **dict(zip(("BLOCK_O", "BLOCK_I", "BLOCK_L"), blocks[:3]))),
+                    _DEMODULATION_POINTERS, num_warps=blocks[3])
+        for rank in (32, 64) for backward in (False, True)
+        for blocks in [op_module._demodulation_blocks(512, 512, rank, backward)]
+    ),
+)
+
+
+def audit_one(label: str, flags: dict, shape: tuple, grid_w: int) -> dict:
+    """Compile one (family variant, tile) and return its row of the audit."""
+    kernel = compile_conv_for_hopper(flags, shape, grid_w=grid_w)
+    return _row(label, "x".join(str(v) for v in shape[:3]), shape[3], shape[4], kernel)
+
+
+def audit_other(case: OtherKernel) -> dict:
+    blocks = "x".join(str(value) for name, value in case.constexprs.items() if name.startswith("BLOCK_"))
+    return _row(case.label, blocks, case.num_warps, 3, case.compile())
+
+
+def _row(label: str, tile: str, warps: int, stages: int, kernel) -> dict:
+    ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+    report = run_ptxas(ptx)
+    shared = kernel.metadata.shared
+    return dict(
+        launch=label,
+        tile=tile,
+        warps=warps,
+        stages=stages,
+        shared_kib=round(shared / 1024, 1),
+        registers=report.registers,
+        spill_bytes=report.spill_bytes,
+        wgmma="wgmma.mma_async" in ptx,
+        async_loads="async_copy_global_to_local" in ttgir,
+        serialized_wgmma=report.serialized_wgmma,
+        programs_per_sm=programs_per_sm(report.registers, shared, warps),
+        fits=shared <= H100_SHARED_MEMORY_PER_PROGRAM,
+    )
+
+
+def audit(families=FAMILIES, shapes=DEFAULT_SHAPES, others=OTHER_KERNELS, jobs: int = 1, progress: bool = True):
+    """Audit every (family variant, shape) of the conv kernel and every other kernel, in `jobs`
+    processes. Returns one dict per compiled kernel, in a stable order."""
+    tasks = [(audit_one, (label, flags, shape, family.grid_w)) for family in families
+             for label, flags in family.variants() for shape in shapes]  # fmt: skip
+    tasks += [(audit_other, (case,)) for case in others]
+    rows: list = [None] * len(tasks)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), desc="compiling for sm_90a", disable=not progress, file=sys.stderr)
+    if jobs <= 1:
+        for index, (function, task) in enumerate(tasks):
+            rows[index] = function(*task)
+            bar.update()
+    else:
+        with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
+            futures = {pool.submit(function, *task): index for index, (function, task) in enumerate(tasks)}
+            for future in concurrent.futures.as_completed(futures):
+                rows[futures[future]] = future.result()
+                bar.update()
+    bar.close()
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| launch | tile MxNxK | warps | stages | smem KiB | regs | spills B | wgmma | serialised | programs/SM |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['launch']} | {row['tile']} | {row['warps']} | {row['stages']} | {row['shared_kib']} | "
+            f"{row['registers']} | {row['spill_bytes']} | {'yes' if row['wgmma'] else 'NO'} | "
+            f"{'SERIALISED' if row['serialized_wgmma'] else 'no'} | {row['programs_per_sm']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_audit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="default",
+                        help="default: four representative tiles; all: every tile in the autotuner's list; or "
+                             "tiles as MxNxKxWARPSxSTAGES, comma-separated (128x64x64x4x3)")
+    parser.add_argument("--families", default="", help="only the launches whose name contains this text (or one of several, separated by |)")
+    parser.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="compiler processes")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table instead of plain text")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("TRITON_INTERPRET=1 makes the kernels interpreter functions, which do not compile: unset it")
+
+    if op_module.triton is None:
+        parser.error("Triton is not importable here")
+    if args.shapes in ("default", "all"):
+        shapes = tuple(op_module._CONV_SHAPES) if args.shapes == "all" else DEFAULT_SHAPES
+    else:
+        try:
+            shapes = tuple(tuple(int(v) for v in spec.split("x")) for spec in args.shapes.split(","))
+        except ValueError:
+            shapes = ()
+        if not shapes or any(len(shape) != 5 for shape in shapes):
+            parser.error(f"--shapes: expected default, all or MxNxKxWARPSxSTAGES[,...], got {args.shapes!r}")
+    wanted = args.families.split("|")
+    families = [family for family in FAMILIES if any(part in family.name for part in wanted)]
+    others = [case for case in OTHER_KERNELS if any(part in case.label for part in wanted)]
+    if not families and not others:
+        names = [family.name for family in FAMILIES] + [case.label for case in OTHER_KERNELS]
+        parser.error(f"no launch matches {args.families!r}; they are: " + "; ".join(names))
+    import triton
+
+    rows = audit(families, shapes, others, jobs=args.jobs)
+    print(f"Triton {triton.__version__}, compiled for sm_90a (H100) without a GPU; bf16 activations")
+    if args.markdown:
+        print(markdown(rows))
+    else:
+        header = f"{'launch':<44} {'tile':>10} {'w':>2} {'st':>2} {'smem KiB':>8} {'regs':>4} {'spill':>5} {'wgmma':>5} {'serialised':>10} {'prog/SM':>7}"
+        print(header)
+        for row in rows:
+            print(f"{row['launch']:<44} {row['tile']:>10} {row['warps']:>2} {row['stages']:>2} {row['shared_kib']:>8} "
+                  f"{row['registers']:>4} {row['spill_bytes']:>5} {'yes' if row['wgmma'] else 'NO':>5} "
+                  f"{'SERIALISED' if row['serialized_wgmma'] else 'no':>10} {row['programs_per_sm']:>7}")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(dict(triton=triton.__version__, target="sm_90a", rows=rows), handle, indent=1)
+    bad = [row for row in rows if row["spill_bytes"] or not row["fits"]]
+    if bad:
+        print(f"{len(bad)} configs spill registers or overflow shared memory", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""benchmarks/kernel_audit.py: what ptxas makes of the kernels for the H100, without a GPU."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.kernel_audit import PtxasReport, programs_per_sm
+from refinestyle_kernels.ops import modulated_conv2d as op_module
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SERIALISED_LOG = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_conv_gemm_kernel' for 'sm_90a'
+ptxas info    : Function properties for _conv_gemm_kernel
+ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non wgmma instructions defining accumulator registers of a wgmma between start and end of the pipeline stage in the function '_conv_gemm_kernel'
+    16 bytes stack frame, 12 bytes spill stores, 8 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers
+"""
+
+CLEAN_LOG = """ptxas info    : Function properties for _blur_kernel
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 72 registers, used 1 barriers
+"""
+
+
+def test_ptxas_log_is_read():
+    report = PtxasReport.parse(SERIALISED_LOG)
+    assert (report.registers, report.spill_bytes, report.stack_bytes) == (255, 20, 16)
+    assert report.serialized_wgmma and len(report.notes) == 1
+    clean = PtxasReport.parse(CLEAN_LOG)
+    assert (clean.registers, clean.spill_bytes, clean.serialized_wgmma, clean.notes) == (72, 0, False, [])
+    with pytest.raises(ValueError, match="register count"):
+        PtxasReport.parse("ptxas fatal : Unsupported .version 9.4")
+
+
+def test_programs_per_sm_takes_the_tightest_limit():
+    assert programs_per_sm(registers=128, shared_bytes=48 * 1024, num_warps=4) == 4  # registers and smem: 4
+    assert programs_per_sm(registers=255, shared_bytes=8 * 1024, num_warps=4) == 2  # 255 rounds up to 256 a thread
+    assert programs_per_sm(registers=64, shared_bytes=100 * 1024, num_warps=4) == 2  # shared memory
+    assert programs_per_sm(registers=32, shared_bytes=0, num_warps=8) == 8  # warps: 64 per SM
+    assert programs_per_sm(registers=16, shared_bytes=0, num_warps=1) == 32  # programs: 32 per SM
+
+
+def run_audit(tmp_path, *args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)  # the interpreter's kernels do not compile
+    out = tmp_path / "audit.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.kernel_audit", "--jobs", "1", "--json", str(out), *args],
+        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())["rows"], result.stdout
+
+
+@pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
+def test_forward_with_styles_on_w_keeps_the_wgmma_chain_and_nothing_spills(tmp_path):
+    """The audit of the forward's tiles: every variant uses wgmma, fits and does not spill; with
+    the styles applied to W no tile serialises its wgmma chain (the reason SCALE_WEIGHT exists:
+    with them on A, ptxas serialises the 64-wide tiles)."""
+    rows, stdout = run_audit(tmp_path, "--families", "forward, 3x3, unrefined", "--shapes", "128x64x64x4x3,64x64x64x4x3")
+    assert "compiled for sm_90a" in stdout and len(rows) == 4
+    for row in rows:
+        assert row["wgmma"] and row["async_loads"] and row["fits"] and row["spill_bytes"] == 0, row
+        assert row["programs_per_sm"] >= 2, row
+    assert not any(row["serialized_wgmma"] for row in rows if "styles on W" in row["launch"])
+
+
+@pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
+def test_box_summing_and_demodulation_kernels_do_not_spill(tmp_path):
+    """The launches that sum a 3x3 box on the fly (the wide layers' low-rank input, the pixel
+    products) and the demodulation's FMA dots once spilled hundreds of bytes a thread."""
+    rows, _ = run_audit(tmp_path, "--families", "separate|pixel|demodulation", "--shapes", "128x64x64x4x3")
+    launches = {row["launch"] for row in rows}
+    assert any("separate" in name for name in launches) and any("pixel products" in name for name in launches)
+    assert any(name.startswith("demodulation") for name in launches)
+    for row in rows:
+        assert row["spill_bytes"] == 0 and row["fits"], row
