@@ -626,7 +626,7 @@ CONV_AUTOTUNE_KEY = [
     "REDUCE_X", "INPUT_PRECISION",
 ]  # fmt: skip
 
-# CUDA limits grid dimensions 1 and 2 to 65535 programs; the batch is dimension 2 of every
+# CUDA limits grid dimensions 1 and 2 to 65535 programs; the batch is dimension 1 or 2 of every
 # launch, so larger batches are run in chunks of this many samples.
 MAX_LAUNCH_BATCH = 65535
 
@@ -773,14 +773,17 @@ if triton is not None:
     ):
         """out = alpha * conv(a * a_scale, w) + beta * (box(z) @ r), then the epilogue.
 
-        One program: a 2-D block of BLOCK_M pixels of one sample (axis 2) x BLOCK_N output
+        One program: a 2-D block of BLOCK_M pixels of one sample (axis 1) x BLOCK_N output
         channels. 2-D blocks (16 x 8 for 128 pixels) make the nine taps' shifted A tiles overlap
-        in all but a one-pixel rim, and the A loads go through L1 (.ca) to reuse them.
+        in all but a one-pixel rim, and the A loads go through L1 (.ca) to reuse them. Axis 0
+        runs over the N tiles fastest, so the programs that read the same A tiles run together
+        and all but the first find them in L2 (A is the large operand: W is [taps, K, N]).
         """
         TILE_H: tl.constexpr = BLOCK_M // TILE_W
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        pid_m = tl.program_id(0) // n_tiles
+        pid_n = tl.program_id(0) % n_tiles
+        b = tl.program_id(1).to(tl.int64)
         tiles_w = tl.cdiv(GRID_W, TILE_W)
         m_tiles = tl.cdiv(GRID_H, TILE_H) * tiles_w
         phase_y = 0
@@ -1484,7 +1487,7 @@ def _launch_conv_gemm(
     def grid(meta):
         tile_w = meta["TILE_W"]
         pixel_tiles = triton.cdiv(grid_hw[0], meta["BLOCK_M"] // tile_w) * triton.cdiv(grid_hw[1], tile_w)
-        return (phases * pixel_tiles, triton.cdiv(n, meta["BLOCK_N"]), batch)
+        return (phases * pixel_tiles * triton.cdiv(n, meta["BLOCK_N"]), batch)
 
     if _interpreted() or not TRITON_AUTOTUNE:
         # the interpreter pays per program, not per element: one big tile
