@@ -199,7 +199,7 @@ def format_table(run: dict) -> str:
     """The stdout table: one row per (case, implementation), then peaks and targets."""
     lines = [_banner(run), ""]
     lines.append(_table(RESULT_HEADER, (_result_row(r) for r in run["results"]), markdown=False))
-    lines += ["", _peaks_line(run), "", _targets_text(run, markdown=False)]
+    lines += ["", _peaks_line(run), _autotune_line(run), "", _targets_text(run, markdown=False)]
     return "\n".join(lines)
 
 
@@ -233,6 +233,19 @@ def _peaks_line(run: dict) -> str:
     return (
         f"Peaks measured in this run: matmul ({peaks['matmul_size']}^3) {matmul}; "
         f"copy {peaks['copy_bytes_per_s'] / 1e9:.3g} GB/s"
+    )
+
+
+def _autotune_line(run: dict) -> str:
+    """What the conv kernel's autotuner chose, in one line (the details are in the JSON)."""
+    chosen = run.get("autotuned_conv_configs") or []
+    if not chosen:
+        return "Conv autotuner: nothing tuned in this run (no autotuned Triton launch)."
+    forward = [config for config in chosen if config.get("HAS_A_SCALE")]
+    on_w = sum(1 for config in forward if config.get("SCALE_WEIGHT"))
+    return (
+        f"Conv autotuner: {len(chosen)} launch shapes tuned; the styles went on the W tile in {on_w} of the "
+        f"{len(forward)} forward shapes, on the A tile in the rest (autotuned_conv_configs in the JSON)."
     )
 
 
@@ -291,7 +304,7 @@ def markdown_report(run: dict) -> str:
             row.append(_pct(best["pct_of_roofline"]) if best else "-")
             rows.append(row)
         parts.append(_table(header, rows, markdown=True))
-    parts += ["", _targets_text(run, markdown=True)]
+    parts += ["", _autotune_line(run), "", _targets_text(run, markdown=True)]
     return "\n".join(parts) + "\n"
 
 

@@ -42,6 +42,7 @@ from benchmarks.timing import (
     tolerance_for,
 )
 from benchmarks.workloads import GeneratorWorkload, Workload, make_workload, patched_op
+from refinestyle_kernels.ops import modulated_conv2d as op_module
 
 SCHEMA = "refinestyle-bench/1"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -574,6 +575,8 @@ def new_run(suite: str, cases: list[Case], implementations: list[Implementation]
         ],
         "num_cases": len(cases),
         "flop_check": [],
+        # the Triton conv kernel's autotuned choice per launch shape (tile, styles on A or W)
+        "autotuned_conv_configs": [],
         "results": [],
         "targets": [],
     }
@@ -630,6 +633,7 @@ def run_suite(
                 raise
             annotate(records, case, run["peaks"])
             run["results"].extend(records)
+            run["autotuned_conv_configs"] = op_module.autotuned_conv_configs()
             for record in records:
                 log(_one_line(record))
             if save is not None:

@@ -63,6 +63,7 @@ def test_cpu_suite_smoke_run_writes_every_report(tmp_path, capsys):
     assert run["flop_check"] and all(check["ok"] for check in run["flop_check"])
     assert {t["target"] for t in run["targets"]} >= {"speedup_vs_reference", "peak_memory_ratio"}
     assert all(t["met"] is None for t in run["targets"])  # no GPU: the targets are not measured
+    assert run["autotuned_conv_configs"] == [] and "Conv autotuner: nothing tuned" in stdout
 
     results = run["results"]
     # 3 layers (toRGB unrefined only) x 2 modes, + generator with 3 token settings x 2 modes, x 3 implementations
@@ -105,6 +106,31 @@ def test_cpu_suite_smoke_run_writes_every_report(tmp_path, capsys):
     # the report subcommand redraws the same tables from the JSON
     assert main(["report", str(path), "--no-plot"]) == 0
     assert "generator 16px" in capsys.readouterr().out
+
+
+def test_autotuned_conv_choices_are_recorded_by_name(monkeypatch):
+    """The JSON records each autotuned launch's choice (the GPU session's evidence on where the
+    styles belong), and the report sums it up."""
+    import triton
+
+    from benchmarks.report import _autotune_line
+    from refinestyle_kernels.ops import modulated_conv2d as op_module
+
+    def config(on_w):
+        kwargs = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, TILE_W=16, SCALE_WEIGHT=on_w)
+        return triton.Config(kwargs, num_warps=4, num_stages=3)
+
+    forward_key = (0, 3, 64, 32, 32, (1024, 1024), True, True, True, True, False, None,
+                   torch.bfloat16, torch.bfloat16, torch.bfloat16, None)  # fmt: skip
+    grad_x_key = (1, 3, 32, 64, 32, (512, 512), True, False, False, True, True, None,
+                  torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16)  # fmt: skip
+    assert len(forward_key) == len(op_module.CONV_BEST_CONFIG_KEY_FIELDS)
+    monkeypatch.setattr(op_module, "_CONV_BEST_CONFIG", {forward_key: config(True), grad_x_key: config(False)})
+    chosen = op_module.autotuned_conv_configs()
+    assert chosen[0]["MODE"] == 0 and chosen[0]["GRID_HW"] == (1024, 1024) and chosen[0]["a_dtype"] == "torch.bfloat16"
+    assert chosen[0]["SCALE_WEIGHT"] is True and chosen[0]["num_stages"] == 3 and chosen[1]["REDUCE_X"] is True
+    line = _autotune_line({"autotuned_conv_configs": chosen})
+    assert "2 launch shapes tuned" in line and "W tile in 1 of the 1 forward shapes" in line
 
 
 def _drops_residual(x, weight, styles, p=None, q=None, **kwargs):

@@ -1520,6 +1520,24 @@ def _launch_conv_gemm(
 
 # (launch shape and dtypes) -> the triton.Config the autotuner chose for it
 _CONV_BEST_CONFIG: dict = {}
+# the fields of those keys, in order (benchmarks record the choices by name)
+CONV_BEST_CONFIG_KEY_FIELDS = (
+    "MODE", "KSIZE", "K", "N", "L", "GRID_HW", "BOX_Z", "FUSE_PROJECTION", "HAS_A_SCALE", "HAS_LOWRANK", "REDUCE_X",
+    "INPUT_PRECISION", "a_dtype", "w_dtype", "out_dtype", "z_dtype",
+)  # fmt: skip
+
+
+def autotuned_conv_configs() -> list[dict]:
+    """What the conv kernel's autotuner chose in this process, one dict per launch shape: the
+    launch's fields (`CONV_BEST_CONFIG_KEY_FIELDS`, dtypes as strings) and the chosen config's
+    BLOCK_M/N/K, TILE_W, SCALE_WEIGHT, num_warps and num_stages."""
+    chosen = []
+    for key, config in _CONV_BEST_CONFIG.items():
+        entry = {name: str(value) if isinstance(value, torch.dtype) else value
+                 for name, value in zip(CONV_BEST_CONFIG_KEY_FIELDS, key)}  # fmt: skip
+        entry.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        chosen.append(entry)
+    return chosen
 
 
 def _pointwise_blocks(pixels: int, channels: int) -> tuple[int, int]:
