@@ -662,9 +662,10 @@ def _tile_width(block_m: int, grid_w: int) -> int:
     return min(1 << (block_m.bit_length() // 2), _next_pow2(grid_w), block_m)
 
 
-def _pixel_tiles(grid_h: int, grid_w: int, block_m: int) -> int:
-    """How many 2-D pixel blocks of `block_m` pixels `_conv_gemm_kernel` tiles a grid_h x grid_w grid with."""
-    tile_w = _tile_width(block_m, grid_w)
+def _pixel_tiles(grid_h: int, grid_w: int, block_m: int, tile_w: int | None = None) -> int:
+    """How many 2-D pixel blocks of `block_m` pixels, `tile_w` (default `_tile_width`) wide,
+    `_conv_gemm_kernel` tiles a grid_h x grid_w grid with."""
+    tile_w = tile_w or _tile_width(block_m, grid_w)
     return -(-grid_h // (block_m // tile_w)) * -(-grid_w // tile_w)
 
 
@@ -1485,8 +1486,7 @@ def _launch_conv_gemm(
     pixels = grid_hw[0] * grid_hw[1]
 
     def grid(meta):
-        tile_w = meta["TILE_W"]
-        pixel_tiles = triton.cdiv(grid_hw[0], meta["BLOCK_M"] // tile_w) * triton.cdiv(grid_hw[1], tile_w)
+        pixel_tiles = _pixel_tiles(*grid_hw, meta["BLOCK_M"], meta["TILE_W"])
         return (phases * pixel_tiles * triton.cdiv(n, meta["BLOCK_N"]), batch)
 
     if _interpreted() or not TRITON_AUTOTUNE:
