@@ -1673,12 +1673,16 @@ def _triton_demodulation_applies(weight, styles, p) -> bool:
 def _demodulation_blocks(in_channels: int, out_channels: int, rank: int, backward: bool) -> tuple[int, int, int, int]:
     """(BLOCK_O, BLOCK_I, BLOCK_L, num_warps) of the demodulation kernels. Their exact fp32 dots
     run on FMA units with register-hungry layouts: at 64 x 64 x 32 the forward spilled 1.2 KB
-    a thread. These blocks keep both kernels free of spills for L <= 64 on sm_90
-    (`python -m benchmarks.kernel_audit --families demodulation`)."""
+    a thread. These blocks keep both kernels free of spills for L <= 64 on sm_90, with Triton
+    3.6 and 3.9 (`python -m benchmarks.kernel_audit --families demodulation`)."""
     block_l = max(16, _next_pow2(rank))
     wide = block_l >= 64
-    block_i = (32 if wide else 64) if backward else 16
-    return min(64, max(16, _next_pow2(out_channels))), min(block_i, max(16, _next_pow2(in_channels))), block_l, 8 if wide else 4
+    if backward:
+        block_o, block_i = 64, (32 if wide else 64)
+    else:
+        block_o, block_i = (16 if wide else 64), 16
+    block_o = min(block_o, max(16, _next_pow2(out_channels)))
+    return block_o, min(block_i, max(16, _next_pow2(in_channels))), block_l, 8 if wide else 4
 
 
 class _TritonDemodulation(torch.autograd.Function):
