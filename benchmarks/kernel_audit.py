@@ -57,11 +57,18 @@ class Family:
     grid_w: int  # the pixel grid's width at 1024 px, for the pixel block's width
 
     def variants(self) -> list[tuple[str, dict]]:
-        """(label, flags) for each placement of the styles the autotuner tries."""
-        if not self.flags["HAS_A_SCALE"]:
-            return [(self.name, dict(self.flags, SCALE_WEIGHT=False))]
-        return [(f"{self.name}, styles on {where}", dict(self.flags, SCALE_WEIGHT=on_w))
-                for where, on_w in (("A", False), ("W", True))]  # fmt: skip
+        """(label, flags) for each variant the autotuner tries: the styles on A or on W, and for
+        stride-1 launches the TMA loads (with the styles on W)."""
+        scaled = self.flags["HAS_A_SCALE"]
+        if not scaled:
+            found = [(self.name, dict(self.flags, SCALE_WEIGHT=False, A_TMA=False))]
+        else:
+            found = [(f"{self.name}, styles on {where}", dict(self.flags, SCALE_WEIGHT=on_w, A_TMA=False))
+                     for where, on_w in (("A", False), ("W", True))]  # fmt: skip
+        if self.flags["MODE"] == 0:
+            found.append((f"{self.name}, TMA" + (", styles on W" if scaled else ""),
+                          dict(self.flags, SCALE_WEIGHT=scaled, A_TMA=True)))  # fmt: skip
+        return found
 
 
 _COMMON = dict(KSIZE=3, HAS_CLAMP=False, INPUT_PRECISION=None, BLOCK_L=32)
@@ -125,9 +132,12 @@ def compile_conv_for_hopper(flags: dict, shape: tuple, dtype: str = "bf16", grid
     """`compile_for_hopper` for `_conv_gemm_kernel`: flags as `Family.flags` (with SCALE_WEIGHT),
     shape (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), activations of Triton type dtype."""
     block_m, block_n, block_k, warps, stages = shape
+    tma = flags.get("A_TMA", False)
     constexprs = dict(flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                      TILE_W=op_module._tile_width(block_m, grid_w))  # fmt: skip
+                      TILE_W=block_m if tma else op_module._tile_width(block_m, grid_w))  # fmt: skip
     pointers = {name: "*fp32" if name in CONV_FP32_POINTERS else f"*{dtype}" for name in CONV_POINTERS}
+    # the input's TMA descriptor: [B, H, W, K] in row strips of BLOCK_M pixels
+    pointers["a_desc"] = f"tensordesc<{dtype}[1, 1, {block_m}, {block_k}]>" if tma else f"*{dtype}"
     fn = op_module._conv_gemm_kernel
     divisible = [name for name in fn.arg_names if name.endswith("_ptr") or name in ("K", "N", "L", "stride_rb", "stride_qb")]
     return compile_for_hopper(fn, pointers, constexprs, warps, stages, divisible)
@@ -268,7 +278,9 @@ def _row(label: str, tile: str, warps: int, stages: int, kernel) -> dict:
         registers=report.registers,
         spill_bytes=report.spill_bytes,
         wgmma="wgmma.mma_async" in ptx,
-        async_loads="async_copy_global_to_local" in ttgir,
+        # how the main loop's tiles arrive: TMA bulk copies, asynchronous copies, or plain loads
+        loads="tma" if "async_tma_copy_global_to_local" in ttgir else
+              "cp.async" if "async_copy_global_to_local" in ttgir else "sync",
         serialized_wgmma=report.serialized_wgmma,
         programs_per_sm=programs_per_sm(report.registers, shared, warps),
         fits=shared <= H100_SHARED_MEMORY_PER_PROGRAM,
@@ -301,13 +313,13 @@ def audit(families=FAMILIES, shapes=DEFAULT_SHAPES, others=OTHER_KERNELS, jobs: 
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| launch | tile MxNxK | warps | stages | smem KiB | regs | spills B | wgmma | serialised | programs/SM |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| launch | tile MxNxK | warps | stages | smem KiB | regs | spills B | loads | wgmma | serialised | programs/SM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['launch']} | {row['tile']} | {row['warps']} | {row['stages']} | {row['shared_kib']} | "
-            f"{row['registers']} | {row['spill_bytes']} | {'yes' if row['wgmma'] else 'NO'} | "
+            f"{row['registers']} | {row['spill_bytes']} | {row['loads']} | {'yes' if row['wgmma'] else 'NO'} | "
             f"{'SERIALISED' if row['serialized_wgmma'] else 'no'} | {row['programs_per_sm']} |"
         )
     return "\n".join(lines)
@@ -350,11 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print(markdown(rows))
     else:
-        header = f"{'launch':<44} {'tile':>10} {'w':>2} {'st':>2} {'smem KiB':>8} {'regs':>4} {'spill':>5} {'wgmma':>5} {'serialised':>10} {'prog/SM':>7}"
+        header = (f"{'launch':<48} {'tile':>10} {'w':>2} {'st':>2} {'smem KiB':>8} {'regs':>4} {'spill':>5} "
+                  f"{'loads':>8} {'wgmma':>5} {'serialised':>10} {'prog/SM':>7}")  # fmt: skip
         print(header)
         for row in rows:
-            print(f"{row['launch']:<44} {row['tile']:>10} {row['warps']:>2} {row['stages']:>2} {row['shared_kib']:>8} "
-                  f"{row['registers']:>4} {row['spill_bytes']:>5} {'yes' if row['wgmma'] else 'NO':>5} "
+            print(f"{row['launch']:<48} {row['tile']:>10} {row['warps']:>2} {row['stages']:>2} {row['shared_kib']:>8} "
+                  f"{row['registers']:>4} {row['spill_bytes']:>5} {row['loads']:>8} {'yes' if row['wgmma'] else 'NO':>5} "
                   f"{'SERIALISED' if row['serialized_wgmma'] else 'no':>10} {row['programs_per_sm']:>7}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as handle:

@@ -63,9 +63,10 @@ def test_forward_with_styles_on_w_keeps_the_wgmma_chain_and_nothing_spills(tmp_p
     the styles applied to W no tile serialises its wgmma chain (the reason SCALE_WEIGHT exists:
     with them on A, ptxas serialises the 64-wide tiles)."""
     rows, stdout = run_audit(tmp_path, "--families", "forward, 3x3, unrefined", "--shapes", "128x64x64x4x3,64x64x64x4x3")
-    assert "compiled for sm_90a" in stdout and len(rows) == 4
+    assert "compiled for sm_90a" in stdout and len(rows) == 6  # styles on A, on W, TMA; two tiles
+    assert [row["loads"] == "tma" for row in rows] == [False, False, False, False, True, True]
     for row in rows:
-        assert row["wgmma"] and row["async_loads"] and row["fits"] and row["spill_bytes"] == 0, row
+        assert row["wgmma"] and row["loads"] in ("cp.async", "tma") and row["fits"] and row["spill_bytes"] == 0, row
         assert row["programs_per_sm"] >= 2, row
     assert not any(row["serialized_wgmma"] for row in rows if "styles on W" in row["launch"])
 

@@ -117,12 +117,12 @@ def test_autotuned_conv_choices_are_recorded_by_name(monkeypatch):
     from refinestyle_kernels.ops import modulated_conv2d as op_module
 
     def config(on_w):
-        kwargs = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, TILE_W=16, SCALE_WEIGHT=on_w)
+        kwargs = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, TILE_W=16, SCALE_WEIGHT=on_w, A_TMA=False)
         return triton.Config(kwargs, num_warps=4, num_stages=3)
 
-    forward_key = (0, 3, 64, 32, 32, (1024, 1024), True, True, True, True, False, None,
+    forward_key = (0, 3, 64, 32, 32, (1024, 1024), 128, True, True, True, True, False, None,
                    torch.bfloat16, torch.bfloat16, torch.bfloat16, None)  # fmt: skip
-    grad_x_key = (1, 3, 32, 64, 32, (512, 512), True, False, False, True, True, None,
+    grad_x_key = (1, 3, 32, 64, 32, (512, 512), 0, True, False, False, True, True, None,
                   torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16)  # fmt: skip
     assert len(forward_key) == len(op_module.CONV_BEST_CONFIG_KEY_FIELDS)
     monkeypatch.setattr(op_module, "_CONV_BEST_CONFIG", {forward_key: config(True), grad_x_key: config(False)})
@@ -261,7 +261,9 @@ def test_host_overhead_probe_times_every_implementation(monkeypatch):
     from refinestyle_kernels.ops import modulated_conv2d as op_module
 
     launches = []
-    monkeypatch.setattr(op_module, "_launch_conv_gemm", lambda *a, **k: launches.append("conv"))
+    monkeypatch.setattr(
+        op_module, "_launch_conv_gemm", lambda *a, **k: launches.append("conv") or host_overhead._no_launch(*a, **k)
+    )
     monkeypatch.setattr(op_module, "_launch_blur", lambda *a, **k: launches.append("blur"))
     for kernel in host_overhead.STUBBED_KERNELS:
         monkeypatch.setattr(op_module, kernel, host_overhead._NoLaunch())

@@ -238,6 +238,51 @@ def test_interpreted_two_dimensional_pixel_blocks_and_style_placement(layer, sca
     assert any(scaled for _, scaled in launched)
 
 
+@needs_interpreter
+@pytest.mark.parametrize(
+    "layer",
+    [
+        Layer(batch=2, in_channels=12, out_channels=20, height=6, width=37, num_tokens=5),
+        Layer(batch=1, in_channels=16, out_channels=12, height=5, width=40, tokens="shared", noise=None),
+        Layer(batch=1, in_channels=16, out_channels=4, height=3, width=33, kernel=1, num_tokens=3, clamp=0.5),
+    ],
+    ids=str,
+)
+def test_interpreted_tma_loads_match_reference(layer, monkeypatch):
+    """The stride-1 launches load their input by TMA where it applies (channels-last rows
+    16-byte aligned, a strip within a row): zero fill at the image's edges, strips past the
+    row's end, the forward (styles on W) and grad x (with its per-block reductions)."""
+    tma_launches = []
+    descriptor = op_module._tma_descriptor
+
+    def probe(a, mode, grid_w, reduce_pixels):
+        made = descriptor(a, mode, grid_w, reduce_pixels)
+        tma_launches.append((mode, made is not None))
+        return made
+
+    monkeypatch.setattr(op_module, "_tma_descriptor", probe)
+    check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=6)
+    stride_one = [used for mode, used in tma_launches if mode == 0]
+    assert stride_one and all(stride_one), tma_launches  # every stride-1 launch took TMA
+    assert not any(used for mode, used in tma_launches if mode != 0)  # never the stride-2 ones
+
+
+def test_tma_applies_only_where_its_constraints_hold(monkeypatch):
+    monkeypatch.setattr(op_module, "_interpreted", lambda: True)
+    rows = torch.zeros(2, 6, 40, 16)
+    assert op_module._tma_descriptor(rows, 0, 40, None).block_shape == [1, 1, 64, 16]
+    assert op_module._tma_descriptor(rows, 0, 40, 6 * 40).block_shape == [1, 1, 64, 16]  # reducing: its M tile
+    assert op_module._tma_descriptor(rows, 1, 40, None) is None  # stride 2: no strips
+    assert op_module._tma_descriptor(torch.zeros(2, 6, 40, 10), 0, 40, None) is None  # 40-byte rows
+    assert op_module._tma_descriptor(rows[:, :, :20], 0, 20, None) is None  # not contiguous
+    assert op_module._tma_descriptor(torch.zeros(2, 6, 8, 16), 0, 8, None) is None  # strips under 16 pixels
+    monkeypatch.setattr(op_module, "CONV_TMA", False)
+    assert op_module._tma_descriptor(rows, 0, 40, None) is None
+    monkeypatch.setattr(op_module, "_interpreted", lambda: False)
+    monkeypatch.setattr(op_module, "CONV_TMA", True)
+    assert op_module._tma_descriptor(rows, 0, 40, None) is None  # a CPU tensor outside the interpreter
+
+
 def test_pixel_blocks_are_about_square_and_cover_the_grid():
     assert [op_module._tile_width(m, 1024) for m in (16, 32, 64, 128, 256)] == [4, 8, 8, 16, 16]
     assert op_module._tile_width(128, 5) == 8 and op_module._tile_width(16, 1) == 1
@@ -684,10 +729,12 @@ COMPILE_FOR_SM90 = textwrap.dedent(
         for label, flags in family.variants():
             kernel = compile_conv_for_hopper(flags, largest_config(2), "bf16", family.grid_w)
             # the flat (K block, tap) loop is software-pipelined: its loads are asynchronous copies
-            assert "async_copy_global_to_local" in kernel.asm["ttgir"], f"{label}: the main loop is not pipelined"
+            # (TMA bulk copies for the TMA variant)
+            copy = "async_tma_copy_global_to_local" if flags["A_TMA"] else "async_copy_global_to_local"
+            assert copy in kernel.asm["ttgir"], f"{label}: the main loop is not pipelined"
             shared.append(check(kernel))
     # fp32 with TF32 dots (the widest operands) and the whole epilogue, clamp included
-    flags = dict(FAMILIES[-1].flags, SCALE_WEIGHT=False, INPUT_PRECISION="tf32", HAS_NOISE=True, HAS_BIAS=True,
+    flags = dict(FAMILIES[-1].flags, SCALE_WEIGHT=False, A_TMA=False, INPUT_PRECISION="tf32", HAS_NOISE=True, HAS_BIAS=True,
                  ACTIVATE=True, HAS_CLAMP=True)
     shared.append(check(compile_conv_for_hopper(flags, largest_config(4), "fp32")))
     # the pixel products in every box mode, the blur, the epilogue backward and the demodulation

@@ -583,6 +583,11 @@ except Exception as _triton_error:  # pragma: no cover - depends on the machine
 else:
     _TRITON_IMPORT_ERROR = None
 
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except Exception:  # pragma: no cover - depends on the Triton version
+    TensorDescriptor = None
+
 # None: follow torch.backends.cudnn.allow_tf32; "tf32" or "ieee" force the choice for fp32 inputs.
 TRITON_FP32_PRECISION: str | None = None
 
@@ -615,6 +620,14 @@ CONV_NUM_STAGES = 3
 # `python -m benchmarks.kernel_audit`). The autotuned launches try both.
 CONV_SCALE_WEIGHT = True
 
+# Whether the stride-1 launches of the conv kernel may load the input tile with the Hopper
+# tensor-memory accelerator (TMA) instead of pointer gathers: one bulk copy of a 1 x BLOCK_M
+# strip of pixels per step, zero-filled outside the image, straight into the shared memory the
+# wgmma reads (no per-element address arithmetic, no register copy of A). Needs sm_90 (or the
+# interpreter), channels-last rows 16-byte aligned, and the styles on W. The autotuner tries it
+# next to the pointer variants; the untuned path uses it where it applies.
+CONV_TMA = True
+
 # Shared memory the autotuner lets a config's pipelined tiles take (num_stages x (A tile + W
 # tile)): the H100 has 227 KB per block, and the epilogue's layout conversions need some too.
 CONV_SHARED_MEMORY_BUDGET = 160 * 1024
@@ -622,7 +635,7 @@ CONV_SHARED_MEMORY_BUDGET = 160 * 1024
 # The autotuner's cache key: everything that changes which tile is fastest (Triton adds the
 # dtypes of the tensor arguments itself).
 CONV_AUTOTUNE_KEY = [
-    "N", "K", "L", "GRID_H", "GRID_W", "MODE", "KSIZE", "HAS_A_SCALE", "HAS_LOWRANK", "BOX_Z", "FUSE_PROJECTION",
+    "N", "K", "L", "GRID_H", "GRID_W", "TMA_BLOCK_M", "MODE", "KSIZE", "HAS_A_SCALE", "HAS_LOWRANK", "BOX_Z", "FUSE_PROJECTION",
     "REDUCE_X", "INPUT_PRECISION",
 ]  # fmt: skip
 
@@ -667,6 +680,33 @@ def _pixel_tiles(grid_h: int, grid_w: int, block_m: int, tile_w: int | None = No
     `_conv_gemm_kernel` tiles a grid_h x grid_w grid with."""
     tile_w = tile_w or _tile_width(block_m, grid_w)
     return -(-grid_h // (block_m // tile_w)) * -(-grid_w // tile_w)
+
+
+def _tma_block(grid_w: int, k: int, reduce_pixels: int | None) -> tuple[int, int]:
+    """(strip length, BLOCK_K) of the conv kernel's TMA loads: a whole row of up to 128 pixels,
+    or the M tile a reducing launch must use."""
+    block_m = _reduce_block_m(reduce_pixels) if reduce_pixels is not None else min(128, _next_pow2(grid_w))
+    return block_m, min(64, max(16, _next_pow2(k)))
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_descriptor(a: torch.Tensor, mode: int, grid_w: int, reduce_pixels: int | None):
+    """A TMA descriptor of the conv kernel's input a [B, H, W, K] (channels last) for the
+    stride-1 launches, or None where TMA does not apply: off (`CONV_TMA`), an old Triton, no
+    sm_90 GPU (the interpreter emulates it), rows not 16-byte aligned, or strips that would
+    not fit in a row (the strip must not wrap onto the next one)."""
+    if not CONV_TMA or TensorDescriptor is None or mode != 0 or not a.is_contiguous():
+        return None
+    if not (_interpreted() or _has_tma(a.device)):
+        return None
+    block_m, block_k = _tma_block(grid_w, a.shape[3], reduce_pixels)
+    if block_m < 16 or block_m > _next_pow2(grid_w) or (a.shape[3] * a.element_size()) % 16 or a.data_ptr() % 16:
+        return None
+    return TensorDescriptor.from_tensor(a, [1, 1, block_m, block_k])
 
 
 def _fp32_input_precision() -> str:
@@ -721,6 +761,7 @@ if triton is not None:
     @triton.jit
     def _conv_gemm_kernel(
         a_ptr,  # [B, IN_H, IN_W, K] activations, channels last, contiguous
+        a_desc,  # TMA descriptor of a, block [1, 1, TMA_BLOCK_M, BLOCK_K], if A_TMA (else unused)
         a_scale_ptr,  # [B, K] multiplier of a as it is loaded (the styles), if HAS_A_SCALE
         w_ptr,  # [KSIZE*KSIZE, K, N] weight, contiguous
         z_ptr,  # [B, IN_H, IN_W, L] (BOX_Z) or [B, OUT_H, OUT_W, L] fp32: the projected low-rank input
@@ -740,6 +781,7 @@ if triton is not None:
         OUT_W,
         GRID_H,  # the pixel grid a program tiles: OUT_H x OUT_W, or one phase's (IN_H+1) x (IN_W+1)
         GRID_W,
+        TMA_BLOCK_M,  # a_desc's strip length, 0 without a descriptor (unused here: an autotuning key)
         K,
         N,
         L,
@@ -766,6 +808,7 @@ if triton is not None:
         REDUCE_X: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         SCALE_WEIGHT: tl.constexpr,  # apply a_scale to the W tile (B operand) instead of the A tile
+        A_TMA: tl.constexpr,  # load A by TMA (MODE 0, TILE_W == BLOCK_M: the block is one row strip)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -848,11 +891,19 @@ if triton is not None:
                 in_x = grid_x - tx
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
-            pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
-            a_rows = a_ptr + ((b * IN_H + in_y) * IN_W + in_x) * K
-            a = tl.load(
-                a_rows[:, None] + offs_k[None, :], mask=pix_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".ca"
-            )
+            if A_TMA:  # one row strip, zero-filled where it leaves the image or K
+                strip_y = (pid_m // tiles_w) + (ky - KSIZE // 2)
+                strip_x = (pid_m % tiles_w) * BLOCK_M + (kx - KSIZE // 2)
+                a = a_desc.load([b.to(tl.int32), strip_y, strip_x, k0]).reshape(BLOCK_M, BLOCK_K)
+            else:
+                pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
+                a_rows = a_ptr + ((b * IN_H + in_y) * IN_W + in_x) * K
+                a = tl.load(
+                    a_rows[:, None] + offs_k[None, :],
+                    mask=pix_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                    cache_modifier=".ca",
+                )
             w = tl.load(
                 w_ptr + (ky * KSIZE + kx) * K * N + offs_k[:, None] * N + offs_n[None, :],
                 mask=k_ok[:, None] & n_ok[None, :],
@@ -1402,14 +1453,30 @@ if triton is not None:
                 )
             ]
         scale_a = kwargs.get("HAS_A_SCALE", named_args.get("HAS_A_SCALE"))
+        tma_m = named_args.get("TMA_BLOCK_M", 0)
+
+        def tile_width(config):  # a reducing launch's blocks must be the ones its buffer counts
+            if reduce_m is not None and tma_m:
+                return tma_m
+            return _tile_width(config.kwargs["BLOCK_M"], named_args["GRID_W"])
+
+        variants = [  # (config, TILE_W, SCALE_WEIGHT, A_TMA)
+            (config, tile_width(config), on_w, False) for config in kept for on_w in ((False, True) if scale_a else (False,))
+        ]
+        # the TMA loads, for the tiles of the descriptor's block (its strip is the M tile), with
+        # the styles on W (on A they would take A through registers again)
+        variants += [
+            (config, tma_m, bool(scale_a), True)
+            for config in kept
+            if tma_m and config.kwargs["BLOCK_M"] == tma_m and config.kwargs["BLOCK_K"] == min(64, k_cap)
+        ]
         return [
             triton.Config(
-                dict(config.kwargs, TILE_W=_tile_width(config.kwargs["BLOCK_M"], named_args["GRID_W"]), SCALE_WEIGHT=on_w),
+                dict(config.kwargs, TILE_W=tile_w, SCALE_WEIGHT=on_w, A_TMA=tma),
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
             )
-            for config in kept
-            for on_w in ((False, True) if scale_a else (False,))
+            for config, tile_w, on_w, tma in variants
         ]
 
 
@@ -1435,14 +1502,24 @@ def _tuned_conv_gemm():
 
 def _launch_conv_gemm(
     a, a_scale, w, z, r, alpha, beta, out, *, mode, ksize, in_hw, out_hw, grid_hw, box_z, q=None,
-    noise=None, noise_strength=None, bias=None, activate=False, clamp=None, x=None, partial=None,
+    noise=None, noise_strength=None, bias=None, activate=False, clamp=None, x=None,
 ):  # fmt: skip
     """Launch `_conv_gemm_kernel`; tensors as its argument comments say (all on one device).
 
     The low-rank term is off when r is None; with r, give either z (the projected input) or
-    q (the projection, fused into the kernel; needs L <= 64)."""
+    q (the projection, fused into the kernel; needs L <= 64). With x, the launch also sums
+    x * (the conv part) over each pixel block, and returns those sums [B, blocks, N] fp32 (the
+    buffer is sized here: how many blocks there are depends on the loads the launch uses)."""
+    pixels = grid_hw[0] * grid_hw[1]
+    reduce_pixels = pixels if x is not None else None
+    a_desc = _tma_descriptor(a, mode, grid_hw[1], reduce_pixels) if a.device.type != "meta" else None
+    partial = None
+    if x is not None:  # a reducing launch runs one M tile; with TMA its pixel blocks are row strips
+        block_m = _reduce_block_m(pixels)
+        tile_w = block_m if a_desc is not None else _tile_width(block_m, grid_hw[1])
+        partial = _alloc((a.shape[0], _pixel_tiles(*grid_hw, block_m, tile_w), w.shape[2]), torch.float32, a.device)
     if a.device.type == "meta":  # meta tensors hold no data: nothing to compute
-        return
+        return partial
     batch = a.shape[0]
     n = w.shape[2]
     k = w.shape[1]
@@ -1452,16 +1529,17 @@ def _launch_conv_gemm(
     if fuse_projection and rank > 64:
         raise ValueError(f"the fused projection holds L <= 64 tokens in registers, got L={rank}")
     precision = _fp32_input_precision() if w.dtype == torch.float32 else None
+    tma_block_m = a_desc.block_shape[2] if a_desc is not None else 0
     dummy = alpha
     noise_strides = noise.stride()[:1] + noise.stride()[2:] if noise is not None else (0, 0, 0)
     if noise is not None and noise.shape[0] == 1:
         noise_strides = (0,) + noise_strides[1:]
     args = (
-        a, a_scale if a_scale is not None else dummy, w, z if z is not None else dummy, r if lowrank else dummy,
+        a, a_desc if a_desc is not None else a, a_scale if a_scale is not None else dummy, w, z if z is not None else dummy, r if lowrank else dummy,
         q if fuse_projection else dummy, alpha, beta, out,
         noise if noise is not None else dummy, noise_strength if noise_strength is not None else dummy,
         bias if bias is not None else dummy, x if x is not None else dummy, partial if partial is not None else dummy,
-        in_hw[0], in_hw[1], out_hw[0], out_hw[1], grid_hw[0], grid_hw[1], k, n, rank,
+        in_hw[0], in_hw[1], out_hw[0], out_hw[1], grid_hw[0], grid_hw[1], tma_block_m, k, n, rank,
         (r.stride(0) if r.shape[0] > 1 else 0) if lowrank else 0,
         (q.stride(0) if q.shape[0] > 1 else 0) if fuse_projection else 0,
         alpha.stride(0), alpha.stride(1), beta.stride(0), beta.stride(1),
@@ -1483,7 +1561,6 @@ def _launch_conv_gemm(
         BLOCK_L=min(64, max(16, _next_pow2(rank))),
     )
     phases = 4 if mode == 2 else 1
-    pixels = grid_hw[0] * grid_hw[1]
 
     def grid(meta):
         pixel_tiles = _pixel_tiles(*grid_hw, meta["BLOCK_M"], meta["TILE_W"])
@@ -1494,19 +1571,22 @@ def _launch_conv_gemm(
         block_m = min(128 if _interpreted() else 64, max(16, _next_pow2(pixels)))
         if partial is not None:
             block_m = _reduce_block_m(pixels)
+        if a_desc is not None:  # the descriptor's strip is the M tile
+            block_m = tma_block_m
         blocks = dict(
             BLOCK_M=block_m,
             BLOCK_N=min(64, max(16, _next_pow2(n))),
             BLOCK_K=min(64, max(16, _next_pow2(k))),
-            TILE_W=_tile_width(block_m, grid_hw[1]),
-            SCALE_WEIGHT=CONV_SCALE_WEIGHT and a_scale is not None,
+            TILE_W=block_m if a_desc is not None else _tile_width(block_m, grid_hw[1]),
+            SCALE_WEIGHT=(CONV_SCALE_WEIGHT or a_desc is not None) and a_scale is not None,
+            A_TMA=a_desc is not None,
         )
         _conv_gemm_kernel[grid(blocks)](*args, **flags, **blocks, num_warps=4, num_stages=CONV_NUM_STAGES)
     else:
         # after the first launch of a shape, skip triton.autotune's per-call bookkeeping (~0.2 ms
         # of host time a launch, more than the GPU time of a low-resolution layer)
         key = (
-            mode, ksize, k, n, rank, grid_hw, flags["BOX_Z"], flags["FUSE_PROJECTION"], flags["HAS_A_SCALE"],
+            mode, ksize, k, n, rank, grid_hw, tma_block_m, flags["BOX_Z"], flags["FUSE_PROJECTION"], flags["HAS_A_SCALE"],
             lowrank, partial is not None, precision, a.dtype, w.dtype, out.dtype, z.dtype if z is not None else None,
         )  # fmt: skip
         config = _CONV_BEST_CONFIG.get(key)
@@ -1516,13 +1596,14 @@ def _launch_conv_gemm(
             _CONV_BEST_CONFIG[key] = tuner.best_config
         else:
             _conv_gemm_kernel[grid(config.kwargs)](*args, **flags, **config.all_kwargs())
+    return partial
 
 
 # (launch shape and dtypes) -> the triton.Config the autotuner chose for it
 _CONV_BEST_CONFIG: dict = {}
 # the fields of those keys, in order (benchmarks record the choices by name)
 CONV_BEST_CONFIG_KEY_FIELDS = (
-    "MODE", "KSIZE", "K", "N", "L", "GRID_HW", "BOX_Z", "FUSE_PROJECTION", "HAS_A_SCALE", "HAS_LOWRANK", "REDUCE_X",
+    "MODE", "KSIZE", "K", "N", "L", "GRID_HW", "TMA_BLOCK_M", "BOX_Z", "FUSE_PROJECTION", "HAS_A_SCALE", "HAS_LOWRANK", "REDUCE_X",
     "INPUT_PRECISION", "a_dtype", "w_dtype", "out_dtype", "z_dtype",
 )  # fmt: skip
 
@@ -1530,7 +1611,7 @@ CONV_BEST_CONFIG_KEY_FIELDS = (
 def autotuned_conv_configs() -> list[dict]:
     """What the conv kernel's autotuner chose in this process, one dict per launch shape: the
     launch's fields (`CONV_BEST_CONFIG_KEY_FIELDS`, dtypes as strings) and the chosen config's
-    BLOCK_M/N/K, TILE_W, SCALE_WEIGHT, num_warps and num_stages."""
+    BLOCK_M/N/K, TILE_W, SCALE_WEIGHT, A_TMA, num_warps and num_stages."""
     chosen = []
     for key, config in _CONV_BEST_CONFIG.items():
         entry = {name: str(value) if isinstance(value, torch.dtype) else value
@@ -1949,12 +2030,10 @@ def _triton_backward(
         alpha = (styles.float() * scale).contiguous()
         beta = torch.ones((1, 1), dtype=torch.float32, device=device).expand(batch, in_channels)
         grad_x_nhwc = _alloc((batch, height, width, in_channels), x.dtype, device)
-        reduce_tiles = _pixel_tiles(height, width, _reduce_block_m(height * width))
-        partial_styles = _alloc((batch, reduce_tiles, in_channels), torch.float32, device)
-        _launch_conv_gemm(
+        partial_styles = _launch_conv_gemm(
             g_conv, None, w_taps, gz, q3, alpha, beta, grad_x_nhwc, mode=mode, ksize=kernel,
             in_hw=(g_conv.shape[1], g_conv.shape[2]), out_hw=(height, width), grid_hw=(height, width), box_z=True,
-            q=p3.to(grad_dtype) if fused else None, x=x_nhwc, partial=partial_styles if need_styles else None,
+            q=p3.to(grad_dtype) if fused else None, x=x_nhwc if need_styles else None,
         )  # fmt: skip
         if need_x:
             grad_x = grad_x_nhwc.permute(0, 3, 1, 2)
