@@ -145,6 +145,9 @@ def compile_conv_for_hopper(flags: dict, shape: tuple, dtype: str = "bf16", grid
 
 @dataclasses.dataclass
 class PtxasReport:
+    """What `ptxas -v` says about one kernel: per-thread registers, spill and stack bytes, and
+    its performance notes (C7515: the wgmma chain serialised)."""
+
     registers: int
     spill_bytes: int  # spill stores + spill loads
     stack_bytes: int
@@ -312,6 +315,7 @@ def audit(families=FAMILIES, shapes=DEFAULT_SHAPES, others=OTHER_KERNELS, jobs: 
 
 
 def markdown(rows: list[dict]) -> str:
+    """The audit's rows (as `audit` returns them) as a markdown table."""
     lines = [
         "| launch | tile MxNxK | warps | stages | smem KiB | regs | spills B | loads | wgmma | serialised | programs/SM |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
