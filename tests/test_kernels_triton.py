@@ -563,9 +563,9 @@ def test_triton_backend_never_builds_per_sample_kernels(upsample, monkeypatch):
     largest = []
 
     def probed(function):
-        def run(*args):
+        def run(*args, **kwargs):
             with LargestAllocation() as mode:
-                result = function(*args)
+                result = function(*args, **kwargs)
             largest.append(mode.largest)
             return result
 

@@ -1924,18 +1924,20 @@ def _clamp_bound(clamp: float, dtype: torch.dtype) -> float:
 
 
 def _triton_backward(
-    grad, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp, needs
-):
+    grad, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp, needs,
+    placeholders=True,
+):  # fmt: skip
     """All gradients of `_triton_forward`; needs = which of (x, styles, weight, p, q, demod,
-    noise_strength, bias) are wanted. Returns them in that order, empty tensors for the rest."""
+    noise_strength, bias) are wanted. Returns them in that order; for the rest empty tensors
+    (the custom op must return tensors), or None when placeholders is False (eager autograd)."""
     need_x, need_styles, need_weight, need_p, need_q, need_demod, need_strength, need_bias = needs
     batch, in_channels, height, width = x.shape
     out_channels, _, kernel, _ = weight.shape
     out_h, out_w = out.shape[2], out.shape[3]
     device = x.device
 
-    def empty():  # a placeholder for a gradient nobody wants (outputs must not alias each other)
-        return x.new_empty(0)
+    def empty():  # a gradient nobody wants; made into a placeholder at the end if asked for
+        return None
 
     # 1. epilogue backward: g = grad of the (blurred) conv result, times d, plus the per-tile sums.
     # g and everything derived from it are kept in x's dtype: the grad-x kernel feeds them to
@@ -2043,7 +2045,10 @@ def _triton_backward(
 
     # 5. the weight gradient, only when asked: one dense conv weight-gradient against x * s
     grad_weight = _weight_gradient(g_conv, x, weight, styles, scale, upsample) if need_weight else empty()
-    return grad_x, grad_styles, grad_weight, grad_p, grad_q, grad_demod, grad_strength, grad_bias
+    grads = (grad_x, grad_styles, grad_weight, grad_p, grad_q, grad_demod, grad_strength, grad_bias)
+    if placeholders:  # the custom op's outputs: tensors that do not alias each other
+        grads = tuple(x.new_empty(0) if g is None else g for g in grads)
+    return grads
 
 
 # --- torch.library registration: opaque to torch.compile, with fake (meta) implementations
@@ -2172,7 +2177,7 @@ class _StyledConv2dTritonFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        return _gradients(ctx, grad, _triton_backward)
+        return _gradients(ctx, grad, functools.partial(_triton_backward, placeholders=False))
 
 
 def _styled_conv2d_triton_call(*args):
