@@ -322,3 +322,20 @@ def test_cuda_graphs_capture_every_generator_case_and_no_layer_case():
         reason = applicable(graph, case, torch.device("cuda"))
         assert (reason is None) == (case.group == "generator"), case.case_id
         assert applicable(graph, case, torch.device("cpu")) == "needs CUDA"
+
+
+def test_gpu_session_script_names_real_cases(capsys):
+    """benchmarks/gpu_session.sh (the next GPU session's three calls) rejects a bad stage, and
+    the layers its third stage times exist in the suite."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+    result = subprocess.run(["bash", str(script), "4"], capture_output=True, text=True)
+    assert result.returncode == 2 and "usage" in result.stderr
+    layers = re.search(r'^layers="([^"]+)"', script.read_text(), re.MULTILINE).group(1)
+    assert main(["--suite", "headline", "--groups", "layer", "--layers", layers, "--list"]) == 0
+    listed = capsys.readouterr().out
+    for name in layers.split(","):
+        assert f"/{name}/" in listed, name

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One lent GPU's measurements for issue 4, in three calls of under 10 minutes each (BENCHMARKS.md,
+# "Next GPU session"). Run from anywhere; results land in benchmarks/results/ and, where the
+# device tool sets $OUT, in $OUT too (at most 5 files a stage, so they all come back):
+#
+#   bash benchmarks/gpu_session.sh 1   # the compiled CUDA tests, then the kernel profile of the headline step
+#   bash benchmarks/gpu_session.sh 2   # the headline suite, whole network: every implementation and variant
+#   bash benchmarks/gpu_session.sh 3   # the headline suite, the 256-1024 px layers one by one
+#
+# Each stage prints its summary last. The runs' JSON hold `autotuned_conv_configs`: which tile,
+# style placement and loads (pointer or TMA) the autotuner chose per launch shape.
+set -uo pipefail
+case "${1:-}" in
+1 | 2 | 3) ;;
+*)
+    echo "usage: bash benchmarks/gpu_session.sh 1|2|3" >&2
+    exit 2
+    ;;
+esac
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+python=python3
+$python - <<'EOF'
+import torch, triton
+print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
+EOF
+parallel=""
+$python -c "import xdist" 2>/dev/null && parallel="-n 8"
+# the generator's 256-1024 px convs and toRGBs (config-f at 1024 px has convs.0-15 and to_rgbs.0-7)
+layers="convs.10,convs.11,convs.12,convs.13,convs.14,convs.15,to_rgbs.5,to_rgbs.6,to_rgbs.7"
+case "${1:-}" in
+1)
+    timeout 400 $python -m pytest -q $parallel tests/test_kernels_triton.py tests/test_generator_gpu.py 2>&1 |
+        tee "$out/cuda-tests.log" | tail -n 30
+    timeout 170 $python -m benchmarks.profile --json "$out/profile.json" 2>&1 | tee "$out/profile.log"
+    ;;
+2)
+    $python -m benchmarks --suite headline --groups generator --max-minutes 8 --output "$out/headline-generator.json" \
+        --impls reference,nvlabs,torch,triton,compile-triton,reference+graph,torch+graph,triton+graph 2>&1 |
+        tee "$out/headline-generator.log" | tail -n 40
+    ;;
+3)
+    $python -m benchmarks --suite headline --groups layer --layers "$layers" --max-minutes 8 \
+        --output "$out/headline-layers.json" --impls reference,nvlabs,torch,triton 2>&1 |
+        tee "$out/headline-layers.log" | tail -n 60
+    ;;
+esac
