@@ -11,7 +11,8 @@ x of both) and for each tile config, this compiles `_conv_gemm_kernel` for sm_90
 what decides its speed before any timing does:
 
 - shared memory per program, and registers and spills per thread (from `ptxas -v`);
-- whether the main loop's dots became Hopper wgmma instructions, and its loads asynchronous copies;
+- whether the dots became Hopper wgmma instructions, with A from shared memory (SS) or from
+  registers (RS), and whether the main loop's loads are asynchronous copies or TMA;
 - ptxas's C7515 note: the wgmma chain serialised because non-wgmma instructions write its
   accumulator registers. It appears when A is scaled in registers (an RS wgmma) for some tiles;
 - programs per SM that registers, shared memory and warps allow (the H100's limits).
@@ -281,6 +282,10 @@ def _row(label: str, tile: str, warps: int, stages: int, kernel) -> dict:
         registers=report.registers,
         spill_bytes=report.spill_bytes,
         wgmma="wgmma.mma_async" in ptx,
+        # wgmma instructions by where A comes from: shared memory (SS) or registers (RS: an
+        # operand built in registers, such as a scaled input tile or a projected low-rank input)
+        wgmma_ss=len(re.findall(r"wgmma\.mma_async\S* \{[^}]*\}, %rd", ptx)),
+        wgmma_rs=len(re.findall(r"wgmma\.mma_async\S* \{[^}]*\}, \{", ptx)),
         # how the main loop's tiles arrive: TMA bulk copies, asynchronous copies, or plain loads
         loads="tma" if "async_tma_copy_global_to_local" in ttgir else
               "cp.async" if "async_copy_global_to_local" in ttgir else "sync",
@@ -314,16 +319,20 @@ def audit(families=FAMILIES, shapes=DEFAULT_SHAPES, others=OTHER_KERNELS, jobs: 
     return rows
 
 
+def _wgmma_cell(row: dict) -> str:
+    return f"{row['wgmma_ss']}/{row['wgmma_rs']}" if row["wgmma"] else "none"
+
+
 def markdown(rows: list[dict]) -> str:
     """The audit's rows (as `audit` returns them) as a markdown table."""
     lines = [
-        "| launch | tile MxNxK | warps | stages | smem KiB | regs | spills B | loads | wgmma | serialised | programs/SM |",
+        "| launch | tile MxNxK | warps | stages | smem KiB | regs | spills B | loads | wgmma SS/RS | serialised | programs/SM |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['launch']} | {row['tile']} | {row['warps']} | {row['stages']} | {row['shared_kib']} | "
-            f"{row['registers']} | {row['spill_bytes']} | {row['loads']} | {'yes' if row['wgmma'] else 'NO'} | "
+            f"{row['registers']} | {row['spill_bytes']} | {row['loads']} | {_wgmma_cell(row)} | "
             f"{'SERIALISED' if row['serialized_wgmma'] else 'no'} | {row['programs_per_sm']} |"
         )
     return "\n".join(lines)
@@ -367,11 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(rows))
     else:
         header = (f"{'launch':<48} {'tile':>10} {'w':>2} {'st':>2} {'smem KiB':>8} {'regs':>4} {'spill':>5} "
-                  f"{'loads':>8} {'wgmma':>5} {'serialised':>10} {'prog/SM':>7}")  # fmt: skip
+                  f"{'loads':>8} {'wgmma SS/RS':>11} {'serialised':>10} {'prog/SM':>7}")  # fmt: skip
         print(header)
         for row in rows:
             print(f"{row['launch']:<48} {row['tile']:>10} {row['warps']:>2} {row['stages']:>2} {row['shared_kib']:>8} "
-                  f"{row['registers']:>4} {row['spill_bytes']:>5} {row['loads']:>8} {'yes' if row['wgmma'] else 'NO':>5} "
+                  f"{row['registers']:>4} {row['spill_bytes']:>5} {row['loads']:>8} {_wgmma_cell(row):>11} "
                   f"{'SERIALISED' if row['serialized_wgmma'] else 'no':>10} {row['programs_per_sm']:>7}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as handle:

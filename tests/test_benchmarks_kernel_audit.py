@@ -68,7 +68,9 @@ def test_forward_with_styles_on_w_keeps_the_wgmma_chain_and_nothing_spills(tmp_p
     for row in rows:
         assert row["wgmma"] and row["loads"] in ("cp.async", "tma") and row["fits"] and row["spill_bytes"] == 0, row
         assert row["programs_per_sm"] >= 2, row
-    assert not any(row["serialized_wgmma"] for row in rows if "styles on W" in row["launch"])
+    on_w = [row for row in rows if "styles on W" in row["launch"]]  # the pointer and the TMA variants
+    assert len(on_w) == 4 and not any(row["serialized_wgmma"] for row in on_w)
+    assert all(row["wgmma_ss"] > 0 and row["wgmma_rs"] == 0 for row in on_w)  # A straight from shared memory
 
 
 @pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
