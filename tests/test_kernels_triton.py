@@ -271,6 +271,9 @@ def test_tma_applies_only_where_its_constraints_hold(monkeypatch):
     monkeypatch.setattr(op_module, "_interpreted", lambda: True)
     rows = torch.zeros(2, 6, 40, 16)
     assert op_module._tma_descriptor(rows, 0, 40, None).block_shape == [1, 1, 64, 16]
+    wide = torch.zeros(1, 4, 256, 64)  # a row is at most 128 bytes of channels: 32 fp32, 64 bf16
+    assert op_module._tma_descriptor(wide, 0, 256, None).block_shape == [1, 1, 128, 32]
+    assert op_module._tma_descriptor(wide.bfloat16(), 0, 256, None).block_shape == [1, 1, 128, 64]
     assert op_module._tma_descriptor(rows, 0, 40, 6 * 40).block_shape == [1, 1, 64, 16]  # reducing: its M tile
     assert op_module._tma_descriptor(rows, 1, 40, None) is None  # stride 2: no strips
     assert op_module._tma_descriptor(torch.zeros(2, 6, 40, 10), 0, 40, None) is None  # 40-byte rows

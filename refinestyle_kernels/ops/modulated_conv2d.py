@@ -682,11 +682,12 @@ def _pixel_tiles(grid_h: int, grid_w: int, block_m: int, tile_w: int | None = No
     return -(-grid_h // (block_m // tile_w)) * -(-grid_w // tile_w)
 
 
-def _tma_block(grid_w: int, k: int, reduce_pixels: int | None) -> tuple[int, int]:
+def _tma_block(grid_w: int, k: int, element_size: int, reduce_pixels: int | None) -> tuple[int, int]:
     """(strip length, BLOCK_K) of the conv kernel's TMA loads: a whole row of up to 128 pixels,
-    or the M tile a reducing launch must use."""
+    or the M tile a reducing launch must use; at most 128 bytes of channels per pixel (64 in
+    bf16, 32 in fp32), the widest row a 128-byte-swizzled TMA box may have."""
     block_m = _reduce_block_m(reduce_pixels) if reduce_pixels is not None else min(128, _next_pow2(grid_w))
-    return block_m, min(64, max(16, _next_pow2(k)))
+    return block_m, min(128 // element_size, max(16, _next_pow2(k)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -703,7 +704,7 @@ def _tma_descriptor(a: torch.Tensor, mode: int, grid_w: int, reduce_pixels: int 
         return None
     if not (_interpreted() or _has_tma(a.device)):
         return None
-    block_m, block_k = _tma_block(grid_w, a.shape[3], reduce_pixels)
+    block_m, block_k = _tma_block(grid_w, a.shape[3], a.element_size(), reduce_pixels)
     if block_m < 16 or block_m > _next_pow2(grid_w) or (a.shape[3] * a.element_size()) % 16 or a.data_ptr() % 16:
         return None
     return TensorDescriptor.from_tensor(a, [1, 1, block_m, block_k])
@@ -1468,7 +1469,7 @@ if triton is not None:
         variants += [
             (config, tma_m, bool(scale_a), True)
             for config in kept
-            if tma_m and config.kwargs["BLOCK_M"] == tma_m and config.kwargs["BLOCK_K"] == min(64, k_cap)
+            if tma_m and config.kwargs["BLOCK_M"] == tma_m and config.kwargs["BLOCK_K"] == min(128 // element, k_cap)
         ]
         return [
             triton.Config(
@@ -1571,12 +1572,13 @@ def _launch_conv_gemm(
         block_m = min(128 if _interpreted() else 64, max(16, _next_pow2(pixels)))
         if partial is not None:
             block_m = _reduce_block_m(pixels)
-        if a_desc is not None:  # the descriptor's strip is the M tile
-            block_m = tma_block_m
+        block_k = min(64, max(16, _next_pow2(k)))
+        if a_desc is not None:  # the descriptor's block is the A tile
+            block_m, block_k = a_desc.block_shape[2], a_desc.block_shape[3]
         blocks = dict(
             BLOCK_M=block_m,
             BLOCK_N=min(64, max(16, _next_pow2(n))),
-            BLOCK_K=min(64, max(16, _next_pow2(k))),
+            BLOCK_K=block_k,
             TILE_W=block_m if a_desc is not None else _tile_width(block_m, grid_hw[1]),
             SCALE_WEIGHT=(CONV_SCALE_WEIGHT or a_desc is not None) and a_scale is not None,
             A_TMA=a_desc is not None,
