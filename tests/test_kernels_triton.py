@@ -832,6 +832,31 @@ def test_compiled_large_layers_match_reference(layer, monkeypatch):
 
 
 @needs_cuda
+@pytest.mark.parametrize("loads", ["pointer, styles on A", "pointer, styles on W", "tma"])
+@pytest.mark.parametrize(
+    "layer",
+    [  # rows of 40-96 pixels and 8-aligned channels: the stride-1 launches can take TMA
+        Layer(batch=2, in_channels=64, out_channels=32, height=12, width=96, num_tokens=32, noise="shared"),
+        Layer(batch=2, in_channels=32, out_channels=64, height=9, width=40, tokens="shared", clamp=0.6),
+    ],
+    ids=str,
+)
+def test_compiled_load_and_style_variants_match_reference(layer, loads, monkeypatch):
+    """Each variant the autotuner chooses among, forced through the untuned path: the autotuner
+    only ever runs the fastest, so a wrong but slow variant would otherwise go unnoticed."""
+    monkeypatch.setattr(op_module, "TRITON_AUTOTUNE", False)
+    monkeypatch.setattr(op_module, "TRITON_FP32_PRECISION", "ieee")
+    monkeypatch.setattr(op_module, "CONV_TMA", loads == "tma")
+    monkeypatch.setattr(op_module, "CONV_SCALE_WEIGHT", loads != "pointer, styles on A")
+    used = []
+    descriptor = op_module._tma_descriptor
+    monkeypatch.setattr(op_module, "_tma_descriptor", lambda *a: used.append(descriptor(*a)) or used[-1])
+    check_layer(smooth(layer), torch.bfloat16, "cuda", TOLERANCE[torch.bfloat16])
+    check_layer(layer, torch.float32, "cuda", TOLERANCE["ieee"])
+    assert any(d is not None for d in used) == (loads == "tma"), used
+
+
+@needs_cuda
 def test_compiled_torch_compile_inductor():
     expected, got = compiled_block("cuda", torch.float32, "inductor")
     for value, reference in zip(got, expected):
