@@ -6,9 +6,11 @@
 
 Triton compiles for a GPU it does not have: source -> TTGIR -> PTX -> cubin, with the ptxas it
 ships. For every launch family of a config-f training step in bf16 (the forward of a plain and
-of an upsampling layer, refined or not, with the styles applied to the A or to the W tile; grad
-x of both) and for each tile config, this compiles `_conv_gemm_kernel` for sm_90a and reports
-what decides its speed before any timing does:
+of an upsampling layer, refined or not, with the styles applied to the A or to the W tile, and
+with pointer or TMA loads where TMA applies; grad x of both) and for each tile config, this
+compiles `_conv_gemm_kernel` for sm_90a, and the op's other kernels (pixel products, blur,
+epilogue backward, demodulation) with their launchers' blocks, and reports what decides their
+speed before any timing does:
 
 - shared memory per program, and registers and spills per thread (from `ptxas -v`);
 - whether the dots became Hopper wgmma instructions, with A from shared memory (SS) or from
