@@ -203,22 +203,18 @@ class SuiteSpec:
     def cases(self) -> list[Case]:
         """All cases, layer cases first (per layer, then per setting), then generator cases."""
         cases = []
-        settings = [
-            (batch, dtype, mode, tokens)
-            for dtype in self.dtypes
-            for mode in self.modes
-            for batch in self.batches
-            for tokens in self.tokens
-        ]
-        layer_settings = settings
-        if self.layer_tokens is not None:
-            layer_settings = [
+
+        def settings_with(token_settings):
+            return [
                 (batch, dtype, mode, tokens)
                 for dtype in self.dtypes
                 for mode in self.modes
                 for batch in self.batches
-                for tokens in self.layer_tokens
+                for tokens in token_settings
             ]
+
+        settings = settings_with(self.tokens)
+        layer_settings = settings if self.layer_tokens is None else settings_with(self.layer_tokens)
         if self.layer_generator is not None:
             convs, torgbs = self.layer_generator.layers()
             layers = [spec for spec in convs + torgbs if spec.kind in self.layer_kinds]
