@@ -206,6 +206,34 @@ def test_demodulation_tap_sums_follow_the_weight():
     assert torch.allclose(demodulation_coefficients(other, styles, None, None, 0.3, 1e-8), expected, rtol=1e-5)
 
 
+def test_weight_derived_tensors_are_cached_across_fresh_views_of_one_parameter():
+    """The modules pass `self.weight[0]`, a new view every call: the cache keys on the view's
+    base, so a frozen layer derives its tap sums once, and a base changed in place or another
+    slice of it derives them afresh."""
+    from refinestyle_kernels.ops import modulated_conv2d as op_module
+
+    parameter = torch.nn.Parameter(torch.randn(2, 6, 5, 3, 3), requires_grad=False)
+    calls = []
+
+    def make(weight):
+        calls.append(weight.sum().item())
+        return weight.sum((2, 3))
+
+    first = op_module._derived_from_weight(parameter[0], ("test-sums",), make)
+    again = op_module._derived_from_weight(parameter[0], ("test-sums",), make)
+    assert len(calls) == 1 and again is first
+    other_slice = op_module._derived_from_weight(parameter[1], ("test-sums",), make)
+    assert len(calls) == 2 and torch.equal(other_slice, parameter[1].sum((2, 3)))
+    with torch.no_grad():
+        parameter.mul_(2.0)
+    refreshed = op_module._derived_from_weight(parameter[0], ("test-sums",), make)
+    assert len(calls) == 3 and torch.allclose(refreshed, 2 * first)
+    trained = parameter[0].detach().requires_grad_(True)
+    op_module._derived_from_weight(trained, ("test-sums",), make)
+    op_module._derived_from_weight(trained, ("test-sums",), make)
+    assert len(calls) == 5  # a weight being trained is never cached
+
+
 def test_demodulation_coefficients_stay_float32_under_autocast():
     """Autocast would round the closed form's matmuls to bf16; d is computed in float32 anyway."""
     gen = torch.Generator().manual_seed(9)

@@ -350,11 +350,13 @@ def _demodulation_traced(weight, styles, p, q, scale, eps):
     return torch.rsqrt(energy.clamp_min(0) + eps)
 
 
-# (id(weight), what) -> (weakref to the weight, its _version, the derived tensors): tensors
-# derived from a weight that is not being trained (tap sums, kernel layouts), reused until it
-# changes in place (its version counter moves) or is freed (the weakref dies; a new tensor
-# that gets the same id is not mistaken for it). RefineStyle keeps W0 frozen, so each layer
-# derives them once instead of in every call.
+# (id of the weight's storage owner, the view's geometry, what) -> (weakref to the owner, the
+# weight's _version, the derived tensors): tensors derived from a weight that is not being
+# trained (tap sums, kernel layouts), reused until it changes in place (the version counter,
+# which a view shares with its base, moves) or its owner is freed (the weakref dies; a new
+# tensor that gets the same id is not mistaken for it). RefineStyle keeps W0 frozen, so each
+# layer derives them once instead of in every call. The owner is the view's base: the modules
+# pass `self.weight[0]` (rosinality's weight is [1, Cout, Cin, k, k]), a new view every call.
 _WEIGHT_DERIVED: dict = {}
 
 
@@ -362,15 +364,16 @@ def _derived_from_weight(weight: torch.Tensor, what: tuple, make):
     """make(weight) for a frozen weight, cached under `what`; recomputed when weight needs grad."""
     if weight.requires_grad or torch.compiler.is_compiling():
         return make(weight.detach())
-    key = (id(weight), what)
+    owner = weight._base if weight._base is not None else weight
+    key = (id(owner), weight.storage_offset(), tuple(weight.shape), weight.stride(), weight.dtype, what)
     cached = _WEIGHT_DERIVED.get(key)
-    if cached is not None and cached[0]() is weight and cached[1] == weight._version:
+    if cached is not None and cached[0]() is owner and cached[1] == weight._version:
         return cached[2]
     if len(_WEIGHT_DERIVED) >= 4096:  # forget the weights that are gone
         for stale in [k for k, entry in _WEIGHT_DERIVED.items() if entry[0]() is None]:
             del _WEIGHT_DERIVED[stale]
     derived = make(weight)
-    _WEIGHT_DERIVED[key] = (weakref.ref(weight), weight._version, derived)
+    _WEIGHT_DERIVED[key] = (weakref.ref(owner), weight._version, derived)
     return derived
 
 
@@ -646,6 +649,21 @@ MAX_LAUNCH_BATCH = 65535
 # Tests set this to True: every buffer the Triton path allocates starts as NaN, so an element
 # a kernel forgets to write shows up in the result instead of passing as leftover memory.
 POISON_BUFFERS = False
+
+
+# A planning hook (benchmarks/traffic.py): when set, every kernel launch site calls it with
+# (kernel name, tensors the launch reads, tensors it writes), also on meta tensors, where
+# nothing is launched. None (the default) costs one global lookup per launch.
+LAUNCH_OBSERVER = None
+
+
+def _observe_launch(kernel: str, reads, writes) -> None:
+    if LAUNCH_OBSERVER is not None:
+        LAUNCH_OBSERVER(
+            kernel,
+            [t for t in reads if isinstance(t, torch.Tensor)],
+            [t for t in writes if isinstance(t, torch.Tensor)],
+        )
 
 
 def _alloc(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
@@ -1519,6 +1537,11 @@ def _launch_conv_gemm(
         block_m = _reduce_block_m(pixels)
         tile_w = block_m if a_desc is not None else _tile_width(block_m, grid_hw[1])
         partial = _alloc((a.shape[0], _pixel_tiles(*grid_hw, block_m, tile_w), w.shape[2]), torch.float32, a.device)
+    _observe_launch(
+        f"conv_gemm[mode {mode}]",
+        (a, a_scale, w, z, r, q if z is None else None, alpha, beta, noise, noise_strength, bias, x),
+        (out, partial),
+    )  # fmt: skip
     if a.device.type == "meta":  # meta tensors hold no data: nothing to compute
         return partial
     batch = a.shape[0]
@@ -1641,6 +1664,7 @@ def _blur_taps(device) -> torch.Tensor:
 
 def _launch_blur(src, out, *, transpose, noise=None, noise_strength=None, bias=None, activate=False, clamp=None):
     """`_blur_kernel` from src [B, SRC_H, SRC_W, N] fp32 into out [B, OUT_H, OUT_W, N]."""
+    _observe_launch("blur_transposed" if transpose else "blur", (src, noise, noise_strength, bias), (out,))
     if src.device.type == "meta":
         return
     batch, src_h, src_w, n = src.shape
@@ -1725,6 +1749,7 @@ def _sum_over_pixels(
     stride_bb, stride_by, stride_bx, stride_bc = b.stride()
     if stride_by != out_w * stride_bx:
         raise ValueError(f"b: expected its rows packed (stride(1) == W * stride(2)), got strides {b.stride()}")
+    _observe_launch("pixel_products", (a, b), (partials,))
     if a.device.type != "meta":
         _pixel_products_kernel[(tiles, splits, batch)](
             a, b, partials, a_h, a_w, out_h, out_w, rank, channels, *a.stride(), stride_bb, stride_bx, stride_bc,
@@ -1746,7 +1771,8 @@ def _triton_demodulation_applies(weight, styles, p) -> bool:
     the kernels run on. Everything else goes to `demodulation_coefficients`."""
     if triton is None or torch.compiler.is_compiling() or weight.requires_grad:
         return False
-    if weight.device.type != "cuda" and not (weight.device.type == "cpu" and _interpreted()):
+    # meta tensors: planned like CUDA ones (benchmarks.memory, benchmarks.traffic); nothing runs
+    if weight.device.type not in ("cuda", "meta") and not (weight.device.type == "cpu" and _interpreted()):
         return False
     if weight.dtype == torch.float64 or styles.dtype == torch.float64:
         return False
@@ -1793,13 +1819,15 @@ class _TritonDemodulation(torch.autograd.Function):
             u = _alloc((batch, rank, out_channels), torch.float32, device)
             gp = _alloc((batch, rank, out_channels), torch.float32, device)
         block_o, block_i, block_l, warps = _demodulation_blocks(in_channels, out_channels, rank, backward=False)
-        _demodulation_kernel[(triton.cdiv(out_channels, block_o), batch)](
-            styles, s1, s2, p if p is not None else s1, q if q is not None else s1, demod, energy,
-            u if u is not None else demod, gp if gp is not None else demod,
-            in_channels, out_channels, rank, *token_strides, float(scale), float(eps),
-            float(weight.shape[2] * weight.shape[3]),
-            HAS_TOKENS=p is not None, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=warps,
-        )  # fmt: skip
+        _observe_launch("demodulation", (styles, s1, s2, p, q), (demod, energy, u, gp))
+        if device.type != "meta":  # meta tensors hold no data: nothing to compute
+            _demodulation_kernel[(triton.cdiv(out_channels, block_o), batch)](
+                styles, s1, s2, p if p is not None else s1, q if q is not None else s1, demod, energy,
+                u if u is not None else demod, gp if gp is not None else demod,
+                in_channels, out_channels, rank, *token_strides, float(scale), float(eps),
+                float(weight.shape[2] * weight.shape[3]),
+                HAS_TOKENS=p is not None, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=warps,
+            )  # fmt: skip
         ctx.save_for_backward(weight, styles, p, q, demod, energy, u, gp)
         ctx.scale = float(scale)
         ctx.token_strides = token_strides
@@ -1823,14 +1851,19 @@ class _TritonDemodulation(torch.autograd.Function):
             grad_q = _alloc((batch, rank, in_channels), token_dtype, q.device)
         block_o, block_i, block_l, warps = _demodulation_blocks(in_channels, out_channels, rank, backward=True)
         programs = triton.cdiv(in_channels, block_i) + (triton.cdiv(out_channels, block_o) if p is not None else 0)
-        _demodulation_backward_kernel[(programs, batch)](
-            grad_demod.contiguous(), demod, energy, styles, s1, s2,
-            p if p is not None else s1, q if q is not None else s1, u if u is not None else demod,
-            gp if gp is not None else demod, grad_styles,
-            grad_p if grad_p is not None else demod, grad_q if grad_q is not None else demod,
-            in_channels, out_channels, rank, *ctx.token_strides, ctx.scale, float(weight.shape[2] * weight.shape[3]),
-            HAS_TOKENS=p is not None, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=warps,
+        grad_demod = grad_demod.contiguous()
+        _observe_launch(
+            "demodulation_backward", (grad_demod, demod, energy, styles, s1, s2, p, q, u, gp), (grad_styles, grad_p, grad_q)
         )  # fmt: skip
+        if styles.device.type != "meta":  # meta tensors hold no data: nothing to compute
+            _demodulation_backward_kernel[(programs, batch)](
+                grad_demod, demod, energy, styles, s1, s2,
+                p if p is not None else s1, q if q is not None else s1, u if u is not None else demod,
+                gp if gp is not None else demod, grad_styles,
+                grad_p if grad_p is not None else demod, grad_q if grad_q is not None else demod,
+                in_channels, out_channels, rank, *ctx.token_strides, ctx.scale, float(weight.shape[2] * weight.shape[3]),
+                HAS_TOKENS=p is not None, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=warps,
+            )  # fmt: skip
         need_styles, need_p, need_q = ctx.needs_input_grad[1:4]
         if p is not None and (shared or grad_p.shape != ctx.token_shapes[0]):  # back to [L, C]
             p_shape, q_shape = ctx.token_shapes
@@ -1954,6 +1987,7 @@ def _triton_backward(
     if noise is not None:
         noise_strides = (noise.stride(0) if noise.shape[0] > 1 else 0, noise.stride(2), noise.stride(3))
     grid = (m_tiles, triton.cdiv(out_channels, block_n), batch)
+    _observe_launch("epilogue_backward", (grad, out, demod, noise, noise_strength, bias), (g, partials))
     if device.type != "meta":  # meta tensors hold no data: nothing to compute
         _epilogue_backward_kernel[grid](
             grad, out, demod32,
