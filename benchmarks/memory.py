@@ -86,6 +86,37 @@ def peak_bytes_of(step: Callable[[], object]) -> tuple[object, int]:
 # Planning memory without a GPU: the meta device
 
 
+def meta_training_step(
+    generator: GeneratorConfig, batch: int, dtype: torch.dtype, tokens: TokenSetting, backend: str, backward: bool = True
+):
+    """The synthesis network and the inputs of one benchmark step, on meta tensors.
+
+    Arguments as in `planned_generator_memory`; backend: the op backend of the network's
+    layers. Returns (model, w_plus, refinement or None, grad_image): w+ and the tokens
+    require gradients when backward is True, the weights never do.
+    """
+    from refinestyle.generator import Generator
+    from refinestyle.refinement import Refinement
+
+    with torch.device("meta"):
+        model = Generator(
+            generator.size, generator.style_dim, generator.n_mlp,
+            channel_multiplier=generator.channel_multiplier, channel_max=generator.channel_max,
+        ).to(dtype).requires_grad_(False)  # fmt: skip
+        model.backend = backend
+        num_latent = int(math.log2(generator.size)) * 2 - 2
+        w_plus = torch.empty(batch, num_latent, generator.style_dim, dtype=dtype, requires_grad=backward)
+        refinement = None
+        if tokens.num_tokens:
+            lead = () if tokens.shared else (batch,)
+            convs, _ = generator.layers()
+            ps = [torch.empty(*lead, tokens.num_tokens, spec.out_channel, dtype=dtype, requires_grad=backward) for spec in convs]
+            qs = [torch.empty(*lead, tokens.num_tokens, spec.in_channel, dtype=dtype, requires_grad=backward) for spec in convs]
+            refinement = Refinement(ps, qs, model.num_layers)
+        grad_image = torch.empty(batch, 3, generator.size, generator.size, dtype=dtype)
+    return model, w_plus, refinement, grad_image
+
+
 def planned_generator_memory(
     generator: GeneratorConfig,
     batch: int,
@@ -105,25 +136,9 @@ def planned_generator_memory(
     Returns {"after_forward_bytes": what the forward left alive (output and saved tensors),
     "peak_bytes": the most alive at once}, both over what existed before (weights, inputs).
     """
-    from refinestyle.generator import Generator
-    from refinestyle.refinement import Refinement
-
-    with torch.device("meta"):
-        model = Generator(
-            generator.size, generator.style_dim, generator.n_mlp,
-            channel_multiplier=generator.channel_multiplier, channel_max=generator.channel_max,
-        ).to(dtype).requires_grad_(False)  # fmt: skip
-        model.backend = implementation.backend
-        num_latent = int(math.log2(generator.size)) * 2 - 2
-        w_plus = torch.empty(batch, num_latent, generator.style_dim, dtype=dtype, requires_grad=backward)
-        refinement = None
-        if tokens.num_tokens:
-            lead = () if tokens.shared else (batch,)
-            convs, _ = generator.layers()
-            ps = [torch.empty(*lead, tokens.num_tokens, spec.out_channel, dtype=dtype, requires_grad=backward) for spec in convs]
-            qs = [torch.empty(*lead, tokens.num_tokens, spec.in_channel, dtype=dtype, requires_grad=backward) for spec in convs]
-            refinement = Refinement(ps, qs, model.num_layers)
-        grad_image = torch.empty(batch, 3, generator.size, generator.size, dtype=dtype)
+    model, w_plus, refinement, grad_image = meta_training_step(
+        generator, batch, dtype, tokens, implementation.backend, backward
+    )
     with patched_op(implementation.op), LiveBytes() as live:
         image = model.synthesis(w_plus, refinement=refinement, randomize_noise=False)
         after_forward = live.live_bytes
