@@ -1,0 +1,151 @@
+"""The traffic plan without a GPU: `benchmarks.traffic`.
+
+The plan counts, on meta tensors, what every kernel launch of a training step reads and
+writes. These tests check the byte count of a tensor, one launch against its hand count,
+that the meta plan is exactly what a real run issues (the Triton kernels run in the
+interpreter, which needs TRITON_INTERPRET=1, set by conftest.py on machines without a GPU),
+and the command line.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from benchmarks import traffic
+from benchmarks.cases import GeneratorConfig, TokenSetting
+from benchmarks.flops import generator_layers
+from benchmarks.implementations import REFERENCE, TRITON
+from refinestyle_kernels.ops import modulated_conv2d as op_module
+
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") != "1",
+    reason="a real run of the Triton path on the CPU needs TRITON_INTERPRET=1 (set by conftest.py without a GPU)",
+)
+
+SMALL = GeneratorConfig(16, channel_multiplier=1, channel_max=8, style_dim=8, n_mlp=1)
+
+
+def test_addressed_bytes_counts_expanded_dimensions_once():
+    assert traffic.addressed_bytes(torch.empty(3, 5, dtype=torch.bfloat16)) == 30
+    assert traffic.addressed_bytes(torch.empty(1, 7).expand(4, 7)) == 28
+    assert traffic.addressed_bytes(torch.empty(2, 3, 4).permute(2, 0, 1)) == 96
+    assert traffic.addressed_bytes(torch.empty((), dtype=torch.float64)) == 8
+
+
+def test_forward_conv_launch_moves_what_the_hand_count_says():
+    """The last plain conv's forward launch (unrefined, bf16): x, the tap-major weight, styles,
+    alpha and d ([B, Cout] fp32 each), the shared noise map, its strength and the bias in;
+    the output out."""
+    batch = 2
+    launches = traffic.planned_generator_traffic(SMALL, batch, torch.bfloat16, TokenSetting(0, False), TRITON)
+    spec = next(s for s in generator_layers(16, 1, 8)[0] if s.name == "convs.3")
+    (conv,) = [l for l in launches if l.layer == spec.name and l.phase == "forward" and l.kernel.startswith("conv_gemm")]
+    pixels = spec.out_size**2
+    reads = (
+        2 * batch * pixels * spec.in_channel  # x
+        + 2 * 9 * spec.in_channel * spec.out_channel  # W0 taps
+        + 2 * batch * spec.in_channel  # styles
+        + 2 * 4 * batch * spec.out_channel  # alpha, d
+        + 2 * pixels + 2 + 2 * spec.out_channel  # noise, strength, bias
+    )
+    assert (conv.read_bytes, conv.write_bytes) == (reads, 2 * batch * pixels * spec.out_channel)
+
+
+def test_every_conv_launch_belongs_to_its_layer():
+    launches = traffic.planned_generator_traffic(SMALL, 2, torch.float32, TokenSetting(4, False), TRITON)
+    convs, torgbs = generator_layers(16, 1, 8)
+    for spec in convs + torgbs:
+        for phase in ("forward", "backward"):
+            kernels = [l.kernel for l in launches if l.layer == spec.name and l.phase == phase]
+            assert sum(k.startswith("conv_gemm") for k in kernels) == 1, (spec.name, phase, kernels)
+    assert not any(l.kernel.startswith("conv_gemm") for l in launches if l.layer == "other")
+    by_layer = traffic.per_layer(launches)
+    floors = traffic.floor_bytes(SMALL, 2, torch.float32, TokenSetting(4, False))
+    for name, floor in floors.items():  # no layer can move less than its floor
+        assert by_layer[name]["forward"]["bytes"] + by_layer[name]["backward"]["bytes"] >= floor, name
+
+
+@needs_interpreter
+@pytest.mark.parametrize("tokens", [TokenSetting(0, False), TokenSetting(3, False), TokenSetting(3, True)], ids=lambda t: t.short)
+def test_meta_plan_is_what_a_real_run_launches(monkeypatch, tokens):
+    """The plan on meta tensors lists the same launches, layers and bytes as the same step run
+    for real on the CPU (Triton interpreted), and every kernel that ran is in it. TMA is off in both: it applies only where data
+    exists and would size the grad-s buffers by row strips instead of 2-D blocks."""
+    from refinestyle.generator import Generator
+    from refinestyle.refinement import Refinement
+
+    import triton.runtime.interpreter as interpreter
+
+    monkeypatch.setattr(op_module, "CONV_TMA", False)
+    recorders = []
+    run_kernel = interpreter.GridExecutor.__call__
+
+    kernels_run = []
+
+    def run_kernel_unrecorded(self, *args, **kwargs):  # the interpreter's own torch work is not the step's
+        kernels_run.append(self.fn.__name__)
+        for recorder in recorders:
+            recorder.paused = True
+        try:
+            return run_kernel(self, *args, **kwargs)
+        finally:
+            for recorder in recorders:
+                recorder.paused = False
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", run_kernel_unrecorded)
+    batch = 2
+    planned = traffic.planned_generator_traffic(SMALL, batch, torch.float32, tokens, TRITON)
+
+    torch.manual_seed(0)
+    model = Generator(SMALL.size, SMALL.style_dim, SMALL.n_mlp, channel_multiplier=1, channel_max=8).requires_grad_(False)
+    model.backend = "triton"
+    w_plus = torch.randn(batch, model.n_latent, SMALL.style_dim, requires_grad=True)
+    refinement = None
+    if tokens.num_tokens:
+        lead = () if tokens.shared else (batch,)
+        shapes = model.layer_shapes()
+        ps = [torch.randn(*lead, tokens.num_tokens, cout, requires_grad=True) for _, cout in shapes]
+        qs = [torch.randn(*lead, tokens.num_tokens, cin, requires_grad=True) for cin, _ in shapes]
+        refinement = Refinement(ps, qs, model.num_layers)
+
+    grad_image = torch.randn(batch, 3, SMALL.size, SMALL.size)
+    leaves = [w_plus, *(refinement.p if refinement is not None else ()), *(refinement.q if refinement is not None else ())]
+
+    def step():
+        for leaf in leaves:
+            leaf.grad = None
+        image = model.synthesis(w_plus, refinement=refinement, randomize_noise=False)
+        image.backward(grad_image)
+
+    step()  # the plan records the second step too (frozen-weight caches warm)
+    with traffic.recording(model) as recorder:
+        recorders.append(recorder)
+        kernels_run.clear()
+        step()
+    real = [(l.phase, l.layer, l.kernel, l.read_bytes, l.write_bytes) for l in recorder.launches]
+    plan = [(l.phase, l.layer, l.kernel, l.read_bytes, l.write_bytes) for l in planned]
+    assert plan == real
+    # every kernel that ran was reported by its launch site (none is missing from the plan)
+    assert len(kernels_run) == sum(not l.kernel.startswith("aten.") for l in recorder.launches) > 0
+
+
+def test_command_line_prints_and_writes_the_plan(tmp_path, capsys):
+    out = tmp_path / "traffic.json"
+    code = traffic.main(
+        ["--size", "16", "--batch", "2", "--dtype", "float32", "--tokens", "4", "--impls", "reference,triton",
+         "--layers", "--json", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "triton: traffic by kernel" in text and "conv_gemm[mode 0]" in text and "convs.3" in text
+    document = json.loads(out.read_text())
+    assert set(document["implementations"]) == {"reference", "triton"}
+    for plan in document["implementations"].values():
+        totals = plan["totals"]
+        assert totals["bytes"] == sum(l["read_bytes"] + l["write_bytes"] for l in plan["launches"])
+        assert totals["kernels"] == len(plan["launches"]) > 0
+    with pytest.raises(SystemExit):
+        traffic.main(["--bandwidth", "0"])
