@@ -59,6 +59,8 @@ RECORD_FIELDS = (
     "peak_mem_bytes",
     "peak_mem_extra_bytes",
     "planned_peak_mem_bytes",
+    "planned_bytes",
+    "planned_launches",
     "max_rel_error",
     "rel_error",
     "tolerance",

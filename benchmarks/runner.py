@@ -29,6 +29,7 @@ from benchmarks.cases import HEADLINE, Case
 from benchmarks.flops import cross_check_layer, layer_bytes, layer_flops, roofline_floor_seconds
 from benchmarks.implementations import REFERENCE, TORCH, Implementation
 from benchmarks.memory import planned_generator_memory
+from benchmarks.traffic import planned_generator_traffic
 from benchmarks.timing import (
     DTYPES,
     CorrectnessError,
@@ -358,6 +359,7 @@ def run_case(case: Case, implementations: list[Implementation], options: RunOpti
                 record["peak_mem_bytes"] = memory["peak_bytes"]
                 record["peak_mem_extra_bytes"] = memory["extra_bytes"]
                 record["planned_peak_mem_bytes"] = _planned_peak(case, implementation)
+                record.update(_planned_traffic(case, implementation))
                 workload.ensure_sets(workload.num_rotating_sets(cache_bytes(device)))
                 timing = time_calls(bound.step, device, options.settings, first_call_ms=first_call_ms)
                 record.update(timing.as_dict())
@@ -397,6 +399,22 @@ def _planned_peak(case: Case, implementation: Implementation) -> int | None:
     except Exception:  # noqa: BLE001 - a plan is a cross-check; it never fails a run
         return None
     return plan["peak_bytes"]
+
+
+def _planned_traffic(case: Case, implementation: Implementation) -> dict:
+    """The case's least HBM bytes and kernel launches as `benchmarks.traffic` plans them on meta
+    tensors for the eager form of the implementation (generator cases), or Nones. With the
+    median time this gives the bandwidth a case achieves on the bytes it cannot avoid."""
+    planned = {"planned_bytes": None, "planned_launches": None}
+    if case.group != "generator":
+        return planned
+    try:
+        launches = planned_generator_traffic(
+            case.generator, case.batch, getattr(torch, case.dtype), case.tokens, implementation, backward=case.backward
+        )
+    except Exception:  # noqa: BLE001 - a plan is a cross-check; it never fails a run
+        return planned
+    return {"planned_bytes": sum(launch.bytes for launch in launches), "planned_launches": len(launches)}
 
 
 def _truth(workload: Workload) -> tuple[dict, str]:

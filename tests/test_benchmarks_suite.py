@@ -81,8 +81,10 @@ def test_cpu_suite_smoke_run_writes_every_report(tmp_path, capsys):
         assert record["peak_mem_bytes"] is None  # measured on CUDA only
         if record["group"] == "generator":  # planned on meta tensors everywhere
             assert record["planned_peak_mem_bytes"] > 0
+            assert record["planned_bytes"] > 0 and record["planned_launches"] > 0
         else:
             assert record["planned_peak_mem_bytes"] is None
+            assert record["planned_bytes"] is None and record["planned_launches"] is None
         assert record["truth"] == "reference/float64"
         # the guard compared the output and, for fwd+bwd, every gradient
         expected = {"out"}
