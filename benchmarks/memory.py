@@ -147,28 +147,39 @@ def planned_generator_memory(
     return {"after_forward_bytes": after_forward, "peak_bytes": live.peak_bytes}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.memory",
-        description="Planned peak memory of a synthesis-network training step, per implementation, "
-        "from meta tensors (no GPU, no compute). Defaults: the headline case.",
-    )
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose a planned step (shared with `benchmarks.traffic`). Defaults: the headline case."""
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--tokens", default="32", help="one setting as in --tokens of the suite, e.g. 0, 32, 256s")
     parser.add_argument("--impls", default="reference,nvlabs,torch,triton")
-    args = parser.parse_args(argv)
-    generator = GeneratorConfig(args.size)
+
+
+def parse_step_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """(generator, dtype, token setting, implementations) from `add_step_arguments`' options;
+    a bad value exits through parser.error with the option's name."""
     try:
+        generator = GeneratorConfig(args.size)
+        generator.layers()
         tokens = parse_tokens(args.tokens)
         implementations = select(args.impls.split(","))
     except ValueError as error:
         parser.error(str(error))
     if len(tokens) != 1:
         parser.error(f"--tokens: expected one setting, got {args.tokens!r}")
-    (tokens,) = tokens
-    dtype = getattr(torch, args.dtype)
+    return generator, getattr(torch, args.dtype), tokens[0], implementations
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.memory",
+        description="Planned peak memory of a synthesis-network training step, per implementation, "
+        "from meta tensors (no GPU, no compute). Defaults: the headline case.",
+    )
+    add_step_arguments(parser)
+    args = parser.parse_args(argv)
+    generator, dtype, tokens, implementations = parse_step_arguments(parser, args)
     print(f"planned training-step memory, {generator.label}, B={args.batch}, {args.dtype}, {tokens.label} "
           "(meta tensors: whole storages, no allocator rounding or library workspaces)")
     plans = {}

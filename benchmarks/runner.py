@@ -358,8 +358,7 @@ def run_case(case: Case, implementations: list[Implementation], options: RunOpti
                     _, memory = measure_peak_memory(lambda: bound.step(0), device)
                 record["peak_mem_bytes"] = memory["peak_bytes"]
                 record["peak_mem_extra_bytes"] = memory["extra_bytes"]
-                record["planned_peak_mem_bytes"] = _planned_peak(case, implementation)
-                record.update(_planned_traffic(case, implementation))
+                record.update(_plans(case, implementation))
                 workload.ensure_sets(workload.num_rotating_sets(cache_bytes(device)))
                 timing = time_calls(bound.step, device, options.settings, first_call_ms=first_call_ms)
                 record.update(timing.as_dict())
@@ -387,34 +386,22 @@ def run_case(case: Case, implementations: list[Implementation], options: RunOpti
     return records
 
 
-def _planned_peak(case: Case, implementation: Implementation) -> int | None:
-    """The case's peak memory as `benchmarks.memory` plans it on meta tensors (generator
-    cases; the same for a variant's compiled and graphed forms), or None."""
+def _plans(case: Case, implementation: Implementation) -> dict:
+    """What `benchmarks.memory` and `benchmarks.traffic` plan for the case on meta tensors, for
+    the eager form of the implementation (generator cases; Nones otherwise or if a plan fails):
+    the peak memory, and the least HBM bytes and kernel launches. With the median time the
+    bytes give the bandwidth a case achieves on the bytes it cannot avoid."""
+    plans = {"planned_peak_mem_bytes": None, "planned_bytes": None, "planned_launches": None}
     if case.group != "generator":
-        return None
-    try:
-        plan = planned_generator_memory(
-            case.generator, case.batch, getattr(torch, case.dtype), case.tokens, implementation, backward=case.backward
-        )
-    except Exception:  # noqa: BLE001 - a plan is a cross-check; it never fails a run
-        return None
-    return plan["peak_bytes"]
-
-
-def _planned_traffic(case: Case, implementation: Implementation) -> dict:
-    """The case's least HBM bytes and kernel launches as `benchmarks.traffic` plans them on meta
-    tensors for the eager form of the implementation (generator cases), or Nones. With the
-    median time this gives the bandwidth a case achieves on the bytes it cannot avoid."""
-    planned = {"planned_bytes": None, "planned_launches": None}
-    if case.group != "generator":
-        return planned
-    try:
-        launches = planned_generator_traffic(
-            case.generator, case.batch, getattr(torch, case.dtype), case.tokens, implementation, backward=case.backward
-        )
-    except Exception:  # noqa: BLE001 - a plan is a cross-check; it never fails a run
-        return planned
-    return {"planned_bytes": sum(launch.bytes for launch in launches), "planned_launches": len(launches)}
+        return plans
+    step = (case.generator, case.batch, getattr(torch, case.dtype), case.tokens, implementation)
+    try:  # a plan is a cross-check; it never fails a run
+        plans["planned_peak_mem_bytes"] = planned_generator_memory(*step, backward=case.backward)["peak_bytes"]
+        launches = planned_generator_traffic(*step, backward=case.backward)
+        plans.update(planned_bytes=sum(launch.bytes for launch in launches), planned_launches=len(launches))
+    except Exception:  # noqa: BLE001
+        pass
+    return plans
 
 
 def _truth(workload: Workload) -> tuple[dict, str]:

@@ -34,10 +34,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from benchmarks.cases import GeneratorConfig, TokenSetting, parse_tokens
+from benchmarks.cases import GeneratorConfig, TokenSetting
 from benchmarks.flops import layer_bytes
-from benchmarks.implementations import Implementation, select
-from benchmarks.memory import meta_training_step
+from benchmarks.implementations import Implementation
+from benchmarks.memory import add_step_arguments, meta_training_step, parse_step_arguments
 from benchmarks.workloads import patched_op
 
 #: the H100's device-to-device copy bandwidth (read + write) measured by the suite in session 2
@@ -258,11 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "layer and kernel, from meta tensors (no GPU, no compute), against the roofline floor. "
         "Defaults: the headline case.",
     )
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    parser.add_argument("--tokens", default="32", help="one setting as in --tokens of the suite, e.g. 0, 32, 256s")
-    parser.add_argument("--impls", default="reference,nvlabs,torch,triton")
+    add_step_arguments(parser)
     parser.add_argument("--forward-only", action="store_true", help="plan the forward alone (the suite's fwd cases)")
     parser.add_argument(
         "--bandwidth", type=float, default=H100_COPY_BYTES_PER_S,
@@ -273,17 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.bandwidth <= 0:
         parser.error(f"--bandwidth: expected a positive number of bytes/s, got {args.bandwidth}")
-    try:
-        generator = GeneratorConfig(args.size)
-        generator.layers()
-        tokens = parse_tokens(args.tokens)
-        implementations = select(args.impls.split(","))
-    except ValueError as error:
-        parser.error(str(error))
-    if len(tokens) != 1:
-        parser.error(f"--tokens: expected one setting, got {args.tokens!r}")
-    (tokens,) = tokens
-    dtype = getattr(torch, args.dtype)
+    generator, dtype, tokens, implementations = parse_step_arguments(parser, args)
     backward = not args.forward_only
     floors = floor_bytes(generator, args.batch, dtype, tokens, backward)
     floor_total = sum(floors.values())
