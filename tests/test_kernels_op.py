@@ -208,8 +208,8 @@ def test_demodulation_tap_sums_follow_the_weight():
 
 def test_weight_derived_tensors_are_cached_across_fresh_views_of_one_parameter():
     """The modules pass `self.weight[0]`, a new view every call: the cache keys on the view's
-    base, so a frozen layer derives its tap sums once, and a base changed in place or another
-    slice of it derives them afresh."""
+    base, so a frozen layer derives its tap sums once, and a base changed in place, given new
+    data, or another slice of it derives them afresh."""
     from refinestyle_kernels.ops import modulated_conv2d as op_module
 
     parameter = torch.nn.Parameter(torch.randn(2, 6, 5, 3, 3), requires_grad=False)
@@ -228,10 +228,13 @@ def test_weight_derived_tensors_are_cached_across_fresh_views_of_one_parameter()
         parameter.mul_(2.0)
     refreshed = op_module._derived_from_weight(parameter[0], ("test-sums",), make)
     assert len(calls) == 3 and torch.allclose(refreshed, 2 * first)
+    parameter.data = torch.randn(2, 6, 5, 3, 3)  # a new storage under the same object and version
+    swapped = op_module._derived_from_weight(parameter[0], ("test-sums",), make)
+    assert len(calls) == 4 and torch.equal(swapped, parameter[0].sum((2, 3)))
     trained = parameter[0].detach().requires_grad_(True)
     op_module._derived_from_weight(trained, ("test-sums",), make)
     op_module._derived_from_weight(trained, ("test-sums",), make)
-    assert len(calls) == 5  # a weight being trained is never cached
+    assert len(calls) == 6  # a weight being trained is never cached
 
 
 def test_demodulation_coefficients_stay_float32_under_autocast():

@@ -365,7 +365,8 @@ def _derived_from_weight(weight: torch.Tensor, what: tuple, make):
     if weight.requires_grad or torch.compiler.is_compiling():
         return make(weight.detach())
     owner = weight._base if weight._base is not None else weight
-    key = (id(owner), weight.storage_offset(), tuple(weight.shape), weight.stride(), weight.dtype, what)
+    # the data pointer too: `param.data = other` swaps the storage but keeps the object and version
+    key = (id(owner), weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, what)
     cached = _WEIGHT_DERIVED.get(key)
     if cached is not None and cached[0]() is owner and cached[1] == weight._version:
         return cached[2]
