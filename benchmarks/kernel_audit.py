@@ -238,17 +238,19 @@ OTHER_KERNELS = (
                 dict(_PIXEL_PRODUCTS, BOX=1, BLOCK_L=32, BLOCK_C=64), dict(partial_ptr=_FP32)),
     OtherKernel("pixel products, no box", "_pixel_products_kernel",
                 dict(_PIXEL_PRODUCTS, BOX=-1, BLOCK_L=32, BLOCK_C=64), dict(partial_ptr=_FP32)),
-    OtherKernel("blur 4x4 + epilogue", "_blur_kernel",
-                dict(TAPS=4, TRANSPOSE=False, HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True, HAS_CLAMP=False,
-                     BLOCK_M=64, BLOCK_N=32), dict(taps_ptr=_FP32, noise_strength_ptr=_FP32)),
-    OtherKernel("blur^T 4x4", "_blur_kernel",
-                dict(TAPS=4, TRANSPOSE=True, HAS_NOISE=False, HAS_BIAS=False, ACTIVATE=False, HAS_CLAMP=False,
-                     BLOCK_M=64, BLOCK_N=32), dict(taps_ptr=_FP32, noise_strength_ptr=_FP32)),
+    *(
+        OtherKernel(label, "_blur_kernel",
+                    # channels-last tensors: the JIT specialises their unit channel stride
+                    dict(TAPS=4, EPILOGUE_BACKWARD=backward, HAS_DEMOD=backward, HAS_NOISE=epilogue,
+                         HAS_BIAS=epilogue, ACTIVATE=epilogue, HAS_CLAMP=False, stride_sn=1, stride_vn=1,
+                         **dict(zip(("BLOCK_W", "BLOCK_N"), op_module._blur_blocks(8, 1024, 1024, 32, backward)[:2]))),
+                    dict(taps_ptr=_FP32, noise_strength_ptr=_FP32, demod_ptr=_FP32, sums_ptr=_FP32))
+        for label, backward, epilogue in (("blur 4x4 + epilogue", False, True), ("epilogue backward + blur^T 4x4", True, True))
+    ),
     OtherKernel("epilogue backward", "_epilogue_backward_kernel",
                 dict(HAS_DEMOD=True, HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True, HAS_CLAMP=False,
                      BLOCK_M=64, BLOCK_N=64),
-                dict(demod_ptr=_FP32, noise_strength_ptr=_FP32, partial_bias_ptr=_FP32, partial_noise_ptr=_FP32,
-                     partial_demod_ptr=_FP32)),
+                dict(demod_ptr=_FP32, noise_strength_ptr=_FP32, sums_ptr=_FP32)),
     *(
         OtherKernel(f"demodulation{' backward' if backward else ''}, L={rank}",
                     "_demodulation_backward_kernel" if backward else "_demodulation_kernel",

@@ -92,6 +92,8 @@ LAYERS = [
     Layer(batch=2, in_channels=70, out_channels=66, height=9, width=11, num_tokens=32, train_weight=False),
     Layer(batch=1, in_channels=17, out_channels=19, height=17, width=9, num_tokens=7, channels_last=True),
     Layer(batch=1, in_channels=33, out_channels=70, height=6, width=5, upsample=True, tokens="shared", num_tokens=7),
+    # the blur's row tiles: two column blocks and several row chunks forward, more backward
+    Layer(batch=1, in_channels=8, out_channels=40, height=5, width=13, upsample=True, noise="shared", clamp=0.8),
 ]
 
 
@@ -427,10 +429,14 @@ def test_triton_backend_runs_the_triton_kernels(monkeypatch):
 
         monkeypatch.setattr(op_module, name, Probe(kernel, name))
     check_layer(Layer(upsample=True), torch.float32, "cpu", TOLERANCE["interpreted"], seed=9)
-    # forward: transposed-conv gather + blur/epilogue; backward: epilogue, blur^T, grad-x conv
+    # forward: transposed-conv gather, blur + epilogue; backward: epilogue backward + blur^T, grad-x conv
     assert launched.count("_conv_gemm_kernel") == 2, launched
     assert launched.count("_blur_kernel") == 2, launched
-    assert launched.count("_epilogue_backward_kernel") == 1, launched
+    assert launched.count("_epilogue_backward_kernel") == 0, launched
+    launched.clear()
+    check_layer(Layer(), torch.float32, "cpu", TOLERANCE["interpreted"], seed=9)
+    # forward: the conv with its epilogue; backward: epilogue backward, grad-x conv
+    assert launched == ["_conv_gemm_kernel", "_epilogue_backward_kernel", "_conv_gemm_kernel"], launched
 
 
 @needs_interpreter

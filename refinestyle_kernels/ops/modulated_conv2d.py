@@ -552,15 +552,16 @@ def _styled_conv2d_torch(
 #     `_conv_gemm_kernel` MODE 2 is the stride-2 transposed conv as a gather, split in
 #     the four output phases (even/odd row x even/odd column) so that every program
 #     runs only the taps that hit its phase (4 + 2 + 2 + 1 of the 9): no MAC is wasted
-#     on the zeros of the dilated input. It writes T [B, 2H+1, 2W+1, Cout] in fp32
-#     (times d); `_blur_kernel` applies the 4x4 [1,3,3,1] FIR with pad (1, 1) and the
-#     epilogue.
+#     on the zeros of the dilated input. It writes T [B, 2H+1, 2W+1, Cout] in x's dtype
+#     (times d); `_blur_kernel` applies the 4x4 [1,3,3,1] FIR with pad (1, 1), separably
+#     (a rolling window of filtered rows), and the epilogue.
 # Backward:
 #     `_epilogue_backward_kernel` turns grad_out and the saved output into
 #     g = grad of the conv result (times d), and reduces over pixels the partial sums of
 #     grad bias, grad noise strength and grad d (the pre-activation is recovered from
 #     the saved output: leaky ReLU is invertible, clamped pixels have zero gradient).
-#     For the upsampling layer `_blur_kernel` (transposed) takes g back to T's grid.
+#     For the upsampling layer `_blur_kernel` does the same and takes g on back through
+#     the FIR's adjoint to T's grid in one pass (g itself is never stored).
 #     `_conv_gemm_kernel` MODE 0 (flipped taps) or MODE 1 (stride-2 gather, the adjoint
 #     of the transposed conv) gives grad x = s * scale * conv^T(g) + box^T(g p_b^T) q_b,
 #     and, in the same epilogue, the partial sums over pixels of x * conv^T(g) that
@@ -1030,66 +1031,183 @@ if triton is not None:
         )
 
     @triton.jit
-    def _blur_kernel(
-        src_ptr,  # [B, SRC_H, SRC_W, N] contiguous (summed in fp32)
-        taps_ptr,  # [TAPS] fp32: the separable 1-D filter
-        out_ptr,  # [B, OUT_H, OUT_W, N], contiguous
-        noise_ptr,
+    def _epilogue_gradient(
+        grad_rows,  # [BLOCK_M] pointers to the pixels' grad of the output (channel 0)
+        out_rows,  # [BLOCK_M] pointers to the pixels' saved output (channel 0)
+        noise_at,  # [BLOCK_M] pointers to the pixels' noise, if HAS_NOISE
+        pix_ok,  # [BLOCK_M] which pixels exist: the others give 0
+        stride_gn,
+        stride_on,
+        demod_row,  # pointer to the sample's d [N] fp32, if HAS_DEMOD
         noise_strength_ptr,
         bias_ptr,
+        offs_n,
+        n_ok,
+        clamp_value,
+        HAS_DEMOD: tl.constexpr,
+        HAS_NOISE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ACTIVATE: tl.constexpr,
+        HAS_CLAMP: tl.constexpr,
+    ):
+        """Backward of the epilogue out = clamp(act(d * conv + strength * noise + bias)) at
+        BLOCK_M pixels: (g, sum_bias, sum_noise, sum_demod) with g = d * grad of the
+        pre-activation [BLOCK_M, BLOCK_N] fp32 and the three [BLOCK_N] sums over the pixels
+        that make grad bias, grad strength and grad d (zeros where a term is absent)."""
+        mask = pix_ok[:, None] & n_ok[None, :]
+        grad = tl.load(grad_rows[:, None] + offs_n[None, :] * stride_gn, mask=mask, other=0.0).to(tl.float32)
+        out = tl.load(out_rows[:, None] + offs_n[None, :] * stride_on, mask=mask, other=0.0).to(tl.float32)
+        if HAS_CLAMP:  # clamped pixels pass no gradient; clamp_value is the bound as out's dtype
+            grad = tl.where(tl.abs(out) < clamp_value, grad, 0.0)  # rounds it (see _clamp_bound)
+        pre = out  # the pre-activation, recovered from the output (leaky ReLU is invertible)
+        if ACTIVATE:
+            grad = grad * tl.where(out > 0, 1.4142135623730951, 0.2 * 1.4142135623730951)
+            pre = tl.where(out > 0, out * 0.7071067811865476, out * (0.7071067811865476 / 0.2))
+        sum_bias = tl.zeros_like(offs_n).to(tl.float32)
+        sum_noise = tl.zeros_like(offs_n).to(tl.float32)
+        sum_demod = tl.zeros_like(offs_n).to(tl.float32)
+        if HAS_BIAS:
+            sum_bias = tl.sum(grad, axis=0)
+            pre -= tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_NOISE:
+            noise = tl.load(noise_at, mask=pix_ok, other=0.0).to(tl.float32)
+            sum_noise = tl.sum(grad * noise[:, None], axis=0)
+            pre -= tl.load(noise_strength_ptr).to(tl.float32) * noise[:, None]
+        if HAS_DEMOD:  # pre = d * conv: grad d = sum grad * pre / d; grad conv = grad * d
+            demod = tl.load(demod_row + offs_n, mask=n_ok, other=1.0)
+            sum_demod = tl.sum(grad * pre, axis=0) / demod
+            grad = grad * demod[None, :]
+        return grad, sum_bias, sum_noise, sum_demod
+
+    @triton.jit
+    def _blur_kernel(
+        src_ptr,  # [B, SRC_H, SRC_W, N] any strides: what is blurred (the output gradient if EPILOGUE_BACKWARD)
+        saved_ptr,  # [B, SRC_H, SRC_W, N] any strides: the saved output, if EPILOGUE_BACKWARD
+        taps_ptr,  # [TAPS] fp32: the separable 1-D filter, in the order it meets src
+        dst_ptr,  # [B, DST_H, DST_W, N] contiguous
+        demod_ptr,  # [B, N] fp32, if EPILOGUE_BACKWARD and HAS_DEMOD
+        noise_ptr,  # [B or 1, 1, H, W] on dst's grid (forward) or src's (EPILOGUE_BACKWARD), if HAS_NOISE
+        noise_strength_ptr,
+        bias_ptr,
+        sums_ptr,  # [3, B, TILES, N] fp32 out: per-program sums for grad bias, strength, d (EPILOGUE_BACKWARD)
         SRC_H,
         SRC_W,
-        OUT_H,
-        OUT_W,
+        DST_H,
+        DST_W,
         N,
         PAD,
+        ROWS,  # output rows per program
+        stride_sb,
+        stride_sh,
+        stride_sw,
+        stride_sn,
+        stride_vb,
+        stride_vh,
+        stride_vw,
+        stride_vn,
         stride_noise_b,
         stride_noise_h,
         stride_noise_w,
         clamp_value,
         TAPS: tl.constexpr,
-        TRANSPOSE: tl.constexpr,  # False: out[y] = sum_a src[y + a - PAD] f[a]; True: its adjoint
+        EPILOGUE_BACKWARD: tl.constexpr,  # src is the output gradient: blur the epilogue's gradient
+        HAS_DEMOD: tl.constexpr,
         HAS_NOISE: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         ACTIVATE: tl.constexpr,
         HAS_CLAMP: tl.constexpr,
-        BLOCK_M: tl.constexpr,
+        BLOCK_W: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        """The 2-D separable FIR of the upsampling layer (or its adjoint), then the epilogue."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        """dst[y, x] = sum over (a, c) of f[a] f[c] src[y + a - PAD, x + c - PAD], then (forward)
+        the epilogue: the upsampling layer's 4x4 FIR, or its adjoint with flipped taps.
+
+        Separable and row-rolling: a program walks down ROWS output rows of one BLOCK_W-pixel
+        column block and one BLOCK_N channel block, filters each source row along x once
+        (TAPS shifted loads, L1 hits) and keeps the last TAPS - 1 filtered rows in registers
+        for the filter along y: 2 x TAPS multiply-adds a value instead of TAPS^2. With
+        EPILOGUE_BACKWARD the source values are the epilogue's gradient, recomputed from the
+        output gradient and the saved output at each of the TAPS x-shifts (never stored); the
+        centre shift visits each source pixel of the program's own rows once and takes the sums."""
+        tl.static_assert(TAPS == 4, "the rolling window holds TAPS - 1 = 3 filtered rows")
+        n_blocks = tl.cdiv(N, BLOCK_N)
+        pid_w = tl.program_id(0) // n_blocks
+        pid_n = tl.program_id(0) % n_blocks
+        pid_r = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        out_y = offs_m // OUT_W
-        out_x = offs_m % OUT_W
-        m_ok = offs_m < OUT_H * OUT_W
+        offs_x = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+        x_ok = offs_x < DST_W
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ty in tl.static_range(TAPS):
-            tap_y = tl.load(taps_ptr + ty)
-            if TRANSPOSE:
-                src_y = out_y - ty + PAD
-            else:
-                src_y = out_y + ty - PAD
-            for tx in tl.static_range(TAPS):
-                tap_x = tl.load(taps_ptr + tx)
-                if TRANSPOSE:
-                    src_x = out_x - tx + PAD
+        y0 = pid_r * ROWS
+        f0 = tl.load(taps_ptr)
+        f1 = tl.load(taps_ptr + 1)
+        f2 = tl.load(taps_ptr + 2)
+        f3 = tl.load(taps_ptr + 3)
+        h0 = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)  # filtered source rows y-PAD, y+1-PAD, y+2-PAD
+        h1 = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+        h2 = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+        sum_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        sum_noise = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        sum_demod = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for i in range(0, ROWS + TAPS - 1):
+            src_y = y0 + i - PAD
+            # masks from [BLOCK_W] vectors: the interpreter rejects a scalar-and-vector mask
+            row_ok = (src_y + 0 * offs_x >= 0) & (src_y + 0 * offs_x < SRC_H)
+            filtered = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+            for c in tl.static_range(TAPS):
+                src_x = offs_x + (c - PAD)
+                pix_ok = row_ok & (src_x >= 0) & (src_x < SRC_W)
+                rows = b * stride_sb + src_y * stride_sh + src_x * stride_sw
+                if EPILOGUE_BACKWARD:
+                    values, bias_part, noise_part, demod_part = _epilogue_gradient(
+                        src_ptr + rows,
+                        saved_ptr + b * stride_vb + src_y * stride_vh + src_x * stride_vw,
+                        noise_ptr + b * stride_noise_b + src_y * stride_noise_h + src_x * stride_noise_w,
+                        pix_ok, stride_sn, stride_vn, demod_ptr + b * N, noise_strength_ptr, bias_ptr,
+                        offs_n, n_ok, clamp_value, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
+                    )  # fmt: skip
+                    if c == PAD:  # the centre shift: src_x = offs_x, each pixel of the block once
+                        own = ((src_y >= y0) & (src_y < y0 + ROWS)).to(tl.float32)  # the program's rows
+                        sum_bias += own * bias_part
+                        sum_noise += own * noise_part
+                        sum_demod += own * demod_part
                 else:
-                    src_x = out_x + tx - PAD
-                ok = m_ok & (src_y >= 0) & (src_y < SRC_H) & (src_x >= 0) & (src_x < SRC_W)
-                src_rows = src_ptr + ((b * SRC_H + src_y) * SRC_W + src_x) * N
-                value = tl.load(src_rows[:, None] + offs_n[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0)
-                acc += value * (tap_y * tap_x)
-        acc = _apply_epilogue(
-            acc, b, out_y, out_x, m_ok, offs_n, n_ok, noise_ptr, noise_strength_ptr, bias_ptr,
-            stride_noise_b, stride_noise_h, stride_noise_w, clamp_value,
-            HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
-        )  # fmt: skip
-        out_rows = out_ptr + ((b * OUT_H + out_y) * OUT_W + out_x) * N
-        tl.store(out_rows[:, None] + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+                    values = tl.load(
+                        src_ptr + rows[:, None] + offs_n[None, :] * stride_sn,
+                        mask=pix_ok[:, None] & n_ok[None, :],
+                        other=0.0,
+                    ).to(tl.float32)
+                filtered += tl.load(taps_ptr + c) * values
+            # output row y = y0 + i - (TAPS - 1) reads the filtered source rows y - PAD .. y + 3 - PAD
+            y = y0 + i - (TAPS - 1)
+            acc = f0 * h0 + f1 * h1 + f2 * h2 + f3 * filtered
+            y_ok = (y + 0 * offs_x >= y0) & (y + 0 * offs_x < DST_H)  # the first TAPS - 1 rows warm up
+            if not EPILOGUE_BACKWARD:
+                acc = _apply_epilogue(
+                    acc, b, y, offs_x, x_ok & y_ok, offs_n, n_ok, noise_ptr, noise_strength_ptr, bias_ptr,
+                    stride_noise_b, stride_noise_h, stride_noise_w, clamp_value,
+                    HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
+                )  # fmt: skip
+            dst_rows = dst_ptr + ((b * DST_H + y) * DST_W + offs_x) * N
+            tl.store(
+                dst_rows[:, None] + offs_n[None, :],
+                acc.to(dst_ptr.dtype.element_ty),
+                mask=(x_ok & y_ok)[:, None] & n_ok[None, :],
+            )
+            h0 = h1
+            h1 = h2
+            h2 = filtered
+        if EPILOGUE_BACKWARD:
+            tiles = tl.num_programs(0) // n_blocks * tl.num_programs(1)
+            sums = sums_ptr + (b * tiles + pid_r * (tl.num_programs(0) // n_blocks) + pid_w) * N + offs_n
+            plane = tl.num_programs(2) * tiles * N  # one of the three [B, TILES, N] planes
+            if HAS_BIAS:
+                tl.store(sums, sum_bias, mask=n_ok)
+            if HAS_NOISE:
+                tl.store(sums + plane, sum_noise, mask=n_ok)
+            if HAS_DEMOD:
+                tl.store(sums + 2 * plane, sum_demod, mask=n_ok)
 
     @triton.jit
     def _epilogue_backward_kernel(
@@ -1100,9 +1218,7 @@ if triton is not None:
         noise_strength_ptr,
         bias_ptr,
         g_ptr,  # [B, OUT_H, OUT_W, N] out (x's dtype): grad of the conv result before * d, times d
-        partial_bias_ptr,  # [B, M_TILES, N] fp32 out: per-tile sums of the pre-activation grad
-        partial_noise_ptr,  # [B, M_TILES, N] fp32 out: ... times noise
-        partial_demod_ptr,  # [B, M_TILES, N] fp32 out: ... times the conv result before * d
+        sums_ptr,  # [3, B, M_TILES, N] fp32 out: per-tile sums for grad bias, grad strength, grad d
         OUT_H,
         OUT_W,
         N,
@@ -1137,39 +1253,23 @@ if triton is not None:
         m_ok = offs_m < OUT_H * OUT_W
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        mask = m_ok[:, None] & n_ok[None, :]
-        grad = tl.load(
-            grad_ptr + b * stride_gb + (out_y * stride_gh + out_x * stride_gw)[:, None] + offs_n[None, :] * stride_gn,
-            mask=mask,
-            other=0.0,
-        ).to(tl.float32)
-        out = tl.load(
-            out_ptr + b * stride_ob + (out_y * stride_oh + out_x * stride_ow)[:, None] + offs_n[None, :] * stride_on,
-            mask=mask,
-            other=0.0,
-        ).to(tl.float32)
-        if HAS_CLAMP:  # clamped pixels pass no gradient; clamp_value is the bound as out's dtype
-            grad = tl.where(tl.abs(out) < clamp_value, grad, 0.0)  # rounds it (see _clamp_bound)
-        pre = out  # the pre-activation, recovered from the output (leaky ReLU is invertible)
-        if ACTIVATE:
-            grad = grad * tl.where(out > 0, 1.4142135623730951, 0.2 * 1.4142135623730951)
-            pre = tl.where(out > 0, out * 0.7071067811865476, out * (0.7071067811865476 / 0.2))
-        off_tile = (b * m_tiles + pid_m) * N + offs_n
+        g, sum_bias, sum_noise, sum_demod = _epilogue_gradient(
+            grad_ptr + b * stride_gb + out_y * stride_gh + out_x * stride_gw,
+            out_ptr + b * stride_ob + out_y * stride_oh + out_x * stride_ow,
+            noise_ptr + b * stride_noise_b + out_y * stride_noise_h + out_x * stride_noise_w,
+            m_ok, stride_gn, stride_on, demod_ptr + b * N, noise_strength_ptr, bias_ptr,
+            offs_n, n_ok, clamp_value, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
+        )  # fmt: skip
+        sums = sums_ptr + (b * m_tiles + pid_m) * N + offs_n
+        plane = tl.num_programs(2) * m_tiles * N  # one of the three [B, M_TILES, N] planes
         if HAS_BIAS:
-            tl.store(partial_bias_ptr + off_tile, tl.sum(grad, axis=0), mask=n_ok)
-            pre -= tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(sums, sum_bias, mask=n_ok)
         if HAS_NOISE:
-            noise = tl.load(
-                noise_ptr + b * stride_noise_b + out_y * stride_noise_h + out_x * stride_noise_w, mask=m_ok, other=0.0
-            ).to(tl.float32)
-            tl.store(partial_noise_ptr + off_tile, tl.sum(grad * noise[:, None], axis=0), mask=n_ok)
-            pre -= tl.load(noise_strength_ptr).to(tl.float32) * noise[:, None]
-        if HAS_DEMOD:  # pre = d * conv: grad d = sum grad * pre / d; grad conv = grad * d
-            demod = tl.load(demod_ptr + b * N + offs_n, mask=n_ok, other=1.0)
-            tl.store(partial_demod_ptr + off_tile, tl.sum(grad * pre, axis=0) / demod, mask=n_ok)
-            grad = grad * demod[None, :]
+            tl.store(sums + plane, sum_noise, mask=n_ok)
+        if HAS_DEMOD:
+            tl.store(sums + 2 * plane, sum_demod, mask=n_ok)
         g_rows = g_ptr + ((b * OUT_H + out_y) * OUT_W + out_x) * N
-        tl.store(g_rows[:, None] + offs_n[None, :], grad.to(g_ptr.dtype.element_ty), mask=mask)
+        tl.store(g_rows[:, None] + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _pixel_products_kernel(
@@ -1655,38 +1755,78 @@ def _pointwise_blocks(pixels: int, channels: int) -> tuple[int, int]:
 _BLUR_TAPS_BY_DEVICE: dict = {}
 
 
-def _blur_taps(device) -> torch.Tensor:
-    """The 1-D blur taps on `device`, made once per device: a host-to-device copy per call
-    would synchronise the stream and break CUDA-graph capture."""
-    if device not in _BLUR_TAPS_BY_DEVICE:
-        _BLUR_TAPS_BY_DEVICE[device] = torch.tensor(_BLUR_TAPS_1D, dtype=torch.float32, device=device)
-    return _BLUR_TAPS_BY_DEVICE[device]
+def _blur_taps(device, flipped: bool = False) -> torch.Tensor:
+    """The 1-D blur taps on `device` (reversed if flipped, for the adjoint), made once per
+    device: a host-to-device copy per call would synchronise the stream and break CUDA-graph
+    capture."""
+    key = (device, flipped)
+    if key not in _BLUR_TAPS_BY_DEVICE:
+        taps = _BLUR_TAPS_1D[::-1] if flipped else _BLUR_TAPS_1D
+        _BLUR_TAPS_BY_DEVICE[key] = torch.tensor(taps, dtype=torch.float32, device=device)
+    return _BLUR_TAPS_BY_DEVICE[key]
 
 
-def _launch_blur(src, out, *, transpose, noise=None, noise_strength=None, bias=None, activate=False, clamp=None):
-    """`_blur_kernel` from src [B, SRC_H, SRC_W, N] fp32 into out [B, OUT_H, OUT_W, N]."""
-    _observe_launch("blur_transposed" if transpose else "blur", (src, noise, noise_strength, bias), (out,))
+# a blur program walks this many output rows at most; fewer when that leaves the GPU idle
+BLUR_MAX_ROWS = 32
+BLUR_MIN_PROGRAMS = 1056  # 8 per H100 SM
+
+
+def _blur_blocks(batch: int, dst_h: int, dst_w: int, channels: int, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_W, BLOCK_N, ROWS) of `_blur_kernel`. Row tiles of 1024 values (512 with the
+    epilogue backward, which holds four x-shifts of the gradient and the saved output) keep
+    it at <= 128 registers a thread without spills at 4 warps (`benchmarks.kernel_audit`);
+    ROWS is as many rows a program as still give BLUR_MIN_PROGRAMS programs: each program
+    re-filters TAPS - 1 rows to warm its window up."""
+    block_n = min(64, max(16, _next_pow2(channels)))
+    block_w = min(_next_pow2(dst_w), (512 if backward else 1024) // block_n)
+    programs = triton.cdiv(dst_w, block_w) * triton.cdiv(channels, block_n) * batch
+    rows = BLUR_MAX_ROWS
+    while rows > 4 and programs * triton.cdiv(dst_h, rows) < BLUR_MIN_PROGRAMS:
+        rows //= 2
+    return block_w, block_n, rows
+
+
+def _launch_blur(
+    src, dst, *, saved=None, demod=None, noise=None, noise_strength=None, bias=None, activate=False, clamp=None
+):  # fmt: skip
+    """`_blur_kernel` into dst [B, DST_H, DST_W, N] (contiguous) from src [B, SRC_H, SRC_W, N]
+    (any strides).
+
+    Forward (saved None): the upsampling layer's blur of src, then the epilogue (noise
+    [B or 1, 1, DST_H, DST_W], noise_strength [1], bias [N], activate, clamp as in
+    `styled_conv2d`); returns None.
+    Backward (saved given): src is the gradient of the epilogue's output and saved that output
+    [B, SRC_H, SRC_W, N]; dst = the blur's adjoint of d (demod [B, N] fp32) times the gradient
+    of the pre-activation. Returns the per-program sums [3, B, TILES, N] fp32 for grad bias,
+    grad noise strength and grad d (the planes of the absent terms are not written).
+    """
+    backward = transpose = saved is not None
+    name = "epilogue_backward_blurred" if backward else "blur"
+    batch, src_h, src_w, channels = src.shape
+    dst_h, dst_w = dst.shape[1], dst.shape[2]
+    block_w, block_n, rows = _blur_blocks(batch, dst_h, dst_w, channels, backward)
+    grid = (triton.cdiv(dst_w, block_w) * triton.cdiv(channels, block_n), triton.cdiv(dst_h, rows), batch)
+    sums = _alloc((3, batch, grid[0] // triton.cdiv(channels, block_n) * grid[1], channels), torch.float32, src.device)
+    _observe_launch(name, (src, saved, demod, noise, noise_strength, bias), (dst, sums if backward else None))
     if src.device.type == "meta":
-        return
-    batch, src_h, src_w, n = src.shape
-    out_h, out_w = out.shape[1], out.shape[2]
-    taps = _blur_taps(src.device)
+        return sums if backward else None
+    taps = _blur_taps(src.device, flipped=transpose)
+    pad = len(_BLUR_TAPS_1D) - 1 - UPSAMPLE_BLUR_PAD[0] if transpose else UPSAMPLE_BLUR_PAD[0]
     noise_strides = (0, 0, 0)
     if noise is not None:
         noise_strides = (noise.stride(0) if noise.shape[0] > 1 else 0, noise.stride(2), noise.stride(3))
-    block_m, block_n = _pointwise_blocks(out_h * out_w, n)
-    grid = (triton.cdiv(out_h * out_w, block_m), triton.cdiv(n, block_n), batch)
     dummy = taps
     _blur_kernel[grid](
-        src, taps, out,
+        src, saved if backward else dummy, taps, dst, demod if demod is not None else dummy,
         noise if noise is not None else dummy, noise_strength if noise_strength is not None else dummy,
-        bias if bias is not None else dummy,
-        src_h, src_w, out_h, out_w, n, UPSAMPLE_BLUR_PAD[0], *noise_strides,
-        float(clamp) if clamp is not None else 0.0,
-        TAPS=len(_BLUR_TAPS_1D), TRANSPOSE=transpose, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None,
-        ACTIVATE=activate, HAS_CLAMP=clamp is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=4,
+        bias if bias is not None else dummy, sums,
+        src_h, src_w, dst_h, dst_w, channels, pad, rows, *src.stride(), *(saved.stride() if backward else (0,) * 4),
+        *noise_strides, (_clamp_bound(clamp, saved.dtype) if backward else float(clamp)) if clamp is not None else 0.0,
+        TAPS=len(_BLUR_TAPS_1D), EPILOGUE_BACKWARD=backward, HAS_DEMOD=demod is not None,
+        HAS_NOISE=noise is not None, HAS_BIAS=bias is not None, ACTIVATE=activate, HAS_CLAMP=clamp is not None,
+        BLOCK_W=block_w, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
+    return sums if backward else None
 
 
 def _as_batched_tokens(tokens: torch.Tensor | None) -> torch.Tensor | None:
@@ -1941,7 +2081,7 @@ def _triton_forward(x, weight, styles, p, q, demod, noise, noise_strength, bias,
             in_hw=(height, width), out_hw=(t_h, t_w), grid_hw=(height + 1, width + 1), box_z=True, q=q3,
         )  # fmt: skip
         out = _alloc((batch, out_channels, 2 * height, 2 * width), x.dtype, x.device, torch.channels_last)
-        _launch_blur(transposed, out.permute(0, 2, 3, 1), transpose=False, **epilogue)
+        _launch_blur(transposed, out.permute(0, 2, 3, 1), **epilogue)
     else:
         out = _alloc((batch, out_channels, height, width), x.dtype, x.device, torch.channels_last)
         _launch_conv_gemm(
@@ -1957,6 +2097,32 @@ def _clamp_bound(clamp: float, dtype: torch.dtype) -> float:
     |out| < bound; against the unrounded bound a half-precision output clamped to bf16(0.7) =
     0.69921875 would look unclamped and pass its gradient."""
     return float(torch.tensor(clamp, dtype=torch.float64).to(dtype))
+
+
+def _launch_epilogue_backward(grad, out, g, *, demod, noise, noise_strength, bias, activate, clamp) -> torch.Tensor:
+    """`_epilogue_backward_kernel`: g [B, H, W, N] (contiguous, x's dtype) = d * the gradient of
+    the pre-activation, from grad and the saved out [B, N, H, W] (any strides); arguments as
+    `_launch_blur`'s backward. Returns the per-tile sums [3, B, M_TILES, N] fp32."""
+    batch, out_channels, out_h, out_w = out.shape
+    block_m, block_n = _pointwise_blocks(out_h * out_w, out_channels)
+    m_tiles = triton.cdiv(out_h * out_w, block_m)
+    sums = _alloc((3, batch, m_tiles, out_channels), torch.float32, out.device)
+    _observe_launch("epilogue_backward", (grad, out, demod, noise, noise_strength, bias), (g, sums))
+    if out.device.type == "meta":  # meta tensors hold no data: nothing to compute
+        return sums
+    noise_strides = (0, 0, 0)
+    if noise is not None:
+        noise_strides = (noise.stride(0) if noise.shape[0] > 1 else 0, noise.stride(2), noise.stride(3))
+    _epilogue_backward_kernel[(m_tiles, triton.cdiv(out_channels, block_n), batch)](
+        grad, out, demod if demod is not None else sums,
+        noise if noise is not None else sums, noise_strength if noise_strength is not None else sums,
+        bias if bias is not None else sums, g, sums,
+        out_h, out_w, out_channels, *grad.stride(), *out.stride(), *noise_strides,
+        _clamp_bound(clamp, out.dtype) if clamp is not None else 0.0,
+        HAS_DEMOD=demod is not None, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None,
+        ACTIVATE=activate, HAS_CLAMP=clamp is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+    return sums
 
 
 def _triton_backward(
@@ -1975,44 +2141,25 @@ def _triton_backward(
     def empty():  # a gradient nobody wants; made into a placeholder at the end if asked for
         return None
 
-    # 1. epilogue backward: g = grad of the (blurred) conv result, times d, plus the per-tile sums.
-    # g and everything derived from it are kept in x's dtype: the grad-x kernel feeds them to
-    # its dots in that dtype anyway, and at 1024 px an fp32 g is a 1 GB round trip per layer.
+    # 1. epilogue backward: g_conv = grad of the conv result, times d, and the sums over pixels
+    # for the small gradients. The upsampling layer goes back through its blur in the same pass,
+    # onto the transposed conv's grid, so the output-sized gradient is never stored.
+    # g_conv and everything derived from it are kept in x's dtype: the grad-x kernel feeds them
+    # to its dots in that dtype anyway, and at 1024 px an fp32 g is a 1 GB round trip per layer.
     grad_dtype = x.dtype
-    block_m, block_n = _pointwise_blocks(out_h * out_w, out_channels)
-    m_tiles = triton.cdiv(out_h * out_w, block_m)
-    g = _alloc((batch, out_h, out_w, out_channels), grad_dtype, device)
-    partials = _alloc((3, batch, m_tiles, out_channels), torch.float32, device)
-    demod32 = demod.float().contiguous() if demod is not None else partials
-    noise_strides = (0, 0, 0)
-    if noise is not None:
-        noise_strides = (noise.stride(0) if noise.shape[0] > 1 else 0, noise.stride(2), noise.stride(3))
-    grid = (m_tiles, triton.cdiv(out_channels, block_n), batch)
-    _observe_launch("epilogue_backward", (grad, out, demod, noise, noise_strength, bias), (g, partials))
-    if device.type != "meta":  # meta tensors hold no data: nothing to compute
-        _epilogue_backward_kernel[grid](
-            grad, out, demod32,
-            noise if noise is not None else partials, noise_strength if noise_strength is not None else partials,
-            bias if bias is not None else partials,
-            g, partials[0], partials[1], partials[2],
-            out_h, out_w, out_channels, *grad.stride(), *out.stride(), *noise_strides,
-            _clamp_bound(clamp, out.dtype) if clamp is not None else 0.0,
-            HAS_DEMOD=demod is not None, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None,
-            ACTIVATE=activate, HAS_CLAMP=clamp is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-        )  # fmt: skip
-    grad_bias = partials[0].sum((0, 1)).to(bias.dtype) if (bias is not None and need_bias) else empty()
-    grad_strength = (
-        partials[1].sum().reshape(1).to(noise_strength.dtype) if (noise is not None and need_strength) else empty()
-    )
-    grad_demod = partials[2].sum(1) if (demod is not None and need_demod) else empty()
-
-    # 2. the upsampling layer: back through the blur to the transposed conv's grid
+    demod32 = demod.float().contiguous() if demod is not None else None
+    epilogue = dict(demod=demod32, noise=noise, noise_strength=noise_strength, bias=bias, activate=activate, clamp=clamp)
     if upsample:
         g_conv = _alloc((batch, 2 * height + 1, 2 * width + 1, out_channels), grad_dtype, device)
-        _launch_blur(g, g_conv, transpose=True)
-        del g  # g_conv replaces it: one activation-sized buffer less at the peak
+        sums = _launch_blur(grad.permute(0, 2, 3, 1), g_conv, saved=out.permute(0, 2, 3, 1), **epilogue)
     else:
-        g_conv = g
+        g_conv = _alloc((batch, out_h, out_w, out_channels), grad_dtype, device)
+        sums = _launch_epilogue_backward(grad, out, g_conv, **epilogue)
+    grad_bias = sums[0].sum((0, 1)).to(bias.dtype) if (bias is not None and need_bias) else empty()
+    grad_strength = (
+        sums[1].sum().reshape(1).to(noise_strength.dtype) if (noise is not None and need_strength) else empty()
+    )
+    grad_demod = sums[2].sum(1) if (demod is not None and need_demod) else empty()
 
     # 3. the low-rank branch. Two routes, chosen like the forward's projection:
     # - fused (the grad-x launch's output, Cin, at most FUSED_PROJECTION_MAX_COUT and L <= 64):
