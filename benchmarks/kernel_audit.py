@@ -226,7 +226,7 @@ _FP32 = "*fp32"
 _PIXEL_PRODUCTS = dict(KSIZE=3, INPUT_PRECISION=None, BLOCK_P=64)
 _DEMODULATION_POINTERS = dict.fromkeys(("s1_ptr", "s2_ptr", "demod_ptr", "energy_ptr", "u_ptr", "gp_ptr", "p_ptr",
                                         "q_ptr", "styles_ptr", "grad_demod_ptr", "grad_styles_ptr", "grad_p_ptr",
-                                        "grad_q_ptr"), _FP32)  # fmt: skip
+                                        "grad_q_ptr", "t_ptr", "c_ptr", "grad_energy_ptr"), _FP32)  # fmt: skip
 
 # the memory-bound kernels of the same step, with the blocks of the 1024 px layers (64 channels)
 OTHER_KERNELS = (
@@ -241,7 +241,7 @@ OTHER_KERNELS = (
     *(
         OtherKernel(label, "_blur_kernel",
                     # channels-last tensors: the JIT specialises their unit channel stride
-                    dict(TAPS=4, EPILOGUE_BACKWARD=backward, HAS_DEMOD=backward, HAS_NOISE=epilogue,
+                    dict(TAPS=4, EPILOGUE_BACKWARD=backward, INPUT_PRECISION=None, HAS_DEMOD=backward, HAS_NOISE=epilogue,
                          HAS_BIAS=epilogue, ACTIVATE=epilogue, HAS_CLAMP=False, stride_sn=1, stride_vn=1,
                          **dict(zip(("BLOCK_W", "BLOCK_N"), op_module._blur_blocks(8, 1024, 1024, 32, backward)[:2]))),
                     dict(taps_ptr=_FP32, noise_strength_ptr=_FP32, demod_ptr=_FP32, sums_ptr=_FP32))
@@ -249,15 +249,23 @@ OTHER_KERNELS = (
     ),
     OtherKernel("epilogue backward", "_epilogue_backward_kernel",
                 dict(HAS_DEMOD=True, HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True, HAS_CLAMP=False,
-                     BLOCK_M=64, BLOCK_N=64),
+                     **dict(zip(("BLOCK_M", "BLOCK_N"), op_module._pointwise_blocks(512 * 512, 64)))),
                 dict(demod_ptr=_FP32, noise_strength_ptr=_FP32, sums_ptr=_FP32)),
     *(
         OtherKernel(f"demodulation{' backward' if backward else ''}, L={rank}",
                     "_demodulation_backward_kernel" if backward else "_demodulation_kernel",
-                    dict(HAS_TOKENS=True, **dict(zip(("BLOCK_O", "BLOCK_I", "BLOCK_L"), blocks[:3]))),
+                    dict(HAS_TOKENS=True, HAS_RESIDUAL=False, **dict(zip(("BLOCK_O", "BLOCK_I", "BLOCK_L"), blocks[:3]))),
                     _DEMODULATION_POINTERS, num_warps=blocks[3])
         for rank in (32, 64) for backward in (False, True)
         for blocks in [op_module._demodulation_blocks(512, 512, rank, backward)]
+    ),
+    *(
+        OtherKernel(f"demodulation{' backward' if backward else ''}, shared residual",
+                    "_demodulation_backward_kernel" if backward else "_demodulation_kernel",
+                    dict(HAS_TOKENS=False, HAS_RESIDUAL=True, **dict(zip(("BLOCK_O", "BLOCK_I", "BLOCK_L"), blocks[:3]))),
+                    _DEMODULATION_POINTERS, num_warps=blocks[3])
+        for backward in (False, True)
+        for blocks in [op_module._demodulation_blocks(512, 512, 1, backward)]
     ),
 )
 

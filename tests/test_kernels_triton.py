@@ -92,8 +92,10 @@ LAYERS = [
     Layer(batch=2, in_channels=70, out_channels=66, height=9, width=11, num_tokens=32, train_weight=False),
     Layer(batch=1, in_channels=17, out_channels=19, height=17, width=9, num_tokens=7, channels_last=True),
     Layer(batch=1, in_channels=33, out_channels=70, height=6, width=5, upsample=True, tokens="shared", num_tokens=7),
+    # 64 < L <= channels shared: d from the tokens' residual p^T q
+    Layer(batch=2, in_channels=70, out_channels=72, height=3, width=4, tokens="shared", num_tokens=66),
     # the blur's row tiles: two column blocks and several row chunks forward, more backward
-    Layer(batch=1, in_channels=8, out_channels=40, height=5, width=13, upsample=True, noise="shared", clamp=0.8),
+    Layer(batch=1, in_channels=8, out_channels=40, height=5, width=16, upsample=True, noise="shared", clamp=0.8),
 ]
 
 
@@ -326,7 +328,9 @@ def test_wide_token_sets_reach_the_kernels_refactored(monkeypatch):
 @pytest.mark.parametrize(
     "batch,in_channels,out_channels,num_tokens,shared",
     [(2, 5, 6, 7, False), (3, 70, 66, 32, False), (2, 17, 90, 1, False), (1, 9, 12, 64, False),
-     (2, 20, 30, 0, False), (3, 70, 20, 13, True), (1, 6, 5, 4, True)],
+     (2, 20, 30, 0, False), (3, 70, 20, 13, True), (1, 6, 5, 4, True),
+     # wider shared sets go through their residual p^T q: L past 64, and past the channels
+     (3, 70, 90, 80, True), (2, 12, 10, 100, True)],
 )
 def test_triton_demodulation_matches_the_torch_one(batch, in_channels, out_channels, num_tokens, shared):
     """d and its gradients for styles, p and q against `_Demodulation` (fp32 on both sides)."""
@@ -386,7 +390,9 @@ def test_triton_backend_uses_the_triton_demodulation_where_it_applies(monkeypatc
             for k, v in make_inputs(Layer(in_channels=66, out_channels=70, height=3, width=3, num_tokens=65), 5).items()}
     styled_conv2d(**wide, backend="triton")
     styled_conv2d(**dict(inputs, weight=inputs["weight"].requires_grad_()), backend="triton")
-    assert calls == [1, 1, 1]  # 64 < L <= channels and a trained weight take demodulation_coefficients
+    assert calls == [1, 1, 1]  # 64 < L <= channels per sample and a trained weight take demodulation_coefficients
+    styled_conv2d(**dict(wide, p=wide["p"][0], q=wide["q"][0]), backend="triton")
+    assert calls == [1, 1, 1, 1]  # the same 65 tokens shared: through their residual
 
 
 DEMOD_APPLY = op_module._TritonDemodulation.apply

@@ -1036,6 +1036,7 @@ if triton is not None:
         out_rows,  # [BLOCK_M] pointers to the pixels' saved output (channel 0)
         noise_at,  # [BLOCK_M] pointers to the pixels' noise, if HAS_NOISE
         pix_ok,  # [BLOCK_M] which pixels exist: the others give 0
+        sum_ok,  # [BLOCK_M] which of them enter the sums
         stride_gn,
         stride_on,
         demod_row,  # pointer to the sample's d [N] fp32, if HAS_DEMOD
@@ -1051,9 +1052,10 @@ if triton is not None:
         HAS_CLAMP: tl.constexpr,
     ):
         """Backward of the epilogue out = clamp(act(d * conv + strength * noise + bias)) at
-        BLOCK_M pixels: (g, sum_bias, sum_noise, sum_demod) with g = d * grad of the
-        pre-activation [BLOCK_M, BLOCK_N] fp32 and the three [BLOCK_N] sums over the pixels
-        that make grad bias, grad strength and grad d (zeros where a term is absent)."""
+        BLOCK_M pixels: (g, bias_terms, noise_terms, demod_terms), all [BLOCK_M, BLOCK_N] fp32:
+        g = d * grad of the pre-activation, and the terms whose sums over pixels make grad
+        bias, grad strength and grad d (zero where a term is absent or not sum_ok). Unreduced,
+        so that a caller visiting many rows reduces once at the end."""
         mask = pix_ok[:, None] & n_ok[None, :]
         grad = tl.load(grad_rows[:, None] + offs_n[None, :] * stride_gn, mask=mask, other=0.0).to(tl.float32)
         out = tl.load(out_rows[:, None] + offs_n[None, :] * stride_on, mask=mask, other=0.0).to(tl.float32)
@@ -1063,21 +1065,20 @@ if triton is not None:
         if ACTIVATE:
             grad = grad * tl.where(out > 0, 1.4142135623730951, 0.2 * 1.4142135623730951)
             pre = tl.where(out > 0, out * 0.7071067811865476, out * (0.7071067811865476 / 0.2))
-        sum_bias = tl.zeros_like(offs_n).to(tl.float32)
-        sum_noise = tl.zeros_like(offs_n).to(tl.float32)
-        sum_demod = tl.zeros_like(offs_n).to(tl.float32)
+        bias_terms = tl.where(sum_ok[:, None], grad, 0.0)
+        noise_terms = tl.zeros_like(bias_terms)
+        demod_terms = tl.zeros_like(bias_terms)
         if HAS_BIAS:
-            sum_bias = tl.sum(grad, axis=0)
             pre -= tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_NOISE:
             noise = tl.load(noise_at, mask=pix_ok, other=0.0).to(tl.float32)
-            sum_noise = tl.sum(grad * noise[:, None], axis=0)
+            noise_terms = bias_terms * noise[:, None]
             pre -= tl.load(noise_strength_ptr).to(tl.float32) * noise[:, None]
         if HAS_DEMOD:  # pre = d * conv: grad d = sum grad * pre / d; grad conv = grad * d
             demod = tl.load(demod_row + offs_n, mask=n_ok, other=1.0)
-            sum_demod = tl.sum(grad * pre, axis=0) / demod
+            demod_terms = bias_terms * pre / demod[None, :]
             grad = grad * demod[None, :]
-        return grad, sum_bias, sum_noise, sum_demod
+        return grad, bias_terms, noise_terms, demod_terms
 
     @triton.jit
     def _blur_kernel(
@@ -1111,6 +1112,7 @@ if triton is not None:
         clamp_value,
         TAPS: tl.constexpr,
         EPILOGUE_BACKWARD: tl.constexpr,  # src is the output gradient: blur the epilogue's gradient
+        INPUT_PRECISION: tl.constexpr,  # of the band dot for fp32 (EPILOGUE_BACKWARD)
         HAS_DEMOD: tl.constexpr,
         HAS_NOISE: tl.constexpr,
         HAS_BIAS: tl.constexpr,
@@ -1125,18 +1127,36 @@ if triton is not None:
         Separable and row-rolling: a program walks down ROWS output rows of one BLOCK_W-pixel
         column block and one BLOCK_N channel block, filters each source row along x once
         (TAPS shifted loads, L1 hits) and keeps the last TAPS - 1 filtered rows in registers
-        for the filter along y: 2 x TAPS multiply-adds a value instead of TAPS^2. With
-        EPILOGUE_BACKWARD the source values are the epilogue's gradient, recomputed from the
-        output gradient and the saved output at each of the TAPS x-shifts (never stored); the
-        centre shift visits each source pixel of the program's own rows once and takes the sums."""
+        for the filter along y: 2 x TAPS multiply-adds a value instead of TAPS^2.
+
+        With EPILOGUE_BACKWARD the source values are the epilogue's gradient, computed from the
+        output gradient and the saved output once per pixel (never stored), and filtered along
+        x by a [BLOCK_W, BLOCK_W] banded matrix in one dot: the program reads BLOCK_W source
+        columns and writes the BLOCK_W - 3 outputs they cover whole (blocks overlap by 3
+        columns). Each source pixel enters the small gradients' sums in exactly one program."""
         tl.static_assert(TAPS == 4, "the rolling window holds TAPS - 1 = 3 filtered rows")
         n_blocks = tl.cdiv(N, BLOCK_N)
         pid_w = tl.program_id(0) // n_blocks
         pid_n = tl.program_id(0) % n_blocks
         pid_r = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
-        offs_x = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
-        x_ok = offs_x < DST_W
+        offs_j = tl.arange(0, BLOCK_W)
+        if EPILOGUE_BACKWARD:  # BLOCK_W source columns, of which the first BLOCK_W - 3 outputs are whole
+            x0 = pid_w * (BLOCK_W - (TAPS - 1))
+            offs_x = x0 + offs_j
+            x_ok = (offs_j < BLOCK_W - (TAPS - 1)) & (offs_x < DST_W)
+            # the filter along x as a banded matrix: band[j, k] = f[k - j] (source column x0 - PAD + k)
+            diagonal = offs_j[None, :] - offs_j[:, None]
+            band = tl.where(diagonal == 0, tl.load(taps_ptr), 0.0)
+            band = tl.where(diagonal == 1, tl.load(taps_ptr + 1), band)
+            band = tl.where(diagonal == 2, tl.load(taps_ptr + 2), band)
+            band = tl.where(diagonal == 3, tl.load(taps_ptr + 3), band).to(dst_ptr.dtype.element_ty)
+            src_x = x0 - PAD + offs_j
+            # the source columns this program sums the small gradients over: its own outputs'
+            own_x = (offs_j >= PAD) & (offs_j < BLOCK_W - (TAPS - 1) + PAD)
+        else:
+            offs_x = pid_w * BLOCK_W + offs_j
+            x_ok = offs_x < DST_W
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         y0 = pid_r * ROWS
@@ -1147,38 +1167,42 @@ if triton is not None:
         h0 = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)  # filtered source rows y-PAD, y+1-PAD, y+2-PAD
         h1 = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
         h2 = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
-        sum_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        sum_noise = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        sum_demod = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # the small gradients' terms, summed over rows here and over the block's pixels at the end
+        bias_terms = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+        noise_terms = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+        demod_terms = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
         for i in range(0, ROWS + TAPS - 1):
             src_y = y0 + i - PAD
             # masks from [BLOCK_W] vectors: the interpreter rejects a scalar-and-vector mask
-            row_ok = (src_y + 0 * offs_x >= 0) & (src_y + 0 * offs_x < SRC_H)
-            filtered = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
-            for c in tl.static_range(TAPS):
-                src_x = offs_x + (c - PAD)
+            row_ok = (src_y + 0 * offs_j >= 0) & (src_y + 0 * offs_j < SRC_H)
+            if EPILOGUE_BACKWARD:
+                # the epilogue's gradient once per source pixel of the row, then filtered along x
+                # by the band (a tensor-core dot): no pixel is recomputed per tap
                 pix_ok = row_ok & (src_x >= 0) & (src_x < SRC_W)
-                rows = b * stride_sb + src_y * stride_sh + src_x * stride_sw
-                if EPILOGUE_BACKWARD:
-                    values, bias_part, noise_part, demod_part = _epilogue_gradient(
-                        src_ptr + rows,
-                        saved_ptr + b * stride_vb + src_y * stride_vh + src_x * stride_vw,
-                        noise_ptr + b * stride_noise_b + src_y * stride_noise_h + src_x * stride_noise_w,
-                        pix_ok, stride_sn, stride_vn, demod_ptr + b * N, noise_strength_ptr, bias_ptr,
-                        offs_n, n_ok, clamp_value, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
-                    )  # fmt: skip
-                    if c == PAD:  # the centre shift: src_x = offs_x, each pixel of the block once
-                        own = ((src_y >= y0) & (src_y < y0 + ROWS)).to(tl.float32)  # the program's rows
-                        sum_bias += own * bias_part
-                        sum_noise += own * noise_part
-                        sum_demod += own * demod_part
-                else:
+                own = pix_ok & own_x & (src_y + 0 * offs_j >= y0) & (src_y + 0 * offs_j < y0 + ROWS)
+                values, row_bias, row_noise, row_demod = _epilogue_gradient(
+                    src_ptr + b * stride_sb + src_y * stride_sh + src_x * stride_sw,
+                    saved_ptr + b * stride_vb + src_y * stride_vh + src_x * stride_vw,
+                    noise_ptr + b * stride_noise_b + src_y * stride_noise_h + src_x * stride_noise_w,
+                    pix_ok, own, stride_sn, stride_vn, demod_ptr + b * N, noise_strength_ptr, bias_ptr,
+                    offs_n, n_ok, clamp_value, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
+                )  # fmt: skip
+                bias_terms += row_bias
+                noise_terms += row_noise
+                demod_terms += row_demod
+                # rounded to x's dtype, like the stored g of an unfused pass
+                filtered = tl.dot(band, values.to(dst_ptr.dtype.element_ty), input_precision=INPUT_PRECISION)
+            else:
+                filtered = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+                for c in tl.static_range(TAPS):
+                    src_x = offs_x + (c - PAD)
+                    pix_ok = row_ok & (src_x >= 0) & (src_x < SRC_W)
                     values = tl.load(
-                        src_ptr + rows[:, None] + offs_n[None, :] * stride_sn,
+                        src_ptr + (b * stride_sb + src_y * stride_sh + src_x * stride_sw)[:, None] + offs_n[None, :] * stride_sn,
                         mask=pix_ok[:, None] & n_ok[None, :],
                         other=0.0,
                     ).to(tl.float32)
-                filtered += tl.load(taps_ptr + c) * values
+                    filtered += tl.load(taps_ptr + c) * values
             # output row y = y0 + i - (TAPS - 1) reads the filtered source rows y - PAD .. y + 3 - PAD
             y = y0 + i - (TAPS - 1)
             acc = f0 * h0 + f1 * h1 + f2 * h2 + f3 * filtered
@@ -1203,11 +1227,11 @@ if triton is not None:
             sums = sums_ptr + (b * tiles + pid_r * (tl.num_programs(0) // n_blocks) + pid_w) * N + offs_n
             plane = tl.num_programs(2) * tiles * N  # one of the three [B, TILES, N] planes
             if HAS_BIAS:
-                tl.store(sums, sum_bias, mask=n_ok)
+                tl.store(sums, tl.sum(bias_terms, axis=0), mask=n_ok)
             if HAS_NOISE:
-                tl.store(sums + plane, sum_noise, mask=n_ok)
+                tl.store(sums + plane, tl.sum(noise_terms, axis=0), mask=n_ok)
             if HAS_DEMOD:
-                tl.store(sums + 2 * plane, sum_demod, mask=n_ok)
+                tl.store(sums + 2 * plane, tl.sum(demod_terms, axis=0), mask=n_ok)
 
     @triton.jit
     def _epilogue_backward_kernel(
@@ -1253,21 +1277,21 @@ if triton is not None:
         m_ok = offs_m < OUT_H * OUT_W
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        g, sum_bias, sum_noise, sum_demod = _epilogue_gradient(
+        g, bias_terms, noise_terms, demod_terms = _epilogue_gradient(
             grad_ptr + b * stride_gb + out_y * stride_gh + out_x * stride_gw,
             out_ptr + b * stride_ob + out_y * stride_oh + out_x * stride_ow,
             noise_ptr + b * stride_noise_b + out_y * stride_noise_h + out_x * stride_noise_w,
-            m_ok, stride_gn, stride_on, demod_ptr + b * N, noise_strength_ptr, bias_ptr,
+            m_ok, m_ok, stride_gn, stride_on, demod_ptr + b * N, noise_strength_ptr, bias_ptr,
             offs_n, n_ok, clamp_value, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
         )  # fmt: skip
         sums = sums_ptr + (b * m_tiles + pid_m) * N + offs_n
         plane = tl.num_programs(2) * m_tiles * N  # one of the three [B, M_TILES, N] planes
         if HAS_BIAS:
-            tl.store(sums, sum_bias, mask=n_ok)
+            tl.store(sums, tl.sum(bias_terms, axis=0), mask=n_ok)
         if HAS_NOISE:
-            tl.store(sums + plane, sum_noise, mask=n_ok)
+            tl.store(sums + plane, tl.sum(noise_terms, axis=0), mask=n_ok)
         if HAS_DEMOD:
-            tl.store(sums + 2 * plane, sum_demod, mask=n_ok)
+            tl.store(sums + 2 * plane, tl.sum(demod_terms, axis=0), mask=n_ok)
         g_rows = g_ptr + ((b * OUT_H + out_y) * OUT_W + out_x) * N
         tl.store(g_rows[:, None] + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -1372,6 +1396,8 @@ if triton is not None:
         energy_ptr,  # [B, COUT] fp32 out: sum K^2 before the clamp (the backward's mask)
         u_ptr,  # [B, L, COUT] fp32 out: (q * s) S1^T, if HAS_TOKENS
         gp_ptr,  # [B, L, COUT] fp32 out: (q q^T) p, if HAS_TOKENS
+        t_ptr,  # [COUT, CIN] fp32: S1 * (p^T q) of tokens shared by the batch, if HAS_RESIDUAL
+        c_ptr,  # [COUT] fp32: taps * sum_i (p^T q)^2, if HAS_RESIDUAL
         CIN,
         COUT,
         L,
@@ -1381,18 +1407,22 @@ if triton is not None:
         eps,
         taps,
         HAS_TOKENS: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,  # shared tokens as their residual R = p^T q (any L)
         BLOCK_O: tl.constexpr,
         BLOCK_I: tl.constexpr,
         BLOCK_L: tl.constexpr,
     ):
-        """d = rsqrt(max(E, 0) + eps), E = scale^2 (s^2) S2^T + 2 scale sum_l p u + taps sum_l p gp,
-        for one sample (axis 1) and BLOCK_O output channels (axis 0); exact fp32 dots."""
+        """d = rsqrt(max(E, 0) + eps), E = scale^2 (s^2) S2^T + 2 scale sum_l p u + taps sum_l p gp
+        (per-sample tokens), or E = scale^2 (s^2) S2^T + 2 scale s T^T + c (shared ones, through
+        their residual: T = S1 * R, c = taps * rowsum(R^2)), for one sample (axis 1) and BLOCK_O
+        output channels (axis 0); exact fp32 dots."""
         b = tl.program_id(1).to(tl.int64)
         offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
         o_ok = offs_o < COUT
         offs_l = tl.arange(0, BLOCK_L)
         l_ok = offs_l < L
         styled_energy = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        cross = tl.zeros((BLOCK_O,), dtype=tl.float32)
         u = tl.zeros((BLOCK_L, BLOCK_O), dtype=tl.float32)
         gram = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
         for i0 in range(0, CIN, BLOCK_I):
@@ -1402,6 +1432,9 @@ if triton is not None:
             w_mask = o_ok[:, None] & i_ok[None, :]
             s2 = tl.load(s2_ptr + offs_o[:, None] * CIN + offs_i[None, :], mask=w_mask, other=0.0)
             styled_energy += tl.sum(s2 * (s * s)[None, :], axis=1)
+            if HAS_RESIDUAL:
+                t = tl.load(t_ptr + offs_o[:, None] * CIN + offs_i[None, :], mask=w_mask, other=0.0)
+                cross += tl.sum(t * s[None, :], axis=1)
             if HAS_TOKENS:
                 s1 = tl.load(s1_ptr + offs_o[:, None] * CIN + offs_i[None, :], mask=w_mask, other=0.0)
                 q = tl.load(
@@ -1412,6 +1445,8 @@ if triton is not None:
                 u = tl.dot(q * s[None, :], tl.trans(s1), u, input_precision="ieee")
                 gram = tl.dot(q, tl.trans(q), gram, input_precision="ieee")
         energy = styled_energy * (scale * scale)
+        if HAS_RESIDUAL:
+            energy += 2.0 * scale * cross + tl.load(c_ptr + offs_o, mask=o_ok, other=0.0)
         if HAS_TOKENS:
             token_mask = l_ok[:, None] & o_ok[None, :]
             token_offsets = (b * L + offs_l[:, None]) * COUT + offs_o[None, :]
@@ -1449,6 +1484,8 @@ if triton is not None:
         grad_styles_ptr,  # [B, CIN] out, styles' dtype
         grad_p_ptr,  # [B, L, COUT] out, if HAS_TOKENS (per sample also for shared tokens)
         grad_q_ptr,  # [B, L, CIN] out, if HAS_TOKENS
+        t_ptr,  # [COUT, CIN] fp32, if HAS_RESIDUAL (as the forward)
+        grad_energy_ptr,  # [B, COUT] fp32 out: dE, if HAS_RESIDUAL (for the gradients of T and c)
         CIN,
         COUT,
         L,
@@ -1457,12 +1494,14 @@ if triton is not None:
         scale,
         taps,
         HAS_TOKENS: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
         BLOCK_O: tl.constexpr,
         BLOCK_I: tl.constexpr,
         BLOCK_L: tl.constexpr,
     ):
         """grad styles and grad q for BLOCK_I input channels (the first cdiv(CIN, BLOCK_I)
-        programs of axis 0), or grad p for BLOCK_O output channels (the rest); axis 1: the sample."""
+        programs of axis 0), or grad p (HAS_TOKENS) or dE (HAS_RESIDUAL) for BLOCK_O output
+        channels (the rest); axis 1: the sample."""
         b = tl.program_id(1).to(tl.int64)
         i_blocks = tl.cdiv(CIN, BLOCK_I)
         offs_l = tl.arange(0, BLOCK_L)
@@ -1472,6 +1511,7 @@ if triton is not None:
             i_ok = offs_i < CIN
             s = tl.load(styles_ptr + b * CIN + offs_i, mask=i_ok, other=0.0).to(tl.float32)
             energy_s2 = tl.zeros((BLOCK_I,), dtype=tl.float32)  # sum_o dE S2
+            energy_t = tl.zeros((BLOCK_I,), dtype=tl.float32)  # sum_o dE T
             cross = tl.zeros((BLOCK_L, BLOCK_I), dtype=tl.float32)  # (dE * p) S1
             outer = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)  # (dE * p) p^T
             for o0 in range(0, COUT, BLOCK_O):
@@ -1481,6 +1521,9 @@ if triton is not None:
                 w_mask = o_ok[:, None] & i_ok[None, :]
                 s2 = tl.load(s2_ptr + offs_o[:, None] * CIN + offs_i[None, :], mask=w_mask, other=0.0)
                 energy_s2 += tl.sum(grad_energy[:, None] * s2, axis=0)
+                if HAS_RESIDUAL:
+                    t = tl.load(t_ptr + offs_o[:, None] * CIN + offs_i[None, :], mask=w_mask, other=0.0)
+                    energy_t += tl.sum(grad_energy[:, None] * t, axis=0)
                 if HAS_TOKENS:
                     s1 = tl.load(s1_ptr + offs_o[:, None] * CIN + offs_i[None, :], mask=w_mask, other=0.0)
                     p = tl.load(
@@ -1491,7 +1534,7 @@ if triton is not None:
                     weighted_p = p * grad_energy[None, :]
                     cross = tl.dot(weighted_p, s1, cross, input_precision="ieee")
                     outer = tl.dot(weighted_p, tl.trans(p), outer, input_precision="ieee")
-            grad_styles = 2.0 * scale * scale * s * energy_s2
+            grad_styles = 2.0 * scale * scale * s * energy_s2 + 2.0 * scale * energy_t
             if HAS_TOKENS:
                 q_mask = l_ok[:, None] & i_ok[None, :]
                 q_offsets = (b * L + offs_l[:, None]) * CIN + offs_i[None, :]
@@ -1514,6 +1557,11 @@ if triton is not None:
                 gp = tl.load(gp_ptr + token_offsets, mask=token_mask, other=0.0)
                 grad_p = 2.0 * grad_energy[None, :] * (scale * u + taps * gp)
                 tl.store(grad_p_ptr + token_offsets, grad_p.to(grad_p_ptr.dtype.element_ty), mask=token_mask)
+            if HAS_RESIDUAL:
+                offs_o = (tl.program_id(0) - i_blocks) * BLOCK_O + tl.arange(0, BLOCK_O)
+                o_ok = offs_o < COUT
+                grad_energy = _energy_gradient(grad_demod_ptr, demod_ptr, energy_ptr, b * COUT + offs_o, o_ok)
+                tl.store(grad_energy_ptr + b * COUT + offs_o, grad_energy, mask=o_ok)
 
     # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): 128x128 / 128x64 / 64x128 tiles for the
     # big GEMMs, narrow N tiles for few output channels (toRGB, the 1024 px layers), short M
@@ -1748,8 +1796,10 @@ def autotuned_conv_configs() -> list[dict]:
 
 
 def _pointwise_blocks(pixels: int, channels: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the memory-bound pointwise kernels (blur, epilogue backward)."""
-    return _reduce_block_m(pixels), min(64, max(16, _next_pow2(channels)))
+    """(BLOCK_M, BLOCK_N) of `_epilogue_backward_kernel`: at most 2048 values, as 64 x 64 at 4
+    warps took 255 registers and spilled with Triton 3.6 (`benchmarks.kernel_audit`)."""
+    block_n = min(64, max(16, _next_pow2(channels)))
+    return min(_reduce_block_m(pixels), 2048 // block_n), block_n
 
 
 _BLUR_TAPS_BY_DEVICE: dict = {}
@@ -1771,19 +1821,26 @@ BLUR_MAX_ROWS = 32
 BLUR_MIN_PROGRAMS = 1056  # 8 per H100 SM
 
 
-def _blur_blocks(batch: int, dst_h: int, dst_w: int, channels: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_W, BLOCK_N, ROWS) of `_blur_kernel`. Row tiles of 1024 values (512 with the
-    epilogue backward, which holds four x-shifts of the gradient and the saved output) keep
-    it at <= 128 registers a thread without spills at 4 warps (`benchmarks.kernel_audit`);
-    ROWS is as many rows a program as still give BLUR_MIN_PROGRAMS programs: each program
-    re-filters TAPS - 1 rows to warm its window up."""
-    block_n = min(64, max(16, _next_pow2(channels)))
-    block_w = min(_next_pow2(dst_w), (512 if backward else 1024) // block_n)
-    programs = triton.cdiv(dst_w, block_w) * triton.cdiv(channels, block_n) * batch
+def _blur_blocks(batch: int, dst_h: int, dst_w: int, channels: int, backward: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_W, BLOCK_N, ROWS, column blocks) of `_blur_kernel`. Row tiles of 1024 values keep it
+    at <= 128 registers a thread without spills at 4 warps (`benchmarks.kernel_audit`). The
+    backward's blocks are 16 or 32 source columns (its band dot needs >= 16) that overlap by
+    TAPS - 1. ROWS is as many rows a program as still give BLUR_MIN_PROGRAMS programs: each
+    program re-filters TAPS - 1 rows to warm its window up."""
+    overlap = len(_BLUR_TAPS_1D) - 1
+    if backward:
+        block_w = 16 if dst_w <= 16 - overlap else 32
+        block_n = min(max(16, _next_pow2(channels)), 1024 // block_w)
+        column_blocks = triton.cdiv(dst_w, block_w - overlap)
+    else:
+        block_n = min(64, max(16, _next_pow2(channels)))
+        block_w = min(_next_pow2(dst_w), 1024 // block_n)
+        column_blocks = triton.cdiv(dst_w, block_w)
+    programs = column_blocks * triton.cdiv(channels, block_n) * batch
     rows = BLUR_MAX_ROWS
     while rows > 4 and programs * triton.cdiv(dst_h, rows) < BLUR_MIN_PROGRAMS:
         rows //= 2
-    return block_w, block_n, rows
+    return block_w, block_n, rows, column_blocks
 
 
 def _launch_blur(
@@ -1804,9 +1861,9 @@ def _launch_blur(
     name = "epilogue_backward_blurred" if backward else "blur"
     batch, src_h, src_w, channels = src.shape
     dst_h, dst_w = dst.shape[1], dst.shape[2]
-    block_w, block_n, rows = _blur_blocks(batch, dst_h, dst_w, channels, backward)
-    grid = (triton.cdiv(dst_w, block_w) * triton.cdiv(channels, block_n), triton.cdiv(dst_h, rows), batch)
-    sums = _alloc((3, batch, grid[0] // triton.cdiv(channels, block_n) * grid[1], channels), torch.float32, src.device)
+    block_w, block_n, rows, column_blocks = _blur_blocks(batch, dst_h, dst_w, channels, backward)
+    grid = (column_blocks * triton.cdiv(channels, block_n), triton.cdiv(dst_h, rows), batch)
+    sums = _alloc((3, batch, column_blocks * grid[1], channels), torch.float32, src.device)
     _observe_launch(name, (src, saved, demod, noise, noise_strength, bias), (dst, sums if backward else None))
     if src.device.type == "meta":
         return sums if backward else None
@@ -1822,7 +1879,8 @@ def _launch_blur(
         bias if bias is not None else dummy, sums,
         src_h, src_w, dst_h, dst_w, channels, pad, rows, *src.stride(), *(saved.stride() if backward else (0,) * 4),
         *noise_strides, (_clamp_bound(clamp, saved.dtype) if backward else float(clamp)) if clamp is not None else 0.0,
-        TAPS=len(_BLUR_TAPS_1D), EPILOGUE_BACKWARD=backward, HAS_DEMOD=demod is not None,
+        TAPS=len(_BLUR_TAPS_1D), EPILOGUE_BACKWARD=backward,
+        INPUT_PRECISION=_fp32_input_precision() if dst.dtype == torch.float32 else None, HAS_DEMOD=demod is not None,
         HAS_NOISE=noise is not None, HAS_BIAS=bias is not None, ACTIVATE=activate, HAS_CLAMP=clamp is not None,
         BLOCK_W=block_w, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
@@ -1902,14 +1960,20 @@ def _sum_over_pixels(
 
 
 # Per-sample token sets up to this size get the Triton demodulation (`_TritonDemodulation`):
-# the gram q q^T [L, L] and the products [L, BLOCK] live in registers.
+# the gram q q^T [L, L] and the products [L, BLOCK] live in registers. Wider shared sets go
+# through their residual R = p^T q instead, for any L.
 TRITON_DEMODULATION_MAX_TOKENS = 64
+
+
+def _shared_tokens(p: torch.Tensor) -> bool:
+    """Whether tokens p ([L, C] or [B, L, C]) are one set for the whole batch."""
+    return p.ndim == 2 or p.shape[0] == 1
 
 
 def _triton_demodulation_applies(weight, styles, p) -> bool:
     """Whether `_TritonDemodulation` computes d here: eager mode, a frozen weight (it gives no
-    weight gradient), L <= TRITON_DEMODULATION_MAX_TOKENS tokens (or none), data on a device
-    the kernels run on. Everything else goes to `demodulation_coefficients`."""
+    weight gradient), no tokens, L <= TRITON_DEMODULATION_MAX_TOKENS tokens or shared ones,
+    data on a device the kernels run on. Everything else goes to `demodulation_coefficients`."""
     if triton is None or torch.compiler.is_compiling() or weight.requires_grad:
         return False
     # meta tensors: planned like CUDA ones (benchmarks.memory, benchmarks.traffic); nothing runs
@@ -1917,7 +1981,9 @@ def _triton_demodulation_applies(weight, styles, p) -> bool:
         return False
     if weight.dtype == torch.float64 or styles.dtype == torch.float64:
         return False
-    return p is None or (p.shape[-2] <= TRITON_DEMODULATION_MAX_TOKENS and p.dtype != torch.float64)
+    if p is None:
+        return True
+    return p.dtype != torch.float64 and (p.shape[-2] <= TRITON_DEMODULATION_MAX_TOKENS or _shared_tokens(p))
 
 
 def _demodulation_blocks(in_channels: int, out_channels: int, rank: int, backward: bool) -> tuple[int, int, int, int]:
@@ -1938,78 +2004,109 @@ def _demodulation_blocks(in_channels: int, out_channels: int, rank: int, backwar
 class _TritonDemodulation(torch.autograd.Function):
     """`demodulation_coefficients` for the Triton backend in two kernel launches, forward and
     backward, instead of ~50 small torch ops: at 8-128 px the layer's host time was the step's
-    time (BENCHMARKS.md). Frozen weight; tokens [B, L, C] per sample, [L, C] shared, or none;
-    d in fp32."""
+    time (BENCHMARKS.md). Frozen weight; tokens [B, L, C] per sample (L <= 64), [L, C] shared
+    (any L), or none; d in fp32.
+
+    Token sets of at most 64 tokens run through the kernels' token path (the gram q q^T and
+    the products u, gp per sample). Wider shared sets (the L = 256 domain adapters on the
+    256-512 channel layers) enter as their residual R = p^T q [Cout, Cin], computed once for
+    the batch: E = scale^2 (s^2) S2^T + 2 scale s (S1 * R)^T + taps * rowsum(R^2), and the
+    backward takes grad R from the kernel's dE with three small matmuls."""
 
     @staticmethod
     def forward(ctx, weight, styles, p, q, scale, eps):
         batch, in_channels = styles.shape
         out_channels = weight.shape[0]
-        token_shapes = (p.shape, q.shape) if p is not None else None
+        taps = float(weight.shape[2] * weight.shape[3])
+        token_shapes = (p.shape, q.shape, p.dtype, q.dtype) if p is not None else None
         s1, s2 = _tap_sums(weight, torch.float32)
         styles = styles.contiguous()
-        rank = p.shape[-2] if p is not None else 1
+        residual = p is not None and p.shape[-2] > TRITON_DEMODULATION_MAX_TOKENS
+        rank = p.shape[-2] if p is not None and not residual else 1
         device = styles.device
         demod = _alloc((batch, out_channels), torch.float32, device)
         energy = _alloc((batch, out_channels), torch.float32, device)
-        u = gp = None
+        u = gp = r = t = c = None
         token_strides = (0, 0)
-        if p is not None:
+        if residual:  # shared tokens, any L: through R = p^T q, once for the batch
+            p = p.reshape(-1, out_channels).float()
+            q = q.reshape(-1, in_channels).float()
+            r = p.t() @ q
+            t = s1 * r
+            c = r.square().sum(1).mul_(taps)
+        elif p is not None:
             p, q = _as_batched_tokens(p), _as_batched_tokens(q)
             token_strides = (p.stride(0) if p.shape[0] > 1 else 0, q.stride(0) if q.shape[0] > 1 else 0)
             u = _alloc((batch, rank, out_channels), torch.float32, device)
             gp = _alloc((batch, rank, out_channels), torch.float32, device)
         block_o, block_i, block_l, warps = _demodulation_blocks(in_channels, out_channels, rank, backward=False)
-        _observe_launch("demodulation", (styles, s1, s2, p, q), (demod, energy, u, gp))
+        _observe_launch("demodulation", (styles, s1, s2, p, q, t, c), (demod, energy, u, gp))
         if device.type != "meta":  # meta tensors hold no data: nothing to compute
+            tokens = not residual and p is not None
             _demodulation_kernel[(triton.cdiv(out_channels, block_o), batch)](
-                styles, s1, s2, p if p is not None else s1, q if q is not None else s1, demod, energy,
+                styles, s1, s2, p if tokens else s1, q if tokens else s1, demod, energy,
                 u if u is not None else demod, gp if gp is not None else demod,
-                in_channels, out_channels, rank, *token_strides, float(scale), float(eps),
-                float(weight.shape[2] * weight.shape[3]),
-                HAS_TOKENS=p is not None, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=warps,
+                t if residual else s1, c if residual else demod,
+                in_channels, out_channels, rank, *token_strides, float(scale), float(eps), taps,
+                HAS_TOKENS=tokens, HAS_RESIDUAL=residual,
+                BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=warps,
             )  # fmt: skip
-        ctx.save_for_backward(weight, styles, p, q, demod, energy, u, gp)
+        ctx.save_for_backward(weight, styles, p, q, demod, energy, u, gp, r, t)
         ctx.scale = float(scale)
         ctx.token_strides = token_strides
         ctx.token_shapes = token_shapes
+        ctx.residual = residual
         return demod
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_demod):
-        weight, styles, p, q, demod, energy, u, gp = ctx.saved_tensors
+        weight, styles, p, q, demod, energy, u, gp, r, t = ctx.saved_tensors
         batch, in_channels = styles.shape
         out_channels = weight.shape[0]
+        taps = float(weight.shape[2] * weight.shape[3])
+        residual = ctx.residual
+        tokens = p is not None and not residual
         s1, s2 = _tap_sums(weight, torch.float32)
-        rank = p.shape[1] if p is not None else 1
-        shared = p is not None and p.shape[0] == 1 and batch > 1
+        rank = p.shape[1] if tokens else 1
+        shared = tokens and p.shape[0] == 1 and batch > 1
         grad_styles = _alloc(styles.shape, styles.dtype, styles.device)
-        grad_p = grad_q = None
-        if p is not None:  # per sample; shared tokens sum them over the batch afterwards, in fp32
+        grad_p = grad_q = grad_energy = None
+        if tokens:  # per sample; shared tokens sum them over the batch afterwards, in fp32
             token_dtype = torch.float32 if shared else p.dtype
             grad_p = _alloc((batch, rank, out_channels), token_dtype, p.device)
             grad_q = _alloc((batch, rank, in_channels), token_dtype, q.device)
+        if residual:
+            grad_energy = _alloc((batch, out_channels), torch.float32, styles.device)
         block_o, block_i, block_l, warps = _demodulation_blocks(in_channels, out_channels, rank, backward=True)
         programs = triton.cdiv(in_channels, block_i) + (triton.cdiv(out_channels, block_o) if p is not None else 0)
         grad_demod = grad_demod.contiguous()
         _observe_launch(
-            "demodulation_backward", (grad_demod, demod, energy, styles, s1, s2, p, q, u, gp), (grad_styles, grad_p, grad_q)
+            "demodulation_backward", (grad_demod, demod, energy, styles, s1, s2, p, q, u, gp, t),
+            (grad_styles, grad_p, grad_q, grad_energy),
         )  # fmt: skip
         if styles.device.type != "meta":  # meta tensors hold no data: nothing to compute
             _demodulation_backward_kernel[(programs, batch)](
                 grad_demod, demod, energy, styles, s1, s2,
-                p if p is not None else s1, q if q is not None else s1, u if u is not None else demod,
+                p if tokens else s1, q if tokens else s1, u if u is not None else demod,
                 gp if gp is not None else demod, grad_styles,
                 grad_p if grad_p is not None else demod, grad_q if grad_q is not None else demod,
-                in_channels, out_channels, rank, *ctx.token_strides, ctx.scale, float(weight.shape[2] * weight.shape[3]),
-                HAS_TOKENS=p is not None, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=warps,
+                t if residual else s1, grad_energy if residual else demod,
+                in_channels, out_channels, rank, *ctx.token_strides, ctx.scale, taps,
+                HAS_TOKENS=tokens, HAS_RESIDUAL=residual,
+                BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=warps,
             )  # fmt: skip
         need_styles, need_p, need_q = ctx.needs_input_grad[1:4]
-        if p is not None and (shared or grad_p.shape != ctx.token_shapes[0]):  # back to [L, C]
-            p_shape, q_shape = ctx.token_shapes
-            grad_p = (grad_p.sum(0) if shared else grad_p).to(p.dtype).reshape(p_shape)
-            grad_q = (grad_q.sum(0) if shared else grad_q).to(q.dtype).reshape(q_shape)
+        p_shape, q_shape, p_dtype, q_dtype = ctx.token_shapes if ctx.token_shapes is not None else (None,) * 4
+        if residual and (need_p or need_q):
+            # E = ... + 2 scale s (S1 * R)^T + taps rowsum(R^2): grad R = S1 * grad T + 2 taps sum_b dE * R
+            grad_t = (grad_energy.t() @ styles.float()).mul_(2 * ctx.scale)  # [Cout, Cin]
+            grad_r = grad_t.mul_(s1).add_(r * grad_energy.sum(0).mul_(2 * taps)[:, None])
+            grad_p = (q @ grad_r.t()).to(p_dtype).reshape(p_shape)  # R = p^T q: grad p = q grad_R^T
+            grad_q = (p @ grad_r).to(q_dtype).reshape(q_shape)
+        elif tokens and (shared or grad_p.shape != p_shape):  # back to [L, C]
+            grad_p = (grad_p.sum(0) if shared else grad_p).to(p_dtype).reshape(p_shape)
+            grad_q = (grad_q.sum(0) if shared else grad_q).to(q_dtype).reshape(q_shape)
         return (
             None, grad_styles if need_styles else None, grad_p if need_p else None, grad_q if need_q else None,
             None, None,
