@@ -15,6 +15,7 @@ from benchmarks.implementations import Implementation
 from benchmarks.runner import add_speedups, evaluate_targets
 from benchmarks.timing import CorrectnessError, compare, percentile, tolerance_for
 from refinestyle_kernels import styled_conv2d
+from refinestyle_kernels.ops import modulated_conv2d as op_module
 
 TINY = [
     "--suite", "cpu",
@@ -41,7 +42,9 @@ def _only_json(folder):
     return files[0], json.loads(files[0].read_text())
 
 
-def test_cpu_suite_smoke_run_writes_every_report(tmp_path, capsys):
+def test_cpu_suite_smoke_run_writes_every_report(tmp_path, capsys, monkeypatch):
+    # the autotuner's choices are per process: other tests in this worker may have made some
+    monkeypatch.setattr(op_module, "_CONV_BEST_CONFIG", {})
     argv = TINY + ["--layers", "conv1,convs.0,to_rgbs.1", "--tokens", "0,4,6s", "--mode", "fwd,fwdbwd",
                    "--impls", "reference,nvlabs,torch",
                    "--out", str(tmp_path)]
