@@ -1081,6 +1081,32 @@ if triton is not None:
         return grad, bias_terms, noise_terms, demod_terms
 
     @triton.jit
+    def _store_epilogue_sums(
+        sums_ptr,  # [3, B, TILES, N] fp32: the planes of grad bias, grad strength and grad d
+        b,
+        tile,
+        tiles,
+        offs_n,
+        n_ok,
+        N,
+        bias_terms,  # [BLOCK, BLOCK_N] fp32 terms of `_epilogue_gradient`, summed here over axis 0
+        noise_terms,
+        demod_terms,
+        HAS_DEMOD: tl.constexpr,
+        HAS_NOISE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+    ):
+        """One tile's sums of the small gradients' terms (the absent terms' planes stay unwritten)."""
+        sums = sums_ptr + (b * tiles + tile) * N + offs_n
+        plane = tl.num_programs(2) * tiles * N  # the batch is the grid's axis 2
+        if HAS_BIAS:
+            tl.store(sums, tl.sum(bias_terms, axis=0), mask=n_ok)
+        if HAS_NOISE:
+            tl.store(sums + plane, tl.sum(noise_terms, axis=0), mask=n_ok)
+        if HAS_DEMOD:
+            tl.store(sums + 2 * plane, tl.sum(demod_terms, axis=0), mask=n_ok)
+
+    @triton.jit
     def _blur_kernel(
         src_ptr,  # [B, SRC_H, SRC_W, N] any strides: what is blurred (the output gradient if EPILOGUE_BACKWARD)
         saved_ptr,  # [B, SRC_H, SRC_W, N] any strides: the saved output, if EPILOGUE_BACKWARD
@@ -1224,14 +1250,11 @@ if triton is not None:
             h2 = filtered
         if EPILOGUE_BACKWARD:
             tiles = tl.num_programs(0) // n_blocks * tl.num_programs(1)
-            sums = sums_ptr + (b * tiles + pid_r * (tl.num_programs(0) // n_blocks) + pid_w) * N + offs_n
-            plane = tl.num_programs(2) * tiles * N  # one of the three [B, TILES, N] planes
-            if HAS_BIAS:
-                tl.store(sums, tl.sum(bias_terms, axis=0), mask=n_ok)
-            if HAS_NOISE:
-                tl.store(sums + plane, tl.sum(noise_terms, axis=0), mask=n_ok)
-            if HAS_DEMOD:
-                tl.store(sums + 2 * plane, tl.sum(demod_terms, axis=0), mask=n_ok)
+            tile = pid_r * (tl.num_programs(0) // n_blocks) + pid_w
+            _store_epilogue_sums(
+                sums_ptr, b, tile, tiles, offs_n, n_ok, N, bias_terms, noise_terms, demod_terms,
+                HAS_DEMOD, HAS_NOISE, HAS_BIAS,
+            )  # fmt: skip
 
     @triton.jit
     def _epilogue_backward_kernel(
@@ -1284,14 +1307,10 @@ if triton is not None:
             m_ok, m_ok, stride_gn, stride_on, demod_ptr + b * N, noise_strength_ptr, bias_ptr,
             offs_n, n_ok, clamp_value, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
         )  # fmt: skip
-        sums = sums_ptr + (b * m_tiles + pid_m) * N + offs_n
-        plane = tl.num_programs(2) * m_tiles * N  # one of the three [B, M_TILES, N] planes
-        if HAS_BIAS:
-            tl.store(sums, tl.sum(bias_terms, axis=0), mask=n_ok)
-        if HAS_NOISE:
-            tl.store(sums + plane, tl.sum(noise_terms, axis=0), mask=n_ok)
-        if HAS_DEMOD:
-            tl.store(sums + 2 * plane, tl.sum(demod_terms, axis=0), mask=n_ok)
+        _store_epilogue_sums(
+            sums_ptr, b, pid_m, m_tiles, offs_n, n_ok, N, bias_terms, noise_terms, demod_terms,
+            HAS_DEMOD, HAS_NOISE, HAS_BIAS,
+        )  # fmt: skip
         g_rows = g_ptr + ((b * OUT_H + out_y) * OUT_W + out_x) * N
         tl.store(g_rows[:, None] + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
