@@ -1876,18 +1876,18 @@ def _launch_blur(
     of the pre-activation. Returns the per-program sums [3, B, TILES, N] fp32 for grad bias,
     grad noise strength and grad d (the planes of the absent terms are not written).
     """
-    backward = transpose = saved is not None
+    backward = saved is not None  # the adjoint: flipped taps, pad TAPS - 1 - PAD
     name = "epilogue_backward_blurred" if backward else "blur"
     batch, src_h, src_w, channels = src.shape
     dst_h, dst_w = dst.shape[1], dst.shape[2]
     block_w, block_n, rows, column_blocks = _blur_blocks(batch, dst_h, dst_w, channels, backward)
     grid = (column_blocks * triton.cdiv(channels, block_n), triton.cdiv(dst_h, rows), batch)
-    sums = _alloc((3, batch, column_blocks * grid[1], channels), torch.float32, src.device)
-    _observe_launch(name, (src, saved, demod, noise, noise_strength, bias), (dst, sums if backward else None))
+    sums = _alloc((3, batch, column_blocks * grid[1], channels), torch.float32, src.device) if backward else None
+    _observe_launch(name, (src, saved, demod, noise, noise_strength, bias), (dst, sums))
     if src.device.type == "meta":
-        return sums if backward else None
-    taps = _blur_taps(src.device, flipped=transpose)
-    pad = len(_BLUR_TAPS_1D) - 1 - UPSAMPLE_BLUR_PAD[0] if transpose else UPSAMPLE_BLUR_PAD[0]
+        return sums
+    taps = _blur_taps(src.device, flipped=backward)
+    pad = len(_BLUR_TAPS_1D) - 1 - UPSAMPLE_BLUR_PAD[0] if backward else UPSAMPLE_BLUR_PAD[0]
     noise_strides = (0, 0, 0)
     if noise is not None:
         noise_strides = (noise.stride(0) if noise.shape[0] > 1 else 0, noise.stride(2), noise.stride(3))
@@ -1895,7 +1895,7 @@ def _launch_blur(
     _blur_kernel[grid](
         src, saved if backward else dummy, taps, dst, demod if demod is not None else dummy,
         noise if noise is not None else dummy, noise_strength if noise_strength is not None else dummy,
-        bias if bias is not None else dummy, sums,
+        bias if bias is not None else dummy, sums if backward else dummy,
         src_h, src_w, dst_h, dst_w, channels, pad, rows, *src.stride(), *(saved.stride() if backward else (0,) * 4),
         *noise_strides, (_clamp_bound(clamp, saved.dtype) if backward else float(clamp)) if clamp is not None else 0.0,
         TAPS=len(_BLUR_TAPS_1D), EPILOGUE_BACKWARD=backward,
@@ -1903,7 +1903,7 @@ def _launch_blur(
         HAS_NOISE=noise is not None, HAS_BIAS=bias is not None, ACTIVATE=activate, HAS_CLAMP=clamp is not None,
         BLOCK_W=block_w, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
-    return sums if backward else None
+    return sums
 
 
 def _as_batched_tokens(tokens: torch.Tensor | None) -> torch.Tensor | None:
@@ -2518,7 +2518,7 @@ def _styled_conv2d_triton(
     [L, C] / [B, L, C]; noise None or [B or 1, 1, H', W'] (no gradient); noise_strength
     [1] or None; bias [Cout] or None. Returns [B, Cout, H', W'] in x's dtype, channels_last.
     The demodulation coefficients d [B, Cout] come from `_TritonDemodulation` (frozen weight,
-    at most 64 tokens) or else from `demodulation_coefficients` in plain
+    at most 64 per-sample tokens or shared ones) or else from `demodulation_coefficients` in plain
     torch; autograd carries grad d back to weight, styles, p and q. Everything else runs in
     the custom ops above. Batches larger than `MAX_LAUNCH_BATCH` (CUDA's
     65535-program limit on the grid dimension that holds the batch) run in chunks.
