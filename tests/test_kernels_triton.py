@@ -357,6 +357,17 @@ def test_triton_demodulation_matches_the_torch_one(batch, in_channels, out_chann
 
 
 @needs_interpreter
+def test_triton_demodulation_refuses_wide_per_sample_tokens():
+    """Past 64 tokens only a shared set has the residual route; a per-sample one is an error,
+    never silently flattened into one set."""
+    weight, styles = torch.randn(6, 5, 3, 3), torch.randn(2, 5)
+    p, q = torch.randn(2, 65, 6), torch.randn(2, 65, 5)
+    assert not op_module._triton_demodulation_applies(weight, styles, p)
+    with pytest.raises(ValueError, match="p: the Triton demodulation takes at most 64 per-sample tokens"):
+        op_module._TritonDemodulation.apply(weight, styles, p, q, 1.0, 1e-8)
+
+
+@needs_interpreter
 def test_triton_demodulation_passes_no_gradient_where_the_energy_is_clamped():
     """sum K^2 >= 0 exactly; where float cancellation makes the closed form negative, d is
     clamped to eps^-1/2 and passes no gradient. Planted here: a negative saved energy."""

@@ -2041,6 +2041,11 @@ class _TritonDemodulation(torch.autograd.Function):
         s1, s2 = _tap_sums(weight, torch.float32)
         styles = styles.contiguous()
         residual = p is not None and p.shape[-2] > TRITON_DEMODULATION_MAX_TOKENS
+        if residual and not _shared_tokens(p):
+            raise ValueError(
+                f"p: the Triton demodulation takes at most {TRITON_DEMODULATION_MAX_TOKENS} per-sample tokens "
+                f"(more only when shared, [L, Cout]), got {tuple(p.shape)}"
+            )
         rank = p.shape[-2] if p is not None and not residual else 1
         device = styles.device
         demod = _alloc((batch, out_channels), torch.float32, device)
