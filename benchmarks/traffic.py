@@ -24,6 +24,7 @@ hooks and in the backward through the autograd nodes each layer created.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -128,9 +129,26 @@ def _layer_modules(model) -> dict[str, torch.nn.Module]:
     return {name: model.get_submodule(name) for name in names}
 
 
+def _conv_rgb_pairs(model) -> dict[str, str]:
+    """{conv name: toRGB name} for the convs the generator runs with their toRGB as one op
+    (`StyledConv.forward_to_rgb`): conv1 and the last conv of every block."""
+    pairs = {"conv1": "to_rgb1"}
+    pairs.update({f"convs.{2 * block + 1}": f"to_rgbs.{block}" for block in range(len(model.to_rgbs))})
+    return pairs
+
+
+def layer_floor(floors: dict[str, int], layer: str) -> int | None:
+    """The floor of a launch's layer label: a fused pair "convs.15+to_rgbs.7" has both layers' floors."""
+    parts = layer.split("+")
+    return sum(floors[part] for part in parts) if all(part in floors for part in parts) else None
+
+
 class recording:
     """`with recording(model) as recorder:` runs the block under a `TrafficRecorder` whose
-    launches carry the name of the layer of `model` (a refinestyle Generator) that issued them."""
+    launches carry the name of the layer of `model` (a refinestyle Generator) that issued them.
+    A conv run with its toRGB as one op (`StyledConv.forward_to_rgb`) is one layer,
+    "convs.15+to_rgbs.7"; where an implementation patched in by `patched_op` runs the pair as two
+    module calls, each keeps its own name."""
 
     def __init__(self, model) -> None:
         self.model = model
@@ -141,23 +159,35 @@ class recording:
         import refinestyle_kernels.ops.modulated_conv2d as op_module
 
         recorder = self.recorder
+
+        def before(module, args, kwargs, name):
+            # what already exists (earlier layers, the network's own glue) is not this layer's
+            for value in tree_flatten((args, kwargs))[0]:
+                if isinstance(value, torch.Tensor):
+                    _label_new_nodes(value.grad_fn, "other")
+            recorder.forward_layer = name
+
+        def after(module, args, output, name):
+            recorder.forward_layer = "other"
+            for value in tree_flatten(output)[0]:
+                if isinstance(value, torch.Tensor):
+                    _label_new_nodes(value.grad_fn, name)
+
         for name, module in _layer_modules(self.model).items():
+            self._handles.append(module.register_forward_pre_hook(functools.partial(before, name=name), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(functools.partial(after, name=name)))
+        self._wrapped = []
+        for conv_name, rgb_name in _conv_rgb_pairs(self.model).items():
+            conv = self.model.get_submodule(conv_name)
 
-            def before(module, args, kwargs, name=name):
-                # what already exists (earlier layers, the network's own glue) is not this layer's
-                for value in tree_flatten((args, kwargs))[0]:
-                    if isinstance(value, torch.Tensor):
-                        _label_new_nodes(value.grad_fn, "other")
-                recorder.forward_layer = name
+            def forward_to_rgb(*args, name=f"{conv_name}+{rgb_name}", original=conv.forward_to_rgb, **kwargs):
+                before(None, args, kwargs, name)
+                output = original(*args, **kwargs)
+                after(None, args, output, name)
+                return output
 
-            def after(module, args, output, name=name):
-                recorder.forward_layer = "other"
-                for value in tree_flatten(output)[0]:
-                    if isinstance(value, torch.Tensor):
-                        _label_new_nodes(value.grad_fn, name)
-
-            self._handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(after))
+            conv.forward_to_rgb = forward_to_rgb  # an instance attribute, removed on exit
+            self._wrapped.append(conv)
         self._op_module = op_module
         self._previous_observer = op_module.LAUNCH_OBSERVER
         op_module.LAUNCH_OBSERVER = recorder.observe_launch
@@ -170,6 +200,9 @@ class recording:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for conv in self._wrapped:
+            del conv.forward_to_rgb
+        self._wrapped.clear()
 
 
 def planned_generator_traffic(
@@ -304,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             for layer, phases in per_layer(launches).items():
                 moved = phases["forward"]["bytes"] + phases["backward"]["bytes"]
                 kernels = phases["forward"]["kernels"] + phases["backward"]["kernels"]
-                floor = floors.get(layer)
+                floor = layer_floor(floors, layer)
                 ratio = f"{moved / floor:7.2f}" if floor else f"{'':7s}"
                 floor_text = _gb(floor) if floor else f"{'':7s}"
                 print(f"{layer:10s} {_gb(phases['forward']['bytes'])} {_gb(phases['backward']['bytes'])} "

@@ -42,20 +42,22 @@ def exact_float32() -> Iterator[None]:
 def patched_op(op: Callable | None) -> Iterator[None]:
     """Make the generator's layers call `op` instead of refinestyle_kernels.styled_conv2d.
 
-    refinestyle_kernels.modules looks the op up as a module global at call time, so
-    replacing that global swaps the implementation of every StyledConv and ToRGB.
+    refinestyle_kernels.modules looks the ops up as module globals at call time, so
+    replacing them swaps the implementation of every StyledConv and ToRGB: `styled_conv2d`
+    by `op`, and the conv + toRGB pairs (`styled_conv2d_to_rgb`) by two calls of `op`.
     """
     if op is None:
         yield
         return
     import refinestyle_kernels.modules as modules
+    from refinestyle_kernels.ops.styled_conv2d_to_rgb import composed_styled_conv2d_to_rgb
 
-    original = modules.styled_conv2d
-    modules.styled_conv2d = op
+    originals = modules.styled_conv2d, modules.styled_conv2d_to_rgb
+    modules.styled_conv2d, modules.styled_conv2d_to_rgb = op, composed_styled_conv2d_to_rgb(op)
     try:
         yield
     finally:
-        modules.styled_conv2d = original
+        modules.styled_conv2d, modules.styled_conv2d_to_rgb = originals
 
 
 def token_std(num_tokens: int, in_channel: int, kernel_size: int) -> float:

@@ -345,8 +345,9 @@ class Generator(nn.Module):
 
         out = self.input(w_plus)
         p, q = tokens(0)
-        out = self.conv1(out, w_plus[:, 0], noise=noise[0], p=p, q=q)
-        skip = self.to_rgb1(out, w_plus[:, 1])
+        # each block's last conv and its toRGB run as one op (StyledConv.forward_to_rgb): out
+        # feeds both, and the fused backward adds its two gradients without a pass over memory
+        out, skip = self.conv1.forward_to_rgb(self.to_rgb1, out, w_plus[:, 0], w_plus[:, 1], noise=noise[0], p=p, q=q)
 
         row = 1
         for block, to_rgb in enumerate(self.to_rgbs):
@@ -354,8 +355,9 @@ class Generator(nn.Module):
             p, q = tokens(row)
             out = up_conv(out, w_plus[:, row], noise=noise[row], p=p, q=q)
             p, q = tokens(row + 1)
-            out = conv(out, w_plus[:, row + 1], noise=noise[row + 1], p=p, q=q)
-            skip = to_rgb(out, w_plus[:, row + 2], skip)
+            out, skip = conv.forward_to_rgb(
+                to_rgb, out, w_plus[:, row + 1], w_plus[:, row + 2], skip, noise=noise[row + 1], p=p, q=q
+            )
             row += 2
         return skip
 

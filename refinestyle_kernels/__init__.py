@@ -20,6 +20,7 @@ from refinestyle_kernels.modules import (
 )
 from refinestyle_kernels.ops.bias_act import fused_leaky_relu
 from refinestyle_kernels.ops.modulated_conv2d import demodulation_coefficients, modulated_conv2d, styled_conv2d
+from refinestyle_kernels.ops.styled_conv2d_to_rgb import styled_conv2d_to_rgb
 from refinestyle_kernels.ops.upfirdn2d import make_blur_kernel, upfirdn2d
 
 __version__ = "0.1.0"
@@ -45,6 +46,7 @@ __all__ = [
     "resolve_backend",
     "set_backend",
     "styled_conv2d",
+    "styled_conv2d_to_rgb",
     "upfirdn2d",
     "use_backend",
 ]

@@ -3,7 +3,8 @@
 Parameter and buffer names and shapes are rosinality's, so a `g_ema` state_dict
 loads with strict=True. The conv layers also take RefineStyle's scaled tokens
 (p, q) and run through `styled_conv2d`, whose backend every module exposes as a
-`backend` attribute ("auto" by default).
+`backend` attribute ("auto" by default). `StyledConv.forward_to_rgb` runs a conv and the
+toRGB reading its output as one op (`styled_conv2d_to_rgb`), as the generator does.
 
 Under torch.autocast the modules cast the op's operands to the autocast dtype
 themselves (the op refuses mixed dtypes), so a model runs in bf16/fp16 unchanged.
@@ -24,6 +25,7 @@ from refinestyle_kernels.ops.modulated_conv2d import (
     UPSAMPLE_FACTOR,
     styled_conv2d,
 )
+from refinestyle_kernels.ops.styled_conv2d_to_rgb import styled_conv2d_to_rgb
 from refinestyle_kernels.ops.upfirdn2d import make_blur_kernel, upfirdn2d
 
 DEFAULT_BLUR_KERNEL = (1, 3, 3, 1)
@@ -302,21 +304,75 @@ class StyledConv(_ConvBackendMixin, nn.Module):
         p: torch.Tensor | None = None,
         q: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if noise is None:
-            factor = UPSAMPLE_FACTOR if self.conv.upsample else 1
-            batch, _, height, width = input.shape
-            noise = input.new_empty(batch, 1, height * factor, width * factor).normal_()
         return self.conv.layer_forward(
             input,
             style,
             p,
             q,
-            noise=noise,
+            noise=self._noise_or_drawn(input, noise),
             noise_strength=self.noise.weight,
             bias=self.activate.bias,
             activate=True,
             clamp=self.clamp,
         )
+
+    def forward_to_rgb(
+        self,
+        to_rgb: "ToRGB",
+        input: torch.Tensor,
+        style: torch.Tensor,
+        rgb_style: torch.Tensor,
+        skip: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        p: torch.Tensor | None = None,
+        q: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`out = self(input, style, noise, p, q)` and `to_rgb(out, rgb_style, skip)` as one op.
+
+        StyleGAN2's last conv of a block feeds both the next block and the block's toRGB; on
+        the Triton backend `styled_conv2d_to_rgb` adds the two gradients of out inside the
+        conv's epilogue backward instead of in memory. Same results as the two calls.
+        Returns (out [B, Cout, H, W], image [B, 3, H, W]).
+        """
+        conv, rgb_conv = self.conv, to_rgb.conv
+        if conv.upsample or conv.backend != rgb_conv.backend:  # nothing to fuse
+            out = self(input, style, noise, p, q)
+            return out, to_rgb(out, rgb_style, skip)
+        if skip is not None and not hasattr(to_rgb, "upsample"):
+            raise ValueError("skip: this ToRGB was built with upsample=False and takes no skip input")
+        dtype = _operand_dtype(input)
+        out, image = styled_conv2d_to_rgb(
+            input.to(dtype),
+            conv.weight[0].to(dtype),
+            conv.modulation(style).to(dtype),
+            _cast(p, dtype),
+            _cast(q, dtype),
+            rgb_weight=rgb_conv.weight[0].to(dtype),
+            rgb_styles=rgb_conv.modulation(rgb_style).to(dtype),
+            rgb_bias=to_rgb.bias.reshape(-1).to(dtype),
+            noise=_cast(self._noise_or_drawn(input, noise), dtype),
+            noise_strength=self.noise.weight.to(dtype),
+            bias=self.activate.bias.to(dtype),
+            activate=True,
+            clamp=self.clamp,
+            rgb_clamp=to_rgb.clamp,
+            demodulate=conv.demodulate,
+            eps=conv.eps,
+            scale=conv.scale,
+            rgb_scale=rgb_conv.scale,
+            backend=conv.backend,
+        )
+        if skip is not None:
+            image = image + to_rgb.upsample(skip.to(image.dtype))
+        return out, image
+
+    def _noise_or_drawn(self, input: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """The given noise, or standard normal noise at the output resolution (rosinality's default)."""
+        if noise is not None:
+            return noise
+        factor = UPSAMPLE_FACTOR if self.conv.upsample else 1
+        batch, _, height, width = input.shape
+        return input.new_empty(batch, 1, height * factor, width * factor).normal_()
 
 
 class ToRGB(_ConvBackendMixin, nn.Module):

@@ -1045,20 +1045,35 @@ if triton is not None:
         offs_n,
         n_ok,
         clamp_value,
+        extra_grad,  # [BLOCK_M, BLOCK_N] fp32 added to the output's gradient, if HAS_EXTRA_GRAD
+        loaded_out,  # [BLOCK_M, BLOCK_N] fp32: the saved output already loaded by the caller, if OUT_LOADED
         HAS_DEMOD: tl.constexpr,
         HAS_NOISE: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         ACTIVATE: tl.constexpr,
         HAS_CLAMP: tl.constexpr,
+        HAS_GRAD: tl.constexpr,
+        HAS_EXTRA_GRAD: tl.constexpr,
+        OUT_LOADED: tl.constexpr,
     ):
         """Backward of the epilogue out = clamp(act(d * conv + strength * noise + bias)) at
         BLOCK_M pixels: (g, bias_terms, noise_terms, demod_terms), all [BLOCK_M, BLOCK_N] fp32:
         g = d * grad of the pre-activation, and the terms whose sums over pixels make grad
         bias, grad strength and grad d (zero where a term is absent or not sum_ok). Unreduced,
-        so that a caller visiting many rows reduces once at the end."""
+        so that a caller visiting many rows reduces once at the end. The output's gradient is
+        the one at grad_rows (if HAS_GRAD) plus extra_grad (if HAS_EXTRA_GRAD): a second
+        consumer's gradient, added here rather than in memory."""
         mask = pix_ok[:, None] & n_ok[None, :]
-        grad = tl.load(grad_rows[:, None] + offs_n[None, :] * stride_gn, mask=mask, other=0.0).to(tl.float32)
-        out = tl.load(out_rows[:, None] + offs_n[None, :] * stride_on, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GRAD:
+            grad = tl.load(grad_rows[:, None] + offs_n[None, :] * stride_gn, mask=mask, other=0.0).to(tl.float32)
+            if HAS_EXTRA_GRAD:
+                grad += extra_grad
+        else:
+            grad = extra_grad
+        if OUT_LOADED:
+            out = loaded_out
+        else:
+            out = tl.load(out_rows[:, None] + offs_n[None, :] * stride_on, mask=mask, other=0.0).to(tl.float32)
         if HAS_CLAMP:  # clamped pixels pass no gradient; clamp_value is the bound as out's dtype
             grad = tl.where(tl.abs(out) < clamp_value, grad, 0.0)  # rounds it (see _clamp_bound)
         pre = out  # the pre-activation, recovered from the output (leaky ReLU is invertible)
@@ -1211,7 +1226,8 @@ if triton is not None:
                     saved_ptr + b * stride_vb + src_y * stride_vh + src_x * stride_vw,
                     noise_ptr + b * stride_noise_b + src_y * stride_noise_h + src_x * stride_noise_w,
                     pix_ok, own, stride_sn, stride_vn, demod_ptr + b * N, noise_strength_ptr, bias_ptr,
-                    offs_n, n_ok, clamp_value, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
+                    offs_n, n_ok, clamp_value, 0.0, 0.0, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
+                    HAS_GRAD=True, HAS_EXTRA_GRAD=False, OUT_LOADED=False,
                 )  # fmt: skip
                 bias_terms += row_bias
                 noise_terms += row_noise
@@ -1258,14 +1274,17 @@ if triton is not None:
 
     @triton.jit
     def _epilogue_backward_kernel(
-        grad_ptr,  # [B, N, OUT_H, OUT_W] grad of the output, any strides
+        grad_ptr,  # [B, N, OUT_H, OUT_W] grad of the output, any strides, if HAS_GRAD
         out_ptr,  # [B, N, OUT_H, OUT_W] the saved output, any strides
         demod_ptr,  # [B, N] fp32 contiguous, if HAS_DEMOD
         noise_ptr,
         noise_strength_ptr,
         bias_ptr,
+        rgb_grad_ptr,  # [B, RGB_CHANNELS, OUT_H, OUT_W] grad of the toRGB's output, any strides
+        rgb_out_ptr,  # [B, RGB_CHANNELS, OUT_H, OUT_W] the toRGB's saved output, any strides, if RGB_CLAMP
+        rgb_mix_ptr,  # [B, RGB_CHANNELS, N] fp32 contiguous: rgb_scale * rgb_weight * rgb_styles
         g_ptr,  # [B, OUT_H, OUT_W, N] out (x's dtype): grad of the conv result before * d, times d
-        sums_ptr,  # [3, B, M_TILES, N] fp32 out: per-tile sums for grad bias, grad strength, grad d
+        sums_ptr,  # [3 + RGB_CHANNELS, B, M_TILES, N] fp32 out: per-tile sums (see below)
         OUT_H,
         OUT_W,
         N,
@@ -1280,16 +1299,35 @@ if triton is not None:
         stride_noise_b,
         stride_noise_h,
         stride_noise_w,
+        stride_rgb_b,
+        stride_rgb_c,
+        stride_rgb_h,
+        stride_rgb_w,
+        stride_rgbo_b,
+        stride_rgbo_c,
+        stride_rgbo_h,
+        stride_rgbo_w,
         clamp_value,
+        rgb_clamp_value,
         HAS_DEMOD: tl.constexpr,
         HAS_NOISE: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         ACTIVATE: tl.constexpr,
         HAS_CLAMP: tl.constexpr,
+        HAS_GRAD: tl.constexpr,
+        RGB_CHANNELS: tl.constexpr,
+        RGB_CLAMP: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        """Backward of the epilogue: out = clamp(act(d * conv + strength * noise + bias))."""
+        """Backward of the epilogue: out = clamp(act(d * conv + strength * noise + bias)).
+
+        With RGB_CHANNELS > 0, out also feeds a toRGB layer rgb = clamp(rgb_scale * conv1x1(out
+        * rgb_styles, rgb_weight) + rgb_bias): its adjoint, sum_k grad_rgb[k] * mix[k, :], is
+        added to out's gradient in registers, and the sums planes 3 + k hold the sums over
+        pixels of out * grad_rgb[k] (clamp-masked): the toRGB's per-sample weight gradient,
+        from which the style and weight gradients follow. Sums planes 0-2: grad bias, grad
+        strength, grad d."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -1300,12 +1338,36 @@ if triton is not None:
         m_ok = offs_m < OUT_H * OUT_W
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
+        out_rows = out_ptr + b * stride_ob + out_y * stride_oh + out_x * stride_ow
+        rgb_grad = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        out = rgb_grad  # loaded below when the toRGB's sums need it; else `_epilogue_gradient` loads it
+        if RGB_CHANNELS > 0:
+            out = tl.load(
+                out_rows[:, None] + offs_n[None, :] * stride_on, mask=m_ok[:, None] & n_ok[None, :], other=0.0
+            ).to(tl.float32)
+            rgb_sums = sums_ptr + (b * m_tiles + pid_m) * N + offs_n
+            plane = tl.num_programs(2) * m_tiles * N
+            for k in tl.static_range(RGB_CHANNELS):
+                grad_k = tl.load(
+                    rgb_grad_ptr + b * stride_rgb_b + k * stride_rgb_c + out_y * stride_rgb_h + out_x * stride_rgb_w,
+                    mask=m_ok, other=0.0,
+                ).to(tl.float32)  # fmt: skip
+                if RGB_CLAMP:  # clamped toRGB pixels pass no gradient (bound as in _clamp_bound)
+                    rgb = tl.load(
+                        rgb_out_ptr + b * stride_rgbo_b + k * stride_rgbo_c + out_y * stride_rgbo_h
+                        + out_x * stride_rgbo_w, mask=m_ok, other=0.0,
+                    ).to(tl.float32)  # fmt: skip
+                    grad_k = tl.where(tl.abs(rgb) < rgb_clamp_value, grad_k, 0.0)
+                mix = tl.load(rgb_mix_ptr + (b * RGB_CHANNELS + k) * N + offs_n, mask=n_ok, other=0.0)
+                rgb_grad += grad_k[:, None] * mix[None, :]
+                tl.store(rgb_sums + (3 + k) * plane, tl.sum(out * grad_k[:, None], axis=0), mask=n_ok)
         g, bias_terms, noise_terms, demod_terms = _epilogue_gradient(
             grad_ptr + b * stride_gb + out_y * stride_gh + out_x * stride_gw,
-            out_ptr + b * stride_ob + out_y * stride_oh + out_x * stride_ow,
+            out_rows,
             noise_ptr + b * stride_noise_b + out_y * stride_noise_h + out_x * stride_noise_w,
             m_ok, m_ok, stride_gn, stride_on, demod_ptr + b * N, noise_strength_ptr, bias_ptr,
-            offs_n, n_ok, clamp_value, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
+            offs_n, n_ok, clamp_value, rgb_grad, out, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
+            HAS_GRAD=HAS_GRAD, HAS_EXTRA_GRAD=RGB_CHANNELS > 0, OUT_LOADED=RGB_CHANNELS > 0,
         )  # fmt: skip
         _store_epilogue_sums(
             sums_ptr, b, pid_m, m_tiles, offs_n, n_ok, N, bias_terms, noise_terms, demod_terms,
@@ -1814,11 +1876,13 @@ def autotuned_conv_configs() -> list[dict]:
     return chosen
 
 
-def _pointwise_blocks(pixels: int, channels: int) -> tuple[int, int]:
+def _pointwise_blocks(pixels: int, channels: int, max_values: int = 2048) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of `_epilogue_backward_kernel`: at most 2048 values, as 64 x 64 at 4
-    warps took 255 registers and spilled with Triton 3.6 (`benchmarks.kernel_audit`)."""
+    warps took 255 registers and spilled with Triton 3.6 (`benchmarks.kernel_audit`). With a
+    toRGB's adjoint, 1024: with Triton 3.6 the 64 x 32 tile of the 1024 px layer took 185
+    registers (2 programs an SM), 32 x 32 takes 88 (5 programs)."""
     block_n = min(64, max(16, _next_pow2(channels)))
-    return min(_reduce_block_m(pixels), 2048 // block_n), block_n
+    return min(_reduce_block_m(pixels), max_values // block_n), block_n
 
 
 _BLUR_TAPS_BY_DEVICE: dict = {}
@@ -2220,39 +2284,69 @@ def _clamp_bound(clamp: float, dtype: torch.dtype) -> float:
     return float(torch.tensor(clamp, dtype=torch.float64).to(dtype))
 
 
-def _launch_epilogue_backward(grad, out, g, *, demod, noise, noise_strength, bias, activate, clamp) -> torch.Tensor:
+def _launch_epilogue_backward(
+    grad, out, g, *, demod, noise, noise_strength, bias, activate, clamp, rgb=None
+) -> torch.Tensor:  # fmt: skip
     """`_epilogue_backward_kernel`: g [B, H, W, N] (contiguous, x's dtype) = d * the gradient of
     the pre-activation, from grad and the saved out [B, N, H, W] (any strides); arguments as
-    `_launch_blur`'s backward. Returns the per-tile sums [3, B, M_TILES, N] fp32."""
+    `_launch_blur`'s backward. grad may be None when rgb is given (out feeds only the toRGB).
+
+    rgb: None, or the toRGB layer that also reads out, as (grad_rgb [B, K, H, W] any strides,
+    mix [B, K, N] fp32 contiguous = rgb_scale * rgb_weight * rgb_styles, rgb_out [B, K, H, W] the
+    toRGB's saved output or None, rgb_clamp float or None): its adjoint joins grad in registers.
+
+    Returns the per-tile sums [3 + K, B, M_TILES, N] fp32 (K = 0 without rgb): grad bias,
+    grad strength, grad d, then per toRGB channel k the sums of out * grad_rgb[k].
+    """
     batch, out_channels, out_h, out_w = out.shape
-    block_m, block_n = _pointwise_blocks(out_h * out_w, out_channels)
+    block_m, block_n = _pointwise_blocks(out_h * out_w, out_channels, 2048 if rgb is None else 1024)
     m_tiles = triton.cdiv(out_h * out_w, block_m)
-    sums = _alloc((3, batch, m_tiles, out_channels), torch.float32, out.device)
-    _observe_launch("epilogue_backward", (grad, out, demod, noise, noise_strength, bias), (g, sums))
+    rgb_grad, rgb_mix, rgb_out, rgb_clamp = rgb if rgb is not None else (None, None, None, None)
+    if grad is None and rgb_grad is None:
+        raise ValueError("_launch_epilogue_backward: neither grad nor a toRGB gradient was given")
+    rgb_channels = rgb_grad.shape[1] if rgb_grad is not None else 0
+    sums = _alloc((3 + rgb_channels, batch, m_tiles, out_channels), torch.float32, out.device)
+    _observe_launch(
+        "epilogue_backward", (grad, out, demod, noise, noise_strength, bias, rgb_grad, rgb_mix, rgb_out), (g, sums)
+    )
     if out.device.type == "meta":  # meta tensors hold no data: nothing to compute
         return sums
     noise_strides = (0, 0, 0)
     if noise is not None:
         noise_strides = (noise.stride(0) if noise.shape[0] > 1 else 0, noise.stride(2), noise.stride(3))
+    rgb_clamped = rgb_out is not None and rgb_clamp is not None
     _epilogue_backward_kernel[(m_tiles, triton.cdiv(out_channels, block_n), batch)](
-        grad, out, demod if demod is not None else sums,
+        grad if grad is not None else sums, out, demod if demod is not None else sums,
         noise if noise is not None else sums, noise_strength if noise_strength is not None else sums,
-        bias if bias is not None else sums, g, sums,
-        out_h, out_w, out_channels, *grad.stride(), *out.stride(), *noise_strides,
+        bias if bias is not None else sums,
+        rgb_grad if rgb_grad is not None else sums, rgb_out if rgb_clamped else sums,
+        rgb_mix if rgb_mix is not None else sums, g, sums,
+        out_h, out_w, out_channels, *(grad.stride() if grad is not None else (0, 0, 0, 0)), *out.stride(),
+        *noise_strides, *(rgb_grad.stride() if rgb_grad is not None else (0, 0, 0, 0)),
+        *(rgb_out.stride() if rgb_clamped else (0, 0, 0, 0)),
         _clamp_bound(clamp, out.dtype) if clamp is not None else 0.0,
+        _clamp_bound(rgb_clamp, rgb_out.dtype) if rgb_clamped else 0.0,
         HAS_DEMOD=demod is not None, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None,
-        ACTIVATE=activate, HAS_CLAMP=clamp is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        ACTIVATE=activate, HAS_CLAMP=clamp is not None, HAS_GRAD=grad is not None, RGB_CHANNELS=rgb_channels,
+        RGB_CLAMP=rgb_clamped, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
     return sums
 
 
 def _triton_backward(
     grad, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp, needs,
-    placeholders=True,
+    placeholders=True, rgb=None,
 ):  # fmt: skip
     """All gradients of `_triton_forward`; needs = which of (x, styles, weight, p, q, demod,
     noise_strength, bias) are wanted. Returns them in that order; for the rest empty tensors
-    (the custom op must return tensors), or None when placeholders is False (eager autograd)."""
+    (the custom op must return tensors), or None when placeholders is False (eager autograd).
+
+    rgb: None, or a toRGB layer that also reads out (plain layers only), as in
+    `_launch_epilogue_backward`; its adjoint joins grad (which may then be None) in the
+    epilogue backward. The result then has a ninth entry: the sums over pixels of
+    out * grad_rgb [B, K, Cout] fp32, the toRGB's per-sample weight gradient."""
+    if rgb is not None and upsample:
+        raise ValueError("_triton_backward: a toRGB adjoint is fused into plain layers only, not upsampling ones")
     need_x, need_styles, need_weight, need_p, need_q, need_demod, need_strength, need_bias = needs
     batch, in_channels, height, width = x.shape
     out_channels, _, kernel, _ = weight.shape
@@ -2275,7 +2369,7 @@ def _triton_backward(
         sums = _launch_blur(grad.permute(0, 2, 3, 1), g_conv, saved=out.permute(0, 2, 3, 1), **epilogue)
     else:
         g_conv = _alloc((batch, out_h, out_w, out_channels), grad_dtype, device)
-        sums = _launch_epilogue_backward(grad, out, g_conv, **epilogue)
+        sums = _launch_epilogue_backward(grad, out, g_conv, **epilogue, rgb=rgb)
     grad_bias = sums[0].sum((0, 1)).to(bias.dtype) if (bias is not None and need_bias) else empty()
     grad_strength = (
         sums[1].sum().reshape(1).to(noise_strength.dtype) if (noise is not None and need_strength) else empty()
@@ -2353,6 +2447,8 @@ def _triton_backward(
     grads = (grad_x, grad_styles, grad_weight, grad_p, grad_q, grad_demod, grad_strength, grad_bias)
     if placeholders:  # the custom op's outputs: tensors that do not alias each other
         grads = tuple(x.new_empty(0) if g is None else g for g in grads)
+    if rgb is not None:
+        grads = (*grads, sums[3:].sum(2).transpose(0, 1))
     return grads
 
 
@@ -2453,6 +2549,13 @@ def _gradients(ctx, grad, backward):
     # the backward op's order: x, styles, weight, p, q, demod, noise_strength, bias
     needs = [wanted[0], wanted[2], wanted[1], wanted[3], wanted[4], wanted[5], wanted[7], wanted[8]]
     grads = backward(grad, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, *ctx.options, needs)
+    return _gradients_wanted(grads, needs)
+
+
+def _gradients_wanted(grads, needs) -> tuple:
+    """The backward op's gradients (x, styles, weight, p, q, demod, strength, bias), None where
+    not needed, in the forward op's input order (x, weight, styles, p, q, demod, noise,
+    noise_strength, bias, then None for its four options)."""
     grad_x, grad_styles, grad_weight, grad_p, grad_q, grad_demod, grad_strength, grad_bias = (
         g if need else None for g, need in zip(grads, needs)
     )
@@ -2513,21 +2616,12 @@ def _reduced_rank_tokens(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor
     return identity, p.mT @ q
 
 
-def _styled_conv2d_triton(
+def _triton_arguments(
     x, weight, styles, p, q, *, demodulate, upsample, eps, scale, noise, noise_strength, bias, activate, clamp
-):
-    """The "triton" backend of `styled_conv2d` (arguments already validated by `_validate`).
-
-    x [B, Cin, H, W] float32/float16/bfloat16, NCHW or channels_last, on CUDA (or on the CPU
-    under TRITON_INTERPRET=1); weight [Cout, Cin, k, k]; styles [B, Cin]; p, q None or
-    [L, C] / [B, L, C]; noise None or [B or 1, 1, H', W'] (no gradient); noise_strength
-    [1] or None; bias [Cout] or None. Returns [B, Cout, H', W'] in x's dtype, channels_last.
-    The demodulation coefficients d [B, Cout] come from `_TritonDemodulation` (frozen weight,
-    at most 64 per-sample tokens or shared ones) or else from `demodulation_coefficients` in plain
-    torch; autograd carries grad d back to weight, styles, p and q. Everything else runs in
-    the custom ops above. Batches larger than `MAX_LAUNCH_BATCH` (CUDA's
-    65535-program limit on the grid dimension that holds the batch) run in chunks.
-    """
+):  # fmt: skip
+    """`_styled_conv2d_triton_op`'s arguments from `styled_conv2d`'s validated ones: tokens
+    refactored to at most min(Cin, Cout), the demodulation coefficients d [B, Cout] fp32 (or
+    None) computed and differentiable, the options as plain Python values."""
     if triton is None:
         raise RuntimeError(f'backend="triton": Triton could not be imported ({_TRITON_IMPORT_ERROR})')
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -2544,6 +2638,28 @@ def _styled_conv2d_triton(
     if bias is not None:
         bias = bias.contiguous()  # the kernels index bias[n] as bias_ptr + n
     options = (float(scale), bool(upsample), bool(activate), float(clamp) if clamp is not None else None)
+    return (x, weight, styles, p, q, demod, noise, noise_strength, bias, *options)
+
+
+def _styled_conv2d_triton(
+    x, weight, styles, p, q, *, demodulate, upsample, eps, scale, noise, noise_strength, bias, activate, clamp
+):
+    """The "triton" backend of `styled_conv2d` (arguments already validated by `_validate`).
+
+    x [B, Cin, H, W] float32/float16/bfloat16, NCHW or channels_last, on CUDA (or on the CPU
+    under TRITON_INTERPRET=1); weight [Cout, Cin, k, k]; styles [B, Cin]; p, q None or
+    [L, C] / [B, L, C]; noise None or [B or 1, 1, H', W'] (no gradient); noise_strength
+    [1] or None; bias [Cout] or None. Returns [B, Cout, H', W'] in x's dtype, channels_last.
+    The demodulation coefficients d [B, Cout] come from `_TritonDemodulation` (frozen weight,
+    at most 64 per-sample tokens or shared ones) or else from `demodulation_coefficients` in plain
+    torch; autograd carries grad d back to weight, styles, p and q. Everything else runs in
+    the custom ops above. Batches larger than `MAX_LAUNCH_BATCH` (CUDA's
+    65535-program limit on the grid dimension that holds the batch) run in chunks.
+    """
+    x, weight, styles, p, q, demod, noise, noise_strength, bias, *options = _triton_arguments(
+        x, weight, styles, p, q, demodulate=demodulate, upsample=upsample, eps=eps, scale=scale, noise=noise,
+        noise_strength=noise_strength, bias=bias, activate=activate, clamp=clamp,
+    )  # fmt: skip
     batch = x.shape[0]
     if batch <= MAX_LAUNCH_BATCH:
         return _styled_conv2d_triton_call(x, weight, styles, p, q, demod, noise, noise_strength, bias, *options)

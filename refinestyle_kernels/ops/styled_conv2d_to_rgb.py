@@ -1,0 +1,225 @@
+"""A plain StyledConv layer and the toRGB layer that reads its output, as one op.
+
+In StyleGAN2's synthesis network the last conv of every block feeds two layers: the next
+block's upsampling conv and the block's toRGB (a 1x1 modulated conv to K = 3 channels, not
+demodulated). Run as two layers, the training step's backward then moves three
+activation-sized tensors that carry no information of their own: the toRGB writes its input
+gradient, autograd adds it to the next block's gradient in a separate kernel, and the conv's
+epilogue backward reads the sum back. At 1024 px, batch 8, bf16 that is about 4 GB of the step's
+29 GB (`python -m benchmarks.traffic`).
+
+The toRGB's adjoint is tiny per pixel (K = 3 values times a [K, Cout] matrix), so the Triton
+backend computes it in the conv's epilogue-backward kernel, in registers:
+
+    grad out = grad_next + sum_k grad_rgb[k] * (rgb_scale * rgb_weight[k] * rgb_styles)
+
+and in the same pass the sums over pixels of out * grad_rgb[k] ([B, K, Cout]), from which
+the toRGB's style and weight gradients follow by two small products. The forward is unchanged
+(the conv, then the toRGB conv reading out); only the backward is fused.
+
+The other backends, torch.compile and batches past the launch limit run the two layers one
+after the other (`composed_styled_conv2d_to_rgb`), which is also this op's reference.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from refinestyle_kernels.backend import resolve_backend
+from refinestyle_kernels.ops.modulated_conv2d import (
+    MAX_LAUNCH_BATCH,
+    _check_tensor,
+    _clamp_bound,
+    _derived_from_weight,
+    _gradients_wanted,
+    _triton_arguments,
+    _triton_backward,
+    _triton_forward,
+    _validate,
+    styled_conv2d,
+)
+
+
+def styled_conv2d_to_rgb(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    styles: torch.Tensor,
+    p: torch.Tensor | None = None,
+    q: torch.Tensor | None = None,
+    *,
+    rgb_weight: torch.Tensor,
+    rgb_styles: torch.Tensor,
+    rgb_bias: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    noise_strength: torch.Tensor | float | None = None,
+    bias: torch.Tensor | None = None,
+    activate: bool = True,
+    clamp: float | None = None,
+    rgb_clamp: float | None = None,
+    demodulate: bool = True,
+    eps: float = 1e-8,
+    scale: float | None = None,
+    rgb_scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plain (not upsampling) StyledConv and the toRGB reading its output:
+
+        out = styled_conv2d(x, weight, styles, p, q, noise=..., bias=..., activate=..., clamp=...)
+        rgb = styled_conv2d(out, rgb_weight, rgb_styles, bias=rgb_bias, activate=False,
+                            clamp=rgb_clamp, demodulate=False, scale=rgb_scale)
+
+    Args:
+        x, weight, styles, p, q, noise, noise_strength, bias, activate, clamp, demodulate,
+            eps, scale, backend: as in `styled_conv2d` (upsample is always False).
+        rgb_weight: [K, Cout, 1, 1] the toRGB's 1x1 kernel (rosinality's `to_rgb.conv.weight[0]`,
+            K = 3), x's dtype.
+        rgb_styles: [B, Cout] the toRGB's modulation (its affine applied to its w row).
+        rgb_bias: None or [K] (rosinality's `to_rgb.bias` flattened), added before rgb_clamp.
+        rgb_clamp: None or a positive float: the toRGB's conv + bias clamped to [-rgb_clamp,
+            rgb_clamp] (NVlabs' conv_clamp).
+        rgb_scale: multiplier of rgb_weight; None means 1/sqrt(Cout).
+
+    Returns:
+        (out [B, Cout, H, W], rgb [B, K, H, W]), both in x's dtype. The skip branch of
+        StyleGAN2's toRGB (rgb + upsample(previous rgb)) is left to the caller.
+    """
+    layer = _validate(x, weight, styles, p, q, noise, noise_strength, bias, clamp, demodulate, False, eps, scale)
+    rgb_scale = _validate_rgb(x, weight, rgb_weight, rgb_styles, rgb_bias, rgb_clamp, rgb_scale)
+    arguments = dict(
+        p=p, q=q, rgb_weight=rgb_weight, rgb_styles=rgb_styles, rgb_bias=rgb_bias, noise=noise,
+        noise_strength=noise_strength, bias=bias, activate=activate, clamp=clamp, rgb_clamp=rgb_clamp,
+        demodulate=demodulate, eps=eps, scale=scale, rgb_scale=rgb_scale,
+    )  # fmt: skip
+    backend = resolve_backend(backend, x.device)
+    if backend != "triton" or not _fused_backward_applies(x, weight, styles, **arguments):
+        return composed_styled_conv2d_to_rgb(styled_conv2d)(x, weight, styles, **arguments, backend=backend)
+    x, weight, styles, p, q, noise, noise_strength, bias, scale = layer
+    layer = _triton_arguments(
+        x, weight, styles, p, q, demodulate=demodulate, upsample=False, eps=eps, scale=scale, noise=noise,
+        noise_strength=noise_strength, bias=bias, activate=activate, clamp=clamp,
+    )  # fmt: skip
+    rgb_options = (float(rgb_scale), float(rgb_clamp) if rgb_clamp is not None else None)
+    rgb_bias = rgb_bias.contiguous() if rgb_bias is not None else None
+    return _StyledConv2dToRGBFunction.apply(*layer, rgb_weight, rgb_styles, rgb_bias, *rgb_options)
+
+
+def composed_styled_conv2d_to_rgb(op: Callable) -> Callable:
+    """`styled_conv2d_to_rgb` as two calls of `op` (a callable with `styled_conv2d`'s
+    signature): the unfused route, the reference of the fused one, and how the benchmarks run
+    plain-PyTorch implementations of the layer through the generator."""
+
+    def composed(x, weight, styles, p=None, q=None, *, rgb_weight, rgb_styles, rgb_bias=None, rgb_clamp=None,
+                 rgb_scale=None, **layer):  # fmt: skip
+        out = op(x, weight, styles, p, q, upsample=False, **layer)
+        layer_options = {name: layer[name] for name in ("eps", "backend") if name in layer}
+        rgb = op(
+            out, rgb_weight, rgb_styles, bias=rgb_bias, activate=False, clamp=rgb_clamp, demodulate=False,
+            scale=rgb_scale, **layer_options,
+        )  # fmt: skip
+        return out, rgb
+
+    return composed
+
+
+def _validate_rgb(x, weight, rgb_weight, rgb_styles, rgb_bias, rgb_clamp, rgb_scale) -> float:
+    """Checks the toRGB's arguments against the conv's x [B, Cin, H, W] and weight [Cout, ...];
+    returns rgb_scale (1/sqrt(Cout) when None)."""
+    batch, out_channels = x.shape[0], weight.shape[0]
+    _check_tensor("rgb_weight", rgb_weight, (4,), f"[K, Cout={out_channels}, 1, 1]")
+    if rgb_weight.shape[1:] != (out_channels, 1, 1) or rgb_weight.shape[0] < 1:
+        raise ValueError(f"rgb_weight: expected [K, Cout={out_channels}, 1, 1], got {tuple(rgb_weight.shape)}")
+    _check_tensor("rgb_styles", rgb_styles, (2,), f"[B={batch}, Cout={out_channels}]")
+    if tuple(rgb_styles.shape) != (batch, out_channels):
+        raise ValueError(f"rgb_styles: expected [B={batch}, Cout={out_channels}], got {tuple(rgb_styles.shape)}")
+    channels = rgb_weight.shape[0]
+    if rgb_bias is not None:
+        _check_tensor("rgb_bias", rgb_bias, (1,), f"[K={channels}]")
+        if rgb_bias.shape[0] != channels:
+            raise ValueError(f"rgb_bias: expected [K={channels}], got {tuple(rgb_bias.shape)}")
+    for name, tensor in (("rgb_weight", rgb_weight), ("rgb_styles", rgb_styles), ("rgb_bias", rgb_bias)):
+        if tensor is None:
+            continue
+        if tensor.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {tensor.dtype}")
+        if tensor.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (x's), got {tensor.device}")
+    if rgb_clamp is not None and not (isinstance(rgb_clamp, (int, float)) and rgb_clamp > 0):
+        raise ValueError(f"rgb_clamp: expected None or a positive number, got {rgb_clamp!r}")
+    if rgb_scale is None:
+        return 1.0 / math.sqrt(out_channels)
+    if not isinstance(rgb_scale, (int, float)) or not rgb_scale > 0:
+        raise ValueError(f"rgb_scale: expected None or a positive number, got {rgb_scale!r}")
+    return float(rgb_scale)
+
+
+def _fused_backward_applies(x, weight, styles, **arguments) -> bool:
+    """The fused backward pays only when autograd will run it; torch.compile traces the two
+    layers' custom ops instead, and batches past the grid limit run in chunks, layer by layer."""
+    if torch.compiler.is_compiling() or x.shape[0] > MAX_LAUNCH_BATCH or not torch.is_grad_enabled():
+        return False
+    tensors = (x, weight, styles, *arguments.values())
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+class _StyledConv2dToRGBFunction(torch.autograd.Function):
+    """Forward: `_triton_forward` for the conv, then for the toRGB on its output. Backward: one
+    `_triton_backward` of the conv with the toRGB's adjoint fused into its epilogue backward."""
+
+    @staticmethod
+    def forward(
+        ctx, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp,
+        rgb_weight, rgb_styles, rgb_bias, rgb_scale, rgb_clamp,
+    ):  # fmt: skip
+        out = _triton_forward(x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp)
+        rgb = _triton_forward(
+            out, rgb_weight, rgb_styles, None, None, None, None, None, rgb_bias, rgb_scale, False, False, rgb_clamp
+        )
+        ctx.set_materialize_grads(False)  # out may feed nothing else (the last block): grad None
+        ctx.save_for_backward(x, weight, styles, p, q, demod, noise, noise_strength, bias, out, rgb_weight, rgb_styles, rgb)
+        ctx.options = (scale, upsample, activate, clamp, rgb_scale, rgb_clamp)
+        return out, rgb
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_rgb):
+        x, weight, styles, p, q, demod, noise, noise_strength, bias, out, rgb_weight, rgb_styles, rgb = ctx.saved_tensors
+        scale, upsample, activate, clamp, rgb_scale, rgb_clamp = ctx.options
+        wanted = ctx.needs_input_grad
+        nothing = (None,) * len(wanted)
+        if grad_out is None and grad_rgb is None:
+            return nothing
+        # the conv's gradients, in the backward op's order (x, styles, weight, p, q, demod, strength, bias)
+        needs = [wanted[0], wanted[2], wanted[1], wanted[3], wanted[4], wanted[5], wanted[7], wanted[8]]
+        rgb_needs = wanted[13:16]
+        if grad_rgb is None:  # only out's other consumer sends a gradient
+            conv_grads = _triton_backward(
+                grad_out, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample,
+                activate, clamp, needs, placeholders=False,
+            )  # fmt: skip
+            return (*_gradients_wanted(conv_grads, needs), None, None, None, None, None)
+        # [K, Cout] fp32, rgb_scale * the 1x1 kernel (cached while the weight is frozen)
+        scaled = _derived_from_weight(rgb_weight, ("rgb_scaled", rgb_scale), lambda w: rgb_scale * w[:, :, 0, 0].float())
+        mix = scaled[None] * rgb_styles[:, None, :]  # [B, K, Cout] fp32 (type promotion), contiguous
+        *conv_grads, products = _triton_backward(
+            grad_out, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate,
+            clamp, needs, placeholders=False, rgb=(grad_rgb, mix, rgb, rgb_clamp),
+        )  # fmt: skip
+        # products [B, K, Cout] = sum over pixels of out * grad_rgb (clamp-masked): the toRGB's
+        # per-sample weight gradient, before rgb_scale and the styles
+        grad_rgb_weight = grad_rgb_styles = grad_rgb_bias = None
+        if rgb_needs[0]:
+            grad_rgb_weight = rgb_scale * (products * rgb_styles[:, None, :]).sum(0)
+            grad_rgb_weight = grad_rgb_weight.to(rgb_weight.dtype)[:, :, None, None]
+        if rgb_needs[1]:
+            grad_rgb_styles = (products * scaled[None]).sum(1).to(rgb_styles.dtype)
+        if rgb_needs[2]:
+            passed = grad_rgb.float()
+            if rgb_clamp is not None:
+                passed = torch.where(rgb.abs() < _clamp_bound(rgb_clamp, rgb.dtype), passed, 0.0)
+            grad_rgb_bias = passed.sum((0, 2, 3)).to(rgb.dtype)
+        return (*_gradients_wanted(conv_grads, needs), grad_rgb_weight, grad_rgb_styles, grad_rgb_bias, None, None)
+
+
+__all__ = ["composed_styled_conv2d_to_rgb", "styled_conv2d_to_rgb"]

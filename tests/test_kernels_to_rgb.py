@@ -1,0 +1,301 @@
+"""`styled_conv2d_to_rgb`: a plain StyledConv and its toRGB, with the toRGB's backward fused into
+the conv's epilogue backward on the Triton backend, against the two layers run one after the
+other by the float64 reference backend.
+
+Without a GPU the Triton cases run in the interpreter (fp32, CPU tensors); with one they run
+compiled on CUDA in fp32 and bf16. Every case draws random inputs and random gradients for
+both outputs (or for the image alone, as in the network's last block) and compares the two
+outputs and every gradient by ||a - ref|| / ||ref||.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from refinestyle_kernels import styled_conv2d_to_rgb
+from refinestyle_kernels.ops import modulated_conv2d as op_module
+from refinestyle_kernels.ops import styled_conv2d_to_rgb as rgb_module
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="the interpreter cases need TRITON_INTERPRET=1")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU here: compiled kernels are tested only on a GPU")
+
+
+@dataclass(frozen=True)
+class Pair:
+    batch: int = 2
+    in_channels: int = 5
+    out_channels: int = 6
+    height: int = 5
+    width: int = 7
+    tokens: str | None = "per_sample"
+    num_tokens: int = 3
+    noise: bool = True
+    clamp: float | None = None
+    rgb_clamp: float | None = None
+    rgb_channels: int = 3
+    rgb_bias: bool = True
+    grad_out: bool = True  # False: out feeds only the toRGB (the last block)
+    train_weights: bool = True
+
+    def __str__(self):
+        return (
+            f"B{self.batch}-{self.in_channels}to{self.out_channels}to{self.rgb_channels}-{self.height}x{self.width}"
+            f"-{self.tokens or 'notokens'}{'-noise' if self.noise else ''}"
+            f"{f'-clamp{self.clamp}' if self.clamp else ''}{f'-rgbclamp{self.rgb_clamp}' if self.rgb_clamp else ''}"
+            f"{'' if self.rgb_bias else '-nobias'}{'' if self.grad_out else '-imageonly'}"
+            f"{'' if self.train_weights else '-frozen'}"
+        )
+
+
+PAIRS = [
+    Pair(),
+    Pair(grad_out=False),  # the last block: out's only consumer is the toRGB
+    Pair(tokens="shared", clamp=0.6, rgb_clamp=0.4, noise=False),
+    Pair(tokens=None, rgb_bias=False, train_weights=False, grad_out=False, rgb_clamp=0.3),
+    # two column blocks in the interpreter (N > 64) and several pixel tiles
+    Pair(batch=1, in_channels=9, out_channels=70, height=9, width=11, num_tokens=7, rgb_channels=4),
+]
+
+
+def make_inputs(pair: Pair, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+    inputs = dict(
+        x=rand(pair.batch, pair.in_channels, pair.height, pair.width),
+        weight=rand(pair.out_channels, pair.in_channels, 3, 3),
+        styles=rand(pair.batch, pair.in_channels) * 0.5 + 1.0,
+        p=None,
+        q=None,
+        noise=rand(pair.batch, 1, pair.height, pair.width) if pair.noise else None,
+        noise_strength=rand(1) * 0.5 if pair.noise else None,
+        bias=rand(pair.out_channels) * 0.3,
+        rgb_weight=rand(pair.rgb_channels, pair.out_channels, 1, 1),
+        rgb_styles=rand(pair.batch, pair.out_channels) * 0.5 + 1.0,
+        rgb_bias=rand(pair.rgb_channels) * 0.3 if pair.rgb_bias else None,
+    )
+    if pair.tokens:
+        lead = () if pair.tokens == "shared" else (pair.batch,)
+        scale = (pair.num_tokens * pair.in_channels) ** -0.25
+        inputs["p"] = rand(*lead, pair.num_tokens, pair.out_channels, scale=scale)
+        inputs["q"] = rand(*lead, pair.num_tokens, pair.in_channels, scale=scale)
+    return inputs
+
+
+def run_pair(pair: Pair, inputs: dict, backend: str, dtype, device, seed: int):
+    leaves = {}
+    for name, value in inputs.items():
+        if value is None:
+            continue
+        value = value.to(device=device, dtype=dtype)
+        frozen = name in ("weight", "rgb_weight", "rgb_bias") and not pair.train_weights
+        if name != "noise" and not frozen:
+            value.requires_grad_(True)
+        leaves[name] = value
+    args = {name: leaves.get(name) for name in inputs}
+    out, rgb = styled_conv2d_to_rgb(**args, clamp=pair.clamp, rgb_clamp=pair.rgb_clamp, backend=backend)
+    gen = torch.Generator().manual_seed(seed)
+    grad_rgb = torch.randn(rgb.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    outputs, grads = [rgb], [grad_rgb]
+    if pair.grad_out:
+        outputs.append(out)
+        grads.append(torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype))
+    wanted = [name for name, value in leaves.items() if value.requires_grad]
+    results = torch.autograd.grad(outputs, [leaves[name] for name in wanted], grads)
+    return out, rgb, dict(zip(wanted, results))
+
+
+def relative_error(value, reference) -> float:
+    value, reference = value.detach().double().cpu(), reference.detach().double().cpu()
+    return ((value - reference).norm() / reference.norm()).item()
+
+
+def check_pair(pair: Pair, dtype, device, tolerance: float, seed: int = 0):
+    inputs = {k: v.to(dtype).double() if v is not None else None for k, v in make_inputs(pair, seed).items()}
+    out_ref, rgb_ref, grads_ref = run_pair(pair, inputs, "reference", torch.float64, "cpu", seed + 1)
+    for bound, value in ((pair.clamp, out_ref), (pair.rgb_clamp, rgb_ref)):
+        if bound:  # both sides of each clamp are exercised
+            clamped = value.abs() >= bound
+            assert clamped.any() and not clamped.all(), "the case's clamp never or always binds"
+    out, rgb, grads = run_pair(pair, inputs, "triton", dtype, device, seed + 1)
+    assert set(grads) == set(grads_ref)
+    errors = {"out": relative_error(out, out_ref), "rgb": relative_error(rgb, rgb_ref)}
+    for name, grad in grads.items():
+        assert grad.shape == grads_ref[name].shape, name
+        errors[name] = relative_error(grad, grads_ref[name])
+    bad = {name: error for name, error in errors.items() if not error <= tolerance}
+    assert not bad, f"{pair}: relative errors above {tolerance}: {bad} (all: {errors})"
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    monkeypatch.setattr(op_module, "POISON_BUFFERS", True)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("pair", PAIRS, ids=str)
+def test_interpreted_pair_matches_the_two_reference_layers(pair):
+    check_pair(pair, torch.float32, "cpu", 2e-5)
+
+
+@needs_interpreter
+def test_the_toRGB_backward_runs_inside_the_conv_epilogue_backward():
+    """One epilogue-backward launch serves both layers, and nothing runs the toRGB's own
+    transposed conv: the backward launches only the conv's grad-x kernel."""
+    pair = Pair(tokens=None, noise=False)
+    inputs = make_inputs(pair)
+    launches = []
+    previous = op_module.LAUNCH_OBSERVER
+    op_module.LAUNCH_OBSERVER = lambda kernel, reads, writes: launches.append(kernel)
+    try:
+        out, rgb, grads = None, None, None
+        leaves = {k: v.float().requires_grad_(k != "noise") for k, v in inputs.items() if v is not None}
+        args = {name: leaves.get(name) for name in inputs}
+        out, rgb = styled_conv2d_to_rgb(**args, backend="triton")
+        forward = list(launches)
+        launches.clear()
+        torch.autograd.grad([out, rgb], list(leaves.values()), [torch.ones_like(out), torch.ones_like(rgb)])
+    finally:
+        op_module.LAUNCH_OBSERVER = previous
+    assert forward.count("conv_gemm[mode 0]") == 2, forward  # the conv, then the toRGB
+    assert launches.count("epilogue_backward") == 1, launches
+    assert launches.count("conv_gemm[mode 0]") == 1, launches  # grad x of the conv only
+
+
+@needs_interpreter
+def test_the_composed_route_runs_where_the_fused_one_does_not_pay(monkeypatch):
+    pair = Pair()
+    inputs = {k: v.float() if v is not None else None for k, v in make_inputs(pair).items()}
+    calls = []
+    monkeypatch.setattr(rgb_module._StyledConv2dToRGBFunction, "apply", lambda *a: calls.append(a) or (None, None))
+    with torch.no_grad():  # nothing to differentiate: two plain launches
+        out, rgb = styled_conv2d_to_rgb(**inputs, backend="triton")
+    assert not calls and out.shape == (2, 6, 5, 7) and rgb.shape == (2, 3, 5, 7)
+    x = inputs.pop("x").requires_grad_(True)
+    styled_conv2d_to_rgb(x, **inputs, backend="triton")
+    assert len(calls) == 1
+
+
+def test_other_backends_compose_the_two_layers():
+    pair = Pair()
+    inputs = make_inputs(pair)
+    out, rgb = styled_conv2d_to_rgb(**inputs, backend="torch")
+    from refinestyle_kernels import styled_conv2d
+
+    conv_args = {k: v for k, v in inputs.items() if not k.startswith("rgb_")}
+    expected = styled_conv2d(**conv_args, backend="reference")
+    expected_rgb = styled_conv2d(
+        expected, inputs["rgb_weight"], inputs["rgb_styles"], bias=inputs["rgb_bias"], activate=False,
+        demodulate=False, backend="reference",
+    )  # fmt: skip
+    assert relative_error(out, expected) < 1e-12 and relative_error(rgb, expected_rgb) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(rgb_weight=torch.zeros(3, 5, 1, 1)), r"rgb_weight: expected \[K, Cout=6, 1, 1\]"),
+        (dict(rgb_weight=torch.zeros(3, 6, 3, 3)), r"rgb_weight: expected \[K, Cout=6, 1, 1\]"),
+        (dict(rgb_styles=torch.zeros(2, 5)), r"rgb_styles: expected \[B=2, Cout=6\]"),
+        (dict(rgb_styles=torch.zeros(6)), r"rgb_styles: expected \[B=2, Cout=6\]"),
+        (dict(rgb_bias=torch.zeros(4)), r"rgb_bias: expected \[K=3\]"),
+        (dict(rgb_clamp=-1.0), r"rgb_clamp: expected None or a positive number"),
+        (dict(rgb_scale=0.0), r"rgb_scale: expected None or a positive number"),
+        (dict(bias=torch.zeros(5)), r"bias: expected \[Cout=6\]"),
+    ],
+)
+def test_bad_inputs_name_the_argument(change, message):
+    inputs = {k: v.float() if v is not None else None for k, v in make_inputs(Pair()).items()}
+    inputs.update(change)
+    with pytest.raises(ValueError, match=message):
+        styled_conv2d_to_rgb(**inputs, backend="torch")
+
+
+def test_mismatched_dtype_is_a_type_error():
+    inputs = {k: v.float() if v is not None else None for k, v in make_inputs(Pair()).items()}
+    inputs["rgb_styles"] = inputs["rgb_styles"].double()
+    with pytest.raises(TypeError, match="rgb_styles: expected dtype torch.float32"):
+        styled_conv2d_to_rgb(**inputs, backend="torch")
+
+
+@needs_cuda
+@pytest.mark.parametrize("pair", PAIRS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_pair_matches_the_two_reference_layers(pair, dtype, monkeypatch):
+    monkeypatch.setattr(op_module, "TRITON_AUTOTUNE", False)
+    if dtype == torch.float32:
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    check_pair(pair, dtype, "cuda", 1e-4 if dtype == torch.float32 else 3e-2)
+
+
+def module_pair(backend: str, dtype=torch.float32):
+    """A plain StyledConv with per-sample tokens, its ToRGB (with a skip input) and inputs."""
+    import refinestyle_kernels
+
+    torch.manual_seed(0)
+    conv = refinestyle_kernels.StyledConv(6, 5, 3, 8, backend=backend).to(dtype)
+    to_rgb = refinestyle_kernels.ToRGB(5, 8, backend=backend).to(dtype)
+    with torch.no_grad():  # non-trivial biases and noise strength (rosinality starts them at 0)
+        conv.activate.bias.normal_()
+        conv.noise.weight.fill_(0.4)
+        to_rgb.bias.normal_()
+    conv.requires_grad_(False)
+    to_rgb.requires_grad_(False)
+    x = torch.randn(2, 6, 4, 6, dtype=dtype, requires_grad=True)
+    w = torch.randn(2, 8, dtype=dtype, requires_grad=True)
+    w_rgb = torch.randn(2, 8, dtype=dtype, requires_grad=True)
+    p = (0.3 * torch.randn(2, 3, 5, dtype=dtype)).requires_grad_(True)
+    q = (0.3 * torch.randn(2, 3, 6, dtype=dtype)).requires_grad_(True)
+    noise = torch.randn(2, 1, 4, 6, dtype=dtype)
+    skip = torch.randn(2, 3, 2, 3, dtype=dtype, requires_grad=True)
+    return conv, to_rgb, (x, w, w_rgb, p, q, noise, skip)
+
+
+def pair_outputs_and_gradients(run, inputs):
+    x, w, w_rgb, p, q, noise, skip = inputs
+    out, image = run(x, w, w_rgb, p, q, noise, skip)
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in (out, image)]
+    leaves = [x, w, w_rgb, p, q, skip]
+    return (out, image, *torch.autograd.grad([out, image], leaves, grads))
+
+
+@needs_interpreter
+def test_forward_to_rgb_is_the_two_module_calls():
+    """The generator's fused call gives the results and gradients of calling the StyledConv,
+    then the ToRGB on its output with the skip input (both as separate Triton layers)."""
+    conv, to_rgb, inputs = module_pair("triton")
+
+    def fused(x, w, w_rgb, p, q, noise, skip):
+        return conv.forward_to_rgb(to_rgb, x, w, w_rgb, skip, noise=noise, p=p, q=q)
+
+    def separate(x, w, w_rgb, p, q, noise, skip):
+        out = conv(x, w, noise, p, q)
+        return out, to_rgb(out, w_rgb, skip)
+
+    for got, expected in zip(pair_outputs_and_gradients(fused, inputs), pair_outputs_and_gradients(separate, inputs)):
+        assert relative_error(got, expected) < 1e-5
+
+
+@needs_interpreter
+def test_torch_compile_traces_the_pair_as_two_custom_op_layers():
+    """Under torch.compile(fullgraph=True) the pair runs as its two layers' custom ops (the fused
+    backward is an eager autograd.Function), with the same results as eager mode."""
+    conv, to_rgb, inputs = module_pair("triton")
+
+    def fused(x, w, w_rgb, p, q, noise, skip):
+        return conv.forward_to_rgb(to_rgb, x, w, w_rgb, skip, noise=noise, p=p, q=q)
+
+    expected = pair_outputs_and_gradients(fused, inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    for got, reference in zip(pair_outputs_and_gradients(compiled, inputs), expected):
+        assert relative_error(got, reference) < 1e-5
