@@ -25,11 +25,17 @@ def upfirdn2d_loops(x, kernel, up, down, pad):
     return out
 
 
-@pytest.mark.parametrize("up, down, pad", [(2, 1, (2, 1)), (1, 1, (1, 1)), (1, 2, (1, 1)), (2, 2, (0, 1))])
+# (2, 1, (2, 1)): the toRGB skip's upsampling, and (3, 1, (2, 2)), (2, 1, (3, 2)): one transposed
+# conv; (2, 1, (1, 2)), (2, 1, (4, 1)): pads it cannot express (zero insertion, pad, conv)
+@pytest.mark.parametrize(
+    "up, down, pad",
+    [(2, 1, (2, 1)), (3, 1, (2, 2)), (2, 1, (3, 2)), (2, 1, (1, 2)), (2, 1, (4, 1)), (1, 1, (1, 1)), (1, 2, (1, 1)),
+     (2, 2, (0, 1))],
+)  # fmt: skip
 def test_upfirdn2d_matches_its_definition(up, down, pad):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 5, 4, generator=gen, dtype=torch.float64)
-    kernel = torch.randn(4, 4, generator=gen, dtype=torch.float64)  # asymmetric: catches a missing flip
+    kernel = torch.randn(4, 3, generator=gen, dtype=torch.float64)  # asymmetric, non-square: catches a missing flip
     out = upfirdn2d(x, kernel, up=up, down=down, pad=pad)
     np.testing.assert_allclose(out.numpy(), upfirdn2d_loops(x.numpy(), kernel.numpy(), up, down, pad), atol=1e-12)
 

@@ -1879,8 +1879,9 @@ def autotuned_conv_configs() -> list[dict]:
 def _pointwise_blocks(pixels: int, channels: int, max_values: int = 2048) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of `_epilogue_backward_kernel`: at most 2048 values, as 64 x 64 at 4
     warps took 255 registers and spilled with Triton 3.6 (`benchmarks.kernel_audit`). With a
-    toRGB's adjoint, 1024: with Triton 3.6 the 64 x 32 tile of the 1024 px layer took 185
-    registers (2 programs an SM), 32 x 32 takes 88 (5 programs)."""
+    toRGB's adjoint and no output gradient (the last block), 1024: with Triton 3.6 its 64 x 32
+    tile at 1024 px took 185 registers (2 programs an SM), 32 x 32 takes 88 (5 programs).
+    Smaller tiles cost bytes: each writes 3 + K fp32 sums per channel for the small gradients."""
     block_n = min(64, max(16, _next_pow2(channels)))
     return min(_reduce_block_m(pixels), max_values // block_n), block_n
 
@@ -2299,7 +2300,7 @@ def _launch_epilogue_backward(
     grad strength, grad d, then per toRGB channel k the sums of out * grad_rgb[k].
     """
     batch, out_channels, out_h, out_w = out.shape
-    block_m, block_n = _pointwise_blocks(out_h * out_w, out_channels, 2048 if rgb is None else 1024)
+    block_m, block_n = _pointwise_blocks(out_h * out_w, out_channels, 1024 if grad is None else 2048)
     m_tiles = triton.cdiv(out_h * out_w, block_m)
     rgb_grad, rgb_mix, rgb_out, rgb_clamp = rgb if rgb is not None else (None, None, None, None)
     if grad is None and rgb_grad is None:

@@ -39,12 +39,22 @@ def upfirdn2d(
         raise ValueError(f"up, down: expected positive integers, got {up}, {down}")
     batch, channels, height, width = x.shape
     kernel = kernel.to(x.dtype)
+    pad0, pad1 = pad
+    kh, kw = kernel.shape
+    # the same result as one depthwise transposed conv where its padding can express `pad`:
+    # no zero-inserted and padded copies (4x the input each), one read and one write
+    transposed_pad = (kh - 1 - pad0, kw - 1 - pad0)
+    output_pad = up - 1 + pad1 - pad0
+    if up > 1 and down == 1 and min(transposed_pad) >= 0 and 0 <= output_pad < up:
+        weight = kernel[None, None].expand(channels, 1, kh, kw).contiguous()
+        return F.conv_transpose2d(
+            x, weight, stride=up, padding=transposed_pad, output_padding=output_pad, groups=channels
+        )
     if up > 1:
         # zero insertion: every input pixel followed by up-1 zeros along each axis
         x = x.reshape(batch * channels, 1, height, 1, width, 1)
         x = F.pad(x, (0, up - 1, 0, 0, 0, up - 1))
         x = x.reshape(batch, channels, height * up, width * up)
-    pad0, pad1 = pad
     x = F.pad(x, (max(pad0, 0), max(pad1, 0), max(pad0, 0), max(pad1, 0)))
     x = x[
         :,
