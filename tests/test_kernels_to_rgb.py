@@ -160,7 +160,6 @@ def test_the_toRGB_backward_runs_inside_the_conv_epilogue_backward():
     previous = op_module.LAUNCH_OBSERVER
     op_module.LAUNCH_OBSERVER = lambda kernel, reads, writes: launches.append(kernel)
     try:
-        out, rgb, grads = None, None, None
         leaves = {k: v.float().requires_grad_(k != "noise") for k, v in inputs.items() if v is not None}
         args = {name: leaves.get(name) for name in inputs}
         out, rgb = styled_conv2d_to_rgb(**args, backend="triton")
