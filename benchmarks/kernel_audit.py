@@ -46,9 +46,10 @@ SHARED_MEMORY_RESERVED_PER_PROGRAM = 1024  # what the runtime keeps per block
 
 # the argument names of `_conv_gemm_kernel` that are pointers
 CONV_POINTERS = ("a_ptr", "a_scale_ptr", "w_ptr", "z_ptr", "r_ptr", "q_ptr", "alpha_ptr", "beta_ptr", "out_ptr",
-                 "noise_ptr", "noise_strength_ptr", "bias_ptr", "x_ptr", "reduce_ptr")  # fmt: skip
+                 "noise_ptr", "noise_strength_ptr", "bias_ptr", "x_ptr", "reduce_ptr", "rgb_mix_ptr", "rgb_bias_ptr",
+                 "rgb_ptr")  # fmt: skip
 # always fp32, whatever the activations' dtype
-CONV_FP32_POINTERS = ("z_ptr", "alpha_ptr", "beta_ptr", "reduce_ptr", "noise_strength_ptr")
+CONV_FP32_POINTERS = ("z_ptr", "alpha_ptr", "beta_ptr", "reduce_ptr", "noise_strength_ptr", "rgb_mix_ptr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +75,8 @@ class Family:
         return found
 
 
-_COMMON = dict(KSIZE=3, HAS_CLAMP=False, INPUT_PRECISION=None, BLOCK_L=32)
+_COMMON = dict(KSIZE=3, HAS_CLAMP=False, INPUT_PRECISION=None, BLOCK_L=32, RGB_CHANNELS=0, HAS_RGB_BIAS=False,
+               HAS_RGB_CLAMP=False)  # fmt: skip
 _STYLED_EPILOGUE = dict(HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True)
 _NO_EPILOGUE = dict(HAS_NOISE=False, HAS_BIAS=False, ACTIVATE=False)
 
@@ -82,6 +84,10 @@ _NO_EPILOGUE = dict(HAS_NOISE=False, HAS_BIAS=False, ACTIVATE=False)
 FAMILIES = (
     Family("forward, 3x3, L=32 fused", dict(_COMMON, **_STYLED_EPILOGUE, MODE=0, HAS_A_SCALE=True, HAS_LOWRANK=True,
                                             BOX_Z=True, FUSE_PROJECTION=True, REDUCE_X=False), 1024),
+    # a block's last conv with its toRGB in the epilogue (the autotuner keeps N tiles of all Cout)
+    Family("forward + toRGB, 3x3, L=32 fused", dict(_COMMON, **_STYLED_EPILOGUE, MODE=0, HAS_A_SCALE=True,
+                                                    HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=True,
+                                                    REDUCE_X=False, RGB_CHANNELS=3, HAS_RGB_BIAS=True), 1024),
     Family("forward, 3x3, unrefined", dict(_COMMON, **_STYLED_EPILOGUE, MODE=0, HAS_A_SCALE=True, HAS_LOWRANK=False,
                                            BOX_Z=True, FUSE_PROJECTION=False, REDUCE_X=False), 1024),
     Family("forward, upsampling, L=32 fused", dict(_COMMON, **_NO_EPILOGUE, MODE=2, HAS_A_SCALE=True, HAS_LOWRANK=True,
@@ -120,7 +126,7 @@ def compile_for_hopper(fn, pointers: dict, constexprs: dict, num_warps: int, num
             "compile in a process without it"
         )
 
-    scalars = {"clamp_value": "fp32", "scale": "fp32", "eps": "fp32", "taps": "fp32"}
+    scalars = {"clamp_value": "fp32", "rgb_clamp_value": "fp32", "scale": "fp32", "eps": "fp32", "taps": "fp32"}
     signature = {
         name: "constexpr" if name in constexprs else pointers.get(name, scalars.get(name, "i32"))
         for name in fn.arg_names

@@ -36,14 +36,15 @@ def test_addressed_bytes_counts_expanded_dimensions_once():
 
 
 def test_forward_conv_launch_moves_what_the_hand_count_says():
-    """The last plain conv's forward launch (unrefined, bf16): x, the tap-major weight, styles,
-    alpha and d ([B, Cout] fp32 each), the shared noise map, its strength and the bias in;
-    the output out."""
+    """The last plain conv's forward launch (unrefined, bf16), which also computes the block's
+    toRGB: x, the tap-major weight, styles, alpha and d ([B, Cout] fp32 each), the shared noise
+    map, its strength and the bias in, and the toRGB's styled kernel ([B, 3, Cout] fp32) and
+    bias; the output out and the image out. Nothing else runs the toRGB."""
     batch = 2
     launches = traffic.planned_generator_traffic(SMALL, batch, torch.bfloat16, TokenSetting(0, False), TRITON)
     spec = next(s for s in generator_layers(16, 1, 8)[0] if s.name == "convs.3")
-    # the block's last conv runs with its toRGB as one op: the pair's first launch is the conv's
-    conv, _ = [
+    assert spec.out_channel <= op_module.RGB_EPILOGUE_MAX_COUT
+    (conv,) = [
         l for l in launches if l.layer == f"{spec.name}+to_rgbs.1" and l.phase == "forward" and l.kernel.startswith("conv_gemm")
     ]
     pixels = spec.out_size**2
@@ -53,20 +54,24 @@ def test_forward_conv_launch_moves_what_the_hand_count_says():
         + 2 * batch * spec.in_channel  # styles
         + 2 * 4 * batch * spec.out_channel  # alpha, d
         + 2 * pixels + 2 + 2 * spec.out_channel  # noise, strength, bias
+        + 4 * batch * 3 * spec.out_channel + 2 * 3  # the toRGB's mix and bias
     )
-    assert (conv.read_bytes, conv.write_bytes) == (reads, 2 * batch * pixels * spec.out_channel)
+    writes = 2 * batch * pixels * spec.out_channel + 2 * batch * pixels * 3
+    assert (conv.read_bytes, conv.write_bytes) == (reads, writes)
 
 
 @pytest.mark.parametrize("implementation", [TRITON, REFERENCE], ids=lambda i: i.name)
 def test_every_conv_launch_belongs_to_its_layer(implementation):
     """Every layer launches one conv forward and one backward. A conv run with its toRGB as
-    one op is one layer "convs.N+to_rgbs.M": two forward convs, and on the triton path a
-    single backward conv (the toRGB's adjoint is in the conv's epilogue backward)."""
+    one op is one layer "convs.N+to_rgbs.M": on the triton path a single forward conv (the
+    toRGB is in its epilogue, at most RGB_EPILOGUE_MAX_COUT channels, as here) and a single
+    backward conv (the toRGB's adjoint is in the conv's epilogue backward)."""
     launches = traffic.planned_generator_traffic(SMALL, 2, torch.float32, TokenSetting(4, False), implementation)
     convs, _ = generator_layers(16, 1, 8)
     pairs = {"conv1": "to_rgb1", "convs.1": "to_rgbs.0", "convs.3": "to_rgbs.1"}
     expected = {spec.name: (1, 1) for spec in convs if spec.name not in pairs}
-    expected.update({f"{conv}+{rgb}": (2, 1) for conv, rgb in pairs.items()})
+    expected.update({f"{conv}+{rgb}": (1, 1) for conv, rgb in pairs.items()})
+    assert max(spec.out_channel for spec in convs) <= op_module.RGB_EPILOGUE_MAX_COUT
     layers = {l.layer for l in launches} - {"other"}
     assert layers == set(expected), layers
     conv_kernel = "conv_gemm" if implementation is TRITON else "aten.convolution"

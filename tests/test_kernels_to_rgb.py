@@ -60,8 +60,10 @@ PAIRS = [
     Pair(tokens="shared", clamp=0.6, rgb_clamp=0.4, noise=False),
     Pair(tokens=None, rgb_bias=False, train_weights=False, grad_out=False, rgb_clamp=0.3),
     Pair(tokens="shared", activate=False, clamp=0.5),  # the plain op's epilogue: clamp without activation
-    # two column blocks in the interpreter (N > 64) and several pixel tiles
+    # a 128-wide column block in the interpreter (N > 64) and several pixel tiles
     Pair(batch=1, in_channels=9, out_channels=70, height=9, width=11, num_tokens=7, rgb_channels=4),
+    # wider than one N tile: the toRGB's forward is its own launch
+    Pair(batch=2, in_channels=4, out_channels=130, height=3, width=4, rgb_clamp=0.8, grad_out=False),
 ]
 
 
@@ -151,10 +153,13 @@ def test_interpreted_pair_matches_the_two_reference_layers(pair):
 
 
 @needs_interpreter
-def test_the_toRGB_backward_runs_inside_the_conv_epilogue_backward():
-    """One epilogue-backward launch serves both layers, and nothing runs the toRGB's own
-    transposed conv: the backward launches only the conv's grad-x kernel."""
-    pair = Pair(tokens=None, noise=False)
+@pytest.mark.parametrize("out_channels, forward_launches", [(6, 1), (130, 2)])
+def test_the_toRGB_runs_inside_the_conv_launches(out_channels, forward_launches):
+    """Forward: the toRGB is computed in the conv's epilogue where one tile holds every channel
+    (at most RGB_EPILOGUE_MAX_COUT), else it is a second launch. Backward: one epilogue-backward
+    launch serves both layers, and nothing runs the toRGB's own transposed conv: the backward
+    launches only the conv's grad-x kernel."""
+    pair = Pair(tokens=None, noise=False, out_channels=out_channels, height=3, width=4)
     inputs = make_inputs(pair)
     launches = []
     previous = op_module.LAUNCH_OBSERVER
@@ -168,22 +173,40 @@ def test_the_toRGB_backward_runs_inside_the_conv_epilogue_backward():
         torch.autograd.grad([out, rgb], list(leaves.values()), [torch.ones_like(out), torch.ones_like(rgb)])
     finally:
         op_module.LAUNCH_OBSERVER = previous
-    assert forward.count("conv_gemm[mode 0]") == 2, forward  # the conv, then the toRGB
+    assert forward.count("conv_gemm[mode 0]") == forward_launches, forward
     assert launches.count("epilogue_backward") == 1, launches
     assert launches.count("conv_gemm[mode 0]") == 1, launches  # grad x of the conv only
 
 
 @needs_interpreter
-def test_the_composed_route_runs_where_the_fused_one_does_not_pay(monkeypatch):
+def test_inference_runs_the_fused_forward():
+    """Without gradients the pair is still one launch, with the reference's results."""
+    pair = Pair()
+    inputs = {k: v.float() if v is not None else None for k, v in make_inputs(pair).items()}
+    launches = []
+    previous = op_module.LAUNCH_OBSERVER
+    op_module.LAUNCH_OBSERVER = lambda kernel, reads, writes: launches.append(kernel)
+    try:
+        with torch.no_grad():
+            out, rgb = styled_conv2d_to_rgb(**inputs, backend="triton")
+    finally:
+        op_module.LAUNCH_OBSERVER = previous
+    assert launches.count("conv_gemm[mode 0]") == 1, launches
+    out_ref, rgb_ref = styled_conv2d_to_rgb(**make_inputs(pair), backend="reference")
+    assert relative_error(out, out_ref) < 2e-5 and relative_error(rgb, rgb_ref) < 2e-5
+
+
+@needs_interpreter
+def test_batches_past_the_launch_limit_compose_the_two_layers(monkeypatch):
     pair = Pair()
     inputs = {k: v.float() if v is not None else None for k, v in make_inputs(pair).items()}
     calls = []
     monkeypatch.setattr(rgb_module._StyledConv2dToRGBFunction, "apply", lambda *a: calls.append(a) or (None, None))
-    with torch.no_grad():  # nothing to differentiate: two plain launches
-        out, rgb = styled_conv2d_to_rgb(**inputs, backend="triton")
+    monkeypatch.setattr(rgb_module, "MAX_LAUNCH_BATCH", 1)  # batch 2 runs in chunks, layer by layer
+    out, rgb = styled_conv2d_to_rgb(**inputs, backend="triton")
     assert not calls and out.shape == (2, 6, 5, 7) and rgb.shape == (2, 3, 5, 7)
-    x = inputs.pop("x").requires_grad_(True)
-    styled_conv2d_to_rgb(x, **inputs, backend="triton")
+    monkeypatch.setattr(rgb_module, "MAX_LAUNCH_BATCH", 2)
+    styled_conv2d_to_rgb(**inputs, backend="triton")
     assert len(calls) == 1
 
 

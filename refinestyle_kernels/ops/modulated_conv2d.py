@@ -606,6 +606,12 @@ _BLUR_TAPS_1D = tuple(t / sum(UPSAMPLE_BLUR_TAPS) * UPSAMPLE_FACTOR for t in UPS
 # than recomputing it for every N tile. L > 64 always uses the separate GEMM.
 FUSED_PROJECTION_MAX_COUT = 128
 
+# `styled_conv2d_to_rgb` computes the toRGB in the conv's epilogue, from the stored output tile,
+# when one N tile spans every output channel (the widest tile is 128: the 256 px to 1024 px
+# layers of config-f); the toRGB then never reads the activation back. Wider layers launch it
+# as its own 1x1 conv.
+RGB_EPILOGUE_MAX_COUT = 128
+
 # False: launch the conv kernels with one heuristic tile config instead of autotuning them on
 # the first call of every shape (quicker start-up, e.g. for tests; a bit slower kernels).
 TRITON_AUTOTUNE = True
@@ -641,7 +647,7 @@ CONV_SHARED_MEMORY_BUDGET = 160 * 1024
 # dtypes of the tensor arguments itself).
 CONV_AUTOTUNE_KEY = [
     "N", "K", "L", "GRID_H", "GRID_W", "TMA_BLOCK_M", "MODE", "KSIZE", "HAS_A_SCALE", "HAS_LOWRANK", "BOX_Z", "FUSE_PROJECTION",
-    "REDUCE_X", "INPUT_PRECISION",
+    "REDUCE_X", "RGB_CHANNELS", "INPUT_PRECISION",
 ]  # fmt: skip
 
 # CUDA limits grid dimensions 1 and 2 to 65535 programs; the batch is dimension 1 or 2 of every
@@ -796,6 +802,9 @@ if triton is not None:
         bias_ptr,
         x_ptr,  # [B, OUT_H, OUT_W, N] contiguous, if REDUCE_X
         reduce_ptr,  # [B, M_TILES, N] fp32: sum over the tile's pixels of x * conv part, if REDUCE_X
+        rgb_mix_ptr,  # [B, RGB_CHANNELS, N] fp32: the toRGB's styled 1x1 kernel, if RGB_CHANNELS
+        rgb_bias_ptr,  # [RGB_CHANNELS] the toRGB's bias, if HAS_RGB_BIAS
+        rgb_ptr,  # [B, OUT_H, OUT_W, RGB_CHANNELS] (strided) the toRGB's output, if RGB_CHANNELS
         IN_H,
         IN_W,
         OUT_H,
@@ -816,6 +825,11 @@ if triton is not None:
         stride_noise_h,
         stride_noise_w,
         clamp_value,
+        stride_rgb_b,
+        stride_rgb_h,
+        stride_rgb_w,
+        stride_rgb_c,
+        rgb_clamp_value,  # the toRGB's clamp bound, if HAS_RGB_CLAMP
         MODE: tl.constexpr,  # 0: stride 1, same padding; 1: stride 2, no padding; 2: stride-2 transposed (phases)
         KSIZE: tl.constexpr,
         HAS_A_SCALE: tl.constexpr,
@@ -827,6 +841,9 @@ if triton is not None:
         ACTIVATE: tl.constexpr,
         HAS_CLAMP: tl.constexpr,
         REDUCE_X: tl.constexpr,
+        RGB_CHANNELS: tl.constexpr,  # > 0: also the toRGB of the stored output (needs BLOCK_N >= N)
+        HAS_RGB_BIAS: tl.constexpr,
+        HAS_RGB_CLAMP: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         SCALE_WEIGHT: tl.constexpr,  # apply a_scale to the W tile (B operand) instead of the A tile
         A_TMA: tl.constexpr,  # load A by TMA (MODE 0, TILE_W == BLOCK_M: the block is one row strip)
@@ -837,6 +854,9 @@ if triton is not None:
         TILE_W: tl.constexpr,  # the BLOCK_M pixels form a (BLOCK_M // TILE_W) x TILE_W block of the grid
     ):
         """out = alpha * conv(a * a_scale, w) + beta * (box(z) @ r), then the epilogue.
+        With RGB_CHANNELS, also rgb = clamp(out @ mix^T + rgb_bias): the toRGB layer that reads
+        out, computed from the tile as stored (one N tile holds every channel), so out is not
+        read back from memory.
 
         One program: a 2-D block of BLOCK_M pixels of one sample (axis 1) x BLOCK_N output
         channels. 2-D blocks (16 x 8 for 128 pixels) make the nine taps' shifted A tiles overlap
@@ -1024,11 +1044,20 @@ if triton is not None:
             HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
         )  # fmt: skip
         out_rows = out_ptr + ((b * OUT_H + out_y) * OUT_W + out_x) * N
-        tl.store(
-            out_rows[:, None] + offs_n[None, :],
-            acc.to(out_ptr.dtype.element_ty),
-            mask=m_ok[:, None] & n_ok[None, :],
-        )
+        stored = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_rows[:, None] + offs_n[None, :], stored, mask=m_ok[:, None] & n_ok[None, :])
+        if RGB_CHANNELS > 0:  # the toRGB reads out as stored, rounded to its dtype
+            out_values = stored.to(tl.float32)
+            rgb_rows = rgb_ptr + b * stride_rgb_b + out_y * stride_rgb_h + out_x * stride_rgb_w
+            for channel in tl.static_range(RGB_CHANNELS):
+                # columns past N hold act(noise) but meet a zero mix
+                mix = tl.load(rgb_mix_ptr + (b * RGB_CHANNELS + channel) * N + offs_n, mask=n_ok, other=0.0)
+                rgb = tl.sum(out_values * mix[None, :], axis=1)
+                if HAS_RGB_BIAS:
+                    rgb += tl.load(rgb_bias_ptr + channel).to(tl.float32)
+                if HAS_RGB_CLAMP:
+                    rgb = tl.minimum(tl.maximum(rgb, -rgb_clamp_value), rgb_clamp_value)
+                tl.store(rgb_rows + channel * stride_rgb_c, rgb.to(rgb_ptr.dtype.element_ty), mask=m_ok)
 
     @triton.jit
     def _epilogue_gradient(
@@ -1672,7 +1701,8 @@ if triton is not None:
     def _prune_conv_configs(configs, named_args, **kwargs):
         """Keep the configs that fit the problem: no N or K tile far wider than N or K, no M
         tile longer than one sample's pixels, short M tiles only for small images; launches
-        that reduce per tile get exactly `_reduce_block_m`. Each kept config gets its pixel
+        that reduce per tile get exactly `_reduce_block_m`; launches with the toRGB epilogue get
+        one N tile over every channel. Each kept config gets its pixel
         block's width (`_tile_width`) and, for launches that scale A, is tried with the scale
         on A and on W."""
         pixels = named_args["GRID_H"] * named_args["GRID_W"]
@@ -1680,12 +1710,15 @@ if triton is not None:
         k_cap = max(16, _next_pow2(named_args["K"]))
         m_cap = max(16, _next_pow2(pixels))
         reduce_m = _reduce_block_m(pixels) if kwargs.get("REDUCE_X", named_args.get("REDUCE_X")) else None
+        whole_n = bool(kwargs.get("RGB_CHANNELS", named_args.get("RGB_CHANNELS")))
 
         element = named_args["w_ptr"].element_size()
 
         def fits(config):
             m, n, k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
             if config.num_stages * (m * k + k * n) * element > CONV_SHARED_MEMORY_BUDGET:
+                return False
+            if whole_n and n != n_cap:
                 return False
             if reduce_m is not None:
                 return m == reduce_m and n <= n_cap and k <= k_cap
@@ -1696,7 +1729,7 @@ if triton is not None:
             m = reduce_m or min(64, m_cap)
             kept = [
                 triton.Config(
-                    {"BLOCK_M": m, "BLOCK_N": min(64, n_cap), "BLOCK_K": min(64, k_cap)},
+                    {"BLOCK_M": m, "BLOCK_N": n_cap if whole_n else min(64, n_cap), "BLOCK_K": min(64, k_cap)},
                     num_warps=4,
                     num_stages=CONV_NUM_STAGES,
                 )
@@ -1751,14 +1784,17 @@ def _tuned_conv_gemm():
 
 def _launch_conv_gemm(
     a, a_scale, w, z, r, alpha, beta, out, *, mode, ksize, in_hw, out_hw, grid_hw, box_z, q=None,
-    noise=None, noise_strength=None, bias=None, activate=False, clamp=None, x=None,
+    noise=None, noise_strength=None, bias=None, activate=False, clamp=None, x=None, rgb=None,
 ):  # fmt: skip
     """Launch `_conv_gemm_kernel`; tensors as its argument comments say (all on one device).
 
     The low-rank term is off when r is None; with r, give either z (the projected input) or
     q (the projection, fused into the kernel; needs L <= 64). With x, the launch also sums
     x * (the conv part) over each pixel block, and returns those sums [B, blocks, N] fp32 (the
-    buffer is sized here: how many blocks there are depends on the loads the launch uses)."""
+    buffer is sized here: how many blocks there are depends on the loads the launch uses).
+    With rgb = (mix [B, K, N] fp32, rgb_bias [K] or None, rgb_out [B, OUT_H, OUT_W, K] (any
+    strides), rgb_clamp or None), the launch also writes the toRGB of its output (MODE 0,
+    N <= `RGB_EPILOGUE_MAX_COUT`: the N tile spans every channel)."""
     pixels = grid_hw[0] * grid_hw[1]
     reduce_pixels = pixels if x is not None else None
     a_desc = _tma_descriptor(a, mode, grid_hw[1], reduce_pixels) if a.device.type != "meta" else None
@@ -1767,10 +1803,13 @@ def _launch_conv_gemm(
         block_m = _reduce_block_m(pixels)
         tile_w = block_m if a_desc is not None else _tile_width(block_m, grid_hw[1])
         partial = _alloc((a.shape[0], _pixel_tiles(*grid_hw, block_m, tile_w), w.shape[2]), torch.float32, a.device)
+    rgb_mix, rgb_bias, rgb_out, rgb_clamp = rgb if rgb is not None else (None, None, None, None)
+    if rgb is not None and (mode != 0 or w.shape[2] > RGB_EPILOGUE_MAX_COUT):
+        raise ValueError(f"the toRGB epilogue needs MODE 0 and N <= {RGB_EPILOGUE_MAX_COUT}, got {mode} and {w.shape[2]}")
     _observe_launch(
         f"conv_gemm[mode {mode}]",
-        (a, a_scale, w, z, r, q if z is None else None, alpha, beta, noise, noise_strength, bias, x),
-        (out, partial),
+        (a, a_scale, w, z, r, q if z is None else None, alpha, beta, noise, noise_strength, bias, x, rgb_mix, rgb_bias),
+        (out, partial, rgb_out),
     )  # fmt: skip
     if a.device.type == "meta":  # meta tensors hold no data: nothing to compute
         return partial
@@ -1793,11 +1832,14 @@ def _launch_conv_gemm(
         q if fuse_projection else dummy, alpha, beta, out,
         noise if noise is not None else dummy, noise_strength if noise_strength is not None else dummy,
         bias if bias is not None else dummy, x if x is not None else dummy, partial if partial is not None else dummy,
-        in_hw[0], in_hw[1], out_hw[0], out_hw[1], grid_hw[0], grid_hw[1], tma_block_m, k, n, rank,
+        rgb_mix if rgb is not None else dummy, rgb_bias if rgb_bias is not None else dummy,
+        rgb_out if rgb is not None else dummy, in_hw[0], in_hw[1], out_hw[0], out_hw[1], grid_hw[0], grid_hw[1], tma_block_m, k, n, rank,
         (r.stride(0) if r.shape[0] > 1 else 0) if lowrank else 0,
         (q.stride(0) if q.shape[0] > 1 else 0) if fuse_projection else 0,
         alpha.stride(0), alpha.stride(1), beta.stride(0), beta.stride(1),
         *noise_strides, float(clamp) if clamp is not None else 0.0,
+        *(rgb_out.stride() if rgb is not None else (0, 0, 0, 0)),
+        float(rgb_clamp) if rgb_clamp is not None else 0.0,
     )  # fmt: skip
     flags = dict(
         MODE=mode,
@@ -1811,6 +1853,9 @@ def _launch_conv_gemm(
         ACTIVATE=activate,
         HAS_CLAMP=clamp is not None,
         REDUCE_X=partial is not None,
+        RGB_CHANNELS=rgb_mix.shape[1] if rgb is not None else 0,
+        HAS_RGB_BIAS=rgb_bias is not None,
+        HAS_RGB_CLAMP=rgb_clamp is not None,
         INPUT_PRECISION=precision,
         BLOCK_L=min(64, max(16, _next_pow2(rank))),
     )
@@ -1830,7 +1875,7 @@ def _launch_conv_gemm(
             block_m, block_k = a_desc.block_shape[2], a_desc.block_shape[3]
         blocks = dict(
             BLOCK_M=block_m,
-            BLOCK_N=min(64, max(16, _next_pow2(n))),
+            BLOCK_N=max(16, _next_pow2(n)) if rgb is not None else min(64, max(16, _next_pow2(n))),
             BLOCK_K=block_k,
             TILE_W=block_m if a_desc is not None else _tile_width(block_m, grid_hw[1]),
             SCALE_WEIGHT=(CONV_SCALE_WEIGHT or a_desc is not None) and a_scale is not None,
@@ -1842,7 +1887,8 @@ def _launch_conv_gemm(
         # of host time a launch, more than the GPU time of a low-resolution layer)
         key = (
             mode, ksize, k, n, rank, grid_hw, tma_block_m, flags["BOX_Z"], flags["FUSE_PROJECTION"], flags["HAS_A_SCALE"],
-            lowrank, partial is not None, precision, a.dtype, w.dtype, out.dtype, z.dtype if z is not None else None,
+            lowrank, partial is not None, flags["RGB_CHANNELS"], precision, a.dtype, w.dtype, out.dtype,
+            z.dtype if z is not None else None,
         )  # fmt: skip
         config = _CONV_BEST_CONFIG.get(key)
         if config is None:
@@ -1859,7 +1905,7 @@ _CONV_BEST_CONFIG: dict = {}
 # the fields of those keys, in order (benchmarks record the choices by name)
 CONV_BEST_CONFIG_KEY_FIELDS = (
     "MODE", "KSIZE", "K", "N", "L", "GRID_HW", "TMA_BLOCK_M", "BOX_Z", "FUSE_PROJECTION", "HAS_A_SCALE", "HAS_LOWRANK", "REDUCE_X",
-    "INPUT_PRECISION", "a_dtype", "w_dtype", "out_dtype", "z_dtype",
+    "RGB_CHANNELS", "INPUT_PRECISION", "a_dtype", "w_dtype", "out_dtype", "z_dtype",
 )  # fmt: skip
 
 
@@ -2238,10 +2284,19 @@ def _dense_weight_gradient(g_nchw, styled_x, weight, kernel, scale, upsample):
     return (grad * scale).to(weight.dtype).contiguous()
 
 
-def _triton_forward(x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp):
-    """The forward of the Triton op; arguments as `_styled_conv2d_triton_op`. Returns channels_last."""
+def _triton_forward(
+    x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp, rgb=None
+):  # fmt: skip
+    """The forward of the Triton op; arguments as `_styled_conv2d_triton_op`. Returns channels_last.
+
+    With rgb = (mix [B, K, Cout] fp32, rgb_bias [K] or None, rgb_clamp or None) on a plain layer
+    of at most `RGB_EPILOGUE_MAX_COUT` channels, the same launch also computes the toRGB of the
+    output, clamp(out @ mix^T + rgb_bias), and this returns (out, rgb [B, K, H, W]), both in x's
+    dtype and channels_last."""
     batch, in_channels, height, width = x.shape
     out_channels, _, kernel, _ = weight.shape
+    if rgb is not None and (upsample or out_channels > RGB_EPILOGUE_MAX_COUT):
+        raise ValueError(f"the toRGB epilogue needs a plain layer of at most {RGB_EPILOGUE_MAX_COUT} channels")
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()
     w_taps = _derived_from_weight(
         weight, ("taps_forward",), lambda w: w.permute(2, 3, 1, 0).reshape(kernel * kernel, in_channels, out_channels).contiguous()
@@ -2270,10 +2325,18 @@ def _triton_forward(x, weight, styles, p, q, demod, noise, noise_strength, bias,
         _launch_blur(transposed, out.permute(0, 2, 3, 1), **epilogue)
     else:
         out = _alloc((batch, out_channels, height, width), x.dtype, x.device, torch.channels_last)
+        rgb_launch = None
+        if rgb is not None:
+            mix, rgb_bias, rgb_clamp = rgb
+            image = _alloc((batch, mix.shape[1], height, width), x.dtype, x.device, torch.channels_last)
+            rgb_launch = (mix, rgb_bias, image.permute(0, 2, 3, 1), rgb_clamp)
         _launch_conv_gemm(
             x_nhwc, styles, w_taps, z, p3, alpha, beta, out.permute(0, 2, 3, 1), mode=0, ksize=kernel,
             in_hw=(height, width), out_hw=(height, width), grid_hw=(height, width), box_z=True, q=q3, **epilogue,
+            rgb=rgb_launch,
         )  # fmt: skip
+        if rgb is not None:
+            return out, image
     return out
 
 

@@ -14,8 +14,13 @@ backend computes it in the conv's epilogue-backward kernel, in registers:
     grad out = grad_next + sum_k grad_rgb[k] * (rgb_scale * rgb_weight[k] * rgb_styles)
 
 and in the same pass the sums over pixels of out * grad_rgb[k] ([B, K, Cout]), from which
-the toRGB's style and weight gradients follow by two small products. The forward is unchanged
-(the conv, then the toRGB conv reading out); only the backward is fused.
+the toRGB's style and weight gradients follow by two small products.
+
+In the forward, layers of at most `RGB_EPILOGUE_MAX_COUT` = 128 channels (256 px to 1024 px
+in config-f), where one tile of the conv holds every output channel of its pixels, compute the
+toRGB in the conv's epilogue from the tile as stored, so the toRGB does not read out back
+(about 0.9 GB of a 1024 px, batch 8, bf16 training step). Wider layers run the toRGB as its
+own 1x1 conv launch.
 
 The other backends, torch.compile and batches past the launch limit run the two layers one
 after the other (`composed_styled_conv2d_to_rgb`), which is also this op's reference.
@@ -30,6 +35,7 @@ import torch
 from refinestyle_kernels.backend import resolve_backend
 from refinestyle_kernels.ops.modulated_conv2d import (
     MAX_LAUNCH_BATCH,
+    RGB_EPILOGUE_MAX_COUT,
     _check_tensor,
     _clamp_bound,
     _derived_from_weight,
@@ -93,7 +99,7 @@ def styled_conv2d_to_rgb(
         demodulate=demodulate, eps=eps, scale=scale, rgb_scale=rgb_scale,
     )  # fmt: skip
     backend = resolve_backend(backend, x.device)
-    if backend != "triton" or not _fused_backward_applies(x, weight, styles, **arguments):
+    if backend != "triton" or not _fused_route_applies(x):
         return composed_styled_conv2d_to_rgb(styled_conv2d)(x, weight, styles, **arguments, backend=backend)
     x, weight, styles, p, q, noise, noise_strength, bias, scale = layer
     layer = _triton_arguments(
@@ -154,37 +160,45 @@ def _validate_rgb(x, weight, rgb_weight, rgb_styles, rgb_bias, rgb_clamp, rgb_sc
     return float(rgb_scale)
 
 
-def _fused_backward_applies(x, weight, styles, **arguments) -> bool:
-    """The fused backward pays only when autograd will run it; torch.compile traces the two
-    layers' custom ops instead, and batches past the grid limit run in chunks, layer by layer."""
-    if torch.compiler.is_compiling() or x.shape[0] > MAX_LAUNCH_BATCH or not torch.is_grad_enabled():
-        return False
-    tensors = (x, weight, styles, *arguments.values())
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+def _fused_route_applies(x) -> bool:
+    """torch.compile traces the two layers' custom ops instead (the fused op is an eager
+    autograd.Function), and batches past the grid limit run in chunks, layer by layer."""
+    return not torch.compiler.is_compiling() and x.shape[0] <= MAX_LAUNCH_BATCH
 
 
 class _StyledConv2dToRGBFunction(torch.autograd.Function):
-    """Forward: `_triton_forward` for the conv, then for the toRGB on its output. Backward: one
-    `_triton_backward` of the conv with the toRGB's adjoint fused into its epilogue backward."""
+    """Forward: one `_triton_forward` launch for the conv with the toRGB in its epilogue (at most
+    `RGB_EPILOGUE_MAX_COUT` channels), else the conv and then the toRGB on its output. Backward:
+    one `_triton_backward` of the conv with the toRGB's adjoint fused into its epilogue backward."""
 
     @staticmethod
     def forward(
         ctx, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp,
         rgb_weight, rgb_styles, rgb_bias, rgb_scale, rgb_clamp,
     ):  # fmt: skip
-        out = _triton_forward(x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp)
-        rgb = _triton_forward(
-            out, rgb_weight, rgb_styles, None, None, None, None, None, rgb_bias, rgb_scale, False, False, rgb_clamp
-        )
+        # [K, Cout] fp32, rgb_scale * the 1x1 kernel (cached while the weight is frozen)
+        scaled = _derived_from_weight(rgb_weight, ("rgb_scaled", rgb_scale), lambda w: rgb_scale * w[:, :, 0, 0].float())
+        mix = scaled[None] * rgb_styles[:, None, :]  # [B, K, Cout] fp32 (type promotion), contiguous
+        conv = (x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp)
+        if weight.shape[0] <= RGB_EPILOGUE_MAX_COUT:
+            out, rgb = _triton_forward(*conv, rgb=(mix, rgb_bias, rgb_clamp))
+        else:
+            out = _triton_forward(*conv)
+            rgb = _triton_forward(
+                out, rgb_weight, rgb_styles, None, None, None, None, None, rgb_bias, rgb_scale, False, False, rgb_clamp
+            )  # fmt: skip
         ctx.set_materialize_grads(False)  # out may feed nothing else (the last block): grad None
-        ctx.save_for_backward(x, weight, styles, p, q, demod, noise, noise_strength, bias, out, rgb_weight, rgb_styles, rgb)
+        ctx.save_for_backward(
+            x, weight, styles, p, q, demod, noise, noise_strength, bias, out, rgb_styles, rgb, scaled, mix
+        )  # fmt: skip
+        ctx.rgb_weight_dtype = rgb_weight.dtype
         ctx.options = (scale, upsample, activate, clamp, rgb_scale, rgb_clamp)
         return out, rgb
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_rgb):
-        x, weight, styles, p, q, demod, noise, noise_strength, bias, out, rgb_weight, rgb_styles, rgb = ctx.saved_tensors
+        x, weight, styles, p, q, demod, noise, noise_strength, bias, out, rgb_styles, rgb, scaled, mix = ctx.saved_tensors
         scale, upsample, activate, clamp, rgb_scale, rgb_clamp = ctx.options
         wanted = ctx.needs_input_grad
         nothing = (None,) * len(wanted)
@@ -199,9 +213,6 @@ class _StyledConv2dToRGBFunction(torch.autograd.Function):
                 activate, clamp, needs, placeholders=False,
             )  # fmt: skip
             return (*_gradients_wanted(conv_grads, needs), None, None, None, None, None)
-        # [K, Cout] fp32, rgb_scale * the 1x1 kernel (cached while the weight is frozen)
-        scaled = _derived_from_weight(rgb_weight, ("rgb_scaled", rgb_scale), lambda w: rgb_scale * w[:, :, 0, 0].float())
-        mix = scaled[None] * rgb_styles[:, None, :]  # [B, K, Cout] fp32 (type promotion), contiguous
         *conv_grads, products = _triton_backward(
             grad_out, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate,
             clamp, needs, placeholders=False, rgb=(grad_rgb, mix, rgb, rgb_clamp),
@@ -211,7 +222,7 @@ class _StyledConv2dToRGBFunction(torch.autograd.Function):
         grad_rgb_weight = grad_rgb_styles = grad_rgb_bias = None
         if rgb_needs[0]:
             grad_rgb_weight = rgb_scale * (products * rgb_styles[:, None, :]).sum(0)
-            grad_rgb_weight = grad_rgb_weight.to(rgb_weight.dtype)[:, :, None, None]
+            grad_rgb_weight = grad_rgb_weight.to(ctx.rgb_weight_dtype)[:, :, None, None]
         if rgb_needs[1]:
             grad_rgb_styles = (products * scaled[None]).sum(1).to(rgb_styles.dtype)
         if rgb_needs[2]:
