@@ -259,6 +259,7 @@ def layer_bytes(
     shared_tokens: bool = False,
     element_size: int = 4,
     backward: bool = False,
+    input_resident: bool = False,
 ) -> int:
     """Least bytes one layer must move to and from device memory (the roofline's traffic).
 
@@ -269,6 +270,10 @@ def layer_bytes(
     x (for grad s) and W0, write grad x and the small token/style gradients.
 
     element_size: bytes per element of the case's dtype (4 fp32, 2 bf16).
+    input_resident: the layer runs inside the kernels of the layer that makes its input (a
+    toRGB fused with its block's last conv, as in the whole network): x is not read in either
+    pass and grad x is not written (it joins the conv's output gradient in registers), since
+    the conv's own floor already moves that activation.
     Other arguments as in `layer_flops`. Returns an int.
     """
     _check_args(spec, batch, num_tokens)
@@ -279,10 +284,11 @@ def layer_bytes(
     weight = spec.out_channel * spec.in_channel * spec.kernel_size**2
     small = B * spec.in_channel + Bt * L * (spec.in_channel + spec.out_channel) + spec.out_channel
     noise = B * spec.out_size**2 if spec.kind == "conv" else 0
-    forward = x + weight + small + noise + y
+    moved_x = 0 if input_resident else x
+    forward = moved_x + weight + small + noise + y
     if not backward:
         return forward * element_size
-    return (forward + y + y + x + weight + x + small) * element_size
+    return (forward + y + y + moved_x + weight + moved_x + small) * element_size
 
 
 def generator_flops(

@@ -37,8 +37,8 @@ class _NoLaunch:
 
 
 # the op module's Triton kernels that are launched directly (kernel[grid](...)), and its launch helpers
-STUBBED_KERNELS = ("_blur_kernel", "_epilogue_backward_kernel", "_pixel_products_kernel", "_demodulation_kernel",
-                   "_demodulation_backward_kernel")  # fmt: skip
+STUBBED_KERNELS = ("_blur_kernel", "_epilogue_backward_kernel", "_epilogue_products_kernel", "_pixel_products_kernel",
+                   "_demodulation_kernel", "_demodulation_backward_kernel")  # fmt: skip
 STUBBED_LAUNCHERS = ("_launch_conv_gemm",)
 
 

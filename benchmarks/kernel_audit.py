@@ -268,6 +268,21 @@ OTHER_KERNELS = (
         for has_grad, size, channels in ((True, 512, 64), (False, 1024, 32))
     ),
     *(
+        # the same with the token gradients' product M = box(x)^T g in the pass (fused route),
+        # at 1024 px (32 channels, no output gradient), 512 px (64) and 256 px (128)
+        OtherKernel(f"epilogue backward + toRGB adjoint + M, {channels} ch{'' if has_grad else ', no grad'}",
+                    "_epilogue_products_kernel",
+                    # channels-last tensors: the JIT specialises their unit channel strides
+                    dict(HAS_DEMOD=True, HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True, HAS_CLAMP=False,
+                         HAS_GRAD=has_grad, RGB_CHANNELS=3, RGB_CLAMP=False, KSIZE=3, INPUT_PRECISION=None,
+                         stride_xc=1, stride_gn=1, stride_on=1,
+                         **dict(zip(("BLOCK_P", "BLOCK_L", "BLOCK_N"), blocks[:3])), BLOCK_RGB=4),
+                    dict(demod_ptr=_FP32, noise_strength_ptr=_FP32, sums_ptr=_FP32, partial_ptr=_FP32, rgb_mix_ptr=_FP32),
+                    num_warps=blocks[3])
+        for has_grad, channels in ((False, 32), (True, 64), (True, 128))
+        for blocks in [op_module._epilogue_products_blocks(channels, channels)]
+    ),
+    *(
         OtherKernel(f"demodulation{' backward' if backward else ''}, L={rank}",
                     "_demodulation_backward_kernel" if backward else "_demodulation_kernel",
                     dict(HAS_TOKENS=True, HAS_RESIDUAL=False, **dict(zip(("BLOCK_O", "BLOCK_I", "BLOCK_L"), blocks[:3]))),

@@ -143,7 +143,9 @@ def case_work(case: Case, peaks: dict | None) -> dict:
     """Model FLOPs (separated form), least bytes and roofline floor of a case.
 
     The generator's numbers are sums over its convs (every one refined with the case's
-    tokens) and toRGBs; its floor is the sum of the per-layer floors. Returns
+    tokens) and toRGBs; its floor is the sum of the per-layer floors, each toRGB's without
+    the activation it shares with its block's last conv (`layer_bytes(input_resident=True)`:
+    a fused pair moves it once). Returns
     {"model_flops", "model_bytes", "floor_ms"} (floor_ms None without peaks).
     """
     element_size = DTYPES[case.dtype].itemsize
@@ -164,8 +166,9 @@ def case_work(case: Case, peaks: dict | None) -> dict:
         if case.backward:
             layer_flop += layer_flops(spec, case.batch, tokens, backward=True, **kwargs)["total"]
         layer_byte = layer_bytes(
-            spec, case.batch, tokens, element_size=element_size, backward=case.backward, **kwargs
-        )
+            spec, case.batch, tokens, element_size=element_size, backward=case.backward,
+            input_resident=case.layer is None and spec.kind != "conv", **kwargs,
+        )  # fmt: skip
         flops += layer_flop
         nbytes += layer_byte
         if peak_flops and peak_bytes:

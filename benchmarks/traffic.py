@@ -241,15 +241,17 @@ def planned_generator_traffic(
 
 
 def floor_bytes(generator: GeneratorConfig, batch: int, dtype: torch.dtype, tokens: TokenSetting, backward: bool = True) -> dict[str, int]:
-    """The roofline floor's bytes per layer name (`benchmarks.flops.layer_bytes`)."""
+    """The roofline floor's bytes per layer name (`benchmarks.flops.layer_bytes`); each toRGB
+    runs inside its block's last conv (`input_resident`), as in the whole network's floor."""
     convs, torgbs = generator.layers()
     element_size = torch.empty((), dtype=dtype).element_size()
     floors = {}
     for spec in convs + torgbs:
         num_tokens = tokens.num_tokens if spec.refinable else 0
         floors[spec.name] = layer_bytes(
-            spec, batch, num_tokens, shared_tokens=tokens.shared, element_size=element_size, backward=backward
-        )
+            spec, batch, num_tokens, shared_tokens=tokens.shared, element_size=element_size, backward=backward,
+            input_resident=spec.kind != "conv",
+        )  # fmt: skip
     return floors
 
 

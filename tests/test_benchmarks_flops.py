@@ -126,6 +126,14 @@ def test_bytes_and_roofline():
     noise = 2 * 64 * 64
     assert nbytes == 2 * (x + y + weight + small + noise)
     assert layer_bytes(spec, 2, 0, element_size=2, backward=True) > 2 * nbytes
+    # a toRGB inside its conv's kernels moves its input activation neither way: forward read,
+    # backward read and input-gradient write drop out
+    torgb = generator_layers(64, channel_max=32)[1][-1]
+    activation = 2 * 2 * torgb.in_channel * torgb.in_size**2
+    alone = layer_bytes(torgb, 2, 0, element_size=2)
+    assert alone - layer_bytes(torgb, 2, 0, element_size=2, input_resident=True) == activation
+    alone = layer_bytes(torgb, 2, 0, element_size=2, backward=True)
+    assert alone - layer_bytes(torgb, 2, 0, element_size=2, backward=True, input_resident=True) == 3 * activation
     # compute bound and memory bound
     assert roofline_floor_seconds(1e12, 1e6, 1e12, 1e12) == pytest.approx(1.0)
     assert roofline_floor_seconds(1e6, 2e12, 1e12, 1e12) == pytest.approx(2.0)

@@ -433,7 +433,7 @@ def test_interpreted_matches_torch_backend_and_plain_op():
 def test_triton_backend_runs_the_triton_kernels(monkeypatch):
     """The comparison above would pass for a silent fallback to torch: count the launches."""
     launched = []
-    for name in ("_conv_gemm_kernel", "_blur_kernel", "_epilogue_backward_kernel"):
+    for name in ("_conv_gemm_kernel", "_blur_kernel", "_epilogue_backward_kernel", "_epilogue_products_kernel"):
         kernel = getattr(op_module, name)
 
         class Probe:  # kernel[grid](...) -> record the name, then launch for real
@@ -452,8 +452,47 @@ def test_triton_backend_runs_the_triton_kernels(monkeypatch):
     assert launched.count("_epilogue_backward_kernel") == 0, launched
     launched.clear()
     check_layer(Layer(), torch.float32, "cpu", TOLERANCE["interpreted"], seed=9)
-    # forward: the conv with its epilogue; backward: epilogue backward, grad-x conv
+    # forward: the conv with its epilogue; backward: epilogue backward with the token
+    # gradients' pixel products (the fused route), grad-x conv
+    assert launched == ["_conv_gemm_kernel", "_epilogue_products_kernel", "_conv_gemm_kernel"], launched
+    launched.clear()
+    check_layer(Layer(tokens=None), torch.float32, "cpu", TOLERANCE["interpreted"], seed=9)
     assert launched == ["_conv_gemm_kernel", "_epilogue_backward_kernel", "_conv_gemm_kernel"], launched
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "layer",
+    [
+        Layer(batch=2, in_channels=12, out_channels=20, height=6, width=37, num_tokens=5),
+        Layer(batch=2, in_channels=12, out_channels=20, height=6, width=37, tokens="shared", clamp=0.6),
+        Layer(batch=1, in_channels=70, out_channels=66, height=9, width=11, num_tokens=9, noise=None),
+    ],
+    ids=str,
+)
+def test_interpreted_epilogue_products_over_several_pixel_ranges(layer, monkeypatch):
+    """The fused epilogue backward + token products kernel with its pixels split over several
+    programs, the last range and block partly outside the image (splits of at least 16
+    pixels instead of 1024), and for 70 channels a 128-wide tile of 16-pixel blocks."""
+    monkeypatch.setattr(op_module, "PIXEL_REDUCTION_MIN_PIXELS", 16)
+    launched = []
+    original = op_module._launch_epilogue_products
+
+    def probe(*args, **kwargs):
+        sums, products = original(*args, **kwargs)
+        launched.append(sums.shape[2])  # the number of pixel ranges
+        return sums, products
+
+    monkeypatch.setattr(op_module, "_launch_epilogue_products", probe)
+    check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=13)
+    assert len(launched) == 1 and launched[0] > 1, launched
+
+
+def test_epilogue_products_blocks_hold_every_channel():
+    for in_channels, out_channels in [(3, 5), (32, 32), (64, 64), (70, 66), (128, 128), (32, 128)]:
+        block_p, block_l, block_n, warps = op_module._epilogue_products_blocks(in_channels, out_channels)
+        assert block_l >= in_channels and block_n >= out_channels
+        assert block_p in (16, 32) and warps in (8, 16)
 
 
 @needs_interpreter

@@ -1406,6 +1406,57 @@ if triton is not None:
         tl.store(g_rows[:, None] + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
+    def _boxed_tile(
+        a_base,  # [BLOCK_L, 1] pointers to a's channels of the sample (pixel 0)
+        out_y,  # [BLOCK_P] the pixels of b's grid
+        out_x,
+        p_ok,  # [BLOCK_P]
+        l_ok,  # [BLOCK_L]
+        A_H,
+        A_W,
+        stride_ay,
+        stride_ax,
+        BOX: tl.constexpr,
+        KSIZE: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
+        """box(a) at BLOCK_P pixels of b's grid, transposed: [BLOCK_L, BLOCK_P] fp32. BOX as in
+        `_pixel_products_kernel`: -1 a is on b's grid, 0 same-padded, 1 stride 2, 2 stride-2
+        transposed. The box is summed one tap at a time, as `_conv_gemm_kernel`'s BOX_Z."""
+        if BOX < 0:
+            a_box = tl.load(
+                a_base + (out_y * stride_ay + out_x * stride_ax)[None, :].to(tl.int64),
+                mask=l_ok[:, None] & p_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+        else:
+            a_box = tl.zeros((BLOCK_L, BLOCK_P), dtype=tl.float32)
+            for tap in tl.range(0, KSIZE * KSIZE, num_stages=1):
+                ky = tap // KSIZE
+                kx = tap % KSIZE
+                if BOX == 0:
+                    in_y = out_y + (ky - KSIZE // 2)
+                    in_x = out_x + (kx - KSIZE // 2)
+                    tap_ok = p_ok
+                elif BOX == 1:
+                    in_y = 2 * out_y + ky
+                    in_x = 2 * out_x + kx
+                    tap_ok = p_ok
+                else:  # the transposed box: a[i] feeds b's pixels 2 i + k
+                    in_y = (out_y - ky) // 2
+                    in_x = (out_x - kx) // 2
+                    tap_ok = p_ok & (out_y >= ky) & (out_x >= kx) & ((out_y - ky) % 2 == 0)
+                    tap_ok = tap_ok & ((out_x - kx) % 2 == 0)
+                tap_ok = tap_ok & (in_y >= 0) & (in_y < A_H) & (in_x >= 0) & (in_x < A_W)
+                a_box += tl.load(
+                    a_base + (in_y * stride_ay + in_x * stride_ax)[None, :].to(tl.int64),
+                    mask=l_ok[:, None] & tap_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+        return a_box
+
+    @triton.jit
     def _pixel_products_kernel(
         a_ptr,  # [B, A_H, A_W, L] any strides
         b_ptr,  # [B, OUT_H * OUT_W, C] any strides, a's dtype
@@ -1454,37 +1505,9 @@ if triton is not None:
             p_ok = offs_p < stop
             out_y = offs_p // OUT_W
             out_x = offs_p % OUT_W
-            if BOX < 0:
-                a_t = tl.load(  # [BLOCK_L, BLOCK_P]: a's tile, transposed by the indexing
-                    a_base + (out_y * stride_ay + out_x * stride_ax)[None, :].to(tl.int64),
-                    mask=l_ok[:, None] & p_ok[None, :],
-                    other=0.0,
-                )
-            else:
-                a_box = tl.zeros((BLOCK_L, BLOCK_P), dtype=tl.float32)
-                for tap in tl.range(0, KSIZE * KSIZE, num_stages=1):  # one tap at a time, as BOX_Z
-                    ky = tap // KSIZE
-                    kx = tap % KSIZE
-                    if BOX == 0:
-                        in_y = out_y + (ky - KSIZE // 2)
-                        in_x = out_x + (kx - KSIZE // 2)
-                        tap_ok = p_ok
-                    elif BOX == 1:
-                        in_y = 2 * out_y + ky
-                        in_x = 2 * out_x + kx
-                        tap_ok = p_ok
-                    else:  # the transposed box: a[i] feeds b's pixels 2 i + k
-                        in_y = (out_y - ky) // 2
-                        in_x = (out_x - kx) // 2
-                        tap_ok = p_ok & (out_y >= ky) & (out_x >= kx) & ((out_y - ky) % 2 == 0)
-                        tap_ok = tap_ok & ((out_x - kx) % 2 == 0)
-                    tap_ok = tap_ok & (in_y >= 0) & (in_y < A_H) & (in_x >= 0) & (in_x < A_W)
-                    a_box += tl.load(
-                        a_base + (in_y * stride_ay + in_x * stride_ax)[None, :].to(tl.int64),
-                        mask=l_ok[:, None] & tap_ok[None, :],
-                        other=0.0,
-                    ).to(tl.float32)
-                a_t = a_box.to(a_ptr.dtype.element_ty)  # rounded like a boxed tensor in a's dtype
+            a_t = _boxed_tile(
+                a_base, out_y, out_x, p_ok, l_ok, A_H, A_W, stride_ay, stride_ax, BOX, KSIZE, BLOCK_L, BLOCK_P
+            ).to(a_ptr.dtype.element_ty)  # rounded like a boxed tensor in a's dtype
             b_tile = tl.load(
                 b_ptr + b * stride_bb + offs_p[:, None].to(tl.int64) * stride_bp + offs_c[None, :] * stride_bc,
                 mask=p_ok[:, None] & c_ok[None, :],
@@ -1494,6 +1517,154 @@ if triton is not None:
         splits = tl.num_programs(1)
         out = partial_ptr + ((b * splits + split) * L + offs_l[:, None]) * C + offs_c[None, :]
         tl.store(out, acc, mask=l_ok[:, None] & c_ok[None, :])
+
+    @triton.jit
+    def _epilogue_products_kernel(
+        grad_ptr,  # [B, N, H, W] grad of the output, any strides, if HAS_GRAD
+        out_ptr,  # [B, N, H, W] the saved output, any strides
+        demod_ptr,  # [B, N] fp32 contiguous, if HAS_DEMOD
+        noise_ptr,
+        noise_strength_ptr,
+        bias_ptr,
+        rgb_grad_ptr,  # [B, RGB_CHANNELS, H, W] grad of the toRGB's output, any strides
+        rgb_out_ptr,  # [B, RGB_CHANNELS, H, W] the toRGB's saved output, any strides, if RGB_CLAMP
+        rgb_mix_ptr,  # [B, RGB_CHANNELS, N] fp32 contiguous: rgb_scale * rgb_weight * rgb_styles
+        x_ptr,  # [B, H, W, CIN] the conv's input, any strides
+        g_ptr,  # [B, H, W, N] out (x's dtype): grad of the conv result before * d, times d
+        sums_ptr,  # [3 + RGB_CHANNELS, B, SPLITS, N] fp32 out: per-program sums
+        partial_ptr,  # [B, SPLITS, CIN, N] fp32 out: box(x)^T g over one split's pixels
+        OUT_H,
+        OUT_W,
+        N,
+        CIN,
+        stride_gb,
+        stride_gn,
+        stride_gh,
+        stride_gw,
+        stride_ob,
+        stride_on,
+        stride_oh,
+        stride_ow,
+        stride_noise_b,
+        stride_noise_h,
+        stride_noise_w,
+        stride_rgb_b,
+        stride_rgb_c,
+        stride_rgb_h,
+        stride_rgb_w,
+        stride_rgbo_b,
+        stride_rgbo_c,
+        stride_rgbo_h,
+        stride_rgbo_w,
+        stride_xb,
+        stride_xy,
+        stride_xx,
+        stride_xc,
+        PIXELS_PER_SPLIT,  # a multiple of BLOCK_P
+        clamp_value,
+        rgb_clamp_value,
+        HAS_DEMOD: tl.constexpr,
+        HAS_NOISE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ACTIVATE: tl.constexpr,
+        HAS_CLAMP: tl.constexpr,
+        HAS_GRAD: tl.constexpr,
+        RGB_CHANNELS: tl.constexpr,
+        RGB_CLAMP: tl.constexpr,
+        KSIZE: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_L: tl.constexpr,  # >= CIN
+        BLOCK_N: tl.constexpr,  # >= N
+        BLOCK_RGB: tl.constexpr,  # >= RGB_CHANNELS
+    ):
+        """`_epilogue_backward_kernel` and the token gradients' `_pixel_products_kernel` (same
+        box) of a plain layer in one pass, so g is not read back: program (split, 1, b) walks
+        one range of the sample's pixels, BLOCK_P at a time, with every output channel and
+        every input channel in its tile. Per block it forms g (and the toRGB's adjoint, as
+        `_epilogue_backward_kernel` does), stores it for the grad-x conv, and adds box(x)^T g
+        to its [CIN, N] product; the small gradients' terms are summed in registers and stored
+        once per program, not once per tile. Sums planes as `_epilogue_backward_kernel`'s."""
+        split = tl.program_id(0)
+        b = tl.program_id(2).to(tl.int64)
+        splits = tl.num_programs(0)
+        pixels = OUT_H * OUT_W
+        start = split * PIXELS_PER_SPLIT
+        stop = tl.minimum(start + PIXELS_PER_SPLIT, pixels)
+        offs_n = tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_l = tl.arange(0, BLOCK_L)
+        l_ok = offs_l < CIN
+        offs_rgb = tl.arange(0, BLOCK_RGB)
+        x_base = x_ptr + b * stride_xb + offs_l[:, None] * stride_xc
+        products = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)
+        bias_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        noise_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        demod_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        rgb_sums = tl.zeros((BLOCK_RGB, BLOCK_N), dtype=tl.float32)
+        for p0 in tl.range(start, stop, BLOCK_P, num_stages=1):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            p_ok = offs_p < stop
+            out_y = offs_p // OUT_W
+            out_x = offs_p % OUT_W
+            out_rows = out_ptr + b * stride_ob + out_y * stride_oh + out_x * stride_ow
+            rgb_grad = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+            out = rgb_grad  # loaded below when the toRGB's sums need it; else `_epilogue_gradient` loads it
+            if RGB_CHANNELS > 0:
+                out = tl.load(
+                    out_rows[:, None] + offs_n[None, :] * stride_on, mask=p_ok[:, None] & n_ok[None, :], other=0.0
+                ).to(tl.float32)
+                for k in tl.static_range(RGB_CHANNELS):
+                    grad_k = tl.load(
+                        rgb_grad_ptr + b * stride_rgb_b + k * stride_rgb_c + out_y * stride_rgb_h
+                        + out_x * stride_rgb_w, mask=p_ok, other=0.0,
+                    ).to(tl.float32)  # fmt: skip
+                    if RGB_CLAMP:  # clamped toRGB pixels pass no gradient (bound as in _clamp_bound)
+                        rgb = tl.load(
+                            rgb_out_ptr + b * stride_rgbo_b + k * stride_rgbo_c + out_y * stride_rgbo_h
+                            + out_x * stride_rgbo_w, mask=p_ok, other=0.0,
+                        ).to(tl.float32)  # fmt: skip
+                        grad_k = tl.where(tl.abs(rgb) < rgb_clamp_value, grad_k, 0.0)
+                    mix = tl.load(rgb_mix_ptr + (b * RGB_CHANNELS + k) * N + offs_n, mask=n_ok, other=0.0)
+                    rgb_grad += grad_k[:, None] * mix[None, :]
+                    rgb_sum = tl.sum(out * grad_k[:, None], axis=0)
+                    rgb_sums += tl.where(offs_rgb[:, None] == k, rgb_sum[None, :], 0.0)
+            g, bias_terms, noise_terms, demod_terms = _epilogue_gradient(
+                grad_ptr + b * stride_gb + out_y * stride_gh + out_x * stride_gw,
+                out_rows,
+                noise_ptr + b * stride_noise_b + out_y * stride_noise_h + out_x * stride_noise_w,
+                p_ok, p_ok, stride_gn, stride_on, demod_ptr + b * N, noise_strength_ptr, bias_ptr,
+                offs_n, n_ok, clamp_value, rgb_grad, out, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
+                HAS_GRAD=HAS_GRAD, HAS_EXTRA_GRAD=RGB_CHANNELS > 0, OUT_LOADED=RGB_CHANNELS > 0,
+            )  # fmt: skip
+            bias_sum += tl.sum(bias_terms, axis=0)
+            noise_sum += tl.sum(noise_terms, axis=0)
+            demod_sum += tl.sum(demod_terms, axis=0)
+            g_tile = g_ptr + ((b * OUT_H + out_y) * OUT_W + out_x)[:, None] * N + offs_n[None, :]
+            g_ok = p_ok[:, None] & n_ok[None, :]
+            tl.store(g_tile, g.to(g_ptr.dtype.element_ty), mask=g_ok)
+            # Read the tile back (from L2: nothing reaches DRAM twice) instead of keeping it: the
+            # epilogue's tiles then die before the box's, which keeps the two halves of the
+            # kernel from holding their registers at once (255 and spills, against ~160).
+            tl.debug_barrier()  # the tile was stored by other threads of the program
+            g = tl.load(g_tile, mask=g_ok, other=0.0)
+            x_box = _boxed_tile(
+                x_base, out_y, out_x, p_ok, l_ok, OUT_H, OUT_W, stride_xy, stride_xx, 0, KSIZE, BLOCK_L, BLOCK_P
+            ).to(x_ptr.dtype.element_ty)  # rounded like a boxed tensor in x's dtype
+            products = tl.dot(x_box, g, products, input_precision=INPUT_PRECISION)
+        partial = partial_ptr + ((b * splits + split) * CIN + offs_l[:, None]) * N + offs_n[None, :]
+        tl.store(partial, products, mask=l_ok[:, None] & n_ok[None, :])
+        sums = sums_ptr + (b * splits + split) * N + offs_n
+        plane = tl.num_programs(2) * splits * N
+        if HAS_BIAS:
+            tl.store(sums, bias_sum, mask=n_ok)
+        if HAS_NOISE:
+            tl.store(sums + plane, noise_sum, mask=n_ok)
+        if HAS_DEMOD:
+            tl.store(sums + 2 * plane, demod_sum, mask=n_ok)
+        for k in tl.static_range(RGB_CHANNELS):
+            rgb_sum = tl.sum(tl.where(offs_rgb[:, None] == k, rgb_sums, 0.0), axis=0)
+            tl.store(sums + (3 + k) * plane, rgb_sum, mask=n_ok)
 
     @triton.jit
     def _demodulation_kernel(
@@ -2089,6 +2260,77 @@ def _sum_over_pixels(
     return partials.sum((0, 1)) if over_batch else partials.sum(1)
 
 
+# A plain layer whose token gradients take the fused route (M = box(x)^T g) runs its epilogue
+# backward and that product in one kernel (`_epilogue_products_kernel`) when one tile can hold
+# every input and output channel of BLOCK_P pixels: in config-f the 256 px to 1024 px layers.
+EPILOGUE_PRODUCTS_MAX_CHANNELS = 128
+
+
+def _epilogue_products_blocks(in_channels: int, out_channels: int) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_L, BLOCK_N, num_warps) of `_epilogue_products_kernel`: every channel in
+    the tile, and the pixel block and warps at which ptxas fits the kernel without spills
+    (`python -m benchmarks.kernel_audit`, sm_90a): 117 registers at 32 channels (BLOCK_P 32,
+    8 warps), 125 at 64 (16, 8 warps), 128 at 128 (16, 16 warps): 16 warps an SM each. At 4
+    warps and 64-pixel blocks it took 255 and spilled 0.5-2.6 KB."""
+    block_l = max(16, _next_pow2(in_channels))
+    block_n = max(16, _next_pow2(out_channels))
+    widest = max(block_l, block_n)
+    return (32 if widest <= 32 else 16), block_l, block_n, (16 if widest > 64 else 8)
+
+
+def _launch_epilogue_products(
+    grad, out, g, x, *, ksize, demod, noise, noise_strength, bias, activate, clamp, rgb=None
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`_launch_epilogue_backward` and `_sum_over_pixels(x, g, box=BOX_SAME)` of a plain layer in
+    one launch. x [B, H, W, Cin] (any strides), the conv's input; the other arguments as
+    `_launch_epilogue_backward`'s. Returns (sums [3 + K, B, SPLITS, N] fp32, laid out like
+    `_launch_epilogue_backward`'s per-tile sums, and M [B, Cin, N] fp32 = box(x)^T g per sample)."""
+    batch, out_channels, out_h, out_w = out.shape
+    in_channels = x.shape[3]
+    if max(in_channels, out_channels) > EPILOGUE_PRODUCTS_MAX_CHANNELS:
+        raise ValueError(f"_launch_epilogue_products holds at most {EPILOGUE_PRODUCTS_MAX_CHANNELS} channels a tile")
+    rgb_grad, rgb_mix, rgb_out, rgb_clamp = rgb if rgb is not None else (None, None, None, None)
+    if grad is None and rgb_grad is None:
+        raise ValueError("_launch_epilogue_products: neither grad nor a toRGB gradient was given")
+    rgb_channels = rgb_grad.shape[1] if rgb_grad is not None else 0
+    block_p, block_l, block_n, num_warps = _epilogue_products_blocks(in_channels, out_channels)
+    pixels = out_h * out_w
+    splits = min(triton.cdiv(pixels, PIXEL_REDUCTION_MIN_PIXELS), max(1, PIXEL_REDUCTION_PROGRAMS // batch))
+    pixels_per_split = triton.cdiv(triton.cdiv(pixels, splits), block_p) * block_p
+    splits = triton.cdiv(pixels, pixels_per_split)
+    sums = _alloc((3 + rgb_channels, batch, splits, out_channels), torch.float32, out.device)
+    partials = _alloc((batch, splits, in_channels, out_channels), torch.float32, out.device)
+    _observe_launch(
+        "epilogue_products",
+        (grad, out, demod, noise, noise_strength, bias, rgb_grad, rgb_mix, rgb_out, x),
+        (g, sums, partials),
+    )  # fmt: skip
+    if out.device.type == "meta":  # meta tensors hold no data: nothing to compute
+        return sums, partials.sum(1)
+    noise_strides = (0, 0, 0)
+    if noise is not None:
+        noise_strides = (noise.stride(0) if noise.shape[0] > 1 else 0, noise.stride(2), noise.stride(3))
+    rgb_clamped = rgb_out is not None and rgb_clamp is not None
+    _epilogue_products_kernel[(splits, 1, batch)](
+        grad if grad is not None else sums, out, demod if demod is not None else sums,
+        noise if noise is not None else sums, noise_strength if noise_strength is not None else sums,
+        bias if bias is not None else sums,
+        rgb_grad if rgb_grad is not None else sums, rgb_out if rgb_clamped else sums,
+        rgb_mix if rgb_mix is not None else sums, x, g, sums, partials,
+        out_h, out_w, out_channels, in_channels, *(grad.stride() if grad is not None else (0, 0, 0, 0)),
+        *out.stride(), *noise_strides, *(rgb_grad.stride() if rgb_grad is not None else (0, 0, 0, 0)),
+        *(rgb_out.stride() if rgb_clamped else (0, 0, 0, 0)), *x.stride(), pixels_per_split,
+        _clamp_bound(clamp, out.dtype) if clamp is not None else 0.0,
+        _clamp_bound(rgb_clamp, rgb_out.dtype) if rgb_clamped else 0.0,
+        HAS_DEMOD=demod is not None, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None,
+        ACTIVATE=activate, HAS_CLAMP=clamp is not None, HAS_GRAD=grad is not None, RGB_CHANNELS=rgb_channels,
+        RGB_CLAMP=rgb_clamped, KSIZE=ksize, INPUT_PRECISION=_fp32_input_precision() if x.dtype == torch.float32 else None,
+        BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_N=block_n, BLOCK_RGB=max(1, _next_pow2(rgb_channels)),
+        num_warps=num_warps,
+    )  # fmt: skip
+    return sums, partials.sum(1)
+
+
 # Per-sample token sets up to this size get the Triton demodulation (`_TritonDemodulation`):
 # the gram q q^T [L, L] and the products [L, BLOCK] live in registers. Wider shared sets go
 # through their residual R = p^T q instead, for any L.
@@ -2428,9 +2670,18 @@ def _triton_backward(
     grad_dtype = x.dtype
     demod32 = demod.float().contiguous() if demod is not None else None
     epilogue = dict(demod=demod32, noise=noise, noise_strength=noise_strength, bias=bias, activate=activate, clamp=clamp)
+    p3, q3 = _as_batched_tokens(p), _as_batched_tokens(q)
+    x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+    # the token gradients' route (step 3): fused, through M = box(x)^T g, or separate
+    fused = p3 is not None and in_channels <= FUSED_PROJECTION_MAX_COUT and p3.shape[1] <= 64
+    products = None  # M per sample, when step 1 makes it
     if upsample:
         g_conv = _alloc((batch, 2 * height + 1, 2 * width + 1, out_channels), grad_dtype, device)
         sums = _launch_blur(grad.permute(0, 2, 3, 1), g_conv, saved=out.permute(0, 2, 3, 1), **epilogue)
+    elif fused and (need_p or need_q) and max(in_channels, out_channels) <= EPILOGUE_PRODUCTS_MAX_CHANNELS:
+        # with M in the same pass, so g is not read back for it
+        g_conv = _alloc((batch, out_h, out_w, out_channels), grad_dtype, device)
+        sums, products = _launch_epilogue_products(grad, out, g_conv, x_nhwc, ksize=kernel, **epilogue, rgb=rgb)
     else:
         g_conv = _alloc((batch, out_h, out_w, out_channels), grad_dtype, device)
         sums = _launch_epilogue_backward(grad, out, g_conv, **epilogue, rgb=rgb)
@@ -2450,14 +2701,14 @@ def _triton_backward(
     #   their boxes summed on the fly by the kernels that read them.
     grad_p, grad_q = empty(), empty()
     gz = None
-    p3, q3 = _as_batched_tokens(p), _as_batched_tokens(q)
-    x_nhwc = x.permute(0, 2, 3, 1).contiguous()
-    fused = p3 is not None and in_channels <= FUSED_PROJECTION_MAX_COUT and p3.shape[1] <= 64
     if p3 is not None:
         shared = p3.shape[0] == 1
         if fused and (need_p or need_q):
-            box = BOX_TRANSPOSED if upsample else BOX_SAME
-            products = _sum_over_pixels(x_nhwc, g_conv, box=box, ksize=kernel, over_batch=shared)  # M
+            if products is None:
+                box = BOX_TRANSPOSED if upsample else BOX_SAME
+                products = _sum_over_pixels(x_nhwc, g_conv, box=box, ksize=kernel, over_batch=shared)  # M
+            elif shared:
+                products = products.sum(0)
             if need_p:
                 grad_p = torch.matmul(q3.to(products.dtype), products).to(p.dtype).reshape(p.shape)
             if need_q:
