@@ -153,12 +153,16 @@ def test_interpreted_pair_matches_the_two_reference_layers(pair):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("out_channels, forward_launches", [(6, 1), (130, 2)])
-def test_the_toRGB_runs_inside_the_conv_launches(out_channels, forward_launches):
+@pytest.mark.parametrize(
+    "out_channels, switched_off, forward_launches", [(6, False, 1), (130, False, 2), (6, True, 2)]
+)
+def test_the_toRGB_runs_inside_the_conv_launches(out_channels, switched_off, forward_launches, monkeypatch):
     """Forward: the toRGB is computed in the conv's epilogue where one tile holds every channel
-    (at most RGB_EPILOGUE_MAX_COUT), else it is a second launch. Backward: one epilogue-backward
-    launch serves both layers, and nothing runs the toRGB's own transposed conv: the backward
-    launches only the conv's grad-x kernel."""
+    (at most RGB_EPILOGUE_MAX_COUT; 0 switches it off), else it is a second launch. Backward:
+    one epilogue-backward launch serves both layers, and nothing runs the toRGB's own
+    transposed conv: the backward launches only the conv's grad-x kernel."""
+    if switched_off:
+        monkeypatch.setattr(op_module, "RGB_EPILOGUE_MAX_COUT", 0)
     pair = Pair(tokens=None, noise=False, out_channels=out_channels, height=3, width=4)
     inputs = make_inputs(pair)
     launches = []

@@ -458,6 +458,10 @@ def test_triton_backend_runs_the_triton_kernels(monkeypatch):
     launched.clear()
     check_layer(Layer(tokens=None), torch.float32, "cpu", TOLERANCE["interpreted"], seed=9)
     assert launched == ["_conv_gemm_kernel", "_epilogue_backward_kernel", "_conv_gemm_kernel"], launched
+    launched.clear()  # switched off (for A/B runs): the two kernels, with the same results
+    monkeypatch.setattr(op_module, "EPILOGUE_PRODUCTS_MAX_CHANNELS", 0)
+    check_layer(Layer(), torch.float32, "cpu", TOLERANCE["interpreted"], seed=9)
+    assert launched == ["_conv_gemm_kernel", "_epilogue_backward_kernel", "_conv_gemm_kernel"], launched
 
 
 @needs_interpreter

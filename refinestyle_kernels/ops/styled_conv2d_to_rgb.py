@@ -33,9 +33,9 @@ from typing import Callable
 import torch
 
 from refinestyle_kernels.backend import resolve_backend
+from refinestyle_kernels.ops import modulated_conv2d as _conv_op
 from refinestyle_kernels.ops.modulated_conv2d import (
     MAX_LAUNCH_BATCH,
-    RGB_EPILOGUE_MAX_COUT,
     _check_tensor,
     _clamp_bound,
     _derived_from_weight,
@@ -180,7 +180,7 @@ class _StyledConv2dToRGBFunction(torch.autograd.Function):
         scaled = _derived_from_weight(rgb_weight, ("rgb_scaled", rgb_scale), lambda w: rgb_scale * w[:, :, 0, 0].float())
         mix = scaled[None] * rgb_styles[:, None, :]  # [B, K, Cout] fp32 (type promotion), contiguous
         conv = (x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp)
-        if weight.shape[0] <= RGB_EPILOGUE_MAX_COUT:
+        if weight.shape[0] <= _conv_op.RGB_EPILOGUE_MAX_COUT:  # read at call time: a switch for A/B runs
             out, rgb = _triton_forward(*conv, rgb=(mix, rgb_bias, rgb_clamp))
         else:
             out = _triton_forward(*conv)
