@@ -344,19 +344,22 @@ class Generator(nn.Module):
             return (None, None) if refinement is None else refinement.for_layer(index)
 
         out = self.input(w_plus)
+        # one view per w+ row; unbind's backward stacks the rows' gradients in one launch, where
+        # indexing each row adds a zero-filled gradient per row and sums them one by one
+        styles = w_plus.unbind(1)
         p, q = tokens(0)
         # each block's last conv and its toRGB run as one op (StyledConv.forward_to_rgb): out
         # feeds both, and the fused backward adds its two gradients without a pass over memory
-        out, skip = self.conv1.forward_to_rgb(self.to_rgb1, out, w_plus[:, 0], w_plus[:, 1], noise=noise[0], p=p, q=q)
+        out, skip = self.conv1.forward_to_rgb(self.to_rgb1, out, styles[0], styles[1], noise=noise[0], p=p, q=q)
 
         row = 1
         for block, to_rgb in enumerate(self.to_rgbs):
             up_conv, conv = self.convs[2 * block], self.convs[2 * block + 1]
             p, q = tokens(row)
-            out = up_conv(out, w_plus[:, row], noise=noise[row], p=p, q=q)
+            out = up_conv(out, styles[row], noise=noise[row], p=p, q=q)
             p, q = tokens(row + 1)
             out, skip = conv.forward_to_rgb(
-                to_rgb, out, w_plus[:, row + 1], w_plus[:, row + 2], skip, noise=noise[row + 1], p=p, q=q
+                to_rgb, out, styles[row + 1], styles[row + 2], skip, noise=noise[row + 1], p=p, q=q
             )
             row += 2
         return skip

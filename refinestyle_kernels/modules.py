@@ -93,10 +93,14 @@ class EqualLinear(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.ndim != 2 or input.shape[1] != self.weight.shape[1]:
             raise ValueError(f"input: expected [B, {self.weight.shape[1]}], got {tuple(input.shape)}")
-        bias = None if self.bias is None else self.bias * self.lr_mul
         if self.activation:
+            bias = None if self.bias is None else self.bias * self.lr_mul
             return fused_leaky_relu(nn.functional.linear(input, self.weight * self.scale), bias)
-        return nn.functional.linear(input, self.weight * self.scale, bias=bias)
+        if self.bias is None:
+            return torch.mm(input, self.weight.t()) * self.scale
+        # one launch, where scaling the weight and the bias first takes three: the 26 style
+        # affines of a 1024 px generator run once per layer per step
+        return torch.addmm(self.bias, input, self.weight.t(), beta=self.lr_mul, alpha=self.scale)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}, activation={self.activation}"

@@ -60,6 +60,14 @@ def test_forward_conv_launch_moves_what_the_hand_count_says():
     assert (conv.read_bytes, conv.write_bytes) == (reads, writes)
 
 
+def test_the_w_plus_rows_cost_one_backward_launch():
+    """The synthesis network splits w+ into its rows once (unbind): their gradients are stacked
+    by one launch, not zero-filled and summed row by row."""
+    launches = traffic.planned_generator_traffic(SMALL, 2, torch.float32, TokenSetting(0, False), TRITON)
+    other = [l.kernel for l in launches if l.layer == "other" and l.phase == "backward"]
+    assert other == ["aten.stack"], other
+
+
 @pytest.mark.parametrize("implementation", [TRITON, REFERENCE], ids=lambda i: i.name)
 def test_every_conv_launch_belongs_to_its_layer(implementation):
     """Every layer launches one conv forward and one backward. A conv run with its toRGB as

@@ -58,6 +58,37 @@ def test_equal_linear_matches_rosinality_math():
         layer(torch.randn(4, 6))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_style_affine_is_one_matmul_with_rosinalitys_math(bias):
+    """The affine of every modulated conv (no activation) scales the weight and the bias
+    inside one addmm instead of in two extra launches; the gradients are the formula's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layer = EqualLinear(5, 3, bias=bias, bias_init=1, lr_mul=0.5).double()
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    with Ops() as ops:
+        y = layer(x)
+    assert [name.split(".")[0] for name in ops.names if name.split(".")[0] not in ("t", "transpose")] == (
+        ["addmm"] if bias else ["mm", "mul"]
+    ), ops.names
+    expected = x @ (layer.weight * 0.5 / math.sqrt(5)).t() + (layer.bias * 0.5 if bias else 0)
+    assert torch.allclose(y, expected, atol=1e-12)
+    grads = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *layer.parameters()])
+    for got, want in zip(grads, expected_grads):
+        assert torch.allclose(got, want, atol=1e-12)
+
+
 @pytest.mark.parametrize("upsample", [False, True])
 def test_styled_conv_is_rosinalitys_layer(upsample):
     torch.manual_seed(1)
