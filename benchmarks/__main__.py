@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     timing.add_argument("--max-minutes", type=float, default=None,
                         help="start no new case after this long (the results so far are kept)")
     timing.add_argument("--seed", type=int, default=0)
+    timing.add_argument(
+        "--kernel-option", action="append", default=[], metavar="NAME=VALUE",
+        help="set a tuning constant of refinestyle_kernels.ops.modulated_conv2d for this run, e.g. "
+        "RGB_EPILOGUE_MAX_COUT=0 (switches a fusion off for an A/B run); repeatable; recorded in the JSON",
+    )  # fmt: skip
     timing.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default on the CPU: 1, for stable timings; "
                              "on CUDA: torch's choice)")
@@ -206,6 +211,10 @@ def _run(argv: list[str] | None) -> int:
         torch.set_num_threads(1)
     suite, spec, settings = suite_from_args(args, on_cuda)
     try:
+        kernel_options = apply_kernel_options(args.kernel_option)
+    except ValueError as error:
+        raise SystemExit(f"--kernel-option: {error}") from None
+    try:
         cases = spec.cases()
     except ValueError as error:
         raise SystemExit(f"benchmarks: {error}") from None
@@ -239,6 +248,7 @@ def _run(argv: list[str] | None) -> int:
 
     options = RunOptions(device=device, settings=settings, seed=args.seed, log=_logger(args.quiet))
     run = new_run(suite, cases, implementations, options, argv)
+    run["environment"]["kernel_options"] = kernel_options
     json_path = args.output or default_results_path(run, args.out)
     print(f"{len(cases)} cases x {len(implementations)} implementations on {run['environment']['device_name']}; "
           f"results in {json_path}")
@@ -281,6 +291,36 @@ def _run(argv: list[str] | None) -> int:
     if not on_cuda:
         print("\n" + NOT_RUN_BANNER)
     return status
+
+
+def apply_kernel_options(items: list[str]) -> dict:
+    """Set `NAME=VALUE` tuning constants of the Triton op module (its UPPER_CASE bool, int, float
+    or str settings, e.g. RGB_EPILOGUE_MAX_COUT=0) and return {NAME: new value}. The op reads
+    them at call time, so they hold for the whole run. Raises ValueError on an unknown name or
+    a value that does not parse as the constant's type."""
+    from refinestyle_kernels.ops import modulated_conv2d as op_module
+
+    applied = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name, text = name.strip(), text.strip()
+        current = getattr(op_module, name, None) if name.isupper() else None
+        if not sep or current is None or isinstance(current, (tuple, list, dict)) or callable(current):
+            settable = sorted(n for n, v in vars(op_module).items()
+                              if n.isupper() and isinstance(v, (bool, int, float, str)))  # fmt: skip
+            raise ValueError(f"expected NAME=VALUE with NAME one of {', '.join(settable)}; got {item!r}")
+        try:
+            if isinstance(current, bool):
+                if text.lower() not in ("0", "1", "true", "false"):
+                    raise ValueError
+                value = text.lower() in ("1", "true")
+            else:
+                value = type(current)(text)
+        except ValueError:
+            raise ValueError(f"{name}: expected a value of type {type(current).__name__}, got {text!r}") from None
+        setattr(op_module, name, value)
+        applied[name] = value
+    return applied
 
 
 def _logger(quiet: bool):

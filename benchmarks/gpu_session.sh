@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/gpu_session.sh 1   # the compiled CUDA tests, then the kernel profile of the headline step
 #   bash benchmarks/gpu_session.sh 2   # the headline suite, whole network: every implementation and variant
-#   bash benchmarks/gpu_session.sh 3   # the headline suite, the 256-1024 px layers one by one
+#   bash benchmarks/gpu_session.sh 3   # the headline suite, the 256-1024 px layers one by one, then an
+#                                      # A/B of the headline step with the newest fusions switched off
 #
 # Each stage prints its summary last. The runs' JSON hold `autotuned_conv_configs`: which tile,
 # style placement and loads (pointer or TMA) the autotuner chose per launch shape.
@@ -42,8 +43,13 @@ case "${1:-}" in
         tee "$out/headline-generator.log" | tail -n 40
     ;;
 3)
-    $python -m benchmarks --suite headline --groups layer --layers "$layers" --max-minutes 8 \
+    $python -m benchmarks --suite headline --groups layer --layers "$layers" --max-minutes 5 \
         --output "$out/headline-layers.json" --impls reference,nvlabs,torch,triton 2>&1 |
         tee "$out/headline-layers.log" | tail -n 60
+    # A/B: the headline step with the sixth session's fusions switched off (toRGB forward in the
+    # conv epilogue, epilogue backward with the token products); stage 2 has them on
+    timeout 170 $python -m benchmarks --suite headline --groups generator --tokens 32 --impls triton \
+        --kernel-option RGB_EPILOGUE_MAX_COUT=0 --kernel-option EPILOGUE_PRODUCTS_MAX_CHANNELS=0 \
+        --max-minutes 2 --no-plot --output "$out/ab-fusions-off.json" 2>&1 | tail -n 12
     ;;
 esac

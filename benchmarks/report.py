@@ -218,6 +218,9 @@ def _banner(run: dict) -> str:
             if env["device_type"] != "cuda"
             else "\nThis is not the full GPU suite (a subset was selected)."
         )
+    if env.get("kernel_options"):
+        changed = ", ".join(f"{name}={value}" for name, value in env["kernel_options"].items())
+        text += f"\nKernel options changed for this run (not the defaults): {changed}"
     if run.get("stopped_early"):
         text += f"\nStopped early: {run['stopped_early']}"
     if run.get("fatal_error"):

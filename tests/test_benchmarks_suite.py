@@ -335,9 +335,9 @@ def test_cuda_graphs_capture_every_generator_case_and_no_layer_case():
         assert applicable(graph, case, torch.device("cpu")) == "needs CUDA"
 
 
-def test_gpu_session_script_names_real_cases(capsys):
-    """benchmarks/gpu_session.sh (the next GPU session's three calls) rejects a bad stage, and
-    the layers its third stage times exist in the suite."""
+def test_gpu_session_script_names_real_cases(capsys, monkeypatch):
+    """benchmarks/gpu_session.sh (the next GPU session's three calls) rejects a bad stage, the
+    layers its third stage times exist in the suite, and its A/B run's kernel options apply."""
     import re
     import subprocess
     from pathlib import Path
@@ -350,3 +350,31 @@ def test_gpu_session_script_names_real_cases(capsys):
     listed = capsys.readouterr().out
     for name in layers.split(","):
         assert f"/{name}/" in listed, name
+    from benchmarks.__main__ import apply_kernel_options
+
+    options = re.findall(r"--kernel-option (\S+)", script.read_text())
+    assert options
+    for option in options:  # restored after the test
+        name = option.partition("=")[0]
+        monkeypatch.setattr(op_module, name, getattr(op_module, name))
+    assert set(apply_kernel_options(options)) == {option.partition("=")[0] for option in options}
+
+
+def test_kernel_options_are_set_for_the_run_and_recorded(tmp_path, capsys, monkeypatch):
+    """--kernel-option switches a tuning constant of the op module (an A/B run of a fusion) and
+    the JSON and the banner say so; unknown names and unparsable values stop the run."""
+    for name in ("RGB_EPILOGUE_MAX_COUT", "TRITON_AUTOTUNE"):  # restored after the test
+        monkeypatch.setattr(op_module, name, getattr(op_module, name))
+    argv = TINY + ["--groups", "generator", "--tokens", "0", "--mode", "fwd", "--impls", "torch", "--no-plot",
+                   "--kernel-option", "RGB_EPILOGUE_MAX_COUT=0", "--kernel-option", "TRITON_AUTOTUNE=false",
+                   "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    assert op_module.RGB_EPILOGUE_MAX_COUT == 0 and op_module.TRITON_AUTOTUNE is False
+    _, run = _only_json(tmp_path)
+    assert run["environment"]["kernel_options"] == {"RGB_EPILOGUE_MAX_COUT": 0, "TRITON_AUTOTUNE": False}
+    assert "Kernel options changed for this run" in capsys.readouterr().out
+    for bad, message in (("NOT_A_CONSTANT=1", "NAME one of"), ("RGB_EPILOGUE_MAX_COUT", "NAME=VALUE"),
+                         ("RGB_EPILOGUE_MAX_COUT=wide", "of type int"), ("TRITON_AUTOTUNE=maybe", "of type bool"),
+                         ("LAUNCH_OBSERVER=1", "NAME one of")):  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            main(TINY + ["--kernel-option", bad, "--list"])
