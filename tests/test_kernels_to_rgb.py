@@ -325,16 +325,62 @@ def test_forward_to_rgb_is_the_two_module_calls():
 
 
 @needs_interpreter
-def test_torch_compile_traces_the_pair_as_two_custom_op_layers():
-    """Under torch.compile(fullgraph=True) the pair runs as its two layers' custom ops (the fused
-    backward is an eager autograd.Function), with the same results as eager mode."""
+@pytest.mark.parametrize("grad_out", [True, False], ids=["both-outputs", "image-only"])
+def test_torch_compile_traces_the_pair_as_one_custom_op(grad_out):
+    """Under torch.compile(fullgraph=True) the pair is one custom op with its own backward op:
+    the same launches as eager mode (one conv launch forward, one epilogue-backward launch
+    for both layers) and the same results, also when only the image is differentiated."""
     conv, to_rgb, inputs = module_pair("triton")
+    conv.requires_grad_(True)  # every gradient of the pair: the conv's and the toRGB's weights too
+    to_rgb.requires_grad_(True)
 
     def fused(x, w, w_rgb, p, q, noise, skip):
-        return conv.forward_to_rgb(to_rgb, x, w, w_rgb, skip, noise=noise, p=p, q=q)
+        out, image = conv.forward_to_rgb(to_rgb, x, w, w_rgb, skip, noise=noise, p=p, q=q)
+        return (out, image) if grad_out else (out.detach(), image)
 
-    expected = pair_outputs_and_gradients(fused, inputs)
+    def run(function):
+        launches = []
+        previous = op_module.LAUNCH_OBSERVER
+        op_module.LAUNCH_OBSERVER = lambda kernel, reads, writes: launches.append(kernel)
+        try:
+            x, w, w_rgb, p, q, noise, skip = inputs
+            out, image = function(x, w, w_rgb, p, q, noise, skip)
+            gen = torch.Generator().manual_seed(3)
+            outputs = [image, out] if grad_out else [image]
+            grads = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in outputs]
+            leaves = [x, w, w_rgb, p, q, skip, *conv.parameters(), *to_rgb.parameters()]
+            results = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
+        finally:
+            op_module.LAUNCH_OBSERVER = previous
+        return (out, image, *results), launches
+
+    expected, eager_launches = run(fused)
     torch._dynamo.reset()
-    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
-    for got, reference in zip(pair_outputs_and_gradients(compiled, inputs), expected):
-        assert relative_error(got, reference) < 1e-5
+    got, compiled_launches = run(torch.compile(fused, fullgraph=True, backend="aot_eager"))
+    kernels = [k for k in compiled_launches if not k.startswith("aten.")]
+    assert kernels == [k for k in eager_launches if not k.startswith("aten.")], (kernels, eager_launches)
+    assert kernels.count("conv_gemm[mode 0]") == 2 and kernels.count("epilogue_products") == 1, kernels
+    for a, b in zip(got, expected):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert relative_error(a, b) < 1e-5
+
+
+@needs_interpreter
+def test_pair_custom_op_passes_opcheck():
+    """Schema, fake (meta) implementation and autograd registration of the pair's custom op."""
+    import math
+
+    import refinestyle_kernels
+
+    pair = Pair(batch=2, in_channels=3, out_channels=4, height=3, width=4, num_tokens=2, clamp=0.8, rgb_clamp=0.5)
+    inputs = {k: v.float() if v is not None else None for k, v in make_inputs(pair, seed=11).items()}
+    scale = 1 / math.sqrt(27)
+    demod = refinestyle_kernels.demodulation_coefficients(inputs["weight"], inputs["styles"], inputs["p"], inputs["q"],
+                                                          scale, 1e-8)  # fmt: skip
+    args = [inputs[k] for k in ("x", "weight", "styles", "p", "q")] + [demod]
+    args += [inputs["noise"], inputs["noise_strength"], inputs["bias"], scale, False, True, 0.8]
+    args += [inputs["rgb_weight"], inputs["rgb_styles"], inputs["rgb_bias"], 0.5, 0.5]
+    for index in (0, 1, 2, 3, 4, 5, 7, 8, 13, 14, 15):
+        args[index] = args[index].detach().requires_grad_(True)
+    torch.library.opcheck(torch.ops.refinestyle_kernels.styled_conv2d_to_rgb_triton.default, args)

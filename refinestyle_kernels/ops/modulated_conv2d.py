@@ -2835,7 +2835,9 @@ def _styled_conv2d_triton_backward_op(
 
 
 @_styled_conv2d_triton_backward_op.register_fake
-def _(grad, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp, needs):
+def _styled_conv2d_triton_backward_fake(
+    grad, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp, needs
+):  # fmt: skip
     need_x, need_styles, need_weight, need_p, need_q, need_demod, need_strength, need_bias = needs
     def nothing():
         return x.new_empty(0)

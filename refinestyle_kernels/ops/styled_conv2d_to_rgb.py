@@ -22,7 +22,9 @@ toRGB in the conv's epilogue from the tile as stored, so the toRGB does not read
 (about 0.9 GB of a 1024 px, batch 8, bf16 training step). Wider layers run the toRGB as its
 own 1x1 conv launch.
 
-The other backends, torch.compile and batches past the launch limit run the two layers one
+Eager mode runs the pair as an autograd.Function, torch.compile as a custom op with its own
+backward op (`refinestyle_kernels::styled_conv2d_to_rgb_triton`), so compiled generators keep
+both fusions. The other backends and batches past the launch limit run the two layers one
 after the other (`composed_styled_conv2d_to_rgb`), which is also this op's reference.
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ from refinestyle_kernels.ops.modulated_conv2d import (
     _gradients_wanted,
     _triton_arguments,
     _triton_backward,
+    _styled_conv2d_triton_backward_fake,
     _triton_forward,
     _validate,
     styled_conv2d,
@@ -99,7 +102,7 @@ def styled_conv2d_to_rgb(
         demodulate=demodulate, eps=eps, scale=scale, rgb_scale=rgb_scale,
     )  # fmt: skip
     backend = resolve_backend(backend, x.device)
-    if backend != "triton" or not _fused_route_applies(x):
+    if backend != "triton" or x.shape[0] > MAX_LAUNCH_BATCH:  # larger batches run in chunks, layer by layer
         return composed_styled_conv2d_to_rgb(styled_conv2d)(x, weight, styles, **arguments, backend=backend)
     x, weight, styles, p, q, noise, noise_strength, bias, scale = layer
     layer = _triton_arguments(
@@ -108,7 +111,10 @@ def styled_conv2d_to_rgb(
     )  # fmt: skip
     rgb_options = (float(rgb_scale), float(rgb_clamp) if rgb_clamp is not None else None)
     rgb_bias = rgb_bias.contiguous() if rgb_bias is not None else None
-    return _StyledConv2dToRGBFunction.apply(*layer, rgb_weight, rgb_styles, rgb_bias, *rgb_options)
+    pair = (*layer, rgb_weight, rgb_styles, rgb_bias, *rgb_options)
+    if torch.compiler.is_compiling():  # torch.compile traces the custom op
+        return _styled_conv2d_to_rgb_op(*pair)
+    return _StyledConv2dToRGBFunction.apply(*pair)
 
 
 def composed_styled_conv2d_to_rgb(op: Callable) -> Callable:
@@ -160,77 +166,209 @@ def _validate_rgb(x, weight, rgb_weight, rgb_styles, rgb_bias, rgb_clamp, rgb_sc
     return float(rgb_scale)
 
 
-def _fused_route_applies(x) -> bool:
-    """torch.compile traces the two layers' custom ops instead (the fused op is an eager
-    autograd.Function), and batches past the grid limit run in chunks, layer by layer."""
-    return not torch.compiler.is_compiling() and x.shape[0] <= MAX_LAUNCH_BATCH
+def _pair_forward(
+    x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp,
+    rgb_weight, rgb_styles, rgb_bias, rgb_scale, rgb_clamp,
+):  # fmt: skip
+    """The pair's forward on the normalised arguments (`_triton_arguments` and the toRGB's):
+    one `_triton_forward` launch for the conv with the toRGB in its epilogue (at most
+    `RGB_EPILOGUE_MAX_COUT` channels), else the conv and then the toRGB on its output.
+    Returns (out, rgb, mix): mix [B, K, Cout] fp32 = rgb_scale * rgb_weight * rgb_styles."""
+    mix = _rgb_mix(rgb_weight, rgb_styles, rgb_scale)
+    conv = (x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp)
+    if weight.shape[0] <= _conv_op.RGB_EPILOGUE_MAX_COUT:  # read at call time: a switch for A/B runs
+        out, rgb = _triton_forward(*conv, rgb=(mix, rgb_bias, rgb_clamp))
+    else:
+        out = _triton_forward(*conv)
+        rgb = _triton_forward(
+            out, rgb_weight, rgb_styles, None, None, None, None, None, rgb_bias, rgb_scale, False, False, rgb_clamp
+        )  # fmt: skip
+    return out, rgb, mix
+
+
+def _rgb_mix(rgb_weight, rgb_styles, rgb_scale) -> torch.Tensor:
+    """[B, K, Cout] fp32: rgb_scale * the 1x1 kernel (cached while the weight is frozen) * the styles."""
+    scaled = _derived_from_weight(rgb_weight, ("rgb_scaled", rgb_scale), lambda w: rgb_scale * w[:, :, 0, 0].float())
+    return scaled[None] * rgb_styles[:, None, :]  # fp32 by type promotion, contiguous
+
+
+def _pair_backward(
+    grad_out, grad_rgb, out, rgb, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample,
+    activate, clamp, rgb_weight, rgb_styles, rgb_scale, rgb_clamp, mix, needs, rgb_needs, placeholders,
+):  # fmt: skip
+    """The pair's gradients: the conv's eight in `_triton_backward`'s order (x, styles, weight, p,
+    q, demod, strength, bias), then the toRGB's (rgb_weight, rgb_styles, rgb_bias). needs and
+    rgb_needs say which are wanted; the others are None, or empty tensors with placeholders
+    (the custom op must return tensors). grad_out is None where out feeds only the toRGB,
+    grad_rgb None where nothing uses the image."""
+    conv = (out, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp, needs)
+    absent = x.new_empty(0) if placeholders else None
+    if grad_rgb is None:  # only out's other consumer sends a gradient
+        return (*_triton_backward(grad_out, *conv, placeholders=placeholders), absent, absent, absent)
+    *conv_grads, products = _triton_backward(
+        grad_out, *conv, placeholders=placeholders, rgb=(grad_rgb, mix, rgb, rgb_clamp)
+    )
+    # products [B, K, Cout] = sum over pixels of out * grad_rgb (clamp-masked): the toRGB's
+    # per-sample weight gradient, before rgb_scale and the styles
+    grad_rgb_weight = grad_rgb_styles = grad_rgb_bias = absent
+    if rgb_needs[0]:
+        grad_rgb_weight = rgb_scale * (products * rgb_styles[:, None, :]).sum(0)
+        grad_rgb_weight = grad_rgb_weight.to(rgb_weight.dtype)[:, :, None, None]
+    if rgb_needs[1]:
+        scaled = _derived_from_weight(rgb_weight, ("rgb_scaled", rgb_scale), lambda w: rgb_scale * w[:, :, 0, 0].float())
+        grad_rgb_styles = (products * scaled[None]).sum(1).to(rgb_styles.dtype)
+    if rgb_needs[2]:
+        passed = grad_rgb.float()
+        if rgb_clamp is not None:
+            passed = torch.where(rgb.abs() < _clamp_bound(rgb_clamp, rgb.dtype), passed, 0.0)
+        grad_rgb_bias = passed.sum((0, 2, 3)).to(rgb.dtype)
+    return (*conv_grads, grad_rgb_weight, grad_rgb_styles, grad_rgb_bias)
+
+
+def _needs(wanted) -> tuple[list, list]:
+    """needs_input_grad of the pair's 18 inputs -> (the conv's needs in the backward op's order,
+    the toRGB's: rgb_weight, rgb_styles, rgb_bias)."""
+    return [wanted[0], wanted[2], wanted[1], wanted[3], wanted[4], wanted[5], wanted[7], wanted[8]], list(wanted[13:16])
+
+
+def _gradients_in_input_order(grads, needs, rgb_needs) -> tuple:
+    """`_pair_backward`'s result -> one gradient (or None) per input of the pair's forward."""
+    rgb_grads = tuple(g if need else None for g, need in zip(grads[8:], rgb_needs))
+    return (*_gradients_wanted(grads[:8], needs), *rgb_grads, None, None)
 
 
 class _StyledConv2dToRGBFunction(torch.autograd.Function):
-    """Forward: one `_triton_forward` launch for the conv with the toRGB in its epilogue (at most
-    `RGB_EPILOGUE_MAX_COUT` channels), else the conv and then the toRGB on its output. Backward:
-    one `_triton_backward` of the conv with the toRGB's adjoint fused into its epilogue backward."""
+    """The pair in eager mode (see `_StyledConv2dTritonFunction` for why not the custom op):
+    `_pair_forward`, then `_pair_backward`, whose epilogue backward carries the toRGB's adjoint."""
 
     @staticmethod
     def forward(
         ctx, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp,
         rgb_weight, rgb_styles, rgb_bias, rgb_scale, rgb_clamp,
     ):  # fmt: skip
-        # [K, Cout] fp32, rgb_scale * the 1x1 kernel (cached while the weight is frozen)
-        scaled = _derived_from_weight(rgb_weight, ("rgb_scaled", rgb_scale), lambda w: rgb_scale * w[:, :, 0, 0].float())
-        mix = scaled[None] * rgb_styles[:, None, :]  # [B, K, Cout] fp32 (type promotion), contiguous
-        conv = (x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp)
-        if weight.shape[0] <= _conv_op.RGB_EPILOGUE_MAX_COUT:  # read at call time: a switch for A/B runs
-            out, rgb = _triton_forward(*conv, rgb=(mix, rgb_bias, rgb_clamp))
-        else:
-            out = _triton_forward(*conv)
-            rgb = _triton_forward(
-                out, rgb_weight, rgb_styles, None, None, None, None, None, rgb_bias, rgb_scale, False, False, rgb_clamp
-            )  # fmt: skip
-        ctx.set_materialize_grads(False)  # out may feed nothing else (the last block): grad None
-        ctx.save_for_backward(
-            x, weight, styles, p, q, demod, noise, noise_strength, bias, out, rgb_styles, rgb, scaled, mix
+        out, rgb, mix = _pair_forward(
+            x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp,
+            rgb_weight, rgb_styles, rgb_bias, rgb_scale, rgb_clamp,
         )  # fmt: skip
-        ctx.rgb_weight_dtype = rgb_weight.dtype
+        ctx.set_materialize_grads(False)  # out may feed nothing else (the last block): grad None
+        ctx.save_for_backward(x, weight, styles, p, q, demod, noise, noise_strength, bias, out, rgb, rgb_weight,
+                              rgb_styles, mix)  # fmt: skip
         ctx.options = (scale, upsample, activate, clamp, rgb_scale, rgb_clamp)
         return out, rgb
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_rgb):
-        x, weight, styles, p, q, demod, noise, noise_strength, bias, out, rgb_styles, rgb, scaled, mix = ctx.saved_tensors
+        x, weight, styles, p, q, demod, noise, noise_strength, bias, out, rgb, rgb_weight, rgb_styles, mix = ctx.saved_tensors
         scale, upsample, activate, clamp, rgb_scale, rgb_clamp = ctx.options
-        wanted = ctx.needs_input_grad
-        nothing = (None,) * len(wanted)
         if grad_out is None and grad_rgb is None:
-            return nothing
-        # the conv's gradients, in the backward op's order (x, styles, weight, p, q, demod, strength, bias)
-        needs = [wanted[0], wanted[2], wanted[1], wanted[3], wanted[4], wanted[5], wanted[7], wanted[8]]
-        rgb_needs = wanted[13:16]
-        if grad_rgb is None:  # only out's other consumer sends a gradient
-            conv_grads = _triton_backward(
-                grad_out, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample,
-                activate, clamp, needs, placeholders=False,
-            )  # fmt: skip
-            return (*_gradients_wanted(conv_grads, needs), None, None, None, None, None)
-        *conv_grads, products = _triton_backward(
-            grad_out, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate,
-            clamp, needs, placeholders=False, rgb=(grad_rgb, mix, rgb, rgb_clamp),
+            return (None,) * len(ctx.needs_input_grad)
+        needs, rgb_needs = _needs(ctx.needs_input_grad)
+        grads = _pair_backward(
+            grad_out, grad_rgb, out, rgb, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale,
+            upsample, activate, clamp, rgb_weight, rgb_styles, rgb_scale, rgb_clamp, mix, needs, rgb_needs,
+            placeholders=False,
         )  # fmt: skip
-        # products [B, K, Cout] = sum over pixels of out * grad_rgb (clamp-masked): the toRGB's
-        # per-sample weight gradient, before rgb_scale and the styles
-        grad_rgb_weight = grad_rgb_styles = grad_rgb_bias = None
-        if rgb_needs[0]:
-            grad_rgb_weight = rgb_scale * (products * rgb_styles[:, None, :]).sum(0)
-            grad_rgb_weight = grad_rgb_weight.to(ctx.rgb_weight_dtype)[:, :, None, None]
-        if rgb_needs[1]:
-            grad_rgb_styles = (products * scaled[None]).sum(1).to(rgb_styles.dtype)
-        if rgb_needs[2]:
-            passed = grad_rgb.float()
-            if rgb_clamp is not None:
-                passed = torch.where(rgb.abs() < _clamp_bound(rgb_clamp, rgb.dtype), passed, 0.0)
-            grad_rgb_bias = passed.sum((0, 2, 3)).to(rgb.dtype)
-        return (*_gradients_wanted(conv_grads, needs), grad_rgb_weight, grad_rgb_styles, grad_rgb_bias, None, None)
+        return _gradients_in_input_order(grads, needs, rgb_needs)
+
+
+# --- torch.library registration, for torch.compile: the pair is one opaque op with its own
+# backward op, so a compiled generator keeps both fusions
+
+_PAIR_ARGUMENTS = (
+    "Tensor x, Tensor weight, Tensor styles, Tensor? p, Tensor? q, Tensor? demod, Tensor? noise, "
+    "Tensor? noise_strength, Tensor? bias, float scale, bool upsample, bool activate, float? clamp, "
+    "Tensor rgb_weight, Tensor rgb_styles, Tensor? rgb_bias, float rgb_scale, float? rgb_clamp"
+)
+
+
+@torch.library.custom_op(
+    "refinestyle_kernels::styled_conv2d_to_rgb_triton", mutates_args=(), schema=f"({_PAIR_ARGUMENTS}) -> (Tensor, Tensor)"
+)
+def _styled_conv2d_to_rgb_op(
+    x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp,
+    rgb_weight, rgb_styles, rgb_bias, rgb_scale, rgb_clamp,
+):  # fmt: skip
+    """`_pair_forward` as a custom op: (out, rgb)."""
+    out, rgb, _ = _pair_forward(
+        x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp,
+        rgb_weight, rgb_styles, rgb_bias, rgb_scale, rgb_clamp,
+    )  # fmt: skip
+    return out, rgb
+
+
+@_styled_conv2d_to_rgb_op.register_fake
+def _(x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp,
+      rgb_weight, rgb_styles, rgb_bias, rgb_scale, rgb_clamp):  # fmt: skip
+    batch, _, height, width = x.shape
+    out = torch.empty((batch, weight.shape[0], height, width), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last)  # fmt: skip
+    rgb = torch.empty((batch, rgb_weight.shape[0], height, width), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last)  # fmt: skip
+    return out, rgb
+
+
+@torch.library.custom_op(
+    "refinestyle_kernels::styled_conv2d_to_rgb_triton_backward",
+    mutates_args=(),
+    schema=(
+        f"(Tensor? grad_out, Tensor? grad_rgb, Tensor out, Tensor rgb, {_PAIR_ARGUMENTS}, bool[] needs, "
+        "bool[] rgb_needs) -> Tensor[]"
+    ),
+)
+def _styled_conv2d_to_rgb_backward_op(
+    grad_out, grad_rgb, out, rgb, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample,
+    activate, clamp, rgb_weight, rgb_styles, rgb_bias, rgb_scale, rgb_clamp, needs, rgb_needs,
+):  # fmt: skip
+    """`_pair_backward` as a custom op: 11 tensors, empty where a gradient is not wanted."""
+    grads = _pair_backward(
+        grad_out, grad_rgb, out, rgb, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample,
+        activate, clamp, rgb_weight, rgb_styles, rgb_scale, rgb_clamp, _rgb_mix(rgb_weight, rgb_styles, rgb_scale),
+        needs, rgb_needs, placeholders=True,
+    )  # fmt: skip
+    # the outputs of a custom op may not alias each other: each placeholder its own tensor
+    return [g if need else x.new_empty(0) for g, need in zip(grads, [*needs, *rgb_needs])]
+
+
+@_styled_conv2d_to_rgb_backward_op.register_fake
+def _(grad_out, grad_rgb, out, rgb, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample,
+      activate, clamp, rgb_weight, rgb_styles, rgb_bias, rgb_scale, rgb_clamp, needs, rgb_needs):  # fmt: skip
+    conv = _styled_conv2d_triton_backward_fake(
+        grad_out if grad_out is not None else out, out, x, weight, styles, p, q, demod, noise, noise_strength, bias,
+        scale, upsample, activate, clamp, needs,
+    )  # fmt: skip
+    wanted = grad_rgb is not None
+    rgb_grads = [
+        torch.empty_like(tensor, memory_format=torch.contiguous_format) if need and wanted and tensor is not None
+        else x.new_empty(0)
+        for tensor, need in zip((rgb_weight, rgb_styles, rgb_bias), rgb_needs)
+    ]  # fmt: skip
+    return [*conv, *rgb_grads]
+
+
+def _setup_pair_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:9], *output, inputs[13], inputs[14], inputs[15])
+    ctx.options = (*inputs[9:13], inputs[16], inputs[17])
+
+
+def _pair_op_backward(ctx, grad_out, grad_rgb):
+    x, weight, styles, p, q, demod, noise, noise_strength, bias, out, rgb, rgb_weight, rgb_styles, rgb_bias = (
+        ctx.saved_tensors
+    )
+    scale, upsample, activate, clamp, rgb_scale, rgb_clamp = ctx.options
+    if grad_out is None and grad_rgb is None:
+        return (None,) * len(ctx.needs_input_grad)
+    needs, rgb_needs = _needs(ctx.needs_input_grad)
+    if grad_rgb is None:  # the toRGB's parameters get no gradient from nothing
+        rgb_needs = [False, False, False]
+    grads = torch.ops.refinestyle_kernels.styled_conv2d_to_rgb_triton_backward(
+        grad_out, grad_rgb, out, rgb, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample,
+        activate, clamp, rgb_weight, rgb_styles, rgb_bias, rgb_scale, rgb_clamp, needs, rgb_needs,
+    )  # fmt: skip
+    return _gradients_in_input_order(grads, needs, rgb_needs)
+
+
+_styled_conv2d_to_rgb_op.register_autograd(_pair_op_backward, setup_context=_setup_pair_context)
 
 
 __all__ = ["composed_styled_conv2d_to_rgb", "styled_conv2d_to_rgb"]
