@@ -256,14 +256,15 @@ OTHER_KERNELS = (
     OtherKernel("epilogue backward", "_epilogue_backward_kernel",
                 dict(HAS_DEMOD=True, HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True, HAS_CLAMP=False, HAS_GRAD=True,
                      RGB_CHANNELS=0, RGB_CLAMP=False,
-                     **dict(zip(("BLOCK_M", "BLOCK_N"), op_module._pointwise_blocks(512 * 512, 64)))),
+                     **dict(zip(("BLOCK_M", "BLOCK_N"), op_module._pointwise_blocks(512 * 512, 64))), BLOCK_RGB=1),
                 dict(demod_ptr=_FP32, noise_strength_ptr=_FP32, sums_ptr=_FP32)),
     *(
         # the last conv of a block with its toRGB's adjoint (1024 px: out feeds only the toRGB)
         OtherKernel(f"epilogue backward + toRGB adjoint{'' if has_grad else ', no grad'}", "_epilogue_backward_kernel",
                     dict(HAS_DEMOD=True, HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True, HAS_CLAMP=False,
                          HAS_GRAD=has_grad, RGB_CHANNELS=3, RGB_CLAMP=False,
-                         **dict(zip(("BLOCK_M", "BLOCK_N"), op_module._pointwise_blocks(size * size, channels, 2048 if has_grad else 1024)))),
+                         **dict(zip(("BLOCK_M", "BLOCK_N"), op_module._pointwise_blocks(size * size, channels, 2048 if has_grad else 1024))),
+                         BLOCK_RGB=4),
                     dict(demod_ptr=_FP32, noise_strength_ptr=_FP32, sums_ptr=_FP32, rgb_mix_ptr=_FP32))
         for has_grad, size, channels in ((True, 512, 64), (False, 1024, 32))
     ),

@@ -1302,6 +1302,63 @@ if triton is not None:
             )  # fmt: skip
 
     @triton.jit
+    def _torgb_adjoint(
+        out,  # [BLOCK, BLOCK_N] fp32: the conv's saved output at the block's pixels
+        b,
+        out_y,  # [BLOCK] the pixels
+        out_x,
+        pix_ok,  # [BLOCK]
+        offs_n,
+        n_ok,
+        N,
+        rgb_grad_ptr,  # [B, RGB_CHANNELS, H, W] grad of the toRGB's output, any strides
+        rgb_out_ptr,  # [B, RGB_CHANNELS, H, W] the toRGB's saved output, any strides, if RGB_CLAMP
+        rgb_mix_ptr,  # [B, RGB_CHANNELS, N] fp32 contiguous: rgb_scale * rgb_weight * rgb_styles
+        stride_rgb_b,
+        stride_rgb_c,
+        stride_rgb_h,
+        stride_rgb_w,
+        stride_rgbo_b,
+        stride_rgbo_c,
+        stride_rgbo_h,
+        stride_rgbo_w,
+        rgb_clamp_value,
+        sums_at,  # [BLOCK_N] pointers to sums plane 3 (the block's offset in it), if STORE_SUMS
+        plane,  # the distance between two sums planes, if STORE_SUMS
+        RGB_CHANNELS: tl.constexpr,
+        RGB_CLAMP: tl.constexpr,
+        BLOCK_RGB: tl.constexpr,
+        STORE_SUMS: tl.constexpr,
+    ):
+        """The toRGB layer's backward at BLOCK pixels of the conv output it reads:
+        (grad [BLOCK, BLOCK_N] fp32 = sum_k grad_rgb[k] * mix[k, :], the gradient it sends to out,
+        sums [BLOCK_RGB, BLOCK_N] fp32 = the block's sums of out * grad_rgb[k], row k), with
+        grad_rgb zero where the toRGB's clamp binds (bound as in `_clamp_bound`). With
+        STORE_SUMS the sums go to memory instead (row k at sums_at + k * plane) and the returned
+        ones are zero: a caller that stores per block keeps no [BLOCK_RGB, BLOCK_N] tile."""
+        offs_rgb = tl.arange(0, BLOCK_RGB)
+        grad = tl.zeros_like(out)
+        sums = tl.zeros((BLOCK_RGB, out.shape[1]), dtype=tl.float32)
+        for k in tl.static_range(RGB_CHANNELS):
+            grad_k = tl.load(
+                rgb_grad_ptr + b * stride_rgb_b + k * stride_rgb_c + out_y * stride_rgb_h + out_x * stride_rgb_w,
+                mask=pix_ok, other=0.0,
+            ).to(tl.float32)  # fmt: skip
+            if RGB_CLAMP:
+                rgb = tl.load(
+                    rgb_out_ptr + b * stride_rgbo_b + k * stride_rgbo_c + out_y * stride_rgbo_h
+                    + out_x * stride_rgbo_w, mask=pix_ok, other=0.0,
+                ).to(tl.float32)  # fmt: skip
+                grad_k = tl.where(tl.abs(rgb) < rgb_clamp_value, grad_k, 0.0)
+            mix = tl.load(rgb_mix_ptr + (b * RGB_CHANNELS + k) * N + offs_n, mask=n_ok, other=0.0)
+            grad += grad_k[:, None] * mix[None, :]
+            if STORE_SUMS:
+                tl.store(sums_at + k * plane, tl.sum(out * grad_k[:, None], axis=0), mask=n_ok)
+            else:
+                sums += tl.where(offs_rgb[:, None] == k, tl.sum(out * grad_k[:, None], axis=0)[None, :], 0.0)
+        return grad, sums
+
+    @triton.jit
     def _epilogue_backward_kernel(
         grad_ptr,  # [B, N, OUT_H, OUT_W] grad of the output, any strides, if HAS_GRAD
         out_ptr,  # [B, N, OUT_H, OUT_W] the saved output, any strides
@@ -1348,6 +1405,7 @@ if triton is not None:
         RGB_CLAMP: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        BLOCK_RGB: tl.constexpr,  # >= RGB_CHANNELS
     ):
         """Backward of the epilogue: out = clamp(act(d * conv + strength * noise + bias)).
 
@@ -1374,22 +1432,13 @@ if triton is not None:
             out = tl.load(
                 out_rows[:, None] + offs_n[None, :] * stride_on, mask=m_ok[:, None] & n_ok[None, :], other=0.0
             ).to(tl.float32)
-            rgb_sums = sums_ptr + (b * m_tiles + pid_m) * N + offs_n
             plane = tl.num_programs(2) * m_tiles * N
-            for k in tl.static_range(RGB_CHANNELS):
-                grad_k = tl.load(
-                    rgb_grad_ptr + b * stride_rgb_b + k * stride_rgb_c + out_y * stride_rgb_h + out_x * stride_rgb_w,
-                    mask=m_ok, other=0.0,
-                ).to(tl.float32)  # fmt: skip
-                if RGB_CLAMP:  # clamped toRGB pixels pass no gradient (bound as in _clamp_bound)
-                    rgb = tl.load(
-                        rgb_out_ptr + b * stride_rgbo_b + k * stride_rgbo_c + out_y * stride_rgbo_h
-                        + out_x * stride_rgbo_w, mask=m_ok, other=0.0,
-                    ).to(tl.float32)  # fmt: skip
-                    grad_k = tl.where(tl.abs(rgb) < rgb_clamp_value, grad_k, 0.0)
-                mix = tl.load(rgb_mix_ptr + (b * RGB_CHANNELS + k) * N + offs_n, mask=n_ok, other=0.0)
-                rgb_grad += grad_k[:, None] * mix[None, :]
-                tl.store(rgb_sums + (3 + k) * plane, tl.sum(out * grad_k[:, None], axis=0), mask=n_ok)
+            rgb_grad, _ = _torgb_adjoint(
+                out, b, out_y, out_x, m_ok, offs_n, n_ok, N, rgb_grad_ptr, rgb_out_ptr, rgb_mix_ptr,
+                stride_rgb_b, stride_rgb_c, stride_rgb_h, stride_rgb_w, stride_rgbo_b, stride_rgbo_c, stride_rgbo_h,
+                stride_rgbo_w, rgb_clamp_value, sums_ptr + 3 * plane + (b * m_tiles + pid_m) * N + offs_n, plane,
+                RGB_CHANNELS, RGB_CLAMP, BLOCK_RGB, STORE_SUMS=True,
+            )  # fmt: skip
         g, bias_terms, noise_terms, demod_terms = _epilogue_gradient(
             grad_ptr + b * stride_gb + out_y * stride_gh + out_x * stride_gw,
             out_rows,
@@ -1595,7 +1644,6 @@ if triton is not None:
         n_ok = offs_n < N
         offs_l = tl.arange(0, BLOCK_L)
         l_ok = offs_l < CIN
-        offs_rgb = tl.arange(0, BLOCK_RGB)
         x_base = x_ptr + b * stride_xb + offs_l[:, None] * stride_xc
         products = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)
         bias_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -1614,21 +1662,13 @@ if triton is not None:
                 out = tl.load(
                     out_rows[:, None] + offs_n[None, :] * stride_on, mask=p_ok[:, None] & n_ok[None, :], other=0.0
                 ).to(tl.float32)
-                for k in tl.static_range(RGB_CHANNELS):
-                    grad_k = tl.load(
-                        rgb_grad_ptr + b * stride_rgb_b + k * stride_rgb_c + out_y * stride_rgb_h
-                        + out_x * stride_rgb_w, mask=p_ok, other=0.0,
-                    ).to(tl.float32)  # fmt: skip
-                    if RGB_CLAMP:  # clamped toRGB pixels pass no gradient (bound as in _clamp_bound)
-                        rgb = tl.load(
-                            rgb_out_ptr + b * stride_rgbo_b + k * stride_rgbo_c + out_y * stride_rgbo_h
-                            + out_x * stride_rgbo_w, mask=p_ok, other=0.0,
-                        ).to(tl.float32)  # fmt: skip
-                        grad_k = tl.where(tl.abs(rgb) < rgb_clamp_value, grad_k, 0.0)
-                    mix = tl.load(rgb_mix_ptr + (b * RGB_CHANNELS + k) * N + offs_n, mask=n_ok, other=0.0)
-                    rgb_grad += grad_k[:, None] * mix[None, :]
-                    rgb_sum = tl.sum(out * grad_k[:, None], axis=0)
-                    rgb_sums += tl.where(offs_rgb[:, None] == k, rgb_sum[None, :], 0.0)
+                rgb_grad, block_sums = _torgb_adjoint(
+                    out, b, out_y, out_x, p_ok, offs_n, n_ok, N, rgb_grad_ptr, rgb_out_ptr, rgb_mix_ptr,
+                    stride_rgb_b, stride_rgb_c, stride_rgb_h, stride_rgb_w, stride_rgbo_b, stride_rgbo_c,
+                    stride_rgbo_h, stride_rgbo_w, rgb_clamp_value, sums_ptr, 0, RGB_CHANNELS, RGB_CLAMP, BLOCK_RGB,
+                    STORE_SUMS=False,
+                )  # fmt: skip
+                rgb_sums += block_sums
             g, bias_terms, noise_terms, demod_terms = _epilogue_gradient(
                 grad_ptr + b * stride_gb + out_y * stride_gh + out_x * stride_gw,
                 out_rows,
@@ -1662,6 +1702,7 @@ if triton is not None:
             tl.store(sums + plane, noise_sum, mask=n_ok)
         if HAS_DEMOD:
             tl.store(sums + 2 * plane, demod_sum, mask=n_ok)
+        offs_rgb = tl.arange(0, BLOCK_RGB)
         for k in tl.static_range(RGB_CHANNELS):
             rgb_sum = tl.sum(tl.where(offs_rgb[:, None] == k, rgb_sums, 0.0), axis=0)
             tl.store(sums + (3 + k) * plane, rgb_sum, mask=n_ok)
@@ -2634,7 +2675,8 @@ def _launch_epilogue_backward(
         _clamp_bound(rgb_clamp, rgb_out.dtype) if rgb_clamped else 0.0,
         HAS_DEMOD=demod is not None, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None,
         ACTIVATE=activate, HAS_CLAMP=clamp is not None, HAS_GRAD=grad is not None, RGB_CHANNELS=rgb_channels,
-        RGB_CLAMP=rgb_clamped, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        RGB_CLAMP=rgb_clamped, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_RGB=max(1, _next_pow2(rgb_channels)),
+        num_warps=4,
     )  # fmt: skip
     return sums
 
