@@ -186,10 +186,14 @@ def _pair_forward(
     return out, rgb, mix
 
 
+def _rgb_scaled(rgb_weight, rgb_scale) -> torch.Tensor:
+    """[K, Cout] fp32: rgb_scale * the 1x1 kernel, cached while the weight is frozen."""
+    return _derived_from_weight(rgb_weight, ("rgb_scaled", rgb_scale), lambda w: rgb_scale * w[:, :, 0, 0].float())
+
+
 def _rgb_mix(rgb_weight, rgb_styles, rgb_scale) -> torch.Tensor:
-    """[B, K, Cout] fp32: rgb_scale * the 1x1 kernel (cached while the weight is frozen) * the styles."""
-    scaled = _derived_from_weight(rgb_weight, ("rgb_scaled", rgb_scale), lambda w: rgb_scale * w[:, :, 0, 0].float())
-    return scaled[None] * rgb_styles[:, None, :]  # fp32 by type promotion, contiguous
+    """[B, K, Cout] fp32: rgb_scale * the 1x1 kernel * the styles."""
+    return _rgb_scaled(rgb_weight, rgb_scale)[None] * rgb_styles[:, None, :]  # fp32 by type promotion, contiguous
 
 
 def _pair_backward(
@@ -215,8 +219,7 @@ def _pair_backward(
         grad_rgb_weight = rgb_scale * (products * rgb_styles[:, None, :]).sum(0)
         grad_rgb_weight = grad_rgb_weight.to(rgb_weight.dtype)[:, :, None, None]
     if rgb_needs[1]:
-        scaled = _derived_from_weight(rgb_weight, ("rgb_scaled", rgb_scale), lambda w: rgb_scale * w[:, :, 0, 0].float())
-        grad_rgb_styles = (products * scaled[None]).sum(1).to(rgb_styles.dtype)
+        grad_rgb_styles = (products * _rgb_scaled(rgb_weight, rgb_scale)[None]).sum(1).to(rgb_styles.dtype)
     if rgb_needs[2]:
         passed = grad_rgb.float()
         if rgb_clamp is not None:
