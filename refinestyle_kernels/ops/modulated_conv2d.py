@@ -2746,9 +2746,12 @@ def _triton_backward(
     if p3 is not None:
         shared = p3.shape[0] == 1
         if fused and (need_p or need_q):
-            if products is None:
-                box = BOX_TRANSPOSED if upsample else BOX_SAME
-                products = _sum_over_pixels(x_nhwc, g_conv, box=box, ksize=kernel, over_batch=shared)  # M
+            if products is None and upsample:
+                # M = x^T (the stride-2 box of g, on x's grid): a quarter of the pixels and MACs
+                # of box_T(x)^T g over the transposed conv's grid, where most box taps are masked
+                products = _sum_over_pixels(g_conv, x_nhwc, box=BOX_STRIDE2, ksize=kernel, over_batch=shared).mT
+            elif products is None:
+                products = _sum_over_pixels(x_nhwc, g_conv, box=BOX_SAME, ksize=kernel, over_batch=shared)  # M
             elif shared:
                 products = products.sum(0)
             if need_p:
