@@ -238,8 +238,8 @@ _DEMODULATION_POINTERS = dict.fromkeys(("s1_ptr", "s2_ptr", "demod_ptr", "energy
 OTHER_KERNELS = (
     OtherKernel("pixel products M = box(x)^T g, same box", "_pixel_products_kernel",
                 dict(_PIXEL_PRODUCTS, BOX=0, BLOCK_L=64, BLOCK_C=64), dict(partial_ptr=_FP32)),
-    OtherKernel("pixel products, transposed stride-2 box", "_pixel_products_kernel",
-                dict(_PIXEL_PRODUCTS, BOX=2, BLOCK_L=64, BLOCK_C=32), dict(partial_ptr=_FP32)),
+    OtherKernel("pixel products, upsampling M = (stride-2 box of g)^T x", "_pixel_products_kernel",
+                dict(_PIXEL_PRODUCTS, BOX=1, BLOCK_L=32, BLOCK_C=64), dict(partial_ptr=_FP32)),
     OtherKernel("pixel products, stride-2 box (separate gz)", "_pixel_products_kernel",
                 dict(_PIXEL_PRODUCTS, BOX=1, BLOCK_L=32, BLOCK_C=64), dict(partial_ptr=_FP32)),
     OtherKernel("pixel products, no box", "_pixel_products_kernel",

@@ -1471,8 +1471,8 @@ if triton is not None:
         BLOCK_P: tl.constexpr,
     ):
         """box(a) at BLOCK_P pixels of b's grid, transposed: [BLOCK_L, BLOCK_P] fp32. BOX as in
-        `_pixel_products_kernel`: -1 a is on b's grid, 0 same-padded, 1 stride 2, 2 stride-2
-        transposed. The box is summed one tap at a time, as `_conv_gemm_kernel`'s BOX_Z."""
+        `_pixel_products_kernel`: -1 a is on b's grid, 0 same-padded, 1 stride 2. The box is
+        summed one tap at a time, as `_conv_gemm_kernel`'s BOX_Z."""
         if BOX < 0:
             a_box = tl.load(
                 a_base + (out_y * stride_ay + out_x * stride_ax)[None, :].to(tl.int64),
@@ -1487,17 +1487,10 @@ if triton is not None:
                 if BOX == 0:
                     in_y = out_y + (ky - KSIZE // 2)
                     in_x = out_x + (kx - KSIZE // 2)
-                    tap_ok = p_ok
-                elif BOX == 1:
+                else:
                     in_y = 2 * out_y + ky
                     in_x = 2 * out_x + kx
-                    tap_ok = p_ok
-                else:  # the transposed box: a[i] feeds b's pixels 2 i + k
-                    in_y = (out_y - ky) // 2
-                    in_x = (out_x - kx) // 2
-                    tap_ok = p_ok & (out_y >= ky) & (out_x >= kx) & ((out_y - ky) % 2 == 0)
-                    tap_ok = tap_ok & ((out_x - kx) % 2 == 0)
-                tap_ok = tap_ok & (in_y >= 0) & (in_y < A_H) & (in_x >= 0) & (in_x < A_W)
+                tap_ok = p_ok & (in_y >= 0) & (in_y < A_H) & (in_x >= 0) & (in_x < A_W)
                 a_box += tl.load(
                     a_base + (in_y * stride_ay + in_x * stride_ax)[None, :].to(tl.int64),
                     mask=l_ok[:, None] & tap_ok[None, :],
@@ -1534,7 +1527,7 @@ if triton is not None:
         """Split-K box(a)^T b over the pixels of b's grid: program (tile, split, b) sums one
         pixel range. The all-ones KSIZE x KSIZE box is summed on the fly from a's taps, in
         fp32, like `_conv_gemm_kernel`'s BOX_Z: BOX 0 same-padded (a on b's grid), 1 stride 2
-        (a on the (2 OUT_H + 1)-grid), 2 stride-2 transposed (b on a's (2 A_H + 1)-grid)."""
+        (a on the (2 OUT_H + 1)-grid)."""
         c_tiles = tl.cdiv(C, BLOCK_C)
         pid_l = tl.program_id(0) // c_tiles
         pid_c = tl.program_id(0) % c_tiles
@@ -2254,7 +2247,7 @@ PIXEL_REDUCTION_PROGRAMS = 528
 PIXEL_REDUCTION_MIN_PIXELS = 1024
 
 # The box `_sum_over_pixels` applies to its first operand (the `BOX` of `_pixel_products_kernel`)
-BOX_NONE, BOX_SAME, BOX_STRIDE2, BOX_TRANSPOSED = -1, 0, 1, 2
+BOX_NONE, BOX_SAME, BOX_STRIDE2 = -1, 0, 1
 
 
 def _sum_over_pixels(
@@ -2265,10 +2258,10 @@ def _sum_over_pixels(
     H x W pixels, or [L, C] summed over the batch too when over_batch (shared tokens).
 
     box: how a reaches b's grid through the low-rank branch's all-ones ksize x ksize box:
-    BOX_NONE (a is on b's grid), BOX_SAME (same padding), BOX_STRIDE2 (a on the
-    (2H+1) x (2W+1) grid of an upsampling layer's transposed conv, b on its input grid) or
-    BOX_TRANSPOSED (the other way round). The box is summed on the fly, so the boxed tensor,
-    as large as an activation when L = C, never exists.
+    BOX_NONE (a is on b's grid), BOX_SAME (same padding) or BOX_STRIDE2 (a on the
+    (2H+1) x (2W+1) grid of an upsampling layer's transposed conv, b on its input grid; the
+    products of that layer are summed this way round, over the input's pixels). The box is
+    summed on the fly, so the boxed tensor, as large as an activation when L = C, never exists.
 
     The token gradients are such products with up to 2^20 pixels and L, C <= 64: as a batched
     GEMM that is one output tile per sample reducing over a million pixels, a handful of thread
@@ -2760,8 +2753,10 @@ def _triton_backward(
                 grad_q = torch.matmul(p3.to(products.dtype), products.mT).to(q.dtype).reshape(q.shape)
         if not fused and need_p:  # grad p = sum over the conv's pixels of box(q x)^T g
             z = _project(x_nhwc, q3.to(grad_dtype), grad_dtype)
-            box = BOX_TRANSPOSED if upsample else BOX_SAME
-            grad_p = _sum_over_pixels(z, g_conv, box=box, ksize=kernel, over_batch=shared)
+            if upsample:  # over z's pixels, as the fused route's M: z^T (the stride-2 box of g)
+                grad_p = _sum_over_pixels(g_conv, z, box=BOX_STRIDE2, ksize=kernel, over_batch=shared).mT
+            else:
+                grad_p = _sum_over_pixels(z, g_conv, box=BOX_SAME, ksize=kernel, over_batch=shared)
             del z
             grad_p = grad_p.to(p.dtype).reshape(p.shape)
         if not fused and (need_q or need_x or need_styles):  # gz = g p^T, on the conv's grid
