@@ -2323,7 +2323,7 @@ def _launch_epilogue_products(
     in_channels = x.shape[3]
     if max(in_channels, out_channels) > EPILOGUE_PRODUCTS_MAX_CHANNELS:
         raise ValueError(f"_launch_epilogue_products holds at most {EPILOGUE_PRODUCTS_MAX_CHANNELS} channels a tile")
-    rgb_grad, rgb_mix, rgb_out, rgb_clamp = rgb if rgb is not None else (None, None, None, None)
+    rgb_grad, rgb_mix, rgb_out, _ = rgb if rgb is not None else (None, None, None, None)
     if grad is None and rgb_grad is None:
         raise ValueError("_launch_epilogue_products: neither grad nor a toRGB gradient was given")
     rgb_channels = rgb_grad.shape[1] if rgb_grad is not None else 0
@@ -2341,26 +2341,15 @@ def _launch_epilogue_products(
     )  # fmt: skip
     if out.device.type == "meta":  # meta tensors hold no data: nothing to compute
         return sums, partials.sum(1)
-    noise_strides = (0, 0, 0)
-    if noise is not None:
-        noise_strides = (noise.stride(0) if noise.shape[0] > 1 else 0, noise.stride(2), noise.stride(3))
-    rgb_clamped = rgb_out is not None and rgb_clamp is not None
+    pointers, strides, bounds, flags = _epilogue_backward_parts(
+        grad, out, sums, demod=demod, noise=noise, noise_strength=noise_strength, bias=bias, activate=activate,
+        clamp=clamp, rgb=rgb,
+    )  # fmt: skip
     _epilogue_products_kernel[(splits, 1, batch)](
-        grad if grad is not None else sums, out, demod if demod is not None else sums,
-        noise if noise is not None else sums, noise_strength if noise_strength is not None else sums,
-        bias if bias is not None else sums,
-        rgb_grad if rgb_grad is not None else sums, rgb_out if rgb_clamped else sums,
-        rgb_mix if rgb_mix is not None else sums, x, g, sums, partials,
-        out_h, out_w, out_channels, in_channels, *(grad.stride() if grad is not None else (0, 0, 0, 0)),
-        *out.stride(), *noise_strides, *(rgb_grad.stride() if rgb_grad is not None else (0, 0, 0, 0)),
-        *(rgb_out.stride() if rgb_clamped else (0, 0, 0, 0)), *x.stride(), pixels_per_split,
-        _clamp_bound(clamp, out.dtype) if clamp is not None else 0.0,
-        _clamp_bound(rgb_clamp, rgb_out.dtype) if rgb_clamped else 0.0,
-        HAS_DEMOD=demod is not None, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None,
-        ACTIVATE=activate, HAS_CLAMP=clamp is not None, HAS_GRAD=grad is not None, RGB_CHANNELS=rgb_channels,
-        RGB_CLAMP=rgb_clamped, KSIZE=ksize, INPUT_PRECISION=_fp32_input_precision() if x.dtype == torch.float32 else None,
-        BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_N=block_n, BLOCK_RGB=max(1, _next_pow2(rgb_channels)),
-        num_warps=num_warps,
+        *pointers, x, g, sums, partials, out_h, out_w, out_channels, in_channels, *strides, *x.stride(),
+        pixels_per_split, *bounds, **flags, KSIZE=ksize,
+        INPUT_PRECISION=_fp32_input_precision() if x.dtype == torch.float32 else None,
+        BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_N=block_n, num_warps=num_warps,
     )  # fmt: skip
     return sums, partials.sum(1)
 
@@ -2624,6 +2613,36 @@ def _clamp_bound(clamp: float, dtype: torch.dtype) -> float:
     return float(torch.tensor(clamp, dtype=torch.float64).to(dtype))
 
 
+def _epilogue_backward_parts(grad, out, dummy, *, demod, noise, noise_strength, bias, activate, clamp, rgb):
+    """What `_epilogue_backward_kernel` and `_epilogue_products_kernel` take alike, in their
+    order: (pointers: grad, out, demod, noise, noise_strength, bias, rgb_grad, rgb_out, rgb_mix;
+    dummy where absent), (strides of grad, out, noise, rgb_grad, rgb_out), (the clamp bounds as
+    out's and rgb's dtypes store them), and the constexpr flags. Arguments as
+    `_launch_epilogue_backward`'s."""
+    rgb_grad, rgb_mix, rgb_out, rgb_clamp = rgb if rgb is not None else (None, None, None, None)
+    noise_strides = (0, 0, 0)
+    if noise is not None:
+        noise_strides = (noise.stride(0) if noise.shape[0] > 1 else 0, noise.stride(2), noise.stride(3))
+    rgb_clamped = rgb_out is not None and rgb_clamp is not None
+    rgb_channels = rgb_grad.shape[1] if rgb_grad is not None else 0
+    pointers = tuple(t if t is not None else dummy for t in (grad, out, demod, noise, noise_strength, bias, rgb_grad))
+    pointers += (rgb_out if rgb_clamped else dummy, rgb_mix if rgb_mix is not None else dummy)
+    strides = (
+        *(grad.stride() if grad is not None else (0, 0, 0, 0)), *out.stride(), *noise_strides,
+        *(rgb_grad.stride() if rgb_grad is not None else (0, 0, 0, 0)), *(rgb_out.stride() if rgb_clamped else (0, 0, 0, 0)),
+    )  # fmt: skip
+    bounds = (
+        _clamp_bound(clamp, out.dtype) if clamp is not None else 0.0,
+        _clamp_bound(rgb_clamp, rgb_out.dtype) if rgb_clamped else 0.0,
+    )
+    flags = dict(
+        HAS_DEMOD=demod is not None, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None, ACTIVATE=activate,
+        HAS_CLAMP=clamp is not None, HAS_GRAD=grad is not None, RGB_CHANNELS=rgb_channels, RGB_CLAMP=rgb_clamped,
+        BLOCK_RGB=max(1, _next_pow2(rgb_channels)),
+    )  # fmt: skip
+    return pointers, strides, bounds, flags
+
+
 def _launch_epilogue_backward(
     grad, out, g, *, demod, noise, noise_strength, bias, activate, clamp, rgb=None
 ) -> torch.Tensor:  # fmt: skip
@@ -2641,7 +2660,7 @@ def _launch_epilogue_backward(
     batch, out_channels, out_h, out_w = out.shape
     block_m, block_n = _pointwise_blocks(out_h * out_w, out_channels, 1024 if grad is None else 2048)
     m_tiles = triton.cdiv(out_h * out_w, block_m)
-    rgb_grad, rgb_mix, rgb_out, rgb_clamp = rgb if rgb is not None else (None, None, None, None)
+    rgb_grad, rgb_mix, rgb_out, _ = rgb if rgb is not None else (None, None, None, None)
     if grad is None and rgb_grad is None:
         raise ValueError("_launch_epilogue_backward: neither grad nor a toRGB gradient was given")
     rgb_channels = rgb_grad.shape[1] if rgb_grad is not None else 0
@@ -2651,25 +2670,13 @@ def _launch_epilogue_backward(
     )
     if out.device.type == "meta":  # meta tensors hold no data: nothing to compute
         return sums
-    noise_strides = (0, 0, 0)
-    if noise is not None:
-        noise_strides = (noise.stride(0) if noise.shape[0] > 1 else 0, noise.stride(2), noise.stride(3))
-    rgb_clamped = rgb_out is not None and rgb_clamp is not None
+    pointers, strides, bounds, flags = _epilogue_backward_parts(
+        grad, out, sums, demod=demod, noise=noise, noise_strength=noise_strength, bias=bias, activate=activate,
+        clamp=clamp, rgb=rgb,
+    )  # fmt: skip
     _epilogue_backward_kernel[(m_tiles, triton.cdiv(out_channels, block_n), batch)](
-        grad if grad is not None else sums, out, demod if demod is not None else sums,
-        noise if noise is not None else sums, noise_strength if noise_strength is not None else sums,
-        bias if bias is not None else sums,
-        rgb_grad if rgb_grad is not None else sums, rgb_out if rgb_clamped else sums,
-        rgb_mix if rgb_mix is not None else sums, g, sums,
-        out_h, out_w, out_channels, *(grad.stride() if grad is not None else (0, 0, 0, 0)), *out.stride(),
-        *noise_strides, *(rgb_grad.stride() if rgb_grad is not None else (0, 0, 0, 0)),
-        *(rgb_out.stride() if rgb_clamped else (0, 0, 0, 0)),
-        _clamp_bound(clamp, out.dtype) if clamp is not None else 0.0,
-        _clamp_bound(rgb_clamp, rgb_out.dtype) if rgb_clamped else 0.0,
-        HAS_DEMOD=demod is not None, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None,
-        ACTIVATE=activate, HAS_CLAMP=clamp is not None, HAS_GRAD=grad is not None, RGB_CHANNELS=rgb_channels,
-        RGB_CLAMP=rgb_clamped, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_RGB=max(1, _next_pow2(rgb_channels)),
-        num_warps=4,
+        *pointers, g, sums, out_h, out_w, out_channels, *strides, *bounds, **flags,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
     return sums
 
