@@ -195,8 +195,8 @@ def test_interpreted_forward_and_backward_match_reference(layer):
 @pytest.mark.parametrize(
     "layer",
     [
-        Layer(),
-        Layer(upsample=True, tokens="shared", channels_last=True),
+        Layer(num_tokens=4),  # fewer tokens than channels: no identity factor (see the next test)
+        Layer(upsample=True, tokens="shared", num_tokens=4, channels_last=True),
         Layer(kernel=1, num_tokens=1, clamp=0.7, train_weight=False),
         Layer(batch=2, in_channels=70, out_channels=66, height=9, width=11, num_tokens=32),
     ],
@@ -322,6 +322,41 @@ def test_wide_token_sets_reach_the_kernels_refactored(monkeypatch):
     check_layer(Layer(batch=2, in_channels=12, out_channels=16, height=4, width=3, num_tokens=256), torch.float32,
                 "cpu", TOLERANCE["interpreted"])
     assert seen and set(seen) == {12}
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "layer",
+    [
+        Layer(batch=2, in_channels=6, out_channels=9, height=4, width=5, tokens="shared", num_tokens=20),  # q = I
+        Layer(batch=2, in_channels=9, out_channels=6, height=4, width=5, num_tokens=20),  # p = I, per sample
+        Layer(batch=1, in_channels=6, out_channels=9, height=3, width=4, upsample=True, tokens="shared", num_tokens=20),
+        Layer(batch=1, in_channels=9, out_channels=6, height=3, width=4, upsample=True, num_tokens=20),
+    ],
+    ids=str,
+)
+def test_identity_token_factor_is_not_projected(layer, monkeypatch):
+    """More tokens than channels on the separate route (as at 128 channels with L = 256): one
+    refactored factor is the identity, so z = x and gz = g are read as they are, without a
+    projection GEMM, with the reference's results."""
+    projections, reductions = [], []
+    monkeypatch.setattr(op_module, "FUSED_PROJECTION_MAX_COUT", 0)
+    monkeypatch.setattr(op_module, "_project", lambda *a: projections.append(a[1].shape) or PROJECT(*a))
+    reduce = op_module._sum_over_pixels
+    monkeypatch.setattr(op_module, "_sum_over_pixels", lambda a, b, **k: reductions.append((a, b)) or reduce(a, b, **k))
+    recognised = []
+    is_identity = op_module._is_identity
+    monkeypatch.setattr(op_module, "_is_identity", lambda t: recognised.append(is_identity(t)) or recognised[-1])
+    check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"])
+    identity_q = layer.in_channels <= layer.out_channels
+    if identity_q:  # z = q x is never formed: grad p reduces x itself
+        assert projections == []
+    else:  # z = q x is projected once (p = I takes no gradient), and gz = g p^T is g itself
+        assert len(projections) == 1
+    assert any(recognised), "the identity factor was not recognised"
+    assert reductions and all(a.dtype == b.dtype for a, b in reductions)
+    assert op_module._is_identity(op_module._reduced_rank_tokens(torch.randn(20, 9), torch.randn(20, 6))[1])
+    assert not op_module._is_identity(torch.eye(6))  # only the refactoring's own factor is recognised
 
 
 @needs_interpreter

@@ -2575,7 +2575,7 @@ def _triton_forward(
     p3, q3 = _as_batched_tokens(p), _as_batched_tokens(q)
     z = None
     if p3 is not None and not (out_channels <= FUSED_PROJECTION_MAX_COUT and q3.shape[1] <= 64):
-        z = _project(x_nhwc, q3)
+        z = x_nhwc if _is_identity(q) else _project(x_nhwc, q3)  # the kernel sums z's box in fp32
     styles = styles.contiguous()
     epilogue = dict(noise=noise, noise_strength=noise_strength, bias=bias, activate=activate, clamp=clamp)
     if upsample:
@@ -2759,14 +2759,16 @@ def _triton_backward(
             if need_q:
                 grad_q = torch.matmul(p3.to(products.dtype), products.mT).to(q.dtype).reshape(q.shape)
         if not fused and need_p:  # grad p = sum over the conv's pixels of box(q x)^T g
-            z = _project(x_nhwc, q3.to(grad_dtype), grad_dtype)
+            z = x_nhwc if _is_identity(q) else _project(x_nhwc, q3.to(grad_dtype), grad_dtype)
             if upsample:  # over z's pixels, as the fused route's M: z^T (the stride-2 box of g)
                 grad_p = _sum_over_pixels(g_conv, z, box=BOX_STRIDE2, ksize=kernel, over_batch=shared).mT
             else:
                 grad_p = _sum_over_pixels(z, g_conv, box=BOX_SAME, ksize=kernel, over_batch=shared)
             del z
             grad_p = grad_p.to(p.dtype).reshape(p.shape)
-        if not fused and (need_q or need_x or need_styles):  # gz = g p^T, on the conv's grid
+        if not fused and (need_q or need_x or need_styles) and _is_identity(p):
+            gz = g_conv  # g p^T with p the identity factor
+        elif not fused and (need_q or need_x or need_styles):  # gz = g p^T, on the conv's grid
             conv_pixels = g_conv.shape[1] * g_conv.shape[2]
             gz = torch.matmul(g_conv.reshape(batch, conv_pixels, out_channels), p3.to(grad_dtype).transpose(1, 2))
             gz = gz.reshape(batch, g_conv.shape[1], g_conv.shape[2], -1)
@@ -2974,10 +2976,27 @@ def _reduced_rank_tokens(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor
     out_channels, in_channels = p.shape[-1], q.shape[-1]
     lead = p.shape[:-2]
     if in_channels <= out_channels:
-        identity = torch.eye(in_channels, dtype=q.dtype, device=q.device).expand(*lead, in_channels, in_channels)
+        identity = _identity_matrix(in_channels, q.dtype, q.device).expand(*lead, in_channels, in_channels)
         return q.mT @ p, identity
-    identity = torch.eye(out_channels, dtype=p.dtype, device=p.device).expand(*lead, out_channels, out_channels)
+    identity = _identity_matrix(out_channels, p.dtype, p.device).expand(*lead, out_channels, out_channels)
     return identity, p.mT @ q
+
+
+@functools.lru_cache(maxsize=64)
+def _identity_matrix(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One identity per (size, dtype, device), so that `_is_identity` can recognise its views."""
+    return torch.eye(size, dtype=dtype, device=device)
+
+
+def _is_identity(tokens: torch.Tensor | None) -> bool:
+    """Whether tokens are (a view of) `_reduced_rank_tokens`' identity factor: then projecting
+    onto them (z = q x, or gz = g p^T) is a copy, and the kernels can read x or g instead.
+    Under torch.compile the factor is a traced tensor and is not recognised (the general path
+    runs, with the same result)."""
+    if tokens is None or tokens.shape[-1] != tokens.shape[-2]:
+        return False
+    base = tokens._base if tokens._base is not None else tokens
+    return base is _identity_matrix(tokens.shape[-1], tokens.dtype, tokens.device)
 
 
 def _triton_arguments(
