@@ -2982,10 +2982,21 @@ def _reduced_rank_tokens(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor
     return identity, p.mT @ q
 
 
-@functools.lru_cache(maxsize=64)
+# (size, dtype, device) -> the identity `_reduced_rank_tokens` hands out, so that `_is_identity`
+# can recognise its views
+_IDENTITIES: dict = {}
+
+
 def _identity_matrix(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One identity per (size, dtype, device), so that `_is_identity` can recognise its views."""
-    return torch.eye(size, dtype=dtype, device=device)
+    """One identity per (size, dtype, device). While a CUDA graph is being captured a fresh one
+    is made and not kept: a kernel captured is not run, so a kept one would hold garbage."""
+    key = (size, dtype, device)
+    identity = _IDENTITIES.get(key)
+    if identity is None:
+        identity = torch.eye(size, dtype=dtype, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _IDENTITIES[key] = identity
+    return identity
 
 
 def _is_identity(tokens: torch.Tensor | None) -> bool:
@@ -2996,7 +3007,7 @@ def _is_identity(tokens: torch.Tensor | None) -> bool:
     if tokens is None or tokens.shape[-1] != tokens.shape[-2]:
         return False
     base = tokens._base if tokens._base is not None else tokens
-    return base is _identity_matrix(tokens.shape[-1], tokens.dtype, tokens.device)
+    return base is _IDENTITIES.get((tokens.shape[-1], tokens.dtype, tokens.device))
 
 
 def _triton_arguments(
