@@ -370,6 +370,8 @@ def _derived_from_weight(weight: torch.Tensor, what: tuple, make):
     cached = _WEIGHT_DERIVED.get(key)
     if cached is not None and cached[0]() is owner and cached[1] == weight._version:
         return cached[2]
+    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+        return make(weight)  # a captured kernel does not run: what it makes now is not kept
     if len(_WEIGHT_DERIVED) >= 4096:  # forget the weights that are gone
         for stale in [k for k, entry in _WEIGHT_DERIVED.items() if entry[0]() is None]:
             del _WEIGHT_DERIVED[stale]
