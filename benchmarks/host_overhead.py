@@ -42,9 +42,14 @@ STUBBED_KERNELS = ("_blur_kernel", "_epilogue_backward_kernel", "_epilogue_produ
 STUBBED_LAUNCHERS = ("_launch_conv_gemm",)
 
 
-def _no_launch(a, a_scale, w, *args, x=None, **kwargs):
-    """`_launch_conv_gemm` without the launch: only the per-block sums it returns for grad s."""
-    return None if x is None else torch.zeros(a.shape[0], 1, w.shape[2])
+def _no_launch(a, a_scale, w, z, r, *args, x=None, sum_x=True, token_products=False, **kwargs):
+    """`_launch_conv_gemm` without the launch: only the per-block sums it returns for grad s, and
+    with token_products the summed token gradients [B, L, K] and [B, L, N]."""
+    sums = None if (x is None or not sum_x) else torch.zeros(a.shape[0], 1, w.shape[2])
+    if not token_products:
+        return sums
+    batch, rank = a.shape[0], r.shape[1]  # r [B or 1, L, N]
+    return sums, torch.zeros(batch, rank, w.shape[1]), torch.zeros(batch, rank, w.shape[2])
 
 
 def _stub_triton_launches() -> None:

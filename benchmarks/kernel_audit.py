@@ -47,9 +47,10 @@ SHARED_MEMORY_RESERVED_PER_PROGRAM = 1024  # what the runtime keeps per block
 # the argument names of `_conv_gemm_kernel` that are pointers
 CONV_POINTERS = ("a_ptr", "a_scale_ptr", "w_ptr", "z_ptr", "r_ptr", "q_ptr", "alpha_ptr", "beta_ptr", "out_ptr",
                  "noise_ptr", "noise_strength_ptr", "bias_ptr", "x_ptr", "reduce_ptr", "rgb_mix_ptr", "rgb_bias_ptr",
-                 "rgb_ptr")  # fmt: skip
+                 "rgb_ptr", "grad_p_ptr", "grad_q_ptr")  # fmt: skip
 # always fp32, whatever the activations' dtype
-CONV_FP32_POINTERS = ("z_ptr", "alpha_ptr", "beta_ptr", "reduce_ptr", "noise_strength_ptr", "rgb_mix_ptr")
+CONV_FP32_POINTERS = ("z_ptr", "alpha_ptr", "beta_ptr", "reduce_ptr", "noise_strength_ptr", "rgb_mix_ptr", "grad_p_ptr",
+                      "grad_q_ptr")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Family:
 
 
 _COMMON = dict(KSIZE=3, HAS_CLAMP=False, INPUT_PRECISION=None, BLOCK_L=32, RGB_CHANNELS=0, HAS_RGB_BIAS=False,
-               HAS_RGB_CLAMP=False)  # fmt: skip
+               HAS_RGB_CLAMP=False, TOKEN_PRODUCTS=False, TILES_PER_PROGRAM=1)  # fmt: skip
 _STYLED_EPILOGUE = dict(HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True)
 _NO_EPILOGUE = dict(HAS_NOISE=False, HAS_BIAS=False, ACTIVATE=False)
 
@@ -97,6 +98,16 @@ FAMILIES = (
                                                  REDUCE_X=False), 64),
     Family("grad x, 3x3, L=32 fused", dict(_COMMON, **_NO_EPILOGUE, MODE=0, HAS_A_SCALE=False, HAS_LOWRANK=True,
                                            BOX_Z=True, FUSE_PROJECTION=True, REDUCE_X=True), 1024),
+    # the fused route's grad x of the 512-1024 px layers, which also sums the token gradients
+    # (one K block: BLOCK_K = Cout; 16 pixel blocks a program)
+    Family("grad x + token products, 3x3, L=32 fused", dict(_COMMON, **_NO_EPILOGUE, MODE=0, HAS_A_SCALE=False,
+                                                           HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=True,
+                                                           REDUCE_X=True, TOKEN_PRODUCTS=True, TILES_PER_PROGRAM=16),
+           1024),
+    Family("grad x + token products, stride 2, L=32 fused", dict(_COMMON, **_NO_EPILOGUE, MODE=1, HAS_A_SCALE=False,
+                                                                HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=True,
+                                                                REDUCE_X=True, TOKEN_PRODUCTS=True,
+                                                                TILES_PER_PROGRAM=16), 512),
     Family("grad x, stride 2, L=32 separate gz", dict(_COMMON, **_NO_EPILOGUE, MODE=1, HAS_A_SCALE=False,
                                                       HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=False,
                                                       REDUCE_X=True), 64),

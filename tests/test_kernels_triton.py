@@ -468,7 +468,9 @@ def test_interpreted_matches_torch_backend_and_plain_op():
 def test_triton_backend_runs_the_triton_kernels(monkeypatch):
     """The comparison above would pass for a silent fallback to torch: count the launches."""
     launched = []
-    for name in ("_conv_gemm_kernel", "_blur_kernel", "_epilogue_backward_kernel", "_epilogue_products_kernel"):
+    names = ("_conv_gemm_kernel", "_blur_kernel", "_epilogue_backward_kernel", "_epilogue_products_kernel",
+             "_pixel_products_kernel")  # fmt: skip
+    for name in names:
         kernel = getattr(op_module, name)
 
         class Probe:  # kernel[grid](...) -> record the name, then launch for real
@@ -481,22 +483,30 @@ def test_triton_backend_runs_the_triton_kernels(monkeypatch):
 
         monkeypatch.setattr(op_module, name, Probe(kernel, name))
     check_layer(Layer(upsample=True), torch.float32, "cpu", TOLERANCE["interpreted"], seed=9)
-    # forward: transposed-conv gather, blur + epilogue; backward: epilogue backward + blur^T, grad-x conv
+    # forward: transposed-conv gather, blur + epilogue; backward: epilogue backward + blur^T, and
+    # the grad-x conv, which sums the token gradients too (no pixel products)
     assert launched.count("_conv_gemm_kernel") == 2, launched
     assert launched.count("_blur_kernel") == 2, launched
-    assert launched.count("_epilogue_backward_kernel") == 0, launched
+    assert launched.count("_epilogue_backward_kernel") == 0 and "_pixel_products_kernel" not in launched, launched
     launched.clear()
     check_layer(Layer(), torch.float32, "cpu", TOLERANCE["interpreted"], seed=9)
-    # forward: the conv with its epilogue; backward: epilogue backward with the token
-    # gradients' pixel products (the fused route), grad-x conv
-    assert launched == ["_conv_gemm_kernel", "_epilogue_products_kernel", "_conv_gemm_kernel"], launched
+    # forward: the conv with its epilogue; backward: epilogue backward, grad-x conv with the
+    # token gradients
+    assert launched == ["_conv_gemm_kernel", "_epilogue_backward_kernel", "_conv_gemm_kernel"], launched
     launched.clear()
     check_layer(Layer(tokens=None), torch.float32, "cpu", TOLERANCE["interpreted"], seed=9)
     assert launched == ["_conv_gemm_kernel", "_epilogue_backward_kernel", "_conv_gemm_kernel"], launched
-    launched.clear()  # switched off (for A/B runs): the two kernels, with the same results
+    # switched off (for A/B runs), with the same results: the token products in the epilogue
+    # backward, then in their own kernel
+    launched.clear()
+    monkeypatch.setattr(op_module, "CONV_TOKEN_PRODUCTS_MAX_K", 0)
+    check_layer(Layer(), torch.float32, "cpu", TOLERANCE["interpreted"], seed=9)
+    assert launched == ["_conv_gemm_kernel", "_epilogue_products_kernel", "_conv_gemm_kernel"], launched
+    launched.clear()
     monkeypatch.setattr(op_module, "EPILOGUE_PRODUCTS_MAX_CHANNELS", 0)
     check_layer(Layer(), torch.float32, "cpu", TOLERANCE["interpreted"], seed=9)
-    assert launched == ["_conv_gemm_kernel", "_epilogue_backward_kernel", "_conv_gemm_kernel"], launched
+    expected = ["_conv_gemm_kernel", "_epilogue_backward_kernel", "_pixel_products_kernel", "_conv_gemm_kernel"]
+    assert launched == expected, launched
 
 
 @needs_interpreter
@@ -512,7 +522,9 @@ def test_triton_backend_runs_the_triton_kernels(monkeypatch):
 def test_interpreted_epilogue_products_over_several_pixel_ranges(layer, monkeypatch):
     """The fused epilogue backward + token products kernel with its pixels split over several
     programs, the last range and block partly outside the image (splits of at least 16
-    pixels instead of 1024), and for 70 channels a 128-wide tile of 16-pixel blocks."""
+    pixels instead of 1024), and for 70 channels a 128-wide tile of 16-pixel blocks. (Up to 64
+    output channels the grad-x conv would sum the token gradients itself: switched off here.)"""
+    monkeypatch.setattr(op_module, "CONV_TOKEN_PRODUCTS_MAX_K", 0)
     monkeypatch.setattr(op_module, "PIXEL_REDUCTION_MIN_PIXELS", 16)
     launched = []
     original = op_module._launch_epilogue_products
@@ -525,6 +537,78 @@ def test_interpreted_epilogue_products_over_several_pixel_ranges(layer, monkeypa
     monkeypatch.setattr(op_module, "_launch_epilogue_products", probe)
     check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=13)
     assert len(launched) == 1 and launched[0] > 1, launched
+
+
+@needs_interpreter
+@pytest.mark.parametrize("max_tiles", [1, 4], ids=["one-block", "four-blocks"])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        Layer(batch=2, in_channels=12, out_channels=20, height=20, width=23, num_tokens=5),
+        Layer(batch=2, in_channels=12, out_channels=20, height=20, width=23, tokens="shared", clamp=0.6),
+        Layer(batch=1, in_channels=70, out_channels=40, height=9, width=11, num_tokens=9, noise=None),
+        Layer(batch=2, in_channels=10, out_channels=12, height=10, width=11, upsample=True, num_tokens=6),
+        Layer(batch=1, in_channels=10, out_channels=12, height=10, width=11, upsample=True, tokens="shared"),
+    ],
+    ids=str,
+)
+def test_interpreted_token_products_in_the_grad_x_conv(layer, max_tiles, monkeypatch):
+    """The grad-x conv's token gradients (TOKEN_PRODUCTS): one pixel block a program, or up to four
+    with the last program's blocks partly past the grid (20 x 23 px: nine 8 x 8 blocks, three
+    programs), two N tiles (70 input channels), the upsampling layer's stride-2 box, shared
+    tokens summed over the batch. No other kernel forms M."""
+    monkeypatch.setattr(op_module, "CONV_PRODUCTS_MAX_TILES", max_tiles)
+    monkeypatch.setattr(op_module, "CONV_PRODUCTS_MIN_PROGRAMS", 1)
+    launches = []
+    monkeypatch.setattr(op_module, "LAUNCH_OBSERVER", lambda kernel, reads, writes: launches.append((kernel, writes)))
+    check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=17)
+    kernels = [kernel for kernel, _ in launches]
+    assert "pixel_products" not in kernels and "epilogue_products" not in kernels, kernels
+    mode = 1 if layer.upsample else 0
+    grad_x_writes = [writes for kernel, writes in launches if kernel == f"conv_gemm[mode {mode}]"][-1]
+    # grad p's per-program sums [B, programs, N tiles, L, K] (the observer drops absent buffers)
+    grad_p_sums = [t for t in grad_x_writes if t is not None and t.dim() == 5]
+    assert len(grad_p_sums) == 1, "the grad-x launch summed no token products"
+    if layer.height == 20:  # 9 pixel blocks a sample: 9 programs, or 3 of up to 4 blocks
+        assert grad_p_sums[0].shape[1] == (3 if max_tiles == 4 else 9), grad_p_sums[0].shape
+    if layer.in_channels == 70:
+        assert grad_p_sums[0].shape[2] == 2, grad_p_sums[0].shape
+
+
+@needs_interpreter
+@pytest.mark.parametrize("upsample", [False, True], ids=["plain", "up"])
+@pytest.mark.parametrize("trained", ["x", "tokens-only"])
+def test_token_products_without_the_style_or_input_gradient(upsample, trained, monkeypatch):
+    """Without grad styles the grad-x conv loads x for the token products alone (no sums of x);
+    without grad x and grad styles it does not run, and M is formed as before."""
+    layer = Layer(batch=2, in_channels=9, out_channels=11, height=6, width=7, upsample=upsample)
+    inputs = {k: v.float() for k, v in make_inputs(layer, 3).items() if v is not None}
+    launches = []
+    monkeypatch.setattr(op_module, "LAUNCH_OBSERVER", lambda kernel, reads, writes: launches.append(kernel))
+    results = {}
+    for backend in ("reference", "triton"):
+        leaves = {k: v.clone().requires_grad_(k in ("p", "q") or (k == "x" and trained == "x")) for k, v in inputs.items()}
+        out = styled_conv2d(**leaves, upsample=upsample, backend=backend)
+        wanted = [name for name, value in leaves.items() if value.requires_grad]
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+        results[backend] = dict(zip(wanted, torch.autograd.grad(out, [leaves[n] for n in wanted], grad_out)))
+    assert set(results["triton"]) == {"p", "q"} | ({"x"} if trained == "x" else set())
+    for name, grad in results["triton"].items():
+        assert relative_error(grad, results["reference"][name]) < 1e-4, name
+    grad_x_launches = sum(kernel.startswith("conv_gemm[mode") for kernel in launches) - 1
+    assert grad_x_launches == (1 if trained == "x" else 0), launches
+    assert ("pixel_products" in launches or "epilogue_products" in launches) == (trained == "tokens-only"), launches
+
+
+def test_products_blocks_and_tiles_per_program():
+    for n, k in [(32, 32), (64, 32), (64, 64), (128, 64), (5, 3)]:
+        block_n, block_k, warps = op_module._products_blocks(n, k)
+        assert block_k >= k and block_n == op_module._products_block_n(n) and warps in (4, 8)
+    # enough programs for the GPU first, then as many blocks per program as allowed
+    assert op_module._tiles_per_program(8, 4096, 1) == op_module.CONV_PRODUCTS_MAX_TILES
+    assert op_module._tiles_per_program(1, 64, 1) == 1
+    tiles = op_module._tiles_per_program(2, 2048, 1)
+    assert tiles > 1 and 2 * -(-2048 // tiles) >= op_module.CONV_PRODUCTS_MIN_PROGRAMS
 
 
 def test_epilogue_products_blocks_hold_every_channel():

@@ -649,7 +649,7 @@ CONV_SHARED_MEMORY_BUDGET = 160 * 1024
 # dtypes of the tensor arguments itself).
 CONV_AUTOTUNE_KEY = [
     "N", "K", "L", "GRID_H", "GRID_W", "TMA_BLOCK_M", "MODE", "KSIZE", "HAS_A_SCALE", "HAS_LOWRANK", "BOX_Z", "FUSE_PROJECTION",
-    "REDUCE_X", "RGB_CHANNELS", "INPUT_PRECISION",
+    "REDUCE_X", "RGB_CHANNELS", "TOKEN_PRODUCTS", "TILES_PER_PROGRAM", "INPUT_PRECISION",
 ]  # fmt: skip
 
 # CUDA limits grid dimensions 1 and 2 to 65535 programs; the batch is dimension 1 or 2 of every
@@ -803,10 +803,12 @@ if triton is not None:
         noise_strength_ptr,
         bias_ptr,
         x_ptr,  # [B, OUT_H, OUT_W, N] contiguous, if REDUCE_X
-        reduce_ptr,  # [B, M_TILES, N] fp32: sum over the tile's pixels of x * conv part, if REDUCE_X
+        reduce_ptr,  # [B, CHUNKS, N] fp32: sum over a program's pixels of x * conv part, if REDUCE_X
         rgb_mix_ptr,  # [B, RGB_CHANNELS, N] fp32: the toRGB's styled 1x1 kernel, if RGB_CHANNELS
         rgb_bias_ptr,  # [RGB_CHANNELS] the toRGB's bias, if HAS_RGB_BIAS
         rgb_ptr,  # [B, OUT_H, OUT_W, RGB_CHANNELS] (strided) the toRGB's output, if RGB_CHANNELS
+        grad_p_ptr,  # [B, CHUNKS, N_TILES, L, K] fp32: each program's token products for grad p, if TOKEN_PRODUCTS
+        grad_q_ptr,  # [B, CHUNKS, L, N] fp32: each program's token products for grad q, if TOKEN_PRODUCTS
         IN_H,
         IN_W,
         OUT_H,
@@ -846,6 +848,8 @@ if triton is not None:
         RGB_CHANNELS: tl.constexpr,  # > 0: also the toRGB of the stored output (needs BLOCK_N >= N)
         HAS_RGB_BIAS: tl.constexpr,
         HAS_RGB_CLAMP: tl.constexpr,
+        TOKEN_PRODUCTS: tl.constexpr,  # grad p and grad q of the forward's tokens (grad-x launches, one K block)
+        TILES_PER_PROGRAM: tl.constexpr,  # pixel blocks a program runs (CHUNKS = ceil(blocks / this))
         INPUT_PRECISION: tl.constexpr,
         SCALE_WEIGHT: tl.constexpr,  # apply a_scale to the W tile (B operand) instead of the A tile
         A_TMA: tl.constexpr,  # load A by TMA (MODE 0, TILE_W == BLOCK_M: the block is one row strip)
@@ -860,206 +864,276 @@ if triton is not None:
         out, computed from the tile as stored (one N tile holds every channel), so out is not
         read back from memory.
 
-        One program: a 2-D block of BLOCK_M pixels of one sample (axis 1) x BLOCK_N output
-        channels. 2-D blocks (16 x 8 for 128 pixels) make the nine taps' shifted A tiles overlap
+        With TOKEN_PRODUCTS (a grad-x launch: a is the output gradient g, q_ptr the forward's p,
+        r_ptr its q, x_ptr its input) the program also sums the token gradients of the forward's
+        low-rank branch over its pixels: grad p = (x q^T)^T box(g) and grad q = box(g p^T)^T x.
+        box(g) is the sum over taps of the A tiles the conv loads anyway, so neither x nor g is
+        read again for them.
+
+        One program: TILES_PER_PROGRAM consecutive 2-D blocks of BLOCK_M pixels of one sample
+        (axis 1) x BLOCK_N output channels. 2-D blocks (16 x 8 for 128 pixels) make the nine taps' shifted A tiles overlap
         in all but a one-pixel rim, and the A loads go through L1 (.ca) to reuse them. Axis 0
         runs over the N tiles fastest, so the programs that read the same A tiles run together
         and all but the first find them in L2 (A is the large operand: W is [taps, K, N]).
         """
         TILE_H: tl.constexpr = BLOCK_M // TILE_W
         n_tiles = tl.cdiv(N, BLOCK_N)
-        pid_m = tl.program_id(0) // n_tiles
         pid_n = tl.program_id(0) % n_tiles
+        # with TILES_PER_PROGRAM > 1 a program runs that many consecutive pixel blocks and keeps
+        # its per-block sums (REDUCE_X, TOKEN_PRODUCTS) in registers, storing them once
+        chunk = tl.program_id(0) // n_tiles
         b = tl.program_id(1).to(tl.int64)
         tiles_w = tl.cdiv(GRID_W, TILE_W)
         m_tiles = tl.cdiv(GRID_H, TILE_H) * tiles_w
-        phase_y = 0
-        phase_x = 0
-        if MODE == 2:
-            phase = pid_m // m_tiles
-            pid_m = pid_m % m_tiles
-            phase_y = phase // 2
-            phase_x = phase % 2
-        offs_m = tl.arange(0, BLOCK_M)
-        grid_y = (pid_m // tiles_w) * TILE_H + offs_m // TILE_W
-        grid_x = (pid_m % tiles_w) * TILE_W + offs_m % TILE_W
-        if MODE == 2:
-            out_y = 2 * grid_y + phase_y
-            out_x = 2 * grid_x + phase_x
-        else:
-            out_y = grid_y
-            out_x = grid_x
-        m_ok = (grid_y < GRID_H) & (grid_x < GRID_W) & (out_y < OUT_H) & (out_x < OUT_W)
+        all_m_tiles = m_tiles * (4 if MODE == 2 else 1)
+        chunks = tl.cdiv(all_m_tiles, TILES_PER_PROGRAM)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if FUSE_PROJECTION:
+        if FUSE_PROJECTION or TOKEN_PRODUCTS:
             offs_l = tl.arange(0, BLOCK_L)
             l_ok = offs_l < L
-            z_box = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
-        # The taps that feed this program's pixels: all KSIZE x KSIZE, or in MODE 2 those of
-        # its phase (ky = phase_y + 2 ty, kx = phase_x + 2 tx).
-        if MODE == 2:
-            taps_y = (KSIZE - phase_y + 1) // 2
-            taps_x = (KSIZE - phase_x + 1) // 2
-        else:
-            taps_y = KSIZE
-            taps_x = KSIZE
-        taps = taps_y * taps_x
-        # One flat loop over (K block, tap) with one A tile and one W tile per step, so the
-        # software pipeliner can keep num_stages steps of loads in flight (an unrolled tap loop
-        # multi-buffers all nine pairs and overflows shared memory). Consecutive steps read
-        # shifted, overlapping A tiles of the same K block: L1/L2 hits.
-        for step in range(0, tl.cdiv(K, BLOCK_K) * taps):
-            k0 = (step // taps) * BLOCK_K
-            tap = step % taps
-            ty = tap // taps_x
-            tx = tap % taps_x
-            # which input pixel feeds this output pixel through this tap
-            if MODE == 0:
-                ky = ty
-                kx = tx
-                in_y = out_y + (ky - KSIZE // 2)
-                in_x = out_x + (kx - KSIZE // 2)
-            elif MODE == 1:
-                ky = ty
-                kx = tx
-                in_y = 2 * out_y + ky
-                in_x = 2 * out_x + kx
-            else:
-                ky = phase_y + 2 * ty
-                kx = phase_x + 2 * tx
-                in_y = grid_y - ty
-                in_x = grid_x - tx
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            if A_TMA:  # one row strip, zero-filled where it leaves the image or K
-                strip_y = (pid_m // tiles_w) + (ky - KSIZE // 2)
-                strip_x = (pid_m % tiles_w) * BLOCK_M + (kx - KSIZE // 2)
-                a = a_desc.load([b.to(tl.int32), strip_y, strip_x, k0]).reshape(BLOCK_M, BLOCK_K)
-            else:
-                pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
-                a_rows = a_ptr + ((b * IN_H + in_y) * IN_W + in_x) * K
-                a = tl.load(
-                    a_rows[:, None] + offs_k[None, :],
-                    mask=pix_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                    cache_modifier=".ca",
-                )
-            w = tl.load(
-                w_ptr + (ky * KSIZE + kx) * K * N + offs_k[:, None] * N + offs_n[None, :],
-                mask=k_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            if FUSE_PROJECTION:  # the low-rank input box(q a) = sum over taps of (a tile) q^T
-                q_t = tl.load(
-                    q_ptr + b * stride_qb + offs_l[None, :] * K + offs_k[:, None],
-                    mask=k_ok[:, None] & l_ok[None, :],
-                    other=0.0,
-                )
-                z_box = tl.dot(a.to(q_t.dtype), q_t, z_box, input_precision=INPUT_PRECISION)
-            if HAS_A_SCALE:
-                s = tl.load(a_scale_ptr + b * K + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-                # Scaling A makes it a register operand of the MMA; ptxas then serialises the
-                # Hopper wgmma chain for some tiles (C7515). Scaling W keeps both operands in
-                # shared memory, at the cost of a W tile written back per step. The autotuner
-                # tries both (`python -m benchmarks.kernel_audit` shows which tiles serialise).
-                if SCALE_WEIGHT:
-                    w = (w.to(tl.float32) * s[:, None]).to(w.dtype)
-                else:
-                    a = a.to(tl.float32) * s[None, :]
-            acc = tl.dot(a.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
-
-        if REDUCE_X:  # the conv part of grad s: sum over pixels of x * conv^T(g), before alpha
-            x_tile = tl.load(
-                x_ptr + ((b * OUT_H + out_y) * OUT_W + out_x)[:, None] * N + offs_n[None, :],
-                mask=m_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            tl.store(reduce_ptr + (b * m_tiles + pid_m) * N + offs_n, tl.sum(x_tile * acc, axis=0), mask=n_ok)
-
-        alpha = tl.load(alpha_ptr + b * stride_alpha_b + offs_n * stride_alpha_n, mask=n_ok, other=0.0)
-        acc = acc * alpha[None, :]
-
-        if FUSE_PROJECTION:
-            r = tl.load(
+        if REDUCE_X and TILES_PER_PROGRAM > 1:
+            x_sums = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if TOKEN_PRODUCTS:
+            # grad p [L, K] = sum over pixels of (x r^T)^T box(a), partial over this N tile's
+            # channels of x; grad q [L, N] = sum over pixels of box(a q^T)^T x = z_box^T x
+            grad_p_sums = tl.zeros((BLOCK_L, BLOCK_K), dtype=tl.float32)
+            grad_q_sums = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)
+            # the projection back onto x's channels, r [L, N], for the products' u = x r^T
+            r_rows = tl.load(
                 r_ptr + b * stride_rb + offs_l[:, None] * N + offs_n[None, :],
                 mask=l_ok[:, None] & n_ok[None, :],
                 other=0.0,
             )
-            # beta goes onto r so the dot accumulates into acc: a second [BLOCK_M, BLOCK_N] fp32
-            # tile would cost 64 registers a thread (spills at 128 x 128)
-            beta = tl.load(beta_ptr + b * stride_beta_b + offs_n * stride_beta_n, mask=n_ok, other=0.0)
-            r = (r.to(tl.float32) * beta[None, :]).to(r.dtype)
-            acc = tl.dot(z_box.to(r.dtype), r, acc, input_precision=INPUT_PRECISION)
-        elif HAS_LOWRANK:
-            beta = tl.load(beta_ptr + b * stride_beta_b + offs_n * stride_beta_n, mask=n_ok, other=0.0)
-            # not pipelined: each step's nine boxed z loads would be multi-buffered (~300 KB of
-            # shared memory at BLOCK_M = 128 in fp32), and the loop is short next to the main one
-            for l0 in tl.range(0, L, BLOCK_L, num_stages=1):
-                offs_l = l0 + tl.arange(0, BLOCK_L)
-                l_ok = offs_l < L
-                if BOX_Z:
-                    z_box = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
-                    # one tap at a time (a rolled loop): nine [BLOCK_M, BLOCK_L] fp32 loads in
-                    # flight need ~290 registers a thread at BLOCK_M = 128 and spill to local
-                    # memory, three (one row) still spill at 4 warps (`benchmarks.kernel_audit`)
-                    for tap in tl.range(0, KSIZE * KSIZE, num_stages=1):
-                        ky = tap // KSIZE
-                        kx = tap % KSIZE
-                        use_tap = True
-                        if MODE == 0:
-                            in_y = out_y + (ky - KSIZE // 2)
-                            in_x = out_x + (kx - KSIZE // 2)
-                        elif MODE == 1:
-                            in_y = 2 * out_y + ky
-                            in_x = 2 * out_x + kx
-                        else:
-                            use_tap = ((ky % 2) == phase_y) & ((kx % 2) == phase_x)
-                            in_y = grid_y - (ky // 2)
-                            in_x = grid_x - (kx // 2)
-                        if use_tap:
-                            pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
-                            z_box += tl.load(
-                                z_ptr + ((b * IN_H + in_y) * IN_W + in_x)[:, None] * L + offs_l[None, :],
-                                mask=pix_ok[:, None] & l_ok[None, :],
-                                other=0.0,
-                            )
-                else:
-                    z_box = tl.load(
-                        z_ptr + ((b * OUT_H + out_y) * OUT_W + out_x)[:, None] * L + offs_l[None, :],
-                        mask=m_ok[:, None] & l_ok[None, :],
-                        other=0.0,
-                    )
-                r = tl.load(
+        if TILES_PER_PROGRAM > 1:
+            # Loaded once: the compiler would hoist this load's address tensor (a [BLOCK_L, BLOCK_N]
+            # tile of 64-bit pointers is 32 registers a thread at 4 warps) out of the block loop
+            # and keep it live through the main loop, which spilled (`benchmarks.kernel_audit`).
+            if FUSE_PROJECTION:
+                beta_n = tl.load(beta_ptr + b * stride_beta_b + offs_n * stride_beta_n, mask=n_ok, other=0.0)
+                r_beta = tl.load(
                     r_ptr + b * stride_rb + offs_l[:, None] * N + offs_n[None, :],
                     mask=l_ok[:, None] & n_ok[None, :],
                     other=0.0,
                 )
-                r = (r.to(tl.float32) * beta[None, :]).to(r.dtype)  # beta onto r, as above
-                acc = tl.dot(z_box.to(r.dtype), r, acc, input_precision=INPUT_PRECISION)
+                r_beta = (r_beta.to(tl.float32) * beta_n[None, :]).to(r_beta.dtype)
+        for tile_index in range(TILES_PER_PROGRAM):
+            # a block past the last one (pid_m >= all_m_tiles) has its rows below the grid: m_ok
+            # masks its pixels, and x's zeros there keep whatever A it reads out of every sum
+            pid_m = chunk * TILES_PER_PROGRAM + tile_index
+            phase_y = 0
+            phase_x = 0
+            if MODE == 2:
+                phase = pid_m // m_tiles
+                pid_m = tl.where(phase < 4, pid_m % m_tiles, m_tiles)
+                phase_y = phase // 2
+                phase_x = phase % 2
+            offs_m = tl.arange(0, BLOCK_M)
+            grid_y = (pid_m // tiles_w) * TILE_H + offs_m // TILE_W
+            grid_x = (pid_m % tiles_w) * TILE_W + offs_m % TILE_W
+            if MODE == 2:
+                out_y = 2 * grid_y + phase_y
+                out_x = 2 * grid_x + phase_x
+            else:
+                out_y = grid_y
+                out_x = grid_x
+            m_ok = (grid_y < GRID_H) & (grid_x < GRID_W) & (out_y < OUT_H) & (out_x < OUT_W)
 
-        acc = _apply_epilogue(
-            acc, b, out_y, out_x, m_ok, offs_n, n_ok, noise_ptr, noise_strength_ptr, bias_ptr,
-            stride_noise_b, stride_noise_h, stride_noise_w, clamp_value,
-            HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
-        )  # fmt: skip
-        out_rows = out_ptr + ((b * OUT_H + out_y) * OUT_W + out_x) * N
-        stored = acc.to(out_ptr.dtype.element_ty)
-        tl.store(out_rows[:, None] + offs_n[None, :], stored, mask=m_ok[:, None] & n_ok[None, :])
-        if RGB_CHANNELS > 0:  # the toRGB reads out as stored, rounded to its dtype
-            out_values = stored.to(tl.float32)
-            rgb_rows = rgb_ptr + b * stride_rgb_b + out_y * stride_rgb_h + out_x * stride_rgb_w
-            for channel in tl.static_range(RGB_CHANNELS):
-                # columns past N hold act(noise) but meet a zero mix
-                mix = tl.load(rgb_mix_ptr + (b * RGB_CHANNELS + channel) * N + offs_n, mask=n_ok, other=0.0)
-                rgb = tl.sum(out_values * mix[None, :], axis=1)
-                if HAS_RGB_BIAS:
-                    rgb += tl.load(rgb_bias_ptr + channel).to(tl.float32)
-                if HAS_RGB_CLAMP:
-                    rgb = tl.minimum(tl.maximum(rgb, -rgb_clamp_value), rgb_clamp_value)
-                tl.store(rgb_rows + channel * stride_rgb_c, rgb.to(rgb_ptr.dtype.element_ty), mask=m_ok)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if FUSE_PROJECTION:
+                z_box = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
+            x_offsets = ((b * OUT_H + out_y) * OUT_W + out_x)[:, None] * N + offs_n[None, :]
+            if TOKEN_PRODUCTS:  # u = x r^T, a dot operand in the loop (x is loaded again after it, from L1/L2)
+                x_rows = tl.load(x_ptr + x_offsets, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+                u_t = tl.trans(
+                    tl.dot(x_rows, tl.trans(r_rows.to(x_rows.dtype)), input_precision=INPUT_PRECISION).to(x_rows.dtype)
+                )
+            # The taps that feed this program's pixels: all KSIZE x KSIZE, or in MODE 2 those of
+            # its phase (ky = phase_y + 2 ty, kx = phase_x + 2 tx).
+            if MODE == 2:
+                taps_y = (KSIZE - phase_y + 1) // 2
+                taps_x = (KSIZE - phase_x + 1) // 2
+            else:
+                taps_y = KSIZE
+                taps_x = KSIZE
+            taps = taps_y * taps_x
+            # One flat loop over (K block, tap) with one A tile and one W tile per step, so the
+            # software pipeliner can keep num_stages steps of loads in flight (an unrolled tap loop
+            # multi-buffers all nine pairs and overflows shared memory). Consecutive steps read
+            # shifted, overlapping A tiles of the same K block: L1/L2 hits.
+            for step in range(0, tl.cdiv(K, BLOCK_K) * taps):
+                k0 = (step // taps) * BLOCK_K
+                tap = step % taps
+                ty = tap // taps_x
+                tx = tap % taps_x
+                # which input pixel feeds this output pixel through this tap
+                if MODE == 0:
+                    ky = ty
+                    kx = tx
+                    in_y = out_y + (ky - KSIZE // 2)
+                    in_x = out_x + (kx - KSIZE // 2)
+                elif MODE == 1:
+                    ky = ty
+                    kx = tx
+                    in_y = 2 * out_y + ky
+                    in_x = 2 * out_x + kx
+                else:
+                    ky = phase_y + 2 * ty
+                    kx = phase_x + 2 * tx
+                    in_y = grid_y - ty
+                    in_x = grid_x - tx
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < K
+                if A_TMA:  # one row strip, zero-filled where it leaves the image or K
+                    strip_y = (pid_m // tiles_w) + (ky - KSIZE // 2)
+                    strip_x = (pid_m % tiles_w) * BLOCK_M + (kx - KSIZE // 2)
+                    a = a_desc.load([b.to(tl.int32), strip_y, strip_x, k0]).reshape(BLOCK_M, BLOCK_K)
+                else:
+                    pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
+                    a_rows = a_ptr + ((b * IN_H + in_y) * IN_W + in_x) * K
+                    a = tl.load(
+                        a_rows[:, None] + offs_k[None, :],
+                        mask=pix_ok[:, None] & k_ok[None, :],
+                        other=0.0,
+                        cache_modifier=".ca",
+                    )
+                w = tl.load(
+                    w_ptr + (ky * KSIZE + kx) * K * N + offs_k[:, None] * N + offs_n[None, :],
+                    mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0,
+                )
+                if FUSE_PROJECTION:  # the low-rank input box(q a) = sum over taps of (a tile) q^T
+                    q_t = tl.load(
+                        q_ptr + b * stride_qb + offs_l[None, :] * K + offs_k[:, None],
+                        mask=k_ok[:, None] & l_ok[None, :],
+                        other=0.0,
+                    )
+                    z_box = tl.dot(a.to(q_t.dtype), q_t, z_box, input_precision=INPUT_PRECISION)
+                if TOKEN_PRODUCTS:  # one K block (BLOCK_K >= K): the sum over taps is box(a)
+                    grad_p_sums = tl.dot(u_t, a.to(u_t.dtype), grad_p_sums, input_precision=INPUT_PRECISION)
+                if HAS_A_SCALE:
+                    s = tl.load(a_scale_ptr + b * K + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                    # Scaling A makes it a register operand of the MMA; ptxas then serialises the
+                    # Hopper wgmma chain for some tiles (C7515). Scaling W keeps both operands in
+                    # shared memory, at the cost of a W tile written back per step. The autotuner
+                    # tries both (`python -m benchmarks.kernel_audit` shows which tiles serialise).
+                    if SCALE_WEIGHT:
+                        w = (w.to(tl.float32) * s[:, None]).to(w.dtype)
+                    else:
+                        a = a.to(tl.float32) * s[None, :]
+                acc = tl.dot(a.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
+
+            if REDUCE_X or TOKEN_PRODUCTS:
+                x_tile = tl.load(x_ptr + x_offsets, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            if TOKEN_PRODUCTS:
+                grad_q_sums = tl.dot(tl.trans(z_box.to(x_tile.dtype)), x_tile, grad_q_sums, input_precision=INPUT_PRECISION)
+            if REDUCE_X:  # the conv part of grad s: sum over pixels of x * conv^T(g), before alpha
+                x_terms = tl.sum(x_tile.to(tl.float32) * acc, axis=0)
+                if TILES_PER_PROGRAM == 1:
+                    tl.store(reduce_ptr + (b * chunks + chunk) * N + offs_n, x_terms, mask=n_ok)
+                else:
+                    x_sums += x_terms
+
+            alpha = tl.load(alpha_ptr + b * stride_alpha_b + offs_n * stride_alpha_n, mask=n_ok, other=0.0)
+            acc = acc * alpha[None, :]
+
+            if FUSE_PROJECTION:
+                if TILES_PER_PROGRAM > 1:
+                    r = r_beta
+                else:
+                    r = tl.load(
+                        r_ptr + b * stride_rb + offs_l[:, None] * N + offs_n[None, :],
+                        mask=l_ok[:, None] & n_ok[None, :],
+                        other=0.0,
+                    )
+                    # beta goes onto r so the dot accumulates into acc: a second [BLOCK_M, BLOCK_N]
+                    # fp32 tile would cost 64 registers a thread (spills at 128 x 128)
+                    beta = tl.load(beta_ptr + b * stride_beta_b + offs_n * stride_beta_n, mask=n_ok, other=0.0)
+                    r = (r.to(tl.float32) * beta[None, :]).to(r.dtype)
+                acc = tl.dot(z_box.to(r.dtype), r, acc, input_precision=INPUT_PRECISION)
+            elif HAS_LOWRANK:
+                beta = tl.load(beta_ptr + b * stride_beta_b + offs_n * stride_beta_n, mask=n_ok, other=0.0)
+                # not pipelined: each step's nine boxed z loads would be multi-buffered (~300 KB of
+                # shared memory at BLOCK_M = 128 in fp32), and the loop is short next to the main one
+                for l0 in tl.range(0, L, BLOCK_L, num_stages=1):
+                    offs_l = l0 + tl.arange(0, BLOCK_L)
+                    l_ok = offs_l < L
+                    if BOX_Z:
+                        z_box = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
+                        # one tap at a time (a rolled loop): nine [BLOCK_M, BLOCK_L] fp32 loads in
+                        # flight need ~290 registers a thread at BLOCK_M = 128 and spill to local
+                        # memory, three (one row) still spill at 4 warps (`benchmarks.kernel_audit`)
+                        for tap in tl.range(0, KSIZE * KSIZE, num_stages=1):
+                            ky = tap // KSIZE
+                            kx = tap % KSIZE
+                            use_tap = True
+                            if MODE == 0:
+                                in_y = out_y + (ky - KSIZE // 2)
+                                in_x = out_x + (kx - KSIZE // 2)
+                            elif MODE == 1:
+                                in_y = 2 * out_y + ky
+                                in_x = 2 * out_x + kx
+                            else:
+                                use_tap = ((ky % 2) == phase_y) & ((kx % 2) == phase_x)
+                                in_y = grid_y - (ky // 2)
+                                in_x = grid_x - (kx // 2)
+                            if use_tap:
+                                pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
+                                z_box += tl.load(
+                                    z_ptr + ((b * IN_H + in_y) * IN_W + in_x)[:, None] * L + offs_l[None, :],
+                                    mask=pix_ok[:, None] & l_ok[None, :],
+                                    other=0.0,
+                                )
+                    else:
+                        z_box = tl.load(
+                            z_ptr + ((b * OUT_H + out_y) * OUT_W + out_x)[:, None] * L + offs_l[None, :],
+                            mask=m_ok[:, None] & l_ok[None, :],
+                            other=0.0,
+                        )
+                    r = tl.load(
+                        r_ptr + b * stride_rb + offs_l[:, None] * N + offs_n[None, :],
+                        mask=l_ok[:, None] & n_ok[None, :],
+                        other=0.0,
+                    )
+                    r = (r.to(tl.float32) * beta[None, :]).to(r.dtype)  # beta onto r, as above
+                    acc = tl.dot(z_box.to(r.dtype), r, acc, input_precision=INPUT_PRECISION)
+
+            acc = _apply_epilogue(
+                acc, b, out_y, out_x, m_ok, offs_n, n_ok, noise_ptr, noise_strength_ptr, bias_ptr,
+                stride_noise_b, stride_noise_h, stride_noise_w, clamp_value,
+                HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
+            )  # fmt: skip
+            out_rows = out_ptr + ((b * OUT_H + out_y) * OUT_W + out_x) * N
+            stored = acc.to(out_ptr.dtype.element_ty)
+            tl.store(out_rows[:, None] + offs_n[None, :], stored, mask=m_ok[:, None] & n_ok[None, :])
+            if RGB_CHANNELS > 0:  # the toRGB reads out as stored, rounded to its dtype
+                out_values = stored.to(tl.float32)
+                rgb_rows = rgb_ptr + b * stride_rgb_b + out_y * stride_rgb_h + out_x * stride_rgb_w
+                for channel in tl.static_range(RGB_CHANNELS):
+                    # columns past N hold act(noise) but meet a zero mix
+                    mix = tl.load(rgb_mix_ptr + (b * RGB_CHANNELS + channel) * N + offs_n, mask=n_ok, other=0.0)
+                    rgb = tl.sum(out_values * mix[None, :], axis=1)
+                    if HAS_RGB_BIAS:
+                        rgb += tl.load(rgb_bias_ptr + channel).to(tl.float32)
+                    if HAS_RGB_CLAMP:
+                        rgb = tl.minimum(tl.maximum(rgb, -rgb_clamp_value), rgb_clamp_value)
+                    tl.store(rgb_rows + channel * stride_rgb_c, rgb.to(rgb_ptr.dtype.element_ty), mask=m_ok)
+
+        if REDUCE_X and TILES_PER_PROGRAM > 1:
+            tl.store(reduce_ptr + (b * chunks + chunk) * N + offs_n, x_sums, mask=n_ok)
+        if TOKEN_PRODUCTS:
+            offs_kp = tl.arange(0, BLOCK_K)
+            grad_p_rows = ((b * chunks + chunk) * n_tiles + pid_n) * L + offs_l
+            tl.store(
+                grad_p_ptr + grad_p_rows[:, None] * K + offs_kp[None, :],
+                grad_p_sums,
+                mask=l_ok[:, None] & (offs_kp < K)[None, :],
+            )
+            tl.store(
+                grad_q_ptr + ((b * chunks + chunk) * L + offs_l)[:, None] * N + offs_n[None, :],
+                grad_q_sums,
+                mask=l_ok[:, None] & n_ok[None, :],
+            )
 
     @triton.jit
     def _epilogue_gradient(
@@ -1918,6 +1992,8 @@ if triton is not None:
         m_cap = max(16, _next_pow2(pixels))
         reduce_m = _reduce_block_m(pixels) if kwargs.get("REDUCE_X", named_args.get("REDUCE_X")) else None
         whole_n = bool(kwargs.get("RGB_CHANNELS", named_args.get("RGB_CHANNELS")))
+        # token products: one K block, and the N tiles their partial sums were sized for
+        products = bool(kwargs.get("TOKEN_PRODUCTS", named_args.get("TOKEN_PRODUCTS")))
 
         element = named_args["w_ptr"].element_size()
 
@@ -1932,11 +2008,20 @@ if triton is not None:
             return n <= n_cap and k <= k_cap and m <= m_cap and (m >= 64 or pixels <= 1024)
 
         kept = [config for config in configs if fits(config)]
+        if products:  # one tile: the partial sums' buffer and the registers fix it (`_products_blocks`)
+            block_n, block_k, warps = _products_blocks(named_args["N"], named_args["K"])
+            kept = [
+                triton.Config(
+                    {"BLOCK_M": reduce_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+                    num_warps=warps,
+                    num_stages=CONV_NUM_STAGES,
+                )
+            ]
         if not kept:
             m = reduce_m or min(64, m_cap)
             kept = [
                 triton.Config(
-                    {"BLOCK_M": m, "BLOCK_N": n_cap if whole_n else min(64, n_cap), "BLOCK_K": min(64, k_cap)},
+                    {"BLOCK_M": m, "BLOCK_N": n_cap if whole_n else _products_block_n(n_cap), "BLOCK_K": min(64, k_cap)},
                     num_warps=4,
                     num_stages=CONV_NUM_STAGES,
                 )
@@ -1971,6 +2056,43 @@ if triton is not None:
 
 _conv_gemm_tuned = None
 
+# A grad-x launch of a fused-route layer sums the forward's token gradients itself
+# (TOKEN_PRODUCTS) where one K block holds every output channel of the layer: then the sum
+# over taps of the A tiles it loads is box(g), and x is loaded for grad s anyway. In config-f
+# these are the 512 px and 1024 px layers (32 and 64 channels); 0 switches it off.
+CONV_TOKEN_PRODUCTS_MAX_K = 64
+# Such a launch runs up to this many pixel blocks per program, so its [L, K] + [L, N] fp32
+# partial sums are stored once per 1024 pixels instead of once per 64 ...
+CONV_PRODUCTS_MAX_TILES = 16
+# ... while keeping at least this many programs (8 per H100 SM).
+CONV_PRODUCTS_MIN_PROGRAMS = 1056
+
+
+def _products_block_n(n: int) -> int:
+    """BLOCK_N of the conv launches that do not autotune it: the token-product launches (their
+    grad p partial sums have one row per N tile, sized before the launch) and the untuned path."""
+    return min(64, max(16, _next_pow2(n)))
+
+
+def _products_blocks(n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) of a token-product launch (BLOCK_M is `_reduce_block_m`):
+    one K block of every output channel, and the warps at which ptxas fits the kernel without
+    spills for sm_90a (`python -m benchmarks.kernel_audit`): 4 warps up to 64 x 32 x 32 tiles
+    (221-240 registers: 2 programs an SM), 8 past it (170-218: 1 program). The per-program
+    products and the block loop around the main loop cost ~100 registers over the plain grad-x
+    launch; both cases keep 8 warps an SM."""
+    block_n, block_k = _products_block_n(n), max(16, _next_pow2(k))
+    return block_n, block_k, (4 if block_n * block_k <= 1024 else 8)
+
+
+def _tiles_per_program(batch: int, m_tiles: int, n_tiles: int) -> int:
+    """Pixel blocks per program of a token-product launch: the largest power of two up to
+    `CONV_PRODUCTS_MAX_TILES` that keeps `CONV_PRODUCTS_MIN_PROGRAMS` programs (at least 1)."""
+    tiles = 1
+    while tiles < CONV_PRODUCTS_MAX_TILES and batch * -(-m_tiles // (2 * tiles)) * n_tiles >= CONV_PRODUCTS_MIN_PROGRAMS:
+        tiles *= 2
+    return tiles
+
 
 def _tuned_conv_gemm():
     """The autotuned `_conv_gemm_kernel`, built on first use: some Triton versions ask the GPU
@@ -1991,7 +2113,8 @@ def _tuned_conv_gemm():
 
 def _launch_conv_gemm(
     a, a_scale, w, z, r, alpha, beta, out, *, mode, ksize, in_hw, out_hw, grid_hw, box_z, q=None,
-    noise=None, noise_strength=None, bias=None, activate=False, clamp=None, x=None, rgb=None,
+    noise=None, noise_strength=None, bias=None, activate=False, clamp=None, x=None, rgb=None, sum_x=True,
+    token_products=False,
 ):  # fmt: skip
     """Launch `_conv_gemm_kernel`; tensors as its argument comments say (all on one device).
 
@@ -2001,28 +2124,56 @@ def _launch_conv_gemm(
     buffer is sized here: how many blocks there are depends on the loads the launch uses).
     With rgb = (mix [B, K, N] fp32, rgb_bias [K] or None, rgb_out [B, OUT_H, OUT_W, K] (any
     strides), rgb_clamp or None), the launch also writes the toRGB of its output (MODE 0,
-    N <= `RGB_EPILOGUE_MAX_COUT`: the N tile spans every channel)."""
+    N <= `RGB_EPILOGUE_MAX_COUT`: the N tile spans every channel). sum_x=False skips the sums
+    of x (x is then only for the token products).
+
+    token_products (a grad-x launch, MODE 0 or 1, with q, r and x; K <= `CONV_TOKEN_PRODUCTS_MAX_K`):
+    the launch also returns the forward's token gradients, summed over pixels in fp32: then it
+    returns (the sums of x or None, grad p [B, L, K], grad q [B, L, N]), see the kernel."""
     pixels = grid_hw[0] * grid_hw[1]
+    batch, n, k = a.shape[0], w.shape[2], w.shape[1]
+    if token_products and (mode == 2 or x is None or q is None or r is None or k > CONV_TOKEN_PRODUCTS_MAX_K):
+        raise ValueError(
+            f"token products need a MODE 0/1 launch with x, q and r and K <= {CONV_TOKEN_PRODUCTS_MAX_K}, got "
+            f"MODE {mode}, K={k}, x {x is not None}, q {q is not None}, r {r is not None}"
+        )
     reduce_pixels = pixels if x is not None else None
     a_desc = _tma_descriptor(a, mode, grid_hw[1], reduce_pixels) if a.device.type != "meta" else None
-    partial = None
+    if token_products and a_desc is not None and a_desc.block_shape[3] < k:
+        a_desc = None  # the products need the whole K in one A tile (fp32 rows wider than 32 channels)
+    sum_x = sum_x and x is not None
+    partial = grad_p_sums = grad_q_sums = None
+    tiles_per_program = 1
     if x is not None:  # a reducing launch runs one M tile; with TMA its pixel blocks are row strips
         block_m = _reduce_block_m(pixels)
         tile_w = block_m if a_desc is not None else _tile_width(block_m, grid_hw[1])
-        partial = _alloc((a.shape[0], _pixel_tiles(*grid_hw, block_m, tile_w), w.shape[2]), torch.float32, a.device)
+        m_tiles = _pixel_tiles(*grid_hw, block_m, tile_w)
+        if token_products:
+            tiles_per_program = _tiles_per_program(batch, m_tiles, -(-n // _products_block_n(n)))
+        chunks = -(-m_tiles // tiles_per_program)
+        if sum_x:
+            partial = _alloc((batch, chunks, n), torch.float32, a.device)
+        if token_products:
+            rank = r.shape[1]
+            n_tiles = -(-n // _products_block_n(n))
+            grad_p_sums = _alloc((batch, chunks, n_tiles, rank, k), torch.float32, a.device)
+            grad_q_sums = _alloc((batch, chunks, rank, n), torch.float32, a.device)
     rgb_mix, rgb_bias, rgb_out, rgb_clamp = rgb if rgb is not None else (None, None, None, None)
     if rgb is not None and (mode != 0 or w.shape[2] > RGB_EPILOGUE_MAX_COUT):
         raise ValueError(f"the toRGB epilogue needs MODE 0 and N <= {RGB_EPILOGUE_MAX_COUT}, got {mode} and {w.shape[2]}")
     _observe_launch(
         f"conv_gemm[mode {mode}]",
         (a, a_scale, w, z, r, q if z is None else None, alpha, beta, noise, noise_strength, bias, x, rgb_mix, rgb_bias),
-        (out, partial, rgb_out),
+        (out, partial, rgb_out, grad_p_sums, grad_q_sums),
     )  # fmt: skip
+
+    def result():
+        if not token_products:
+            return partial
+        return partial, grad_p_sums.sum((1, 2)), grad_q_sums.sum(1)
+
     if a.device.type == "meta":  # meta tensors hold no data: nothing to compute
-        return partial
-    batch = a.shape[0]
-    n = w.shape[2]
-    k = w.shape[1]
+        return result()
     lowrank = r is not None
     fuse_projection = lowrank and z is None
     rank = r.shape[1] if lowrank else 1
@@ -2040,7 +2191,8 @@ def _launch_conv_gemm(
         noise if noise is not None else dummy, noise_strength if noise_strength is not None else dummy,
         bias if bias is not None else dummy, x if x is not None else dummy, partial if partial is not None else dummy,
         rgb_mix if rgb is not None else dummy, rgb_bias if rgb_bias is not None else dummy,
-        rgb_out if rgb is not None else dummy, in_hw[0], in_hw[1], out_hw[0], out_hw[1], grid_hw[0], grid_hw[1], tma_block_m, k, n, rank,
+        rgb_out if rgb is not None else dummy, grad_p_sums if token_products else dummy,
+        grad_q_sums if token_products else dummy, in_hw[0], in_hw[1], out_hw[0], out_hw[1], grid_hw[0], grid_hw[1], tma_block_m, k, n, rank,
         (r.stride(0) if r.shape[0] > 1 else 0) if lowrank else 0,
         (q.stride(0) if q.shape[0] > 1 else 0) if fuse_projection else 0,
         alpha.stride(0), alpha.stride(1), beta.stride(0), beta.stride(1),
@@ -2063,39 +2215,44 @@ def _launch_conv_gemm(
         RGB_CHANNELS=rgb_mix.shape[1] if rgb is not None else 0,
         HAS_RGB_BIAS=rgb_bias is not None,
         HAS_RGB_CLAMP=rgb_clamp is not None,
+        TOKEN_PRODUCTS=token_products,
+        TILES_PER_PROGRAM=tiles_per_program,
         INPUT_PRECISION=precision,
         BLOCK_L=min(64, max(16, _next_pow2(rank))),
     )
     phases = 4 if mode == 2 else 1
 
     def grid(meta):
-        pixel_tiles = _pixel_tiles(*grid_hw, meta["BLOCK_M"], meta["TILE_W"])
-        return (phases * pixel_tiles * triton.cdiv(n, meta["BLOCK_N"]), batch)
+        chunks = triton.cdiv(phases * _pixel_tiles(*grid_hw, meta["BLOCK_M"], meta["TILE_W"]), tiles_per_program)
+        return (chunks * triton.cdiv(n, meta["BLOCK_N"]), batch)
 
     if _interpreted() or not TRITON_AUTOTUNE:
         # the interpreter pays per program, not per element: one big tile
         block_m = min(128 if _interpreted() else 64, max(16, _next_pow2(pixels)))
-        if partial is not None:
+        if x is not None:
             block_m = _reduce_block_m(pixels)
         block_k = min(64, max(16, _next_pow2(k)))
         if a_desc is not None:  # the descriptor's block is the A tile
             block_m, block_k = a_desc.block_shape[2], a_desc.block_shape[3]
+        num_warps = 4
+        if token_products:
+            _, block_k, num_warps = _products_blocks(n, k)
         blocks = dict(
             BLOCK_M=block_m,
-            BLOCK_N=max(16, _next_pow2(n)) if rgb is not None else min(64, max(16, _next_pow2(n))),
+            BLOCK_N=max(16, _next_pow2(n)) if rgb is not None else _products_block_n(n),
             BLOCK_K=block_k,
             TILE_W=block_m if a_desc is not None else _tile_width(block_m, grid_hw[1]),
             SCALE_WEIGHT=(CONV_SCALE_WEIGHT or a_desc is not None) and a_scale is not None,
             A_TMA=a_desc is not None,
         )
-        _conv_gemm_kernel[grid(blocks)](*args, **flags, **blocks, num_warps=4, num_stages=CONV_NUM_STAGES)
+        _conv_gemm_kernel[grid(blocks)](*args, **flags, **blocks, num_warps=num_warps, num_stages=CONV_NUM_STAGES)
     else:
         # after the first launch of a shape, skip triton.autotune's per-call bookkeeping (~0.2 ms
         # of host time a launch, more than the GPU time of a low-resolution layer)
         key = (
             mode, ksize, k, n, rank, grid_hw, tma_block_m, flags["BOX_Z"], flags["FUSE_PROJECTION"], flags["HAS_A_SCALE"],
-            lowrank, partial is not None, flags["RGB_CHANNELS"], precision, a.dtype, w.dtype, out.dtype,
-            z.dtype if z is not None else None,
+            lowrank, partial is not None, flags["RGB_CHANNELS"], token_products, tiles_per_program, precision, a.dtype,
+            w.dtype, out.dtype, z.dtype if z is not None else None,
         )  # fmt: skip
         config = _CONV_BEST_CONFIG.get(key)
         if config is None:
@@ -2104,7 +2261,7 @@ def _launch_conv_gemm(
             _CONV_BEST_CONFIG[key] = tuner.best_config
         else:
             _conv_gemm_kernel[grid(config.kwargs)](*args, **flags, **config.all_kwargs())
-    return partial
+    return result()
 
 
 # (launch shape and dtypes) -> the triton.Config the autotuner chose for it
@@ -2112,7 +2269,8 @@ _CONV_BEST_CONFIG: dict = {}
 # the fields of those keys, in order (benchmarks record the choices by name)
 CONV_BEST_CONFIG_KEY_FIELDS = (
     "MODE", "KSIZE", "K", "N", "L", "GRID_HW", "TMA_BLOCK_M", "BOX_Z", "FUSE_PROJECTION", "HAS_A_SCALE", "HAS_LOWRANK", "REDUCE_X",
-    "RGB_CHANNELS", "INPUT_PRECISION", "a_dtype", "w_dtype", "out_dtype", "z_dtype",
+    "RGB_CHANNELS", "TOKEN_PRODUCTS", "TILES_PER_PROGRAM", "INPUT_PRECISION", "a_dtype", "w_dtype", "out_dtype",
+    "z_dtype",
 )  # fmt: skip
 
 
@@ -2718,11 +2876,17 @@ def _triton_backward(
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()
     # the token gradients' route (step 3): fused, through M = box(x)^T g, or separate
     fused = p3 is not None and in_channels <= FUSED_PROJECTION_MAX_COUT and p3.shape[1] <= 64
+    # on the fused route, the grad-x conv (step 4) sums the token gradients itself where one K
+    # block holds the layer's output channels; else step 1 or 3 forms M
+    conv_products = fused and (need_p or need_q) and (need_x or need_styles) and out_channels <= CONV_TOKEN_PRODUCTS_MAX_K
     products = None  # M per sample, when step 1 makes it
     if upsample:
         g_conv = _alloc((batch, 2 * height + 1, 2 * width + 1, out_channels), grad_dtype, device)
         sums = _launch_blur(grad.permute(0, 2, 3, 1), g_conv, saved=out.permute(0, 2, 3, 1), **epilogue)
-    elif fused and (need_p or need_q) and max(in_channels, out_channels) <= EPILOGUE_PRODUCTS_MAX_CHANNELS:
+    elif (
+        fused and (need_p or need_q) and not conv_products
+        and max(in_channels, out_channels) <= EPILOGUE_PRODUCTS_MAX_CHANNELS
+    ):  # fmt: skip
         # with M in the same pass, so g is not read back for it
         g_conv = _alloc((batch, out_h, out_w, out_channels), grad_dtype, device)
         sums, products = _launch_epilogue_products(grad, out, g_conv, x_nhwc, ksize=kernel, **epilogue, rgb=rgb)
@@ -2747,7 +2911,7 @@ def _triton_backward(
     gz = None
     if p3 is not None:
         shared = p3.shape[0] == 1
-        if fused and (need_p or need_q):
+        if fused and (need_p or need_q) and not conv_products:
             if products is None and upsample:
                 # M = x^T (the stride-2 box of g, on x's grid): a quarter of the pixels and MACs
                 # of box_T(x)^T g over the transposed conv's grid, where most box taps are masked
@@ -2800,8 +2964,17 @@ def _triton_backward(
         partial_styles = _launch_conv_gemm(
             g_conv, None, w_taps, gz, q3, alpha, beta, grad_x_nhwc, mode=mode, ksize=kernel,
             in_hw=(g_conv.shape[1], g_conv.shape[2]), out_hw=(height, width), grid_hw=(height, width), box_z=True,
-            q=p3.to(grad_dtype) if fused else None, x=x_nhwc if need_styles else None,
+            q=p3.to(grad_dtype) if fused else None, x=x_nhwc if (need_styles or conv_products) else None,
+            sum_x=need_styles, token_products=conv_products,
         )  # fmt: skip
+        if conv_products:  # grad p = q M and grad q = p M^T, summed by the launch without M
+            partial_styles, token_grad_p, token_grad_q = partial_styles
+            if p3.shape[0] == 1:  # shared tokens: summed over the batch too
+                token_grad_p, token_grad_q = token_grad_p.sum(0), token_grad_q.sum(0)
+            if need_p:
+                grad_p = token_grad_p.to(p.dtype).reshape(p.shape)
+            if need_q:
+                grad_q = token_grad_q.to(q.dtype).reshape(q.shape)
         if need_x:
             grad_x = grad_x_nhwc.permute(0, 3, 1, 2)
         if need_styles:
