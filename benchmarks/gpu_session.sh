@@ -43,13 +43,18 @@ case "${1:-}" in
         tee "$out/headline-generator.log" | tail -n 40
     ;;
 3)
-    $python -m benchmarks --suite headline --groups layer --layers "$layers" --max-minutes 5 \
+    $python -m benchmarks --suite headline --groups layer --layers "$layers" --max-minutes 4 \
         --output "$out/headline-layers.json" --impls reference,nvlabs,torch,triton 2>&1 |
         tee "$out/headline-layers.log" | tail -n 60
-    # A/B: the headline step with the sixth session's fusions switched off (toRGB forward in the
-    # conv epilogue, epilogue backward with the token products); stage 2 has them on
-    timeout 170 $python -m benchmarks --suite headline --groups generator --tokens 32 --impls triton \
-        --kernel-option RGB_EPILOGUE_MAX_COUT=0 --kernel-option EPILOGUE_PRODUCTS_MAX_CHANNELS=0 \
+    # A/B against stage 2 (everything on): the headline step without the seventh session's token
+    # products in the grad-x conv (fewer bytes, but 8 warps an SM against 12), then also without
+    # the sixth session's fusions (toRGB forward in the conv epilogue, epilogue products)
+    timeout 130 $python -m benchmarks --suite headline --groups generator --tokens 32 --impls triton \
+        --kernel-option CONV_TOKEN_PRODUCTS_MAX_K=0 \
+        --max-minutes 2 --no-plot --output "$out/ab-conv-products-off.json" 2>&1 | tail -n 12
+    timeout 130 $python -m benchmarks --suite headline --groups generator --tokens 32 --impls triton \
+        --kernel-option CONV_TOKEN_PRODUCTS_MAX_K=0 --kernel-option RGB_EPILOGUE_MAX_COUT=0 \
+        --kernel-option EPILOGUE_PRODUCTS_MAX_CHANNELS=0 \
         --max-minutes 2 --no-plot --output "$out/ab-fusions-off.json" 2>&1 | tail -n 12
     ;;
 esac

@@ -60,6 +60,9 @@ class Family:
     name: str
     flags: dict
     grid_w: int  # the pixel grid's width at 1024 px, for the pixel block's width
+    # the only tiles the op launches it with, audited instead of any --shapes (the token-product
+    # launches: their tile is fixed by `_products_blocks`, not autotuned)
+    shapes: tuple = ()
 
     def variants(self) -> list[tuple[str, dict]]:
         """(label, flags) for each variant the autotuner tries: the styles on A or on W, and for
@@ -103,11 +106,12 @@ FAMILIES = (
     Family("grad x + token products, 3x3, L=32 fused", dict(_COMMON, **_NO_EPILOGUE, MODE=0, HAS_A_SCALE=False,
                                                            HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=True,
                                                            REDUCE_X=True, TOKEN_PRODUCTS=True, TILES_PER_PROGRAM=16),
-           1024),
+           1024, shapes=((64, 32, 32, 4, 3), (64, 64, 32, 8, 3), (64, 64, 64, 8, 3))),
     Family("grad x + token products, stride 2, L=32 fused", dict(_COMMON, **_NO_EPILOGUE, MODE=1, HAS_A_SCALE=False,
                                                                 HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=True,
                                                                 REDUCE_X=True, TOKEN_PRODUCTS=True,
-                                                                TILES_PER_PROGRAM=16), 512),
+                                                                TILES_PER_PROGRAM=16), 512,
+           shapes=((64, 64, 32, 8, 3), (64, 64, 64, 8, 3))),
     Family("grad x, stride 2, L=32 separate gz", dict(_COMMON, **_NO_EPILOGUE, MODE=1, HAS_A_SCALE=False,
                                                       HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=False,
                                                       REDUCE_X=True), 64),
@@ -354,7 +358,8 @@ def audit(families=FAMILIES, shapes=DEFAULT_SHAPES, others=OTHER_KERNELS, jobs: 
     """Audit every (family variant, shape) of the conv kernel and every other kernel, in `jobs`
     processes. Returns one dict per compiled kernel, in a stable order."""
     tasks = [(audit_one, (label, flags, shape, family.grid_w)) for family in families
-             for label, flags in family.variants() for shape in shapes]  # fmt: skip
+             for label, flags in family.variants()
+             for shape in (family.shapes or shapes)]  # fmt: skip
     tasks += [(audit_other, (case,)) for case in others]
     rows: list = [None] * len(tasks)
     from tqdm import tqdm

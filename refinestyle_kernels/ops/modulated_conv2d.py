@@ -2898,6 +2898,8 @@ def _triton_backward(
         sums[1].sum().reshape(1).to(noise_strength.dtype) if (noise is not None and need_strength) else empty()
     )
     grad_demod = sums[2].sum(1) if (demod is not None and need_demod) else empty()
+    grad_rgb_mix = sums[3:].sum(2).transpose(0, 1) if rgb is not None else None
+    del sums  # per pixel block: at 1024 px as large as a tenth of an activation, not kept for steps 3-5
 
     # 3. the low-rank branch. Two routes, chosen like the forward's projection:
     # - fused (the grad-x launch's output, Cin, at most FUSED_PROJECTION_MAX_COUT and L <= 64):
@@ -2987,7 +2989,7 @@ def _triton_backward(
     if placeholders:  # the custom op's outputs: tensors that do not alias each other
         grads = tuple(x.new_empty(0) if g is None else g for g in grads)
     if rgb is not None:
-        grads = (*grads, sums[3:].sum(2).transpose(0, 1))
+        grads = (*grads, grad_rgb_mix)
     return grads
 
 
