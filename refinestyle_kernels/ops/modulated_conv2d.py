@@ -2120,8 +2120,9 @@ def _launch_conv_gemm(
 
     The low-rank term is off when r is None; with r, give either z (the projected input) or
     q (the projection, fused into the kernel; needs L <= 64). With x, the launch also sums
-    x * (the conv part) over each pixel block, and returns those sums [B, blocks, N] fp32 (the
-    buffer is sized here: how many blocks there are depends on the loads the launch uses).
+    x * (the conv part) over each program's pixel blocks (one block, or up to
+    `CONV_PRODUCTS_MAX_TILES` with token_products), and returns those sums [B, programs, N] fp32
+    (the buffer is sized here: how many blocks there are depends on the loads the launch uses).
     With rgb = (mix [B, K, N] fp32, rgb_bias [K] or None, rgb_out [B, OUT_H, OUT_W, K] (any
     strides), rgb_clamp or None), the launch also writes the toRGB of its output (MODE 0,
     N <= `RGB_EPILOGUE_MAX_COUT`: the N tile spans every channel). sum_x=False skips the sums
