@@ -38,18 +38,18 @@ class _NoLaunch:
 
 # the op module's Triton kernels that are launched directly (kernel[grid](...)), and its launch helpers
 STUBBED_KERNELS = ("_blur_kernel", "_epilogue_backward_kernel", "_epilogue_products_kernel", "_pixel_products_kernel",
-                   "_demodulation_kernel", "_demodulation_backward_kernel")  # fmt: skip
+                   "_demodulation_kernel", "_demodulation_backward_kernel", "_sum_partials_kernel")  # fmt: skip
 STUBBED_LAUNCHERS = ("_launch_conv_gemm",)
 
 
 def _no_launch(a, a_scale, w, z, r, *args, x=None, sum_x=True, token_products=False, **kwargs):
     """`_launch_conv_gemm` without the launch: only the per-block sums it returns for grad s, and
-    with token_products the summed token gradients [B, L, K] and [B, L, N]."""
+    with token_products the token gradients' per-program partials [B, R, L, K] and [B, R, L, N]."""
     sums = None if (x is None or not sum_x) else torch.zeros(a.shape[0], 1, w.shape[2])
     if not token_products:
         return sums
     batch, rank = a.shape[0], r.shape[1]  # r [B or 1, L, N]
-    return sums, torch.zeros(batch, rank, w.shape[1]), torch.zeros(batch, rank, w.shape[2])
+    return sums, torch.zeros(batch, 1, rank, w.shape[1]), torch.zeros(batch, 1, rank, w.shape[2])
 
 
 def _stub_triton_launches() -> None:

@@ -126,7 +126,8 @@ def compile_for_hopper(fn, pointers: dict, constexprs: dict, num_warps: int, num
     """Compile a @triton.jit function for sm_90 without a GPU; returns Triton's compiled kernel.
 
     fn: the kernel. pointers: argument name -> Triton pointer type ("*bf16") for every pointer
-    argument; other arguments are i32 (fp32 for `clamp_value`, `scale`, `eps` and `taps`).
+    argument; other arguments are i32 (fp32 for `clamp_value`, `scale`, `alpha_scale`, `eps` and
+    `taps`).
     constexprs: every constexpr argument's value. divisible: arguments the JIT would see as
     divisible by 16 at a real launch (16-byte aligned pointers, channel counts): without the
     hint 2-byte loads are too narrow for asynchronous copies.
@@ -141,7 +142,8 @@ def compile_for_hopper(fn, pointers: dict, constexprs: dict, num_warps: int, num
             "compile in a process without it"
         )
 
-    scalars = {"clamp_value": "fp32", "rgb_clamp_value": "fp32", "scale": "fp32", "eps": "fp32", "taps": "fp32"}
+    scalars = {"clamp_value": "fp32", "rgb_clamp_value": "fp32", "scale": "fp32", "alpha_scale": "fp32", "eps": "fp32",
+               "taps": "fp32"}  # fmt: skip
     signature = {
         name: "constexpr" if name in constexprs else pointers.get(name, scalars.get(name, "i32"))
         for name in fn.arg_names
@@ -160,6 +162,8 @@ def compile_conv_for_hopper(flags: dict, shape: tuple, dtype: str = "bf16", grid
     constexprs = dict(flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                       TILE_W=block_m if tma else op_module._tile_width(block_m, grid_w))  # fmt: skip
     pointers = {name: "*fp32" if name in CONV_FP32_POINTERS else f"*{dtype}" for name in CONV_POINTERS}
+    if not flags["HAS_A_SCALE"]:  # a grad-x launch: alpha is the styles, in the activations' dtype
+        pointers["alpha_ptr"] = f"*{dtype}"
     # the input's TMA descriptor: [B, H, W, K] in row strips of BLOCK_M pixels
     pointers["a_desc"] = f"tensordesc<{dtype}[1, 1, {block_m}, {block_k}]>" if tma else f"*{dtype}"
     fn = op_module._conv_gemm_kernel
@@ -306,6 +310,9 @@ OTHER_KERNELS = (
         for rank in (32, 64) for backward in (False, True)
         for blocks in [op_module._demodulation_blocks(512, 512, rank, backward)]
     ),
+    # grad p's per-program partials of the 1024 px layer (L = 32, 32 channels) finished in bf16
+    OtherKernel("sum of per-program partials", "_sum_partials_kernel", dict(BLOCK_R=8, BLOCK_I=256),
+                dict(partial_ptr=_FP32)),
     *(
         OtherKernel(f"demodulation{' backward' if backward else ''}, shared residual",
                     "_demodulation_backward_kernel" if backward else "_demodulation_kernel",

@@ -37,8 +37,8 @@ def test_addressed_bytes_counts_expanded_dimensions_once():
 
 def test_forward_conv_launch_moves_what_the_hand_count_says():
     """The last plain conv's forward launch (unrefined, bf16), which also computes the block's
-    toRGB: x, the tap-major weight, styles, alpha and d ([B, Cout] fp32 each), the shared noise
-    map, its strength and the bias in, and the toRGB's styled kernel ([B, 3, Cout] fp32) and
+    toRGB: x, the tap-major weight, styles, d ([B, Cout] fp32: the launch's alpha and beta, read
+    once), the shared noise map, its strength and the bias in, and the toRGB's styled kernel ([B, 3, Cout] fp32) and
     bias; the output out and the image out. Nothing else runs the toRGB."""
     batch = 2
     launches = traffic.planned_generator_traffic(SMALL, batch, torch.bfloat16, TokenSetting(0, False), TRITON)
@@ -52,7 +52,7 @@ def test_forward_conv_launch_moves_what_the_hand_count_says():
         2 * batch * pixels * spec.in_channel  # x
         + 2 * 9 * spec.in_channel * spec.out_channel  # W0 taps
         + 2 * batch * spec.in_channel  # styles
-        + 2 * 4 * batch * spec.out_channel  # alpha, d
+        + 4 * batch * spec.out_channel  # d, as alpha (times the weight scale) and as beta
         + 2 * pixels + 2 + 2 * spec.out_channel  # noise, strength, bias
         + 4 * batch * 3 * spec.out_channel + 2 * 3  # the toRGB's mix and bias
     )

@@ -469,7 +469,7 @@ def test_triton_backend_runs_the_triton_kernels(monkeypatch):
     """The comparison above would pass for a silent fallback to torch: count the launches."""
     launched = []
     names = ("_conv_gemm_kernel", "_blur_kernel", "_epilogue_backward_kernel", "_epilogue_products_kernel",
-             "_pixel_products_kernel")  # fmt: skip
+             "_pixel_products_kernel", "_sum_partials_kernel")  # fmt: skip
     for name in names:
         kernel = getattr(op_module, name)
 
@@ -491,21 +491,24 @@ def test_triton_backend_runs_the_triton_kernels(monkeypatch):
     launched.clear()
     check_layer(Layer(), torch.float32, "cpu", TOLERANCE["interpreted"], seed=9)
     # forward: the conv with its epilogue; backward: epilogue backward, grad-x conv with the
-    # token gradients
-    assert launched == ["_conv_gemm_kernel", "_epilogue_backward_kernel", "_conv_gemm_kernel"], launched
+    # token gradients, whose per-program sums are finished in one launch each: grad p and grad s
+    # (7 tokens > 5 input channels: q is the refactoring's identity, with no gradient)
+    finish = ["_sum_partials_kernel"] * 2
+    assert launched == ["_conv_gemm_kernel", "_epilogue_backward_kernel", "_conv_gemm_kernel", *finish], launched
     launched.clear()
     check_layer(Layer(tokens=None), torch.float32, "cpu", TOLERANCE["interpreted"], seed=9)
-    assert launched == ["_conv_gemm_kernel", "_epilogue_backward_kernel", "_conv_gemm_kernel"], launched
+    assert launched == ["_conv_gemm_kernel", "_epilogue_backward_kernel", "_conv_gemm_kernel", finish[0]], launched
     # switched off (for A/B runs), with the same results: the token products in the epilogue
     # backward, then in their own kernel
     launched.clear()
     monkeypatch.setattr(op_module, "CONV_TOKEN_PRODUCTS_MAX_K", 0)
     check_layer(Layer(), torch.float32, "cpu", TOLERANCE["interpreted"], seed=9)
-    assert launched == ["_conv_gemm_kernel", "_epilogue_products_kernel", "_conv_gemm_kernel"], launched
+    assert launched == ["_conv_gemm_kernel", "_epilogue_products_kernel", "_conv_gemm_kernel", finish[0]], launched
     launched.clear()
     monkeypatch.setattr(op_module, "EPILOGUE_PRODUCTS_MAX_CHANNELS", 0)
     check_layer(Layer(), torch.float32, "cpu", TOLERANCE["interpreted"], seed=9)
-    expected = ["_conv_gemm_kernel", "_epilogue_backward_kernel", "_pixel_products_kernel", "_conv_gemm_kernel"]
+    expected = ["_conv_gemm_kernel", "_epilogue_backward_kernel", "_pixel_products_kernel", finish[0], "_conv_gemm_kernel",
+                finish[0]]  # fmt: skip
     assert launched == expected, launched
 
 
@@ -609,6 +612,69 @@ def test_products_blocks_and_tiles_per_program():
     assert op_module._tiles_per_program(1, 64, 1) == 1
     tiles = op_module._tiles_per_program(2, 2048, 1)
     assert tiles > 1 and 2 * -(-2048 // tiles) >= op_module.CONV_PRODUCTS_MIN_PROGRAMS
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("over_batch", [False, True], ids=["per-sample", "over-batch"])
+@pytest.mark.parametrize("shape", [(3, 37, 5, 7), (2, 9, 300), (1, 1, 4)], ids=str)
+def test_sum_partials_matches_a_float64_sum(shape, over_batch, dtype):
+    """`_sum_partials`: rows in several blocks (37 > 32), inner sizes past one 256-wide block,
+    a single row; summed in fp32 and rounded once, so within an fp32 sum's error of the float64
+    sum plus one rounding to the output dtype (a whole ulp for bf16: the interpreter converts
+    fp32 to bf16 toward zero, a GPU to nearest)."""
+    partials = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    result = op_module._sum_partials(partials, dtype, over_batch=over_batch)
+    exact = partials.double().sum((0, 1) if over_batch else 1)
+    assert result.dtype == dtype and result.shape == exact.shape
+    rounding = {torch.float32: 0.0, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-11}[dtype]
+    error = (result.double() - exact).abs()
+    assert torch.all(error <= rounding * exact.abs() + 1e-5 * (1 + exact.abs())), error.max()
+
+
+def test_sum_partials_refuses_what_it_cannot_read_and_plans_on_meta():
+    with pytest.raises(ValueError, match="partials"):
+        op_module._sum_partials(torch.zeros(2, 3, dtype=torch.float64), torch.float32)
+    with pytest.raises(ValueError, match="partials"):
+        op_module._sum_partials(torch.zeros(4, 3).t(), torch.float32)
+    planned = op_module._sum_partials(torch.empty(2, 5, 3, 4, device="meta"), torch.bfloat16, over_batch=True)
+    assert planned.shape == (3, 4) and planned.dtype == torch.bfloat16 and planned.device.type == "meta"
+
+
+@pytest.mark.parametrize("upsample", [False, True], ids=["plain", "upsampling"])
+def test_layer_glue_launches(upsample, monkeypatch):
+    """What a refined layer launches besides its kernels, planned on meta tensors (bf16,
+    channels-last x, frozen weight): no constant fills, and no casts or scalings of alpha, beta or
+    the finished sums (the kernels take them as they are: `alpha_scale`, `_sum_partials`). The
+    backward's only torch ops are grad d's sum over the epilogue's pixel blocks and autograd
+    adding the demodulation's gradients of s, p and q to the conv's."""
+    from benchmarks.traffic import TrafficRecorder
+
+    layer = Layer(batch=2, in_channels=16, out_channels=16, height=8, width=8, num_tokens=4, upsample=upsample)
+    inputs = make_inputs(layer, seed=3)
+    leaves = {name: inputs[name].to("meta", torch.bfloat16) for name in ("x", "weight", "styles", "p", "q")}
+    leaves["x"] = leaves["x"].contiguous(memory_format=torch.channels_last)
+    for name in ("x", "styles", "p", "q"):
+        leaves[name].requires_grad_(True)
+    epilogue = {name: inputs[name].to("meta", torch.bfloat16) for name in ("noise", "noise_strength", "bias")}
+    monkeypatch.setattr(op_module, "POISON_BUFFERS", False)  # the tests' NaN fills are launches too
+
+    def step():
+        for leaf in leaves.values():
+            leaf.grad = None
+        out = styled_conv2d(**leaves, **epilogue, upsample=upsample, activate=True, backend="triton")
+        out.backward(torch.empty_like(out))
+
+    step()  # the steady state: what the op derives from the frozen weight is cached by now
+    recorder = TrafficRecorder()
+    monkeypatch.setattr(op_module, "LAUNCH_OBSERVER", recorder.observe_launch)
+    with recorder:
+        step()
+    kernels = [launch.kernel for launch in recorder.launches]
+    glue = {phase: sorted(l.kernel for l in recorder.launches if l.phase == phase and l.kernel.startswith("aten."))
+            for phase in ("forward", "backward")}  # fmt: skip
+    assert kernels.count("sum_partials") == 3, kernels  # grad p, grad q, grad s
+    assert glue == {"forward": [], "backward": ["aten.add"] * 3 + ["aten.sum"]}, glue
 
 
 def test_epilogue_products_blocks_hold_every_channel():

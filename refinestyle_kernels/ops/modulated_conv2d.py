@@ -669,17 +669,42 @@ LAUNCH_OBSERVER = None
 
 def _observe_launch(kernel: str, reads, writes) -> None:
     if LAUNCH_OBSERVER is not None:
-        LAUNCH_OBSERVER(
-            kernel,
-            [t for t in reads if isinstance(t, torch.Tensor)],
-            [t for t in writes if isinstance(t, torch.Tensor)],
-        )
+
+        def tensors(group):  # a tensor passed twice (alpha and beta both d) is read once
+            found = {id(t): t for t in group if isinstance(t, torch.Tensor)}
+            return list(found.values())
+
+        LAUNCH_OBSERVER(kernel, tensors(reads), tensors(writes))
 
 
 def _alloc(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
     if POISON_BUFFERS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device).contiguous(memory_format=memory_format)
     return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+
+
+# key -> a small constant tensor the Triton path reuses on every call (`_kept_constant`)
+_CONSTANTS: dict = {}
+
+
+def _kept_constant(key: tuple, make) -> torch.Tensor:
+    """make() once per key (which names the device), then the same tensor: a constant made on
+    every call would cost a kernel launch each time. While a CUDA graph is being captured a
+    fresh one is made and not kept: a kernel captured is not run, so a kept one would hold
+    garbage for every later eager call."""
+    constant = _CONSTANTS.get(key)
+    if constant is None:
+        constant = make()
+        if not (constant.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _CONSTANTS[key] = constant
+    return constant
+
+
+def _ones(rows: int, columns: int, device: torch.device) -> torch.Tensor:
+    """[rows, columns] fp32 ones with stride 0: the alpha or beta of a launch that has none."""
+    return _kept_constant(("ones", device), lambda: torch.ones((1, 1), dtype=torch.float32, device=device)).expand(
+        rows, columns
+    )
 
 
 def _interpreted() -> bool:
@@ -796,14 +821,14 @@ if triton is not None:
         z_ptr,  # [B, IN_H, IN_W, L] (BOX_Z) or [B, OUT_H, OUT_W, L] fp32: the projected low-rank input
         r_ptr,  # [B or 1, L, N] low-rank output map (p for the forward, q for grad x)
         q_ptr,  # [B or 1, L, K] projection of a, if FUSE_PROJECTION (then z_ptr is unused)
-        alpha_ptr,  # [B, N] fp32 multiplier of the conv part (strided)
+        alpha_ptr,  # [B, N] multiplier of the conv part (strided, any float dtype), times alpha_scale
         beta_ptr,  # [B, N] fp32 multiplier of the low-rank part (strided)
         out_ptr,  # [B, OUT_H, OUT_W, N] channels last, contiguous
         noise_ptr,
         noise_strength_ptr,
         bias_ptr,
         x_ptr,  # [B, OUT_H, OUT_W, N] contiguous, if REDUCE_X
-        reduce_ptr,  # [B, CHUNKS, N] fp32: sum over a program's pixels of x * conv part, if REDUCE_X
+        reduce_ptr,  # [B, CHUNKS, N] fp32: sum over a program's pixels of x * conv part * alpha_scale, if REDUCE_X
         rgb_mix_ptr,  # [B, RGB_CHANNELS, N] fp32: the toRGB's styled 1x1 kernel, if RGB_CHANNELS
         rgb_bias_ptr,  # [RGB_CHANNELS] the toRGB's bias, if HAS_RGB_BIAS
         rgb_ptr,  # [B, OUT_H, OUT_W, RGB_CHANNELS] (strided) the toRGB's output, if RGB_CHANNELS
@@ -834,6 +859,7 @@ if triton is not None:
         stride_rgb_w,
         stride_rgb_c,
         rgb_clamp_value,  # the toRGB's clamp bound, if HAS_RGB_CLAMP
+        alpha_scale,  # fp32 factor of alpha (and of the REDUCE_X sums): the layer's weight scale
         MODE: tl.constexpr,  # 0: stride 1, same padding; 1: stride 2, no padding; 2: stride-2 transposed (phases)
         KSIZE: tl.constexpr,
         HAS_A_SCALE: tl.constexpr,
@@ -859,7 +885,7 @@ if triton is not None:
         BLOCK_L: tl.constexpr,
         TILE_W: tl.constexpr,  # the BLOCK_M pixels form a (BLOCK_M // TILE_W) x TILE_W block of the grid
     ):
-        """out = alpha * conv(a * a_scale, w) + beta * (box(z) @ r), then the epilogue.
+        """out = alpha * alpha_scale * conv(a * a_scale, w) + beta * (box(z) @ r), then the epilogue.
         With RGB_CHANNELS, also rgb = clamp(out @ mix^T + rgb_bias): the toRGB layer that reads
         out, computed from the tile as stored (one N tile holds every channel), so out is not
         read back from memory.
@@ -1027,15 +1053,15 @@ if triton is not None:
                 x_tile = tl.load(x_ptr + x_offsets, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
             if TOKEN_PRODUCTS:
                 grad_q_sums = tl.dot(tl.trans(z_box.to(x_tile.dtype)), x_tile, grad_q_sums, input_precision=INPUT_PRECISION)
-            if REDUCE_X:  # the conv part of grad s: sum over pixels of x * conv^T(g), before alpha
-                x_terms = tl.sum(x_tile.to(tl.float32) * acc, axis=0)
+            if REDUCE_X:  # the conv part of grad s: sum over pixels of x * conv^T(g) * scale, before alpha
+                x_terms = tl.sum(x_tile.to(tl.float32) * acc, axis=0) * alpha_scale
                 if TILES_PER_PROGRAM == 1:
                     tl.store(reduce_ptr + (b * chunks + chunk) * N + offs_n, x_terms, mask=n_ok)
                 else:
                     x_sums += x_terms
 
             alpha = tl.load(alpha_ptr + b * stride_alpha_b + offs_n * stride_alpha_n, mask=n_ok, other=0.0)
-            acc = acc * alpha[None, :]
+            acc = acc * (alpha.to(tl.float32) * alpha_scale)[None, :]
 
             if FUSE_PROJECTION:
                 if TILES_PER_PROGRAM > 1:
@@ -1637,6 +1663,31 @@ if triton is not None:
         tl.store(out, acc, mask=l_ok[:, None] & c_ok[None, :])
 
     @triton.jit
+    def _sum_partials_kernel(
+        partial_ptr,  # [OUTER, ROWS, INNER] fp32 contiguous
+        out_ptr,  # [OUTER, INNER] contiguous, any float dtype
+        ROWS,
+        INNER,
+        BLOCK_R: tl.constexpr,
+        BLOCK_I: tl.constexpr,
+    ):
+        """out[o, i] = sum over r of partial[o, r, i], in fp32 and in a fixed order (the same
+        result every run), rounded once to out's dtype. Program (i block, o)."""
+        outer = tl.program_id(1).to(tl.int64)
+        offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+        i_ok = offs_i < INNER
+        acc = tl.zeros((BLOCK_R, BLOCK_I), dtype=tl.float32)
+        for r0 in range(0, ROWS, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            acc += tl.load(
+                partial_ptr + (outer * ROWS + offs_r)[:, None] * INNER + offs_i[None, :],
+                mask=(offs_r < ROWS)[:, None] & i_ok[None, :],
+                other=0.0,
+            )
+        total = tl.sum(acc, axis=0)
+        tl.store(out_ptr + outer * INNER + offs_i, total.to(out_ptr.dtype.element_ty), mask=i_ok)
+
+    @triton.jit
     def _epilogue_products_kernel(
         grad_ptr,  # [B, N, H, W] grad of the output, any strides, if HAS_GRAD
         out_ptr,  # [B, N, H, W] the saved output, any strides
@@ -2114,23 +2165,27 @@ def _tuned_conv_gemm():
 def _launch_conv_gemm(
     a, a_scale, w, z, r, alpha, beta, out, *, mode, ksize, in_hw, out_hw, grid_hw, box_z, q=None,
     noise=None, noise_strength=None, bias=None, activate=False, clamp=None, x=None, rgb=None, sum_x=True,
-    token_products=False,
+    token_products=False, alpha_scale=1.0,
 ):  # fmt: skip
     """Launch `_conv_gemm_kernel`; tensors as its argument comments say (all on one device).
+    alpha [B, N] may be of any float dtype and strides (stride 0 for a constant); the conv part
+    is multiplied by alpha * alpha_scale.
 
     The low-rank term is off when r is None; with r, give either z (the projected input) or
     q (the projection, fused into the kernel; needs L <= 64). With x, the launch also sums
-    x * (the conv part) over each program's pixel blocks (one block, or up to
-    `CONV_PRODUCTS_MAX_TILES` with token_products), and returns those sums [B, programs, N] fp32
-    (the buffer is sized here: how many blocks there are depends on the loads the launch uses).
+    x * (the conv part) * alpha_scale over each program's pixel blocks (one block, or up to
+    `CONV_PRODUCTS_MAX_TILES` with token_products), and returns those partial sums
+    [B, programs, N] fp32 (the buffer is sized here: how many blocks there are depends on the
+    loads the launch uses); `_sum_partials` finishes them.
     With rgb = (mix [B, K, N] fp32, rgb_bias [K] or None, rgb_out [B, OUT_H, OUT_W, K] (any
     strides), rgb_clamp or None), the launch also writes the toRGB of its output (MODE 0,
     N <= `RGB_EPILOGUE_MAX_COUT`: the N tile spans every channel). sum_x=False skips the sums
     of x (x is then only for the token products).
 
     token_products (a grad-x launch, MODE 0 or 1, with q, r and x; K <= `CONV_TOKEN_PRODUCTS_MAX_K`):
-    the launch also returns the forward's token gradients, summed over pixels in fp32: then it
-    returns (the sums of x or None, grad p [B, L, K], grad q [B, L, N]), see the kernel."""
+    the launch also sums the forward's token gradients over pixels, per program in fp32: then it
+    returns (the sums of x or None, grad p's partials [B, R, L, K], grad q's [B, R', L, N]),
+    each finished by a sum over dim 1 (`_sum_partials`); see the kernel."""
     pixels = grid_hw[0] * grid_hw[1]
     batch, n, k = a.shape[0], w.shape[2], w.shape[1]
     if token_products and (mode == 2 or x is None or q is None or r is None or k > CONV_TOKEN_PRODUCTS_MAX_K):
@@ -2171,7 +2226,7 @@ def _launch_conv_gemm(
     def result():
         if not token_products:
             return partial
-        return partial, grad_p_sums.sum((1, 2)), grad_q_sums.sum(1)
+        return partial, grad_p_sums.flatten(1, 2), grad_q_sums
 
     if a.device.type == "meta":  # meta tensors hold no data: nothing to compute
         return result()
@@ -2199,7 +2254,7 @@ def _launch_conv_gemm(
         alpha.stride(0), alpha.stride(1), beta.stride(0), beta.stride(1),
         *noise_strides, float(clamp) if clamp is not None else 0.0,
         *(rgb_out.stride() if rgb is not None else (0, 0, 0, 0)),
-        float(rgb_clamp) if rgb_clamp is not None else 0.0,
+        float(rgb_clamp) if rgb_clamp is not None else 0.0, float(alpha_scale),
     )  # fmt: skip
     flags = dict(
         MODE=mode,
@@ -2412,11 +2467,18 @@ BOX_NONE, BOX_SAME, BOX_STRIDE2 = -1, 0, 1
 
 
 def _sum_over_pixels(
-    a: torch.Tensor, b: torch.Tensor, *, box: int = BOX_NONE, ksize: int = 1, over_batch: bool = False
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    box: int = BOX_NONE,
+    ksize: int = 1,
+    over_batch: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """box(a)^T b per sample, in fp32: a [B, A_H, A_W, L] (any strides), b [B, H, W, C] (rows
-    packed: stride(1) == W * stride(2)), both of one float dtype -> [B, L, C] summed over b's
-    H x W pixels, or [L, C] summed over the batch too when over_batch (shared tokens).
+    """box(a)^T b per sample, summed in fp32: a [B, A_H, A_W, L] (any strides), b [B, H, W, C]
+    (rows packed: stride(1) == W * stride(2)), both of one float dtype -> [B, L, C] summed over
+    b's H x W pixels, or [L, C] summed over the batch too when over_batch (shared tokens),
+    rounded once to `dtype`.
 
     box: how a reaches b's grid through the low-rank branch's all-ones ksize x ksize box:
     BOX_NONE (a is on b's grid), BOX_SAME (same padding) or BOX_STRIDE2 (a on the
@@ -2428,7 +2490,7 @@ def _sum_over_pixels(
     GEMM that is one output tile per sample reducing over a million pixels, a handful of thread
     blocks (cuBLAS chose no split-K: 3 ms a layer on an H100). `_pixel_products_kernel` splits
     the pixels across ~`PIXEL_REDUCTION_PROGRAMS` programs that write fp32 partial products,
-    summed here (deterministic, unlike atomics).
+    summed by `_sum_partials` (deterministic, unlike atomics).
     """
     batch, out_h, out_w, channels = b.shape
     a_h, a_w, rank = a.shape[1], a.shape[2], a.shape[3]
@@ -2452,7 +2514,34 @@ def _sum_over_pixels(
             INPUT_PRECISION=_fp32_input_precision() if a.dtype == torch.float32 else None,
             BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4,
         )  # fmt: skip
-    return partials.sum((0, 1)) if over_batch else partials.sum(1)
+    return _sum_partials(partials, dtype, over_batch=over_batch)
+
+
+def _sum_partials(partials: torch.Tensor, dtype: torch.dtype, *, over_batch: bool = False) -> torch.Tensor:
+    """The sums a launch left per program, finished: partials [B, R, *S] fp32 contiguous ->
+    [B, *S] (or [*S] summed over B too, when over_batch) in `dtype`, summed in fp32 and rounded
+    once. One launch of `_sum_partials_kernel`, where torch takes two (sum, then the cast).
+    """
+    if partials.dtype != torch.float32 or not partials.is_contiguous() or partials.ndim < 2:
+        raise ValueError(
+            f"partials: expected a contiguous fp32 [B, R, ...] tensor, got {partials.dtype} {tuple(partials.shape)}"
+        )
+    batch, rows, *inner_shape = partials.shape
+    outer = 1 if over_batch else batch
+    rows = rows * batch // outer
+    inner = math.prod(inner_shape)
+    out = torch.empty(((outer,) if not over_batch else ()) + tuple(inner_shape), dtype=dtype, device=partials.device)
+    _observe_launch("sum_partials", (partials,), (out,))
+    if partials.device.type == "meta" or out.numel() == 0:  # meta tensors hold no data: nothing to compute
+        return out
+    if rows == 0:
+        return out.zero_()
+    block_i = min(256, _next_pow2(inner))
+    block_r = min(_next_pow2(rows), max(1, 2048 // block_i))
+    _sum_partials_kernel[(triton.cdiv(inner, block_i), outer)](
+        partials, out, rows, inner, BLOCK_R=block_r, BLOCK_I=block_i, num_warps=4
+    )
+    return out
 
 
 # A plain layer whose token gradients take the fused route (M = box(x)^T g) runs its epilogue
@@ -2727,12 +2816,11 @@ def _triton_forward(
     w_taps = _derived_from_weight(
         weight, ("taps_forward",), lambda w: w.permute(2, 3, 1, 0).reshape(kernel * kernel, in_channels, out_channels).contiguous()
     )
+    # the conv part is multiplied by alpha * scale (the launch's alpha_scale), the low-rank one by beta
     if demod is not None:
-        alpha = (demod.float() * scale).contiguous()
-        beta = demod.float().contiguous()
+        alpha = beta = demod.float().contiguous()
     else:
-        alpha = torch.full((1, 1), scale, dtype=torch.float32, device=x.device).expand(batch, out_channels)
-        beta = torch.ones((1, 1), dtype=torch.float32, device=x.device).expand(batch, out_channels)
+        alpha = beta = _ones(batch, out_channels, x.device)
     p3, q3 = _as_batched_tokens(p), _as_batched_tokens(q)
     z = None
     if p3 is not None and not (out_channels <= FUSED_PROJECTION_MAX_COUT and q3.shape[1] <= 64):
@@ -2746,6 +2834,7 @@ def _triton_forward(
         _launch_conv_gemm(
             x_nhwc, styles, w_taps, z, p3, alpha, beta, transposed, mode=2, ksize=kernel,
             in_hw=(height, width), out_hw=(t_h, t_w), grid_hw=(height + 1, width + 1), box_z=True, q=q3,
+            alpha_scale=scale,
         )  # fmt: skip
         out = _alloc((batch, out_channels, 2 * height, 2 * width), x.dtype, x.device, torch.channels_last)
         _launch_blur(transposed, out.permute(0, 2, 3, 1), **epilogue)
@@ -2759,7 +2848,7 @@ def _triton_forward(
         _launch_conv_gemm(
             x_nhwc, styles, w_taps, z, p3, alpha, beta, out.permute(0, 2, 3, 1), mode=0, ksize=kernel,
             in_hw=(height, width), out_hw=(height, width), grid_hw=(height, width), box_z=True, q=q3, **epilogue,
-            rgb=rgb_launch,
+            rgb=rgb_launch, alpha_scale=scale,
         )  # fmt: skip
         if rgb is not None:
             return out, image
@@ -2930,11 +3019,13 @@ def _triton_backward(
         if not fused and need_p:  # grad p = sum over the conv's pixels of box(q x)^T g
             z = x_nhwc if _is_identity(q) else _project(x_nhwc, q3.to(grad_dtype), grad_dtype)
             if upsample:  # over z's pixels, as the fused route's M: z^T (the stride-2 box of g)
-                grad_p = _sum_over_pixels(g_conv, z, box=BOX_STRIDE2, ksize=kernel, over_batch=shared).mT
+                grad_p = _sum_over_pixels(
+                    g_conv, z, box=BOX_STRIDE2, ksize=kernel, over_batch=shared, dtype=p.dtype
+                ).mT
             else:
-                grad_p = _sum_over_pixels(z, g_conv, box=BOX_SAME, ksize=kernel, over_batch=shared)
+                grad_p = _sum_over_pixels(z, g_conv, box=BOX_SAME, ksize=kernel, over_batch=shared, dtype=p.dtype)
             del z
-            grad_p = grad_p.to(p.dtype).reshape(p.shape)
+            grad_p = grad_p.reshape(p.shape)
         if not fused and (need_q or need_x or need_styles) and _is_identity(p):
             gz = g_conv  # g p^T with p the identity factor
         elif not fused and (need_q or need_x or need_styles):  # gz = g p^T, on the conv's grid
@@ -2943,8 +3034,8 @@ def _triton_backward(
             gz = gz.reshape(batch, g_conv.shape[1], g_conv.shape[2], -1)
         if not fused and need_q:  # grad q = sum over x's pixels of box^T(gz)^T x
             box = BOX_STRIDE2 if upsample else BOX_SAME
-            grad_q = _sum_over_pixels(gz, x_nhwc, box=box, ksize=kernel, over_batch=shared)
-            grad_q = grad_q.to(q.dtype).reshape(q.shape)
+            grad_q = _sum_over_pixels(gz, x_nhwc, box=box, ksize=kernel, over_batch=shared, dtype=q.dtype)
+            grad_q = grad_q.reshape(q.shape)
 
     # 4. grad x (conv^T with W0 + the low-rank adjoint) and the conv part of grad styles
     grad_x, grad_styles = empty(), empty()
@@ -2961,27 +3052,25 @@ def _triton_backward(
                 lambda w: w.flip(2, 3).permute(2, 3, 0, 1).reshape(kernel * kernel, out_channels, in_channels).contiguous(),
             )  # fmt: skip
             mode = 0
-        alpha = (styles.float() * scale).contiguous()
-        beta = torch.ones((1, 1), dtype=torch.float32, device=device).expand(batch, in_channels)
+        # grad x = conv^T(g) * s * scale: alpha = s (styles) and alpha_scale = scale
         grad_x_nhwc = _alloc((batch, height, width, in_channels), x.dtype, device)
         partial_styles = _launch_conv_gemm(
-            g_conv, None, w_taps, gz, q3, alpha, beta, grad_x_nhwc, mode=mode, ksize=kernel,
-            in_hw=(g_conv.shape[1], g_conv.shape[2]), out_hw=(height, width), grid_hw=(height, width), box_z=True,
-            q=p3.to(grad_dtype) if fused else None, x=x_nhwc if (need_styles or conv_products) else None,
-            sum_x=need_styles, token_products=conv_products,
+            g_conv, None, w_taps, gz, q3, styles, _ones(batch, in_channels, device), grad_x_nhwc, mode=mode,
+            ksize=kernel, in_hw=(g_conv.shape[1], g_conv.shape[2]), out_hw=(height, width), grid_hw=(height, width),
+            box_z=True, q=p3.to(grad_dtype) if fused else None, x=x_nhwc if (need_styles or conv_products) else None,
+            sum_x=need_styles, token_products=conv_products, alpha_scale=scale,
         )  # fmt: skip
         if conv_products:  # grad p = q M and grad q = p M^T, summed by the launch without M
-            partial_styles, token_grad_p, token_grad_q = partial_styles
-            if p3.shape[0] == 1:  # shared tokens: summed over the batch too
-                token_grad_p, token_grad_q = token_grad_p.sum(0), token_grad_q.sum(0)
+            partial_styles, partial_p, partial_q = partial_styles
+            shared = p3.shape[0] == 1  # shared tokens: summed over the batch too
             if need_p:
-                grad_p = token_grad_p.to(p.dtype).reshape(p.shape)
+                grad_p = _sum_partials(partial_p, p.dtype, over_batch=shared).reshape(p.shape)
             if need_q:
-                grad_q = token_grad_q.to(q.dtype).reshape(q.shape)
+                grad_q = _sum_partials(partial_q, q.dtype, over_batch=shared).reshape(q.shape)
         if need_x:
             grad_x = grad_x_nhwc.permute(0, 3, 1, 2)
         if need_styles:
-            grad_styles = (partial_styles.sum(1) * scale).to(styles.dtype)
+            grad_styles = _sum_partials(partial_styles, styles.dtype)
     del gz
 
     # 5. the weight gradient, only when asked: one dense conv weight-gradient against x * s
@@ -3160,21 +3249,10 @@ def _reduced_rank_tokens(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor
     return identity, p.mT @ q
 
 
-# (size, dtype, device) -> the identity `_reduced_rank_tokens` hands out, so that `_is_identity`
-# can recognise its views
-_IDENTITIES: dict = {}
-
-
 def _identity_matrix(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One identity per (size, dtype, device). While a CUDA graph is being captured a fresh one
-    is made and not kept: a kernel captured is not run, so a kept one would hold garbage."""
-    key = (size, dtype, device)
-    identity = _IDENTITIES.get(key)
-    if identity is None:
-        identity = torch.eye(size, dtype=dtype, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _IDENTITIES[key] = identity
-    return identity
+    """The identity `_reduced_rank_tokens` hands out, one per (size, dtype, device), so that
+    `_is_identity` can recognise its views."""
+    return _kept_constant(("identity", size, dtype, device), lambda: torch.eye(size, dtype=dtype, device=device))
 
 
 def _is_identity(tokens: torch.Tensor | None) -> bool:
@@ -3185,7 +3263,7 @@ def _is_identity(tokens: torch.Tensor | None) -> bool:
     if tokens is None or tokens.shape[-1] != tokens.shape[-2]:
         return False
     base = tokens._base if tokens._base is not None else tokens
-    return base is _IDENTITIES.get((tokens.shape[-1], tokens.dtype, tokens.device))
+    return base is _CONSTANTS.get(("identity", tokens.shape[-1], tokens.dtype, tokens.device))
 
 
 def _triton_arguments(
