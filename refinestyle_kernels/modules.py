@@ -23,6 +23,7 @@ from refinestyle_kernels.ops.modulated_conv2d import (
     UPSAMPLE_BLUR_PAD,
     UPSAMPLE_BLUR_TAPS,
     UPSAMPLE_FACTOR,
+    _derived_from_weight,
     styled_conv2d,
 )
 from refinestyle_kernels.ops.styled_conv2d_to_rgb import styled_conv2d_to_rgb
@@ -98,8 +99,14 @@ class EqualLinear(nn.Module):
             return fused_leaky_relu(nn.functional.linear(input, self.weight * self.scale), bias)
         if self.bias is None:
             return torch.mm(input, self.weight.t()) * self.scale
-        # one launch, where scaling the weight and the bias first takes three: the 26 style
-        # affines of a 1024 px generator run once per layer per step
+        if not self.weight.requires_grad:
+            # frozen (RefineStyle's generator): weight * scale made once and kept, rounded as
+            # rosinality's F.linear(input, weight * scale) rounds it; then the backward is one mm,
+            # where alpha=scale adds a scaling launch (the 26 style affines of a 1024 px generator
+            # run once per layer per step)
+            scaled = _derived_from_weight(self.weight, ("equal_linear", self.scale), lambda w: w * self.scale)
+            return torch.addmm(self.bias, input, scaled.t(), beta=self.lr_mul)
+        # one launch, where scaling the weight and the bias first takes three
         return torch.addmm(self.bias, input, self.weight.t(), beta=self.lr_mul, alpha=self.scale)
 
     def extra_repr(self) -> str:

@@ -89,6 +89,40 @@ def test_style_affine_is_one_matmul_with_rosinalitys_math(bias):
         assert torch.allclose(got, want, atol=1e-12)
 
 
+def test_frozen_style_affine_backward_is_one_matmul():
+    """Frozen (RefineStyle's generator): weight * scale is made once and kept, so the forward is
+    one addmm and the backward to the input one mm (no scaling launch); the values are
+    rosinality's F.linear(x, weight * scale, bias * lr_mul). A changed weight is picked up."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(2)
+    layer = EqualLinear(5, 3, bias_init=1, lr_mul=0.5).double().requires_grad_(False)
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    layer(x)  # makes and keeps the scaled weight
+    grad_y = torch.randn(4, 3, dtype=torch.float64)
+    with Ops() as forward:
+        y = layer(x)
+    with Ops() as backward:
+        (grad,) = torch.autograd.grad(y, [x], grad_y)
+    assert [name for name in forward.names if name != "t"] == ["addmm"], forward.names
+    assert [name for name in backward.names if name not in ("t", "transpose")] == ["mm"], backward.names
+    expected = F.linear(x, layer.weight * layer.scale, layer.bias * layer.lr_mul)
+    assert torch.allclose(y, expected, atol=1e-12)
+    assert torch.allclose(grad, torch.autograd.grad(expected, [x], grad_y)[0], atol=1e-12)
+    with torch.no_grad():
+        layer.weight.mul_(2)  # a new version of the frozen weight: the kept scaled copy is stale
+    assert torch.allclose(layer(x), F.linear(x, layer.weight * layer.scale, layer.bias * layer.lr_mul), atol=1e-12)
+
+
 @pytest.mark.parametrize("upsample", [False, True])
 def test_styled_conv_is_rosinalitys_layer(upsample):
     torch.manual_seed(1)

@@ -38,6 +38,7 @@ def upfirdn2d(
     if up < 1 or down < 1:
         raise ValueError(f"up, down: expected positive integers, got {up}, {down}")
     batch, channels, height, width = x.shape
+    filter_buffer = kernel
     kernel = kernel.to(x.dtype)
     pad0, pad1 = pad
     kh, kw = kernel.shape
@@ -46,7 +47,14 @@ def upfirdn2d(
     transposed_pad = (kh - 1 - pad0, kw - 1 - pad0)
     output_pad = up - 1 + pad1 - pad0
     if up > 1 and down == 1 and min(transposed_pad) >= 0 and 0 <= output_pad < up:
-        weight = kernel[None, None].expand(channels, 1, kh, kw).contiguous()
+        # a module's filter buffer is constant: its depthwise weight is made once and kept
+        from refinestyle_kernels.ops.modulated_conv2d import _derived_from_weight  # (imports this module)
+
+        weight = _derived_from_weight(
+            filter_buffer,
+            ("depthwise", channels, x.dtype),
+            lambda k: k.to(x.dtype)[None, None].expand(channels, 1, kh, kw).contiguous(),
+        )
         return F.conv_transpose2d(
             x, weight, stride=up, padding=transposed_pad, output_padding=output_pad, groups=channels
         )
