@@ -39,7 +39,7 @@ case "${1:-}" in
     ;;
 2)
     $python -m benchmarks --suite headline --groups generator --max-minutes 8 --output "$out/headline-generator.json" \
-        --impls reference,nvlabs,torch,triton,compile-triton,reference+graph,torch+graph,triton+graph 2>&1 |
+        --impls reference,nvlabs,torch,triton,reference+graph,torch+graph,triton+graph,compile-triton+graph 2>&1 |
         tee "$out/headline-generator.log" | tail -n 40
     ;;
 3)

@@ -106,7 +106,8 @@ def graphed(implementation: Implementation) -> Implementation:
 def registry() -> dict[str, Implementation]:
     """Every known implementation by name, in report order."""
     base = [REFERENCE, NVLABS, TORCH, compiled(REFERENCE), compiled(NVLABS), compiled(TORCH), TRITON, compiled(TRITON)]
-    graphs = [graphed(impl) for impl in (REFERENCE, NVLABS, TORCH, TRITON)]
+    # compiled and then captured: the fused glue and no host time (compile-<name>+graph)
+    graphs = [graphed(impl) for impl in (REFERENCE, NVLABS, TORCH, TRITON, *(compiled(i) for i in (NVLABS, TORCH, TRITON)))]
     return {impl.name: impl for impl in base + graphs}
 
 
@@ -123,6 +124,9 @@ GPU_DEFAULT = (
     "nvlabs+graph",
     "torch+graph",
     "triton+graph",
+    "compile-nvlabs+graph",
+    "compile-torch+graph",
+    "compile-triton+graph",
 )
 CPU_DEFAULT = ("reference", "torch")  # the 3-minute budget; add nvlabs with --impls
 

@@ -303,9 +303,11 @@ OTHER_KERNELS = (
         for blocks in [op_module._epilogue_products_blocks(channels, channels)]
     ),
     *(
+        # the backward as eager training runs it: adding into the conv's gradients of s, p, q
         OtherKernel(f"demodulation{' backward' if backward else ''}, L={rank}",
                     "_demodulation_backward_kernel" if backward else "_demodulation_kernel",
-                    dict(HAS_TOKENS=True, HAS_RESIDUAL=False, **dict(zip(("BLOCK_O", "BLOCK_I", "BLOCK_L"), blocks[:3]))),
+                    dict(HAS_TOKENS=True, HAS_RESIDUAL=False, **dict(zip(("BLOCK_O", "BLOCK_I", "BLOCK_L"), blocks[:3])),
+                         **(dict(ACCUMULATE_STYLES=True, ACCUMULATE_TOKENS=True) if backward else {})),
                     _DEMODULATION_POINTERS, num_warps=blocks[3])
         for rank in (32, 64) for backward in (False, True)
         for blocks in [op_module._demodulation_blocks(512, 512, rank, backward)]
@@ -316,7 +318,8 @@ OTHER_KERNELS = (
     *(
         OtherKernel(f"demodulation{' backward' if backward else ''}, shared residual",
                     "_demodulation_backward_kernel" if backward else "_demodulation_kernel",
-                    dict(HAS_TOKENS=False, HAS_RESIDUAL=True, **dict(zip(("BLOCK_O", "BLOCK_I", "BLOCK_L"), blocks[:3]))),
+                    dict(HAS_TOKENS=False, HAS_RESIDUAL=True, **dict(zip(("BLOCK_O", "BLOCK_I", "BLOCK_L"), blocks[:3])),
+                         **(dict(ACCUMULATE_STYLES=True, ACCUMULATE_TOKENS=False) if backward else {})),
                     _DEMODULATION_POINTERS, num_warps=blocks[3])
         for backward in (False, True)
         for blocks in [op_module._demodulation_blocks(512, 512, 1, backward)]

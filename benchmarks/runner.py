@@ -491,7 +491,7 @@ TARGETS = (
 
 
 # the fused variants the targets may be met by, eager first
-FUSED_VARIANTS = ("triton", "compile-triton", "triton+graph")
+FUSED_VARIANTS = ("triton", "compile-triton", "triton+graph", "compile-triton+graph")
 
 
 def evaluate_targets(records: list[dict]) -> list[dict]:

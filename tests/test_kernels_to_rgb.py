@@ -154,6 +154,20 @@ def test_interpreted_pair_matches_the_two_reference_layers(pair):
 
 @needs_interpreter
 @pytest.mark.parametrize(
+    "pair", [Pair(train_weights=False), Pair(tokens="shared", train_weights=False, grad_out=False)], ids=str
+)
+def test_deferred_demodulation_in_the_pair(pair, monkeypatch):
+    """Frozen weights in eager training: the pair's Function runs the conv's demodulation
+    backward itself (no `_TritonDemodulation` node), with the reference's gradients."""
+    applied = []
+    apply = op_module._TritonDemodulation.apply
+    monkeypatch.setattr(op_module._TritonDemodulation, "apply", lambda *a: applied.append(1) or apply(*a))
+    check_pair(pair, torch.float32, "cpu", 2e-5, seed=4)
+    assert not applied
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
     "out_channels, switched_off, forward_launches", [(6, False, 1), (130, False, 2), (6, True, 2)]
 )
 def test_the_toRGB_runs_inside_the_conv_launches(out_channels, switched_off, forward_launches, monkeypatch):
@@ -204,6 +218,7 @@ def test_inference_runs_the_fused_forward():
 def test_batches_past_the_launch_limit_compose_the_two_layers(monkeypatch):
     pair = Pair()
     inputs = {k: v.float() if v is not None else None for k, v in make_inputs(pair).items()}
+    inputs["styles"].requires_grad_(True)  # a training call: the pair's autograd.Function (inference skips it)
     calls = []
     monkeypatch.setattr(rgb_module._StyledConv2dToRGBFunction, "apply", lambda *a: calls.append(a) or (None, None))
     monkeypatch.setattr(rgb_module, "MAX_LAUNCH_BATCH", 1)  # batch 2 runs in chunks, layer by layer

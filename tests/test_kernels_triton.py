@@ -445,6 +445,43 @@ DEMOD_APPLY = op_module._TritonDemodulation.apply
 
 
 @needs_interpreter
+@pytest.mark.parametrize(
+    "layer, in_kernel",
+    [
+        (Layer(num_tokens=4, train_weight=False), (True, True)),  # per sample: s, p, q added as stored
+        (Layer(upsample=True, num_tokens=4, train_weight=False), (True, True)),
+        (Layer(tokens="shared", num_tokens=3, train_weight=False), (True, False)),  # shared: summed after
+        (Layer(num_tokens=7, train_weight=False), (True, False)),  # refactored: q is the identity (no grad)
+        (Layer(tokens=None, train_weight=False), (True, False)),
+        # 64 < L shared: d through the residual p^T q
+        (Layer(batch=2, in_channels=70, out_channels=72, height=3, width=4, tokens="shared", num_tokens=66,
+               train_weight=False), (True, False)),  # fmt: skip
+    ],
+    ids=lambda value: str(value) if isinstance(value, Layer) else None,
+)
+def test_deferred_demodulation_adds_its_gradients_in_the_kernel(layer, in_kernel, monkeypatch):
+    """In eager training the layer's Function runs the demodulation's backward itself, adding
+    the gradients of s, p and q through d to the conv's in the kernel where their layout allows
+    (per-sample tokens), and no `_TritonDemodulation` autograd node is recorded. The gradients
+    are the float64 reference's."""
+    applied, accumulated = [], []
+    monkeypatch.setattr(op_module._TritonDemodulation, "apply", lambda *a: applied.append(1) or DEMOD_APPLY(*a))
+    original = op_module._demodulation_backward
+
+    def probe(saved, options, grad_demod, needs, accumulate=(None, None, None)):
+        result = original(saved, options, grad_demod, needs, accumulate)
+        accumulated.append(tuple(given is not None and given is got for given, got in zip(accumulate, result)))
+        return result
+
+    monkeypatch.setattr(op_module, "_demodulation_backward", probe)
+    check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=21)
+    assert not applied
+    styles_in_place, tokens_in_place = in_kernel
+    assert accumulated == [(styles_in_place, tokens_in_place, tokens_in_place)], accumulated
+
+
+
+@needs_interpreter
 def test_fused_projection_writes_no_projected_input(monkeypatch):
     """Up to FUSED_PROJECTION_MAX_COUT output channels the forward never materialises z."""
     inputs = {k: v.float() if v is not None else None for k, v in make_inputs(Layer(num_tokens=32), seed=2).items()}
@@ -645,9 +682,10 @@ def test_sum_partials_refuses_what_it_cannot_read_and_plans_on_meta():
 def test_layer_glue_launches(upsample, monkeypatch):
     """What a refined layer launches besides its kernels, planned on meta tensors (bf16,
     channels-last x, frozen weight): no constant fills, and no casts or scalings of alpha, beta or
-    the finished sums (the kernels take them as they are: `alpha_scale`, `_sum_partials`). The
-    backward's only torch ops are grad d's sum over the epilogue's pixel blocks and autograd
-    adding the demodulation's gradients of s, p and q to the conv's."""
+    the finished sums (the kernels take them as they are: `alpha_scale`, `_sum_partials`), and
+    no autograd additions of the demodulation's gradients of s, p and q to the conv's (the
+    demodulation backward adds them as it stores: `_merge_deferred_demodulation`). The backward's
+    only torch op is grad d's sum over the epilogue's pixel blocks."""
     from benchmarks.traffic import TrafficRecorder
 
     layer = Layer(batch=2, in_channels=16, out_channels=16, height=8, width=8, num_tokens=4, upsample=upsample)
@@ -674,7 +712,8 @@ def test_layer_glue_launches(upsample, monkeypatch):
     glue = {phase: sorted(l.kernel for l in recorder.launches if l.phase == phase and l.kernel.startswith("aten."))
             for phase in ("forward", "backward")}  # fmt: skip
     assert kernels.count("sum_partials") == 3, kernels  # grad p, grad q, grad s
-    assert glue == {"forward": [], "backward": ["aten.add"] * 3 + ["aten.sum"]}, glue
+    assert glue == {"forward": [], "backward": ["aten.sum"]}, glue
+    assert kernels.count("demodulation") == kernels.count("demodulation_backward") == 1, kernels
 
 
 def test_epilogue_products_blocks_hold_every_channel():

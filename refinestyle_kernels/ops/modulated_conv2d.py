@@ -1923,9 +1923,9 @@ if triton is not None:
         q_ptr,
         u_ptr,
         gp_ptr,
-        grad_styles_ptr,  # [B, CIN] out, styles' dtype
-        grad_p_ptr,  # [B, L, COUT] out, if HAS_TOKENS (per sample also for shared tokens)
-        grad_q_ptr,  # [B, L, CIN] out, if HAS_TOKENS
+        grad_styles_ptr,  # [B, CIN] out, styles' dtype (added to, if ACCUMULATE_STYLES)
+        grad_p_ptr,  # [B, L, COUT] out, if HAS_TOKENS (per sample also for shared tokens; added to, if ACCUMULATE_TOKENS)
+        grad_q_ptr,  # [B, L, CIN] out, if HAS_TOKENS (added to, if ACCUMULATE_TOKENS)
         t_ptr,  # [COUT, CIN] fp32, if HAS_RESIDUAL (as the forward)
         grad_energy_ptr,  # [B, COUT] fp32 out: dE, if HAS_RESIDUAL (for the gradients of T and c)
         CIN,
@@ -1937,6 +1937,8 @@ if triton is not None:
         taps,
         HAS_TOKENS: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
+        ACCUMULATE_STYLES: tl.constexpr,  # add to what grad_styles_ptr holds (the conv's part)
+        ACCUMULATE_TOKENS: tl.constexpr,  # add to what grad_p_ptr and grad_q_ptr hold
         BLOCK_O: tl.constexpr,
         BLOCK_I: tl.constexpr,
         BLOCK_L: tl.constexpr,
@@ -1986,7 +1988,11 @@ if triton is not None:
                 grad_styles += 2.0 * scale * tl.sum(q * cross, axis=0)
                 # the residual sum_o dE_o p_o^T (q q^T) p_o has q-gradient 2 (p diag(dE) p^T) q
                 grad_q = 2.0 * scale * s[None, :] * cross + 2.0 * taps * tl.dot(outer, q, input_precision="ieee")
+                if ACCUMULATE_TOKENS:
+                    grad_q += tl.load(grad_q_ptr + q_offsets, mask=q_mask, other=0.0).to(tl.float32)
                 tl.store(grad_q_ptr + q_offsets, grad_q.to(grad_q_ptr.dtype.element_ty), mask=q_mask)
+            if ACCUMULATE_STYLES:
+                grad_styles += tl.load(grad_styles_ptr + b * CIN + offs_i, mask=i_ok, other=0.0).to(tl.float32)
             tl.store(grad_styles_ptr + b * CIN + offs_i, grad_styles.to(grad_styles_ptr.dtype.element_ty), mask=i_ok)
         else:
             if HAS_TOKENS:
@@ -1998,6 +2004,8 @@ if triton is not None:
                 u = tl.load(u_ptr + token_offsets, mask=token_mask, other=0.0)
                 gp = tl.load(gp_ptr + token_offsets, mask=token_mask, other=0.0)
                 grad_p = 2.0 * grad_energy[None, :] * (scale * u + taps * gp)
+                if ACCUMULATE_TOKENS:
+                    grad_p += tl.load(grad_p_ptr + token_offsets, mask=token_mask, other=0.0).to(tl.float32)
                 tl.store(grad_p_ptr + token_offsets, grad_p.to(grad_p_ptr.dtype.element_ty), mask=token_mask)
             if HAS_RESIDUAL:
                 offs_o = (tl.program_id(0) - i_blocks) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -2646,6 +2654,131 @@ def _demodulation_blocks(in_channels: int, out_channels: int, rank: int, backwar
     return block_o, min(block_i, max(16, _next_pow2(in_channels))), block_l, 8 if wide else 4
 
 
+def _demodulation_forward(weight, styles, p, q, scale, eps) -> tuple[torch.Tensor, tuple, tuple]:
+    """d [B, Cout] fp32 by `_demodulation_kernel` (see `_TritonDemodulation`), with what its
+    backward needs: (d, saved tensors, options) for `_demodulation_backward`. No autograd."""
+    batch, in_channels = styles.shape
+    out_channels = weight.shape[0]
+    taps = float(weight.shape[2] * weight.shape[3])
+    token_shapes = (p.shape, q.shape, p.dtype, q.dtype) if p is not None else None
+    s1, s2 = _tap_sums(weight, torch.float32)
+    styles = styles.contiguous()
+    residual = p is not None and p.shape[-2] > TRITON_DEMODULATION_MAX_TOKENS
+    if residual and not _shared_tokens(p):
+        raise ValueError(
+            f"p: the Triton demodulation takes at most {TRITON_DEMODULATION_MAX_TOKENS} per-sample tokens "
+            f"(more only when shared, [L, Cout]), got {tuple(p.shape)}"
+        )
+    rank = p.shape[-2] if p is not None and not residual else 1
+    device = styles.device
+    demod = _alloc((batch, out_channels), torch.float32, device)
+    energy = _alloc((batch, out_channels), torch.float32, device)
+    u = gp = r = t = c = None
+    token_strides = (0, 0)
+    if residual:  # shared tokens, any L: through R = p^T q, once for the batch
+        p = p.reshape(-1, out_channels).float()
+        q = q.reshape(-1, in_channels).float()
+        r = p.t() @ q
+        t = s1 * r
+        c = r.square().sum(1).mul_(taps)
+    elif p is not None:
+        p, q = _as_batched_tokens(p), _as_batched_tokens(q)
+        token_strides = (p.stride(0) if p.shape[0] > 1 else 0, q.stride(0) if q.shape[0] > 1 else 0)
+        u = _alloc((batch, rank, out_channels), torch.float32, device)
+        gp = _alloc((batch, rank, out_channels), torch.float32, device)
+    block_o, block_i, block_l, warps = _demodulation_blocks(in_channels, out_channels, rank, backward=False)
+    _observe_launch("demodulation", (styles, s1, s2, p, q, t, c), (demod, energy, u, gp))
+    if device.type != "meta":  # meta tensors hold no data: nothing to compute
+        tokens = not residual and p is not None
+        _demodulation_kernel[(triton.cdiv(out_channels, block_o), batch)](
+            styles, s1, s2, p if tokens else s1, q if tokens else s1, demod, energy,
+            u if u is not None else demod, gp if gp is not None else demod,
+            t if residual else s1, c if residual else demod,
+            in_channels, out_channels, rank, *token_strides, float(scale), float(eps), taps,
+            HAS_TOKENS=tokens, HAS_RESIDUAL=residual,
+            BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=warps,
+        )  # fmt: skip
+    saved = (weight, styles, p, q, demod, energy, u, gp, r, t)
+    return demod, saved, (float(scale), token_strides, token_shapes, residual)
+
+
+def _demodulation_backward(saved, options, grad_demod, needs, accumulate=(None, None, None)) -> tuple:
+    """(grad styles, grad p, grad q) of `_demodulation_forward`'s d, None where needs (three
+    bools) says not wanted. accumulate: for each of the three, None or a gradient from another
+    path (styles' dtype and shape; p's and q's) that the result is added to, in the kernel where
+    its layout allows (per-sample tokens, contiguous): then that tensor is updated in place and
+    returned, and no separate add is launched."""
+    weight, styles, p, q, demod, energy, u, gp, r, t = saved
+    scale, token_strides, token_shapes, residual = options
+    batch, in_channels = styles.shape
+    out_channels = weight.shape[0]
+    taps = float(weight.shape[2] * weight.shape[3])
+    tokens = p is not None and not residual
+    s1, s2 = _tap_sums(weight, torch.float32)
+    rank = p.shape[1] if tokens else 1
+    shared = tokens and p.shape[0] == 1 and batch > 1
+    need_styles, need_p, need_q = needs
+    add_styles, add_p, add_q = accumulate
+    p_shape, q_shape, p_dtype, q_dtype = token_shapes if token_shapes is not None else (None,) * 4
+
+    def in_place(given, shape, dtype):  # whether the kernel can add into `given` as it stores
+        return given is not None and given.is_contiguous() and given.shape == shape and given.dtype == dtype
+
+    into_styles = need_styles and in_place(add_styles, styles.shape, styles.dtype)
+    # per-sample tokens only: shared ones are summed over the batch after the kernel
+    into_tokens = (
+        tokens and not shared and need_p and need_q
+        and in_place(add_p, (batch, rank, out_channels), p_dtype) and in_place(add_q, (batch, rank, in_channels), q_dtype)
+    )  # fmt: skip
+    grad_styles = add_styles if into_styles else _alloc(styles.shape, styles.dtype, styles.device)
+    grad_p = grad_q = grad_energy = None
+    if into_tokens:
+        grad_p, grad_q = add_p, add_q
+    elif tokens:  # per sample; shared tokens sum them over the batch afterwards, in fp32
+        token_dtype = torch.float32 if shared else p_dtype
+        grad_p = _alloc((batch, rank, out_channels), token_dtype, p.device)
+        grad_q = _alloc((batch, rank, in_channels), token_dtype, q.device)
+    if residual:
+        grad_energy = _alloc((batch, out_channels), torch.float32, styles.device)
+    block_o, block_i, block_l, warps = _demodulation_blocks(in_channels, out_channels, rank, backward=True)
+    programs = triton.cdiv(in_channels, block_i) + (triton.cdiv(out_channels, block_o) if p is not None else 0)
+    grad_demod = grad_demod.contiguous()
+    added_to = ([grad_styles] if into_styles else []) + ([grad_p, grad_q] if into_tokens else [])
+    _observe_launch(
+        "demodulation_backward", (grad_demod, demod, energy, styles, s1, s2, p, q, u, gp, t, *added_to),
+        (grad_styles, grad_p, grad_q, grad_energy),
+    )  # fmt: skip
+    if styles.device.type != "meta":  # meta tensors hold no data: nothing to compute
+        _demodulation_backward_kernel[(programs, batch)](
+            grad_demod, demod, energy, styles, s1, s2,
+            p if tokens else s1, q if tokens else s1, u if u is not None else demod,
+            gp if gp is not None else demod, grad_styles,
+            grad_p if grad_p is not None else demod, grad_q if grad_q is not None else demod,
+            t if residual else s1, grad_energy if residual else demod,
+            in_channels, out_channels, rank, *token_strides, scale, taps,
+            HAS_TOKENS=tokens, HAS_RESIDUAL=residual, ACCUMULATE_STYLES=into_styles, ACCUMULATE_TOKENS=into_tokens,
+            BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=warps,
+        )  # fmt: skip
+    if residual and (need_p or need_q):
+        # E = ... + 2 scale s (S1 * R)^T + taps rowsum(R^2): grad R = S1 * grad T + 2 taps sum_b dE * R
+        grad_t = (grad_energy.t() @ styles.float()).mul_(2 * scale)  # [Cout, Cin]
+        grad_r = grad_t.mul_(s1).add_(r * grad_energy.sum(0).mul_(2 * taps)[:, None])
+        grad_p = (q @ grad_r.t()).to(p_dtype).reshape(p_shape)  # R = p^T q: grad p = q grad_R^T
+        grad_q = (p @ grad_r).to(q_dtype).reshape(q_shape)
+    elif shared:  # back to [L, C], summed over the batch in fp32 and rounded once
+        grad_p = _sum_partials(grad_p[None], p_dtype, over_batch=True).reshape(p_shape)
+        grad_q = _sum_partials(grad_q[None], q_dtype, over_batch=True).reshape(q_shape)
+    elif tokens and not into_tokens and grad_p.shape != p_shape:
+        grad_p, grad_q = grad_p.reshape(p_shape), grad_q.reshape(q_shape)
+    if need_styles and add_styles is not None and not into_styles:
+        grad_styles = add_styles + grad_styles
+    if need_p and add_p is not None and not into_tokens:
+        grad_p = add_p + grad_p
+    if need_q and add_q is not None and not into_tokens:
+        grad_q = add_q + grad_q
+    return grad_styles if need_styles else None, grad_p if need_p else None, grad_q if need_q else None
+
+
 class _TritonDemodulation(torch.autograd.Function):
     """`demodulation_coefficients` for the Triton backend in two kernel launches, forward and
     backward, instead of ~50 small torch ops: at 8-128 px the layer's host time was the step's
@@ -2656,111 +2789,25 @@ class _TritonDemodulation(torch.autograd.Function):
     the products u, gp per sample). Wider shared sets (the L = 256 domain adapters on the
     256-512 channel layers) enter as their residual R = p^T q [Cout, Cin], computed once for
     the batch: E = scale^2 (s^2) S2^T + 2 scale s (S1 * R)^T + taps * rowsum(R^2), and the
-    backward takes grad R from the kernel's dE with three small matmuls."""
+    backward takes grad R from the kernel's dE with three small matmuls.
+
+    In eager training the layer's own autograd.Function runs `_demodulation_forward` and
+    `_demodulation_backward` itself instead (see `_DeferredDemodulation`), so that the
+    gradients of s, p and q through d are added to the conv's inside the kernel rather than
+    by three autograd additions per layer."""
 
     @staticmethod
     def forward(ctx, weight, styles, p, q, scale, eps):
-        batch, in_channels = styles.shape
-        out_channels = weight.shape[0]
-        taps = float(weight.shape[2] * weight.shape[3])
-        token_shapes = (p.shape, q.shape, p.dtype, q.dtype) if p is not None else None
-        s1, s2 = _tap_sums(weight, torch.float32)
-        styles = styles.contiguous()
-        residual = p is not None and p.shape[-2] > TRITON_DEMODULATION_MAX_TOKENS
-        if residual and not _shared_tokens(p):
-            raise ValueError(
-                f"p: the Triton demodulation takes at most {TRITON_DEMODULATION_MAX_TOKENS} per-sample tokens "
-                f"(more only when shared, [L, Cout]), got {tuple(p.shape)}"
-            )
-        rank = p.shape[-2] if p is not None and not residual else 1
-        device = styles.device
-        demod = _alloc((batch, out_channels), torch.float32, device)
-        energy = _alloc((batch, out_channels), torch.float32, device)
-        u = gp = r = t = c = None
-        token_strides = (0, 0)
-        if residual:  # shared tokens, any L: through R = p^T q, once for the batch
-            p = p.reshape(-1, out_channels).float()
-            q = q.reshape(-1, in_channels).float()
-            r = p.t() @ q
-            t = s1 * r
-            c = r.square().sum(1).mul_(taps)
-        elif p is not None:
-            p, q = _as_batched_tokens(p), _as_batched_tokens(q)
-            token_strides = (p.stride(0) if p.shape[0] > 1 else 0, q.stride(0) if q.shape[0] > 1 else 0)
-            u = _alloc((batch, rank, out_channels), torch.float32, device)
-            gp = _alloc((batch, rank, out_channels), torch.float32, device)
-        block_o, block_i, block_l, warps = _demodulation_blocks(in_channels, out_channels, rank, backward=False)
-        _observe_launch("demodulation", (styles, s1, s2, p, q, t, c), (demod, energy, u, gp))
-        if device.type != "meta":  # meta tensors hold no data: nothing to compute
-            tokens = not residual and p is not None
-            _demodulation_kernel[(triton.cdiv(out_channels, block_o), batch)](
-                styles, s1, s2, p if tokens else s1, q if tokens else s1, demod, energy,
-                u if u is not None else demod, gp if gp is not None else demod,
-                t if residual else s1, c if residual else demod,
-                in_channels, out_channels, rank, *token_strides, float(scale), float(eps), taps,
-                HAS_TOKENS=tokens, HAS_RESIDUAL=residual,
-                BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=warps,
-            )  # fmt: skip
-        ctx.save_for_backward(weight, styles, p, q, demod, energy, u, gp, r, t)
-        ctx.scale = float(scale)
-        ctx.token_strides = token_strides
-        ctx.token_shapes = token_shapes
-        ctx.residual = residual
+        demod, saved, options = _demodulation_forward(weight, styles, p, q, scale, eps)
+        ctx.save_for_backward(*saved)
+        ctx.options = options
         return demod
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_demod):
-        weight, styles, p, q, demod, energy, u, gp, r, t = ctx.saved_tensors
-        batch, in_channels = styles.shape
-        out_channels = weight.shape[0]
-        taps = float(weight.shape[2] * weight.shape[3])
-        residual = ctx.residual
-        tokens = p is not None and not residual
-        s1, s2 = _tap_sums(weight, torch.float32)
-        rank = p.shape[1] if tokens else 1
-        shared = tokens and p.shape[0] == 1 and batch > 1
-        grad_styles = _alloc(styles.shape, styles.dtype, styles.device)
-        grad_p = grad_q = grad_energy = None
-        if tokens:  # per sample; shared tokens sum them over the batch afterwards, in fp32
-            token_dtype = torch.float32 if shared else p.dtype
-            grad_p = _alloc((batch, rank, out_channels), token_dtype, p.device)
-            grad_q = _alloc((batch, rank, in_channels), token_dtype, q.device)
-        if residual:
-            grad_energy = _alloc((batch, out_channels), torch.float32, styles.device)
-        block_o, block_i, block_l, warps = _demodulation_blocks(in_channels, out_channels, rank, backward=True)
-        programs = triton.cdiv(in_channels, block_i) + (triton.cdiv(out_channels, block_o) if p is not None else 0)
-        grad_demod = grad_demod.contiguous()
-        _observe_launch(
-            "demodulation_backward", (grad_demod, demod, energy, styles, s1, s2, p, q, u, gp, t),
-            (grad_styles, grad_p, grad_q, grad_energy),
-        )  # fmt: skip
-        if styles.device.type != "meta":  # meta tensors hold no data: nothing to compute
-            _demodulation_backward_kernel[(programs, batch)](
-                grad_demod, demod, energy, styles, s1, s2,
-                p if tokens else s1, q if tokens else s1, u if u is not None else demod,
-                gp if gp is not None else demod, grad_styles,
-                grad_p if grad_p is not None else demod, grad_q if grad_q is not None else demod,
-                t if residual else s1, grad_energy if residual else demod,
-                in_channels, out_channels, rank, *ctx.token_strides, ctx.scale, taps,
-                HAS_TOKENS=tokens, HAS_RESIDUAL=residual,
-                BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=warps,
-            )  # fmt: skip
-        need_styles, need_p, need_q = ctx.needs_input_grad[1:4]
-        p_shape, q_shape, p_dtype, q_dtype = ctx.token_shapes if ctx.token_shapes is not None else (None,) * 4
-        if residual and (need_p or need_q):
-            # E = ... + 2 scale s (S1 * R)^T + taps rowsum(R^2): grad R = S1 * grad T + 2 taps sum_b dE * R
-            grad_t = (grad_energy.t() @ styles.float()).mul_(2 * ctx.scale)  # [Cout, Cin]
-            grad_r = grad_t.mul_(s1).add_(r * grad_energy.sum(0).mul_(2 * taps)[:, None])
-            grad_p = (q @ grad_r.t()).to(p_dtype).reshape(p_shape)  # R = p^T q: grad p = q grad_R^T
-            grad_q = (p @ grad_r).to(q_dtype).reshape(q_shape)
-        elif tokens and (shared or grad_p.shape != p_shape):  # back to [L, C]
-            grad_p = (grad_p.sum(0) if shared else grad_p).to(p_dtype).reshape(p_shape)
-            grad_q = (grad_q.sum(0) if shared else grad_q).to(q_dtype).reshape(q_shape)
-        return (
-            None, grad_styles if need_styles else None, grad_p if need_p else None, grad_q if need_q else None,
-            None, None,
-        )  # fmt: skip
+        grads = _demodulation_backward(ctx.saved_tensors, ctx.options, grad_demod, ctx.needs_input_grad[1:4])
+        return (None, *grads, None, None)
 
 
 def _weight_gradient(g_conv, x, weight, styles, scale, upsample):
@@ -3176,13 +3223,53 @@ def _setup_context(ctx, inputs, output):
 
 
 def _gradients(ctx, grad, backward):
-    x, weight, styles, p, q, demod, noise, noise_strength, bias, out = ctx.saved_tensors
+    (x, weight, styles, p, q, demod, noise, noise_strength, bias, out), deferred = _saved_with_deferred(ctx)
     wanted = ctx.needs_input_grad
     # inputs: x, weight, styles, p, q, demod, noise, noise_strength, bias, (options);
     # the backward op's order: x, styles, weight, p, q, demod, noise_strength, bias
     needs = [wanted[0], wanted[2], wanted[1], wanted[3], wanted[4], wanted[5], wanted[7], wanted[8]]
-    grads = backward(grad, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, *ctx.options, needs)
-    return _gradients_wanted(grads, needs)
+    computed = _needs_with_deferred(needs, deferred)
+    grads = backward(grad, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, *ctx.options, computed)
+    return _gradients_wanted(_merge_deferred_demodulation(grads, needs, deferred), needs)
+
+
+def _save_with_deferred(ctx, tensors: tuple, deferred) -> None:
+    """save_for_backward of a layer Function's tensors, then those of a deferred demodulation."""
+    saved, options = deferred if deferred is not None else ((), None)
+    ctx.save_for_backward(*tensors, *saved)
+    ctx.layer_tensors = len(tensors)
+    ctx.deferred_options = options
+
+
+def _saved_with_deferred(ctx) -> tuple[tuple, tuple | None]:
+    """(the layer's saved tensors, the deferred demodulation's (saved, options) or None)."""
+    saved = ctx.saved_tensors
+    count = getattr(ctx, "layer_tensors", len(saved))  # the custom ops' contexts defer nothing
+    options = getattr(ctx, "deferred_options", None)
+    return saved[:count], ((saved[count:], options) if options is not None else None)
+
+
+def _needs_with_deferred(needs: list, deferred) -> list:
+    """The backward op's needs, with grad d asked for where a deferred demodulation turns it
+    into gradients of styles, p or q (its d input needs none: d was made without autograd)."""
+    if deferred is None:
+        return needs
+    computed = list(needs)
+    computed[5] = needs[1] or needs[3] or needs[4]
+    return computed
+
+
+def _merge_deferred_demodulation(grads, needs: list, deferred) -> tuple:
+    """grads of the backward op (x, styles, weight, p, q, demod, ...) with d's backward added to
+    those of styles, p and q, in the demodulation kernel (one launch, no autograd additions)."""
+    if deferred is None or not (needs[1] or needs[3] or needs[4]):
+        return grads
+    saved, options = deferred
+    grads = list(grads)
+    grads[1], grads[3], grads[4] = _demodulation_backward(
+        saved, options, grads[5], (needs[1], needs[3], needs[4]), accumulate=(grads[1], grads[3], grads[4])
+    )
+    return tuple(grads)
 
 
 def _gradients_wanted(grads, needs) -> tuple:
@@ -3209,25 +3296,27 @@ class _StyledConv2dTritonFunction(torch.autograd.Function):
     custom ops instead (see `_styled_conv2d_triton`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp):
+    def forward(
+        ctx, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp, deferred
+    ):  # fmt: skip
         out = _triton_forward(x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp)
-        ctx.save_for_backward(x, weight, styles, p, q, demod, noise, noise_strength, bias, out)
+        _save_with_deferred(ctx, (x, weight, styles, p, q, demod, noise, noise_strength, bias, out), deferred)
         ctx.options = (scale, upsample, activate, clamp)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        return _gradients(ctx, grad, functools.partial(_triton_backward, placeholders=False))
+        return (*_gradients(ctx, grad, functools.partial(_triton_backward, placeholders=False)), None)
 
 
-def _styled_conv2d_triton_call(*args):
+def _styled_conv2d_triton_call(*args, deferred=None):
     """The Triton layer on `_styled_conv2d_triton_op`'s arguments: the custom op under
-    torch.compile, the plain autograd.Function in eager mode."""
+    torch.compile, the plain autograd.Function in eager mode (deferred: see `_triton_arguments`)."""
     if torch.compiler.is_compiling():
         return _styled_conv2d_triton_op(*args)
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        return _StyledConv2dTritonFunction.apply(*args)
+        return _StyledConv2dTritonFunction.apply(*args, deferred)
     with torch.no_grad():
         return _triton_forward(*args)
 
@@ -3269,9 +3358,14 @@ def _is_identity(tokens: torch.Tensor | None) -> bool:
 def _triton_arguments(
     x, weight, styles, p, q, *, demodulate, upsample, eps, scale, noise, noise_strength, bias, activate, clamp
 ):  # fmt: skip
-    """`_styled_conv2d_triton_op`'s arguments from `styled_conv2d`'s validated ones: tokens
-    refactored to at most min(Cin, Cout), the demodulation coefficients d [B, Cout] fp32 (or
-    None) computed and differentiable, the options as plain Python values."""
+    """(`_styled_conv2d_triton_op`'s arguments from `styled_conv2d`'s validated ones, deferred):
+    tokens refactored to at most min(Cin, Cout), the demodulation coefficients d [B, Cout] fp32
+    (or None), the options as plain Python values.
+
+    In eager training (autograd recording, not torch.compile) where the Triton demodulation
+    applies, d is computed without autograd and deferred = (saved tensors, options) of
+    `_demodulation_forward`: the layer's autograd.Function then takes d's backward on itself
+    (`_merge_deferred_demodulation`). Otherwise deferred is None and d is differentiable."""
     if triton is None:
         raise RuntimeError(f'backend="triton": Triton could not be imported ({_TRITON_IMPORT_ERROR})')
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -3280,15 +3374,20 @@ def _triton_arguments(
         raise ValueError('noise: backend="triton" gives no gradient for noise; pass noise.detach() (or use backend="torch")')
     if p is not None and p.shape[-2] > min(weight.shape[0], weight.shape[1]):
         p, q = _reduced_rank_tokens(p, q)  # the same residual, so the same d
-    demod = None
+    demod = deferred = None
     if demodulate and _triton_demodulation_applies(weight, styles, p):
-        demod = _TritonDemodulation.apply(weight, styles, p, q, scale, eps)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (styles, p, q)):
+            with torch.no_grad():
+                demod, saved, demod_options = _demodulation_forward(weight, styles, p, q, scale, eps)
+            deferred = (saved, demod_options)
+        else:
+            demod = _TritonDemodulation.apply(weight, styles, p, q, scale, eps)
     elif demodulate:
         demod = demodulation_coefficients(weight, styles, p, q, scale, eps)
     if bias is not None:
         bias = bias.contiguous()  # the kernels index bias[n] as bias_ptr + n
     options = (float(scale), bool(upsample), bool(activate), float(clamp) if clamp is not None else None)
-    return (x, weight, styles, p, q, demod, noise, noise_strength, bias, *options)
+    return (x, weight, styles, p, q, demod, noise, noise_strength, bias, *options), deferred
 
 
 def _styled_conv2d_triton(
@@ -3306,13 +3405,16 @@ def _styled_conv2d_triton(
     the custom ops above. Batches larger than `MAX_LAUNCH_BATCH` (CUDA's
     65535-program limit on the grid dimension that holds the batch) run in chunks.
     """
-    x, weight, styles, p, q, demod, noise, noise_strength, bias, *options = _triton_arguments(
+    arguments, deferred = _triton_arguments(
         x, weight, styles, p, q, demodulate=demodulate, upsample=upsample, eps=eps, scale=scale, noise=noise,
         noise_strength=noise_strength, bias=bias, activate=activate, clamp=clamp,
     )  # fmt: skip
+    x, weight, styles, p, q, demod, noise, noise_strength, bias, *options = arguments
     batch = x.shape[0]
     if batch <= MAX_LAUNCH_BATCH:
-        return _styled_conv2d_triton_call(x, weight, styles, p, q, demod, noise, noise_strength, bias, *options)
+        return _styled_conv2d_triton_call(*arguments, deferred=deferred)
+    if deferred is not None:  # chunks of the batch: d differentiable, as one node for all of them
+        demod = _TritonDemodulation.apply(weight, styles, p, q, options[0], eps)
 
     def rows(tensor, start, stop, per_sample):  # one chunk of the batch (shared tensors whole)
         return tensor[start:stop] if tensor is not None and per_sample(tensor) else tensor

@@ -42,6 +42,10 @@ from refinestyle_kernels.ops.modulated_conv2d import (
     _clamp_bound,
     _derived_from_weight,
     _gradients_wanted,
+    _merge_deferred_demodulation,
+    _needs_with_deferred,
+    _save_with_deferred,
+    _saved_with_deferred,
     _triton_arguments,
     _triton_backward,
     _styled_conv2d_triton_backward_fake,
@@ -105,7 +109,7 @@ def styled_conv2d_to_rgb(
     if backend != "triton" or x.shape[0] > MAX_LAUNCH_BATCH:  # larger batches run in chunks, layer by layer
         return composed_styled_conv2d_to_rgb(styled_conv2d)(x, weight, styles, **arguments, backend=backend)
     x, weight, styles, p, q, noise, noise_strength, bias, scale = layer
-    layer = _triton_arguments(
+    layer, deferred = _triton_arguments(
         x, weight, styles, p, q, demodulate=demodulate, upsample=False, eps=eps, scale=scale, noise=noise,
         noise_strength=noise_strength, bias=bias, activate=activate, clamp=clamp,
     )  # fmt: skip
@@ -114,7 +118,10 @@ def styled_conv2d_to_rgb(
     pair = (*layer, rgb_weight, rgb_styles, rgb_bias, *rgb_options)
     if torch.compiler.is_compiling():  # torch.compile traces the custom op
         return _styled_conv2d_to_rgb_op(*pair)
-    return _StyledConv2dToRGBFunction.apply(*pair)
+    if not (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in pair)):
+        with torch.no_grad():  # inference: no autograd node (and nothing deferred: see _triton_arguments)
+            return _pair_forward(*pair)[:2]
+    return _StyledConv2dToRGBFunction.apply(*pair, deferred)
 
 
 def composed_styled_conv2d_to_rgb(op: Callable) -> Callable:
@@ -247,32 +254,34 @@ class _StyledConv2dToRGBFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp,
-        rgb_weight, rgb_styles, rgb_bias, rgb_scale, rgb_clamp,
+        rgb_weight, rgb_styles, rgb_bias, rgb_scale, rgb_clamp, deferred,
     ):  # fmt: skip
         out, rgb, mix = _pair_forward(
             x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp,
             rgb_weight, rgb_styles, rgb_bias, rgb_scale, rgb_clamp,
         )  # fmt: skip
         ctx.set_materialize_grads(False)  # out may feed nothing else (the last block): grad None
-        ctx.save_for_backward(x, weight, styles, p, q, demod, noise, noise_strength, bias, out, rgb, rgb_weight,
-                              rgb_styles, mix)  # fmt: skip
+        tensors = (x, weight, styles, p, q, demod, noise, noise_strength, bias, out, rgb, rgb_weight, rgb_styles, mix)
+        _save_with_deferred(ctx, tensors, deferred)
         ctx.options = (scale, upsample, activate, clamp, rgb_scale, rgb_clamp)
         return out, rgb
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_rgb):
-        x, weight, styles, p, q, demod, noise, noise_strength, bias, out, rgb, rgb_weight, rgb_styles, mix = ctx.saved_tensors
+        tensors, deferred = _saved_with_deferred(ctx)
+        x, weight, styles, p, q, demod, noise, noise_strength, bias, out, rgb, rgb_weight, rgb_styles, mix = tensors
         scale, upsample, activate, clamp, rgb_scale, rgb_clamp = ctx.options
         if grad_out is None and grad_rgb is None:
             return (None,) * len(ctx.needs_input_grad)
         needs, rgb_needs = _needs(ctx.needs_input_grad)
         grads = _pair_backward(
             grad_out, grad_rgb, out, rgb, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale,
-            upsample, activate, clamp, rgb_weight, rgb_styles, rgb_scale, rgb_clamp, mix, needs, rgb_needs,
-            placeholders=False,
+            upsample, activate, clamp, rgb_weight, rgb_styles, rgb_scale, rgb_clamp, mix,
+            _needs_with_deferred(needs, deferred), rgb_needs, placeholders=False,
         )  # fmt: skip
-        return _gradients_in_input_order(grads, needs, rgb_needs)
+        grads = (*_merge_deferred_demodulation(grads[:8], needs, deferred), *grads[8:])
+        return (*_gradients_in_input_order(grads, needs, rgb_needs), None)
 
 
 # --- torch.library registration, for torch.compile: the pair is one opaque op with its own
