@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @dataclass
@@ -108,3 +109,16 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     assert torch.isfinite(out).all(), "output has NaN/inf (unwritten or broken elements)"
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+class RecordedOps(TorchDispatchMode):
+    """`with RecordedOps() as ops:` lists in ops.names the aten ops (names without overload) that
+    the block dispatches: what a test of launch counts compares."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_cases import literal_per_sample, relative_error
+from kernel_cases import RecordedOps, literal_per_sample, relative_error
 from refinestyle_kernels import EqualLinear, LayerTokens, ModulatedConv2d, StyledConv, ToRGB, upfirdn2d
 
 ROSINALITY_STYLED_CONV_UP = {
@@ -62,21 +62,10 @@ def test_equal_linear_matches_rosinality_math():
 def test_style_affine_is_one_matmul_with_rosinalitys_math(bias):
     """The affine of every modulated conv (no activation) scales the weight and the bias
     inside one addmm instead of in two extra launches; the gradients are the formula's."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     layer = EqualLinear(5, 3, bias=bias, bias_init=1, lr_mul=0.5).double()
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
-    with Ops() as ops:
+    with RecordedOps() as ops:
         y = layer(x)
     assert [name.split(".")[0] for name in ops.names if name.split(".")[0] not in ("t", "transpose")] == (
         ["addmm"] if bias else ["mm", "mul"]
@@ -93,25 +82,14 @@ def test_frozen_style_affine_backward_is_one_matmul():
     """Frozen (RefineStyle's generator): weight * scale is made once and kept, so the forward is
     one addmm and the backward to the input one mm (no scaling launch); the values are
     rosinality's F.linear(x, weight * scale, bias * lr_mul). A changed weight is picked up."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__.split(".")[0])
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(2)
     layer = EqualLinear(5, 3, bias_init=1, lr_mul=0.5).double().requires_grad_(False)
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     layer(x)  # makes and keeps the scaled weight
     grad_y = torch.randn(4, 3, dtype=torch.float64)
-    with Ops() as forward:
+    with RecordedOps() as forward:
         y = layer(x)
-    with Ops() as backward:
+    with RecordedOps() as backward:
         (grad,) = torch.autograd.grad(y, [x], grad_y)
     assert [name for name in forward.names if name != "t"] == ["addmm"], forward.names
     assert [name for name in backward.names if name not in ("t", "transpose")] == ["mm"], backward.names

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from kernel_cases import RecordedOps
 from refinestyle_kernels import make_blur_kernel, upfirdn2d
 
 
@@ -58,21 +59,10 @@ def test_upsampling_filter_is_made_into_a_conv_weight_once():
     """The toRGB skip's upsampling (one depthwise transposed conv) keeps the depthwise weight
     made from a filter buffer: later calls launch the conv alone, and an in-place change of
     the buffer is picked up."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__.split(".")[0])
-            return func(*args, **(kwargs or {}))
-
     kernel = make_blur_kernel([1, 3, 3, 1], dtype=torch.float64) * 4
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
     upfirdn2d(x, kernel, up=2, pad=(2, 1))
-    with Ops() as ops:
+    with RecordedOps() as ops:
         out = upfirdn2d(x, kernel, up=2, pad=(2, 1))
     assert [name for name in ops.names if name not in ("view", "unsqueeze", "expand")] == ["convolution"], ops.names
     assert np.allclose(out.numpy(), upfirdn2d_loops(x.numpy(), kernel.numpy(), 2, 1, (2, 1)))
