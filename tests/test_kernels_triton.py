@@ -819,18 +819,26 @@ def make_grad_shape(layer: Layer) -> tuple:
 @needs_interpreter
 @pytest.mark.parametrize(
     "layer",
-    [Layer(batch=5), Layer(batch=3, upsample=True, tokens="shared", noise="shared", channels_last=True)],
+    [
+        Layer(batch=5),
+        Layer(batch=3, upsample=True, tokens="shared", noise="shared", channels_last=True),
+        Layer(batch=5, num_tokens=4, train_weight=False),  # the Triton demodulation, once for all chunks
+    ],
     ids=str,
 )
 def test_batches_past_the_grid_limit_run_in_chunks(layer, monkeypatch):
     """CUDA grids hold at most 65535 programs in the dimension that carries the batch: larger
-    batches are split. With the limit lowered to 2 the chunked result must still be exact."""
-    calls = []
+    batches are split. With the limit lowered to 2 the chunked result must still be exact, and
+    d is computed once for the whole batch (a differentiable node the chunks share)."""
+    calls, demodulations = [], []
     op = op_module._styled_conv2d_triton_call
+    forward = op_module._demodulation_forward
     monkeypatch.setattr(op_module, "MAX_LAUNCH_BATCH", 2)
     monkeypatch.setattr(op_module, "_styled_conv2d_triton_call", lambda x, *a: calls.append(x.shape[0]) or op(x, *a))
+    monkeypatch.setattr(op_module, "_demodulation_forward", lambda *a: demodulations.append(1) or forward(*a))
     check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=4)
     assert calls == [2] * (layer.batch // 2) + [1] * (layer.batch % 2)
+    assert len(demodulations) == (0 if layer.train_weight else 1)
 
 
 @needs_interpreter

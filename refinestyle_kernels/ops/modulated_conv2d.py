@@ -2792,7 +2792,7 @@ class _TritonDemodulation(torch.autograd.Function):
     backward takes grad R from the kernel's dE with three small matmuls.
 
     In eager training the layer's own autograd.Function runs `_demodulation_forward` and
-    `_demodulation_backward` itself instead (see `_DeferredDemodulation`), so that the
+    `_demodulation_backward` itself instead (`_triton_arguments`, `_merge_deferred_demodulation`), so that the
     gradients of s, p and q through d are added to the conv's inside the kernel rather than
     by three autograd additions per layer."""
 
@@ -3356,14 +3356,16 @@ def _is_identity(tokens: torch.Tensor | None) -> bool:
 
 
 def _triton_arguments(
-    x, weight, styles, p, q, *, demodulate, upsample, eps, scale, noise, noise_strength, bias, activate, clamp
+    x, weight, styles, p, q, *, demodulate, upsample, eps, scale, noise, noise_strength, bias, activate, clamp,
+    defer_demodulation=True,
 ):  # fmt: skip
     """(`_styled_conv2d_triton_op`'s arguments from `styled_conv2d`'s validated ones, deferred):
     tokens refactored to at most min(Cin, Cout), the demodulation coefficients d [B, Cout] fp32
     (or None), the options as plain Python values.
 
     In eager training (autograd recording, not torch.compile) where the Triton demodulation
-    applies, d is computed without autograd and deferred = (saved tensors, options) of
+    applies, and unless defer_demodulation is False (a caller that will not run the layer as
+    one autograd.Function), d is computed without autograd and deferred = (saved tensors, options) of
     `_demodulation_forward`: the layer's autograd.Function then takes d's backward on itself
     (`_merge_deferred_demodulation`). Otherwise deferred is None and d is differentiable."""
     if triton is None:
@@ -3376,7 +3378,7 @@ def _triton_arguments(
         p, q = _reduced_rank_tokens(p, q)  # the same residual, so the same d
     demod = deferred = None
     if demodulate and _triton_demodulation_applies(weight, styles, p):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (styles, p, q)):
+        if defer_demodulation and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (styles, p, q)):
             with torch.no_grad():
                 demod, saved, demod_options = _demodulation_forward(weight, styles, p, q, scale, eps)
             deferred = (saved, demod_options)
@@ -3405,16 +3407,15 @@ def _styled_conv2d_triton(
     the custom ops above. Batches larger than `MAX_LAUNCH_BATCH` (CUDA's
     65535-program limit on the grid dimension that holds the batch) run in chunks.
     """
+    batch = x.shape[0]
     arguments, deferred = _triton_arguments(
         x, weight, styles, p, q, demodulate=demodulate, upsample=upsample, eps=eps, scale=scale, noise=noise,
         noise_strength=noise_strength, bias=bias, activate=activate, clamp=clamp,
+        defer_demodulation=batch <= MAX_LAUNCH_BATCH,  # chunks share one differentiable d
     )  # fmt: skip
-    x, weight, styles, p, q, demod, noise, noise_strength, bias, *options = arguments
-    batch = x.shape[0]
     if batch <= MAX_LAUNCH_BATCH:
         return _styled_conv2d_triton_call(*arguments, deferred=deferred)
-    if deferred is not None:  # chunks of the batch: d differentiable, as one node for all of them
-        demod = _TritonDemodulation.apply(weight, styles, p, q, options[0], eps)
+    x, weight, styles, p, q, demod, noise, noise_strength, bias, *options = arguments
 
     def rows(tensor, start, stop, per_sample):  # one chunk of the batch (shared tensors whole)
         return tensor[start:stop] if tensor is not None and per_sample(tensor) else tensor
