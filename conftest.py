@@ -18,6 +18,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+def pytest_configure(config):
+    """Stop at once, with the fix, where the interpreter cannot run the kernels: else every
+    Triton test fails on its own with the same obscure error."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from refinestyle_kernels.backend import triton_interpreter_problem
+
+        problem = triton_interpreter_problem()
+        if problem:
+            raise pytest.UsageError(problem)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for the test (modules opt in with

@@ -31,6 +31,26 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=None)
+def triton_interpreter_problem() -> str | None:
+    """Why the Triton interpreter cannot run here, or None. Triton before 3.7 turns a 1-element
+    array into a Python int in its interpreter, which NumPy 2.4 refuses (every kernel that
+    loops to a runtime bound fails with "only 0-dimensional arrays can be converted")."""
+    try:
+        import numpy
+        import triton
+    except Exception:
+        return None  # triton_available() reports a missing Triton
+    triton_version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    numpy_version = tuple(int(part) for part in numpy.__version__.split(".")[:2] if part.isdigit())
+    if triton_version < (3, 7) and numpy_version >= (2, 4):
+        return (
+            f"the Triton {triton.__version__} interpreter does not run with NumPy {numpy.__version__}: "
+            "pip install 'numpy<2.4' (or Triton >= 3.7)"
+        )
+    return None
+
+
 def check_backend(backend: str) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
@@ -81,4 +101,6 @@ def resolve_backend(backend: str, device) -> str:
                 'backend="triton" needs CUDA tensors; on the CPU it runs only in the Triton '
                 "interpreter (set TRITON_INTERPRET=1 before importing refinestyle_kernels)"
             )
+        if device.type == "cpu" and triton_interpreter_problem():
+            raise RuntimeError(f'backend="triton" on CPU tensors: {triton_interpreter_problem()}')
     return backend

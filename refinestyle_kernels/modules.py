@@ -32,10 +32,26 @@ from refinestyle_kernels.ops.upfirdn2d import make_blur_kernel, upfirdn2d
 DEFAULT_BLUR_KERNEL = (1, 3, 3, 1)
 
 
+def _autocast_device_types() -> frozenset[str]:
+    """The device types autocast knows, asked once: torch.compile (torch 2.11) cannot trace
+    `torch.amp.is_autocast_available`, and meta tensors, used to plan memory, have no autocast."""
+    known = set()
+    for device_type in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "privateuseone"):
+        try:
+            if torch.amp.is_autocast_available(device_type):
+                known.add(device_type)
+        except (RuntimeError, ValueError):  # a device type this build does not know
+            pass
+    return frozenset(known)
+
+
+_AUTOCAST_DEVICE_TYPES = _autocast_device_types()
+
+
 def _operand_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the op should run in: autocast's when it is on for x's device, else x's."""
-    device_type = x.device.type  # (meta tensors, used to plan memory, have no autocast)
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    device_type = x.device.type
+    if device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 

@@ -50,3 +50,33 @@ def test_import_without_cuda_does_not_touch_the_gpu():
         {"CUDA_VISIBLE_DEVICES": ""},
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "triton_version,numpy_version,refused",
+    [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False), ("3.10.1", "2.5.0", False)],
+)
+def test_an_interpreter_that_cannot_run_is_refused_with_its_fix(monkeypatch, triton_version, numpy_version, refused):
+    """Triton < 3.7's interpreter fails on NumPy >= 2.4 with an obscure TypeError in every
+    kernel; the triton backend on CPU tensors says so, and how to fix it, before any launch."""
+    import numpy
+    import torch
+    import triton
+
+    from refinestyle_kernels import backend
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backend.triton_interpreter_problem.cache_clear()
+    try:
+        problem = backend.triton_interpreter_problem()
+        if refused:
+            assert "numpy<2.4" in problem and triton_version in problem
+            with pytest.raises(RuntimeError, match="numpy<2.4"):
+                backend.resolve_backend("triton", torch.device("cpu"))
+        else:
+            assert problem is None
+            assert backend.resolve_backend("triton", torch.device("cpu")) == "triton"
+    finally:
+        backend.triton_interpreter_problem.cache_clear()
