@@ -3,7 +3,8 @@
 # "Next GPU session"). Run from anywhere; results land in benchmarks/results/ and, where the
 # device tool sets $OUT, in $OUT too (at most 5 files a stage, so they all come back):
 #
-#   bash benchmarks/gpu_session.sh 1   # the compiled CUDA tests, then the kernel profile of the headline step
+#   bash benchmarks/gpu_session.sh 1   # the compiled CUDA tests (and that the refined network compiles into one
+#                                      # graph), then the kernel profile of the headline step
 #   bash benchmarks/gpu_session.sh 2   # the headline suite, whole network: every implementation and variant
 #   bash benchmarks/gpu_session.sh 3   # the headline suite, the 256-1024 px layers one by one, then an
 #                                      # A/B of the headline step with the newest fusions switched off
@@ -33,7 +34,8 @@ $python -c "import xdist" 2>/dev/null && parallel="-n 8"
 layers="convs.10,convs.11,convs.12,convs.13,convs.14,convs.15,to_rgbs.5,to_rgbs.6,to_rgbs.7"
 case "${1:-}" in
 1)
-    timeout 400 $python -m pytest -q $parallel tests/test_kernels_triton.py tests/test_kernels_to_rgb.py tests/test_generator_gpu.py 2>&1 |
+    timeout 400 $python -m pytest -q $parallel tests/test_kernels_triton.py tests/test_kernels_to_rgb.py \
+        tests/test_generator_gpu.py tests/test_generator_triton.py tests/test_kernels_modules.py 2>&1 |
         tee "$out/cuda-tests.log" | tail -n 30
     timeout 170 $python -m benchmarks.profile --json "$out/profile.json" 2>&1 | tee "$out/profile.log"
     ;;

@@ -309,7 +309,16 @@ def markdown_report(run: dict) -> str:
             row.append(_pct(best["pct_of_roofline"]) if best else "-")
             rows.append(row)
         parts.append(_table(header, rows, markdown=True))
-    parts += ["", _autotune_line(run), "", _targets_text(run, markdown=True)]
+    parts += ["", _autotune_line(run)]
+    broken = [r for r in run["results"] if r.get("graph_breaks")]
+    if broken:
+        parts += ["", "Compiled with graph breaks (each graph is entered from Python):"]
+        parts += [
+            f"- {r['implementation']} on {r['case_id']}: {r['graph_breaks']} breaks, {r['compiled_graphs']} graphs; "
+            f"first: `{r['graph_break_reasons'][0]}`"
+            for r in broken
+        ]
+    parts += ["", _targets_text(run, markdown=True)]
     return "\n".join(parts) + "\n"
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch._dynamo.utils import counters as dynamo_counters
 
 from benchmarks.cases import HEADLINE, Case
 from benchmarks.flops import cross_check_layer, layer_bytes, layer_flops, roofline_floor_seconds
@@ -205,6 +206,7 @@ class Bound:
         forward = workload.forward_fn(implementation)
         if implementation.compiled:
             torch._dynamo.reset()  # every case compiles afresh: no recompile limits, no stale guards
+            dynamo_counters.clear()  # and counts its own graph breaks (`compile_report`)
             forward = torch.compile(forward, dynamic=False)
         self.forward = forward
         self.graph = None
@@ -233,6 +235,17 @@ class Bound:
             return self.static_outputs
         sets = self.workload.sets
         return self.workload.run(self.forward, sets[index % len(sets)])
+
+    def compile_report(self) -> dict:
+        """For a compiled implementation, after its first call: how many graphs torch.compile made
+        and where it broke the case into them (the first reasons, shortened). A break is not an
+        error, but every graph is entered from Python: one per layer brings the host time back."""
+        breaks = dynamo_counters["graph_break"]
+        return {
+            "compiled_graphs": int(dynamo_counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(breaks.values())),
+            "graph_break_reasons": [reason.splitlines()[0][:200] for reason, _ in breaks.most_common(3)],
+        }
 
     @property
     def rotating_sets(self) -> int:
@@ -334,6 +347,13 @@ def run_case(case: Case, implementations: list[Implementation], options: RunOpti
                     outputs = bound.first_outputs()
                 synchronize(device)
                 first_call_ms = (time.perf_counter() - first_started) * 1e3
+                if implementation.compiled:
+                    record.update(bound.compile_report())
+                    if record["graph_breaks"]:
+                        options.log(
+                            f"warning: {implementation.name} on {case.case_id}: {record['graph_breaks']} graph "
+                            f"breaks, {record['compiled_graphs']} graphs; first: {record['graph_break_reasons'][0]}"
+                        )
                 values = {name: outputs[name].detach() for name in truth}
                 del outputs
                 if tolerances is None:  # this is the reference

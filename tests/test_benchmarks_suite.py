@@ -1,6 +1,7 @@
 """Smoke runs of the CPU suite (`python -m benchmarks`) on a tiny generator: outputs, schema, guard."""
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -204,6 +205,40 @@ def test_a_failing_variant_or_truth_is_reported_and_the_run_goes_on(tmp_path, mo
     assert status[("conv1", "torch")][0] == "error" and "no reference result" in status[("conv1", "torch")][1]
     assert status[("convs.1", "torch")] == ("ok", None)
     assert status[("convs.1", "broken")] == ("error", "RuntimeError: kernel launch failed")
+
+
+def test_compiled_variants_report_their_graph_breaks(tmp_path, monkeypatch, capsys):
+    """A compiled variant records how many graphs torch.compile made of the case and why it
+    broke it up; a break is warned about and listed in the markdown, not hidden in the time."""
+    from benchmarks import runner
+    from benchmarks.implementations import compiled
+
+    def breaks_the_graph(*args, **kwargs):
+        torch._dynamo.graph_break()
+        return styled_conv2d(*args, backend="torch", **kwargs)
+
+    breaking = compiled(Implementation("breaking", "plain", "torch", op=breaks_the_graph))
+    known = dict(impl_module.registry(), **{breaking.name: breaking})
+    monkeypatch.setattr(impl_module, "registry", lambda: known)
+    # the eager backend: the graph capture is what is checked, not Inductor's code
+    compile_eagerly = functools.partial(torch.compile, backend="eager")
+    monkeypatch.setattr(runner.torch, "compile", compile_eagerly)
+    argv = TINY + ["--groups", "layer", "--layers", "conv1", "--tokens", "4", "--mode", "fwd",
+                   "--impls", "torch,compile-torch,compile-breaking", "--no-plot", "--out", str(tmp_path)]  # fmt: skip
+    argv.remove("--quiet")
+    assert main(argv) == 0
+    _, run = _only_json(tmp_path)
+    records = {r["implementation"]: r for r in run["results"]}
+    assert records["compile-torch"]["status"] == "ok" and records["compile-torch"]["graph_breaks"] == 0
+    assert records["compile-torch"]["compiled_graphs"] == 1
+    assert "graph_breaks" not in records["torch"]
+    broken = records["compile-breaking"]
+    assert broken["status"] == "ok" and broken["graph_breaks"] >= 1 and broken["compiled_graphs"] >= 1
+    assert "graph_break" in broken["graph_break_reasons"][0]
+    assert "compile-breaking on layer/" in capsys.readouterr().err
+    markdown = next(tmp_path.glob("*.md")).read_text()
+    assert "Compiled with graph breaks" in markdown and "compile-breaking" in markdown
+    assert "compile-torch on" not in markdown
 
 
 def test_compare_and_tolerances():
