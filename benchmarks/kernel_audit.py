@@ -48,8 +48,8 @@ SHARED_MEMORY_RESERVED_PER_PROGRAM = 1024  # what the runtime keeps per block
 CONV_POINTERS = ("a_ptr", "a_scale_ptr", "w_ptr", "z_ptr", "r_ptr", "q_ptr", "alpha_ptr", "beta_ptr", "out_ptr",
                  "noise_ptr", "noise_strength_ptr", "bias_ptr", "x_ptr", "reduce_ptr", "rgb_mix_ptr", "rgb_bias_ptr",
                  "rgb_ptr", "grad_p_ptr", "grad_q_ptr")  # fmt: skip
-# always fp32, whatever the activations' dtype
-CONV_FP32_POINTERS = ("z_ptr", "alpha_ptr", "beta_ptr", "reduce_ptr", "noise_strength_ptr", "rgb_mix_ptr", "grad_p_ptr",
+# always fp32, whatever the activations' dtype (z, the projected input, is in theirs)
+CONV_FP32_POINTERS = ("alpha_ptr", "beta_ptr", "reduce_ptr", "noise_strength_ptr", "rgb_mix_ptr", "grad_p_ptr",
                       "grad_q_ptr")  # fmt: skip
 
 

@@ -11,6 +11,8 @@ import contextlib
 import functools
 import os
 
+import torch
+
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 _default_backend = "auto"
@@ -83,12 +85,14 @@ def use_backend(backend: str):
 def resolve_backend(backend: str, device) -> str:
     """The concrete backend for tensors on `device`.
 
-    backend: one of BACKENDS. "auto" follows set_backend/use_backend, then picks
-    "triton" on CUDA when Triton is available and "torch" otherwise. An explicit
+    backend: one of BACKENDS; device: a torch.device or its name. "auto" follows
+    set_backend/use_backend, then picks "triton" on CUDA when Triton is available and
+    "torch" otherwise. An explicit
     "triton" on CPU tensors is allowed only under TRITON_INTERPRET=1 (tests); on meta tensors
     it allocates its outputs and buffers and launches nothing (shape and memory planning).
     """
     backend = check_backend(backend)
+    device = torch.device(device)  # (a device or its name, "cuda:0")
     if backend == "auto":
         backend = _default_backend
     if backend == "auto":

@@ -48,16 +48,38 @@ def _autocast_device_types() -> frozenset[str]:
 _AUTOCAST_DEVICE_TYPES = _autocast_device_types()
 
 
+def _autocasting(x: torch.Tensor) -> bool:
+    device_type = x.device.type
+    return device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type)
+
+
 def _operand_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the op should run in: autocast's when it is on for x's device, else x's."""
-    device_type = x.device.type
-    if device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
+    return torch.get_autocast_dtype(x.device.type) if _autocasting(x) else x.dtype
+
+
+def _check_image(name: str, value, channels: int, size: tuple[int, int] | None = None, batch: int | None = None):
+    """A [B, C, H, W] tensor with C = `channels` (and H, W = `size`, B = `batch` when given)."""
+    if not isinstance(value, torch.Tensor) or value.ndim != 4:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{name}: expected a [B, {channels}, H, W] tensor, got {got}")
+    expected = (batch if batch is not None else value.shape[0], channels, *(size or value.shape[2:]))
+    if tuple(value.shape) != expected:
+        names = ("B" if batch is None else f"B={batch}", f"{channels}", *(f"{v}" for v in (size or ("H", "W"))))
+        raise ValueError(f"{name}: expected [{', '.join(names)}], got {tuple(value.shape)}")
 
 
 def _cast(tensor, dtype):
     return None if tensor is None else tensor.to(dtype)
+
+
+def _check_clamp(clamp):
+    """None or a positive finite number (NVlabs' conv_clamp), checked when the layer is built."""
+    if clamp is not None and (
+        isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not (math.isfinite(clamp) and clamp > 0)
+    ):  # fmt: skip
+        raise ValueError(f"clamp: expected None or a positive finite number, got {clamp!r}")
+    return clamp
 
 
 class PixelNorm(nn.Module):
@@ -77,7 +99,8 @@ class FusedLeakyReLU(nn.Module):
         self.scale = scale
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return fused_leaky_relu(input, self.bias, self.negative_slope, self.scale)
+        bias = None if self.bias is None else self.bias.to(input.dtype)  # (autocast runs input in half)
+        return fused_leaky_relu(input, bias, self.negative_slope, self.scale)
 
 
 class EqualLinear(nn.Module):
@@ -110,9 +133,12 @@ class EqualLinear(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.ndim != 2 or input.shape[1] != self.weight.shape[1]:
             raise ValueError(f"input: expected [B, {self.weight.shape[1]}], got {tuple(input.shape)}")
+        if input.dtype != self.weight.dtype and not _autocasting(input):
+            raise TypeError(f"input: expected the weight's dtype {self.weight.dtype} (or autocast), got {input.dtype}")
         if self.activation:
-            bias = None if self.bias is None else self.bias * self.lr_mul
-            return fused_leaky_relu(nn.functional.linear(input, self.weight * self.scale), bias)
+            out = nn.functional.linear(input, self.weight * self.scale)
+            bias = None if self.bias is None else (self.bias * self.lr_mul).to(out.dtype)
+            return fused_leaky_relu(out, bias)
         if self.bias is None:
             return torch.mm(input, self.weight.t()) * self.scale
         if not self.weight.requires_grad:
@@ -156,9 +182,17 @@ class NoiseInjection(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1))
 
     def forward(self, image: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor) or image.ndim != 4:
+            raise ValueError(f"image: expected [B, C, H, W], got {tuple(getattr(image, 'shape', ()))}")
+        batch, _, height, width = image.shape
         if noise is None:
-            batch, _, height, width = image.shape
             noise = image.new_empty(batch, 1, height, width).normal_()
+        elif not isinstance(noise, torch.Tensor) or noise.ndim != 4 or noise.shape[0] not in (1, batch) or tuple(
+            noise.shape[1:]
+        ) != (1, height, width):
+            raise ValueError(
+                f"noise: expected [B={batch} or 1, 1, {height}, {width}], got {tuple(getattr(noise, 'shape', ()))}"
+            )
         return image + self.weight * noise
 
 
@@ -200,6 +234,9 @@ class ModulatedConv2d(nn.Module):
 
     forward(input [B, Cin, H, W], style w [B, style_dim], p=None, q=None) -> [B, Cout, H', W'],
     with p, q the scaled tokens of `refinestyle_kernels.modulated_conv2d` ([B, L, C] or [L, C]).
+    The op runs in input's dtype, or autocast's when autocast is on for its device; the
+    weight, the styles, p, q, noise and bias are cast to that dtype (fp32 tokens can drive a
+    bf16 generator). style must have the modulation's dtype, unless autocast is on.
     Only the upsampling conv of StyleGAN2's generator is supported (no downsample).
     """
 
@@ -216,8 +253,13 @@ class ModulatedConv2d(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
+        for name, value in (("in_channel", in_channel), ("out_channel", out_channel), ("style_dim", style_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if kernel_size not in (1, 3):
             raise ValueError(f"kernel_size: expected 1 or 3, got {kernel_size}")
+        if upsample and kernel_size != 3:
+            raise ValueError(f"upsample: the upsampling conv needs kernel_size 3, got {kernel_size}")
         self.eps = 1e-8
         self.kernel_size = kernel_size
         self.in_channel = in_channel
@@ -249,6 +291,7 @@ class ModulatedConv2d(nn.Module):
         clamp: float | None = None,
     ) -> torch.Tensor:
         """The conv with a fused epilogue (see `refinestyle_kernels.styled_conv2d`); used by StyledConv/ToRGB."""
+        self._check_inputs(input, style)
         dtype = _operand_dtype(input)
         styles = self.modulation(style)
         return styled_conv2d(
@@ -273,6 +316,14 @@ class ModulatedConv2d(nn.Module):
         self, input: torch.Tensor, style: torch.Tensor, p: torch.Tensor | None = None, q: torch.Tensor | None = None
     ) -> torch.Tensor:
         return self.layer_forward(input, style, p, q)
+
+    def _check_inputs(self, input: torch.Tensor, style: torch.Tensor) -> None:
+        """input [B, Cin, H, W] and style [B, style_dim], named as the modules' forward names them."""
+        _check_image("input", input, self.in_channel)
+        style_dim = self.modulation.weight.shape[1]
+        if not isinstance(style, torch.Tensor) or tuple(style.shape) != (input.shape[0], style_dim):
+            got = tuple(style.shape) if isinstance(style, torch.Tensor) else type(style).__name__
+            raise ValueError(f"style: expected [B={input.shape[0]}, style_dim={style_dim}], got {got}")
 
     def extra_repr(self) -> str:
         return (
@@ -319,6 +370,7 @@ class StyledConv(_ConvBackendMixin, nn.Module):
         self.conv = ModulatedConv2d(
             in_channel, out_channel, kernel_size, style_dim, demodulate, upsample, blur_kernel, backend=backend
         )
+        _check_clamp(clamp)
         self.noise = NoiseInjection()
         self.activate = FusedLeakyReLU(out_channel)
         self.clamp = clamp
@@ -331,6 +383,7 @@ class StyledConv(_ConvBackendMixin, nn.Module):
         p: torch.Tensor | None = None,
         q: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        self.conv._check_inputs(input, style)
         return self.conv.layer_forward(
             input,
             style,
@@ -365,8 +418,8 @@ class StyledConv(_ConvBackendMixin, nn.Module):
         if conv.upsample or conv.backend != rgb_conv.backend:  # nothing to fuse
             out = self(input, style, noise, p, q)
             return out, to_rgb(out, rgb_style, skip)
-        if skip is not None and not hasattr(to_rgb, "upsample"):
-            raise ValueError("skip: this ToRGB was built with upsample=False and takes no skip input")
+        conv._check_inputs(input, style)
+        to_rgb._check_skip(skip, input)
         dtype = _operand_dtype(input)
         out, image = styled_conv2d_to_rgb(
             input.to(dtype),
@@ -422,19 +475,30 @@ class ToRGB(_ConvBackendMixin, nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        self.clamp = clamp
+        self.clamp = _check_clamp(clamp)
         if upsample:
             self.upsample = Upsample(blur_kernel)
         self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False, backend=backend)
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
 
     def forward(self, input: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        self.conv._check_inputs(input, style)
+        self._check_skip(skip, input)
         out = self.conv.layer_forward(input, style, bias=self.bias.reshape(3), activate=False, clamp=self.clamp)
         if skip is not None:
-            if not hasattr(self, "upsample"):
-                raise ValueError("skip: this ToRGB was built with upsample=False and takes no skip input")
             out = out + self.upsample(skip.to(out.dtype))
         return out
+
+    def _check_skip(self, skip: torch.Tensor | None, input: torch.Tensor) -> None:
+        """skip: None or the previous block's image [B, 3, H/2, W/2] (input [B, Cin, H, W])."""
+        if skip is None:
+            return
+        if not hasattr(self, "upsample"):
+            raise ValueError("skip: this ToRGB was built with upsample=False and takes no skip input")
+        batch, _, height, width = input.shape
+        if height % 2 or width % 2:
+            raise ValueError(f"skip: an upsampled skip needs an even-sized input, got {height} x {width}")
+        _check_image("skip", skip, 3, (height // 2, width // 2), batch)
 
 
 class LayerTokens(nn.Module):
@@ -448,8 +512,9 @@ class LayerTokens(nn.Module):
 
     def __init__(self, in_channel: int, out_channel: int, num_tokens: int, scale_init: float = 0.01):
         super().__init__()
-        if num_tokens < 1:
-            raise ValueError(f"num_tokens: expected a positive integer, got {num_tokens}")
+        for name, value in (("in_channel", in_channel), ("out_channel", out_channel), ("num_tokens", num_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         self.P = nn.Parameter(torch.randn(num_tokens, out_channel))
         self.Q = nn.Parameter(torch.randn(num_tokens, in_channel))
         self.A = nn.Parameter(torch.full((num_tokens,), float(scale_init)))

@@ -252,8 +252,8 @@ def test_other_backends_compose_the_two_layers():
         (dict(rgb_styles=torch.zeros(2, 5)), r"rgb_styles: expected \[B=2, Cout=6\]"),
         (dict(rgb_styles=torch.zeros(6)), r"rgb_styles: expected \[B=2, Cout=6\]"),
         (dict(rgb_bias=torch.zeros(4)), r"rgb_bias: expected \[K=3\]"),
-        (dict(rgb_clamp=-1.0), r"rgb_clamp: expected None or a positive number"),
-        (dict(rgb_scale=0.0), r"rgb_scale: expected None or a positive number"),
+        (dict(rgb_clamp=-1.0), r"rgb_clamp: expected None or a positive finite number"),
+        (dict(rgb_scale=0.0), r"rgb_scale: expected None or a positive finite number"),
         (dict(bias=torch.zeros(5)), r"bias: expected \[Cout=6\]"),
     ],
 )

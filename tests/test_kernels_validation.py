@@ -1,7 +1,9 @@
 """Bad input to the op: a ValueError/TypeError that names the argument; nothing broadcasts silently."""
+import numpy as np
 import pytest
 import torch
 
+import refinestyle_kernels as rk
 from refinestyle_kernels import modulated_conv2d, resolve_backend, styled_conv2d, use_backend
 
 
@@ -62,6 +64,17 @@ def test_good_input_runs():
         (dict(bias=torch.randn(1, 6, 1, 1)), ValueError, "bias"),
         (dict(weight=torch.randn(6, 4, 1, 1), upsample=True), ValueError, "upsample"),
         (dict(backend="cuda"), ValueError, "backend"),
+        # degenerate channels, and scalars that are not positive finite numbers or flags
+        (dict(x=torch.randn(2, 0, 5, 5), weight=torch.randn(6, 0, 3, 3), styles=torch.randn(2, 0), p=None, q=None),
+         ValueError, "weight"),
+        (dict(weight=torch.randn(0, 4, 3, 3), p=None, q=None), ValueError, "weight"),
+        (dict(scale=float("inf")), ValueError, "scale"),
+        (dict(eps=float("nan")), ValueError, "eps"),
+        (dict(eps=True), TypeError, "eps"),
+        (dict(clamp="1.0"), TypeError, "clamp"),
+        (dict(noise=torch.randn(2, 1, 5, 5), noise_strength="0.3"), TypeError, "noise_strength"),
+        (dict(demodulate="no"), TypeError, "demodulate"),
+        (dict(activate=1), TypeError, "activate"),
     ],
 )
 def test_bad_input_names_the_argument(overrides, error, names):
@@ -94,3 +107,109 @@ def test_backend_auto_resolution_and_override():
     with use_backend("reference"):
         assert resolve_backend("auto", cpu) == "reference"
     assert resolve_backend("auto", cpu) == "torch"
+
+
+def test_numpy_scalars_are_numbers():
+    tensors = good()
+    out = call(**tensors, scale=np.float32(0.5), eps=np.float64(1e-8))
+    torch.testing.assert_close(out, call(**tensors, scale=0.5, eps=1e-8))
+
+
+def test_resolve_backend_takes_a_device_name():
+    assert resolve_backend("auto", "cpu") == "torch"
+
+
+DEMODULATION = dict(weight=torch.randn(5, 4, 3, 3), styles=torch.randn(2, 4), p=None, q=None, scale=0.1, eps=1e-8)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, names",
+    [
+        (dict(p=torch.randn(2, 5), q=torch.randn(2, 2, 4)), ValueError, "p, q"),  # shared p, per-sample q
+        (dict(p=torch.randn(1, 2, 5), q=torch.randn(1, 2, 4)), ValueError, "p, q"),  # batch 1 for B=2
+        (dict(p=torch.randn(2, 2, 5)), ValueError, "p, q"),  # p without q
+        (dict(p=torch.randn(2, 5), q=torch.randn(3, 4)), ValueError, "p, q"),  # L mismatch
+        (dict(styles=torch.randn(4)), ValueError, "styles"),
+        (dict(styles=torch.randn(2, 3)), ValueError, "styles"),
+        (dict(styles=torch.randn(2, 4).double()), TypeError, "styles"),
+        (dict(weight=torch.randn(5, 4, 3, 3).long()), TypeError, "weight"),
+        (dict(eps=-1.0), ValueError, "eps"),
+        (dict(scale=0.0), ValueError, "scale"),
+    ],
+)
+def test_demodulation_coefficients_refuses_bad_input(overrides, error, names):
+    args = dict(DEMODULATION, **overrides)
+    with pytest.raises(error) as info:
+        rk.demodulation_coefficients(*args.values())
+    assert str(info.value).startswith(names), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "call_upfirdn, error, names",
+    [
+        (lambda x, k: rk.upfirdn2d(x, k.to("meta"), pad=(1, 1)), ValueError, "kernel"),  # was uninitialised memory
+        (lambda x, k: rk.upfirdn2d(x.long(), k, pad=(1, 1)), TypeError, "x"),  # was all zeros
+        (lambda x, k: rk.upfirdn2d(x, k.long(), pad=(1, 1)), TypeError, "kernel"),
+        (lambda x, k: rk.upfirdn2d(x, k, up=2.0, pad=(1, 1)), ValueError, "up"),
+        (lambda x, k: rk.upfirdn2d(x, k, up=True, pad=(1, 1)), ValueError, "up"),
+        (lambda x, k: rk.upfirdn2d(x, k, down=0), ValueError, "down"),
+        (lambda x, k: rk.upfirdn2d(x, k, pad=1), ValueError, "pad"),
+        (lambda x, k: rk.upfirdn2d(x, k, pad=(1, 1, 1)), ValueError, "pad"),
+        (lambda x, k: rk.upfirdn2d(x, k, pad=(-3, -3)), ValueError, "pad, kernel"),
+        (lambda x, k: rk.make_blur_kernel([1, -1]), ValueError, "taps"),
+        (lambda x, k: rk.fused_leaky_relu(x, torch.zeros(5, dtype=torch.float64)), TypeError, "bias"),
+        (lambda x, k: rk.fused_leaky_relu(x.long(), None), TypeError, "x"),
+        (lambda x, k: rk.fused_leaky_relu([1.0, 2.0], None), ValueError, "x"),
+    ],
+)
+def test_filter_and_activation_ops_refuse_bad_input(call_upfirdn, error, names):
+    x, kernel = torch.randn(2, 5, 6, 6), rk.make_blur_kernel([1, 3, 3, 1])
+    with pytest.raises(error) as info:
+        call_upfirdn(x, kernel)
+    assert str(info.value).startswith(names), str(info.value)
+
+
+def test_upfirdn2d_differentiates_a_filter_that_requires_grad():
+    """The upsampling fast path keeps a made-once depthwise weight without a gradient; a
+    trainable filter takes the general path, with the same values."""
+    x = torch.randn(2, 3, 5, 5)
+    kernel = rk.make_blur_kernel([1, 3, 3, 1]) * 4
+    fixed = rk.upfirdn2d(x, kernel, up=2, pad=(2, 1))
+    trainable = kernel.clone().requires_grad_()
+    out = rk.upfirdn2d(x, trainable, up=2, pad=(2, 1))
+    torch.testing.assert_close(out, fixed)
+    out.square().sum().backward()
+    assert trainable.grad is not None and trainable.grad.abs().sum() > 0
+
+
+def _modules():
+    conv = rk.StyledConv(4, 5, 3, 6)
+    to_rgb = rk.ToRGB(5, 6)
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(2, 6)
+    return conv, to_rgb, x, w
+
+
+@pytest.mark.parametrize(
+    "use, error, names",
+    [
+        (lambda conv, rgb, x, w: rgb(conv(x, w), w, torch.randn(1, 3, 3, 3)), ValueError, "skip"),  # batch broadcast
+        (lambda conv, rgb, x, w: rgb(conv(x, w), w, torch.randn(2, 1, 3, 3)), ValueError, "skip"),  # channels
+        (lambda conv, rgb, x, w: rgb(conv(x, w), w, torch.randn(2, 3, 6, 6)), ValueError, "skip"),  # resolution
+        (lambda conv, rgb, x, w: conv.forward_to_rgb(rgb, x, w, w, torch.randn(1, 3, 3, 3)), ValueError, "skip"),
+        (lambda conv, rgb, x, w: conv(torch.randn(4, 6, 6), w), ValueError, "input"),
+        (lambda conv, rgb, x, w: conv(torch.randn(2, 3, 6, 6), w), ValueError, "input"),
+        (lambda conv, rgb, x, w: conv(x, torch.randn(2, 5)), ValueError, "style"),
+        (lambda conv, rgb, x, w: conv(x, torch.randn(1, 6)), ValueError, "style"),
+        (lambda conv, rgb, x, w: conv(x, w.double()), TypeError, "input"),  # the modulation's EqualLinear
+        (lambda conv, rgb, x, w: rk.NoiseInjection()(x, torch.randn(2, 4, 1, 1)), ValueError, "noise"),
+        (lambda conv, rgb, x, w: rk.ModulatedConv2d(4, 5, 1, 6, upsample=True), ValueError, "upsample"),
+        (lambda conv, rgb, x, w: rk.ModulatedConv2d(0, 5, 3, 6), ValueError, "in_channel"),
+        (lambda conv, rgb, x, w: rk.StyledConv(4, 5, 3, 6, clamp=-1.0), ValueError, "clamp"),
+        (lambda conv, rgb, x, w: rk.ToRGB(5, 6, clamp=0), ValueError, "clamp"),
+        (lambda conv, rgb, x, w: rk.LayerTokens(4, 5, 2.5), ValueError, "num_tokens"),
+    ],
+)
+def test_modules_refuse_bad_input(use, error, names):
+    with pytest.raises(error) as info:
+        use(*_modules())
+    assert str(info.value).startswith(names), str(info.value)

@@ -17,13 +17,23 @@ def fused_leaky_relu(
 ) -> torch.Tensor:
     """leaky_relu(x + bias, negative_slope) * scale.
 
-    x: [B, C] or [B, C, *spatial] float tensor.
+    x: [B, C] or [B, C, *spatial] floating-point tensor.
     bias: None or [C], same dtype and device as x; added along dim 1.
+    negative_slope: slope of the negative part (StyleGAN2: 0.2).
+    scale: gain applied after the activation (StyleGAN2: sqrt(2), which keeps the
+        activations' second moment).
+    Returns a tensor of x's shape, dtype and device.
     """
-    if x.ndim < 2:
-        raise ValueError(f"x: expected [B, C, ...], got {tuple(x.shape)}")
+    if not isinstance(x, torch.Tensor) or x.ndim < 2:
+        raise ValueError(f"x: expected a [B, C, ...] tensor, got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
     if bias is not None:
-        if bias.ndim != 1 or bias.shape[0] != x.shape[1]:
-            raise ValueError(f"bias: expected [C={x.shape[1]}], got {tuple(bias.shape)}")
+        if not isinstance(bias, torch.Tensor) or bias.ndim != 1 or bias.shape[0] != x.shape[1]:
+            raise ValueError(f"bias: expected a [C={x.shape[1]}] tensor, got {tuple(getattr(bias, 'shape', ())) or type(bias).__name__}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(
+                f"bias: expected x's dtype and device ({x.dtype}, {x.device}), got {bias.dtype}, {bias.device}"
+            )
         x = x + bias.reshape(1, -1, *([1] * (x.ndim - 2)))
     return F.leaky_relu(x, negative_slope) * scale

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 import os
 import weakref
 from typing import List, Optional
@@ -75,22 +76,27 @@ def modulated_conv2d(
         weight: [Cout, Cin, k, k] static kernel W0 with k in {1, 3}: the raw parameter,
             without the equalized-lr `scale` (rosinality's `weight[0]`). Same dtype as x.
         styles: [B, Cin] modulation s (the output of the layer's affine `modulation`).
-        p: None, [B, L, Cout] per-sample or [L, Cout] shared tokens, already multiplied
-            by the scaling vector A.
+        p: None, [B, L, Cout] per-sample or [L, Cout] shared tokens (L >= 1), already
+            multiplied by the scaling vector A.
         q: None, [B, L, Cin] per-sample or [L, Cin] shared tokens, already multiplied by
             B. p and q come together, with the same L and both shared or both per-sample.
             The residual added to every tap of K_b is p_b^T q_b [Cout, Cin].
+        Every tensor argument has x's dtype and device; B, Cin, Cout, H and W are >= 1.
         demodulate: normalise each output channel of K_b to unit L2 norm (eps inside the
             rsqrt). False for toRGB.
         upsample: rosinality's upsampling conv (k must be 3): conv_transpose2d with
             stride 2 and the transposed kernel, then the [1, 3, 3, 1] blur (x4, pad
             (1, 1)); output 2H x 2W.
-        eps: positive constant added to the squared norm before the rsqrt.
-        scale: multiplier of W0 (not of the residual); None means 1/sqrt(Cin*k*k).
+        eps: positive finite Python (or NumPy) number added to the squared norm before
+            the rsqrt.
+        scale: multiplier of W0 (not of the residual): None, meaning 1/sqrt(Cin*k*k), or
+            a positive finite Python (or NumPy) number.
         backend: "auto", "triton", "torch" or "reference" (see the module docstring).
 
     Returns:
         [B, Cout, H', W'] in x's dtype, H' = 2H and W' = 2W when upsample else H, W.
+        The triton backend returns it channels_last (its kernels' layout), the others in
+        the layout PyTorch's convolutions give.
     """
     return styled_conv2d(
         x,
@@ -136,19 +142,22 @@ def styled_conv2d(
         x, weight, styles, p, q, demodulate, upsample, eps, scale, backend: as in
             `modulated_conv2d`.
         noise: None or [B, 1, H', W'] / [1, 1, H', W'] per-pixel noise at the output
-            resolution (rosinality draws it at random when it is not given; this op adds
-            none when it is None).
-        noise_strength: the learned scalar (rosinality's `noise.weight`, shape [1]), a
-            Python float, or None. Required when noise is given.
-        bias: None or [Cout], added before the activation (`activate.bias`, or ToRGB's
-            bias flattened).
-        activate: apply leaky ReLU(0.2) * sqrt(2).
-        clamp: None or a positive float.
+            resolution, x's dtype (rosinality draws it at random when it is not given;
+            this op adds none when it is None). The triton backend gives it no gradient
+            and refuses noise that requires one.
+        noise_strength: the learned scalar (rosinality's `noise.weight`: shape [1] or
+            [], x's dtype and device), a Python float, or None. Required when noise is
+            given; ignored when it is not.
+        bias: None or [Cout] in x's dtype, added before the activation (`activate.bias`,
+            or ToRGB's bias flattened).
+        activate: True or False: apply leaky ReLU(0.2) * sqrt(2).
+        clamp: None or a positive finite number.
 
     Returns:
         [B, Cout, H', W'] in x's dtype.
     """
     args = _validate(x, weight, styles, p, q, noise, noise_strength, bias, clamp, demodulate, upsample, eps, scale)
+    _check_flag("activate", activate)
     x, weight, styles, p, q, noise, noise_strength, bias, scale = args
     backend = resolve_backend(backend, x.device)
     implementation = {
@@ -188,6 +197,20 @@ def _check_tensor(name: str, value, ndim: tuple[int, ...], expected: str) -> Non
         raise TypeError(f"{name}: expected a floating-point tensor {expected}, got dtype {value.dtype}")
 
 
+def _check_positive(name: str, value, expected: str = "a positive finite number") -> float:
+    """A Python or NumPy real number > 0 and finite, as a float (bools and tensors refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return float(value)
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
+
+
 def _validate(x, weight, styles, p, q, noise, noise_strength, bias, clamp, demodulate, upsample, eps, scale):
     _check_tensor("x", x, (4,), "[B, Cin, H, W]")
     _check_tensor("weight", weight, (4,), "[Cout, Cin, k, k] (rosinality's weight[0])")
@@ -196,6 +219,8 @@ def _validate(x, weight, styles, p, q, noise, noise_strength, bias, clamp, demod
     out_channels, weight_in, kernel_h, kernel_w = weight.shape
     if kernel_h != kernel_w or kernel_h not in (1, 3):
         raise ValueError(f"weight: expected a square k x k kernel with k in {{1, 3}}, got {kernel_h} x {kernel_w}")
+    if out_channels == 0 or in_channels == 0:
+        raise ValueError(f"weight: expected at least one input and one output channel, got {tuple(weight.shape)}")
     if weight_in != in_channels:
         raise ValueError(
             f"weight: expected [Cout, Cin={in_channels}, k, k] to match x's channels, got {tuple(weight.shape)}"
@@ -241,21 +266,26 @@ def _validate(x, weight, styles, p, q, noise, noise_strength, bias, clamp, demod
             raise ValueError(f"noise_strength: expected a scalar or shape [1], got {tuple(noise_strength.shape)}")
         noise_strength = noise_strength.reshape(1)
     elif noise_strength is not None:
+        if isinstance(noise_strength, bool) or not isinstance(noise_strength, numbers.Real):
+            raise TypeError(
+                f"noise_strength: expected a tensor of shape [1] or a real number, got {type(noise_strength).__name__}"
+            )
         noise_strength = torch.tensor([float(noise_strength)], dtype=x.dtype, device=x.device)
-    if noise is None:
+    if noise is None:  # (a strength without noise adds nothing, as rosinality's NoiseInjection with noise 0)
         noise_strength = None
     if bias is not None:
         _check_tensor("bias", bias, (1,), f"[Cout={out_channels}]")
         if bias.shape[0] != out_channels:
             raise ValueError(f"bias: expected [Cout={out_channels}], got {tuple(bias.shape)}")
-    if clamp is not None and not (isinstance(clamp, (int, float)) and clamp > 0):
-        raise ValueError(f"clamp: expected None or a positive number, got {clamp!r}")
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps: expected a positive number, got {eps!r}")
+    if clamp is not None:
+        _check_positive("clamp", clamp, "None or a positive finite number")
+    _check_positive("eps", eps)
     if scale is None:
         scale = 1.0 / math.sqrt(in_channels * kernel_h * kernel_w)
-    elif not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale: expected None or a positive number, got {scale!r}")
+    else:
+        scale = _check_positive("scale", scale, "None or a positive finite number")
+    _check_flag("demodulate", demodulate)
+    _check_flag("upsample", upsample)
     tensors = {"x": x, "weight": weight, "styles": styles, "p": p, "q": q, "noise": noise}
     tensors.update({"noise_strength": noise_strength, "bias": bias})
     for name, tensor in tensors.items():
@@ -322,9 +352,54 @@ def demodulation_coefficients(
                 + 2 scale sum_l p[l,o] ((q * s) @ S1^T)[l,o]
                 + k*k sum_l p[l,o] ((q q^T) @ p)[l,o]
 
-    weight [Cout, Cin, k, k]; styles [B, Cin]; p [B or -, L, Cout]; q [B or -, L, Cin].
-    Computed in float32 at least (float64 stays float64); returns that dtype.
+    Args:
+        weight: [Cout, Cin, k, k] static kernel W0 (without `scale`), floating point.
+        styles: [B, Cin] modulation s, weight's dtype and device.
+        p, q: both None, or the scaled tokens as in `modulated_conv2d`: [B, L, Cout] and
+            [B, L, Cin] per sample, or [L, Cout] and [L, Cin] shared; weight's dtype and device.
+        scale: multiplier of W0, a positive finite number (1/sqrt(Cin*k*k) in StyleGAN2).
+        eps: positive finite number added to sum K^2 before the rsqrt.
+
+    Returns:
+        [B, Cout], computed and returned in float32 at least (float64 stays float64).
+        Differentiable in weight, styles, p and q.
     """
+    _validate_demodulation(weight, styles, p, q, scale, eps)
+    return _demodulation_coefficients(weight, styles, p, q, float(scale), float(eps))
+
+
+def _validate_demodulation(weight, styles, p, q, scale, eps) -> None:
+    _check_tensor("weight", weight, (4,), "[Cout, Cin, k, k]")
+    _check_tensor("styles", styles, (2,), "[B, Cin]")
+    out_channels, in_channels = weight.shape[:2]
+    batch = styles.shape[0]
+    if styles.shape[1] != in_channels:
+        raise ValueError(f"styles: expected [B, Cin={in_channels}] (weight's Cin), got {tuple(styles.shape)}")
+    if (p is None) != (q is None):
+        raise ValueError("p, q: give both token sets or neither (got only " + ("p)" if q is None else "q)"))
+    if p is not None:
+        _check_tensor("p", p, (2, 3), "[B, L, Cout] or [L, Cout]")
+        _check_tensor("q", q, (2, 3), "[B, L, Cin] or [L, Cin]")
+        lead = (batch,) if p.ndim == 3 else ()
+        num_tokens = p.shape[-2]
+        if tuple(p.shape) != (*lead, num_tokens, out_channels) or tuple(q.shape) != (*lead, num_tokens, in_channels):
+            form = "[B, L, C] per sample" if lead else "[L, C] shared"
+            raise ValueError(
+                f"p, q: expected {form} with B={batch}, the same L, Cout={out_channels} and Cin={in_channels}, "
+                f"got p {tuple(p.shape)} and q {tuple(q.shape)}"
+            )
+    for name, tensor in (("styles", styles), ("p", p), ("q", q)):
+        if tensor is not None and (tensor.dtype != weight.dtype or tensor.device != weight.device):
+            raise TypeError(
+                f"{name}: expected weight's dtype and device ({weight.dtype}, {weight.device}), "
+                f"got {tensor.dtype}, {tensor.device}"
+            )
+    _check_positive("scale", scale)
+    _check_positive("eps", eps)
+
+
+def _demodulation_coefficients(weight, styles, p, q, scale: float, eps: float) -> torch.Tensor:
+    """`demodulation_coefficients` without the argument checks (the op has made them)."""
     if torch.compiler.is_compiling():  # traced: plain ops, autograd does the backward
         return _demodulation_traced(weight, styles, p, q, scale, eps)
     return _Demodulation.apply(weight, styles, p, q, scale, eps)
@@ -531,7 +606,7 @@ def _styled_conv2d_torch(
     if upsample:
         y = upfirdn2d(y, upsample_blur_kernel(y.dtype, y.device), pad=UPSAMPLE_BLUR_PAD)
     if demodulate:
-        d = demodulation_coefficients(weight, styles, p, q, scale, eps)
+        d = _demodulation_coefficients(weight, styles, p, q, scale, eps)
         y = y * d.to(y.dtype)[:, :, None, None]
     return _epilogue(y, noise, noise_strength, bias, activate, clamp)
 
@@ -575,7 +650,9 @@ def _styled_conv2d_torch(
 #     by the batch, never a per-sample kernel.
 #
 # Precision: operands are loaded in x's dtype (fp16/bf16 go to tl.dot as they are),
-# everything accumulates in fp32, intermediates (T, g, z) are fp32. fp32 inputs use
+# everything accumulates in fp32; the intermediates that reach memory (T, g, z) are stored
+# in x's dtype, each rounded once from its fp32 sum, and their sums over taps and pixels
+# are taken in fp32 again by the kernels that read them. fp32 inputs use
 # TF32 tensor-core dots when `TRITON_FP32_PRECISION` is "tf32", exact fp32 ("ieee")
 # when it is "ieee"; None (the default) follows torch.backends.cudnn.allow_tf32, the
 # switch PyTorch's own convolutions obey (True by default).
@@ -602,7 +679,7 @@ TRITON_FP32_PRECISION: str | None = None
 _BLUR_TAPS_1D = tuple(t / sum(UPSAMPLE_BLUR_TAPS) * UPSAMPLE_FACTOR for t in UPSAMPLE_BLUR_TAPS)
 
 # Layers with at most this many output channels (at most two N tiles recompute it) project
-# x onto the L tokens inside the conv kernel instead of writing z = q x [B, H, W, L] in fp32
+# x onto the L tokens inside the conv kernel instead of writing z = q x [B, H, W, L]
 # and reading it back: the high-resolution layers are memory-bound and z is as big as
 # their output. Wider layers are compute-bound; there one batched GEMM for z is cheaper
 # than recomputing it for every N tile. L > 64 always uses the separate GEMM.
@@ -818,7 +895,7 @@ if triton is not None:
         a_desc,  # TMA descriptor of a, block [1, 1, TMA_BLOCK_M, BLOCK_K], if A_TMA (else unused)
         a_scale_ptr,  # [B, K] multiplier of a as it is loaded (the styles), if HAS_A_SCALE
         w_ptr,  # [KSIZE*KSIZE, K, N] weight, contiguous
-        z_ptr,  # [B, IN_H, IN_W, L] (BOX_Z) or [B, OUT_H, OUT_W, L] fp32: the projected low-rank input
+        z_ptr,  # [B, IN_H, IN_W, L] (BOX_Z) or [B, OUT_H, OUT_W, L], a's dtype: the projected low-rank input
         r_ptr,  # [B or 1, L, N] low-rank output map (p for the forward, q for grad x)
         q_ptr,  # [B or 1, L, K] projection of a, if FUSE_PROJECTION (then z_ptr is unused)
         alpha_ptr,  # [B, N] multiplier of the conv part (strided, any float dtype), times alpha_scale
@@ -2453,14 +2530,15 @@ def _as_batched_tokens(tokens: torch.Tensor | None) -> torch.Tensor | None:
     return (tokens[None] if tokens.ndim == 2 else tokens).contiguous()
 
 
-def _project(x_nhwc: torch.Tensor, q3: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """z = q_b x: [B, H, W, Cin] x [1 or B, L, Cin] -> [B, H, W, L] in `dtype` (one GEMM)."""
+def _project(x_nhwc: torch.Tensor, q3: torch.Tensor) -> torch.Tensor:
+    """z = q_b x: [B, H, W, Cin] x [1 or B, L, Cin] (one dtype) -> [B, H, W, L] in that dtype
+    (one GEMM, summed in fp32 and rounded once; the kernels that read z sum its box in fp32)."""
     batch, height, width, channels = x_nhwc.shape
     if q3.shape[0] == 1:  # shared tokens: one [B*H*W, Cin] x [Cin, L] product
         z = torch.mm(x_nhwc.reshape(-1, channels), q3[0].t())
     else:
         z = torch.bmm(x_nhwc.reshape(batch, height * width, channels), q3.transpose(1, 2))
-    return z.to(dtype).reshape(batch, height, width, q3.shape[1])
+    return z.reshape(batch, height, width, q3.shape[1])
 
 
 # Programs `_sum_over_pixels` aims to launch: a few waves of an H100's 132 SMs, so a
@@ -2871,7 +2949,9 @@ def _triton_forward(
     p3, q3 = _as_batched_tokens(p), _as_batched_tokens(q)
     z = None
     if p3 is not None and not (out_channels <= FUSED_PROJECTION_MAX_COUT and q3.shape[1] <= 64):
-        z = x_nhwc if _is_identity(q) else _project(x_nhwc, q3)  # the kernel sums z's box in fp32
+        # in x's dtype, as cuBLAS rounds it anyway: an fp32 copy would be one more launch and
+        # twice the bytes of the nine boxed loads, for no extra precision
+        z = x_nhwc if _is_identity(q) else _project(x_nhwc, q3)
     styles = styles.contiguous()
     epilogue = dict(noise=noise, noise_strength=noise_strength, bias=bias, activate=activate, clamp=clamp)
     if upsample:
@@ -3064,7 +3144,7 @@ def _triton_backward(
             if need_q:
                 grad_q = torch.matmul(p3.to(products.dtype), products.mT).to(q.dtype).reshape(q.shape)
         if not fused and need_p:  # grad p = sum over the conv's pixels of box(q x)^T g
-            z = x_nhwc if _is_identity(q) else _project(x_nhwc, q3.to(grad_dtype), grad_dtype)
+            z = x_nhwc if _is_identity(q) else _project(x_nhwc, q3.to(grad_dtype))
             if upsample:  # over z's pixels, as the fused route's M: z^T (the stride-2 box of g)
                 grad_p = _sum_over_pixels(
                     g_conv, z, box=BOX_STRIDE2, ksize=kernel, over_batch=shared, dtype=p.dtype
@@ -3385,7 +3465,7 @@ def _triton_arguments(
         else:
             demod = _TritonDemodulation.apply(weight, styles, p, q, scale, eps)
     elif demodulate:
-        demod = demodulation_coefficients(weight, styles, p, q, scale, eps)
+        demod = _demodulation_coefficients(weight, styles, p, q, scale, eps)
     if bias is not None:
         bias = bias.contiguous()  # the kernels index bias[n] as bias_ptr + n
     options = (float(scale), bool(upsample), bool(activate), float(clamp) if clamp is not None else None)

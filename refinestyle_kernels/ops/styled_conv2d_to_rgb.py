@@ -38,6 +38,8 @@ from refinestyle_kernels.backend import resolve_backend
 from refinestyle_kernels.ops import modulated_conv2d as _conv_op
 from refinestyle_kernels.ops.modulated_conv2d import (
     MAX_LAUNCH_BATCH,
+    _check_flag,
+    _check_positive,
     _check_tensor,
     _clamp_bound,
     _derived_from_weight,
@@ -88,8 +90,10 @@ def styled_conv2d_to_rgb(
             eps, scale, backend: as in `styled_conv2d` (upsample is always False).
         rgb_weight: [K, Cout, 1, 1] the toRGB's 1x1 kernel (rosinality's `to_rgb.conv.weight[0]`,
             K = 3), x's dtype.
-        rgb_styles: [B, Cout] the toRGB's modulation (its affine applied to its w row).
-        rgb_bias: None or [K] (rosinality's `to_rgb.bias` flattened), added before rgb_clamp.
+        rgb_styles: [B, Cout] the toRGB's modulation (its affine applied to its w row), x's
+            dtype.
+        rgb_bias: None or [K] in x's dtype (rosinality's `to_rgb.bias` flattened), added
+            before rgb_clamp.
         rgb_clamp: None or a positive float: the toRGB's conv + bias clamped to [-rgb_clamp,
             rgb_clamp] (NVlabs' conv_clamp).
         rgb_scale: multiplier of rgb_weight; None means 1/sqrt(Cout).
@@ -99,6 +103,7 @@ def styled_conv2d_to_rgb(
         StyleGAN2's toRGB (rgb + upsample(previous rgb)) is left to the caller.
     """
     layer = _validate(x, weight, styles, p, q, noise, noise_strength, bias, clamp, demodulate, False, eps, scale)
+    _check_flag("activate", activate)
     rgb_scale = _validate_rgb(x, weight, rgb_weight, rgb_styles, rgb_bias, rgb_clamp, rgb_scale)
     arguments = dict(
         p=p, q=q, rgb_weight=rgb_weight, rgb_styles=rgb_styles, rgb_bias=rgb_bias, noise=noise,
@@ -164,13 +169,11 @@ def _validate_rgb(x, weight, rgb_weight, rgb_styles, rgb_bias, rgb_clamp, rgb_sc
             raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {tensor.dtype}")
         if tensor.device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (x's), got {tensor.device}")
-    if rgb_clamp is not None and not (isinstance(rgb_clamp, (int, float)) and rgb_clamp > 0):
-        raise ValueError(f"rgb_clamp: expected None or a positive number, got {rgb_clamp!r}")
+    if rgb_clamp is not None:
+        _check_positive("rgb_clamp", rgb_clamp, "None or a positive finite number")
     if rgb_scale is None:
         return 1.0 / math.sqrt(out_channels)
-    if not isinstance(rgb_scale, (int, float)) or not rgb_scale > 0:
-        raise ValueError(f"rgb_scale: expected None or a positive number, got {rgb_scale!r}")
-    return float(rgb_scale)
+    return _check_positive("rgb_scale", rgb_scale, "None or a positive finite number")
 
 
 def _pair_forward(
