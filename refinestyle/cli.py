@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run `refinestyle COMMAND ...` (argv: the arguments, default sys.argv[1:]); returns the exit status.
 
     Errors that describe bad input rather than a bug (a missing or unreadable file, a
-    missing weights file, a checkpoint that does not fit, a ValueError from argument
-    validation) are printed as one line, `refinestyle COMMAND: error: ...`, with exit
+    missing weights file, a checkpoint that does not fit, an output that would overwrite a
+    run, a ValueError from argument validation) are printed as one line, `refinestyle COMMAND: error: ...`, with exit
     status 2; set REFINESTYLE_TRACEBACK=1 to get the traceback instead.
     """
     import os
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._module.main(args) or 0)
-    except (FileNotFoundError, ValueError) as error:  # MissingWeightsError, CheckpointError are subclasses
+    except (FileNotFoundError, FileExistsError, ValueError) as error:  # MissingWeightsError, CheckpointError too
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
         print(f"refinestyle {args.command}: error: {error}", file=sys.stderr)

@@ -126,6 +126,15 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     other = Adapter.for_generator(generator, num_refined=2, num_tokens=3)
     with pytest.raises(ValueError, match="holds tokens"):
         train_tokens(generator, other, step_loss, iterations=6, work_dir=tmp_path / "b", resume=True, progress=False)
+    # the same tokens for another domain: resuming would train one adapter on two targets
+    retargeted = fresh()
+    retargeted.metadata.update(kind="text", target_text="watercolor")
+    checkpoint = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=False)
+    checkpoint["metadata"].update(kind="text", target_text="pencil sketch")
+    torch.save(checkpoint, tmp_path / "b" / CHECKPOINT_NAME)
+    with pytest.raises(ValueError, match="target_text='pencil sketch', this run asks for 'watercolor'"):
+        train_tokens(generator, retargeted, step_loss, iterations=8, work_dir=tmp_path / "b", resume=True,
+                     progress=False)
 
 
 def test_a_gradient_into_the_generator_is_refused():
@@ -251,3 +260,7 @@ def test_history_summary_windows_never_overlap():
     assert short == {"window": 3, "loss_first": 2.0, "loss_last": 5.0}
     assert history_summary(history[:1]) == {"window": 1, "loss_first": 1.0, "loss_last": 1.0}
     assert history_summary([]) == {}
+    # a run resumed with a loss term switched off logs it for its first steps only
+    mixed = [{"step": 1, "loss": 4.0, "rec_id": 1.0}, {"step": 2, "loss": 2.0}]
+    assert history_summary(mixed) == {"window": 1, "loss_first": 4.0, "loss_last": 2.0, "rec_id_first": 1.0,
+                                      "rec_id_last": None}

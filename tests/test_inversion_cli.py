@@ -103,11 +103,52 @@ def test_train_inverter_resume_through_the_cli(trained, tmp_path):
                "--no-progress", "--val-every", 0, "--image-every", 0) == 0
     state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)
     assert state["step"] == 4 and state["config"]["out"] == str(tmp_path / "run")
+    # options not given again keep the run's own values (checkpoints every 2, not the default 1000)
+    assert state["config"]["checkpoint_every"] == 2 and state["config"]["val_every"] == 0
     # without --max-steps the run keeps its own (now 4): nothing left to do
     assert run("train-inverter", "--out", tmp_path / "run", "--resume", "--workers", 0, "--no-progress") == 0
     assert torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)["step"] == 4
     with pytest.raises(SystemExit, match="--generator and --data"):
         run("train-inverter", "--out", tmp_path / "fresh")
+
+
+def test_bad_arguments_are_one_line_errors(trained, tmp_path, capsys):
+    """A zero batch size (ganspace looped forever), a device this machine lacks or a run folder
+    that already holds a run: one line naming the option, exit status 2, no traceback."""
+    root, generator_path = trained
+    for command, argv, expected in [
+        ("ganspace", ["--generator", generator_path, "--out", tmp_path / "g.safetensors", "--batch-size", 0],
+         "argument --batch-size: expected a positive integer, got 0"),
+        ("invert", ["--inverter", root / "run", "--generator", generator_path, "--input", root / "val",
+                    "--out", tmp_path / "i", "--device", "gpu"], "argument --device: expected a torch device"),
+        ("generate", ["--ckpt", generator_path, "--n", "-1"], "argument --n: expected a positive integer"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            run(command, *argv)
+        assert info.value.code == 2
+        assert expected in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            run("generate", "--ckpt", generator_path, "--device", "cuda")
+        assert "no usable CUDA device" in capsys.readouterr().err
+    code = run("train-inverter", "--generator", generator_path, "--data", root / "train", "--out", root / "run")
+    assert code == 2 and "already holds a run; resume it (--resume)" in capsys.readouterr().err.replace(
+        f" ({root / 'run' / 'checkpoints' / 'latest.pt'})", ""
+    )
+
+
+def test_ganspace_keeps_a_png_named_output_and_edit_names_a_wrong_file(trained, tmp_path, capsys):
+    root, generator_path = trained
+    out = tmp_path / "gs.png"
+    assert run("ganspace", "--generator", generator_path, "--out", out, "--num-samples", 1000,
+               "--num-components", 4, "--preview-components", 1, "--no-progress") == 0
+    from refinestyle.inversion.editing import GANSpaceDirections
+
+    assert GANSpaceDirections.load(out).components.shape == (4, 32)  # not overwritten by the preview
+    assert (tmp_path / "gs-preview.png").is_file()
+    code = run("edit", "--generator", generator_path, "--inverter", root / "run", "--input", root / "val",
+               "--ganspace", generator_path, "--out", tmp_path / "e", "--image-size", 32)
+    assert code == 2 and "not a GANSpace directions file" in capsys.readouterr().err
 
 
 def test_invert_writes_reconstructions_codes_and_grid(trained, tmp_path):
@@ -191,6 +232,8 @@ def test_eval_inversion_reports_table_one(trained, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["count"] == 3 and report["mse_mean"] > 0 and report["lpips_mean"] > 0
     assert report["gflops"] > 0 and report["params_inverter_M"] > 0 and report["seconds_per_image"] > 0
+    # what training updated, not what the frozen inference copy could (it was reported as 0)
+    assert 0 < report["params_trainable_M"] <= report["params_inverter_M"]
     assert "id_mean" not in report
     with (out / "per_image.csv").open() as handle:
         rows = list(csv.DictReader(handle))

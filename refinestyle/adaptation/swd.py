@@ -108,6 +108,8 @@ class LPIPSFeatures(nn.Module):
         if not hasattr(inner, "net") or not hasattr(inner, "scaling_layer"):
             raise TypeError(f"lpips_loss: expected a refinestyle.losses.LPIPSLoss, got {type(lpips_loss).__name__}")
         self.layers = layers
+        if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 32):
+            raise ValueError(f"input_size: expected None or at least 32 (AlexNet's smallest input), got {input_size!r}")
         self.input_size = input_size
         self.lpips_loss = lpips_loss
 

@@ -139,6 +139,10 @@ def _plot_history(history: list[dict[str, float]], path: Path) -> None:
     plt.close(figure)
 
 
+# adapter metadata that must match between a checkpoint and the run that resumes it
+RESUME_IDENTITY_KEYS = ("kind", "source_text", "target_text", "reference_sha256", "generator_fingerprint")
+
+
 def train_tokens(
     generator: nn.Module,
     adapter: Adapter,
@@ -201,6 +205,13 @@ def train_tokens(
                 f"{checkpoint_path}: holds tokens for layers {saved_shapes[0]} with L={saved_shapes[1]}, this run "
                 f"has {adapter.metadata['layer_shapes']} with L={adapter.metadata['num_tokens']}"
             )
+        for key in RESUME_IDENTITY_KEYS:  # the same domain and generator, or the run would mix two
+            saved, wanted = state["metadata"].get(key), adapter.metadata.get(key)
+            if key in state["metadata"] and saved != wanted:
+                raise ValueError(
+                    f"resume: {checkpoint_path} was trained with {key}={saved!r}, this run asks for {wanted!r}; "
+                    "resume with the same settings, or start a new run in another folder"
+                )
         adapter.tokens.load_state_dict(state["tokens"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = int(state["step"]), list(state["history"])
@@ -599,13 +610,14 @@ def history_summary(history: list[dict[str, float]], window: int = 10) -> dict[s
     """
     if not history:
         return {}
-    keys = [k for k in history[0] if k != "step"]
+    keys = list(dict.fromkeys(k for entry in history for k in entry if k != "step"))
     window = max(1, min(window, len(history) // 2))
     first, last = history[:window], history[-window:]
     summary = {"window": window}
-    for key in keys:
-        summary[f"{key}_first"] = sum(e[key] for e in first) / len(first)
-        summary[f"{key}_last"] = sum(e[key] for e in last) / len(last)
+    for key in keys:  # a resumed run may log other terms (e.g. the ID loss switched off): each over its own steps
+        for name, part in (("first", first), ("last", last)):
+            values = [entry[key] for entry in part if key in entry]
+            summary[f"{key}_{name}"] = sum(values) / len(values) if values else None
     return summary
 
 

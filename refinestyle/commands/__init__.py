@@ -1,1 +1,39 @@
-"""Subcommands of the `refinestyle` console script (see refinestyle.cli)."""
+"""Subcommands of the `refinestyle` console script (see refinestyle.cli).
+
+The argument types below turn a bad value into argparse's own one-line error
+(`refinestyle COMMAND: error: argument --batch-size: ...`, exit status 2) before any
+model is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (batch sizes, sample counts): 0 would loop forever or divide by zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """A torch device this machine has: cpu, cuda, cuda:N (checked, so a typo or a missing GPU
+    is one line, not a traceback from the first tensor moved there)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has no usable CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+    return text

@@ -26,6 +26,7 @@ example:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError("--init-from-inverter needs --inverter")
         if args.projection_steps < 1 or args.swd_projections < 1:
             raise ValueError("--projection-steps and --swd-projections must be positive")
+        if args.style_size < 32 or args.loss_size < 32:
+            raise ValueError(f"--style-size and --loss-size: LPIPS's AlexNet needs at least 32 px, got "
+                             f"{args.style_size} and {args.loss_size}")
         work_dir, resume = prepare_run(args)
         try:
             reference = load_image(args.reference)
@@ -143,6 +147,8 @@ def main(args: argparse.Namespace) -> int:
         loss_size=args.loss_size,
         metadata={
             "reference": str(args.reference),
+            # what resuming compares: the picture, wherever it lies (and w_r.pt was made from it)
+            "reference_sha256": hashlib.sha256(Path(args.reference).read_bytes()).hexdigest(),
             "generator_file": str(args.generator) if args.generator else None,
             "w_r_source": "inverter" if inverter is not None else "projection",
             "inverter_file": str(args.inverter) if args.inverter else None,

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from refinestyle.adaptation.clip_loss import add_clip_arguments
+from refinestyle.commands import device_name, positive_int
 from refinestyle.weights import default_device
 
 
@@ -39,7 +40,7 @@ def add_common_training_arguments(parser: argparse.ArgumentParser, *, iterations
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work-dir")
     parser.add_argument("--restart", action="store_true", help="discard a checkpoint in --work-dir and start over")
     parser.add_argument("--iterations", type=int, default=iterations, help=f"training steps (default {iterations})")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"codes per step (default {batch_size})")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"codes per step (default {batch_size})")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     parser.add_argument("--num-tokens", type=int, default=256, help="L, tokens per refined layer (default 256)")
     parser.add_argument("--num-refined", type=int, default=None,
@@ -49,8 +50,8 @@ def add_common_training_arguments(parser: argparse.ArgumentParser, *, iterations
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     parser.add_argument("--sample-every", type=int, default=50, help="steps between sample grids (default 50, 0: off)")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
-    parser.add_argument("--num-samples", type=int, default=4, help="fixed seeds shown in the sample grids (default 4)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--num-samples", type=positive_int, default=4, help="fixed seeds shown in the sample grids (default 4)")
+    parser.add_argument("--device", default=None, type=device_name, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--backend", default="auto", choices=("auto", "triton", "torch", "reference"),
                         help="op backend (default auto: triton on CUDA, torch on CPU)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from refinestyle.commands import device_name, positive_int
+
 
 def _floats(text: str) -> list[float]:
     try:
@@ -55,8 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-refinement", action="store_true", help="render w+ only (drop the residuals)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--image-size", type=int, default=256, help="encoder input side, with --input")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--device", type=device_name, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default="auto")
 
 

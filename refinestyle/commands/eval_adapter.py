@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from refinestyle.adaptation.clip_loss import PAPER_CLIP_MODELS, add_clip_arguments
+from refinestyle.commands import device_name, positive_int
 from refinestyle.weights import default_device
 
 
@@ -32,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generator", default=None, metavar="PATH",
                         help="generator checkpoint (default: $REFINESTYLE_GENERATOR)")
     parser.add_argument("--adapter", type=Path, required=True, help="the adapter file (.safetensors)")
-    parser.add_argument("--n", type=int, default=2000, help="number of generated images (default 2000, as the paper)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    parser.add_argument("--n", type=positive_int, default=2000, help="number of generated images (default 2000, as the paper)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--text", default=None, help="target text for TC (default: the adapter's target text)")
     parser.add_argument("--ir-se50", default=None, metavar="PATH",
                         help="ArcFace IR-SE50 weights for ID (default: $REFINESTYLE_IR_SE50; none: ID skipped)")
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write source (row 1) | adapted (row 2) images of the first batch here")
     parser.add_argument("--ignore-fingerprint", action="store_true",
                         help="accept an adapter trained on a generator with other weights of the same shape")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--device", default=None, type=device_name, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--backend", default="auto", choices=("auto", "triton", "torch", "reference"),
                         help="op backend (default auto)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
+from refinestyle.commands import device_name, positive_int
 from refinestyle.weights import default_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", default=None, help="generator checkpoint: rosinality .pt / .safetensors or NVlabs .pkl "
                         "(default: $REFINESTYLE_GENERATOR)")
-    parser.add_argument("--n", type=int, default=16, help="number of latents / images per domain (default 16)")
+    parser.add_argument("--n", type=positive_int, default=16, help="number of latents / images per domain (default 16)")
     parser.add_argument("--truncation", type=float, default=1.0, help="truncation psi (default 1: none)")
     parser.add_argument("--truncation-mean", type=int, default=4096,
                         help="random w averaged for truncation when the checkpoint has no latent_avg (default 4096)")
@@ -33,15 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("grid.png"), help="grid picture to write (default grid.png)")
     parser.add_argument("--outdir", type=Path, default=None,
                         help="folder for the individual images (default: --out without its suffix)")
-    parser.add_argument("--nrow", type=int, default=None,
+    parser.add_argument("--nrow", type=positive_int, default=None,
                         help="images per grid row (default: --n with adapters, else a square-ish grid)")
-    parser.add_argument("--batch-size", type=int, default=8, help="latents per forward pass (default 8)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="latents per forward pass (default 8)")
     parser.add_argument("--noise", choices=("const", "random"), default="const",
                         help="the checkpoint's stored noise maps (const, default) or seeded random noise")
     parser.add_argument("--adapter", action="append", default=[], type=Path, metavar="PATH",
                         help="a domain adapter file (repeatable): one extra grid row per adapter")
     parser.add_argument("--size", type=int, default=None, help="expected output size of the checkpoint")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--device", default=None, type=device_name, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--backend", default="auto", choices=("auto", "triton", "torch", "reference"),
                         help="op backend (default auto: triton on CUDA, torch on CPU)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from refinestyle.commands import device_name, positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inverter", required=True, help="inverter.safetensors (or its train-inverter run folder)")
@@ -20,9 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="an image file or a folder of images")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--image-size", type=int, default=256, help="side the encoder sees (the training --image-size)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--grid-max-images", type=int, default=16, help="images shown in comparison.png")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", type=device_name, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default="auto")
     parser.add_argument("--no-progress", action="store_true")
 

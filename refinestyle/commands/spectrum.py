@@ -14,21 +14,22 @@ import argparse
 import sys
 from pathlib import Path
 
+from refinestyle.commands import device_name, positive_int
 from refinestyle.weights import default_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", default=None, help="generator checkpoint: rosinality .pt / .safetensors or NVlabs .pkl "
                         "(default: $REFINESTYLE_GENERATOR)")
-    parser.add_argument("--samples", type=int, default=1000, help="number of random z (default 1000)")
+    parser.add_argument("--samples", type=positive_int, default=1000, help="number of random z (default 1000)")
     parser.add_argument("--out", type=Path, default=Path("spectrum.png"), help="figure to write (default spectrum.png)")
     parser.add_argument("--json", type=Path, default=None, help="numbers to write (default: --out with .json)")
-    parser.add_argument("--batch-size", type=int, default=100, help="samples per batch (default 100)")
+    parser.add_argument("--batch-size", type=positive_int, default=100, help="samples per batch (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the z draw (default 0)")
     parser.add_argument("--truncation", type=float, default=1.0, help="truncation psi of w (default 1: none)")
     parser.add_argument("--demodulate", action="store_true", help="analyse the demodulated kernels instead of Eq. (1)'s")
     parser.add_argument("--size", type=int, default=None, help="expected output size of the checkpoint")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--device", default=None, type=device_name, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

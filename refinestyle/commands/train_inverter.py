@@ -18,6 +18,8 @@ import json
 import os
 from pathlib import Path
 
+from refinestyle.commands import device_name, positive_int
+
 
 def _model_option(text: str) -> tuple[str, object]:
     if "=" not in text:
@@ -63,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lr", type=float, help="learning rate (1e-4 one-stage, 1e-3 two-stage)")
-    optim.add_argument("--batch-size", type=int, default=8, help="images per step per process (8)")
+    optim.add_argument("--batch-size", type=positive_int, default=8, help="images per step per process (8)")
     optim.add_argument("--max-steps", type=int, help="training steps (1M one-stage, 700k two-stage)")
     optim.add_argument("--seed", type=int, default=0)
     optim.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -74,27 +76,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default="auto",
                        help="modulated-conv backend (auto: fused Triton kernels on GPU)")
     optim.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
-    optim.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available; torchrun: the local rank)")
+    optim.add_argument("--device", type=device_name, help="cpu, cuda, cuda:1 (default: cuda when available; torchrun: the local rank)")
 
     logging = parser.add_argument_group("logging")
-    logging.add_argument("--log-every", type=int, default=1, help="CSV row every N steps (1)")
-    logging.add_argument("--image-every", type=int, default=1000, help="image grid (input | w+ only | refined) every N steps and at the end (0: none)")
-    logging.add_argument("--val-every", type=int, default=10_000, help="validation every N steps and at the end (0: none)")
-    logging.add_argument("--val-max-images", type=int, default=1000)
-    logging.add_argument("--checkpoint-every", type=int, default=1000)
+    # default None: a resumed run keeps its own cadence unless one is given (LOGGING_DEFAULTS otherwise)
+    logging.add_argument("--log-every", type=int, help="CSV row every N steps (1)")
+    logging.add_argument("--image-every", type=int, help="image grid (input | w+ only | refined) every N steps and at the end (1000; 0: none)")
+    logging.add_argument("--val-every", type=int, help="validation every N steps and at the end (10000; 0: none)")
+    logging.add_argument("--val-max-images", type=int, help="images validated at most (1000)")
+    logging.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (1000)")
     logging.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
     logging.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+
+
+# the logging options' values for a new run; a resumed run keeps those in its config.json
+LOGGING_DEFAULTS = {
+    "log_every": 1, "image_every": 1000, "val_every": 10_000, "val_max_images": 1000, "checkpoint_every": 1000,
+}
 
 
 def config_from_args(args: argparse.Namespace):
     """The TrainConfig the arguments describe (for --resume: the run's saved config plus overrides)."""
     from refinestyle.inversion.train import TrainConfig
 
+    logging = {name: getattr(args, name) for name in LOGGING_DEFAULTS if getattr(args, name) is not None}
     run_time = dict(
         max_steps=args.max_steps, workers=args.workers, progress=not args.no_progress, device=args.device,
-        log_every=args.log_every, image_every=args.image_every, val_every=args.val_every,
-        checkpoint_every=args.checkpoint_every, tensorboard=args.tensorboard, val_max_images=args.val_max_images,
+        tensorboard=args.tensorboard, **logging,
     )
     if args.resume:
         saved = Path(args.out) / "config.json"
@@ -108,6 +117,7 @@ def config_from_args(args: argparse.Namespace):
     missing = [flag for flag, value in (("--generator", args.generator), ("--data", args.data)) if value is None]
     if missing:
         raise SystemExit(f"train-inverter: {' and '.join(missing)} required (unless --resume)")
+    run_time = {**LOGGING_DEFAULTS, **run_time}
     return TrainConfig(
         generator=args.generator, data=args.data, out=args.out, stage=args.stage, val_data=args.val_data,
         first_stage=args.first_stage, ir_se50=args.ir_se50, lpips_backbone=args.lpips_backbone,

@@ -199,7 +199,13 @@ class GANSpaceDirections:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"GANSpace directions file not found: {path}")
-        with safe_open(str(path), framework="pt") as handle:
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as error:  # safetensors raises its own error type for a file of another format
+            raise ValueError(
+                f"{path}: not a GANSpace directions file (written by `refinestyle ganspace`): {error}"
+            ) from None
+        with handle:
             keys = set(handle.keys())
             if not {"components", "stddev", "mean"} <= keys:
                 raise ValueError(f"{path}: not a GANSpace directions file (tensors {sorted(keys)})")
@@ -239,6 +245,8 @@ def compute_ganspace(
 
     if not 1 <= num_components <= style_dim:
         raise ValueError(f"num_components: expected 1..{style_dim}, got {num_components}")
+    if batch_size < 1:  # (0 would never finish)
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
     if num_samples <= num_components:
         # with N samples the centred covariance has rank <= N - 1: later components are noise
         raise ValueError(

@@ -35,10 +35,14 @@ def resolve_inverter_path(path: str | Path) -> Path:
 
 
 def load_inverter_for_inference(path: str | Path, generator: nn.Module, device: str | torch.device) -> nn.Module:
-    """Load a trained inverter around `generator`, on `device`, in eval mode, without gradients."""
+    """Load a trained inverter around `generator`, on `device`, in eval mode, without gradients.
+
+    Its `trained_parameter_count` keeps how many parameters training updates (the paper's
+    "trainable parameters"), counted before everything is frozen for inference."""
     from refinestyle.inversion.models import load_inverter
 
     inverter = load_inverter(resolve_inverter_path(path), generator)
+    inverter.trained_parameter_count = sum(p.numel() for p in inverter.parameters() if p.requires_grad)
     inverter.requires_grad_(False)
     return inverter.to(device).eval()
 

@@ -207,7 +207,9 @@ def inversion_cost(inverter: nn.Module, image: torch.Tensor, *, timing: bool = T
         inverter.train(was_training)
     return InversionCost(
         params_inverter=count_parameters(inverter, exclude=[generator]),
-        params_trainable=count_parameters(inverter, trainable_only=True),
+        # an inverter loaded for inference is frozen: it keeps what training updated
+        params_trainable=getattr(inverter, "trained_parameter_count", None)
+        or count_parameters(inverter, trainable_only=True),
         params_generator=count_parameters(generator),
         flops=flops,
         flops_without_rendering=flops_without_rendering,

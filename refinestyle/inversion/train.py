@@ -519,7 +519,9 @@ def train_inverter(config: TrainConfig) -> TrainSummary:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         config = _merge_resumed_config(state["config"], config)
     elif checkpoint_path.is_file():
-        raise FileExistsError(f"{out} already holds a run ({checkpoint_path}); pass resume or choose another out")
+        raise FileExistsError(
+            f"{out} already holds a run ({checkpoint_path}); resume it (--resume) or choose another --out"
+        )
 
     context = setup_distributed(config.device)
     try:
