@@ -206,6 +206,15 @@ def _check_positive(name: str, value, expected: str = "a positive finite number"
     return float(value)
 
 
+def _check_token_pair(p, q) -> None:
+    """Both token sets or neither, each a float tensor of rank 2 (shared) or 3 (per sample)."""
+    if (p is None) != (q is None):
+        raise ValueError("p, q: give both token sets or neither (got only " + ("p)" if q is None else "q)"))
+    if p is not None:
+        _check_tensor("p", p, (2, 3), "[B, L, Cout] or [L, Cout]")
+        _check_tensor("q", q, (2, 3), "[B, L, Cin] or [L, Cin]")
+
+
 def _check_flag(name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
@@ -229,11 +238,8 @@ def _validate(x, weight, styles, p, q, noise, noise_strength, bias, clamp, demod
         raise ValueError(f"styles: expected [B={batch}, Cin={in_channels}], got {tuple(styles.shape)}")
     if batch == 0 or height == 0 or width == 0:
         raise ValueError(f"x: expected a non-empty [B, Cin, H, W], got {tuple(x.shape)}")
-    if (p is None) != (q is None):
-        raise ValueError("p, q: give both token sets or neither (got only " + ("p)" if q is None else "q)"))
+    _check_token_pair(p, q)
     if p is not None:
-        _check_tensor("p", p, (2, 3), "[B, L, Cout] or [L, Cout]")
-        _check_tensor("q", q, (2, 3), "[B, L, Cin] or [L, Cin]")
         if p.ndim != q.ndim:
             raise ValueError(
                 f"p, q: expected both per-sample ([B, L, C]) or both shared ([L, C]), "
@@ -375,11 +381,8 @@ def _validate_demodulation(weight, styles, p, q, scale, eps) -> None:
     batch = styles.shape[0]
     if styles.shape[1] != in_channels:
         raise ValueError(f"styles: expected [B, Cin={in_channels}] (weight's Cin), got {tuple(styles.shape)}")
-    if (p is None) != (q is None):
-        raise ValueError("p, q: give both token sets or neither (got only " + ("p)" if q is None else "q)"))
+    _check_token_pair(p, q)
     if p is not None:
-        _check_tensor("p", p, (2, 3), "[B, L, Cout] or [L, Cout]")
-        _check_tensor("q", q, (2, 3), "[B, L, Cin] or [L, Cin]")
         lead = (batch,) if p.ndim == 3 else ()
         num_tokens = p.shape[-2]
         if tuple(p.shape) != (*lead, num_tokens, out_channels) or tuple(q.shape) != (*lead, num_tokens, in_channels):
