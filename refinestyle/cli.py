@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Errors that describe bad input rather than a bug (a missing or unreadable file, a
     missing weights file, a checkpoint that does not fit, an output that would overwrite a
-    run, a ValueError from argument validation) are printed as one line, `refinestyle COMMAND: error: ...`, with exit
-    status 2; set REFINESTYLE_TRACEBACK=1 to get the traceback instead.
+    run, a ValueError from argument validation) are printed as one line,
+    `refinestyle COMMAND: error: ...`, with exit status 2; set REFINESTYLE_TRACEBACK=1 to get the traceback instead.
     """
     import os
 

@@ -92,7 +92,8 @@ def resolve_backend(backend: str, device) -> str:
     it allocates its outputs and buffers and launches nothing (shape and memory planning).
     """
     backend = check_backend(backend)
-    device = torch.device(device)  # (a device or its name, "cuda:0")
+    if not isinstance(device, torch.device):  # a name, "cuda:0"
+        device = torch.device(device)
     if backend == "auto":
         backend = _default_backend
     if backend == "auto":
@@ -105,6 +106,7 @@ def resolve_backend(backend: str, device) -> str:
                 'backend="triton" needs CUDA tensors; on the CPU it runs only in the Triton '
                 "interpreter (set TRITON_INTERPRET=1 before importing refinestyle_kernels)"
             )
-        if device.type == "cpu" and triton_interpreter_problem():
-            raise RuntimeError(f'backend="triton" on CPU tensors: {triton_interpreter_problem()}')
+        problem = triton_interpreter_problem() if device.type == "cpu" else None
+        if problem:
+            raise RuntimeError(f'backend="triton" on CPU tensors: {problem}')
     return backend

@@ -23,6 +23,7 @@ from refinestyle_kernels.ops.modulated_conv2d import (
     UPSAMPLE_BLUR_PAD,
     UPSAMPLE_BLUR_TAPS,
     UPSAMPLE_FACTOR,
+    _check_positive,
     _derived_from_weight,
     styled_conv2d,
 )
@@ -75,11 +76,13 @@ def _cast(tensor, dtype):
 
 def _check_clamp(clamp):
     """None or a positive finite number (NVlabs' conv_clamp), checked when the layer is built."""
-    if clamp is not None and (
-        isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not (math.isfinite(clamp) and clamp > 0)
-    ):  # fmt: skip
-        raise ValueError(f"clamp: expected None or a positive finite number, got {clamp!r}")
-    return clamp
+    return None if clamp is None else _check_positive("clamp", clamp, "None or a positive finite number")
+
+
+def _check_positive_ints(**values) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
 
 
 class PixelNorm(nn.Module):
@@ -187,12 +190,13 @@ class NoiseInjection(nn.Module):
         batch, _, height, width = image.shape
         if noise is None:
             noise = image.new_empty(batch, 1, height, width).normal_()
-        elif not isinstance(noise, torch.Tensor) or noise.ndim != 4 or noise.shape[0] not in (1, batch) or tuple(
-            noise.shape[1:]
-        ) != (1, height, width):
-            raise ValueError(
-                f"noise: expected [B={batch} or 1, 1, {height}, {width}], got {tuple(getattr(noise, 'shape', ()))}"
-            )
+        # one map for the batch, or one per sample; never broadcast over channels or pixels
+        elif not (
+            isinstance(noise, torch.Tensor) and noise.ndim == 4 and noise.shape[0] in (1, batch)
+            and tuple(noise.shape[1:]) == (1, height, width)
+        ):  # fmt: skip
+            got = tuple(getattr(noise, "shape", ()))
+            raise ValueError(f"noise: expected [B={batch} or 1, 1, {height}, {width}], got {got}")
         return image + self.weight * noise
 
 
@@ -253,9 +257,7 @@ class ModulatedConv2d(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        for name, value in (("in_channel", in_channel), ("out_channel", out_channel), ("style_dim", style_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        _check_positive_ints(in_channel=in_channel, out_channel=out_channel, style_dim=style_dim)
         if kernel_size not in (1, 3):
             raise ValueError(f"kernel_size: expected 1 or 3, got {kernel_size}")
         if upsample and kernel_size != 3:
@@ -289,9 +291,14 @@ class ModulatedConv2d(nn.Module):
         bias: torch.Tensor | None = None,
         activate: bool = False,
         clamp: float | None = None,
+        draw_noise: bool = False,
     ) -> torch.Tensor:
-        """The conv with a fused epilogue (see `refinestyle_kernels.styled_conv2d`); used by StyledConv/ToRGB."""
+        """The conv with a fused epilogue (see `refinestyle_kernels.styled_conv2d`); used by
+        StyledConv/ToRGB. draw_noise: standard normal noise at the output resolution when noise
+        is None (rosinality's StyledConv default)."""
         self._check_inputs(input, style)
+        if draw_noise and noise is None:
+            noise = self._drawn_noise(input)
         dtype = _operand_dtype(input)
         styles = self.modulation(style)
         return styled_conv2d(
@@ -316,6 +323,12 @@ class ModulatedConv2d(nn.Module):
         self, input: torch.Tensor, style: torch.Tensor, p: torch.Tensor | None = None, q: torch.Tensor | None = None
     ) -> torch.Tensor:
         return self.layer_forward(input, style, p, q)
+
+    def _drawn_noise(self, input: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise [B, 1, H', W'] at the output resolution of input [B, Cin, H, W]."""
+        factor = UPSAMPLE_FACTOR if self.upsample else 1
+        batch, _, height, width = input.shape
+        return input.new_empty(batch, 1, height * factor, width * factor).normal_()
 
     def _check_inputs(self, input: torch.Tensor, style: torch.Tensor) -> None:
         """input [B, Cin, H, W] and style [B, style_dim], named as the modules' forward names them."""
@@ -383,13 +396,13 @@ class StyledConv(_ConvBackendMixin, nn.Module):
         p: torch.Tensor | None = None,
         q: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        self.conv._check_inputs(input, style)
         return self.conv.layer_forward(
             input,
             style,
             p,
             q,
-            noise=self._noise_or_drawn(input, noise),
+            noise=noise,
+            draw_noise=True,
             noise_strength=self.noise.weight,
             bias=self.activate.bias,
             activate=True,
@@ -430,7 +443,7 @@ class StyledConv(_ConvBackendMixin, nn.Module):
             rgb_weight=rgb_conv.weight[0].to(dtype),
             rgb_styles=rgb_conv.modulation(rgb_style).to(dtype),
             rgb_bias=to_rgb.bias.reshape(-1).to(dtype),
-            noise=_cast(self._noise_or_drawn(input, noise), dtype),
+            noise=_cast(conv._drawn_noise(input) if noise is None else noise, dtype),
             noise_strength=self.noise.weight.to(dtype),
             bias=self.activate.bias.to(dtype),
             activate=True,
@@ -445,14 +458,6 @@ class StyledConv(_ConvBackendMixin, nn.Module):
         if skip is not None:
             image = image + to_rgb.upsample(skip.to(image.dtype))
         return out, image
-
-    def _noise_or_drawn(self, input: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        """The given noise, or standard normal noise at the output resolution (rosinality's default)."""
-        if noise is not None:
-            return noise
-        factor = UPSAMPLE_FACTOR if self.conv.upsample else 1
-        batch, _, height, width = input.shape
-        return input.new_empty(batch, 1, height * factor, width * factor).normal_()
 
 
 class ToRGB(_ConvBackendMixin, nn.Module):
@@ -482,20 +487,20 @@ class ToRGB(_ConvBackendMixin, nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
 
     def forward(self, input: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        self.conv._check_inputs(input, style)
-        self._check_skip(skip, input)
         out = self.conv.layer_forward(input, style, bias=self.bias.reshape(3), activate=False, clamp=self.clamp)
         if skip is not None:
+            self._check_skip(skip, out)
             out = out + self.upsample(skip.to(out.dtype))
         return out
 
-    def _check_skip(self, skip: torch.Tensor | None, input: torch.Tensor) -> None:
-        """skip: None or the previous block's image [B, 3, H/2, W/2] (input [B, Cin, H, W])."""
+    def _check_skip(self, skip: torch.Tensor | None, reference: torch.Tensor) -> None:
+        """skip: None or the previous block's image [B, 3, H/2, W/2], where reference (the
+        toRGB's input or output) is [B, C, H, W]."""
         if skip is None:
             return
         if not hasattr(self, "upsample"):
             raise ValueError("skip: this ToRGB was built with upsample=False and takes no skip input")
-        batch, _, height, width = input.shape
+        batch, _, height, width = reference.shape
         if height % 2 or width % 2:
             raise ValueError(f"skip: an upsampled skip needs an even-sized input, got {height} x {width}")
         _check_image("skip", skip, 3, (height // 2, width // 2), batch)
@@ -512,9 +517,7 @@ class LayerTokens(nn.Module):
 
     def __init__(self, in_channel: int, out_channel: int, num_tokens: int, scale_init: float = 0.01):
         super().__init__()
-        for name, value in (("in_channel", in_channel), ("out_channel", out_channel), ("num_tokens", num_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        _check_positive_ints(in_channel=in_channel, out_channel=out_channel, num_tokens=num_tokens)
         self.P = nn.Parameter(torch.randn(num_tokens, out_channel))
         self.Q = nn.Parameter(torch.randn(num_tokens, in_channel))
         self.A = nn.Parameter(torch.full((num_tokens,), float(scale_init)))

@@ -63,8 +63,6 @@ def main(args: argparse.Namespace) -> int:
     device = torch.device(args.device or default_device())
     notes = []
     try:
-        if args.n < 1 or args.batch_size < 1:
-            raise ValueError("--n and --batch-size must be positive")
         generator = load_generator(args.generator, device=device, backend=args.backend).eval().requires_grad_(False)
         adapter = Adapter.load(args.adapter, device=device)
         adapter.check_compatible(generator, check_fingerprint=not args.ignore_fingerprint)

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: $REFINESTYLE_GENERATOR)")
     parser.add_argument("--n", type=positive_int, default=16, help="number of latents / images per domain (default 16)")
     parser.add_argument("--truncation", type=float, default=1.0, help="truncation psi (default 1: none)")
-    parser.add_argument("--truncation-mean", type=int, default=4096,
+    parser.add_argument("--truncation-mean", type=positive_int, default=4096,
                         help="random w averaged for truncation when the checkpoint has no latent_avg (default 4096)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents and noise (default 0)")
     parser.add_argument("--out", type=Path, default=Path("grid.png"), help="grid picture to write (default grid.png)")
@@ -88,9 +88,6 @@ def main(args: argparse.Namespace) -> int:
     from refinestyle.refinement import Refinement
     from refinestyle.weights import MissingWeightsError
 
-    if args.n < 1 or args.batch_size < 1 or args.truncation_mean < 1:
-        print("error: --n, --batch-size and --truncation-mean must be positive", file=sys.stderr)
-        return 2
     device = torch.device(args.device or default_device())
     try:
         generator = load_generator(args.ckpt, device=device, size=args.size, backend=args.backend)

@@ -38,9 +38,6 @@ def main(args: argparse.Namespace) -> int:
     from refinestyle.spectrum import kernel_spectrum
     from refinestyle.weights import MissingWeightsError
 
-    if args.samples < 1 or args.batch_size < 1:
-        print("error: --samples and --batch-size must be positive", file=sys.stderr)
-        return 2
     device = args.device or default_device()
     try:
         generator = load_generator(args.ckpt, device=device, size=args.size)
