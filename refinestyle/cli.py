@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from refinestyle.commands import report_error
+
 # subcommand name -> module implementing it
 COMMANDS = {
     "generate": "refinestyle.commands.generate",
@@ -65,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as error:  # MissingWeightsError, CheckpointError too
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
-        print(f"refinestyle {args.command}: error: {error}", file=sys.stderr)
+        status = report_error(args, error)
         print(f"(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
-        return 2
+        return status
 
 
 if __name__ == "__main__":

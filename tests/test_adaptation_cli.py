@@ -167,7 +167,8 @@ def test_clear_errors(files, tmp_path, capsys, monkeypatch):
     # no CLIP weights anywhere
     assert cli.main(["adapt-text", "--generator", str(files["generator"]), "--target", "sketch",
                      "--out", str(tmp_path / "a.safetensors"), *base]) == 2
-    assert "--clip-vit-b16" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert error.startswith("refinestyle adapt-text: error: ") and "--clip-vit-b16" in error
     # a missing generator
     assert cli.main(["adapt-text", "--generator", str(tmp_path / "nope.pt"), "--target", "sketch",
                      "--out", str(tmp_path / "a.safetensors"), *clip_args(files), *base]) == 2
@@ -179,11 +180,12 @@ def test_clear_errors(files, tmp_path, capsys, monkeypatch):
         assert cli.main(["adapt-oneshot", "--generator", str(files["generator"]), "--reference", str(reference),
                          "--out", str(tmp_path / "r.safetensors"), "--id-weight", "0", *base]) == 2
         error = capsys.readouterr().err
-        assert "--reference" in error and message in error
+        assert error.startswith("refinestyle adapt-oneshot: error: ") and "--reference" in error and message in error
     # eval-adapter with an adapter of another generator
     torch.manual_seed(1)
     stranger = Adapter.for_generator(Generator(SIZE, style_dim=16, n_mlp=2, channel_max=8), num_tokens=2)
     stranger.save(tmp_path / "stranger.safetensors")
     assert cli.main(["eval-adapter", "--generator", str(files["generator"]), "--adapter",
                      str(tmp_path / "stranger.safetensors"), "--n", "2", *base]) == 2
-    assert "fingerprint" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert error.startswith("refinestyle eval-adapter: error: ") and "fingerprint" in error

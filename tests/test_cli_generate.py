@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from refinestyle.checkpoints import save_rosinality_checkpoint
+from refinestyle import cli
 from refinestyle.commands import generate
 from refinestyle.generator import Generator
 from refinestyle.imageio import to_uint8
@@ -143,3 +144,8 @@ def test_adapters_give_one_row_per_domain(tmp_path, checkpoint, monkeypatch):
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert run(["--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "g.png")]) == 2
     assert "nope.pt" in capsys.readouterr().err
+    # through the console script the line names the command, as argparse's own errors do
+    assert cli.main(["generate", "--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "g.png"),
+                     "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("refinestyle generate: error: ") and "nope.pt" in error

@@ -106,3 +106,6 @@ def test_spectrum_command(tmp_path, generator, capsys):
     args = parser.parse_args(["--ckpt", str(tmp_path / "missing.pt"), "--out", str(out)])
     assert spectrum_command.main(args) == 2
     assert "missing.pt" in capsys.readouterr().err
+    args.command = "spectrum"  # as refinestyle.cli sets it
+    assert spectrum_command.main(args) == 2
+    assert capsys.readouterr().err.startswith("refinestyle spectrum: error: ")

@@ -7,6 +7,7 @@ model is loaded.
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def positive_int(text: str) -> int:
@@ -37,3 +38,16 @@ def device_name(text: str) -> str:
     elif device.type not in ("cpu", "mps", "xpu"):
         raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
     return text
+
+
+def report_error(args: argparse.Namespace, error: BaseException | str) -> int:
+    """Print `refinestyle COMMAND: error: MESSAGE` on stderr and return exit status 2.
+
+    args: the parsed arguments (its `command`, set by refinestyle.cli, names the subcommand);
+    error: the exception or message describing the bad input. Every command reports bad
+    input this way, so the line looks the same whichever step found the problem.
+    """
+    command = getattr(args, "command", None)
+    prefix = f"refinestyle {command}: " if command else ""
+    print(f"{prefix}error: {error}", file=sys.stderr)
+    return 2

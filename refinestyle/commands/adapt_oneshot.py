@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import sys
 from pathlib import Path
 
 import torch
 
+from refinestyle.commands import report_error
 from refinestyle.commands.adapt_text import (
     add_common_training_arguments,
     load_frozen_generator,
@@ -113,8 +113,7 @@ def main(args: argparse.Namespace) -> int:
 
             inverter = load_inverter(args.inverter, generator)
     except (MissingWeightsError, CheckpointError, FileNotFoundError, ValueError, TypeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(args, error)
 
     # w_r (and, with --init-from-inverter, the reference's tokens); cached for resumed runs
     cache = work_dir / "w_r.pt"
@@ -125,8 +124,7 @@ def main(args: argparse.Namespace) -> int:
         w_r = result.w_plus.detach()
         if args.init_from_inverter:
             if result.refinement is None:
-                print("error: --init-from-inverter: this inverter has no token branch", file=sys.stderr)
-                return 2
+                return report_error(args, "--init-from-inverter: this inverter has no token branch")
             init_refinement = result.refinement.detach()
     elif resume and cache.is_file():
         w_r, reference_noise = load_w_plus(cache)

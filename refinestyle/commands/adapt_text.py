@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from refinestyle.adaptation.clip_loss import add_clip_arguments
-from refinestyle.commands import device_name, positive_int
+from refinestyle.commands import device_name, positive_int, report_error
 from refinestyle.weights import default_device
 
 
@@ -136,8 +136,7 @@ def train_and_save(args, work_dir: Path, resume: bool, adapt: Callable, inputs: 
             **options,
         )
     except ValueError as error:  # e.g. --resume with settings that do not fit the checkpoint
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(args, error)
     except KeyboardInterrupt:
         print(f"interrupted: the checkpoint in {work_dir} holds the progress; continue with --resume", file=sys.stderr)
         return 130
@@ -159,8 +158,7 @@ def main(args: argparse.Namespace) -> int:
         encoders = clip_encoders_from_args(args, device)
         clip_loss = CLIPDirectionalLoss(encoders, args.source, args.target, weights=args.clip_weights)
     except (MissingWeightsError, CheckpointError, ValueError, TypeError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(args, error)
 
     return train_and_save(
         args, work_dir, resume, adapt_text, (generator, clip_loss),

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from refinestyle.adaptation.clip_loss import PAPER_CLIP_MODELS, add_clip_arguments
-from refinestyle.commands import device_name, positive_int
+from refinestyle.commands import device_name, positive_int, report_error
 from refinestyle.weights import default_device
 
 
@@ -82,8 +81,7 @@ def main(args: argparse.Namespace) -> int:
         elif not (args.text or adapter.metadata.get("target_text")):
             notes.append("TC skipped: the adapter has no target text; pass --text")
     except (MissingWeightsError, CheckpointError, FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(args, error)
 
     def keep_first(index, source, adapted):
         if index == 0 and args.grid is not None:

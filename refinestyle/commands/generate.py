@@ -14,12 +14,11 @@ examples:
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from refinestyle.commands import device_name, positive_int
+from refinestyle.commands import device_name, positive_int, report_error
 from refinestyle.weights import default_device
 
 
@@ -93,8 +92,7 @@ def main(args: argparse.Namespace) -> int:
         generator = load_generator(args.ckpt, device=device, size=args.size, backend=args.backend)
         domains = _load_adapters(args.adapter, generator, device)
     except (MissingWeightsError, CheckpointError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(args, error)
 
     # every random draw comes from one CPU generator, so a seed gives the same images on any device
     rng = torch.Generator().manual_seed(args.seed)

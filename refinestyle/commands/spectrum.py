@@ -11,10 +11,9 @@ example:
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from refinestyle.commands import device_name, positive_int
+from refinestyle.commands import device_name, positive_int, report_error
 from refinestyle.weights import default_device
 
 
@@ -42,8 +41,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         generator = load_generator(args.ckpt, device=device, size=args.size)
     except (MissingWeightsError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(args, error)
     try:
         spectrum = kernel_spectrum(
             generator,
@@ -55,8 +53,7 @@ def main(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(args, error)
     print(spectrum.table())
     figure = spectrum.plot(args.out)
     numbers = spectrum.save_json(args.json or args.out.with_suffix(".json"))
