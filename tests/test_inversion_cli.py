@@ -94,7 +94,7 @@ def test_train_inverter_writes_a_complete_run(trained):
         assert plot.size[0] > 800  # training and validation panels side by side
 
 
-def test_train_inverter_resume_through_the_cli(trained, tmp_path):
+def test_train_inverter_resume_through_the_cli(trained, tmp_path, capsys):
     root, _ = trained
     import shutil
 
@@ -108,8 +108,8 @@ def test_train_inverter_resume_through_the_cli(trained, tmp_path):
     # without --max-steps the run keeps its own (now 4): nothing left to do
     assert run("train-inverter", "--out", tmp_path / "run", "--resume", "--workers", 0, "--no-progress") == 0
     assert torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)["step"] == 4
-    with pytest.raises(SystemExit, match="--generator and --data"):
-        run("train-inverter", "--out", tmp_path / "fresh")
+    assert run("train-inverter", "--out", tmp_path / "fresh") == 2
+    assert "refinestyle train-inverter: error: --generator and --data required" in capsys.readouterr().err
 
 
 def test_bad_arguments_are_one_line_errors(trained, tmp_path, capsys):
@@ -182,7 +182,7 @@ def codes(trained, tmp_path_factory):
     return out / "codes"
 
 
-def test_edit_with_a_boundary_from_codes(trained, codes, tmp_path):
+def test_edit_with_a_boundary_from_codes(trained, codes, tmp_path, capsys):
     root, generator_path = trained
     np.save(tmp_path / "boundary.npy", np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32))
     out = tmp_path / "edit"
@@ -195,6 +195,7 @@ def test_edit_with_a_boundary_from_codes(trained, codes, tmp_path):
     assert np.abs(minus - zero).max() > 0 and np.abs(plus - zero).max() > 0
     meta = json.loads((out / "edit.json").read_text())
     assert meta["strengths"] == [-2.0, 0.0, 2.0] and "interfacegan" in meta["edit"]
+    assert "edit: 100%" in capsys.readouterr().err  # one bar step per strength and batch
 
 
 def test_ganspace_then_edit_and_stylespace_from_images(trained, tmp_path):
@@ -217,8 +218,23 @@ def test_ganspace_then_edit_and_stylespace_from_images(trained, tmp_path):
                "--image-size", 32) == 0
     with Image.open(tmp_path / "s" / "strip.png") as strip:
         assert strip.size == (3 * 34 + 2, 34 + 2)
-    with pytest.raises(SystemExit, match="exactly one of --boundary"):
-        run("edit", "--generator", generator_path, "--codes", tmp_path, "--out", tmp_path / "x")
+
+
+def test_edit_reports_bad_input_in_one_line(trained, codes, tmp_path, capsys):
+    root, generator_path = trained
+    for argv, expected in [
+        (["--codes", codes], "give exactly one of --boundary, --ganspace, --stylespace (got none)"),
+        (["--codes", codes, "--input", root / "val", "--boundary", "b.npy"], "give exactly one of --codes or --input"),
+        (["--input", root / "val", "--boundary", "b.npy"], "--input needs --inverter"),
+        (["--codes", tmp_path / "absent", "--boundary", "b.npy"], f"--codes: {tmp_path / 'absent'} not found"),
+        (["--codes", tmp_path, "--boundary", "b.npy"], f"no .safetensors code files in {tmp_path}"),
+        (["--codes", codes, "--stylespace", "3:100000", "--stylespace-samples", 10],
+         "StyleSpace layer 3 has 32 channels, got channel 100000"),
+    ]:
+        assert run("edit", "--generator", generator_path, *argv, "--out", tmp_path / "x", "--no-progress") == 2
+        error = capsys.readouterr().err
+        assert error.startswith("refinestyle edit: error: ") and expected in error, error
+    assert not (tmp_path / "x").exists()
 
 
 def test_eval_inversion_reports_table_one(trained, tmp_path, capsys):

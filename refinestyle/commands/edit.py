@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from refinestyle.commands import device_name, positive_int
+from refinestyle.commands import device_name, positive_int, report_error
 
 
 def _floats(text: str) -> list[float]:
@@ -60,10 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--device", type=device_name, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default="auto")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def main(args: argparse.Namespace) -> int:
     import torch
+    from tqdm.auto import tqdm
 
     import refinestyle_kernels
     from refinestyle.checkpoints import load_generator
@@ -75,13 +77,13 @@ def main(args: argparse.Namespace) -> int:
     from refinestyle.weights import default_device
 
     if (args.codes is None) == (args.input is None):
-        raise SystemExit("edit: give exactly one of --codes or --input (with --inverter)")
+        return report_error(args, "give exactly one of --codes or --input (with --inverter)")
     if args.input is not None and args.inverter is None:
-        raise SystemExit("edit: --input needs --inverter")
+        return report_error(args, "--input needs --inverter")
     chosen = [flag for flag, value in (("--boundary", args.boundary), ("--ganspace", args.ganspace),
                                         ("--stylespace", args.stylespace)) if value is not None]
     if len(chosen) != 1:
-        raise SystemExit(f"edit: give exactly one of --boundary, --ganspace, --stylespace (got {chosen or 'none'})")
+        return report_error(args, f"give exactly one of --boundary, --ganspace, --stylespace (got {chosen or 'none'})")
 
     device = torch.device(args.device or default_device())
     out = Path(args.out)
@@ -91,9 +93,11 @@ def main(args: argparse.Namespace) -> int:
 
     with torch.no_grad(), refinestyle_kernels.use_backend(args.backend):
         if args.codes is not None:
+            if not Path(args.codes).exists():
+                return report_error(args, f"--codes: {args.codes} not found")
             code_paths = [args.codes] if Path(args.codes).is_file() else sorted(Path(args.codes).glob("*.safetensors"))
             if not code_paths:
-                raise SystemExit(f"edit: no .safetensors code files in {args.codes}")
+                return report_error(args, f"no .safetensors code files in {args.codes}")
             codes = load_codes([Path(p) for p in code_paths], device)
             names = unique_stems([Path(p) for p in code_paths])
             w_plus, refinement = codes.w_plus, codes.refinement
@@ -109,7 +113,8 @@ def main(args: argparse.Namespace) -> int:
             dataset = ImageFolderDataset(args.input, args.image_size)
             inverter = load_inverter_for_inference(args.inverter, generator, device)
             w_rows, refinements, originals = [], [], []
-            for start in range(0, len(paths), args.batch_size):
+            batches = range(0, len(paths), args.batch_size)
+            for start in tqdm(batches, desc="invert", unit="batch", disable=args.no_progress):
                 images = torch.stack([dataset[i] for i in range(start, min(start + args.batch_size, len(paths)))])
                 result = inverter(images.to(device))
                 w_rows.append(result.w_plus)
@@ -134,18 +139,22 @@ def main(args: argparse.Namespace) -> int:
             layer, channel = args.stylespace
             stddev = editing.style_channel_stddev(generator, layer, num_samples=args.stylespace_samples)
             if not 0 <= channel < stddev.numel():
-                raise SystemExit(f"edit: StyleSpace layer {layer} has {stddev.numel()} channels, got channel {channel}")
+                return report_error(args, f"StyleSpace layer {layer} has {stddev.numel()} channels, got channel {channel}")
             spec = editing.EditSpec("stylespace", style_layer=layer, channel=channel, unit=float(stddev[channel]))
 
         size = args.image_size
         columns = []
+        starts = range(0, w_plus.shape[0], args.batch_size)
+        bar = tqdm(total=len(args.strengths) * len(starts), desc="edit", unit="batch", disable=args.no_progress)
         for strength in args.strengths:
             edited = []
-            for start in range(0, w_plus.shape[0], args.batch_size):
+            for start in starts:
                 stop = min(start + args.batch_size, w_plus.shape[0])
                 part = None if refinement is None else refinement.batch_slice(start, stop)
                 edited.append(editing.render_edit(generator, w_plus[start:stop], part, spec, strength))
+                bar.update()
             columns.append(pool_or_resize(torch.cat(edited), size).float().cpu())
+        bar.close()
         first = [
             original.to(columns[0]) if original is not None else columns[0][i : i + 1]
             for i, original in enumerate(originals)

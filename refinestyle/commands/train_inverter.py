@@ -116,7 +116,7 @@ def config_from_args(args: argparse.Namespace):
         return TrainConfig(**fields)
     missing = [flag for flag, value in (("--generator", args.generator), ("--data", args.data)) if value is None]
     if missing:
-        raise SystemExit(f"train-inverter: {' and '.join(missing)} required (unless --resume)")
+        raise ValueError(f"{' and '.join(missing)} required (unless --resume)")
     run_time = {**LOGGING_DEFAULTS, **run_time}
     return TrainConfig(
         generator=args.generator, data=args.data, out=args.out, stage=args.stage, val_data=args.val_data,
