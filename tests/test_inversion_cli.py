@@ -112,6 +112,18 @@ def test_train_inverter_resume_through_the_cli(trained, tmp_path, capsys):
     assert "refinestyle train-inverter: error: --generator and --data required" in capsys.readouterr().err
 
 
+def test_train_inverter_shows_its_validation_progress(trained, tmp_path, capsys):
+    import shutil
+
+    root, _ = trained
+    shutil.copytree(root / "run", tmp_path / "run")
+    capsys.readouterr()
+    assert run("train-inverter", "--out", tmp_path / "run", "--resume", "--max-steps", 4, "--workers", 0,
+               "--val-every", 1, "--image-every", 0) == 0
+    error = capsys.readouterr().err
+    assert "train one-stage" in error and "validate (step 4)" in error
+
+
 def test_bad_arguments_are_one_line_errors(trained, tmp_path, capsys):
     """A zero batch size (ganspace looped forever), a device this machine lacks or a run folder
     that already holds a run: one line naming the option, exit status 2, no traceback."""

@@ -231,6 +231,8 @@ def evaluate_folder(
     metric_size: int = 256,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    progress_desc: str = "eval-inversion",
+    progress_leave: bool = True,
     max_images: int | None = None,
     examples: list | None = None,
     max_examples: int = 8,
@@ -241,6 +243,8 @@ def evaluate_folder(
     min(metric_size, their sizes) pixels. Returns (summary, per-image values): summary as
     `summarize` gives it, per-image {"mse": [N], ...}. When `examples` is a list, the first
     `max_examples` (input, reconstruction) pairs are appended to it as [2, 3, s, s] CPU tensors.
+    progress shows a tqdm bar labelled progress_desc; progress_leave=False removes it when done
+    (training's validation, so the bars do not pile up under the training bar).
     """
     from tqdm.auto import tqdm
 
@@ -249,7 +253,8 @@ def evaluate_folder(
     was_training = inverter.training
     inverter.eval()
     try:
-        for start in tqdm(range(0, count, batch_size), desc="eval-inversion", unit="batch", disable=not progress):
+        for start in tqdm(range(0, count, batch_size), desc=progress_desc, unit="batch", disable=not progress,
+                          leave=progress_leave):
             batch = torch.stack([dataset[i] for i in range(start, min(start + batch_size, count))]).to(device)
             result = inverter(batch)
             size = min(metric_size, batch.shape[-1], result.image.shape[-1])

@@ -669,7 +669,7 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
                     _save_grid(train_model, images, out / "images" / f"step_{step:07d}.png", config.image_size)
                 if val_dataset is not None and config.val_every and (step % config.val_every == 0 or last_step):
                     if context.is_main:
-                        validation = _validate(train_model, criterion, val_dataset, config, device, loss_size)
+                        validation = _validate(train_model, criterion, val_dataset, config, device, loss_size, step)
                         val_log.write({"step": step, **validation})
                         if tb is not None:
                             for key, value in validation.items():
@@ -722,7 +722,7 @@ def _save_grid(model: nn.Module, images: torch.Tensor, path: Path, size: int) ->
     save_grid(rows, path, nrow=3)
 
 
-def _validate(model, criterion, dataset, config: TrainConfig, device, loss_size) -> dict[str, float]:
+def _validate(model, criterion, dataset, config: TrainConfig, device, loss_size, step: int) -> dict[str, float]:
     """Mean and std of MSE / LPIPS / ID over the validation images (rank 0, a private RNG scope)."""
     from refinestyle.inversion.metrics import ReconstructionMetrics, evaluate_folder
 
@@ -730,8 +730,8 @@ def _validate(model, criterion, dataset, config: TrainConfig, device, loss_size)
     with torch.random.fork_rng(devices=devices):
         summary, _ = evaluate_folder(
             _unwrap(model), dataset, ReconstructionMetrics.from_criterion(criterion),
-            batch_size=config.batch_size, metric_size=loss_size, device=device, progress=False,
-            max_images=config.val_max_images,
+            batch_size=config.batch_size, metric_size=loss_size, device=device, progress=config.progress,
+            progress_desc=f"validate (step {step})", progress_leave=False, max_images=config.val_max_images,
         )
     return summary
 
