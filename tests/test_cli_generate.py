@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -88,40 +86,22 @@ def test_random_noise_and_truncation(tmp_path, checkpoint):
     assert np.abs(images - images[0]).max() <= 1
 
 
-def test_adapters_give_one_row_per_domain(tmp_path, checkpoint, monkeypatch):
-    """--adapter against a stand-in for refinestyle.adaptation.adapter.Adapter (load / check_compatible / refinement)."""
+def test_adapters_give_one_row_per_domain(tmp_path, checkpoint, capsys):
+    """--adapter: one grid row per domain file, each rendered with that adapter's residuals."""
+    from refinestyle.adaptation.adapter import Adapter
     from refinestyle.checkpoints import load_generator
 
     generator = load_generator(checkpoint)
     tokens = {}
     for name, seed in (("sketch", 1), ("pixar", 2)):
         torch.manual_seed(seed)
-        tokens[name] = RefinementTokens.for_generator(generator, num_refined=3, num_tokens=4, scale_init=0.5)
-
-    class Adapter:
-        def __init__(self, refinement_tokens):
-            self.tokens = refinement_tokens
-
-        @classmethod
-        def load(cls, path, device=None):
-            return cls(tokens[path.stem])
-
-        def check_compatible(self, g):
-            if g.num_layers != self.tokens.num_layers:
-                raise ValueError("incompatible")
-
-        def refinement(self):
-            return self.tokens()
-
-    module = types.ModuleType("refinestyle.adaptation.adapter")
-    module.Adapter = Adapter
-    monkeypatch.setitem(sys.modules, "refinestyle.adaptation.adapter", module)
-    for name in tokens:
-        (tmp_path / f"{name}.pt").write_bytes(b"stand-in")
+        adapter = Adapter.for_generator(generator, num_refined=3, num_tokens=4, scale_init=0.5)
+        adapter.save(tmp_path / f"{name}.safetensors")
+        tokens[name] = adapter.tokens
 
     out = tmp_path / "domains.png"
     argv = ["--ckpt", str(checkpoint), "--n", "3", "--seed", "5", "--out", str(out), "--batch-size", "2",
-            "--adapter", str(tmp_path / "sketch.pt"), "--adapter", str(tmp_path / "pixar.pt")]
+            "--adapter", str(tmp_path / "sketch.safetensors"), "--adapter", str(tmp_path / "pixar.safetensors")]
     assert run(argv) == 0
     grid = read(out)
     assert grid.shape == (3 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2, 3)  # rows: original, sketch, pixar
@@ -139,6 +119,22 @@ def test_adapters_give_one_row_per_domain(tmp_path, checkpoint, monkeypatch):
     assert np.abs(read(tmp_path / "domains" / "sketch" / "0000.png").astype(int) - original).max() > 10
 
     assert run(argv[:-1] + [str(tmp_path / "absent.pt")]) == 2
+    capsys.readouterr()
+
+    # an adapter of another generator with the same shapes: refused, unless asked for
+    torch.manual_seed(7)
+    stranger = Adapter.for_generator(Generator(SIZE, style_dim=STYLE_DIM, n_mlp=2, channel_max=8), 3, 4)
+    stranger.save(tmp_path / "stranger.safetensors")
+    argv = argv[:-1] + [str(tmp_path / "stranger.safetensors")]
+    assert run(argv) == 2
+    error = capsys.readouterr().err
+    assert "stranger.safetensors" in error and "fingerprint" in error and "--ignore-fingerprint" in error
+    assert run(argv + ["--ignore-fingerprint"]) == 0
+    # a shape mismatch is refused even then
+    wider = Adapter.for_generator(Generator(SIZE, style_dim=STYLE_DIM, n_mlp=2, channel_max=16), 3, 4)
+    wider.save(tmp_path / "wider.safetensors")
+    assert run(argv[:-1] + [str(tmp_path / "wider.safetensors"), "--ignore-fingerprint"]) == 2
+    assert "(Cin, Cout)" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):

@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the checkpoint's stored noise maps (const, default) or seeded random noise")
     parser.add_argument("--adapter", action="append", default=[], type=Path, metavar="PATH",
                         help="a domain adapter file (repeatable): one extra grid row per adapter")
+    parser.add_argument("--ignore-fingerprint", action="store_true",
+                        help="accept an adapter trained on a generator with other weights of the same shape")
     parser.add_argument("--size", type=int, default=None, help="expected output size of the checkpoint")
     parser.add_argument("--device", default=None, type=device_name, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--backend", default="auto", choices=("auto", "triton", "torch", "reference"),
@@ -47,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _load_adapters(paths: list[Path], generator, device):
+def _load_adapters(paths: list[Path], generator, device, check_fingerprint: bool = True):
     """[(name, Refinement)] for every --adapter path; raises ValueError with a readable message."""
     if not paths:
         return []
@@ -61,7 +63,12 @@ def _load_adapters(paths: list[Path], generator, device):
         if not Path(path).is_file():
             raise ValueError(f"--adapter: no adapter file at {path}")
         adapter = Adapter.load(path, device=device)
-        adapter.check_compatible(generator)
+        adapter.check_compatible(generator, check_fingerprint=False)  # shape mismatches: no way round them
+        if check_fingerprint:
+            try:
+                adapter.check_compatible(generator)
+            except ValueError as error:
+                raise ValueError(f"--adapter {path}: {error}; --ignore-fingerprint renders it anyway") from None
         name, suffix = Path(path).stem, 2
         while name in names:  # two adapters with the same file name
             name, suffix = f"{Path(path).stem}-{suffix}", suffix + 1
@@ -90,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
     device = torch.device(args.device or default_device())
     try:
         generator = load_generator(args.ckpt, device=device, size=args.size, backend=args.backend)
-        domains = _load_adapters(args.adapter, generator, device)
+        domains = _load_adapters(args.adapter, generator, device, check_fingerprint=not args.ignore_fingerprint)
     except (MissingWeightsError, CheckpointError, ValueError) as error:
         return report_error(args, error)
 
