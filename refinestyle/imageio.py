@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from refinestyle.weights import require_file
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -64,8 +66,7 @@ def load_image(path: str | Path, size: int | None = None) -> torch.Tensor:
     Raises FileNotFoundError for a missing file and ValueError for a file that is not an image.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
+    require_file(path, "image file")
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")

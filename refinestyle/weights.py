@@ -28,12 +28,29 @@ def resolve_weights(path: str | os.PathLike | None, *, what: str, env_var: str, 
             f"It is usually obtained from {obtained_from}; nothing is downloaded."
         )
     resolved = Path(given).expanduser()
+    if resolved.is_dir():
+        raise MissingWeightsError(f"{what}: {resolved} is a folder; give the weights file itself.")
     if not resolved.is_file():
         raise MissingWeightsError(
             f"{what}: file not found at {resolved}. It is usually obtained from {obtained_from}; "
             f"nothing is downloaded."
         )
     return resolved
+
+
+def require_file(path: str | os.PathLike, what: str, hint: str = "") -> Path:
+    """Return `path` as a Path if it names a file; raise FileNotFoundError otherwise.
+
+    what: a human name for the file ("adapter file"); hint: text appended to the message
+    (where such a file comes from). A folder gets its own message, since "not found"
+    would send the user looking for something that exists.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{what}: {path} is a folder, not a file{hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}{hint}")
+    return path
 
 
 def default_device() -> str:

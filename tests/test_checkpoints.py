@@ -110,6 +110,32 @@ def test_config_inference_for_config_f_shapes():
 def test_missing_file_names_the_file(tmp_path):
     with pytest.raises(MissingWeightsError, match="nowhere.pt"):
         load_generator(tmp_path / "nowhere.pt")
+    # a folder is not "not found": it is there, but it is not a weights file
+    with pytest.raises(MissingWeightsError, match="is a folder; give the weights file itself"):
+        load_generator(tmp_path)
+
+
+def test_files_expected_but_folders_given_say_so(tmp_path):
+    """Every loader of a user-named file tells a folder from a missing file."""
+    from refinestyle.adaptation.adapter import Adapter
+    from refinestyle.imageio import load_image
+    from refinestyle.inversion.editing import GANSpaceDirections, load_boundary
+    from refinestyle.inversion.inference import load_codes
+    from refinestyle.inversion.models import read_inverter_config
+    from refinestyle.weights import require_file
+
+    loaders = [
+        (Adapter.load, "adapter file"), (load_image, "image file"), (GANSpaceDirections.load, "GANSpace directions file"),
+        (lambda path: load_boundary(path, 4, 8), "boundary file"), (lambda path: load_codes([path]), "code file"),
+        (read_inverter_config, "inverter file"),
+    ]
+    for load, what in loaders:
+        with pytest.raises(FileNotFoundError, match=f"^{what}: .* is a folder, not a file$"):
+            load(tmp_path)
+        with pytest.raises(FileNotFoundError, match=f"^{what} not found: .*absent$"):
+            load(tmp_path / "absent")
+    (tmp_path / "present").write_text("x")
+    assert require_file(str(tmp_path / "present"), "file") == tmp_path / "present"
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from refinestyle.refinement import Refinement, RefinementTokens, refinement_layer_shapes
+from refinestyle.weights import require_file
 
 __all__ = ["Adapter", "AdaptedGenerator", "mixed_refinement", "generator_fingerprint", "FILE_FORMAT"]
 
@@ -202,8 +203,7 @@ class Adapter(nn.Module):
         from safetensors import safe_open
 
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"adapter file not found: {path}")
+        require_file(path, "adapter file")
         try:
             with safe_open(str(path), framework="pt") as handle:
                 raw = handle.metadata() or {}

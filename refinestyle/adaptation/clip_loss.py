@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refinestyle.weights import resolve_weights
+from refinestyle.weights import require_file, resolve_weights
 
 # CLIP's image normalisation (the statistics OpenAI's models were trained with).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -80,8 +80,7 @@ def register_clip_config(path: str | os.PathLike) -> str:
     import open_clip
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"open_clip model config not found: {path}")
+    require_file(path, "open_clip model config")
     config = json.loads(path.read_text())
     missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in config]
     if missing:

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from refinestyle.weights import require_file
+
 # ---------------------------------------------------------------------------------------------
 # Layer selections
 
@@ -107,8 +109,7 @@ def load_boundary(path: str | Path, n_latent: int, style_dim: int) -> torch.Tens
     Raises FileNotFoundError for a missing file and ValueError for any other shape or suffix.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"boundary file not found: {path}")
+    require_file(path, "boundary file")
     suffix = path.suffix.lower()
     if suffix == ".npy":
         array = torch.from_numpy(np.load(path, allow_pickle=False))
@@ -197,8 +198,7 @@ class GANSpaceDirections:
         from safetensors import safe_open
 
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"GANSpace directions file not found: {path}")
+        require_file(path, "GANSpace directions file")
         try:
             handle = safe_open(str(path), framework="pt")
         except Exception as error:  # safetensors raises its own error type for a file of another format

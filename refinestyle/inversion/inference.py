@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from refinestyle.weights import require_file
+
 CODES_FORMAT = "refinestyle-codes"
 
 
@@ -26,12 +28,9 @@ def resolve_inverter_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / "inverter.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"inverter file not found: {path} (train one with `refinestyle train-inverter`; it writes "
-            f"RUN_DIR/inverter.safetensors)"
-        )
-    return path
+    return require_file(
+        path, "inverter file", " (train one with `refinestyle train-inverter`; it writes RUN_DIR/inverter.safetensors)"
+    )
 
 
 def load_inverter_for_inference(path: str | Path, generator: nn.Module, device: str | torch.device) -> nn.Module:
@@ -96,8 +95,7 @@ def load_codes(paths: list[Path], device: str | torch.device = "cpu") -> ImageCo
     num_layers = 0
     for path in paths:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"code file not found: {path}")
+        require_file(path, "code file")
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             if metadata.get("format") != CODES_FORMAT:

@@ -51,6 +51,7 @@ from torch import nn
 from refinestyle.inversion.encoder import IR_SE50_WIDTHS, FeaturePyramidEncoder
 from refinestyle.inversion.transformer import GroupedTransformerBlock, TransformerBlock
 from refinestyle.refinement import Refinement, refinement_layer_shapes
+from refinestyle.weights import require_file
 
 __all__ = [
     "InversionResult",
@@ -675,8 +676,7 @@ def read_inverter_config(path: str | os.PathLike) -> InverterConfig:
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"inverter file not found: {path}")
+    require_file(path, "inverter file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

@@ -34,6 +34,7 @@ from torch import nn
 
 from refinestyle.inversion.encoder import IR_SE50_WIDTHS
 from refinestyle.inversion.models import FirstStage, OneStageInverter, load_inverter
+from refinestyle.weights import require_file
 
 __all__ = ["load_style_transformer", "load_first_stage", "style_transformer_state_dict"]
 
@@ -114,11 +115,9 @@ def load_style_transformer(
     a TwoStageInverter. Raises FileNotFoundError / ValueError for a missing or foreign file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Style Transformer checkpoint not found: {path} (the released models are linked from "
-            f"github.com/sapphire497/style-transformer)"
-        )
+    require_file(
+        path, "Style Transformer checkpoint", " (the released models are linked from github.com/sapphire497/style-transformer)"
+    )
     try:
         # The file also holds the training options (plain Python values).
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
