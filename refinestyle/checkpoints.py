@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from refinestyle.generator import Generator, default_channels
-from refinestyle.weights import resolve_weights
+from refinestyle.weights import resolve_weights, save_safetensors
 
 __all__ = [
     "CheckpointError",
@@ -144,12 +144,10 @@ def save_rosinality_checkpoint(
         latent_avg = getattr(generator, "latent_avg", None)
     state_dict = {key: value.detach().cpu() for key, value in generator.state_dict().items()}
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
         tensors = {key: value.contiguous() for key, value in state_dict.items()}
         if latent_avg is not None:
             tensors["latent_avg"] = latent_avg.detach().cpu().reshape(-1).contiguous()
-        save_file(tensors, str(path), metadata={"format": "rosinality-g_ema", "size": str(generator.size)})
+        save_safetensors(tensors, path, {"format": "rosinality-g_ema", "size": str(generator.size)})
     else:
         checkpoint: dict[str, Any] = {"g_ema": state_dict}
         if latent_avg is not None:

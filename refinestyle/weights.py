@@ -58,3 +58,22 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """Write `tensors` ({name: CPU tensor}) and string `metadata` to the safetensors file `path`.
+
+    The folder is created. safetensors 0.8 writes through a private temporary file, which
+    leaves the result readable by its owner only; the file gets the mode a plainly created
+    file would have (0666 less the umask), so results can be shared like any other output.
+    Returns the path.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)  # the only way to read it
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return path

@@ -191,3 +191,18 @@ def test_arbitrary_objects_are_refused(tmp_path):
     torch.save({"g_ema": torch.nn.Linear(2, 2)}, path)  # a pickled module, not a state_dict
     with pytest.raises(CheckpointError, match="weights_only"):
         load_generator(path)
+
+
+def test_written_safetensors_files_get_the_usual_mode(tmp_path):
+    """safetensors 0.8 leaves its files 0600; ours get 0666 less the umask, like any created file."""
+    import os
+    import stat
+
+    previous = os.umask(0o027)
+    try:
+        torch.manual_seed(0)
+        path = save_rosinality_checkpoint(Generator(16, style_dim=8, n_mlp=1, channel_max=8), tmp_path / "g.safetensors")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert load_generator(path).size == 16

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from refinestyle.refinement import Refinement, RefinementTokens, refinement_layer_shapes
-from refinestyle.weights import require_file
+from refinestyle.weights import require_file, save_safetensors
 
 __all__ = ["Adapter", "AdaptedGenerator", "mixed_refinement", "generator_fingerprint", "FILE_FORMAT"]
 
@@ -184,18 +184,13 @@ class Adapter(nn.Module):
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokens and the metadata to a safetensors file (its folder is created); returns the path."""
-        from safetensors.torch import save_file
-
         tensors = {
             f"tokens.{key}": value.detach().to("cpu", torch.float32).contiguous().clone()
             for key, value in self.tokens.state_dict().items()
         }
         metadata = {"format": FILE_FORMAT, "version": FILE_VERSION}
         metadata.update({key: json.dumps(value) for key, value in self.metadata.items()})
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=metadata)
-        return path
+        return save_safetensors(tensors, path, metadata)
 
     @classmethod
     def read_metadata(cls, path: str | os.PathLike) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from refinestyle.weights import require_file
+from refinestyle.weights import require_file, save_safetensors
 
 # ---------------------------------------------------------------------------------------------
 # Layer selections
@@ -182,15 +182,12 @@ class GANSpaceDirections:
 
     def save(self, path: str | Path) -> None:
         """Write to a safetensors file (tensors `components`, `stddev`, `mean`; metadata num_samples)."""
-        from safetensors.torch import save_file
-
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         tensors = {
             "components": self.components.float().contiguous().cpu(),
             "stddev": self.stddev.float().contiguous().cpu(),
             "mean": self.mean.float().contiguous().cpu(),
         }
-        save_file(tensors, str(path), metadata={"format": "refinestyle-ganspace", "num_samples": str(self.num_samples)})
+        save_safetensors(tensors, path, {"format": "refinestyle-ganspace", "num_samples": str(self.num_samples)})
 
     @classmethod
     def load(cls, path: str | Path) -> "GANSpaceDirections":

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from refinestyle.weights import require_file
+from refinestyle.weights import require_file, save_safetensors
 
 CODES_FORMAT = "refinestyle-codes"
 
@@ -61,8 +61,6 @@ def save_codes(directory: str | Path, w_plus: torch.Tensor, refinement, names: l
     w_plus: [B, n_latent, style_dim]; refinement: a Refinement with per-sample or shared
     tokens (or None); names: B file stems; sources: B image paths (metadata).
     """
-    from safetensors.torch import save_file
-
     if w_plus.ndim != 3 or w_plus.shape[0] != len(names) or len(names) != len(sources):
         raise ValueError(f"w_plus: expected [B={len(names)}, n_latent, style_dim], got {tuple(w_plus.shape)}")
     directory = Path(directory)
@@ -77,7 +75,7 @@ def save_codes(directory: str | Path, w_plus: torch.Tensor, refinement, names: l
                 tensors[f"p.{layer}"] = (p[index] if p.ndim == 3 else p).detach().float().cpu().contiguous()
                 tensors[f"q.{layer}"] = (q[index] if q.ndim == 3 else q).detach().float().cpu().contiguous()
         path = directory / f"{name}.safetensors"
-        save_file(tensors, str(path), metadata={"format": CODES_FORMAT, "num_layers": str(num_layers), "source": source})
+        save_safetensors(tensors, path, {"format": CODES_FORMAT, "num_layers": str(num_layers), "source": source})
         written.append(path)
     return written
 

@@ -51,7 +51,7 @@ from torch import nn
 from refinestyle.inversion.encoder import IR_SE50_WIDTHS, FeaturePyramidEncoder
 from refinestyle.inversion.transformer import GroupedTransformerBlock, TransformerBlock
 from refinestyle.refinement import Refinement, refinement_layer_shapes
-from refinestyle.weights import require_file
+from refinestyle.weights import require_file, save_safetensors
 
 __all__ = [
     "InversionResult",
@@ -657,18 +657,13 @@ def save_inverter(path: str | os.PathLike, model: nn.Module) -> Path:
     another first stage is not (pass it to load_inverter). The configuration is JSON in
     the file's metadata under "config". Returns the path.
     """
-    from safetensors.torch import save_file
-
     model = _unwrap(model)
     if not isinstance(model, _Inverter):
         raise TypeError(f"model: expected a OneStageInverter or TwoStageInverter, got {type(model).__name__}")
     # safetensors refuses shared or non-contiguous storage: store plain CPU copies.
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in _own_state(model).items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": FILE_FORMAT, "version": FILE_VERSION, "config": model.config.to_json()}
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    return save_safetensors(tensors, path, metadata)
 
 
 def read_inverter_config(path: str | os.PathLike) -> InverterConfig:
