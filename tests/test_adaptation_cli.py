@@ -189,3 +189,44 @@ def test_clear_errors(files, tmp_path, capsys, monkeypatch):
                      str(tmp_path / "stranger.safetensors"), "--n", "2", *base]) == 2
     error = capsys.readouterr().err
     assert error.startswith("refinestyle eval-adapter: error: ") and "fingerprint" in error
+
+
+def test_adapt_commands_under_torchrun_match_one_process(files, tmp_path):
+    """`torchrun --nproc_per_node 2 -m refinestyle adapt-...` (gloo on CPU): the adapter of one process
+    with the same batch, written once; the one-shot run shares rank 0's projected w_r."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=os.pathsep.join([str(repo), env.get("PYTHONPATH", "")]), CUDA_VISIBLE_DEVICES="",
+               OMP_NUM_THREADS="1")
+    common = ["--generator", str(files["generator"]), "--iterations", "2", "--num-tokens", "4", "--batch-size", "2",
+              "--sample-every", "0", "--no-progress", "--device", "cpu"]
+    commands = {
+        "text": ["adapt-text", "--target", "pencil sketch", *clip_args(files), *common],
+        "oneshot": ["adapt-oneshot", "--reference", str(files["reference"]), "--lpips-backbone", str(files["alexnet"]),
+                    "--id-weight", "0", "--num-refined", "3", "--projection-steps", "3", "--style-size", "64",
+                    "--swd-projections", "8", "--loss-size", "32", *common],
+    }
+    for name, argv in commands.items():
+        out = tmp_path / f"{name}-ddp.safetensors"
+        completed = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             "-m", "refinestyle", *argv, "--out", str(out)],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+        assert completed.stdout.count("wrote ") == 1, completed.stdout + "\nSTDERR\n" + completed.stderr  # rank 0 saves and reports
+        single = tmp_path / f"{name}.safetensors"
+        assert cli.main([*argv, "--out", str(single)]) == 0
+        ours, theirs = Adapter.load(out), Adapter.load(single)
+        for key, value in theirs.tokens.state_dict().items():
+            torch.testing.assert_close(ours.tokens.state_dict()[key], value, rtol=1e-4, atol=1e-6)
+        # both took 2 steps with the same losses, and the steps moved the scales off their initial 0.01
+        histories = [[json.loads(line)["loss"] for line in (tmp_path / f"{stem}.run" / "history.jsonl").open()]
+                     for stem in (f"{name}-ddp", name)]
+        assert len(histories[0]) == 2 and histories[0] == pytest.approx(histories[1], rel=1e-5)
+        assert (ours.tokens.state_dict()["layers.0.A"] != 0.01).all()

@@ -10,7 +10,11 @@ The generator stays frozen; only an Adapter's tokens P, Q and scales A, B train
 - `work_dir/checkpoint.pt` (tokens, Adam state, step, loss history) every
   `checkpoint_every` steps and at the end; `resume=True` continues from it;
 - `work_dir/samples/step_XXXXXX.png`: source | adapted images for fixed seeds every
-  `sample_every` steps; `work_dir/loss.png`: the loss curves; a tqdm progress bar.
+  `sample_every` steps; `work_dir/loss.png`: the loss curves; a tqdm progress bar;
+- several processes (`torchrun`, pass `distributed=setup_distributed()`): every process
+  draws the step's whole batch from the same seeded generator and renders its own share
+  (`batch_share`); the tokens' gradients are averaged over the processes, so N processes
+  take the steps one process would take with the same batch; rank 0 writes the files.
 
 Text-driven (`adapt_text`): each step samples `batch_size` codes, renders them with the
 frozen and the refined generator under the same noise, and minimises the CLIP
@@ -37,6 +41,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from refinestyle.adaptation.adapter import Adapter
+from refinestyle.adaptation.swd import SWDStyleLoss
+from refinestyle.distributed import (
+    DistributedContext,
+    average_gradients,
+    batch_share,
+    broadcast_from_main,
+    mean_over_processes,
+)
 from refinestyle.refinement import Refinement
 
 __all__ = [
@@ -159,6 +171,7 @@ def train_tokens(
     resume: bool = False,
     progress: bool = True,
     description: str = "adapting",
+    distributed: Optional[DistributedContext] = None,
 ) -> list[dict[str, float]]:
     """Optimise only `adapter`'s tokens against `step_loss`, with the generator frozen.
 
@@ -176,8 +189,13 @@ def train_tokens(
     sample_fn: renders the sample grid from the current refinement (no gradient).
     resume: continue from work_dir/checkpoint.pt if it exists (its tokens must fit the adapter).
     progress: show a tqdm progress bar.
+    distributed: the DistributedContext of a torchrun run (None: one process). Every process
+        must call this with the same arguments; step_loss computes the process's share of
+        the batch (see batch_share). Rank 0 starts everyone from its tokens, gradients and
+        logged values are averaged over the processes, and only rank 0 writes files.
 
-    Returns the loss history: one dict per step with "step" and the logged values.
+    Returns the loss history: one dict per step with "step" and the logged values (the
+    same on every process).
     """
     from tqdm.auto import tqdm
 
@@ -193,6 +211,7 @@ def train_tokens(
     adapter.train()
     parameters = [p for p in adapter.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=lr, betas=betas)
+    is_main = distributed is None or distributed.is_main
     work = Path(work_dir) if work_dir is not None else None
     checkpoint_path = work / CHECKPOINT_NAME if work is not None else None
 
@@ -215,9 +234,10 @@ def train_tokens(
         adapter.tokens.load_state_dict(state["tokens"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = int(state["step"]), list(state["history"])
+    broadcast_from_main(parameters, distributed)  # fresh tokens are drawn from each process's own RNG
 
     def save_checkpoint(step: int) -> None:
-        if checkpoint_path is None:
+        if checkpoint_path is None or not is_main:
             return
         checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         state = {
@@ -234,7 +254,7 @@ def train_tokens(
             _plot_history(history, work / "loss.png")
 
     def save_samples(step: int) -> None:
-        if work is None or sample_fn is None:
+        if work is None or sample_fn is None or not is_main:
             return
         with torch.no_grad():
             images, nrow = sample_fn(adapter.refinement().detach())
@@ -242,20 +262,24 @@ def train_tokens(
 
     if start == 0 and sample_every:
         save_samples(0)
-    bar = tqdm(range(start, iterations), desc=description, unit="step", disable=not progress,
+    bar = tqdm(range(start, iterations), desc=description, unit="step", disable=not (progress and is_main),
                initial=start, total=iterations)
     done = start
     try:
         for step in bar:
             loss, logs = step_loss(adapter.refinement(), step, _step_generator(seed, step))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step}: the loss is {loss.item()} (lower the learning rate?)")
+            # the batch's values (every process's share averaged): the same on every process, so
+            # that all of them raise together on a non-finite loss instead of leaving one waiting
+            logged = mean_over_processes({"loss": loss, **logs}, distributed, device=loss.device)
+            if not math.isfinite(logged["loss"]):
+                raise FloatingPointError(f"step {step}: the loss is {logged['loss']} (lower the learning rate?)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if any(p.grad is not None for p in generator.parameters()):
                 raise RuntimeError("a generator parameter received a gradient: the generator must stay frozen")
+            average_gradients(parameters, distributed)
             optimizer.step()
-            entry = {"step": step + 1, "loss": loss.item(), **{k: float(v) for k, v in logs.items()}}
+            entry = {"step": step + 1, **logged}
             history.append(entry)
             bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "step"})
             done = step + 1
@@ -283,10 +307,14 @@ def _adapter_for_run(
     num_tokens: int,
     scale_init: Optional[float],
     info: dict[str, Any],
+    seed: int,
 ) -> Adapter:
-    """`adapter` with `info` merged into its metadata, or a new Adapter for the generator carrying it."""
+    """`adapter` with `info` merged into its metadata, or a new Adapter for the generator carrying it,
+    its tokens drawn from `seed` (a private RNG scope: the same tokens in every process and run)."""
     if adapter is None:
-        return Adapter.for_generator(generator, num_refined, num_tokens, scale_init=scale_init, **info)
+        with torch.random.fork_rng(devices=[]):  # the tokens are drawn on the CPU
+            torch.manual_seed(seed)
+            return Adapter.for_generator(generator, num_refined, num_tokens, scale_init=scale_init, **info)
     adapter.metadata.update(info)
     return adapter
 
@@ -324,6 +352,7 @@ def adapt_text(
     resume: bool = False,
     progress: bool = True,
     metadata: Optional[dict[str, Any]] = None,
+    distributed: Optional[DistributedContext] = None,
 ) -> tuple[Adapter, list[dict[str, float]]]:
     """Text-driven adaptation with the CLIP directional loss (StyleGAN-NADA's setting, paper Eq. 7).
 
@@ -331,18 +360,21 @@ def adapt_text(
     clip_loss: a CLIPDirectionalLoss (source/target text already set) or any module
         (source_images, adapted_images) -> scalar.
     adapter: tokens to train (default: Adapter.for_generator(generator, num_refined, num_tokens,
-        scale_init=scale_init)).
+        scale_init=scale_init), its random tokens drawn from `seed`).
     iterations, batch_size, lr: the paper's 300, 2, 1e-3 by default.
     truncation: psi of the sampled codes (1: none; needs the generator's latent_avg or a
         sampled mean, computed from 4096 z when absent).
     seed: seed of every random draw; num_samples: fixed codes shown in the sample grids.
-    work_dir, checkpoint_every, sample_every, resume, progress: see train_tokens.
+    work_dir, checkpoint_every, sample_every, resume, progress, distributed: see train_tokens;
+        with several processes, batch_size is the batch of all of them together (a multiple
+        of their number).
     metadata: extra entries for the adapter file.
     Returns (adapter, loss history).
     """
     device = _device_of(generator)
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+    share = batch_share(batch_size, distributed)
     mean = _mean_latent(generator, truncation, seed)
     settings = _training_metadata(
         iterations=iterations, batch_size=batch_size, lr=lr, betas=(0.9, 0.999), truncation=truncation, seed=seed,
@@ -356,11 +388,11 @@ def adapt_text(
         "training": settings,
         **(metadata or {}),
     }
-    adapter = _adapter_for_run(generator, adapter, num_refined, num_tokens, scale_init, info)
+    adapter = _adapter_for_run(generator, adapter, num_refined, num_tokens, scale_init, info, seed)
 
     def step_loss(refinement: Refinement, step: int, rng: torch.Generator):
-        codes = sample_codes(generator, batch_size, rng, truncation, mean)
-        noise = _noise(generator, batch_size, rng, device)
+        codes = sample_codes(generator, batch_size, rng, truncation, mean)[share]
+        noise = [n[share] for n in _noise(generator, batch_size, rng, device)]
         with torch.no_grad():
             source = generator.synthesis(codes, noise=noise)
         adapted = generator.synthesis(codes, refinement=refinement, noise=noise)
@@ -376,7 +408,7 @@ def adapt_text(
     history = train_tokens(
         generator, adapter, step_loss, iterations=iterations, lr=lr, seed=seed, work_dir=work_dir,
         checkpoint_every=checkpoint_every, sample_every=sample_every, sample_fn=sample_fn, resume=resume,
-        progress=progress, description="adapt-text",
+        progress=progress, description="adapt-text", distributed=distributed,
     )
     adapter.metadata["training"]["steps_done"] = iterations
     return adapter, history
@@ -493,6 +525,7 @@ def adapt_oneshot(
     resume: bool = False,
     progress: bool = True,
     metadata: Optional[dict[str, Any]] = None,
+    distributed: Optional[DistributedContext] = None,
 ) -> tuple[Adapter, list[dict[str, float]]]:
     """One-shot adaptation to a reference image (GOGA's setting with the paper's Eq. 6 + SWD).
 
@@ -512,8 +545,9 @@ def adapt_oneshot(
     mix_index: w_g takes rows < mix_index from random content codes, the rest from w_r
         (default: default_mix_index(n_latent), 8 at 1024 px).
     truncation: psi of the random content codes (0.7).
-    seed, num_samples, work_dir, checkpoint_every, sample_every, resume, progress, metadata:
-        as adapt_text.
+    seed, num_samples, work_dir, checkpoint_every, sample_every, resume, progress, metadata,
+        distributed: as adapt_text (each process renders its share of the style batch; every
+        process renders w_r for the reconstruction term, whose gradient is the same on all).
     Returns (adapter, loss history).
     """
     device = _device_of(generator)
@@ -532,6 +566,7 @@ def adapt_oneshot(
     if not 0 <= mix_index <= generator.n_latent:
         raise ValueError(f"mix_index: expected an integer in [0, {generator.n_latent}], got {mix_index}")
     compare = min(loss_size, size)
+    share = batch_share(batch_size, distributed)
 
     def for_loss(x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(x, compare) if x.shape[-1] != compare else x
@@ -551,7 +586,7 @@ def adapt_oneshot(
         loss="reconstruction(Eq.6)+swd",
     )
     info = {"kind": "oneshot", "training": settings, **(metadata or {})}
-    adapter = _adapter_for_run(generator, adapter, num_refined, num_tokens, scale_init, info)
+    adapter = _adapter_for_run(generator, adapter, num_refined, num_tokens, scale_init, info, seed)
     if init_refinement is not None and not (resume and work_dir and (Path(work_dir) / CHECKPOINT_NAME).is_file()):
         adapter.metadata["token_init"] = init_tokens_from_refinement(adapter, init_refinement)
 
@@ -564,10 +599,17 @@ def adapt_oneshot(
 
     def step_loss(refinement: Refinement, step: int, rng: torch.Generator):
         rec, logs = reconstruction(generator.synthesis(w_r, refinement=refinement, noise=reference_noise))
-        content = sample_codes(generator, batch_size, rng, truncation, mean)
+        content = sample_codes(generator, batch_size, rng, truncation, mean)[share]
         w_g = mixed_codes(content, w_r, mix_index)
-        synthesized = generator.synthesis(w_g, refinement=refinement, noise=_noise(generator, batch_size, rng, device))
-        style = style_loss(synthesized)
+        noise = [n[share] for n in _noise(generator, batch_size, rng, device)]
+        synthesized = generator.synthesis(w_g, refinement=refinement, noise=noise)
+        if isinstance(style_loss, SWDStyleLoss):
+            # the SWD's random directions come from the step's generator too: the same on every
+            # process, and again when a run resumes
+            directions_rng = torch.Generator(device).manual_seed(int(torch.randint(2**62, (), generator=rng)))
+            style = style_loss(synthesized, generator=directions_rng)
+        else:
+            style = style_loss(synthesized)
         logs.update(rec=rec.item(), style=style.item())
         return rec + style_weight * style, logs
 
@@ -583,7 +625,7 @@ def adapt_oneshot(
     history = train_tokens(
         generator, adapter, step_loss, iterations=iterations, lr=lr, betas=betas, seed=seed, work_dir=work_dir,
         checkpoint_every=checkpoint_every, sample_every=sample_every, sample_fn=sample_fn, resume=resume,
-        progress=progress, description="adapt-oneshot",
+        progress=progress, description="adapt-oneshot", distributed=distributed,
     )
     adapter.metadata["training"]["steps_done"] = iterations
     return adapter, history

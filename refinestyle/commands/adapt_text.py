@@ -18,11 +18,10 @@ example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Callable
-
-import torch
 
 from refinestyle.adaptation.clip_loss import add_clip_arguments
 from refinestyle.commands import device_name, positive_int, report_error
@@ -66,8 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight of each CLIP model in the loss, in the order loaded (default: equal)")
 
 
-def prepare_run(args) -> tuple[Path, bool]:
-    """(work dir, resume?) after checking the numeric options and the checkpoint situation."""
+def prepare_run(args, context=None) -> tuple[Path, bool]:
+    """(work dir, resume?) after checking the numeric options and the checkpoint situation.
+
+    context: the run's DistributedContext (None: one process); only rank 0 deletes or notes.
+    """
     from refinestyle.adaptation.train import CHECKPOINT_NAME
 
     for name in ("iterations", "batch_size", "num_tokens", "num_samples"):
@@ -82,11 +84,30 @@ def prepare_run(args) -> tuple[Path, bool]:
     checkpoint = work_dir / CHECKPOINT_NAME
     if checkpoint.is_file() and not (args.resume or args.restart):
         raise ValueError(f"{checkpoint} exists: pass --resume to continue that run or --restart to start over")
-    if args.restart and checkpoint.is_file():
-        checkpoint.unlink()
-    if args.resume and not checkpoint.is_file():
+    is_main = context is None or context.is_main
+    if args.resume and not checkpoint.is_file() and is_main:
         print(f"note: no checkpoint in {work_dir}, starting a new run", file=sys.stderr)
+    if context is not None:
+        context.barrier()  # every process has looked at the checkpoint before rank 0 deletes it
+    if args.restart and checkpoint.is_file() and is_main:
+        checkpoint.unlink()
     return work_dir, args.resume
+
+
+@contextlib.contextmanager
+def distributed_run(args):
+    """The run's DistributedContext (one process, or torchrun's), its process group closed at the end.
+
+    Without torchrun the device is --device (default: cuda when available); under torchrun
+    each process takes cuda:LOCAL_RANK (or the CPU with --device cpu, over gloo).
+    """
+    from refinestyle.distributed import setup_distributed
+
+    context = setup_distributed(args.device or default_device())
+    try:
+        yield context
+    finally:
+        context.close()
 
 
 def load_frozen_generator(args, device):
@@ -108,11 +129,14 @@ def report(adapter, history, out: Path, work_dir: Path) -> None:
     print(f"wrote {out}: {adapter.num_trainable():,} trainable parameters{loss}; samples and curves in {work_dir}")
 
 
-def train_and_save(args, work_dir: Path, resume: bool, adapt: Callable, inputs: tuple, **options) -> int:
+def train_and_save(
+    args, work_dir: Path, resume: bool, adapt: Callable, inputs: tuple, *, context=None, **options
+) -> int:
     """Train an adapter with adapt(*inputs, **options), save it to --out and print the summary.
 
     `adapt` (adapt_text or adapt_oneshot) also gets work_dir, resume and the training options
-    of add_common_training_arguments under their own names (--no-progress as progress=False).
+    of add_common_training_arguments under their own names (--no-progress as progress=False),
+    and `context` (a DistributedContext under torchrun) as `distributed`; rank 0 saves.
     Returns the exit status: 0; 2 after a ValueError (printed); 130 after Ctrl-C, the
     checkpoint in work_dir keeping the progress.
     """
@@ -133,6 +157,7 @@ def train_and_save(args, work_dir: Path, resume: bool, adapt: Callable, inputs: 
             sample_every=args.sample_every,
             resume=resume,
             progress=not args.no_progress,
+            distributed=context,
             **options,
         )
     except ValueError as error:  # e.g. --resume with settings that do not fit the checkpoint
@@ -140,8 +165,9 @@ def train_and_save(args, work_dir: Path, resume: bool, adapt: Callable, inputs: 
     except KeyboardInterrupt:
         print(f"interrupted: the checkpoint in {work_dir} holds the progress; continue with --resume", file=sys.stderr)
         return 130
-    adapter.save(args.out)
-    report(adapter, history, args.out, work_dir)
+    if context is None or context.is_main:
+        adapter.save(args.out)
+        report(adapter, history, args.out, work_dir)
     return 0
 
 
@@ -151,16 +177,17 @@ def main(args: argparse.Namespace) -> int:
     from refinestyle.checkpoints import CheckpointError
     from refinestyle.weights import MissingWeightsError
 
-    device = torch.device(args.device or default_device())
-    try:
-        work_dir, resume = prepare_run(args)
-        generator = load_frozen_generator(args, device)
-        encoders = clip_encoders_from_args(args, device)
-        clip_loss = CLIPDirectionalLoss(encoders, args.source, args.target, weights=args.clip_weights)
-    except (MissingWeightsError, CheckpointError, ValueError, TypeError, RuntimeError) as error:
-        return report_error(args, error)
+    with distributed_run(args) as context:
+        device = context.device
+        try:
+            work_dir, resume = prepare_run(args, context)
+            generator = load_frozen_generator(args, device)
+            encoders = clip_encoders_from_args(args, device)
+            clip_loss = CLIPDirectionalLoss(encoders, args.source, args.target, weights=args.clip_weights)
+        except (MissingWeightsError, CheckpointError, ValueError, TypeError, RuntimeError) as error:
+            return report_error(args, error)
 
-    return train_and_save(
-        args, work_dir, resume, adapt_text, (generator, clip_loss),
-        metadata={"generator_file": str(args.generator) if args.generator else None},
-    )
+        return train_and_save(
+            args, work_dir, resume, adapt_text, (generator, clip_loss), context=context,
+            metadata={"generator_file": str(args.generator) if args.generator else None},
+        )

@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from refinestyle.distributed import DistributedContext, mean_over_processes, setup_distributed
 from refinestyle.inversion.data import ImageFolderDataset, ResumableDistributedSampler
 from refinestyle.inversion.metrics import pool_to
 
@@ -155,63 +156,6 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed set-up
-
-
-@dataclass
-class DistributedContext:
-    """Where this process sits: rank, world size, its device. world_size 1 without torchrun."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    initialized_here: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.initialized_here and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def setup_distributed(device: str | None = None) -> DistributedContext:
-    """Initialise torch.distributed from torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK).
-
-    Uses nccl when CUDA is available and the device is not forced to CPU, else gloo.
-    Without those variables (a plain `python` run) this returns a single-process context.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} was asked for, but no CUDA device is available")
-    want_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if want_cuda:
-        target = torch.device(device) if device not in (None, "cuda") else torch.device("cuda", local_rank)
-        if world_size > 1:
-            target = torch.device("cuda", local_rank)
-        torch.cuda.set_device(target)
-    else:
-        target = torch.device(device or "cpu")
-    context = DistributedContext(rank, world_size, local_rank, target)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
-        context.initialized_here = True
-    return context
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,7 +587,7 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
                     loss, parts = criterion(reconstruction.float(), targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                values = _reduce_losses(parts, context)
+                values = mean_over_processes(parts, context)
                 if not all(math.isfinite(v) for v in values.values()):
                     # before the update: the last checkpoint and the weights stay usable
                     raise FloatingPointError(f"step {step + 1}: non-finite loss {values}")
@@ -697,16 +641,6 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
         out=str(out), checkpoint=str(checkpoint_path), inverter=str(out / INVERTER_NAME), validation=validation,
         model=model,
     )
-
-
-def _reduce_losses(values: dict[str, torch.Tensor], context: DistributedContext) -> dict[str, float]:
-    """Mean of each loss term over the processes, as Python floats."""
-    keys = list(values)
-    stacked = torch.stack([values[k].float().reshape(()) for k in keys])
-    if context.distributed:
-        dist.all_reduce(stacked)
-        stacked /= context.world_size
-    return dict(zip(keys, stacked.tolist()))
 
 
 def _save_grid(model: nn.Module, images: torch.Tensor, path: Path, size: int) -> None:

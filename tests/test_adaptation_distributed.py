@@ -1,0 +1,174 @@
+"""Domain adaptation over several processes (torchrun, gloo on CPU): N processes take the steps one
+process takes with the same batch; the one-shot style loss's random directions follow the seed."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refinestyle.adaptation import Adapter
+from refinestyle.adaptation.swd import SWDStyleLoss
+from refinestyle.adaptation.train import CHECKPOINT_NAME, adapt_oneshot, adapt_text
+from refinestyle.distributed import (
+    DistributedContext,
+    average_gradients,
+    batch_share,
+    broadcast_from_main,
+    mean_over_processes,
+)
+from refinestyle.generator import Generator
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_generator() -> Generator:
+    torch.manual_seed(0)
+    return Generator(16, style_dim=16, n_mlp=2, channel_max=8).eval().requires_grad_(False)
+
+
+class MirrorLoss(nn.Module):
+    """A stand-in for the CLIP directional loss: a per-sample mean, so shares average to the batch's."""
+
+    def forward(self, source, adapted):
+        return ((adapted - source.flip(-1)) ** 2).mean()
+
+
+class TinyFeatures(nn.Module):
+    """Fixed random 3x3 features, as LPIPSFeatures gives them to the SWD style loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("weight", torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(5)))
+
+    def forward(self, images):
+        return [F.relu(F.conv2d(images.float(), self.weight))]
+
+
+def one_shot_inputs(generator):
+    rng = torch.Generator().manual_seed(9)
+    reference = torch.rand(1, 3, 16, 16, generator=rng) * 2 - 1
+    w_r = generator.style(torch.randn(1, 16, generator=rng))[:, None].repeat(1, generator.n_latent, 1)
+    return reference, w_r
+
+
+def run_both(work: Path, context=None, rank: int = 0) -> dict:
+    """adapt_text (batch 4) and adapt_oneshot (batch 2) for 3 steps; each process's own token init."""
+    generator = tiny_generator()
+    torch.manual_seed(100 + rank)  # different on every process: rank 0's must win
+    _, text_history = adapt_text(
+        generator, MirrorLoss(), adapter=Adapter.for_generator(generator, num_tokens=4, scale_init=0.5),
+        iterations=3, batch_size=4, lr=1e-2, work_dir=work / "text", checkpoint_every=2, sample_every=0,
+        progress=False, distributed=context,
+    )
+    torch.manual_seed(200 + rank)
+    reference, w_r = one_shot_inputs(generator)
+    oneshot, oneshot_history = adapt_oneshot(
+        generator, reference, w_r, nn.MSELoss(), SWDStyleLoss(TinyFeatures(), num_projections=16),
+        adapter=Adapter.for_generator(generator, num_tokens=4, scale_init=0.5),
+        iterations=3, batch_size=2, lr=1e-2, work_dir=work / "oneshot", checkpoint_every=0, sample_every=0,
+        progress=False, distributed=context,
+    )
+    text_tokens = torch.load(work / "text" / CHECKPOINT_NAME, weights_only=False)["tokens"]
+    return {
+        "text_history": text_history, "oneshot_history": oneshot_history,
+        "oneshot_tokens": {k: v.detach().clone() for k, v in oneshot.tokens.state_dict().items()},
+        "text_checkpoint_tokens": text_tokens,
+    }
+
+
+SCRIPT = """
+import os, sys, torch
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_adaptation_distributed import run_both
+from refinestyle.distributed import setup_distributed
+context = setup_distributed("cpu")
+result = run_both(Path({out!r}), context, context.rank)
+torch.save(result, Path({out!r}) / f"rank{{context.rank}}.pt")
+context.close()
+"""
+
+
+def test_two_processes_take_the_steps_of_one(tmp_path):
+    script = tmp_path / "adapt_ddp.py"
+    out = tmp_path / "ddp"
+    out.mkdir()
+    script.write_text(textwrap.dedent(SCRIPT.format(tests=str(REPO / "tests"), out=str(out))))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["OMP_NUM_THREADS"] = "1"
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    single = run_both(tmp_path / "single")
+
+    # the processes agree exactly: rank 0's initial tokens, averaged gradients, the batch's losses
+    assert rank0["text_history"] == rank1["text_history"]
+    assert rank0["oneshot_history"] == rank1["oneshot_history"]
+    assert all(torch.equal(rank0["oneshot_tokens"][k], rank1["oneshot_tokens"][k]) for k in rank0["oneshot_tokens"])
+    # and they took the one-process run's steps (up to the order of the batch sums)
+    for key in ("text_history", "oneshot_history"):
+        assert len(rank0[key]) == len(single[key]) == 3
+        for ours, theirs in zip(rank0[key], single[key]):
+            assert ours.keys() == theirs.keys()
+            assert all(ours[k] == pytest.approx(theirs[k], rel=1e-5, abs=1e-7) for k in ours)
+    assert rank0["text_history"][-1]["loss"] < rank0["text_history"][0]["loss"]  # it trained
+    for key in ("oneshot_tokens", "text_checkpoint_tokens"):
+        for name, value in single[key].items():
+            torch.testing.assert_close(rank0[key][name], value, rtol=1e-4, atol=1e-6)
+    # only rank 0 wrote the run's files, once
+    assert (out / "text" / CHECKPOINT_NAME).is_file() and (out / "text" / "loss.png").is_file()
+
+
+def test_one_shot_resume_draws_the_same_style_directions(tmp_path):
+    """The SWD's random directions come from the step's seeded generator, not the global RNG: a run
+    resumed in a fresh process (the global RNG restarted) takes the uninterrupted run's steps."""
+    generator = tiny_generator()
+    reference, w_r = one_shot_inputs(generator)
+
+    def run(work, iterations, resume=False):
+        torch.manual_seed(3)
+        adapter = Adapter.for_generator(generator, num_tokens=4, scale_init=0.5)
+        torch.manual_seed(4)  # what a new process would start from
+        adapter, history = adapt_oneshot(
+            generator, reference, w_r, nn.MSELoss(), SWDStyleLoss(TinyFeatures(), num_projections=8),
+            adapter=adapter, iterations=iterations, batch_size=2, lr=1e-2, work_dir=work, checkpoint_every=0,
+            sample_every=0, progress=False, resume=resume,
+        )
+        return adapter, history
+
+    straight, straight_history = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    resumed, resumed_history = run(tmp_path / "b", 4, resume=True)
+    assert [h["loss"] for h in resumed_history] == [h["loss"] for h in straight_history]
+    for name, value in straight.tokens.state_dict().items():
+        assert torch.equal(resumed.tokens.state_dict()[name], value), name
+
+
+def test_the_collectives_are_no_ops_in_one_process_and_shares_must_be_even():
+    parameter = nn.Parameter(torch.ones(3))
+    parameter.grad = torch.full((3,), 2.0)
+    average_gradients([parameter], None)
+    broadcast_from_main([parameter], DistributedContext())
+    assert torch.equal(parameter.grad, torch.full((3,), 2.0)) and torch.equal(parameter, torch.ones(3))
+    assert mean_over_processes({"a": torch.tensor(1.5), "b": 2}, None) == {"a": 1.5, "b": 2.0}
+    assert batch_share(4, None) == slice(0, 4)
+    assert batch_share(6, DistributedContext(rank=2, world_size=3)) == slice(4, 6)
+    with pytest.raises(ValueError, match="batch_size: 3 codes per step do not split evenly over 2 processes"):
+        batch_share(3, DistributedContext(rank=1, world_size=2))
+    generator = tiny_generator()
+    with pytest.raises(ValueError, match="multiple of 2"):
+        adapt_text(generator, MirrorLoss(), num_tokens=2, iterations=1, batch_size=3, progress=False,
+                   distributed=DistributedContext(rank=0, world_size=2))
