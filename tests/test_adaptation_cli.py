@@ -230,3 +230,12 @@ def test_adapt_commands_under_torchrun_match_one_process(files, tmp_path):
                      for stem in (f"{name}-ddp", name)]
         assert len(histories[0]) == 2 and histories[0] == pytest.approx(histories[1], rel=1e-5)
         assert (ours.tokens.state_dict()["layers.0.A"] != 0.01).all()
+
+
+def test_adapt_text_bf16_flag_reaches_the_training(files, tmp_path):
+    out = tmp_path / "bf16.safetensors"
+    assert cli.main(["adapt-text", "--generator", str(files["generator"]), "--target", "sketch", "--out", str(out),
+                     "--iterations", "1", "--num-tokens", "4", "--sample-every", "0", "--no-progress", "--device", "cpu",
+                     "--bf16", *clip_args(files)]) == 0
+    adapter = Adapter.load(out)
+    assert adapter.metadata["training"]["bf16"] is True and adapter.tokens.layers[0].P.dtype == torch.float32

@@ -264,3 +264,31 @@ def test_history_summary_windows_never_overlap():
     mixed = [{"step": 1, "loss": 4.0, "rec_id": 1.0}, {"step": 2, "loss": 2.0}]
     assert history_summary(mixed) == {"window": 1, "loss_first": 4.0, "loss_last": 2.0, "rec_id_first": 1.0,
                                       "rec_id_last": None}
+
+
+def test_bf16_autocast_renders_in_bf16_and_keeps_the_tokens_float32(tmp_path):
+    from refinestyle.adaptation.train import adapt_text
+
+    generator = tiny_generator(size=16)
+
+    def mirror_loss(source, adapted):
+        return ((adapted.float() - source.float().flip(-1)) ** 2).mean()
+
+    seen = []
+    hook = generator.convs[0].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    runs = {}
+    try:
+        for bf16 in (False, True):
+            seen.clear()
+            adapter, history = adapt_text(generator, mirror_loss, num_tokens=4, scale_init=0.5, iterations=3,
+                                          batch_size=2, lr=1e-2, progress=False, bf16=bf16)
+            runs[bf16] = (adapter, history, set(seen))
+    finally:
+        hook.remove()
+    assert runs[False][2] == {torch.float32} and runs[True][2] == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in runs[True][0].parameters())
+    assert runs[True][0].metadata["training"]["bf16"] is True
+    # the same steps up to bf16 rounding (and training moved the loss)
+    for fp32_step, bf16_step in zip(runs[False][1], runs[True][1]):
+        assert bf16_step["loss"] == pytest.approx(fp32_step["loss"], rel=3e-2)
+    assert runs[True][1][-1]["loss"] != runs[True][1][0]["loss"]

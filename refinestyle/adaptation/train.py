@@ -172,6 +172,7 @@ def train_tokens(
     progress: bool = True,
     description: str = "adapting",
     distributed: Optional[DistributedContext] = None,
+    bf16: bool = False,
 ) -> list[dict[str, float]]:
     """Optimise only `adapter`'s tokens against `step_loss`, with the generator frozen.
 
@@ -193,6 +194,8 @@ def train_tokens(
         must call this with the same arguments; step_loss computes the process's share of
         the batch (see batch_share). Rank 0 starts everyone from its tokens, gradients and
         logged values are averaged over the processes, and only rank 0 writes files.
+    bf16: run step_loss under bf16 autocast (the generator's convs, the loss networks); the
+        tokens, their gradients and Adam's state stay float32.
 
     Returns the loss history: one dict per step with "step" and the logged values (the
     same on every process).
@@ -267,7 +270,9 @@ def train_tokens(
     done = start
     try:
         for step in bar:
-            loss, logs = step_loss(adapter.refinement(), step, _step_generator(seed, step))
+            with torch.autocast(_device_of(generator).type, dtype=torch.bfloat16, enabled=bf16):
+                loss, logs = step_loss(adapter.refinement(), step, _step_generator(seed, step))
+            loss = loss.float()
             # the batch's values (every process's share averaged): the same on every process, so
             # that all of them raise together on a non-finite loss instead of leaving one waiting
             logged = mean_over_processes({"loss": loss, **logs}, distributed, device=loss.device)
@@ -353,6 +358,7 @@ def adapt_text(
     progress: bool = True,
     metadata: Optional[dict[str, Any]] = None,
     distributed: Optional[DistributedContext] = None,
+    bf16: bool = False,
 ) -> tuple[Adapter, list[dict[str, float]]]:
     """Text-driven adaptation with the CLIP directional loss (StyleGAN-NADA's setting, paper Eq. 7).
 
@@ -365,7 +371,7 @@ def adapt_text(
     truncation: psi of the sampled codes (1: none; needs the generator's latent_avg or a
         sampled mean, computed from 4096 z when absent).
     seed: seed of every random draw; num_samples: fixed codes shown in the sample grids.
-    work_dir, checkpoint_every, sample_every, resume, progress, distributed: see train_tokens;
+    work_dir, checkpoint_every, sample_every, resume, progress, distributed, bf16: see train_tokens;
         with several processes, batch_size is the batch of all of them together (a multiple
         of their number).
     metadata: extra entries for the adapter file.
@@ -378,7 +384,7 @@ def adapt_text(
     mean = _mean_latent(generator, truncation, seed)
     settings = _training_metadata(
         iterations=iterations, batch_size=batch_size, lr=lr, betas=(0.9, 0.999), truncation=truncation, seed=seed,
-        loss="clip_directional",
+        loss="clip_directional", bf16=bf16,
     )
     info = {
         "kind": "text",
@@ -408,7 +414,7 @@ def adapt_text(
     history = train_tokens(
         generator, adapter, step_loss, iterations=iterations, lr=lr, seed=seed, work_dir=work_dir,
         checkpoint_every=checkpoint_every, sample_every=sample_every, sample_fn=sample_fn, resume=resume,
-        progress=progress, description="adapt-text", distributed=distributed,
+        progress=progress, description="adapt-text", distributed=distributed, bf16=bf16,
     )
     adapter.metadata["training"]["steps_done"] = iterations
     return adapter, history
@@ -526,6 +532,7 @@ def adapt_oneshot(
     progress: bool = True,
     metadata: Optional[dict[str, Any]] = None,
     distributed: Optional[DistributedContext] = None,
+    bf16: bool = False,
 ) -> tuple[Adapter, list[dict[str, float]]]:
     """One-shot adaptation to a reference image (GOGA's setting with the paper's Eq. 6 + SWD).
 
@@ -546,7 +553,7 @@ def adapt_oneshot(
         (default: default_mix_index(n_latent), 8 at 1024 px).
     truncation: psi of the random content codes (0.7).
     seed, num_samples, work_dir, checkpoint_every, sample_every, resume, progress, metadata,
-        distributed: as adapt_text (each process renders its share of the style batch; every
+        distributed, bf16: as adapt_text (each process renders its share of the style batch; every
         process renders w_r for the reconstruction term, whose gradient is the same on all).
     Returns (adapter, loss history).
     """
@@ -581,7 +588,7 @@ def adapt_oneshot(
 
     settings = _training_metadata(
         iterations=iterations, batch_size=batch_size, lr=lr, betas=betas, style_weight=style_weight,
-        mix_index=mix_index, truncation=truncation, seed=seed,
+        mix_index=mix_index, truncation=truncation, seed=seed, bf16=bf16,
         reconstruction_weights=getattr(reconstruction_loss, "weights", None),
         loss="reconstruction(Eq.6)+swd",
     )
@@ -625,7 +632,7 @@ def adapt_oneshot(
     history = train_tokens(
         generator, adapter, step_loss, iterations=iterations, lr=lr, betas=betas, seed=seed, work_dir=work_dir,
         checkpoint_every=checkpoint_every, sample_every=sample_every, sample_fn=sample_fn, resume=resume,
-        progress=progress, description="adapt-oneshot", distributed=distributed,
+        progress=progress, description="adapt-oneshot", distributed=distributed, bf16=bf16,
     )
     adapter.metadata["training"]["steps_done"] = iterations
     return adapter, history

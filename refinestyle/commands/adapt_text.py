@@ -53,6 +53,8 @@ def add_common_training_arguments(parser: argparse.ArgumentParser, *, iterations
     parser.add_argument("--device", default=None, type=device_name, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--backend", default="auto", choices=("auto", "triton", "torch", "reference"),
                         help="op backend (default auto: triton on CUDA, torch on CPU)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast for the generator and the loss networks (the tokens stay float32)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -158,6 +160,7 @@ def train_and_save(
             resume=resume,
             progress=not args.no_progress,
             distributed=context,
+            bf16=args.bf16,
             **options,
         )
     except ValueError as error:  # e.g. --resume with settings that do not fit the checkpoint
