@@ -119,7 +119,9 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter], context: Distrib
     """Replace every parameter's .grad by its mean over the processes (in one flat all-reduce).
 
     A parameter without a gradient counts as a zero gradient, so every process joins the
-    same collective whatever its loss touched.
+    same collective whatever its loss touched (a parameter no process's loss touched then
+    gets a zero gradient, which Adam still moves by its momentum where one process would
+    have skipped it; the trainers here touch every token at every step).
     """
     if context is None or not context.distributed:
         return

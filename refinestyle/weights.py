@@ -73,7 +73,19 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
-    umask = os.umask(0)  # the only way to read it
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~_umask())
     return path
+
+
+def _umask() -> int:
+    # Linux reports it; elsewhere set-and-restore, which briefly changes it for every thread.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask

@@ -169,6 +169,27 @@ def test_the_collectives_are_no_ops_in_one_process_and_shares_must_be_even():
     with pytest.raises(ValueError, match="batch_size: 3 codes per step do not split evenly over 2 processes"):
         batch_share(3, DistributedContext(rank=1, world_size=2))
     generator = tiny_generator()
+    with pytest.raises(ValueError, match="this process's device is meta"):
+        adapt_text(generator, MirrorLoss(), num_tokens=2, iterations=1, batch_size=2, progress=False,
+                   distributed=DistributedContext(rank=0, world_size=2, device=torch.device("meta")))
     with pytest.raises(ValueError, match="multiple of 2"):
         adapt_text(generator, MirrorLoss(), num_tokens=2, iterations=1, batch_size=3, progress=False,
                    distributed=DistributedContext(rank=0, world_size=2))
+
+
+def test_fresh_tokens_come_from_the_seed_and_no_step_stream():
+    """The same seed gives the same tokens whatever the global RNG holds; they are not step 0's draws,
+    and the global RNG is left as it was."""
+    generator = tiny_generator()
+    tokens = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        before = torch.get_rng_state()
+        adapter, _ = adapt_text(generator, MirrorLoss(), num_tokens=2, iterations=0, progress=False, seed=0)
+        assert torch.equal(torch.get_rng_state(), before)
+        tokens.append(adapter.tokens.layers[0].P.detach().clone())
+    assert torch.equal(tokens[0], tokens[1])
+    step_zero = torch.randn(tokens[0].numel(), generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(tokens[0].flatten(), step_zero)
+    other, _ = adapt_text(generator, MirrorLoss(), num_tokens=2, iterations=0, progress=False, seed=1)
+    assert not torch.equal(other.tokens.layers[0].P, tokens[0])

@@ -119,7 +119,9 @@ def test_adapters_give_one_row_per_domain(tmp_path, checkpoint, capsys):
     assert np.abs(read(tmp_path / "domains" / "sketch" / "0000.png").astype(int) - original).max() > 10
 
     assert run(argv[:-1] + [str(tmp_path / "absent.pt")]) == 2
-    capsys.readouterr()
+    assert "--adapter file not found" in capsys.readouterr().err
+    assert run(argv[:-1] + [str(tmp_path)]) == 2
+    assert "is a folder, not a file" in capsys.readouterr().err
 
     # an adapter of another generator with the same shapes: refused, unless asked for
     torch.manual_seed(7)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -215,6 +216,12 @@ def train_tokens(
     parameters = [p for p in adapter.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=lr, betas=betas)
     is_main = distributed is None or distributed.is_main
+    device = _device_of(generator)
+    if distributed is not None and distributed.distributed and device != distributed.device:
+        raise ValueError(
+            f"generator: on {device}, but this process's device is {distributed.device}; move the generator "
+            "there (the collectives run on it)"
+        )
     work = Path(work_dir) if work_dir is not None else None
     checkpoint_path = work / CHECKPOINT_NAME if work is not None else None
 
@@ -270,12 +277,12 @@ def train_tokens(
     done = start
     try:
         for step in bar:
-            with torch.autocast(_device_of(generator).type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss, logs = step_loss(adapter.refinement(), step, _step_generator(seed, step))
             loss = loss.float()
             # the batch's values (every process's share averaged): the same on every process, so
             # that all of them raise together on a non-finite loss instead of leaving one waiting
-            logged = mean_over_processes({"loss": loss, **logs}, distributed, device=loss.device)
+            logged = mean_over_processes({"loss": loss, **logs}, distributed, device=device)
             if not math.isfinite(logged["loss"]):
                 raise FloatingPointError(f"step {step}: the loss is {logged['loss']} (lower the learning rate?)")
             optimizer.zero_grad(set_to_none=True)
@@ -315,10 +322,14 @@ def _adapter_for_run(
     seed: int,
 ) -> Adapter:
     """`adapter` with `info` merged into its metadata, or a new Adapter for the generator carrying it,
-    its tokens drawn from `seed` (a private RNG scope: the same tokens in every process and run)."""
+    its tokens drawn from `seed`: the same tokens in every process and run."""
     if adapter is None:
-        with torch.random.fork_rng(devices=[]):  # the tokens are drawn on the CPU
-            torch.manual_seed(seed)
+        # The tokens are drawn on the CPU, so only the CPU generator is reseeded, and restored after.
+        # Their seed is derived from `seed` (a string seed hashes the same in every process) so that
+        # they are no stream a training step draws from.
+        token_seed = random.Random(f"refinestyle-tokens:{seed}").getrandbits(63)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(token_seed)
             return Adapter.for_generator(generator, num_refined, num_tokens, scale_init=scale_init, **info)
     adapter.metadata.update(info)
     return adapter

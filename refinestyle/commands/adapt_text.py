@@ -82,6 +82,11 @@ def prepare_run(args, context=None) -> tuple[Path, bool]:
         raise ValueError(f"--lr: expected a positive number, got {args.lr}")
     if args.resume and args.restart:
         raise ValueError("--resume and --restart exclude each other")
+    if context is not None and args.batch_size % context.world_size:
+        raise ValueError(
+            f"--batch-size: the batch of all {context.world_size} processes together, so a multiple of "
+            f"{context.world_size}; got {args.batch_size}"
+        )
     work_dir = args.work_dir if args.work_dir is not None else args.out.with_suffix(".run")
     checkpoint = work_dir / CHECKPOINT_NAME
     if checkpoint.is_file() and not (args.resume or args.restart):

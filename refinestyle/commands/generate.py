@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from refinestyle.commands import device_name, positive_int, report_error
-from refinestyle.weights import default_device
+from refinestyle.weights import default_device, require_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,8 +60,7 @@ def _load_adapters(paths: list[Path], generator, device, check_fingerprint: bool
     adapters = []
     names: set[str] = {"original"}
     for path in paths:
-        if not Path(path).is_file():
-            raise ValueError(f"--adapter: no adapter file at {path}")
+        require_file(path, "--adapter file")
         adapter = Adapter.load(path, device=device)
         adapter.check_compatible(generator, check_fingerprint=False)  # shape mismatches: no way round them
         if check_fingerprint:
@@ -98,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         generator = load_generator(args.ckpt, device=device, size=args.size, backend=args.backend)
         domains = _load_adapters(args.adapter, generator, device, check_fingerprint=not args.ignore_fingerprint)
-    except (MissingWeightsError, CheckpointError, ValueError) as error:
+    except (MissingWeightsError, CheckpointError, FileNotFoundError, ValueError) as error:
         return report_error(args, error)
 
     # every random draw comes from one CPU generator, so a seed gives the same images on any device
