@@ -17,6 +17,7 @@ from refinestyle_kernels.modules import (
     StyledConv,
     ToRGB,
     Upsample,
+    swap_rosinality_modules,
 )
 from refinestyle_kernels.ops.bias_act import fused_leaky_relu
 from refinestyle_kernels.ops.modulated_conv2d import demodulation_coefficients, modulated_conv2d, styled_conv2d
@@ -47,6 +48,7 @@ __all__ = [
     "set_backend",
     "styled_conv2d",
     "styled_conv2d_to_rgb",
+    "swap_rosinality_modules",
     "upfirdn2d",
     "use_backend",
 ]

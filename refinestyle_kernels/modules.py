@@ -532,3 +532,75 @@ class LayerTokens(nn.Module):
 
     def extra_repr(self) -> str:
         return f"L={self.P.shape[0]}, Cout={self.P.shape[1]}, Cin={self.Q.shape[1]}"
+
+
+def swap_rosinality_modules(
+    model: nn.Module,
+    *,
+    class_names: Sequence[str] = ("StyledConv", "ToRGB"),
+    backend: str = "auto",
+) -> list[str]:
+    """Replace, in place, every rosinality StyledConv and ToRGB inside `model` by ours.
+
+    For a model built from rosinality/stylegan2-pytorch's model.py (or code that copies
+    it, as pSp, e4e, HyperStyle and StyleGAN-NADA do): its `Generator` keeps its forward,
+    which calls the swapped layers with the same arguments, and now runs the fused op.
+    Each new layer gets the old one's parameters and buffers (load_state_dict strict=True),
+    device, dtype, requires_grad flags and train/eval mode; the model's state_dict keeps
+    its keys (rosinality registers an upsampling conv's blur first, so their order may
+    differ). The swapped layers also take RefineStyle tokens: `conv(x, w, noise, p=p, q=q)`.
+
+    model: any nn.Module; searched recursively (the model itself is never replaced).
+    class_names: the class names (type(m).__name__) of the layers to replace; which of
+        the two a layer is, is read from its structure (a StyledConv has `conv`, `noise`
+        and `activate`; a ToRGB has `conv` and a [1, 3, 1, 1] `bias`).
+    backend: the new layers' op backend ("auto", "triton", "torch" or "reference").
+    Returns the qualified names of the replaced layers, in model order. Raises TypeError
+    for a named layer of neither structure and ValueError for one the fused op cannot run
+    (a downsampling conv, an upsampling blur filter other than (1, 3, 3, 1)).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    check_backend(backend)
+    names = set(class_names)
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and type(module).__name__ in names and not isinstance(module, (StyledConv, ToRGB))
+    ]
+    for name, old in targets:
+        new = _rosinality_replacement(name, old, backend)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return [name for name, _ in targets]
+
+
+def _rosinality_replacement(name: str, old: nn.Module, backend: str) -> nn.Module:
+    conv = getattr(old, "conv", None)
+    weight = getattr(conv, "weight", None)
+    if not (isinstance(weight, torch.Tensor) and weight.ndim == 5 and hasattr(conv, "modulation")):
+        raise TypeError(f"{name}: a {type(old).__name__} without rosinality's conv.weight [1, Cout, Cin, k, k]")
+    if getattr(conv, "downsample", False):
+        raise ValueError(f"{name}: a downsampling modulated conv; the fused op has the generator's convs only")
+    _, out_channel, in_channel, kernel_size, _ = weight.shape
+    style_dim = conv.modulation.weight.shape[1]
+    if hasattr(old, "noise") and hasattr(old, "activate"):
+        new = StyledConv(
+            in_channel, out_channel, kernel_size, style_dim, upsample=bool(getattr(conv, "upsample", False)),
+            demodulate=bool(getattr(conv, "demodulate", True)), backend=backend,
+        )
+    elif isinstance(getattr(old, "bias", None), torch.Tensor) and tuple(old.bias.shape) == (1, 3, 1, 1):
+        new = ToRGB(in_channel, style_dim, upsample=hasattr(old, "upsample"), backend=backend)
+    else:
+        raise TypeError(f"{name}: a {type(old).__name__} that is neither a StyledConv nor a ToRGB")
+    new.to(device=weight.device, dtype=weight.dtype)  # first: loading into float32 would round float64 values
+    state = old.state_dict()
+    for key, ours in new.state_dict().items():
+        # the fused op applies its own fixed FIR filter: a different one in the checkpoint would be ignored
+        if key.endswith("kernel") and key in state and not torch.allclose(state[key].to(ours), ours):
+            raise ValueError(f"{name}: its {key} is not the (1, 3, 3, 1) filter the fused op implements")
+    new.load_state_dict(state, strict=True)
+    frozen = {key for key, parameter in old.named_parameters() if not parameter.requires_grad}
+    for key, parameter in new.named_parameters():
+        parameter.requires_grad_(key not in frozen)
+    return new.train(old.training)
