@@ -50,7 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_adapters(paths: list[Path], generator, device, check_fingerprint: bool = True):
-    """[(name, Refinement)] for every --adapter path; raises ValueError with a readable message."""
+    """[(name, Refinement)] for every --adapter path.
+
+    Raises FileNotFoundError for a missing file (or a folder) and ValueError for an adapter
+    that does not fit the generator; a fingerprint mismatch alone passes with
+    check_fingerprint=False (--ignore-fingerprint), a shape mismatch never.
+    """
     if not paths:
         return []
     try:
