@@ -8,7 +8,6 @@ touching its code).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -17,15 +16,22 @@ BACKENDS = ("auto", "triton", "torch", "reference")
 
 _default_backend = "auto"
 
+# Results of the environment probes below, filled on first use. A plain dict rather than
+# functools.lru_cache: torch.compile traces through lru_cache wrappers (and warns), but reads a
+# filled dict as a constant.
+_probes: dict = {}
 
-@functools.lru_cache(maxsize=None)
+
 def triton_available() -> bool:
     """True when Triton imports cleanly. Asked only when a backend is resolved, never at import."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # a missing, broken or mismatched install must not break the torch path
-        return False
-    return True
+    if "triton_available" not in _probes:
+        try:
+            import triton  # noqa: F401
+
+            _probes["triton_available"] = True
+        except Exception:  # a missing, broken or mismatched install must not break the torch path
+            _probes["triton_available"] = False
+    return _probes["triton_available"]
 
 
 def triton_interpreted() -> bool:
@@ -33,11 +39,16 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
 def triton_interpreter_problem() -> str | None:
     """Why the Triton interpreter cannot run here, or None. Triton before 3.7 turns a 1-element
     array into a Python int in its interpreter, which NumPy 2.4 refuses (every kernel that
     loops to a runtime bound fails with "only 0-dimensional arrays can be converted")."""
+    if "interpreter_problem" not in _probes:
+        _probes["interpreter_problem"] = _find_interpreter_problem()
+    return _probes["interpreter_problem"]
+
+
+def _find_interpreter_problem() -> str | None:
     try:
         import numpy
         import triton

@@ -68,7 +68,7 @@ def test_an_interpreter_that_cannot_run_is_refused_with_its_fix(monkeypatch, tri
     monkeypatch.setattr(triton, "__version__", triton_version)
     monkeypatch.setattr(numpy, "__version__", numpy_version)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    backend.triton_interpreter_problem.cache_clear()
+    monkeypatch.delitem(backend._probes, "interpreter_problem", raising=False)  # probe again, restored after
     try:
         problem = backend.triton_interpreter_problem()
         if refused:
@@ -79,4 +79,4 @@ def test_an_interpreter_that_cannot_run_is_refused_with_its_fix(monkeypatch, tri
             assert problem is None
             assert backend.resolve_backend("triton", torch.device("cpu")) == "triton"
     finally:
-        backend.triton_interpreter_problem.cache_clear()
+        backend._probes.pop("interpreter_problem", None)
