@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from inversion_fixtures import tiny_generator, write_generator, write_images
+from inversion_fixtures import tiny_generator, write_generator, write_images, write_psp_checkpoint
 from refinestyle import cli
 from refinestyle.weights import MissingWeightsError
 
@@ -183,6 +183,27 @@ def test_invert_writes_reconstructions_codes_and_grid(trained, tmp_path):
     assert np.abs(rendered[1].clamp(-1, 1).permute(1, 2, 0).numpy() - saved).max() < 1.5 / 127.5
     with Image.open(out / "comparison.png") as grid:
         assert grid.size == (3 * 34 + 2, 3 * 34 + 2)
+
+
+def test_two_stage_on_an_e4e_checkpoint_trains_and_inverts(trained, tmp_path):
+    """The paper's two-stage setting on a pretrained e4e: its file is both --first-stage and
+    --generator; the trained inverter stores the e4e encoder, so invert needs nothing more."""
+    from refinestyle.inversion import PSPEncoder, load_inverter
+
+    root, _ = trained
+    e4e = write_psp_checkpoint(tiny_generator(), tmp_path / "e4e_tiny.pt")
+    assert run(
+        "train-inverter", "--stage", "two", "--generator", e4e, "--first-stage", e4e, "--data", root / "train",
+        "--out", tmp_path / "two", "--lpips-random-backbone", "--domain", "other", "--image-size", 32,
+        "--num-refined", 4, "--num-tokens", 4, "--batch-size", 2, "--max-steps", 2, "--workers", 0,
+        "--image-every", 0, "--val-every", 0, "--checkpoint-every", 0, "--no-progress", *TINY_OPTIONS,
+    ) == 0  # fmt: skip
+    model = load_inverter(tmp_path / "two" / "inverter.safetensors", tiny_generator())
+    assert isinstance(model.first_stage, PSPEncoder) and model.first_stage.kind == "e4e"
+    out = tmp_path / "inverted"
+    assert run("invert", "--inverter", tmp_path / "two", "--generator", e4e, "--input", root / "val",
+               "--out", out, "--image-size", 32, "--batch-size", 2, "--no-progress") == 0  # fmt: skip
+    assert sorted(p.name for p in (out / "reconstructions").iterdir()) == ["000.png", "001.png", "002.png"]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ One GPU:    refinestyle train-inverter --stage one --generator G.pt --data FFHQ/
                 --ir-se50 model_ir_se50.pth --lpips-backbone alexnet-owt-7be5be79.pth
 Many GPUs:  torchrun --nproc_per_node 4 -m refinestyle train-inverter ...   (batch size is per GPU)
 First stage (w+ only, Style Transformer's design): --stage one --no-refine
-Two-stage:  --stage two --first-stage runs/first/inverter.safetensors   (or Style Transformer's best_model.pt)
+Two-stage:  --stage two --first-stage runs/first/inverter.safetensors   (or Style Transformer's best_model.pt,
+            pSp's psp_ffhq_encode.pt, e4e's e4e_ffhq_encode.pt)
 Resume:     refinestyle train-inverter --out runs/one --resume [--max-steps N]
 
 The run folder gets config.json, train_log.csv (every loss term at every step),
@@ -39,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     paths.add_argument("--val-data", help="held-out images for validation metrics")
     paths.add_argument("--out", required=True, help="run folder (created; holds logs, grids, checkpoints)")
     paths.add_argument("--first-stage", help="two-stage: the frozen first stage: our w+ inverter (inverter.safetensors "
-                       "of a --no-refine run) or a Style Transformer checkpoint (best_model.pt)")
+                       "of a --no-refine run), a Style Transformer checkpoint (best_model.pt), or a pSp / e4e one "
+                       "(psp_ffhq_encode.pt, e4e_ffhq_encode.pt; the same file loads as --generator)")
     paths.add_argument("--ir-se50", help="model_ir_se50.pth: initialises the encoder, drives the ID loss "
                        "(or set REFINESTYLE_IR_SE50)")
     paths.add_argument("--lpips-backbone", help="torchvision alexnet-owt-7be5be79.pth for LPIPS "

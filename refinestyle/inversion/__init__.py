@@ -14,6 +14,7 @@ from refinestyle.inversion.models import (
     read_inverter_config,
     save_inverter,
 )
+from refinestyle.inversion.psp import PSPEncoder, load_psp
 from refinestyle.inversion.style_transformer import load_first_stage, load_style_transformer
 from refinestyle.inversion.transformer import GroupedTransformerBlock, TransformerBlock
 
@@ -30,7 +31,9 @@ __all__ = [
     "read_inverter_config",
     "save_inverter",
     "load_first_stage",
+    "load_psp",
     "load_style_transformer",
+    "PSPEncoder",
     "GroupedTransformerBlock",
     "TransformerBlock",
 ]

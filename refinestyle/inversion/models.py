@@ -20,7 +20,8 @@ requires_grad False), only the inverter trains.
 Two-stage (`TwoStageInverter`): a frozen first stage (any callable image -> w+) gives w0+
 and the image I0 = G(w0+); E sees [I, I0] (6 channels); three grouped blocks produce the
 tokens; w0+ stays fixed. The built-in first stage is `FirstStage`, a OneStageInverter
-trained with refine=False (Style Transformer's design).
+trained with refine=False (Style Transformer's design); pretrained pSp and e4e encoders
+load as `PSPEncoder` (refinestyle/inversion/psp.py).
 
 P~ and Q~ go through the same grouped blocks as 2*Nr groups of L tokens each (the P
 groups of every layer, then the Q groups): a P token attends to the other P tokens of its
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refinestyle.inversion.encoder import IR_SE50_WIDTHS, FeaturePyramidEncoder
+from refinestyle.inversion.psp import PSP_KINDS, PSPEncoder
 from refinestyle.inversion.transformer import GroupedTransformerBlock, TransformerBlock
 from refinestyle.refinement import Refinement, refinement_layer_shapes
 from refinestyle.weights import require_file, save_safetensors
@@ -104,7 +106,9 @@ class InverterConfig:
     encoder_depth, encoder_widths, encoder_size: the IR-SE trunk and the side images are
         resized to before E (256).
     train_mapping: one-stage: whether the copied mapping MLP trains.
-    first_stage: two-stage: the config (a dict) of a built-in FirstStage, else None.
+    first_stage: two-stage: how to rebuild a stored first stage, else None (an external one):
+        a built-in FirstStage's InverterConfig as a dict, or a PSPEncoder's config() (a dict
+        with "kind": "psp" or "e4e").
     """
 
     stage: str
@@ -512,9 +516,10 @@ class TwoStageInverter(_Inverter):
     """The two-stage RefineStyle inverter: a frozen first stage's w0+, refined kernels on top.
 
     generator: a refinestyle.Generator; frozen in place and kept as `self.generator`.
-    first_stage: any callable images [B, 3, H, W] -> w0+ [B, n_latent, style_dim] (e.g.
-        FirstStage(load_inverter(path, generator)), or a wrapper around a pSp / e4e /
-        Style Transformer encoder). An nn.Module is frozen and kept in eval mode.
+    first_stage: any callable images [B, 3, H, W] -> w0+ [B, n_latent, style_dim], e.g.
+        `load_first_stage(path, generator)`: our w+ inverter or Style Transformer (a
+        FirstStage), pSp or e4e (a PSPEncoder); those two are stored with the model by
+        save_inverter. An nn.Module is frozen and kept in eval mode.
     num_refined: Nr (paper: 17, all convs of a 1024 px generator).
     num_tokens: L (paper: 32).
     encoder, ir_se50_path, encoder_depth, encoder_widths, encoder_size: as OneStageInverter,
@@ -570,7 +575,7 @@ class TwoStageInverter(_Inverter):
             token_levels=list(token_levels),
             encoder_size=encoder_size,
             train_mapping=False,
-            first_stage=asdict(first_stage.inverter.config) if isinstance(first_stage, FirstStage) else None,
+            first_stage=_stored_first_stage_config(first_stage),
         )
         self.token_branch = self._build_token_branch()
         self.to(next(generator.parameters()).device)  # built where the generator lives
@@ -635,13 +640,24 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _stored_first_stage_config(first_stage) -> Optional[dict]:
+    """The config that rebuilds a first stage stored with a two-stage model, or None for one
+    that is not stored (any other callable: the caller passes it to load_inverter again)."""
+    if isinstance(first_stage, FirstStage):
+        return asdict(first_stage.inverter.config)
+    if isinstance(first_stage, PSPEncoder):
+        return first_stage.config()
+    return None
+
+
 def _own_state(model: _Inverter) -> dict[str, torch.Tensor]:
-    """The inverter's state without the generator (and without a first stage that is not a FirstStage)."""
+    """The inverter's state without the generator (and without a first stage that is not stored)."""
     state = {}
+    stored_first_stage = _stored_first_stage_config(getattr(model, "first_stage", None)) is not None
     for key, value in model.state_dict().items():
         if key.startswith("generator.") or key.startswith("first_stage.inverter.generator."):
             continue
-        if key.startswith("first_stage.") and not isinstance(getattr(model, "first_stage", None), FirstStage):
+        if key.startswith("first_stage.") and not stored_first_stage:
             continue
         state[key] = value
     return state
@@ -653,8 +669,9 @@ def save_inverter(path: str | os.PathLike, model: nn.Module) -> Path:
     path: the file to write (conventionally `*.safetensors`); its folder is created.
     model: a OneStageInverter or TwoStageInverter (or a DistributedDataParallel around one).
     The generator's weights are not stored (load_inverter takes the generator); a built-in
-    FirstStage of a two-stage model is stored with it (under `first_stage.inverter.`),
-    another first stage is not (pass it to load_inverter). The configuration is JSON in
+    FirstStage of a two-stage model is stored with it (under `first_stage.inverter.`), and so
+    is a pSp / e4e PSPEncoder (under `first_stage.`); another first stage is not (pass it to
+    load_inverter). The configuration is JSON in
     the file's metadata under "config". Returns the path.
     """
     model = _unwrap(model)
@@ -729,8 +746,11 @@ def _build_from_config(config: InverterConfig, generator: nn.Module, first_stage
                     "first_stage: this two-stage inverter was trained on an external first stage; pass it to "
                     "load_inverter(..., first_stage=...)"
                 )
-            first_config = InverterConfig.from_json(json.dumps(config.first_stage))
-            first_stage = FirstStage(_build_from_config(first_config, generator))
+            if config.first_stage.get("kind") in PSP_KINDS:
+                first_stage = PSPEncoder(**config.first_stage)
+            else:
+                first_config = InverterConfig.from_json(json.dumps(config.first_stage))
+                first_stage = FirstStage(_build_from_config(first_config, generator))
         return TwoStageInverter(generator, first_stage, config.num_refined, config.num_tokens, **options)
     raise ValueError(f"config.stage: expected 'one' or 'two', got {config.stage!r}")
 

@@ -160,13 +160,16 @@ def load_style_transformer(
     return model.to(next(generator.parameters()).device).eval()
 
 
-def load_first_stage(path: str | os.PathLike, generator: nn.Module, **style_transformer_options) -> FirstStage:
-    """A frozen first stage from a file: our inverter (.safetensors) or a Style Transformer checkpoint (.pt).
+def load_first_stage(path: str | os.PathLike, generator: nn.Module, **encoder_options) -> nn.Module:
+    """A frozen first stage (images [B, 3, H, W] in [-1, 1] -> w+) from a file.
 
-    path: `save_inverter`'s safetensors file (a w+-only one-stage model) or Style
-        Transformer's `best_model.pt`.
-    generator: the generator both were trained with.
-    style_transformer_options: passed to load_style_transformer for .pt files.
+    path: `save_inverter`'s safetensors file (a w+-only one-stage model), Style
+        Transformer's `best_model.pt`, or a pSp / e4e checkpoint (`psp_ffhq_encode.pt`,
+        `e4e_ffhq_encode.pt`); torch files are told apart by their contents.
+    generator: the generator the first stage was trained with.
+    encoder_options: passed to load_style_transformer or load_psp for torch files.
+    Returns a FirstStage (our inverter, Style Transformer) or a PSPEncoder (pSp, e4e), in
+    eval mode with requires_grad False; a TwoStageInverter stores either with its weights.
     """
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -174,4 +177,22 @@ def load_first_stage(path: str | os.PathLike, generator: nn.Module, **style_tran
         if not isinstance(inverter, OneStageInverter):
             raise ValueError(f"{path}: a first stage must be a one-stage inverter, got a {type(inverter).__name__}")
         return FirstStage(inverter)
-    return FirstStage(load_style_transformer(path, generator, **style_transformer_options))
+    require_file(path, "first-stage checkpoint (Style Transformer, pSp or e4e)")
+    if _is_psp_checkpoint(path):
+        from refinestyle.inversion.psp import load_psp
+
+        return load_psp(path, generator, **encoder_options)
+    return FirstStage(load_style_transformer(path, generator, **encoder_options))
+
+
+def _is_psp_checkpoint(path: Path) -> bool:
+    """Whether a torch file's state_dict has pSp's style blocks (encoder.styles.*), read
+    without loading its tensors (the files also hold a whole generator)."""
+    try:
+        checkpoint = torch.load(path, map_location="meta", weights_only=True)
+    except Exception:
+        return False  # load_style_transformer reports the unreadable file
+    source = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
+    return isinstance(source, dict) and any(
+        isinstance(key, str) and key.startswith(("encoder.styles.", "encoder.module.styles.")) for key in source
+    )
