@@ -1,4 +1,4 @@
-"""NVlabs pickles made by NVlabs' own code: opt-in conformance against a local checkout.
+"""NVlabs' own code, opt-in: its pickles load, and its networks run on our swapped layers.
 
 tests/test_checkpoints_nvlabs.py checks the loader against look-alike networks written
 here. This file checks it against the real thing: given local checkouts of
@@ -8,6 +8,9 @@ perturbs every parameter and buffer, renders them (NVlabs' CPU fallbacks of
 upfirdn2d/bias_act, float32), and pickles them with its `torch_utils.persistence`,
 as a training snapshot and as a bare generator. `load_generator` must read both and
 render the same images from the same z, with the stored noise, none, and truncation.
+A second subprocess swaps the layers of NVlabs' own generator (`swap_nvlabs_modules`) and
+checks that G(z) and G.synthesis(ws) render what they rendered before, and again after a
+pickle round trip.
 
 Run it with
 
@@ -102,8 +105,9 @@ STAND_INS = {
 }
 
 
-def make_pickles(repo: Path, out: Path, resolution: int, conv_clamp, z_dim: int, mapping_layers: int,
-                 channel_base: int, channel_max: int) -> None:
+def nvlabs_environment(repo: Path, out: Path) -> dict:
+    """The environment of a subprocess that runs NVlabs' code from `repo` (and ours): its
+    PYTHONPATH holds the checkout, stand-ins for the modules this Python lacks, and our root."""
     if not (repo / "training").is_dir() or not (repo / "torch_utils" / "persistence.py").is_file():
         pytest.fail(f"{ENV_VAR}: {repo} is not an NVlabs stylegan2-ada-pytorch or stylegan3 checkout")
     stand_ins = out / "stand_ins"
@@ -112,7 +116,13 @@ def make_pickles(repo: Path, out: Path, resolution: int, conv_clamp, z_dim: int,
             path = stand_ins / f"{name}.py"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(source)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(stand_ins)])}
+    root = Path(__file__).resolve().parents[1]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(stand_ins), str(root)])}
+
+
+def make_pickles(repo: Path, out: Path, resolution: int, conv_clamp, z_dim: int, mapping_layers: int,
+                 channel_base: int, channel_max: int) -> None:
+    env = nvlabs_environment(repo, out)
     args = [str(out), str(resolution), str(conv_clamp or "none"), str(z_dim), str(mapping_layers),
             str(channel_base), str(channel_max)]
     result = subprocess.run([sys.executable, "-c", MAKE_PICKLES, *args], cwd=repo, env=env,
@@ -157,3 +167,69 @@ def test_nvlabs_pickles_render_what_nvlabs_renders(tmp_path, repo, resolution, c
         assert relative_error(no_noise, renders["no_noise"]) < 2e-5, pickle_name
     with pytest.raises(CheckpointError, match="c_dim > 0"):
         load_generator(tmp_path / "conditional.pkl")
+
+
+# Runs inside the NVlabs checkout: builds G, renders, swaps its layers for ours, renders again;
+# prints the largest relative differences as JSON. argv: conv_clamp|none
+SWAP_LAYERS = textwrap.dedent(
+    """
+    import copy, importlib.util, json, pickle, sys
+    import torch
+    from refinestyle_kernels import swap_nvlabs_modules
+    if importlib.util.find_spec("training.networks_stylegan2") is not None:
+        from training.networks_stylegan2 import Generator
+        def build(**kw):
+            synthesis = kw.pop("synthesis_kwargs")
+            return Generator(**kw, **synthesis)
+    else:
+        from training.networks import Generator
+        build = Generator
+    clamp = None if sys.argv[1] == "none" else float(sys.argv[1])
+    torch.manual_seed(0)
+    G = build(z_dim=32, c_dim=0, w_dim=32, img_resolution=64, img_channels=3, mapping_kwargs=dict(num_layers=2),
+              synthesis_kwargs=dict(channel_base=512, channel_max=32, num_fp16_res=0, conv_clamp=clamp))
+    with torch.no_grad():
+        for name, t in list(G.named_parameters()) + list(G.named_buffers()):
+            if t.dtype.is_floating_point and "resample_filter" not in name:
+                t.add_(torch.randn_like(t) * (0.5 if name.endswith(("bias", "noise_strength")) else 0.2))
+    G.eval()
+    z = torch.randn(2, 32, generator=torch.Generator().manual_seed(1))
+
+    def renders(G):
+        with torch.no_grad():
+            torch.manual_seed(5)
+            return dict(const=G(z, None, noise_mode="const"), none=G(z, None, noise_mode="none"),
+                        truncated=G(z, None, truncation_psi=0.6, noise_mode="const"),
+                        random=G(z, None, noise_mode="random"))
+
+    before = renders(G)
+    keys = list(G.state_dict())
+    swapped = swap_nvlabs_modules(G, backend="torch")
+    after = renders(G)
+    restored = renders(pickle.loads(pickle.dumps(G)))
+    error = lambda a, b: float((a - b).abs().max() / b.abs().max())
+    print(json.dumps(dict(
+        swapped=swapped, same_keys=list(G.state_dict()) == keys,
+        errors={k: error(after[k], before[k]) for k in before},
+        pickled={k: error(restored[k], before[k]) for k in before},
+    )))
+    """
+)
+
+
+@pytest.mark.parametrize("repo", REPOS, ids=[p.name for p in REPOS])
+@pytest.mark.parametrize("conv_clamp", [None, 0.5], ids=["no-clamp", "clamp"])
+def test_nvlabs_generator_runs_on_swapped_layers(tmp_path, repo, conv_clamp):
+    import json
+
+    env = nvlabs_environment(repo, tmp_path)
+    result = subprocess.run([sys.executable, "-c", SWAP_LAYERS, str(conv_clamp or "none")], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    if result.returncode != 0:
+        pytest.fail(f"NVlabs' code failed in {repo}:\n{result.stderr[-3000:]}")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    # 64 px: b4 (conv1, torgb) and b8 ... b64 (conv0, conv1, torgb)
+    assert len(report["swapped"]) == 2 + 4 * 3 and report["same_keys"]
+    print(f"\n{repo.name}, conv_clamp {conv_clamp}: {report['errors']}")  # pytest -s shows them
+    for mode, error in {**report["errors"], **report["pickled"]}.items():
+        assert error < 2e-5, (mode, report)
