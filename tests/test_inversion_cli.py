@@ -331,3 +331,26 @@ def test_tracebacks_on_request(trained, tmp_path, monkeypatch):
     with pytest.raises(MissingWeightsError, match="generator"):
         run("invert", "--inverter", root / "run", "--generator", tmp_path / "G.pt", "--input", root / "val",
             "--out", tmp_path / "c")
+
+
+def test_pretrained_encoders_invert_edit_and_evaluate_as_baselines(trained, tmp_path, capsys):
+    """A pSp checkpoint as --inverter: w+ only (no tokens), through invert, edit and eval-inversion."""
+    from refinestyle.inversion.inference import load_codes
+
+    root, _ = trained
+    psp = write_psp_checkpoint(tiny_generator(), tmp_path / "psp_tiny.pt", encoder_type="GradualStyleEncoder")
+    out = tmp_path / "inverted"
+    assert run("invert", "--inverter", psp, "--generator", psp, "--input", root / "val", "--out", out,
+               "--image-size", 32, "--batch-size", 2, "--no-progress") == 0  # fmt: skip
+    codes = load_codes(sorted((out / "codes").glob("*.safetensors")))
+    assert codes.refinement is None and codes.w_plus.shape == (3, 8, 32)
+    np.save(tmp_path / "boundary.npy", np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32))
+    assert run("edit", "--generator", psp, "--inverter", psp, "--input", root / "val" / "000.png",
+               "--boundary", tmp_path / "boundary.npy", "--out", tmp_path / "edit", "--image-size", 32,
+               "--no-progress") == 0  # fmt: skip
+    assert any((tmp_path / "edit").iterdir())
+    capsys.readouterr()
+    assert run("eval-inversion", "--inverter", psp, "--generator", psp, "--data", root / "val", "--image-size", 32,
+               "--lpips-random-backbone", "--domain", "other", "--no-timing", "--no-progress", "--batch-size", 2) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert "psp_tiny" in table  # the method is named after the checkpoint

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("what to edit (one of)")
     source.add_argument("--codes", help="a code file or folder written by `refinestyle invert` (codes/)")
     source.add_argument("--input", help="images to invert first (needs --inverter)")
-    source.add_argument("--inverter", help="inverter.safetensors, with --input")
+    source.add_argument("--inverter", help="inverter.safetensors (or its run folder), or a pSp / e4e / Style Transformer checkpoint, with --input")
     edit = parser.add_argument_group("the edit (one of)")
     edit.add_argument("--boundary", help="InterFaceGAN boundary (.npy/.pt, [1, 512] or [1, n_latent, 512])")
     edit.add_argument("--ganspace", help="GANSpace directions file from `refinestyle ganspace`")

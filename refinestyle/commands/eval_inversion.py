@@ -2,6 +2,8 @@
 
     refinestyle eval-inversion --inverter runs/one/inverter.safetensors --generator G.pt \\
         --data celeba_hq_test/ --lpips-backbone alexnet-owt-7be5be79.pth --ir-se50 model_ir_se50.pth
+    # the baselines with the same metrics: a pretrained pSp / e4e / Style Transformer checkpoint
+    refinestyle eval-inversion --inverter e4e_ffhq_encode.pt --generator e4e_ffhq_encode.pt ...
 
 MSE, LPIPS and ID similarity (faces; --domain other skips it) are measured per image at
 256 px (the generator's output pooled) and reported as mean and standard deviation.
@@ -22,7 +24,7 @@ from refinestyle.commands import device_name, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--inverter", required=True, help="inverter.safetensors (or its run folder)")
+    parser.add_argument("--inverter", required=True, help="inverter.safetensors (or its run folder), or a pretrained pSp / e4e / Style Transformer checkpoint: the paper's baselines")
     parser.add_argument("--generator", required=True, help="the StyleGAN2 generator checkpoint")
     parser.add_argument("--data", required=True, help="a folder of test images")
     parser.add_argument("--out", help="folder for report.json, report.md, per_image.csv, examples.png")
@@ -48,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
     from refinestyle.checkpoints import load_generator
     from refinestyle.imageio import save_grid
     from refinestyle.inversion.data import ImageFolderDataset
-    from refinestyle.inversion.inference import load_inverter_for_inference, resolve_inverter_path
+    from refinestyle.inversion.inference import inverter_name, load_inverter_for_inference
     from refinestyle.inversion.metrics import ReconstructionMetrics, evaluate_folder, format_report, inversion_cost
     from refinestyle.weights import default_device
 
@@ -71,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
         cost = inversion_cost(
             inverter, dataset[0][None].to(device), timing=not args.no_timing, repeats=args.timing_repeats
         ).as_dict()
-    name = args.name or resolve_inverter_path(args.inverter).parent.name
+    name = args.name or inverter_name(args.inverter)
     table = format_report(summary, cost, name=name)
     print(table)
     print(f"device: {device}; FLOPs counted with the torch backend; time per image at batch 1")

@@ -17,7 +17,7 @@ from refinestyle.commands import device_name, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--inverter", required=True, help="inverter.safetensors (or its train-inverter run folder)")
+    parser.add_argument("--inverter", required=True, help="inverter.safetensors (or its train-inverter run folder), or a pretrained pSp / e4e / Style Transformer checkpoint (w+ only)")
     parser.add_argument("--generator", required=True, help="the StyleGAN2 generator checkpoint it was trained with")
     parser.add_argument("--input", required=True, help="an image file or a folder of images")
     parser.add_argument("--out", required=True, help="output folder")

@@ -29,19 +29,39 @@ def resolve_inverter_path(path: str | Path) -> Path:
     if path.is_dir():
         path = path / "inverter.safetensors"
     return require_file(
-        path, "inverter file", " (train one with `refinestyle train-inverter`; it writes RUN_DIR/inverter.safetensors)"
-    )
+        path, "inverter file",
+        " (train one with `refinestyle train-inverter`; it writes RUN_DIR/inverter.safetensors; or give a pSp, e4e or "
+        "Style Transformer checkpoint)",
+    )  # fmt: skip
+
+
+def inverter_name(path: str | Path) -> str:
+    """A name for reports: the run folder's for RUN_DIR/inverter.safetensors, else the file's stem."""
+    path = resolve_inverter_path(path)
+    return path.parent.name if path.name == "inverter.safetensors" else path.stem
 
 
 def load_inverter_for_inference(path: str | Path, generator: nn.Module, device: str | torch.device) -> nn.Module:
-    """Load a trained inverter around `generator`, on `device`, in eval mode, without gradients.
+    """Load an inverter around `generator`, on `device`, in eval mode, without gradients.
 
+    path: our inverter (a .safetensors file or its train-inverter run folder), or a pretrained
+        pSp / e4e / Style Transformer checkpoint (a torch file), which becomes a
+        PretrainedEncoderInverter: w+ only, the paper's baselines.
     Its `trained_parameter_count` keeps how many parameters training updates (the paper's
-    "trainable parameters"), counted before everything is frozen for inference."""
-    from refinestyle.inversion.models import load_inverter
+    "trainable parameters"), counted before everything is frozen for inference (for a
+    pretrained encoder: all of its parameters)."""
+    from refinestyle.inversion.models import PretrainedEncoderInverter, load_inverter
 
-    inverter = load_inverter(resolve_inverter_path(path), generator)
-    inverter.trained_parameter_count = sum(p.numel() for p in inverter.parameters() if p.requires_grad)
+    resolved = resolve_inverter_path(path)
+    if resolved.suffix == ".safetensors":
+        inverter = load_inverter(resolved, generator)
+        trained = sum(p.numel() for p in inverter.parameters() if p.requires_grad)
+    else:
+        from refinestyle.inversion.style_transformer import load_first_stage
+
+        inverter = PretrainedEncoderInverter(generator, load_first_stage(resolved, generator))
+        trained = sum(p.numel() for p in inverter.encoder.parameters())
+    inverter.trained_parameter_count = trained
     inverter.requires_grad_(False)
     return inverter.to(device).eval()
 

@@ -63,6 +63,7 @@ __all__ = [
     "OneStageInverter",
     "TwoStageInverter",
     "FirstStage",
+    "PretrainedEncoderInverter",
     "save_inverter",
     "load_inverter",
     "read_inverter_config",
@@ -510,6 +511,46 @@ class FirstStage(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.inverter.w_plus_only(images)
+
+
+class PretrainedEncoderInverter(nn.Module):
+    """A pretrained w+ encoder (pSp, e4e, Style Transformer: `load_first_stage`) used on its
+    own, as the baselines of the paper's Table 1: images -> w+ -> G(w+), no refinement.
+
+    generator: the refinestyle.Generator the encoder was trained with (frozen).
+    encoder: a callable images [B, 3, H, W] in [-1, 1] -> w+ [B, n_latent, style_dim], e.g.
+        `load_first_stage(path, generator)`.
+    forward(images, *, render=True, noise=None, randomize_noise=False) -> InversionResult(w+,
+    None, G(w+) or None, None), as the inverters', so `refinestyle invert`, `edit` and
+    `eval-inversion` take it (`load_inverter_for_inference` builds it from a .pt file).
+    """
+
+    def __init__(self, generator: nn.Module, encoder: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        if not callable(encoder):
+            raise TypeError(f"encoder: expected a callable images -> w+, got {type(encoder).__name__}")
+        generator.requires_grad_(False)
+        self.generator = generator
+        self.encoder = encoder
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        *,
+        render: bool = True,
+        noise: Optional[Sequence[Optional[torch.Tensor]]] = None,
+        randomize_noise: bool = False,
+    ) -> InversionResult:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images: expected [B, 3, H, W], got {tuple(images.shape)}")
+        w_plus = self.encoder(images)
+        expected = (images.shape[0], self.generator.n_latent, self.generator.style_dim)
+        if tuple(w_plus.shape) != expected:
+            raise ValueError(f"encoder: expected w+ of shape {list(expected)}, got {list(w_plus.shape)}")
+        image = None
+        if render:
+            image = self.generator.synthesis(w_plus, noise=noise, randomize_noise=randomize_noise)
+        return InversionResult(w_plus, None, image, None)
 
 
 class TwoStageInverter(_Inverter):
