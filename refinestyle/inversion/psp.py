@@ -39,6 +39,7 @@ from torch import nn
 
 from refinestyle.inversion.encoder import IR_SE50_WIDTHS, FeaturePyramidEncoder
 from refinestyle.weights import require_file
+from refinestyle_kernels.modules import EqualLinear
 
 __all__ = ["PSP_KINDS", "GradualStyleBlock", "PSPEncoder", "load_psp", "psp_state_dict", "trunk_layout"]
 
@@ -65,7 +66,7 @@ class GradualStyleBlock(nn.Module):
         for _ in range(int(math.log2(spatial))):
             layers += [nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.LeakyReLU()]
         self.convs = nn.Sequential(*layers)
-        self.linear = _EqualLinear(channels)
+        self.linear = EqualLinear(channels, channels)  # lr multiplier 1, pSp's names
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.shape[-2:] != (self.spatial, self.spatial):
@@ -73,19 +74,6 @@ class GradualStyleBlock(nn.Module):
                 f"features: expected [B, {self.channels}, {self.spatial}, {self.spatial}], got {tuple(features.shape)}"
             )
         return self.linear(self.convs(features).flatten(1))
-
-
-class _EqualLinear(nn.Module):
-    """StyleGAN2's equalised linear layer with lr multiplier 1 (parameter names as pSp's)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(channels, channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.scale = 1.0 / math.sqrt(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight * self.scale, self.bias)
 
 
 class PSPEncoder(FeaturePyramidEncoder):
