@@ -89,3 +89,19 @@ def _umask() -> int:
     umask = os.umask(0o022)
     os.umask(umask)
     return umask
+
+
+def state_dict_mismatch(expected: dict, state: dict) -> str:
+    """How `state` (names -> tensors, about to be loaded) fails to match a module's `expected`
+    state_dict: "" when it matches, else its first missing, unexpected and mis-shaped names.
+    BatchNorm step counters missing from `state` (files saved before PyTorch 0.4.1; unused in
+    eval) are filled in from `expected`, in place."""
+    for key in expected:
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = expected[key]
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [key for key in expected if key in state and state[key].shape != expected[key].shape]
+    if not (missing or unexpected or mismatched):
+        return ""
+    return f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatches {mismatched[:3]}"

@@ -563,16 +563,29 @@ def swap_rosinality_modules(
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     check_backend(backend)
     names = set(class_names)
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name and type(module).__name__ in names and not isinstance(module, (StyledConv, ToRGB))
-    ]
+    return replace_modules(
+        model,
+        lambda module: type(module).__name__ in names and not isinstance(module, (StyledConv, ToRGB)),
+        lambda name, old: _rosinality_replacement(name, old, backend),
+    )
+
+
+def replace_modules(model: nn.Module, selected, replacement) -> list[str]:
+    """Replace, in place, every submodule of `model` for which selected(module) is true by
+    replacement(qualified name, module); returns the qualified names, in model order."""
+    targets = [(name, module) for name, module in model.named_modules() if name and selected(module)]
     for name, old in targets:
-        new = _rosinality_replacement(name, old, backend)
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement(name, old))
     return [name for name, _ in targets]
+
+
+def adopt_flags(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Give `new` the requires_grad flags (by parameter name) and the train/eval mode of `old`."""
+    frozen = {key for key, parameter in old.named_parameters() if not parameter.requires_grad}
+    for key, parameter in new.named_parameters():
+        parameter.requires_grad_(key not in frozen)
+    return new.train(old.training)
 
 
 def _rosinality_replacement(name: str, old: nn.Module, backend: str) -> nn.Module:
@@ -600,7 +613,4 @@ def _rosinality_replacement(name: str, old: nn.Module, backend: str) -> nn.Modul
         if key.endswith("kernel") and key in state and not torch.allclose(state[key].to(ours), ours):
             raise ValueError(f"{name}: its {key} is not the (1, 3, 3, 1) filter the fused op implements")
     new.load_state_dict(state, strict=True)
-    frozen = {key for key, parameter in old.named_parameters() if not parameter.requires_grad}
-    for key, parameter in new.named_parameters():
-        parameter.requires_grad_(key not in frozen)
-    return new.train(old.training)
+    return adopt_flags(old, new)

@@ -27,7 +27,15 @@ import torch
 from torch import nn
 
 from refinestyle_kernels.backend import check_backend
-from refinestyle_kernels.modules import EqualLinear, _cast, _check_clamp, _check_image, _operand_dtype
+from refinestyle_kernels.modules import (
+    EqualLinear,
+    _cast,
+    _check_clamp,
+    _check_image,
+    _operand_dtype,
+    adopt_flags,
+    replace_modules,
+)
 from refinestyle_kernels.ops.modulated_conv2d import UPSAMPLE_BLUR_TAPS, styled_conv2d
 
 NOISE_MODES = ("random", "const", "none")
@@ -210,16 +218,11 @@ def swap_nvlabs_modules(model: nn.Module, *, backend: str = "auto") -> list[str]
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     check_backend(backend)
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name and type(module).__name__ in ("SynthesisLayer", "ToRGBLayer")
-    ]
-    for name, old in targets:
-        new = _nvlabs_replacement(name, old, backend)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    return [name for name, _ in targets]
+    return replace_modules(
+        model,
+        lambda module: type(module).__name__ in ("SynthesisLayer", "ToRGBLayer"),
+        lambda name, old: _nvlabs_replacement(name, old, backend),
+    )
 
 
 def _nvlabs_replacement(name: str, old: nn.Module, backend: str) -> nn.Module:
@@ -250,7 +253,4 @@ def _nvlabs_replacement(name: str, old: nn.Module, backend: str) -> nn.Module:
     new.to(device=weight.device, dtype=weight.dtype)  # first: loading into float32 would round float64 values
     new.affine = affine  # NVlabs' FullyConnectedLayer as it is (same math, its own gains)
     new.load_state_dict(old.state_dict(), strict=True)
-    frozen = {key for key, parameter in old.named_parameters() if not parameter.requires_grad}
-    for key, parameter in new.named_parameters():
-        parameter.requires_grad_(key not in frozen)
-    return new.train(old.training)
+    return adopt_flags(old, new)

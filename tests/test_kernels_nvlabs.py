@@ -1,7 +1,8 @@
 """NVlabs-layout drop-ins: NVlabsSynthesisLayer / NVlabsToRGBLayer and swap_nvlabs_modules.
 
-The layers below are written here from NVlabs' documented math, with NVlabs' class names,
-constructor attributes, parameter/buffer names and forward signatures (noise_mode, gain):
+The layers below (test_checkpoints_nvlabs' look-alikes, given NVlabs' full forward
+signatures: noise_mode, gain) are written from NVlabs' documented math, with NVlabs' class
+names, constructor attributes and parameter/buffer names:
 a per-sample kernel weight * styles (unscaled), demodulated with eps 1e-8, a grouped conv
 (up=2: transposed conv with the unflipped weight, then the [1, 3, 3, 1] FIR with padding 1 and
 gain 4), + noise * noise_strength, lrelu(0.2)(x + bias) * sqrt(2) * gain, clamp(conv_clamp * gain).
@@ -10,45 +11,28 @@ repeats the comparison on NVlabs' own networks when their code is at hand.
 """
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import test_checkpoints_nvlabs as lookalike  # NVlabs' names and gains
+
 from refinestyle_kernels import NVlabsSynthesisLayer, NVlabsToRGBLayer, styled_conv2d, swap_nvlabs_modules
 
-FIR = torch.tensor([1.0, 3.0, 3.0, 1.0])
-FIR = torch.outer(FIR, FIR) / torch.outer(FIR, FIR).sum()
-
-
-class FullyConnectedLayer(nn.Module):
-    def __init__(self, in_features, out_features, bias_init=0.0):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_features, in_features))
-        self.bias = nn.Parameter(torch.full([out_features], np.float32(bias_init)))
-        self.weight_gain = 1 / np.sqrt(in_features)
-        self.bias_gain = 1.0
-
-    def forward(self, x):
-        return torch.addmm(self.bias[None] * self.bias_gain, x, (self.weight * float(self.weight_gain)).t())
+FIR = lookalike.FIR
 
 
 def lrelu(x, gain):
     return F.leaky_relu(x, 0.2) * gain
 
 
-class SynthesisLayer(nn.Module):  # NVlabs' name: what swap_nvlabs_modules looks for
+class SynthesisLayer(lookalike.SynthesisLayer):  # NVlabs' name: what swap_nvlabs_modules looks for
+    """test_checkpoints_nvlabs' look-alike with NVlabs' full forward signature."""
+
     def __init__(self, in_channels, out_channels, w_dim, resolution, up=1, conv_clamp=None, activation="lrelu"):
-        super().__init__()
-        self.resolution, self.up, self.use_noise, self.activation, self.conv_clamp = resolution, up, True, activation, conv_clamp
-        self.register_buffer("resample_filter", FIR.clone())
-        self.padding, self.act_gain = 1, math.sqrt(2)
-        self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
-        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 3, 3))
-        self.register_buffer("noise_const", torch.randn(resolution, resolution))
-        self.noise_strength = nn.Parameter(0.3 * torch.randn([]))
-        self.bias = nn.Parameter(0.2 * torch.randn(out_channels))
+        super().__init__(in_channels, out_channels, w_dim, resolution, up=up, conv_clamp=conv_clamp)
+        self.activation = activation
 
     def forward(self, x, w, noise_mode="random", fused_modconv=True, gain=1):
         batch, in_channels, height, width = x.shape
@@ -79,22 +63,9 @@ class SynthesisLayer(nn.Module):  # NVlabs' name: what swap_nvlabs_modules looks
         return x
 
 
-class ToRGBLayer(nn.Module):
-    def __init__(self, in_channels, out_channels, w_dim, conv_clamp=None):
-        super().__init__()
-        self.conv_clamp = conv_clamp
-        self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
-        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 1, 1))
-        self.bias = nn.Parameter(0.2 * torch.randn(out_channels))
-        self.weight_gain = 1 / np.sqrt(in_channels)
-
+class ToRGBLayer(lookalike.ToRGBLayer):
     def forward(self, x, w, fused_modconv=True):
-        styles = self.affine(w) * float(self.weight_gain)
-        weight = self.weight[None] * styles[:, None, :, None, None]
-        batch = x.shape[0]
-        x = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]), groups=batch)
-        x = x.reshape(batch, -1, *x.shape[2:]) + self.bias[None, :, None, None]
-        return x.clamp(-self.conv_clamp, self.conv_clamp) if self.conv_clamp is not None else x
+        return super().forward(x, w)
 
 
 class Block(nn.Module):
@@ -102,7 +73,7 @@ class Block(nn.Module):
         super().__init__()
         self.conv0 = SynthesisLayer(channels, channels + 1, w_dim, resolution, up=2, conv_clamp=conv_clamp)
         self.conv1 = SynthesisLayer(channels + 1, channels, w_dim, resolution, conv_clamp=conv_clamp)
-        self.torgb = ToRGBLayer(channels, 3, w_dim, conv_clamp=conv_clamp)
+        self.torgb = ToRGBLayer(channels, w_dim, conv_clamp=conv_clamp)
 
     def forward(self, x, w, **layer_kwargs):
         x = self.conv0(x, w, **layer_kwargs)

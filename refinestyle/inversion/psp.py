@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refinestyle.inversion.encoder import IR_SE50_WIDTHS, FeaturePyramidEncoder
-from refinestyle.weights import require_file
+from refinestyle.weights import require_file, state_dict_mismatch
 from refinestyle_kernels.modules import EqualLinear
 
 __all__ = ["PSP_KINDS", "GradualStyleBlock", "PSPEncoder", "load_psp", "psp_state_dict", "trunk_layout"]
@@ -299,17 +299,11 @@ def load_psp(
         raise ValueError(f"{path}: the encoder predicts w of width {options['style_dim']}, the generator's is {generator.style_dim}")
     _check_decoder(checkpoint, generator, path)
     model = PSPEncoder(kind, **options, depth=encoder_depth, widths=encoder_widths, input_size=input_size)
-    own = model.state_dict()
-    for key in own:  # BatchNorm step counters are unused in eval; old files may lack them
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = own[key]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [key for key in own if key in state and state[key].shape != own[key].shape]
-    if missing or unexpected or mismatched:
+    mismatch = state_dict_mismatch(model.state_dict(), state)
+    if mismatch:
         raise ValueError(
             f"{path}: does not match a {kind} encoder with depth {encoder_depth}, widths {tuple(encoder_widths)} and "
-            f"input size {input_size} (missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatches {mismatched[:3]})"
+            f"input size {input_size} ({mismatch})"
         )
     model.load_state_dict(state)
     model.requires_grad_(False)

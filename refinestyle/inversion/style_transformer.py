@@ -34,7 +34,7 @@ from torch import nn
 
 from refinestyle.inversion.encoder import IR_SE50_WIDTHS
 from refinestyle.inversion.models import FirstStage, OneStageInverter, load_inverter
-from refinestyle.weights import require_file
+from refinestyle.weights import require_file, state_dict_mismatch
 
 __all__ = ["load_style_transformer", "load_first_stage", "style_transformer_state_dict"]
 
@@ -143,18 +143,11 @@ def load_style_transformer(
     else:
         state["latent_branch.latent_avg"] = latent_avg
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("generator.")}
-    # BatchNorm step counters are unused in eval; old files may lack them
-    for key in own:
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = own[key]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
+    mismatch = state_dict_mismatch(own, state)
+    if mismatch:
         raise ValueError(
             f"{path}: does not match a Style Transformer with encoder depth {encoder_depth}, widths "
-            f"{tuple(encoder_widths)} and this generator (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"shape mismatches {mismatched[:3]})"
+            f"{tuple(encoder_widths)} and this generator ({mismatch})"
         )
     model.load_state_dict(state, strict=False)
     return model.to(next(generator.parameters()).device).eval()
