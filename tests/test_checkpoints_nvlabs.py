@@ -89,6 +89,11 @@ class SynthesisLayer(NVModule):
         self.bias = nn.Parameter(0.2 * torch.randn(out_channels))
 
     def forward(self, x, w):
+        x = self.demodulated_conv(x, w) + self.noise_const * self.noise_strength
+        x = lrelu(x + self.bias[None, :, None, None], gain=self.act_gain)
+        return x.clamp(-self.conv_clamp, self.conv_clamp) if self.conv_clamp is not None else x
+
+    def demodulated_conv(self, x, w):
         batch, in_channels, height, width = x.shape
         styles = self.affine(w)
         weight = self.weight[None] * styles[:, None, :, None, None]  # not scaled: NVlabs demodulates the raw weight
@@ -102,9 +107,7 @@ class SynthesisLayer(NVModule):
         else:
             x = F.conv2d(grouped, weight.reshape(batch * out_channels, in_channels, 3, 3), padding=1, groups=batch)
             x = x.reshape(batch, out_channels, height, width)
-        x = x + self.noise_const * self.noise_strength
-        x = lrelu(x + self.bias[None, :, None, None], gain=self.act_gain)
-        return x.clamp(-self.conv_clamp, self.conv_clamp) if self.conv_clamp is not None else x
+        return x
 
 
 class ToRGBLayer(NVModule):

@@ -20,7 +20,6 @@ import test_checkpoints_nvlabs as lookalike  # NVlabs' names and gains
 
 from refinestyle_kernels import NVlabsSynthesisLayer, NVlabsToRGBLayer, styled_conv2d, swap_nvlabs_modules
 
-FIR = lookalike.FIR
 
 
 def lrelu(x, gain):
@@ -35,26 +34,12 @@ class SynthesisLayer(lookalike.SynthesisLayer):  # NVlabs' name: what swap_nvlab
         self.activation = activation
 
     def forward(self, x, w, noise_mode="random", fused_modconv=True, gain=1):
-        batch, in_channels, height, width = x.shape
-        styles = self.affine(w)
         noise = None
         if noise_mode == "random":
-            noise = torch.randn([batch, 1, self.resolution, self.resolution], device=x.device) * self.noise_strength
+            noise = torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device) * self.noise_strength
         elif noise_mode == "const":
             noise = self.noise_const * self.noise_strength
-        weight = self.weight[None] * styles[:, None, :, None, None]
-        weight = weight * (weight.square().sum([2, 3, 4]) + 1e-8).rsqrt()[:, :, None, None, None]
-        out_channels = weight.shape[1]
-        grouped = x.reshape(1, batch * in_channels, height, width)
-        if self.up == 2:
-            transposed = weight.transpose(1, 2).reshape(batch * in_channels, out_channels, 3, 3)
-            x = F.conv_transpose2d(grouped, transposed, stride=2, groups=batch)
-            x = x.reshape(batch * out_channels, 1, *x.shape[2:])
-            x = F.conv2d(F.pad(x, (1, 1, 1, 1)), (FIR * 4).flip(0, 1).to(x)[None, None])
-            x = x.reshape(batch, out_channels, *x.shape[2:])
-        else:
-            x = F.conv2d(grouped, weight.reshape(batch * out_channels, in_channels, 3, 3), padding=1, groups=batch)
-            x = x.reshape(batch, out_channels, height, width)
+        x = self.demodulated_conv(x, w)
         if noise is not None:
             x = x + noise
         x = lrelu(x + self.bias[None, :, None, None], self.act_gain * gain)
