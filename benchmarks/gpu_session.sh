@@ -35,7 +35,7 @@ layers="convs.10,convs.11,convs.12,convs.13,convs.14,convs.15,to_rgbs.5,to_rgbs.
 case "${1:-}" in
 1)
     timeout 400 $python -m pytest -q $parallel tests/test_kernels_triton.py tests/test_kernels_to_rgb.py \
-        tests/test_generator_gpu.py tests/test_generator_triton.py tests/test_kernels_modules.py tests/test_kernels_nvlabs.py 2>        tests/test_generator_gpu.py tests/test_generator_triton.py tests/test_kernels_modules.py 2>&1 |1 |
+        tests/test_generator_gpu.py tests/test_generator_triton.py tests/test_kernels_modules.py tests/test_kernels_nvlabs.py 2>&1 |
         tee "$out/cuda-tests.log" | tail -n 30
     timeout 170 $python -m benchmarks.profile --json "$out/profile.json" 2>&1 | tee "$out/profile.log"
     ;;
