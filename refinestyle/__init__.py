@@ -20,7 +20,7 @@ from refinestyle.inversion import (
     load_inverter,
     save_inverter,
 )
-from refinestyle.refinement import Refinement, RefinementTokens, refinement_layer_shapes
+from refinestyle.refinement import Refinement, RefinementTokens, refinement_layer_shapes, set_nvlabs_refinement
 from refinestyle.spectrum import kernel_spectrum
 
 __version__ = "0.1.0"
@@ -44,4 +44,5 @@ __all__ = [
     "refinement_layer_shapes",
     "save_inverter",
     "save_rosinality_checkpoint",
+    "set_nvlabs_refinement",
 ]

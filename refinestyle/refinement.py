@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Refinement", "RefinementTokens", "refinement_layer_shapes"]
+__all__ = ["Refinement", "RefinementTokens", "refinement_layer_shapes", "set_nvlabs_refinement"]
 
 
 def _describe(tensor: Tensor) -> str:
@@ -387,3 +387,29 @@ class RefinementTokens(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layers {self.num_layers - self.num_refined}..{self.num_layers - 1} of {self.num_layers}, L={self.num_tokens}"
+
+
+def set_nvlabs_refinement(network: nn.Module, refinement: Optional[Refinement]) -> None:
+    """Refine an NVlabs generator, swapped with refinestyle_kernels.swap_nvlabs_modules, in place.
+
+    network: the NVlabs Generator (or SynthesisNetwork). Its conv layers are numbered as ours
+        (b4.conv1 = 0, b8.conv0 = 1, ...), so a Refinement or an Adapter's refinement made for
+        the generator `load_generator` converts from the same pickle applies unchanged.
+    refinement: the tokens (shared [L, C], or per sample [B, L, C] for batches of B), or None
+        to remove them. Every later forward of the network uses them (`layer.tokens`), until
+        the next call.
+    Raises ValueError when the refinement's layers or channels do not fit the network.
+    """
+    from refinestyle_kernels.nvlabs import nvlabs_conv_layers
+
+    layers = nvlabs_conv_layers(network)
+    if refinement is None:
+        for layer in layers:
+            layer.tokens = None
+        return
+    if not isinstance(refinement, Refinement):
+        raise TypeError(f"refinement: expected a Refinement or None, got {type(refinement).__name__}")
+    refinement.check_layer_shapes([(layer.in_channels, layer.out_channels) for layer in layers])
+    for index, layer in enumerate(layers):
+        p, q = refinement.for_layer(index)
+        layer.tokens = None if p is None else (p, q)

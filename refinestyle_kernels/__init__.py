@@ -19,7 +19,7 @@ from refinestyle_kernels.modules import (
     Upsample,
     swap_rosinality_modules,
 )
-from refinestyle_kernels.nvlabs import NVlabsSynthesisLayer, NVlabsToRGBLayer, swap_nvlabs_modules
+from refinestyle_kernels.nvlabs import NVlabsSynthesisLayer, NVlabsToRGBLayer, nvlabs_conv_layers, swap_nvlabs_modules
 from refinestyle_kernels.ops.bias_act import fused_leaky_relu
 from refinestyle_kernels.ops.modulated_conv2d import demodulation_coefficients, modulated_conv2d, styled_conv2d
 from refinestyle_kernels.ops.styled_conv2d_to_rgb import styled_conv2d_to_rgb
@@ -53,6 +53,7 @@ __all__ = [
     "swap_nvlabs_modules",
     "NVlabsSynthesisLayer",
     "NVlabsToRGBLayer",
+    "nvlabs_conv_layers",
     "upfirdn2d",
     "use_backend",
 ]

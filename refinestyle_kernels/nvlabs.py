@@ -5,11 +5,15 @@ networks_stylegan2), on the fused op.
 and buffer names (`affine.*`, `weight` [Cout, Cin, k, k], `bias`, `noise_strength`,
 `noise_const`, `resample_filter`) and forward signatures, so a network unpickled with NVlabs'
 own code keeps its G.mapping / G.synthesis API, its state_dict keys and its pickles'
-contents after `swap_nvlabs_modules(G)`. NVlabs' math maps onto the op without rescaling:
+contents after `swap_nvlabs_modules(G)`. NVlabs' math maps onto the op as follows:
 
-    SynthesisLayer: demodulated conv of `weight` (NVlabs does not scale it by 1/sqrt(fan-in),
-        so scale=1 gives exactly NVlabs' demodulation, 1e-8 included), styles = affine(w),
-        + noise * noise_strength, lrelu(0.2)(+ bias) * sqrt(2) * gain, clamp(conv_clamp * gain);
+    SynthesisLayer: demodulated conv of `weight` with styles = affine(w). NVlabs demodulates
+        the unscaled weight with eps 1e-8; the op runs with rosinality's scale c = 1/sqrt(Cin k^2)
+        and eps 1e-8 c^2, which is the same number (c cancels), and keeps RefineStyle's tokens
+        meaning what they mean in our Generator (a residual next to c * weight * styles), so a
+        refinement made for the generator `load_generator` converts from the same pickle
+        applies unchanged. Then + noise * noise_strength, lrelu(0.2)(+ bias) * sqrt(2) * gain,
+        clamp(conv_clamp * gain);
         up=2 is the transposed conv with the unflipped weight and the [1, 3, 3, 1] FIR, the
         op's upsample.
     ToRGBLayer: conv of `weight` with styles = affine(w) * 1/sqrt(Cin k^2), not demodulated,
@@ -39,6 +43,7 @@ from refinestyle_kernels.modules import (
 from refinestyle_kernels.ops.modulated_conv2d import UPSAMPLE_BLUR_TAPS, styled_conv2d
 
 NOISE_MODES = ("random", "const", "none")
+NVLABS_DEMODULATION_EPS = 1e-8  # added to the sum of squares of the unscaled modulated weight
 
 
 def _fir_filter(taps: Sequence[float]) -> torch.Tensor:
@@ -112,6 +117,11 @@ class NVlabsSynthesisLayer(nn.Module):
             self.noise_strength = nn.Parameter(torch.zeros([]))
         self.bias = nn.Parameter(torch.zeros(out_channels))
 
+    @property
+    def scale(self) -> float:
+        """rosinality's 1/sqrt(Cin k^2): the tokens' residual sits next to scale * weight * styles."""
+        return 1 / math.sqrt(self.weight.shape[1] * self.weight.shape[2] * self.weight.shape[3])
+
     def forward(
         self,
         x: torch.Tensor,
@@ -141,8 +151,8 @@ class NVlabsSynthesisLayer(nn.Module):
         out = styled_conv2d(
             x.to(dtype), self.weight.to(dtype), self.affine(w).to(dtype), _cast(p, dtype), _cast(q, dtype),
             noise=_cast(noise, dtype), noise_strength=self.noise_strength.to(dtype) if noise is not None else None,
-            bias=self.bias.to(dtype), activate=True, clamp=self.conv_clamp, upsample=self.up == 2, scale=1.0,
-            backend=self.backend,
+            bias=self.bias.to(dtype), activate=True, clamp=self.conv_clamp, upsample=self.up == 2, scale=self.scale,
+            eps=NVLABS_DEMODULATION_EPS * self.scale**2, backend=self.backend,
         )  # fmt: skip
         # NVlabs: clamp(lrelu(.) * sqrt(2) * gain, conv_clamp * gain) = gain * clamp(lrelu(.) * sqrt(2), conv_clamp)
         return out if gain == 1 else out * gain
@@ -223,6 +233,32 @@ def swap_nvlabs_modules(model: nn.Module, *, backend: str = "auto") -> list[str]
         lambda module: type(module).__name__ in ("SynthesisLayer", "ToRGBLayer"),
         lambda name, old: _nvlabs_replacement(name, old, backend),
     )
+
+
+def nvlabs_conv_layers(network: nn.Module) -> list[NVlabsSynthesisLayer]:
+    """The swapped modulated 3x3 convs of an NVlabs generator (or its synthesis network), in
+    rosinality's layer order: b4.conv1, b8.conv0, b8.conv1, b16.conv0, ... (17 at 1024 px), the
+    order RefineStyle's refinements and adapters number their layers in.
+
+    network: an NVlabs Generator (its `synthesis` is used) or SynthesisNetwork, after
+        swap_nvlabs_modules. Raises TypeError for a network without NVlabs' b{res} blocks or
+        with layers that are not swapped.
+    """
+    synthesis = getattr(network, "synthesis", network)
+    resolutions = getattr(synthesis, "block_resolutions", None)
+    if not resolutions:
+        raise TypeError(f"network: expected an NVlabs Generator or SynthesisNetwork (block_resolutions), got {type(network).__name__}")
+    layers = []
+    for resolution in resolutions:
+        block = getattr(synthesis, f"b{resolution}")
+        for name in ("conv0", "conv1"):
+            layer = getattr(block, name, None)
+            if layer is None:
+                continue
+            if not isinstance(layer, NVlabsSynthesisLayer):
+                raise TypeError(f"b{resolution}.{name}: a {type(layer).__name__}; call swap_nvlabs_modules(network) first")
+            layers.append(layer)
+    return layers
 
 
 def _nvlabs_replacement(name: str, old: nn.Module, backend: str) -> nn.Module:

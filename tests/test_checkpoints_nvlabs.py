@@ -389,3 +389,49 @@ def test_read_nvlabs_pickle_returns_inert_records(tmp_path):
     layer = generator.modules["synthesis"].modules["b8"].modules["conv0"]
     assert layer.class_name == "SynthesisLayer" and layer.attribute("up") == 2
     assert set(layer.tensors) == {"weight", "bias", "noise_strength", "noise_const", "resample_filter"}
+
+
+def test_refinement_on_the_swapped_nvlabs_network_matches_the_converted_generator(tmp_path):
+    """The two routes for an NVlabs user: convert the pickle to our Generator, or keep NVlabs'
+    network and swap its layers. A refinement (as adapters and inverters make them for the
+    converted generator) renders the same images through both."""
+    import copy
+
+    from refinestyle import Refinement, set_nvlabs_refinement
+    from refinestyle_kernels import nvlabs_conv_layers, swap_nvlabs_modules
+
+    network = make_network(5).double()
+    for module in network.modules():
+        if isinstance(module, SynthesisLayer):
+            module.noise_strength.zero_()  # the look-alike blocks pass no noise_mode: 'random' noise, at strength 0
+    path = tmp_path / "network.pkl"
+    write_nvlabs_pickle(path, snapshot(network.float()))
+    converted = load_generator(path, backend="torch").double()
+    network = network.double()
+    swapped = copy.deepcopy(network)
+    swap_nvlabs_modules(swapped, backend="torch")
+    layers = nvlabs_conv_layers(swapped)
+    assert [(layer.in_channels, layer.out_channels) for layer in layers] == converted.layer_shapes()
+
+    rng = torch.Generator().manual_seed(0)
+    shapes = converted.layer_shapes(3)
+    refinement = Refinement(
+        [torch.randn(4, cout, generator=rng, dtype=torch.float64) * 0.2 for _, cout in shapes],
+        [torch.randn(4, cin, generator=rng, dtype=torch.float64) * 0.2 for cin, _ in shapes],
+        converted.num_layers,
+    )
+    ws = network.mapping(torch.randn(2, 16, generator=rng, dtype=torch.float64))
+    with torch.no_grad():
+        expected = converted.synthesis(ws, refinement=refinement, randomize_noise=False)
+        set_nvlabs_refinement(swapped, refinement)
+        refined = swapped.synthesis(ws)
+        set_nvlabs_refinement(swapped, None)
+        plain = swapped.synthesis(ws)
+    # the converted generator demodulates with rosinality's eps (see the conversion table): ~1e-9 apart
+    assert torch.allclose(refined, expected, rtol=1e-7, atol=1e-7), (refined - expected).abs().max()
+    assert torch.allclose(plain, network.synthesis(ws), rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(plain, refined, atol=1e-3)
+    with pytest.raises(ValueError, match="conv layers"):
+        set_nvlabs_refinement(swapped, Refinement(refinement.p, refinement.q, converted.num_layers + 1))
+    with pytest.raises(TypeError, match="swap_nvlabs_modules"):
+        nvlabs_conv_layers(network)  # not swapped

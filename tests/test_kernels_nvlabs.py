@@ -128,9 +128,10 @@ def test_tokens_refine_the_kernels_as_the_op_does():
     x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
     w = torch.randn(2, 5, dtype=torch.float64)
     p, q = torch.randn(4, 7, dtype=torch.float64) * 0.1, torch.randn(4, 6, dtype=torch.float64) * 0.1
+    scale = 1 / math.sqrt(6 * 9)  # rosinality's: tokens mean what they mean in our Generator
     expected = styled_conv2d(
         x, layer.weight, layer.affine(w), p, q, noise=layer.noise_const[None, None], noise_strength=layer.noise_strength,
-        bias=layer.bias, activate=True, scale=1.0, backend="reference",
+        bias=layer.bias, activate=True, scale=scale, eps=1e-8 * scale**2, backend="reference",
     )  # fmt: skip
     assert torch.allclose(layer(x, w, "const", p=p, q=q), expected, rtol=1e-12, atol=1e-12)
     unrefined = layer(x, w, "const")
