@@ -1,5 +1,5 @@
 """pSp, e4e and Style Transformer's own encoders, opt-in: their checkpoints load as our first
-stages and give the w+ their code gives.
+stages and give the w+ their code gives; and pSp's ID loss (ArcFace IR-SE50, face crop) is ours.
 
 tests/test_inversion_models_psp.py and tests/test_inversion_models_style_transformer.py
 check the loaders against reference forwards written here. These tests run the real encoders
@@ -114,3 +114,57 @@ def test_upstream_encoder_checkpoints_give_their_w_plus(tmp_path, kind):
     error = float((w_plus - expected["w_plus"]).abs().max() / expected["w_plus"].abs().max())
     print(f"\n{kind}: relative difference {error:.2e}")
     assert error < 1e-5
+
+
+# Runs inside pSp's checkout. argv: out_dir. Writes ir_se50.pth (a perturbed random ArcFace in
+# model_ir_se50.pth's layout) and id_loss.pt (images, pSp's ID loss and embeddings).
+PSP_ID_LOSS = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from criteria.id_loss import IDLoss
+    from models.encoders.model_irse import Backbone
+    out = sys.argv[1]
+    torch.manual_seed(0)
+    facenet = Backbone(input_size=112, num_layers=50, drop_ratio=0.6, mode="ir_se").eval()
+    with torch.no_grad():
+        for t in facenet.parameters():
+            t.add_(torch.randn_like(t) * 0.02)
+        for m in facenet.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    torch.save(facenet.state_dict(), f"{out}/ir_se50.pth")
+    id_loss = IDLoss.__new__(IDLoss)  # its __init__ reads a configured path; its methods are what we test
+    torch.nn.Module.__init__(id_loss)
+    id_loss.facenet, id_loss.face_pool = facenet, torch.nn.AdaptiveAvgPool2d((112, 112))
+    y_hat, y, x = (torch.rand(2, 3, 256, 256) * 2 - 1 for _ in range(3))
+    with torch.no_grad():
+        loss, _, _ = id_loss(y_hat, y, x)
+        features = id_loss.extract_feats(y_hat)
+    torch.save({"y_hat": y_hat, "y": y, "loss": loss, "features": features}, f"{out}/id_loss.pt")
+    """
+)
+
+
+def test_psp_id_loss_is_ours(tmp_path):
+    """The ID loss and ID metric of Table 1: pSp's IDLoss with its own Backbone vs our IDLoss
+    with the same weights file."""
+    from refinestyle.losses import IDLoss
+
+    if not REPOS["psp"]:
+        pytest.skip("set REFINESTYLE_PSP_REPO to a local checkout to run")
+    repo = Path(REPOS["psp"])
+    result = subprocess.run([sys.executable, "-c", PSP_ID_LOSS, str(tmp_path)], cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True, timeout=600)  # fmt: skip
+    if result.returncode != 0:
+        pytest.fail(f"pSp's code failed in {repo}:\n{result.stderr[-3000:]}")
+    expected = torch.load(tmp_path / "id_loss.pt", weights_only=True)
+    ours = IDLoss(tmp_path / "ir_se50.pth")
+    with torch.no_grad():
+        loss = ours(expected["y_hat"], expected["y"])
+        features = ours.embed(expected["y_hat"])
+    print(f"\nID loss: pSp {float(expected['loss']):.8f}, ours {float(loss):.8f}; "
+          f"embeddings {float((features - expected['features']).abs().max()):.2e} apart")  # fmt: skip
+    assert torch.allclose(features, expected["features"], atol=1e-5)
+    assert abs(float(loss) - float(expected["loss"])) < 1e-5
