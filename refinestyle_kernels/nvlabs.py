@@ -70,8 +70,9 @@ class NVlabsSynthesisLayer(nn.Module):
     forward(x [B, Cin, resolution/up, resolution/up], w [B, w_dim], noise_mode='random' |
     'const' | 'none', fused_modconv=True (ignored: the op is always fused), gain=1 (> 0),
     *, p=None, q=None) -> [B, Cout, resolution, resolution]. p, q: RefineStyle's scaled
-    tokens ([L, Cout] / [L, Cin], or [B, L, C] per sample); when None, `self.tokens` (None
-    or a (p, q) pair) is used. 'random' noise is drawn as NVlabs draws it
+    tokens ([L, Cout] / [L, Cin], or [B, L, C] per sample, x's dtype or float32), a residual
+    p^T q next to `scale` * weight * styles with scale = 1/sqrt(Cin k^2), as in our Generator;
+    when both are None, `self.tokens` (None or a (p, q) pair) is used. 'random' noise is drawn as NVlabs draws it
     (torch.randn([B, 1, resolution, resolution])), so seeded runs match.
     """
 

@@ -128,7 +128,7 @@ def write_psp_checkpoint(generator: Generator, path: Path, encoder_type: str = "
             continue
         for ours, theirs in renamed.items():
             key = theirs + key[len(ours):] if key.startswith(ours) else key
-        state[f"encoder.{key}"] = value * 0.5 if key.endswith("linear.weight") else value
+        state[f"encoder.{key}"] = value
     state.update({f"decoder.{key}": value for key, value in generator.state_dict().items()})
     opts = {"encoder_type": encoder_type, "start_from_latent_avg": True, "input_nc": 3, "output_size": SIZE}
     torch.save({"state_dict": state, "latent_avg": generator.latent_avg.clone(), "opts": opts}, path)

@@ -154,10 +154,10 @@ def test_checkpoint_generator_loads_and_must_match(tmp_path, generator):
     torch.save(reference.checkpoint(torch.randn(DIM), generator, "GradualStyleEncoder"), path)
     # the checkpoint's decoder is a generator for --generator
     decoder = load_generator(path)
-    images = torch.randn(1, generator.n_latent, DIM)
+    w_plus = torch.randn(1, generator.n_latent, DIM)
     with torch.no_grad():
-        assert torch.allclose(decoder.synthesis(images, randomize_noise=False),
-                              generator.synthesis(images, randomize_noise=False), atol=1e-6)  # fmt: skip
+        assert torch.allclose(decoder.synthesis(w_plus, randomize_noise=False),
+                              generator.synthesis(w_plus, randomize_noise=False), atol=1e-6)  # fmt: skip
     other = Generator(64, style_dim=DIM, n_mlp=2, channel_max=16)
     with pytest.raises(ValueError, match="trained with another generator"):
         load_psp(path, other)
