@@ -9,6 +9,9 @@ is a no-op.
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -16,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistributedContext", "setup_distributed", "batch_share", "mean_over_processes",
-           "average_gradients", "broadcast_from_main"]
+           "average_gradients", "broadcast_from_main", "StopOnSignal", "TrainingInterrupted"]
 
 
 @dataclass
@@ -146,3 +149,93 @@ def broadcast_from_main(tensors: Iterable[torch.Tensor], context: DistributedCon
     with torch.no_grad():
         for tensor in tensors:
             dist.broadcast(tensor.data, src=0)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A training run stopped on SIGINT or SIGTERM after finishing a step and writing its checkpoint.
+
+    A KeyboardInterrupt, so code that handles Ctrl-C handles it. `signum` is the signal that
+    asked for the stop, `step` the number of steps the checkpoint holds; the commands exit
+    with 128 + signum (130 for Ctrl-C, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"{signal.Signals(signum).name}: stopped after step {step}")
+        self.signum = signum
+        self.step = step
+
+
+class StopOnSignal:
+    """SIGINT and SIGTERM ask a training loop to stop after its current step, on every process at once.
+
+    Under torchrun, Ctrl-C reaches every process (from the terminal, and again from torchrun's
+    agent, which also forwards SIGTERM, as a cluster's scheduler sends it before preempting a
+    job). A process that raised KeyboardInterrupt in the middle of a step would leave the others
+    waiting in a collective, and the steps since the last checkpoint would be lost. Inside this
+    context the signal handler only records the signal. Once per step, the loop adds `vote()` to
+    the values it already averages over the processes (no extra collective) and reads the
+    outcome with `agreed(values)`, which is the same on every process; every process then
+    finishes that step, the run writes its checkpoint and raises `interrupted(step)`.
+
+    Another signal more than `insist_after` seconds after the first (the user pressing Ctrl-C
+    again) raises KeyboardInterrupt at once, as Python would have. A signal repeated sooner
+    counts as the same request: torchrun's agent forwards the terminal's Ctrl-C right after it.
+    Outside the main thread, where Python cannot handle signals, the context does nothing.
+    """
+
+    VOTE_KEY = "__stop_requested__"
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, insist_after: float = 2.0):
+        if not insist_after >= 0:
+            raise ValueError(f"insist_after: expected seconds >= 0, got {insist_after!r}")
+        self.insist_after = insist_after
+        self.signum: int | None = None
+        self._first_at = 0.0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self._first_at = signum, now
+        elif now - self._first_at > self.insist_after:
+            raise KeyboardInterrupt
+        # the request is now known on this process; the others learn it at the next vote
+
+    @property
+    def requested(self) -> bool:
+        """Whether this process received a signal (the others may not know yet)."""
+        return self.signum is not None
+
+    def vote(self) -> dict[str, float]:
+        """{VOTE_KEY: 1.0 or 0.0}: merge into the values the step averages with mean_over_processes."""
+        return {self.VOTE_KEY: float(self.requested)}
+
+    def agreed(self, values: dict[str, float]) -> bool:
+        """Remove the vote from the averaged `values`; True when any process asked to stop.
+
+        Every process gets the same answer from the same averaged values, so all of them stop
+        after the same step. A process that did not receive the signal itself stops as if it had
+        received SIGINT.
+        """
+        if self.VOTE_KEY not in values:
+            raise KeyError(f"values: no {self.VOTE_KEY!r}; average vote() with the step's values first")
+        stop = values.pop(self.VOTE_KEY) > 0
+        if stop and self.signum is None:
+            self.signum = signal.SIGINT
+        return stop
+
+    def interrupted(self, step: int) -> TrainingInterrupted:
+        """The exception to raise once the checkpoint after `step` steps is written."""
+        return TrainingInterrupted(self.signum if self.signum is not None else signal.SIGINT, step)

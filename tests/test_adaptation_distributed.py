@@ -3,9 +3,12 @@ process takes with the same batch; the one-shot style loss's random directions f
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from refinestyle.adaptation.swd import SWDStyleLoss
 from refinestyle.adaptation.train import CHECKPOINT_NAME, adapt_oneshot, adapt_text
 from refinestyle.distributed import (
     DistributedContext,
+    StopOnSignal,
     average_gradients,
     batch_share,
     broadcast_from_main,
@@ -97,19 +101,24 @@ context.close()
 """
 
 
-def test_two_processes_take_the_steps_of_one(tmp_path):
-    script = tmp_path / "adapt_ddp.py"
-    out = tmp_path / "ddp"
-    out.mkdir()
-    script.write_text(textwrap.dedent(SCRIPT.format(tests=str(REPO / "tests"), out=str(out))))
+def run_under_torchrun(script_text: str, tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run script_text with `torchrun --nproc_per_node 2` (gloo on the CPU); returns the finished process."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(script_text))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
     env["CUDA_VISIBLE_DEVICES"] = ""
     env["OMP_NUM_THREADS"] = "1"
-    completed = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def test_two_processes_take_the_steps_of_one(tmp_path):
+    out = tmp_path / "ddp"
+    out.mkdir()
+    completed = run_under_torchrun(SCRIPT.format(tests=str(REPO / "tests"), out=str(out)), tmp_path)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     single = run_both(tmp_path / "single")
@@ -130,6 +139,107 @@ def test_two_processes_take_the_steps_of_one(tmp_path):
             torch.testing.assert_close(rank0[key][name], value, rtol=1e-4, atol=1e-6)
     # only rank 0 wrote the run's files, once
     assert (out / "text" / CHECKPOINT_NAME).is_file() and (out / "text" / "loss.png").is_file()
+
+
+SIGNAL_SCRIPT = """
+import os, signal, sys, torch
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_adaptation_distributed import MirrorLoss, tiny_generator
+from refinestyle.adaptation.train import adapt_text
+from refinestyle.distributed import TrainingInterrupted, setup_distributed
+
+context = setup_distributed("cpu")
+out = Path({out!r})
+
+
+class CtrlCOnRankOne(MirrorLoss):
+    \"\"\"Ctrl-C reaches rank 1 alone, in the middle of step 1, twice (the terminal's, then torchrun's).\"\"\"
+
+    calls = 0
+
+    def forward(self, source, adapted):
+        CtrlCOnRankOne.calls += 1
+        if context.rank == 1 and CtrlCOnRankOne.calls == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().forward(source, adapted)
+
+
+def run(work, loss, resume=False):
+    adapter, history = adapt_text(tiny_generator(), loss, num_tokens=4, scale_init=0.5, iterations=4, batch_size=4,
+                                  lr=1e-2, work_dir=work, checkpoint_every=0, sample_every=0, progress=False,
+                                  distributed=context, resume=resume)
+    return {{k: v.detach().clone() for k, v in adapter.tokens.state_dict().items()}}, history
+
+
+straight, straight_history = run(out / "straight", MirrorLoss())
+try:
+    run(out / "stopped", CtrlCOnRankOne())
+    stopped = None
+except TrainingInterrupted as interrupt:
+    stopped = (interrupt.signum, interrupt.step)
+resumed, resumed_history = run(out / "stopped", MirrorLoss(), resume=True)
+torch.save({{"stopped": stopped, "straight": straight, "resumed": resumed, "straight_history": straight_history,
+            "resumed_history": resumed_history}}, out / f"rank{{context.rank}}.pt")
+context.close()
+"""
+
+
+def test_ctrl_c_on_one_process_stops_every_process_after_the_same_step(tmp_path):
+    """Rank 1 alone gets Ctrl-C in step 1. Without the agreement it would raise there and leave rank 0
+    waiting in the step's all-reduce (under NCCL, until torchrun kills the run and the steps since the
+    last checkpoint are lost). Both processes finish step 1, the checkpoint holds 2 steps, and the
+    resumed run ends with the uninterrupted run's tokens."""
+    out = tmp_path / "signal"
+    out.mkdir()
+    completed = run_under_torchrun(SIGNAL_SCRIPT.format(tests=str(REPO / "tests"), out=str(out)), tmp_path,
+                                   timeout=240)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert rank0["stopped"] == rank1["stopped"] == (signal.SIGINT, 2)
+    assert torch.load(out / "stopped" / CHECKPOINT_NAME, weights_only=False)["step"] == 4
+    for rank in (rank0, rank1):
+        assert [e["step"] for e in rank["resumed_history"]] == [1, 2, 3, 4]
+        assert rank["resumed_history"] == rank["straight_history"]
+        for name, value in rank["straight"].items():
+            assert torch.equal(rank["resumed"][name], value), name
+
+
+def test_stop_on_signal_counts_a_quick_repeat_once_and_raises_on_insistence():
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are handled in the main thread only")
+    with StopOnSignal(insist_after=60) as stop:
+        assert stop.vote() == {StopOnSignal.VOTE_KEY: 0.0}
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # within insist_after: the same request
+        assert stop.requested and stop.signum == signal.SIGTERM
+        values = {"loss": 1.0, **stop.vote()}
+        assert stop.agreed(values) and values == {"loss": 1.0}
+        assert (stop.interrupted(7).signum, stop.interrupted(7).step) == (signal.SIGTERM, 7)
+        with pytest.raises(KeyError, match="average vote"):
+            stop.agreed({"loss": 1.0})
+    with pytest.raises(KeyboardInterrupt):
+        with StopOnSignal(insist_after=0) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGINT)  # the user insists: at once, as without the context
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # a process told by the vote, not by a signal, stops as on Ctrl-C
+    with StopOnSignal() as stop:
+        assert stop.agreed({StopOnSignal.VOTE_KEY: 0.5}) and stop.signum == signal.SIGINT
+        assert not StopOnSignal().agreed({StopOnSignal.VOTE_KEY: 0.0})
+    with pytest.raises(ValueError, match="insist_after"):
+        StopOnSignal(insist_after=-1)
+
+
+def test_stop_on_signal_leaves_the_handlers_alone_outside_the_main_thread():
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(StopOnSignal().__enter__()._previous))
+    worker.start()
+    worker.join()
+    assert seen == [{}]
 
 
 def test_one_shot_resume_draws_the_same_style_directions(tmp_path):

@@ -1,6 +1,10 @@
 """Token-only training: a planted low-rank target is recovered, runs resume exactly, the generator stays frozen."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +19,7 @@ from refinestyle.adaptation.train import (
     mixed_codes,
     train_tokens,
 )
+from refinestyle.distributed import TrainingInterrupted
 from refinestyle.generator import Generator
 from refinestyle.refinement import Refinement
 
@@ -69,7 +74,9 @@ def test_planted_low_rank_target_is_recovered(tmp_path):
     assert (tmp_path / CHECKPOINT_NAME).is_file() and (tmp_path / "loss.png").is_file()
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
+def resumable_run():
+    """A tiny generator, a step loss whose random draws matter, fresh adapters (each as a new
+    process would start one) and the loss's codes and noise."""
     generator = tiny_generator(size=16)
     w, noise = paired_batch(generator, 2, seed=0)
     with torch.no_grad():
@@ -84,6 +91,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
         torch.manual_seed(7)
         return Adapter.for_generator(generator, num_refined=3, num_tokens=3)
 
+    return generator, step_loss, fresh, (w, noise)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    generator, step_loss, fresh, (w, noise) = resumable_run()
     straight = fresh()
     train_tokens(generator, straight, step_loss, iterations=6, work_dir=tmp_path / "a", progress=False,
                  sample_every=0, checkpoint_every=0)
@@ -135,6 +147,38 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     with pytest.raises(ValueError, match="target_text='pencil sketch', this run asks for 'watercolor'"):
         train_tokens(generator, retargeted, step_loss, iterations=8, work_dir=tmp_path / "b", resume=True,
                      progress=False)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_after_the_step_and_resume_finishes_the_run(tmp_path, signum):
+    """Ctrl-C (or a scheduler's SIGTERM) in the middle of step 2: that step finishes, the checkpoint
+    holds 3 steps, and --resume ends where the uninterrupted run ends."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are handled in the main thread only")
+    generator, step_loss, fresh, _ = resumable_run()
+    straight = fresh()
+    train_tokens(generator, straight, step_loss, iterations=6, work_dir=tmp_path / "a", progress=False,
+                 sample_every=0, checkpoint_every=0)
+
+    def signalled_loss(refinement, step, rng):
+        if step == 2:
+            os.kill(os.getpid(), signum)
+            os.kill(os.getpid(), signum)  # repeated at once (torchrun's agent forwards it): one request
+        return step_loss(refinement, step, rng)
+
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train_tokens(generator, fresh(), signalled_loss, iterations=6, work_dir=tmp_path / "b", progress=False,
+                     sample_every=0, checkpoint_every=0)
+    assert (stopped.value.signum, stopped.value.step) == (signum, 3)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    saved = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=False)
+    assert saved["step"] == 3 and len(saved["history"]) == 3
+    finished = fresh()
+    train_tokens(generator, finished, step_loss, iterations=6, work_dir=tmp_path / "b", resume=True, progress=False,
+                 sample_every=0)
+    for mine, theirs in zip(straight.tokens.state_dict().values(), finished.tokens.state_dict().values()):
+        assert torch.equal(mine, theirs)
 
 
 def test_a_gradient_into_the_generator_is_refused():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ from inversion_fixtures import (
     write_generator,
     write_images,
 )
+from refinestyle.distributed import TrainingInterrupted
 from refinestyle.inversion.data import ImageFolderDataset
 from refinestyle.inversion.train import build_inverter, load_frozen_generator, train_inverter, trainable_state_dict
 
@@ -163,19 +165,24 @@ torch.save({{"state": trainable_state_dict(summary.model), "parameters": paramet
 """
 
 
+def _torchrun(script: Path, timeout: float) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 script` on the CPU (gloo), outside any torchrun this test runs in."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
 def test_ddp_two_gloo_processes(planted, tmp_path):
     generator_path, data = planted
     out = tmp_path / "ddp"
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(
         tests=str(REPO / "tests"), generator=str(generator_path), data=str(data), out=str(out))))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    completed = _torchrun(script, timeout=300)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     rank0 = torch.load(out / "rank0.pt", weights_only=False)
     rank1 = torch.load(out / "rank1.pt", weights_only=False)
@@ -196,6 +203,83 @@ def test_ddp_two_gloo_processes(planted, tmp_path):
     assert initial.keys() == rank0["state"].keys()
     changed = [k for k in initial if not torch.equal(rank0["state"][k], initial[k])]
     assert len(changed) > len(initial) // 2, "DDP training left most weights unchanged"
+
+
+SIGNAL_SCRIPT = """
+import os, signal, sys, torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+sys.path.insert(0, {tests!r})
+from inversion_fixtures import tiny_train_config
+from refinestyle.distributed import TrainingInterrupted
+from refinestyle.inversion.train import train_inverter, trainable_state_dict
+from pathlib import Path
+rank = int(os.environ["RANK"])
+out = Path({out!r})
+
+
+def config(folder, **options):
+    return tiny_train_config(Path({generator!r}), Path({data!r}), out / folder, max_steps=4, batch_size=2,
+                             checkpoint_every=0, workers=1, **options)
+
+
+straight = train_inverter(config("straight"))
+steps = 0
+
+
+def ctrl_c_on_rank_one(optimizer, args, kwargs):
+    # SIGTERM reaches rank 1 alone, after its first step: the step-2 vote tells rank 0
+    global steps
+    steps += 1
+    if rank == 1 and steps == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+hook = register_optimizer_step_post_hook(ctrl_c_on_rank_one)
+try:
+    train_inverter(config("stopped"))
+    stopped = None
+except TrainingInterrupted as interrupt:
+    stopped = (interrupt.signum, interrupt.step)
+hook.remove()
+saved_step = torch.load(out / "stopped" / "checkpoints" / "latest.pt", weights_only=False)["step"]
+resumed = train_inverter(config("stopped", resume=True))
+a, b = trainable_state_dict(straight.model), trainable_state_dict(resumed.model)
+torch.save({{"stopped": stopped, "saved_step": saved_step, "steps_resumed": resumed.steps_this_run,
+            "same": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
+            "losses": (straight.last_losses, resumed.last_losses)}}, out / f"rank{{rank}}.pt")
+"""
+
+
+def test_sigterm_on_one_ddp_process_stops_both_after_the_same_step(planted, tmp_path):
+    """A scheduler's SIGTERM (or Ctrl-C) reaching one process only: both finish the step, the
+    checkpoint keeps it, and --resume ends bit for bit where the uninterrupted run ends."""
+    generator_path, data = planted
+    out = tmp_path / "signal"
+    script = tmp_path / "signal_train.py"
+    script.write_text(textwrap.dedent(SIGNAL_SCRIPT.format(
+        tests=str(REPO / "tests"), generator=str(generator_path), data=str(data), out=str(out))))
+    completed = _torchrun(script, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    for rank in (0, 1):
+        result = torch.load(out / f"rank{rank}.pt", weights_only=False)
+        assert result["stopped"] == (signal.SIGTERM if rank == 1 else signal.SIGINT, 2)
+        assert result["saved_step"] == 2 and result["steps_resumed"] == 2
+        assert result["same"] and result["losses"][0] == result["losses"][1]
+
+
+def test_the_command_reports_an_interrupted_run(monkeypatch, tmp_path, capsys):
+    import refinestyle.inversion.train as train_module
+    from refinestyle.cli import main
+
+    def stopped(config):
+        raise TrainingInterrupted(signal.SIGTERM, 12)
+
+    monkeypatch.setattr(train_module, "train_inverter", stopped)
+    status = main(["train-inverter", "--generator", "G.pt", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                   "--device", "cpu"])
+    assert status == 143
+    assert f"holds the run up to step 12; continue with refinestyle train-inverter --out {tmp_path / 'run'} --resume" \
+        in capsys.readouterr().err
 
 
 def test_training_through_the_fused_triton_kernels_matches_torch(planted, tmp_path):

@@ -45,6 +45,8 @@ from refinestyle.adaptation.adapter import Adapter
 from refinestyle.adaptation.swd import SWDStyleLoss
 from refinestyle.distributed import (
     DistributedContext,
+    StopOnSignal,
+    TrainingInterrupted,
     average_gradients,
     batch_share,
     broadcast_from_main,
@@ -275,34 +277,45 @@ def train_tokens(
     bar = tqdm(range(start, iterations), desc=description, unit="step", disable=not (progress and is_main),
                initial=start, total=iterations)
     done = start
-    try:
-        for step in bar:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, logs = step_loss(adapter.refinement(), step, _step_generator(seed, step))
-            loss = loss.float()
-            # the batch's values (every process's share averaged): the same on every process, so
-            # that all of them raise together on a non-finite loss instead of leaving one waiting
-            logged = mean_over_processes({"loss": loss, **logs}, distributed, device=device)
-            if not math.isfinite(logged["loss"]):
-                raise FloatingPointError(f"step {step}: the loss is {logged['loss']} (lower the learning rate?)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if any(p.grad is not None for p in generator.parameters()):
-                raise RuntimeError("a generator parameter received a gradient: the generator must stay frozen")
-            average_gradients(parameters, distributed)
-            optimizer.step()
-            entry = {"step": step + 1, **logged}
-            history.append(entry)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "step"})
-            done = step + 1
-            if sample_every and (done % sample_every == 0 or done == iterations):
-                save_samples(done)
-            if checkpoint_every and done % checkpoint_every == 0 and done != iterations:
-                save_checkpoint(done)
-    except KeyboardInterrupt:
-        # keep what was trained: the run resumes from here with --resume
-        save_checkpoint(done)
-        raise
+    # Ctrl-C / SIGTERM: every process finishes the step, the checkpoint keeps it, --resume goes on
+    with StopOnSignal() as stop:
+        try:
+            for step in bar:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss, logs = step_loss(adapter.refinement(), step, _step_generator(seed, step))
+                loss = loss.float()
+                # the batch's values (every process's share averaged): the same on every process, so
+                # that all of them raise together on a non-finite loss instead of leaving one waiting,
+                # and all of them stop after the same step when any was asked to
+                logged = mean_over_processes({"loss": loss, **logs, **stop.vote()}, distributed, device=device)
+                stopping = stop.agreed(logged)
+                if not math.isfinite(logged["loss"]):
+                    raise FloatingPointError(f"step {step}: the loss is {logged['loss']} (lower the learning rate?)")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if any(p.grad is not None for p in generator.parameters()):
+                    raise RuntimeError("a generator parameter received a gradient: the generator must stay frozen")
+                average_gradients(parameters, distributed)
+                optimizer.step()
+                entry = {"step": step + 1, **logged}
+                history.append(entry)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "step"})
+                done = step + 1
+                if sample_every and (done % sample_every == 0 or done == iterations):
+                    save_samples(done)
+                if checkpoint_every and done % checkpoint_every == 0 and done != iterations:
+                    save_checkpoint(done)
+                if stopping and done != iterations:
+                    save_checkpoint(done)
+                    raise stop.interrupted(done)
+        except TrainingInterrupted:
+            bar.close()
+            raise
+        except KeyboardInterrupt:
+            # raised in the middle of a step (a second Ctrl-C): the checkpoint keeps the steps finished
+            bar.close()
+            save_checkpoint(done)
+            raise
     save_checkpoint(max(start, iterations))
     adapter.eval()
     return history

@@ -51,3 +51,11 @@ def report_error(args: argparse.Namespace, error: BaseException | str) -> int:
     prefix = f"refinestyle {command}: " if command else ""
     print(f"{prefix}error: {error}", file=sys.stderr)
     return 2
+
+
+def interrupted_exit_status(interrupt: KeyboardInterrupt) -> int:
+    """The shell's status for a training run stopped by a signal: 128 + its number (130 for
+    Ctrl-C, 143 for SIGTERM; `refinestyle.distributed.TrainingInterrupted` carries which)."""
+    import signal
+
+    return 128 + int(getattr(interrupt, "signum", signal.SIGINT))

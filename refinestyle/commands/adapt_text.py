@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from refinestyle.adaptation.clip_loss import add_clip_arguments
-from refinestyle.commands import device_name, positive_int, report_error
+from refinestyle.commands import device_name, interrupted_exit_status, positive_int, report_error
 from refinestyle.weights import default_device
 
 
@@ -144,8 +144,8 @@ def train_and_save(
     `adapt` (adapt_text or adapt_oneshot) also gets work_dir, resume and the training options
     of add_common_training_arguments under their own names (--no-progress as progress=False),
     and `context` (a DistributedContext under torchrun) as `distributed`; rank 0 saves.
-    Returns the exit status: 0; 2 after a ValueError (printed); 130 after Ctrl-C, the
-    checkpoint in work_dir keeping the progress.
+    Returns the exit status: 0; 2 after a ValueError (printed); 130 after Ctrl-C (143 after
+    SIGTERM), the checkpoint in work_dir keeping the progress.
     """
     try:
         adapter, history = adapt(
@@ -170,9 +170,11 @@ def train_and_save(
         )
     except ValueError as error:  # e.g. --resume with settings that do not fit the checkpoint
         return report_error(args, error)
-    except KeyboardInterrupt:
-        print(f"interrupted: the checkpoint in {work_dir} holds the progress; continue with --resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        if context is None or context.is_main:
+            print(f"interrupted: the checkpoint in {work_dir} holds the progress; continue with --resume",
+                  file=sys.stderr)
+        return interrupted_exit_status(interrupt)
     if context is None or context.is_main:
         adapter.save(args.out)
         report(adapter, history, args.out, work_dir)

@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
-from refinestyle.commands import device_name, positive_int
+from refinestyle.commands import device_name, interrupted_exit_status, positive_int
 
 
 def _model_option(text: str) -> tuple[str, object]:
@@ -133,9 +134,18 @@ def config_from_args(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
+    from refinestyle.distributed import TrainingInterrupted
     from refinestyle.inversion.train import train_inverter
 
-    summary = train_inverter(config_from_args(args))
+    config = config_from_args(args)
+    try:
+        summary = train_inverter(config)
+    except KeyboardInterrupt as interrupt:
+        if int(os.environ.get("RANK", "0")) == 0:
+            where = f"step {interrupt.step}" if isinstance(interrupt, TrainingInterrupted) else "the last checkpoint"
+            print(f"interrupted: {config.out} holds the run up to {where}; continue with "
+                  f"refinestyle train-inverter --out {config.out} --resume", file=sys.stderr)
+        return interrupted_exit_status(interrupt)
     if summary.steps_this_run:
         last = ", ".join(f"{k} {v:.4f}" for k, v in summary.last_losses.items())
         print(f"step {summary.step} ({summary.steps_this_run} this run): {last}")

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from refinestyle.distributed import DistributedContext, mean_over_processes, setup_distributed
+from refinestyle.distributed import DistributedContext, StopOnSignal, mean_over_processes, setup_distributed
 from refinestyle.inversion.data import ImageFolderDataset, ResumableDistributedSampler
 from refinestyle.inversion.metrics import pool_to
 
@@ -453,6 +454,11 @@ def train_inverter(config: TrainConfig) -> TrainSummary:
     With config.resume, the run folder's checkpoint is loaded and training continues from
     the step after it; the result is bit-for-bit what an uninterrupted run would have
     computed (on CPU, or on GPU with config.deterministic).
+
+    SIGINT (Ctrl-C) or SIGTERM stops the run after the step in progress, on every process at
+    the same step: the checkpoint is written and refinestyle.distributed.TrainingInterrupted
+    (a KeyboardInterrupt) raised; resume continues bit for bit. A second signal more than 2 s
+    later raises KeyboardInterrupt at once and keeps only the last checkpoint written.
     """
     out = Path(config.out)
     checkpoint_path = out / "checkpoints" / CHECKPOINT_NAME
@@ -563,7 +569,8 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
     train_model.train()
     started = time.perf_counter()
-    with refinestyle_kernels.use_backend(config.backend):
+    # Ctrl-C / SIGTERM: every process finishes the step, the checkpoint keeps it, --resume goes on
+    with refinestyle_kernels.use_backend(config.backend), StopOnSignal() as stop:
         while step < config.max_steps:
             sampler.set_epoch(epoch, start_batch=batch_in_epoch)
             dataset.set_epoch(epoch)
@@ -577,6 +584,7 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
                 # A private generator: creating the iterator must not consume the global RNG.
                 generator=torch.Generator().manual_seed(config.seed * 7919 + epoch),
                 persistent_workers=False,
+                worker_init_fn=_ignore_interrupts,
             )
             for images in loader:
                 images = images.to(device, non_blocking=True)
@@ -587,7 +595,10 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
                     loss, parts = criterion(reconstruction.float(), targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                values = mean_over_processes(parts, context)
+                # every process gets the same values, so all of them raise together and all of them stop
+                # after the same step when any was asked to
+                values = mean_over_processes({**parts, **stop.vote()}, context)
+                stopping = stop.agreed(values)
                 if not all(math.isfinite(v) for v in values.values()):
                     # before the update: the last checkpoint and the weights stay usable
                     raise FloatingPointError(f"step {step + 1}: non-finite loss {values}")
@@ -619,7 +630,7 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
                             for key, value in validation.items():
                                 tb.add_scalar(f"val/{key}", value, step)
                     context.barrier()
-                if (config.checkpoint_every and step % config.checkpoint_every == 0) or last_step:
+                if (config.checkpoint_every and step % config.checkpoint_every == 0) or last_step or stopping:
                     at_epoch_end = batch_in_epoch >= sampler.batches_per_epoch()
                     _save_checkpoint(
                         model, optimizer, config, context, checkpoint_path, out / INVERTER_NAME,
@@ -628,6 +639,11 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
                     )
                 if last_step:
                     break
+                if stopping:
+                    bar.close()
+                    if tb is not None:
+                        tb.close()
+                    raise stop.interrupted(step)
             else:
                 epoch += 1
                 batch_in_epoch = 0
@@ -641,6 +657,12 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
         out=str(out), checkpoint=str(checkpoint_path), inverter=str(out / INVERTER_NAME), validation=validation,
         model=model,
     )
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    # Ctrl-C reaches the data workers too (the terminal signals the whole process group); they
+    # must keep serving the batches of the step the main process finishes before it stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _save_grid(model: nn.Module, images: torch.Tensor, path: Path, size: int) -> None:
