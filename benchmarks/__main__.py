@@ -113,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch.set_num_threads (default on the CPU: 1, for stable timings; "
                              "on CUDA: torch's choice)")
     output = parser.add_argument_group("output")
-    output.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default benchmarks/results)")
+    output.add_argument(
+        "--out", type=Path, default=RESULTS_DIR,
+        help="results folder (default: benchmarks/results in a source checkout, ./refinestyle-bench-results "
+             "for an installed copy)",
+    )
     output.add_argument("--output", type=Path, default=None, help="exact JSON path (CSV/MD/PNG next to it)")
     output.add_argument("--no-plot", action="store_true")
     output.add_argument("--quiet", action="store_true", help="no progress bar and per-case lines")

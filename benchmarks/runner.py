@@ -47,7 +47,24 @@ from benchmarks.workloads import GeneratorWorkload, Workload, make_workload, pat
 from refinestyle_kernels.ops import modulated_conv2d as op_module
 
 SCHEMA = "refinestyle-bench/1"
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def source_checkout(package_dir: Path = Path(__file__).resolve().parent) -> Path | None:
+    """The project's source tree when `package_dir` (the benchmarks package) sits in one, else None
+    (an installed copy in site-packages)."""
+    root = package_dir.parent
+    is_ours = (root / "setup.py").is_file() and (root / "refinestyle_kernels").is_dir()
+    return root if is_ours and package_dir.name == "benchmarks" else None
+
+
+def default_results_dir(package_dir: Path = Path(__file__).resolve().parent) -> Path:
+    """benchmarks/results/ of a source checkout (committed with the code); for an installed copy,
+    ./refinestyle-bench-results in the working directory, never inside site-packages."""
+    root = source_checkout(package_dir)
+    return root / "benchmarks" / "results" if root is not None else Path("refinestyle-bench-results")
+
+
+RESULTS_DIR = default_results_dir()
 
 
 class FatalCorrectnessError(CorrectnessError):
@@ -80,6 +97,7 @@ def environment(device: torch.device) -> dict:
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "git_commit": _git_commit(),
+        "package_version": _package_version(),
         # other work on the machine skews CPU timings; recorded so a reader can tell
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
@@ -108,17 +126,29 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _git_commit() -> str | None:
+def _git_commit(package_dir: Path = Path(__file__).resolve().parent) -> str | None:
+    """The commit of the source checkout the code runs from; None for an installed copy (whose
+    site-packages may sit inside some other repository) or outside git."""
+    root = source_checkout(package_dir)
+    if root is None:
+        return None
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
+        git = ["git", "-C", str(root)]
+        top = subprocess.run([*git, "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=5)
+        if not top.stdout.strip() or Path(top.stdout.strip()).resolve() != root.resolve():
+            return None
+        out = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or None
-    except Exception:  # noqa: BLE001 - not a git checkout
+    except Exception:  # noqa: BLE001 - git missing
+        return None
+
+
+def _package_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("refinestyle-kernels")
+    except Exception:  # noqa: BLE001 - running from a checkout that was never installed
         return None
 
 

@@ -65,6 +65,7 @@ def _find_interpreter_problem() -> str | None:
 
 
 def check_backend(backend: str) -> str:
+    """`backend` itself if it names a backend (one of BACKENDS, "auto" included); else ValueError."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     return backend

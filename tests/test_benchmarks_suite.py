@@ -5,6 +5,9 @@ import functools
 import json
 import math
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from benchmarks import implementations as impl_module
 from benchmarks.__main__ import main
 from benchmarks.cases import HEADLINE
 from benchmarks.implementations import Implementation
-from benchmarks.runner import add_speedups, evaluate_targets
+from benchmarks.runner import _git_commit, add_speedups, default_results_dir, evaluate_targets, source_checkout
 from benchmarks.timing import CorrectnessError, compare, percentile, tolerance_for
 from refinestyle_kernels import styled_conv2d
 from refinestyle_kernels.ops import modulated_conv2d as op_module
@@ -414,3 +417,25 @@ def test_kernel_options_are_set_for_the_run_and_recorded(tmp_path, capsys, monke
                          ("LAUNCH_OBSERVER=1", "NAME one of")):  # fmt: skip
         with pytest.raises(SystemExit, match=message):
             main(TINY + ["--kernel-option", bad, "--list"])
+
+
+def test_results_go_to_the_checkout_or_the_working_directory_never_site_packages(tmp_path):
+    """A source checkout keeps its results (and records its commit) in benchmarks/results; an installed
+    copy writes ./refinestyle-bench-results and records no commit, even inside another git repository."""
+    repo = Path(__file__).resolve().parents[1]
+    assert source_checkout(repo / "benchmarks") == repo
+    assert default_results_dir(repo / "benchmarks") == repo / "benchmarks" / "results"
+    installed = tmp_path / "site-packages" / "benchmarks"
+    installed.mkdir(parents=True)
+    (tmp_path / "site-packages" / "refinestyle_kernels").mkdir()
+    assert source_checkout(installed) is None
+    assert default_results_dir(installed) == Path("refinestyle-bench-results")  # relative: the working directory
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "other project"], check=True)
+    assert _git_commit(installed) is None
+    commit = _git_commit(repo / "benchmarks")
+    if (repo / ".git").exists():
+        assert commit is not None and len(commit) == 40
