@@ -34,6 +34,8 @@ setup(
             "pytest-timeout",
             "pytest-xdist",
             "ninja",
+            # tests only: refinestyle.fid is checked against pytorch-fid's own network and distance
+            "pytorch-fid",
         ],
     },
     entry_points={

@@ -21,6 +21,7 @@ COMMANDS = {
     "edit": "refinestyle.commands.edit",
     "ganspace": "refinestyle.commands.ganspace",
     "eval-inversion": "refinestyle.commands.eval_inversion",
+    "eval-edit": "refinestyle.commands.eval_edit",
     "adapt-text": "refinestyle.commands.adapt_text",
     "adapt-oneshot": "refinestyle.commands.adapt_oneshot",
     "eval-adapter": "refinestyle.commands.eval_adapter",

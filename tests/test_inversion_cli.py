@@ -33,7 +33,7 @@ def run(command: str, *argv: str) -> int:
 
 
 def test_commands_are_registered_with_help():
-    for command in ("train-inverter", "invert", "edit", "ganspace", "eval-inversion"):
+    for command in ("train-inverter", "invert", "edit", "ganspace", "eval-inversion", "eval-edit"):
         module = importlib.import_module(cli.COMMANDS[command])
         parser = argparse.ArgumentParser()
         module.add_arguments(parser)
@@ -354,3 +354,116 @@ def test_pretrained_encoders_invert_edit_and_evaluate_as_baselines(trained, tmp_
                "--lpips-random-backbone", "--domain", "other", "--no-timing", "--no-progress", "--batch-size", 2) == 0  # fmt: skip
     table = capsys.readouterr().out
     assert "psp_tiny" in table  # the method is named after the checkpoint
+
+
+@pytest.fixture(scope="module")
+def edit_files(trained, tmp_path_factory):
+    """An InterFaceGAN boundary, GANSpace directions and random FID Inception weights."""
+    from refinestyle.fid import FIDInception
+
+    root, generator_path = trained
+    folder = tmp_path_factory.mktemp("edit_eval")
+    np.save(folder / "smile.npy", np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32))
+    assert run("ganspace", "--generator", generator_path, "--out", folder / "g.safetensors", "--num-samples", 500,
+               "--num-components", 3, "--preview-components", 0, "--no-progress") == 0
+    torch.save(FIDInception(random_weights=True).net.state_dict(), folder / "inception.pth")
+    return folder
+
+
+def test_eval_edit_reports_fid_and_id_per_edit(trained, edit_files, tmp_path, capsys, monkeypatch):
+    import refinestyle.fid
+
+    monkeypatch.setattr(refinestyle.fid, "INPUT_SIZE", 75)  # Inception's smallest input: 16x less work than 299
+    root, generator_path = trained
+    out = tmp_path / "edit_eval"
+
+    def evaluate(strength, *extra):
+        return run("eval-edit", "--inverter", root / "run", "--generator", generator_path, "--data", root / "val",
+                   "--boundary", edit_files / "smile.npy", "--ganspace", edit_files / "g.safetensors",
+                   "--components", "0,2", "--stylespace", "0:3", "--stylespace-samples", 200, "--layers", "0-3",
+                   "--strength", strength, "--domain", "other", "--inception", edit_files / "inception.pth",
+                   "--image-size", 32, "--no-progress", *extra)
+
+    assert evaluate(3, "--out", out) == 0
+    table = capsys.readouterr().out
+    assert "| run: edit | FID (refined) | FID (w+ only) |" in table
+    saved = json.loads((out / "report.json").read_text())
+    report = saved["report"]
+    edits = ["interfacegan smile", "stylespace 0:3", "ganspace 0", "ganspace 2"]
+    assert list(report) == ["reconstruction", *edits, "mean over edits"]
+    assert saved["layers"] == [0, 1, 2, 3] and saved["edits"]["ganspace 2"].startswith("ganspace component=2")
+    for row, variants in report.items():
+        assert list(variants) == ["refined", "w+ only"] and variants["refined"]["count"] == 3
+        assert all(entry["fid"] >= 0 for entry in variants.values())
+    # an edit moves the images away from the reconstruction's statistics
+    assert all(report[edit]["refined"]["fid"] != report["reconstruction"]["refined"]["fid"] for edit in edits)
+    assert report["mean over edits"]["refined"]["fid"] == pytest.approx(
+        sum(report[edit]["refined"]["fid"] for edit in edits) / 4)
+    with Image.open(out / "examples.png") as examples:
+        assert examples.size == (6 * 34 + 2, 3 * 34 + 2)  # input | reconstruction | 4 edits, a row per image
+    # at strength 0 every edit renders the reconstruction: the same features, the same FID
+    assert evaluate(0, "--out", tmp_path / "zero") == 0
+    zero = json.loads((tmp_path / "zero" / "report.json").read_text())["report"]
+    for edit in edits:
+        for variant in ("refined", "w+ only"):
+            assert zero[edit][variant]["fid"] == pytest.approx(zero["reconstruction"][variant]["fid"], rel=1e-9)
+
+
+def test_evaluate_edits_measures_id_against_the_real_images(trained, edit_files):
+    """The ID column with a stand-in identity network: its reconstruction row is the mean similarity of
+    the inverter's own reconstructions to the real images; with and without the residuals differ."""
+    from refinestyle.checkpoints import load_generator
+    from refinestyle.inversion import editing
+    from refinestyle.inversion.data import ImageFolderDataset
+    from refinestyle.inversion.edit_metrics import NamedEdit, evaluate_edits, format_edit_report
+    from refinestyle.inversion.inference import load_inverter_for_inference
+    from refinestyle.inversion.metrics import pool_to
+
+    class PixelCosine:
+        def similarity(self, x, y):
+            return torch.nn.functional.cosine_similarity(x.flatten(1), y.flatten(1))
+
+    root, generator_path = trained
+    generator = load_generator(generator_path, "cpu").eval().requires_grad_(False)
+    inverter = load_inverter_for_inference(root / "run", generator, "cpu")
+    dataset = ImageFolderDataset(root / "val", 32)
+    boundary = editing.load_boundary(edit_files / "smile.npy", generator.n_latent, generator.style_dim)
+    edits = [NamedEdit("smile", editing.EditSpec("interfacegan", boundary=boundary), 2.0)]
+    examples = []
+    report = evaluate_edits(inverter, generator, dataset, edits, identity=PixelCosine(), batch_size=2,
+                            metric_size=32, progress=False, examples=examples, max_examples=3)
+    images = torch.stack([dataset[i] for i in range(3)])
+    with torch.no_grad():
+        expected = PixelCosine().similarity(pool_to(inverter(images).image.float(), 32), images)
+    assert report["reconstruction"]["refined"]["id_mean"] == pytest.approx(expected.double().mean().item(), rel=1e-5)
+    assert report["reconstruction"]["refined"]["id_std"] == pytest.approx(expected.double().std().item(), rel=1e-4)
+    assert report["reconstruction"]["w+ only"]["id_mean"] != report["reconstruction"]["refined"]["id_mean"]
+    assert report["smile"]["refined"]["id_mean"] != report["reconstruction"]["refined"]["id_mean"]
+    assert "fid" not in report["smile"]["refined"]
+    assert len(examples) == 3 and examples[0].shape == (3, 3, 32, 32)  # across the batch boundary
+    assert "| run: edit | ID (refined) | ID (w+ only) |" in format_edit_report(report, "run")
+    with pytest.raises(ValueError, match="names must be unique"):
+        evaluate_edits(inverter, generator, dataset, edits * 2, identity=PixelCosine(), progress=False)
+    with pytest.raises(ValueError, match="identity"):
+        evaluate_edits(inverter, generator, dataset, edits, progress=False)
+
+
+def test_eval_edit_names_what_is_missing(trained, edit_files, tmp_path, capsys, monkeypatch):
+    root, generator_path = trained
+    monkeypatch.delenv("REFINESTYLE_FID_INCEPTION", raising=False)
+    common = ["--inverter", root / "run", "--generator", generator_path, "--data", root / "val", "--no-progress",
+              "--image-size", 32]
+    for argv, expected in [
+        ([], "give at least one edit"),
+        (["--boundary", edit_files / "smile.npy", "--domain", "other"], "--domain other measures FID"),
+        (["--boundary", edit_files / "smile.npy"], "model_ir_se50.pth"),
+        (["--ganspace", edit_files / "g.safetensors", "--components", "0,7", "--domain", "other", "--inception",
+          edit_files / "inception.pth"], "has 3 components, got 7"),
+        (["--boundary", edit_files / "smile.npy", "--domain", "other", "--inception", tmp_path / "none.pth"],
+         "pt_inception-2015-12-05"),
+        (["--boundary", edit_files / "smile.npy", "--boundary", edit_files / "smile.npy", "--domain", "other",
+          "--inception", edit_files / "inception.pth"], "an edit is given twice"),
+    ]:
+        assert run("eval-edit", *common, *argv) == 2, argv
+        error = capsys.readouterr().err
+        assert error.startswith("refinestyle eval-edit: error: ") and expected in error, error

@@ -1,0 +1,142 @@
+"""Evaluate how inverted images survive edits, as the paper's Table 1: ID (faces) and FID after editing.
+
+Faces (5 InterFaceGAN or StyleSpace attributes; ID between each edited image and its real image):
+    refinestyle eval-edit --inverter runs/one/inverter.safetensors --generator G.pt --data celeba_hq_test/ \\
+        --boundary smile.npy --boundary age.npy --boundary pose.npy --stylespace 9:6 --stylespace 6:501 \\
+        --strength 3 --ir-se50 model_ir_se50.pth --out edit_eval/
+Cars (3 GANSpace components; FID between the edited images and the real images):
+    refinestyle eval-edit ... --ganspace cars.safetensors --components 0,1,2 --layers 0-7 --domain other \\
+        --inception pt_inception-2015-12-05-6726825d.pth
+
+Every edit is rendered with each image's own kernel residuals ("refined") and, for an
+inverter with a token branch, with w+ alone ("w+ only"); the unedited reconstruction is
+the first row and the mean over the edits the last. FID (with --inception, pytorch-fid's
+weights) compares the edited set with the real images at --image-size, both rounded to
+8 bits as image files would be. Prints a Markdown table and, with --out, writes
+report.json, report.md and examples.png (input | reconstruction | each edit, refined).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from refinestyle.commands import device_name, positive_int, report_error
+from refinestyle.commands.edit import _layer_channel
+
+
+def _indices(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one component")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--inverter", required=True, help="inverter.safetensors (or its run folder), or a pretrained pSp / e4e / Style Transformer checkpoint")
+    parser.add_argument("--generator", required=True, help="the StyleGAN2 generator checkpoint")
+    parser.add_argument("--data", required=True, help="a folder of real test images")
+    edits = parser.add_argument_group("the edits (any number of each; at least one in all)")
+    edits.add_argument("--boundary", action="append", default=[], help="InterFaceGAN boundary (.npy/.pt); repeat for each attribute (named by the file)")
+    edits.add_argument("--stylespace", action="append", default=[], type=_layer_channel, metavar="LAYER:CHANNEL",
+                       help="StyleSpace channel; repeat for each attribute")
+    edits.add_argument("--ganspace", help="GANSpace directions file from `refinestyle ganspace`")
+    edits.add_argument("--components", type=_indices, default=[0], help="GANSpace components to evaluate, e.g. 0,1,2")
+    parser.add_argument("--layers", help="w+ rows the InterFaceGAN/GANSpace edits change, e.g. 0-5 (default all)")
+    parser.add_argument("--strength", type=float, default=3.0,
+                        help="edit strength (InterFaceGAN: along the unit normal; GANSpace and StyleSpace: in standard deviations)")
+    parser.add_argument("--stylespace-samples", type=int, default=10_000,
+                        help="random images used to measure each StyleSpace channel's standard deviation")
+    metrics = parser.add_argument_group("metrics")
+    metrics.add_argument("--domain", choices=("face", "other"), default="face", help="'face' measures ID (needs --ir-se50)")
+    metrics.add_argument("--ir-se50", help="model_ir_se50.pth for the ID similarity (or REFINESTYLE_IR_SE50)")
+    metrics.add_argument("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth for FID (or REFINESTYLE_FID_INCEPTION); needed with --domain other")
+    parser.add_argument("--out", help="folder for report.json, report.md and examples.png")
+    parser.add_argument("--name", help="method name in the table (default: the inverter's run folder name)")
+    parser.add_argument("--image-size", type=int, default=256, help="side the encoder sees and the metrics use (256)")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--max-images", type=positive_int, help="evaluate only the first N images")
+    parser.add_argument("--device", type=device_name, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default="auto")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    import refinestyle_kernels
+    from refinestyle.checkpoints import load_generator
+    from refinestyle.fid import INCEPTION_ENV, FIDInception
+    from refinestyle.imageio import save_grid
+    from refinestyle.inversion import editing
+    from refinestyle.inversion.data import ImageFolderDataset
+    from refinestyle.inversion.edit_metrics import NamedEdit, evaluate_edits, format_edit_report
+    from refinestyle.inversion.inference import inverter_name, load_inverter_for_inference
+    from refinestyle.losses import IDLoss
+    from refinestyle.weights import default_device
+
+    if not (args.boundary or args.stylespace or args.ganspace):
+        return report_error(args, "give at least one edit: --boundary, --stylespace or --ganspace (with --components)")
+    wants_fid = args.inception is not None or os.environ.get(INCEPTION_ENV) is not None
+    if args.domain == "other" and not wants_fid:
+        return report_error(args, "--domain other measures FID: give --inception (pytorch-fid's "
+                                  "pt_inception-2015-12-05-6726825d.pth) or set " + INCEPTION_ENV)
+    device = torch.device(args.device or default_device())
+    # weights first: a missing file fails before any work
+    identity = IDLoss(args.ir_se50).to(device) if args.domain == "face" else None
+    inception = FIDInception(args.inception).to(device) if wants_fid else None
+    dataset = ImageFolderDataset(args.data, args.image_size)
+    generator = load_generator(args.generator, device)
+    generator.requires_grad_(False).eval()
+    layers = editing.parse_layers(args.layers, generator.n_latent)
+
+    edits: list[NamedEdit] = []
+    for path in args.boundary:
+        spec = editing.EditSpec("interfacegan", boundary=editing.load_boundary(path, generator.n_latent,
+                                                                              generator.style_dim), layers=layers)
+        edits.append(NamedEdit(f"interfacegan {Path(path).stem}", spec, args.strength))
+    for layer, channel in args.stylespace:
+        stddev = editing.style_channel_stddev(generator, layer, num_samples=args.stylespace_samples)
+        if not 0 <= channel < stddev.numel():
+            return report_error(args, f"StyleSpace layer {layer} has {stddev.numel()} channels, got channel {channel}")
+        spec = editing.EditSpec("stylespace", style_layer=layer, channel=channel, unit=float(stddev[channel]))
+        edits.append(NamedEdit(f"stylespace {layer}:{channel}", spec, args.strength))
+    if args.ganspace:
+        directions = editing.GANSpaceDirections.load(args.ganspace)
+        for component in args.components:
+            if not 0 <= component < directions.components.shape[0]:
+                return report_error(args, f"--components: {args.ganspace} has {directions.components.shape[0]} "
+                                          f"components, got {component}")
+            spec = editing.EditSpec("ganspace", directions=directions, component=component, layers=layers)
+            edits.append(NamedEdit(f"ganspace {component}", spec, args.strength))
+    names = [edit.name for edit in edits]
+    if len(set(names)) != len(names):
+        return report_error(args, f"an edit is given twice: {names}")
+
+    inverter = load_inverter_for_inference(args.inverter, generator, device)
+    examples: list = []
+    with refinestyle_kernels.use_backend(args.backend):
+        report = evaluate_edits(
+            inverter, generator, dataset, edits, identity=identity, inception=inception,
+            batch_size=args.batch_size, metric_size=args.image_size, device=device, max_images=args.max_images,
+            progress=not args.no_progress, examples=examples,
+        )
+    name = args.name or inverter_name(args.inverter)
+    table = format_edit_report(report, name=name)
+    print(table)
+    print(f"strength {args.strength:g}; {int(report['reconstruction']['refined']['count'])} images at "
+          f"{min(args.image_size, dataset[0].shape[-1])} px; device {device}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        settings = {"name": name, "strength": args.strength, "layers": layers, "domain": args.domain,
+                    "edits": {edit.name: edit.spec.describe() for edit in edits}, "device": str(device)}
+        (out / "report.json").write_text(json.dumps({**settings, "report": report}, indent=2) + "\n")
+        (out / "report.md").write_text(table + "\n")
+        save_grid(torch.cat(examples), out / "examples.png", nrow=examples[0].shape[0])
+    return 0
