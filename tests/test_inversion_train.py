@@ -165,13 +165,14 @@ torch.save({{"state": trainable_state_dict(summary.model), "parameters": paramet
 """
 
 
-def _torchrun(script: Path, timeout: float) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node 2 script` on the CPU (gloo), outside any torchrun this test runs in."""
+def _torchrun(script: Path, *script_args: str, timeout: float) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 script ARGS` on the CPU (gloo), outside any torchrun this test runs in."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env["CUDA_VISIBLE_DEVICES"] = ""
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         *script_args],
         env=env, capture_output=True, text=True, timeout=timeout,
     )
 
@@ -215,18 +216,13 @@ from refinestyle.inversion.train import train_inverter, trainable_state_dict
 from pathlib import Path
 rank = int(os.environ["RANK"])
 out = Path({out!r})
-
-
-def config(folder, **options):
-    return tiny_train_config(Path({generator!r}), Path({data!r}), out / folder, max_steps=4, batch_size=2,
-                             checkpoint_every=0, workers=1, **options)
-
-
-straight = train_inverter(config("straight"))
+phase = sys.argv[1]
+config = tiny_train_config(Path({generator!r}), Path({data!r}), out / ("straight" if phase == "straight" else "stopped"),
+                           max_steps=4, batch_size=2, checkpoint_every=0, workers=1, resume=phase == "resume")
 steps = 0
 
 
-def ctrl_c_on_rank_one(optimizer, args, kwargs):
+def sigterm_on_rank_one(optimizer, args, kwargs):
     # SIGTERM reaches rank 1 alone, after its first step: the step-2 vote tells rank 0
     global steps
     steps += 1
@@ -234,37 +230,41 @@ def ctrl_c_on_rank_one(optimizer, args, kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-hook = register_optimizer_step_post_hook(ctrl_c_on_rank_one)
-try:
-    train_inverter(config("stopped"))
-    stopped = None
-except TrainingInterrupted as interrupt:
-    stopped = (interrupt.signum, interrupt.step)
-hook.remove()
-saved_step = torch.load(out / "stopped" / "checkpoints" / "latest.pt", weights_only=False)["step"]
-resumed = train_inverter(config("stopped", resume=True))
-a, b = trainable_state_dict(straight.model), trainable_state_dict(resumed.model)
-torch.save({{"stopped": stopped, "saved_step": saved_step, "steps_resumed": resumed.steps_this_run,
-            "same": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
-            "losses": (straight.last_losses, resumed.last_losses)}}, out / f"rank{{rank}}.pt")
+result = {{}}
+if phase == "stop":
+    register_optimizer_step_post_hook(sigterm_on_rank_one)
+    try:
+        train_inverter(config)
+    except TrainingInterrupted as interrupt:
+        result["stopped"] = (interrupt.signum, interrupt.step)
+    result["saved_step"] = torch.load(out / "stopped" / "checkpoints" / "latest.pt", weights_only=False)["step"]
+else:
+    summary = train_inverter(config)
+    result.update(state=trainable_state_dict(summary.model), losses=summary.last_losses,
+                  steps=summary.steps_this_run)
+torch.save(result, out / f"{{phase}}{{rank}}.pt")
 """
 
 
 def test_sigterm_on_one_ddp_process_stops_both_after_the_same_step(planted, tmp_path):
     """A scheduler's SIGTERM (or Ctrl-C) reaching one process only: both finish the step, the
-    checkpoint keeps it, and --resume ends bit for bit where the uninterrupted run ends."""
+    checkpoint keeps it, and --resume ends bit for bit where the uninterrupted run ends. (Each
+    phase is a torchrun launch of its own, as a resumed job is.)"""
     generator_path, data = planted
     out = tmp_path / "signal"
     script = tmp_path / "signal_train.py"
     script.write_text(textwrap.dedent(SIGNAL_SCRIPT.format(
         tests=str(REPO / "tests"), generator=str(generator_path), data=str(data), out=str(out))))
-    completed = _torchrun(script, timeout=300)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    for phase in ("stop", "resume", "straight"):
+        completed = _torchrun(script, phase, timeout=180)
+        assert completed.returncode == 0, phase + completed.stdout[-3000:] + completed.stderr[-3000:]
     for rank in (0, 1):
-        result = torch.load(out / f"rank{rank}.pt", weights_only=False)
-        assert result["stopped"] == (signal.SIGTERM if rank == 1 else signal.SIGINT, 2)
-        assert result["saved_step"] == 2 and result["steps_resumed"] == 2
-        assert result["same"] and result["losses"][0] == result["losses"][1]
+        stopped, resumed, straight = (torch.load(out / f"{phase}{rank}.pt", weights_only=False)
+                                      for phase in ("stop", "resume", "straight"))
+        assert stopped["stopped"] == (signal.SIGTERM if rank == 1 else signal.SIGINT, 2)
+        assert stopped["saved_step"] == 2 and resumed["steps"] == 2 and straight["steps"] == 4
+        assert resumed["losses"] == straight["losses"]
+        assert all(torch.equal(resumed["state"][k], straight["state"][k]) for k in straight["state"])
 
 
 def test_the_command_reports_an_interrupted_run(monkeypatch, tmp_path, capsys):
