@@ -442,6 +442,18 @@ def test_evaluate_edits_measures_id_against_the_real_images(trained, edit_files)
     assert "fid" not in report["smile"]["refined"]
     assert len(examples) == 3 and examples[0].shape == (3, 3, 32, 32)  # across the batch boundary
     assert "| run: edit | ID (refined) | ID (w+ only) |" in format_edit_report(report, "run")
+
+    class WPlusOnly(torch.nn.Module):  # what pSp / e4e give: no residuals
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, images):
+            return self.inner(images)._replace(refinement=None)
+
+    plain = evaluate_edits(WPlusOnly(inverter), generator, dataset, edits, identity=PixelCosine(), progress=False)
+    assert list(plain["smile"]) == ["w+ only"]
+    assert plain["smile"]["w+ only"]["id_mean"] == pytest.approx(report["smile"]["w+ only"]["id_mean"], rel=1e-6)
     with pytest.raises(ValueError, match="names must be unique"):
         evaluate_edits(inverter, generator, dataset, edits * 2, identity=PixelCosine(), progress=False)
     with pytest.raises(ValueError, match="identity"):

@@ -60,12 +60,13 @@ def evaluate_edits(
             pooled to before measuring (min with their sizes).
         max_images: evaluate only the first N images.
         examples: when a list, [1 + 1 + len(edits), 3, s, s] CPU rows (input, reconstruction,
-            each edit; refined) of the first `max_examples` images are appended to it.
+            each edit; refined when there are residuals) of the first `max_examples` images are
+            appended to it.
 
     Returns {row: {variant: {"id_mean", "id_std", "fid", "count"}}} with rows
     "reconstruction", each edit's name and "mean over edits" (the means of the edit rows), and
-    variants "refined" and, for an inverter with a token branch, "w+ only". A metric whose
-    network is None is left out.
+    variants "refined" and "w+ only" for an inverter with a token branch, "w+ only" alone for
+    one without (pSp, e4e). A metric whose network is None is left out.
     """
     from tqdm.auto import tqdm
 
@@ -93,9 +94,9 @@ def evaluate_edits(
         for start in tqdm(range(0, count, batch_size), desc="eval-edit", unit="batch", disable=not progress):
             images = torch.stack([dataset[i] for i in range(start, min(start + batch_size, count))]).to(device)
             result = inverter(images)
-            refinements = {REFINED: result.refinement}
-            if result.refinement is not None:
-                refinements[W_PLUS_ONLY] = None
+            # a w+-only inverter (pSp, e4e, a first stage) has the one variant, named as such
+            refinements = {W_PLUS_ONLY: None} if result.refinement is None else {
+                REFINED: result.refinement, W_PLUS_ONLY: None}
             variants = list(refinements)
             size = min(metric_size, images.shape[-1])
             targets = pool_to(images.float(), size)
@@ -114,7 +115,7 @@ def evaluate_edits(
                         similarities.setdefault((row, variant), []).append(identity.similarity(rendered, targets).cpu())
                     if inception is not None:
                         features.setdefault((row, variant), FeatureSet()).add(inception(rendered))
-                    if variant == REFINED:
+                    if variant == variants[0]:
                         for example, image in zip(example_rows, rendered.cpu()):
                             example.append(image)
             if examples is not None:
