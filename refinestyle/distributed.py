@@ -5,9 +5,16 @@ unchanged under `torchrun --nproc_per_node N`: `setup_distributed` reads torchru
 environment (WORLD_SIZE, RANK, LOCAL_RANK) and initialises the process group (nccl on
 GPUs, gloo on CPU); without it, the context is a single process and every helper here
 is a no-op.
+
+The process group lives as long as the process: a second training run in the same
+process reuses it, and it is destroyed at exit. (Destroying it after a run and
+initialising it again deadlocks under torchrun: the new group rendezvouses through the
+launcher's store under the same keys as the old one and reads the old group's stale
+addresses.)
 """
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import threading
@@ -30,7 +37,6 @@ class DistributedContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    initialized_here: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -44,10 +50,6 @@ class DistributedContext:
         if self.distributed:
             dist.barrier()
 
-    def close(self) -> None:
-        if self.initialized_here and dist.is_initialized():
-            dist.destroy_process_group()
-
 
 def setup_distributed(device: str | None = None) -> DistributedContext:
     """Initialise torch.distributed from torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK).
@@ -55,6 +57,8 @@ def setup_distributed(device: str | None = None) -> DistributedContext:
     device: "cpu", "cuda", "cuda:N" or None (cuda when available). Under torchrun with
     CUDA, each process takes cuda:LOCAL_RANK. Uses nccl when CUDA is used, else gloo.
     Without torchrun's variables (a plain `python` run) this returns a single-process context.
+    Under torchrun the process group is initialised on the first call only; later calls
+    (a second run in the same process) reuse it, and it is destroyed when the process exits.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -72,8 +76,13 @@ def setup_distributed(device: str | None = None) -> DistributedContext:
     context = DistributedContext(rank, world_size, local_rank, target)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
-        context.initialized_here = True
+        atexit.register(_destroy_process_group)
     return context
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def batch_share(batch_size: int, context: DistributedContext | None) -> slice:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -28,6 +27,7 @@ from refinestyle.distributed import (
     mean_over_processes,
 )
 from refinestyle.generator import Generator
+from two_processes import torchrun_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,7 +97,6 @@ from refinestyle.distributed import setup_distributed
 context = setup_distributed("cpu")
 result = run_both(Path({out!r}), context, context.rank)
 torch.save(result, Path({out!r}) / f"rank{{context.rank}}.pt")
-context.close()
 """
 
 
@@ -105,14 +104,7 @@ def run_under_torchrun(script_text: str, tmp_path: Path, timeout: float = 300) -
     """Run script_text with `torchrun --nproc_per_node 2` (gloo on the CPU); returns the finished process."""
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(script_text))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
-        env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    return torchrun_two_processes(script, timeout=timeout)
 
 
 def test_two_processes_take_the_steps_of_one(tmp_path):
@@ -182,7 +174,6 @@ except TrainingInterrupted as interrupt:
 resumed, resumed_history = run(out / "stopped", MirrorLoss(), resume=True)
 torch.save({{"stopped": stopped, "straight": straight, "resumed": resumed, "straight_history": straight_history,
             "resumed_history": resumed_history}}, out / f"rank{{context.rank}}.pt")
-context.close()
 """
 
 

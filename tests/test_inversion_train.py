@@ -6,7 +6,6 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from inversion_fixtures import (
 from refinestyle.distributed import TrainingInterrupted
 from refinestyle.inversion.data import ImageFolderDataset
 from refinestyle.inversion.train import build_inverter, load_frozen_generator, train_inverter, trainable_state_dict
+from two_processes import torchrun_two_processes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -165,25 +165,13 @@ torch.save({{"state": trainable_state_dict(summary.model), "parameters": paramet
 """
 
 
-def _torchrun(script: Path, *script_args: str, timeout: float) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node 2 script ARGS` on the CPU (gloo), outside any torchrun this test runs in."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-         *script_args],
-        env=env, capture_output=True, text=True, timeout=timeout,
-    )
-
-
 def test_ddp_two_gloo_processes(planted, tmp_path):
     generator_path, data = planted
     out = tmp_path / "ddp"
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(
         tests=str(REPO / "tests"), generator=str(generator_path), data=str(data), out=str(out))))
-    completed = _torchrun(script, timeout=300)
+    completed = torchrun_two_processes(script, timeout=300)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     rank0 = torch.load(out / "rank0.pt", weights_only=False)
     rank1 = torch.load(out / "rank1.pt", weights_only=False)
@@ -204,6 +192,39 @@ def test_ddp_two_gloo_processes(planted, tmp_path):
     assert initial.keys() == rank0["state"].keys()
     changed = [k for k in initial if not torch.equal(rank0["state"][k], initial[k])]
     assert len(changed) > len(initial) // 2, "DDP training left most weights unchanged"
+
+
+TWO_RUNS_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from inversion_fixtures import tiny_train_config
+from refinestyle.inversion.train import train_inverter
+from pathlib import Path
+out = Path({out!r})
+rank = os.environ["RANK"]
+for run in ("first", "second"):
+    train_inverter(tiny_train_config(Path({generator!r}), Path({data!r}), out / run, max_steps=1, batch_size=2))
+    (out / f"{{run}}{{rank}}.done").touch()
+    if rank == "1":
+        time.sleep(2)  # rank 0 starts the second run first: it then read rank 1's stale address
+"""
+
+
+def test_a_second_run_in_the_same_torchrun_process(planted, tmp_path):
+    """Two runs in one process (a notebook, a sweep) share the process group. (Destroying it after
+    the first run and initialising it again hung in the rendezvous: the launcher's store still
+    held the old group's addresses under the same keys.)"""
+    generator_path, data = planted
+    out = tmp_path / "two"
+    script = tmp_path / "two_runs.py"
+    script.write_text(textwrap.dedent(TWO_RUNS_SCRIPT.format(
+        tests=str(REPO / "tests"), generator=str(generator_path), data=str(data), out=str(out))))
+    try:
+        completed = torchrun_two_processes(script, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"hung; finished: {sorted(p.name for p in out.glob('*.done'))}")
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("*.done")) == ["first0.done", "first1.done", "second0.done", "second1.done"]
 
 
 SIGNAL_SCRIPT = """
@@ -256,7 +277,7 @@ def test_sigterm_on_one_ddp_process_stops_both_after_the_same_step(planted, tmp_
     script.write_text(textwrap.dedent(SIGNAL_SCRIPT.format(
         tests=str(REPO / "tests"), generator=str(generator_path), data=str(data), out=str(out))))
     for phase in ("stop", "resume", "straight"):
-        completed = _torchrun(script, phase, timeout=180)
+        completed = torchrun_two_processes(script, phase, timeout=180)
         assert completed.returncode == 0, phase + completed.stdout[-3000:] + completed.stderr[-3000:]
     for rank in (0, 1):
         stopped, resumed, straight = (torch.load(out / f"{phase}{rank}.pt", weights_only=False)

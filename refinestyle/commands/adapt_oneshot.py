@@ -34,7 +34,7 @@ import torch
 from refinestyle.commands import report_error
 from refinestyle.commands.adapt_text import (
     add_common_training_arguments,
-    distributed_run,
+    distributed_context,
     load_frozen_generator,
     prepare_run,
     train_and_save,
@@ -83,84 +83,84 @@ def main(args: argparse.Namespace) -> int:
     from refinestyle.losses import LPIPSLoss, ReconstructionLoss
     from refinestyle.weights import MissingWeightsError
 
-    with distributed_run(args) as context:
-        device = context.device
+    context = distributed_context(args)
+    device = context.device
+    try:
+        if args.init_from_inverter and args.inverter is None:
+            raise ValueError("--init-from-inverter needs --inverter")
+        if args.projection_steps < 1 or args.swd_projections < 1:
+            raise ValueError("--projection-steps and --swd-projections must be positive")
+        if args.style_size < 32 or args.loss_size < 32:
+            raise ValueError(f"--style-size and --loss-size: LPIPS's AlexNet needs at least 32 px, got "
+                             f"{args.style_size} and {args.loss_size}")
+        work_dir, resume = prepare_run(args, context)
         try:
-            if args.init_from_inverter and args.inverter is None:
-                raise ValueError("--init-from-inverter needs --inverter")
-            if args.projection_steps < 1 or args.swd_projections < 1:
-                raise ValueError("--projection-steps and --swd-projections must be positive")
-            if args.style_size < 32 or args.loss_size < 32:
-                raise ValueError(f"--style-size and --loss-size: LPIPS's AlexNet needs at least 32 px, got "
-                                 f"{args.style_size} and {args.loss_size}")
-            work_dir, resume = prepare_run(args, context)
-            try:
-                reference = load_image(args.reference)
-            except (FileNotFoundError, ValueError) as error:
-                raise ValueError(f"--reference: {error}") from error
-            generator = load_frozen_generator(args, device)
-            reference = torch.nn.functional.interpolate(
-                reference, size=(generator.size,) * 2, mode="area" if reference.shape[-1] > generator.size else "bilinear"
-            ).to(device)
-            lpips = LPIPSLoss(args.lpips_backbone).to(device)
-            reconstruction = ReconstructionLoss(
-                args.l2_weight, args.lpips_weight, args.id_weight, lpips_module=lpips, ir_se50_path=args.ir_se50
-            ).to(device)
-            style = SWDStyleLoss(
-                LPIPSFeatures(lpips, args.style_layers, input_size=args.style_size), args.swd_projections
-            ).to(device)
-            inverter = None
-            if args.inverter is not None:
-                from refinestyle.inversion.models import load_inverter
+            reference = load_image(args.reference)
+        except (FileNotFoundError, ValueError) as error:
+            raise ValueError(f"--reference: {error}") from error
+        generator = load_frozen_generator(args, device)
+        reference = torch.nn.functional.interpolate(
+            reference, size=(generator.size,) * 2, mode="area" if reference.shape[-1] > generator.size else "bilinear"
+        ).to(device)
+        lpips = LPIPSLoss(args.lpips_backbone).to(device)
+        reconstruction = ReconstructionLoss(
+            args.l2_weight, args.lpips_weight, args.id_weight, lpips_module=lpips, ir_se50_path=args.ir_se50
+        ).to(device)
+        style = SWDStyleLoss(
+            LPIPSFeatures(lpips, args.style_layers, input_size=args.style_size), args.swd_projections
+        ).to(device)
+        inverter = None
+        if args.inverter is not None:
+            from refinestyle.inversion.models import load_inverter
 
-                inverter = load_inverter(args.inverter, generator)
-        except (MissingWeightsError, CheckpointError, FileNotFoundError, ValueError, TypeError) as error:
-            return report_error(args, error)
+            inverter = load_inverter(args.inverter, generator)
+    except (MissingWeightsError, CheckpointError, FileNotFoundError, ValueError, TypeError) as error:
+        return report_error(args, error)
 
-        # w_r (and, with --init-from-inverter, the reference's tokens); cached for resumed runs
-        cache = work_dir / "w_r.pt"
-        init_refinement, reference_noise = None, None
-        if inverter is not None:
-            with torch.no_grad():
-                result = inverter(reference, render=False)
-            w_r = result.w_plus.detach()
-            if args.init_from_inverter:
-                if result.refinement is None:
-                    return report_error(args, "--init-from-inverter: this inverter has no token branch")
-                init_refinement = result.refinement.detach()
-        elif resume and cache.is_file():
-            w_r, reference_noise = load_w_plus(cache)
-        else:
-            projected = project(generator, reference, lpips, steps=args.projection_steps, seed=args.seed,
-                                progress=not args.no_progress and context.is_main, loss_size=args.loss_size)
-            w_r, reference_noise = projected.w_plus, projected.noise
-            if context.is_main:
-                # reference | its projection, to judge w_r before the adaptation starts
-                save_grid(torch.cat([reference, projected.image[:1].to(reference.dtype)]).cpu(),
-                          work_dir / "projection.png", nrow=2)
-        # every process adapts to rank 0's w_r (GPUs may round a projection differently)
-        w_r = w_r.to(device).contiguous()
-        reference_noise = None if reference_noise is None else [n.to(device).contiguous() for n in reference_noise]
-        broadcast_from_main([w_r, *(reference_noise or [])], context)
-        context.barrier()  # nobody still reads w_r.pt
+    # w_r (and, with --init-from-inverter, the reference's tokens); cached for resumed runs
+    cache = work_dir / "w_r.pt"
+    init_refinement, reference_noise = None, None
+    if inverter is not None:
+        with torch.no_grad():
+            result = inverter(reference, render=False)
+        w_r = result.w_plus.detach()
+        if args.init_from_inverter:
+            if result.refinement is None:
+                return report_error(args, "--init-from-inverter: this inverter has no token branch")
+            init_refinement = result.refinement.detach()
+    elif resume and cache.is_file():
+        w_r, reference_noise = load_w_plus(cache)
+    else:
+        projected = project(generator, reference, lpips, steps=args.projection_steps, seed=args.seed,
+                            progress=not args.no_progress and context.is_main, loss_size=args.loss_size)
+        w_r, reference_noise = projected.w_plus, projected.noise
         if context.is_main:
-            save_w_plus(cache, w_r, reference_noise)
+            # reference | its projection, to judge w_r before the adaptation starts
+            save_grid(torch.cat([reference, projected.image[:1].to(reference.dtype)]).cpu(),
+                      work_dir / "projection.png", nrow=2)
+    # every process adapts to rank 0's w_r (GPUs may round a projection differently)
+    w_r = w_r.to(device).contiguous()
+    reference_noise = None if reference_noise is None else [n.to(device).contiguous() for n in reference_noise]
+    broadcast_from_main([w_r, *(reference_noise or [])], context)
+    context.barrier()  # nobody still reads w_r.pt
+    if context.is_main:
+        save_w_plus(cache, w_r, reference_noise)
 
-        return train_and_save(
-            args, work_dir, resume, adapt_oneshot, (generator, reference, w_r, reconstruction, style),
-            context=context,
-            init_refinement=init_refinement,
-            reference_noise=reference_noise,
-            style_weight=args.style_weight,
-            mix_index=args.mix_index,
-            loss_size=args.loss_size,
-            metadata={
-                "reference": str(args.reference),
-                # what resuming compares: the picture, wherever it lies (and w_r.pt was made from it)
-                "reference_sha256": hashlib.sha256(Path(args.reference).read_bytes()).hexdigest(),
-                "generator_file": str(args.generator) if args.generator else None,
-                "w_r_source": "inverter" if inverter is not None else "projection",
-                "inverter_file": str(args.inverter) if args.inverter else None,
-                "style_layers": list(args.style_layers),
-            },
-        )
+    return train_and_save(
+        args, work_dir, resume, adapt_oneshot, (generator, reference, w_r, reconstruction, style),
+        context=context,
+        init_refinement=init_refinement,
+        reference_noise=reference_noise,
+        style_weight=args.style_weight,
+        mix_index=args.mix_index,
+        loss_size=args.loss_size,
+        metadata={
+            "reference": str(args.reference),
+            # what resuming compares: the picture, wherever it lies (and w_r.pt was made from it)
+            "reference_sha256": hashlib.sha256(Path(args.reference).read_bytes()).hexdigest(),
+            "generator_file": str(args.generator) if args.generator else None,
+            "w_r_source": "inverter" if inverter is not None else "projection",
+            "inverter_file": str(args.inverter) if args.inverter else None,
+            "style_layers": list(args.style_layers),
+        },
+    )

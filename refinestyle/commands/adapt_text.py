@@ -18,7 +18,6 @@ example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 from typing import Callable
@@ -101,20 +100,15 @@ def prepare_run(args, context=None) -> tuple[Path, bool]:
     return work_dir, args.resume
 
 
-@contextlib.contextmanager
-def distributed_run(args):
-    """The run's DistributedContext (one process, or torchrun's), its process group closed at the end.
+def distributed_context(args):
+    """The run's DistributedContext: one process, or torchrun's (its process group lives until exit).
 
     Without torchrun the device is --device (default: cuda when available); under torchrun
     each process takes cuda:LOCAL_RANK (or the CPU with --device cpu, over gloo).
     """
     from refinestyle.distributed import setup_distributed
 
-    context = setup_distributed(args.device or default_device())
-    try:
-        yield context
-    finally:
-        context.close()
+    return setup_distributed(args.device or default_device())
 
 
 def load_frozen_generator(args, device):
@@ -187,17 +181,17 @@ def main(args: argparse.Namespace) -> int:
     from refinestyle.checkpoints import CheckpointError
     from refinestyle.weights import MissingWeightsError
 
-    with distributed_run(args) as context:
-        device = context.device
-        try:
-            work_dir, resume = prepare_run(args, context)
-            generator = load_frozen_generator(args, device)
-            encoders = clip_encoders_from_args(args, device)
-            clip_loss = CLIPDirectionalLoss(encoders, args.source, args.target, weights=args.clip_weights)
-        except (MissingWeightsError, CheckpointError, ValueError, TypeError, RuntimeError) as error:
-            return report_error(args, error)
+    context = distributed_context(args)
+    device = context.device
+    try:
+        work_dir, resume = prepare_run(args, context)
+        generator = load_frozen_generator(args, device)
+        encoders = clip_encoders_from_args(args, device)
+        clip_loss = CLIPDirectionalLoss(encoders, args.source, args.target, weights=args.clip_weights)
+    except (MissingWeightsError, CheckpointError, ValueError, TypeError, RuntimeError) as error:
+        return report_error(args, error)
 
-        return train_and_save(
-            args, work_dir, resume, adapt_text, (generator, clip_loss), context=context,
-            metadata={"generator_file": str(args.generator) if args.generator else None},
-        )
+    return train_and_save(
+        args, work_dir, resume, adapt_text, (generator, clip_loss), context=context,
+        metadata={"generator_file": str(args.generator) if args.generator else None},
+    )

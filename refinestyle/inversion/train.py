@@ -473,11 +473,7 @@ def train_inverter(config: TrainConfig) -> TrainSummary:
             f"{out} already holds a run ({checkpoint_path}); resume it (--resume) or choose another --out"
         )
 
-    context = setup_distributed(config.device)
-    try:
-        return _train(config, context, state, out, checkpoint_path)
-    finally:
-        context.close()
+    return _train(config, setup_distributed(config.device), state, out, checkpoint_path)
 
 
 def _merge_resumed_config(saved: dict, given: TrainConfig) -> TrainConfig:
