@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass

@@ -13,7 +13,6 @@ from refinestyle import cli
 from refinestyle.commands import generate
 from refinestyle.generator import Generator
 from refinestyle.imageio import to_uint8
-from refinestyle.refinement import RefinementTokens
 
 SIZE, STYLE_DIM = 16, 8
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kernel_cases import RecordedOps, literal_per_sample, relative_error
-from refinestyle_kernels import EqualLinear, LayerTokens, ModulatedConv2d, StyledConv, ToRGB, upfirdn2d
+from refinestyle_kernels import EqualLinear, LayerTokens, StyledConv, ToRGB, upfirdn2d
 
 ROSINALITY_STYLED_CONV_UP = {
     "conv.weight": (1, 6, 4, 3, 3),

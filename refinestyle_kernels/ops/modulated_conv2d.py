@@ -252,7 +252,7 @@ def _validate(x, weight, styles, p, q, noise, noise_strength, bias, clamp, demod
         if p.shape[-2] != q.shape[-2]:
             raise ValueError(f"p, q: expected the same number of tokens L, got p {tuple(p.shape)}, q {tuple(q.shape)}")
         if p.shape[-2] < 1:
-            raise ValueError(f"p, q: expected at least one token, got L=0")
+            raise ValueError("p, q: expected at least one token, got L=0")
         if p.ndim == 3 and (p.shape[0] != batch or q.shape[0] != batch):
             raise ValueError(
                 f"p, q: per-sample tokens need batch B={batch}, got p {tuple(p.shape)}, q {tuple(q.shape)} "
