@@ -34,8 +34,10 @@ $python -c "import xdist" 2>/dev/null && parallel="-n 8"
 layers="convs.10,convs.11,convs.12,convs.13,convs.14,convs.15,to_rgbs.5,to_rgbs.6,to_rgbs.7"
 case "${1:-}" in
 1)
+    $python -m refinestyle_kernels --dtype fp32,bf16,fp16 --json "$out/selfcheck.json" 2>&1 | tail -n 14
     timeout 400 $python -m pytest -q $parallel tests/test_kernels_triton.py tests/test_kernels_to_rgb.py \
-        tests/test_generator_gpu.py tests/test_generator_triton.py tests/test_kernels_modules.py tests/test_kernels_nvlabs.py 2>&1 |
+        tests/test_generator_gpu.py tests/test_generator_triton.py tests/test_kernels_modules.py tests/test_kernels_nvlabs.py \
+        tests/test_kernels_selfcheck.py 2>&1 |
         tee "$out/cuda-tests.log" | tail -n 30
     timeout 170 $python -m benchmarks.profile --json "$out/profile.json" 2>&1 | tee "$out/profile.log"
     ;;

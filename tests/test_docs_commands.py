@@ -23,11 +23,11 @@ DOCUMENTS = [REPO / "README.md", REPO / "BENCHMARKS.md", *sorted((REPO / "docs")
 PACKAGES = ("refinestyle", "refinestyle_kernels", "benchmarks")
 
 # what a command line starts with -> how to get that command's --help
-_BENCHMARK_MODULE = r"python -m (benchmarks(?:\.[a-z_]+)?)"
+_MODULE_COMMAND = r"python -m (benchmarks(?:\.[a-z_]+)?|refinestyle_kernels)"
 _LAUNCH = re.compile(
     r"(?:^|[\s`(])(?:(?:torchrun\b[^`|;]*?-m |python -m )refinestyle|refinestyle)(?= )"
     r"|(?:^|[\s`(])(refinestyle-bench)\b"
-    rf"|(?:^|[\s`(]){_BENCHMARK_MODULE}\b"
+    rf"|(?:^|[\s`(]){_MODULE_COMMAND}\b"
 )
 
 
@@ -45,7 +45,8 @@ def _options(program: str, subcommand: str | None) -> frozenset[str]:
     if program == "refinestyle":
         text = _help_text(refinestyle_main, [subcommand, "--help"])
     else:
-        entry = importlib.import_module("benchmarks.__main__" if program == "benchmarks" else program).main
+        module = {"benchmarks": "benchmarks.__main__", "refinestyle_kernels": "refinestyle_kernels.selfcheck"}
+        entry = importlib.import_module(module.get(program, program)).main
         text = _help_text(entry, [subcommand, "--help"] if subcommand else ["--help"])
     return frozenset(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", text))
 
@@ -70,7 +71,7 @@ def _invocations(line: str):
         if not match:
             continue
         words = segment[match.end():].split()
-        if match.group(1) or match.group(2):  # refinestyle-bench / python -m benchmarks[.module]
+        if match.group(1) or match.group(2):  # refinestyle-bench / python -m benchmarks[.module] / refinestyle_kernels
             program = "benchmarks" if match.group(1) else match.group(2)
             subcommand = "report" if program == "benchmarks" and words[:1] == ["report"] else None
         else:
@@ -98,7 +99,7 @@ def test_the_docs_show_commands_at_all():
     subcommands = {subcommand for _, _, program, subcommand, _ in invocations if program == "refinestyle"}
     assert {"train-inverter", "adapt-text", "adapt-oneshot", "generate", "eval-edit"} <= subcommands
     programs = {program for _, _, program, _, _ in invocations}
-    assert {"benchmarks", "benchmarks.traffic", "benchmarks.memory", "benchmarks.kernel_audit"} <= programs
+    assert {"benchmarks", "benchmarks.traffic", "benchmarks.memory", "benchmarks.kernel_audit", "refinestyle_kernels"} <= programs
 
 
 @pytest.mark.parametrize("document", [d.relative_to(REPO).as_posix() for d in DOCUMENTS])
@@ -123,6 +124,7 @@ FOREIGN_OPTIONS = {"--benchmark-only": "pytest-benchmark"}
 def _every_option() -> frozenset[str]:
     programs = [("refinestyle", name) for name in COMMANDS] + [("benchmarks", None), ("benchmarks", "report")]
     programs += [(f"benchmarks.{name}", None) for name in ("traffic", "memory", "kernel_audit", "host_overhead", "profile")]
+    programs.append(("refinestyle_kernels", None))
     return frozenset().union(*(_options(program, subcommand) for program, subcommand in programs))
 
 

@@ -1,0 +1,280 @@
+"""Does the op work on this machine? The environment, and each backend against the float64 reference.
+
+    python -m refinestyle_kernels                     # report + check every backend this machine runs
+    python -m refinestyle_kernels --dtype fp32,bf16   # also in bf16 (CUDA)
+    python -m refinestyle_kernels --no-check          # the report only
+
+After `pip install`, this says which backend `backend="auto"` picks here, what stands in the
+way of the Triton kernels (no Triton, no CUDA, an interpreter that cannot run), and whether
+each backend's forward and backward agree with the literal formula computed in float64 on
+small random layers. It makes no speed claim: `python -m benchmarks` measures speed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+from refinestyle_kernels.backend import (
+    BACKENDS,
+    resolve_backend,
+    triton_available,
+    triton_interpreted,
+    triton_interpreter_problem,
+)
+from refinestyle_kernels.ops.modulated_conv2d import styled_conv2d
+
+__all__ = ["CheckResult", "TOLERANCES", "environment_report", "self_check", "main"]
+
+# Relative error allowed against the float64 reference: fp32 runs without TF32; the half
+# types lose about 1e-2 through a demodulated layer (DESIGN.md §4), a broken kernel ~1.
+TOLERANCES = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# (name, kernel size, upsample, demodulate, activate, per-sample tokens, with tokens)
+_CASES = (
+    ("3x3 conv, per-sample tokens", 3, False, True, True, True, True),
+    ("upsampling 3x3 conv, shared tokens", 3, True, True, True, False, True),
+    ("toRGB (1x1, no demodulation)", 1, False, False, False, False, False),
+)
+
+
+@dataclass
+class CheckResult:
+    """One backend on one layer in one dtype: the worst relative error over the output and the
+    gradients of x, styles, p and q, against the float64 reference on the same inputs."""
+
+    backend: str
+    case: str
+    dtype: str
+    device: str
+    max_rel_error: float | None
+    tolerance: float
+    passed: bool
+    errors: dict
+    failure: str | None = None
+
+
+def environment_report() -> dict:
+    """What decides how the op runs here: versions, devices, the backend "auto" picks, problems."""
+    report = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "torch_cuda": torch.version.cuda,
+        "devices": [],
+        "triton": None,
+        "triton_interpret": triton_interpreted(),
+        "auto_backend": {"cpu": resolve_backend("auto", "cpu")},
+        "problems": [],
+    }
+    try:
+        import numpy
+
+        report["numpy"] = numpy.__version__
+    except ImportError:
+        report["numpy"] = None
+    if triton_available():
+        import triton
+
+        report["triton"] = triton.__version__
+    for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        major, minor = torch.cuda.get_device_capability(index)
+        report["devices"].append({"index": index, "name": torch.cuda.get_device_name(index),
+                                  "capability": f"{major}.{minor}"})
+        if major < 8:
+            report["problems"].append(
+                f"cuda:{index} is sm_{major}{minor}: bf16 needs sm_80 or newer, and the kernels are tuned for sm_80+"
+            )
+    if torch.cuda.is_available():
+        report["auto_backend"]["cuda"] = resolve_backend("auto", "cuda")
+        if not triton_available():
+            report["problems"].append(
+                'CUDA is available but Triton does not import: backend="auto" falls back to the plain-PyTorch '
+                '"torch" backend (pip install triton for the fused kernels)'
+            )
+        if triton_interpreted():
+            report["problems"].append("TRITON_INTERPRET=1 is set: the Triton kernels run in the slow interpreter")
+    if triton_interpreted() and triton_interpreter_problem():
+        report["problems"].append(triton_interpreter_problem())
+    return report
+
+
+def _runnable_backends(device: torch.device) -> list[str]:
+    """The concrete backends that can run on `device` here (reference always can)."""
+    runnable = []
+    for backend in ("reference", "torch", "triton"):
+        try:
+            resolve_backend(backend, device)
+        except RuntimeError:
+            continue
+        runnable.append(backend)
+    return runnable
+
+
+@contextlib.contextmanager
+def _exact_fp32():
+    """fp32 without TF32 (cuBLAS, cuDNN and, through cudnn.allow_tf32, the Triton dots)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _layer_inputs(case, dtype: torch.dtype, device: torch.device, channels: int, size: int, batch: int = 2,
+                  tokens: int = 8, seed: int = 0) -> dict:
+    """Random inputs of one layer, rounded to `dtype` (the reference then sees the same values)."""
+    _, kernel, upsample, demodulate, activate, per_sample, with_tokens = case
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * std).to(dtype).to(device)
+
+    out_channels = channels if demodulate else 3
+    out_size = 2 * size if upsample else size
+    token_shape = (batch, tokens) if per_sample else (tokens,)
+    inputs = {
+        "x": randn(batch, channels, size, size),
+        "weight": randn(out_channels, channels, kernel, kernel),
+        "styles": randn(batch, channels, std=0.5) + 1,
+        "p": randn(*token_shape, out_channels, std=0.1) if with_tokens else None,
+        "q": randn(*token_shape, channels, std=0.1) if with_tokens else None,
+        "bias": randn(out_channels, std=0.1),
+        "grad_out": randn(batch, out_channels, out_size, out_size),
+    }
+    if demodulate:
+        inputs["noise"], inputs["noise_strength"] = randn(batch, 1, out_size, out_size), 0.1
+    return inputs
+
+
+def _forward_backward(case, inputs: dict, backend: str, dtype: torch.dtype) -> dict:
+    """The layer's output and the gradients of x, styles, p, q, computed in `dtype` by `backend`."""
+    _, _, upsample, demodulate, activate, _, _ = case
+    leaves = {name: inputs[name].to(dtype).detach().requires_grad_(True)
+              for name in ("x", "styles", "p", "q") if inputs[name] is not None}
+    out = styled_conv2d(
+        leaves["x"], inputs["weight"].to(dtype), leaves["styles"], leaves.get("p"), leaves.get("q"),
+        noise=inputs["noise"].to(dtype) if "noise" in inputs else None,
+        noise_strength=inputs.get("noise_strength"), bias=inputs["bias"].to(dtype), activate=activate,
+        demodulate=demodulate, upsample=upsample, backend=backend,
+    )
+    out.backward(inputs["grad_out"].to(dtype))
+    return {"out": out.detach(), **{f"grad_{name}": leaf.grad for name, leaf in leaves.items()}}
+
+
+def _relative_error(value: torch.Tensor, truth: torch.Tensor) -> float:
+    if value is None or not torch.isfinite(value).all():
+        return float("inf")
+    return ((value.double() - truth).norm() / truth.norm().clamp_min(1e-30)).item()
+
+
+def self_check(device: str | torch.device | None = None, dtypes=(torch.float32,), backends=None,
+               channels: int | None = None, size: int | None = None) -> list[CheckResult]:
+    """Every backend that runs on `device`, on three small random layers, against float64.
+
+    device: "cpu", "cuda", "cuda:N" or a torch.device (default: cuda when available).
+    dtypes: torch dtypes out of float32, float16, bfloat16 (half types need CUDA).
+    backends: names out of "reference", "torch", "triton" (default: every one that runs on
+        the device; an unavailable one named here is reported as failed, with the reason).
+    channels, size: the layers' Cin = Cout and input H = W (default 64 and 16 on CUDA, 16 and 8
+        on the CPU, where the Triton interpreter is slow).
+    Returns one CheckResult per (backend, layer, dtype): a 3x3 conv with per-sample tokens,
+    an upsampling conv with shared tokens and a toRGB, each forward and backward (grads of
+    x, styles, p, q) against the reference backend in float64 on the same rounded inputs.
+    """
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} was asked for, but no CUDA device is available")
+    for dtype in dtypes:
+        if dtype not in TOLERANCES:
+            raise ValueError(f"dtypes: expected float32, float16 or bfloat16, got {dtype}")
+        if dtype != torch.float32 and device.type != "cuda":
+            raise ValueError(f"dtypes: {dtype} is checked on CUDA only (the CPU has no fast half path to check)")
+    runnable = _runnable_backends(device)
+    if backends is None:
+        backends = runnable
+    for backend in backends:
+        if backend not in BACKENDS or backend == "auto":
+            raise ValueError(f"backends: expected names out of reference, torch, triton, got {backend!r}")
+    on_cuda = device.type == "cuda"
+    channels = channels or (64 if on_cuda else 16)
+    size = size or (16 if on_cuda else 8)
+    results = []
+    with _exact_fp32():
+        for case in _CASES:
+            for dtype in dtypes:
+                inputs = _layer_inputs(case, dtype, device, channels, size)
+                truth = _forward_backward(case, inputs, "reference", torch.float64)
+                for backend in backends:
+                    result = CheckResult(backend, case[0], str(dtype).replace("torch.", ""), str(device), None,
+                                         TOLERANCES[dtype], False, {})
+                    try:
+                        resolve_backend(backend, device)
+                        values = _forward_backward(case, inputs, backend, dtype)
+                        result.errors = {name: _relative_error(values.get(name), truth[name]) for name in truth}
+                        result.max_rel_error = max(result.errors.values())
+                        result.passed = result.max_rel_error <= result.tolerance
+                    except Exception as error:  # report every backend, whatever one of them raises
+                        result.failure = f"{type(error).__name__}: {error}"
+                    results.append(result)
+    return results
+
+
+def _print_report(report: dict) -> None:
+    print(f"python {report['python']}, torch {report['torch']} (CUDA {report['torch_cuda'] or 'none'}), "
+          f"triton {report['triton'] or 'not importable'}, numpy {report['numpy']}")
+    for device in report["devices"]:
+        print(f"cuda:{device['index']}: {device['name']} (sm_{device['capability'].replace('.', '')})")
+    if not report["devices"]:
+        print("no CUDA device")
+    print("backend=\"auto\" picks: " + ", ".join(f"{kind}: {name}" for kind, name in report["auto_backend"].items()))
+    for problem in report["problems"]:
+        print(f"WARNING: {problem}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m refinestyle_kernels`: print the environment report, then run `self_check`.
+    Exit status 0 when every check passes, 1 when one fails."""
+    parser = argparse.ArgumentParser(prog="python -m refinestyle_kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--dtype", default="fp32", help="comma-separated: fp32, fp16, bf16 (half types on CUDA)")
+    parser.add_argument("--backends", default=None, help="comma-separated: reference, torch, triton (default: all that run here)")
+    parser.add_argument("--no-check", action="store_true", help="print the environment report only")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the report and the results as JSON")
+    args = parser.parse_args(argv)
+    try:
+        dtypes = [DTYPE_NAMES[name] for name in args.dtype.split(",")]
+    except KeyError as error:
+        parser.error(f"--dtype: expected fp32, fp16 or bf16, got {error.args[0]!r}")
+    report = environment_report()
+    _print_report(report)
+    results = []
+    if not args.no_check:
+        try:
+            results = self_check(args.device, dtypes, args.backends.split(",") if args.backends else None)
+        except ValueError as error:
+            parser.error(str(error))
+        print(f"\n{'backend':10} {'dtype':9} {'layer':36} {'max rel error':>13}  tolerance")
+        for result in results:
+            error = "-" if result.max_rel_error is None else f"{result.max_rel_error:.2e}"
+            verdict = "ok" if result.passed else "FAILED"
+            print(f"{result.backend:10} {result.dtype:9} {result.case:36} {error:>13}  {result.tolerance:.0e}  {verdict}")
+            if result.failure:
+                print(f"    {result.failure}")
+        failed = sum(not result.passed for result in results)
+        print(f"\n{len(results) - failed} of {len(results)} checks passed" + (f"; {failed} FAILED" if failed else ""))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"environment": report, "checks": [asdict(result) for result in results]}, handle, indent=2)
+    return 1 if any(not result.passed for result in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
