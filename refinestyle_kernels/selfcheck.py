@@ -28,6 +28,7 @@ from refinestyle_kernels.backend import (
     triton_interpreter_problem,
 )
 from refinestyle_kernels.ops.modulated_conv2d import styled_conv2d
+from refinestyle_kernels.ops.styled_conv2d_to_rgb import styled_conv2d_to_rgb
 
 __all__ = ["CheckResult", "TOLERANCES", "environment_report", "self_check", "main"]
 
@@ -36,18 +37,31 @@ __all__ = ["CheckResult", "TOLERANCES", "environment_report", "self_check", "mai
 TOLERANCES = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# (name, kernel size, upsample, demodulate, activate, per-sample tokens, with tokens)
-_CASES = (
-    ("3x3 conv, per-sample tokens", 3, False, True, True, True, True),
-    ("upsampling 3x3 conv, shared tokens", 3, True, True, True, False, True),
-    ("toRGB (1x1, no demodulation)", 1, False, False, False, False, False),
+
+
+@dataclass(frozen=True)
+class _Layer:
+    name: str
+    kernel: int = 3
+    upsample: bool = False
+    demodulate: bool = True  # False: a toRGB (1x1, 3 output channels, no activation)
+    tokens: str | None = "per-sample"  # "per-sample", "shared" or None
+    to_rgb: bool = False  # the conv and the toRGB reading its output, as one op (the generator's path)
+
+
+_LAYERS = (
+    _Layer("3x3 conv, per-sample tokens"),
+    _Layer("upsampling 3x3 conv, shared tokens", upsample=True, tokens="shared"),
+    _Layer("toRGB (1x1, no demodulation)", kernel=1, demodulate=False, tokens=None),
+    _Layer("3x3 conv + its toRGB, one op", to_rgb=True),
 )
 
 
 @dataclass
 class CheckResult:
-    """One backend on one layer in one dtype: the worst relative error over the output and the
-    gradients of x, styles, p and q, against the float64 reference on the same inputs."""
+    """One backend on one layer in one dtype: the worst relative error over the output(s) and the
+    gradients of x, styles, p, q (and the toRGB's styles), against the float64 reference on the
+    same inputs; `errors` holds each one."""
 
     backend: str
     case: str
@@ -128,45 +142,53 @@ def _exact_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _layer_inputs(case, dtype: torch.dtype, device: torch.device, channels: int, size: int, batch: int = 2,
-                  tokens: int = 8, seed: int = 0) -> dict:
+def _layer_inputs(layer: _Layer, dtype: torch.dtype, device: torch.device, channels: int, size: int,
+                  batch: int = 2, tokens: int = 8, seed: int = 0) -> dict:
     """Random inputs of one layer, rounded to `dtype` (the reference then sees the same values)."""
-    _, kernel, upsample, demodulate, activate, per_sample, with_tokens = case
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape, std=1.0):
         return (torch.randn(*shape, generator=generator, dtype=torch.float64) * std).to(dtype).to(device)
 
-    out_channels = channels if demodulate else 3
-    out_size = 2 * size if upsample else size
-    token_shape = (batch, tokens) if per_sample else (tokens,)
+    out_channels = channels if layer.demodulate else 3
+    out_size = 2 * size if layer.upsample else size
+    token_shape = (batch, tokens) if layer.tokens == "per-sample" else (tokens,)
     inputs = {
         "x": randn(batch, channels, size, size),
-        "weight": randn(out_channels, channels, kernel, kernel),
+        "weight": randn(out_channels, channels, layer.kernel, layer.kernel),
         "styles": randn(batch, channels, std=0.5) + 1,
-        "p": randn(*token_shape, out_channels, std=0.1) if with_tokens else None,
-        "q": randn(*token_shape, channels, std=0.1) if with_tokens else None,
+        "p": randn(*token_shape, out_channels, std=0.1) if layer.tokens else None,
+        "q": randn(*token_shape, channels, std=0.1) if layer.tokens else None,
         "bias": randn(out_channels, std=0.1),
         "grad_out": randn(batch, out_channels, out_size, out_size),
     }
-    if demodulate:
+    if layer.demodulate:
         inputs["noise"], inputs["noise_strength"] = randn(batch, 1, out_size, out_size), 0.1
+    if layer.to_rgb:
+        inputs.update(rgb_weight=randn(3, out_channels, 1, 1), rgb_styles=randn(batch, out_channels, std=0.5) + 1,
+                      rgb_bias=randn(3, std=0.1), grad_rgb=randn(batch, 3, out_size, out_size))
     return inputs
 
 
-def _forward_backward(case, inputs: dict, backend: str, dtype: torch.dtype) -> dict:
-    """The layer's output and the gradients of x, styles, p, q, computed in `dtype` by `backend`."""
-    _, _, upsample, demodulate, activate, _, _ = case
+def _forward_backward(layer: _Layer, inputs: dict, backend: str, dtype: torch.dtype) -> dict:
+    """The layer's output(s) and the gradients of x, styles, p, q (and rgb_styles), computed in
+    `dtype` by `backend`; the weights are frozen, as in RefineStyle's training."""
     leaves = {name: inputs[name].to(dtype).detach().requires_grad_(True)
-              for name in ("x", "styles", "p", "q") if inputs[name] is not None}
-    out = styled_conv2d(
-        leaves["x"], inputs["weight"].to(dtype), leaves["styles"], leaves.get("p"), leaves.get("q"),
-        noise=inputs["noise"].to(dtype) if "noise" in inputs else None,
-        noise_strength=inputs.get("noise_strength"), bias=inputs["bias"].to(dtype), activate=activate,
-        demodulate=demodulate, upsample=upsample, backend=backend,
+              for name in ("x", "styles", "p", "q", "rgb_styles") if inputs.get(name) is not None}
+    arguments = dict(
+        noise=inputs["noise"].to(dtype) if "noise" in inputs else None, noise_strength=inputs.get("noise_strength"),
+        bias=inputs["bias"].to(dtype), activate=layer.demodulate, demodulate=layer.demodulate, backend=backend,
     )
-    out.backward(inputs["grad_out"].to(dtype))
-    return {"out": out.detach(), **{f"grad_{name}": leaf.grad for name, leaf in leaves.items()}}
+    conv = (leaves["x"], inputs["weight"].to(dtype), leaves["styles"], leaves.get("p"), leaves.get("q"))
+    if layer.to_rgb:
+        outputs = dict(zip(("out", "rgb"), styled_conv2d_to_rgb(
+            *conv, rgb_weight=inputs["rgb_weight"].to(dtype), rgb_styles=leaves["rgb_styles"],
+            rgb_bias=inputs["rgb_bias"].to(dtype), **arguments)))
+    else:
+        outputs = {"out": styled_conv2d(*conv, upsample=layer.upsample, **arguments)}
+    torch.autograd.backward(list(outputs.values()), [inputs[f"grad_{name}"].to(dtype) for name in outputs])
+    return {**{name: value.detach() for name, value in outputs.items()},
+            **{f"grad_{name}": leaf.grad for name, leaf in leaves.items()}}
 
 
 def _relative_error(value: torch.Tensor, truth: torch.Tensor) -> float:
@@ -177,7 +199,7 @@ def _relative_error(value: torch.Tensor, truth: torch.Tensor) -> float:
 
 def self_check(device: str | torch.device | None = None, dtypes=(torch.float32,), backends=None,
                channels: int | None = None, size: int | None = None) -> list[CheckResult]:
-    """Every backend that runs on `device`, on three small random layers, against float64.
+    """Every backend that runs on `device`, on four small random layers, against float64.
 
     device: "cpu", "cuda", "cuda:N" or a torch.device (default: cuda when available).
     dtypes: torch dtypes out of float32, float16, bfloat16 (half types need CUDA).
@@ -186,8 +208,10 @@ def self_check(device: str | torch.device | None = None, dtypes=(torch.float32,)
     channels, size: the layers' Cin = Cout and input H = W (default 64 and 16 on CUDA, 16 and 8
         on the CPU, where the Triton interpreter is slow).
     Returns one CheckResult per (backend, layer, dtype): a 3x3 conv with per-sample tokens,
-    an upsampling conv with shared tokens and a toRGB, each forward and backward (grads of
-    x, styles, p, q) against the reference backend in float64 on the same rounded inputs.
+    an upsampling conv with shared tokens, a toRGB, and a 3x3 conv with the toRGB that reads
+    its output as one op (`styled_conv2d_to_rgb`, the generator's path), each forward and
+    backward (grads of x, styles, p, q, rgb_styles; the weights frozen) against the reference
+    backend in float64 on the same rounded inputs.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -208,16 +232,16 @@ def self_check(device: str | torch.device | None = None, dtypes=(torch.float32,)
     size = size or (16 if on_cuda else 8)
     results = []
     with _exact_fp32():
-        for case in _CASES:
+        for layer in _LAYERS:
             for dtype in dtypes:
-                inputs = _layer_inputs(case, dtype, device, channels, size)
-                truth = _forward_backward(case, inputs, "reference", torch.float64)
+                inputs = _layer_inputs(layer, dtype, device, channels, size)
+                truth = _forward_backward(layer, inputs, "reference", torch.float64)
                 for backend in backends:
-                    result = CheckResult(backend, case[0], str(dtype).replace("torch.", ""), str(device), None,
+                    result = CheckResult(backend, layer.name, str(dtype).replace("torch.", ""), str(device), None,
                                          TOLERANCES[dtype], False, {})
                     try:
                         resolve_backend(backend, device)
-                        values = _forward_backward(case, inputs, backend, dtype)
+                        values = _forward_backward(layer, inputs, backend, dtype)
                         result.errors = {name: _relative_error(values.get(name), truth[name]) for name in truth}
                         result.max_rel_error = max(result.errors.values())
                         result.passed = result.max_rel_error <= result.tolerance

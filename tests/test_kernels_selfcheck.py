@@ -20,12 +20,14 @@ def test_every_runnable_backend_passes_on_every_layer():
     results = selfcheck.self_check("cpu")
     expected = {"reference", "torch"} | ({"triton"} if triton_interpreted() else set())
     assert {result.backend for result in results} == expected
-    assert len(results) == 3 * len(expected)
+    assert len(results) == 4 * len(expected)
     for result in results:
         assert result.passed, result
         assert result.failure is None
         # the output and the gradients of x, styles (and p, q where the layer has tokens)
         assert {"out", "grad_x", "grad_styles"} <= set(result.errors)
+    pair = [result for result in results if "toRGB, one op" in result.case]
+    assert pair and all({"rgb", "grad_rgb_styles", "grad_p", "grad_q"} <= set(result.errors) for result in pair)
         assert result.max_rel_error < 1e-5
 
 
@@ -80,7 +82,7 @@ def test_the_command_exits_nonzero_on_a_failed_check(monkeypatch, tmp_path, caps
     assert selfcheck.main(["--backends", "reference,torch", "--json", str(tmp_path / "ok.json")]) == 0
     saved = json.loads((tmp_path / "ok.json").read_text())
     assert saved["environment"]["torch"] == torch.__version__
-    assert len(saved["checks"]) == 6 and all(check["passed"] for check in saved["checks"])
+    assert len(saved["checks"]) == 8 and all(check["passed"] for check in saved["checks"])
     right = op_module._styled_conv2d_torch
     monkeypatch.setattr(op_module, "_styled_conv2d_torch", lambda *a, **k: right(*a, **k).flip(-1))
     assert selfcheck.main(["--backends", "torch"]) == 1
@@ -95,7 +97,7 @@ def test_python_dash_m_runs_it():
     completed = subprocess.run([sys.executable, "-m", "refinestyle_kernels", "--backends", "reference,torch"],
                                capture_output=True, text=True, cwd=REPO, timeout=120)
     assert completed.returncode == 0, completed.stderr
-    assert "6 of 6 checks passed" in completed.stdout
+    assert "8 of 8 checks passed" in completed.stdout
     assert 'backend="auto" picks: cpu: torch' in completed.stdout
 
 
