@@ -134,7 +134,7 @@ def test_two_processes_take_the_steps_of_one(tmp_path):
 
 
 SIGNAL_SCRIPT = """
-import os, signal, sys, torch
+import os, signal, sys, time, torch
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_adaptation_distributed import MirrorLoss, tiny_generator
@@ -143,6 +143,14 @@ from refinestyle.distributed import TrainingInterrupted, setup_distributed
 
 context = setup_distributed("cpu")
 out = Path({out!r})
+if context.rank == 0:  # a slow disk: rank 1 must not resume before rank 0 has written the checkpoint
+    save = torch.save
+
+    def slow_save(*args, **kwargs):
+        time.sleep(1.0)
+        return save(*args, **kwargs)
+
+    torch.save = slow_save
 
 
 class CtrlCOnRankOne(MirrorLoss):
@@ -181,7 +189,8 @@ def test_ctrl_c_on_one_process_stops_every_process_after_the_same_step(tmp_path)
     """Rank 1 alone gets Ctrl-C in step 1. Without the agreement it would raise there and leave rank 0
     waiting in the step's all-reduce (under NCCL, until torchrun kills the run and the steps since the
     last checkpoint are lost). Both processes finish step 1, the checkpoint holds 2 steps, and the
-    resumed run ends with the uninterrupted run's tokens."""
+    resumed run ends with the uninterrupted run's tokens. Rank 0 writes slowly: rank 1 resumes in
+    the same process, so it must not return before the checkpoint is on disk."""
     out = tmp_path / "signal"
     out.mkdir()
     completed = run_under_torchrun(SIGNAL_SCRIPT.format(tests=str(REPO / "tests"), out=str(out)), tmp_path,

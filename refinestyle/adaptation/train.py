@@ -248,9 +248,15 @@ def train_tokens(
         start, history = int(state["step"]), list(state["history"])
     broadcast_from_main(parameters, distributed)  # fresh tokens are drawn from each process's own RNG
 
-    def save_checkpoint(step: int) -> None:
-        if checkpoint_path is None or not is_main:
-            return
+    def save_checkpoint(step: int, wait: bool = True) -> None:
+        """Rank 0 writes the checkpoint; with `wait` every process returns only once it is written
+        (a process that went on at once could resume, in the same program, from the old one)."""
+        if checkpoint_path is not None and is_main:
+            _write_checkpoint(step)
+        if wait and distributed is not None:
+            distributed.barrier()
+
+    def _write_checkpoint(step: int) -> None:
         checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "step": step,
@@ -312,9 +318,10 @@ def train_tokens(
             bar.close()
             raise
         except KeyboardInterrupt:
-            # raised in the middle of a step (a second Ctrl-C): the checkpoint keeps the steps finished
+            # raised in the middle of a step (a second Ctrl-C): the checkpoint keeps the steps finished;
+            # the other processes are not at this point, so nobody waits for them
             bar.close()
-            save_checkpoint(done)
+            save_checkpoint(done, wait=False)
             raise
     save_checkpoint(max(start, iterations))
     adapter.eval()
