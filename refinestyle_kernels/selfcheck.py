@@ -216,6 +216,11 @@ def self_check(device: str | torch.device | None = None, dtypes=(torch.float32,)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device} was asked for, but no CUDA device is available")
+    if isinstance(dtypes, torch.dtype) or isinstance(backends, str):
+        raise TypeError("dtypes, backends: expected sequences, e.g. (torch.float32,) and ['torch'], not one item")
+    for name, value in (("channels", channels), ("size", size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
     for dtype in dtypes:
         if dtype not in TOLERANCES:
             raise ValueError(f"dtypes: expected float32, float16 or bfloat16, got {dtype}")

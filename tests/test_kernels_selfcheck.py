@@ -58,6 +58,12 @@ def test_bad_arguments_name_themselves():
         selfcheck.self_check("cpu", dtypes=(torch.float64,))
     with pytest.raises(ValueError, match="backends"):
         selfcheck.self_check("cpu", backends=["auto"])
+    with pytest.raises(TypeError, match="backends"):
+        selfcheck.self_check("cpu", backends="torch")
+    with pytest.raises(TypeError, match="dtypes"):
+        selfcheck.self_check("cpu", dtypes=torch.float32)
+    with pytest.raises(ValueError, match="channels"):
+        selfcheck.self_check("cpu", channels=0)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device"):
             selfcheck.self_check("cuda")
