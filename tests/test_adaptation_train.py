@@ -22,6 +22,7 @@ from refinestyle.adaptation.train import (
 from refinestyle.distributed import TrainingInterrupted
 from refinestyle.generator import Generator
 from refinestyle.refinement import Refinement
+from triton_interpreter_bf16 import triton_test_device
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -310,10 +311,17 @@ def test_history_summary_windows_never_overlap():
                                       "rec_id_last": None}
 
 
-def test_bf16_autocast_renders_in_bf16_and_keeps_the_tokens_float32(tmp_path):
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_bf16_autocast_renders_in_bf16_and_keeps_the_tokens_float32(tmp_path, backend):
+    """`--bf16`. With backend="triton" the convs run the fused kernels in bf16 (compiled on a
+    GPU, in the interpreter on a CPU)."""
     from refinestyle.adaptation.train import adapt_text
 
-    generator = tiny_generator(size=16)
+    generator = tiny_generator(size=16 if backend == "auto" else 8)  # 8 px: the interpreter is slow
+    if backend == "triton":
+        generator.backend = "triton"
+        if triton_test_device(torch.bfloat16) == "cuda":
+            generator.cuda()
 
     def mirror_loss(source, adapted):
         return ((adapted.float() - source.float().flip(-1)) ** 2).mean()

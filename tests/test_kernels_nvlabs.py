@@ -19,6 +19,7 @@ from torch import nn
 import test_checkpoints_nvlabs as lookalike  # NVlabs' names and gains
 
 from refinestyle_kernels import NVlabsSynthesisLayer, NVlabsToRGBLayer, styled_conv2d, swap_nvlabs_modules
+from triton_interpreter_bf16 import triton_test_device
 
 
 
@@ -201,3 +202,28 @@ def test_swapped_block_on_the_triton_backend():
         got = swapped(x, w, noise_mode="const")
     for ours, theirs in zip(got, expected):
         assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4), (ours - theirs).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_swapped_fp16_block_on_the_triton_backend(dtype):
+    """NVlabs' fp16 blocks (num_fp16_res): half-precision activations into layers whose
+    parameters stay float32, with conv_clamp. Through the Triton kernels the swapped block must
+    land as close to the float64 truth as the torch backend does in the same dtype. Compiled
+    on a GPU, interpreted on a CPU."""
+    device = triton_test_device(dtype)
+    torch.manual_seed(6)
+    block = Block(channels=8, conv_clamp=0.6).double()
+    x, w = torch.randn(2, 8, 4, 4, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    x = x.to(dtype).double()  # the truth sees the activations the half-precision block gets
+    with torch.no_grad():
+        truth = block(x, w, noise_mode="const")
+        errors = {}
+        for backend in ("triton", "torch"):
+            swapped, _ = _swapped_copy(block, backend)
+            swapped.float().to(device)
+            got = swapped(x.to(device, dtype), w.float().to(device), noise_mode="const")
+            assert all(t.dtype == dtype for t in got)
+            errors[backend] = [((g.double().cpu() - t).norm() / t.norm()).item() for g, t in zip(got, truth)]
+    unit = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    for fused, plain in zip(errors["triton"], errors["torch"]):
+        assert fused <= 2 * plain + 2 * unit, errors

@@ -2,8 +2,8 @@
 the conv's epilogue backward on the Triton backend, against the two layers run one after the
 other by the float64 reference backend.
 
-Without a GPU the Triton cases run in the interpreter (fp32, CPU tensors); with one they run
-compiled on CUDA in fp32 and bf16. Every case draws random inputs and random gradients for
+Without a GPU the Triton cases run in the interpreter (CPU tensors, fp32, fp16 and bf16); with
+one they run compiled on CUDA in the same dtypes. Every case draws random inputs and random gradients for
 both outputs (or for the image alone, as in the network's last block) and compares the two
 outputs and every gradient by ||a - ref|| / ||ref||.
 """
@@ -19,6 +19,7 @@ import torch
 from refinestyle_kernels import styled_conv2d_to_rgb
 from refinestyle_kernels.ops import modulated_conv2d as op_module
 from refinestyle_kernels.ops import styled_conv2d_to_rgb as rgb_module
+from triton_interpreter_bf16 import triton_test_device
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -279,15 +280,16 @@ def test_compiled_fp32_pair_matches_the_two_reference_layers(pair, monkeypatch):
     check_pair(pair, torch.float32, "cuda", 1e-4)
 
 
-@needs_cuda
 @pytest.mark.parametrize("pair", PAIRS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_compiled_half_precision_pair_matches_the_two_reference_layers(pair, dtype, monkeypatch):
-    """Without the activation's kink and the clamps: as in test_kernels_triton.py, a
-    pre-activation within rounding of a kink lands on either side in half precision."""
+def test_half_precision_pair_matches_the_two_reference_layers(pair, dtype, monkeypatch):
+    """Compiled on a GPU, in the interpreter without one. Without the activation's kink and
+    the clamps: as in test_kernels_triton.py, a pre-activation within rounding of a kink lands
+    on either side in half precision."""
+    device = triton_test_device(dtype)
     monkeypatch.setattr(op_module, "TRITON_AUTOTUNE", False)
     smooth = dataclasses.replace(pair, activate=False, clamp=None, rgb_clamp=None)
-    check_pair(smooth, dtype, "cuda", 1e-2 if dtype == torch.float16 else 3e-2)
+    check_pair(smooth, dtype, device, 1e-2 if dtype == torch.float16 else 3e-2)
 
 
 def module_pair(backend: str, dtype=torch.float32):

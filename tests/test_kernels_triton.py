@@ -1,9 +1,11 @@
 """The Triton backend of the fused refined modulated convolution, against the float64 reference.
 
 On a machine without a GPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1,
-set by conftest.py) on CPU tensors in float32. With a GPU the same cases run compiled on
-CUDA, in float32 (exact fp32 dots, and TF32) and in float16/bfloat16; the interpreter
-cases are then skipped (the interpreter is switched on only when there is no GPU).
+set by conftest.py) on CPU tensors in float32, and in float16/bfloat16 (bfloat16 with the
+interpreter's tl.dot fixed by tests/triton_interpreter_bf16.py). With a GPU the same cases
+run compiled on CUDA, in float32 (exact fp32 dots, and TF32) and in float16/bfloat16; the
+interpreter-only cases are then skipped (the interpreter is switched on only when there is
+no GPU).
 
 Every case draws fresh random inputs and a random output gradient, runs forward and
 backward, and compares the output and every gradient with the `reference` backend in
@@ -27,6 +29,7 @@ import torch
 import refinestyle_kernels
 from refinestyle_kernels import modulated_conv2d, styled_conv2d
 from refinestyle_kernels.ops import modulated_conv2d as op_module
+from triton_interpreter_bf16 import triton_test_device
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -1081,12 +1084,14 @@ def test_compiled_fp32_matches_reference(layer, precision, monkeypatch):
     check_layer(layer if precision == "ieee" else smooth(layer), torch.float32, "cuda", TOLERANCE[precision])
 
 
-@needs_cuda
 @pytest.mark.parametrize("layer", LAYERS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_compiled_half_precision_matches_reference(layer, dtype, monkeypatch):
+def test_half_precision_matches_reference(layer, dtype, monkeypatch):
+    """Compiled on a GPU; in the interpreter without one, where the kernels' half-precision
+    paths (which operands they keep in fp16/bf16, where they round) are the same code."""
+    device = triton_test_device(dtype)
     monkeypatch.setattr(op_module, "TRITON_AUTOTUNE", False)
-    check_layer(smooth(layer), dtype, "cuda", TOLERANCE[dtype])
+    check_layer(smooth(layer), dtype, device, TOLERANCE[dtype])
 
 
 @needs_cuda
