@@ -64,6 +64,54 @@ def _find_interpreter_problem() -> str | None:
     return None
 
 
+def triton_interpreter_bf16_problem() -> str | None:
+    """Why the Triton interpreter would compute bfloat16 wrongly, or None (also None when not
+    interpreting). The interpreter keeps bfloat16 as uint16 bit patterns: its tl.dot multiplies
+    them, and its float32 -> bfloat16 cast truncates (triton-lang/triton#11584). Found by
+    running both on a tiny kernel once, so a Triton that fixes them (or the test suite's own
+    fix, tests/triton_interpreter_bf16.py) passes."""
+    if not triton_interpreted():
+        return None
+    if "interpreter_bf16_problem" not in _probes:
+        _probes["interpreter_bf16_problem"] = _find_interpreter_bf16_problem()
+    return _probes["interpreter_bf16_problem"]
+
+
+def _find_interpreter_bf16_problem() -> str | None:
+    if not triton_available() or triton_interpreter_problem():
+        return None  # reported by triton_available / triton_interpreter_problem
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(a_ptr, b_ptr, product_ptr, cast_ptr, SIZE: tl.constexpr):
+        rows, columns = tl.arange(0, SIZE)[:, None], tl.arange(0, SIZE)[None, :]
+        a = tl.load(a_ptr + rows * SIZE + columns)
+        b = tl.load(b_ptr + rows * SIZE + columns)
+        tl.store(product_ptr + rows * SIZE + columns, tl.dot(a, b))
+        tl.store(cast_ptr + rows * SIZE + columns, (a.to(tl.float32) * 1.005859375).to(tl.bfloat16))
+
+    size = 16
+    a = (torch.arange(size * size, dtype=torch.float32).reshape(size, size) % 5 - 2).bfloat16()
+    b = torch.eye(size, dtype=torch.bfloat16)
+    product = torch.empty(size, size)
+    cast = torch.empty(size, size, dtype=torch.bfloat16)
+    try:
+        probe[(1,)](a, b, product, cast, SIZE=size)
+    except Exception as error:  # an interpreter that cannot run bf16 at all
+        return f"the Triton {triton.__version__} interpreter cannot run bfloat16 kernels ({type(error).__name__}: {error})"
+    # 1.005859375 = 1 + 3 * 2^-9 lies above halfway between two bfloat16 values: rounding to
+    # nearest gives 1 + 2^-7 (times the integer a), truncation gives a itself
+    expected_cast = (a.float() * 1.005859375).bfloat16()
+    if not torch.equal(product, a.float()) or not torch.equal(cast.view(torch.int16), expected_cast.view(torch.int16)):
+        return (
+            f"the Triton {triton.__version__} interpreter computes bfloat16 wrongly (tl.dot multiplies the bit "
+            "patterns and float32 -> bfloat16 truncates: triton-lang/triton#11584); use float32 or float16 in "
+            "the interpreter, or a GPU"
+        )
+    return None
+
+
 def check_backend(backend: str) -> str:
     """`backend` itself if it names a backend (one of BACKENDS, "auto" included); else ValueError."""
     if not isinstance(backend, str) or backend not in BACKENDS:

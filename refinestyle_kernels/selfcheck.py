@@ -25,6 +25,7 @@ from refinestyle_kernels.backend import (
     resolve_backend,
     triton_available,
     triton_interpreted,
+    triton_interpreter_bf16_problem,
     triton_interpreter_problem,
 )
 from refinestyle_kernels.ops.modulated_conv2d import styled_conv2d
@@ -116,6 +117,8 @@ def environment_report() -> dict:
             report["problems"].append("TRITON_INTERPRET=1 is set: the Triton kernels run in the slow interpreter")
     if triton_interpreted() and triton_interpreter_problem():
         report["problems"].append(triton_interpreter_problem())
+    elif triton_interpreted() and triton_interpreter_bf16_problem():
+        report["problems"].append(triton_interpreter_bf16_problem())
     return report
 
 

@@ -1,5 +1,7 @@
 """tests/triton_interpreter_bf16.py: the Triton interpreter, as the tests run it, computes
-bfloat16 dots and float32 -> bfloat16 casts as a GPU does (checked against torch's own)."""
+bfloat16 dots and float32 -> bfloat16 casts as a GPU does (checked against torch's own); and
+where an interpreter gets them wrong, the op says so instead of computing (the package's probe,
+`refinestyle_kernels.backend.triton_interpreter_bf16_problem`)."""
 from __future__ import annotations
 
 import os
@@ -67,3 +69,59 @@ def test_float32_to_bfloat16_rounds_to_nearest_even_like_torch():
     for got in (y, z):
         assert torch.equal(got[~nan].view(torch.int16), expected[~nan].view(torch.int16))
         assert got[nan].isnan().all()
+
+
+def _broken(monkeypatch, part: str) -> None:
+    """Put one of the interpreter's bf16 faults back (as Triton 3.6-3.9 have them)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if part == "dot":
+        def bit_pattern_dot(self, a, b, d, *args):
+            return interpreter.TensorHandle(np.matmul(a.data, b.data, dtype=d.data.dtype) + d.data, d.dtype.scalar)
+
+        monkeypatch.setattr(builder, "create_dot", bit_pattern_dot)
+    else:
+        fixed_cast, fixed_fp_to_fp = builder.cast_impl, builder.create_fp_to_fp
+
+        def truncate(src, dst_type):
+            if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+                bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+                return interpreter.TensorHandle((bits >> np.uint32(16)).astype(np.uint16), tl.bfloat16)
+            return None
+
+        def cast_impl(self, src, dst_type):
+            truncated = truncate(src, dst_type)
+            return fixed_cast(self, src, dst_type) if truncated is None else truncated
+
+        def fp_to_fp(self, src, dst_type, rounding_mode):
+            truncated = truncate(src, dst_type)
+            return fixed_fp_to_fp(self, src, dst_type, rounding_mode) if truncated is None else truncated
+
+        monkeypatch.setattr(builder, "cast_impl", cast_impl)
+        monkeypatch.setattr(builder, "create_fp_trunc", cast_impl)
+        monkeypatch.setattr(builder, "create_fp_to_fp", fp_to_fp)
+
+
+@pytest.mark.parametrize("part", ["dot", "cast"])
+def test_the_op_refuses_bfloat16_where_the_interpreter_gets_it_wrong(part, monkeypatch):
+    """A user debugging in the interpreter (say, autocast to bf16 on the CPU) gets an error that
+    says why, not numbers near 1e10 or quietly truncated ones."""
+    from refinestyle_kernels import backend, styled_conv2d
+
+    monkeypatch.setattr(backend, "_probes", {})  # probe afresh, and again after the test
+    assert backend.triton_interpreter_bf16_problem() is None  # with the tests' fix
+    _broken(monkeypatch, part)
+    monkeypatch.setattr(backend, "_probes", {})
+    problem = backend.triton_interpreter_bf16_problem()
+    assert problem and "triton-lang/triton#11584" in problem
+    x, weight, styles = torch.randn(1, 4, 3, 3), torch.randn(4, 4, 3, 3), torch.randn(1, 4)
+    with pytest.raises(RuntimeError, match=r'x: backend="triton" on bfloat16 CPU tensors: .*bfloat16 wrongly'):
+        styled_conv2d(x.bfloat16(), weight.bfloat16(), styles.bfloat16(), backend="triton")
+    # float32 and float16 are unaffected
+    for dtype in (torch.float32, torch.float16):
+        out = styled_conv2d(x.to(dtype), weight.to(dtype), styles.to(dtype), backend="triton")
+        expected = styled_conv2d(x.to(dtype).double(), weight.to(dtype).double(), styles.to(dtype).double(), backend="reference")
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 2e-3

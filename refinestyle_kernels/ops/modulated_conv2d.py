@@ -40,7 +40,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from refinestyle_kernels.backend import resolve_backend
+from refinestyle_kernels.backend import resolve_backend, triton_interpreter_bf16_problem
 from refinestyle_kernels.ops.upfirdn2d import make_blur_kernel, upfirdn2d
 
 LRELU_SLOPE = 0.2
@@ -3455,6 +3455,8 @@ def _triton_arguments(
         raise RuntimeError(f'backend="triton": Triton could not be imported ({_TRITON_IMPORT_ERROR})')
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f'x: backend="triton" takes float32, float16 or bfloat16 tensors, got {x.dtype}')
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and triton_interpreter_bf16_problem():
+        raise RuntimeError(f'x: backend="triton" on bfloat16 CPU tensors: {triton_interpreter_bf16_problem()}')
     if noise is not None and noise.requires_grad:
         raise ValueError('noise: backend="triton" gives no gradient for noise; pass noise.detach() (or use backend="torch")')
     if p is not None and p.shape[-2] > min(weight.shape[0], weight.shape[1]):
