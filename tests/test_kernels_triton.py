@@ -660,14 +660,14 @@ def test_products_blocks_and_tiles_per_program():
 @pytest.mark.parametrize("shape", [(3, 37, 5, 7), (2, 9, 300), (1, 1, 4)], ids=str)
 def test_sum_partials_matches_a_float64_sum(shape, over_batch, dtype):
     """`_sum_partials`: rows in several blocks (37 > 32), inner sizes past one 256-wide block,
-    a single row; summed in fp32 and rounded once, so within an fp32 sum's error of the float64
-    sum plus one rounding to the output dtype (a whole ulp for bf16: the interpreter converts
-    fp32 to bf16 toward zero, a GPU to nearest)."""
+    a single row; summed in fp32 and rounded once (to nearest, as on a GPU: the tests fix the
+    interpreter's truncating bf16 cast), so within an fp32 sum's error of the float64 sum plus
+    half an ulp of the output dtype."""
     partials = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
     result = op_module._sum_partials(partials, dtype, over_batch=over_batch)
     exact = partials.double().sum((0, 1) if over_batch else 1)
     assert result.dtype == dtype and result.shape == exact.shape
-    rounding = {torch.float32: 0.0, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-11}[dtype]
+    rounding = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
     error = (result.double() - exact).abs()
     assert torch.all(error <= rounding * exact.abs() + 1e-5 * (1 + exact.abs())), error.max()
 
