@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 
 import pytest
 import torch
@@ -105,10 +106,12 @@ def test_refined_generator_under_autocast_is_as_close_to_float64_as_the_referenc
         image.backward(gradient.to(image.dtype))
         return [image.detach(), latent.grad] + [p.grad.clone() for p in tokens.parameters()]
 
-    generator.double(), tokens.double()
+    generator.double()  # the truth: the literal formula in float64
+    tokens.double()
     w_plus, noise, gradient = w_plus.double(), [n.double() for n in noise], gradient.double()
     truth = run("reference")
-    generator.float(), tokens.float()
+    generator.float()  # float32 parameters, as `--bf16` training keeps them
+    tokens.float()
     w_plus, noise, gradient = w_plus.float(), [n.float() for n in noise], gradient.float()
     errors = {}
     for backend in ("triton", "reference"):
@@ -118,5 +121,4 @@ def test_refined_generator_under_autocast_is_as_close_to_float64_as_the_referenc
     fused, literal = errors["triton"], errors["reference"]
     assert fused[0] <= 2 * literal[0] + 2 * unit, ("image", errors)
     assert all(error < 1 for error in fused), errors  # finite, and no gradient lost
-    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
-    assert median(fused[1:]) <= 2 * median(literal[1:]) + 2 * unit, ("gradients", errors)
+    assert statistics.median(fused[1:]) <= 2 * statistics.median(literal[1:]) + 2 * unit, ("gradients", errors)
