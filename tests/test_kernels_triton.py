@@ -738,10 +738,25 @@ def test_epilogue_products_blocks_hold_every_channel():
 def test_autotuned_launch_path_runs_every_pruned_config(layer, monkeypatch):
     """The GPU path launches the conv kernel through triton.autotune. With a stand-in timer the
     autotuner runs here too: every config that survives pruning is launched (in the
-    interpreter), the last one benchmarked wins, and the result must match the reference."""
+    interpreter), the last one benchmarked wins, and the result must match the reference.
+    Before it benchmarks, every one of those configs was compiled in parallel (a warm-up run,
+    which compiles on a GPU and does nothing in the interpreter)."""
     import triton
 
     launches = itertools.count()
+    runs = {True: set(), False: set()}  # configs run with warmup=True (compile only) and for real
+    kernel = op_module._conv_gemm_kernel
+    run = kernel.run
+
+    def recording_run(*args, grid, warmup, **kwargs):
+        config = tuple(sorted((k, v) for k, v in kwargs.items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "TILE_W",
+                                                                          "SCALE_WEIGHT", "A_TMA", "num_warps")))
+        runs[warmup].add((kwargs["MODE"], kwargs["REDUCE_X"], config))
+        return run(*args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", recording_run)
+    monkeypatch.setattr(op_module, "CONV_COMPILE_THREADS", 4)
+    monkeypatch.setattr(op_module, "_CONV_BEST_CONFIG", {})  # tune afresh, whatever ran before
 
     def stand_in_timer(kernel_call, quantiles):
         kernel_call()
@@ -758,6 +773,30 @@ def test_autotuned_launch_path_runs_every_pruned_config(layer, monkeypatch):
     monkeypatch.setattr(op_module, "_interpreted", lambda: False)  # take the GPU branch of the launcher
     check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"])
     assert next(launches) > 2  # forward and grad x were each tuned over more than one config
+    assert len(runs[True]) > 2 and runs[True] == runs[False]
+
+
+@needs_interpreter
+def test_a_failed_parallel_compile_leaves_the_compiling_to_the_autotuner(monkeypatch):
+    import triton
+
+    tuned = triton.autotune(
+        configs=op_module._CONV_CONFIGS,
+        key=op_module.CONV_AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": op_module._prune_conv_configs},
+        do_bench=lambda kernel_call, quantiles: [kernel_call() or 1.0] * len(quantiles),
+    )(op_module._conv_gemm_kernel)
+
+    def broken_warmup(*args, **kwargs):
+        raise RuntimeError("no compiler today")
+
+    monkeypatch.setattr(tuned, "warmup", broken_warmup)
+    monkeypatch.setattr(op_module, "_conv_gemm_tuned", tuned)
+    monkeypatch.setattr(op_module, "_interpreted", lambda: False)
+    monkeypatch.setattr(op_module, "CONV_COMPILE_THREADS", 4)
+    monkeypatch.setattr(op_module, "_CONV_BEST_CONFIG", {})
+    with pytest.warns(UserWarning, match="in parallel failed: RuntimeError.'no compiler today'"):
+        check_layer(Layer(batch=1, tokens=None), torch.float32, "cpu", TOLERANCE["interpreted"])
 
 
 @needs_interpreter
@@ -1057,6 +1096,81 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         [sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0 and "compiled for sm_90" in result.stdout, result.stderr[-3000:]
+
+
+PARALLEL_COMPILE_WITHOUT_A_GPU = textwrap.dedent(
+    """
+    import os, tempfile
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # compile for real, not from a cache
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    class Hopper:  # what the JIT asks a driver before it compiles; nothing here launches
+        def get_current_target(self): return GPUTarget("cuda", 90, 32)
+        def get_current_device(self): return 0
+        def get_current_stream(self, device=None): return 0
+        def get_benchmarker(self): return lambda *args, **kwargs: [1.0]
+
+    driver.set_active(Hopper())
+    from refinestyle_kernels.ops import modulated_conv2d as op
+
+    op._interpreted = lambda: False  # the GPU branch of the launcher: autotuned
+    op.CONV_COMPILE_THREADS = 2
+    tuner = op._tuned_conv_gemm()
+    calls = []
+
+    class Benchmarking(Exception):
+        pass
+
+    def stop_before_benchmarking(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise Benchmarking
+
+    tuner.run = stop_before_benchmarking
+    batch, channels, size = 2, 64, 32
+    x = torch.randn(batch, size, size, channels, dtype=torch.bfloat16)
+    w = torch.randn(9, channels, channels, dtype=torch.bfloat16)
+    styles, ones = torch.randn(batch, channels, dtype=torch.bfloat16), torch.ones(batch, channels)
+    out = torch.empty_like(x)
+    try:
+        op._launch_conv_gemm(x, styles, w, None, None, ones, ones, out, mode=0, ksize=3, in_hw=(size, size),
+                             out_hw=(size, size), grid_hw=(size, size), box_z=True)
+    except Benchmarking:
+        pass
+    kernel_cache = op._conv_gemm_kernel.device_caches[0][0]
+    compiled = len(kernel_cache)
+    # what the autotuner's benchmark runs look up: every pruned config, each already compiled
+    (args, kwargs), = calls
+    kwargs = dict(kwargs)
+    grid, _ = kwargs.pop("grid"), kwargs.pop("warmup")
+    tuner.nargs = dict(zip(tuner.arg_names, args))
+    configs = tuner.prune_configs(kwargs)
+    for config in configs:
+        op._conv_gemm_kernel.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
+    print("configs", len(configs), "compiled before benchmarking", compiled, "after", len(kernel_cache))
+    """
+)
+
+
+@pytest.mark.skipif(op_module.triton is None or not hasattr(op_module.triton, "AsyncCompileMode"),
+                    reason="needs Triton >= 3.5 (triton.AsyncCompileMode)")  # fmt: skip
+def test_autotune_configs_compile_in_parallel_into_the_cache_the_autotuner_reads():
+    """`_compile_configs_in_parallel` for real, not in the interpreter: in a fresh process with a
+    stand-in driver that reports an H100 (nothing launches), the first autotuned launch of a
+    shape compiles every config that survives pruning before the autotuner benchmarks any, and
+    the autotuner's own lookups then find each one compiled under the same key."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(
+        [sys.executable, "-c", PARALLEL_COMPILE_WITHOUT_A_GPU], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    words = result.stdout.split()
+    configs, before, after = (int(words[words.index(name) + offset]) for name, offset in
+                              (("configs", 1), ("benchmarking", 1), ("after", 1)))  # fmt: skip
+    assert configs > 1 and before == configs and after == configs, result.stdout
 
 
 # ----------------------------------------------------------------------------------------------
