@@ -272,10 +272,13 @@ def test_selection_errors_are_clear():
 @pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter (conftest.py sets it without a GPU)"
 )
-def test_triton_implementation_runs_through_the_suite(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_triton_implementation_runs_through_the_suite(tmp_path, monkeypatch, dtype):
     """On CUDA the suite times backend="triton" per layer and through the generator. Here the same
     path (workload, generator modules on the triton backend, correctness guard, report) runs with
-    the kernels in the Triton interpreter: it must reach the kernels and pass the guard."""
+    the kernels in the Triton interpreter: it must reach the kernels and pass the guard, also in
+    bf16, the headline's dtype, where the guard's tolerance comes from the reference's own bf16
+    error (a guard that failed a correct fused path would stop a GPU run before any timing)."""
     from refinestyle_kernels.ops import modulated_conv2d as op_module
 
     launches = []
@@ -286,9 +289,10 @@ def test_triton_implementation_runs_through_the_suite(tmp_path, monkeypatch):
     monkeypatch.setattr(impl_module, "registry", lambda: known)
     argv = TINY + ["--layers", "convs.0", "--tokens", "4", "--mode", "fwdbwd", "--batch", "2",
                    "--impls", "reference,triton", "--no-plot", "--no-peaks", "--min-reps", "1", "--max-reps", "1",
-                   "--out", str(tmp_path)]  # fmt: skip
+                   "--dtype", dtype, "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     _, run = _only_json(tmp_path)
+    assert {r["dtype"] for r in run["results"]} == {"bfloat16" if dtype == "bf16" else "float32"}
     triton_records = [r for r in run["results"] if r["implementation"] == "triton"]
     assert {r["group"] for r in triton_records} == {"layer", "generator"}
     assert all(r["status"] == "ok" and r["family"] == "fused" for r in triton_records), triton_records
