@@ -2,19 +2,24 @@
 
     python -m benchmarks.host_overhead                     # on a machine without a GPU
     TRITON_INTERPRET=1 python -m benchmarks.host_overhead  # on a GPU machine (CPU tensors)
+    python -m benchmarks.host_overhead --triton-launches   # and Triton's own launch path
 
 The whole 1024 px training step on the H100 was host-bound (BENCHMARKS.md): its low-resolution
 layers cost more CPU time to issue than GPU time to run. This probe measures that host cost
-per implementation on tiny CPU tensors. The Triton launches are replaced by no-ops, so the
-`triton` row is the torch glue around the kernels: validation, demodulation, layout, token
-products and autograd. Add the Triton launches themselves, ~30-50 us each and 3-5 per layer,
-to compare it with the other rows, which run everything. The numbers are relative: a GPU
-machine's host adds CUDA launch costs, and its CPU may be slower than this one.
+per implementation on tiny CPU tensors. By default the Triton launches are replaced by no-ops,
+so the `triton` row is the torch glue around the kernels: validation, demodulation, layout,
+token products and autograd. With --triton-launches the probe runs again in a fresh process
+where every launch goes through Triton's real launch path (argument binding, specialisation,
+the autotuner's choice, the kernel cache) to a stand-in driver that reports an H100 and
+launches nothing (benchmarks/stand_in_driver.py): that row is the whole host cost except the
+CUDA launch call itself, a few microseconds a kernel. The kernels compile for sm_90 first (tens
+of seconds, not timed). The numbers are relative: a GPU machine's CPU may be slower than this one.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -22,7 +27,14 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-if not torch.cuda.is_available():  # the triton backend takes CPU tensors only under the interpreter
+# set in the child process that --triton-launches starts: kernels compiled, launched to a stand-in
+STAND_IN_LAUNCHES = os.environ.get("REFINESTYLE_STAND_IN_LAUNCHES") == "1"
+if STAND_IN_LAUNCHES:
+    os.environ.pop("TRITON_INTERPRET", None)
+    from benchmarks import stand_in_driver
+
+    STAND_IN = stand_in_driver.install()
+elif not torch.cuda.is_available():  # the triton backend takes CPU tensors only under the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from refinestyle_kernels import styled_conv2d  # noqa: E402
@@ -128,11 +140,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--tokens", type=int, default=4, help="L per sample (0: unrefined)")
     parser.add_argument("--upsample", action="store_true")
+    parser.add_argument("--triton-launches", action="store_true",
+                        help="time the triton row with Triton's own launch path (binding, specialisation, kernel "
+                             "cache) to a stand-in driver, in a fresh process; compiles the kernels for sm_90 first")
     args = parser.parse_args(argv)
+    if args.triton_launches and not STAND_IN_LAUNCHES:
+        env = dict(os.environ, REFINESTYLE_STAND_IN_LAUNCHES="1")
+        env.pop("TRITON_INTERPRET", None)
+        child = list(sys.argv[1:] if argv is None else argv)
+        return subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", *child], env=env).returncode
     torch.set_num_threads(1)
-    _stub_triton_launches()
+    if STAND_IN_LAUNCHES:
+        stand_in_driver.run_on_cpu_tensors()
+        triton_row = "triton (Triton launch path)"
+    else:
+        _stub_triton_launches()
+        triton_row = "triton (launches stubbed)"
     implementations = {
-        "triton (launches stubbed)": lambda *a, **k: styled_conv2d(*a, backend="triton", **k),
+        triton_row: lambda *a, **k: styled_conv2d(*a, backend="triton", **k),
         "torch": lambda *a, **k: styled_conv2d(*a, backend="torch", **k),
         "nvlabs": nvlabs_styled_conv2d,
         "reference": lambda *a, **k: styled_conv2d(*a, backend="reference", **k),
@@ -140,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host time per layer fwd+bwd (B=2, 8 channels, 4x4, L={args.tokens}, 1 CPU thread):")
     for name, op in implementations.items():
         micros = host_time_us(op, 2, 8, 4, args.tokens, args.upsample, args.calls)
+        launched = STAND_IN.launches if STAND_IN_LAUNCHES else 0
         ops = aten_op_count(op, 2, 8, 4, args.tokens, args.upsample)
-        print(f"  {name:28s} {micros:8.0f} us  {ops:4d} aten ops")
+        # aten_op_count runs two steps: a warm-up and the counted one
+        launches = f"  {(STAND_IN.launches - launched) // 2:3d} Triton launches" if STAND_IN_LAUNCHES else ""
+        print(f"  {name:28s} {micros:8.0f} us  {ops:4d} aten ops{launches}")
     return 0
 
 

@@ -5,8 +5,10 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -334,6 +336,27 @@ def test_host_overhead_probe_times_every_implementation(monkeypatch):
         for backend in ("triton", "reference")
     }
     assert 0 < counts["triton"] < counts["reference"]  # 66 against 90 when this was written
+
+
+@pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
+def test_host_overhead_probe_times_tritons_own_launch_path():
+    """--triton-launches: a fresh process outside the interpreter, every launch through Triton's
+    real launch path to the stand-in driver (benchmarks/stand_in_driver.py), which counts them."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.host_overhead", "--triton-launches", "--calls", "3"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {
+        name: (int(ops), int(launches))
+        for name, ops, launches in re.findall(r"  (\S+).*?\d+ us\s+(\d+) aten ops\s+(\d+) Triton launches", result.stdout)
+    }
+    assert set(rows) == {"triton", "torch", "nvlabs", "reference"}, result.stdout
+    assert rows["triton"][1] >= 5 and rows["reference"][1] == 0  # the fwd+bwd's kernels, each launched
+    assert rows["triton"][0] < rows["reference"][0], result.stdout
 
 
 def _headline_record(implementation: str, family: str, median_ms: float, memory: int, **overrides) -> dict:

@@ -1104,7 +1104,7 @@ PARALLEL_COMPILE_WITHOUT_A_GPU = textwrap.dedent(
     import os, tempfile
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # compile for real, not from a cache
     import torch
-    import stand_in_driver
+    from benchmarks import stand_in_driver
 
     stand_in_driver.install()
     stand_in_driver.run_on_cpu_tensors()
@@ -1151,7 +1151,7 @@ TRAINING_STEP_WITHOUT_A_GPU = textwrap.dedent(
     import os, tempfile
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
     import torch
-    import stand_in_driver
+    from benchmarks import stand_in_driver
 
     hopper = stand_in_driver.install()
     stand_in_driver.run_on_cpu_tensors(tma=True)
@@ -1178,9 +1178,9 @@ TRAINING_STEP_WITHOUT_A_GPU = textwrap.dedent(
 
 
 def _run_without_a_gpu(script: str) -> str:
-    """Run a script in a fresh process outside the interpreter, with tests/ importable; its stdout."""
+    """Run a script in a fresh process outside the interpreter; its stdout."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = [root, os.path.join(root, "tests"), os.environ.get("PYTHONPATH", "")]
+    path = [root, os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
@@ -1193,7 +1193,7 @@ def test_a_refined_bf16_training_step_compiles_and_passes_the_launch_checks_with
     """Every kernel launch of a refined bf16 training step (forward, and backward to w+ and the
     tokens) through Triton's real JIT: argument binding and specialisation as the launches make
     them, the compile for sm_90, and the launch-time limits of an H100 (shared memory, threads),
-    with a stand-in driver (tests/stand_in_driver.py) whose launches do nothing. The channel
+    with a stand-in driver (benchmarks/stand_in_driver.py) whose launches do nothing. The channel
     counts (512 to 32) take every route the 1024 px network takes: the separate and the fused
     projection, the toRGB in the conv's epilogue, the epilogue and grad-x token products, TMA
     loads. This catches what the interpreter cannot: a kernel ptxas rejects, an argument the JIT

@@ -793,6 +793,12 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host's grid arithmetic: `triton.cdiv` is a constexpr function whose
+    call from Python costs microseconds, a dozen times a layer."""
+    return -(-a // b)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -2369,8 +2375,8 @@ def _launch_conv_gemm(
     phases = 4 if mode == 2 else 1
 
     def grid(meta):
-        chunks = triton.cdiv(phases * _pixel_tiles(*grid_hw, meta["BLOCK_M"], meta["TILE_W"]), tiles_per_program)
-        return (chunks * triton.cdiv(n, meta["BLOCK_N"]), batch)
+        chunks = _cdiv(phases * _pixel_tiles(*grid_hw, meta["BLOCK_M"], meta["TILE_W"]), tiles_per_program)
+        return (chunks * _cdiv(n, meta["BLOCK_N"]), batch)
 
     if _interpreted() or not TRITON_AUTOTUNE:
         # the interpreter pays per program, not per element: one big tile
@@ -2498,14 +2504,14 @@ def _blur_blocks(batch: int, dst_h: int, dst_w: int, channels: int, backward: bo
     if backward:
         block_w = 16 if dst_w <= 16 - overlap else 32
         block_n = min(max(16, _next_pow2(channels)), 1024 // block_w)
-        column_blocks = triton.cdiv(dst_w, block_w - overlap)
+        column_blocks = _cdiv(dst_w, block_w - overlap)
     else:
         block_n = min(64, max(16, _next_pow2(channels)))
         block_w = min(_next_pow2(dst_w), 1024 // block_n)
-        column_blocks = triton.cdiv(dst_w, block_w)
-    programs = column_blocks * triton.cdiv(channels, block_n) * batch
+        column_blocks = _cdiv(dst_w, block_w)
+    programs = column_blocks * _cdiv(channels, block_n) * batch
     rows = BLUR_MAX_ROWS
-    while rows > 4 and programs * triton.cdiv(dst_h, rows) < BLUR_MIN_PROGRAMS:
+    while rows > 4 and programs * _cdiv(dst_h, rows) < BLUR_MIN_PROGRAMS:
         rows //= 2
     return block_w, block_n, rows, column_blocks
 
@@ -2529,7 +2535,7 @@ def _launch_blur(
     batch, src_h, src_w, channels = src.shape
     dst_h, dst_w = dst.shape[1], dst.shape[2]
     block_w, block_n, rows, column_blocks = _blur_blocks(batch, dst_h, dst_w, channels, backward)
-    grid = (column_blocks * triton.cdiv(channels, block_n), triton.cdiv(dst_h, rows), batch)
+    grid = (column_blocks * _cdiv(channels, block_n), _cdiv(dst_h, rows), batch)
     sums = _alloc((3, batch, column_blocks * grid[1], channels), torch.float32, src.device) if backward else None
     _observe_launch(name, (src, saved, demod, noise, noise_strength, bias), (dst, sums))
     if src.device.type == "meta":
@@ -2615,10 +2621,10 @@ def _sum_over_pixels(
     block_l = min(64, max(16, _next_pow2(rank)))
     block_c = min(64, max(16, _next_pow2(channels)))
     block_p = 64
-    tiles = triton.cdiv(rank, block_l) * triton.cdiv(channels, block_c)
-    splits = min(triton.cdiv(pixels, PIXEL_REDUCTION_MIN_PIXELS), PIXEL_REDUCTION_PROGRAMS // (batch * tiles))
-    pixels_per_split = triton.cdiv(triton.cdiv(pixels, max(1, splits)), block_p) * block_p
-    splits = triton.cdiv(pixels, pixels_per_split)
+    tiles = _cdiv(rank, block_l) * _cdiv(channels, block_c)
+    splits = min(_cdiv(pixels, PIXEL_REDUCTION_MIN_PIXELS), PIXEL_REDUCTION_PROGRAMS // (batch * tiles))
+    pixels_per_split = _cdiv(_cdiv(pixels, max(1, splits)), block_p) * block_p
+    splits = _cdiv(pixels, pixels_per_split)
     partials = _alloc((batch, splits, rank, channels), torch.float32, a.device)
     stride_bb, stride_by, stride_bx, stride_bc = b.stride()
     if stride_by != out_w * stride_bx:
@@ -2655,7 +2661,7 @@ def _sum_partials(partials: torch.Tensor, dtype: torch.dtype, *, over_batch: boo
         return out.zero_()
     block_i = min(256, _next_pow2(inner))
     block_r = min(_next_pow2(rows), max(1, 2048 // block_i))
-    _sum_partials_kernel[(triton.cdiv(inner, block_i), outer)](
+    _sum_partials_kernel[(_cdiv(inner, block_i), outer)](
         partials, out, rows, inner, BLOCK_R=block_r, BLOCK_I=block_i, num_warps=4
     )
     return out
@@ -2696,9 +2702,9 @@ def _launch_epilogue_products(
     rgb_channels = rgb_grad.shape[1] if rgb_grad is not None else 0
     block_p, block_l, block_n, num_warps = _epilogue_products_blocks(in_channels, out_channels)
     pixels = out_h * out_w
-    splits = min(triton.cdiv(pixels, PIXEL_REDUCTION_MIN_PIXELS), max(1, PIXEL_REDUCTION_PROGRAMS // batch))
-    pixels_per_split = triton.cdiv(triton.cdiv(pixels, splits), block_p) * block_p
-    splits = triton.cdiv(pixels, pixels_per_split)
+    splits = min(_cdiv(pixels, PIXEL_REDUCTION_MIN_PIXELS), max(1, PIXEL_REDUCTION_PROGRAMS // batch))
+    pixels_per_split = _cdiv(_cdiv(pixels, splits), block_p) * block_p
+    splits = _cdiv(pixels, pixels_per_split)
     sums = _alloc((3 + rgb_channels, batch, splits, out_channels), torch.float32, out.device)
     partials = _alloc((batch, splits, in_channels, out_channels), torch.float32, out.device)
     _observe_launch(
@@ -2726,6 +2732,10 @@ def _launch_epilogue_products(
 # through their residual R = p^T q instead, for any L.
 TRITON_DEMODULATION_MAX_TOKENS = 64
 
+# the device types whose tensors the Triton kernels take as they come (besides CPU tensors in
+# the interpreter); benchmarks/stand_in_driver.py adds "cpu" to time and compile the GPU path
+KERNEL_DEVICE_TYPES = ("cuda", "meta")
+
 
 def _shared_tokens(p: torch.Tensor) -> bool:
     """Whether tokens p ([L, C] or [B, L, C]) are one set for the whole batch."""
@@ -2739,7 +2749,7 @@ def _triton_demodulation_applies(weight, styles, p) -> bool:
     if triton is None or torch.compiler.is_compiling() or weight.requires_grad:
         return False
     # meta tensors: planned like CUDA ones (benchmarks.memory, benchmarks.traffic); nothing runs
-    if weight.device.type not in ("cuda", "meta") and not (weight.device.type == "cpu" and _interpreted()):
+    if weight.device.type not in KERNEL_DEVICE_TYPES and not (weight.device.type == "cpu" and _interpreted()):
         return False
     if weight.dtype == torch.float64 or styles.dtype == torch.float64:
         return False
@@ -2799,7 +2809,7 @@ def _demodulation_forward(weight, styles, p, q, scale, eps) -> tuple[torch.Tenso
     _observe_launch("demodulation", (styles, s1, s2, p, q, t, c), (demod, energy, u, gp))
     if device.type != "meta":  # meta tensors hold no data: nothing to compute
         tokens = not residual and p is not None
-        _demodulation_kernel[(triton.cdiv(out_channels, block_o), batch)](
+        _demodulation_kernel[(_cdiv(out_channels, block_o), batch)](
             styles, s1, s2, p if tokens else s1, q if tokens else s1, demod, energy,
             u if u is not None else demod, gp if gp is not None else demod,
             t if residual else s1, c if residual else demod,
@@ -2850,7 +2860,7 @@ def _demodulation_backward(saved, options, grad_demod, needs, accumulate=(None, 
     if residual:
         grad_energy = _alloc((batch, out_channels), torch.float32, styles.device)
     block_o, block_i, block_l, warps = _demodulation_blocks(in_channels, out_channels, rank, backward=True)
-    programs = triton.cdiv(in_channels, block_i) + (triton.cdiv(out_channels, block_o) if p is not None else 0)
+    programs = _cdiv(in_channels, block_i) + (_cdiv(out_channels, block_o) if p is not None else 0)
     grad_demod = grad_demod.contiguous()
     added_to = ([grad_styles] if into_styles else []) + ([grad_p, grad_q] if into_tokens else [])
     _observe_launch(
@@ -3067,7 +3077,7 @@ def _launch_epilogue_backward(
     """
     batch, out_channels, out_h, out_w = out.shape
     block_m, block_n = _pointwise_blocks(out_h * out_w, out_channels, 1024 if grad is None else 2048)
-    m_tiles = triton.cdiv(out_h * out_w, block_m)
+    m_tiles = _cdiv(out_h * out_w, block_m)
     rgb_grad, rgb_mix, rgb_out, _ = rgb if rgb is not None else (None, None, None, None)
     if grad is None and rgb_grad is None:
         raise ValueError("_launch_epilogue_backward: neither grad nor a toRGB gradient was given")
@@ -3082,7 +3092,7 @@ def _launch_epilogue_backward(
         grad, out, sums, demod=demod, noise=noise, noise_strength=noise_strength, bias=bias, activate=activate,
         clamp=clamp, rgb=rgb,
     )  # fmt: skip
-    _epilogue_backward_kernel[(m_tiles, triton.cdiv(out_channels, block_n), batch)](
+    _epilogue_backward_kernel[(m_tiles, _cdiv(out_channels, block_n), batch)](
         *pointers, g, sums, out_h, out_w, out_channels, *strides, *bounds, **flags,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip

@@ -1,10 +1,14 @@
-"""A stand-in Triton driver that reports an H100 (sm_90) and launches nothing (tests only).
+"""A stand-in Triton driver that reports an H100 (sm_90) and launches nothing.
 
 With it, a process without a GPU runs Triton's real JIT path for every kernel launch: argument
 binding and specialisation, the compile for sm_90 (ptxas included), and the launch-time checks
 of shared memory and threads against an H100's limits; only the launch itself does nothing, so
 outputs are left as allocated. Install it before the first kernel launch, in a process where
 TRITON_INTERPRET is unset, and route the op's CUDA-only checks to it with `run_on_cpu_tensors`.
+
+The tests use it to compile whole training steps for the GPU on CI (tests/test_kernels_triton.py);
+`python -m benchmarks.host_overhead --triton-launches` uses it to time Triton's own launch path
+(binding, specialisation, cache lookup) on the host, which the CUDA launch call then follows.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ class StandInHopper:
 
     def __init__(self):
         self.loaded: list[str] = []  # one entry per kernel binary loaded for a launch
+        self.launches = 0  # launches that reached the (doing-nothing) launcher
 
     def get_current_target(self):
         from triton.backends.compiler import GPUTarget
@@ -42,7 +47,11 @@ class StandInHopper:
 
     def launcher_cls(self, src, metadata):
         self.loaded.append(getattr(metadata, "name", "?"))
-        return lambda *args: None
+
+        def launch(*args):
+            self.launches += 1
+
+        return launch
 
 
 def install() -> StandInHopper:
@@ -61,7 +70,11 @@ def run_on_cpu_tensors(tma: bool = False) -> None:
 
     op._interpreted = lambda: False
     for module in (op, pair):
-        module.resolve_backend = lambda backend, device: "triton"
+        resolve = module.resolve_backend  # the other backends resolve as before
+        module.resolve_backend = lambda backend, device, resolve=resolve: (
+            "triton" if backend == "triton" else resolve(backend, device)
+        )
     op.triton_interpreter_bf16_problem = lambda: None
+    op.KERNEL_DEVICE_TYPES = (*op.KERNEL_DEVICE_TYPES, "cpu")
     if tma:
         op._has_tma = lambda device: True
