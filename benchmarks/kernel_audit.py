@@ -312,9 +312,10 @@ OTHER_KERNELS = (
         for rank in (32, 64) for backward in (False, True)
         for blocks in [op_module._demodulation_blocks(512, 512, rank, backward)]
     ),
-    # grad p's per-program partials of the 1024 px layer (L = 32, 32 channels) finished in bf16
-    OtherKernel("sum of per-program partials", "_sum_partials_kernel", dict(BLOCK_R=8, BLOCK_I=256),
-                dict(partial_ptr=_FP32)),
+    # a 1024 px layer's per-program partials (L = 32, 32 channels), grad s, p and q finished
+    # together in bf16 by one launch
+    OtherKernel("sum of per-program partials (3 jobs)", "_sum_partials_kernel", dict(BLOCK_R=8, BLOCK_I=256),
+                dict.fromkeys(("partial_ptr", "partial1_ptr", "partial2_ptr"), _FP32)),
     *(
         OtherKernel(f"demodulation{' backward' if backward else ''}, shared residual",
                     "_demodulation_backward_kernel" if backward else "_demodulation_kernel",

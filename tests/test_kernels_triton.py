@@ -532,9 +532,9 @@ def test_triton_backend_runs_the_triton_kernels(monkeypatch):
     launched.clear()
     check_layer(Layer(), torch.float32, "cpu", TOLERANCE["interpreted"], seed=9)
     # forward: the conv with its epilogue; backward: epilogue backward, grad-x conv with the
-    # token gradients, whose per-program sums are finished in one launch each: grad p and grad s
+    # token gradients, whose per-program sums are finished in one launch: grad p and grad s
     # (7 tokens > 5 input channels: q is the refactoring's identity, with no gradient)
-    finish = ["_sum_partials_kernel"] * 2
+    finish = ["_sum_partials_kernel"]
     assert launched == ["_conv_gemm_kernel", "_epilogue_backward_kernel", "_conv_gemm_kernel", *finish], launched
     launched.clear()
     check_layer(Layer(tokens=None), torch.float32, "cpu", TOLERANCE["interpreted"], seed=9)
@@ -673,6 +673,28 @@ def test_sum_partials_matches_a_float64_sum(shape, over_batch, dtype):
     assert torch.all(error <= rounding * exact.abs() + 1e-5 * (1 + exact.abs())), error.max()
 
 
+@needs_interpreter
+def test_sum_partials_together_finishes_each_job_as_alone():
+    """Three jobs of different shapes, dtypes and reductions in one launch (a layer's grad s, p
+    and q partials), and jobs with no rows or no outputs beside them: each result must equal
+    `_sum_partials` of that job alone, bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    jobs = [
+        (torch.randn(3, 5, 300, generator=gen), torch.float32, False),  # grad s: [B, R, Cin]
+        (torch.randn(3, 37, 4, 9, generator=gen), torch.bfloat16, True),  # shared grad p, over the batch
+        (torch.randn(3, 2, 4, 7, generator=gen), torch.float16, False),  # per-sample grad q
+    ]
+    together = op_module._sum_partials_together(jobs)
+    for (partials, dtype, over_batch), result in zip(jobs, together):
+        alone = op_module._sum_partials(partials, dtype, over_batch=over_batch)
+        assert result.dtype == dtype and torch.equal(result, alone)
+    no_rows = torch.zeros(2, 0, 5)
+    empty, summed = op_module._sum_partials_together([(no_rows, torch.float32, False), jobs[0]])
+    assert torch.equal(empty, torch.zeros(2, 5)) and torch.equal(summed, together[0])
+    with pytest.raises(ValueError, match="jobs: expected 1 to 3"):
+        op_module._sum_partials_together(jobs + jobs[:1])
+
+
 def test_sum_partials_refuses_what_it_cannot_read_and_plans_on_meta():
     with pytest.raises(ValueError, match="partials"):
         op_module._sum_partials(torch.zeros(2, 3, dtype=torch.float64), torch.float32)
@@ -715,7 +737,7 @@ def test_layer_glue_launches(upsample, monkeypatch):
     kernels = [launch.kernel for launch in recorder.launches]
     glue = {phase: sorted(l.kernel for l in recorder.launches if l.phase == phase and l.kernel.startswith("aten."))
             for phase in ("forward", "backward")}  # fmt: skip
-    assert kernels.count("sum_partials") == 3, kernels  # grad p, grad q, grad s
+    assert kernels.count("sum_partials") == 1, kernels  # grad p, grad q and grad s, finished together
     assert glue == {"forward": [], "backward": ["aten.sum"]}, glue
     assert kernels.count("demodulation") == kernels.count("demodulation_backward") == 1, kernels
 

@@ -1751,29 +1751,53 @@ if triton is not None:
         tl.store(out, acc, mask=l_ok[:, None] & c_ok[None, :])
 
     @triton.jit
+    def _sum_rows(partial_ptr, out_ptr, OUTER, ROWS, INNER, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+        """out[o, i] = sum over r of partial[o, r, i] for program (i block, o), if it is in range."""
+        if (tl.program_id(1) < OUTER) & (tl.program_id(0) * BLOCK_I < INNER):
+            outer = tl.program_id(1).to(tl.int64)
+            offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+            i_ok = offs_i < INNER
+            acc = tl.zeros((BLOCK_R, BLOCK_I), dtype=tl.float32)
+            for r0 in range(0, ROWS, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                acc += tl.load(
+                    partial_ptr + (outer * ROWS + offs_r)[:, None] * INNER + offs_i[None, :],
+                    mask=(offs_r < ROWS)[:, None] & i_ok[None, :],
+                    other=0.0,
+                )
+            total = tl.sum(acc, axis=0)
+            tl.store(out_ptr + outer * INNER + offs_i, total.to(out_ptr.dtype.element_ty), mask=i_ok)
+
+    @triton.jit
     def _sum_partials_kernel(
         partial_ptr,  # [OUTER, ROWS, INNER] fp32 contiguous
         out_ptr,  # [OUTER, INNER] contiguous, any float dtype
+        OUTER,
         ROWS,
         INNER,
+        partial1_ptr,  # a second and a third such job (program_id(2) picks the job)
+        out1_ptr,
+        OUTER1,
+        ROWS1,
+        INNER1,
+        partial2_ptr,
+        out2_ptr,
+        OUTER2,
+        ROWS2,
+        INNER2,
         BLOCK_R: tl.constexpr,
         BLOCK_I: tl.constexpr,
     ):
         """out[o, i] = sum over r of partial[o, r, i], in fp32 and in a fixed order (the same
-        result every run), rounded once to out's dtype. Program (i block, o)."""
-        outer = tl.program_id(1).to(tl.int64)
-        offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
-        i_ok = offs_i < INNER
-        acc = tl.zeros((BLOCK_R, BLOCK_I), dtype=tl.float32)
-        for r0 in range(0, ROWS, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            acc += tl.load(
-                partial_ptr + (outer * ROWS + offs_r)[:, None] * INNER + offs_i[None, :],
-                mask=(offs_r < ROWS)[:, None] & i_ok[None, :],
-                other=0.0,
-            )
-        total = tl.sum(acc, axis=0)
-        tl.store(out_ptr + outer * INNER + offs_i, total.to(out_ptr.dtype.element_ty), mask=i_ok)
+        result every run), rounded once to out's dtype; up to three such sums of different
+        shapes and dtypes in one launch. Program (i block, o, job)."""
+        job = tl.program_id(2)
+        if job == 0:
+            _sum_rows(partial_ptr, out_ptr, OUTER, ROWS, INNER, BLOCK_R, BLOCK_I)
+        elif job == 1:
+            _sum_rows(partial1_ptr, out1_ptr, OUTER1, ROWS1, INNER1, BLOCK_R, BLOCK_I)
+        else:
+            _sum_rows(partial2_ptr, out2_ptr, OUTER2, ROWS2, INNER2, BLOCK_R, BLOCK_I)
 
     @triton.jit
     def _epilogue_products_kernel(
@@ -2645,26 +2669,41 @@ def _sum_partials(partials: torch.Tensor, dtype: torch.dtype, *, over_batch: boo
     [B, *S] (or [*S] summed over B too, when over_batch) in `dtype`, summed in fp32 and rounded
     once. One launch of `_sum_partials_kernel`, where torch takes two (sum, then the cast).
     """
-    if partials.dtype != torch.float32 or not partials.is_contiguous() or partials.ndim < 2:
-        raise ValueError(
-            f"partials: expected a contiguous fp32 [B, R, ...] tensor, got {partials.dtype} {tuple(partials.shape)}"
-        )
-    batch, rows, *inner_shape = partials.shape
-    outer = 1 if over_batch else batch
-    rows = rows * batch // outer
-    inner = math.prod(inner_shape)
-    out = torch.empty(((outer,) if not over_batch else ()) + tuple(inner_shape), dtype=dtype, device=partials.device)
-    _observe_launch("sum_partials", (partials,), (out,))
-    if partials.device.type == "meta" or out.numel() == 0:  # meta tensors hold no data: nothing to compute
-        return out
-    if rows == 0:
-        return out.zero_()
-    block_i = min(256, _next_pow2(inner))
-    block_r = min(_next_pow2(rows), max(1, 2048 // block_i))
-    _sum_partials_kernel[(_cdiv(inner, block_i), outer)](
-        partials, out, rows, inner, BLOCK_R=block_r, BLOCK_I=block_i, num_warps=4
-    )
-    return out
+    return _sum_partials_together([(partials, dtype, over_batch)])[0]
+
+
+def _sum_partials_together(jobs: list) -> list:
+    """`_sum_partials` of up to three (partials, dtype, over_batch) jobs, in one launch: a
+    layer's grad s, grad p and grad q partials are finished together (each launch costs ~25 us
+    of host time, more than these sums' GPU time). Returns the sums in the jobs' order."""
+    if not 1 <= len(jobs) <= 3:
+        raise ValueError(f"jobs: expected 1 to 3 (partials, dtype, over_batch) jobs, got {len(jobs)}")
+    prepared, outs = [], []
+    for partials, dtype, over_batch in jobs:
+        if partials.dtype != torch.float32 or not partials.is_contiguous() or partials.ndim < 2:
+            raise ValueError(
+                f"partials: expected a contiguous fp32 [B, R, ...] tensor, got {partials.dtype} {tuple(partials.shape)}"
+            )
+        batch, rows, *inner_shape = partials.shape
+        outer = 1 if over_batch else batch
+        out = torch.empty(((outer,) if not over_batch else ()) + tuple(inner_shape), dtype=dtype, device=partials.device)
+        outs.append(out)
+        prepared.append((partials, out, outer, rows * batch // outer, math.prod(inner_shape)))
+    _observe_launch("sum_partials", tuple(job[0] for job in prepared), tuple(outs))
+    if prepared[0][0].device.type == "meta":  # meta tensors hold no data: nothing to compute
+        return outs
+    for _, out, _, rows, _ in prepared:
+        if rows == 0:
+            out.zero_()
+    prepared = [job for job in prepared if job[1].numel() > 0 and job[3] > 0]
+    if not prepared:
+        return outs
+    block_i = min(256, _next_pow2(max(job[4] for job in prepared)))
+    block_r = min(_next_pow2(max(job[3] for job in prepared)), max(1, 2048 // block_i))
+    grid = (max(_cdiv(job[4], block_i) for job in prepared), max(job[2] for job in prepared), len(prepared))
+    slots = prepared + [prepared[0]] * (3 - len(prepared))  # unused slots: no program runs them
+    _sum_partials_kernel[grid](*(value for job in slots for value in job), BLOCK_R=block_r, BLOCK_I=block_i, num_warps=4)
+    return outs
 
 
 # A plain layer whose token gradients take the fused route (M = box(x)^T g) runs its epilogue
@@ -2885,8 +2924,8 @@ def _demodulation_backward(saved, options, grad_demod, needs, accumulate=(None, 
         grad_p = (q @ grad_r.t()).to(p_dtype).reshape(p_shape)  # R = p^T q: grad p = q grad_R^T
         grad_q = (p @ grad_r).to(q_dtype).reshape(q_shape)
     elif shared:  # back to [L, C], summed over the batch in fp32 and rounded once
-        grad_p = _sum_partials(grad_p[None], p_dtype, over_batch=True).reshape(p_shape)
-        grad_q = _sum_partials(grad_q[None], q_dtype, over_batch=True).reshape(q_shape)
+        grad_p, grad_q = _sum_partials_together([(grad_p[None], p_dtype, True), (grad_q[None], q_dtype, True)])
+        grad_p, grad_q = grad_p.reshape(p_shape), grad_q.reshape(q_shape)
     elif tokens and not into_tokens and grad_p.shape != p_shape:
         grad_p, grad_q = grad_p.reshape(p_shape), grad_q.reshape(q_shape)
     if need_styles and add_styles is not None and not into_styles:
@@ -3228,17 +3267,27 @@ def _triton_backward(
             box_z=True, q=p3.to(grad_dtype) if fused else None, x=x_nhwc if (need_styles or conv_products) else None,
             sum_x=need_styles, token_products=conv_products, alpha_scale=scale,
         )  # fmt: skip
-        if conv_products:  # grad p = q M and grad q = p M^T, summed by the launch without M
+        # the launch's per-program sums, finished in one launch: grad s, and with the token
+        # products grad p = q M and grad q = p M^T (shared tokens: summed over the batch too)
+        sums = {}
+        if conv_products:
             partial_styles, partial_p, partial_q = partial_styles
-            shared = p3.shape[0] == 1  # shared tokens: summed over the batch too
+            shared = p3.shape[0] == 1
             if need_p:
-                grad_p = _sum_partials(partial_p, p.dtype, over_batch=shared).reshape(p.shape)
+                sums["p"] = (partial_p, p.dtype, shared)
             if need_q:
-                grad_q = _sum_partials(partial_q, q.dtype, over_batch=shared).reshape(q.shape)
+                sums["q"] = (partial_q, q.dtype, shared)
+        if need_styles:
+            sums["styles"] = (partial_styles, styles.dtype, False)
+        finished = dict(zip(sums, _sum_partials_together(list(sums.values())))) if sums else {}
+        if "p" in finished:
+            grad_p = finished["p"].reshape(p.shape)
+        if "q" in finished:
+            grad_q = finished["q"].reshape(q.shape)
+        if need_styles:
+            grad_styles = finished["styles"]
         if need_x:
             grad_x = grad_x_nhwc.permute(0, 3, 1, 2)
-        if need_styles:
-            grad_styles = _sum_partials(partial_styles, styles.dtype)
     del gz
 
     # 5. the weight gradient, only when asked: one dense conv weight-gradient against x * s
