@@ -55,6 +55,8 @@ class StandInHopper:
 
 
 def install() -> StandInHopper:
+    """Make a new `StandInHopper` Triton's active driver for this process and return it (its
+    `loaded` and `launches` count what reached it)."""
     from triton.runtime.driver import driver
 
     stand_in = StandInHopper()
