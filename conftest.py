@@ -27,8 +27,9 @@ def pytest_configure(config):
         problem = triton_interpreter_problem()
         if problem:
             raise pytest.UsageError(problem)
-        # the interpreter's own tl.dot multiplies bfloat16 bit patterns; tests/ fixes that, so
-        # the kernels' bf16 paths are checked here too (tests/triton_interpreter_bf16.py)
+        # the interpreter's own tl.dot multiplies bfloat16 bit patterns and its fp32 -> bf16 cast
+        # truncates; tests/ fixes both, so the kernels' bf16 paths are checked here too
+        # (tests/triton_interpreter_bf16.py)
         import triton_interpreter_bf16
 
         triton_interpreter_bf16.install()

@@ -676,8 +676,9 @@ def test_sum_partials_matches_a_float64_sum(shape, over_batch, dtype):
 @needs_interpreter
 def test_sum_partials_together_finishes_each_job_as_alone():
     """Three jobs of different shapes, dtypes and reductions in one launch (a layer's grad s, p
-    and q partials), and jobs with no rows or no outputs beside them: each result must equal
-    `_sum_partials` of that job alone, bit for bit."""
+    and q partials), and a job with no rows beside another: each result has the shape and
+    dtype `_sum_partials` of that job alone gives, and is within one rounding of the float64
+    sum (the launch's block sizes, so the fp32 summation order, may differ from the job alone)."""
     gen = torch.Generator().manual_seed(3)
     jobs = [
         (torch.randn(3, 5, 300, generator=gen), torch.float32, False),  # grad s: [B, R, Cin]
@@ -685,9 +686,13 @@ def test_sum_partials_together_finishes_each_job_as_alone():
         (torch.randn(3, 2, 4, 7, generator=gen), torch.float16, False),  # per-sample grad q
     ]
     together = op_module._sum_partials_together(jobs)
+    rounding = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
     for (partials, dtype, over_batch), result in zip(jobs, together):
         alone = op_module._sum_partials(partials, dtype, over_batch=over_batch)
-        assert result.dtype == dtype and torch.equal(result, alone)
+        assert result.dtype == alone.dtype == dtype and result.shape == alone.shape
+        exact = partials.double().sum((0, 1) if over_batch else 1)
+        error = (result.double() - exact).abs()
+        assert torch.all(error <= rounding[dtype] * exact.abs() + 1e-5 * (1 + exact.abs())), error.max()
     no_rows = torch.zeros(2, 0, 5)
     empty, summed = op_module._sum_partials_together([(no_rows, torch.float32, False), jobs[0]])
     assert torch.equal(empty, torch.zeros(2, 5)) and torch.equal(summed, together[0])

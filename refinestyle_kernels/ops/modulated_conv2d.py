@@ -3269,17 +3269,17 @@ def _triton_backward(
         )  # fmt: skip
         # the launch's per-program sums, finished in one launch: grad s, and with the token
         # products grad p = q M and grad q = p M^T (shared tokens: summed over the batch too)
-        sums = {}
+        partial_sums = {}
         if conv_products:
             partial_styles, partial_p, partial_q = partial_styles
             shared = p3.shape[0] == 1
             if need_p:
-                sums["p"] = (partial_p, p.dtype, shared)
+                partial_sums["p"] = (partial_p, p.dtype, shared)
             if need_q:
-                sums["q"] = (partial_q, q.dtype, shared)
+                partial_sums["q"] = (partial_q, q.dtype, shared)
         if need_styles:
-            sums["styles"] = (partial_styles, styles.dtype, False)
-        finished = dict(zip(sums, _sum_partials_together(list(sums.values())))) if sums else {}
+            partial_sums["styles"] = (partial_styles, styles.dtype, False)
+        finished = dict(zip(partial_sums, _sum_partials_together(list(partial_sums.values())))) if partial_sums else {}
         if "p" in finished:
             grad_p = finished["p"].reshape(p.shape)
         if "q" in finished:
