@@ -25,7 +25,10 @@ from refinestyle.refinement import Refinement
 from refinestyle_kernels import ConstantInput, EqualLinear, PixelNorm, StyledConv, ToRGB
 from refinestyle_kernels.backend import check_backend
 
-__all__ = ["Generator", "default_channels"]
+__all__ = ["COMPILE_MODES", "Generator", "default_channels"]
+
+# the modes of torch.compile that Generator.compile_synthesis accepts
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def default_channels(size: int, channel_multiplier: int = 2, channel_max: int = 512) -> dict[int, int]:
@@ -188,6 +191,32 @@ class Generator(nn.Module):
             raise ValueError(f"num_refined: expected an integer in [1, {self.num_layers}], got {num_refined!r}")
         shapes = [(conv.conv.in_channel, conv.conv.out_channel) for conv in self.conv_layers()]
         return shapes[self.num_layers - num_refined :]
+
+    def compile_synthesis(self, mode: str = "default", **compile_options) -> "Generator":
+        """Compile `synthesis` with torch.compile, in place; returns self.
+
+        Later calls of `synthesis`, and of `forward`, which renders through it, run the compiled
+        network. Inductor fuses the small ops between the layers (the style affines, the skip
+        upsampling, the adds). The modulated convs stay this package's custom ops, so the Triton
+        backend keeps its own kernels. The first call with each new input shape, autocast state
+        or grad mode compiles (tens of seconds); the weights and the state_dict do not change,
+        and `del generator.synthesis` goes back to the eager network.
+
+        mode: torch.compile's mode, one of COMPILE_MODES. "reduce-overhead" also replays the
+            network as CUDA graphs on a GPU, which takes away the host time of launching the
+            kernels one by one; an output then lives only until the next call of the same graph.
+        compile_options: further keyword arguments of torch.compile (backend, dynamic, options).
+        """
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"mode: expected one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+        # the class's function bound to self: compiling twice never wraps a compiled callable
+        self.synthesis = torch.compile(type(self).synthesis.__get__(self), mode=mode, **compile_options)
+        return self
+
+    @property
+    def synthesis_is_compiled(self) -> bool:
+        """Whether `compile_synthesis` is in effect."""
+        return "synthesis" in self.__dict__
 
     # ------------------------------------------------------------------ latents and noise
     def _device(self) -> torch.device:

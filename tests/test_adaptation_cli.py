@@ -241,6 +241,30 @@ def test_adapt_text_bf16_flag_reaches_the_training(files, tmp_path):
     assert adapter.metadata["training"]["bf16"] is True and adapter.tokens.layers[0].P.dtype == torch.float32
 
 
+def test_adapt_text_compile_flag_trains_through_the_compiled_generator(files, tmp_path, monkeypatch):
+    """--compile: the generator's synthesis runs through torch.compile (pinned to "aot_eager" here,
+    as Inductor's C++ build takes most of a minute on two cores) and the losses are the eager run's."""
+    from torch._dynamo.utils import counters
+
+    def history(name, *extra):
+        out = tmp_path / f"{name}.safetensors"
+        assert cli.main(["adapt-text", "--generator", str(files["generator"]), "--target", "sketch", "--out", str(out),
+                         "--iterations", "2", "--num-tokens", "4", "--sample-every", "0", "--no-progress",
+                         "--device", "cpu", *extra, *clip_args(files)]) == 0
+        lines = (tmp_path / f"{name}.run" / "history.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines]
+
+    eager = history("eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = history("compiled", "--compile")
+    assert counters["stats"]["unique_graphs"] >= 1
+    torch._dynamo.reset()
+    assert len(eager) == 2 and compiled == pytest.approx(eager, rel=1e-5)
+
+
 def test_batch_size_is_checked_against_the_processes_before_any_work(tmp_path):
     """Under torchrun --batch-size is the batch of all processes together: a remainder is refused at once
     (before adapt-oneshot's projection), naming the option."""

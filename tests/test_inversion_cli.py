@@ -112,6 +112,26 @@ def test_train_inverter_resume_through_the_cli(trained, tmp_path, capsys):
     assert "refinestyle train-inverter: error: --generator and --data required" in capsys.readouterr().err
 
 
+def test_train_inverter_compile_option_reaches_the_config_and_a_resume_takes_the_new_value(trained, tmp_path):
+    """--compile [MODE] is a run-time choice, like --workers: a resumed run compiles or not as told now."""
+    import shutil
+
+    from refinestyle.commands.train_inverter import config_from_args
+
+    root, generator_path = trained
+
+    def config(*argv):
+        return config_from_args(cli.build_parser().parse_args(["train-inverter", *(str(a) for a in argv)]))
+
+    fresh = ["--generator", generator_path, "--data", root / "train", "--out", tmp_path / "new"]
+    assert config(*fresh).compile is None
+    assert config(*fresh, "--compile").compile == "default"
+    assert config(*fresh, "--compile", "reduce-overhead").compile == "reduce-overhead"
+    shutil.copytree(root / "run", tmp_path / "run")
+    assert config("--out", tmp_path / "run", "--resume", "--compile", "max-autotune").compile == "max-autotune"
+    assert config("--out", tmp_path / "run", "--resume").compile is None
+
+
 def test_train_inverter_shows_its_validation_progress(trained, tmp_path, capsys):
     import shutil
 
@@ -134,6 +154,10 @@ def test_bad_arguments_are_one_line_errors(trained, tmp_path, capsys):
         ("invert", ["--inverter", root / "run", "--generator", generator_path, "--input", root / "val",
                     "--out", tmp_path / "i", "--device", "gpu"], "argument --device: expected a torch device"),
         ("generate", ["--ckpt", generator_path, "--n", "-1"], "argument --n: expected a positive integer"),
+        ("train-inverter", ["--generator", generator_path, "--data", root / "train", "--out", tmp_path / "t",
+                            "--compile", "fastest"], "argument --compile: expected one of default, reduce-overhead"),
+        ("adapt-text", ["--generator", generator_path, "--target", "sketch", "--out", tmp_path / "a.safetensors",
+                        "--compile", "fastest"], "argument --compile: expected one of default, reduce-overhead"),
     ]:
         with pytest.raises(SystemExit) as info:
             run(command, *argv)

@@ -59,3 +59,22 @@ def interrupted_exit_status(interrupt: KeyboardInterrupt) -> int:
     import signal
 
     return 128 + int(getattr(interrupt, "signum", signal.SIGINT))
+
+
+def compile_mode(text: str) -> str:
+    """A mode of torch.compile for `Generator.compile_synthesis` (refinestyle.generator.COMPILE_MODES)."""
+    from refinestyle.generator import COMPILE_MODES
+
+    if text not in COMPILE_MODES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(COMPILE_MODES)}, got {text!r}")
+    return text
+
+
+def add_compile_argument(parser) -> None:
+    """--compile [MODE] of the training commands: torch.compile the generator's synthesis network."""
+    parser.add_argument(
+        "--compile", nargs="?", const="default", default=None, type=compile_mode, metavar="MODE",
+        help="torch.compile the generator's synthesis network (Generator.compile_synthesis); MODE: default, "
+             "reduce-overhead (also CUDA graphs on a GPU), max-autotune or max-autotune-no-cudagraphs. The first "
+             "steps are slower while it compiles",
+    )

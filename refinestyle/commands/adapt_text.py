@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from refinestyle.adaptation.clip_loss import add_clip_arguments
-from refinestyle.commands import device_name, interrupted_exit_status, positive_int, report_error
+from refinestyle.commands import add_compile_argument, device_name, interrupted_exit_status, positive_int, report_error
 from refinestyle.weights import default_device
 
 
@@ -54,6 +54,7 @@ def add_common_training_arguments(parser: argparse.ArgumentParser, *, iterations
                         help="op backend (default auto: triton on CUDA, torch on CPU)")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast for the generator and the loss networks (the tokens stay float32)")
+    add_compile_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -115,6 +116,8 @@ def load_frozen_generator(args, device):
     from refinestyle.checkpoints import load_generator
 
     generator = load_generator(args.generator, device=device, backend=args.backend)
+    if args.compile is not None:
+        generator.compile_synthesis(mode=args.compile)
     return generator.eval().requires_grad_(False)
 
 

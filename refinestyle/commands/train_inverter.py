@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from refinestyle.commands import device_name, interrupted_exit_status, positive_int
+from refinestyle.commands import add_compile_argument, device_name, interrupted_exit_status, positive_int
 
 
 def _model_option(text: str) -> tuple[str, object]:
@@ -79,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default="auto",
                        help="modulated-conv backend (auto: fused Triton kernels on GPU)")
     optim.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
+    add_compile_argument(optim)
     optim.add_argument("--device", type=device_name, help="cpu, cuda, cuda:1 (default: cuda when available; torchrun: the local rank)")
 
     logging = parser.add_argument_group("logging")
@@ -106,7 +107,7 @@ def config_from_args(args: argparse.Namespace):
     logging = {name: getattr(args, name) for name in LOGGING_DEFAULTS if getattr(args, name) is not None}
     run_time = dict(
         max_steps=args.max_steps, workers=args.workers, progress=not args.no_progress, device=args.device,
-        tensorboard=args.tensorboard, **logging,
+        tensorboard=args.tensorboard, compile=args.compile, **logging,
     )
     if args.resume:
         saved = Path(args.out) / "config.json"

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refinestyle.distributed import DistributedContext, StopOnSignal, mean_over_processes, setup_distributed
+from refinestyle.generator import COMPILE_MODES
 from refinestyle.inversion.data import ImageFolderDataset, ResumableDistributedSampler
 from refinestyle.inversion.metrics import pool_to
 
@@ -51,7 +52,7 @@ INVERTER_NAME = "inverter.safetensors"
 # Fields a resumed run may change (`out`: the run folder may have moved); the rest is the interrupted run's.
 RESUME_OVERRIDABLE = (
     "out", "max_steps", "resume", "workers", "progress", "device", "log_every", "image_every",
-    "val_every", "checkpoint_every", "tensorboard", "val_max_images",
+    "val_every", "checkpoint_every", "tensorboard", "val_max_images", "compile",
 )
 
 
@@ -87,7 +88,9 @@ class TrainConfig:
         hflip: random horizontal flips of the training images.
     Optimisation: lr (None: 1e-4 one-stage, 1e-3 two-stage), batch_size per process (8),
         max_steps (None: 1M one-stage, 700k two-stage, as the paper), seed, bf16 (autocast), grad_checkpointing, backend of the modulated conv
-        ("auto": Triton on GPU), deterministic (torch.use_deterministic_algorithms).
+        ("auto": Triton on GPU), deterministic (torch.use_deterministic_algorithms), compile
+        (None, or a torch.compile mode for the generator's synthesis network, see
+        Generator.compile_synthesis; a resumed run takes the value given now).
     Logging: log_every (CSV rows and progress bar), image_every, val_every, val_max_images,
         checkpoint_every (0 disables periodic grids/validation/checkpoints; the final
         checkpoint is always written), tensorboard, progress.
@@ -121,6 +124,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     backend: str = "auto"
     deterministic: bool = False
+    compile: str | None = None
     device: str | None = None
     log_every: int = 1
     image_every: int = 1000
@@ -148,6 +152,8 @@ class TrainConfig:
         for name in ("l2_weight", "lpips_weight", "id_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile: expected None or one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
 
     @property
     def learning_rate(self) -> float:
@@ -509,6 +515,8 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
     optimizer = build_optimizer(config, model)
     if config.grad_checkpointing:
         enable_gradient_checkpointing(model)
+    if config.compile is not None:
+        generator.compile_synthesis(mode=config.compile)
     loss_size = min(config.image_size, generator.size)
 
     step, epoch, batch_in_epoch = 0, 0, 0
