@@ -122,3 +122,11 @@ class RecordedOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(func.__name__.split(".")[0])
         return func(*args, **(kwargs or {}))
+
+
+def bound_between_values_near_the_median(values: torch.Tensor) -> float:
+    """A clamp bound halfway between the two middle |values|: it binds on about half of them and
+    no value lies on it, where the gradient would depend on how each side rounded."""
+    ordered = values.detach().abs().flatten().sort().values
+    middle = max(1, ordered.numel() // 2)
+    return 0.5 * (ordered[middle - 1] + ordered[min(middle, ordered.numel() - 1)]).item()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 from dataclasses import dataclass
 
 import pytest
@@ -19,6 +20,7 @@ import torch
 from refinestyle_kernels import styled_conv2d_to_rgb
 from refinestyle_kernels.ops import modulated_conv2d as op_module
 from refinestyle_kernels.ops import styled_conv2d_to_rgb as rgb_module
+from kernel_cases import bound_between_values_near_the_median
 from triton_interpreter_bf16 import triton_test_device
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -151,6 +153,39 @@ def poisoned_buffers(monkeypatch):
 @pytest.mark.parametrize("pair", PAIRS, ids=str)
 def test_interpreted_pair_matches_the_two_reference_layers(pair):
     check_pair(pair, torch.float32, "cpu", 2e-5)
+
+
+def random_pair(seed: int) -> Pair:
+    """A conv + toRGB pair drawn at random: channel counts from 1 to past one 128-wide N tile (the
+    toRGB then leaves the conv's epilogue), any size, token and epilogue setting; a drawn clamp
+    is set by the test, where it binds."""
+    rng = random.Random(seed)
+    return Pair(
+        batch=rng.randint(1, 3), in_channels=rng.randint(1, 72), out_channels=rng.choice([1, 3, 8, 33, 64, 70, 130]),
+        height=rng.randint(1, 10), width=rng.randint(1, 10), tokens=rng.choice([None, "shared", "per_sample"]),
+        num_tokens=rng.choice([1, 3, 16, 65]), noise=rng.random() < 0.6, clamp=1.0 if rng.random() < 0.3 else None,
+        rgb_clamp=1.0 if rng.random() < 0.3 else None, rgb_channels=rng.choice([1, 3, 4]),
+        rgb_bias=rng.random() < 0.7, grad_out=rng.random() < 0.5, train_weights=rng.random() < 0.5,
+        activate=rng.random() < 0.7,
+    )  # fmt: skip
+
+
+@needs_interpreter
+@pytest.mark.parametrize("seed", range(8))
+def test_interpreted_random_pairs_match_the_two_reference_layers(seed):
+    """Combinations no hand-written case names (`random_pair`); a drawn clamp is set between two |values|
+    near the median of what it clamps in the reference, so that it binds on about half of them and
+    on none exactly at the bound."""
+    pair = random_pair(seed)
+    inputs = {k: v.float().double() if v is not None else None for k, v in make_inputs(pair, seed).items()}
+    if pair.clamp is not None:
+        out, _, _ = run_pair(dataclasses.replace(pair, clamp=None, rgb_clamp=None), inputs, "reference",
+                             torch.float64, "cpu", seed + 1)  # fmt: skip
+        pair = dataclasses.replace(pair, clamp=bound_between_values_near_the_median(out))
+    if pair.rgb_clamp is not None:
+        _, rgb, _ = run_pair(dataclasses.replace(pair, rgb_clamp=None), inputs, "reference", torch.float64, "cpu", seed + 1)
+        pair = dataclasses.replace(pair, rgb_clamp=bound_between_values_near_the_median(rgb))
+    check_pair(pair, torch.float32, "cpu", 2e-5, seed=seed)
 
 
 @needs_interpreter

@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import torch
 import refinestyle_kernels
 from refinestyle_kernels import modulated_conv2d, styled_conv2d
 from refinestyle_kernels.ops import modulated_conv2d as op_module
+from kernel_cases import bound_between_values_near_the_median
 from triton_interpreter_bf16 import triton_test_device
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -193,6 +195,38 @@ def poisoned_buffers(monkeypatch):
 @pytest.mark.parametrize("layer", LAYERS, ids=str)
 def test_interpreted_forward_and_backward_match_reference(layer):
     check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"])
+
+
+def random_layer(seed: int) -> Layer:
+    """A layer drawn at random: any channel counts and sizes from 1 up past the interpreter's
+    64-wide blocks, every epilogue option, L from 1 to past the fused projection's 64 and past
+    the channel counts, in any combination; the clamp is set by the test, where it binds."""
+    rng = random.Random(seed)
+    kernel = rng.choice([1, 3, 3])
+    return Layer(
+        batch=rng.randint(1, 3), in_channels=rng.randint(1, 80), out_channels=rng.randint(1, 80),
+        height=rng.randint(1, 12), width=rng.randint(1, 12), kernel=kernel,
+        upsample=kernel == 3 and rng.random() < 0.4, demodulate=rng.random() < 0.8,
+        tokens=rng.choice([None, "shared", "per_sample"]), num_tokens=rng.choice([1, 2, 5, 16, 33, 64, 65, 100]),
+        noise=rng.choice([None, "shared", "per_sample"]), bias=rng.random() < 0.7, activate=rng.random() < 0.6,
+        clamp=1.0 if rng.random() < 0.3 else None, channels_last=rng.random() < 0.5, train_weight=rng.random() < 0.5,
+    )  # fmt: skip
+
+
+@needs_interpreter
+@pytest.mark.parametrize("seed", range(12))
+def test_interpreted_random_layers_match_reference(seed):
+    """Combinations no hand-written case names: each seed draws a layer (`random_layer`). A clamp,
+    when drawn, is set between two |output| values near the median of the unclamped reference, so
+    that it binds on about half of the outputs and on none exactly at the bound (where the
+    gradient depends on the rounding)."""
+    layer = random_layer(seed)
+    if layer.clamp is not None:
+        inputs = {k: v.float().double() if v is not None else None for k, v in make_inputs(layer, seed).items()}
+        unclamped = dataclasses.replace(layer, clamp=None)
+        out, _ = run_layer(unclamped, inputs, "reference", torch.float64, "cpu", grad_seed=seed + 1)
+        layer = dataclasses.replace(layer, clamp=bound_between_values_near_the_median(out))
+    check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=seed)
 
 
 @needs_interpreter
