@@ -200,7 +200,8 @@ class Generator(nn.Module):
         upsampling, the adds). The modulated convs stay this package's custom ops, so the Triton
         backend keeps its own kernels. The first call with each new input shape, autocast state
         or grad mode compiles (tens of seconds); the weights and the state_dict do not change,
-        and `del generator.synthesis` goes back to the eager network.
+        and `del generator.synthesis` goes back to the eager network; a
+        copy (copy.deepcopy) or pickle of the generator renders eagerly too.
 
         mode: torch.compile's mode, one of COMPILE_MODES. "reduce-overhead" also replays the
             network as CUDA graphs on a GPU, which takes away the host time of launching the
@@ -217,6 +218,12 @@ class Generator(nn.Module):
     def synthesis_is_compiled(self) -> bool:
         """Whether `compile_synthesis` is in effect."""
         return "synthesis" in self.__dict__
+
+    def __getstate__(self):
+        # a compiled synthesis is bound to this instance: copies and pickles render eagerly
+        state = dict(super().__getstate__())
+        state.pop("synthesis", None)
+        return state
 
     # ------------------------------------------------------------------ latents and noise
     def _device(self) -> torch.device:

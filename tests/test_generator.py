@@ -1,6 +1,8 @@
 """refinestyle.Generator: rosinality parity, refinement plumbing, mixed batches, backward, autocast."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -219,6 +221,11 @@ def test_compile_synthesis_runs_the_network_compiled_and_matches_eager():
         generator([torch.randn(3, 8, dtype=torch.float64)])  # forward goes through the compiled synthesis
     assert counters["stats"]["unique_graphs"] > graphs
     assert all(torch.equal(v, state[k]) for k, v in generator.state_dict().items())
+    copied = copy.deepcopy(generator)  # not bound to the original through its compiled synthesis
+    assert not copied.synthesis_is_compiled and generator.synthesis_is_compiled
+    with torch.no_grad():  # fresh biases and noise strengths are 0: a zero first conv renders black
+        copied.conv1.conv.weight.zero_()
+        assert copied.synthesis(w_plus, noise=noise).abs().sum() == 0
     with pytest.raises(ValueError, match="mode"):
         generator.compile_synthesis(mode="fastest")
     del generator.synthesis
