@@ -158,10 +158,11 @@ def test_interpreted_pair_matches_the_two_reference_layers(pair):
 def random_pair(seed: int) -> Pair:
     """A conv + toRGB pair drawn at random: channel counts from 1 to past one 128-wide N tile (the
     toRGB then leaves the conv's epilogue), any size, token and epilogue setting; a drawn clamp
-    is set by the test, where it binds."""
+    is set by the test, where it binds. At least two input channels, as in `random_layer` of
+    test_kernels_triton.py."""
     rng = random.Random(seed)
     return Pair(
-        batch=rng.randint(1, 3), in_channels=rng.randint(1, 72), out_channels=rng.choice([1, 3, 8, 33, 64, 70, 130]),
+        batch=rng.randint(1, 3), in_channels=rng.randint(2, 72), out_channels=rng.choice([1, 3, 8, 33, 64, 70, 130]),
         height=rng.randint(1, 10), width=rng.randint(1, 10), tokens=rng.choice([None, "shared", "per_sample"]),
         num_tokens=rng.choice([1, 3, 16, 65]), noise=rng.random() < 0.6, clamp=1.0 if rng.random() < 0.3 else None,
         rgb_clamp=1.0 if rng.random() < 0.3 else None, rgb_channels=rng.choice([1, 3, 4]),
