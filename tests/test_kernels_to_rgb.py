@@ -186,7 +186,7 @@ def test_interpreted_random_pairs_match_the_two_reference_layers(seed):
     if pair.rgb_clamp is not None:
         _, rgb, _ = run_pair(dataclasses.replace(pair, rgb_clamp=None), inputs, "reference", torch.float64, "cpu", seed + 1)
         pair = dataclasses.replace(pair, rgb_clamp=bound_between_values_near_the_median(rgb))
-    check_pair(pair, torch.float32, "cpu", 2e-5, seed=seed)
+    check_pair(pair, torch.float32, "cpu", 1e-4, seed=seed)  # as the random layers', for sums that cancel
 
 
 @needs_interpreter

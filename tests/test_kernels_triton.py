@@ -228,7 +228,9 @@ def test_interpreted_random_layers_match_reference(seed):
         unclamped = dataclasses.replace(layer, clamp=None)
         out, _ = run_layer(unclamped, inputs, "reference", torch.float64, "cpu", grad_seed=seed + 1)
         layer = dataclasses.replace(layer, clamp=bound_between_values_near_the_median(out))
-    check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=seed)
+    # compiled fp32's bound: over hundreds of draws, a scalar gradient (noise strength, a style of
+    # a two-channel layer) summed with cancellation reached 2.8e-5, above the hand-written cases' 2e-5
+    check_layer(layer, torch.float32, "cpu", TOLERANCE["ieee"], seed=seed)
 
 
 @needs_interpreter
