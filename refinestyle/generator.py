@@ -199,9 +199,9 @@ class Generator(nn.Module):
         network. Inductor fuses the small ops between the layers (the style affines, the skip
         upsampling, the adds). The modulated convs stay this package's custom ops, so the Triton
         backend keeps its own kernels. The first call with each new input shape, autocast state
-        or grad mode compiles (tens of seconds); the weights and the state_dict do not change,
-        and `del generator.synthesis` goes back to the eager network; a
-        copy (copy.deepcopy) or pickle of the generator renders eagerly too.
+        or grad mode compiles (tens of seconds). The weights and the state_dict do not change;
+        `del generator.synthesis` goes back to the eager network, and a copy (copy.deepcopy) or
+        pickle of the generator renders eagerly.
 
         mode: torch.compile's mode, one of COMPILE_MODES. "reduce-overhead" also replays the
             network as CUDA graphs on a GPU, which takes away the host time of launching the

@@ -1316,6 +1316,15 @@ def test_half_precision_matches_reference(layer, dtype, monkeypatch):
     check_layer(smooth(layer), dtype, device, TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_random_layers_match_reference(seed, dtype, monkeypatch):
+    """`random_layer`'s draws (other seeds than the fp32 test's) in fp16 and bf16, made smooth."""
+    device = triton_test_device(dtype)
+    monkeypatch.setattr(op_module, "TRITON_AUTOTUNE", False)
+    check_layer(smooth(random_layer(1000 + seed)), dtype, device, TOLERANCE[dtype], seed=seed)
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bound", [0.4, 0.7])  # neither is representable in fp16 or bf16
