@@ -6,6 +6,7 @@ rosinality's upsampling conv spelled out), so the reference backend is itself ch
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -130,3 +131,39 @@ def bound_between_values_near_the_median(values: torch.Tensor) -> float:
     ordered = values.detach().abs().flatten().sort().values
     middle = max(1, ordered.numel() // 2)
     return 0.5 * (ordered[middle - 1] + ordered[min(middle, ordered.numel() - 1)]).item()
+
+
+# The op module's route switches and launch-shape limits (each used on its own by a hand-written
+# test), with the values that send a small layer down each route: `random_routes` draws them.
+ROUTE_CHOICES = {
+    "FUSED_PROJECTION_MAX_COUT": (0, 128),  # the projection z = q x fused into the conv, or its own GEMM
+    "EPILOGUE_PRODUCTS_MAX_CHANNELS": (0, 128),  # the token products in the epilogue backward
+    "CONV_TOKEN_PRODUCTS_MAX_K": (0, 64),  # ... or summed by the grad-x conv
+    "CONV_PRODUCTS_MAX_TILES": (1, 3, 16),  # pixel blocks a token-product program walks
+    "CONV_PRODUCTS_MIN_PROGRAMS": (1, 1056),
+    "CONV_SCALE_WEIGHT": (False, True),  # the styles on the W tile or on the A tile
+    "CONV_TMA": (False, True),  # stride-1 input loads by TMA descriptor where they apply
+    "PIXEL_REDUCTION_PROGRAMS": (3, 528),  # how the separate route splits its sums over pixels
+    "PIXEL_REDUCTION_MIN_PIXELS": (16, 1024),
+    "BLUR_MAX_ROWS": (1, 3, 32),  # output rows a blur program walks
+    "BLUR_MIN_PROGRAMS": (1, 1056),
+    "TRITON_DEMODULATION_MAX_TOKENS": (2, 64),  # the Triton demodulation, via p^T q, or torch's
+    "RGB_EPILOGUE_MAX_COUT": (0, 128),  # a pair's toRGB in its conv's epilogue, or its own launch
+}
+
+
+def random_routes(seed: int) -> dict:
+    """One value of each of ROUTE_CHOICES, drawn from `seed`: set them on the op module (with
+    pytest's monkeypatch) to run a layer down routes its shape alone would not choose."""
+    rng = random.Random(seed)
+    return {name: rng.choice(values) for name, values in ROUTE_CHOICES.items()}
+
+
+def use_routes(monkeypatch, routes: dict) -> None:
+    """Set a `random_routes` draw on the op module for one test; printed, so that pytest shows
+    it with a failure."""
+    from refinestyle_kernels.ops import modulated_conv2d as op_module
+
+    print("routes:", routes)
+    for name, value in routes.items():
+        monkeypatch.setattr(op_module, name, value)

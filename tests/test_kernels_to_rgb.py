@@ -20,7 +20,7 @@ import torch
 from refinestyle_kernels import styled_conv2d_to_rgb
 from refinestyle_kernels.ops import modulated_conv2d as op_module
 from refinestyle_kernels.ops import styled_conv2d_to_rgb as rgb_module
-from kernel_cases import bound_between_values_near_the_median
+from kernel_cases import bound_between_values_near_the_median, random_routes, use_routes
 from triton_interpreter_bf16 import triton_test_device
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -173,8 +173,9 @@ def random_pair(seed: int) -> Pair:
 
 @needs_interpreter
 @pytest.mark.parametrize("seed", range(8))
-def test_interpreted_random_pairs_match_the_two_reference_layers(seed):
-    """Combinations no hand-written case names (`random_pair`); a drawn clamp is set between two |values|
+def test_interpreted_random_pairs_match_the_two_reference_layers(seed, monkeypatch):
+    """Combinations no hand-written case names (`random_pair`, and the routes of
+    `kernel_cases.random_routes`, the toRGB in its conv's epilogue or not); a drawn clamp is set between two |values|
     near the median of what it clamps in the reference, so that it binds on about half of them and
     on none exactly at the bound."""
     pair = random_pair(seed)
@@ -186,6 +187,7 @@ def test_interpreted_random_pairs_match_the_two_reference_layers(seed):
     if pair.rgb_clamp is not None:
         _, rgb, _ = run_pair(dataclasses.replace(pair, rgb_clamp=None), inputs, "reference", torch.float64, "cpu", seed + 1)
         pair = dataclasses.replace(pair, rgb_clamp=bound_between_values_near_the_median(rgb))
+    use_routes(monkeypatch, random_routes(seed))
     check_pair(pair, torch.float32, "cpu", 1e-4, seed=seed)  # as the random layers', for sums that cancel
 
 

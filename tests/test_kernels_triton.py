@@ -31,7 +31,7 @@ import torch
 import refinestyle_kernels
 from refinestyle_kernels import modulated_conv2d, styled_conv2d
 from refinestyle_kernels.ops import modulated_conv2d as op_module
-from kernel_cases import bound_between_values_near_the_median
+from kernel_cases import bound_between_values_near_the_median, random_routes, use_routes
 from triton_interpreter_bf16 import triton_test_device
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -217,8 +217,10 @@ def random_layer(seed: int) -> Layer:
 
 @needs_interpreter
 @pytest.mark.parametrize("seed", range(12))
-def test_interpreted_random_layers_match_reference(seed):
-    """Combinations no hand-written case names: each seed draws a layer (`random_layer`). A clamp,
+def test_interpreted_random_layers_match_reference(seed, monkeypatch):
+    """Combinations no hand-written case names: each seed draws a layer (`random_layer`) and the
+    routes it takes (`kernel_cases.random_routes`: fused or separate projection and token
+    products, loads, reduction and blur splits, demodulation). A clamp,
     when drawn, is set between two |output| values near the median of the unclamped reference, so
     that it binds on about half of the outputs and on none exactly at the bound (where the
     gradient depends on the rounding)."""
@@ -230,6 +232,7 @@ def test_interpreted_random_layers_match_reference(seed):
         layer = dataclasses.replace(layer, clamp=bound_between_values_near_the_median(out))
     # compiled fp32's bound: over hundreds of draws, a scalar gradient (noise strength, a style of
     # a two-channel layer) summed with cancellation reached 2.8e-5, above the hand-written cases' 2e-5
+    use_routes(monkeypatch, random_routes(seed))
     check_layer(layer, torch.float32, "cpu", TOLERANCE["ieee"], seed=seed)
 
 
@@ -1319,9 +1322,11 @@ def test_half_precision_matches_reference(layer, dtype, monkeypatch):
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision_random_layers_match_reference(seed, dtype, monkeypatch):
-    """`random_layer`'s draws (other seeds than the fp32 test's) in fp16 and bf16, made smooth."""
+    """`random_layer`'s and `random_routes`' draws (other seeds than the fp32 test's) in fp16 and
+    bf16, made smooth."""
     device = triton_test_device(dtype)
     monkeypatch.setattr(op_module, "TRITON_AUTOTUNE", False)
+    use_routes(monkeypatch, random_routes(1000 + seed))
     check_layer(smooth(random_layer(1000 + seed)), dtype, device, TOLERANCE[dtype], seed=seed)
 
 
