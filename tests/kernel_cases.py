@@ -125,12 +125,15 @@ class RecordedOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def bound_between_values_near_the_median(values: torch.Tensor) -> float:
+def bound_between_values_near_the_median(values: torch.Tensor) -> float | None:
     """A clamp bound halfway between the two middle |values|: it binds on about half of them and
-    no value lies on it, where the gradient would depend on how each side rounded."""
+    no value lies on it, where the gradient would depend on how each side rounded. None (no
+    clamp) for a single value, which no bound can split."""
     ordered = values.detach().abs().flatten().sort().values
-    middle = max(1, ordered.numel() // 2)
-    return 0.5 * (ordered[middle - 1] + ordered[min(middle, ordered.numel() - 1)]).item()
+    if ordered.numel() < 2:
+        return None
+    middle = ordered.numel() // 2
+    return 0.5 * (ordered[middle - 1] + ordered[middle]).item()
 
 
 # The op module's route switches and launch-shape limits (each used on its own by a hand-written
