@@ -97,7 +97,25 @@ def make_inputs(pair: Pair, seed: int = 0) -> dict:
     return inputs
 
 
-def run_pair(pair: Pair, inputs: dict, backend: str, dtype, device, seed: int):
+def column_major(value: torch.Tensor) -> torch.Tensor:
+    """The same values with the last two dimensions' strides swapped (as a transposed view
+    has them); differentiable, so the gradient reaches the contiguous leaf."""
+    return value.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+# strided views a caller may pass: channels_last activations, transposed kernels and styles
+STRIDED_VIEWS = {
+    "x": lambda x: x.contiguous(memory_format=torch.channels_last),
+    "weight": lambda w: w.transpose(0, 1).contiguous().transpose(0, 1),
+    "styles": column_major,
+    "p": column_major,
+    "q": column_major,
+    "rgb_weight": lambda w: column_major(w[:, :, 0, 0])[:, :, None, None],
+    "rgb_styles": column_major,
+}
+
+
+def run_pair(pair: Pair, inputs: dict, backend: str, dtype, device, seed: int, strided: bool = False):
     leaves = {}
     for name, value in inputs.items():
         if value is None:
@@ -108,6 +126,9 @@ def run_pair(pair: Pair, inputs: dict, backend: str, dtype, device, seed: int):
             value.requires_grad_(True)
         leaves[name] = value
     args = {name: leaves.get(name) for name in inputs}
+    if strided:
+        args = {name: STRIDED_VIEWS[name](value) if name in STRIDED_VIEWS and value is not None else value
+                for name, value in args.items()}  # fmt: skip
     out, rgb = styled_conv2d_to_rgb(
         **args, activate=pair.activate, clamp=pair.clamp, rgb_clamp=pair.rgb_clamp, backend=backend
     )
@@ -127,14 +148,14 @@ def relative_error(value, reference) -> float:
     return ((value - reference).norm() / reference.norm()).item()
 
 
-def check_pair(pair: Pair, dtype, device, tolerance: float, seed: int = 0):
+def check_pair(pair: Pair, dtype, device, tolerance: float, seed: int = 0, strided: bool = False):
     inputs = {k: v.to(dtype).double() if v is not None else None for k, v in make_inputs(pair, seed).items()}
     out_ref, rgb_ref, grads_ref = run_pair(pair, inputs, "reference", torch.float64, "cpu", seed + 1)
     for bound, value in ((pair.clamp, out_ref), (pair.rgb_clamp, rgb_ref)):
         if bound:  # both sides of each clamp are exercised
             clamped = value.abs() >= bound
             assert clamped.any() and not clamped.all(), "the case's clamp never or always binds"
-    out, rgb, grads = run_pair(pair, inputs, "triton", dtype, device, seed + 1)
+    out, rgb, grads = run_pair(pair, inputs, "triton", dtype, device, seed + 1, strided=strided)
     assert set(grads) == set(grads_ref)
     errors = {"out": relative_error(out, out_ref), "rgb": relative_error(rgb, rgb_ref)}
     for name, grad in grads.items():
@@ -153,6 +174,14 @@ def poisoned_buffers(monkeypatch):
 @pytest.mark.parametrize("pair", PAIRS, ids=str)
 def test_interpreted_pair_matches_the_two_reference_layers(pair):
     check_pair(pair, torch.float32, "cpu", 2e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("pair", [PAIRS[0], PAIRS[2], PAIRS[5]], ids=str)
+def test_interpreted_pair_reads_strided_views(pair):
+    """channels_last x and transposed views of the kernels, styles and tokens (`STRIDED_VIEWS`),
+    the toRGB's included: its mix of rgb_weight and rgb_styles is read as one contiguous array."""
+    check_pair(pair, torch.float32, "cpu", 2e-5, strided=True)
 
 
 def random_pair(seed: int) -> Pair:

@@ -198,12 +198,16 @@ def _pair_forward(
 
 def _rgb_scaled(rgb_weight, rgb_scale) -> torch.Tensor:
     """[K, Cout] fp32: rgb_scale * the 1x1 kernel, cached while the weight is frozen."""
-    return _derived_from_weight(rgb_weight, ("rgb_scaled", rgb_scale), lambda w: rgb_scale * w[:, :, 0, 0].float())
+    return _derived_from_weight(
+        rgb_weight, ("rgb_scaled", rgb_scale), lambda w: (rgb_scale * w[:, :, 0, 0].float()).contiguous()
+    )
 
 
 def _rgb_mix(rgb_weight, rgb_styles, rgb_scale) -> torch.Tensor:
-    """[B, K, Cout] fp32: rgb_scale * the 1x1 kernel * the styles."""
-    return _rgb_scaled(rgb_weight, rgb_scale)[None] * rgb_styles[:, None, :]  # fp32 by type promotion, contiguous
+    """[B, K, Cout] fp32, contiguous: rgb_scale * the 1x1 kernel * the styles."""
+    # fp32 by type promotion; a broadcast product keeps its operands' strides (a transposed
+    # weight or styles view), and the kernels read mix as a contiguous [B, K, Cout] array
+    return (_rgb_scaled(rgb_weight, rgb_scale)[None] * rgb_styles[:, None, :]).contiguous()
 
 
 def _pair_backward(
