@@ -21,7 +21,12 @@ from refinestyle_kernels.modules import (
 )
 from refinestyle_kernels.nvlabs import NVlabsSynthesisLayer, NVlabsToRGBLayer, nvlabs_conv_layers, swap_nvlabs_modules
 from refinestyle_kernels.ops.bias_act import fused_leaky_relu
-from refinestyle_kernels.ops.modulated_conv2d import demodulation_coefficients, modulated_conv2d, styled_conv2d
+from refinestyle_kernels.ops.modulated_conv2d import (
+    clear_weight_cache,
+    demodulation_coefficients,
+    modulated_conv2d,
+    styled_conv2d,
+)
 from refinestyle_kernels.ops.styled_conv2d_to_rgb import styled_conv2d_to_rgb
 from refinestyle_kernels.ops.upfirdn2d import make_blur_kernel, upfirdn2d
 
@@ -40,6 +45,7 @@ __all__ = [
     "StyledConv",
     "ToRGB",
     "Upsample",
+    "clear_weight_cache",
     "demodulation_coefficients",
     "fused_leaky_relu",
     "get_backend",

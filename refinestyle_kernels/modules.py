@@ -74,6 +74,15 @@ def _cast(tensor, dtype):
     return None if tensor is None else tensor.to(dtype)
 
 
+def _weight_as(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight in dtype. A frozen weight's cast (autocast's bf16 copy of an fp32 W0) is made once
+    and kept: cast afresh in every call, it would also make the op derive its tap sums and kernel
+    layouts afresh from each new copy."""
+    if weight.dtype == dtype or weight.requires_grad:
+        return weight.to(dtype)
+    return _derived_from_weight(weight, ("cast", dtype), lambda w: w.to(dtype))
+
+
 def _check_clamp(clamp):
     """None or a positive finite number (NVlabs' conv_clamp), checked when the layer is built."""
     return None if clamp is None else _check_positive("clamp", clamp, "None or a positive finite number")
@@ -303,7 +312,7 @@ class ModulatedConv2d(nn.Module):
         styles = self.modulation(style)
         return styled_conv2d(
             input.to(dtype),
-            self.weight[0].to(dtype),
+            _weight_as(self.weight[0], dtype),
             styles.to(dtype),
             _cast(p, dtype),
             _cast(q, dtype),
@@ -436,11 +445,11 @@ class StyledConv(_ConvBackendMixin, nn.Module):
         dtype = _operand_dtype(input)
         out, image = styled_conv2d_to_rgb(
             input.to(dtype),
-            conv.weight[0].to(dtype),
+            _weight_as(conv.weight[0], dtype),
             conv.modulation(style).to(dtype),
             _cast(p, dtype),
             _cast(q, dtype),
-            rgb_weight=rgb_conv.weight[0].to(dtype),
+            rgb_weight=_weight_as(rgb_conv.weight[0], dtype),
             rgb_styles=rgb_conv.modulation(rgb_style).to(dtype),
             rgb_bias=to_rgb.bias.reshape(-1).to(dtype),
             noise=_cast(conv._drawn_noise(input) if noise is None else noise, dtype),

@@ -37,6 +37,7 @@ from refinestyle_kernels.modules import (
     _check_clamp,
     _check_image,
     _operand_dtype,
+    _weight_as,
     adopt_flags,
     replace_modules,
 )
@@ -150,7 +151,7 @@ class NVlabsSynthesisLayer(nn.Module):
             noise = self.noise_const[None, None]
         dtype = _operand_dtype(x)
         out = styled_conv2d(
-            x.to(dtype), self.weight.to(dtype), self.affine(w).to(dtype), _cast(p, dtype), _cast(q, dtype),
+            x.to(dtype), _weight_as(self.weight, dtype), self.affine(w).to(dtype), _cast(p, dtype), _cast(q, dtype),
             noise=_cast(noise, dtype), noise_strength=self.noise_strength.to(dtype) if noise is not None else None,
             bias=self.bias.to(dtype), activate=True, clamp=self.conv_clamp, upsample=self.up == 2, scale=self.scale,
             eps=NVLABS_DEMODULATION_EPS * self.scale**2, backend=self.backend,
@@ -200,7 +201,7 @@ class NVlabsToRGBLayer(nn.Module):
         _check_w(w, x.shape[0], self.w_dim)
         dtype = _operand_dtype(x)
         return styled_conv2d(
-            x.to(dtype), self.weight.to(dtype), self.affine(w).to(dtype), bias=self.bias.to(dtype), activate=False,
+            x.to(dtype), _weight_as(self.weight, dtype), self.affine(w).to(dtype), bias=self.bias.to(dtype), activate=False,
             clamp=self.conv_clamp, demodulate=False, scale=self.weight_gain, backend=self.backend,
         )  # fmt: skip
 

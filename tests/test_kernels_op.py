@@ -4,7 +4,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernel_cases import Case, literal_per_sample, make_inputs, relative_error
-from refinestyle_kernels import demodulation_coefficients, modulated_conv2d, styled_conv2d
+from refinestyle_kernels import StyledConv, demodulation_coefficients, modulated_conv2d, styled_conv2d
 
 CASES = [
     Case(3, 5, 6, 5, 7, 3, False, None),
@@ -235,6 +235,69 @@ def test_weight_derived_tensors_are_cached_across_fresh_views_of_one_parameter()
     op_module._derived_from_weight(trained, ("test-sums",), make)
     op_module._derived_from_weight(trained, ("test-sums",), make)
     assert len(calls) == 6  # a weight being trained is never cached
+
+
+def test_weight_cache_drops_entries_of_freed_weights_and_keeps_autocast_casts():
+    """Under autocast the modules cast the fp32 W0 to bf16: the cast is kept, so the derived
+    tensors are made once, not once per call; a freed weight's entries go with it."""
+    from refinestyle_kernels.modules import _weight_as
+    from refinestyle_kernels.ops import modulated_conv2d as op_module
+
+    op_module.clear_weight_cache()
+    conv = StyledConv(6, 5, 3, style_dim=4, backend="torch").requires_grad_(False)
+    x, w = torch.randn(2, 6, 5, 5), torch.randn(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = conv(x, w)
+        entries = len(op_module._WEIGHT_DERIVED)
+        for _ in range(3):
+            again = conv(x, w)
+    assert entries > 0 and len(op_module._WEIGHT_DERIVED) == entries
+    assert torch.equal(first, again)
+    cast = _weight_as(conv.conv.weight[0], torch.bfloat16)
+    assert cast.dtype == torch.bfloat16 and _weight_as(conv.conv.weight[0], torch.bfloat16) is cast
+    del conv, cast
+    assert len(op_module._WEIGHT_DERIVED) == 0
+
+
+def test_weight_cache_under_inference_mode_serves_later_training_calls():
+    """Derived tensors first made under torch.inference_mode are plain tensors, which a later
+    call with autograd on can save for its backward; a layer built under inference_mode runs."""
+    from refinestyle_kernels.ops import modulated_conv2d as op_module
+
+    op_module.clear_weight_cache()
+    conv = StyledConv(4, 5, 3, style_dim=6, upsample=True, backend="torch").requires_grad_(False)
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(2, 6)
+    p, q = torch.randn(2, 3, 5, requires_grad=True), torch.randn(2, 3, 4, requires_grad=True)
+    with torch.inference_mode():
+        expected = conv(x, w, p=p, q=q)
+    out = conv(x, w, p=p, q=q)
+    out.sum().backward()
+    assert torch.allclose(out, expected) and p.grad is not None and q.grad is not None
+    with torch.inference_mode():
+        built_there = StyledConv(4, 5, 3, style_dim=6, backend="torch").requires_grad_(False)
+        assert built_there(x, w).shape == (2, 5, 5, 5)
+
+
+def test_clear_weight_cache_sees_a_change_made_through_data():
+    """`param.data` has a version counter of its own, so an in-place change through it is not
+    seen until `clear_weight_cache`; the same change under no_grad is seen at once."""
+    from refinestyle_kernels import clear_weight_cache
+
+    conv = StyledConv(4, 5, 3, style_dim=6, backend="torch").requires_grad_(False)
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(2, 6)
+    noise = torch.randn(2, 1, 5, 5)
+    conv(x, w, noise)  # derives and keeps the frozen layer's tensors
+    conv.conv.weight.data.mul_(-1.0).add_(0.5)
+    conv.conv.modulation.weight.data.mul_(3.0)
+    fresh = StyledConv(4, 5, 3, style_dim=6, backend="torch").requires_grad_(False)
+    fresh.load_state_dict(conv.state_dict())
+    expected = fresh(x, w, noise)
+    clear_weight_cache()
+    assert torch.allclose(conv(x, w, noise), expected, atol=1e-6)
+    with torch.no_grad():
+        conv.conv.weight.mul_(2.0)
+        fresh.conv.weight.mul_(2.0)
+    assert torch.allclose(conv(x, w, noise), fresh(x, w, noise), atol=1e-6)
 
 
 def test_demodulation_coefficients_stay_float32_under_autocast():

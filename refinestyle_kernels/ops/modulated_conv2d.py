@@ -433,17 +433,37 @@ def _demodulation_traced(weight, styles, p, q, scale, eps):
 # (id of the weight's storage owner, the view's geometry, what) -> (weakref to the owner, the
 # weight's _version, the derived tensors): tensors derived from a weight that is not being
 # trained (tap sums, kernel layouts), reused until it changes in place (the version counter,
-# which a view shares with its base, moves) or its owner is freed (the weakref dies; a new
-# tensor that gets the same id is not mistaken for it). RefineStyle keeps W0 frozen, so each
-# layer derives them once instead of in every call. The owner is the view's base: the modules
-# pass `self.weight[0]` (rosinality's weight is [1, Cout, Cin, k, k]), a new view every call.
+# which a view shares with its base, moves) or its owner is freed (the weakref's callback drops
+# the entry; a new tensor that gets the same id is not mistaken for it). RefineStyle keeps W0
+# frozen, so each layer derives them once instead of in every call. The owner is the view's
+# base: the modules pass `self.weight[0]` (rosinality's weight is [1, Cout, Cin, k, k]), a new
+# view every call. A change through `param.data` has its own version counter and is not seen:
+# `clear_weight_cache` is for that.
 _WEIGHT_DERIVED: dict = {}
+
+
+def clear_weight_cache() -> None:
+    """Forget every tensor derived from a frozen weight (tap sums, kernel layouts, casts).
+
+    The op derives these once per frozen weight (`requires_grad=False`) and keeps them until
+    the weight changes in place or is freed. An in-place change made through `param.data`
+    (as rosinality's `accumulate` makes its EMA update) has a version counter of its own, so
+    it is not seen: call this after such a change, or change the weight under
+    `torch.no_grad()` instead (`param.mul_(...)`), which is seen.
+    """
+    _WEIGHT_DERIVED.clear()
+
+
+def _forget_when_freed(key):
+    return lambda _dead_owner: _WEIGHT_DERIVED.pop(key, None)
 
 
 def _derived_from_weight(weight: torch.Tensor, what: tuple, make):
     """make(weight) for a frozen weight, cached under `what`; recomputed when weight needs grad."""
     if weight.requires_grad or torch.compiler.is_compiling():
         return make(weight.detach())
+    if weight.is_inference():  # no version counter to tell an in-place change by
+        return make(weight)
     owner = weight._base if weight._base is not None else weight
     # the data pointer too: `param.data = other` swaps the storage but keeps the object and version
     key = (id(owner), weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, what)
@@ -452,11 +472,11 @@ def _derived_from_weight(weight: torch.Tensor, what: tuple, make):
         return cached[2]
     if weight.is_cuda and torch.cuda.is_current_stream_capturing():
         return make(weight)  # a captured kernel does not run: what it makes now is not kept
-    if len(_WEIGHT_DERIVED) >= 4096:  # forget the weights that are gone
-        for stale in [k for k, entry in _WEIGHT_DERIVED.items() if entry[0]() is None]:
-            del _WEIGHT_DERIVED[stale]
-    derived = make(weight)
-    _WEIGHT_DERIVED[key] = (weakref.ref(owner), weight._version, derived)
+    # plain tensors even under torch.inference_mode: inference tensors could not be saved for
+    # the backward of a later call with autograd on
+    with torch.inference_mode(False):
+        derived = make(weight)
+    _WEIGHT_DERIVED[key] = (weakref.ref(owner, _forget_when_freed(key)), weight._version, derived)
     return derived
 
 
