@@ -71,7 +71,8 @@ def _check_image(name: str, value, channels: int, size: tuple[int, int] | None =
 
 
 def _cast(tensor, dtype):
-    return None if tensor is None else tensor.to(dtype)
+    """A tensor in dtype; anything else (None, or a wrong type the op then names) as it is."""
+    return tensor.to(dtype) if isinstance(tensor, torch.Tensor) else tensor
 
 
 def _weight_as(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -250,7 +251,9 @@ class ModulatedConv2d(nn.Module):
     The op runs in input's dtype, or autocast's when autocast is on for its device; the
     weight, the styles, p, q, noise and bias are cast to that dtype (fp32 tokens can drive a
     bf16 generator). style must have the modulation's dtype, unless autocast is on.
-    Only the upsampling conv of StyleGAN2's generator is supported (no downsample).
+    The constructor takes rosinality's arguments in rosinality's order. Only the generator's
+    convs are supported: `downsample=True` (the discriminator's) is a ValueError. `fused` is
+    accepted and ignored, since rosinality's two forms compute the same function.
     """
 
     def __init__(
@@ -261,12 +264,16 @@ class ModulatedConv2d(nn.Module):
         style_dim: int,
         demodulate: bool = True,
         upsample: bool = False,
+        downsample: bool = False,
         blur_kernel: Sequence[float] = DEFAULT_BLUR_KERNEL,
+        fused: bool = True,
         *,
         backend: str = "auto",
     ):
         super().__init__()
         _check_positive_ints(in_channel=in_channel, out_channel=out_channel, style_dim=style_dim)
+        if downsample:  # rosinality's discriminator-side option; the generator never downsamples
+            raise ValueError("downsample: the fused op has the generator's convs only; expected False")
         if kernel_size not in (1, 3):
             raise ValueError(f"kernel_size: expected 1 or 3, got {kernel_size}")
         if upsample and kernel_size != 3:
@@ -342,10 +349,17 @@ class ModulatedConv2d(nn.Module):
     def _check_inputs(self, input: torch.Tensor, style: torch.Tensor) -> None:
         """input [B, Cin, H, W] and style [B, style_dim], named as the modules' forward names them."""
         _check_image("input", input, self.in_channel)
+        self._check_style("style", style, input)
+
+    def _check_style(self, name: str, style: torch.Tensor, input: torch.Tensor) -> None:
+        """style [B, style_dim] in the modulation's dtype (any under autocast), B as input's."""
         style_dim = self.modulation.weight.shape[1]
         if not isinstance(style, torch.Tensor) or tuple(style.shape) != (input.shape[0], style_dim):
             got = tuple(style.shape) if isinstance(style, torch.Tensor) else type(style).__name__
-            raise ValueError(f"style: expected [B={input.shape[0]}, style_dim={style_dim}], got {got}")
+            raise ValueError(f"{name}: expected [B={input.shape[0]}, style_dim={style_dim}], got {got}")
+        if style.dtype != self.modulation.weight.dtype and not _autocasting(style):
+            raise TypeError(f"{name}: expected the modulation's dtype {self.modulation.weight.dtype} (or autocast), "
+                            f"got {style.dtype}")  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
@@ -390,8 +404,9 @@ class StyledConv(_ConvBackendMixin, nn.Module):
     ):
         super().__init__()
         self.conv = ModulatedConv2d(
-            in_channel, out_channel, kernel_size, style_dim, demodulate, upsample, blur_kernel, backend=backend
-        )
+            in_channel, out_channel, kernel_size, style_dim, demodulate=demodulate, upsample=upsample,
+            blur_kernel=blur_kernel, backend=backend,
+        )  # fmt: skip
         _check_clamp(clamp)
         self.noise = NoiseInjection()
         self.activate = FusedLeakyReLU(out_channel)
@@ -441,6 +456,7 @@ class StyledConv(_ConvBackendMixin, nn.Module):
             out = self(input, style, noise, p, q)
             return out, to_rgb(out, rgb_style, skip)
         conv._check_inputs(input, style)
+        rgb_conv._check_style("rgb_style", rgb_style, input)
         to_rgb._check_skip(skip, input)
         dtype = _operand_dtype(input)
         out, image = styled_conv2d_to_rgb(
@@ -560,9 +576,9 @@ def swap_rosinality_modules(
     differ). The swapped layers also take RefineStyle tokens: `conv(x, w, noise, p=p, q=q)`.
 
     model: any nn.Module; searched recursively (the model itself is never replaced).
-    class_names: the class names (type(m).__name__) of the layers to replace; which of
-        the two a layer is, is read from its structure (a StyledConv has `conv`, `noise`
-        and `activate`; a ToRGB has `conv` and a [1, 3, 1, 1] `bias`).
+    class_names: the class names (type(m).__name__) of the layers to replace, or one name
+        as a string; which of the two a layer is, is read from its structure (a StyledConv
+        has `conv`, `noise` and `activate`; a ToRGB has `conv` and a [1, 3, 1, 1] `bias`).
     backend: the new layers' op backend ("auto", "triton", "torch" or "reference").
     Returns the qualified names of the replaced layers, in model order. Raises TypeError
     for a named layer of neither structure and ValueError for one the fused op cannot run
@@ -571,7 +587,7 @@ def swap_rosinality_modules(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     check_backend(backend)
-    names = set(class_names)
+    names = {class_names} if isinstance(class_names, str) else set(class_names)
     return replace_modules(
         model,
         lambda module: type(module).__name__ in names and not isinstance(module, (StyledConv, ToRGB)),
@@ -619,7 +635,8 @@ def _rosinality_replacement(name: str, old: nn.Module, backend: str) -> nn.Modul
     state = old.state_dict()
     for key, ours in new.state_dict().items():
         # the fused op applies its own fixed FIR filter: a different one in the checkpoint would be ignored
-        if key.endswith("kernel") and key in state and not torch.allclose(state[key].to(ours), ours):
+        theirs = state.get(key) if key.endswith("kernel") else None
+        if theirs is not None and (theirs.shape != ours.shape or not torch.allclose(theirs.to(ours), ours)):
             raise ValueError(f"{name}: its {key} is not the (1, 3, 3, 1) filter the fused op implements")
     new.load_state_dict(state, strict=True)
     return adopt_flags(old, new)

@@ -273,6 +273,8 @@ def _nvlabs_replacement(name: str, old: nn.Module, backend: str) -> nn.Module:
     conv_clamp = getattr(old, "conv_clamp", None)
     try:
         if type(old).__name__ == "SynthesisLayer":
+            if not hasattr(old, "resolution"):  # StyleGAN3's SynthesisLayer (in_size, out_size, is_torgb)
+                raise TypeError(f"{name}: a {type(old).__name__} without `resolution`, not StyleGAN2's")
             new = NVlabsSynthesisLayer(
                 in_channels, out_channels, w_dim, int(old.resolution), kernel_size, up=int(getattr(old, "up", 1)),
                 use_noise=bool(getattr(old, "use_noise", True)), activation=getattr(old, "activation", "lrelu"),

@@ -157,6 +157,11 @@ def test_bad_layers_and_inputs_are_named():
     del odd.layer.affine
     with pytest.raises(TypeError, match="layer: a SynthesisLayer without NVlabs'"):
         swap_nvlabs_modules(odd)
+    stylegan3 = nn.Module()  # StyleGAN3's SynthesisLayer has NVlabs' weight and affine, no resolution
+    stylegan3.layer = SynthesisLayer(4, 4, 5, 8)
+    del stylegan3.layer.resolution
+    with pytest.raises(TypeError, match="layer: a SynthesisLayer without `resolution`"):
+        swap_nvlabs_modules(stylegan3)
     layer = NVlabsSynthesisLayer(4, 4, 5, 8, up=2)
     with pytest.raises(ValueError, match=r"x: expected \[B, 4, 4, 4\]"):
         layer(torch.randn(1, 4, 8, 8), torch.randn(1, 5))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from refinestyle_kernels import StyledConv, ToRGB, swap_rosinality_modules
+from refinestyle_kernels import ModulatedConv2d, StyledConv, ToRGB, swap_rosinality_modules
 from rosinality_reference import ReferenceGenerator, RefStyledConv, RefToRGB
 
 SIZE, STYLE_DIM = 16, 8
@@ -89,6 +89,10 @@ def test_layers_the_fused_op_cannot_run_are_refused(reference):
         odd_blur.convs[0].conv.blur.kernel.fill_(1 / 16)
     with pytest.raises(ValueError, match=r"convs.0: its conv.blur.kernel is not the \(1, 3, 3, 1\) filter"):
         swap_rosinality_modules(odd_blur, class_names=REFERENCE_CLASSES)
+    three_tap_blur = copy.deepcopy(reference)  # built with blur_kernel=[1, 2, 1]: a 3x3 filter
+    three_tap_blur.convs[0].conv.blur.kernel = torch.full((3, 3), 4 / 9, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"convs.0: its conv.blur.kernel is not the \(1, 3, 3, 1\) filter"):
+        swap_rosinality_modules(three_tap_blur, class_names=REFERENCE_CLASSES)
     downsampling = RefStyledConv(4, 4, STYLE_DIM)
     downsampling.conv.downsample = True
     with pytest.raises(ValueError, match="downsampling"):
@@ -101,3 +105,14 @@ def test_layers_the_fused_op_cannot_run_are_refused(reference):
     assert swap_rosinality_modules(copy.deepcopy(reference)) == []
     torgb = nn.ModuleDict({"rgb": RefToRGB(4, STYLE_DIM)})
     assert swap_rosinality_modules(torgb, class_names=["RefToRGB"]) == ["rgb"] and isinstance(torgb["rgb"], ToRGB)
+    one_name = nn.ModuleDict({"conv": RefStyledConv(4, 4, STYLE_DIM)})  # a string is one name, not its letters
+    assert swap_rosinality_modules(one_name, class_names="RefStyledConv") == ["conv"]
+
+
+def test_modulated_conv_takes_rosinalitys_arguments_in_rosinalitys_order():
+    """(in, out, k, style_dim, demodulate, upsample, downsample, blur_kernel, fused), as in
+    rosinality's model.py; a downsampling conv is refused by name."""
+    conv = ModulatedConv2d(4, 5, 3, STYLE_DIM, True, True, False, [1, 3, 3, 1], False)
+    assert conv.upsample and conv.demodulate
+    with pytest.raises(ValueError, match="downsample"):
+        ModulatedConv2d(4, 5, 3, STYLE_DIM, downsample=True)

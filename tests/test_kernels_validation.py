@@ -200,7 +200,10 @@ def _modules():
         (lambda conv, rgb, x, w: conv(torch.randn(2, 3, 6, 6), w), ValueError, "input"),
         (lambda conv, rgb, x, w: conv(x, torch.randn(2, 5)), ValueError, "style"),
         (lambda conv, rgb, x, w: conv(x, torch.randn(1, 6)), ValueError, "style"),
-        (lambda conv, rgb, x, w: conv(x, w.double()), TypeError, "input"),  # the modulation's EqualLinear
+        (lambda conv, rgb, x, w: conv(x, w.double()), TypeError, "style"),
+        (lambda conv, rgb, x, w: conv.forward_to_rgb(rgb, x, w, torch.randn(2, 7)), ValueError, "rgb_style"),
+        (lambda conv, rgb, x, w: conv.forward_to_rgb(rgb, x, w, w.double()), TypeError, "rgb_style"),
+        (lambda conv, rgb, x, w: conv(x, w, None, [[0.1] * 5], [[0.1] * 4]), TypeError, "p"),
         (lambda conv, rgb, x, w: rk.NoiseInjection()(x, torch.randn(2, 4, 1, 1)), ValueError, "noise"),
         (lambda conv, rgb, x, w: rk.ModulatedConv2d(4, 5, 1, 6, upsample=True), ValueError, "upsample"),
         (lambda conv, rgb, x, w: rk.ModulatedConv2d(0, 5, 3, 6), ValueError, "in_channel"),
