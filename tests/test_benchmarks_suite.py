@@ -426,6 +426,49 @@ def test_gpu_session_script_names_real_cases(capsys, monkeypatch):
     assert set(apply_kernel_options(options)) == {option.partition("=")[0] for option in options}
 
 
+# stands in for python3 in gpu_session.sh: writes the files each command would write, as
+# `report.write_all` names them for --output (.json, .csv, .md, and .png unless --no-plot)
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+case "$1" in
+-c) exit 1 ;;  # no xdist
+-) cat >/dev/null; echo "torch, triton, a stand-in GPU"; exit 0 ;;
+esac
+args=("$@"); plot=1
+for arg in "$@"; do [ "$arg" = --no-plot ] && plot=0; done
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[i]}" in
+    --json) touch "${args[i + 1]}" ;;
+    --output)
+        stem="${args[i + 1]%.json}"
+        touch "$stem.json" "$stem.csv" "$stem.md"
+        [ "$plot" = 1 ] && touch "$stem.png" ;;
+    esac
+done
+exit 0
+"""
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
+@pytest.mark.parametrize("stage", ["1", "2", "3"])
+def test_gpu_session_stage_leaves_at_most_what_the_device_tool_brings_back(stage, tmp_path):
+    """The device tool returns at most 8 files from $OUT (/work/.library/device/README.md); a
+    stage that wrote more would lose some of its results."""
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    out.mkdir()
+    fake = bin_dir / "python3"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OUT": str(out)}
+    result = subprocess.run(["bash", str(script), stage], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    written = sorted(path.name for path in out.rglob("*") if path.is_file())
+    assert 0 < len(written) <= 8, written
+    if stage == "3":
+        assert {"ab-conv-products-off.json", "ab-fusions-off.json", "headline-layers.json"} <= set(written)
+
+
 def test_kernel_options_are_set_for_the_run_and_recorded(tmp_path, capsys, monkeypatch):
     """--kernel-option switches a tuning constant of the op module (an A/B run of a fusion) and
     the JSON and the banner say so; unknown names and unparsable values stop the run."""
