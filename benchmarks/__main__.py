@@ -149,6 +149,8 @@ def suite_from_args(args, on_cuda: bool) -> tuple[str, SuiteSpec, TimingSettings
         )
     if args.layers is not None:
         spec.layer_names = _csv(args.layers)
+        if not spec.layer_names:
+            raise SystemExit(f"--layers: expected comma-separated layer names, got {args.layers!r}")
     if args.layer_kinds is not None:
         spec.layer_kinds = _csv(args.layer_kinds)
     if args.sizes is not None:
@@ -239,6 +241,8 @@ def _run(argv: list[str] | None) -> int:
             print(f"(skipped, they need CUDA: {', '.join(skipped)})")
     if not cases:
         raise SystemExit("benchmarks: no case left after the selection")
+    if not implementations and not args.list:
+        raise SystemExit("--impls: no implementation left to run on this machine")
     if suite in ("gpu", "headline") and not on_cuda and not args.list:
         raise SystemExit(
             f"--suite {suite}: needs a CUDA device (its 1024 px cases would take hours on a CPU); "
@@ -339,10 +343,26 @@ def _logger(quiet: bool):
     return log
 
 
+def merged_results(runs: list[dict]) -> list[dict]:
+    """The runs' records, one per (case, implementation): a later run's measurement replaces an
+    earlier one's (the runs are given oldest first), so that the targets, the table and the
+    speedups all read the same record; a record without a time never replaces one with."""
+    merged: dict[tuple[str, str], dict] = {}
+    for r in runs:
+        for record in r["results"]:
+            key = (record["case_id"], record["implementation"])
+            earlier = merged.get(key)
+            if earlier is None or record.get("median_ms") is not None or earlier.get("median_ms") is None:
+                merged[key] = record
+    return list(merged.values())
+
+
 def report_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="refinestyle-bench report",
                                      description="Redraw the table, CSV, markdown and PNG of saved results.")
-    parser.add_argument("json", type=Path, nargs="+", help="results JSON file(s); several are merged")
+    parser.add_argument("json", type=Path, nargs="+",
+                        help="results JSON file(s); several are merged, oldest first: for a case and "
+                             "implementation measured in several, the last file's measurement counts")
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON path of the merged run (default: next to the first input, with _merged)")
     parser.add_argument("--no-plot", action="store_true")
@@ -351,7 +371,7 @@ def report_main(argv: list[str]) -> int:
     run = runs[0]
     if len(runs) > 1:
         run = dict(run)
-        run["results"] = [record for r in runs for record in r["results"]]
+        run["results"] = merged_results(runs)
         run["flop_check"] = [check for r in runs for check in r.get("flop_check", [])]
         names = []
         for r in runs:

@@ -119,6 +119,9 @@ class Case:
             raise ValueError(f"dtype: expected one of {tuple(DTYPE_SHORT)}, got {self.dtype!r}")
         if self.layer is not None and not self.layer.refinable and self.tokens.num_tokens:
             raise ValueError(f"tokens: {self.layer.name} is never refined")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise ValueError(f"batch: expected a positive integer, got {self.batch!r}")
+        generator_layers(self.generator.size, self.generator.channel_multiplier, self.generator.channel_max)
 
     @property
     def backward(self) -> bool:

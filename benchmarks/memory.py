@@ -1,8 +1,8 @@
 """Peak memory of a call on any device, by following the tensors it creates.
 
 On CUDA the suite reads the caching allocator's statistics
-(torch.cuda.max_memory_allocated). The CPU allocator keeps none, so the CPU suite, and the
-tests, measure with `LiveBytes`: a TorchDispatchMode that sees every aten op run below
+(torch.cuda.max_memory_allocated). The CPU allocator keeps none, and the CPU suite reports no
+peak memory; the tests measure with `LiveBytes` instead: a TorchDispatchMode that sees every aten op run below
 autograd, adds the bytes of each new storage an op returns, and subtracts them when the
 storage is freed. Its peak is what the call itself allocated on top of what existed
 before (the same quantity as the CUDA suite's `extra_bytes`), counted in whole storages:

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch._dynamo.utils import counters as dynamo_counters
 
-from benchmarks.cases import HEADLINE, Case
+from benchmarks.cases import HEADLINE, Case, TokenSetting
 from benchmarks.flops import cross_check_layer, layer_bytes, layer_flops, roofline_floor_seconds
 from benchmarks.implementations import REFERENCE, TORCH, Implementation
 from benchmarks.memory import planned_generator_memory
@@ -565,22 +565,25 @@ def evaluate_targets(records: list[dict]) -> list[dict]:
     reference = find("reference")
     unrefined = triton and find(triton["implementation"], num_tokens=0, token_sharing="none")
     eager = find("triton")
+    def ratio(numerator, denominator):
+        """numerator / denominator, or None where either was not measured (or is 0: no ratio)."""
+        return numerator / denominator if numerator is not None and denominator else None
+
+    triton_ms = triton and triton["median_ms"]
+    unrefined_ms = unrefined and unrefined["median_ms"]
     values = {
         "speedup_vs_reference": triton and triton["speedup_vs_reference"],
         "speedup_vs_best_plain": triton and triton["speedup_vs_best_plain"],
-        "time_over_floor": triton and triton["floor_ms"] and triton["median_ms"] / triton["floor_ms"],
-        "refinement_overhead": triton and unrefined and triton["median_ms"] / unrefined["median_ms"] - 1,
+        "time_over_floor": ratio(triton_ms, triton and triton["floor_ms"]),
+        "refinement_overhead": None if ratio(triton_ms, unrefined_ms) is None else ratio(triton_ms, unrefined_ms) - 1,
         # the memory the implementations themselves need (activations, workspaces); the
         # frozen weights and the inputs are the same for both and are left out
-        "peak_memory_ratio": eager
-        and reference
-        and eager["peak_mem_extra_bytes"]
-        and reference["peak_mem_extra_bytes"]
-        and eager["peak_mem_extra_bytes"] / reference["peak_mem_extra_bytes"],
+        "peak_memory_ratio": ratio(eager and eager["peak_mem_extra_bytes"],
+                                   reference and reference["peak_mem_extra_bytes"]),  # fmt: skip
     }
     results = []
     for name, comparison, threshold, description in TARGETS:
-        value = values[name] or None
+        value = values[name]
         met = None if value is None else (value >= threshold if comparison == ">=" else value <= threshold)
         source = eager if name == "peak_memory_ratio" else triton
         results.append(
@@ -595,20 +598,26 @@ def evaluate_targets(records: list[dict]) -> list[dict]:
 
 
 def flop_checks(cases: list[Case]) -> list[dict]:
-    """FlopCounterMode cross-checks of every distinct layer shape of the layer cases (meta tensors)."""
+    """FlopCounterMode cross-checks (meta tensors) of every distinct layer shape the cases time:
+    a layer case's layer, and each layer of a generator case's network (its toRGBs unrefined),
+    whose counts the network's FLOPs are the sum of."""
     seen, checks = set(), []
     for case in cases:
-        if case.layer is None:
-            continue
-        key = (case.layer, case.batch, case.tokens, case.backward)
-        if key in seen:
-            continue
-        seen.add(key)
-        checks.append(
-            cross_check_layer(
-                case.layer, case.batch, case.tokens.num_tokens, shared_tokens=case.tokens.shared, backward=case.backward
+        if case.layer is not None:
+            layers = [(case.layer, case.tokens)]
+        else:
+            convs, torgbs = case.generator.layers()
+            layers = [(spec, case.tokens if spec.refinable else TokenSetting(0, False)) for spec in convs + torgbs]
+        for layer, tokens in layers:
+            key = (layer, case.batch, tokens, case.backward)
+            if key in seen:
+                continue
+            seen.add(key)
+            checks.append(
+                cross_check_layer(
+                    layer, case.batch, tokens.num_tokens, shared_tokens=tokens.shared, backward=case.backward
+                )
             )
-        )
     return checks
 
 

@@ -388,6 +388,65 @@ def test_targets_take_the_fastest_fused_variant_and_the_eager_op_for_memory():
     assert targets["peak_memory_ratio"]["value"] == pytest.approx(0.5) and targets["peak_memory_ratio"]["met"]
 
 
+def test_merged_runs_keep_one_record_per_case_and_implementation(tmp_path, capsys):
+    """Runs merged by `report` (oldest first): the last measurement of a (case, implementation)
+    replaces the earlier ones, so the targets, the markdown and the speedups read the same
+    record; a later record without a time does not replace a timed one."""
+    from benchmarks.__main__ import merged_results
+
+    older = [_headline_record("reference", "reference", 100.0, 10), _headline_record("triton", "fused", 60.0, 5),
+             _headline_record("triton", "fused", 50.0, 5, num_tokens=0, token_sharing="none")]  # fmt: skip
+    newer = [_headline_record("triton", "fused", 40.0, 5),
+             dict(_headline_record("reference", "reference", 0.0, 0), status="failed", median_ms=None)]  # fmt: skip
+    merged = merged_results([{"results": older}, {"results": newer}])
+    assert len(merged) == 3
+    by_key = {(r["implementation"], r["num_tokens"]): r for r in merged}
+    assert by_key[("triton", 32)]["median_ms"] == 40.0 and by_key[("reference", 32)]["median_ms"] == 100.0
+    add_speedups(merged)
+    targets = {t["target"]: t for t in evaluate_targets(merged)}
+    assert targets["speedup_vs_reference"]["value"] == pytest.approx(2.5)
+    assert targets["refinement_overhead"]["value"] == pytest.approx(40.0 / 50.0 - 1)
+
+
+def test_a_refinement_that_costs_nothing_is_a_measured_target():
+    """An overhead of exactly 0 is a value that meets the target, not 'not measured'."""
+    records = [_headline_record("reference", "reference", 100.0, 10), _headline_record("triton", "fused", 50.0, 5),
+               _headline_record("triton", "fused", 50.0, 5, num_tokens=0, token_sharing="none")]  # fmt: skip
+    add_speedups(records)
+    targets = {t["target"]: t for t in evaluate_targets(records)}
+    assert targets["refinement_overhead"]["value"] == 0.0 and targets["refinement_overhead"]["met"] is True
+
+
+def test_generator_cases_cross_check_the_flops_of_each_of_their_layers():
+    """A run of generator cases alone still records FlopCounterMode checks: one per layer of the
+    network (toRGBs unrefined), whose analytic counts the network's FLOPs add up."""
+    from benchmarks.cases import Case, GeneratorConfig, TokenSetting
+    from benchmarks.runner import flop_checks
+
+    config = GeneratorConfig(16, channel_max=8, style_dim=16)
+    case = Case("generator", config, 2, "float32", "forward_backward", TokenSetting(4, False))
+    checks = flop_checks([case, case])
+    convs, torgbs = config.layers()
+    assert len(checks) == len(convs) + len(torgbs) and all(check["ok"] for check in checks)
+    assert {check["num_tokens"] for check in checks} == {0, 4}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--sizes", "100"], "size: expected a power of two"),
+        (["--batch", "0"], "batch: expected a positive integer"),
+        (["--layers", ","], "--layers: expected comma-separated layer names"),
+        (["--impls", "triton"], "--impls: no implementation left"),  # needs CUDA, skipped here
+    ],
+)
+def test_bad_narrowing_stops_before_any_case_runs(options, message, monkeypatch):
+    if torch.cuda.is_available() and options[0] == "--impls":
+        pytest.skip("triton runs on this machine")
+    with pytest.raises(SystemExit, match=message):
+        main(TINY + options)
+
+
 def test_cuda_graphs_capture_every_generator_case_and_no_layer_case():
     from benchmarks.cases import headline_suite
     from benchmarks.runner import applicable
