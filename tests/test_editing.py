@@ -45,6 +45,10 @@ def test_load_boundary_shapes_and_errors(tmp_path):
         editing.load_boundary(tmp_path / "x.txt", n_latent, dim)
     with pytest.raises(FileNotFoundError):
         editing.load_boundary(tmp_path / "missing.npy", n_latent, dim)
+    for junk in ("junk.pt", "junk.npy"):  # damaged files are bad input, named, not a traceback
+        (tmp_path / junk).write_bytes(b"not a boundary file at all")
+        with pytest.raises(ValueError, match=f"{junk}: cannot read it"):
+            editing.load_boundary(tmp_path / junk, n_latent, dim)
 
 
 def test_interfacegan_edit_moves_only_the_chosen_layers(w_plus):
@@ -66,6 +70,8 @@ def test_parse_layers():
         editing.parse_layers("3-9", 8)
     with pytest.raises(ValueError, match="cannot parse"):
         editing.parse_layers("a-b", 8)
+    with pytest.raises(ValueError, match="'5-2' runs backwards"):  # would select no layer
+        editing.parse_layers("0,5-2", 8)
 
 
 def test_ganspace_recovers_the_principal_axes(tmp_path):
@@ -148,6 +154,8 @@ def test_style_channel_stddev_matches_direct_sampling(generator):
     with torch.no_grad():
         styles = generator.to_rgb1.conv.modulation(generator.style(torch.randn(2000, generator.style_dim, generator=rng)))
     torch.testing.assert_close(stddev, styles.std(0))
+    with pytest.raises(ValueError, match="at least 2 samples"):  # one sample's std is NaN
+        editing.style_channel_stddev(generator, 1, num_samples=1)
 
 
 def test_render_edit_keeps_the_residuals(generator, w_plus):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def positive_int(text: str) -> int:
@@ -19,6 +20,52 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= minimum (0 for 'none', 2 for a standard deviation, ...)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int_at_least_{minimum}"
+    return parse
+
+
+def _file_in_the_way(path) -> Path | None:
+    """The first existing ancestor of path that is a file (a folder cannot be made under it), or None."""
+    for ancestor in Path(path).absolute().parents:
+        if ancestor.exists():
+            return None if ancestor.is_dir() else ancestor
+    return None
+
+
+def output_file(text: str) -> Path:
+    """A file to write (made with its parent folders): not an existing folder, not under a file."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; expected the path of a file to write")
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(f"{text!r}: {str(blocker)!r} is a file, so no folder can be made there")
+    return path
+
+
+def output_folder(text: str) -> Path:
+    """A folder to write into (made if missing): not an existing file, not under a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a folder to write into")
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(f"{text!r}: {str(blocker)!r} is a file, so no folder can be made there")
+    return path
 
 
 def device_name(text: str) -> str:

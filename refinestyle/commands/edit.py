@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from refinestyle.commands import device_name, positive_int, report_error
+from refinestyle.commands import device_name, int_at_least, output_folder, positive_int, report_error
 
 
 def _floats(text: str) -> list[float]:
@@ -52,10 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", help="w+ rows to edit, e.g. 0-5 or 3,4,7 (InterFaceGAN/GANSpace; default all)")
     parser.add_argument("--strengths", type=_floats, default=[-3.0, -1.5, 0.0, 1.5, 3.0],
                         help="comma-separated edit strengths (default -3,-1.5,0,1.5,3); use --strengths=-3,3")
-    parser.add_argument("--stylespace-samples", type=int, default=10_000,
+    parser.add_argument("--stylespace-samples", type=int_at_least(2), default=10_000,
                         help="random images used to measure the StyleSpace channel's standard deviation")
     parser.add_argument("--no-refinement", action="store_true", help="render w+ only (drop the residuals)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", type=output_folder, required=True, help="output folder")
     parser.add_argument("--image-size", type=int, default=256, help="encoder input side, with --input")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--device", type=device_name, help="cpu or cuda (default: cuda when available)")

@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from refinestyle.commands import device_name, positive_int, report_error
+from refinestyle.commands import device_name, int_at_least, output_folder, positive_int, report_error
 from refinestyle.commands.edit import _layer_channel
 
 
@@ -48,13 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", help="w+ rows the InterFaceGAN/GANSpace edits change, e.g. 0-5 (default all)")
     parser.add_argument("--strength", type=float, default=3.0,
                         help="edit strength (InterFaceGAN: along the unit normal; GANSpace and StyleSpace: in standard deviations)")
-    parser.add_argument("--stylespace-samples", type=int, default=10_000,
+    parser.add_argument("--stylespace-samples", type=int_at_least(2), default=10_000,
                         help="random images used to measure each StyleSpace channel's standard deviation")
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument("--domain", choices=("face", "other"), default="face", help="'face' measures ID (needs --ir-se50)")
     metrics.add_argument("--ir-se50", help="model_ir_se50.pth for the ID similarity (or REFINESTYLE_IR_SE50)")
     metrics.add_argument("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth for FID (or REFINESTYLE_FID_INCEPTION); needed with --domain other")
-    parser.add_argument("--out", help="folder for report.json, report.md and examples.png")
+    parser.add_argument("--out", type=output_folder, help="folder for report.json, report.md and examples.png")
     parser.add_argument("--name", help="method name in the table (default: the inverter's run folder name)")
     parser.add_argument("--image-size", type=int, default=256, help="side the encoder sees and the metrics use (256)")
     parser.add_argument("--batch-size", type=positive_int, default=8)

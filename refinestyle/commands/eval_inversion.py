@@ -20,23 +20,23 @@ import csv
 import json
 from pathlib import Path
 
-from refinestyle.commands import device_name, positive_int
+from refinestyle.commands import device_name, output_folder, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inverter", required=True, help="inverter.safetensors (or its run folder), or a pretrained pSp / e4e / Style Transformer checkpoint: the paper's baselines")
     parser.add_argument("--generator", required=True, help="the StyleGAN2 generator checkpoint")
     parser.add_argument("--data", required=True, help="a folder of test images")
-    parser.add_argument("--out", help="folder for report.json, report.md, per_image.csv, examples.png")
+    parser.add_argument("--out", type=output_folder, help="folder for report.json, report.md, per_image.csv, examples.png")
     parser.add_argument("--lpips-backbone", help="torchvision alexnet-owt-7be5be79.pth (or REFINESTYLE_ALEXNET)")
     parser.add_argument("--lpips-random-backbone", action="store_true", help="random AlexNet (tests only)")
     parser.add_argument("--ir-se50", help="model_ir_se50.pth for the ID similarity (or REFINESTYLE_IR_SE50)")
     parser.add_argument("--domain", choices=("face", "other"), default="face", help="'other' skips the ID metric")
     parser.add_argument("--image-size", type=int, default=256, help="side the encoder sees and metrics use (256)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    parser.add_argument("--max-images", type=positive_int, help="evaluate only the first N images")
     parser.add_argument("--no-timing", action="store_true", help="skip the time per image")
-    parser.add_argument("--timing-repeats", type=int, default=20)
+    parser.add_argument("--timing-repeats", type=positive_int, default=20)
     parser.add_argument("--name", default=None, help="method name in the table (default: the inverter's run folder name)")
     parser.add_argument("--device", type=device_name, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default="auto")

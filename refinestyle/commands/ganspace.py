@@ -13,17 +13,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from refinestyle.commands import device_name, positive_int
+from refinestyle.commands import device_name, int_at_least, output_file, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generator", required=True, help="the StyleGAN2 generator checkpoint")
-    parser.add_argument("--out", required=True, help="directions file to write (.safetensors)")
+    parser.add_argument("--out", type=output_file, required=True, help="directions file to write (.safetensors)")
     parser.add_argument("--num-samples", type=positive_int, default=100_000, help="z samples (100000)")
     parser.add_argument("--num-components", type=positive_int, default=80, help="components kept (80)")
     parser.add_argument("--batch-size", type=positive_int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--preview-components", type=int, default=5, help="components in the preview picture (0: none)")
+    parser.add_argument("--preview-components", type=int_at_least(0), default=5, help="components in the preview picture (0: none)")
     parser.add_argument("--preview-layers", default=None, help="w+ rows edited in the preview (default all)")
     parser.add_argument("--device", type=device_name, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true")

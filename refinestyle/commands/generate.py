@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from refinestyle.commands import device_name, positive_int, report_error
+from refinestyle.commands import device_name, output_file, output_folder, positive_int, report_error
 from refinestyle.weights import default_device, require_file
 
 
@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truncation-mean", type=positive_int, default=4096,
                         help="random w averaged for truncation when the checkpoint has no latent_avg (default 4096)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents and noise (default 0)")
-    parser.add_argument("--out", type=Path, default=Path("grid.png"), help="grid picture to write (default grid.png)")
-    parser.add_argument("--outdir", type=Path, default=None,
+    parser.add_argument("--out", type=output_file, default=Path("grid.png"), help="grid picture to write (default grid.png)")
+    parser.add_argument("--outdir", type=output_folder, default=None,
                         help="folder for the individual images (default: --out without its suffix)")
     parser.add_argument("--nrow", type=positive_int, default=None,
                         help="images per grid row (default: --n with adapters, else a square-ish grid)")
@@ -98,6 +98,11 @@ def main(args: argparse.Namespace) -> int:
     from refinestyle.refinement import Refinement
     from refinestyle.weights import MissingWeightsError
 
+    outdir = args.outdir if args.outdir is not None else args.out.with_suffix("")
+    try:  # the default folder, beside --out, is checked as --outdir would be
+        output_folder(str(outdir))
+    except argparse.ArgumentTypeError as error:
+        return report_error(args, f"--outdir: {error}")
     device = torch.device(args.device or default_device())
     try:
         generator = load_generator(args.ckpt, device=device, size=args.size, backend=args.backend)
@@ -141,7 +146,6 @@ def main(args: argparse.Namespace) -> int:
         for group, part in enumerate(output.float().cpu().split(count)):
             images[group].append(part)
 
-    outdir = args.outdir if args.outdir is not None else args.out.with_suffix("")
     names = ["original"] + [name for name, _ in domains]
     everything = []
     for name, parts in zip(names, images):

@@ -13,17 +13,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from refinestyle.commands import device_name, positive_int
+from refinestyle.commands import device_name, int_at_least, output_folder, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inverter", required=True, help="inverter.safetensors (or its train-inverter run folder), or a pretrained pSp / e4e / Style Transformer checkpoint (w+ only)")
     parser.add_argument("--generator", required=True, help="the StyleGAN2 generator checkpoint it was trained with")
     parser.add_argument("--input", required=True, help="an image file or a folder of images")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", type=output_folder, required=True, help="output folder")
     parser.add_argument("--image-size", type=int, default=256, help="side the encoder sees (the training --image-size)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--grid-max-images", type=int, default=16, help="images shown in comparison.png")
+    parser.add_argument("--grid-max-images", type=int_at_least(0), default=16,
+                        help="images shown in comparison.png (0: no comparison.png)")
     parser.add_argument("--device", type=device_name, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default="auto")
     parser.add_argument("--no-progress", action="store_true")
@@ -70,6 +71,9 @@ def main(args: argparse.Namespace) -> int:
                          pool_or_resize(refined[:shown], size)], 1,
                     ).flatten(0, 1).float().cpu()
                 )
-    save_grid(torch.cat(comparison), out / "comparison.png", nrow=3)
-    print(f"inverted {len(paths)} images into {out} (reconstructions/, codes/, comparison.png: input | w+ only | refined)")
+    shown = "codes/"
+    if comparison:
+        save_grid(torch.cat(comparison), out / "comparison.png", nrow=3)
+        shown = "codes/, comparison.png: input | w+ only | refined"
+    print(f"inverted {len(paths)} images into {out} (reconstructions/, {shown})")
     return 0

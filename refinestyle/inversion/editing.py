@@ -40,7 +40,8 @@ from refinestyle.weights import require_file, save_safetensors
 def parse_layers(spec: str | None, n_latent: int) -> list[int] | None:
     """Parse a layer selection such as "0-5", "3,4,7" or "2-4,8"; None or "" or "all" -> None (all).
 
-    Ranges are inclusive. Raises ValueError for indices outside [0, n_latent).
+    Ranges are inclusive. Raises ValueError for indices outside [0, n_latent) and for a range
+    that runs backwards ("5-2"), which would select nothing.
     """
     if spec is None or spec.strip() in ("", "all"):
         return None
@@ -48,13 +49,12 @@ def parse_layers(spec: str | None, n_latent: int) -> list[int] | None:
     for part in spec.split(","):
         part = part.strip()
         try:
-            if "-" in part:
-                first, last = (int(v) for v in part.split("-", 1))
-                layers.extend(range(first, last + 1))
-            else:
-                layers.append(int(part))
+            first, last = (int(v) for v in part.split("-", 1)) if "-" in part else (int(part), int(part))
         except ValueError:
             raise ValueError(f"layers: cannot parse {spec!r}; expected e.g. '0-5' or '3,4,7'") from None
+        if first > last:  # an empty range would silently edit nothing
+            raise ValueError(f"layers: range {part!r} runs backwards; expected first <= last, e.g. '2-5'")
+        layers.extend(range(first, last + 1))
     for layer in layers:
         if not 0 <= layer < n_latent:
             raise ValueError(f"layers: index {layer} outside [0, {n_latent})")
@@ -112,9 +112,15 @@ def load_boundary(path: str | Path, n_latent: int, style_dim: int) -> torch.Tens
     require_file(path, "boundary file")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        array = torch.from_numpy(np.load(path, allow_pickle=False))
+        try:
+            array = torch.from_numpy(np.load(path, allow_pickle=False))
+        except (OSError, ValueError, EOFError) as error:
+            raise ValueError(f"{path}: cannot read it as a .npy array ({error})") from None
     elif suffix in (".pt", ".pth"):
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch.load of a broken file raises pickle's, zipfile's or its own errors
+            raise ValueError(f"{path}: cannot read it as a torch file ({type(error).__name__}: {error})") from None
         if isinstance(loaded, dict):
             if "boundary" in loaded:
                 loaded = loaded["boundary"]
@@ -327,6 +333,8 @@ def style_channel_stddev(
     Draws num_samples z (private generator), maps them to w and applies the layer's affine.
     Returns a float32 [C_in] tensor on the generator's device.
     """
+    if num_samples < 2:
+        raise ValueError(f"num_samples: a standard deviation needs at least 2 samples, got {num_samples}")
     name, module, _ = _style_layer(generator, layer)
     device = next(generator.parameters()).device
     rng = torch.Generator(device="cpu").manual_seed(seed)

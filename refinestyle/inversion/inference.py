@@ -114,7 +114,11 @@ def load_codes(paths: list[Path], device: str | torch.device = "cpu") -> ImageCo
     for path in paths:
         path = Path(path)
         require_file(path, "code file")
-        with safe_open(str(path), framework="pt") as handle:
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as error:  # safetensors raises its own SafetensorError for a broken header
+            raise ValueError(f"{path}: cannot read it as a safetensors code file ({error})") from None
+        with handle:
             metadata = handle.metadata() or {}
             if metadata.get("format") != CODES_FORMAT:
                 raise ValueError(f"{path}: not a RefineStyle code file (written by `refinestyle invert`)")
@@ -125,9 +129,12 @@ def load_codes(paths: list[Path], device: str | torch.device = "cpu") -> ImageCo
             elif layers != layers_seen:
                 raise ValueError(f"{path}: refines layers {layers}, other files refine {layers_seen}")
             num_layers = int(metadata.get("num_layers", "0"))
-            w_rows.append(handle.get_tensor("w_plus"))
-            p_rows.append([handle.get_tensor(f"p.{layer}") for layer in layers])
-            q_rows.append([handle.get_tensor(f"q.{layer}") for layer in layers])
+            try:
+                w_rows.append(handle.get_tensor("w_plus"))
+                p_rows.append([handle.get_tensor(f"p.{layer}") for layer in layers])
+                q_rows.append([handle.get_tensor(f"q.{layer}") for layer in layers])
+            except Exception as error:  # a truncated file, or a key missing
+                raise ValueError(f"{path}: a damaged code file ({type(error).__name__}: {error})") from None
             sources.append(metadata.get("source", str(path)))
     w_plus = torch.stack(w_rows).to(device)
     refinement = None
@@ -141,13 +148,19 @@ def load_codes(paths: list[Path], device: str | torch.device = "cpu") -> ImageCo
 
 
 def unique_stems(paths: list[Path]) -> list[str]:
-    """File stems, made unique with a counter when two images share a name in different folders."""
-    seen: dict[str, int] = {}
+    """File stems, one output name per path: a stem already given (a.png and a.jpg, or the same
+    name in two folders) gets the first counter, _1, _2, ..., that no path's own stem is (so
+    a_1.png keeps its name beside a.png and a.jpg)."""
+    taken = {Path(path).stem for path in paths}
+    given: set[str] = set()
     stems = []
     for path in paths:
-        stem = Path(path).stem
-        count = seen.get(stem, 0)
-        seen[stem] = count + 1
-        stems.append(stem if count == 0 else f"{stem}_{count}")
+        stem = name = Path(path).stem
+        count = 0
+        while name in given or (count and name in taken):
+            count += 1
+            name = f"{stem}_{count}"
+        given.add(name)
+        stems.append(name)
     return stems
 
