@@ -34,7 +34,7 @@ from refinestyle_kernels.ops.styled_conv2d_to_rgb import styled_conv2d_to_rgb
 __all__ = ["CheckResult", "TOLERANCES", "environment_report", "self_check", "main"]
 
 # Relative error allowed against the float64 reference: fp32 runs without TF32; the half
-# types lose about 1e-2 through a demodulated layer (DESIGN.md §4), a broken kernel ~1.
+# types lose about 1e-2 through a demodulated layer (docs/kernels.md, Tests), a broken kernel ~1.
 TOLERANCES = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
