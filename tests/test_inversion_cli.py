@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import io
 import json
 
 import numpy as np
@@ -171,6 +172,144 @@ def test_bad_arguments_are_one_line_errors(trained, tmp_path, capsys):
     assert code == 2 and "already holds a run; resume it (--resume)" in capsys.readouterr().err.replace(
         f" ({root / 'run' / 'checkpoints' / 'latest.pt'})", ""
     )
+
+
+def _one_line_error(capsys) -> str:
+    """The error line of a command that failed on bad input (exit status 2 checked by the caller)."""
+    err = capsys.readouterr().err
+    assert err.startswith("refinestyle train-inverter: error: ") and "Traceback" not in err, err
+    return err.splitlines()[0]
+
+
+def test_train_inverter_resume_refuses_options_that_change_the_run(trained, tmp_path, capsys):
+    """--resume keeps the run's config: a model, loss, optimisation or path option that differs
+    from it is refused by name (it was silently ignored); run-time options and the same values are taken."""
+    import shutil
+
+    root, generator_path = trained
+    shutil.copytree(root / "run", tmp_path / "run")
+    saved = (tmp_path / "run" / "config.json").read_text()
+    other_generator = shutil.copy(generator_path, tmp_path / "other.pt")
+    resume = ["train-inverter", "--out", tmp_path / "run", "--resume", "--workers", 0, "--no-progress"]
+    capsys.readouterr()
+    assert run(*resume, "--num-tokens", 8, "--lr", 0.5, "--batch-size", 1, "--seed", 9, "--stage", "two",
+               "--first-stage", other_generator, "--bf16", "--model-option", "heads=4", "--generator",
+               other_generator, "--log-every", 5) == 2  # fmt: skip
+    error = _one_line_error(capsys)
+    for change in ["--num-tokens 8 (the run has 4)", "--lr 0.5 (the run has none)", "--batch-size 1 (the run has 2)",
+                   "--seed 9 (the run has 0)", "--stage two (the run has one)", "--bf16 (the run has bf16=false)",
+                   "--model-option heads=4 (the run has 2)", f"--first-stage {other_generator} (the run has none)",
+                   f"--generator {other_generator} (the run has {generator_path}, which still exists)"]:
+        assert change in error, (change, error)
+    assert "a resumed run keeps its config" in error and "--log-every" not in error  # a run-time option
+    assert (tmp_path / "run" / "config.json").read_text() == saved
+    # the run's own values given again (a path spelt differently) are no change; --log-every is taken
+    assert run(*resume, "--num-tokens", 4, "--batch-size", 2, "--model-option", "heads=2", "--domain", "other",
+               "--lpips-random-backbone", "--generator", root / ".." / root.name / "generator.pt",
+               "--data", root / "train", "--log-every", 5) == 0  # fmt: skip
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["log_every"] == 5
+
+
+def test_train_inverter_resume_takes_moved_generator_and_data(trained, tmp_path, capsys):
+    """A path may change on --resume when the saved one no longer exists (the files moved)."""
+    import shutil
+
+    root, generator_path = trained
+    shutil.copy(generator_path, tmp_path / "generator.pt")
+    shutil.copytree(root / "train", tmp_path / "data")
+    common = ["--out", tmp_path / "run", "--workers", 0, "--no-progress"]
+    assert run("train-inverter", "--generator", tmp_path / "generator.pt", "--data", tmp_path / "data", *common,
+               "--lpips-random-backbone", "--domain", "other", "--image-size", 32, "--num-refined", 4,
+               "--num-tokens", 4, "--batch-size", 2, "--max-steps", 1, "--image-every", 0, *TINY_OPTIONS) == 0
+    (tmp_path / "moved").mkdir()
+    shutil.move(tmp_path / "generator.pt", tmp_path / "moved" / "generator.pt")
+    shutil.move(tmp_path / "data", tmp_path / "moved" / "data")
+    assert run("train-inverter", "--resume", "--max-steps", 2, "--generator", tmp_path / "moved" / "generator.pt",
+               "--data", tmp_path / "moved" / "data", *common) == 0
+    state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)
+    assert state["step"] == 2 and state["config"]["generator"] == str(tmp_path / "moved" / "generator.pt")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == str(tmp_path / "moved" / "data")
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--log-every", 0, "argument --log-every: expected a positive integer, got 0"),
+    ("--max-steps", 0, "argument --max-steps: expected a positive integer, got 0"),
+    ("--val-max-images", 0, "argument --val-max-images: expected a positive integer, got 0"),
+    ("--num-tokens", 0, "argument --num-tokens: expected a positive integer, got 0"),
+    ("--num-refined", 0, "argument --num-refined: expected a positive integer, got 0"),
+    ("--image-size", -1, "argument --image-size: expected a positive integer, got -1"),
+    ("--checkpoint-every", -1, "argument --checkpoint-every: expected an integer >= 0, got -1"),
+    ("--image-every", -1, "argument --image-every: expected an integer >= 0, got -1"),
+    ("--val-every", -2, "argument --val-every: expected an integer >= 0, got -2"),
+    ("--workers", -1, "argument --workers: expected an integer >= 0, got -1"),
+    ("--seed", -1, "argument --seed: expected an integer >= 0, got -1"),
+])  # fmt: skip
+def test_train_inverter_refuses_meaningless_numbers(trained, tmp_path, capsys, option, value, expected):
+    """--log-every 0 ended in a ZeroDivisionError after the models were built."""
+    root, generator_path = trained
+    for where in (["--generator", generator_path, "--data", root / "train", "--out", tmp_path / "new"],
+                  ["--out", root / "run", "--resume"]):
+        with pytest.raises(SystemExit) as info:
+            run("train-inverter", *where, option, value)
+        assert info.value.code == 2
+        assert expected in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_train_inverter_refuses_unknown_model_options_and_a_stray_first_stage(trained, tmp_path, capsys):
+    """An unknown --model-option was a TypeError traceback; --first-stage without --stage two was ignored."""
+    root, generator_path = trained
+    new_run = ["train-inverter", "--generator", generator_path, "--data", root / "train", "--workers", 0,
+               "--no-progress", "--lpips-random-backbone", "--domain", "other", *TINY_OPTIONS]
+    capsys.readouterr()
+    assert run(*new_run, "--out", tmp_path / "a", "--model-option", "foo=1") == 2
+    error = _one_line_error(capsys)
+    assert "--model-option" in error and "'foo'" in error and "encoder_depth" in error and "heads" in error
+    assert run(*new_run, "--out", tmp_path / "b", "--first-stage", generator_path) == 2
+    assert "--first-stage: only a two-stage run has a first stage (add --stage two)" in _one_line_error(capsys)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_train_inverter_resume_reports_a_bad_checkpoint_in_one_line(trained, tmp_path, capsys):
+    """A truncated checkpoint was an unpickling traceback; a checkpoint of another process count a RuntimeError."""
+    import shutil
+
+    root, _ = trained
+    shutil.copytree(root / "run", tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoints" / "latest.pt"
+    whole = checkpoint.read_bytes()
+    resume = ["train-inverter", "--out", tmp_path / "run", "--resume", "--max-steps", 4, "--workers", 0,
+              "--no-progress"]
+    capsys.readouterr()
+    checkpoint.write_bytes(whole[:1000])
+    assert run(*resume) == 2
+    assert f"cannot read checkpoint {checkpoint}: " in _one_line_error(capsys)
+    state = torch.load(io.BytesIO(whole), weights_only=False)
+    state["rng"] = state["rng"] * 2  # as if written by a torchrun of 2 processes
+    torch.save(state, checkpoint)
+    assert run(*resume) == 2
+    assert "the checkpoint was written by 2 processes, this run has 1" in _one_line_error(capsys)
+
+
+def test_train_inverter_names_an_unreadable_image_in_one_line_with_data_workers(trained, tmp_path, capsys):
+    """With --workers N the DataLoader re-raised a bad image's error with the whole worker traceback
+    as its message; it is the same one line as with --workers 0."""
+    import shutil
+
+    root, generator_path = trained
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(root / "train" / "000.png", data / "000.png")
+    (data / "zz.png").write_bytes(b"not an image")
+    lines = []
+    for workers in (0, 2):
+        assert run("train-inverter", "--generator", generator_path, "--data", data, "--out", tmp_path / f"w{workers}",
+                   "--workers", workers, "--batch-size", 2, "--max-steps", 1, "--no-progress",
+                   "--lpips-random-backbone", "--domain", "other", "--image-size", 32, "--num-refined", 4,
+                   "--num-tokens", 4, *TINY_OPTIONS) == 2  # fmt: skip
+        lines.append(_one_line_error(capsys))
+    assert f"{data / 'zz.png'} is not a readable image: " in lines[0]
+    assert lines[1] == lines[0]
 
 
 def test_ganspace_keeps_a_png_named_output_and_edit_names_a_wrong_file(trained, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import textwrap
@@ -153,6 +154,25 @@ def test_resume_continues_bit_for_bit(planted, tmp_path):
     exp_avg_b = [s["exp_avg"] for s in saved_b["optimizer"]["state"].values() if "exp_avg" in s]
     assert exp_avg_a and all(torch.equal(x, y) for x, y in zip(exp_avg_a, exp_avg_b))
     assert sorted(p.name for p in (tmp_path / "b" / "images").iterdir()) == ["step_0000003.png", "step_0000005.png"]
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("log_every", 0, "log_every: expected a positive integer, got 0"),
+    ("val_max_images", 0, "val_max_images: expected a positive integer, got 0"),
+    ("checkpoint_every", -1, "checkpoint_every: expected an integer >= 0 (0: none), got -1"),
+    ("image_every", -1, "image_every: expected an integer >= 0 (0: none), got -1"),
+    ("val_every", -1, "val_every: expected an integer >= 0 (0: none), got -1"),
+    ("workers", -1, "workers: expected an integer >= 0, got -1"),
+    ("seed", 2**32, "seed: expected an integer in [0, 2**32 - 1], got 4294967296"),
+    ("model_options", {"heads": 2, "foo": 1}, "model_options (--model-option): unknown 'foo'; the one-stage inverter "
+                                              "takes dropout, encoder_depth, encoder_size, encoder_widths, ffn_dim, "
+                                              "head_dim, heads, scale_init, token_levels, train_mapping"),
+])  # fmt: skip
+def test_train_config_refuses_meaningless_values(planted, tmp_path, field, value, expected):
+    """log_every 0 was a ZeroDivisionError at the first step, an unknown model option a TypeError."""
+    generator_path, data = planted
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        tiny_train_config(generator_path, data, tmp_path / "run", **{field: value})
 
 
 def test_gradient_checkpointing_gives_the_same_training(planted, tmp_path):

@@ -7,6 +7,8 @@ First stage (w+ only, Style Transformer's design): --stage one --no-refine
 Two-stage:  --stage two --first-stage runs/first/inverter.safetensors   (or Style Transformer's best_model.pt,
             pSp's psp_ffhq_encode.pt, e4e's e4e_ffhq_encode.pt)
 Resume:     refinestyle train-inverter --out runs/one --resume [--max-steps N]
+            (the run keeps its config: options that would change it are refused, except run-time ones such as
+            --max-steps, --workers, --compile, the logging intervals, and the paths of files that moved)
 
 The run folder gets config.json, train_log.csv (every loss term at every step),
 val_log.csv, losses.png (the curves), images/step_*.png (input | w+ only | refined), checkpoints/latest.pt (the
@@ -23,6 +25,17 @@ from pathlib import Path
 from refinestyle.commands import add_compile_argument, device_name, interrupted_exit_status, positive_int
 
 
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (intervals where 0 means none, worker counts, seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _model_option(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -35,6 +48,8 @@ def _model_option(text: str) -> tuple[str, object]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # The options that describe the run default to None (store_true flags too), so a resumed run can tell the
+    # options given on its command line from those left out; a new run gets TrainConfig's defaults.
     paths = parser.add_argument_group("files")
     paths.add_argument("--generator", help="StyleGAN2 generator checkpoint (rosinality .pt)")
     paths.add_argument("--data", help="training images: a folder of jpg/png (searched recursively)")
@@ -47,91 +62,152 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "(or set REFINESTYLE_IR_SE50)")
     paths.add_argument("--lpips-backbone", help="torchvision alexnet-owt-7be5be79.pth for LPIPS "
                        "(or set REFINESTYLE_ALEXNET)")
-    paths.add_argument("--lpips-random-backbone", action="store_true",
+    paths.add_argument("--lpips-random-backbone", action="store_true", default=None,
                        help="LPIPS with a random AlexNet (tests and smoke runs only: not perceptual)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--stage", choices=("one", "two"), default="one")
-    model.add_argument("--no-refine", action="store_true",
+    model.add_argument("--stage", choices=("one", "two"), help="one (default) or two")
+    model.add_argument("--no-refine", action="store_true", default=None,
                        help="one-stage: train the w+ branch only (a first stage for --stage two)")
-    model.add_argument("--num-refined", type=int, help="Nr: refine the last Nr conv layers (10 one-stage, or all when the generator has fewer; all two-stage)")
-    model.add_argument("--num-tokens", type=int, default=32, help="L: tokens per layer (32)")
-    model.add_argument("--model-option", type=_model_option, action="append", default=[], metavar="KEY=VALUE",
+    model.add_argument("--num-refined", type=positive_int, help="Nr: refine the last Nr conv layers "
+                       "(10 one-stage, or all when the generator has fewer; all two-stage)")
+    model.add_argument("--num-tokens", type=positive_int, help="L: tokens per layer (32)")
+    model.add_argument("--model-option", type=_model_option, action="append", metavar="KEY=VALUE",
                        help="extra inverter constructor argument, JSON value (repeatable), e.g. encoder_depth=50")
 
     loss = parser.add_argument_group("losses")
-    loss.add_argument("--l2", type=float, default=1.0, help="L2 weight (1.0)")
-    loss.add_argument("--lpips", type=float, default=0.8, help="LPIPS weight (0.8)")
-    loss.add_argument("--id", type=float, default=0.1, help="ID loss weight (0.1; faces only)")
-    loss.add_argument("--domain", choices=("face", "other"), default="face", help="'other' switches the ID loss off")
-    loss.add_argument("--image-size", type=int, default=256, help="side images are read at and encoded (256)")
+    loss.add_argument("--l2", type=float, help="L2 weight (1.0)")
+    loss.add_argument("--lpips", type=float, help="LPIPS weight (0.8)")
+    loss.add_argument("--id", type=float, help="ID loss weight (0.1; faces only)")
+    loss.add_argument("--domain", choices=("face", "other"), help="face (default) or other: no ID loss")
+    loss.add_argument("--image-size", type=positive_int, help="side images are read at and encoded (256)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lr", type=float, help="learning rate (1e-4 one-stage, 1e-3 two-stage)")
-    optim.add_argument("--batch-size", type=positive_int, default=8, help="images per step per process (8)")
-    optim.add_argument("--max-steps", type=int, help="training steps (1M one-stage, 700k two-stage)")
-    optim.add_argument("--seed", type=int, default=0)
-    optim.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    optim.add_argument("--batch-size", type=positive_int, help="images per step per process (8)")
+    optim.add_argument("--max-steps", type=positive_int, help="training steps (1M one-stage, 700k two-stage)")
+    optim.add_argument("--seed", type=non_negative_int, help="(0)")
+    optim.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
                        help="data-loader worker processes (default: 4, or the CPU count when smaller)")
-    optim.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    optim.add_argument("--grad-checkpointing", action="store_true",
+    optim.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
+    optim.add_argument("--grad-checkpointing", action="store_true", default=None,
                        help="recompute generator layers and encoder units in backward (less memory)")
-    optim.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default="auto",
-                       help="modulated-conv backend (auto: fused Triton kernels on GPU)")
-    optim.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
+    optim.add_argument("--backend", choices=("auto", "triton", "torch", "reference"),
+                       help="modulated-conv backend (auto, the default: fused Triton kernels on GPU)")
+    optim.add_argument("--deterministic", action="store_true", default=None, help="torch.use_deterministic_algorithms")
     add_compile_argument(optim)
     optim.add_argument("--device", type=device_name, help="cpu, cuda, cuda:1 (default: cuda when available; torchrun: the local rank)")
 
     logging = parser.add_argument_group("logging")
-    # default None: a resumed run keeps its own cadence unless one is given (LOGGING_DEFAULTS otherwise)
-    logging.add_argument("--log-every", type=int, help="CSV row every N steps (1)")
-    logging.add_argument("--image-every", type=int, help="image grid (input | w+ only | refined) every N steps and at the end (1000; 0: none)")
-    logging.add_argument("--val-every", type=int, help="validation every N steps and at the end (10000; 0: none)")
-    logging.add_argument("--val-max-images", type=int, help="images validated at most (1000)")
-    logging.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (1000)")
+    # default None: a resumed run keeps its own cadence unless one is given
+    logging.add_argument("--log-every", type=positive_int, help="CSV row every N steps (1)")
+    logging.add_argument("--image-every", type=non_negative_int,
+                         help="image grid (input | w+ only | refined) every N steps and at the end (1000; 0: none)")
+    logging.add_argument("--val-every", type=non_negative_int,
+                         help="validation every N steps and at the end (10000; 0: none)")
+    logging.add_argument("--val-max-images", type=positive_int, help="images validated at most (1000)")
+    logging.add_argument("--checkpoint-every", type=non_negative_int,
+                         help="checkpoint every N steps (1000; 0: only at the end)")
     logging.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
     logging.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
 
 
-# the logging options' values for a new run; a resumed run keeps those in its config.json
-LOGGING_DEFAULTS = {
-    "log_every": 1, "image_every": 1000, "val_every": 10_000, "val_max_images": 1000, "checkpoint_every": 1000,
+# The TrainConfig fields the options that describe the run set (None when not given): option -> field.
+RUN_OPTIONS = {
+    "--generator": "generator", "--data": "data", "--val-data": "val_data", "--first-stage": "first_stage",
+    "--ir-se50": "ir_se50", "--lpips-backbone": "lpips_backbone", "--lpips-random-backbone": "lpips_random_backbone",
+    "--stage": "stage", "--no-refine": "refine", "--num-refined": "num_refined", "--num-tokens": "num_tokens",
+    "--model-option": "model_options", "--l2": "l2_weight", "--lpips": "lpips_weight", "--id": "id_weight",
+    "--domain": "domain", "--image-size": "image_size", "--lr": "lr", "--batch-size": "batch_size",
+    "--max-steps": "max_steps", "--seed": "seed", "--bf16": "bf16", "--grad-checkpointing": "grad_checkpointing",
+    "--backend": "backend", "--deterministic": "deterministic", "--log-every": "log_every",
+    "--image-every": "image_every", "--val-every": "val_every", "--val-max-images": "val_max_images",
+    "--checkpoint-every": "checkpoint_every",
 }
 
 
+def given_fields(args: argparse.Namespace) -> dict[str, tuple[str, object]]:
+    """{TrainConfig field: (option, value)} of the RUN_OPTIONS given on the command line."""
+    given = {}
+    for option, field in RUN_OPTIONS.items():
+        value = getattr(args, option[2:].replace("-", "_"))
+        if value is None:
+            continue
+        if option == "--no-refine":
+            value = False
+        elif option == "--model-option":
+            value = dict(value)
+        given[field] = (option, value)
+    return given
+
+
 def config_from_args(args: argparse.Namespace):
-    """The TrainConfig the arguments describe (for --resume: the run's saved config plus overrides)."""
+    """The TrainConfig the arguments describe (for --resume: the run's saved config plus the run-time options)."""
     from refinestyle.inversion.train import TrainConfig
 
-    logging = {name: getattr(args, name) for name in LOGGING_DEFAULTS if getattr(args, name) is not None}
+    given = given_fields(args)
     run_time = dict(
-        max_steps=args.max_steps, workers=args.workers, progress=not args.no_progress, device=args.device,
-        tensorboard=args.tensorboard, compile=args.compile, **logging,
+        workers=args.workers, progress=not args.no_progress, device=args.device, tensorboard=args.tensorboard,
+        compile=args.compile,
     )
     if args.resume:
-        saved = Path(args.out) / "config.json"
-        if not saved.is_file():
-            raise FileNotFoundError(f"--resume: {saved} not found; is {args.out} a train-inverter run folder?")
-        fields = json.loads(saved.read_text())
-        if args.max_steps is None:
-            del run_time["max_steps"]  # keep the run's own
-        fields.update(run_time, out=args.out, resume=True)
+        saved_path = Path(args.out) / "config.json"
+        if not saved_path.is_file():
+            raise FileNotFoundError(f"--resume: {saved_path} not found; is {args.out} a train-inverter run folder?")
+        fields = json.loads(saved_path.read_text())
+        fields.update(resumed_changes(given, fields, saved_path), **run_time, out=args.out, resume=True)
         return TrainConfig(**fields)
-    missing = [flag for flag, value in (("--generator", args.generator), ("--data", args.data)) if value is None]
+    if "first_stage" in given and given.get("stage", (None, "one"))[1] != "two":
+        raise ValueError("--first-stage: only a two-stage run has a first stage (add --stage two)")
+    missing = [option for option in ("--generator", "--data") if RUN_OPTIONS[option] not in given]
     if missing:
         raise ValueError(f"{' and '.join(missing)} required (unless --resume)")
-    run_time = {**LOGGING_DEFAULTS, **run_time}
-    return TrainConfig(
-        generator=args.generator, data=args.data, out=args.out, stage=args.stage, val_data=args.val_data,
-        first_stage=args.first_stage, ir_se50=args.ir_se50, lpips_backbone=args.lpips_backbone,
-        lpips_random_backbone=args.lpips_random_backbone, refine=not args.no_refine,
-        num_refined=args.num_refined, num_tokens=args.num_tokens, model_options=dict(args.model_option),
-        l2_weight=args.l2, lpips_weight=args.lpips, id_weight=args.id, domain=args.domain,
-        image_size=args.image_size, lr=args.lr, batch_size=args.batch_size, seed=args.seed, bf16=args.bf16,
-        grad_checkpointing=args.grad_checkpointing, backend=args.backend, deterministic=args.deterministic,
-        **run_time,
-    )
+    return TrainConfig(**{field: value for field, (_, value) in given.items()}, **run_time, out=args.out)
+
+
+def resumed_changes(given: dict[str, tuple[str, object]], saved: dict, saved_path: Path) -> dict[str, object]:
+    """The fields a resumed run takes from the command line (`given`, see given_fields) over its `saved` config.
+
+    Those a resumed run may change (RESUME_OVERRIDABLE: max steps, logging intervals), and the paths of
+    files that are no longer where the run saw them (RESUME_RELOCATABLE). Any other option that differs
+    from the saved value raises ValueError naming each, with both values.
+    """
+    from refinestyle.inversion.train import RESUME_OVERRIDABLE, RESUME_RELOCATABLE
+
+    changes, refused = {}, []
+    for field, (option, value) in given.items():
+        old = saved.get(field)
+        if field in RESUME_OVERRIDABLE:
+            changes[field] = value
+        elif field == "model_options":
+            # the keys given must keep their values; those left out keep theirs anyway
+            old = old or {}
+            refused += [f"{option} {key}={_shown(new)} (the run has {_shown(old.get(key))})"
+                        for key, new in value.items() if key not in old or old[key] != new]
+        elif field in RESUME_RELOCATABLE and old is not None and value != old:
+            if not os.path.exists(old):
+                changes[field] = value  # the file moved
+            elif not (os.path.exists(value) and os.path.samefile(value, old)):
+                refused.append(f"{option} {value} (the run has {old}, which still exists)")
+        elif value != old:
+            if isinstance(value, bool):  # a flag
+                refused.append(f"{option} (the run has {field}={_shown(old)})")
+            else:
+                refused.append(f"{option} {_shown(value)} (the run has {_shown(old)})")
+    if refused:
+        raise ValueError(
+            f"--resume: a resumed run keeps its config ({saved_path}); the command line changes "
+            f"{', '.join(refused)}. Leave these options out, or start a new run with another --out"
+        )
+    return changes
+
+
+def _shown(value) -> str:
+    """A config value as the command line spells it (JSON, strings bare)."""
+    if value is None:
+        return "none"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def main(args: argparse.Namespace) -> int:

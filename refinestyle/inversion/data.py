@@ -9,6 +9,9 @@ processes) sees exactly the images an uninterrupted run would see.
 `ResumableDistributedSampler` is torch's DistributedSampler with one addition:
 it can start an epoch part-way through, so a resumed run skips the batches it
 already trained on without loading them.
+
+A file that is not a readable image raises `UnreadableImageError` (a ValueError) naming
+it, when it is read: with or without DataLoader worker processes, the same one-line message.
 """
 from __future__ import annotations
 
@@ -24,6 +27,26 @@ from torch.utils.data import Dataset, DistributedSampler
 from refinestyle.imageio import list_images
 
 
+class UnreadableImageError(ValueError):
+    """A file of an image folder that PIL cannot read; the message names the file and PIL's reason.
+
+    A DataLoader worker's exception comes back to the main process as `type(error)(text)`, the text
+    being "Caught UnreadableImageError in DataLoader worker process N." and the worker's whole
+    traceback. This class keeps the original message, the traceback's last line, so the error
+    reads the same with and without workers; the traceback stays in the exception's notes.
+    """
+
+    def __init__(self, message: str):
+        name = type(self).__name__
+        if message.startswith(f"Caught {name} ") and f"{name}: " in message:
+            worker_traceback, message = message, message.rsplit(f"{name}: ", 1)[1].strip()
+            super().__init__(message)
+            if hasattr(self, "add_note"):  # Python 3.11+
+                self.add_note(worker_traceback)
+        else:
+            super().__init__(message)
+
+
 class ImageFolderDataset(Dataset):
     """Every image file under a folder (recursively), as [3, size, size] float tensors in [-1, 1].
 
@@ -35,7 +58,8 @@ class ImageFolderDataset(Dataset):
             (seed, epoch, index) only. Call `set_epoch` every epoch for fresh flips.
 
     Items are float32 tensors [3, size, size] with values in [-1, 1].
-    Raises FileNotFoundError for a missing folder and ValueError for a folder without images.
+    Raises FileNotFoundError for a missing folder and ValueError for a folder without images;
+    reading an item that is not a readable image raises UnreadableImageError (a ValueError).
     """
 
     def __init__(self, root: str | Path, size: int = 256, *, hflip: bool = False, seed: int = 0):
@@ -71,7 +95,7 @@ class ImageFolderDataset(Dataset):
                     img = img.resize((self.size, self.size), Image.BICUBIC)
                 array = np.asarray(img, dtype=np.float32).copy()
         except (OSError, SyntaxError) as error:  # PIL raises these for unreadable files
-            raise ValueError(f"{path} is not a readable image: {error}") from error
+            raise UnreadableImageError(f"{path} is not a readable image: {error}") from error
         image = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
         if self.is_flipped(index):
             image = image.flip(-1)

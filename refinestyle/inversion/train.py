@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import inspect
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,11 @@ RESUME_OVERRIDABLE = (
     "out", "max_steps", "resume", "workers", "progress", "device", "log_every", "image_every",
     "val_every", "checkpoint_every", "tensorboard", "val_max_images", "compile",
 )
+# Files a resumed run may find elsewhere: taken from the new config only when the saved path no longer exists.
+RESUME_RELOCATABLE = ("generator", "data", "val_data", "first_stage", "ir_se50", "lpips_backbone")
+# Keyword arguments of the inverter classes that model_options cannot set: build_inverter sets them from
+# other fields, or they take objects rather than JSON values.
+_NOT_MODEL_OPTIONS = ("refine", "ir_se50_path", "encoder", "latent_avg")
 
 
 @dataclass
@@ -81,7 +89,7 @@ class TrainConfig:
             for two-stage).
         num_tokens: L, tokens per layer (32).
         model_options: extra keyword arguments for the inverter class (e.g. encoder depth,
-            attention heads); stored with the weights.
+            attention heads; `model_option_names(stage)` lists them); stored with the weights.
     Losses: l2_weight, lpips_weight, id_weight (1.0 / 0.8 / 0.1); domain "face" or "other"
         ("other" switches the ID loss off). image_size: the side images are read at and the
         encoder sees (256); the loss resolution is min(image_size, generator size).
@@ -91,7 +99,7 @@ class TrainConfig:
         ("auto": Triton on GPU), deterministic (torch.use_deterministic_algorithms), compile
         (None, or a torch.compile mode for the generator's synthesis network, see
         Generator.compile_synthesis; a resumed run takes the value given now).
-    Logging: log_every (CSV rows and progress bar), image_every, val_every, val_max_images,
+    Logging: log_every (CSV rows and progress bar; >= 1), image_every, val_every, val_max_images,
         checkpoint_every (0 disables periodic grids/validation/checkpoints; the final
         checkpoint is always written), tensorboard, progress.
     """
@@ -146,14 +154,28 @@ class TrainConfig:
             raise ValueError("refine: a two-stage model always refines (refine=False is for one-stage)")
         if self.max_steps is None:  # the paper's schedules (appendix A.1)
             self.max_steps = 1_000_000 if self.stage == "one" else 700_000
-        for name in ("batch_size", "max_steps", "image_size", "num_tokens"):
+        for name in ("batch_size", "max_steps", "image_size", "num_tokens", "log_every", "val_max_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        for name in ("image_every", "val_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected an integer >= 0 (0: none), got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ValueError(f"workers: expected an integer >= 0, got {self.workers}")
+        if not 0 <= self.seed < 2**32:  # numpy's seed range
+            raise ValueError(f"seed: expected an integer in [0, 2**32 - 1], got {self.seed}")
         for name in ("l2_weight", "lpips_weight", "id_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ValueError(f"compile: expected None or one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
+        known = model_option_names(self.stage)
+        unknown = [name for name in self.model_options if name not in known]
+        if unknown:
+            raise ValueError(
+                f"model_options (--model-option): unknown {', '.join(map(repr, unknown))}; the {self.stage}-stage "
+                f"inverter takes {', '.join(known)}"
+            )
 
     @property
     def learning_rate(self) -> float:
@@ -163,6 +185,17 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def model_option_names(stage: str) -> list[str]:
+    """The names `model_options` may set for a `stage` ("one" or "two") inverter, sorted."""
+    from refinestyle.inversion import models
+
+    inverter_class = models.OneStageInverter if stage == "one" else models.TwoStageInverter
+    parameters = inspect.signature(inverter_class.__init__).parameters.values()
+    return sorted(
+        p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _NOT_MODEL_OPTIONS
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,7 +492,11 @@ def train_inverter(config: TrainConfig) -> TrainSummary:
 
     With config.resume, the run folder's checkpoint is loaded and training continues from
     the step after it; the result is bit-for-bit what an uninterrupted run would have
-    computed (on CPU, or on GPU with config.deterministic).
+    computed (on CPU, or on GPU with config.deterministic). The run keeps its saved config
+    except the RESUME_OVERRIDABLE fields, which `config` sets, and the RESUME_RELOCATABLE
+    paths, which `config` sets where the saved file no longer exists (moved files). A
+    checkpoint that cannot be read, or one written by another number of processes, raises
+    ValueError.
 
     SIGINT (Ctrl-C) or SIGTERM stops the run after the step in progress, on every process at
     the same step: the checkpoint is written and refinestyle.distributed.TrainingInterrupted
@@ -472,7 +509,7 @@ def train_inverter(config: TrainConfig) -> TrainSummary:
     if config.resume:
         if not checkpoint_path.is_file():
             raise FileNotFoundError(f"resume: no checkpoint at {checkpoint_path}")
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        state = _load_checkpoint(checkpoint_path)
         config = _merge_resumed_config(state["config"], config)
     elif checkpoint_path.is_file():
         raise FileExistsError(
@@ -482,10 +519,26 @@ def train_inverter(config: TrainConfig) -> TrainSummary:
     return _train(config, setup_distributed(config.device), state, out, checkpoint_path)
 
 
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """The training state in `path`; ValueError naming the file when it is truncated, corrupt or not ours."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        # torch.load's errors for a damaged file (a truncated zip: RuntimeError) name neither the file nor the cause
+        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+    if not isinstance(state, dict) or state.get("format") != "refinestyle-train-inverter":
+        raise ValueError(f"cannot read checkpoint {path}: not a train-inverter checkpoint")
+    return state
+
+
 def _merge_resumed_config(saved: dict, given: TrainConfig) -> TrainConfig:
     merged = dict(saved)
     for name in RESUME_OVERRIDABLE:
         merged[name] = getattr(given, name)
+    for name in RESUME_RELOCATABLE:
+        moved_to = getattr(given, name)
+        if merged.get(name) is not None and moved_to is not None and not os.path.exists(merged[name]):
+            merged[name] = moved_to  # the file moved: the new config says where it is now
     return TrainConfig(**merged)
 
 
@@ -495,6 +548,12 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
     import refinestyle_kernels
 
     device = context.device
+    if state is not None and len(state["rng"]) != context.world_size:
+        # before anything is built or written: the run folder stays as it was
+        raise ValueError(
+            f"resume: the checkpoint was written by {len(state['rng'])} processes, this run has "
+            f"{context.world_size}; bit-for-bit resume needs the same number"
+        )
     if config.deterministic:
         # cuBLAS needs a fixed workspace to be deterministic (set before its first use)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -523,16 +582,10 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
     if state is not None:
         _, unexpected = model.load_state_dict(state["model"], strict=False)
         if unexpected:
-            raise RuntimeError(f"resume: checkpoint holds unknown weights {unexpected[:5]}")
+            raise ValueError(f"resume: checkpoint holds unknown weights {unexpected[:5]}")
         optimizer.load_state_dict(state["optimizer"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        rng_states = state["rng"]
-        if len(rng_states) != context.world_size:
-            raise RuntimeError(
-                f"resume: the checkpoint was written by {len(rng_states)} processes, this run has "
-                f"{context.world_size}; bit-for-bit resume needs the same number"
-            )
-        restore_rng_state(rng_states[context.rank])
+        restore_rng_state(state["rng"][context.rank])
     else:
         # Different noise per rank from here on; weights are already identical.
         torch.manual_seed(config.seed + 1_000_003 * (context.rank + 1))
