@@ -149,15 +149,20 @@ def test_adapt_oneshot_from_an_inverter(files, tmp_path):
     inverter_file = save_inverter(tmp_path / "inverter.safetensors", inverter)
 
     out = tmp_path / "ref.safetensors"
-    assert cli.main(["adapt-oneshot", "--generator", str(files["generator"]), "--reference", str(files["reference"]),
-                     "--out", str(out), "--lpips-backbone", str(files["alexnet"]), "--id-weight", "0",
-                     "--inverter", str(inverter_file), "--init-from-inverter", "--iterations", "1",
-                     "--num-tokens", "4", "--style-size", "64", "--swd-projections", "8", "--loss-size", "32",
-                     "--sample-every", "0", "--no-progress", "--device", "cpu"]) == 0
+    argv = ["adapt-oneshot", "--generator", str(files["generator"]), "--reference", str(files["reference"]),
+            "--out", str(out), "--lpips-backbone", str(files["alexnet"]), "--id-weight", "0",
+            "--inverter", str(inverter_file), "--init-from-inverter", "--iterations", "1",
+            "--num-tokens", "4", "--style-size", "64", "--swd-projections", "8", "--loss-size", "32",
+            "--sample-every", "0", "--no-progress", "--device", "cpu"]
+    assert cli.main(argv) == 0
     adapter = Adapter.load(out)
     assert adapter.metadata["w_r_source"] == "inverter"
     assert adapter.metadata["token_init"]["copied"] == list(range(generator.num_layers))
     assert adapter.metadata["token_init"]["padded"] == list(range(generator.num_layers))
+    # a resumed run's adapter still says how its tokens started
+    assert cli.main(argv + ["--iterations", "2", "--resume"]) == 0
+    resumed = Adapter.load(out).metadata
+    assert resumed["token_init"] == adapter.metadata["token_init"] and resumed["training"]["steps_done"] == 2
 
 
 def test_clear_errors(files, tmp_path, capsys, monkeypatch):
@@ -280,3 +285,143 @@ def test_batch_size_is_checked_against_the_processes_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="--batch-size: the batch of all 2 processes together, so a multiple of 2; got 1"):
         prepare_run(args, DistributedContext(rank=1, world_size=2))
     assert prepare_run(args, None) == (tmp_path / "a.run", False)
+
+
+def text_argv(files, out, *extra):
+    return ["adapt-text", "--generator", str(files["generator"]), "--target", "sketch", "--out", str(out),
+            "--num-tokens", "4", "--sample-every", "0", "--no-progress", "--device", "cpu", *clip_args(files), *extra]
+
+
+def oneshot_argv(files, out, reference, *extra):
+    return ["adapt-oneshot", "--generator", str(files["generator"]), "--reference", str(reference), "--out", str(out),
+            "--lpips-backbone", str(files["alexnet"]), "--id-weight", "0", "--num-tokens", "4", "--num-refined", "3",
+            "--projection-steps", "2", "--style-size", "64", "--swd-projections", "8", "--loss-size", "32",
+            "--sample-every", "0", "--no-progress", "--device", "cpu", *extra]
+
+
+def test_adapt_text_resume_keeps_the_checkpoints_settings_and_counts_its_steps(files, tmp_path, capsys):
+    out = tmp_path / "sketch.safetensors"
+    checkpoint = tmp_path / "sketch.run" / "checkpoint.pt"
+    assert cli.main(text_argv(files, out, "--iterations", "2")) == 0
+    saved_tokens = torch.load(checkpoint, weights_only=True)["tokens"]
+    capsys.readouterr()
+
+    # other training settings: refused before any step, every difference named
+    assert cli.main(text_argv(files, out, "--iterations", "4", "--resume", "--lr", "0.5", "--seed", "5",
+                              "--batch-size", "3", "--truncation", "1")) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("refinestyle adapt-text: error: --resume: ") and "Traceback" not in error
+    for option in ("--lr: 0.001 in the checkpoint, 0.5 in this run", "--seed: 0 in the checkpoint, 5 in this run",
+                   "--batch-size: 2 in the checkpoint, 3 in this run", "--truncation: 0.7 in the checkpoint, 1.0"):
+        assert option in error, error
+    # fewer iterations than the checkpoint holds
+    assert cli.main(text_argv(files, out, "--iterations", "1", "--resume")) == 2
+    assert "--iterations: " in capsys.readouterr().err
+    assert torch.equal(torch.load(checkpoint, weights_only=True)["tokens"]["layers.0.A"], saved_tokens["layers.0.A"])
+
+    # what may change: the iterations, the intervals, the progress display
+    assert cli.main(text_argv(files, out, "--iterations", "3", "--resume", "--checkpoint-every", "1",
+                              "--sample-every", "1", "--num-samples", "2")) == 0
+    training = Adapter.load(out).metadata["training"]
+    assert (training["steps_done"], training["iterations"], training["lr"], training["seed"]) == (3, 3, 1e-3, 0)
+
+    checkpoint.write_text("junk\n")
+    assert cli.main(text_argv(files, out, "--iterations", "4", "--resume")) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("refinestyle adapt-text: error: ") and f"{checkpoint}: not a readable" in error
+
+
+@pytest.mark.parametrize("extra, option", [
+    (["--scale-init", "0"], "--scale-init"),  # A = B = 0: no token gets a gradient
+    (["--scale-init", "-0.1"], "--scale-init"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--iterations", "-1"], "--iterations"),
+    (["--truncation", "0"], "--truncation"),
+    (["--truncation", "1.5"], "--truncation"),
+    (["--seed", "-1"], "--seed"),
+    (["--sample-every", "-1"], "--sample-every"),
+    (["--checkpoint-every", "-2"], "--checkpoint-every"),
+    (["--num-refined", "0"], "--num-refined"),
+    (["--num-refined", "99"], "--num-refined"),
+    (["--clip-weights", "-1"], "--clip-weights"),
+    (["--clip-weights", "1", "1"], "--clip-weights"),  # two weights, one CLIP model
+    (["--out", "{tmp}"], "--out"),  # a folder
+    (["--out", "{tmp}/file.txt/a.safetensors"], "--out"),  # below a file
+    (["--work-dir", "{tmp}/file.txt"], "--work-dir"),
+])
+def test_adapt_text_refuses_meaningless_values_before_training(files, tmp_path, capsys, extra, option):
+    (tmp_path / "file.txt").write_text("")
+    extra = [value.replace("{tmp}", str(tmp_path)) for value in extra]
+    assert cli.main(text_argv(files, tmp_path / "a.safetensors", *extra)) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"refinestyle adapt-text: error: {option}: "), error
+    assert not (tmp_path / "a.run").exists() and not (tmp_path / "a.safetensors").exists()
+
+
+@pytest.mark.parametrize("extra, option", [
+    (["--l2-weight", "-1"], "--l2-weight"),
+    (["--style-weight", "nan"], "--style-weight"),
+    (["--style-layers", "2", "6"], "--style-layers"),
+    (["--mix-index", "-1"], "--mix-index"),
+    (["--mix-index", "99"], "--mix-index"),
+    (["--scale-init", "0"], "--scale-init"),
+])
+def test_adapt_oneshot_refuses_meaningless_values_before_projecting(files, tmp_path, capsys, extra, option):
+    assert cli.main(oneshot_argv(files, tmp_path / "a.safetensors", files["reference"], *extra)) == 2
+    assert capsys.readouterr().err.startswith(f"refinestyle adapt-oneshot: error: {option}: ")
+    assert not (tmp_path / "a.run").exists()
+
+
+def other_reference(tmp_path):
+    path = tmp_path / "other.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_adapt_oneshot_resume_refuses_another_w_r(files, tmp_path, capsys):
+    """Resuming a projection run with --inverter would switch w_r's source partway; another reference
+    or projection would too. Refused before w_r.pt is rewritten."""
+    from refinestyle.adaptation.train import load_w_plus
+    from refinestyle.checkpoints import load_generator
+    from refinestyle.inversion.models import OneStageInverter, save_inverter
+
+    out, work = tmp_path / "ref.safetensors", tmp_path / "ref.run"
+    assert cli.main(oneshot_argv(files, out, files["reference"], "--iterations", "1")) == 0
+    first_w_r = load_w_plus(work / "w_r.pt")[0]
+    torch.manual_seed(0)
+    inverter = OneStageInverter(load_generator(files["generator"]), refine=False, encoder_depth=(1, 1, 1, 1),
+                                encoder_widths=(16, 16, 32, 32), encoder_size=32, heads=2, head_dim=16, ffn_dim=64)
+    inverter_file = save_inverter(tmp_path / "inverter.safetensors", inverter)
+    capsys.readouterr()
+    resume = ["--iterations", "2", "--resume"]
+    assert cli.main(oneshot_argv(files, out, files["reference"], *resume, "--inverter", str(inverter_file))) == 2
+    error = capsys.readouterr().err
+    assert "--inverter (w_r_source): 'projection' in the checkpoint, 'inverter' in this run" in error, error
+    assert torch.equal(load_w_plus(work / "w_r.pt")[0], first_w_r)
+    assert cli.main(oneshot_argv(files, out, other_reference(tmp_path), *resume)) == 2
+    assert "--reference (reference_sha256)" in capsys.readouterr().err
+    assert cli.main(oneshot_argv(files, out, files["reference"], *resume, "--projection-steps", "3")) == 2
+    assert "--projection-steps: 2 in the checkpoint, 3 in this run" in capsys.readouterr().err
+    assert torch.load(work / "checkpoint.pt", weights_only=True)["step"] == 1
+
+
+def test_adapt_oneshot_resume_without_checkpoint_projects_another_reference_again(files, tmp_path, capsys):
+    """A work folder holding only w_r.pt of another reference: that w_r is not reused."""
+    from refinestyle.adaptation.train import load_w_plus
+
+    out, work = tmp_path / "ref.safetensors", tmp_path / "ref.run"
+    assert cli.main(oneshot_argv(files, out, files["reference"], "--iterations", "1")) == 0
+    first_w_r = load_w_plus(work / "w_r.pt")[0]
+    (work / "checkpoint.pt").unlink()
+    capsys.readouterr()
+    assert cli.main(oneshot_argv(files, out, other_reference(tmp_path), "--iterations", "1", "--resume")) == 0
+    assert "projecting the reference again" in capsys.readouterr().err
+    new_w_r = load_w_plus(work / "w_r.pt")[0]
+    assert not torch.equal(new_w_r, first_w_r)
+    assert load_w_plus(work / "w_r.pt")[2]["reference_sha256"] == Adapter.load(out).metadata["reference_sha256"]
+    # w_r.pt of the same reference and settings is used as it is
+    (work / "checkpoint.pt").unlink()
+    assert cli.main(oneshot_argv(files, out, other_reference(tmp_path), "--iterations", "1", "--resume")) == 0
+    assert "projecting" not in capsys.readouterr().err
+    assert torch.equal(load_w_plus(work / "w_r.pt")[0], new_w_r)

@@ -137,7 +137,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
         assert torch.allclose(mine, theirs, atol=1e-6)
 
     other = Adapter.for_generator(generator, num_refined=2, num_tokens=3)
-    with pytest.raises(ValueError, match="holds tokens"):
+    with pytest.raises(ValueError, match="--num-refined: 3 in the checkpoint, 2 in this run"):
         train_tokens(generator, other, step_loss, iterations=6, work_dir=tmp_path / "b", resume=True, progress=False)
     # the same tokens for another domain: resuming would train one adapter on two targets
     retargeted = fresh()
@@ -145,9 +145,53 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     checkpoint = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=False)
     checkpoint["metadata"].update(kind="text", target_text="pencil sketch")
     torch.save(checkpoint, tmp_path / "b" / CHECKPOINT_NAME)
-    with pytest.raises(ValueError, match="target_text='pencil sketch', this run asks for 'watercolor'"):
+    message = "--target \\(target_text\\): 'pencil sketch' in the checkpoint, 'watercolor' in this run"
+    with pytest.raises(ValueError, match=message):
         train_tokens(generator, retargeted, step_loss, iterations=8, work_dir=tmp_path / "b", resume=True,
                      progress=False)
+
+
+def test_resume_refuses_other_settings_fewer_iterations_and_a_broken_checkpoint(tmp_path):
+    """What a checkpoint fixed (lr, seed, ...) must be the resuming run's: Adam's saved state would
+    train on at the old lr while the metadata named the new one. --iterations is the total."""
+    from refinestyle.adaptation.train import adapt_text
+
+    generator = tiny_generator(size=16)
+
+    def mirror_loss(source, adapted):
+        return ((adapted - source.flip(-1)) ** 2).mean()
+
+    def run(iterations, **changes):
+        settings = dict(num_refined=2, num_tokens=2, iterations=iterations, batch_size=2, lr=1e-2, seed=0,
+                        truncation=1.0, work_dir=tmp_path, sample_every=0, progress=False)
+        return adapt_text(generator, mirror_loss, resume=True, **{**settings, **changes})
+
+    first, _ = run(3)
+    assert first.metadata["training"]["steps_done"] == 3
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    with pytest.raises(ValueError) as refused:
+        run(5, lr=0.5, seed=5, batch_size=3, truncation=0.7, scale_init=0.2)
+    message = str(refused.value)
+    for option in ("--lr: 0.01 in the checkpoint, 0.5 in this run", "--seed: 0 in the checkpoint, 5 in this run",
+                   "--batch-size: 2", "--truncation: 1.0", "--scale-init"):
+        assert option in message, message
+    with pytest.raises(ValueError, match="--iterations: .* already holds 3 steps, more than the 2 asked for"):
+        run(2)
+    assert torch.equal(torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["tokens"]["layers.0.A"],
+                       saved["tokens"]["layers.0.A"])  # the refused runs changed nothing
+
+    # as many iterations as done: the adapter as it is; more: trained on, and the metadata says how far
+    same, history = run(3)
+    assert len(history) == 3 and same.metadata["training"]["steps_done"] == 3
+    assert torch.equal(same.tokens.layers[0].A, first.tokens.layers[0].A)
+    further, history = run(5)
+    assert [e["step"] for e in history] == [1, 2, 3, 4, 5]
+    assert further.metadata["training"]["steps_done"] == 5 and further.metadata["training"]["iterations"] == 5
+    assert further.metadata["training"]["lr"] == 1e-2
+
+    (tmp_path / CHECKPOINT_NAME).write_text("junk\n")
+    with pytest.raises(ValueError, match=f"{CHECKPOINT_NAME}: not a readable adaptation checkpoint"):
+        run(6)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

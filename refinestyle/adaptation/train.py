@@ -154,8 +154,114 @@ def _plot_history(history: list[dict[str, float]], path: Path) -> None:
     plt.close(figure)
 
 
-# adapter metadata that must match between a checkpoint and the run that resumes it
-RESUME_IDENTITY_KEYS = ("kind", "source_text", "target_text", "reference_sha256", "generator_fingerprint")
+# Adapter metadata (its own entries and those of its "training" dict) that may change when a run
+# resumes: where the input files lie (their contents are compared through their fingerprints), how
+# long to train, and what the first run derived from its settings. Every other entry that the
+# checkpoint and the resuming run both hold must match, or the adapter would be trained under two
+# settings while its metadata names one.
+RESUMABLE_KEYS = frozenset(
+    {"generator_file", "reference", "inverter_file", "token_init", "iterations", "steps_done"}
+)
+# the command-line option behind a metadata entry, where it is not "--" + the entry's name
+SETTING_OPTIONS = {
+    "kind": "the task (adapt-text / adapt-oneshot)",
+    "source_text": "--source",
+    "target_text": "--target",
+    "clip_models": "--clip / --clip-vit-b16 / --clip-vit-b32",
+    "generator_fingerprint": "--generator",
+    "generator_size": "--generator",
+    "generator_style_dim": "--generator",
+    "generator_num_layers": "--generator",
+    "layer_shapes": "--num-refined",
+    "reference_sha256": "--reference",
+    "w_r_source": "--inverter",
+    "inverter_sha256": "--inverter",
+    "reconstruction_weights": "--l2-weight / --lpips-weight / --id-weight",
+    "betas": "Adam's betas",
+    "loss": "the loss",
+}
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The state in a work folder's checkpoint.pt; ValueError naming the file when it is not one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file raises pickle's, zip's or torch's errors
+        raise ValueError(
+            f"{path}: not a readable adaptation checkpoint ({_first_line(error)}); start over with --restart"
+        ) from error
+    missing = [key for key in ("step", "tokens", "optimizer", "history", "metadata")
+               if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"{path}: not an adaptation checkpoint (no {', '.join(missing)}); start over with --restart")
+    return state
+
+
+def _first_line(error: BaseException) -> str:
+    """The error's type and the first line of its message (torch.load's can run to many lines)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _flat_settings(metadata: dict[str, Any]) -> dict[str, Any]:
+    """An adapter's metadata entries and its training settings in one dict (their names do not clash)."""
+    flat = {key: value for key, value in metadata.items() if key != "training"}
+    flat.update(metadata.get("training") or {})
+    return flat
+
+
+def _same_setting(saved: Any, wanted: Any) -> bool:
+    """Equal, floats up to float32 rounding (a scale_init read back from the tokens is 0.00999999977)."""
+    if isinstance(saved, (list, tuple)) and isinstance(wanted, (list, tuple)):
+        return len(saved) == len(wanted) and all(map(_same_setting, saved, wanted))
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        return saved.keys() == wanted.keys() and all(_same_setting(saved[k], wanted[k]) for k in saved)
+    if _is_number(saved) and _is_number(wanted):
+        return math.isclose(saved, wanted, rel_tol=1e-6, abs_tol=1e-12)
+    return saved == wanted
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text[:20] + "...'" if isinstance(value, str) and len(value) > 40 else text  # a fingerprint: its start
+
+
+def resume_conflicts(saved_metadata: dict[str, Any], metadata: dict[str, Any]) -> list[str]:
+    """What differs between a checkpoint's adapter metadata and a resuming run's, one
+    "OPTION: SAVED in the checkpoint, NEW in this run" per option (RESUMABLE_KEYS may differ;
+    entries only one side has are not compared, so older checkpoints still resume)."""
+    saved, wanted = _flat_settings(saved_metadata), _flat_settings(metadata)
+    conflicts: dict[str, str] = {}
+    for key in saved:
+        if key in RESUMABLE_KEYS or key not in wanted or _same_setting(saved[key], wanted[key]):
+            continue
+        option = SETTING_OPTIONS.get(key, "--" + key.replace("_", "-"))
+        named = option if option == "--" + key.replace("_", "-") else f"{option} ({key})"
+        conflicts.setdefault(
+            option, f"{named}: {_shown(saved[key])} in the checkpoint, {_shown(wanted[key])} in this run"
+        )
+    return list(conflicts.values())
+
+
+def check_resume(checkpoint_path: str | os.PathLike, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Read a checkpoint and raise ValueError, naming every option that differs, unless its settings are
+    `metadata`'s (see resume_conflicts; `metadata` may hold only some entries, to check them before a
+    long preparation). Returns the checkpoint's state."""
+    state = read_checkpoint(checkpoint_path)
+    saved = state["metadata"]
+    if "settings" in state:  # train_tokens' own arguments, for adapters whose metadata lacks them
+        saved = {**saved, "training": {**state["settings"], **(saved.get("training") or {})}}
+    conflicts = resume_conflicts(saved, metadata)
+    if conflicts:
+        raise ValueError(
+            f"--resume: {checkpoint_path} was trained with other settings: {'; '.join(conflicts)}. Resume with "
+            "the checkpoint's settings, or start over with --restart or another --work-dir"
+        )
+    return state
 
 
 def train_tokens(
@@ -184,14 +290,17 @@ def train_tokens(
     adapter: the Adapter whose parameters train (in place).
     step_loss: (refinement, step, rng) -> (loss, logs); rng is a CPU torch.Generator seeded
         with (seed, step) for every random draw of that step.
-    iterations: total number of steps (a resumed run continues up to it).
+    iterations: total number of steps (a resumed run continues up to it; fewer than the
+        checkpoint holds raise ValueError, as many write it as it is).
     lr, betas: Adam's settings.
     work_dir: folder for checkpoint.pt, samples/ and loss.png (None: nothing is written and
         resume is impossible).
     checkpoint_every, sample_every: intervals in steps (0 disables; a checkpoint is also
         written at the end, samples also at step 0 and at the end).
     sample_fn: renders the sample grid from the current refinement (no gradient).
-    resume: continue from work_dir/checkpoint.pt if it exists (its tokens must fit the adapter).
+    resume: continue from work_dir/checkpoint.pt if it exists. Its tokens must fit the adapter,
+        and its settings (lr, betas, seed, bf16 and the adapter's metadata but RESUMABLE_KEYS)
+        must be this run's: else ValueError naming what differs (see resume_conflicts).
     progress: show a tqdm progress bar.
     distributed: the DistributedContext of a torchrun run (None: one process). Every process
         must call this with the same arguments; step_loss computes the process's share of
@@ -227,25 +336,33 @@ def train_tokens(
     work = Path(work_dir) if work_dir is not None else None
     checkpoint_path = work / CHECKPOINT_NAME if work is not None else None
 
+    # what this function itself fixes for a run (Adam's saved state would override a new lr silently)
+    settings = {"lr": lr, "betas": list(betas), "seed": seed, "bf16": bf16}
     start, history = 0, []
     if resume and checkpoint_path is not None and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        this_run = {**adapter.metadata, "training": {**settings, **(adapter.metadata.get("training") or {})}}
+        state = check_resume(checkpoint_path, this_run)
         saved_shapes = state["metadata"].get("layer_shapes"), state["metadata"].get("num_tokens")
         if saved_shapes != (adapter.metadata["layer_shapes"], adapter.metadata["num_tokens"]):
             raise ValueError(
                 f"{checkpoint_path}: holds tokens for layers {saved_shapes[0]} with L={saved_shapes[1]}, this run "
                 f"has {adapter.metadata['layer_shapes']} with L={adapter.metadata['num_tokens']}"
             )
-        for key in RESUME_IDENTITY_KEYS:  # the same domain and generator, or the run would mix two
-            saved, wanted = state["metadata"].get(key), adapter.metadata.get(key)
-            if key in state["metadata"] and saved != wanted:
-                raise ValueError(
-                    f"resume: {checkpoint_path} was trained with {key}={saved!r}, this run asks for {wanted!r}; "
-                    "resume with the same settings, or start a new run in another folder"
-                )
-        adapter.tokens.load_state_dict(state["tokens"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = int(state["step"]), list(state["history"])
+        start = int(state["step"])
+        if start > iterations:  # --iterations is the total: training on would leave more steps than asked for
+            raise ValueError(
+                f"--iterations: {checkpoint_path} already holds {start} steps, more than the {iterations} asked for; "
+                f"resume with --iterations {start} to write the adapter as it is, or more to train further"
+            )
+        try:
+            adapter.tokens.load_state_dict(state["tokens"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ValueError(
+                f"{checkpoint_path}: its tokens or optimizer state do not fit this run ({error})"
+            ) from error
+        history = list(state["history"])
+        _carry_over(state["metadata"], adapter.metadata)
     broadcast_from_main(parameters, distributed)  # fresh tokens are drawn from each process's own RNG
 
     def save_checkpoint(step: int, wait: bool = True) -> None:
@@ -264,6 +381,7 @@ def train_tokens(
             "optimizer": optimizer.state_dict(),
             "history": history,
             "metadata": adapter.metadata,
+            "settings": settings,
         }
         temporary = checkpoint_path.with_suffix(".tmp")
         torch.save(state, temporary)
@@ -326,6 +444,22 @@ def train_tokens(
     save_checkpoint(max(start, iterations))
     adapter.eval()
     return history
+
+
+def _carry_over(saved_metadata: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """Copy into a resumed run's metadata what only the first run knew (e.g. how its tokens were
+    initialised: token_init), so that the adapter file describes all of its training."""
+    for key, value in saved_metadata.items():
+        if key == "training" and isinstance(value, dict) and isinstance(metadata.get("training"), dict):
+            for setting, saved in value.items():
+                metadata["training"].setdefault(setting, saved)
+        else:
+            metadata.setdefault(key, value)
+
+
+def _steps_done(history: list[dict[str, float]]) -> int:
+    """The steps the tokens have taken, a resumed run's earlier ones included."""
+    return int(history[-1]["step"]) if history else 0
 
 
 def _training_metadata(**settings: Any) -> dict[str, Any]:
@@ -422,6 +556,7 @@ def adapt_text(
         "source_text": getattr(clip_loss, "source_text", None),
         "target_text": getattr(clip_loss, "target_text", None),
         "clip_models": [getattr(e, "name", "clip") for e in getattr(clip_loss, "encoders", [])],
+        "clip_weights": getattr(clip_loss, "weights", None),
         "training": settings,
         **(metadata or {}),
     }
@@ -447,7 +582,7 @@ def adapt_text(
         checkpoint_every=checkpoint_every, sample_every=sample_every, sample_fn=sample_fn, resume=resume,
         progress=progress, description="adapt-text", distributed=distributed, bf16=bf16,
     )
-    adapter.metadata["training"]["steps_done"] = iterations
+    adapter.metadata["training"]["steps_done"] = _steps_done(history)
     return adapter, history
 
 
@@ -620,8 +755,8 @@ def adapt_oneshot(
     settings = _training_metadata(
         iterations=iterations, batch_size=batch_size, lr=lr, betas=betas, style_weight=style_weight,
         mix_index=mix_index, truncation=truncation, seed=seed, bf16=bf16,
-        reconstruction_weights=getattr(reconstruction_loss, "weights", None),
-        loss="reconstruction(Eq.6)+swd",
+        reconstruction_weights=getattr(reconstruction_loss, "weights", None), loss_size=loss_size,
+        init_from_inverter=init_refinement is not None, loss="reconstruction(Eq.6)+swd",
     )
     info = {"kind": "oneshot", "training": settings, **(metadata or {})}
     adapter = _adapter_for_run(generator, adapter, num_refined, num_tokens, scale_init, info, seed)
@@ -665,21 +800,37 @@ def adapt_oneshot(
         checkpoint_every=checkpoint_every, sample_every=sample_every, sample_fn=sample_fn, resume=resume,
         progress=progress, description="adapt-oneshot", distributed=distributed, bf16=bf16,
     )
-    adapter.metadata["training"]["steps_done"] = iterations
+    adapter.metadata["training"]["steps_done"] = _steps_done(history)
     return adapter, history
 
 
-def save_w_plus(path: str | os.PathLike, w_plus: torch.Tensor, noise: Optional[Sequence[torch.Tensor]] = None) -> None:
-    """Cache an inverted code (and its noise maps) so that a resumed run does not invert again."""
+def save_w_plus(
+    path: str | os.PathLike,
+    w_plus: torch.Tensor,
+    noise: Optional[Sequence[torch.Tensor]] = None,
+    origin: Optional[dict[str, Any]] = None,
+) -> None:
+    """Cache an inverted code (and its noise maps) so that a resumed run does not invert again.
+
+    origin: what the code was made from (the reference's sha256, the generator's fingerprint, the
+    projection's settings...), for the run that finds the file to tell whether it is its own.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"w_plus": w_plus.detach().cpu(), "noise": None if noise is None else [n.detach().cpu() for n in noise]},
-               path)
+    torch.save({"w_plus": w_plus.detach().cpu(), "noise": None if noise is None else [n.detach().cpu() for n in noise],
+                "origin": origin}, path)
 
 
-def load_w_plus(path: str | os.PathLike) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state["w_plus"], state["noise"]
+def load_w_plus(
+    path: str | os.PathLike,
+) -> tuple[torch.Tensor, Optional[list[torch.Tensor]], Optional[dict[str, Any]]]:
+    """(w_plus, noise maps or None, origin or None for a file that does not record it) from save_w_plus's
+    file; ValueError naming the file when it is not one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return state["w_plus"], state["noise"], state.get("origin")
+    except Exception as error:  # a damaged file raises pickle's, zip's or torch's errors; a foreign one KeyError
+        raise ValueError(f"{path}: not a readable cached code ({_first_line(error)})") from error
 
 
 def history_summary(history: list[dict[str, float]], window: int = 10) -> dict[str, float]:

@@ -17,7 +17,8 @@ IR-SE50 (--ir-se50 or $REFINESTYLE_IR_SE50).
 
 Writes the adapter to --out and, in --work-dir, checkpoint.pt, w_r.pt, samples/step_*.png
 (row 1: reference, then frozen samples; row 2: the adapted reconstruction, then adapted
-samples), loss.png and history.jsonl. --resume continues an interrupted run.
+samples), loss.png and history.jsonl. --resume continues an interrupted run
+(with the checkpoint's settings; --iterations is the total).
 
 example:
   refinestyle adapt-oneshot --generator ffhq.pt --reference arcane.png --inverter two_stage.safetensors \\
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
+import sys
 from pathlib import Path
 
 import torch
@@ -34,6 +37,7 @@ import torch
 from refinestyle.commands import report_error
 from refinestyle.commands.adapt_text import (
     add_common_training_arguments,
+    check_against_generator,
     distributed_context,
     load_frozen_generator,
     prepare_run,
@@ -73,10 +77,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(lr=1e-3)
 
 
+def check_oneshot_options(args) -> None:
+    """ValueError naming the first adapt-oneshot option whose value means nothing (the shared ones:
+    adapt_text.check_training_options)."""
+    if args.init_from_inverter and args.inverter is None:
+        raise ValueError("--init-from-inverter needs --inverter")
+    for option, value in (("--projection-steps", args.projection_steps), ("--swd-projections", args.swd_projections)):
+        if value < 1:
+            raise ValueError(f"{option}: expected a positive integer, got {value}")
+    if args.style_size < 32 or args.loss_size < 32:
+        raise ValueError(f"--style-size and --loss-size: LPIPS's AlexNet needs at least 32 px, got "
+                         f"{args.style_size} and {args.loss_size}")
+    for option, value in (("--l2-weight", args.l2_weight), ("--lpips-weight", args.lpips_weight),
+                          ("--id-weight", args.id_weight), ("--style-weight", args.style_weight)):
+        if not (math.isfinite(value) and value >= 0):  # a negative weight would push away from the reference
+            raise ValueError(f"{option}: expected a non-negative number, got {value}")
+    if not all(1 <= layer <= 5 for layer in args.style_layers):
+        raise ValueError(f"--style-layers: expected AlexNet ReLU layers 1 to 5, got {args.style_layers}")
+    if args.mix_index is not None and args.mix_index < 0:
+        raise ValueError(f"--mix-index: expected a non-negative integer, got {args.mix_index}")
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def reusable_w_r(cache: Path, origin: dict, announce: bool):
+    """(w_r, noise) from w_r.pt when it was made from what this run would make it from (`origin`:
+    the reference's contents, the generator, the projection's settings); else None, with a note."""
+    from refinestyle.adaptation.train import load_w_plus
+
+    try:
+        w_r, noise, saved_origin = load_w_plus(cache)
+    except ValueError as error:
+        reason = str(error)
+    else:
+        if saved_origin is None:
+            reason = f"{cache} does not record what it was projected from"
+        else:
+            differing = [key for key in origin if saved_origin.get(key) != origin[key]]
+            if not differing:
+                return w_r, noise
+            reason = f"{cache} was made with another {', '.join(differing)}"
+    if announce:
+        print(f"note: {reason}; projecting the reference again", file=sys.stderr)
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
+    from refinestyle.adaptation import generator_fingerprint
     from refinestyle.adaptation.projection import project
     from refinestyle.adaptation.swd import LPIPSFeatures, SWDStyleLoss
-    from refinestyle.adaptation.train import adapt_oneshot, load_w_plus, save_w_plus
+    from refinestyle.adaptation.train import CHECKPOINT_NAME, adapt_oneshot, check_resume, save_w_plus
     from refinestyle.checkpoints import CheckpointError
     from refinestyle.distributed import broadcast_from_main
     from refinestyle.imageio import load_image, save_grid
@@ -86,19 +142,16 @@ def main(args: argparse.Namespace) -> int:
     context = distributed_context(args)
     device = context.device
     try:
-        if args.init_from_inverter and args.inverter is None:
-            raise ValueError("--init-from-inverter needs --inverter")
-        if args.projection_steps < 1 or args.swd_projections < 1:
-            raise ValueError("--projection-steps and --swd-projections must be positive")
-        if args.style_size < 32 or args.loss_size < 32:
-            raise ValueError(f"--style-size and --loss-size: LPIPS's AlexNet needs at least 32 px, got "
-                             f"{args.style_size} and {args.loss_size}")
+        check_oneshot_options(args)
         work_dir, resume = prepare_run(args, context)
         try:
             reference = load_image(args.reference)
         except (FileNotFoundError, ValueError) as error:
             raise ValueError(f"--reference: {error}") from error
         generator = load_frozen_generator(args, device)
+        check_against_generator(args, generator)
+        if args.mix_index is not None and args.mix_index > generator.n_latent:
+            raise ValueError(f"--mix-index: this generator has {generator.n_latent} latent rows, got {args.mix_index}")
         reference = torch.nn.functional.interpolate(
             reference, size=(generator.size,) * 2, mode="area" if reference.shape[-1] > generator.size else "bilinear"
         ).to(device)
@@ -114,12 +167,35 @@ def main(args: argparse.Namespace) -> int:
             from refinestyle.inversion.models import load_inverter
 
             inverter = load_inverter(args.inverter, generator)
+        run_metadata = {
+            "reference": str(args.reference),
+            # what resuming compares: the files' contents, wherever they lie
+            "reference_sha256": file_sha256(args.reference),
+            "generator_file": str(args.generator) if args.generator else None,
+            "w_r_source": "inverter" if inverter is not None else "projection",
+            "inverter_file": str(args.inverter) if args.inverter else None,
+            "inverter_sha256": file_sha256(args.inverter) if inverter is not None else None,
+            "projection_steps": args.projection_steps if inverter is None else None,
+            "style_layers": list(args.style_layers),
+            "style_size": args.style_size,
+            "swd_projections": args.swd_projections,
+        }
+        # what a cached w_r.pt must have been made from to be reused
+        w_r_origin = {key: run_metadata[key] for key in ("reference_sha256", "w_r_source", "inverter_sha256",
+                                                         "projection_steps")}
+        w_r_origin.update(generator_fingerprint=generator_fingerprint(generator), loss_size=args.loss_size,
+                          seed=args.seed)
+        if resume and (work_dir / CHECKPOINT_NAME).is_file():
+            # now, before w_r is computed again and w_r.pt rewritten; adapt_oneshot checks the other settings
+            check_resume(work_dir / CHECKPOINT_NAME, {**run_metadata, **w_r_origin})
     except (MissingWeightsError, CheckpointError, FileNotFoundError, ValueError, TypeError) as error:
         return report_error(args, error)
 
-    # w_r (and, with --init-from-inverter, the reference's tokens); cached for resumed runs
+    # w_r (and, with --init-from-inverter, the reference's tokens); a projection is cached for resumed runs
     cache = work_dir / "w_r.pt"
-    init_refinement, reference_noise = None, None
+    init_refinement, reference_noise, cached = None, None, None
+    if inverter is None and resume and cache.is_file():
+        cached = reusable_w_r(cache, w_r_origin, announce=context.is_main)
     if inverter is not None:
         with torch.no_grad():
             result = inverter(reference, render=False)
@@ -128,8 +204,8 @@ def main(args: argparse.Namespace) -> int:
             if result.refinement is None:
                 return report_error(args, "--init-from-inverter: this inverter has no token branch")
             init_refinement = result.refinement.detach()
-    elif resume and cache.is_file():
-        w_r, reference_noise = load_w_plus(cache)
+    elif cached is not None:
+        w_r, reference_noise = cached
     else:
         projected = project(generator, reference, lpips, steps=args.projection_steps, seed=args.seed,
                             progress=not args.no_progress and context.is_main, loss_size=args.loss_size)
@@ -144,7 +220,7 @@ def main(args: argparse.Namespace) -> int:
     broadcast_from_main([w_r, *(reference_noise or [])], context)
     context.barrier()  # nobody still reads w_r.pt
     if context.is_main:
-        save_w_plus(cache, w_r, reference_noise)
+        save_w_plus(cache, w_r, reference_noise, origin=w_r_origin)
 
     return train_and_save(
         args, work_dir, resume, adapt_oneshot, (generator, reference, w_r, reconstruction, style),
@@ -154,13 +230,5 @@ def main(args: argparse.Namespace) -> int:
         style_weight=args.style_weight,
         mix_index=args.mix_index,
         loss_size=args.loss_size,
-        metadata={
-            "reference": str(args.reference),
-            # what resuming compares: the picture, wherever it lies (and w_r.pt was made from it)
-            "reference_sha256": hashlib.sha256(Path(args.reference).read_bytes()).hexdigest(),
-            "generator_file": str(args.generator) if args.generator else None,
-            "w_r_source": "inverter" if inverter is not None else "projection",
-            "inverter_file": str(args.inverter) if args.inverter else None,
-            "style_layers": list(args.style_layers),
-        },
+        metadata=run_metadata,
     )

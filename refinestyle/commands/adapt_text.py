@@ -9,7 +9,8 @@ defaults: Adam lr 1e-3, 300 steps, batch 2, all conv layers with L = 256 tokens
 
 Writes the adapter to --out (safetensors) and, in --work-dir (default: --out without its
 suffix, plus ".run"), checkpoint.pt, samples/step_*.png (row 1: frozen generator, row 2:
-adapted, for fixed seeds), loss.png and history.jsonl. --resume continues an interrupted run.
+adapted, for fixed seeds), loss.png and history.jsonl. --resume continues an interrupted run
+(with the checkpoint's settings; --iterations is the total).
 
 example:
   refinestyle adapt-text --generator ffhq.pt --source photo --target "pencil sketch" \\
@@ -18,6 +19,8 @@ example:
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -67,19 +70,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight of each CLIP model in the loss, in the order loaded (default: equal)")
 
 
+# seeds are combined with the step number into one 64-bit seed per step: larger ones overflow
+MAX_SEED = 2**32
+
+
+def check_positive(option: str, value: float) -> None:
+    """ValueError naming `option` unless `value` is a finite number > 0."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{option}: expected a positive number, got {value}")
+
+
+def check_training_options(args) -> None:
+    """ValueError naming the first option of add_common_training_arguments whose value means nothing."""
+    # 0 iterations is allowed: it writes the initial tokens (with adapt-oneshot --init-from-inverter, the inverter's)
+    for name, low in (("iterations", 0), ("batch_size", 1), ("num_tokens", 1), ("num_samples", 1),
+                      ("sample_every", 0), ("checkpoint_every", 0)):
+        value = getattr(args, name)
+        if value < low:
+            kind = "a positive integer" if low else "a non-negative integer"
+            raise ValueError(f"--{name.replace('_', '-')}: expected {kind}, got {value}")
+    if args.num_refined is not None and args.num_refined < 1:
+        raise ValueError(f"--num-refined: expected a positive integer, got {args.num_refined}")
+    if not 0 <= args.seed < MAX_SEED:
+        raise ValueError(f"--seed: expected an integer in [0, 2**32), got {args.seed}")
+    check_positive("--lr", args.lr)
+    if args.scale_init is not None:  # A = B = 0 is a saddle point: every token's gradient is 0, nothing trains
+        check_positive("--scale-init", args.scale_init)
+    # psi 0 makes every code the mean w; psi > 1 would be ignored (sample_codes truncates only below 1)
+    if not (math.isfinite(args.truncation) and 0 < args.truncation <= 1):
+        raise ValueError(f"--truncation: expected a number in (0, 1], got {args.truncation}")
+
+
+def check_output_paths(args, work_dir: Path) -> None:
+    """ValueError naming --out / --work-dir when the adapter or the run's files could not be written there
+    (found now, not after the training)."""
+    for option, path, is_folder in (("--out", args.out, False), ("--work-dir", work_dir, True)):
+        if path.exists() and path.is_dir() != is_folder:
+            raise ValueError(f"{option}: {path} is a {'file, not a folder' if is_folder else 'folder, not a file'}")
+        existing = path.parent  # the folders are created: the nearest one that exists must be a writable folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ValueError(f"{option}: {path} cannot be created, {existing} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"{option}: {path} cannot be written, {existing} is not writable")
+
+
+def check_against_generator(args, generator) -> None:
+    """ValueError naming the option whose value does not fit the loaded generator."""
+    if args.num_refined is not None and args.num_refined > generator.num_layers:
+        raise ValueError(
+            f"--num-refined: this generator has {generator.num_layers} conv layers, got {args.num_refined}"
+        )
+
+
 def prepare_run(args, context=None) -> tuple[Path, bool]:
-    """(work dir, resume?) after checking the numeric options and the checkpoint situation.
+    """(work dir, resume?) after checking the numeric options, the output paths and the checkpoint situation.
 
     context: the run's DistributedContext (None: one process); only rank 0 deletes or notes.
     """
     from refinestyle.adaptation.train import CHECKPOINT_NAME
 
-    for name in ("iterations", "batch_size", "num_tokens", "num_samples"):
-        value = getattr(args, name)
-        if value < (0 if name == "iterations" else 1):
-            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
-    if args.lr <= 0:
-        raise ValueError(f"--lr: expected a positive number, got {args.lr}")
+    check_training_options(args)
     if args.resume and args.restart:
         raise ValueError("--resume and --restart exclude each other")
     if context is not None and args.batch_size % context.world_size:
@@ -88,6 +140,7 @@ def prepare_run(args, context=None) -> tuple[Path, bool]:
             f"{context.world_size}; got {args.batch_size}"
         )
     work_dir = args.work_dir if args.work_dir is not None else args.out.with_suffix(".run")
+    check_output_paths(args, work_dir)
     checkpoint = work_dir / CHECKPOINT_NAME
     if checkpoint.is_file() and not (args.resume or args.restart):
         raise ValueError(f"{checkpoint} exists: pass --resume to continue that run or --restart to start over")
@@ -187,9 +240,16 @@ def main(args: argparse.Namespace) -> int:
     context = distributed_context(args)
     device = context.device
     try:
+        if args.clip_weights is not None and not (
+            all(math.isfinite(w) and w >= 0 for w in args.clip_weights) and sum(args.clip_weights) > 0
+        ):
+            raise ValueError(f"--clip-weights: expected non-negative numbers, not all 0, got {args.clip_weights}")
         work_dir, resume = prepare_run(args, context)
         generator = load_frozen_generator(args, device)
+        check_against_generator(args, generator)
         encoders = clip_encoders_from_args(args, device)
+        if args.clip_weights is not None and len(args.clip_weights) != len(encoders):
+            raise ValueError(f"--clip-weights: {len(args.clip_weights)} weights for {len(encoders)} CLIP models")
         clip_loss = CLIPDirectionalLoss(encoders, args.source, args.target, weights=args.clip_weights)
     except (MissingWeightsError, CheckpointError, ValueError, TypeError, RuntimeError) as error:
         return report_error(args, error)
