@@ -38,12 +38,13 @@ def int_at_least(minimum: int):
     return parse
 
 
-def _file_in_the_way(path) -> Path | None:
-    """The first existing ancestor of path that is a file (a folder cannot be made under it), or None."""
-    for ancestor in Path(path).absolute().parents:
+def _check_no_file_above(text: str, path: Path) -> None:
+    """ArgumentTypeError when an existing ancestor of path is a file: no folder can be made there."""
+    for ancestor in path.absolute().parents:
         if ancestor.exists():
-            return None if ancestor.is_dir() else ancestor
-    return None
+            if not ancestor.is_dir():
+                raise argparse.ArgumentTypeError(f"{text!r}: {str(ancestor)!r} is a file, so no folder can be made there")
+            return
 
 
 def output_file(text: str) -> Path:
@@ -51,9 +52,7 @@ def output_file(text: str) -> Path:
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; expected the path of a file to write")
-    blocker = _file_in_the_way(path)
-    if blocker is not None:
-        raise argparse.ArgumentTypeError(f"{text!r}: {str(blocker)!r} is a file, so no folder can be made there")
+    _check_no_file_above(text, path)
     return path
 
 
@@ -62,9 +61,7 @@ def output_folder(text: str) -> Path:
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a folder to write into")
-    blocker = _file_in_the_way(path)
-    if blocker is not None:
-        raise argparse.ArgumentTypeError(f"{text!r}: {str(blocker)!r} is a file, so no folder can be made there")
+    _check_no_file_above(text, path)
     return path
 
 

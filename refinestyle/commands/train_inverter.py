@@ -22,18 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from refinestyle.commands import add_compile_argument, device_name, interrupted_exit_status, positive_int
-
-
-def non_negative_int(text: str) -> int:
-    """An integer >= 0 (intervals where 0 means none, worker counts, seeds)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+from refinestyle.commands import add_compile_argument, device_name, int_at_least, interrupted_exit_status, positive_int
 
 
 def _model_option(text: str) -> tuple[str, object]:
@@ -86,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--lr", type=float, help="learning rate (1e-4 one-stage, 1e-3 two-stage)")
     optim.add_argument("--batch-size", type=positive_int, help="images per step per process (8)")
     optim.add_argument("--max-steps", type=positive_int, help="training steps (1M one-stage, 700k two-stage)")
-    optim.add_argument("--seed", type=non_negative_int, help="(0)")
-    optim.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+    optim.add_argument("--seed", type=int_at_least(0), help="(0)")
+    optim.add_argument("--workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1),
                        help="data-loader worker processes (default: 4, or the CPU count when smaller)")
     optim.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
     optim.add_argument("--grad-checkpointing", action="store_true", default=None,
@@ -101,12 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     logging = parser.add_argument_group("logging")
     # default None: a resumed run keeps its own cadence unless one is given
     logging.add_argument("--log-every", type=positive_int, help="CSV row every N steps (1)")
-    logging.add_argument("--image-every", type=non_negative_int,
+    logging.add_argument("--image-every", type=int_at_least(0),
                          help="image grid (input | w+ only | refined) every N steps and at the end (1000; 0: none)")
-    logging.add_argument("--val-every", type=non_negative_int,
+    logging.add_argument("--val-every", type=int_at_least(0),
                          help="validation every N steps and at the end (10000; 0: none)")
     logging.add_argument("--val-max-images", type=positive_int, help="images validated at most (1000)")
-    logging.add_argument("--checkpoint-every", type=non_negative_int,
+    logging.add_argument("--checkpoint-every", type=int_at_least(0),
                          help="checkpoint every N steps (1000; 0: only at the end)")
     logging.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
     logging.add_argument("--no-progress", action="store_true", help="no progress bar")
