@@ -289,6 +289,19 @@ def test_train_inverter_resume_reports_a_bad_checkpoint_in_one_line(trained, tmp
     torch.save(state, checkpoint)
     assert run(*resume) == 2
     assert "the checkpoint was written by 2 processes, this run has 1" in _one_line_error(capsys)
+    config = tmp_path / "run" / "config.json"
+    config.write_text(config.read_text()[:40])  # a damaged config is named too
+    assert run(*resume) == 2
+    assert f"--resume: {config} is not a readable config" in _one_line_error(capsys)
+
+
+def test_train_inverter_refuses_a_file_for_its_run_folder(trained, tmp_path, capsys):
+    root, generator_path = trained
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        run("train-inverter", "--generator", generator_path, "--data", root / "train", "--out", taken)
+    assert exit_info.value.code == 2 and "is a file; expected a folder" in capsys.readouterr().err
 
 
 def test_train_inverter_names_an_unreadable_image_in_one_line_with_data_workers(trained, tmp_path, capsys):

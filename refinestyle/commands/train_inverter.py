@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from refinestyle.commands import add_compile_argument, device_name, int_at_least, interrupted_exit_status, positive_int
+from refinestyle.commands import add_compile_argument, device_name, int_at_least, interrupted_exit_status, output_folder, positive_int
 
 
 def _model_option(text: str) -> tuple[str, object]:
@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     paths.add_argument("--generator", help="StyleGAN2 generator checkpoint (rosinality .pt)")
     paths.add_argument("--data", help="training images: a folder of jpg/png (searched recursively)")
     paths.add_argument("--val-data", help="held-out images for validation metrics")
-    paths.add_argument("--out", required=True, help="run folder (created; holds logs, grids, checkpoints)")
+    paths.add_argument("--out", type=output_folder, required=True,
+                       help="run folder (created; holds logs, grids, checkpoints)")
     paths.add_argument("--first-stage", help="two-stage: the frozen first stage: our w+ inverter (inverter.safetensors "
                        "of a --no-refine run), a Style Transformer checkpoint (best_model.pt), or a pSp / e4e one "
                        "(psp_ffhq_encode.pt, e4e_ffhq_encode.pt; the same file loads as --generator)")
@@ -144,15 +145,18 @@ def config_from_args(args: argparse.Namespace):
         saved_path = Path(args.out) / "config.json"
         if not saved_path.is_file():
             raise FileNotFoundError(f"--resume: {saved_path} not found; is {args.out} a train-inverter run folder?")
-        fields = json.loads(saved_path.read_text())
-        fields.update(resumed_changes(given, fields, saved_path), **run_time, out=args.out, resume=True)
+        try:
+            fields = json.loads(saved_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--resume: {saved_path} is not a readable config ({error})") from None
+        fields.update(resumed_changes(given, fields, saved_path), **run_time, out=str(args.out), resume=True)
         return TrainConfig(**fields)
     if "first_stage" in given and given.get("stage", (None, "one"))[1] != "two":
         raise ValueError("--first-stage: only a two-stage run has a first stage (add --stage two)")
     missing = [option for option in ("--generator", "--data") if RUN_OPTIONS[option] not in given]
     if missing:
         raise ValueError(f"{' and '.join(missing)} required (unless --resume)")
-    return TrainConfig(**{field: value for field, (_, value) in given.items()}, **run_time, out=args.out)
+    return TrainConfig(**{field: value for field, (_, value) in given.items()}, **run_time, out=str(args.out))
 
 
 def resumed_changes(given: dict[str, tuple[str, object]], saved: dict, saved_path: Path) -> dict[str, object]:
