@@ -20,13 +20,20 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 from refinestyle.adaptation.clip_loss import add_clip_arguments
-from refinestyle.commands import add_compile_argument, device_name, interrupted_exit_status, positive_int, report_error
+from refinestyle.commands import (
+    add_compile_argument,
+    device_name,
+    interrupted_exit_status,
+    output_file,
+    output_folder,
+    positive_int,
+    report_error,
+)
 from refinestyle.weights import default_device
 
 
@@ -104,16 +111,11 @@ def check_training_options(args) -> None:
 def check_output_paths(args, work_dir: Path) -> None:
     """ValueError naming --out / --work-dir when the adapter or the run's files could not be written there
     (found now, not after the training)."""
-    for option, path, is_folder in (("--out", args.out, False), ("--work-dir", work_dir, True)):
-        if path.exists() and path.is_dir() != is_folder:
-            raise ValueError(f"{option}: {path} is a {'file, not a folder' if is_folder else 'folder, not a file'}")
-        existing = path.parent  # the folders are created: the nearest one that exists must be a writable folder
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir():
-            raise ValueError(f"{option}: {path} cannot be created, {existing} is not a folder")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ValueError(f"{option}: {path} cannot be written, {existing} is not writable")
+    for option, path, check in (("--out", args.out, output_file), ("--work-dir", work_dir, output_folder)):
+        try:
+            check(str(path))
+        except argparse.ArgumentTypeError as error:
+            raise ValueError(f"{option}: {error}") from None
 
 
 def check_against_generator(args, generator) -> None:
