@@ -99,6 +99,7 @@ def check_oneshot_options(args) -> None:
 
 
 def file_sha256(path) -> str:
+    """The sha256 hex digest of a file's contents, read in 1 MiB blocks (an inverter file is large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
