@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from refinestyle.generator import Generator, default_channels
+from refinestyle_kernels import EqualLinear
 from refinestyle.weights import resolve_weights, save_safetensors
 
 __all__ = [
@@ -60,6 +61,9 @@ OBTAINED_FROM = (
     "its convert_weight.py) or NVlabs/stylegan2-ada-pytorch / stylegan3 (.pkl)"
 )
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+# rosinality's mapping lr multiplier, which its files do not record; and where our files record conv_clamp
+ROSINALITY_LR_MLP = 0.01
+CONV_CLAMP_KEY = "conv_clamp"
 _DEFAULT_FIR = (1.0, 3.0, 3.0, 1.0)
 
 
@@ -92,7 +96,8 @@ def load_generator(
         - `latent_avg` [style_dim]: the checkpoint's mean w (rosinality's "latent_avg",
           NVlabs' mapping.w_avg), or None when the file has none; forward() uses it as the
           default truncation_latent;
-        - `conv_clamp`: NVlabs' conv_clamp (None for rosinality files);
+        - `conv_clamp`: NVlabs' conv_clamp (None for rosinality's own files; the files
+          `save_rosinality_checkpoint` writes record it);
         - `checkpoint_format`: "rosinality", "safetensors" or "nvlabs".
         The mapping's lr multiplier cannot be read from a rosinality file and is taken
         as 0.01 (rosinality's default); NVlabs pickles record theirs.
@@ -110,10 +115,14 @@ def load_generator(
         state_dict, latent_avg, config = convert_nvlabs_generator(read_nvlabs_pickle(path), source=str(path))
     else:
         if file_format == "safetensors":
-            state_dict, latent_avg = _read_safetensors(path)
+            state_dict, latent_avg, conv_clamp = _read_safetensors(path)
         else:
-            state_dict, latent_avg = read_rosinality_state(_torch_load(path), source=str(path))
+            checkpoint = _torch_load(path)
+            state_dict, latent_avg = read_rosinality_state(checkpoint, source=str(path))
+            # our own addition to the format (save_rosinality_checkpoint); rosinality's code ignores it
+            conv_clamp = checkpoint.get(CONV_CLAMP_KEY) if isinstance(checkpoint, dict) else None
         config = infer_generator_config(state_dict, source=str(path))
+        config["conv_clamp"] = None if conv_clamp is None else float(conv_clamp)
     if size is not None and config["size"] != size:
         raise CheckpointError(f"size={size} was asked for, but {path} holds a {config['size']} px generator")
     conv_clamp = config.pop("conv_clamp", None)
@@ -137,23 +146,52 @@ def save_rosinality_checkpoint(
         rosinality's code and `load_generator` read.
     latent_avg: [style_dim] mean w; defaults to generator.latent_avg (omitted when None).
     Returns the path written.
+
+    `load_generator` reads the file back into a generator that renders the same images:
+    a mapping lr multiplier other than rosinality's 0.01 (an NVlabs network's, say) is folded
+    into the stored mapping weights, and a conv_clamp is recorded (the "conv_clamp" entry of
+    the .pt dict, the safetensors metadata), which rosinality's own code ignores.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if latent_avg is None:
         latent_avg = getattr(generator, "latent_avg", None)
+    if latent_avg is not None and latent_avg.numel() != generator.style_dim:
+        raise ValueError(f"latent_avg: expected [style_dim={generator.style_dim}], got {tuple(latent_avg.shape)}")
     state_dict = {key: value.detach().cpu() for key, value in generator.state_dict().items()}
+    _fold_mapping_lr(state_dict, generator)
+    conv_clamp = generator.conv_clamp
     if path.suffix == ".safetensors":
         tensors = {key: value.contiguous() for key, value in state_dict.items()}
         if latent_avg is not None:
             tensors["latent_avg"] = latent_avg.detach().cpu().reshape(-1).contiguous()
-        save_safetensors(tensors, path, {"format": "rosinality-g_ema", "size": str(generator.size)})
+        metadata = {"format": "rosinality-g_ema", "size": str(generator.size)}
+        if conv_clamp is not None:
+            metadata[CONV_CLAMP_KEY] = repr(conv_clamp)
+        save_safetensors(tensors, path, metadata)
     else:
         checkpoint: dict[str, Any] = {"g_ema": state_dict}
         if latent_avg is not None:
             checkpoint["latent_avg"] = latent_avg.detach().cpu().reshape(-1)
+        if conv_clamp is not None:
+            checkpoint[CONV_CLAMP_KEY] = conv_clamp
         torch.save(checkpoint, path)
     return path
+
+
+def _fold_mapping_lr(state_dict: dict[str, torch.Tensor], generator: Generator) -> None:
+    """Rescale the mapping's stored weights and biases, in place, so that rosinality's lr
+    multiplier (ROSINALITY_LR_MLP, which a loader assumes) gives the generator's own products:
+    EqualLinear uses weight * lr_mul / sqrt(in) and bias * lr_mul."""
+    factor = generator.lr_mlp / ROSINALITY_LR_MLP
+    if factor == 1:
+        return
+    for name, module in generator.style.named_children():
+        if isinstance(module, EqualLinear):
+            for kind in ("weight", "bias"):
+                key = f"style.{name}.{kind}"
+                if key in state_dict:
+                    state_dict[key] = state_dict[key] * factor
 
 
 # ============================================================================ format detection
@@ -206,16 +244,23 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {error}") from error
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
-    from safetensors import SafetensorError
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor], Optional[float]]:
+    """(state_dict, latent_avg or None, conv_clamp or None) of a safetensors generator file."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
         tensors = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {error}") from error
     latent_avg = tensors.pop("latent_avg", None)
-    return tensors, latent_avg
+    try:
+        conv_clamp = float(metadata[CONV_CLAMP_KEY]) if CONV_CLAMP_KEY in metadata else None
+    except ValueError:
+        raise CheckpointError(f"{path}: its {CONV_CLAMP_KEY} entry {metadata[CONV_CLAMP_KEY]!r} is not a number") from None
+    return tensors, latent_avg, conv_clamp
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -15,6 +15,7 @@ reads row i, and the toRGB after conv layer i reads row i + 1.
 from __future__ import annotations
 
 import math
+import operator
 import random
 from typing import Mapping, Optional, Sequence
 
@@ -192,7 +193,7 @@ class Generator(nn.Module):
         shapes = [(conv.conv.in_channel, conv.conv.out_channel) for conv in self.conv_layers()]
         return shapes[self.num_layers - num_refined :]
 
-    def compile_synthesis(self, mode: str = "default", **compile_options) -> "Generator":
+    def compile_synthesis(self, mode: Optional[str] = "default", **compile_options) -> "Generator":
         """Compile `synthesis` with torch.compile, in place; returns self.
 
         Later calls of `synthesis`, and of `forward`, which renders through it, run the compiled
@@ -203,15 +204,23 @@ class Generator(nn.Module):
         `del generator.synthesis` goes back to the eager network, and a copy (copy.deepcopy) or
         pickle of the generator renders eagerly.
 
-        mode: torch.compile's mode, one of COMPILE_MODES. "reduce-overhead" also replays the
-            network as CUDA graphs on a GPU, which takes away the host time of launching the
+        mode: torch.compile's mode, one of COMPILE_MODES, or None. "reduce-overhead" also replays
+            the network as CUDA graphs on a GPU, which takes away the host time of launching the
             kernels one by one; an output then lives only until the next call of the same graph.
         compile_options: further keyword arguments of torch.compile (backend, dynamic, options).
+            torch.compile takes a mode or Inductor `options`, not both: with `options`, mode
+            must be None or "default" (which is what no mode means).
         """
-        if mode not in COMPILE_MODES:
-            raise ValueError(f"mode: expected one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+        if mode is not None and mode not in COMPILE_MODES:
+            raise ValueError(f"mode: expected None or one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+        if compile_options.get("options") is not None:
+            if mode not in (None, "default"):
+                raise ValueError(f"mode: torch.compile takes a mode or options, not both; got mode={mode!r}")
+            mode = None
+        if mode is not None:
+            compile_options["mode"] = mode
         # the class's function bound to self: compiling twice never wraps a compiled callable
-        self.synthesis = torch.compile(type(self).synthesis.__get__(self), mode=mode, **compile_options)
+        self.synthesis = torch.compile(type(self).synthesis.__get__(self), **compile_options)
         return self
 
     @property
@@ -324,6 +333,8 @@ class Generator(nn.Module):
                     "truncation_latent: required for truncation < 1 (e.g. generator.mean_latent(4096)); this "
                     "generator has no latent_avg"
                 )
+            if not isinstance(truncation_latent, Tensor):
+                raise TypeError(f"truncation_latent: expected a tensor, got {type(truncation_latent).__name__}")
             if truncation_latent.shape[-1] != self.style_dim or truncation_latent.numel() != self.style_dim:
                 raise ValueError(
                     f"truncation_latent: expected [1, {self.style_dim}] or [{self.style_dim}], got "
@@ -339,6 +350,10 @@ class Generator(nn.Module):
                 raise ValueError("styles: style mixing takes two [B, style_dim] codes, not w+ codes")
             if inject_index is None:
                 inject_index = random.randint(1, self.n_latent - 1)
+            try:  # any integer (a NumPy or 0-d torch one too), not a float
+                inject_index = operator.index(inject_index)
+            except TypeError:
+                raise TypeError(f"inject_index: expected an int, got {type(inject_index).__name__}") from None
             if not 0 <= inject_index <= self.n_latent:
                 raise ValueError(f"inject_index: expected an integer in [0, {self.n_latent}], got {inject_index}")
             latent = torch.cat(

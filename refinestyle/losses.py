@@ -15,6 +15,7 @@ Pretrained parts come from local files, never from the network:
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Sequence
@@ -211,8 +212,9 @@ class ReconstructionLoss(nn.Module):
     ):
         super().__init__()
         for name, weight in (("l2", l2), ("lpips", lpips), ("id", id)):
-            if not isinstance(weight, (int, float)) or weight < 0:
-                raise ValueError(f"{name}: expected a non-negative loss weight, got {weight!r}")
+            # NaN passes `< 0` and would drop the term silently; a bool is no weight
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (0 <= weight < math.inf):
+                raise ValueError(f"{name}: expected a finite non-negative loss weight, got {weight!r}")
         self.weights = {"l2": float(l2), "lpips": float(lpips), "id": float(id) if face_domain else 0.0}
         self.lpips_loss = None
         if self.weights["lpips"] > 0:

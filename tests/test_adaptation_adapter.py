@@ -129,6 +129,9 @@ def test_incompatible_generators_and_bad_files_are_clear_errors(tmp_path):
         Adapter.load(tmp_path / "foreign.safetensors")
     with pytest.raises(ValueError, match="set by the adapter"):
         Adapter.for_generator(generator, num_tokens=2, num_tokens_extra=1, generator_size=3)
+    for reserved in ("format", "version"):  # saved, they replaced the file's own entries: an unreadable file
+        with pytest.raises(ValueError, match=f"metadata: {reserved} are the adapter file's own entries"):
+            Adapter.for_generator(generator, num_tokens=2, **{reserved: 2})
 
 
 def test_mixed_domain_batch_equals_separate_runs():

@@ -233,6 +233,27 @@ def test_compile_synthesis_runs_the_network_compiled_and_matches_eager():
     torch._dynamo.reset()
 
 
+def test_compile_synthesis_passes_a_mode_or_inductor_options(monkeypatch):
+    """torch.compile refuses a mode together with `options`: the default mode then gives way, and
+    a mode asked for explicitly beside them is a ValueError naming mode."""
+    calls = []
+
+    def fake_compile(function, **kwargs):
+        calls.append(kwargs)
+        return function
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    generator = Generator(16, style_dim=8, n_mlp=1, channel_max=8)
+    generator.compile_synthesis(options={"max_autotune": False})
+    generator.compile_synthesis(mode=None, backend="aot_eager")
+    generator.compile_synthesis("reduce-overhead")
+    generator.compile_synthesis()
+    assert calls == [{"options": {"max_autotune": False}}, {"backend": "aot_eager"}, {"mode": "reduce-overhead"},
+                     {"mode": "default"}]  # fmt: skip
+    with pytest.raises(ValueError, match="mode: torch.compile takes a mode or options"):
+        generator.compile_synthesis("max-autotune", options={"max_autotune": False})
+
+
 def test_autocast_bfloat16_on_cpu_runs_and_stays_close():
     torch.manual_seed(14)
     generator = Generator(16, style_dim=16, n_mlp=2, channel_max=16)
@@ -257,6 +278,11 @@ def test_input_validation():
         generator([torch.randn(2, 3, 8)], input_is_latent=True)
     with pytest.raises(ValueError, match="truncation_latent"):
         generator([z], truncation=0.5)
+    with pytest.raises(TypeError, match="truncation_latent: expected a tensor, got list"):
+        generator([z], truncation=0.5, truncation_latent=[0.0] * 8)
+    with pytest.raises(TypeError, match="inject_index: expected an int, got float"):
+        generator([z, z], inject_index=2.0)
+    generator([z, z], inject_index=torch.tensor(2))  # an integer tensor is an int
     with pytest.raises(ValueError, match="noise\\[1\\]"):
         generator([z], noise=[None, torch.randn(2, 1, 4, 4), None, None, None])
     with pytest.raises(ValueError, match="w_plus"):

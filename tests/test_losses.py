@@ -134,3 +134,6 @@ def test_reconstruction_loss_weights_and_parts(tiny_arcface_file, lpips_random):
     assert torch.allclose(total, 2.0 * parts["l2"] + 0.5 * parts["lpips"], rtol=1e-5)
     with pytest.raises(ValueError, match="lpips"):
         ReconstructionLoss(lpips=-1.0, face_domain=False)
+    for bad in (float("nan"), float("inf"), True):  # NaN passed `< 0` and dropped the term silently
+        with pytest.raises(ValueError, match="l2: expected a finite non-negative loss weight"):
+            ReconstructionLoss(l2=bad, lpips=0, id=0, face_domain=False)

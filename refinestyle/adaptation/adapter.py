@@ -32,6 +32,8 @@ __all__ = ["Adapter", "AdaptedGenerator", "mixed_refinement", "generator_fingerp
 
 FILE_FORMAT = "refinestyle.adapter"
 FILE_VERSION = "1"
+# the file's own entries, beside the metadata's: a metadata entry of the same name would replace them
+FILE_KEYS = ("format", "version")
 # metadata keys that describe the tokens and the generator; set by the Adapter itself
 STRUCTURAL_KEYS = (
     "generator_size",
@@ -80,6 +82,9 @@ class Adapter(nn.Module):
         missing = [key for key in STRUCTURAL_KEYS if key not in metadata]
         if missing:
             raise ValueError(f"metadata: missing {', '.join(missing)}")
+        reserved = [key for key in FILE_KEYS if key in metadata]
+        if reserved:
+            raise ValueError(f"metadata: {', '.join(reserved)} are the adapter file's own entries; use other names")
         try:
             json.dumps(metadata)
         except TypeError as error:
@@ -210,7 +215,7 @@ class Adapter(nn.Module):
             raise ValueError(f"{path}: adapter file version {raw.get('version')!r}, this code reads {FILE_VERSION!r}")
         metadata = {}
         for key, value in raw.items():
-            if key in ("format", "version"):
+            if key in FILE_KEYS:
                 continue
             try:
                 metadata[key] = json.loads(value)
