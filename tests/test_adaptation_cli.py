@@ -71,6 +71,8 @@ def test_adapt_text_then_eval_adapter_then_generate(files, tmp_path, capsys):
     assert adapter.metadata["kind"] == "text" and adapter.metadata["target_text"] == "pencil sketch"
     assert adapter.metadata["source_text"] == "photo" and adapter.metadata["training"]["steps_done"] == 4
     assert adapter.metadata["training"]["batch_size"] == 2 and adapter.metadata["clip_models"] == ["rs-cli-tiny-clip"]
+    # StyleGAN-NADA's optimiser and codes, where the paper says "following StyleGAN-NADA"
+    assert adapter.metadata["training"]["betas"] == [0.0, 0.99] and adapter.metadata["training"]["truncation"] == 1.0
     work = tmp_path / "sketch.run"
     assert sorted(p.name for p in (work / "samples").glob("*.png")) == [
         "step_000000.png", "step_000002.png", "step_000004.png"
@@ -308,11 +310,11 @@ def test_adapt_text_resume_keeps_the_checkpoints_settings_and_counts_its_steps(f
 
     # other training settings: refused before any step, every difference named
     assert cli.main(text_argv(files, out, "--iterations", "4", "--resume", "--lr", "0.5", "--seed", "5",
-                              "--batch-size", "3", "--truncation", "1")) == 2
+                              "--batch-size", "3", "--truncation", "0.7")) == 2
     error = capsys.readouterr().err
     assert error.startswith("refinestyle adapt-text: error: --resume: ") and "Traceback" not in error
     for option in ("--lr: 0.001 in the checkpoint, 0.5 in this run", "--seed: 0 in the checkpoint, 5 in this run",
-                   "--batch-size: 2 in the checkpoint, 3 in this run", "--truncation: 0.7 in the checkpoint, 1.0"):
+                   "--batch-size: 2 in the checkpoint, 3 in this run", "--truncation: 1.0 in the checkpoint, 0.7"):
         assert option in error, error
     # fewer iterations than the checkpoint holds
     assert cli.main(text_argv(files, out, "--iterations", "1", "--resume")) == 2

@@ -19,7 +19,8 @@ The generator stays frozen; only an Adapter's tokens P, Q and scales A, B train
 Text-driven (`adapt_text`): each step samples `batch_size` codes, renders them with the
 frozen and the refined generator under the same noise, and minimises the CLIP
 directional loss (Eq. 7). Paper defaults: Adam, lr 1e-3, 300 steps, batch 2, all layers,
-L = 256.
+L = 256; as StyleGAN-NADA, Adam's betas (0, 0.99) and untruncated training codes (samples
+shown at psi 0.7).
 
 One-shot (`adapt_oneshot`): with the reference I_r and its code w_r,
     L = L_rec(G_hat(w_r), I_r) + style_weight * SWD(G_hat(w_g), I_r),
@@ -513,7 +514,9 @@ def adapt_text(
     iterations: int = 300,
     batch_size: int = 2,
     lr: float = 1e-3,
-    truncation: float = 0.7,
+    betas: tuple[float, float] = (0.0, 0.99),
+    truncation: float = 1.0,
+    sample_truncation: float = 0.7,
     seed: int = 0,
     num_samples: int = 4,
     work_dir: Optional[str | os.PathLike] = None,
@@ -533,8 +536,11 @@ def adapt_text(
     adapter: tokens to train (default: Adapter.for_generator(generator, num_refined, num_tokens,
         scale_init=scale_init), its random tokens drawn from `seed`).
     iterations, batch_size, lr: the paper's 300, 2, 1e-3 by default.
-    truncation: psi of the sampled codes (1: none; needs the generator's latent_avg or a
-        sampled mean, computed from 4096 z when absent).
+    betas: Adam's betas; StyleGAN-NADA's (0, 0.99) by default (NADA raises them to the power
+        4/5 for its lazy regularisation, which training tokens alone does not have).
+    truncation: psi of the training codes (1: none, as StyleGAN-NADA trains; below 1 needs
+        the generator's latent_avg or a sampled mean, computed from 4096 z when absent).
+    sample_truncation: psi of the fixed codes of the sample grids (0.7, NADA's).
     seed: seed of every random draw; num_samples: fixed codes shown in the sample grids.
     work_dir, checkpoint_every, sample_every, resume, progress, distributed, bf16: see train_tokens;
         with several processes, batch_size is the batch of all of them together (a multiple
@@ -548,7 +554,7 @@ def adapt_text(
     share = batch_share(batch_size, distributed)
     mean = _mean_latent(generator, truncation, seed)
     settings = _training_metadata(
-        iterations=iterations, batch_size=batch_size, lr=lr, betas=(0.9, 0.999), truncation=truncation, seed=seed,
+        iterations=iterations, batch_size=batch_size, lr=lr, betas=tuple(betas), truncation=truncation, seed=seed,
         loss="clip_directional", bf16=bf16,
     )
     info = {
@@ -570,7 +576,9 @@ def adapt_text(
         adapted = generator.synthesis(codes, refinement=refinement, noise=noise)
         return clip_loss(source, adapted), {}
 
-    sample_codes_fixed, sample_noise = _sample_inputs(generator, num_samples, seed, truncation, mean)
+    sample_codes_fixed, sample_noise = _sample_inputs(
+        generator, num_samples, seed, sample_truncation, _mean_latent(generator, sample_truncation, seed)
+    )
 
     def sample_fn(refinement: Refinement):
         source = generator.synthesis(sample_codes_fixed, noise=sample_noise)
@@ -578,7 +586,7 @@ def adapt_text(
         return torch.cat([source, adapted]), num_samples  # row 1: source, row 2: adapted
 
     history = train_tokens(
-        generator, adapter, step_loss, iterations=iterations, lr=lr, seed=seed, work_dir=work_dir,
+        generator, adapter, step_loss, iterations=iterations, lr=lr, betas=betas, seed=seed, work_dir=work_dir,
         checkpoint_every=checkpoint_every, sample_every=sample_every, sample_fn=sample_fn, resume=resume,
         progress=progress, description="adapt-text", distributed=distributed, bf16=bf16,
     )

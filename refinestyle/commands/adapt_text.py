@@ -54,7 +54,9 @@ def add_common_training_arguments(parser: argparse.ArgumentParser, *, iterations
     parser.add_argument("--num-refined", type=int, default=None,
                         help="refine the last N conv layers (default: all, 17 at 1024 px)")
     parser.add_argument("--scale-init", type=float, default=None, help="initial scales A, B (default 0.01)")
-    parser.add_argument("--truncation", type=float, default=0.7, help="truncation psi of the sampled codes (default 0.7)")
+    parser.add_argument("--truncation", type=float, default=0.7,
+                        help="truncation psi of the training codes (adapt-text: 1, none, as StyleGAN-NADA; "
+                             "adapt-oneshot: 0.7, GOGA's content codes)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     parser.add_argument("--sample-every", type=int, default=50, help="steps between sample grids (default 50, 0: off)")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
@@ -72,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default="photo", help='the source domain\'s description (default "photo")')
     parser.add_argument("--target", required=True, help='the target domain\'s description, e.g. "pencil sketch"')
     add_common_training_arguments(parser, iterations=300, batch_size=2)
+    parser.set_defaults(truncation=1.0)  # StyleGAN-NADA trains on untruncated codes
+    parser.add_argument("--sample-truncation", type=float, default=0.7,
+                        help="truncation psi of the sample grids' fixed codes (default 0.7, as StyleGAN-NADA's)")
     add_clip_arguments(parser)
     parser.add_argument("--clip-weights", type=float, nargs="+", default=None, metavar="W",
                         help="weight of each CLIP model in the loss, in the order loaded (default: equal)")
@@ -242,6 +247,8 @@ def main(args: argparse.Namespace) -> int:
     context = distributed_context(args)
     device = context.device
     try:
+        if not (math.isfinite(args.sample_truncation) and 0 < args.sample_truncation <= 1):
+            raise ValueError(f"--sample-truncation: expected a number in (0, 1], got {args.sample_truncation}")
         if args.clip_weights is not None and not (
             all(math.isfinite(w) and w >= 0 for w in args.clip_weights) and sum(args.clip_weights) > 0
         ):
@@ -258,5 +265,6 @@ def main(args: argparse.Namespace) -> int:
 
     return train_and_save(
         args, work_dir, resume, adapt_text, (generator, clip_loss), context=context,
+        sample_truncation=args.sample_truncation,
         metadata={"generator_file": str(args.generator) if args.generator else None},
     )
