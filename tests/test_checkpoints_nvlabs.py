@@ -181,12 +181,13 @@ class SynthesisNetwork(NVModule):
 
 
 class Generator(NVModule):
-    def __init__(self, z_dim, w_dim, img_resolution, channel_base, channel_max, num_mapping=2, conv_clamp=None):
+    def __init__(self, z_dim, w_dim, img_resolution, channel_base, channel_max, num_mapping=2, conv_clamp=None,
+                 lr_multiplier=0.01):
         super().__init__()
         self.z_dim, self.c_dim, self.w_dim, self.img_resolution, self.img_channels = z_dim, 0, w_dim, img_resolution, 3
         self.synthesis = SynthesisNetwork(w_dim, img_resolution, channel_base, channel_max, conv_clamp)
         self.num_ws = self.synthesis.num_ws
-        self.mapping = MappingNetwork(z_dim, w_dim, self.num_ws, num_mapping)
+        self.mapping = MappingNetwork(z_dim, w_dim, self.num_ws, num_mapping, lr_multiplier)
 
     def forward(self, z, truncation_psi=1.0):
         return self.synthesis(self.mapping(z, truncation_psi))
@@ -253,9 +254,10 @@ def write_nvlabs_pickle(path, data, protocol=4, marker="unused-marker"):
         PersistencePickler(handle, protocol, MODULE_SOURCE_TEMPLATE.format(marker=str(marker))).dump(data)
 
 
-def make_network(seed, conv_clamp=None, size=32, channel_base=256, channel_max=16):
+def make_network(seed, conv_clamp=None, size=32, channel_base=256, channel_max=16, lr_multiplier=0.01):
     torch.manual_seed(seed)
-    return Generator(16, 16, size, channel_base, channel_max, conv_clamp=conv_clamp).eval().requires_grad_(False)
+    return Generator(16, 16, size, channel_base, channel_max, conv_clamp=conv_clamp,
+                     lr_multiplier=lr_multiplier).eval().requires_grad_(False)  # fmt: skip
 
 
 def snapshot(network):
@@ -268,9 +270,10 @@ def snapshot(network):
     }
 
 
-@pytest.mark.parametrize("protocol, conv_clamp", [(4, None), (2, 0.7)])
-def test_converted_generator_renders_what_the_nvlabs_network_renders(tmp_path, protocol, conv_clamp):
-    network = make_network(1, conv_clamp=conv_clamp)
+# a mapping lr multiplier other than rosinality's 0.01 shows whether the loader reads the pickle's
+@pytest.mark.parametrize("protocol, conv_clamp, lr_multiplier", [(4, None, 0.01), (2, 0.7, 0.1)])
+def test_converted_generator_renders_what_the_nvlabs_network_renders(tmp_path, protocol, conv_clamp, lr_multiplier):
+    network = make_network(1, conv_clamp=conv_clamp, lr_multiplier=lr_multiplier)
     marker = tmp_path / "executed.txt"
     path = tmp_path / "network-snapshot.pkl"
     write_nvlabs_pickle(path, snapshot(network), protocol=protocol, marker=marker)
@@ -282,7 +285,7 @@ def test_converted_generator_renders_what_the_nvlabs_network_renders(tmp_path, p
     assert generator.checkpoint_format == "nvlabs"
     assert generator.size == 32 and generator.n_latent == network.num_ws
     assert generator.channels == {4: 16, 8: 16, 16: 16, 32: 8}
-    assert generator.conv_clamp == conv_clamp
+    assert generator.conv_clamp == conv_clamp and generator.lr_mlp == pytest.approx(lr_multiplier)
     assert torch.equal(generator.latent_avg, network.mapping.w_avg)
 
     network, generator = network.double(), generator.double()
@@ -295,7 +298,7 @@ def test_converted_generator_renders_what_the_nvlabs_network_renders(tmp_path, p
             error = ((image - expected).norm() / expected.norm()).item()
             assert error < 1e-7, error
     if conv_clamp is not None:  # the clamp really acts in this network
-        network_unclamped = make_network(1, conv_clamp=None).double()
+        network_unclamped = make_network(1, conv_clamp=None, lr_multiplier=lr_multiplier).double()
         assert ((network_unclamped(z) - expected).norm() / expected.norm()) > 1e-3
 
 

@@ -184,6 +184,34 @@ def test_interpreted_pair_reads_strided_views(pair):
     check_pair(pair, torch.float32, "cpu", 2e-5, strided=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bound", [0.4, 0.7])  # neither is representable in fp16 or bf16
+def test_half_precision_rgb_clamp_blocks_the_gradient(dtype, bound):
+    """The toRGB's clamp, as the conv's own: pixels it binds pass no gradient, also when the
+    bound rounds below itself in the output's dtype. With grad_rgb = 1, grad rgb_bias[k] counts
+    the pixels of image channel k the clamp left alone, and the conv's gradients are those of
+    the unclamped pair given that mask as grad_rgb (the float64 reference says which pixels).
+    Compiled on a GPU, interpreted without one."""
+    device = triton_test_device(dtype)
+    pair = Pair(batch=2, in_channels=8, out_channels=8, height=12, width=12, tokens=None, noise=False,
+                activate=False)  # fmt: skip
+    inputs = {k: v.to(dtype) if v is not None else None for k, v in make_inputs(pair, seed=5).items()}
+    wide = {k: v.double() if v is not None else None for k, v in inputs.items()}
+    bias = wide["bias"].requires_grad_(True)
+    _, rgb = styled_conv2d_to_rgb(**dict(wide, bias=bias), activate=False, backend="reference")
+    unclamped = (rgb.detach().abs() < bound).double()
+    assert 0.2 < unclamped.mean().item() < 0.8, "the clamp should bind on about half the pixels"
+    (expected_bias_grad,) = torch.autograd.grad(rgb, bias, unclamped)
+    inputs = {k: v.to(device) if v is not None else None for k, v in inputs.items()}
+    bias, rgb_bias = inputs["bias"].requires_grad_(True), inputs["rgb_bias"].requires_grad_(True)
+    _, rgb = styled_conv2d_to_rgb(**dict(inputs, bias=bias, rgb_bias=rgb_bias), activate=False, rgb_clamp=bound,
+                                  backend="triton")  # fmt: skip
+    bias_grad, rgb_bias_grad = torch.autograd.grad(rgb, (bias, rgb_bias), torch.ones_like(rgb))
+    # a pixel within rounding of the bound may fall either way: allow 2% of the pixels
+    assert (rgb_bias_grad.double().cpu() - unclamped.sum((0, 2, 3))).abs().max().item() <= 0.02 * rgb[:, 0].numel()
+    assert relative_error(bias_grad, expected_bias_grad) < 5e-2  # the mask inside the conv's epilogue backward
+
+
 def random_pair(seed: int) -> Pair:
     """A conv + toRGB pair drawn at random: channel counts from 1 to past one 128-wide N tile (the
     toRGB then leaves the conv's epilogue), any size, token and epilogue setting; a drawn clamp

@@ -1330,27 +1330,30 @@ def test_half_precision_random_layers_match_reference(seed, dtype, monkeypatch):
     check_layer(smooth(random_layer(1000 + seed)), dtype, device, TOLERANCE[dtype], seed=seed)
 
 
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bound", [0.4, 0.7])  # neither is representable in fp16 or bf16
-def test_compiled_half_precision_clamp_blocks_the_gradient(dtype, bound):
+def test_half_precision_clamp_blocks_the_gradient(dtype, bound):
     """Pixels the clamp binds pass no gradient, also when the bound rounds below itself in
     the output's dtype. With grad_out = 1 and no activation, grad bias[c] counts the pixels
-    of channel c the clamp left alone; the float64 reference's pre-activations say which."""
+    of channel c the clamp left alone; the float64 reference's pre-activations say which.
+    Compiled on a GPU, interpreted without one (the half-precision tests above are smooth:
+    no clamp)."""
+    device = triton_test_device(dtype)
     layer = Layer(batch=2, in_channels=16, out_channels=8, height=16, width=16, tokens=None, noise=None, activate=False)
     inputs = {k: v.to(dtype) if v is not None else None for k, v in make_inputs(layer, seed=3).items()}
-    inputs = {k: v.cuda() if v is not None else None for k, v in inputs.items()}
+    inputs = {k: v.to(device) if v is not None else None for k, v in inputs.items()}
     with torch.no_grad():
         pre = styled_conv2d(
-            **{k: v.double() if v is not None else None for k, v in inputs.items()}, activate=False, backend="reference"
-        )
+            **{k: v.double().cpu() if v is not None else None for k, v in inputs.items()}, activate=False,
+            backend="reference",
+        )  # fmt: skip
     unclamped = (pre.abs() < bound).sum((0, 2, 3)).double()
     assert 0.2 < unclamped.sum().item() / pre.numel() < 0.8, "the clamp should bind on about half the pixels"
     bias = inputs["bias"].requires_grad_(True)
     out = styled_conv2d(**dict(inputs, bias=bias), activate=False, clamp=bound, backend="triton")
     (grad_bias,) = torch.autograd.grad(out, bias, torch.ones_like(out))
     # a pixel within rounding of the bound may fall either way: allow 2% of the pixels
-    assert (grad_bias.double() - unclamped).abs().max().item() <= 0.02 * pre[:, 0].numel()
+    assert (grad_bias.double().cpu() - unclamped).abs().max().item() <= 0.02 * pre[:, 0].numel()
 
 
 @needs_cuda
