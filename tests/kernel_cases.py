@@ -170,3 +170,15 @@ def use_routes(monkeypatch, routes: dict) -> None:
     print("routes:", routes)
     for name, value in routes.items():
         monkeypatch.setattr(op_module, name, value)
+
+
+def record_launches(monkeypatch) -> list[str]:
+    """The names of the Triton kernels launched from now on in this test ("conv_gemm[mode 0]"
+    for a forward conv, modes 1 and 2 for the backward's grad-x and grad-w convs, "blur", ...),
+    through the op module's launch hook: a test of the Triton backend asserts that its kernels
+    ran, so a silent fallback to the torch backend cannot pass it."""
+    from refinestyle_kernels.ops import modulated_conv2d as op_module
+
+    names: list[str] = []
+    monkeypatch.setattr(op_module, "LAUNCH_OBSERVER", lambda kernel, reads, writes: names.append(kernel))
+    return names

@@ -388,6 +388,23 @@ def test_targets_take_the_fastest_fused_variant_and_the_eager_op_for_memory():
     assert targets["peak_memory_ratio"]["value"] == pytest.approx(0.5) and targets["peak_memory_ratio"]["met"]
 
 
+def test_targets_count_the_reference_as_plain_pytorch_and_skip_records_that_failed():
+    """The reference is itself a plain-PyTorch variant (here the fastest one), and a fused
+    record whose output was wrong, or that failed, never stands for the fused path however
+    fast it was."""
+    records = [
+        _headline_record("reference", "reference", 50.0, 10),
+        _headline_record("nvlabs", "plain", 80.0, 12),
+        _headline_record("triton", "fused", 40.0, 5),
+        _headline_record("triton+graph", "fused", 10.0, 9, status="wrong"),
+        _headline_record("compile-triton", "fused", 5.0, 9, status="failed"),
+    ]
+    add_speedups(records)
+    targets = {t["target"]: t for t in evaluate_targets(records)}
+    assert targets["speedup_vs_reference"]["implementation"] == "triton"
+    assert targets["speedup_vs_best_plain"]["value"] == pytest.approx(50.0 / 40.0)
+
+
 def test_merged_runs_keep_one_record_per_case_and_implementation(tmp_path, capsys):
     """Runs merged by `report` (oldest first): the last measurement of a (case, implementation)
     replaces the earlier ones, so the targets, the markdown and the speedups read the same

@@ -10,6 +10,7 @@ import torch
 from refinestyle.generator import Generator
 from refinestyle.refinement import Refinement, RefinementTokens, refinement_layer_shapes
 from refinestyle_kernels.backend import triton_available
+from kernel_cases import record_launches
 from triton_interpreter_bf16 import triton_test_device
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_refined_generator_triton_matches_torch_forward_and_backward():
+def test_refined_generator_triton_matches_torch_forward_and_backward(monkeypatch):
+    launches = record_launches(monkeypatch)
     torch.manual_seed(0)
     generator = Generator(16, style_dim=8, n_mlp=1, channels={4: 8, 8: 6, 16: 5}).to(DEVICE)
     generator.requires_grad_(False)
@@ -35,6 +37,7 @@ def test_refined_generator_triton_matches_torch_forward_and_backward():
         image = generator.synthesis(latent, refinement=tokens(), noise=noise)
         image.square().mean().backward()
         results[backend] = [image.detach(), latent.grad] + [p.grad.clone() for p in tokens.parameters()]
+    assert {"conv_gemm[mode 0]", "conv_gemm[mode 1]"} <= set(launches)  # the fused kernels ran, both ways
     tolerance = 1e-4 if DEVICE == "cpu" else 2e-3  # the interpreter's dots are fp32; on a GPU tf32 may be used
     for fast, slow in zip(results["triton"], results["torch"]):
         assert slow.abs().sum() > 0
@@ -76,7 +79,7 @@ def test_refined_generator_compiles_into_one_graph(shared):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_refined_generator_under_autocast_is_as_close_to_float64_as_the_reference(dtype):
+def test_refined_generator_under_autocast_is_as_close_to_float64_as_the_reference(dtype, monkeypatch):
     """What `--bf16` training runs: the refined synthesis under autocast, forward and backward
     to w+ and the tokens. Through the Triton kernels it must land as close to the float64
     truth as the literal formula does in the same dtype: a wrong cast, a truncation or an
@@ -114,8 +117,10 @@ def test_refined_generator_under_autocast_is_as_close_to_float64_as_the_referenc
     tokens.float()
     w_plus, noise, gradient = w_plus.float(), [n.float() for n in noise], gradient.float()
     errors = {}
+    launches = record_launches(monkeypatch)
     for backend in ("triton", "reference"):
         results = run(backend, dtype)
+        assert backend != "triton" or {"conv_gemm[mode 0]", "conv_gemm[mode 1]"} <= set(launches)
         errors[backend] = [((r.double() - t).norm() / t.norm()).item() for r, t in zip(results, truth)]
     unit = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]  # the dtype's rounding step at 1
     fused, literal = errors["triton"], errors["reference"]

@@ -25,6 +25,7 @@ from inversion_fixtures import (
 from refinestyle.distributed import TrainingInterrupted
 from refinestyle.inversion.data import ImageFolderDataset
 from refinestyle.inversion.train import build_inverter, load_frozen_generator, train_inverter, trainable_state_dict
+from kernel_cases import record_launches
 from two_processes import torchrun_two_processes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -351,16 +352,18 @@ def test_the_command_reports_an_interrupted_run(monkeypatch, tmp_path, capsys):
         in capsys.readouterr().err
 
 
-def test_training_through_the_fused_triton_kernels_matches_torch(planted, tmp_path):
+def test_training_through_the_fused_triton_kernels_matches_torch(planted, tmp_path, monkeypatch):
     """Forward and backward of the generator through the Triton kernels (the interpreter on CPU)."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1 (set by conftest.py)")
     generator_path, data = planted
     runs = {}
+    launches = record_launches(monkeypatch)
     for backend in ("triton", "torch"):
         runs[backend] = train_inverter(
             tiny_train_config(generator_path, data, tmp_path / backend, batch_size=1, max_steps=2, backend=backend)
         )
+        assert backend != "triton" or {"conv_gemm[mode 0]", "conv_gemm[mode 1]"} <= set(launches)
     triton_run, torch_run = runs["triton"], runs["torch"]
     assert triton_run.last_losses["total"] != triton_run.first_losses["total"]  # step 1 changed the weights
     assert triton_run.last_losses["total"] == pytest.approx(torch_run.last_losses["total"], rel=1e-4)
