@@ -189,6 +189,24 @@ def test_one_stage_shapes_and_frozen_generator():
     assert result.refinement is None and plain.token_branch is None and result.image.shape == (3, 3, 32, 32)
 
 
+def test_inverters_follow_a_float64_generator(tmp_path):
+    """Built on a float64 generator (exact checks), the inverter is float64 too, and a saved one
+    loads back onto it in float64: a float32 encoder there failed at its first matmul."""
+    generator = tiny_generator().double()
+    one = OneStageInverter(generator, num_refined=2, num_tokens=4, **TINY)
+    two = TwoStageInverter(generator, FirstStage(OneStageInverter(generator, refine=False, **TINY)),
+                           num_refined=generator.num_layers, num_tokens=4, **TINY)  # fmt: skip
+    images = random_images(2).double()
+    for model in (one, two):
+        assert {p.dtype for p in model.parameters()} == {torch.float64}
+        result = model(images)
+        assert result.w_plus.dtype == result.image.dtype == torch.float64
+    save_inverter(tmp_path / "one.safetensors", one)
+    loaded = load_inverter(tmp_path / "one.safetensors", generator)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float64}
+    torch.testing.assert_close(loaded(images).image, one.eval()(images).image)
+
+
 def test_token_branch_groups_are_independent_layers():
     model = OneStageInverter(tiny_generator(), num_refined=3, num_tokens=4, **TINY).eval()
     result = model(random_images(2), render=False)

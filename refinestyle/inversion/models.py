@@ -357,6 +357,13 @@ class _Inverter(nn.Module):
         )
 
 
+def _follow_the_generator(model: nn.Module, generator: nn.Module) -> nn.Module:
+    """model on the generator's device and in its floating dtype (a float64 generator for exact
+    checks gets a float64 encoder); returns model."""
+    parameter = next(generator.parameters())
+    return model.to(device=parameter.device, dtype=parameter.dtype)
+
+
 def _default_latent_avg(generator: nn.Module, samples: int = 4096) -> torch.Tensor:
     """The generator's mean w: its `latent_avg` when set, else the mapping's mean over `samples` z.
 
@@ -366,10 +373,10 @@ def _default_latent_avg(generator: nn.Module, samples: int = 4096) -> torch.Tens
     latent_avg = getattr(generator, "latent_avg", None)
     if latent_avg is not None:
         return latent_avg.detach().reshape(-1)[: generator.style_dim].clone()
-    device = next(generator.parameters()).device
-    z = torch.randn(samples, generator.style_dim, generator=torch.Generator().manual_seed(0)).to(device)
+    parameter = next(generator.parameters())
+    z = torch.randn(samples, generator.style_dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return generator.style(z).mean(0)
+        return generator.style(z.to(device=parameter.device, dtype=parameter.dtype)).mean(0)
 
 
 class OneStageInverter(_Inverter):
@@ -377,7 +384,7 @@ class OneStageInverter(_Inverter):
 
     generator: a refinestyle.Generator; frozen in place (requires_grad False) and kept as
         `self.generator` (its weights are not part of the inverter's files). The inverter
-        is built on the generator's device.
+        is built on the generator's device and in its floating dtype.
     num_refined: Nr, refine the generator's last Nr convs (paper: 10).
     num_tokens: L, tokens per refined layer (paper: 32).
     refine: False builds the w+ branch only (Style Transformer; a first stage).
@@ -455,7 +462,7 @@ class OneStageInverter(_Inverter):
             train_mapping=train_mapping,
         )
         self.token_branch = self._build_token_branch() if refine else None
-        self.to(next(generator.parameters()).device)  # built where the generator lives
+        _follow_the_generator(self, generator)
 
     @property
     def refine(self) -> bool:
@@ -619,7 +626,7 @@ class TwoStageInverter(_Inverter):
             first_stage=_stored_first_stage_config(first_stage),
         )
         self.token_branch = self._build_token_branch()
-        self.to(next(generator.parameters()).device)  # built where the generator lives
+        _follow_the_generator(self, generator)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -809,7 +816,7 @@ def load_inverter(
         conv count and the refined convs' channels must match).
     first_stage: two-stage only: a first stage to use instead of the stored FirstStage;
         required when the model was trained on an external first stage.
-    Returns the OneStageInverter / TwoStageInverter on the generator's device, in eval mode.
+    Returns the OneStageInverter / TwoStageInverter on the generator's device and in its dtype, in eval mode.
     Raises FileNotFoundError for a missing file and ValueError for a foreign or
     mismatching one.
     """
@@ -836,5 +843,4 @@ def load_inverter(
         key = mismatched[0]
         raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}, expected {tuple(expected[key].shape)}")
     model.load_state_dict(state, strict=False)
-    device = next(generator.parameters()).device
-    return model.to(device).eval()
+    return _follow_the_generator(model, generator).eval()
