@@ -15,6 +15,7 @@ addresses.)
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import threading
@@ -202,6 +203,8 @@ class StopOnSignal:
         self.signum: int | None = None
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
+        self._deferring = False
+        self._insisted = False
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():
@@ -219,8 +222,26 @@ class StopOnSignal:
         if self.signum is None:
             self.signum, self._first_at = signum, now
         elif now - self._first_at > self.insist_after:
-            raise KeyboardInterrupt
+            if self._deferring:
+                self._insisted = True  # raised when the deferred section ends
+            else:
+                raise KeyboardInterrupt
         # the request is now known on this process; the others learn it at the next vote
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A section an insisting signal does not cut in two: its KeyboardInterrupt is raised
+        when the section ends. For an update and its bookkeeping (the optimizer's step and the
+        count of steps done), so that a checkpoint written on that KeyboardInterrupt holds
+        what its step count says."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self._insisted:
+            self._insisted = False
+            raise KeyboardInterrupt
 
     @property
     def requested(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -224,6 +225,41 @@ def test_a_signal_stops_after_the_step_and_resume_finishes_the_run(tmp_path, sig
                  sample_every=0)
     for mine, theirs in zip(straight.tokens.state_dict().values(), finished.tokens.state_dict().values()):
         assert torch.equal(mine, theirs)
+
+
+def test_a_second_ctrl_c_during_the_update_saves_a_consistent_checkpoint(tmp_path, monkeypatch):
+    """A second Ctrl-C (the user insisting) raises at once, and the run saves what it has. One that
+    lands inside the optimizer's update is raised after the update is counted, so the checkpoint's
+    step count, its history and Adam's state agree, and a resume does not apply a step twice."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are handled in the main thread only")
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from refinestyle.adaptation import train as train_module
+    from refinestyle.distributed import StopOnSignal
+
+    monkeypatch.setattr(train_module, "StopOnSignal", lambda: StopOnSignal(insist_after=0))
+    generator, step_loss, fresh, _ = resumable_run()
+    updates = []
+
+    def insist_inside_the_third_update(optimizer, args, kwargs):
+        updates.append(1)
+        if len(updates) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the first request: stop after this step
+            time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGINT)  # insisting: raise now
+            time.sleep(0.01)
+
+    handle = register_optimizer_step_post_hook(insist_inside_the_third_update)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_tokens(generator, fresh(), step_loss, iterations=6, work_dir=tmp_path, progress=False,
+                         sample_every=0, checkpoint_every=0)
+    finally:
+        handle.remove()
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)
+    adam_steps = {int(state["step"]) for state in saved["optimizer"]["state"].values()}
+    assert saved["step"] == 3 and len(saved["history"]) == 3 and adam_steps == {3}
 
 
 def test_a_gradient_into_the_generator_is_refused():

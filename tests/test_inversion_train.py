@@ -8,7 +8,9 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -335,6 +337,62 @@ def test_sigterm_on_one_ddp_process_stops_both_after_the_same_step(planted, tmp_
         assert stopped["saved_step"] == 2 and resumed["steps"] == 2 and straight["steps"] == 4
         assert resumed["losses"] == straight["losses"]
         assert all(torch.equal(resumed["state"][k], straight["state"][k]) for k in straight["state"])
+
+
+GROUP_SIGTERM_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from inversion_fixtures import tiny_train_config
+from refinestyle.distributed import TrainingInterrupted
+from refinestyle.inversion.train import train_inverter
+from pathlib import Path
+out = Path({out!r})
+config = tiny_train_config(Path({generator!r}), Path({data!r}), out, max_steps=100_000, batch_size=2,
+                           checkpoint_every=0, image_every=0, val_every=0, workers=2)
+try:
+    train_inverter(config)
+except TrainingInterrupted as interrupt:
+    print("stopped", interrupt.signum, interrupt.step)
+print("saved", torch.load(out / "checkpoints" / "latest.pt", weights_only=False)["step"])
+"""
+
+
+def test_sigterm_to_the_process_group_stops_after_the_step_with_data_workers(planted, tmp_path):
+    """A scheduler's SIGTERM (torchrun, Slurm, `kill -- -PGID`) reaches the data-loader workers
+    too: they keep serving, as they do for Ctrl-C, so the trainer finishes its step and writes
+    the checkpoint. (PyTorch's default let the workers die, and its SIGCHLD handler then failed
+    the run with "DataLoader worker is killed by signal" and no checkpoint.)"""
+    from refinestyle.inversion.train import _ignore_interrupts
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:  # what each worker runs first; the run below shows it end to end (where timing lets it)
+        _ignore_interrupts(0)
+        assert all(signal.getsignal(signum) == signal.SIG_IGN for signum in previous)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    generator_path, data = planted
+    script, out = tmp_path / "group_sigterm.py", tmp_path / "run"
+    script.write_text(textwrap.dedent(GROUP_SIGTERM_SCRIPT.format(
+        tests=str(REPO / "tests"), generator=str(generator_path), data=str(data), out=str(out))))
+    # its own session, so that the group signal reaches the trainer and its workers, not pytest
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        log = out / "train_log.csv"
+        while not (log.is_file() and len(log.read_text().splitlines()) > 3):  # a few steps in, workers serving
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, stdout + stderr[-3000:]
+    stopped = re.search(r"stopped (\d+) (\d+)", stdout)
+    assert stopped and int(stopped.group(1)) == signal.SIGTERM, stdout + stderr[-3000:]
+    assert f"saved {stopped.group(2)}" in stdout
 
 
 def test_the_command_reports_an_interrupted_run(monkeypatch, tmp_path, capsys):

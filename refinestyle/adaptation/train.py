@@ -421,11 +421,12 @@ def train_tokens(
                 if any(p.grad is not None for p in generator.parameters()):
                     raise RuntimeError("a generator parameter received a gradient: the generator must stay frozen")
                 average_gradients(parameters, distributed)
-                optimizer.step()
                 entry = {"step": step + 1, **logged}
-                history.append(entry)
+                with stop.deferred():  # a second Ctrl-C lands before the update or after its count
+                    optimizer.step()
+                    history.append(entry)
+                    done = step + 1
                 bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "step"})
-                done = step + 1
                 if sample_every and (done % sample_every == 0 or done == iterations):
                     save_samples(done)
                 if checkpoint_every and done % checkpoint_every == 0 and done != iterations:

@@ -210,7 +210,9 @@ def capture_rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # the current device's only: a process trains on cuda:LOCAL_RANK, and a resume may see
+        # fewer GPUs than the run it continues
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -219,8 +221,14 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif "cuda" in state:  # checkpoints before 2026-11-26 kept every visible GPU's state
+        index = torch.cuda.current_device()
+        if index < len(state["cuda"]):
+            torch.cuda.set_rng_state(state["cuda"][index])
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -717,9 +725,12 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
 
 
 def _ignore_interrupts(worker_id: int) -> None:
-    # Ctrl-C reaches the data workers too (the terminal signals the whole process group); they
-    # must keep serving the batches of the step the main process finishes before it stops.
+    # Ctrl-C reaches the data workers too (the terminal signals the whole process group), and so
+    # does a scheduler's SIGTERM (torchrun, Slurm and `kill -- -PGID` signal the group); the
+    # workers must keep serving the batches of the step the main process finishes before it
+    # stops. (PyTorch's SIGCHLD handler would otherwise fail the run on a killed worker.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _save_grid(model: nn.Module, images: torch.Tensor, path: Path, size: int) -> None:
