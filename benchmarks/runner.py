@@ -570,12 +570,12 @@ def evaluate_targets(records: list[dict]) -> list[dict]:
         return numerator / denominator if numerator is not None and denominator else None
 
     triton_ms = triton and triton["median_ms"]
-    unrefined_ms = unrefined and unrefined["median_ms"]
+    over_unrefined = ratio(triton_ms, unrefined and unrefined["median_ms"])
     values = {
         "speedup_vs_reference": triton and triton["speedup_vs_reference"],
         "speedup_vs_best_plain": triton and triton["speedup_vs_best_plain"],
         "time_over_floor": ratio(triton_ms, triton and triton["floor_ms"]),
-        "refinement_overhead": None if ratio(triton_ms, unrefined_ms) is None else ratio(triton_ms, unrefined_ms) - 1,
+        "refinement_overhead": None if over_unrefined is None else over_unrefined - 1,
         # the memory the implementations themselves need (activations, workspaces); the
         # frozen weights and the inputs are the same for both and are left out
         "peak_memory_ratio": ratio(eager and eager["peak_mem_extra_bytes"],
