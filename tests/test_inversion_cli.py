@@ -107,10 +107,35 @@ def test_train_inverter_resume_through_the_cli(trained, tmp_path, capsys):
     # options not given again keep the run's own values (checkpoints every 2, not the default 1000)
     assert state["config"]["checkpoint_every"] == 2 and state["config"]["val_every"] == 0
     # without --max-steps the run keeps its own (now 4): nothing left to do
+    capsys.readouterr()
     assert run("train-inverter", "--out", tmp_path / "run", "--resume", "--workers", 0, "--no-progress") == 0
     assert torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)["step"] == 4
+    assert capsys.readouterr().out.startswith("step 4: nothing to do")
     assert run("train-inverter", "--out", tmp_path / "fresh") == 2
     assert "refinestyle train-inverter: error: --generator and --data required" in capsys.readouterr().err
+
+
+def test_train_inverter_prints_its_summary_on_rank_0_alone(trained, tmp_path, capsys, monkeypatch):
+    """Under torchrun every rank returns the same summary; only rank 0 prints it."""
+    import shutil
+
+    import refinestyle.inversion.train as training
+
+    root, _ = trained
+    shutil.copytree(root / "run", tmp_path / "run")
+    argv = ("--out", tmp_path / "run", "--resume", "--max-steps", 3, "--workers", 0, "--no-progress")
+    summaries = []
+    real_train_inverter = training.train_inverter
+    monkeypatch.setattr(training, "train_inverter", lambda config: summaries.append(real_train_inverter(config))
+                        or summaries[-1])
+    assert run("train-inverter", *argv) == 0
+    assert capsys.readouterr().out.startswith("step 3: nothing to do (max steps reached)\ninverter: ")
+    # rank 1 of a torchrun: the same summary (a real run cannot be rank 1 without a process group)
+    monkeypatch.setattr(training, "train_inverter", lambda config: summaries[0])
+    monkeypatch.setenv("RANK", "1")
+    assert run("train-inverter", *argv) == 0
+    assert capsys.readouterr().out == ""
+
 
 
 def test_train_inverter_compile_option_reaches_the_config_and_a_resume_takes_the_new_value(trained, tmp_path):

@@ -216,6 +216,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"interrupted: {config.out} holds the run up to {where}; continue with "
                   f"refinestyle train-inverter --out {config.out} --resume", file=sys.stderr)
         return interrupted_exit_status(interrupt)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # every rank holds the same summary; rank 0 prints it once
     if summary.steps_this_run:
         last = ", ".join(f"{k} {v:.4f}" for k, v in summary.last_losses.items())
         print(f"step {summary.step} ({summary.steps_this_run} this run): {last}")
