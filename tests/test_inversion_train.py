@@ -395,6 +395,56 @@ def test_sigterm_to_the_process_group_stops_after_the_step_with_data_workers(pla
     assert f"saved {stopped.group(2)}" in stdout
 
 
+class _Numbers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return torch.tensor(index)
+
+
+def test_data_workers_forked_while_a_group_signal_arrives_keep_serving():
+    """Workers are forked with SIGINT and SIGTERM held, and ignore both before letting them
+    through: a SIGTERM that reaches a worker as it starts (before PyTorch's and then our
+    handler are set) is dropped, and the worker serves its batches."""
+    import multiprocessing
+
+    from refinestyle.inversion.train import _ignore_interrupts, _interrupts_held
+
+    before = set(multiprocessing.active_children())
+    loader = torch.utils.data.DataLoader(_Numbers(), batch_size=2, num_workers=2, worker_init_fn=_ignore_interrupts)
+    with _interrupts_held():
+        batches = iter(loader)
+        workers = set(multiprocessing.active_children()) - before
+        assert len(workers) == 2
+        for worker in workers:  # at once, while each is still starting
+            os.kill(worker.pid, signal.SIGTERM)
+    assert torch.cat(list(batches)).tolist() == list(range(8))
+
+
+def test_a_stopping_loop_shuts_its_data_workers_down_although_its_frame_lives_on():
+    """Our workers ignore SIGTERM, and multiprocessing stops daemon workers at the interpreter's
+    exit with SIGTERM and waits for them: workers that outlive the loop would hang the exit.
+    A stopping run's exception keeps the training frame alive in its traceback (here: kept)."""
+    import multiprocessing
+
+    from refinestyle.inversion.train import _batches, _ignore_interrupts
+
+    def train_until_stopped():
+        loader = torch.utils.data.DataLoader(_Numbers(), batch_size=2, num_workers=2,
+                                             worker_init_fn=_ignore_interrupts)
+        for batch in _batches(loader):
+            assert len(set(multiprocessing.active_children()) - before) == 2
+            raise TrainingInterrupted(signal.SIGTERM, 1)
+
+    before = set(multiprocessing.active_children())
+    try:
+        train_until_stopped()
+    except TrainingInterrupted as interrupt:
+        kept = interrupt  # noqa: F841 (the traceback, and the frame, stay alive)
+        assert set(multiprocessing.active_children()) - before == set()
+
+
 def test_the_command_reports_an_interrupted_run(monkeypatch, tmp_path, capsys):
     import refinestyle.inversion.train as train_module
     from refinestyle.cli import main

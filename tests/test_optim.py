@@ -123,21 +123,30 @@ def test_rejects_bad_settings():
         Ranger([x], lookahead_alpha=1.5)
 
 
-def test_without_lookahead_and_centralisation_it_takes_radams_steps():
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
+def test_without_lookahead_and_centralisation_it_takes_radams_steps(weight_decay):
     """Ranger is RAdam + Lookahead + gradient centralisation: with the other two off and the
     original warm-up, its steps are torch.optim.RAdam's (second-moment bias correction,
-    rectification, the SGD-with-momentum steps before the variance is tractable)."""
+    rectification, the SGD-with-momentum steps before the variance is tractable), and its
+    weight decay is RAdam's decoupled one. Ranger's steps take the loss as a closure."""
     torch.manual_seed(0)
     ours = torch.randn(8, 5, requires_grad=True)
     theirs = ours.detach().clone().requires_grad_(True)
     target, weights = torch.randn(8, 5), torch.rand(8, 5) * 3
-    ranger = Ranger([ours], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, lookahead_steps=10**9, warmup="sgd", use_gc=False)
-    radam = torch.optim.RAdam([theirs], lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+    ranger = Ranger([ours], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
+                    lookahead_steps=10**9, warmup="sgd", use_gc=False)
+    radam = torch.optim.RAdam([theirs], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
+                              decoupled_weight_decay=True)
     start = ours.detach().clone()
     for _ in range(30):
         for parameter, optimizer in ((ours, ranger), (theirs, radam)):
-            optimizer.zero_grad()
-            (weights * (parameter - target) ** 2).sum().backward()
-            optimizer.step()
+            def closure(parameter=parameter, optimizer=optimizer):
+                optimizer.zero_grad()
+                loss = (weights * (parameter - target) ** 2).sum()
+                loss.backward()
+                return loss
+
+            loss = optimizer.step(closure)
+            assert torch.is_tensor(loss) and loss.item() > 0
         moved = (theirs - start).norm()
         assert ((ours - theirs).norm() / moved).item() < 1e-4

@@ -24,6 +24,7 @@ curves, redrawn at every checkpoint), `images/step_*.png`, `checkpoints/latest.p
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import inspect
@@ -651,7 +652,7 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
                 persistent_workers=False,
                 worker_init_fn=_ignore_interrupts,
             )
-            for images in loader:
+            for images in _batches(loader):
                 images = images.to(device, non_blocking=True)
                 targets = pool_to(images, loss_size)
                 with autocast:
@@ -724,6 +725,9 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
     )
 
 
+_INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
 def _ignore_interrupts(worker_id: int) -> None:
     # Ctrl-C reaches the data workers too (the terminal signals the whole process group), and so
     # does a scheduler's SIGTERM (torchrun, Slurm and `kill -- -PGID` signal the group); the
@@ -731,6 +735,42 @@ def _ignore_interrupts(worker_id: int) -> None:
     # stops. (PyTorch's SIGCHLD handler would otherwise fail the run on a killed worker.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        # forked with both held (_interrupts_held); held ones that arrived since are now dropped
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)
+
+
+def _batches(loader: torch.utils.data.DataLoader):
+    """Iterate `loader`, its workers forked with SIGINT and SIGTERM held (_interrupts_held).
+
+    A generator, not a local iterator: a stopping run's exception keeps the training frame
+    alive in its traceback, and an iterator held there would outlive it to the interpreter's
+    exit, where multiprocessing stops daemon workers with SIGTERM, which ours ignore: a hang.
+    The loop's own reference goes as the exception passes, and the workers are shut down then.
+    """
+    with _interrupts_held():
+        iterator = iter(loader)  # forks the workers
+    yield from iterator
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold SIGINT and SIGTERM in this thread while it forks the data workers.
+
+    A forked worker starts with the forking thread's mask and ignores both signals before it
+    lets them through (_ignore_interrupts), so a group signal sent while the workers start
+    cannot kill one before it ignores signals (PyTorch sets its own SIGTERM handler in a worker
+    first). The main process still gets its signals: its other threads do not hold them, and
+    a signal held here is delivered as the block ends.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks, no fork
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _save_grid(model: nn.Module, images: torch.Tensor, path: Path, size: int) -> None:
