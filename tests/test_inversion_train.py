@@ -441,8 +441,9 @@ def test_a_stopping_loop_shuts_its_data_workers_down_although_its_frame_lives_on
     try:
         train_until_stopped()
     except TrainingInterrupted as interrupt:
-        kept = interrupt  # noqa: F841 (the traceback, and the frame, stay alive)
+        kept = interrupt  # the traceback, and the frame, stay alive
         assert set(multiprocessing.active_children()) - before == set()
+    assert kept.__traceback__ is not None
 
 
 def test_the_command_reports_an_interrupted_run(monkeypatch, tmp_path, capsys):
