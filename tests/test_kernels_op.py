@@ -63,6 +63,46 @@ def test_torch_backend_float32_against_float64_reference(case):
     assert relative_error(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_torch_backend_without_a_graph_computes_in_place_what_autograd_would(case, memory_format):
+    """With no graph to record, the torch backend overwrites its fresh intermediates: the same
+    result as the recorded path, the inputs untouched, and fewer tensors made."""
+    inputs = make_inputs(case, seed=4)
+    kwargs = layer_kwargs(case, inputs)
+    args = [inputs[k] for k in ("x", "weight", "styles", "p", "q")]
+    args[0] = args[0].contiguous(memory_format=memory_format)
+    before = {name: value.clone() for name, value in {**inputs, **kwargs}.items() if torch.is_tensor(value)}
+    with AllocationCount() as without_graph:
+        out = styled_conv2d(*args, backend="torch", **kwargs)
+    assert not out.requires_grad
+    recorded_args = [None if a is None else a.detach().requires_grad_() for a in args]
+    with AllocationCount() as with_graph:
+        recorded = styled_conv2d(*recorded_args, backend="torch", **kwargs)
+    assert recorded.requires_grad
+    assert relative_error(out, recorded.detach()) < 1e-14
+    assert relative_error(out, styled_conv2d(*args, backend="reference", **kwargs)) < 1e-12
+    for name, value in {**inputs, **kwargs}.items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, before[name]), name
+    full_size = out.numel()
+    assert without_graph.at_least(full_size) < with_graph.at_least(full_size)
+
+
+def test_torch_backend_without_a_graph_under_autocast_returns_what_the_recorded_path_does():
+    """Autocast rounds the conv's result to bf16 and the fp32 steps after it promote it back:
+    the path without a graph must not keep it in bf16 by overwriting it."""
+    case = CASES[3]
+    inputs = make_inputs(case, dtype=torch.float32, seed=5)
+    kwargs = layer_kwargs(case, inputs)
+    args = [inputs[k] for k in ("x", "weight", "styles", "p", "q")]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = styled_conv2d(*args, backend="torch", **kwargs)
+        recorded = styled_conv2d(*[a.detach().requires_grad_() for a in args], backend="torch", **kwargs)
+    assert out.dtype == recorded.dtype
+    assert torch.equal(out, recorded.detach())
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_torch_backend_gradients_match_reference(case):
     inputs = make_inputs(case, seed=4)
@@ -138,6 +178,30 @@ class LargestAllocation(TorchDispatchMode):
         return result
 
 
+class AllocationCount(TorchDispatchMode):
+    """The sizes of the tensors aten ops make (not views, not in-place or out= results)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for value in result if isinstance(result, (tuple, list)) else [result]:
+            if isinstance(value, torch.Tensor) and func.overloadpacket not in VIEWS and not func._schema.is_mutable:
+                self.sizes.append(value.numel())
+        return result
+
+    def at_least(self, numel: int) -> int:
+        return sum(size >= numel for size in self.sizes)
+
+
+VIEWS = {torch.ops.aten.view, torch.ops.aten._unsafe_view, torch.ops.aten.expand, torch.ops.aten.reshape,
+         torch.ops.aten.as_strided, torch.ops.aten.transpose, torch.ops.aten.t, torch.ops.aten.permute,
+         torch.ops.aten.unsqueeze, torch.ops.aten.squeeze, torch.ops.aten.slice, torch.ops.aten.select,
+         torch.ops.aten.alias, torch.ops.aten.detach}
+
+
 @pytest.mark.parametrize("upsample", [False, True])
 def test_torch_backend_never_builds_per_sample_kernels(upsample):
     # per-sample kernels would be 8*64*64*9 = 295k elements; activations are 8*64*4*4*4 = 32k at most
@@ -148,9 +212,12 @@ def test_torch_backend_never_builds_per_sample_kernels(upsample):
         out = modulated_conv2d(*args, upsample=upsample, backend="torch")
     with LargestAllocation() as backward_mode:
         out.square().sum().backward()
+    with torch.no_grad(), LargestAllocation() as inference_mode:
+        modulated_conv2d(*args, upsample=upsample, backend="torch")
     per_sample_kernels = 8 * 64 * 64 * 9
     assert forward_mode.largest < per_sample_kernels / 4
     assert backward_mode.largest < per_sample_kernels / 4
+    assert inference_mode.largest < per_sample_kernels / 4
     # and the reference does build them, so the probe can see it
     with LargestAllocation() as reference_mode:
         modulated_conv2d(*[a.detach() for a in args], upsample=upsample, backend="reference")
