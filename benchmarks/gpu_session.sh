@@ -43,7 +43,7 @@ case "${1:-}" in
     ;;
 2)
     # L = 32 first: the budget is checked between cases, and that case is what the targets are about;
-    # a case's record is in the JSON as soon as it is timed, should the call's limit come first
+    # each implementation's record is in the JSON as soon as it is timed, should the call's limit come first
     timeout 580 $python -m benchmarks --suite headline --groups generator --tokens 32,0 --max-minutes 8 \
         --output "$out/headline-generator.json" \
         --impls reference,nvlabs,torch,triton,reference+graph,torch+graph,triton+graph,compile-triton+graph 2>&1 |

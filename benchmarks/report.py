@@ -223,6 +223,9 @@ def _banner(run: dict) -> str:
         text += f"\nKernel options changed for this run (not the defaults): {changed}"
     if run.get("stopped_early"):
         text += f"\nStopped early: {run['stopped_early']}"
+    if run.get("partial_case"):
+        text += (f"\nStopped from outside inside {run['partial_case']}: of that case, only the "
+                 "implementations listed were timed")
     if run.get("fatal_error"):
         text += f"\nFATAL: {run['fatal_error']}"
     return text

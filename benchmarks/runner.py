@@ -320,12 +320,18 @@ def guard_precision(case: Case, device: torch.device) -> str:
     return case.dtype
 
 
-def run_case(case: Case, implementations: list[Implementation], options: RunOptions) -> list[dict]:
+def run_case(
+    case: Case,
+    implementations: list[Implementation],
+    options: RunOptions,
+    on_record: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
     """Guard, measure and time every applicable implementation on one case.
 
     Returns one record per implementation that applies. Raises FatalCorrectnessError
     (after appending the failing record to the list it carries) when a guarded
-    implementation is wrong.
+    implementation is wrong. on_record(records) is called as each implementation is done,
+    with the case's records so far (each one final).
     """
     device = options.device
     workload = make_workload(case, device, options.seed)
@@ -430,6 +436,8 @@ def run_case(case: Case, implementations: list[Implementation], options: RunOpti
                 del bound
                 workload.drop_sets(1)
                 _free_memory(device, thorough=failed or implementation.compiled)
+                if on_record is not None:
+                    on_record(records)
     except FatalCorrectnessError as error:
         error.records = records
         raise
@@ -662,6 +670,9 @@ def run_suite(
 ) -> dict:
     """Run every case; fill `run` (see new_run) in place and call save(run) after each case.
 
+    Within a case, save gets a copy of the run with the case's finished implementations
+    added (and `partial_case` naming it) as each one is done: a run killed from outside (a
+    device call's time limit) keeps every implementation it timed, not only whole cases.
     Raises FatalCorrectnessError after saving when a guarded implementation is wrong.
     """
     started = time.perf_counter()
@@ -691,8 +702,14 @@ def run_suite(
                 break
             if bar is not None:
                 bar.set_postfix_str(case.case_id)
+
+            def save_partial(case_records: list[dict], case: Case = case) -> None:
+                annotate(case_records, case, run["peaks"])
+                results = run["results"] + case_records
+                save({**run, "results": results, "partial_case": case.case_id, "targets": evaluate_targets(results)})
+
             try:
-                records = run_case(case, implementations, options)
+                records = run_case(case, implementations, options, save_partial if save is not None else None)
             except FatalCorrectnessError as error:
                 annotate(error.records, case, run["peaks"])
                 run["results"].extend(error.records)

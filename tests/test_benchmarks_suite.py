@@ -185,6 +185,37 @@ def test_wrong_plain_variant_is_reported_not_timed_and_the_run_goes_on(tmp_path,
     assert status == {("wrong", 0): "ok", ("torch", 0): "ok", ("wrong", 4): "wrong", ("torch", 4): "ok"}
 
 
+def test_each_finished_implementation_is_on_disk_before_the_next_one_runs(tmp_path, monkeypatch):
+    """A device call's time limit kills the suite from outside, mid-case: what it timed of that
+    case must already be in the JSON, not only the cases it finished."""
+    seen = []
+
+    def peeks_at_the_json(*args, **kwargs):
+        if not seen:  # its first call: the guard's
+            files = list(tmp_path.glob("*.json"))
+            run = json.loads(files[0].read_text()) if files else {"results": []}
+            seen.append((run.get("partial_case"), [(r["implementation"], r["status"]) for r in run["results"]]))
+        return styled_conv2d(*args, **kwargs)
+
+    peek = Implementation("peek", "plain", "torch", op=peeks_at_the_json)
+    known = dict(impl_module.registry(), peek=peek)
+    monkeypatch.setattr(impl_module, "registry", lambda: known)
+    argv = TINY + ["--groups", "layer", "--layers", "convs.1", "--tokens", "4", "--impls", "reference,torch,peek",
+                   "--no-plot", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    case_id, finished = seen[0]
+    assert case_id.startswith("layer/") and finished == [("reference", "ok"), ("torch", "ok")]
+    from benchmarks import report
+
+    partial = {**json.loads(next(tmp_path.glob("*.json")).read_text()), "partial_case": case_id}
+    assert f"Stopped from outside inside {case_id}" in report.markdown_report(partial)
+    _, run = _only_json(tmp_path)
+    assert run["complete"] is True and "partial_case" not in run
+    assert [r["implementation"] for r in run["results"]] == ["reference", "torch", "peek"]
+    torch_record = run["results"][1]
+    assert torch_record["speedup_vs_reference"] > 0 and torch_record["tflops"] > 0
+
+
 def test_a_failing_variant_or_truth_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
     from benchmarks import workloads
 

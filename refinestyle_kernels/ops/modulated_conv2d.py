@@ -650,9 +650,9 @@ def _styled_conv2d_torch(
             p_t = p.transpose(1, 2)
         if in_place and y.is_contiguous():  # y += p^T box(q x), as one batched GEMM into y
             batch, out_channels = y.shape[:2]
-            y.view(batch, out_channels, -1).baddbmm_(
-                p_t.expand(batch, *p_t.shape[-2:]), boxed.reshape(batch, boxed.shape[1], -1)
-            )  # fmt: skip
+            y3 = y.view(batch, out_channels, -1)
+            # out= rather than baddbmm_: FlopCounterMode counts baddbmm, not its in-place form
+            torch.baddbmm(y3, p_t.expand(batch, *p_t.shape[-2:]), boxed.reshape(batch, boxed.shape[1], -1), out=y3)
         elif q.ndim == 2:
             y = y + F.conv2d(boxed, p_t[:, :, None, None])
         else:
