@@ -87,6 +87,15 @@ def test_torch_backend_without_a_graph_computes_in_place_what_autograd_would(cas
             assert torch.equal(value, before[name]), name
     full_size = out.numel()
     assert without_graph.at_least(full_size) < with_graph.at_least(full_size)
+    # and FlopCounterMode (eval-inversion's FLOPs, the suite's cross-check) sees the same work
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    for call_args in (args, recorded_args):
+        with FlopCounterMode(display=False) as counter:
+            styled_conv2d(*call_args, backend="torch", **kwargs)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
 
 
 def test_torch_backend_without_a_graph_under_autocast_returns_what_the_recorded_path_does():
