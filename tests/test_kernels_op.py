@@ -87,6 +87,8 @@ def test_torch_backend_without_a_graph_computes_in_place_what_autograd_would(cas
             assert torch.equal(value, before[name]), name
     full_size = out.numel()
     assert without_graph.at_least(full_size) < with_graph.at_least(full_size)
+    if case.tokens:  # the low-rank branch added into the conv's result, in either layout
+        assert "aten.baddbmm.out" in without_graph.ops and "aten.baddbmm.out" not in with_graph.ops
     # and FlopCounterMode (eval-inversion's FLOPs, the suite's cross-check) sees the same work
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -192,9 +194,10 @@ class AllocationCount(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.sizes = []
+        self.sizes, self.ops = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
         result = func(*args, **(kwargs or {}))
         for value in result if isinstance(result, (tuple, list)) else [result]:
             if isinstance(value, torch.Tensor) and func.overloadpacket not in VIEWS and not func._schema.is_mutable:

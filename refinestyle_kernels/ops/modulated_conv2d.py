@@ -648,11 +648,18 @@ def _styled_conv2d_torch(
         else:
             boxed = _box(torch.einsum("blc,bchw->blhw", q, x), kernel, upsample)
             p_t = p.transpose(1, 2)
-        if in_place and y.is_contiguous():  # y += p^T box(q x), as one batched GEMM into y
+        channels_last = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        if in_place and (y.is_contiguous() or channels_last):  # y += p^T box(q x), one batched GEMM into y
             batch, out_channels = y.shape[:2]
-            y3 = y.view(batch, out_channels, -1)
+            p_t = p_t.expand(batch, *p_t.shape[-2:])  # [B, Cout, L]
+            boxed = boxed.reshape(batch, boxed.shape[1], -1)  # [B, L, pixels]
             # out= rather than baddbmm_: FlopCounterMode counts baddbmm, not its in-place form
-            torch.baddbmm(y3, p_t.expand(batch, *p_t.shape[-2:]), boxed.reshape(batch, boxed.shape[1], -1), out=y3)
+            if channels_last:  # as [B, pixels, Cout]
+                y3 = y.permute(0, 2, 3, 1).view(batch, -1, out_channels)
+                torch.baddbmm(y3, boxed.mT, p_t.mT, out=y3)
+            else:
+                y3 = y.view(batch, out_channels, -1)
+                torch.baddbmm(y3, p_t, boxed, out=y3)
         elif q.ndim == 2:
             y = y + F.conv2d(boxed, p_t[:, :, None, None])
         else:
