@@ -167,14 +167,18 @@ class TinyRefinedBlock(torch.nn.Module):
         return self.rgb(self.conv(x, w, noise, p, q), w)
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_torch_compile_traces_without_graph_breaks(compiler):
+def test_torch_compile_traces_without_graph_breaks(compiler, grad):
+    """Also without a graph to record, where the torch backend computes in place."""
     torch.manual_seed(4)
     torch._dynamo.reset()
     model = TinyRefinedBlock("torch")
     compiled = torch.compile(model, backend=compiler, fullgraph=True)
     x, w, noise = torch.randn(2, 4, 3, 3), torch.randn(2, 8), torch.randn(2, 1, 6, 6)
-    out = compiled(x, w, noise)
-    assert relative_error(out, model(x, w, noise)) < 1e-5
-    out.square().mean().backward()
-    assert model.tokens.P.grad is not None and model.tokens.P.grad.abs().sum() > 0
+    with torch.set_grad_enabled(grad):
+        out = compiled(x, w, noise)
+        assert relative_error(out, model(x, w, noise)) < 1e-5
+    if grad:
+        out.square().mean().backward()
+        assert model.tokens.P.grad is not None and model.tokens.P.grad.abs().sum() > 0
