@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from refinestyle.imageio import as_saved
 from refinestyle.weights import resolve_weights, state_dict_mismatch
 
 INCEPTION_WHAT = "FID Inception weights (pt_inception-2015-12-05-6726825d.pth)"
@@ -126,7 +127,7 @@ class FIDInception(nn.Module):
             raise ValueError(f"images: expected [B, 3, H, W] in [-1, 1], got {tuple(images.shape)}")
         x = images.float()
         if self.quantize:  # what saving to PNG and reading back (pytorch-fid's input) does
-            x = ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+            x = as_saved(x)
         x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
         net = self.net
         for layer in (net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3, net.maxpool1,

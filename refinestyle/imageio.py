@@ -25,6 +25,16 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return array.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def as_saved(images: torch.Tensor) -> torch.Tensor:
+    """What saving float images to an 8-bit file and reading them back gives, as float32 in [-1, 1].
+
+    images: [B, 3, H, W] (or any shape) float, the generator's output, which overshoots [-1, 1].
+    Clamped to [-1, 1] and rounded to the 256 levels of a PNG. Published inversion and FID
+    numbers (pSp, HyperStyle, pytorch-fid) are measured on saved files, so ours are too.
+    """
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:
     """Tile [B, 3, H, W] images in [-1, 1] into one uint8 [H', W', 3] array, `nrow` images per row."""
     pixels = to_uint8(images)

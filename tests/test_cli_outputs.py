@@ -73,3 +73,15 @@ def test_a_damaged_code_file_is_named(tmp_path):
               metadata={"format": CODES_FORMAT, "num_layers": "4"})  # fmt: skip
     with pytest.raises(ValueError, match="partial.safetensors: a damaged code file"):
         load_codes([missing_key])
+
+
+def test_codes_of_two_generators_are_refused_by_name(tmp_path):
+    """w+ codes of generators with different n_latent cannot share a batch: a named ValueError
+    (the command line's one-line error), not torch.stack's RuntimeError."""
+    from refinestyle.inversion.inference import save_codes
+
+    small = save_codes(tmp_path / "a", torch.zeros(1, 8, 4), None, ["a"], ["a.png"])
+    large = save_codes(tmp_path / "b", torch.zeros(1, 10, 4), None, ["b"], ["b.png"])
+    assert load_codes(small + small).w_plus.shape == (2, 8, 4)
+    with pytest.raises(ValueError, match=r"b\.safetensors: codes of another generator than .*a\.safetensors"):
+        load_codes(small + large)

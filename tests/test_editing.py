@@ -149,13 +149,40 @@ def test_stylespace_edit_changes_one_channel_then_cleans_up(generator, w_plus):
 
 
 def test_style_channel_stddev_matches_direct_sampling(generator):
+    """StyleSpace's unit: the std of s over w truncated with psi 0.7 toward the average w."""
     stddev = editing.style_channel_stddev(generator, 1, num_samples=2000, seed=5)
     rng = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        styles = generator.to_rgb1.conv.modulation(generator.style(torch.randn(2000, generator.style_dim, generator=rng)))
-    torch.testing.assert_close(stddev, styles.std(0))
+        w = generator.style(torch.randn(2000, generator.style_dim, generator=rng))
+        average = generator.mean_latent(4096)
+        truncated = generator.to_rgb1.conv.modulation(average + 0.7 * (w - average))
+        untruncated = generator.to_rgb1.conv.modulation(w)
+    torch.testing.assert_close(stddev, truncated.std(0))
+    torch.testing.assert_close(editing.style_channel_stddev(generator, 1, num_samples=2000, seed=5, truncation=1),
+                               untruncated.std(0))  # fmt: skip
     with pytest.raises(ValueError, match="at least 2 samples"):  # one sample's std is NaN
         editing.style_channel_stddev(generator, 1, num_samples=1)
+    for psi in (0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="truncation"):
+            editing.style_channel_stddev(generator, 1, truncation=psi)
+
+
+def test_render_edit_sees_stylespace_edits_on_a_compiled_generator(generator, w_plus):
+    """A compiled synthesis does not see a forward hook added after compiling; the edit must still
+    change the image, as it does eagerly."""
+    import copy
+
+    torch._dynamo.reset()
+    compiled = copy.deepcopy(generator).compile_synthesis(None, backend="aot_eager")
+    spec = editing.EditSpec("stylespace", style_layer=3, channel=5, unit=1.0)
+    with torch.no_grad():
+        compiled.synthesis(w_plus, randomize_noise=False)  # compiled before the edit's hook exists
+        expected = editing.render_edit(generator, w_plus, None, spec, 4.0)
+        edited = editing.render_edit(compiled, w_plus, None, spec, 4.0)
+        unedited = compiled.synthesis(w_plus, randomize_noise=False)
+    assert compiled.synthesis_is_compiled
+    assert (expected - unedited).abs().max() > 1e-3
+    torch.testing.assert_close(edited, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_render_edit_keeps_the_residuals(generator, w_plus):

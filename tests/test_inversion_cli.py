@@ -432,6 +432,26 @@ def test_edit_with_a_boundary_from_codes(trained, codes, tmp_path, capsys):
     assert "edit: 100%" in capsys.readouterr().err  # one bar step per strength and batch
 
 
+def test_edit_from_codes_whose_images_moved_shows_the_reconstruction(trained, codes, tmp_path):
+    """Code files carry their source image's path; where it is gone, the input column is the
+    unedited reconstruction (strength 0), not an edited image."""
+    from refinestyle.inversion.inference import load_codes, save_codes
+
+    root, generator_path = trained
+    loaded = load_codes(sorted(codes.glob("*.safetensors")))
+    moved = tmp_path / "moved"
+    save_codes(moved, loaded.w_plus, loaded.refinement, ["a", "b", "c"],
+               [str(tmp_path / "gone" / f"{name}.png") for name in "abc"])  # fmt: skip
+    np.save(tmp_path / "boundary.npy", np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32))
+    out = tmp_path / "edit"
+    assert run("edit", "--generator", generator_path, "--codes", moved, "--boundary", tmp_path / "boundary.npy",
+               "--strengths=-3,0,3", "--out", out, "--image-size", 32, "--batch-size", 2, "--no-progress") == 0
+    for name in "abc":
+        tiles = np.asarray(Image.open(out / f"{name}.png"), dtype=np.int16)
+        first, minus, zero = (tiles[2:34, 2 + 34 * k : 34 + 34 * k] for k in (0, 1, 2))
+        assert np.abs(first - zero).max() <= 1 and np.abs(first - minus).max() > 8
+
+
 def test_ganspace_then_edit_and_stylespace_from_images(trained, tmp_path):
     root, generator_path = trained
     directions = tmp_path / "ganspace.safetensors"
@@ -468,6 +488,11 @@ def test_edit_reports_bad_input_in_one_line(trained, codes, tmp_path, capsys):
         assert run("edit", "--generator", generator_path, *argv, "--out", tmp_path / "x", "--no-progress") == 2
         error = capsys.readouterr().err
         assert error.startswith("refinestyle edit: error: ") and expected in error, error
+    with pytest.raises(SystemExit) as info:  # argparse's own one-line error, before any model loads
+        run("edit", "--generator", generator_path, "--codes", codes, "--stylespace", "3:1",
+            "--stylespace-truncation", "0", "--out", tmp_path / "x")  # fmt: skip
+    assert info.value.code == 2
+    assert "argument --stylespace-truncation: expected a number in (0, 1], got 0.0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -534,9 +559,13 @@ def test_tracebacks_on_request(trained, tmp_path, monkeypatch):
             "--out", tmp_path / "c")
 
 
-def test_pretrained_encoders_invert_edit_and_evaluate_as_baselines(trained, tmp_path, capsys):
-    """A pSp checkpoint as --inverter: w+ only (no tokens), through invert, edit and eval-inversion."""
+def test_pretrained_encoders_invert_edit_and_evaluate_as_baselines(trained, edit_files, tmp_path, capsys,
+                                                                    monkeypatch):
+    """A pSp checkpoint as --inverter: w+ only (no tokens), through invert, edit, eval-inversion and eval-edit."""
+    import refinestyle.fid
     from refinestyle.inversion.inference import load_codes
+
+    monkeypatch.setattr(refinestyle.fid, "INPUT_SIZE", 75)  # Inception's smallest input
 
     root, _ = trained
     psp = write_psp_checkpoint(tiny_generator(), tmp_path / "psp_tiny.pt", encoder_type="GradualStyleEncoder")
@@ -555,6 +584,13 @@ def test_pretrained_encoders_invert_edit_and_evaluate_as_baselines(trained, tmp_
                "--lpips-random-backbone", "--domain", "other", "--no-timing", "--no-progress", "--batch-size", 2) == 0  # fmt: skip
     table = capsys.readouterr().out
     assert "psp_tiny" in table  # the method is named after the checkpoint
+    assert run("eval-edit", "--inverter", psp, "--generator", psp, "--data", root / "val", "--image-size", 32,
+               "--boundary", tmp_path / "boundary.npy", "--inception", edit_files / "inception.pth",
+               "--domain", "other", "--out", tmp_path / "edit_eval", "--no-progress", "--batch-size", 2) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "3 images at 32 px" in printed
+    report = json.loads((tmp_path / "edit_eval" / "report.json").read_text())["report"]
+    assert all(list(variants) == ["w+ only"] for variants in report.values())
 
 
 @pytest.fixture(scope="module")
@@ -614,6 +650,7 @@ def test_evaluate_edits_measures_id_against_the_real_images(trained, edit_files)
     """The ID column with a stand-in identity network: its reconstruction row is the mean similarity of
     the inverter's own reconstructions to the real images; with and without the residuals differ."""
     from refinestyle.checkpoints import load_generator
+    from refinestyle.imageio import as_saved
     from refinestyle.inversion import editing
     from refinestyle.inversion.data import ImageFolderDataset
     from refinestyle.inversion.edit_metrics import NamedEdit, evaluate_edits, format_edit_report
@@ -635,7 +672,9 @@ def test_evaluate_edits_measures_id_against_the_real_images(trained, edit_files)
                             metric_size=32, progress=False, examples=examples, max_examples=3)
     images = torch.stack([dataset[i] for i in range(3)])
     with torch.no_grad():
-        expected = PixelCosine().similarity(pool_to(inverter(images).image.float(), 32), images)
+        rendered = inverter(images).image
+        expected = PixelCosine().similarity(pool_to(as_saved(rendered), 32), images)
+    assert rendered.abs().max() > 1  # so that measuring the saved image, not the raw one, is tested
     assert report["reconstruction"]["refined"]["id_mean"] == pytest.approx(expected.double().mean().item(), rel=1e-5)
     assert report["reconstruction"]["refined"]["id_std"] == pytest.approx(expected.double().std().item(), rel=1e-4)
     assert report["reconstruction"]["w+ only"]["id_mean"] != report["reconstruction"]["refined"]["id_mean"]

@@ -14,6 +14,7 @@ from refinestyle.inversion.metrics import (
     ReconstructionMetrics,
     count_flops,
     count_parameters,
+    evaluate_folder,
     format_report,
     inversion_cost,
     summarize,
@@ -115,6 +116,32 @@ def test_reconstruction_metrics_and_summary():
     assert "| tiny | 3 |" in table and "±" in table and table.count("\n") == 2
     with pytest.raises(ValueError, match="targets"):
         metrics(reconstructions, targets[:2])
+
+
+def test_evaluate_folder_measures_reconstructions_as_saved_files():
+    """The generator overshoots [-1, 1]; pSp and HyperStyle measure saved 8-bit files, and so do we:
+    the reconstruction is clamped and rounded before the metrics see it."""
+    from types import SimpleNamespace
+
+    from refinestyle.imageio import as_saved
+
+    rng = torch.Generator().manual_seed(0)
+    images = as_saved(torch.rand(5, 3, 16, 16, generator=rng) * 2 - 1)  # what image files hold
+
+    class Overshooting(torch.nn.Module):
+        def forward(self, batch):
+            return SimpleNamespace(image=batch * 1.5 + 0.003)
+
+    def mse(reconstructions, targets):
+        return {"mse": ((reconstructions - targets) ** 2).mean(dim=(1, 2, 3))}
+
+    summary, per_image = evaluate_folder(Overshooting(), list(images), mse, batch_size=2, progress=False)
+    expected = ((as_saved(images * 1.5 + 0.003) - images) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(per_image["mse"], expected)
+    assert summary["count"] == 5
+    raw = ((images * 0.5 + 0.003) ** 2).mean(dim=(1, 2, 3))
+    assert (per_image["mse"] < raw).all()  # clamping brings overshooting pixels back
+    assert set(torch.unique(as_saved(images * 1.5)).mul(127.5).add(127.5).round().tolist()) <= set(range(256))
 
 
 def test_count_flops_and_parameters():

@@ -38,6 +38,17 @@ def int_at_least(minimum: int):
     return parse
 
 
+def truncation_psi(text: str) -> float:
+    """A truncation psi in (0, 1]: 1 is no truncation, 0 would collapse every code onto the average."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
 def _check_no_file_above(text: str, path: Path) -> None:
     """ArgumentTypeError when an existing ancestor of path is a file: no folder can be made there."""
     for ancestor in path.absolute().parents:

@@ -16,7 +16,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from refinestyle.commands import device_name, int_at_least, output_folder, positive_int, report_error
+from refinestyle.commands import (
+    device_name,
+    int_at_least,
+    output_folder,
+    positive_int,
+    report_error,
+    truncation_psi,
+)
 
 
 def _floats(text: str) -> list[float]:
@@ -54,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated edit strengths (default -3,-1.5,0,1.5,3); use --strengths=-3,3")
     parser.add_argument("--stylespace-samples", type=int_at_least(2), default=10_000,
                         help="random images used to measure the StyleSpace channel's standard deviation")
+    parser.add_argument("--stylespace-truncation", type=truncation_psi, default=0.7,
+                        help="truncation psi of the w that standard deviation is measured over (default 0.7, "
+                             "StyleSpace's own unit; 1: untruncated)")
     parser.add_argument("--no-refinement", action="store_true", help="render w+ only (drop the residuals)")
     parser.add_argument("--out", type=output_folder, required=True, help="output folder")
     parser.add_argument("--image-size", type=int, default=256, help="encoder input side, with --input")
@@ -137,7 +147,8 @@ def main(args: argparse.Namespace) -> int:
                                     component=args.component, layers=layers)
         else:
             layer, channel = args.stylespace
-            stddev = editing.style_channel_stddev(generator, layer, num_samples=args.stylespace_samples)
+            stddev = editing.style_channel_stddev(generator, layer, num_samples=args.stylespace_samples,
+                                                   truncation=args.stylespace_truncation)
             if not 0 <= channel < stddev.numel():
                 return report_error(args, f"StyleSpace layer {layer} has {stddev.numel()} channels, got channel {channel}")
             spec = editing.EditSpec("stylespace", style_layer=layer, channel=channel, unit=float(stddev[channel]))
@@ -155,10 +166,14 @@ def main(args: argparse.Namespace) -> int:
                 bar.update()
             columns.append(pool_or_resize(torch.cat(edited), size).float().cpu())
         bar.close()
-        first = [
-            original.to(columns[0]) if original is not None else columns[0][i : i + 1]
-            for i, original in enumerate(originals)
-        ]
+        first = []
+        for i, original in enumerate(originals):
+            if original is None:  # the source image moved: the unedited reconstruction stands in
+                part = None if refinement is None else refinement.batch_slice(i, i + 1)
+                with torch.no_grad():
+                    original = generator.synthesis(w_plus[i : i + 1], refinement=part, randomize_noise=False)
+                original = pool_or_resize(original, size).float().cpu()
+            first.append(original.to(columns[0]))
         inputs = pool_or_resize(torch.cat(first), size)
         strip = torch.stack([inputs, *columns], 1)  # [B, 1 + S, 3, size, size]
 

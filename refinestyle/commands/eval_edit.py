@@ -21,7 +21,14 @@ import argparse
 import json
 from pathlib import Path
 
-from refinestyle.commands import device_name, int_at_least, output_folder, positive_int, report_error
+from refinestyle.commands import (
+    device_name,
+    int_at_least,
+    output_folder,
+    positive_int,
+    report_error,
+    truncation_psi,
+)
 from refinestyle.commands.edit import _layer_channel
 
 
@@ -50,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="edit strength (InterFaceGAN: along the unit normal; GANSpace and StyleSpace: in standard deviations)")
     parser.add_argument("--stylespace-samples", type=int_at_least(2), default=10_000,
                         help="random images used to measure each StyleSpace channel's standard deviation")
+    parser.add_argument("--stylespace-truncation", type=truncation_psi, default=0.7,
+                        help="truncation psi of the w that standard deviation is measured over (default 0.7, "
+                             "StyleSpace's own unit; 1: untruncated)")
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument("--domain", choices=("face", "other"), default="face", help="'face' measures ID (needs --ir-se50)")
     metrics.add_argument("--ir-se50", help="model_ir_se50.pth for the ID similarity (or REFINESTYLE_IR_SE50)")
@@ -101,7 +111,8 @@ def main(args: argparse.Namespace) -> int:
                                                                               generator.style_dim), layers=layers)
         edits.append(NamedEdit(f"interfacegan {Path(path).stem}", spec, args.strength))
     for layer, channel in args.stylespace:
-        stddev = editing.style_channel_stddev(generator, layer, num_samples=args.stylespace_samples)
+        stddev = editing.style_channel_stddev(generator, layer, num_samples=args.stylespace_samples,
+                                               truncation=args.stylespace_truncation)
         if not 0 <= channel < stddev.numel():
             return report_error(args, f"StyleSpace layer {layer} has {stddev.numel()} channels, got channel {channel}")
         spec = editing.EditSpec("stylespace", style_layer=layer, channel=channel, unit=float(stddev[channel]))
@@ -129,7 +140,7 @@ def main(args: argparse.Namespace) -> int:
     name = args.name or inverter_name(args.inverter)
     table = format_edit_report(report, name=name)
     print(table)
-    print(f"strength {args.strength:g}; {int(report['reconstruction']['refined']['count'])} images at "
+    print(f"strength {args.strength:g}; {int(next(iter(report['reconstruction'].values()))['count'])} images at "
           f"{min(args.image_size, dataset[0].shape[-1])} px; device {device}")
     if args.out:
         out = Path(args.out)

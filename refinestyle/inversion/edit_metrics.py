@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from refinestyle.imageio import as_saved
 from refinestyle.inversion.editing import EditSpec, render_edit
 from refinestyle.inversion.metrics import pool_to
 
@@ -57,7 +58,8 @@ def evaluate_edits(
         identity: an IDLoss (its `similarity(x, y) -> [B]`) for the ID metric, or None.
         inception: a refinestyle.fid.FIDInception for the FID metric, or None.
         batch_size, metric_size: images per batch; the side both real and edited images are
-            pooled to before measuring (min with their sizes).
+            pooled to before measuring (min with their sizes); rendered images are measured
+            as a saved file holds them (clamped to [-1, 1], 8 bits: `refinestyle.imageio.as_saved`).
         max_images: evaluate only the first N images.
         examples: when a list, [1 + 1 + len(edits), 3, s, s] CPU rows (input, reconstruction,
             each edit; refined when there are residuals) of the first `max_examples` images are
@@ -110,7 +112,7 @@ def evaluate_edits(
                     else:
                         edit = edits[names.index(row)]
                         rendered = render_edit(generator, result.w_plus, refinement, edit.spec, edit.strength)
-                    rendered = pool_to(rendered.float(), size)
+                    rendered = pool_to(as_saved(rendered), size)  # as a saved file holds it
                     if identity is not None:
                         similarities.setdefault((row, variant), []).append(identity.similarity(rendered, targets).cpu())
                     if inception is not None:

@@ -326,15 +326,27 @@ def style_layers(generator: nn.Module) -> list[tuple[str, nn.Module, int]]:
 
 @torch.no_grad()
 def style_channel_stddev(
-    generator: nn.Module, layer: int, *, num_samples: int = 10_000, seed: int = 0, batch_size: int = 2048
+    generator: nn.Module,
+    layer: int,
+    *,
+    num_samples: int = 10_000,
+    seed: int = 0,
+    batch_size: int = 2048,
+    truncation: float = 0.7,
 ) -> torch.Tensor:
     """Standard deviation over random images of every channel of StyleSpace layer `layer`'s style s.
 
-    Draws num_samples z (private generator), maps them to w and applies the layer's affine.
+    Draws num_samples z (private generator), maps them to w, truncates w toward the average
+    with psi = `truncation` and applies the layer's affine. StyleSpace (Wu et al.) measures
+    its edit unit over w truncated with psi 0.7 (its GetCode.py), hence the default; 1 gives
+    the untruncated spread. s is affine in w, so truncation scales the std by exactly psi,
+    whatever the average: that is how it is applied.
     Returns a float32 [C_in] tensor on the generator's device.
     """
     if num_samples < 2:
         raise ValueError(f"num_samples: a standard deviation needs at least 2 samples, got {num_samples}")
+    if not 0 < truncation <= 1:
+        raise ValueError(f"truncation: expected a psi in (0, 1], got {truncation}")
     name, module, _ = _style_layer(generator, layer)
     device = next(generator.parameters()).device
     rng = torch.Generator(device="cpu").manual_seed(seed)
@@ -343,7 +355,7 @@ def style_channel_stddev(
         count = min(batch_size, num_samples - start)
         z = torch.randn(count, generator.style_dim, generator=rng).to(device)
         styles.append(module.modulation(generator.style(z)).float())
-    return torch.cat(styles).std(0)
+    return torch.cat(styles).std(0) * truncation
 
 
 def _style_layer(generator: nn.Module, layer: int) -> tuple[str, nn.Module, int]:
@@ -367,7 +379,8 @@ def stylespace_edit(
             strength by `style_channel_stddev(...)[channel]` for StyleSpace's usual units.
 
     Implemented as a forward hook on the layer's affine (`modulation`); the hook is removed
-    when the block ends, even on error.
+    when the block ends, even on error. A synthesis compiled by `compile_synthesis` does not
+    see a hook added after it was compiled: `render_edit` renders such an edit eagerly.
     """
     name, module, _ = _style_layer(generator, layer)
     in_channels = module.modulation.weight.shape[0]
@@ -448,8 +461,11 @@ def render_edit(
     elif edit.kind == "ganspace":
         codes = ganspace_edit(w_plus, edit.directions, edit.component, strength, edit.layers)
     elif edit.kind == "stylespace":
+        synthesis = generator.synthesis
+        if getattr(generator, "synthesis_is_compiled", False):  # a compiled graph would miss the hook
+            synthesis = type(generator).synthesis.__get__(generator)
         with stylespace_edit(generator, edit.style_layer, edit.channel, strength * edit.unit):
-            return generator.synthesis(w_plus, refinement=refinement, randomize_noise=False)
+            return synthesis(w_plus, refinement=refinement, randomize_noise=False)
     else:
         raise ValueError(f"edit.kind: expected interfacegan, ganspace or stylespace, got {edit.kind!r}")
     return generator.synthesis(codes, refinement=refinement, randomize_noise=False)

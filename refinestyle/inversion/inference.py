@@ -111,6 +111,7 @@ def load_codes(paths: list[Path], device: str | torch.device = "cpu") -> ImageCo
     w_rows, p_rows, q_rows, sources = [], [], [], []
     layers_seen = None
     num_layers = 0
+    first = None  # (path, num_layers, the shapes of w_plus, p and q) of the first file
     for path in paths:
         path = Path(path)
         require_file(path, "code file")
@@ -136,6 +137,15 @@ def load_codes(paths: list[Path], device: str | torch.device = "cpu") -> ImageCo
             except Exception as error:  # a truncated file, or a key missing
                 raise ValueError(f"{path}: a damaged code file ({type(error).__name__}: {error})") from None
             sources.append(metadata.get("source", str(path)))
+        # codes of two generators (another n_latent, style_dim or width) cannot share a batch
+        shapes = (num_layers, tuple(w_rows[-1].shape), [tuple(t.shape) for t in p_rows[-1] + q_rows[-1]])
+        if first is None:
+            first = (path, shapes)
+        elif shapes != first[1]:
+            raise ValueError(
+                f"{path}: codes of another generator than {first[0]}'s (number of layers, w+ [n_latent, "
+                f"style_dim], token shapes: {shapes} against {first[1]})"
+            )
     w_plus = torch.stack(w_rows).to(device)
     refinement = None
     if layers_seen:

@@ -239,14 +239,17 @@ def evaluate_folder(
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Invert every image of `dataset` (items [3, S, S] in [-1, 1]) and measure the reconstructions.
 
-    Both the reconstruction (the generator's output) and the input are pooled to
-    min(metric_size, their sizes) pixels. Returns (summary, per-image values): summary as
+    The reconstruction is measured as a saved file holds it (`refinestyle.imageio.as_saved`:
+    clamped to [-1, 1], 8 bits), as pSp and HyperStyle measure theirs; then it and the input
+    are pooled to min(metric_size, their sizes) pixels. Returns (summary, per-image values): summary as
     `summarize` gives it, per-image {"mse": [N], ...}. When `examples` is a list, the first
     `max_examples` (input, reconstruction) pairs are appended to it as [2, 3, s, s] CPU tensors.
     progress shows a tqdm bar labelled progress_desc; progress_leave=False removes it when done
     (training's validation, so the bars do not pile up under the training bar).
     """
     from tqdm.auto import tqdm
+
+    from refinestyle.imageio import as_saved
 
     count = len(dataset) if max_images is None else min(len(dataset), max_images)
     per_image: dict[str, list[torch.Tensor]] = {}
@@ -258,7 +261,7 @@ def evaluate_folder(
             batch = torch.stack([dataset[i] for i in range(start, min(start + batch_size, count))]).to(device)
             result = inverter(batch)
             size = min(metric_size, batch.shape[-1], result.image.shape[-1])
-            reconstructions, targets = pool_to(result.image.float(), size), pool_to(batch, size)
+            reconstructions, targets = pool_to(as_saved(result.image), size), pool_to(batch, size)
             values = metrics(reconstructions, targets)
             for key, value in values.items():
                 per_image.setdefault(key, []).append(value.cpu())
