@@ -14,6 +14,7 @@ from refinestyle.adaptation import Adapter
 from refinestyle.adaptation.train import (
     CHECKPOINT_NAME,
     adapt_oneshot,
+    cosine_lr,
     default_mix_index,
     history_summary,
     init_tokens_from_refinement,
@@ -150,6 +151,60 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     with pytest.raises(ValueError, match=message):
         train_tokens(generator, retargeted, step_loss, iterations=8, work_dir=tmp_path / "b", resume=True,
                      progress=False)
+
+
+def test_cosine_schedule_is_gogas_and_resumes_exactly(tmp_path, monkeypatch):
+    """GOGA anneals its one-shot rate with CosineAnnealingLR(T_max=steps, eta_min=1e-4), stepped with
+    epoch=step after each update; train_tokens(lr_min=...) takes those rates, also after a resume."""
+    import warnings
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=20, eta_min=1e-4)
+    gogas = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # step(epoch=...) is deprecated, and what GOGA calls
+        for step in range(20):
+            gogas.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step(epoch=step)
+    assert [cosine_lr(step, 20, 1e-3, 1e-4) for step in range(20)] == pytest.approx(gogas, rel=1e-12)
+    assert gogas[0] == gogas[1] == 1e-3 and gogas[-1] < 1.3e-4  # step 19 takes the rate at 18 of 20
+
+    rates = []
+    adam_step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    generator, step_loss, fresh, _ = resumable_run()
+    straight = fresh()
+    train_tokens(generator, straight, step_loss, iterations=6, lr=1e-2, lr_min=1e-3, work_dir=tmp_path / "a",
+                 progress=False, sample_every=0, checkpoint_every=0)
+    assert rates == pytest.approx([cosine_lr(step, 6, 1e-2, 1e-3) for step in range(6)], rel=1e-12)
+    rates.clear()
+
+    def interrupting_loss(refinement, step, rng):  # Ctrl-C during step 3: the checkpoint keeps steps 0-2
+        if step == 3:
+            raise KeyboardInterrupt
+        return step_loss(refinement, step, rng)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_tokens(generator, fresh(), interrupting_loss, iterations=6, lr=1e-2, lr_min=1e-3,
+                     work_dir=tmp_path / "b", progress=False, sample_every=0, checkpoint_every=0)
+    resumed = fresh()
+    train_tokens(generator, resumed, step_loss, iterations=6, lr=1e-2, lr_min=1e-3, work_dir=tmp_path / "b",
+                 resume=True, progress=False, sample_every=0)
+    assert rates == pytest.approx([cosine_lr(step, 6, 1e-2, 1e-3) for step in range(6)], rel=1e-12)
+    for mine, theirs in zip(straight.tokens.state_dict().values(), resumed.tokens.state_dict().values()):
+        assert torch.allclose(mine, theirs, atol=1e-6)
+    with pytest.raises(ValueError, match="--lr-min: 0.001 in the checkpoint, None in this run"):
+        train_tokens(generator, fresh(), step_loss, iterations=6, lr=1e-2, work_dir=tmp_path / "b", resume=True,
+                     progress=False)
+    with pytest.raises(ValueError, match="lr_min"):
+        train_tokens(generator, fresh(), step_loss, iterations=6, lr=1e-2, lr_min=0.1, progress=False)
 
 
 def test_resume_refuses_other_settings_fewer_iterations_and_a_broken_checkpoint(tmp_path):

@@ -247,6 +247,19 @@ def test_refinement_starts_small():
     assert 0 < small_change < 0.05 < large_change
 
 
+@pytest.mark.parametrize("levels", [("coarse", "medium", "fine"), ("fine",), ("coarse", "medium"), ("coarse",)])
+def test_two_stage_says_whether_every_trainable_parameter_gets_a_gradient(levels):
+    """DDP (find_unused_parameters=False) stops at the second step when a parameter gets no
+    gradient: train_inverter asks the model, so the answer must be what backward does."""
+    generator = tiny_generator()
+    first = FirstStage(OneStageInverter(generator, refine=False, **TINY))
+    model = TwoStageInverter(generator, first, num_refined=2, num_tokens=4, **{**TINY, "token_levels": levels})
+    model(random_images(2)).image.square().mean().backward()
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert trainable and model.uses_every_trainable_parameter == (not unused), unused
+
+
 def test_two_stage_shapes_and_frozen_first_stage():
     generator = tiny_generator()
     first = FirstStage(OneStageInverter(generator, refine=False, **TINY))

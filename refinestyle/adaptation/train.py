@@ -265,6 +265,17 @@ def check_resume(checkpoint_path: str | os.PathLike, metadata: dict[str, Any]) -
     return state
 
 
+def cosine_lr(step: int, iterations: int, lr: float, lr_min: float) -> float:
+    """The learning rate of step `step` (0-based) of `iterations` under GOGA's schedule.
+
+    GOGA steps torch's CosineAnnealingLR(T_max=iterations, eta_min=lr_min) with epoch=step after
+    each update, so steps 0 and 1 both take lr and step t >= 1 takes the closed form at t - 1:
+    lr_min + (lr - lr_min) (1 + cos(pi (t - 1) / iterations)) / 2.
+    """
+    progress = max(step - 1, 0) / max(iterations, 1)
+    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * progress)) / 2
+
+
 def train_tokens(
     generator: nn.Module,
     adapter: Adapter,
@@ -283,6 +294,7 @@ def train_tokens(
     description: str = "adapting",
     distributed: Optional[DistributedContext] = None,
     bf16: bool = False,
+    lr_min: Optional[float] = None,
 ) -> list[dict[str, float]]:
     """Optimise only `adapter`'s tokens against `step_loss`, with the generator frozen.
 
@@ -309,6 +321,9 @@ def train_tokens(
         logged values are averaged over the processes, and only rank 0 writes files.
     bf16: run step_loss under bf16 autocast (the generator's convs, the loss networks); the
         tokens, their gradients and Adam's state stay float32.
+    lr_min: None for a constant learning rate; else the rate falls from lr to lr_min along a
+        cosine over `iterations` steps (see cosine_lr: GOGA's CosineAnnealingLR, eta_min).
+        Computed from the step number, so a resumed run takes the same rates.
 
     Returns the loss history: one dict per step with "step" and the logged values (the
     same on every process).
@@ -319,6 +334,8 @@ def train_tokens(
 
     if iterations < 0:
         raise ValueError(f"iterations: expected a non-negative integer, got {iterations}")
+    if lr_min is not None and not 0 <= lr_min <= lr:
+        raise ValueError(f"lr_min: expected a rate in [0, lr={lr}], got {lr_min}")
     if resume and work_dir is None:
         raise ValueError("resume: needs a work_dir holding the checkpoint")
     generator.requires_grad_(False)
@@ -338,7 +355,7 @@ def train_tokens(
     checkpoint_path = work / CHECKPOINT_NAME if work is not None else None
 
     # what this function itself fixes for a run (Adam's saved state would override a new lr silently)
-    settings = {"lr": lr, "betas": list(betas), "seed": seed, "bf16": bf16}
+    settings = {"lr": lr, "betas": list(betas), "seed": seed, "bf16": bf16, "lr_min": lr_min}
     start, history = 0, []
     if resume and checkpoint_path is not None and checkpoint_path.is_file():
         this_run = {**adapter.metadata, "training": {**settings, **(adapter.metadata.get("training") or {})}}
@@ -406,6 +423,9 @@ def train_tokens(
     with StopOnSignal() as stop:
         try:
             for step in bar:
+                if lr_min is not None:
+                    for group in optimizer.param_groups:
+                        group["lr"] = cosine_lr(step, iterations, lr, lr_min)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss, logs = step_loss(adapter.refinement(), step, _step_generator(seed, step))
                 loss = loss.float()
@@ -693,6 +713,7 @@ def adapt_oneshot(
     iterations: int = 600,
     batch_size: int = 1,
     lr: float = 1e-3,
+    lr_min: Optional[float] = 1e-4,
     betas: tuple[float, float] = (0.0, 0.999),
     style_weight: float = 1.0,
     mix_index: Optional[int] = None,
@@ -723,6 +744,8 @@ def adapt_oneshot(
     reference_noise: noise maps for rendering w_r (e.g. the projection's); default: the
         generator's stored noise.
     iterations, batch_size, lr, betas: GOGA's 600, 1, 1e-3, (0, 0.999).
+    lr_min: GOGA's cosine schedule takes the rate from lr down to 1e-4 (see cosine_lr); None
+        keeps it constant.
     style_weight: weight of the SWD style term (normalised SWD, see swd.py; 1.0).
     mix_index: w_g takes rows < mix_index from random content codes, the rest from w_r
         (default: default_mix_index(n_latent), 8 at 1024 px).
@@ -762,7 +785,7 @@ def adapt_oneshot(
     reference_noise = [n.to(device) for n in reference_noise]
 
     settings = _training_metadata(
-        iterations=iterations, batch_size=batch_size, lr=lr, betas=betas, style_weight=style_weight,
+        iterations=iterations, batch_size=batch_size, lr=lr, lr_min=lr_min, betas=betas, style_weight=style_weight,
         mix_index=mix_index, truncation=truncation, seed=seed, bf16=bf16,
         reconstruction_weights=getattr(reconstruction_loss, "weights", None), loss_size=loss_size,
         init_from_inverter=init_refinement is not None, loss="reconstruction(Eq.6)+swd",
@@ -807,7 +830,7 @@ def adapt_oneshot(
     history = train_tokens(
         generator, adapter, step_loss, iterations=iterations, lr=lr, betas=betas, seed=seed, work_dir=work_dir,
         checkpoint_every=checkpoint_every, sample_every=sample_every, sample_fn=sample_fn, resume=resume,
-        progress=progress, description="adapt-oneshot", distributed=distributed, bf16=bf16,
+        progress=progress, description="adapt-oneshot", distributed=distributed, bf16=bf16, lr_min=lr_min,
     )
     adapter.metadata["training"]["steps_done"] = _steps_done(history)
     return adapter, history

@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="w_g takes rows < N from random content codes (default: 8 of 18, scaled)")
     parser.add_argument("--loss-size", type=int, default=256,
                         help="the reconstruction loss compares images at this size (default 256)")
+    parser.add_argument("--lr-min", type=float, default=1e-4,
+                        help="the learning rate falls from --lr to this along a cosine over --iterations, as "
+                             "GOGA's (default 1e-4; --lr-min equal to --lr keeps it constant)")
     parser.set_defaults(lr=1e-3)
 
 
@@ -92,6 +95,8 @@ def check_oneshot_options(args) -> None:
                           ("--id-weight", args.id_weight), ("--style-weight", args.style_weight)):
         if not (math.isfinite(value) and value >= 0):  # a negative weight would push away from the reference
             raise ValueError(f"{option}: expected a non-negative number, got {value}")
+    if not (math.isfinite(args.lr_min) and 0 <= args.lr_min <= args.lr):
+        raise ValueError(f"--lr-min: expected a rate in [0, --lr={args.lr:g}], got {args.lr_min}")
     if not all(1 <= layer <= 5 for layer in args.style_layers):
         raise ValueError(f"--style-layers: expected AlexNet ReLU layers 1 to 5, got {args.style_layers}")
     if args.mix_index is not None and args.mix_index < 0:
@@ -231,5 +236,6 @@ def main(args: argparse.Namespace) -> int:
         style_weight=args.style_weight,
         mix_index=args.mix_index,
         loss_size=args.loss_size,
+        lr_min=args.lr_min,
         metadata=run_metadata,
     )

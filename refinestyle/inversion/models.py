@@ -634,6 +634,13 @@ class TwoStageInverter(_Inverter):
             self.first_stage.eval()  # frozen
         return self
 
+    @property
+    def uses_every_trainable_parameter(self) -> bool:
+        """Whether every trainable parameter gets a gradient. Only the token branch reads the
+        encoder here; without "fine" among its levels the pyramid's lateral convs that make the
+        fine (and, with coarse alone, the medium) features are never used, and DDP must be told."""
+        return "fine" in self.config.token_levels
+
     def initial_inversion(
         self,
         images: torch.Tensor,

@@ -613,7 +613,9 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
     train_model: nn.Module = model
     if context.distributed:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            # DDP's reducer waits for every parameter's gradient unless told some may get none
+            find_unused_parameters=not getattr(model, "uses_every_trainable_parameter", True),
         )
 
     log = tb = None
