@@ -357,6 +357,27 @@ def test_weight_cache_under_inference_mode_serves_later_training_calls():
         assert built_there(x, w).shape == (2, 5, 5, 5)
 
 
+@pytest.mark.parametrize("options", [{"foreach": False}, {"foreach": True}, {"fused": True}])
+def test_a_weight_frozen_between_optimizer_steps_is_derived_again(options):
+    """A GAN loop freezes G for the discriminator's step (the derived tensors are kept), then
+    trains it. Fused optimizers update the weight without moving its version counter."""
+    conv = StyledConv(4, 5, 3, style_dim=6, backend="torch")
+    optimizer = torch.optim.Adam(conv.parameters(), lr=0.1, **options)
+    x, w, noise = torch.randn(2, 4, 5, 5), torch.randn(2, 6), torch.randn(2, 1, 5, 5)
+    conv(x, w, noise).square().sum().backward()
+    conv.requires_grad_(False)
+    before = conv(x, w, noise)  # frozen: derives and keeps the tensors of this weight
+    version = conv.conv.weight._version
+    optimizer.step()
+    fresh = StyledConv(4, 5, 3, style_dim=6, backend="torch").requires_grad_(False)
+    fresh.load_state_dict(conv.state_dict())
+    expected = fresh(x, w, noise)
+    assert not torch.allclose(before, expected, atol=1e-3)
+    torch.testing.assert_close(conv(x, w, noise), expected)
+    if options.get("fused"):
+        assert conv.conv.weight._version == version  # what makes the hook necessary
+
+
 def test_clear_weight_cache_sees_a_change_made_through_data():
     """`param.data` has a version counter of its own, so an in-place change through it is not
     seen until `clear_weight_cache`; the same change under no_grad is seen at once."""

@@ -41,6 +41,7 @@ from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from refinestyle_kernels.backend import resolve_backend, triton_interpreter_bf16_problem
 from refinestyle_kernels.ops.upfirdn2d import make_blur_kernel, upfirdn2d
@@ -444,8 +445,9 @@ def _demodulation_traced(weight, styles, p, q, scale, eps):
 # (id of the weight's storage owner, the view's geometry, what) -> (weakref to the owner, the
 # weight's _version, the derived tensors): tensors derived from a weight that is not being
 # trained (tap sums, kernel layouts), reused until it changes in place (the version counter,
-# which a view shares with its base, moves) or its owner is freed (the weakref's callback drops
-# the entry; a new tensor that gets the same id is not mistaken for it). RefineStyle keeps W0
+# which a view shares with its base, moves), an optimizer steps it (fused optimizers leave the
+# version as it was) or its owner is freed (the weakref's callback drops the entry; a new tensor
+# that gets the same id is not mistaken for it). RefineStyle keeps W0
 # frozen, so each layer derives them once instead of in every call. The owner is the view's
 # base: the modules pass `self.weight[0]` (rosinality's weight is [1, Cout, Cin, k, k]), a new
 # view every call. A change through `param.data` has its own version counter and is not seen:
@@ -457,7 +459,8 @@ def clear_weight_cache() -> None:
     """Forget every tensor derived from a frozen weight (tap sums, kernel layouts, casts).
 
     The op derives these once per frozen weight (`requires_grad=False`) and keeps them until
-    the weight changes in place or is freed. An in-place change made through `param.data`
+    the weight changes in place, an optimizer steps it, or it is freed. An in-place change
+    made through `param.data`
     (as rosinality's `accumulate` makes its EMA update) has a version counter of its own, so
     it is not seen: call this after such a change, or change the weight under
     `torch.no_grad()` instead (`param.mul_(...)`), which is seen.
@@ -467,6 +470,20 @@ def clear_weight_cache() -> None:
 
 def _forget_when_freed(key):
     return lambda _dead_owner: _WEIGHT_DERIVED.pop(key, None)
+
+
+def _forget_what_an_optimizer_stepped(optimizer, _args, _kwargs) -> None:
+    """Optimizer step post-hook, for every optimizer: fused optimizers (`fused=True`) write their
+    parameters without moving the version counter, so a weight frozen between two steps (a GAN
+    loop's discriminator phase) would keep the tensors derived before the step."""
+    if not _WEIGHT_DERIVED:
+        return
+    stepped = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
+    for key in [key for key in _WEIGHT_DERIVED if key[0] in stepped]:
+        _WEIGHT_DERIVED.pop(key, None)
+
+
+register_optimizer_step_post_hook(_forget_what_an_optimizer_stepped)
 
 
 def _derived_from_weight(weight: torch.Tensor, what: tuple, make):
