@@ -568,9 +568,10 @@ def swap_rosinality_modules(
     """Replace, in place, every rosinality StyledConv and ToRGB inside `model` by ours.
 
     For a model built from rosinality/stylegan2-pytorch's model.py (or code that copies
-    it, as pSp, e4e, HyperStyle and StyleGAN-NADA do): its `Generator` keeps its forward,
+    it, as pSp and e4e do): its `Generator` keeps its forward,
     which calls the swapped layers with the same arguments, and now runs the fused op.
-    Each new layer gets the old one's parameters and buffers (load_state_dict strict=True),
+    Each new layer takes the old one's Parameter and buffer objects themselves (checked by
+    load_state_dict strict=True first; an optimizer built before the swap still steps them),
     device, dtype, requires_grad flags and train/eval mode; the model's state_dict keeps
     its keys (rosinality registers an upsampling conv's blur first, so their order may
     differ). The swapped layers also take RefineStyle tokens: `conv(x, w, noise, p=p, q=q)`.
@@ -605,11 +606,20 @@ def replace_modules(model: nn.Module, selected, replacement) -> list[str]:
     return [name for name, _ in targets]
 
 
-def adopt_flags(old: nn.Module, new: nn.Module) -> nn.Module:
-    """Give `new` the requires_grad flags (by parameter name) and the train/eval mode of `old`."""
-    frozen = {key for key, parameter in old.named_parameters() if not parameter.requires_grad}
-    for key, parameter in new.named_parameters():
-        parameter.requires_grad_(key not in frozen)
+def adopt_tensors(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Give `new` the very Parameter and buffer objects of `old` under the same names (hence its
+    requires_grad flags), and its train/eval mode. Call after new.load_state_dict(old's, strict):
+    an optimizer built before the swap, parameter hooks and tied weights then still reach the
+    layer. A tensor of another shape or dtype than new's is not taken (new keeps its loaded copy)."""
+    for kind, slots in (("parameter", "_parameters"), ("buffer", "_buffers")):
+        mine = dict(new.named_parameters() if kind == "parameter" else new.named_buffers())
+        theirs = dict(old.named_parameters() if kind == "parameter" else old.named_buffers())
+        for key, tensor in mine.items():
+            original = theirs.get(key)
+            if original is None or original.shape != tensor.shape or original.dtype != tensor.dtype:
+                continue
+            owner_name, _, leaf = key.rpartition(".")
+            getattr(new.get_submodule(owner_name), slots)[leaf] = original
     return new.train(old.training)
 
 
@@ -639,4 +649,4 @@ def _rosinality_replacement(name: str, old: nn.Module, backend: str) -> nn.Modul
         if theirs is not None and (theirs.shape != ours.shape or not torch.allclose(theirs.to(ours), ours)):
             raise ValueError(f"{name}: its {key} is not the (1, 3, 3, 1) filter the fused op implements")
     new.load_state_dict(state, strict=True)
-    return adopt_flags(old, new)
+    return adopt_tensors(old, new)

@@ -38,7 +38,7 @@ from refinestyle_kernels.modules import (
     _check_image,
     _operand_dtype,
     _weight_as,
-    adopt_flags,
+    adopt_tensors,
     replace_modules,
 )
 from refinestyle_kernels.ops.modulated_conv2d import UPSAMPLE_BLUR_TAPS, styled_conv2d
@@ -293,4 +293,4 @@ def _nvlabs_replacement(name: str, old: nn.Module, backend: str) -> nn.Module:
     new.to(device=weight.device, dtype=weight.dtype)  # first: loading into float32 would round float64 values
     new.affine = affine  # NVlabs' FullyConnectedLayer as it is (same math, its own gains)
     new.load_state_dict(old.state_dict(), strict=True)
-    return adopt_flags(old, new)
+    return adopt_tensors(old, new)

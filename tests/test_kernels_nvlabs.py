@@ -112,12 +112,16 @@ def test_swap_keeps_state_flags_and_affine():
     block.eval()
     affine = block.conv0.affine
     before = {key: value.clone() for key, value in block.state_dict().items()}
+    objects = dict(block.named_parameters())
     swapped = swap_nvlabs_modules(block)
     assert swapped == ["conv0", "conv1", "torgb"]
     after = block.state_dict()
     assert list(after) == list(before)  # NVlabs' keys, in NVlabs' order
     assert all(torch.equal(after[key], before[key]) for key in before)
     assert block.conv0.affine is affine  # NVlabs' own FullyConnectedLayer is kept
+    # the Parameter objects themselves: an optimizer built before the swap still steps them
+    assert dict(block.named_parameters()).keys() == objects.keys()
+    assert all(block.get_parameter(key) is parameter for key, parameter in objects.items())
     assert not block.conv1.weight.requires_grad and block.conv0.weight.requires_grad
     assert not block.training and not block.conv0.training
     assert swap_nvlabs_modules(block) == []  # already ours

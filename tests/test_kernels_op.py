@@ -139,6 +139,8 @@ def test_torch_backend_gradients_match_reference(case):
     ids=str,
 )
 def test_torch_backend_gradcheck(case):
+    """First and second derivatives (path-length regularisation and NVlabs' Greg phase take the
+    second through the generator) against finite differences, float64."""
     inputs = make_inputs(case, seed=6)
     names = ["x", "weight", "styles", "p", "q", "noise_strength", "bias"]
     leaves = [inputs[k].clone().requires_grad_() for k in names]
@@ -150,6 +152,7 @@ def test_torch_backend_gradcheck(case):
         )
 
     assert torch.autograd.gradcheck(layer, leaves, eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradgradcheck(layer, leaves, eps=1e-6, atol=1e-6)
 
 
 def test_frozen_weight_gets_no_gradient_and_tokens_do():

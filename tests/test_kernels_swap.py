@@ -75,6 +75,22 @@ def test_swapped_generator_keeps_its_state_and_outputs(reference):
     assert swap_rosinality_modules(swapped, class_names=REFERENCE_CLASSES) == []
 
 
+def test_an_optimizer_built_before_the_swap_still_trains_the_layers(reference):
+    """The swapped layers hold the old Parameter objects: an optimizer (or a hook, or a tied
+    weight) made before the swap reaches them, and a step moves the swapped generator."""
+    objects = dict(reference.named_parameters())
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    swap_rosinality_modules(reference, class_names=REFERENCE_CLASSES, backend="torch")
+    assert dict(reference.named_parameters()).keys() == objects.keys()
+    assert all(reference.get_parameter(key) is parameter for key, parameter in objects.items())
+    w_plus, noise, _ = inputs(reference)
+    weight = reference.convs[1].conv.weight
+    before = weight.detach().clone()
+    reference.synthesis(w_plus, noise).square().mean().backward()
+    optimizer.step()
+    assert not torch.equal(weight, before)
+
+
 def test_layers_the_fused_op_cannot_run_are_refused(reference):
     class StyledConv(nn.Module):  # a rosinality name on a foreign structure
         def __init__(self):

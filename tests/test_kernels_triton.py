@@ -1086,16 +1086,63 @@ def test_autotune_pruning_fits_every_layer_shape(grid_hw, n, k, reduce, dtype):
             assert block["BLOCK_M"] <= max(16, 2 * pixels)
 
 
+@pytest.mark.skipif(not (INTERPRETED or HAS_CUDA), reason="needs CUDA or the Triton interpreter")
+def test_noise_that_needs_a_gradient_gets_one_from_the_triton_backend():
+    """Projectors (rosinality's, NVlabs') optimise the noise maps; the Triton kernels compute no
+    noise gradient, so such a call runs on the torch backend: the reference's gradients, conv and pair."""
+    from refinestyle_kernels.ops.styled_conv2d_to_rgb import styled_conv2d_to_rgb
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    generator = torch.Generator().manual_seed(0)
+    shapes = ((2, 3, 4, 4), (5, 3, 3, 3), (2, 3), (3, 5, 1, 1), (2, 5), (2, 1, 4, 4))
+    x, weight, styles, rgb_weight, rgb_styles, noise_base = (
+        torch.randn(*shape, generator=generator).to(device) for shape in shapes
+    )
+    for pair in (False, True):
+        grads = {}
+        for backend in ("reference", "triton"):
+            noise = noise_base.clone().requires_grad_(True)
+            if pair:
+                out, rgb = styled_conv2d_to_rgb(x, weight, styles, rgb_weight=rgb_weight, rgb_styles=rgb_styles,
+                                                noise=noise, noise_strength=0.7, backend=backend)  # fmt: skip
+                loss = out.square().sum() + rgb.sum()
+            else:
+                loss = styled_conv2d(x, weight, styles, noise=noise, noise_strength=0.7, backend=backend).square().sum()
+            (grads[backend],) = torch.autograd.grad(loss, noise)
+        assert grads["reference"].abs().max() > 0
+        torch.testing.assert_close(grads["triton"], grads["reference"], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # no gradient wanted: the Triton kernels run
+        styled_conv2d(x, weight, styles, noise=noise_base.clone().requires_grad_(True), noise_strength=0.7,
+                      backend="triton")  # fmt: skip
+
+
+@pytest.mark.skipif(not (INTERPRETED or HAS_CUDA), reason="needs CUDA or the Triton interpreter")
+def test_a_second_derivative_through_the_triton_backend_is_refused_by_name():
+    """The Triton backward is written by hand: create_graph=True (a second derivative to come) is
+    refused at the first backward, naming the backends that give one; conv and pair alike."""
+    from refinestyle_kernels.ops.styled_conv2d_to_rgb import styled_conv2d_to_rgb
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    generator = torch.Generator().manual_seed(1)
+    shapes = ((2, 3, 4, 4), (5, 3, 3, 3), (3, 5, 1, 1), (2, 5))
+    x, weight, rgb_weight, rgb_styles = (torch.randn(*shape, generator=generator).to(device) for shape in shapes)
+    styles = torch.randn(2, 3, generator=generator).to(device).requires_grad_(True)
+    outputs = [
+        styled_conv2d(x, weight, styles, backend="triton"),
+        styled_conv2d_to_rgb(x, weight, styles, rgb_weight=rgb_weight, rgb_styles=rgb_styles, backend="triton")[1],
+    ]
+    for out in outputs:
+        with pytest.raises(RuntimeError, match='differentiates once.*backend="torch" or "reference"'):
+            torch.autograd.grad(out.square().sum(), styles, create_graph=True)
+    (first,) = torch.autograd.grad(styled_conv2d(x, weight, styles, backend="triton").square().sum(), styles)
+    assert first.abs().max() > 0  # a plain backward is unaffected
+
+
 def test_bad_inputs_for_the_triton_backend():
     x = torch.randn(2, 3, 4, 4)
     weight, styles = torch.randn(5, 3, 3, 3), torch.randn(2, 3)
     if INTERPRETED or HAS_CUDA:
         device = "cuda" if HAS_CUDA else "cpu"
-        noise = torch.randn(2, 1, 4, 4, device=device, requires_grad=True)
-        with pytest.raises(ValueError, match="noise"):
-            styled_conv2d(
-                x.to(device), weight.to(device), styles.to(device), noise=noise, noise_strength=1.0, backend="triton"
-            )
         with pytest.raises(TypeError, match="x: .*float64"):
             styled_conv2d(x.double().to(device), weight.double().to(device), styles.double().to(device), backend="triton")
     with pytest.raises(ValueError, match="TRITON_FP32_PRECISION"):

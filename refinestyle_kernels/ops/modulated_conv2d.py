@@ -146,8 +146,9 @@ def styled_conv2d(
             `modulated_conv2d`.
         noise: None or [B, 1, H', W'] / [1, 1, H', W'] per-pixel noise at the output
             resolution, x's dtype (rosinality draws it at random when it is not given;
-            this op adds none when it is None). The triton backend gives it no gradient
-            and refuses noise that requires one.
+            this op adds none when it is None). Noise that requires a gradient (a
+            projector optimises it) runs the layer on the torch backend, whose backward
+            gives it one: the Triton kernels do not.
         noise_strength: the learned scalar (rosinality's `noise.weight`: shape [1] or
             [], x's dtype and device), a Python float, or None. Required when noise is
             given; ignored when it is not.
@@ -162,7 +163,7 @@ def styled_conv2d(
     args = _validate(x, weight, styles, p, q, noise, noise_strength, bias, clamp, demodulate, upsample, eps, scale)
     _check_flag("activate", activate)
     x, weight, styles, p, q, noise, noise_strength, bias, scale = args
-    backend = resolve_backend(backend, x.device)
+    backend = _backend_for_call(resolve_backend(backend, x.device), noise)
     implementation = {
         "reference": _styled_conv2d_reference,
         "torch": _styled_conv2d_torch,
@@ -185,6 +186,15 @@ def styled_conv2d(
         clamp=clamp,
     )
     return out.to(x.dtype)
+
+
+def _backend_for_call(backend: str, noise: torch.Tensor | None) -> str:
+    """The backend that runs this call: "torch" instead of "triton" when noise needs a gradient,
+    which the Triton kernels do not compute (rosinality's and NVlabs' projectors optimise the
+    noise maps); the torch backend's autograd gives it, through the same separated form."""
+    if backend == "triton" and noise is not None and noise.requires_grad and torch.is_grad_enabled():
+        return "torch"
+    return backend
 
 
 # ----------------------------------------------------------------------------------------------
@@ -549,15 +559,18 @@ class _Demodulation(torch.autograd.Function):
             energy += (p3 * gram_p).sum(1).mul_(weight.shape[2] * weight.shape[3])
         positive = energy > 0  # sum K^2 >= 0 exactly; clamping only removes cancellation below 0
         demod = torch.rsqrt(energy.clamp_min_(0) + eps)
-        ctx.save_for_backward(weight, styles_c, p3, q3, styled_q, lowrank_u, gram_p, demod, positive, s1, s2)
-        ctx.options = (scale, p is not None and p.ndim == 2, styles.dtype, p.dtype if p is not None else None)
+        ctx.save_for_backward(
+            weight, styles_c, p3, q3, styled_q, lowrank_u, gram_p, demod, positive, s1, s2, styles, p, q
+        )
+        ctx.options = (scale, p is not None and p.ndim == 2, styles.dtype, p.dtype if p is not None else None, eps)
         return demod
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_demod):
-        weight, styles, p3, q3, styled_q, lowrank_u, gram_p, demod, positive, s1, s2 = ctx.saved_tensors
-        scale, shared, styles_dtype, token_dtype = ctx.options
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative will follow
+            return _Demodulation._backward_to_differentiate(ctx, grad_demod)
+        weight, styles, p3, q3, styled_q, lowrank_u, gram_p, demod, positive, s1, s2 = ctx.saved_tensors[:11]
+        scale, shared, styles_dtype, token_dtype, _ = ctx.options
         need_weight, need_styles, need_p, need_q = ctx.needs_input_grad[:4]
         taps = weight.shape[2] * weight.shape[3]
         # d = (E + eps)^-1/2: dE = -d^3 / 2 * grad d (zero where E was clamped)
@@ -595,6 +608,18 @@ class _Demodulation(torch.autograd.Function):
         if grad_styles is not None:
             grad_styles = grad_styles.to(styles_dtype)
         return grad_weight, grad_styles, grad_p, grad_q, None, None
+
+    @staticmethod
+    def _backward_to_differentiate(ctx, grad_demod):
+        """The backward as autograd's own graph of the closed form, on the inputs themselves, so
+        that it can be differentiated again (path-length regularisation, NVlabs' Greg phase)."""
+        weight, styles, p, q = (ctx.saved_tensors[0], *ctx.saved_tensors[11:])
+        scale, eps = ctx.options[0], ctx.options[4]
+        inputs = [(t, need) for t, need in zip((weight, styles, p, q), ctx.needs_input_grad[:4])]
+        wanted = [t for t, need in inputs if need]
+        demod = _demodulation_traced(weight, styles, p, q, scale, eps)
+        grads = iter(torch.autograd.grad(demod, wanted, grad_demod, create_graph=True, allow_unused=True))
+        return (*(next(grads) if need else None for _, need in inputs), None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3011,6 +3036,25 @@ def _demodulation_backward(saved, options, grad_demod, needs, accumulate=(None, 
     return grad_styles if need_styles else None, grad_p if need_p else None, grad_q if need_q else None
 
 
+def differentiable_once(backward):
+    """torch's once_differentiable for a Triton Function's backward, which is written by hand and
+    has no derivative of its own; a backward with create_graph=True (a second derivative to come)
+    is refused at once, saying which backends give one."""
+    once = torch.autograd.function.once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                'backend="triton" differentiates once; for a second derivative (create_graph=True, as '
+                'path-length regularisation takes) run that forward with backend="torch" or "reference", '
+                'e.g. under refinestyle_kernels.use_backend("torch")'
+            )
+        return once(ctx, *grads)
+
+    return checked
+
+
 class _TritonDemodulation(torch.autograd.Function):
     """`demodulation_coefficients` for the Triton backend in two kernel launches, forward and
     backward, instead of ~50 small torch ops: at 8-128 px the layer's host time was the step's
@@ -3036,7 +3080,7 @@ class _TritonDemodulation(torch.autograd.Function):
         return demod
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @differentiable_once
     def backward(ctx, grad_demod):
         grads = _demodulation_backward(ctx.saved_tensors, ctx.options, grad_demod, ctx.needs_input_grad[1:4])
         return (None, *grads, None, None)
@@ -3549,7 +3593,7 @@ class _StyledConv2dTritonFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @differentiable_once
     def backward(ctx, grad):
         return (*_gradients(ctx, grad, functools.partial(_triton_backward, placeholders=False)), None)
 
@@ -3618,7 +3662,7 @@ def _triton_arguments(
         raise TypeError(f'x: backend="triton" takes float32, float16 or bfloat16 tensors, got {x.dtype}')
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and triton_interpreter_bf16_problem():
         raise RuntimeError(f'x: backend="triton" on bfloat16 CPU tensors: {triton_interpreter_bf16_problem()}')
-    if noise is not None and noise.requires_grad:
+    if noise is not None and noise.requires_grad and torch.is_grad_enabled():  # _backend_for_call routes it
         raise ValueError('noise: backend="triton" gives no gradient for noise; pass noise.detach() (or use backend="torch")')
     if p is not None and p.shape[-2] > min(weight.shape[0], weight.shape[1]):
         p, q = _reduced_rank_tokens(p, q)  # the same residual, so the same d

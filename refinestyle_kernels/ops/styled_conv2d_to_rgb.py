@@ -38,6 +38,7 @@ from refinestyle_kernels.backend import resolve_backend
 from refinestyle_kernels.ops import modulated_conv2d as _conv_op
 from refinestyle_kernels.ops.modulated_conv2d import (
     MAX_LAUNCH_BATCH,
+    _backend_for_call,
     _check_flag,
     _check_positive,
     _check_tensor,
@@ -53,6 +54,7 @@ from refinestyle_kernels.ops.modulated_conv2d import (
     _styled_conv2d_triton_backward_fake,
     _triton_forward,
     _validate,
+    differentiable_once,
     styled_conv2d,
 )
 
@@ -110,7 +112,7 @@ def styled_conv2d_to_rgb(
         noise_strength=noise_strength, bias=bias, activate=activate, clamp=clamp, rgb_clamp=rgb_clamp,
         demodulate=demodulate, eps=eps, scale=scale, rgb_scale=rgb_scale,
     )  # fmt: skip
-    backend = resolve_backend(backend, x.device)
+    backend = _backend_for_call(resolve_backend(backend, x.device), noise)
     if backend != "triton" or x.shape[0] > MAX_LAUNCH_BATCH:  # larger batches run in chunks, layer by layer
         return composed_styled_conv2d_to_rgb(styled_conv2d)(x, weight, styles, **arguments, backend=backend)
     x, weight, styles, p, q, noise, noise_strength, bias, scale = layer
@@ -274,7 +276,7 @@ class _StyledConv2dToRGBFunction(torch.autograd.Function):
         return out, rgb
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @differentiable_once
     def backward(ctx, grad_out, grad_rgb):
         tensors, deferred = _saved_with_deferred(ctx)
         x, weight, styles, p, q, demod, noise, noise_strength, bias, out, rgb, rgb_weight, rgb_styles, mix = tensors
