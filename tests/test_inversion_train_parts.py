@@ -144,6 +144,28 @@ def test_evaluate_folder_measures_reconstructions_as_saved_files():
     assert set(torch.unique(as_saved(images * 1.5)).mul(127.5).add(127.5).round().tolist()) <= set(range(256))
 
 
+def test_ranger_leaves_the_per_layer_scale_vectors_uncentralised():
+    """scale_p / scale_q [Nr, L] stack the paper's per-layer vectors A_n, B_n; gradient
+    centralisation would take each row's mean gradient away, so a uniform gradient could never
+    scale a layer's residual up. The other weights keep it, as in pSp."""
+    from types import SimpleNamespace
+
+    from refinestyle.inversion.models import OneStageInverter
+    from refinestyle.inversion.train import build_optimizer
+
+    model = OneStageInverter(tiny_generator(), num_refined=2, num_tokens=4, **TINY_MODEL_OPTIONS)
+    optimizer = build_optimizer(SimpleNamespace(learning_rate=0.01), model)
+    scales = {id(model.token_branch.scale_p), id(model.token_branch.scale_q)}
+    for group in optimizer.param_groups:
+        assert group["use_gc"] == (not any(id(p) in scales for p in group["params"]))
+    assert sum(len(group["params"]) for group in optimizer.param_groups) == len(
+        [p for p in model.parameters() if p.requires_grad])
+    before = model.token_branch.scale_p.detach().clone()
+    model.token_branch.scale_p.grad = torch.ones_like(before)  # every row: its mean alone
+    optimizer.step()
+    assert (model.token_branch.scale_p < before).all()
+
+
 def test_count_flops_and_parameters():
     layer = torch.nn.Linear(8, 4)
     assert count_flops(layer, torch.randn(3, 8)) == 2 * 3 * 8 * 4

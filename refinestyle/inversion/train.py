@@ -303,14 +303,27 @@ def build_criterion(config: TrainConfig, device: torch.device) -> nn.Module:
     return criterion.to(device).eval()
 
 
+# parameters that stack one vector per refined layer as rows (the paper's A_n, B_n in R^L)
+STACKED_VECTOR_PARAMETERS = ("scale_p", "scale_q")
+
+
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Ranger over the inverter's trainable parameters at the configured learning rate."""
+    """Ranger over the inverter's trainable parameters at the configured learning rate.
+
+    Ranger centralises the gradient of every tensor of 2+ dimensions (as pSp's does), which
+    takes away each row's mean. The token branch's scale_p and scale_q [Nr, L] hold one
+    scaling vector per layer as rows; a vector on its own would not be centralised, so they
+    are in a second group without it (a whole layer's residual can then grow or shrink).
+    """
     from refinestyle.optim import Ranger
 
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    if not parameters:
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("the inverter has no trainable parameters")
-    return Ranger(parameters, lr=config.learning_rate)
+    stacked = [p for name, p in named if name.rsplit(".", 1)[-1] in STACKED_VECTOR_PARAMETERS]
+    others = [p for name, p in named if name.rsplit(".", 1)[-1] not in STACKED_VECTOR_PARAMETERS]
+    groups = [group for group in ({"params": others}, {"params": stacked, "use_gc": False}) if group["params"]]
+    return Ranger(groups, lr=config.learning_rate)
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -592,7 +605,10 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
         _, unexpected = model.load_state_dict(state["model"], strict=False)
         if unexpected:
             raise ValueError(f"resume: checkpoint holds unknown weights {unexpected[:5]}")
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as error:  # e.g. one parameter group, from before the scale vectors had theirs
+            raise ValueError(f"resume: the checkpoint's optimizer state does not fit this run's ({error})") from None
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         restore_rng_state(state["rng"][context.rank])
     else:
