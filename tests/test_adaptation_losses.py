@@ -232,6 +232,12 @@ def test_evaluate_adapter_id_and_text_consistency(tiny_clip_config):
         tc = (encoder.encode_images(adapted) @ encoder.encode_text(["pencil sketch"])[0]).mean().item()
     assert result["text_consistency"] == pytest.approx(tc, abs=1e-5)
     assert result["target_text"] == "pencil sketch" and result["params"] == adapter.num_trainable()
+    # the same images in batches of 3: the same codes and noise, so the same numbers
+    regrouped = []
+    again = evaluate_adapter(generator, adapter, num_images=5, batch_size=3, id_model=CosineID(), progress=False,
+                             on_batch=lambda index, source, adapted: regrouped.append(adapted))
+    torch.testing.assert_close(torch.cat(regrouped), adapted, rtol=1e-5, atol=1e-5)
+    assert again["id_similarity"] == pytest.approx(result["id_similarity"], abs=1e-6)
 
     # an adapter whose scales are zero changes nothing: ID 1
     with torch.no_grad():

@@ -45,7 +45,8 @@ def evaluate_adapter(
     id_model: an IDLoss (anything with .similarity(x, y) -> [B]); None skips ID.
     clip_encoders: CLIPEncoder instances for TC; empty or target_text None skips TC.
     target_text: the target description (default: the adapter's metadata "target_text").
-    truncation: psi of the codes (1: none); seed: seed of codes and noise.
+    truncation: psi of the codes (1: none); seed: seed of codes and noise (image i draws its
+        own from (seed, i), so the images do not depend on batch_size).
     on_batch: optional callable(index, source [B, 3, H, W], adapted [B, 3, H, W]) called for
         every batch (e.g. to save examples).
 
@@ -71,10 +72,16 @@ def evaluate_adapter(
     tc_sums = [0.0] * len(text_embeddings)
     done = 0
     batches = [min(batch_size, num_images - start) for start in range(0, num_images, batch_size)]
+
+    def image_inputs(image: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        # each image its own generator: the same codes and noise whatever the batch size
+        rng = torch.Generator().manual_seed(seed * 1_000_003 + image)
+        return sample_codes(generator, 1, rng, truncation, mean), _noise(generator, 1, rng, device)
+
     for index, count in enumerate(tqdm(batches, desc="eval-adapter", unit="batch", disable=not progress)):
-        rng = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        codes = sample_codes(generator, count, rng, truncation, mean)
-        noise = _noise(generator, count, rng, device)
+        inputs = [image_inputs(done + offset) for offset in range(count)]
+        codes = torch.cat([codes for codes, _ in inputs])
+        noise = [torch.cat(maps) for maps in zip(*(maps for _, maps in inputs))]
         source = generator.synthesis(codes, noise=noise).clamp(-1, 1)
         adapted = generator.synthesis(codes, refinement=refinement, noise=noise).clamp(-1, 1)
         if id_model is not None:
