@@ -182,6 +182,14 @@ def test_sliced_wasserstein_distance():
     with pytest.raises(ValueError, match="channels"):
         sliced_wasserstein(cloud, torch.randn(1, 4, 6, 7))
 
+    # under bf16 autocast (adapt-oneshot --bf16) the projections and the sort stay float32
+    near = cloud + 1e-3 * torch.randn_like(cloud)
+    directions = torch.nn.functional.normalize(torch.randn(5, 64), dim=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = sliced_wasserstein(near, cloud, directions=directions)
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, sliced_wasserstein(near, cloud, directions=directions), rtol=1e-6, atol=0)
+
 
 def test_swd_style_loss_on_lpips_features():
     from refinestyle.losses import LPIPSLoss

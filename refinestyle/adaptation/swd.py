@@ -68,14 +68,16 @@ def sliced_wasserstein(
         raise ValueError(f"directions: expected [{channels}, K], got {tuple(directions.shape)}")
     directions = directions.to(features.device, torch.float32)
 
-    projected = torch.sort(features.float() @ directions, dim=1).values  # [B, N, K]
-    target = torch.sort(reference.float() @ directions, dim=1).values  # [1 or B, M, K]
-    if target.shape[1] != projected.shape[1]:
-        # resample the reference quantile function at the features' number of points
-        target = F.interpolate(
-            target.transpose(1, 2), size=projected.shape[1], mode="linear", align_corners=True
-        ).transpose(1, 2)
-    return (projected - target).square().mean(dim=(1, 2))
+    # float32 also under autocast, which would round the projections to bf16 before the sort
+    with torch.autocast(features.device.type, enabled=False):
+        projected = torch.sort(features.float() @ directions, dim=1).values  # [B, N, K]
+        target = torch.sort(reference.float() @ directions, dim=1).values  # [1 or B, M, K]
+        if target.shape[1] != projected.shape[1]:
+            # resample the reference quantile function at the features' number of points
+            target = F.interpolate(
+                target.transpose(1, 2), size=projected.shape[1], mode="linear", align_corners=True
+            ).transpose(1, 2)
+        return (projected - target).square().mean(dim=(1, 2))
 
 
 def _as_points(tensor: torch.Tensor, name: str) -> torch.Tensor:
