@@ -210,6 +210,9 @@ def test_swd_style_loss_on_lpips_features():
     assert all(p.grad is None for p in lpips.parameters())
     with pytest.raises(ValueError, match="AlexNet ReLU"):
         LPIPSFeatures(lpips, layers=(0, 6))
+    # every image is brought to input_size x input_size, also one whose width alone already fits
+    features = LPIPSFeatures(lpips, layers=(2,), input_size=64)
+    assert features(torch.rand(1, 3, 48, 64))[0].shape == features(torch.rand(1, 3, 64, 64))[0].shape
 
 
 def test_evaluate_adapter_id_and_text_consistency(tiny_clip_config):

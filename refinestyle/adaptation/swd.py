@@ -120,8 +120,8 @@ class LPIPSFeatures(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected [B, 3, H, W] in [-1, 1], got {tuple(images.shape)}")
         x = images.float()
-        if self.input_size is not None and x.shape[-1] != self.input_size:
-            if x.shape[-1] > self.input_size and x.shape[-1] % self.input_size == 0:
+        if self.input_size is not None and x.shape[-2:] != (self.input_size, self.input_size):
+            if x.shape[-1] == x.shape[-2] > self.input_size and x.shape[-1] % self.input_size == 0:
                 x = F.adaptive_avg_pool2d(x, self.input_size)
             else:
                 x = F.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)
