@@ -119,6 +119,14 @@ class NVlabsSynthesisLayer(nn.Module):
             self.noise_strength = nn.Parameter(torch.zeros([]))
         self.bias = nn.Parameter(torch.zeros(out_channels))
 
+    def __getstate__(self):
+        # tokens made by a graph (LayerTokens' output) are no leaves, which deepcopy refuses: a
+        # copy or pickle (NVlabs' training loop makes G_ema = deepcopy(G)) holds their values
+        state = dict(super().__getstate__())
+        if state.get("tokens") is not None:
+            state["tokens"] = tuple(token.detach() for token in state["tokens"])
+        return state
+
     @property
     def scale(self) -> float:
         """rosinality's 1/sqrt(Cin k^2): the tokens' residual sits next to scale * weight * styles."""

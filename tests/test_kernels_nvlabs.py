@@ -9,7 +9,9 @@ gain 4), + noise * noise_strength, lrelu(0.2)(x + bias) * sqrt(2) * gain, clamp(
 Swapped layers must compute the same in float64. tests/test_checkpoints_nvlabs_upstream.py
 repeats the comparison on NVlabs' own networks when their code is at hand.
 """
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -68,7 +70,6 @@ class Block(nn.Module):
 
 
 def _swapped_copy(module, backend="torch"):
-    import copy
 
     swapped = copy.deepcopy(module)
     names = swap_nvlabs_modules(swapped, backend=backend)
@@ -143,6 +144,14 @@ def test_tokens_refine_the_kernels_as_the_op_does():
     layer.tokens = (p, q)  # for NVlabs' SynthesisBlock, which passes no tokens
     assert torch.allclose(layer(x, w, "const"), expected, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(unrefined, expected)
+    # tokens that a graph made (trainable LayerTokens-style scaling) still let NVlabs' training
+    # loop copy the network (G_ema = deepcopy(G)); the copy holds their values
+    scaling = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    layer.tokens = (p * scaling, q * scaling)
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert all(token.grad_fn is None for token in copied.tokens)
+        assert torch.allclose(copied(x, w, "const"), expected, rtol=1e-12, atol=1e-12)
+    assert layer.tokens[0].grad_fn is not None  # the original keeps its graph
 
 
 def test_bad_layers_and_inputs_are_named():
