@@ -70,7 +70,6 @@ class Block(nn.Module):
 
 
 def _swapped_copy(module, backend="torch"):
-
     swapped = copy.deepcopy(module)
     names = swap_nvlabs_modules(swapped, backend=backend)
     return swapped, names
