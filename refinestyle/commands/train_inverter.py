@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="data-loader worker processes (default: 4, or the CPU count when smaller)")
     optim.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
     optim.add_argument("--grad-checkpointing", action="store_true", default=None,
-                       help="recompute generator layers and encoder units in backward (less memory)")
+                       help="recompute the generator's StyledConv layers in backward (less memory)")
     optim.add_argument("--backend", choices=("auto", "triton", "torch", "reference"),
                        help="modulated-conv backend (auto, the default: fused Triton kernels on GPU)")
     optim.add_argument("--deterministic", action="store_true", default=None, help="torch.use_deterministic_algorithms")
