@@ -166,6 +166,32 @@ def test_ranger_leaves_the_per_layer_scale_vectors_uncentralised():
     assert (model.token_branch.scale_p < before).all()
 
 
+def test_gradient_checkpointing_recomputes_every_conv_of_the_generator():
+    """Each block's last conv runs with its toRGB through forward_to_rgb: both entries must be
+    recomputed in backward, or half the layers keep their activations."""
+    from collections import Counter
+
+    from refinestyle.inversion.train import enable_gradient_checkpointing
+    from refinestyle_kernels import StyledConv
+
+    generator = tiny_generator()
+    calls = Counter()
+    for name, module in generator.named_modules():
+        if isinstance(module, StyledConv):
+            for entry in ("forward", "forward_to_rgb"):
+                def counted(*args, _run=getattr(module, entry), _key=name, **kwargs):
+                    calls[_key] += 1
+                    return _run(*args, **kwargs)
+
+                setattr(module, entry, counted)
+    assert enable_gradient_checkpointing(generator) == generator.num_layers
+    w_plus = torch.randn(2, generator.n_latent, generator.style_dim, requires_grad=True)
+    image = generator.synthesis(w_plus, randomize_noise=False)
+    assert set(calls.values()) == {1} and len(calls) == generator.num_layers
+    image.square().mean().backward()
+    assert set(calls.values()) == {2}  # every conv ran again in backward
+
+
 def test_count_flops_and_parameters():
     layer = torch.nn.Linear(8, 4)
     assert count_flops(layer, torch.randn(3, 8)) == 2 * 3 * 8 * 4

@@ -345,7 +345,8 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> int:
-    """Recompute the generator's StyledConv layers in backward instead of keeping their activations.
+    """Recompute the generator's StyledConv layers (with the toRGB each block's last conv runs in
+    `forward_to_rgb`) in backward instead of keeping their activations.
 
     The generator's activations at 1024 px dominate training memory. Each StyledConv's
     forward is wrapped in torch.utils.checkpoint (non-reentrant; the RNG state is
@@ -359,7 +360,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, StyledConv) and not getattr(module, "_refinestyle_checkpointed", False):
+            # both entries: the generator runs each block's last conv with its toRGB (forward_to_rgb)
             module.forward = _checkpointed(module.forward)
+            module.forward_to_rgb = _checkpointed(module.forward_to_rgb)
             module._refinestyle_checkpointed = True
             count += 1
     return count
