@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from refinestyle.adaptation import Adapter
 from refinestyle.adaptation.clip_loss import (
+    TEXT_TEMPLATES,
     CLIPDirectionalLoss,
     directional_loss,
     load_clip,
@@ -59,13 +60,22 @@ def test_clip_directional_loss_reaches_the_tokens_and_nothing_of_the_generator(t
     assert all(p.grad is None for p in generator.parameters())
     assert all(p.grad is None for e in encoders for p in e.parameters())
 
-    # the loss is the weighted mean of 1 - cos(dI, dT) over the encoders, computed by hand here
+    # the loss is the weighted mean of 1 - cos(dI, dT) over the encoders, computed by hand here;
+    # dT as StyleGAN-NADA's: the mean over templates of the normalised per-template differences
+    def per_template(encoder, text):
+        tokens = encoder.tokenizer([template.format(text) for template in TEXT_TEMPLATES])
+        return F.normalize(encoder.model.encode_text(tokens).float(), dim=-1)
+
     expected = 0
     for encoder, weight in zip(encoders, (0.25, 0.75)):
         with torch.no_grad():
             d_image = F.normalize(encoder.encode_images(adapted) - encoder.encode_images(source), dim=-1)
-            text = encoder.encode_text(["photo", "pencil sketch"])
-            d_text = F.normalize(text[1] - text[0], dim=0)
+            differences = per_template(encoder, "pencil sketch") - per_template(encoder, "photo")
+            d_text = F.normalize(differences.mean(0), dim=0)
+            text = encoder.encode_text(["photo", "pencil sketch"])  # each mean normalised: not NADA's
+            renormalised = F.normalize(text[1] - text[0], dim=0)
+        assert not torch.allclose(d_text, renormalised, atol=1e-4)  # the two conventions differ here
+        torch.testing.assert_close(loss_fn.text_direction(encoders.index(encoder)), d_text, rtol=0, atol=1e-6)
         expected += weight * (1 - d_image @ d_text).mean()
     assert torch.allclose(loss.detach(), expected, atol=1e-4), (loss.item(), expected.item())
 
@@ -137,7 +147,13 @@ def test_clip_loads_only_local_files(tiny_clip_config, tmp_path, monkeypatch):
 
     monkeypatch.setattr(open_clip, "load_openai_model", fake_openai_loader)
     load_clip("ViT-B-32", archive)
-    assert calls == [(str(archive), "fp32")]
+    assert calls == [(str(archive.resolve()), "fp32")]
+    # a relative path named like an OpenAI model ("ViT-B-32") would be a download tag to open_clip
+    bare = tmp_path / "ViT-B-32"
+    archive.rename(bare)
+    monkeypatch.chdir(tmp_path)
+    load_clip("ViT-B-32", "ViT-B-32")
+    assert calls[-1] == (str(bare.resolve()), "fp32")
 
 
 def test_clip_bad_files_and_names_are_value_errors(tiny_clip_config, tmp_path):
@@ -215,7 +231,7 @@ def test_swd_style_loss_on_lpips_features():
     assert features(torch.rand(1, 3, 48, 64))[0].shape == features(torch.rand(1, 3, 64, 64))[0].shape
 
 
-def test_evaluate_adapter_id_and_text_consistency(tiny_clip_config):
+def test_evaluate_adapter_id_and_text_consistency(tiny_clip_config, monkeypatch):
     """eval-adapter's numbers: ID is the mean identity cosine of (source, adapted) pairs, TC the mean
     CLIP cosine of the adapted images with the target text; both recomputed here from the images."""
     from refinestyle.adaptation.metrics import evaluate_adapter
@@ -243,6 +259,24 @@ def test_evaluate_adapter_id_and_text_consistency(tiny_clip_config):
         tc = (encoder.encode_images(adapted) @ encoder.encode_text(["pencil sketch"])[0]).mean().item()
     assert result["text_consistency"] == pytest.approx(tc, abs=1e-5)
     assert result["target_text"] == "pencil sketch" and result["params"] == adapter.num_trainable()
+    # two CLIP models of one architecture name: each keeps its own value, the mean covers both
+    twin = random_clip(str(tiny_clip_config), seed=2)
+    both = evaluate_adapter(generator, adapter, num_images=5, batch_size=2, clip_encoders=[encoder, twin],
+                            progress=False)
+    per_model = both["text_consistency_per_model"]
+    assert len(per_model) == 2 and list(per_model.values())[0] == pytest.approx(tc, abs=1e-5)
+    assert both["text_consistency"] == pytest.approx(sum(per_model.values()) / 2)
+    # not the codes training drew: step t's first code comes from (seed, t)
+    import refinestyle.adaptation.train as training
+
+    drawn = []
+    original = training.sample_codes
+    monkeypatch.setattr(training, "sample_codes", lambda *args, **kwargs: drawn.append(original(*args, **kwargs)) or drawn[-1])
+    evaluate_adapter(generator, adapter, num_images=3, progress=False)
+    monkeypatch.undo()
+    for step, code in enumerate(drawn):
+        trained_on = original(generator, 1, training._step_generator(0, step), 1.0, None)
+        assert (code - trained_on).abs().max() > 1e-2
     # the same images in batches of 3: the same codes and noise, so the same numbers
     regrouped = []
     again = evaluate_adapter(generator, adapter, num_images=5, batch_size=3, id_model=CosineID(), progress=False,

@@ -148,12 +148,16 @@ class CLIPEncoder(nn.Module):
         return F.normalize(features.float(), dim=-1)
 
     @torch.no_grad()
-    def encode_text(self, texts: Sequence[str], templates: Sequence[str] = TEXT_TEMPLATES) -> torch.Tensor:
-        """Template-averaged, L2-normalised text embeddings, float [len(texts), D].
+    def encode_text(
+        self, texts: Sequence[str], templates: Sequence[str] = TEXT_TEMPLATES, *, normalize_mean: bool = True
+    ) -> torch.Tensor:
+        """Template-averaged text embeddings, float [len(texts), D].
 
         texts: descriptions such as "pencil sketch".
         templates: format strings with one "{}"; each text's embedding is the mean of the
-            normalised embeddings of all its templated prompts, normalised again.
+            normalised embeddings of all its templated prompts, normalised again unless
+            normalize_mean is False (StyleGAN-NADA's text direction is the mean of the
+            per-template differences, normalised once: the difference of these means).
         """
         if isinstance(texts, str):
             raise TypeError("texts: expected a list of strings, got one string")
@@ -164,7 +168,8 @@ class CLIPEncoder(nn.Module):
             prompts = [template.format(text) for template in templates]
             tokens = self.tokenizer(prompts).to(self.device)
             features = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
-            embeddings.append(F.normalize(features.mean(0), dim=-1))
+            mean = features.mean(0)
+            embeddings.append(F.normalize(mean, dim=-1) if normalize_mean else mean)
         return torch.stack(embeddings)
 
 
@@ -208,10 +213,11 @@ def load_clip(
         )
     try:
         if torchscript:
-            model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+            # absolute: open_clip takes a string naming an OpenAI model ("ViT-B-32") for a download
+            model = open_clip.load_openai_model(str(Path(path).resolve()), precision="fp32", device="cpu")
         else:
             # pretrained= is a verified local file here, so open_clip never looks up a download tag.
-            model = open_clip.create_model(name, pretrained=str(path), force_quick_gelu=quick_gelu)
+            model = open_clip.create_model(name, pretrained=str(Path(path).resolve()), force_quick_gelu=quick_gelu)
     except Exception as error:  # torch.load / load_state_dict / TorchScript errors of many types
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if isinstance(error, RuntimeError) and "state_dict" in str(error):
@@ -310,7 +316,8 @@ class CLIPDirectionalLoss(nn.Module):
         self.source_text, self.target_text = source_text, target_text
         self.templates = tuple(templates)
         for index, encoder in enumerate(self.encoders):
-            source, target = encoder.encode_text([source_text, target_text], self.templates)
+            # NADA's compute_text_direction: normalise(mean over templates of target_t - source_t)
+            source, target = encoder.encode_text([source_text, target_text], self.templates, normalize_mean=False)
             self.register_buffer(f"text_direction_{index}", F.normalize(target - source, dim=0), persistent=False)
 
     def text_direction(self, index: int) -> torch.Tensor:
@@ -351,9 +358,11 @@ def text_consistency(encoder: CLIPEncoder, images: torch.Tensor, text_embedding:
 def add_clip_arguments(parser, *, required_note: str = "") -> None:
     """--clip ARCH=PATH (repeatable), --clip-vit-b16 PATH, --clip-vit-b32 PATH, --clip-no-quick-gelu."""
     parser.add_argument("--clip-vit-b16", default=None, metavar="PATH",
-                        help="OpenAI CLIP ViT-B/16 weights, a local file (default: $REFINESTYLE_CLIP_VIT_B16)")
+                        help="OpenAI CLIP ViT-B/16 weights, a local file (with no CLIP option at all, both "
+                             "paper models come from $REFINESTYLE_CLIP_VIT_B16 and $REFINESTYLE_CLIP_VIT_B32)")
     parser.add_argument("--clip-vit-b32", default=None, metavar="PATH",
-                        help="OpenAI CLIP ViT-B/32 weights, a local file (default: $REFINESTYLE_CLIP_VIT_B32)")
+                        help="OpenAI CLIP ViT-B/32 weights, a local file (see --clip-vit-b16 for the "
+                             "environment variables)")
     parser.add_argument("--clip", action="append", default=[], metavar="ARCH=PATH",
                         help="another CLIP model: an open_clip architecture name (or an open_clip config .json) "
                              "and its local weights file; repeatable" + required_note)

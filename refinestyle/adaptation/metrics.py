@@ -10,6 +10,7 @@ Following the paper's Tables 2 and 3, for N random codes (2000 by default):
 """
 from __future__ import annotations
 
+import random
 from typing import Optional, Sequence
 
 import torch
@@ -46,7 +47,8 @@ def evaluate_adapter(
     clip_encoders: CLIPEncoder instances for TC; empty or target_text None skips TC.
     target_text: the target description (default: the adapter's metadata "target_text").
     truncation: psi of the codes (1: none); seed: seed of codes and noise (image i draws its
-        own from (seed, i), so the images do not depend on batch_size).
+        own from (seed, i), so the images do not depend on batch_size; salted, so that they are
+        not the codes training steps draw from the same seed).
     on_batch: optional callable(index, source [B, 3, H, W], adapted [B, 3, H, W]) called for
         every batch (e.g. to save examples).
 
@@ -74,8 +76,10 @@ def evaluate_adapter(
     batches = [min(batch_size, num_images - start) for start in range(0, num_images, batch_size)]
 
     def image_inputs(image: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        # each image its own generator: the same codes and noise whatever the batch size
-        rng = torch.Generator().manual_seed(seed * 1_000_003 + image)
+        # each image its own generator: the same codes and noise whatever the batch size. The
+        # seed is salted: training step t draws from (seed, t), and evaluating on the codes an
+        # adapter was trained on would flatter it
+        rng = torch.Generator().manual_seed(random.Random(f"refinestyle-eval:{seed}:{image}").getrandbits(63))
         return sample_codes(generator, 1, rng, truncation, mean), _noise(generator, 1, rng, device)
 
     for index, count in enumerate(tqdm(batches, desc="eval-adapter", unit="batch", disable=not progress)):
@@ -98,7 +102,11 @@ def evaluate_adapter(
         result["id_similarity"] = values.mean().item()
         result["id_similarity_std"] = values.std().item() if values.numel() > 1 else 0.0
     if text_embeddings:
-        per_model = {encoder.name: total / done for encoder, total in zip(clip_encoders, tc_sums)}
+        labels = [encoder.name for encoder in clip_encoders]
+        # two models of one architecture (say OpenAI's and LAION's ViT-B-32) keep a value each
+        labels = [f"{label}#{labels[:i].count(label) + 1}" if labels.count(label) > 1 else label
+                  for i, label in enumerate(labels)]
+        per_model = {label: total / done for label, total in zip(labels, tc_sums)}
         result["text_consistency"] = sum(per_model.values()) / len(per_model)
         result["text_consistency_per_model"] = per_model
         result["target_text"] = target_text
