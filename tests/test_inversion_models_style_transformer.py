@@ -91,3 +91,53 @@ def test_style_transformer_checkpoint_as_first_stage(tmp_path):
         load_style_transformer(tmp_path / "other.pt", generator)
     with pytest.raises(FileNotFoundError, match="style-transformer"):
         load_style_transformer(tmp_path / "absent.pt", generator)
+
+
+def test_style_transformer_with_more_queries_than_w_rows(tmp_path):
+    """Style Transformer keeps 18 queries at any resolution (its 512 px Cars model uses 16 rows):
+    every query attends to every other, so all are kept and the first n_latent rows are w+."""
+    from refinestyle.inversion.models import load_inverter, save_inverter
+
+    torch.manual_seed(1)
+    generator = Generator(32, style_dim=DIM, n_mlp=2, channel_max=16)
+    reference = ReferenceStyleTransformer(generator.style, generator.n_latent + 2).eval()
+    latent_avg = torch.randn(DIM)
+    path = tmp_path / "cars.pt"
+    torch.save(reference.checkpoint(latent_avg, generator), path)
+    model = load_style_transformer(path, generator, encoder_depth=DEPTH, encoder_widths=WIDTHS, encoder_size=32)
+    assert model.config.latent_queries == generator.n_latent + 2
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = reference(images, latent_avg)[:, : generator.n_latent]
+        truncated = ReferenceStyleTransformer(generator.style, generator.n_latent).eval()
+        truncated.load_state_dict({**reference.state_dict(), "z": reference.z[:, : generator.n_latent]})
+        assert (truncated(images, latent_avg) - expected).abs().max() > 1e-4  # the extra rows matter
+        torch.testing.assert_close(model.w_plus_only(images), expected, rtol=1e-5, atol=1e-5)
+    # stored inside a two-stage model's file, it comes back with its queries
+    two = TwoStageInverter(generator, FirstStage(model), num_refined=3, num_tokens=4, encoder_depth=DEPTH,
+                           encoder_widths=WIDTHS, encoder_size=32, heads=2, head_dim=8, ffn_dim=32)
+    save_inverter(tmp_path / "two.safetensors", two)
+    loaded = load_inverter(tmp_path / "two.safetensors", generator)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.w_plus_only(images), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_style_transformer_start_from_latent_avg_option(tmp_path):
+    """A file trained without start_from_latent_avg adds nothing to its codes; one trained with it
+    must hold latent_avg."""
+    torch.manual_seed(2)
+    generator = Generator(32, style_dim=DIM, n_mlp=2, channel_max=16)
+    reference = ReferenceStyleTransformer(generator.style, generator.n_latent).eval()
+    checkpoint = reference.checkpoint(None, generator)
+    del checkpoint["latent_avg"]
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    checkpoint["opts"]["start_from_latent_avg"] = False
+    torch.save(checkpoint, tmp_path / "plain.pt")
+    model = load_style_transformer(tmp_path / "plain.pt", generator, encoder_depth=DEPTH, encoder_widths=WIDTHS,
+                                   encoder_size=32)  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(model.w_plus_only(images), reference(images, 0.0), rtol=1e-5, atol=1e-5)
+    checkpoint["opts"]["start_from_latent_avg"] = True
+    torch.save(checkpoint, tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="holds none"):
+        load_style_transformer(tmp_path / "missing.pt", generator, encoder_depth=DEPTH, encoder_widths=WIDTHS)

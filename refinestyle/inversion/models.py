@@ -107,6 +107,9 @@ class InverterConfig:
     encoder_depth, encoder_widths, encoder_size: the IR-SE trunk and the side images are
         resized to before E (256).
     train_mapping: one-stage: whether the copied mapping MLP trains.
+    latent_queries: rows of learned queries of the w+ branch; None: n_latent. More rows than
+        n_latent (Style Transformer's files always hold 18) attend to one another, and the
+        first n_latent become w+.
     first_stage: two-stage: how to rebuild a stored first stage, else None (an external one):
         a built-in FirstStage's InverterConfig as a dict, or a PSPEncoder's config() (a dict
         with "kind": "psp" or "e4e").
@@ -131,6 +134,7 @@ class InverterConfig:
     encoder_size: int = 256
     train_mapping: bool = True
     first_stage: Optional[dict] = None
+    latent_queries: Optional[int] = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -157,6 +161,8 @@ class LatentBranch(nn.Module):
     latent_avg: [C] the generator's mean w, added to the blocks' output.
     heads, head_dim, ffn_dim, dropout: the transformer blocks.
     train_mapping: whether the mapping MLP's parameters train.
+    num_queries: rows of learned queries (None: n_latent); the blocks see all of them and the
+        first n_latent become w+ (Style Transformer keeps 18 for every resolution).
 
     forward(features: (coarse [B, N1, C], medium [B, N2, C], fine [B, N3, C])) -> w+ [B, n_latent, C].
     """
@@ -173,11 +179,16 @@ class LatentBranch(nn.Module):
         ffn_dim: int = 1024,
         dropout: float = 0.0,
         train_mapping: bool = True,
+        num_queries: Optional[int] = None,
     ):
         super().__init__()
+        num_queries = n_latent if num_queries is None else num_queries
+        if not isinstance(num_queries, int) or num_queries < n_latent:
+            raise ValueError(f"num_queries: expected at least n_latent={n_latent} rows, got {num_queries!r}")
+        self.n_latent = n_latent
         self.mapping = mapping
         self.mapping.requires_grad_(train_mapping)
-        self.latent_queries = nn.Parameter(torch.randn(n_latent, dim))
+        self.latent_queries = nn.Parameter(torch.randn(num_queries, dim))
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, head_dim, ffn_dim, dropout) for _ in range(3))
         if latent_avg.shape != (dim,):
             raise ValueError(f"latent_avg: expected [{dim}], got {tuple(latent_avg.shape)}")
@@ -190,7 +201,7 @@ class LatentBranch(nn.Module):
         codes = queries.unsqueeze(0).expand(batch, -1, -1)
         for block, level in zip(self.blocks, features):
             codes = block(codes, level)
-        return codes + self.latent_avg
+        return codes[:, : self.n_latent] + self.latent_avg
 
 
 class TokenBranch(nn.Module):
@@ -339,6 +350,9 @@ class _Inverter(nn.Module):
         size = self.config.encoder_size
         if images.shape[-2:] == (size, size):
             return images
+        if images.shape[-1] == images.shape[-2] > size and images.shape[-1] % size == 0:
+            # average pooling, as pSp's and HyperStyle's face_pool bring 1024 px renders to 256
+            return F.adaptive_avg_pool2d(images, size)
         return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
     def _render(self, w_plus, refinement, noise, randomize_noise) -> torch.Tensor:
@@ -400,6 +414,8 @@ class OneStageInverter(_Inverter):
     latent_avg: [style_dim] mean w added to the w+ branch output; default: the generator's
         `latent_avg`, else the mean of its mapping over 4096 z.
     train_mapping: whether the (copied) mapping MLP of the w+ branch trains (paper: yes).
+    latent_queries: query rows of the w+ branch (None: the generator's n_latent; see
+        InverterConfig).
 
     forward(images [B, 3, H, W] float in [-1, 1], *, render=True, noise=None,
     randomize_noise=False) -> InversionResult(w_plus [B, n_latent, style_dim],
@@ -427,6 +443,7 @@ class OneStageInverter(_Inverter):
         token_levels: Sequence[str] = FEATURE_LEVELS,
         latent_avg: Optional[torch.Tensor] = None,
         train_mapping: bool = True,
+        latent_queries: Optional[int] = None,
     ):
         super().__init__()
         self._setup_generator(generator)
@@ -447,6 +464,7 @@ class OneStageInverter(_Inverter):
             token_levels=list(token_levels),
             encoder_size=encoder_size,
             train_mapping=bool(train_mapping),
+            latent_queries=latent_queries,
         )
         if latent_avg is None:
             latent_avg = _default_latent_avg(generator)
@@ -460,6 +478,7 @@ class OneStageInverter(_Inverter):
             ffn_dim=ffn_dim,
             dropout=dropout,
             train_mapping=train_mapping,
+            num_queries=latent_queries,
         )
         self.token_branch = self._build_token_branch() if refine else None
         _follow_the_generator(self, generator)
@@ -792,6 +811,7 @@ def _build_from_config(config: InverterConfig, generator: nn.Module, first_stage
             # the stored buffer overwrites it: skip computing the mapping's mean
             latent_avg=torch.zeros(config.style_dim),
             train_mapping=config.train_mapping,
+            latent_queries=config.latent_queries,
             **options,
         )
     if config.stage == "two":

@@ -127,9 +127,14 @@ def load_style_transformer(
     dim = state["latent_branch.latent_queries"].shape[-1]
     if dim % heads:
         raise ValueError(f"heads: {heads} does not divide the token width {dim}")
+    rows = state["latent_branch.latent_queries"].shape[0]
+    if rows < generator.n_latent:
+        raise ValueError(f"{path}: {rows} query rows, fewer than this generator's {generator.n_latent} w+ rows")
     model = OneStageInverter(
         generator,
         refine=False,
+        # Style Transformer keeps 18 queries at any resolution (16 used at 512 px): all of them attend
+        latent_queries=rows if rows != generator.n_latent else None,
         encoder_depth=encoder_depth,
         encoder_widths=encoder_widths,
         encoder_size=encoder_size,
@@ -138,10 +143,15 @@ def load_style_transformer(
         ffn_dim=state["latent_branch.blocks.0.feed_forward.0.weight"].shape[0],
         latent_avg=latent_avg,
     )
-    if latent_avg is None:
-        state["latent_branch.latent_avg"] = model.latent_branch.latent_avg
-    else:
+    opts = checkpoint.get("opts") if isinstance(checkpoint.get("opts"), dict) else {}
+    if latent_avg is not None:
         state["latent_branch.latent_avg"] = latent_avg
+    elif opts.get("start_from_latent_avg", False):
+        raise ValueError(f"{path}: starts from latent_avg (opts['start_from_latent_avg']) but holds none")
+    elif "start_from_latent_avg" in opts:  # trained without it: nothing is added to the codes
+        state["latent_branch.latent_avg"] = torch.zeros_like(model.latent_branch.latent_avg)
+    else:  # no options to tell: the generator's mean w, as the released files hold
+        state["latent_branch.latent_avg"] = model.latent_branch.latent_avg
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("generator.")}
     mismatch = state_dict_mismatch(own, state)
     if mismatch:

@@ -62,7 +62,7 @@ RESUME_OVERRIDABLE = (
 RESUME_RELOCATABLE = ("generator", "data", "val_data", "first_stage", "ir_se50", "lpips_backbone")
 # Keyword arguments of the inverter classes that model_options cannot set: build_inverter sets them from
 # other fields, or they take objects rather than JSON values.
-_NOT_MODEL_OPTIONS = ("refine", "ir_se50_path", "encoder", "latent_avg")
+_NOT_MODEL_OPTIONS = ("refine", "ir_se50_path", "encoder", "latent_avg", "latent_queries")  # set by loaders
 
 
 @dataclass
