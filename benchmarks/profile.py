@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in result["host"]:
             print(f"  {row['own_ms']:8.3f} {row['cumulative_ms']:8.3f} {row['calls_per_step']:7.1f}x  {row['function']}")
         sys.stdout.flush()
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        if args.json:  # after each implementation: a run cut short keeps what it profiled
+            args.json.write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -263,6 +263,8 @@ def _targets_text(run: dict, markdown: bool) -> str:
         value = target["value"]
         shown = "not measured" if value is None else f"{value:.3g}"
         met = {None: "-", True: "met", False: "MISSED"}[target["met"]]
+        if target.get("note"):
+            met = f"{met} ({target['note']})" if met != "-" else target["note"]
         by = target.get("implementation") or "-"
         rows.append([target["description"], f"{target['comparison']} {target['threshold']}", shown, by, met])
     title = "Targets (H100, batch 8, 1024 px, every layer refined with L = 32; the fastest fused variant):"

@@ -436,6 +436,38 @@ def test_targets_count_the_reference_as_plain_pytorch_and_skip_records_that_fail
     assert targets["speedup_vs_best_plain"]["value"] == pytest.approx(50.0 / 40.0)
 
 
+def test_the_plain_target_waits_for_every_plain_variant_and_the_overhead_for_a_pair():
+    """'The fastest plain-PyTorch variant' is known once the issue's plain variants were timed (a run
+    cut short after the fused ones would compare against the reference alone); the refinement's
+    cost takes the fastest fused variant timed both refined and unrefined."""
+    from benchmarks.report import _targets_text
+
+    records = [
+        _headline_record("reference", "reference", 100.0, 10),
+        _headline_record("nvlabs", "plain", 80.0, 12),
+        _headline_record("triton", "fused", 60.0, 5),
+        _headline_record("triton+graph", "fused", 30.0, 9),
+        _headline_record("compile-triton+graph", "fused", 20.0, 9),  # its unrefined case was cut short
+        _headline_record("triton", "fused", 50.0, 5, num_tokens=0, token_sharing="none"),
+        _headline_record("triton+graph", "fused", 27.0, 9, num_tokens=0, token_sharing="none"),
+    ]
+    add_speedups(records)
+    targets = {t["target"]: t for t in evaluate_targets(records)}
+    plain = targets["speedup_vs_best_plain"]
+    assert plain["value"] == pytest.approx(4.0) and plain["met"] is None
+    assert plain["note"].startswith("provisional: torch, compile-reference, compile-torch, torch+graph not timed")
+    assert "provisional" in _targets_text({"targets": list(targets.values())}, markdown=True)
+    overhead = targets["refinement_overhead"]
+    assert overhead["implementation"] == "triton+graph" and overhead["value"] == pytest.approx(30.0 / 27.0 - 1)
+
+    records += [_headline_record(name, "plain", 40.0, 12)
+                for name in ("torch", "compile-reference", "compile-torch", "torch+graph")]  # fmt: skip
+    add_speedups(records)
+    plain = {t["target"]: t for t in evaluate_targets(records)}["speedup_vs_best_plain"]
+    assert plain["value"] == pytest.approx(2.0) and plain["met"] is True
+    assert plain["note"] == "against torch of compile-reference, compile-torch, nvlabs, reference, torch, torch+graph"
+
+
 def test_merged_runs_keep_one_record_per_case_and_implementation(tmp_path, capsys):
     """Runs merged by `report` (oldest first): the last measurement of a (case, implementation)
     replaces the earlier ones, so the targets, the markdown and the speedups read the same
