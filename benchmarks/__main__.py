@@ -343,16 +343,33 @@ def _logger(quiet: bool):
     return log
 
 
+# what two runs must share to be merged: the device, the libraries and the kernels' settings
+MERGE_KEYS = ("device_name", "torch", "triton", "kernel_options")
+
+
+def merge_conflicts(runs: list[dict]) -> list[str]:
+    """What differs between runs that `report` is asked to merge, one line per setting: an A/B
+    run (--kernel-option) or another machine's numbers would otherwise pass for one run's."""
+    conflicts = []
+    for key in MERGE_KEYS:
+        values = [r.get("environment", {}).get(key) or None for r in runs]
+        if any(value != values[0] for value in values):
+            conflicts.append(f"{key}: {' / '.join(map(str, values))}")
+    return conflicts
+
+
 def merged_results(runs: list[dict]) -> list[dict]:
     """The runs' records, one per (case, implementation): a later run's measurement replaces an
     earlier one's (the runs are given oldest first), so that the targets, the table and the
-    speedups all read the same record; a record without a time never replaces one with."""
+    speedups all read the same record. A record without a time never replaces one with, except
+    a wrong result: the correctness guard failing later is not hidden by an earlier time."""
     merged: dict[tuple[str, str], dict] = {}
     for r in runs:
         for record in r["results"]:
             key = (record["case_id"], record["implementation"])
             earlier = merged.get(key)
-            if earlier is None or record.get("median_ms") is not None or earlier.get("median_ms") is None:
+            if (earlier is None or record.get("median_ms") is not None or earlier.get("median_ms") is None
+                    or record.get("status") == "wrong"):
                 merged[key] = record
     return list(merged.values())
 
@@ -369,6 +386,11 @@ def report_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     runs = [report.read_json(path) for path in args.json]
     run = runs[0]
+    conflicts = merge_conflicts(runs) if len(runs) > 1 else []
+    if conflicts:
+        print("refinestyle-bench report: error: these runs cannot be merged, they differ in "
+              + "; ".join(conflicts) + ". Report them one by one.", file=sys.stderr)
+        return 2
     if len(runs) > 1:
         run = dict(run)
         run["results"] = merged_results(runs)

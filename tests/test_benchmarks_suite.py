@@ -486,6 +486,30 @@ def test_merged_runs_keep_one_record_per_case_and_implementation(tmp_path, capsy
     targets = {t["target"]: t for t in evaluate_targets(merged)}
     assert targets["speedup_vs_reference"]["value"] == pytest.approx(2.5)
     assert targets["refinement_overhead"]["value"] == pytest.approx(40.0 / 50.0 - 1)
+    # a later wrong result is not hidden by an earlier time
+    wrong = dict(_headline_record("triton", "fused", 0.0, 0), status="wrong", median_ms=None)
+    merged = merged_results([{"results": older}, {"results": [wrong]}])
+    assert {(r["implementation"], r["num_tokens"]): r for r in merged}[("triton", 32)]["status"] == "wrong"
+
+
+def test_report_refuses_to_merge_runs_of_other_settings(tmp_path, capsys):
+    """An A/B run (--kernel-option) or another machine's run merged into one report would pass
+    its numbers off as the same run's: refused, naming what differs."""
+    from benchmarks.__main__ import main, merge_conflicts
+
+    environment = {"device_name": "NVIDIA H100", "torch": "2.11.0", "triton": "3.6.0", "kernel_options": {}}
+    plain = {"environment": environment}
+    ab = {"environment": dict(environment, kernel_options={"CONV_TOKEN_PRODUCTS_MAX_K": 0})}
+    assert merge_conflicts([plain, dict(plain, environment=dict(environment, kernel_options=None))]) == []
+    assert merge_conflicts([plain, ab]) == ["kernel_options: None / {'CONV_TOKEN_PRODUCTS_MAX_K': 0}"]
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    run = json.loads(sorted(results.glob("cpu-*.json"))[0].read_text())
+    paths = []
+    for name, env in (("a.json", run["environment"]), ("b.json", dict(run["environment"], triton="0.0"))):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(dict(run, environment=env)))
+    assert main(["report", *map(str, paths), "--no-plot"]) == 2
+    assert "differ in triton: " in capsys.readouterr().err
 
 
 def test_a_refinement_that_costs_nothing_is_a_measured_target():
