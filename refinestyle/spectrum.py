@@ -267,7 +267,8 @@ def kernel_spectrum(
         raise ValueError(f"levels: expected energy shares in (0, 1], got {levels}")
     device = generator.input.input.device
     z = torch.randn(num_samples, generator.style_dim, generator=torch.Generator().manual_seed(seed))
-    w = torch.cat([generator.style(chunk.to(device)) for chunk in z.split(batch_size)]).float()
+    mapping_dtype = generator.input.input.dtype  # z in the mapping's own dtype (float64, bf16 generators too)
+    w = torch.cat([generator.style(chunk.to(device, mapping_dtype)) for chunk in z.split(batch_size)]).float()
     if truncation != 1:
         if truncation_latent is None:
             truncation_latent = generator.latent_avg

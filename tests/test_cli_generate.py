@@ -138,6 +138,14 @@ def test_adapters_give_one_row_per_domain(tmp_path, checkpoint, capsys):
     assert "(Cin, Cout)" in capsys.readouterr().err
 
 
+def test_a_grid_name_pil_cannot_write_is_refused_before_rendering(tmp_path, checkpoint, capsys):
+    for bad in ("grid", "grid.txt"):
+        with pytest.raises(SystemExit):
+            cli.main(["generate", "--ckpt", str(checkpoint), "--out", str(tmp_path / bad), "--device", "cpu"])
+        assert "expected an image file name" in capsys.readouterr().err
+        assert not (tmp_path / "grid").exists()
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert run(["--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "g.png")]) == 2
     assert "nope.pt" in capsys.readouterr().err

@@ -77,6 +77,17 @@ def test_low_rank_weights_give_low_counts(generator):
     assert result.layers[0].count(0.99) > 2  # the untouched layers are not low-rank
 
 
+def test_spectrum_of_a_float64_generator(generator):
+    """The mapping takes z in the generator's dtype: a float64 analysis runs."""
+    import copy
+
+    wide = copy.deepcopy(generator).double()
+    spectrum = kernel_spectrum(wide, 6, batch_size=4, progress=False)
+    reference = kernel_spectrum(generator, 6, batch_size=4, progress=False)
+    for ours, theirs in zip(spectrum.layers, reference.layers):
+        assert ours.rank == theirs.rank and ours.mean == pytest.approx(theirs.mean, rel=1e-4, abs=1e-5)
+
+
 def test_table_json_and_plot(tmp_path, generator):
     result = kernel_spectrum(generator, 10, seed=5, progress=False)
     table = result.table()
@@ -102,6 +113,13 @@ def test_spectrum_command(tmp_path, generator, capsys):
     data = json.loads(out.with_suffix(".json").read_text())
     assert [layer["rank"] for layer in data["layers"]] == [10, 6, 6, 5, 5]
     assert out.is_file()
+
+    # a figure name matplotlib cannot write is refused before the (long) computation
+    for bad in ("spectrum.json", "spectrum"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--ckpt", str(checkpoint), "--out", str(tmp_path / bad)])
+        assert "expected a figure file name" in capsys.readouterr().err
+    assert parser.parse_args(["--out", str(tmp_path / "s.pdf")]).out.suffix == ".pdf"
 
     args = parser.parse_args(["--ckpt", str(tmp_path / "missing.pt"), "--out", str(out)])
     assert spectrum_command.main(args) == 2

@@ -67,6 +67,29 @@ def output_file(text: str) -> Path:
     return path
 
 
+def image_file(text: str) -> Path:
+    """An image file to write (output_file) whose suffix PIL can write (.png, .jpg, ...)."""
+    from PIL import Image
+
+    path = output_file(text)
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an image file name such as grid.png (.png, .jpg, .webp)")
+    return path
+
+
+def figure_file(text: str) -> Path:
+    """A figure file to write (output_file) whose suffix matplotlib can write (.png, .pdf, .svg, ...)."""
+    from matplotlib.figure import Figure
+
+    path = output_file(text)
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a figure file name with one of the suffixes {', '.join('.' + f for f in sorted(formats))}"
+        )
+    return path
+
+
 def output_folder(text: str) -> Path:
     """A folder to write into (made if missing): not an existing file, not under a file."""
     path = Path(text)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from refinestyle.commands import device_name, output_file, output_folder, positive_int, report_error
+from refinestyle.commands import device_name, image_file, output_folder, positive_int, report_error
 from refinestyle.weights import default_device, require_file
 
 
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truncation-mean", type=positive_int, default=4096,
                         help="random w averaged for truncation when the checkpoint has no latent_avg (default 4096)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents and noise (default 0)")
-    parser.add_argument("--out", type=output_file, default=Path("grid.png"), help="grid picture to write (default grid.png)")
+    parser.add_argument("--out", type=image_file, default=Path("grid.png"), help="grid picture to write (default grid.png)")
     parser.add_argument("--outdir", type=output_folder, default=None,
                         help="folder for the individual images (default: --out without its suffix)")
     parser.add_argument("--nrow", type=positive_int, default=None,

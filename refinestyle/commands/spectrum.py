@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from refinestyle.commands import device_name, output_file, positive_int, report_error
+from refinestyle.commands import device_name, figure_file, output_file, positive_int, report_error
 from refinestyle.weights import default_device
 
 
@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", default=None, help="generator checkpoint: rosinality .pt / .safetensors or NVlabs .pkl "
                         "(default: $REFINESTYLE_GENERATOR)")
     parser.add_argument("--samples", type=positive_int, default=1000, help="number of random z (default 1000)")
-    parser.add_argument("--out", type=output_file, default=Path("spectrum.png"), help="figure to write (default spectrum.png)")
+    parser.add_argument("--out", type=figure_file, default=Path("spectrum.png"),
+                        help="figure to write (default spectrum.png; .pdf, .svg work too)")
     parser.add_argument("--json", type=output_file, default=None, help="numbers to write (default: --out with .json)")
     parser.add_argument("--batch-size", type=positive_int, default=100, help="samples per batch (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the z draw (default 0)")
@@ -55,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as error:
         return report_error(args, error)
     print(spectrum.table())
+    numbers = spectrum.save_json(args.json or args.out.with_suffix(".json"))  # first: the numbers took the time
     figure = spectrum.plot(args.out)
-    numbers = spectrum.save_json(args.json or args.out.with_suffix(".json"))
     print(f"wrote {figure} and {numbers}")
     return 0
