@@ -21,7 +21,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[B, 3, H, W] float in [-1, 1] (any device/dtype) -> uint8 array [B, H, W, 3]."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images: expected [B, 3, H, W], got {tuple(images.shape)}")
-    array = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    array = ((as_saved(images.detach()) + 1) * 127.5).round().to(torch.uint8)  # exact: as_saved's levels
     return array.permute(0, 2, 3, 1).cpu().numpy()
 
 

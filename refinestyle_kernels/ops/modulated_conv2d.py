@@ -3036,7 +3036,7 @@ def _demodulation_backward(saved, options, grad_demod, needs, accumulate=(None, 
     return grad_styles if need_styles else None, grad_p if need_p else None, grad_q if need_q else None
 
 
-def differentiable_once(backward):
+def _differentiable_once(backward):
     """torch's once_differentiable for a Triton Function's backward, which is written by hand and
     has no derivative of its own; a backward with create_graph=True (a second derivative to come)
     is refused at once, saying which backends give one."""
@@ -3080,7 +3080,7 @@ class _TritonDemodulation(torch.autograd.Function):
         return demod
 
     @staticmethod
-    @differentiable_once
+    @_differentiable_once
     def backward(ctx, grad_demod):
         grads = _demodulation_backward(ctx.saved_tensors, ctx.options, grad_demod, ctx.needs_input_grad[1:4])
         return (None, *grads, None, None)
@@ -3593,7 +3593,7 @@ class _StyledConv2dTritonFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @differentiable_once
+    @_differentiable_once
     def backward(ctx, grad):
         return (*_gradients(ctx, grad, functools.partial(_triton_backward, placeholders=False)), None)
 

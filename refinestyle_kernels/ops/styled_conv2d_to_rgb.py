@@ -44,6 +44,7 @@ from refinestyle_kernels.ops.modulated_conv2d import (
     _check_tensor,
     _clamp_bound,
     _derived_from_weight,
+    _differentiable_once,
     _gradients_wanted,
     _merge_deferred_demodulation,
     _needs_with_deferred,
@@ -54,7 +55,6 @@ from refinestyle_kernels.ops.modulated_conv2d import (
     _styled_conv2d_triton_backward_fake,
     _triton_forward,
     _validate,
-    differentiable_once,
     styled_conv2d,
 )
 
@@ -276,7 +276,7 @@ class _StyledConv2dToRGBFunction(torch.autograd.Function):
         return out, rgb
 
     @staticmethod
-    @differentiable_once
+    @_differentiable_once
     def backward(ctx, grad_out, grad_rgb):
         tensors, deferred = _saved_with_deferred(ctx)
         x, weight, styles, p, q, demod, noise, noise_strength, bias, out, rgb, rgb_weight, rgb_styles, mix = tensors
