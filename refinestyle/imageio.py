@@ -2,6 +2,11 @@
 
 Tensors are float images in [-1, 1] with shape [B, 3, H, W] (the generator's
 output range); files are 8-bit RGB PNG/JPEG.
+
+Image sizes are (height, width) in pixels; an int n means a square, (n, n). A domain whose
+pictures are not square (Stanford Cars: 3:4, read at 192 x 256 by pSp, e4e, HyperStyle and
+Style Transformer) is rendered by StyleGAN2 on a square canvas with the picture in its
+middle rows (LSUN Cars' 512 x 384 letterboxed into 512 x 512); `crop_canvas` cuts it out.
 """
 from __future__ import annotations
 
@@ -10,11 +15,82 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from refinestyle.weights import require_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def image_size_hw(size, name: str = "size") -> tuple[int, int]:
+    """(height, width) of `size`: a positive int n (a square, (n, n)) or a pair (height, width).
+
+    Raises TypeError for anything else and ValueError for sizes below 1, naming `name`.
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, tuple, list)):
+        raise TypeError(f"{name}: expected an int or (height, width), got {size!r}")
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{name}: expected an int or (height, width) of two ints, got {size!r}")
+    if min(pair) < 1:
+        raise ValueError(f"{name}: expected positive sizes, got {size!r}")
+    return pair
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """(height, width) of "256" (a square) or "192x256" (height x width, as pSp's Resize((192, 256)))."""
+    parts = text.lower().replace("\u00d7", "x").split("x")
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise ValueError(f"expected a size in pixels, N or HEIGHTxWIDTH (e.g. 256 or 192x256), got {text!r}")
+    return image_size_hw(values[0] if len(values) == 1 else tuple(values))
+
+
+def canvas_box(canvas: int, size) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the picture of aspect `size` (an int or (height, width))
+    centred on a square canvas of side `canvas`: all of it for a square `size`, the middle
+    rows for a wide one (LSUN / Stanford Cars at 512: rows 64 to 448), the middle columns
+    for a tall one. Raises ValueError when the box would not be whole pixels."""
+    height, width = image_size_hw(size)
+    box_h, box_w = (canvas * height // width, canvas) if height <= width else (canvas, canvas * width // height)
+    if box_h * width != box_w * height or (canvas - box_h) % 2 or (canvas - box_w) % 2:
+        raise ValueError(
+            f"size: a {height} x {width} picture does not fill whole, centred rows and columns of a "
+            f"{canvas} x {canvas} canvas"
+        )
+    return (canvas - box_h) // 2, (canvas - box_w) // 2, box_h, box_w
+
+
+def crop_canvas(renders: torch.Tensor, size) -> torch.Tensor:
+    """The picture of aspect `size` (an int or (height, width)) in the middle of square renders.
+
+    renders: [B, C, R, R], the generator's output. size: the domain's picture size; only its
+    aspect matters. Returns a view [B, C, h, w] with h / w = height / width (the renders
+    themselves for a square size). HyperStyle and e4e crop Stanford Cars renders the same way
+    (rows 32 to 224 of the 256 px pooled render).
+    """
+    if renders.ndim != 4 or renders.shape[-1] != renders.shape[-2]:
+        raise ValueError(f"renders: expected square renders [B, C, R, R], got {tuple(renders.shape)}")
+    top, left, height, width = canvas_box(renders.shape[-1], size)
+    if (height, width) == tuple(renders.shape[-2:]):
+        return renders
+    return renders[:, :, top : top + height, left : left + width]
+
+
+def pool_or_resize(images: torch.Tensor, size) -> torch.Tensor:
+    """[B, C, H, W] pictures at `size` (an int or (height, width)): unchanged when already that size,
+    average-pooled when no side grows (as pSp's face_pool brings renders to 256 px), else
+    bilinearly resized (antialiased)."""
+    height, width = image_size_hw(size)
+    if tuple(images.shape[-2:]) == (height, width):
+        return images
+    if images.shape[-2] >= height and images.shape[-1] >= width:
+        return F.adaptive_avg_pool2d(images, (height, width))
+    return F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -69,19 +145,21 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     Image.fromarray(make_grid(images, nrow)).save(path)
 
 
-def load_image(path: str | Path, size: int | None = None) -> torch.Tensor:
-    """Read an image file as a [1, 3, size, size] float tensor in [-1, 1].
+def load_image(path: str | Path, size=None) -> torch.Tensor:
+    """Read an image file as a [1, 3, height, width] float tensor in [-1, 1].
 
-    size: resize (bicubic) to size x size when given; otherwise keep the file's size.
+    size: resize (bicubic) to an int side (a square) or (height, width) when given; otherwise
+        keep the file's size.
     Raises FileNotFoundError for a missing file and ValueError for a file that is not an image.
     """
     path = Path(path)
+    hw = None if size is None else image_size_hw(size)
     require_file(path, "image file")
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
-            if size is not None:
-                img = img.resize((size, size), Image.BICUBIC)
+            if hw is not None and img.size != hw[::-1]:
+                img = img.resize(hw[::-1], Image.BICUBIC)
             array = np.asarray(img, dtype=np.float32).copy()
     except (OSError, SyntaxError) as error:  # PIL raises these for unreadable or truncated files
         raise ValueError(f"{path} is not a readable image: {error}") from error

@@ -111,15 +111,25 @@ def tiny_train_config(generator_path: Path, data: Path, out: Path, **overrides):
     return TrainConfig(**fields)
 
 
-def write_psp_checkpoint(generator: Generator, path: Path, encoder_type: str = "Encoder4Editing", seed: int = 3) -> Path:
+def write_psp_checkpoint(
+    generator: Generator,
+    path: Path,
+    encoder_type: str = "Encoder4Editing",
+    seed: int = 3,
+    *,
+    input_size: int = SIZE,
+    dataset_type: str | None = None,
+) -> Path:
     """A pSp / e4e training checkpoint (random encoder, pSp's names) for `generator`, with the
-    generator itself as its decoder, as pSp and e4e save them: a valid --first-stage and --generator."""
+    generator itself as its decoder, as pSp and e4e save them: a valid --first-stage and --generator.
+    input_size: the side its style blocks are built for; dataset_type: opts["dataset_type"]
+    ("cars_encode" makes a Cars model, read at 3/4 of input_size by input_size)."""
     from refinestyle.inversion.psp import PSPEncoder
 
     torch.manual_seed(seed)
     kind = {"GradualStyleEncoder": "psp", "Encoder4Editing": "e4e"}[encoder_type]
     encoder = PSPEncoder(kind, generator.n_latent, STYLE_DIM, depth=(1, 1, 1, 1), widths=(8, 16, 24, STYLE_DIM),
-                         input_size=SIZE)  # fmt: skip
+                         input_size=input_size)  # fmt: skip
     renamed = {"lateral_medium.": "latlayer1.", "lateral_fine.": "latlayer2."}
     state = {}
     for key, value in encoder.state_dict().items():
@@ -130,5 +140,7 @@ def write_psp_checkpoint(generator: Generator, path: Path, encoder_type: str = "
         state[f"encoder.{key}"] = value
     state.update({f"decoder.{key}": value for key, value in generator.state_dict().items()})
     opts = {"encoder_type": encoder_type, "start_from_latent_avg": True, "input_nc": 3, "output_size": SIZE}
+    if dataset_type is not None:
+        opts["dataset_type"] = dataset_type
     torch.save({"state_dict": state, "latent_avg": generator.latent_avg.clone(), "opts": opts}, path)
     return path

@@ -39,7 +39,7 @@ class ReferenceStyleTransformer(nn.Module):
             query = layer(query, features.flatten(2).transpose(1, 2))
         return query + latent_avg
 
-    def checkpoint(self, latent_avg, generator):
+    def checkpoint(self, latent_avg, generator, dataset_type="ffhq_encode"):
         state = {}
         for key, value in self.trunk.state_dict().items():
             state[f"encoder.module.{key}"] = value
@@ -53,7 +53,7 @@ class ReferenceStyleTransformer(nn.Module):
         decoder = {k: v for k, v in generator.state_dict().items() if not k.startswith("style.")}
         decoder.update({f"style.{k}": v for k, v in self.mapping.state_dict().items()})
         state.update({f"decoder.module.{k}": v for k, v in decoder.items()})
-        return {"state_dict": state, "opts": {"learning_rate": 1e-4, "dataset_type": "ffhq_encode"}, "latent_avg": latent_avg}
+        return {"state_dict": state, "opts": {"learning_rate": 1e-4, "dataset_type": dataset_type}, "latent_avg": latent_avg}
 
 
 def test_style_transformer_checkpoint_as_first_stage(tmp_path):
@@ -91,6 +91,27 @@ def test_style_transformer_checkpoint_as_first_stage(tmp_path):
         load_style_transformer(tmp_path / "other.pt", generator)
     with pytest.raises(FileNotFoundError, match="style-transformer"):
         load_style_transformer(tmp_path / "absent.pt", generator)
+
+
+def test_style_transformer_cars_checkpoint_reads_192_by_256_pictures(tmp_path):
+    """Style Transformer reads Stanford Cars at 192 x 256 (opts["dataset_type"] "cars_encode"): the
+    loaded model does too, computes the same codes on such pictures, and returns the render's
+    middle 3/4 rows."""
+    torch.manual_seed(2)
+    generator = Generator(32, style_dim=DIM, n_mlp=2, channel_max=16)
+    reference = ReferenceStyleTransformer(generator.style, generator.n_latent).eval()
+    latent_avg = torch.randn(DIM)
+    torch.save(reference.checkpoint(latent_avg, generator, "cars_encode"), tmp_path / "cars.pt")
+    torch.save(reference.checkpoint(latent_avg, generator), tmp_path / "faces.pt")
+    model = load_style_transformer(tmp_path / "cars.pt", generator, encoder_depth=DEPTH, encoder_widths=WIDTHS)
+    faces = load_style_transformer(tmp_path / "faces.pt", generator, encoder_depth=DEPTH, encoder_widths=WIDTHS)
+    assert model.input_size == (192, 256) and faces.input_size == (256, 256)
+    images = torch.rand(1, 3, 192, 256) * 2 - 1
+    with torch.no_grad():
+        expected = reference(images, latent_avg)
+        result = model(images)
+    assert torch.allclose(result.w_plus, expected, atol=1e-5), (result.w_plus - expected).abs().max()
+    assert result.image.shape == (1, 3, 24, 32)
 
 
 def test_style_transformer_with_more_queries_than_w_rows(tmp_path):

@@ -38,14 +38,15 @@ REPOS = {
 VARIABLES = {"psp": "REFINESTYLE_PSP_REPO", "e4e": "REFINESTYLE_E4E_REPO",
              "style_transformer": "REFINESTYLE_STYLE_TRANSFORMER_REPO"}  # fmt: skip
 
-# Runs inside the checkout. argv: kind out_dir. Writes encoder.pt and expected.pt.
+# Runs inside the checkout. argv: kind out_dir dataset_type. Writes encoder.pt and expected.pt.
+# A "cars_encode" model reads 192 x 256 pictures, as the three projects read Stanford Cars.
 ENCODE = textwrap.dedent(
     """
     import sys, types
     import torch
     import torch.utils.cpp_extension
     torch.utils.cpp_extension.load = lambda *args, **kwargs: None  # CUDA extensions the encoders never call
-    kind, out = sys.argv[1], sys.argv[2]
+    kind, out, dataset_type = sys.argv[1], sys.argv[2], sys.argv[3]
     torch.manual_seed(0)
     if kind == "style_transformer":
         from models.encoders.style_transformer_encoders import GradualStyleEncoder
@@ -65,7 +66,7 @@ ENCODE = textwrap.dedent(
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-    images = torch.rand(2, 3, 256, 256) * 2 - 1
+    images = torch.rand(2, 3, *((192, 256) if "cars" in dataset_type else (256, 256))) * 2 - 1
     latent_avg = torch.randn(512)
     state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
     with torch.no_grad():
@@ -80,15 +81,17 @@ ENCODE = textwrap.dedent(
             codes = encoder(images)
     expected = codes + latent_avg.repeat(2, 1, 1)  # their start_from_latent_avg
     encoder_type = {"psp": "GradualStyleEncoder", "e4e": "Encoder4Editing"}.get(kind)
-    opts = {"start_from_latent_avg": True, "input_nc": 3, **({"encoder_type": encoder_type} if encoder_type else {})}
+    opts = {"start_from_latent_avg": True, "input_nc": 3, "dataset_type": dataset_type,
+            **({"encoder_type": encoder_type} if encoder_type else {})}
     torch.save({"state_dict": state, "latent_avg": latent_avg, "opts": opts}, f"{out}/encoder.pt")
     torch.save({"images": images, "w_plus": expected}, f"{out}/expected.pt")
     """
 )
 
 
+@pytest.mark.parametrize("dataset_type", ["ffhq_encode", "cars_encode"])
 @pytest.mark.parametrize("kind", sorted(REPOS))
-def test_upstream_encoder_checkpoints_give_their_w_plus(tmp_path, kind):
+def test_upstream_encoder_checkpoints_give_their_w_plus(tmp_path, kind, dataset_type):
     if not REPOS[kind]:
         pytest.skip(f"set {VARIABLES[kind]} to a local checkout to run")
     repo = Path(REPOS[kind])
@@ -102,17 +105,19 @@ def test_upstream_encoder_checkpoints_give_their_w_plus(tmp_path, kind):
         generator = Generator(256, 512, 2, channel_multiplier=1, channel_max=64)
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(root)])}
-    result = subprocess.run([sys.executable, "-c", ENCODE, kind, str(tmp_path)], cwd=repo, env=env,
+    result = subprocess.run([sys.executable, "-c", ENCODE, kind, str(tmp_path), dataset_type], cwd=repo, env=env,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     if result.returncode != 0:
         pytest.fail(f"{kind}'s code failed in {repo}:\n{result.stderr[-3000:]}")
     expected = torch.load(tmp_path / "expected.pt", weights_only=True)
     first_stage = load_first_stage(tmp_path / "encoder.pt", generator)
     assert isinstance(first_stage, FirstStage if kind == "style_transformer" else PSPEncoder)
+    size = first_stage.inverter.input_size if isinstance(first_stage, FirstStage) else first_stage.input_size
+    assert size == ((192, 256) if dataset_type == "cars_encode" else 256 if kind != "style_transformer" else (256, 256))
     with torch.no_grad():
         w_plus = first_stage(expected["images"])
     error = float((w_plus - expected["w_plus"]).abs().max() / expected["w_plus"].abs().max())
-    print(f"\n{kind}: relative difference {error:.2e}")
+    print(f"\n{kind} ({dataset_type}): relative difference {error:.2e}")
     assert error < 1e-5
 
 

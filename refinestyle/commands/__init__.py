@@ -38,6 +38,25 @@ def int_at_least(minimum: int):
     return parse
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """A picture size: N (a square) or HEIGHTxWIDTH (192x256 for Stanford Cars) -> (height, width)."""
+    from refinestyle.imageio import parse_image_size
+
+    try:
+        return parse_image_size(text)
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+
+def size_for(inverter, image_size_arg) -> tuple[int, int]:
+    """--image-size as given, else the size the inverter's encoder reads (256 x 256, or 192 x 256
+    for a Cars model)."""
+    if image_size_arg is not None:
+        return image_size_arg
+    return tuple(getattr(inverter, "input_size", (256, 256)))
+
+
 def truncation_psi(text: str) -> float:
     """A truncation psi in (0, 1]: 1 is no truncation, 0 would collapse every code onto the average."""
     try:

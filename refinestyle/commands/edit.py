@@ -18,10 +18,12 @@ from pathlib import Path
 
 from refinestyle.commands import (
     device_name,
+    image_size,
     int_at_least,
     output_folder,
     positive_int,
     report_error,
+    size_for,
     truncation_psi,
 )
 
@@ -66,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "StyleSpace's own unit; 1: untruncated)")
     parser.add_argument("--no-refinement", action="store_true", help="render w+ only (drop the residuals)")
     parser.add_argument("--out", type=output_folder, required=True, help="output folder")
-    parser.add_argument("--image-size", type=int, default=256, help="encoder input side, with --input")
+    parser.add_argument("--image-size", type=image_size, metavar="N|HxW",
+                        help="size images are read at and shown, N or HEIGHTxWIDTH (default: the inverter's input "
+                             "size, or the one the code files store: 256, or 192x256 for Cars)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--device", type=device_name, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default="auto")
@@ -79,11 +83,10 @@ def main(args: argparse.Namespace) -> int:
 
     import refinestyle_kernels
     from refinestyle.checkpoints import load_generator
-    from refinestyle.imageio import list_images, load_image, save_grid
+    from refinestyle.imageio import crop_canvas, list_images, load_image, pool_or_resize, save_grid
     from refinestyle.inversion import editing
     from refinestyle.inversion.data import ImageFolderDataset
     from refinestyle.inversion.inference import load_codes, load_inverter_for_inference, unique_stems
-    from refinestyle.inversion.train import pool_or_resize
     from refinestyle.weights import default_device
 
     if (args.codes is None) == (args.input is None):
@@ -111,17 +114,21 @@ def main(args: argparse.Namespace) -> int:
             codes = load_codes([Path(p) for p in code_paths], device)
             names = unique_stems([Path(p) for p in code_paths])
             w_plus, refinement = codes.w_plus, codes.refinement
+            picture_size = codes.image_size or args.image_size or (256, 256)  # the part of a render the picture fills
+            size = args.image_size or picture_size
             originals = []
             for source in codes.sources:
                 try:
-                    originals.append(load_image(source, args.image_size))
+                    originals.append(load_image(source, size))
                 except (FileNotFoundError, ValueError):
                     originals.append(None)  # the source image moved: show the reconstruction instead
         else:
             paths = list_images(args.input)
             names = unique_stems(paths)
-            dataset = ImageFolderDataset(args.input, args.image_size)
             inverter = load_inverter_for_inference(args.inverter, generator, device)
+            picture_size = size_for(inverter, None)
+            size = size_for(inverter, args.image_size)
+            dataset = ImageFolderDataset(args.input, size)
             w_rows, refinements, originals = [], [], []
             batches = range(0, len(paths), args.batch_size)
             for start in tqdm(batches, desc="invert", unit="batch", disable=args.no_progress):
@@ -153,7 +160,6 @@ def main(args: argparse.Namespace) -> int:
                 return report_error(args, f"StyleSpace layer {layer} has {stddev.numel()} channels, got channel {channel}")
             spec = editing.EditSpec("stylespace", style_layer=layer, channel=channel, unit=float(stddev[channel]))
 
-        size = args.image_size
         columns = []
         starts = range(0, w_plus.shape[0], args.batch_size)
         bar = tqdm(total=len(args.strengths) * len(starts), desc="edit", unit="batch", disable=args.no_progress)
@@ -162,7 +168,8 @@ def main(args: argparse.Namespace) -> int:
             for start in starts:
                 stop = min(start + args.batch_size, w_plus.shape[0])
                 part = None if refinement is None else refinement.batch_slice(start, stop)
-                edited.append(editing.render_edit(generator, w_plus[start:stop], part, spec, strength))
+                rendered = editing.render_edit(generator, w_plus[start:stop], part, spec, strength)
+                edited.append(crop_canvas(rendered, picture_size))
                 bar.update()
             columns.append(pool_or_resize(torch.cat(edited), size).float().cpu())
         bar.close()
@@ -171,11 +178,13 @@ def main(args: argparse.Namespace) -> int:
             if original is None:  # the source image moved: the unedited reconstruction stands in
                 part = None if refinement is None else refinement.batch_slice(i, i + 1)
                 with torch.no_grad():
-                    original = generator.synthesis(w_plus[i : i + 1], refinement=part, randomize_noise=False)
+                    original = crop_canvas(
+                        generator.synthesis(w_plus[i : i + 1], refinement=part, randomize_noise=False), picture_size
+                    )
                 original = pool_or_resize(original, size).float().cpu()
             first.append(original.to(columns[0]))
         inputs = pool_or_resize(torch.cat(first), size)
-        strip = torch.stack([inputs, *columns], 1)  # [B, 1 + S, 3, size, size]
+        strip = torch.stack([inputs, *columns], 1)  # [B, 1 + S, 3, height, width]
 
     for name, row in zip(names, strip):
         save_grid(row, out / f"{name}.png", nrow=row.shape[0])

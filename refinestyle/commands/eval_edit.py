@@ -23,13 +23,19 @@ from pathlib import Path
 
 from refinestyle.commands import (
     device_name,
+    image_size,
     int_at_least,
     output_folder,
     positive_int,
     report_error,
+    size_for,
     truncation_psi,
 )
 from refinestyle.commands.edit import _layer_channel
+
+
+def _pixels(size: tuple[int, int]) -> str:
+    return f"{size[0]} px" if size[0] == size[1] else f"{size[0]} x {size[1]} px"
 
 
 def _indices(text: str) -> list[int]:
@@ -66,7 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     metrics.add_argument("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth for FID (or REFINESTYLE_FID_INCEPTION); needed with --domain other")
     parser.add_argument("--out", type=output_folder, help="folder for report.json, report.md and examples.png")
     parser.add_argument("--name", help="method name in the table (default: the inverter's run folder name)")
-    parser.add_argument("--image-size", type=int, default=256, help="side the encoder sees and the metrics use (256)")
+    parser.add_argument("--image-size", type=image_size, metavar="N|HxW",
+                        help="size images are read at and the metrics compare at, N or HEIGHTxWIDTH (default: the "
+                             "inverter's input size: 256, or 192x256 for a Cars model)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--max-images", type=positive_int, help="evaluate only the first N images")
     parser.add_argument("--device", type=device_name, help="cpu or cuda (default: cuda when available)")
@@ -82,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
     import refinestyle_kernels
     from refinestyle.checkpoints import load_generator
     from refinestyle.fid import INCEPTION_ENV, FIDInception
-    from refinestyle.imageio import save_grid
+    from refinestyle.imageio import list_images, save_grid
     from refinestyle.inversion import editing
     from refinestyle.inversion.data import ImageFolderDataset
     from refinestyle.inversion.edit_metrics import NamedEdit, evaluate_edits, format_edit_report
@@ -100,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
     # weights first: a missing file fails before any work
     identity = IDLoss(args.ir_se50).to(device) if args.domain == "face" else None
     inception = FIDInception(args.inception).to(device) if wants_fid else None
-    dataset = ImageFolderDataset(args.data, args.image_size)
+    list_images(args.data)  # a missing or empty folder fails before the models load
     generator = load_generator(args.generator, device)
     generator.requires_grad_(False).eval()
     layers = editing.parse_layers(args.layers, generator.n_latent)
@@ -130,18 +138,20 @@ def main(args: argparse.Namespace) -> int:
         return report_error(args, f"an edit is given twice: {names}")
 
     inverter = load_inverter_for_inference(args.inverter, generator, device)
+    size = size_for(inverter, args.image_size)
+    dataset = ImageFolderDataset(args.data, size)
     examples: list = []
     with refinestyle_kernels.use_backend(args.backend):
         report = evaluate_edits(
             inverter, generator, dataset, edits, identity=identity, inception=inception,
-            batch_size=args.batch_size, metric_size=args.image_size, device=device, max_images=args.max_images,
+            batch_size=args.batch_size, metric_size=size, device=device, max_images=args.max_images,
             progress=not args.no_progress, examples=examples,
         )
     name = args.name or inverter_name(args.inverter)
     table = format_edit_report(report, name=name)
     print(table)
     print(f"strength {args.strength:g}; {int(next(iter(report['reconstruction'].values()))['count'])} images at "
-          f"{min(args.image_size, dataset[0].shape[-1])} px; device {device}")
+          f"{_pixels((min(size[0], dataset.size[0]), min(size[1], dataset.size[1])))}; device {device}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

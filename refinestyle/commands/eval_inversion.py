@@ -20,7 +20,7 @@ import csv
 import json
 from pathlib import Path
 
-from refinestyle.commands import device_name, output_folder, positive_int
+from refinestyle.commands import device_name, image_size, output_folder, positive_int, size_for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lpips-random-backbone", action="store_true", help="random AlexNet (tests only)")
     parser.add_argument("--ir-se50", help="model_ir_se50.pth for the ID similarity (or REFINESTYLE_IR_SE50)")
     parser.add_argument("--domain", choices=("face", "other"), default="face", help="'other' skips the ID metric")
-    parser.add_argument("--image-size", type=int, default=256, help="side the encoder sees and metrics use (256)")
+    parser.add_argument("--image-size", type=image_size, metavar="N|HxW",
+                        help="size images are read at and metrics compare at, N or HEIGHTxWIDTH (default: the "
+                             "inverter's input size: 256, or 192x256 for a Cars model)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--max-images", type=positive_int, help="evaluate only the first N images")
     parser.add_argument("--no-timing", action="store_true", help="skip the time per image")
@@ -48,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
 
     import refinestyle_kernels
     from refinestyle.checkpoints import load_generator
-    from refinestyle.imageio import save_grid
+    from refinestyle.imageio import list_images, save_grid
     from refinestyle.inversion.data import ImageFolderDataset
     from refinestyle.inversion.inference import inverter_name, load_inverter_for_inference
     from refinestyle.inversion.metrics import ReconstructionMetrics, evaluate_folder, format_report, inversion_cost
@@ -60,14 +62,16 @@ def main(args: argparse.Namespace) -> int:
         lpips_backbone=args.lpips_backbone, pretrained_lpips=not args.lpips_random_backbone,
         ir_se50=args.ir_se50, face_domain=args.domain == "face", device=device,
     )
-    dataset = ImageFolderDataset(args.data, args.image_size)
+    list_images(args.data)  # a missing or empty folder fails before the models load
     generator = load_generator(args.generator, device)
     generator.requires_grad_(False).eval()
     inverter = load_inverter_for_inference(args.inverter, generator, device)
+    size = size_for(inverter, args.image_size)
+    dataset = ImageFolderDataset(args.data, size)
     with refinestyle_kernels.use_backend(args.backend):
         examples: list = []
         summary, per_image = evaluate_folder(
-            inverter, dataset, metrics, batch_size=args.batch_size, metric_size=args.image_size, device=device,
+            inverter, dataset, metrics, batch_size=args.batch_size, metric_size=size, device=device,
             progress=not args.no_progress, max_images=args.max_images, examples=examples,
         )
         cost = inversion_cost(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from refinestyle.commands import device_name, int_at_least, output_folder, positive_int
+from refinestyle.commands import device_name, image_size, int_at_least, output_folder, positive_int, size_for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generator", required=True, help="the StyleGAN2 generator checkpoint it was trained with")
     parser.add_argument("--input", required=True, help="an image file or a folder of images")
     parser.add_argument("--out", type=output_folder, required=True, help="output folder")
-    parser.add_argument("--image-size", type=int, default=256, help="side the encoder sees (the training --image-size)")
+    parser.add_argument("--image-size", type=image_size, metavar="N|HxW",
+                        help="size images are read at, N or HEIGHTxWIDTH (default: the inverter's input size: 256, "
+                             "or 192x256 for a Cars model)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--grid-max-images", type=int_at_least(0), default=16,
                         help="images shown in comparison.png (0: no comparison.png)")
@@ -36,20 +38,20 @@ def main(args: argparse.Namespace) -> int:
 
     import refinestyle_kernels
     from refinestyle.checkpoints import load_generator
-    from refinestyle.imageio import list_images, save_grid, save_image
+    from refinestyle.imageio import list_images, pool_or_resize, save_grid, save_image
     from refinestyle.inversion.data import ImageFolderDataset
     from refinestyle.inversion.inference import load_inverter_for_inference, save_codes, unique_stems
-    from refinestyle.inversion.train import pool_or_resize
     from refinestyle.weights import default_device
 
     device = torch.device(args.device or default_device())
     out = Path(args.out)
     paths = list_images(args.input)
     names = unique_stems(paths)
-    dataset = ImageFolderDataset(args.input, args.image_size)
     generator = load_generator(args.generator, device)
     generator.requires_grad_(False).eval()
     inverter = load_inverter_for_inference(args.inverter, generator, device)
+    size = size_for(inverter, args.image_size)
+    dataset = ImageFolderDataset(args.input, size)
 
     comparison = []
     with torch.no_grad(), refinestyle_kernels.use_backend(args.backend):
@@ -60,11 +62,11 @@ def main(args: argparse.Namespace) -> int:
             refined = result.image
             for offset, index in enumerate(range(start, stop)):
                 save_image(refined[offset], out / "reconstructions" / f"{names[index]}.png")
-            save_codes(out / "codes", result.w_plus, result.refinement, names[start:stop], [str(p) for p in paths[start:stop]])
+            save_codes(out / "codes", result.w_plus, result.refinement, names[start:stop],
+                       [str(p) for p in paths[start:stop]], image_size=size)
             shown = max(0, min(stop, args.grid_max_images) - start)
             if shown:
-                plain = generator.synthesis(result.w_plus[:shown], refinement=None, randomize_noise=False)
-                size = args.image_size
+                plain = inverter.crop_canvas(generator.synthesis(result.w_plus[:shown], refinement=None, randomize_noise=False))
                 comparison.append(
                     torch.stack(
                         [pool_or_resize(images[:shown], size), pool_or_resize(plain, size),

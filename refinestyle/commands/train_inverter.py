@@ -22,7 +22,15 @@ import os
 import sys
 from pathlib import Path
 
-from refinestyle.commands import add_compile_argument, device_name, int_at_least, interrupted_exit_status, output_folder, positive_int
+from refinestyle.commands import (
+    add_compile_argument,
+    device_name,
+    image_size,
+    int_at_least,
+    interrupted_exit_status,
+    output_folder,
+    positive_int,
+)
 
 
 def _model_option(text: str) -> tuple[str, object]:
@@ -70,7 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loss.add_argument("--lpips", type=float, help="LPIPS weight (0.8)")
     loss.add_argument("--id", type=float, help="ID loss weight (0.1; faces only)")
     loss.add_argument("--domain", choices=("face", "other"), help="face (default) or other: no ID loss")
-    loss.add_argument("--image-size", type=positive_int, help="side images are read at and encoded (256)")
+    loss.add_argument("--image-size", type=image_size, metavar="N|HxW",
+                      help="size images are read at and the losses compare at: N or HEIGHTxWIDTH (256; 192x256 for "
+                           "Stanford Cars, with --domain other: the encoder then reads 192 x 256 and the renders are "
+                           "cropped to their middle 3/4 rows, as pSp and HyperStyle do)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lr", type=float, help="learning rate (1e-4 one-stage, 1e-3 two-stage)")

@@ -1,7 +1,7 @@
 """Image folders for training and evaluating the inverters.
 
-`ImageFolderDataset` reads any folder of jpg/png images, resizes them to a square
-and flips them horizontally at random. The flip is a pure function of
+`ImageFolderDataset` reads any folder of jpg/png images, resizes them to one size
+(a square, or height x width: 192 x 256 for Stanford Cars) and flips them horizontally at random. The flip is a pure function of
 (seed, epoch, index), never of a global random state, so a run resumed in the
 middle of an epoch (or a run with several data-loader workers, or several
 processes) sees exactly the images an uninterrupted run would see.
@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
-from refinestyle.imageio import list_images
+from refinestyle.imageio import image_size_hw, list_images
 
 
 class UnreadableImageError(ValueError):
@@ -48,26 +48,25 @@ class UnreadableImageError(ValueError):
 
 
 class ImageFolderDataset(Dataset):
-    """Every image file under a folder (recursively), as [3, size, size] float tensors in [-1, 1].
+    """Every image file under a folder (recursively), as [3, height, width] float tensors in [-1, 1].
 
     Args:
         root: a folder of images (png, jpg, jpeg, bmp, webp; searched recursively) or one image file.
-        size: side of the square the images are resized to (bicubic), in pixels.
+        size: what the images are resized to (bicubic), in pixels: an int side (a square) or
+            (height, width), e.g. (192, 256) for Stanford Cars as pSp reads them.
         hflip: flip each image horizontally with probability 1/2 (training augmentation).
         seed: seed of the flip decisions; the decision for an image is a function of
             (seed, epoch, index) only. Call `set_epoch` every epoch for fresh flips.
 
-    Items are float32 tensors [3, size, size] with values in [-1, 1].
+    Items are float32 tensors [3, height, width] with values in [-1, 1]; `size` is (height, width).
     Raises FileNotFoundError for a missing folder and ValueError for a folder without images;
     reading an item that is not a readable image raises UnreadableImageError (a ValueError).
     """
 
-    def __init__(self, root: str | Path, size: int = 256, *, hflip: bool = False, seed: int = 0):
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"size: expected a positive int (pixels), got {size!r}")
+    def __init__(self, root: str | Path, size: int | tuple[int, int] = 256, *, hflip: bool = False, seed: int = 0):
+        self.size = image_size_hw(size, "size")
         self.root = Path(root)
         self.paths = list_images(self.root)
-        self.size = size
         self.hflip = bool(hflip)
         self.seed = int(seed)
         self.epoch = 0
@@ -91,8 +90,8 @@ class ImageFolderDataset(Dataset):
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB")
-                if img.size != (self.size, self.size):
-                    img = img.resize((self.size, self.size), Image.BICUBIC)
+                if img.size != self.size[::-1]:  # PIL sizes are (width, height)
+                    img = img.resize(self.size[::-1], Image.BICUBIC)
                 array = np.asarray(img, dtype=np.float32).copy()
         except (OSError, SyntaxError) as error:  # PIL raises these for unreadable files
             raise UnreadableImageError(f"{path} is not a readable image: {error}") from error

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from refinestyle.imageio import as_saved
+from refinestyle.imageio import as_saved, image_size_hw
 from refinestyle.inversion.editing import EditSpec, render_edit
 from refinestyle.inversion.metrics import pool_to
 
@@ -41,7 +41,7 @@ def evaluate_edits(
     identity=None,
     inception=None,
     batch_size: int = 8,
-    metric_size: int = 256,
+    metric_size: int | tuple[int, int] = 256,
     device: str | torch.device = "cpu",
     max_images: int | None = None,
     progress: bool = True,
@@ -51,14 +51,15 @@ def evaluate_edits(
     """Invert every image of `dataset`, apply every edit, and measure ID and/or FID.
 
     Args:
-        inverter: returns an InversionResult (w_plus [B, n_latent, style_dim], refinement or None).
+        inverter: returns an InversionResult (w_plus [B, n_latent, style_dim], refinement or None);
+            its `crop_canvas`, when it has one, cuts the pictures out of the renders (Cars).
         generator: the frozen generator the inverter renders with.
-        dataset: items [3, S, S] float in [-1, 1] (an ImageFolderDataset).
+        dataset: items [3, H, W] float in [-1, 1] (an ImageFolderDataset) of the renders' aspect.
         edits: the edits, each with its strength; names must be unique and not "reconstruction".
         identity: an IDLoss (its `similarity(x, y) -> [B]`) for the ID metric, or None.
         inception: a refinestyle.fid.FIDInception for the FID metric, or None.
-        batch_size, metric_size: images per batch; the side both real and edited images are
-            pooled to before measuring (min with their sizes); rendered images are measured
+        batch_size, metric_size: images per batch; the size (an int side or (height, width))
+            both real and edited images are pooled to before measuring (min with their sizes); rendered images are measured
             as a saved file holds them (clamped to [-1, 1], 8 bits: `refinestyle.imageio.as_saved`).
         max_images: evaluate only the first N images.
         examples: when a list, [1 + 1 + len(edits), 3, s, s] CPU rows (input, reconstruction,
@@ -86,6 +87,8 @@ def evaluate_edits(
         raise ValueError(f"dataset: {count} image(s); FID needs at least 2, ID at least 1")
 
     rows = [RECONSTRUCTION, *names]
+    crop_canvas = getattr(inverter, "crop_canvas", lambda renders: renders)
+    metric_h, metric_w = image_size_hw(metric_size, "metric_size")
     similarities: dict[tuple[str, str], list[torch.Tensor]] = {}
     features: dict[tuple[str, str], FeatureSet] = {}
     real_features = FeatureSet()
@@ -100,7 +103,7 @@ def evaluate_edits(
             refinements = {W_PLUS_ONLY: None} if result.refinement is None else {
                 REFINED: result.refinement, W_PLUS_ONLY: None}
             variants = list(refinements)
-            size = min(metric_size, images.shape[-1])
+            size = (min(metric_h, images.shape[-2]), min(metric_w, images.shape[-1]))
             targets = pool_to(images.float(), size)
             if inception is not None:
                 real_features.add(inception(targets))
@@ -112,6 +115,12 @@ def evaluate_edits(
                     else:
                         edit = edits[names.index(row)]
                         rendered = render_edit(generator, result.w_plus, refinement, edit.spec, edit.strength)
+                    rendered = crop_canvas(rendered)
+                    if rendered.shape[-2] * images.shape[-1] != rendered.shape[-1] * images.shape[-2]:
+                        raise ValueError(
+                            f"dataset: {images.shape[-2]} x {images.shape[-1]} images, but the inverter renders "
+                            f"{rendered.shape[-2]} x {rendered.shape[-1]} pictures (another aspect)"
+                        )
                     rendered = pool_to(as_saved(rendered), size)  # as a saved file holds it
                     if identity is not None:
                         similarities.setdefault((row, variant), []).append(identity.similarity(rendered, targets).cpu())

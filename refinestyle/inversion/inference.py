@@ -6,7 +6,8 @@ and the scaled tokens of its kernel refinement, enough to re-render or edit it l
     w_plus      [n_latent, style_dim]    float32
     p.{layer}   [L, Cout]                one per refined conv layer (generator numbering)
     q.{layer}   [L, Cin]
-    metadata: format="refinestyle-codes", num_layers, source (the image file)
+    metadata: format="refinestyle-codes", num_layers, source (the image file), image_size
+              ("HxW" of the pictures, e.g. "192x256" for Cars: the part of the render they fill)
 
 Files without p/q tensors (a w+-only inverter) are valid: their refinement is None.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from refinestyle.imageio import image_size_hw, parse_image_size
 from refinestyle.weights import require_file, save_safetensors
 
 CODES_FORMAT = "refinestyle-codes"
@@ -73,13 +75,23 @@ class ImageCodes:
     w_plus: torch.Tensor
     refinement: object | None
     sources: list[str]
+    image_size: tuple[int, int] | None = None  # (height, width) of the pictures; None: not stored (square)
 
 
-def save_codes(directory: str | Path, w_plus: torch.Tensor, refinement, names: list[str], sources: list[str]) -> list[Path]:
+def save_codes(
+    directory: str | Path,
+    w_plus: torch.Tensor,
+    refinement,
+    names: list[str],
+    sources: list[str],
+    image_size: tuple[int, int] | None = None,
+) -> list[Path]:
     """Write one code file per image: `directory/<name>.safetensors`.
 
     w_plus: [B, n_latent, style_dim]; refinement: a Refinement with per-sample or shared
-    tokens (or None); names: B file stems; sources: B image paths (metadata).
+    tokens (or None); names: B file stems; sources: B image paths (metadata); image_size:
+    (height, width) the inverter read the pictures at (metadata: which part of a render the
+    picture fills, for `refinestyle edit --codes`), or None.
     """
     if w_plus.ndim != 3 or w_plus.shape[0] != len(names) or len(names) != len(sources):
         raise ValueError(f"w_plus: expected [B={len(names)}, n_latent, style_dim], got {tuple(w_plus.shape)}")
@@ -87,6 +99,10 @@ def save_codes(directory: str | Path, w_plus: torch.Tensor, refinement, names: l
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     num_layers = refinement.num_layers if refinement is not None else 0
+    metadata = {"format": CODES_FORMAT, "num_layers": str(num_layers)}
+    if image_size is not None:
+        height, width = image_size_hw(image_size, "image_size")
+        metadata["image_size"] = f"{height}x{width}"
     for index, (name, source) in enumerate(zip(names, sources)):
         tensors = {"w_plus": w_plus[index].detach().float().cpu().contiguous()}
         if refinement is not None:
@@ -95,7 +111,7 @@ def save_codes(directory: str | Path, w_plus: torch.Tensor, refinement, names: l
                 tensors[f"p.{layer}"] = (p[index] if p.ndim == 3 else p).detach().float().cpu().contiguous()
                 tensors[f"q.{layer}"] = (q[index] if q.ndim == 3 else q).detach().float().cpu().contiguous()
         path = directory / f"{name}.safetensors"
-        save_safetensors(tensors, path, {"format": CODES_FORMAT, "num_layers": str(num_layers), "source": source})
+        save_safetensors(tensors, path, {**metadata, "source": source})
         written.append(path)
     return written
 
@@ -108,7 +124,7 @@ def load_codes(paths: list[Path], device: str | torch.device = "cpu") -> ImageCo
 
     if not paths:
         raise ValueError("paths: expected at least one code file")
-    w_rows, p_rows, q_rows, sources = [], [], [], []
+    w_rows, p_rows, q_rows, sources, sizes = [], [], [], [], []
     layers_seen = None
     num_layers = 0
     first = None  # (path, num_layers, the shapes of w_plus, p and q) of the first file
@@ -137,6 +153,12 @@ def load_codes(paths: list[Path], device: str | torch.device = "cpu") -> ImageCo
             except Exception as error:  # a truncated file, or a key missing
                 raise ValueError(f"{path}: a damaged code file ({type(error).__name__}: {error})") from None
             sources.append(metadata.get("source", str(path)))
+            try:
+                sizes.append(parse_image_size(metadata["image_size"]) if "image_size" in metadata else None)
+            except ValueError as error:
+                raise ValueError(f"{path}: image_size metadata: {error}") from None
+            if sizes[-1] is not None and sizes[0] is not None and sizes[-1][0] * sizes[0][1] != sizes[-1][1] * sizes[0][0]:
+                raise ValueError(f"{path}: pictures of another aspect ({sizes[-1]}) than {paths[0]}'s ({sizes[0]})")
         # codes of two generators (another n_latent, style_dim or width) cannot share a batch
         shapes = (num_layers, tuple(w_rows[-1].shape), [tuple(t.shape) for t in p_rows[-1] + q_rows[-1]])
         if first is None:
@@ -154,7 +176,7 @@ def load_codes(paths: list[Path], device: str | torch.device = "cpu") -> ImageCo
         p = [torch.stack([row[i] for row in p_rows]).to(device) for i in range(len(layers_seen))]
         q = [torch.stack([row[i] for row in q_rows]).to(device) for i in range(len(layers_seen))]
         refinement = Refinement(p, q, num_layers)
-    return ImageCodes(w_plus, refinement, sources)
+    return ImageCodes(w_plus, refinement, sources, next((size for size in sizes if size is not None), None))
 
 
 def unique_stems(paths: list[Path]) -> list[str]:

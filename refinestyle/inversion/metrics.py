@@ -23,12 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from refinestyle.imageio import image_size_hw
 
-def pool_to(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Average-pool [B, 3, H, W] images to size x size (unchanged when already that size)."""
-    if images.shape[-2:] == (size, size):
+
+def pool_to(images: torch.Tensor, size) -> torch.Tensor:
+    """Average-pool [B, 3, H, W] images to `size`, an int side or (height, width) (unchanged
+    when already that size)."""
+    size = image_size_hw(size)
+    if images.shape[-2:] == size:
         return images
-    return F.adaptive_avg_pool2d(images, (size, size))
+    return F.adaptive_avg_pool2d(images, size)
 
 
 class ReconstructionMetrics:
@@ -228,7 +232,7 @@ def evaluate_folder(
     metrics: ReconstructionMetrics,
     *,
     batch_size: int = 8,
-    metric_size: int = 256,
+    metric_size: int | tuple[int, int] = 256,
     device: str | torch.device = "cpu",
     progress: bool = True,
     progress_desc: str = "eval-inversion",
@@ -237,11 +241,13 @@ def evaluate_folder(
     examples: list | None = None,
     max_examples: int = 8,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Invert every image of `dataset` (items [3, S, S] in [-1, 1]) and measure the reconstructions.
+    """Invert every image of `dataset` (items [3, H, W] in [-1, 1]) and measure the reconstructions.
 
-    The reconstruction is measured as a saved file holds it (`refinestyle.imageio.as_saved`:
-    clamped to [-1, 1], 8 bits), as pSp and HyperStyle measure theirs; then it and the input
-    are pooled to min(metric_size, their sizes) pixels. Returns (summary, per-image values): summary as
+    The reconstruction (the render cropped to the pictures' aspect, as the inverters return
+    it) is measured as a saved file holds it (`refinestyle.imageio.as_saved`: clamped to
+    [-1, 1], 8 bits), as pSp and HyperStyle measure theirs; then it and the input are pooled
+    to the smallest of metric_size (an int side or (height, width)) and their sizes. Images
+    of another aspect than the renders raise ValueError. Returns (summary, per-image values): summary as
     `summarize` gives it, per-image {"mse": [N], ...}. When `examples` is a list, the first
     `max_examples` (input, reconstruction) pairs are appended to it as [2, 3, s, s] CPU tensors.
     progress shows a tqdm bar labelled progress_desc; progress_leave=False removes it when done
@@ -260,7 +266,14 @@ def evaluate_folder(
                           leave=progress_leave):
             batch = torch.stack([dataset[i] for i in range(start, min(start + batch_size, count))]).to(device)
             result = inverter(batch)
-            size = min(metric_size, batch.shape[-1], result.image.shape[-1])
+            rendered_h, rendered_w = result.image.shape[-2:]
+            if rendered_h * batch.shape[-1] != rendered_w * batch.shape[-2]:
+                raise ValueError(
+                    f"dataset: {batch.shape[-2]} x {batch.shape[-1]} images, but the inverter renders {rendered_h} x "
+                    f"{rendered_w} pictures (another aspect); read the images at the inverter's input size"
+                )
+            metric_h, metric_w = image_size_hw(metric_size, "metric_size")
+            size = (min(metric_h, batch.shape[-2], rendered_h), min(metric_w, batch.shape[-1], rendered_w))
             reconstructions, targets = pool_to(as_saved(result.image), size), pool_to(batch, size)
             values = metrics(reconstructions, targets)
             for key, value in values.items():

@@ -17,6 +17,11 @@ One-stage (`OneStageInverter`): an image I goes through the feature-pyramid enco
 The generator renders the w+ code with the refinement; it is frozen (its parameters get
 requires_grad False), only the inverter trains.
 
+Pictures that are not square (Stanford Cars: `encoder_size=(192, 256)`, as pSp, e4e, HyperStyle
+and Style Transformer read them) fill the middle rows of the generator's square canvas; the
+inverters render the canvas and return that part of it (`crop_canvas`), so losses, metrics and
+saved images compare the picture with the picture.
+
 Two-stage (`TwoStageInverter`): a frozen first stage (any callable image -> w+) gives w0+
 and the image I0 = G(w0+); E sees [I, I0] (6 channels); three grouped blocks produce the
 tokens; w0+ stays fixed. The built-in first stage is `FirstStage`, a OneStageInverter
@@ -51,6 +56,7 @@ from torch import nn
 
 from refinestyle.inversion.encoder import IR_SE50_WIDTHS, FeaturePyramidEncoder
 from refinestyle.inversion.psp import PSP_KINDS, PSPEncoder
+from refinestyle.imageio import crop_canvas, image_size_hw
 from refinestyle.inversion.transformer import GroupedTransformerBlock, TransformerBlock
 from refinestyle.refinement import Refinement, refinement_layer_shapes
 from refinestyle.weights import require_file, save_safetensors
@@ -80,10 +86,12 @@ class InversionResult(NamedTuple):
     w_plus: [B, n_latent, style_dim] the w+ code (the first stage's w0+ for two-stage).
     refinement: the per-image Refinement (tokens [B, L, Cout] / [B, L, Cin] for the last
         Nr convs), or None for an inverter without token branch.
-    image: [B, 3, R, R] in about [-1, 1], the frozen generator's rendering of w_plus with
-        the refinement at its resolution R; None when rendering was skipped.
-    initial_image: two-stage only: [B, 3, R, R] the first stage's rendering I0 = G(w0+)
-        (no refinement, no gradient); None otherwise.
+    image: [B, 3, h, w] in about [-1, 1], the frozen generator's rendering of w_plus with
+        the refinement at its resolution R: the whole R x R canvas for square pictures, else
+        the part of it that holds the picture (`crop_canvas`, e.g. 384 x 512 of a 512 px
+        Cars canvas); None when rendering was skipped.
+    initial_image: two-stage only: [B, 3, h, w] the first stage's rendering I0 = G(w0+)
+        (no refinement, no gradient), cropped the same way; None otherwise.
     """
 
     w_plus: torch.Tensor
@@ -104,8 +112,8 @@ class InverterConfig:
     heads, head_dim, ffn_dim, dropout: the transformer blocks.
     scale_init: initial value of the scales A_n, B_n.
     token_levels: the feature level each grouped block of the token branch attends to.
-    encoder_depth, encoder_widths, encoder_size: the IR-SE trunk and the side images are
-        resized to before E (256).
+    encoder_depth, encoder_widths, encoder_size: the IR-SE trunk and the size images are
+        resized to before E: an int side (256) or [height, width] ([192, 256] for Cars).
     train_mapping: one-stage: whether the copied mapping MLP trains.
     latent_queries: rows of learned queries of the w+ branch; None: n_latent. More rows than
         n_latent (Style Transformer's files always hold 18) attend to one another, and the
@@ -131,7 +139,7 @@ class InverterConfig:
     token_levels: list = field(default_factory=lambda: list(FEATURE_LEVELS))
     encoder_depth: Any = 50
     encoder_widths: list = field(default_factory=lambda: list(IR_SE50_WIDTHS))
-    encoder_size: int = 256
+    encoder_size: Any = 256
     train_mapping: bool = True
     first_stage: Optional[dict] = None
     latent_queries: Optional[int] = None
@@ -145,12 +153,38 @@ class InverterConfig:
         values["layer_shapes"] = [tuple(shape) for shape in values.get("layer_shapes", [])]
         if isinstance(values.get("encoder_depth"), list):
             values["encoder_depth"] = tuple(values["encoder_depth"])
+        if isinstance(values.get("encoder_size"), list):
+            values["encoder_size"] = tuple(values["encoder_size"])
         return cls(**values)
 
 
 def _check_positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+
+def _encoder_size(value: Any) -> int | tuple[int, int]:
+    """encoder_size checked (each side a multiple of 16, the trunk's stride) and in its stored
+    form: an int for a square, else (height, width)."""
+    try:
+        height, width = image_size_hw(value, "encoder_size")
+    except TypeError as error:
+        raise ValueError(str(error)) from None
+    if height % 16 or width % 16:
+        raise ValueError(f"encoder_size: expected sides that are multiples of 16, got {value!r}")
+    return height if height == width else (height, width)
+
+
+def input_size_of(encoder: Any) -> Optional[tuple[int, int]]:
+    """(height, width) of the pictures a first stage or encoder reads, when it says: an
+    inverter's or FirstStage's encoder size, a PSPEncoder's input size; None otherwise."""
+    if isinstance(encoder, FirstStage):
+        encoder = encoder.inverter
+    if isinstance(encoder, _Inverter):
+        return encoder.input_size
+    if isinstance(encoder, PSPEncoder):
+        return image_size_hw(encoder.input_size)
+    return None
 
 
 class LatentBranch(nn.Module):
@@ -346,17 +380,29 @@ class _Inverter(nn.Module):
         if not images.is_floating_point():
             raise TypeError(f"{name}: expected a floating point tensor, got {images.dtype}")
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) the encoder reads: (256, 256), or (192, 256) for Cars."""
+        return image_size_hw(self.config.encoder_size)
+
+    def crop_canvas(self, renders: torch.Tensor) -> torch.Tensor:
+        """The part of square renders [B, 3, R, R] that holds a picture of the encoder's aspect
+        (all of it for a square encoder size; rows R/8 to 7R/8 for Cars' 3:4)."""
+        return crop_canvas(renders, self.input_size)
+
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
-        size = self.config.encoder_size
-        if images.shape[-2:] == (size, size):
+        size = self.input_size
+        if images.shape[-2:] == size:
             return images
-        if images.shape[-1] == images.shape[-2] > size and images.shape[-1] % size == 0:
+        factor = images.shape[-1] // size[1]
+        if factor > 1 and tuple(images.shape[-2:]) == (size[0] * factor, size[1] * factor):
             # average pooling, as pSp's and HyperStyle's face_pool bring 1024 px renders to 256
             return F.adaptive_avg_pool2d(images, size)
-        return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
 
     def _render(self, w_plus, refinement, noise, randomize_noise) -> torch.Tensor:
-        return self.generator.synthesis(w_plus, refinement=refinement, noise=noise, randomize_noise=randomize_noise)
+        renders = self.generator.synthesis(w_plus, refinement=refinement, noise=noise, randomize_noise=randomize_noise)
+        return self.crop_canvas(renders)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Parameters of the inverter itself (the generator and a first stage excluded)."""
@@ -406,7 +452,10 @@ class OneStageInverter(_Inverter):
         to build one from `ir_se50_path`, `encoder_depth`, `encoder_widths`.
     ir_se50_path: ArcFace model_ir_se50.pth to initialise the encoder's trunk; None keeps
         it random.
-    encoder_size: the side the input images are resized to for E (256).
+    encoder_size: what the input images are resized to for E: an int side (256) or
+        (height, width), (192, 256) for Stanford Cars; each a multiple of 16. A size that is
+        not square also sets the part of the generator's canvas the pictures fill
+        (`crop_canvas`): `forward` returns that part of each render.
     heads, head_dim, ffn_dim, dropout: transformer blocks (paper: 4 heads of width 512).
     scale_init: initial A_n, B_n entries (small: the refinement starts close to zero).
     token_levels: the feature level of each grouped block of the token branch (default
@@ -419,8 +468,9 @@ class OneStageInverter(_Inverter):
 
     forward(images [B, 3, H, W] float in [-1, 1], *, render=True, noise=None,
     randomize_noise=False) -> InversionResult(w_plus [B, n_latent, style_dim],
-    refinement or None, image [B, 3, R, R] or None). noise / randomize_noise go to the
-    generator (default: its fixed noise buffers, deterministic).
+    refinement or None, image [B, 3, h, w] or None: the render, cropped to the picture for a
+    non-square encoder_size). noise / randomize_noise go to the generator (default: its
+    fixed noise buffers, deterministic).
     """
 
     def __init__(
@@ -434,7 +484,7 @@ class OneStageInverter(_Inverter):
         ir_se50_path: str | os.PathLike | None = None,
         encoder_depth: int | Sequence[int] = 50,
         encoder_widths: Sequence[int] = IR_SE50_WIDTHS,
-        encoder_size: int = 256,
+        encoder_size: int | tuple[int, int] = 256,
         heads: int = 4,
         head_dim: int = 512,
         ffn_dim: int = 1024,
@@ -447,9 +497,7 @@ class OneStageInverter(_Inverter):
     ):
         super().__init__()
         self._setup_generator(generator)
-        _check_positive_int("encoder_size", encoder_size)
-        if encoder_size % 16:
-            raise ValueError(f"encoder_size: expected a multiple of 16, got {encoder_size}")
+        encoder_size = _encoder_size(encoder_size)
         dim = generator.style_dim
         layer_shapes = refinement_layer_shapes(generator, num_refined) if refine else []
         _check_positive_int("num_tokens", num_tokens)
@@ -547,7 +595,8 @@ class PretrainedEncoderInverter(nn.Module):
     encoder: a callable images [B, 3, H, W] in [-1, 1] -> w+ [B, n_latent, style_dim], e.g.
         `load_first_stage(path, generator)`.
     forward(images, *, render=True, noise=None, randomize_noise=False) -> InversionResult(w+,
-    None, G(w+) or None, None), as the inverters', so `refinestyle invert`, `edit` and
+    None, G(w+) or None, None), as the inverters' (G(w+) cropped to the encoder's aspect, as
+    theirs), so `refinestyle invert`, `edit` and
     `eval-inversion` take it (`load_inverter_for_inference` builds it from a .pt file).
     """
 
@@ -575,8 +624,17 @@ class PretrainedEncoderInverter(nn.Module):
             raise ValueError(f"encoder: expected w+ of shape {list(expected)}, got {list(w_plus.shape)}")
         image = None
         if render:
-            image = self.generator.synthesis(w_plus, noise=noise, randomize_noise=randomize_noise)
+            image = self.crop_canvas(self.generator.synthesis(w_plus, noise=noise, randomize_noise=randomize_noise))
         return InversionResult(w_plus, None, image, None)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) the encoder reads, when it says (a PSPEncoder, a FirstStage); else (256, 256)."""
+        return input_size_of(self.encoder) or (256, 256)
+
+    def crop_canvas(self, renders: torch.Tensor) -> torch.Tensor:
+        """The part of square renders [B, 3, R, R] that holds a picture of the encoder's aspect."""
+        return crop_canvas(renders, self.input_size)
 
 
 class TwoStageInverter(_Inverter):
@@ -610,7 +668,7 @@ class TwoStageInverter(_Inverter):
         ir_se50_path: str | os.PathLike | None = None,
         encoder_depth: int | Sequence[int] = 50,
         encoder_widths: Sequence[int] = IR_SE50_WIDTHS,
-        encoder_size: int = 256,
+        encoder_size: int | tuple[int, int] = 256,
         heads: int = 4,
         head_dim: int = 512,
         ffn_dim: int = 1024,
@@ -622,9 +680,13 @@ class TwoStageInverter(_Inverter):
         self._setup_generator(generator)
         if not callable(first_stage):
             raise TypeError(f"first_stage: expected a callable images -> w+, got {type(first_stage).__name__}")
-        _check_positive_int("encoder_size", encoder_size)
-        if encoder_size % 16:
-            raise ValueError(f"encoder_size: expected a multiple of 16, got {encoder_size}")
+        encoder_size = _encoder_size(encoder_size)
+        first_size = input_size_of(first_stage)
+        if first_size is not None and first_size[0] * image_size_hw(encoder_size)[1] != first_size[1] * image_size_hw(encoder_size)[0]:
+            raise ValueError(
+                f"encoder_size: {encoder_size} has another aspect than the first stage's input "
+                f"{first_size[0]} x {first_size[1]}; both must crop the same picture from the canvas"
+            )
         _check_positive_int("num_tokens", num_tokens)
         layer_shapes = refinement_layer_shapes(generator, num_refined)
         if isinstance(first_stage, nn.Module):
@@ -666,7 +728,8 @@ class TwoStageInverter(_Inverter):
         noise: Optional[Sequence[Optional[torch.Tensor]]] = None,
         randomize_noise: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w0+ [B, n_latent, style_dim], I0 [B, 3, R, R]) from the frozen first stage, without gradient."""
+        """(w0+ [B, n_latent, style_dim], I0 [B, 3, h, w]) from the frozen first stage, without
+        gradient; I0 is the render cropped to the picture (`crop_canvas`)."""
         self._check_images(images)
         with torch.no_grad():
             w0 = self.first_stage(images)
@@ -678,7 +741,8 @@ class TwoStageInverter(_Inverter):
         return w0.detach(), initial.detach()
 
     def refinement_for(self, images: torch.Tensor, initial_images: torch.Tensor) -> Refinement:
-        """The Refinement of images [B, 3, H, W] given their first-stage renderings [B, 3, R, R]."""
+        """The Refinement of images [B, 3, H, W] given their first-stage renderings [B, 3, h, w]
+        as `initial_inversion` returns them (cropped to the picture)."""
         self._check_images(images)
         self._check_images(initial_images, "initial_images")
         if initial_images.shape[0] != images.shape[0]:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from refinestyle.imageio import image_size_hw
 from refinestyle.inversion.encoder import IR_SE50_WIDTHS, FeaturePyramidEncoder
 from refinestyle.weights import require_file, state_dict_mismatch
 from refinestyle_kernels.modules import EqualLinear
@@ -54,7 +55,8 @@ class GradualStyleBlock(nn.Module):
     LeakyReLU(0.01) (PyTorch's default slope, as pSp), down to 1 x 1, then an equalised
     linear layer (weight * 1/sqrt(channels), lr multiplier 1).
 
-    forward(features [B, channels, spatial, spatial]) -> [B, channels].
+    forward(features [B, channels, h, w]) -> [B, channels], h and w in (spatial / 2, spatial]
+    (the convs bring them to 1 x 1: 16 x 16 and Cars' 12 x 16 alike, as in pSp).
     """
 
     def __init__(self, channels: int, spatial: int):
@@ -69,9 +71,10 @@ class GradualStyleBlock(nn.Module):
         self.linear = EqualLinear(channels, channels)  # lr multiplier 1, pSp's names
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if features.shape[-2:] != (self.spatial, self.spatial):
+        if features.ndim != 4 or not all(self.spatial // 2 < side <= self.spatial for side in features.shape[-2:]):
             raise ValueError(
-                f"features: expected [B, {self.channels}, {self.spatial}, {self.spatial}], got {tuple(features.shape)}"
+                f"features: expected [B, {self.channels}, h, w] with h and w in ({self.spatial // 2}, {self.spatial}], "
+                f"got {tuple(features.shape)}"
             )
         return self.linear(self.convs(features).flatten(1))
 
@@ -84,7 +87,8 @@ class PSPEncoder(FeaturePyramidEncoder):
     style_dim: width of w (512); the trunk's last stage must have as many channels.
     depth, widths: the IR-SE trunk (IR-SE50 and the ArcFace widths for the released models;
         small ones make tests fast).
-    input_size: the side images are resized to before the trunk (256, as both papers).
+    input_size: what images are resized to before the trunk: an int side (256, as both
+        papers) or (height, width), (192, 256) for their Stanford Cars models.
     start_from_latent_avg: add `latent_avg` to the encoder's output (True for the released
         inversion models).
 
@@ -101,21 +105,27 @@ class PSPEncoder(FeaturePyramidEncoder):
         *,
         depth: int | Sequence[int] = 50,
         widths: Sequence[int] = IR_SE50_WIDTHS,
-        input_size: int = 256,
+        input_size: int | tuple[int, int] = 256,
         start_from_latent_avg: bool = True,
     ):
         if kind not in PSP_KINDS:
             raise ValueError(f"kind: expected one of {PSP_KINDS}, got {kind!r}")
         if not isinstance(n_latent, int) or n_latent < 1:
             raise ValueError(f"n_latent: expected a positive integer, got {n_latent!r}")
-        if not isinstance(input_size, int) or input_size < 32 or input_size % 16:
-            raise ValueError(f"input_size: expected a multiple of 16 of at least 32, got {input_size!r}")
+        try:
+            height, width = image_size_hw(input_size, "input_size")
+        except TypeError as error:
+            raise ValueError(str(error)) from None
+        if min(height, width) < 32 or height % 16 or width % 16:
+            raise ValueError(f"input_size: expected sides that are multiples of 16 of at least 32, got {input_size!r}")
         super().__init__(3, None, style_dim, depth=depth, widths=widths)
         if self.widths[3] != style_dim:
             raise ValueError(f"widths: the last stage must have style_dim={style_dim} channels, got {self.widths[3]}")
         self.kind, self.n_latent, self.style_dim = kind, n_latent, style_dim
-        self.input_size, self.start_from_latent_avg = input_size, bool(start_from_latent_avg)
-        coarse_side = input_size // 16  # the medium map has twice its side, the fine map four times
+        self.input_size = height if height == width else (height, width)
+        self.start_from_latent_avg = bool(start_from_latent_avg)
+        # pSp sizes every block for the longer side (16 at 256 px; Cars' 12 x 16 maps too)
+        coarse_side = max(height, width) // 16  # the medium map has twice its side, the fine map four times
         self.styles = nn.ModuleList(
             GradualStyleBlock(style_dim, coarse_side * 2 ** self._level(row)) for row in range(n_latent)
         )
@@ -135,10 +145,9 @@ class PSPEncoder(FeaturePyramidEncoder):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected [B, 3, H, W], got {tuple(images.shape)}")
-        if images.shape[-2:] != (self.input_size, self.input_size):
-            images = F.interpolate(
-                images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=True
-            )
+        size = image_size_hw(self.input_size)
+        if images.shape[-2:] != size:
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
         levels = self.feature_maps(images)  # coarse, medium, fine
         rows = [block(levels[self._level(row)]) for row, block in enumerate(self.styles)]
         if self.kind == "e4e":
@@ -257,7 +266,7 @@ def load_psp(
     *,
     encoder_depth: int | Sequence[int] | None = None,
     encoder_widths: Sequence[int] | None = None,
-    input_size: int | None = None,
+    input_size: int | tuple[int, int] | None = None,
 ) -> PSPEncoder:
     """A pretrained pSp or e4e checkpoint as a PSPEncoder (images -> w+).
 
@@ -267,8 +276,10 @@ def load_psp(
         equal its weights.
     encoder_depth, encoder_widths: the IR-SE trunk; None reads it from the weights (IR-SE50
         for the released models).
-    input_size: the side images are resized to; None reads it from the coarse style blocks'
-        conv count (256 for the released models: 4 convs from 16 x 16 to 1 x 1).
+    input_size: what images are resized to (an int side or (height, width)); None reads the
+        side from the coarse style blocks' conv count (256 for the released models: 4 convs
+        from 16 x 16 to 1 x 1) and, for a Cars model (`opts["dataset_type"]` naming cars),
+        takes 3/4 of it as the height: 192 x 256, as pSp and e4e read Stanford Cars.
     Returns the encoder in eval mode on the generator's device, with requires_grad False.
     Raises FileNotFoundError for a missing file, ValueError for a foreign or mismatching one.
     """
@@ -293,6 +304,9 @@ def load_psp(
         if input_size is None:
             convs = sum(1 for key in state if key.startswith("styles.0.convs.") and key.endswith(".weight"))
             input_size = 16 * 2**convs  # the coarse map (input / 16) halves to 1 x 1 in `convs` steps
+            opts = checkpoint.get("opts") if isinstance(checkpoint.get("opts"), dict) else {}
+            if "cars" in str(opts.get("dataset_type", "")):
+                input_size = (input_size * 3 // 4, input_size)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     if options["style_dim"] != generator.style_dim:

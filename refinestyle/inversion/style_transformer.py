@@ -101,7 +101,7 @@ def load_style_transformer(
     heads: int = 4,
     encoder_depth: int | Sequence[int] = 50,
     encoder_widths: Sequence[int] = IR_SE50_WIDTHS,
-    encoder_size: int = 256,
+    encoder_size: int | tuple[int, int] | None = None,
 ) -> OneStageInverter:
     """A pretrained Style Transformer checkpoint as a OneStageInverter(refine=False).
 
@@ -110,7 +110,9 @@ def load_style_transformer(
         released face model).
     heads: attention heads of the checkpoint (4); the head width is 512 / heads.
     encoder_depth, encoder_widths: the IR-SE trunk (IR-SE50 for the released models).
-    encoder_size: the side images are resized to before the encoder (256).
+    encoder_size: what images are resized to before the encoder, an int side or (height,
+        width); None: 256, or 192 x 256 for a Cars model (`opts["dataset_type"]` naming cars,
+        as Style Transformer reads Stanford Cars).
     Returns the inverter in eval mode on the generator's device. Wrap it in FirstStage for
     a TwoStageInverter. Raises FileNotFoundError / ValueError for a missing or foreign file.
     """
@@ -124,6 +126,9 @@ def load_style_transformer(
     except Exception as error:  # unpickling errors come in many types
         raise ValueError(f"{path}: not a readable torch checkpoint ({error})") from error
     state, latent_avg = style_transformer_state_dict(checkpoint)
+    opts = checkpoint.get("opts") if isinstance(checkpoint.get("opts"), dict) else {}
+    if encoder_size is None:
+        encoder_size = (192, 256) if "cars" in str(opts.get("dataset_type", "")) else 256
     dim = state["latent_branch.latent_queries"].shape[-1]
     if dim % heads:
         raise ValueError(f"heads: {heads} does not divide the token width {dim}")
@@ -143,7 +148,6 @@ def load_style_transformer(
         ffn_dim=state["latent_branch.blocks.0.feed_forward.0.weight"].shape[0],
         latent_avg=latent_avg,
     )
-    opts = checkpoint.get("opts") if isinstance(checkpoint.get("opts"), dict) else {}
     if latent_avg is not None:
         state["latent_branch.latent_avg"] = latent_avg
     elif opts.get("start_from_latent_avg", False):

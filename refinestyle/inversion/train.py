@@ -43,12 +43,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from refinestyle.distributed import DistributedContext, StopOnSignal, mean_over_processes, setup_distributed
 from refinestyle.generator import COMPILE_MODES
 from refinestyle.inversion.data import ImageFolderDataset, ResumableDistributedSampler
+from refinestyle.imageio import image_size_hw, pool_or_resize
 from refinestyle.inversion.metrics import pool_to
 
 CHECKPOINT_NAME = "latest.pt"
@@ -92,8 +92,12 @@ class TrainConfig:
         model_options: extra keyword arguments for the inverter class (e.g. encoder depth,
             attention heads; `model_option_names(stage)` lists them); stored with the weights.
     Losses: l2_weight, lpips_weight, id_weight (1.0 / 0.8 / 0.1); domain "face" or "other"
-        ("other" switches the ID loss off). image_size: the side images are read at and the
-        encoder sees (256); the loss resolution is min(image_size, generator size).
+        ("other" switches the ID loss off). image_size: what images are read at, an int side
+        (256) or [height, width] ([192, 256] for Stanford Cars, with domain "other"); the loss
+        compares them with the renders at that size (smaller when the generator is). A size
+        that is not square also sets the encoder's input size (its longer side 256, unless
+        model_options gives `encoder_size`) and with it the part of the square canvas the
+        pictures fill (`OneStageInverter.crop_canvas`).
         hflip: random horizontal flips of the training images.
     Optimisation: lr (None: 1e-4 one-stage, 1e-3 two-stage), batch_size per process (8),
         max_steps (None: 1M one-stage, 700k two-stage, as the paper), seed, bf16 (autocast), grad_checkpointing, backend of the modulated conv
@@ -122,7 +126,7 @@ class TrainConfig:
     lpips_weight: float = 0.8
     id_weight: float = 0.1
     domain: str = "face"
-    image_size: int = 256
+    image_size: Any = 256
     hflip: bool = True
     lr: float | None = None
     batch_size: int = 8
@@ -155,7 +159,9 @@ class TrainConfig:
             raise ValueError("refine: a two-stage model always refines (refine=False is for one-stage)")
         if self.max_steps is None:  # the paper's schedules (appendix A.1)
             self.max_steps = 1_000_000 if self.stage == "one" else 700_000
-        for name in ("batch_size", "max_steps", "image_size", "num_tokens", "log_every", "val_max_images"):
+        height, width = image_size_hw(self.image_size, "image_size")
+        self.image_size = height if height == width else [height, width]  # as JSON keeps it
+        for name in ("batch_size", "max_steps", "num_tokens", "log_every", "val_max_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         for name in ("image_every", "val_every", "checkpoint_every"):
@@ -261,6 +267,15 @@ def build_inverter(config: TrainConfig, generator: nn.Module, device: torch.devi
     from refinestyle.inversion import models
 
     options = dict(config.model_options)
+    height, width = image_size_hw(config.image_size)
+    if height != width and "encoder_size" not in options:
+        longer = 256
+        options["encoder_size"] = (longer * height // width, longer) if height < width else (longer, longer * width // height)
+        if any(side % 16 for side in options["encoder_size"]) or options["encoder_size"][0] * width != options["encoder_size"][1] * height:
+            raise ValueError(
+                f"image_size: {height} x {width} gives no encoder input of the same aspect with sides that are "
+                "multiples of 16 and a longer side of 256; set one with --model-option 'encoder_size=[H, W]'"
+            )
     if config.stage == "one":
         num_refined = config.num_refined if config.num_refined is not None else min(10, generator.num_layers)
         model = models.OneStageInverter(
@@ -275,13 +290,26 @@ def build_inverter(config: TrainConfig, generator: nn.Module, device: torch.devi
         from refinestyle.inversion.style_transformer import load_first_stage
 
         num_refined = config.num_refined if config.num_refined is not None else generator.num_layers
+        first_stage = load_first_stage(config.first_stage, generator)
+        first_size = models.input_size_of(first_stage)
+        if first_size is not None and first_size[0] * width != first_size[1] * height:
+            raise ValueError(
+                f"image_size: {height} x {width} pictures, but the first stage reads {first_size[0]} x {first_size[1]} "
+                f"(another aspect); train on its pictures (--image-size {first_size[0]}x{first_size[1]})"
+            )
         model = models.TwoStageInverter(
             generator,
-            load_first_stage(config.first_stage, generator),
+            first_stage,
             num_refined=num_refined,
             num_tokens=config.num_tokens,
             ir_se50_path=config.ir_se50,
             **options,
+        )
+    encoder_height, encoder_width = model.input_size
+    if encoder_height * width != encoder_width * height:
+        raise ValueError(
+            f"image_size: {height} x {width} pictures, but the encoder reads {encoder_height} x {encoder_width} (another "
+            "aspect); the renders are cropped to the encoder's aspect, so both must agree"
         )
     return model.to(device)
 
@@ -474,22 +502,25 @@ def _tensorboard_writer(out: Path, wanted: bool):
 
 
 @torch.no_grad()
-def render_comparison(model: nn.Module, images: torch.Tensor, size: int) -> torch.Tensor:
-    """Rows of (input | w+ only | refined) for `images`, each resized to `size`; [3B, 3, size, size]."""
+def render_comparison(model: nn.Module, images: torch.Tensor, size) -> torch.Tensor:
+    """Rows of (input | w+ only | refined) for `images`, each resized to `size` (an int side or
+    (height, width)); [3B, 3, height, width]. The renders are cropped to the pictures' aspect."""
     model = _unwrap(model)
     generator = model.generator
     result = model(images)
-    plain = generator.synthesis(result.w_plus, refinement=None, randomize_noise=False)
-    refined = generator.synthesis(result.w_plus, refinement=result.refinement, randomize_noise=False)
+    plain = model.crop_canvas(generator.synthesis(result.w_plus, refinement=None, randomize_noise=False))
+    refined = model.crop_canvas(generator.synthesis(result.w_plus, refinement=result.refinement, randomize_noise=False))
     columns = [pool_or_resize(images, size), pool_or_resize(plain, size), pool_or_resize(refined, size)]
     return torch.stack(columns, 1).flatten(0, 1).float()
 
 
-def pool_or_resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """[B, 3, H, W] -> [B, 3, size, size] for pictures: average-pool down, bilinear up."""
-    if images.shape[-1] >= size:
-        return pool_to(images, size)
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+def loss_size(image_size, generator_size: int) -> tuple[int, int]:
+    """(height, width) the losses and metrics compare at: `image_size` (an int or (height,
+    width)), scaled down to fit the generator's canvas when it is larger."""
+    height, width = image_size_hw(image_size)
+    if max(height, width) <= generator_size:
+        return height, width
+    return height * generator_size // max(height, width), width * generator_size // max(height, width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,7 +632,7 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
         enable_gradient_checkpointing(model)
     if config.compile is not None:
         generator.compile_synthesis(mode=config.compile)
-    loss_size = min(config.image_size, generator.size)
+    compare_size = loss_size(config.image_size, generator.size)
 
     step, epoch, batch_in_epoch = 0, 0, 0
     if state is not None:
@@ -675,10 +706,10 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
             )
             for images in _batches(loader):
                 images = images.to(device, non_blocking=True)
-                targets = pool_to(images, loss_size)
+                targets = pool_to(images, compare_size)
                 with autocast:
                     result = train_model(images)
-                    reconstruction = pool_to(result.image, loss_size)
+                    reconstruction = pool_to(result.image, compare_size)
                     loss, parts = criterion(reconstruction.float(), targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -711,7 +742,7 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
                     _save_grid(train_model, images, out / "images" / f"step_{step:07d}.png", config.image_size)
                 if val_dataset is not None and config.val_every and (step % config.val_every == 0 or last_step):
                     if context.is_main:
-                        validation = _validate(train_model, criterion, val_dataset, config, device, loss_size, step)
+                        validation = _validate(train_model, criterion, val_dataset, config, device, compare_size, step)
                         val_log.write({"step": step, **validation})
                         if tb is not None:
                             for key, value in validation.items():
@@ -794,7 +825,7 @@ def _interrupts_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _save_grid(model: nn.Module, images: torch.Tensor, path: Path, size: int) -> None:
+def _save_grid(model: nn.Module, images: torch.Tensor, path: Path, size) -> None:
     # A private RNG scope: pictures must not change the training's random stream.
     devices = [images.device] if images.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -807,7 +838,7 @@ def _save_grid(model: nn.Module, images: torch.Tensor, path: Path, size: int) ->
     save_grid(rows, path, nrow=3)
 
 
-def _validate(model, criterion, dataset, config: TrainConfig, device, loss_size, step: int) -> dict[str, float]:
+def _validate(model, criterion, dataset, config: TrainConfig, device, compare_size, step: int) -> dict[str, float]:
     """Mean and std of MSE / LPIPS / ID over the validation images (rank 0, a private RNG scope)."""
     from refinestyle.inversion.metrics import ReconstructionMetrics, evaluate_folder
 
@@ -815,7 +846,7 @@ def _validate(model, criterion, dataset, config: TrainConfig, device, loss_size,
     with torch.random.fork_rng(devices=devices):
         summary, _ = evaluate_folder(
             _unwrap(model), dataset, ReconstructionMetrics.from_criterion(criterion),
-            batch_size=config.batch_size, metric_size=loss_size, device=device, progress=config.progress,
+            batch_size=config.batch_size, metric_size=compare_size, device=device, progress=config.progress,
             progress_desc=f"validate (step {step})", progress_leave=False, max_images=config.val_max_images,
         )
     return summary
