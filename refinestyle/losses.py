@@ -2,7 +2,7 @@
 
     total = l2 * MSE(x, y) + lpips * LPIPS(x, y) + id * (1 - cos(ArcFace(x), ArcFace(y)))
 
-with the weights 1.0 / 0.8 / 0.1 of pSp and RefineStyle by default. Images are float
+with pSp's weights 1.0 / 0.8 / 0.1 by default (the paper's Eq. 6 names the terms, not their weights). Images are float
 tensors in [-1, 1], [B, 3, H, W], normally 256 x 256 (the generator's output pooled to
 256). The ID term is for faces only: `face_domain=False` (or id=0) switches it off and
 then needs no ArcFace weights.
@@ -184,7 +184,7 @@ class IDLoss(_FrozenModule):
 class ReconstructionLoss(nn.Module):
     """Weighted L2 + LPIPS + ID loss of the inverters.
 
-    l2, lpips, id: the weights (pSp / RefineStyle: 1.0, 0.8, 0.1); a weight of 0 drops
+    l2, lpips, id: the weights (pSp's: 1.0, 0.8, 0.1; the paper gives none); a weight of 0 drops
         the term (its network is not built).
     face_domain: False switches the ID term off (cars, churches, ...).
     lpips_backbone_path, pretrained_lpips: passed to LPIPSLoss.

@@ -226,10 +226,24 @@ def test_inversion_cost_counts_encoder_branches_and_generator():
     assert cost.flops - cost.flops_without_rendering == refined_rendering_flops  # one rendering less
     assert cost.flops_without_rendering > encoder_flops
     assert cost.params_inverter == inverter.num_parameters()
+    mapping = sum(p.numel() for p in inverter.latent_branch.mapping.parameters())
+    assert cost.params_as_paper == cost.params_inverter - mapping > 0  # Table 1 counts no mapping copy
     assert cost.params_generator == sum(p.numel() for p in generator.parameters())
     assert cost.seconds_per_image > 0
     report = cost.as_dict()
     assert report["gmacs"] == pytest.approx(report["gflops"] / 2)
+
+
+def test_paper_parameter_count_leaves_out_a_two_stage_models_first_stage():
+    from refinestyle.inversion.models import FirstStage, OneStageInverter, TwoStageInverter
+
+    generator = tiny_generator()
+    first = FirstStage(OneStageInverter(generator, refine=False, **TINY_MODEL_OPTIONS))
+    two = TwoStageInverter(generator, first, 4, 4, **TINY_MODEL_OPTIONS)
+    cost = inversion_cost(two, torch.rand(1, 3, 32, 32) * 2 - 1, timing=False)
+    first_count = count_parameters(first, exclude=[generator])  # it holds the same generator
+    assert cost.params_inverter == two.num_parameters() + first_count  # the stored first stage counts here
+    assert cost.params_as_paper == two.num_parameters()  # and not in the paper's count
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):

@@ -166,6 +166,9 @@ class InversionCost:
     """Parameters, FLOPs and time of one inverter on one image (Table 1's cost columns).
 
     params_inverter: the inverter without the generator (a built-in first stage included).
+    params_as_paper: as the paper's Table 1 counts its models: also without a frozen first
+        stage and without the w+ branch's copy of the mapping MLP (2.1M at 512-d; the
+        paper counts Style Transformer without it).
     params_trainable: what training updates.
     params_generator: the generator's.
     flops: inverting and rendering one image (encoder, branches, generator).
@@ -176,6 +179,7 @@ class InversionCost:
     """
 
     params_inverter: int
+    params_as_paper: int
     params_trainable: int
     params_generator: int
     flops: int
@@ -185,6 +189,7 @@ class InversionCost:
     def as_dict(self) -> dict[str, float]:
         return {
             "params_inverter_M": self.params_inverter / 1e6,
+            "params_as_paper_M": self.params_as_paper / 1e6,
             "params_trainable_M": self.params_trainable / 1e6,
             "params_generator_M": self.params_generator / 1e6,
             "gflops": self.flops / 1e9,
@@ -192,6 +197,18 @@ class InversionCost:
             "gmacs_without_rendering": self.flops_without_rendering / 2e9,
             "seconds_per_image": self.seconds_per_image if self.seconds_per_image is not None else float("nan"),
         }
+
+
+def _not_counted_by_the_paper(inverter: nn.Module) -> list[nn.Module]:
+    """The generator, a frozen first stage and the w+ branch's mapping copy of `inverter`."""
+    excluded = [inverter.generator]
+    first_stage = getattr(inverter, "first_stage", None)
+    if isinstance(first_stage, nn.Module):
+        excluded.append(first_stage)
+    mapping = getattr(getattr(inverter, "latent_branch", None), "mapping", None)
+    if isinstance(mapping, nn.Module):
+        excluded.append(mapping)
+    return excluded
 
 
 def inversion_cost(inverter: nn.Module, image: torch.Tensor, *, timing: bool = True, repeats: int = 10) -> InversionCost:
@@ -211,6 +228,7 @@ def inversion_cost(inverter: nn.Module, image: torch.Tensor, *, timing: bool = T
         inverter.train(was_training)
     return InversionCost(
         params_inverter=count_parameters(inverter, exclude=[generator]),
+        params_as_paper=count_parameters(inverter, exclude=_not_counted_by_the_paper(inverter)),
         # an inverter loaded for inference is frozen: it keeps what training updated
         params_trainable=getattr(inverter, "trained_parameter_count", None)
         or count_parameters(inverter, trainable_only=True),
@@ -298,9 +316,10 @@ def format_report(summary: dict[str, float], cost: dict[str, float] | None = Non
         else:
             row.append("-")
     if cost is not None:
-        header += ["Params (M)", "GFLOPs", "GMACs", "GMACs w/o rendering", "Time (s)"]
+        header += ["Params (M)", "Params as Table 1 (M)", "GFLOPs", "GMACs", "GMACs w/o rendering", "Time (s)"]
         row += [
             f"{cost['params_inverter_M']:.2f}",
+            f"{cost['params_as_paper_M']:.2f}",
             f"{cost['gflops']:.2f}",
             f"{cost['gmacs']:.2f}",
             f"{cost['gmacs_without_rendering']:.2f}",
