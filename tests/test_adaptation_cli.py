@@ -327,6 +327,19 @@ def test_adapt_text_resume_keeps_the_checkpoints_settings_and_counts_its_steps(f
     training = Adapter.load(out).metadata["training"]
     assert (training["steps_done"], training["iterations"], training["lr"], training["seed"]) == (3, 3, 1e-3, 0)
 
+    # the same CLIP architecture with other weights, or other activations: refused, named
+    import open_clip
+
+    torch.manual_seed(7)
+    other_weights = tmp_path / "other_clip.pt"
+    torch.save(open_clip.create_model("rs-cli-tiny-clip", pretrained=None).state_dict(), other_weights)
+    other = ["--clip", f"{files['clip_config']}={other_weights}", "--clip-no-quick-gelu"]
+    argv = text_argv(files, out, "--iterations", "4", "--resume")
+    assert cli.main([*argv[: argv.index("--clip")], *argv[argv.index("--clip") + 3 :], *other]) == 2
+    assert "(the weights file)" in capsys.readouterr().err
+    assert cli.main([a for a in argv if a != "--clip-no-quick-gelu"]) == 2
+    assert "--clip-no-quick-gelu" in capsys.readouterr().err
+
     checkpoint.write_text("junk\n")
     assert cli.main(text_argv(files, out, "--iterations", "4", "--resume")) == 2
     error = capsys.readouterr().err

@@ -221,18 +221,53 @@ def test_train_inverter_resume_refuses_options_that_change_the_run(trained, tmp_
                "--first-stage", other_generator, "--bf16", "--model-option", "heads=4", "--generator",
                other_generator, "--log-every", 5) == 2  # fmt: skip
     error = _one_line_error(capsys)
-    for change in ["--num-tokens 8 (the run has 4)", "--lr 0.5 (the run has none)", "--batch-size 1 (the run has 2)",
+    for change in ["--num-tokens 8 (the run has 4)", "--lr 0.5 (the run has 0.0001)", "--batch-size 1 (the run has 2)",
                    "--seed 9 (the run has 0)", "--stage two (the run has one)", "--bf16 (the run has bf16=false)",
                    "--model-option heads=4 (the run has 2)", f"--first-stage {other_generator} (the run has none)",
                    f"--generator {other_generator} (the run has {generator_path}, which still exists)"]:
         assert change in error, (change, error)
     assert "a resumed run keeps its config" in error and "--log-every" not in error  # a run-time option
     assert (tmp_path / "run" / "config.json").read_text() == saved
-    # the run's own values given again (a path spelt differently) are no change; --log-every is taken
+    # the run's own values given again (a path spelt differently, the defaults it took) are no change;
+    # --log-every is taken
     assert run(*resume, "--num-tokens", 4, "--batch-size", 2, "--model-option", "heads=2", "--domain", "other",
+               "--lr", "1e-4", "--model-option", "dropout=0.0", "--image-size", "32x32",
                "--lpips-random-backbone", "--generator", root / ".." / root.name / "generator.pt",
                "--data", root / "train", "--log-every", 5) == 0  # fmt: skip
     assert json.loads((tmp_path / "run" / "config.json").read_text())["log_every"] == 5
+
+
+def test_train_inverter_resume_refuses_other_weights_at_a_moved_path(trained, tmp_path, capsys):
+    """A moved generator may be given again, another one may not: the same architecture with other
+    weights trained on silently, another architecture ended in a traceback after config.json had
+    been rewritten to name it, so that the right file was then refused too."""
+    import shutil
+
+    from refinestyle.generator import Generator
+
+    root, generator_path = trained
+    shutil.copy(generator_path, tmp_path / "generator.pt")
+    common = ["--out", tmp_path / "run", "--workers", 0, "--no-progress"]
+    assert run("train-inverter", "--generator", tmp_path / "generator.pt", "--data", root / "train", *common,
+               "--lpips-random-backbone", "--domain", "other", "--image-size", 32, "--num-refined", 4,
+               "--num-tokens", 4, "--batch-size", 2, "--max-steps", 1, "--image-every", 0, *TINY_OPTIONS) == 0
+    saved = (tmp_path / "run" / "config.json").read_text()
+    shutil.move(tmp_path / "generator.pt", tmp_path / "moved.pt")  # the run's generator is gone from its path
+    same_shape = write_generator(tiny_generator(seed=5), tmp_path / "same_shape.pt")
+    other_shape = write_generator(Generator(32, style_dim=32, n_mlp=2, channel_max=16), tmp_path / "other.pt")
+    resume = ["train-inverter", "--resume", "--max-steps", 2, *common]
+    capsys.readouterr()
+    assert run(*resume, "--generator", same_shape) == 2
+    assert f"--generator {same_shape}: other weights than the interrupted run trained with" in _one_line_error(capsys)
+    assert run(*resume, "--generator", other_shape) == 2
+    assert f"--generator {other_shape}: other weights" in _one_line_error(capsys)
+    checkpoint = tmp_path / "run" / "checkpoints" / "latest.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    torch.save({k: v for k, v in state.items() if k != "fingerprints"}, checkpoint)  # as older runs wrote it
+    assert run(*resume, "--generator", other_shape) == 2
+    assert "do not fit the model built for this run" in _one_line_error(capsys)
+    assert (tmp_path / "run" / "config.json").read_text() == saved  # untouched by the refused resumes
+    assert run(*resume, "--generator", tmp_path / "moved.pt") == 0  # the moved file itself
 
 
 def test_train_inverter_resume_takes_moved_generator_and_data(trained, tmp_path, capsys):

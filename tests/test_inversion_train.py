@@ -207,12 +207,12 @@ from inversion_fixtures import tiny_train_config
 from refinestyle.inversion.train import build_inverter, load_frozen_generator, train_inverter, trainable_state_dict
 from pathlib import Path
 config = tiny_train_config(Path({generator!r}), Path({data!r}), Path({out!r}), max_steps=3, batch_size=2,
-                           checkpoint_every=2)
+                           checkpoint_every=2, val_data={data!r}, val_every=3)
 summary = train_inverter(config)
 rank = int(os.environ["RANK"])
 parameters = {{n: p.detach() for n, p in summary.model.named_parameters() if p.requires_grad}}
-torch.save({{"state": trainable_state_dict(summary.model), "parameters": parameters, "losses": summary.last_losses}},
-           Path({out!r}) / f"rank{{rank}}.pt")
+torch.save({{"state": trainable_state_dict(summary.model), "parameters": parameters, "losses": summary.last_losses,
+            "validation": summary.validation}}, Path({out!r}) / f"rank{{rank}}.pt")
 """
 
 
@@ -232,6 +232,8 @@ def test_ddp_two_gloo_processes(planted, tmp_path):
     assert rank0["parameters"].keys() == rank1["parameters"].keys()
     assert all(torch.equal(rank0["parameters"][k], rank1["parameters"][k]) for k in rank0["parameters"])
     assert rank0["losses"] == rank1["losses"]
+    # rank 0 validates; every rank's summary holds its metrics
+    assert rank0["validation"] and rank1["validation"] == rank0["validation"]
     checkpoint = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
     assert checkpoint["step"] == 3 and len(checkpoint["rng"]) == 2
     # 4 images over 2 ranks, batch 2: one step per epoch, each rank its own half.

@@ -250,7 +250,10 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     from refinestyle.inversion import train
 
     path = tmp_path / "checkpoints" / "latest.pt"
+    path.parent.mkdir()
+    (path.parent / ".latest.pt.tmp4242").write_bytes(b"a killed process's half checkpoint")
     train.atomic_torch_save({"step": 1}, path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["latest.pt"]  # no stale copy piles up
     assert torch.load(path)["step"] == 1
 
     def crash_midway(obj, target):

@@ -103,13 +103,16 @@ class CLIPEncoder(nn.Module):
     model: an open_clip CLIP model (its parameters are frozen here).
     tokenizer: the matching open_clip tokenizer (list of str -> int64 token ids [N, context]).
     name: a label for logs and metadata, e.g. "ViT-B-32".
+    quick_gelu: whether the model was built with QuickGELU (None: not known, e.g. a TorchScript
+        archive, which carries its own architecture); kept in adapter metadata.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, name: str = "clip"):
+    def __init__(self, model: nn.Module, tokenizer, name: str = "clip", quick_gelu: bool | None = None):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
+        self.quick_gelu = quick_gelu
         size = getattr(model.visual, "image_size", 224)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -232,7 +235,7 @@ def load_clip(
             f"ViT-B-32.pt or an open_clip state dict): {type(error).__name__}: {first_line}"
         ) from error
     tokenizer = open_clip.get_tokenizer(name)
-    return CLIPEncoder(model, tokenizer, name=name).to(device)
+    return CLIPEncoder(model, tokenizer, name=name, quick_gelu=None if torchscript else quick_gelu).to(device)
 
 
 def random_clip(name: str, *, device: str | torch.device = "cpu", seed: int | None = 0) -> CLIPEncoder:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refinestyle.adaptation.adapter import Adapter
+from refinestyle.adaptation.adapter import Adapter, generator_fingerprint
 from refinestyle.adaptation.swd import SWDStyleLoss
 from refinestyle.distributed import (
     DistributedContext,
@@ -169,6 +169,8 @@ SETTING_OPTIONS = {
     "source_text": "--source",
     "target_text": "--target",
     "clip_models": "--clip / --clip-vit-b16 / --clip-vit-b32",
+    "clip_fingerprints": "--clip / --clip-vit-b16 / --clip-vit-b32 (the weights file)",
+    "clip_quick_gelu": "--clip-no-quick-gelu",
     "generator_fingerprint": "--generator",
     "generator_size": "--generator",
     "generator_style_dim": "--generator",
@@ -583,6 +585,11 @@ def adapt_text(
         "source_text": getattr(clip_loss, "source_text", None),
         "target_text": getattr(clip_loss, "target_text", None),
         "clip_models": [getattr(e, "name", "clip") for e in getattr(clip_loss, "encoders", [])],
+        # which weights and activations: a resume with another file or --clip-no-quick-gelu is refused
+        "clip_fingerprints": [
+            generator_fingerprint(e) if isinstance(e, nn.Module) else None for e in getattr(clip_loss, "encoders", [])
+        ],
+        "clip_quick_gelu": [getattr(e, "quick_gelu", None) for e in getattr(clip_loss, "encoders", [])],
         "clip_weights": getattr(clip_loss, "weights", None),
         "training": settings,
         **(metadata or {}),

@@ -177,24 +177,38 @@ def resumed_changes(given: dict[str, tuple[str, object]], saved: dict, saved_pat
     files that are no longer where the run saw them (RESUME_RELOCATABLE). Any other option that differs
     from the saved value raises ValueError naming each, with both values.
     """
-    from refinestyle.inversion.train import RESUME_OVERRIDABLE, RESUME_RELOCATABLE
+    from refinestyle.imageio import image_size_hw
+    from refinestyle.inversion.train import (
+        RESUME_OVERRIDABLE,
+        RESUME_RELOCATABLE,
+        default_learning_rate,
+        model_option_defaults,
+    )
+
+    def same(a, b) -> bool:  # as config.json keeps them: tuples are lists
+        return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
 
     changes, refused = {}, []
     for field, (option, value) in given.items():
         old = saved.get(field)
+        if field == "lr" and old is None:  # the run took the stage's default: restating it changes nothing
+            old = default_learning_rate(saved.get("stage", "one"))
+        if field == "image_size" and image_size_hw(value) == image_size_hw(old):
+            continue
         if field in RESUME_OVERRIDABLE:
             changes[field] = value
         elif field == "model_options":
-            # the keys given must keep their values; those left out keep theirs anyway
-            old = old or {}
+            # the keys given must keep their values (left out, a key keeps the run's value, or
+            # the constructor's default the run took)
+            old = {**model_option_defaults(saved.get("stage", "one"), saved.get("image_size", 256)), **(old or {})}
             refused += [f"{option} {key}={_shown(new)} (the run has {_shown(old.get(key))})"
-                        for key, new in value.items() if key not in old or old[key] != new]
+                        for key, new in value.items() if key not in old or not same(old[key], new)]
         elif field in RESUME_RELOCATABLE and old is not None and value != old:
             if not os.path.exists(old):
                 changes[field] = value  # the file moved
             elif not (os.path.exists(value) and os.path.samefile(value, old)):
                 refused.append(f"{option} {value} (the run has {old}, which still exists)")
-        elif value != old:
+        elif not same(value, old):
             if isinstance(value, bool):  # a flag
                 refused.append(f"{option} (the run has {field}={_shown(old)})")
             else:

@@ -186,12 +186,46 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        return 1e-4 if self.stage == "one" else 1e-3
+        return self.lr if self.lr is not None else default_learning_rate(self.stage)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def default_learning_rate(stage: str) -> float:
+    """The paper's rate for a `stage` ("one" or "two") inverter: 1e-4 one-stage, 1e-3 two-stage."""
+    return 1e-4 if stage == "one" else 1e-3
+
+
+def default_encoder_size(image_size) -> int | tuple[int, int]:
+    """The encoder's input size for pictures of `image_size`: 256 for square ones, else the same
+    aspect with a longer side of 256 (192 x 256 for Stanford Cars). ValueError when that has
+    no sides that are multiples of 16."""
+    height, width = image_size_hw(image_size)
+    if height == width:
+        return 256
+    longer = 256
+    size = (longer * height // width, longer) if height < width else (longer, longer * width // height)
+    if any(side % 16 for side in size) or size[0] * width != size[1] * height:
+        raise ValueError(
+            f"image_size: {height} x {width} gives no encoder input of the same aspect with sides that are "
+            "multiples of 16 and a longer side of 256; set one with --model-option 'encoder_size=[H, W]'"
+        )
+    return size
+
+
+def model_option_defaults(stage: str, image_size=256) -> dict[str, Any]:
+    """The value each of `model_option_names(stage)` takes when `model_options` leaves it out."""
+    from refinestyle.inversion import models
+
+    inverter_class = models.OneStageInverter if stage == "one" else models.TwoStageInverter
+    parameters = inspect.signature(inverter_class.__init__).parameters
+    defaults = {name: parameters[name].default for name in model_option_names(stage)}
+    try:
+        defaults["encoder_size"] = default_encoder_size(image_size)
+    except ValueError:  # such a run named its encoder size
+        pass
+    return defaults
 
 
 def model_option_names(stage: str) -> list[str]:
@@ -241,12 +275,26 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same folder, then os.replace: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         torch.save(obj, temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete what a killed process left of an earlier write of `path` (a full checkpoint each)."""
+    for stale in path.parent.glob(f".{path.name}.tmp*"):
+        stale.unlink(missing_ok=True)
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 of a module's parameters (names, shapes, float32 values): which weights a run used."""
+    from refinestyle.adaptation.adapter import generator_fingerprint
+
+    return generator_fingerprint(module)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,14 +316,8 @@ def build_inverter(config: TrainConfig, generator: nn.Module, device: torch.devi
 
     options = dict(config.model_options)
     height, width = image_size_hw(config.image_size)
-    if height != width and "encoder_size" not in options:
-        longer = 256
-        options["encoder_size"] = (longer * height // width, longer) if height < width else (longer, longer * width // height)
-        if any(side % 16 for side in options["encoder_size"]) or options["encoder_size"][0] * width != options["encoder_size"][1] * height:
-            raise ValueError(
-                f"image_size: {height} x {width} gives no encoder input of the same aspect with sides that are "
-                "multiples of 16 and a longer side of 256; set one with --model-option 'encoder_size=[H, W]'"
-            )
+    if "encoder_size" not in options:
+        options["encoder_size"] = default_encoder_size(config.image_size)
     if config.stage == "one":
         num_refined = config.num_refined if config.num_refined is not None else min(10, generator.num_layers)
         model = models.OneStageInverter(
@@ -614,10 +656,6 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
         # cuBLAS needs a fixed workspace to be deterministic (set before its first use)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    if context.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(config.to_json())
-
     # The loss networks first: a missing weights file fails before any other work.
     torch.manual_seed(config.seed)
     criterion = build_criterion(config, device)
@@ -634,9 +672,22 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
         generator.compile_synthesis(mode=config.compile)
     compare_size = loss_size(config.image_size, generator.size)
 
+    # The frozen networks a run trains against: a resume must find the same weights (a moved
+    # file may be given again, another one is refused).
+    fingerprints = {"generator": weights_fingerprint(generator), "losses": weights_fingerprint(criterion)}
+    first_stage = getattr(model, "first_stage", None)
+    if isinstance(first_stage, nn.Module):
+        fingerprints["first_stage"] = weights_fingerprint(first_stage)
     step, epoch, batch_in_epoch = 0, 0, 0
     if state is not None:
-        _, unexpected = model.load_state_dict(state["model"], strict=False)
+        _check_fingerprints(state.get("fingerprints", {}), fingerprints, config)
+        try:
+            _, unexpected = model.load_state_dict(state["model"], strict=False)
+        except RuntimeError as error:  # shapes: another generator or model options
+            raise ValueError(
+                f"resume: the checkpoint's weights do not fit the model built for this run (another generator "
+                f"or first stage?): {str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error}"
+            ) from None
         if unexpected:
             raise ValueError(f"resume: checkpoint holds unknown weights {unexpected[:5]}")
         try:
@@ -648,6 +699,9 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
     else:
         # Different noise per rank from here on; weights are already identical.
         torch.manual_seed(config.seed + 1_000_003 * (context.rank + 1))
+    if context.is_main:  # only now: a resume refused above leaves the run folder as it was
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(config.to_json())
 
     dataset = ImageFolderDataset(config.data, config.image_size, hflip=config.hflip, seed=config.seed)
     sampler = ResumableDistributedSampler(
@@ -747,13 +801,17 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
                         if tb is not None:
                             for key, value in validation.items():
                                 tb.add_scalar(f"val/{key}", value, step)
+                    if context.distributed:  # every rank's summary holds the metrics
+                        shared = [validation]
+                        dist.broadcast_object_list(shared, src=0)
+                        validation = shared[0]
                     context.barrier()
                 if (config.checkpoint_every and step % config.checkpoint_every == 0) or last_step or stopping:
                     at_epoch_end = batch_in_epoch >= sampler.batches_per_epoch()
                     _save_checkpoint(
                         model, optimizer, config, context, checkpoint_path, out / INVERTER_NAME,
                         step=step, epoch=epoch + 1 if at_epoch_end else epoch,
-                        batch_in_epoch=0 if at_epoch_end else batch_in_epoch,
+                        batch_in_epoch=0 if at_epoch_end else batch_in_epoch, fingerprints=fingerprints,
                     )
                 if last_step:
                     break
@@ -852,7 +910,21 @@ def _validate(model, criterion, dataset, config: TrainConfig, device, compare_si
     return summary
 
 
-def _save_checkpoint(model, optimizer, config, context, checkpoint_path, inverter_path, *, step, epoch, batch_in_epoch):
+def _check_fingerprints(saved: dict[str, str], now: dict[str, str], config: TrainConfig) -> None:
+    """ValueError when a frozen network's weights differ from the interrupted run's (checkpoints
+    from before the fingerprints were stored hold none: nothing to compare)."""
+    files = {"generator": f"--generator {config.generator}", "first_stage": f"--first-stage {config.first_stage}",
+             "losses": f"the loss networks' weights (--ir-se50 {config.ir_se50}, --lpips-backbone {config.lpips_backbone})"}
+    changed = [files[name] for name, digest in saved.items() if name in now and now[name] != digest]
+    if changed:
+        raise ValueError(
+            f"resume: {'; '.join(changed)}: other weights than the interrupted run trained with; give the files it used"
+        )
+
+
+def _save_checkpoint(
+    model, optimizer, config, context, checkpoint_path, inverter_path, *, step, epoch, batch_in_epoch, fingerprints
+):
     """Write the training state atomically (rank 0), with every rank's RNG state; then the inverter file."""
     rng = capture_rng_state()
     if context.distributed:
@@ -871,6 +943,7 @@ def _save_checkpoint(model, optimizer, config, context, checkpoint_path, inverte
                 "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch,
                 "rng": gathered,
+                "fingerprints": fingerprints,
             },
             checkpoint_path,
         )
@@ -882,6 +955,7 @@ def _save_checkpoint(model, optimizer, config, context, checkpoint_path, inverte
 def _export_inverter(model: nn.Module, path: Path) -> None:
     from refinestyle.inversion.models import save_inverter
 
+    _remove_stale_temporaries(path)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save_inverter(temporary, model)
