@@ -216,7 +216,10 @@ def self_check(device: str | torch.device | None = None, dtypes=(torch.float32,)
     backward (grads of x, styles, p, q, rgb_styles; the weights frozen) against the reference
     backend in float64 on the same rounded inputs.
     """
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:  # torch's "Expected one of cpu, cuda, ... device type"
+        raise ValueError(f"device: {device!r} is not a device (cpu, cuda, cuda:N): {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device} was asked for, but no CUDA device is available")
     if isinstance(dtypes, torch.dtype) or isinstance(backends, str):

@@ -148,12 +148,13 @@ def test_adapt_oneshot_from_an_inverter(files, tmp_path):
     torch.manual_seed(0)
     first = FirstStage(OneStageInverter(generator, refine=False, **tiny))
     inverter = TwoStageInverter(generator, first, num_refined=generator.num_layers, num_tokens=2, **tiny)
-    inverter_file = save_inverter(tmp_path / "inverter.safetensors", inverter)
+    save_inverter(tmp_path / "run" / "inverter.safetensors", inverter)
 
     out = tmp_path / "ref.safetensors"
     argv = ["adapt-oneshot", "--generator", str(files["generator"]), "--reference", str(files["reference"]),
             "--out", str(out), "--lpips-backbone", str(files["alexnet"]), "--id-weight", "0",
-            "--inverter", str(inverter_file), "--init-from-inverter", "--iterations", "1",
+            "--inverter", str(tmp_path / "run"), "--init-from-inverter", "--iterations", "1",  # a run folder, as
+            # invert, edit and eval-inversion take it
             "--num-tokens", "4", "--style-size", "64", "--swd-projections", "8", "--loss-size", "32",
             "--sample-every", "0", "--no-progress", "--device", "cpu"]
     assert cli.main(argv) == 0
@@ -440,3 +441,15 @@ def test_adapt_oneshot_resume_without_checkpoint_projects_another_reference_agai
     assert cli.main(oneshot_argv(files, out, other_reference(tmp_path), "--iterations", "1", "--resume")) == 0
     assert "projecting" not in capsys.readouterr().err
     assert torch.equal(load_w_plus(work / "w_r.pt")[0], new_w_r)
+
+
+def test_adapt_text_names_empty_prompts_and_the_clip_option(files, tmp_path, capsys):
+    argv = text_argv(files, tmp_path / "a.safetensors", "--iterations", "1")
+    argv[argv.index("--target") + 1] = " "  # trained towards nothing, silently
+    assert cli.main(argv) == 2
+    assert "--target: expected a description of the domain" in capsys.readouterr().err
+    argv = text_argv(files, tmp_path / "b.safetensors", "--iterations", "1")
+    at = argv.index("--clip")
+    argv[at + 1] = f"NoSuchArch={files['clip']}"
+    assert cli.main(argv) == 2
+    assert f"--clip NoSuchArch={files['clip']}: " in capsys.readouterr().err

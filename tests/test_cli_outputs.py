@@ -85,3 +85,17 @@ def test_codes_of_two_generators_are_refused_by_name(tmp_path):
     assert load_codes(small + small).w_plus.shape == (2, 8, 4)
     with pytest.raises(ValueError, match=r"b\.safetensors: codes of another generator than .*a\.safetensors"):
         load_codes(small + large)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["generate", "--truncation", "nan", "--out", "g.png"], "argument --truncation: expected a finite number, got nan"),
+    (["spectrum", "--truncation", "inf"], "argument --truncation: expected a finite number, got inf"),
+    (["eval-edit", "--inverter", "i", "--generator", "g", "--data", "d", "--strength", "nan"],
+     "argument --strength: expected a finite number, got nan"),
+    (["edit", "--generator", "g", "--out", "o", "--strengths=1,nan"], "argument --strengths: expected comma-separated finite"),
+    (["eval-adapter", "--adapter", "a", "--grid", "grid.xyz"], "argument --grid: 'grid.xyz': expected an image file name"),
+])  # fmt: skip
+def test_numbers_and_file_names_that_cannot_work_are_refused_by_argparse(capsys, argv, expected):
+    """nan passed `psi < 1` silently (generate), or failed in a linear-algebra routine (eval-edit's
+    FID, spectrum's eigenvalues); a grid name PIL cannot write failed after the work."""
+    one_line_error(capsys, argv, expected)

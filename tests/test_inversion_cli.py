@@ -384,6 +384,17 @@ def test_train_inverter_names_an_unreadable_image_in_one_line_with_data_workers(
         lines.append(_one_line_error(capsys))
     assert f"{data / 'zz.png'} is not a readable image: " in lines[0]
     assert lines[1] == lines[0]
+    # and the command ends: the workers ignore SIGTERM, so multiprocessing's exit handler waited
+    # for them forever when the error's traceback still held the loader's iterator
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "refinestyle", "train-inverter", "--generator", generator_path, "--data", data,
+               "--out", tmp_path / "sub", "--workers", 2, "--batch-size", 2, "--max-steps", 1, "--no-progress",
+               "--lpips-random-backbone", "--domain", "other", "--image-size", 32, "--num-refined", 4,
+               "--num-tokens", 4, *TINY_OPTIONS]  # fmt: skip
+    completed = subprocess.run([str(a) for a in command], capture_output=True, text=True, timeout=180)
+    assert completed.returncode == 2 and "is not a readable image" in completed.stderr, completed.stderr[-2000:]
 
 
 def test_ganspace_keeps_a_png_named_output_and_edit_names_a_wrong_file(trained, tmp_path, capsys):
@@ -755,3 +766,38 @@ def test_eval_edit_names_what_is_missing(trained, edit_files, tmp_path, capsys, 
         assert run("eval-edit", *common, *argv) == 2, argv
         error = capsys.readouterr().err
         assert error.startswith("refinestyle eval-edit: error: ") and expected in error, error
+
+
+def test_inference_commands_name_what_does_not_fit(trained, codes, tmp_path, capsys):
+    """Codes of another generator were blamed on the boundary; a generator file given as --inverter
+    was called "not a Style Transformer checkpoint"; --image-size 16 failed in LPIPS naming `x`."""
+    from refinestyle.generator import Generator
+
+    root, generator_path = trained
+    larger = write_generator(Generator(64, style_dim=32, n_mlp=2, channel_max=16), tmp_path / "g64.pt")
+    np.save(tmp_path / "b.npy", np.zeros((1, 32), np.float32))
+    assert run("edit", "--generator", larger, "--codes", codes, "--boundary", tmp_path / "b.npy", "--out",
+               tmp_path / "e", "--no-progress") == 2  # fmt: skip
+    assert "--codes: w+ codes of shape [8, 32], but this generator's are [10, 32]" in capsys.readouterr().err
+    assert run("invert", "--inverter", generator_path, "--generator", generator_path, "--input", root / "val",
+               "--out", tmp_path / "i", "--no-progress") == 2  # fmt: skip
+    assert "neither an inverter file" in capsys.readouterr().err
+    eval_argv = ["eval-inversion", "--inverter", root / "run", "--generator", generator_path, "--data", root / "val",
+                 "--lpips-random-backbone", "--domain", "other", "--no-progress", "--no-timing"]
+    assert run(*eval_argv, "--image-size", 16) == 2
+    assert "--image-size: LPIPS (AlexNet) needs pictures of at least 32 x 32 pixels, got 16 x 16" in capsys.readouterr().err
+    assert run(*eval_argv, "--max-images", 1) == 0
+    assert capsys.readouterr().out.splitlines()[2].rstrip().endswith("| - |")  # not timed: no nan
+
+
+def test_train_inverter_names_options_not_config_fields(trained, tmp_path, capsys):
+    root, generator_path = trained
+    base = ["train-inverter", "--generator", generator_path, "--data", root / "train", "--out", tmp_path / "r"]
+    for extra, expected in [
+        (["--l2", -1], "--l2: expected >= 0, got -1.0"),
+        (["--l2", 0, "--lpips", 0, "--domain", "other"], "--l2, --lpips, --id: every loss term in use has weight 0"),
+        (["--stage", "two"], "--first-stage: the two-stage model needs the first-stage inverter file"),
+    ]:
+        assert run(*base, *extra) == 2
+        assert expected in _one_line_error(capsys)
+    assert not (tmp_path / "r").exists()

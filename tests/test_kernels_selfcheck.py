@@ -97,6 +97,9 @@ def test_the_command_exits_nonzero_on_a_failed_check(monkeypatch, tmp_path, caps
         selfcheck.main(["--dtype", "fp64"])
     assert exit_info.value.code == 2
     assert selfcheck.main(["--no-check"]) == 0
+    with pytest.raises(SystemExit) as info:  # torch's own RuntimeError was a traceback
+        selfcheck.main(["--device", "foo"])
+    assert info.value.code == 2
 
 
 def test_python_dash_m_runs_it():

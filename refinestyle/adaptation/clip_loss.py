@@ -402,7 +402,10 @@ def clip_specs_from_args(args) -> list[tuple[str, str]]:
 
 def clip_encoders_from_args(args, device) -> list[CLIPEncoder]:
     """Load every CLIP model named by the options (see clip_specs_from_args)."""
-    return [
-        load_clip(name, path, device=device, quick_gelu=not args.clip_no_quick_gelu)
-        for name, path in clip_specs_from_args(args)
-    ]
+    encoders = []
+    for name, path in clip_specs_from_args(args):
+        try:
+            encoders.append(load_clip(name, path, device=device, quick_gelu=not args.clip_no_quick_gelu))
+        except ValueError as error:  # say which option named the model
+            raise ValueError(f"--clip {name}{'=' + str(path) if path else ''}: {error}") from None
+    return encoders

@@ -57,6 +57,20 @@ def size_for(inverter, image_size_arg) -> tuple[int, int]:
     return tuple(getattr(inverter, "input_size", (256, 256)))
 
 
+def finite_float(text: str) -> float:
+    """A finite number (edit strengths, truncation psi): nan and inf would pass comparisons silently
+    or end in a linear-algebra error far from the option."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
 def truncation_psi(text: str) -> float:
     """A truncation psi in (0, 1]: 1 is no truncation, 0 would collapse every code onto the average."""
     try:

@@ -170,8 +170,10 @@ def main(args: argparse.Namespace) -> int:
         ).to(device)
         inverter = None
         if args.inverter is not None:
+            from refinestyle.inversion.inference import resolve_inverter_path
             from refinestyle.inversion.models import load_inverter
 
+            args.inverter = resolve_inverter_path(args.inverter)  # a train-inverter run folder names its file
             inverter = load_inverter(args.inverter, generator)
         run_metadata = {
             "reference": str(args.reference),

@@ -247,6 +247,9 @@ def main(args: argparse.Namespace) -> int:
     context = distributed_context(args)
     device = context.device
     try:
+        for option, text in (("--source", args.source), ("--target", args.target)):
+            if not text.strip():
+                raise ValueError(f"{option}: expected a description of the domain, got an empty text")
         if not (math.isfinite(args.sample_truncation) and 0 < args.sample_truncation <= 1):
             raise ValueError(f"--sample-truncation: expected a number in (0, 1], got {args.sample_truncation}")
         if args.clip_weights is not None and not (

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from refinestyle.commands import (
     device_name,
+    finite_float,
     image_size,
     int_at_least,
     output_folder,
@@ -30,9 +31,9 @@ from refinestyle.commands import (
 
 def _floats(text: str) -> list[float]:
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        values = [finite_float(v) for v in text.split(",") if v.strip()]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one strength")
     return values
@@ -112,6 +113,10 @@ def main(args: argparse.Namespace) -> int:
             if not code_paths:
                 return report_error(args, f"no .safetensors code files in {args.codes}")
             codes = load_codes([Path(p) for p in code_paths], device)
+            expected = (generator.n_latent, generator.style_dim)
+            if tuple(codes.w_plus.shape[1:]) != expected:
+                return report_error(args, f"--codes: w+ codes of shape {list(codes.w_plus.shape[1:])}, but this generator's "
+                                          f"are {list(expected)}: codes of another generator")
             names = unique_stems([Path(p) for p in code_paths])
             w_plus, refinement = codes.w_plus, codes.refinement
             picture_size = codes.image_size or args.image_size or (256, 256)  # the part of a render the picture fills

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from refinestyle.commands import (
     device_name,
+    finite_float,
     image_size,
     int_at_least,
     output_folder,
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     edits.add_argument("--ganspace", help="GANSpace directions file from `refinestyle ganspace`")
     edits.add_argument("--components", type=_indices, default=[0], help="GANSpace components to evaluate, e.g. 0,1,2")
     parser.add_argument("--layers", help="w+ rows the InterFaceGAN/GANSpace edits change, e.g. 0-5 (default all)")
-    parser.add_argument("--strength", type=float, default=3.0,
+    parser.add_argument("--strength", type=finite_float, default=3.0,
                         help="edit strength (InterFaceGAN: along the unit normal; GANSpace and StyleSpace: in standard deviations)")
     parser.add_argument("--stylespace-samples", type=int_at_least(2), default=10_000,
                         help="random images used to measure each StyleSpace channel's standard deviation")

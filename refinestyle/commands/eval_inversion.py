@@ -67,6 +67,8 @@ def main(args: argparse.Namespace) -> int:
     generator.requires_grad_(False).eval()
     inverter = load_inverter_for_inference(args.inverter, generator, device)
     size = size_for(inverter, args.image_size)
+    if min(size) < 32:
+        raise ValueError(f"--image-size: LPIPS (AlexNet) needs pictures of at least 32 x 32 pixels, got {size[0]} x {size[1]}")
     dataset = ImageFolderDataset(args.data, size)
     with refinestyle_kernels.use_backend(args.backend):
         examples: list = []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from refinestyle.commands import device_name, image_file, output_folder, positive_int, report_error
+from refinestyle.commands import device_name, finite_float, image_file, output_folder, positive_int, report_error
 from refinestyle.weights import default_device, require_file
 
 
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", default=None, help="generator checkpoint: rosinality .pt / .safetensors or NVlabs .pkl "
                         "(default: $REFINESTYLE_GENERATOR)")
     parser.add_argument("--n", type=positive_int, default=16, help="number of latents / images per domain (default 16)")
-    parser.add_argument("--truncation", type=float, default=1.0, help="truncation psi (default 1: none)")
+    parser.add_argument("--truncation", type=finite_float, default=1.0, help="truncation psi (default 1: none)")
     parser.add_argument("--truncation-mean", type=positive_int, default=4096,
                         help="random w averaged for truncation when the checkpoint has no latent_avg (default 4096)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents and noise (default 0)")

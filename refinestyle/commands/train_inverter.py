@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # The options that describe the run default to None (store_true flags too), so a resumed run can tell the
     # options given on its command line from those left out; a new run gets TrainConfig's defaults.
     paths = parser.add_argument_group("files")
-    paths.add_argument("--generator", help="StyleGAN2 generator checkpoint (rosinality .pt)")
+    paths.add_argument("--generator", help="StyleGAN2 generator checkpoint: rosinality .pt / .safetensors or NVlabs .pkl "
+                                           "(a pSp / e4e checkpoint holds one too)")
     paths.add_argument("--data", help="training images: a folder of jpg/png (searched recursively)")
     paths.add_argument("--val-data", help="held-out images for validation metrics")
     paths.add_argument("--out", type=output_folder, required=True,
@@ -144,7 +145,21 @@ def given_fields(args: argparse.Namespace) -> dict[str, tuple[str, object]]:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The TrainConfig the arguments describe (for --resume: the run's saved config plus the run-time options)."""
+    """The TrainConfig the arguments describe (for --resume: the run's saved config plus the run-time options).
+    A value TrainConfig refuses is named by its option (`--l2`, not `l2_weight`)."""
+    try:
+        return _config_from_args(args)
+    except ValueError as error:
+        message = str(error)
+        fields = message.split(": ", 1)[0]
+        options = {field: option for option, field in RUN_OPTIONS.items()}
+        named = [options.get(field.strip(), field.strip()) for field in fields.split(",")]
+        if len(message.split(": ", 1)) == 2 and any(option.startswith("--") for option in named):
+            raise ValueError(f"{', '.join(named)}: {message.split(': ', 1)[1]}") from None
+        raise
+
+
+def _config_from_args(args: argparse.Namespace):
     from refinestyle.inversion.train import TrainConfig
 
     given = given_fields(args)

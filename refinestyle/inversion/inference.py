@@ -61,7 +61,16 @@ def load_inverter_for_inference(path: str | Path, generator: nn.Module, device: 
     else:
         from refinestyle.inversion.style_transformer import load_first_stage
 
-        inverter = PretrainedEncoderInverter(generator, load_first_stage(resolved, generator))
+        try:
+            encoder = load_first_stage(resolved, generator)
+        except ValueError as error:
+            if "Style Transformer checkpoint" not in str(error):
+                raise  # a pSp / e4e / Style Transformer file with a problem of its own
+            raise ValueError(
+                f"{resolved}: neither an inverter file (train-inverter's .safetensors) nor a pSp, e4e or Style "
+                f"Transformer checkpoint ({str(error).split(': ', 1)[-1]})"
+            ) from None
+        inverter = PretrainedEncoderInverter(generator, encoder)
         trained = sum(p.numel() for p in inverter.encoder.parameters())
     inverter.trained_parameter_count = trained
     inverter.requires_grad_(False)

@@ -14,6 +14,7 @@ Cost:
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -323,7 +324,7 @@ def format_report(summary: dict[str, float], cost: dict[str, float] | None = Non
             f"{cost['gflops']:.2f}",
             f"{cost['gmacs']:.2f}",
             f"{cost['gmacs_without_rendering']:.2f}",
-            f"{cost['seconds_per_image']:.4f}",
+            "-" if math.isnan(cost["seconds_per_image"]) else f"{cost['seconds_per_image']:.4f}",  # not timed
         ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(row) + " |"]
     return "\n".join(lines)

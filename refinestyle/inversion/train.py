@@ -174,6 +174,11 @@ class TrainConfig:
         for name in ("l2_weight", "lpips_weight", "id_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if self.l2_weight == self.lpips_weight == 0 and (self.id_weight == 0 or self.domain != "face"):
+            raise ValueError(
+                "l2_weight, lpips_weight, id_weight: every loss term in use has weight 0 (the ID term counts "
+                "for the face domain only): nothing to train"
+            )
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ValueError(f"compile: expected None or one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         known = model_option_names(self.stage)
@@ -856,11 +861,18 @@ def _batches(loader: torch.utils.data.DataLoader):
     A generator, not a local iterator: a stopping run's exception keeps the training frame
     alive in its traceback, and an iterator held there would outlive it to the interpreter's
     exit, where multiprocessing stops daemon workers with SIGTERM, which ours ignore: a hang.
-    The loop's own reference goes as the exception passes, and the workers are shut down then.
+    The loop's own reference goes as the exception passes. An exception raised by the
+    iterator itself (a worker's unreadable image) keeps this frame in its traceback, so the
+    workers are shut down here, whatever ends the iteration.
     """
     with _interrupts_held():
         iterator = iter(loader)  # forks the workers
-    yield from iterator
+    try:
+        yield from iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # absent with workers=0
+        if shutdown is not None:
+            shutdown()
 
 
 @contextlib.contextmanager
