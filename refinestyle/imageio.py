@@ -38,6 +38,12 @@ def image_size_hw(size, name: str = "size") -> tuple[int, int]:
     return pair
 
 
+def same_aspect(size, other) -> bool:
+    """Whether two sizes (ints or (height, width)) have the same aspect ratio: (192, 256) and (384, 512) do."""
+    (height, width), (other_height, other_width) = image_size_hw(size), image_size_hw(other, "other")
+    return height * other_width == width * other_height
+
+
 def parse_image_size(text: str) -> tuple[int, int]:
     """(height, width) of "256" (a square) or "192x256" (height x width, as pSp's Resize((192, 256)))."""
     parts = text.lower().replace("\u00d7", "x").split("x")
@@ -57,7 +63,7 @@ def canvas_box(canvas: int, size) -> tuple[int, int, int, int]:
     for a tall one. Raises ValueError when the box would not be whole pixels."""
     height, width = image_size_hw(size)
     box_h, box_w = (canvas * height // width, canvas) if height <= width else (canvas, canvas * width // height)
-    if box_h * width != box_w * height or (canvas - box_h) % 2 or (canvas - box_w) % 2:
+    if not same_aspect((box_h, box_w), (height, width)) or (canvas - box_h) % 2 or (canvas - box_w) % 2:
         raise ValueError(
             f"size: a {height} x {width} picture does not fill whole, centred rows and columns of a "
             f"{canvas} x {canvas} canvas"

@@ -5,6 +5,8 @@ option or environment variable that points to it, and where it is usually obtain
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -105,3 +107,22 @@ def state_dict_mismatch(expected: dict, state: dict) -> str:
     if not (missing or unexpected or mismatched):
         return ""
     return f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatches {mismatched[:3]}"
+
+
+def weights_fingerprint(module) -> str:
+    """A deterministic sha256 hex digest of an nn.Module's parameters.
+
+    Hashes every parameter (name, shape and float32 little-endian bytes, in name order), so the
+    same weights give the same digest on any device and in any dtype the file was read in;
+    buffers are left out. Tells whether a resumed run or an adapter meets the weights it was
+    trained with (a generator, a first stage, loss networks, CLIP models).
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for name, parameter in sorted(module.named_parameters(), key=lambda item: item[0]):
+        data = parameter.detach().to("cpu", torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(json.dumps(list(data.shape)).encode())
+        digest.update(data.numpy().astype("<f4", copy=False).tobytes())
+    return digest.hexdigest()

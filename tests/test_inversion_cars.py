@@ -22,7 +22,7 @@ from inversion_fixtures import (
     write_psp_checkpoint,
 )
 from refinestyle import cli
-from refinestyle.imageio import canvas_box, crop_canvas, parse_image_size, pool_or_resize
+from refinestyle.imageio import canvas_box, crop_canvas, parse_image_size, pool_or_resize, same_aspect
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,6 +43,11 @@ def test_canvas_box_is_the_letterbox_pSp_crops():
         canvas_box(32, (100, 300))  # 32 / 3 rows
     with pytest.raises(ValueError, match="whole"):
         canvas_box(32, (23, 32))  # 9 spare rows: not centred on whole rows
+
+
+def test_same_aspect():
+    assert same_aspect((192, 256), (384, 512)) and same_aspect(256, (32, 32))
+    assert not same_aspect((192, 256), 256) and not same_aspect((256, 192), (192, 256))
 
 
 def test_parse_image_size():

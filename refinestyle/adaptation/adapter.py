@@ -16,7 +16,6 @@ the trainer adds (kind, source_text, target_text, reference, training settings, 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from refinestyle.refinement import Refinement, RefinementTokens, refinement_layer_shapes
-from refinestyle.weights import require_file, save_safetensors
+from refinestyle.weights import require_file, save_safetensors, weights_fingerprint
 
 __all__ = ["Adapter", "AdaptedGenerator", "mixed_refinement", "generator_fingerprint", "FILE_FORMAT"]
 
@@ -48,20 +47,10 @@ STRUCTURAL_KEYS = (
 
 
 def generator_fingerprint(generator: nn.Module) -> str:
-    """A deterministic sha256 hex digest of a generator's weights.
-
-    Hashes every parameter (name, shape and float32 little-endian bytes, in name order), so
-    the same weights give the same digest on any device and in any dtype the file was read
-    in. Buffers (the stored noise maps, the mean w) are left out: they are not weights, and
-    some checkpoints lack them. Used to tell whether an adapter was trained on this generator.
-    """
-    digest = hashlib.sha256()
-    for name, parameter in sorted(generator.named_parameters(), key=lambda item: item[0]):
-        data = parameter.detach().to("cpu", torch.float32).contiguous()
-        digest.update(name.encode())
-        digest.update(json.dumps(list(data.shape)).encode())
-        digest.update(data.numpy().astype("<f4", copy=False).tobytes())
-    return digest.hexdigest()
+    """A deterministic sha256 hex digest of a generator's weights (`refinestyle.weights.weights_fingerprint`:
+    parameters only; the stored noise maps and mean w are not weights, and some checkpoints lack
+    them). Used to tell whether an adapter was trained on this generator."""
+    return weights_fingerprint(generator)
 
 
 class Adapter(nn.Module):

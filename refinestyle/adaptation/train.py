@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refinestyle.adaptation.adapter import Adapter, generator_fingerprint
+from refinestyle.adaptation.adapter import Adapter
 from refinestyle.adaptation.swd import SWDStyleLoss
 from refinestyle.distributed import (
     DistributedContext,
@@ -54,6 +54,7 @@ from refinestyle.distributed import (
     mean_over_processes,
 )
 from refinestyle.refinement import Refinement
+from refinestyle.weights import weights_fingerprint
 
 __all__ = [
     "train_tokens",
@@ -587,7 +588,7 @@ def adapt_text(
         "clip_models": [getattr(e, "name", "clip") for e in getattr(clip_loss, "encoders", [])],
         # which weights and activations: a resume with another file or --clip-no-quick-gelu is refused
         "clip_fingerprints": [
-            generator_fingerprint(e) if isinstance(e, nn.Module) else None for e in getattr(clip_loss, "encoders", [])
+            weights_fingerprint(e) if isinstance(e, nn.Module) else None for e in getattr(clip_loss, "encoders", [])
         ],
         "clip_quick_gelu": [getattr(e, "quick_gelu", None) for e in getattr(clip_loss, "encoders", [])],
         "clip_weights": getattr(clip_loss, "weights", None),

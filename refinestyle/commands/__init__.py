@@ -48,7 +48,6 @@ def image_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-
 def size_for(inverter, image_size_arg) -> tuple[int, int]:
     """--image-size as given, else the size the inverter's encoder reads (256 x 256, or 192 x 256
     for a Cars model)."""

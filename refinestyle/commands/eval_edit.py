@@ -152,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
     table = format_edit_report(report, name=name)
     print(table)
     print(f"strength {args.strength:g}; {int(next(iter(report['reconstruction'].values()))['count'])} images at "
-          f"{_pixels((min(size[0], dataset.size[0]), min(size[1], dataset.size[1])))}; device {device}")
+          f"{_pixels(size)}; device {device}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -140,6 +140,8 @@ def given_fields(args: argparse.Namespace) -> dict[str, tuple[str, object]]:
             value = False
         elif option == "--model-option":
             value = dict(value)
+        elif option == "--image-size":  # as TrainConfig and config.json keep it: 256, or [192, 256]
+            value = value[0] if value[0] == value[1] else list(value)
         given[field] = (option, value)
     return given
 
@@ -192,7 +194,6 @@ def resumed_changes(given: dict[str, tuple[str, object]], saved: dict, saved_pat
     files that are no longer where the run saw them (RESUME_RELOCATABLE). Any other option that differs
     from the saved value raises ValueError naming each, with both values.
     """
-    from refinestyle.imageio import image_size_hw
     from refinestyle.inversion.train import (
         RESUME_OVERRIDABLE,
         RESUME_RELOCATABLE,
@@ -208,8 +209,6 @@ def resumed_changes(given: dict[str, tuple[str, object]], saved: dict, saved_pat
         old = saved.get(field)
         if field == "lr" and old is None:  # the run took the stage's default: restating it changes nothing
             old = default_learning_rate(saved.get("stage", "one"))
-        if field == "image_size" and image_size_hw(value) == image_size_hw(old):
-            continue
         if field in RESUME_OVERRIDABLE:
             changes[field] = value
         elif field == "model_options":

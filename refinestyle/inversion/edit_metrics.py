@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from refinestyle.imageio import as_saved, image_size_hw
+from refinestyle.imageio import as_saved, image_size_hw, same_aspect
 from refinestyle.inversion.editing import EditSpec, render_edit
 from refinestyle.inversion.metrics import pool_to
 
@@ -116,7 +116,7 @@ def evaluate_edits(
                         edit = edits[names.index(row)]
                         rendered = render_edit(generator, result.w_plus, refinement, edit.spec, edit.strength)
                     rendered = crop_canvas(rendered)
-                    if rendered.shape[-2] * images.shape[-1] != rendered.shape[-1] * images.shape[-2]:
+                    if not same_aspect(tuple(rendered.shape[-2:]), tuple(images.shape[-2:])):
                         raise ValueError(
                             f"dataset: {images.shape[-2]} x {images.shape[-1]} images, but the inverter renders "
                             f"{rendered.shape[-2]} x {rendered.shape[-1]} pictures (another aspect)"

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from refinestyle.imageio import image_size_hw, parse_image_size
+from refinestyle.imageio import image_size_hw, parse_image_size, same_aspect
 from refinestyle.weights import require_file, save_safetensors
 
 CODES_FORMAT = "refinestyle-codes"
@@ -59,13 +59,12 @@ def load_inverter_for_inference(path: str | Path, generator: nn.Module, device: 
         inverter = load_inverter(resolved, generator)
         trained = sum(p.numel() for p in inverter.parameters() if p.requires_grad)
     else:
-        from refinestyle.inversion.style_transformer import load_first_stage
+        from refinestyle.inversion.style_transformer import NotAnEncoderCheckpoint, load_first_stage
 
         try:
             encoder = load_first_stage(resolved, generator)
-        except ValueError as error:
-            if "Style Transformer checkpoint" not in str(error):
-                raise  # a pSp / e4e / Style Transformer file with a problem of its own
+        except NotAnEncoderCheckpoint as error:  # a file of another kind (a pSp / e4e / Style
+            # Transformer file with a problem of its own keeps its own message)
             raise ValueError(
                 f"{resolved}: neither an inverter file (train-inverter's .safetensors) nor a pSp, e4e or Style "
                 f"Transformer checkpoint ({str(error).split(': ', 1)[-1]})"
@@ -166,7 +165,7 @@ def load_codes(paths: list[Path], device: str | torch.device = "cpu") -> ImageCo
                 sizes.append(parse_image_size(metadata["image_size"]) if "image_size" in metadata else None)
             except ValueError as error:
                 raise ValueError(f"{path}: image_size metadata: {error}") from None
-            if sizes[-1] is not None and sizes[0] is not None and sizes[-1][0] * sizes[0][1] != sizes[-1][1] * sizes[0][0]:
+            if sizes[-1] is not None and sizes[0] is not None and not same_aspect(sizes[-1], sizes[0]):
                 raise ValueError(f"{path}: pictures of another aspect ({sizes[-1]}) than {paths[0]}'s ({sizes[0]})")
         # codes of two generators (another n_latent, style_dim or width) cannot share a batch
         shapes = (num_layers, tuple(w_rows[-1].shape), [tuple(t.shape) for t in p_rows[-1] + q_rows[-1]])

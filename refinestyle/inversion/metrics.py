@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refinestyle.imageio import image_size_hw
+from refinestyle.imageio import image_size_hw, same_aspect
 
 
 def pool_to(images: torch.Tensor, size) -> torch.Tensor:
@@ -286,7 +286,7 @@ def evaluate_folder(
             batch = torch.stack([dataset[i] for i in range(start, min(start + batch_size, count))]).to(device)
             result = inverter(batch)
             rendered_h, rendered_w = result.image.shape[-2:]
-            if rendered_h * batch.shape[-1] != rendered_w * batch.shape[-2]:
+            if not same_aspect((rendered_h, rendered_w), tuple(batch.shape[-2:])):
                 raise ValueError(
                     f"dataset: {batch.shape[-2]} x {batch.shape[-1]} images, but the inverter renders {rendered_h} x "
                     f"{rendered_w} pictures (another aspect); read the images at the inverter's input size"

@@ -56,7 +56,7 @@ from torch import nn
 
 from refinestyle.inversion.encoder import IR_SE50_WIDTHS, FeaturePyramidEncoder
 from refinestyle.inversion.psp import PSP_KINDS, PSPEncoder
-from refinestyle.imageio import crop_canvas, image_size_hw
+from refinestyle.imageio import crop_canvas, image_size_hw, same_aspect
 from refinestyle.inversion.transformer import GroupedTransformerBlock, TransformerBlock
 from refinestyle.refinement import Refinement, refinement_layer_shapes
 from refinestyle.weights import require_file, save_safetensors
@@ -682,7 +682,7 @@ class TwoStageInverter(_Inverter):
             raise TypeError(f"first_stage: expected a callable images -> w+, got {type(first_stage).__name__}")
         encoder_size = _encoder_size(encoder_size)
         first_size = input_size_of(first_stage)
-        if first_size is not None and first_size[0] * image_size_hw(encoder_size)[1] != first_size[1] * image_size_hw(encoder_size)[0]:
+        if first_size is not None and not same_aspect(first_size, encoder_size):
             raise ValueError(
                 f"encoder_size: {encoder_size} has another aspect than the first stage's input "
                 f"{first_size[0]} x {first_size[1]}; both must crop the same picture from the canvas"

@@ -158,6 +158,13 @@ class PSPEncoder(FeaturePyramidEncoder):
         return codes
 
 
+def picture_size_of(opts: dict, side: int) -> int | tuple[int, int]:
+    """What a pSp-family checkpoint (pSp, e4e, Style Transformer, HyperStyle) reads its pictures
+    at, given the side its encoder was built for: `side`, or (3/4 side, side) for a Stanford
+    Cars model, whose `opts["dataset_type"]` names cars (they Resize((192, 256)))."""
+    return (side * 3 // 4, side) if "cars" in str(opts.get("dataset_type", "")) else side
+
+
 def psp_state_dict(checkpoint: dict, n_latent: int | None = None) -> tuple[str, dict[str, torch.Tensor], dict]:
     """Map a pSp / e4e checkpoint dict onto PSPEncoder names.
 
@@ -303,10 +310,9 @@ def load_psp(
             encoder_widths = widths if encoder_widths is None else encoder_widths
         if input_size is None:
             convs = sum(1 for key in state if key.startswith("styles.0.convs.") and key.endswith(".weight"))
-            input_size = 16 * 2**convs  # the coarse map (input / 16) halves to 1 x 1 in `convs` steps
             opts = checkpoint.get("opts") if isinstance(checkpoint.get("opts"), dict) else {}
-            if "cars" in str(opts.get("dataset_type", "")):
-                input_size = (input_size * 3 // 4, input_size)
+            # the coarse map (input / 16) halves to 1 x 1 in `convs` steps
+            input_size = picture_size_of(opts, 16 * 2**convs)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     if options["style_dim"] != generator.style_dim:

@@ -34,9 +34,15 @@ from torch import nn
 
 from refinestyle.inversion.encoder import IR_SE50_WIDTHS
 from refinestyle.inversion.models import FirstStage, OneStageInverter, load_inverter
+from refinestyle.inversion.psp import picture_size_of
 from refinestyle.weights import require_file, state_dict_mismatch
 
-__all__ = ["load_style_transformer", "load_first_stage", "style_transformer_state_dict"]
+__all__ = ["load_style_transformer", "load_first_stage", "style_transformer_state_dict", "NotAnEncoderCheckpoint"]
+
+
+class NotAnEncoderCheckpoint(ValueError):
+    """A torch file that holds none of the encoders `load_first_stage` reads (no pSp / e4e style
+    blocks, no Style Transformer queries): a file of another kind, not a damaged encoder."""
 
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -62,7 +68,7 @@ def style_transformer_state_dict(
     encoder = _strip(source, "encoder.")
     mapping = _strip(source, "decoder.")
     if "z" not in encoder or not any(k.startswith("transformerlayer_coarse.") for k in encoder):
-        raise ValueError("not a Style Transformer checkpoint: no encoder.z / encoder.transformerlayer_coarse.* entries")
+        raise NotAnEncoderCheckpoint("not a Style Transformer checkpoint: no encoder.z / encoder.transformerlayer_coarse.* entries")
     state: dict[str, torch.Tensor] = {}
     for key, value in encoder.items():
         if key.startswith(("input_layer.", "body.")):
@@ -128,7 +134,7 @@ def load_style_transformer(
     state, latent_avg = style_transformer_state_dict(checkpoint)
     opts = checkpoint.get("opts") if isinstance(checkpoint.get("opts"), dict) else {}
     if encoder_size is None:
-        encoder_size = (192, 256) if "cars" in str(opts.get("dataset_type", "")) else 256
+        encoder_size = picture_size_of(opts, 256)
     dim = state["latent_branch.latent_queries"].shape[-1]
     if dim % heads:
         raise ValueError(f"heads: {heads} does not divide the token width {dim}")

@@ -47,9 +47,10 @@ from torch import nn
 
 from refinestyle.distributed import DistributedContext, StopOnSignal, mean_over_processes, setup_distributed
 from refinestyle.generator import COMPILE_MODES
+from refinestyle.imageio import image_size_hw, pool_or_resize, same_aspect
 from refinestyle.inversion.data import ImageFolderDataset, ResumableDistributedSampler
-from refinestyle.imageio import image_size_hw, pool_or_resize
 from refinestyle.inversion.metrics import pool_to
+from refinestyle.weights import weights_fingerprint
 
 CHECKPOINT_NAME = "latest.pt"
 INVERTER_NAME = "inverter.safetensors"
@@ -211,7 +212,7 @@ def default_encoder_size(image_size) -> int | tuple[int, int]:
         return 256
     longer = 256
     size = (longer * height // width, longer) if height < width else (longer, longer * width // height)
-    if any(side % 16 for side in size) or size[0] * width != size[1] * height:
+    if any(side % 16 for side in size) or not same_aspect(size, (height, width)):
         raise ValueError(
             f"image_size: {height} x {width} gives no encoder input of the same aspect with sides that are "
             "multiples of 16 and a longer side of 256; set one with --model-option 'encoder_size=[H, W]'"
@@ -295,13 +296,6 @@ def _remove_stale_temporaries(path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def weights_fingerprint(module: nn.Module) -> str:
-    """sha256 of a module's parameters (names, shapes, float32 values): which weights a run used."""
-    from refinestyle.adaptation.adapter import generator_fingerprint
-
-    return generator_fingerprint(module)
-
-
 # ---------------------------------------------------------------------------------------------
 # Building the parts
 
@@ -339,7 +333,7 @@ def build_inverter(config: TrainConfig, generator: nn.Module, device: torch.devi
         num_refined = config.num_refined if config.num_refined is not None else generator.num_layers
         first_stage = load_first_stage(config.first_stage, generator)
         first_size = models.input_size_of(first_stage)
-        if first_size is not None and first_size[0] * width != first_size[1] * height:
+        if first_size is not None and not same_aspect(first_size, (height, width)):
             raise ValueError(
                 f"image_size: {height} x {width} pictures, but the first stage reads {first_size[0]} x {first_size[1]} "
                 f"(another aspect); train on its pictures (--image-size {first_size[0]}x{first_size[1]})"
@@ -352,8 +346,8 @@ def build_inverter(config: TrainConfig, generator: nn.Module, device: torch.devi
             ir_se50_path=config.ir_se50,
             **options,
         )
-    encoder_height, encoder_width = model.input_size
-    if encoder_height * width != encoder_width * height:
+    if not same_aspect(model.input_size, (height, width)):
+        encoder_height, encoder_width = model.input_size
         raise ValueError(
             f"image_size: {height} x {width} pictures, but the encoder reads {encoder_height} x {encoder_width} (another "
             "aspect); the renders are cropped to the encoder's aspect, so both must agree"
