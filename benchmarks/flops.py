@@ -6,7 +6,8 @@ traffic, which `layer_bytes` counts, not FLOPs.
 
 Two algorithms compute the same layer, and each has its own count:
 
-- ``"separated"``, the one the fused path (and the torch backend) runs and the
+- ``"separated"``, the one the fused path (and the torch backend, but on 1x1
+  layers) runs and the
   one whose count is the *model FLOPs* of a benchmark case (its achieved
   TFLOP/s and roofline are computed from it, whatever implementation ran):
 
@@ -370,14 +371,15 @@ def cross_check_layer(
     """Compare the analytic counts with FlopCounterMode on the real op, on meta tensors (no compute).
 
     Runs the reference backend (form "reference") and the torch backend (form
-    "separated") of `refinestyle_kernels.styled_conv2d` for this layer and compares
+    "separated"; "reference" on 1x1 layers, where it modulates the [Cout, Cin] matrix per
+    sample) of `refinestyle_kernels.styled_conv2d` for this layer and compares
     FlopCounterMode's totals with `layer_flops(...)["visible"]`, forward and, with
     `backward`, the backward pass (gradients of x, styles, p, q). For the reference's
     backward, FlopCounterMode's group-unaware weight-gradient formula is accounted for
     (see `flop_counter_grouped_wgrad_excess`).
 
     Returns {"layer", "batch", "num_tokens", "shared_tokens", "backward", "checks": [
-    {"form", "pass", "analytic", "counted"}], "ok": bool}.
+    {"backend", "form", "pass", "analytic", "counted"}], "ok": bool}.
     """
     import torch
 
@@ -395,7 +397,10 @@ def cross_check_layer(
         q = torch.empty(*lead, num_tokens, spec.in_channel, device=meta, requires_grad=backward)
     leaves = [t for t in (x, styles, p, q) if t is not None]
     checks = []
-    for form, backend in (("reference", "reference"), ("separated", "torch")):
+    for backend in ("reference", "torch"):
+        # the torch backend runs the separated form, but on 1x1 layers the reference's: one
+        # [Cout, Cin] matrix a sample, in a bmm (whose weight gradient FlopCounterMode counts right)
+        form = "reference" if backend == "reference" or spec.kernel_size == 1 else "separated"
 
         def forward():
             return styled_conv2d(
@@ -410,9 +415,9 @@ def cross_check_layer(
             analytic = layer_flops(
                 spec, batch, num_tokens, shared_tokens=shared_tokens, form=form, backward=pass_name == "backward"
             )["visible"]
-            if form == "reference" and pass_name == "backward":
+            if backend == "reference" and pass_name == "backward":
                 analytic += flop_counter_grouped_wgrad_excess(spec, batch)
-            checks.append({"form": form, "pass": pass_name, "analytic": analytic, "counted": counted[pass_name]})
+            checks.append({"backend": backend, "form": form, "pass": pass_name, "analytic": analytic, "counted": counted[pass_name]})
     return {
         "layer": spec.name,
         "batch": batch,
