@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(sub)
-        sub.set_defaults(_module=module)
+        sub.set_defaults(_module=module, _parser=sub)
     return parser
 
 

@@ -12,7 +12,34 @@ from pathlib import Path
 
 
 class MissingWeightsError(FileNotFoundError):
-    """A pretrained weights file that the user must provide is missing."""
+    """A pretrained weights file that the user must provide is missing.
+
+    env_var: when no path was given at all, the environment variable that was looked up
+    (None otherwise); a command line then names its own option for the file (`naming_option`).
+    """
+
+    def __init__(self, message: str, *, env_var: str | None = None, what: str = "", obtained_from: str = ""):
+        super().__init__(message)
+        self.env_var = env_var
+        self.what = what
+        self.obtained_from = obtained_from
+
+    def naming_option(self, option: str) -> "MissingWeightsError":
+        """The same error, telling the user to pass the file with `option` (e.g. "--ir-se50")."""
+        if self.env_var is None:
+            return self
+        return MissingWeightsError(
+            _nothing_given(self.what, self.env_var, self.obtained_from, option),
+            env_var=self.env_var, what=self.what, obtained_from=self.obtained_from,
+        )
+
+
+def _nothing_given(what: str, env_var: str, obtained_from: str, option: str | None = None) -> str:
+    how = f"it with {option}" if option else "its path"
+    return (
+        f"{what}: no file given. Pass {how} (or set {env_var}). "
+        f"It is usually obtained from {obtained_from}; nothing is downloaded."
+    )
 
 
 def resolve_weights(path: str | os.PathLike | None, *, what: str, env_var: str, obtained_from: str) -> Path:
@@ -26,8 +53,7 @@ def resolve_weights(path: str | os.PathLike | None, *, what: str, env_var: str, 
     given = path if path is not None else os.environ.get(env_var)
     if given is None:
         raise MissingWeightsError(
-            f"{what}: no file given. Pass its path (or set {env_var}). "
-            f"It is usually obtained from {obtained_from}; nothing is downloaded."
+            _nothing_given(what, env_var, obtained_from), env_var=env_var, what=what, obtained_from=obtained_from
         )
     resolved = Path(given).expanduser()
     if resolved.is_dir():
@@ -38,6 +64,33 @@ def resolve_weights(path: str | os.PathLike | None, *, what: str, env_var: str, 
             f"nothing is downloaded."
         )
     return resolved
+
+
+def some_of(names, keep: int = 4) -> str:
+    """The first `keep` of `names`, comma-separated, and how many there are when that is not all:
+    "a, b, c, d, ... (40 in all)". For messages that would otherwise list every tensor of a file."""
+    names = [str(name) for name in names]
+    if len(names) <= keep:
+        return ", ".join(names)
+    return f"{', '.join(names[:keep])}, ... ({len(names)} in all)"
+
+
+def shorten_state_dict_error(message, keep: int = 4, clauses_kept: int = 3) -> str:
+    """torch's load_state_dict error in one short line: each "Missing key(s) in state_dict: ..." or
+    "Unexpected key(s) ..." clause keeps `keep` names (torch lists them all, hundreds for CLIP),
+    and only the first `clauses_kept` clauses (one a size mismatch) are kept."""
+    import re
+
+    clauses = []
+    for line in str(message).strip().splitlines()[1:] or [str(message).strip()]:
+        line = line.strip()
+        head, colon, rest = line.partition(": ")
+        names = re.findall(r'"([^"]+)"', rest) if colon else []
+        clauses.append(f"{head}: {some_of(names, keep)}" if names else line)
+    clauses = [clause.rstrip(". ") for clause in clauses if clause]
+    if len(clauses) > clauses_kept:
+        clauses = clauses[:clauses_kept] + [f"... ({len(clauses) - clauses_kept} more)"]
+    return "; ".join(clauses)
 
 
 def require_file(path: str | os.PathLike, what: str, hint: str = "") -> Path:

@@ -163,8 +163,14 @@ def test_clip_bad_files_and_names_are_value_errors(tiny_clip_config, tmp_path):
     other = dict(TINY_CLIP, embed_dim=24)
     other_config = tmp_path / "rs-test-other-clip.json"
     other_config.write_text(json.dumps(other))
-    with pytest.raises(ValueError, match="do not fit the CLIP architecture rs-test-other-clip"):
+    with pytest.raises(ValueError, match="do not fit the CLIP architecture rs-test-other-clip") as raised:
         load_clip(str(other_config), weights, quick_gelu=False)
+    assert "size mismatch for" in str(raised.value) and "\n" not in str(raised.value)
+    # every tensor missing: a few names and the count, not hundreds
+    torch.save({"unrelated": torch.zeros(1)}, weights)
+    with pytest.raises(ValueError, match=r"Missing key\(s\) in state_dict: .*\(\d+ in all\)") as raised:
+        load_clip(str(tiny_clip_config), weights, quick_gelu=False)
+    assert len(str(raised.value)) < 500
     # not a weights file at all
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")

@@ -154,3 +154,12 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
                      "--device", "cpu"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("refinestyle generate: error: ") and "nope.pt" in error
+
+
+def test_no_checkpoint_at_all_names_the_commands_option(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("REFINESTYLE_GENERATOR", raising=False)
+    assert cli.main(["generate", "--out", str(tmp_path / "g.png"), "--device", "cpu"]) == 2
+    assert "no file given. Pass it with --ckpt (or set REFINESTYLE_GENERATOR)" in capsys.readouterr().err
+    # called without the console script there is no option to name
+    assert run(["--out", str(tmp_path / "g.png")]) == 2
+    assert "no file given. Pass its path (or set REFINESTYLE_GENERATOR)" in capsys.readouterr().err

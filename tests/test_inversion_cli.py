@@ -406,9 +406,21 @@ def test_ganspace_keeps_a_png_named_output_and_edit_names_a_wrong_file(trained, 
 
     assert GANSpaceDirections.load(out).components.shape == (4, 32)  # not overwritten by the preview
     assert (tmp_path / "gs-preview.png").is_file()
-    code = run("edit", "--generator", generator_path, "--inverter", root / "run", "--input", root / "val",
-               "--ganspace", generator_path, "--out", tmp_path / "e", "--image-size", 32)
-    assert code == 2 and "not a GANSpace directions file" in capsys.readouterr().err
+    def edit_error(ganspace, *more):
+        code = run("edit", "--generator", generator_path, "--inverter", root / "run", "--input", root / "val",
+                   "--ganspace", ganspace, "--out", tmp_path / "e", "--image-size", 32, *more)
+        error = capsys.readouterr().err.strip()
+        assert code == 2 and "batch/s" not in error  # before any image is inverted (no progress bar)
+        assert error.splitlines()[1:] in ([], ["(set REFINESTYLE_TRACEBACK=1 for the traceback)"])  # one line
+        return error.splitlines()[0]
+
+    assert "not a GANSpace directions file" in edit_error(generator_path)
+    # a safetensors file of another kind: the tensors it lacks, and a few of the many it holds
+    error = edit_error(root / "run" / "inverter.safetensors")
+    assert "not a GANSpace directions file" in error and "no components, mean, stddev tensor" in error
+    assert "in all)" in error.split("it holds ")[1]
+    error = edit_error(out, "--component", 4)
+    assert "--component: " in error and "components 0..3, got 4" in error
 
 
 def test_invert_writes_reconstructions_codes_and_grid(trained, tmp_path):
@@ -575,16 +587,18 @@ def test_missing_weight_files_are_named(trained, tmp_path, capsys):
         assert err.startswith(f"refinestyle {argv[0]}: error: ") and "Traceback" not in err
         return err
 
-    assert "alexnet-owt" in error_of(
+    missing_lpips = error_of(
         "train-inverter", "--generator", generator_path, "--data", root / "train", "--out", tmp_path / "a",
         "--domain", "other", "--workers", 0, "--no-progress", *TINY_OPTIONS)
+    assert "alexnet-owt" in missing_lpips and "Pass it with --lpips-backbone (or set REFINESTYLE_ALEXNET)" in missing_lpips
     assert "model_ir_se50.pth" in error_of(
         "train-inverter", "--generator", generator_path, "--data", root / "train", "--out", tmp_path / "b",
         "--lpips-random-backbone", "--ir-se50", tmp_path / "model_ir_se50.pth", "--workers", 0,
         "--no-progress", *TINY_OPTIONS)
-    assert "model_ir_se50.pth" in error_of(
+    missing_id = error_of(
         "eval-inversion", "--inverter", root / "run", "--generator", generator_path, "--data", root / "val",
         "--lpips-random-backbone")
+    assert "model_ir_se50.pth" in missing_id and "Pass it with --ir-se50 (or set REFINESTYLE_IR_SE50)" in missing_id
     assert "generator" in error_of(
         "invert", "--inverter", root / "run", "--generator", tmp_path / "G.pt", "--input", root / "val",
         "--out", tmp_path / "c")

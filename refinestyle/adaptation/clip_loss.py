@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refinestyle.weights import require_file, resolve_weights
+from refinestyle.weights import require_file, resolve_weights, shorten_state_dict_error
 
 # CLIP's image normalisation (the statistics OpenAI's models were trained with).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -224,8 +224,7 @@ def load_clip(
     except Exception as error:  # torch.load / load_state_dict / TorchScript errors of many types
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if isinstance(error, RuntimeError) and "state_dict" in str(error):
-            detail = str(error).strip().splitlines()
-            first_line = detail[1].strip() if len(detail) > 1 else first_line
+            first_line = shorten_state_dict_error(error)
             raise ValueError(
                 f"{path}: these weights do not fit the CLIP architecture {name} ({first_line}); is it the file "
                 f"of another model?"

@@ -159,8 +159,24 @@ def report_error(args: argparse.Namespace, error: BaseException | str) -> int:
     """
     command = getattr(args, "command", None)
     prefix = f"refinestyle {command}: " if command else ""
+    parser = getattr(args, "_parser", None)  # set by refinestyle.cli
+    if parser is not None:
+        error = _naming_the_option(error, parser)
     print(f"{prefix}error: {error}", file=sys.stderr)
     return 2
+
+
+def _naming_the_option(error: BaseException | str, parser: argparse.ArgumentParser) -> BaseException | str:
+    """A weights file given neither by option nor environment variable: name the command's own
+    option for it (the one whose help mentions the variable) instead of "pass its path"."""
+    from refinestyle.weights import MissingWeightsError
+
+    if not isinstance(error, MissingWeightsError) or error.env_var is None:
+        return error
+    for action in parser._actions:
+        if action.option_strings and action.help and error.env_var in action.help:
+            return error.naming_option(action.option_strings[0])
+    return error
 
 
 def interrupted_exit_status(interrupt: KeyboardInterrupt) -> int:

@@ -99,6 +99,13 @@ def main(args: argparse.Namespace) -> int:
     if len(chosen) != 1:
         return report_error(args, f"give exactly one of --boundary, --ganspace, --stylespace (got {chosen or 'none'})")
 
+    if args.codes is not None:
+        if not Path(args.codes).exists():
+            return report_error(args, f"--codes: {args.codes} not found")
+        code_paths = [args.codes] if Path(args.codes).is_file() else sorted(Path(args.codes).glob("*.safetensors"))
+        if not code_paths:
+            return report_error(args, f"no .safetensors code files in {args.codes}")
+
     device = torch.device(args.device or default_device())
     out = Path(args.out)
     generator = load_generator(args.generator, device)
@@ -106,12 +113,29 @@ def main(args: argparse.Namespace) -> int:
     layers = editing.parse_layers(args.layers, generator.n_latent)
 
     with torch.no_grad(), refinestyle_kernels.use_backend(args.backend):
+        # the edit first: a wrong direction file is reported before any image is inverted
+        if args.boundary is not None:
+            spec = editing.EditSpec("interfacegan", boundary=editing.load_boundary(
+                args.boundary, generator.n_latent, generator.style_dim), layers=layers)
+        elif args.ganspace is not None:
+            directions = editing.GANSpaceDirections.load(args.ganspace)
+            count, width = directions.components.shape
+            if width != generator.style_dim:
+                return report_error(args, f"--ganspace: {args.ganspace} holds directions in a {width}-dimensional W, "
+                                          f"but this generator's is {generator.style_dim}-dimensional")
+            if not 0 <= args.component < count:
+                return report_error(args, f"--component: {args.ganspace} has components 0..{count - 1}, "
+                                          f"got {args.component}")
+            spec = editing.EditSpec("ganspace", directions=directions, component=args.component, layers=layers)
+        else:
+            layer, channel = args.stylespace
+            stddev = editing.style_channel_stddev(generator, layer, num_samples=args.stylespace_samples,
+                                                   truncation=args.stylespace_truncation)
+            if not 0 <= channel < stddev.numel():
+                return report_error(args, f"StyleSpace layer {layer} has {stddev.numel()} channels, got channel {channel}")
+            spec = editing.EditSpec("stylespace", style_layer=layer, channel=channel, unit=float(stddev[channel]))
+
         if args.codes is not None:
-            if not Path(args.codes).exists():
-                return report_error(args, f"--codes: {args.codes} not found")
-            code_paths = [args.codes] if Path(args.codes).is_file() else sorted(Path(args.codes).glob("*.safetensors"))
-            if not code_paths:
-                return report_error(args, f"no .safetensors code files in {args.codes}")
             codes = load_codes([Path(p) for p in code_paths], device)
             expected = (generator.n_latent, generator.style_dim)
             if tuple(codes.w_plus.shape[1:]) != expected:
@@ -150,20 +174,6 @@ def main(args: argparse.Namespace) -> int:
                 refinement = Refinement.cat(refinements, [w.shape[0] for w in w_rows])
         if args.no_refinement:
             refinement = None
-
-        if args.boundary is not None:
-            spec = editing.EditSpec("interfacegan", boundary=editing.load_boundary(
-                args.boundary, generator.n_latent, generator.style_dim), layers=layers)
-        elif args.ganspace is not None:
-            spec = editing.EditSpec("ganspace", directions=editing.GANSpaceDirections.load(args.ganspace),
-                                    component=args.component, layers=layers)
-        else:
-            layer, channel = args.stylespace
-            stddev = editing.style_channel_stddev(generator, layer, num_samples=args.stylespace_samples,
-                                                   truncation=args.stylespace_truncation)
-            if not 0 <= channel < stddev.numel():
-                return report_error(args, f"StyleSpace layer {layer} has {stddev.numel()} channels, got channel {channel}")
-            spec = editing.EditSpec("stylespace", style_layer=layer, channel=channel, unit=float(stddev[channel]))
 
         columns = []
         starts = range(0, w_plus.shape[0], args.batch_size)

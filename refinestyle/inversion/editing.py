@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from refinestyle.weights import require_file, save_safetensors
+from refinestyle.weights import require_file, save_safetensors, some_of
 
 # ---------------------------------------------------------------------------------------------
 # Layer selections
@@ -210,8 +210,12 @@ class GANSpaceDirections:
             ) from None
         with handle:
             keys = set(handle.keys())
-            if not {"components", "stddev", "mean"} <= keys:
-                raise ValueError(f"{path}: not a GANSpace directions file (tensors {sorted(keys)})")
+            missing = sorted({"components", "stddev", "mean"} - keys)
+            if missing:
+                raise ValueError(
+                    f"{path}: not a GANSpace directions file (written by `refinestyle ganspace`): it has no "
+                    f"{', '.join(missing)} tensor; it holds {some_of(sorted(keys))}"
+                )
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in ("components", "stddev", "mean")}
         return cls(num_samples=int(metadata.get("num_samples", 0)), **tensors)
