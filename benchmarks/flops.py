@@ -365,6 +365,16 @@ def flop_counter_grouped_wgrad_excess(spec: LayerSpec, batch: int) -> int:
     return (batch - 1) * conv_flops
 
 
+def torch_backend_form(spec: LayerSpec) -> str:
+    """The form whose arithmetic the torch backend runs on this layer: "separated", but
+    "reference" on the 1x1 layers (every toRGB) it runs as one [Cout, Cin] matrix a sample in
+    a bmm (whose weight gradient FlopCounterMode counts right: no grouped-conv excess)."""
+    from refinestyle_kernels.ops.modulated_conv2d import _torch_modulates_the_matrix
+
+    pixels = spec.in_size * spec.in_size
+    return "reference" if _torch_modulates_the_matrix(spec.kernel_size, spec.upsample, spec.out_channel, pixels) else "separated"
+
+
 def cross_check_layer(
     spec: LayerSpec, batch: int, num_tokens: int = 0, *, shared_tokens: bool = False, backward: bool = False
 ) -> dict:
@@ -398,9 +408,7 @@ def cross_check_layer(
     leaves = [t for t in (x, styles, p, q) if t is not None]
     checks = []
     for backend in ("reference", "torch"):
-        # the torch backend runs the separated form, but on 1x1 layers the reference's: one
-        # [Cout, Cin] matrix a sample, in a bmm (whose weight gradient FlopCounterMode counts right)
-        form = "reference" if backend == "reference" or spec.kernel_size == 1 else "separated"
+        form = torch_backend_form(spec) if backend == "torch" else "reference"
 
         def forward():
             return styled_conv2d(

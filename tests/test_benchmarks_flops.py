@@ -13,6 +13,7 @@ from benchmarks.flops import (
     layer_bytes,
     layer_flops,
     roofline_floor_seconds,
+    torch_backend_form,
 )
 from refinestyle_kernels import styled_conv2d
 
@@ -74,8 +75,9 @@ def test_analytic_flops_match_flop_counter_on_small_shapes(layer, batch, tokens,
     convs, torgbs = generator_layers(32, channel_max=12)
     spec = {s.name: s for s in convs + torgbs}[layer]
     for backend in ("reference", "torch"):
-        # the torch backend modulates a 1x1 layer's [Cout, Cin] matrix per sample, as the reference does
-        form = "reference" if backend == "reference" or spec.kernel_size == 1 else "separated"
+        # the torch backend modulates a toRGB's [Cout, Cin] matrix per sample, as the reference does
+        form = torch_backend_form(spec) if backend == "torch" else "reference"
+        assert form == ("reference" if backend == "reference" or spec.kernel_size == 1 else "separated")
         forward, backward = _counted(spec, batch, tokens, shared, backend, backward=True)
         expected = layer_flops(spec, batch, tokens, shared_tokens=shared, form=form)
         assert forward == expected["visible"], (form, "forward")

@@ -16,6 +16,7 @@ CASES = [
     Case(2, 9, 3, 4, 6, 1, False, "per_sample", num_tokens=7, demodulate=False),
     Case(3, 6, 5, 4, 3, 1, False, "shared", num_tokens=2),  # a demodulated 1x1 conv
     Case(2, 5, 7, 3, 4, 1, False, "per_sample", num_tokens=3),
+    Case(2, 4, 9, 2, 3, 1, False, "per_sample", num_tokens=3),  # Cout > H * W: the separated 1x1 conv
     Case(2, 6, 8, 3, 4, 3, False, "shared", num_tokens=256),
     Case(2, 6, 8, 3, 3, 3, True, "per_sample", num_tokens=256, demodulate=False),
 ]
@@ -89,7 +90,8 @@ def test_torch_backend_without_a_graph_computes_in_place_what_autograd_would(cas
             assert torch.equal(value, before[name]), name
     full_size = out.numel()
     assert without_graph.at_least(full_size) < with_graph.at_least(full_size)
-    if case.tokens and case.kernel > 1:  # the low-rank branch added into the conv's result, in either layout
+    separated = case.kernel > 1 or case.out_channels > case.height * case.width  # not a toRGB-like 1x1
+    if case.tokens and separated:  # the low-rank branch added into the conv's result, in either layout
         assert "aten.baddbmm.out" in without_graph.ops and "aten.baddbmm.out" not in with_graph.ops
     # and FlopCounterMode (eval-inversion's FLOPs, the suite's cross-check) sees the same work
     from torch.utils.flop_counter import FlopCounterMode

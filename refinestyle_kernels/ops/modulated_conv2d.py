@@ -20,8 +20,9 @@ Three backends compute it:
   S1 = sum_taps W0 and S2 = sum_taps W0^2 (see `demodulation_coefficients`).
   `box` is the k x k all-ones depthwise conv on the L projected channels (the
   stride-2 transposed one for the upsampling layer). No per-sample kernel is built,
-  except for 1x1 layers (the toRGB): a 1x1 conv is a batched GEMM either way, and its
-  per-sample [Cout, Cin] matrix costs less than the pass over x that modulating x takes.
+  except for 1x1 layers with Cout <= H * W (every toRGB): a 1x1 conv is a batched GEMM
+  either way, and its per-sample [Cout, Cin] matrix costs less than the pass over x
+  that modulating x takes.
 - "triton": the same separated form in fused Triton kernels (below the
   `Triton backend` marker), the CUDA default.
 
@@ -678,7 +679,7 @@ def _styled_conv2d_torch(
     in_place = not (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, styles, p, q, noise, noise_strength, bias)
     ))  # fmt: skip
-    if kernel == 1 and not upsample:
+    if _torch_modulates_the_matrix(kernel, upsample, weight.shape[0], x.shape[2] * x.shape[3]):
         y = _modulated_conv1x1_torch(x, weight, styles, p, q, demodulate=demodulate, eps=eps, scale=scale)
         in_place = in_place and y.dtype == x.dtype
         return _epilogue(y, noise, noise_strength, bias, activate, clamp, in_place=in_place)
@@ -721,11 +722,17 @@ def _styled_conv2d_torch(
     return _epilogue(y, noise, noise_strength, bias, activate, clamp, in_place=in_place)
 
 
+def _torch_modulates_the_matrix(kernel: int, upsample: bool, out_channels: int, pixels: int) -> bool:
+    """Whether the torch backend runs a layer as `_modulated_conv1x1_torch`: a 1x1 conv whose
+    per-sample [Cout, Cin] matrices are no bigger than x (Cout <= H * W; every toRGB)."""
+    return kernel == 1 and not upsample and out_channels <= pixels
+
+
 def _modulated_conv1x1_torch(x, weight, styles, p, q, *, demodulate, eps, scale):
     """The torch backend's 1x1 conv (the toRGB): y_b = K_b x_b as one batched GEMM.
 
-    A 1x1 conv is a GEMM over pixels whether its weight is shared or per sample, so here the
-    [Cout, Cin] matrix is modulated (B * Cout * Cin multiplies, with the residual and the
+    A 1x1 conv is a GEMM over pixels whether its weight is shared or per sample, so where the
+    [Cout, Cin] matrix is no bigger than x it is modulated (B * Cout * Cin multiplies, with the residual and the
     demodulation folded in, as the reference does it) instead of x (a pass over the activation: at 256 px the toRGB ran at
     0.25x the reference's speed on the CPU for it). Channels-last x gives a channels-last y.
     """
