@@ -497,8 +497,15 @@ def _load_storage_from_bytes(data: bytes):
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
-    if not isinstance(storage, (torch.UntypedStorage, torch.TypedStorage)):
-        raise _Refused(f"tensor rebuilt from a {type(storage).__name__}, not a torch storage")
+    if not isinstance(storage, torch.TypedStorage):
+        raise _Refused(f"tensor rebuilt from a {type(storage).__name__}, not a typed torch storage")
+    geometry = (storage_offset, *size, *stride)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in geometry) or len(size) != len(stride):
+        raise _Refused(f"tensor with an invalid geometry (offset {storage_offset!r}, size {size!r}, stride {stride!r})")
+    # torch would grow a storage too short for the view, with uninitialised memory: refuse it
+    last = storage_offset + sum((extent - 1) * step for extent, step in zip(size, stride))
+    if all(size) and last >= storage.size():
+        raise _Refused(f"tensor of size {tuple(size)} reaches element {last} of a storage of {storage.size()}")
     return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, False, collections.OrderedDict())
 
 
@@ -508,10 +515,45 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
     return data  # a plain tensor is all the conversion needs
 
 
+def _plain_numeric_dtype(dtype) -> np.dtype:
+    """dtype itself if it is a plain number type (bool, int, uint, float, complex); numpy fills
+    arrays of object or structured dtypes from the pickle's bytes unchecked (a crash, at best)."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc" or dtype.hasobject or dtype.fields is not None:
+        raise _Refused(f"refused a numpy dtype other than a plain number type: {dtype!r}")
+    return dtype
+
+
+def _numpy_dtype(spec, align=False, copy=False):
+    return _plain_numeric_dtype(np.dtype(spec, align, copy))
+
+
+class _CheckedArray(np.ndarray):
+    """What `_numpy_reconstruct` makes: numpy's own array, whose pickled state (filled in by the
+    unpickler's BUILD) is checked first: a plain number dtype, and exactly the bytes it needs."""
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise _Refused("refused a numpy array state of an unknown form")
+        _version, shape, dtype, _fortran, data = state
+        _plain_numeric_dtype(dtype)
+        if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)):
+            raise _Refused(f"refused a numpy array of shape {shape!r}")
+        if not isinstance(data, (bytes, bytearray)) or len(data) != math.prod(shape) * dtype.itemsize:
+            raise _Refused(f"refused a numpy array whose data does not fit its shape {shape} and dtype {dtype}")
+        super().__setstate__(state)
+
+
 def _numpy_reconstruct(subtype, shape, dtype_code):
     if subtype is not np.ndarray:
         raise _Refused("refused a numpy array subclass")
-    return np.ndarray.__new__(np.ndarray, shape, dtype_code)
+    return np.ndarray.__new__(_CheckedArray, (0,), np.uint8)
+
+
+def _numpy_scalar(dtype, data=None):
+    _plain_numeric_dtype(dtype)
+    if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
+        raise _Refused(f"refused a numpy scalar whose data does not fit its dtype {dtype}")
+    return _numpy_multiarray().scalar(dtype, data)
 
 
 def _numpy_multiarray():
@@ -531,7 +573,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, source: str):
         super().__init__(file)
         self.source = source
-        multiarray = _numpy_multiarray()
         self.allowed = {
             ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_object,
             ("dnnlib.util", "EasyDict"): _EasyDict,
@@ -545,10 +586,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             ("builtins", "frozenset"): frozenset,
             ("builtins", "slice"): slice,
             ("_codecs", "encode"): _latin1_encode,
-            ("numpy", "dtype"): np.dtype,
+            ("numpy", "dtype"): _numpy_dtype,
             ("numpy", "ndarray"): np.ndarray,
-            ("numpy.core.multiarray", "scalar"): multiarray.scalar,
-            ("numpy._core.multiarray", "scalar"): multiarray.scalar,
+            ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+            ("numpy._core.multiarray", "scalar"): _numpy_scalar,
             ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
             ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
         }

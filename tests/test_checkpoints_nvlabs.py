@@ -12,6 +12,7 @@ pickling.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
@@ -372,6 +373,63 @@ def test_wrong_structures_get_clear_errors(tmp_path):
     write_nvlabs_pickle(path, {"G_ema": make_network(8)})
     with pytest.raises(CheckpointError, match="size=1024 was asked for.*32 px"):
         load_generator(path, size=1024)
+
+
+def _load_in_a_child(path) -> str:
+    """load_generator(path) in a fresh interpreter: a crash there fails the test instead of the worker."""
+    import subprocess
+
+    code = ("from refinestyle.checkpoints import CheckpointError, load_generator\n"
+            f"try:\n    load_generator({str(path)!r})\nexcept CheckpointError as error:\n    print(error)\n"
+            "import gc; gc.collect()\n")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, (child.returncode, child.stderr[-2000:])
+    return child.stdout
+
+
+def test_crafted_numpy_and_tensor_payloads_are_refused(tmp_path):
+    """Only allowed globals, but data that would make numpy or torch read or free memory they do not own."""
+    from numpy._core import multiarray
+
+    class ObjectArray:  # numpy fills an object array from raw bytes: pointers, freed later
+        def __reduce__(self):
+            return multiarray._reconstruct, (np.ndarray, (2,), b"b"), (1, (2,), np.dtype("O"), False, b"A" * 16)
+
+    class ShortArray:  # fewer bytes than the shape needs
+        def __reduce__(self):
+            return multiarray._reconstruct, (np.ndarray, (2,), b"b"), (1, (4,), np.dtype("f4"), False, b"A" * 8)
+
+    class ObjectScalar:
+        def __reduce__(self):
+            return multiarray.scalar, (np.dtype("O"), b"A" * 8)
+
+    class ShortStorage:  # torch would grow the storage to fit the view, with uninitialised memory
+        def __reduce__(self):
+            return torch._utils._rebuild_tensor_v2, (torch.ones(4).storage(), 0, (16, 16, 3, 3), (144, 9, 3, 1),
+                                                     False, collections.OrderedDict())
+
+    network = make_network(11)
+    network.synthesis.b8.conv1._parameters["weight"] = ShortStorage()
+    cases = {"short_storage": ({"G_ema": network}, "reaches element 2303 of a storage of 4"),
+             "object_array": ({"G_ema": ObjectArray()}, "refused a numpy dtype other than a plain number type"),
+             "short_array": ({"G_ema": ShortArray()}, "data does not fit its shape (4,)"),
+             "object_scalar": ({"G_ema": ObjectScalar()}, "refused a numpy dtype other than a plain number type")}
+    for name, (data, expected) in cases.items():
+        path = tmp_path / f"{name}.pkl"
+        write_nvlabs_pickle(path, data)
+        assert expected in _load_in_a_child(path), name
+    # the real thing still loads, numpy scalars and arrays included
+    path = tmp_path / "network.pkl"
+    write_nvlabs_pickle(path, {**snapshot(make_network(11)), "stats": [np.arange(6.0).reshape(2, 3), np.float32(1.5)]})
+    load_generator(path)
+    import io
+
+    from refinestyle.checkpoints import _RestrictedUnpickler
+
+    for value in (np.arange(6.0).reshape(2, 3), np.arange(4, dtype=np.int16), np.float32(1.5), np.bool_(True)):
+        for protocol in (2, 4):
+            read = _RestrictedUnpickler(io.BytesIO(pickle.dumps(value, protocol=protocol)), "test").load()
+            assert read.dtype == value.dtype and np.array_equal(read, value)
 
 
 def test_truncated_pickle_is_reported_as_corrupt(tmp_path):
