@@ -122,7 +122,7 @@ def load_generator(
             # our own addition to the format (save_rosinality_checkpoint); rosinality's code ignores it
             conv_clamp = checkpoint.get(CONV_CLAMP_KEY) if isinstance(checkpoint, dict) else None
         config = infer_generator_config(state_dict, source=str(path))
-        config["conv_clamp"] = None if conv_clamp is None else float(conv_clamp)
+        config["conv_clamp"] = _stored_conv_clamp(conv_clamp, source=str(path))
     if size is not None and config["size"] != size:
         raise CheckpointError(f"size={size} was asked for, but {path} holds a {config['size']} px generator")
     conv_clamp = config.pop("conv_clamp", None)
@@ -152,7 +152,7 @@ def save_rosinality_checkpoint(
     into the stored mapping weights, and a conv_clamp is recorded (the "conv_clamp" entry of
     the .pt dict, the safetensors metadata), which rosinality's own code ignores.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     if latent_avg is None:
         latent_avg = getattr(generator, "latent_avg", None)
@@ -205,7 +205,10 @@ def _sniff_format(path: Path) -> str:
     if head.startswith(b"PK\x03\x04"):
         return "torch"  # torch.save's zip format
     if head[:1] == b"\x80":  # a pickle (protocol >= 2)
-        if head[2:4] == b"\x8a\x0a" and int.from_bytes(head[4:14], "little") == _TORCH_LEGACY_MAGIC:
+        body = head[2:]
+        if body[:1] == b"\x95":  # protocol >= 4 opens with a FRAME opcode and its 8-byte length
+            body = body[9:]
+        if body[:2] == b"\x8a\x0a" and int.from_bytes(body[2:12], "little") == _TORCH_LEGACY_MAGIC:
             return "torch"  # torch.save's legacy format starts with its magic number
         return "nvlabs"
     if len(head) > 8 and head[8:9] == b"{":
@@ -236,6 +239,12 @@ def _torch_load(path: Path) -> Any:
         with _rosinality_safe_globals():
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "Unsupported operand" in str(error):  # e.g. 149, FRAME: torch.save(..., pickle_protocol=4)
+            raise CheckpointError(
+                f"{path}: written with a pickle protocol that torch.load(weights_only=True) cannot read (it stops "
+                "at an opcode of protocol 4 or later); load it once in a trusted session and save it again with "
+                "torch.save's default protocol, or use save_rosinality_checkpoint"
+            ) from error
         raise CheckpointError(
             f"{path}: torch.load(weights_only=True) refused an object in the file ({error}). A StyleGAN2 "
             "checkpoint holds tensors, dicts and plain values only; nothing else is unpickled."
@@ -256,11 +265,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Optional[tor
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {error}") from error
     latent_avg = tensors.pop("latent_avg", None)
-    try:
-        conv_clamp = float(metadata[CONV_CLAMP_KEY]) if CONV_CLAMP_KEY in metadata else None
-    except ValueError:
-        raise CheckpointError(f"{path}: its {CONV_CLAMP_KEY} entry {metadata[CONV_CLAMP_KEY]!r} is not a number") from None
-    return tensors, latent_avg, conv_clamp
+    return tensors, latent_avg, metadata.get(CONV_CLAMP_KEY)  # checked by _stored_conv_clamp
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -400,12 +405,27 @@ def _load_state_checked(generator: Generator, state_dict: dict[str, torch.Tensor
     generator.load_state_dict({key: value.float() for key, value in state_dict.items()}, strict=True)
 
 
+def _stored_conv_clamp(value, source: str) -> Optional[float]:
+    """The conv_clamp recorded in one of our .pt / .safetensors files: None or a positive finite number."""
+    if value is None:
+        return None
+    try:
+        clamp = float(value)
+    except (TypeError, ValueError):
+        clamp = math.nan
+    if not (math.isfinite(clamp) and clamp > 0):
+        raise CheckpointError(f"{source}: its {CONV_CLAMP_KEY!r} entry must be a positive number, found {value!r}")
+    return clamp
+
+
 def _normalise_latent_avg(latent_avg: torch.Tensor, generator: Generator, source: str) -> Optional[torch.Tensor]:
     latent_avg = latent_avg.detach().float()
     if latent_avg.shape[-1:] != (generator.style_dim,):
         raise CheckpointError(
             f"{source}: expected latent_avg [{generator.style_dim}] (the mean w), found {tuple(latent_avg.shape)}"
         )
+    if not torch.isfinite(latent_avg).all():
+        raise CheckpointError(f"{source}: latent_avg (the mean w that truncation pulls towards) holds NaN or inf")
     rows = latent_avg.reshape(-1, generator.style_dim)
     if rows.shape[0] > 1 and not torch.allclose(rows, rows[:1].expand_as(rows)):
         warnings.warn(f"{source}: latent_avg has {rows.shape[0]} different rows; it is not attached", stacklevel=3)

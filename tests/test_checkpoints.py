@@ -224,3 +224,41 @@ def test_written_safetensors_files_get_the_usual_mode(tmp_path):
         os.umask(previous)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
     assert load_generator(path).size == 16
+
+
+def test_legacy_files_saved_with_pickle_protocol_4_are_named_as_such(tmp_path, source):
+    _, state, latent_avg = source
+    for zip_format in (False, True):
+        path = tmp_path / f"p4_{zip_format}.pt"
+        torch.save({"g_ema": state, "latent_avg": latent_avg}, path, pickle_protocol=4,
+                   _use_new_zipfile_serialization=zip_format)
+        with pytest.raises(CheckpointError, match="pickle protocol that torch.load\\(weights_only=True\\) cannot read"):
+            load_generator(path)  # a legacy file was taken for an NVlabs pickle ("expected ... 'G_ema'")
+
+
+def test_bad_values_in_the_file_are_checkpoint_errors_naming_it(tmp_path, source):
+    _, state, latent_avg = source
+    path = tmp_path / "nan_avg.pt"
+    torch.save({"g_ema": state, "latent_avg": torch.full_like(latent_avg, float("nan"))}, path)
+    with pytest.raises(CheckpointError, match="nan_avg.pt: latent_avg .* holds NaN or inf"):
+        load_generator(path)
+    for value in (-1.0, "abc", float("inf")):
+        path = tmp_path / "clamp.pt"
+        torch.save({"g_ema": state, "conv_clamp": value}, path)
+        with pytest.raises(CheckpointError, match="clamp.pt: its 'conv_clamp' entry must be a positive number"):
+            load_generator(path)
+    from safetensors.torch import save_file
+
+    path = tmp_path / "clamp.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"conv_clamp": "nan"})
+    with pytest.raises(CheckpointError, match="clamp.safetensors: its 'conv_clamp' entry must be a positive number"):
+        load_generator(path)
+
+
+def test_saving_to_a_home_relative_path_writes_where_loading_looks(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    generator = Generator(16, style_dim=8, n_mlp=2, channel_multiplier=1, channel_max=8)
+    written = save_rosinality_checkpoint(generator, "~/models/g.pt")
+    assert written == tmp_path / "models" / "g.pt" and not (tmp_path / "~").exists()
+    load_generator("~/models/g.pt")
