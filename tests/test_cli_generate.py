@@ -83,6 +83,41 @@ def test_random_noise_and_truncation(tmp_path, checkpoint):
     assert run(base + ["--truncation", "0", "--truncation-mean", "256", "--out", str(tmp_path / "t0.png")]) == 0
     images = np.stack([read(f) for f in sorted((tmp_path / "t0").glob("*.png"))]).astype(int)
     assert np.abs(images - images[0]).max() <= 1
+    # psi above 1 extrapolates away from the mean (rosinality's forward ignores psi >= 1; NVlabs' does not)
+    assert run(base + ["--truncation", "1.5", "--truncation-mean", "256", "--out", str(tmp_path / "t15.png")]) == 0
+    assert not np.array_equal(read(tmp_path / "t15.png"), read(tmp_path / "const.png"))
+
+
+def test_truncation_is_the_lerp_of_w_for_any_psi(tmp_path, checkpoint):
+    from refinestyle.checkpoints import load_generator
+    from refinestyle.imageio import load_image
+
+    generator = load_generator(checkpoint)
+    generator.latent_avg = torch.randn(STYLE_DIM)
+    path = tmp_path / "with_avg.pt"
+    from refinestyle.checkpoints import save_rosinality_checkpoint as save
+
+    save(generator, path)
+    z = torch.randn(2, STYLE_DIM, generator=torch.Generator().manual_seed(5))
+    for psi in (0.5, 1.5):
+        assert run(["--ckpt", str(path), "--n", "2", "--seed", "5", "--truncation", str(psi),
+                    "--out", str(tmp_path / f"t{psi}.png")]) == 0
+        with torch.no_grad():
+            w = generator.latent_avg + psi * (generator.style(z) - generator.latent_avg)
+            expected, _ = generator([w], input_is_latent=True, randomize_noise=False)
+        for index in range(2):
+            written = load_image(tmp_path / f"t{psi}" / f"{index:04d}.png", SIZE)
+            assert (written - expected[index].clamp(-1, 1)).abs().max() <= 2 / 255 + 1e-6
+
+
+def test_seeds_outside_numpys_range_are_refused_by_name(tmp_path, checkpoint, capsys):
+    for bad in ("-1", str(2**32), "99999999999999999999"):
+        with pytest.raises(SystemExit):
+            run(["--ckpt", str(checkpoint), "--seed", bad, "--out", str(tmp_path / "g.png")])
+        assert "--seed: expected an integer seed in 0..4294967295" in capsys.readouterr().err
+    top = str(2**32 - 1)  # the largest seed works with every derived seed (noise, the sampled mean)
+    assert run(["--ckpt", str(checkpoint), "--seed", top, "--noise", "random", "--truncation", "0.5",
+                "--truncation-mean", "16", "--n", "2", "--out", str(tmp_path / "top.png")]) == 0
 
 
 def test_adapters_give_one_row_per_domain(tmp_path, checkpoint, capsys):

@@ -38,6 +38,18 @@ def int_at_least(minimum: int):
     return parse
 
 
+def seed(text: str) -> int:
+    """A random seed, 0 <= seed < 2**32 (numpy's range; the commands derive further seeds from it,
+    which must stay within torch.Generator's)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in 0..{2**32 - 1}, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in 0..{2**32 - 1}, got {value}")
+    return value
+
+
 def image_size(text: str) -> tuple[int, int]:
     """A picture size: N (a square) or HEIGHTxWIDTH (192x256 for Stanford Cars) -> (height, width)."""
     from refinestyle.imageio import parse_image_size

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from refinestyle.adaptation.clip_loss import PAPER_CLIP_MODELS, add_clip_arguments
-from refinestyle.commands import device_name, finite_float, image_file, output_file, positive_int, report_error
+from refinestyle.commands import device_name, finite_float, image_file, output_file, positive_int, report_error, seed
 from refinestyle.weights import default_device
 
 
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ArcFace IR-SE50 weights for ID (default: $REFINESTYLE_IR_SE50; none: ID skipped)")
     add_clip_arguments(parser, required_note=" (no CLIP model at all: TC skipped)")
     parser.add_argument("--truncation", type=finite_float, default=1.0, help="truncation psi of the codes (default 1: none)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of codes and noise (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of codes and noise (default 0)")
     parser.add_argument("--out", type=output_file, default=None, help="write the results as JSON here")
     parser.add_argument("--grid", type=image_file, default=None,
                         help="write source (row 1) | adapted (row 2) images of the first batch here")

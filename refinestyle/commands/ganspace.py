@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from refinestyle.commands import device_name, int_at_least, output_file, positive_int
+from refinestyle.commands import device_name, int_at_least, output_file, positive_int, seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=positive_int, default=100_000, help="z samples (100000)")
     parser.add_argument("--num-components", type=positive_int, default=80, help="components kept (80)")
     parser.add_argument("--batch-size", type=positive_int, default=4096)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--preview-components", type=int_at_least(0), default=5, help="components in the preview picture (0: none)")
     parser.add_argument("--preview-layers", default=None, help="w+ rows edited in the preview (default all)")
     parser.add_argument("--device", type=device_name, help="cpu or cuda (default: cuda when available)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from refinestyle.commands import device_name, finite_float, image_file, output_folder, positive_int, report_error
+from refinestyle.commands import device_name, finite_float, image_file, output_folder, positive_int, report_error, seed
 from refinestyle.weights import default_device, require_file
 
 
@@ -26,10 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", default=None, help="generator checkpoint: rosinality .pt / .safetensors or NVlabs .pkl "
                         "(default: $REFINESTYLE_GENERATOR)")
     parser.add_argument("--n", type=positive_int, default=16, help="number of latents / images per domain (default 16)")
-    parser.add_argument("--truncation", type=finite_float, default=1.0, help="truncation psi (default 1: none)")
+    parser.add_argument("--truncation", type=finite_float, default=1.0,
+                        help="truncation psi: w = avg + psi (w - avg); default 1 (none), above 1 extrapolates")
     parser.add_argument("--truncation-mean", type=positive_int, default=4096,
                         help="random w averaged for truncation when the checkpoint has no latent_avg (default 4096)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the latents and noise (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the latents and noise, 0..2^32-1 (default 0)")
     parser.add_argument("--out", type=image_file, default=Path("grid.png"), help="grid picture to write (default grid.png)")
     parser.add_argument("--outdir", type=output_folder, default=None,
                         help="folder for the individual images (default: --out without its suffix)")
@@ -114,7 +115,7 @@ def main(args: argparse.Namespace) -> int:
     rng = torch.Generator().manual_seed(args.seed)
     z = torch.randn(args.n, generator.style_dim, generator=rng)
     truncation_latent = None
-    if args.truncation < 1:
+    if args.truncation != 1:  # psi > 1 extrapolates, as NVlabs' generators do (rosinality's applies psi < 1 only)
         truncation_latent = generator.latent_avg
         if truncation_latent is None:
             mean_rng = torch.Generator().manual_seed(args.seed + 1_000_003)
@@ -135,10 +136,12 @@ def main(args: argparse.Namespace) -> int:
             noise = [torch.cat(maps).to(device).repeat(groups, 1, 1, 1) for maps in zip(*per_image)]
         start += count
         refinement = Refinement.cat(refinements, [count] * groups) if domains else None
+        w = generator.style(latent)
+        if truncation_latent is not None:
+            w = truncation_latent + args.truncation * (w - truncation_latent)
         output, _ = generator(
-            [latent],
-            truncation=args.truncation,
-            truncation_latent=truncation_latent,
+            [w],
+            input_is_latent=True,
             noise=noise,
             randomize_noise=False,
             refinement=refinement,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from refinestyle.commands import device_name, figure_file, finite_float, output_file, positive_int, report_error
+from refinestyle.commands import device_name, figure_file, finite_float, output_file, positive_int, report_error, seed
 from refinestyle.weights import default_device
 
 
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="figure to write (default spectrum.png; .pdf, .svg work too)")
     parser.add_argument("--json", type=output_file, default=None, help="numbers to write (default: --out with .json)")
     parser.add_argument("--batch-size", type=positive_int, default=100, help="samples per batch (default 100)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the z draw (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the z draw (default 0)")
     parser.add_argument("--truncation", type=finite_float, default=1.0, help="truncation psi of w (default 1: none)")
     parser.add_argument("--demodulate", action="store_true", help="analyse the demodulated kernels instead of Eq. (1)'s")
     parser.add_argument("--size", type=int, default=None, help="expected output size of the checkpoint")
