@@ -42,12 +42,13 @@ import torch
 
 from refinestyle.generator import Generator, default_channels
 from refinestyle_kernels import EqualLinear
-from refinestyle.weights import resolve_weights, save_safetensors
+from refinestyle.weights import resolve_weights, save_safetensors, weights_fingerprint
 
 __all__ = [
     "CheckpointError",
     "NVlabsObject",
     "convert_nvlabs_generator",
+    "generator_fingerprint",
     "infer_generator_config",
     "load_generator",
     "read_nvlabs_pickle",
@@ -177,6 +178,18 @@ def save_rosinality_checkpoint(
             checkpoint[CONV_CLAMP_KEY] = conv_clamp
         torch.save(checkpoint, path)
     return path
+
+
+def generator_fingerprint(generator: Generator) -> str:
+    """A deterministic sha256 hex digest of a generator's weights (`refinestyle.weights.weights_fingerprint`:
+    parameters only; the stored noise maps and mean w are not weights, and some checkpoints lack
+    them), as `save_rosinality_checkpoint` stores them: a mapping lr multiplier other than 0.01
+    (an NVlabs network's) is folded in first, so the re-saved file keeps the digest. Tells whether
+    an adapter or a resumed inverter run meets the generator it was trained with."""
+    parameters = dict(generator.named_parameters())
+    if getattr(generator, "lr_mlp", ROSINALITY_LR_MLP) != ROSINALITY_LR_MLP:
+        _fold_mapping_lr(parameters, generator)
+    return weights_fingerprint(generator, parameters)
 
 
 def _fold_mapping_lr(state_dict: dict[str, torch.Tensor], generator: Generator) -> None:
@@ -524,8 +537,9 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, bac
         raise _Refused(f"tensor with an invalid geometry (offset {storage_offset!r}, size {size!r}, stride {stride!r})")
     # torch would grow a storage too short for the view, with uninitialised memory: refuse it
     last = storage_offset + sum((extent - 1) * step for extent, step in zip(size, stride))
-    if all(size) and last >= storage.size():
-        raise _Refused(f"tensor of size {tuple(size)} reaches element {last} of a storage of {storage.size()}")
+    elements = storage._untyped_storage.nbytes() // storage.dtype.itemsize  # (TypedStorage.size() warns)
+    if all(size) and last >= elements:
+        raise _Refused(f"tensor of size {tuple(size)} reaches element {last} of a storage of {elements}")
     return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, False, collections.OrderedDict())
 
 

@@ -162,18 +162,20 @@ def state_dict_mismatch(expected: dict, state: dict) -> str:
     return f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatches {mismatched[:3]}"
 
 
-def weights_fingerprint(module) -> str:
+def weights_fingerprint(module, parameters=None) -> str:
     """A deterministic sha256 hex digest of an nn.Module's parameters.
 
     Hashes every parameter (name, shape and float32 little-endian bytes, in name order), so the
     same weights give the same digest on any device and in any dtype the file was read in;
     buffers are left out. Tells whether a resumed run or an adapter meets the weights it was
     trained with (a generator, a first stage, loss networks, CLIP models).
+    parameters: None, or {name: tensor} to hash in place of module.named_parameters().
     """
     import torch
 
     digest = hashlib.sha256()
-    for name, parameter in sorted(module.named_parameters(), key=lambda item: item[0]):
+    named = dict(module.named_parameters()) if parameters is None else parameters
+    for name, parameter in sorted(named.items(), key=lambda item: item[0]):
         data = parameter.detach().to("cpu", torch.float32).contiguous()
         digest.update(name.encode())
         digest.update(json.dumps(list(data.shape)).encode())

@@ -6,9 +6,15 @@ import argparse
 import pytest
 import torch
 
-from refinestyle.checkpoints import CheckpointError, infer_generator_config, load_generator, save_rosinality_checkpoint
+from refinestyle.checkpoints import (
+    CheckpointError,
+    generator_fingerprint,
+    infer_generator_config,
+    load_generator,
+    save_rosinality_checkpoint,
+)
 from refinestyle.generator import Generator
-from refinestyle.weights import MissingWeightsError
+from refinestyle.weights import MissingWeightsError, weights_fingerprint
 from rosinality_reference import ReferenceGenerator
 
 STYLE_DIM = 16
@@ -111,6 +117,10 @@ def test_round_trip_keeps_an_nvlabs_networks_clamp_and_mapping_lr(tmp_path):
         assert loaded.conv_clamp == 0.7 and loaded.lr_mlp == 0.01
         # float32 rounding of the rescaled mapping weights; without the two fixes the images differ by ~1
         torch.testing.assert_close(render(loaded, z), expected, rtol=1e-4, atol=1e-5)
+        # an adapter or inverter run trained on the NVlabs network accepts the re-saved file
+        assert generator_fingerprint(loaded) == generator_fingerprint(generator)
+    plain = Generator(16, style_dim=8, n_mlp=2, channel_multiplier=1, channel_max=8)
+    assert generator_fingerprint(plain) == weights_fingerprint(plain)  # fingerprints of 0.01 generators unchanged
     with pytest.raises(ValueError, match=r"latent_avg: expected \[style_dim=8\]"):
         save_rosinality_checkpoint(generator, tmp_path / "bad.pt", latent_avg=torch.zeros(9))
 

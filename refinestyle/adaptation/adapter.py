@@ -24,8 +24,9 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from refinestyle.checkpoints import generator_fingerprint
 from refinestyle.refinement import Refinement, RefinementTokens, refinement_layer_shapes
-from refinestyle.weights import require_file, save_safetensors, weights_fingerprint
+from refinestyle.weights import require_file, save_safetensors
 
 __all__ = ["Adapter", "AdaptedGenerator", "mixed_refinement", "generator_fingerprint", "FILE_FORMAT"]
 
@@ -44,13 +45,6 @@ STRUCTURAL_KEYS = (
     "layer_shapes",
     "scale_init",
 )
-
-
-def generator_fingerprint(generator: nn.Module) -> str:
-    """A deterministic sha256 hex digest of a generator's weights (`refinestyle.weights.weights_fingerprint`:
-    parameters only; the stored noise maps and mean w are not weights, and some checkpoints lack
-    them). Used to tell whether an adapter was trained on this generator."""
-    return weights_fingerprint(generator)
 
 
 class Adapter(nn.Module):

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from refinestyle.checkpoints import generator_fingerprint
 from refinestyle.distributed import DistributedContext, StopOnSignal, mean_over_processes, setup_distributed
 from refinestyle.generator import COMPILE_MODES
 from refinestyle.imageio import image_size_hw, pool_or_resize, same_aspect
@@ -673,7 +674,7 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
 
     # The frozen networks a run trains against: a resume must find the same weights (a moved
     # file may be given again, another one is refused).
-    fingerprints = {"generator": weights_fingerprint(generator), "losses": weights_fingerprint(criterion)}
+    fingerprints = {"generator": generator_fingerprint(generator), "losses": weights_fingerprint(criterion)}
     first_stage = getattr(model, "first_stage", None)
     if isinstance(first_stage, nn.Module):
         fingerprints["first_stage"] = weights_fingerprint(first_stage)
