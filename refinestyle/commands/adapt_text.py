@@ -33,7 +33,6 @@ from refinestyle.commands import (
     output_folder,
     positive_int,
     report_error,
-    seed,
 )
 from refinestyle.weights import default_device
 
@@ -58,7 +57,7 @@ def add_common_training_arguments(parser: argparse.ArgumentParser, *, iterations
     parser.add_argument("--truncation", type=float, default=0.7,
                         help="truncation psi of the training codes (adapt-text: 1, none, as StyleGAN-NADA; "
                              "adapt-oneshot: 0.7, GOGA's content codes)")
-    parser.add_argument("--seed", type=seed, default=0, help="seed of every random draw (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     parser.add_argument("--sample-every", type=int, default=50, help="steps between sample grids (default 50, 0: off)")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
     parser.add_argument("--num-samples", type=positive_int, default=4, help="fixed seeds shown in the sample grids (default 4)")
