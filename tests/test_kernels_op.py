@@ -407,6 +407,25 @@ def test_clear_weight_cache_sees_a_change_made_through_data():
     assert torch.allclose(conv(x, w, noise), fresh(x, w, noise), atol=1e-6)
 
 
+def test_weight_cache_sees_parameters_given_new_storage_through_data():
+    """`param.data = other` keeps the object and its version: a freed storage's address, handed
+    to a later weight, must not find the entry made from the old one (vector_to_parameters
+    assigns .data; a search over frozen weights rendered with stale tensors)."""
+    from refinestyle_kernels.ops.modulated_conv2d import _WEIGHT_DERIVED
+
+    conv = StyledConv(4, 5, 3, style_dim=6, backend="torch").requires_grad_(False)
+    reference = StyledConv(4, 5, 3, style_dim=6, backend="reference").requires_grad_(False)
+    x, w, noise = torch.randn(2, 4, 5, 5), torch.randn(2, 6), torch.randn(2, 1, 5, 5)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        vector = torch.randn(sum(p.numel() for p in conv.parameters()), generator=generator)
+        torch.nn.utils.vector_to_parameters(vector.clone(), conv.parameters())
+        reference.load_state_dict(conv.state_dict())
+        assert torch.allclose(conv(x, w, noise), reference(x, w, noise), atol=1e-5)
+    own = {id(conv.conv.weight), id(conv.conv.modulation.weight)}
+    assert sum(key[0] in own for key in _WEIGHT_DERIVED) <= 2  # entries of old storages dropped
+
+
 def test_demodulation_coefficients_stay_float32_under_autocast():
     """Autocast would round the closed form's matmuls to bf16; d is computed in float32 anyway."""
     gen = torch.Generator().manual_seed(9)

@@ -513,11 +513,17 @@ def _derived_from_weight(weight: torch.Tensor, what: tuple, make):
         return cached[2]
     if weight.is_cuda and torch.cuda.is_current_stream_capturing():
         return make(weight)  # a captured kernel does not run: what it makes now is not kept
+    # entries of this owner made from another storage (before a `param.data = other`) are stale
+    for stale in [k for k in _WEIGHT_DERIVED if k[0] == key[0] and k[5] == what and k[1] != key[1]]:
+        _WEIGHT_DERIVED.pop(stale, None)
     # plain tensors even under torch.inference_mode: inference tensors could not be saved for
     # the backward of a later call with autograd on
     with torch.inference_mode(False):
         derived = make(weight)
-    _WEIGHT_DERIVED[key] = (weakref.ref(owner, _forget_when_freed(key)), weight._version, derived)
+        # the entry holds the storage it was made from, so that storage cannot be freed and its
+        # address handed to another tensor that would then find this entry under its key
+        storage_holder = weight.detach()
+    _WEIGHT_DERIVED[key] = (weakref.ref(owner, _forget_when_freed(key)), weight._version, derived, storage_holder)
     return derived
 
 
