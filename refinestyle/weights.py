@@ -148,7 +148,8 @@ def _umask() -> int:
 
 def state_dict_mismatch(expected: dict, state: dict) -> str:
     """How `state` (names -> tensors, about to be loaded) fails to match a module's `expected`
-    state_dict: "" when it matches, else its first missing, unexpected and mis-shaped names.
+    state_dict: "" when it matches, else its first missing, unexpected and mis-shaped names and
+    how many there are of each.
     BatchNorm step counters missing from `state` (files saved before PyTorch 0.4.1; unused in
     eval) are filled in from `expected`, in place."""
     for key in expected:
@@ -157,9 +158,9 @@ def state_dict_mismatch(expected: dict, state: dict) -> str:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [key for key in expected if key in state and state[key].shape != expected[key].shape]
-    if not (missing or unexpected or mismatched):
-        return ""
-    return f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatches {mismatched[:3]}"
+    parts = [f"{label} {some_of(names, 3)}" for label, names in
+             (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched)) if names]
+    return "; ".join(parts)
 
 
 def weights_fingerprint(module, parameters=None) -> str:

@@ -23,6 +23,7 @@ from refinestyle_kernels.ops.modulated_conv2d import (
     UPSAMPLE_BLUR_PAD,
     UPSAMPLE_BLUR_TAPS,
     UPSAMPLE_FACTOR,
+    _check_flag,
     _check_positive,
     _derived_from_weight,
     styled_conv2d,
@@ -276,6 +277,8 @@ class ModulatedConv2d(nn.Module):
             raise ValueError("downsample: the fused op has the generator's convs only; expected False")
         if kernel_size not in (1, 3):
             raise ValueError(f"kernel_size: expected 1 or 3, got {kernel_size}")
+        _check_flag("upsample", upsample)
+        _check_flag("demodulate", demodulate)
         if upsample and kernel_size != 3:
             raise ValueError(f"upsample: the upsampling conv needs kernel_size 3, got {kernel_size}")
         self.eps = 1e-8

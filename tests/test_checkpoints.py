@@ -272,3 +272,24 @@ def test_saving_to_a_home_relative_path_writes_where_loading_looks(tmp_path, mon
     written = save_rosinality_checkpoint(generator, "~/models/g.pt")
     assert written == tmp_path / "models" / "g.pt" and not (tmp_path / "~").exists()
     load_generator("~/models/g.pt")
+
+
+def test_refusals_name_a_few_tensors_and_count_them():
+    from refinestyle.weights import shorten_state_dict_error, some_of, state_dict_mismatch
+
+    assert some_of(["a", "b"]) == "a, b"
+    assert some_of([f"k{i}" for i in range(10)], keep=3) == "k0, k1, k2, ... (10 in all)"
+    expected = {f"layer{i}.weight": torch.zeros(2) for i in range(8)}
+    state = {**{f"layer{i}.weight": torch.zeros(2) for i in range(1, 8)}, "extra": torch.zeros(1)}
+    state["layer7.weight"] = torch.zeros(3)
+    assert state_dict_mismatch(expected, dict(expected)) == ""
+    assert state_dict_mismatch(expected, state) == (
+        "missing layer0.weight; unexpected extra; shape mismatches layer7.weight")
+    many = {f"other{i}": torch.zeros(2) for i in range(5)}
+    assert state_dict_mismatch(expected, many).startswith("missing layer0.weight, layer1.weight, layer2.weight, ... (8 in all)")
+    try:
+        torch.nn.Linear(2, 3).load_state_dict({f"k{i}": torch.zeros(1) for i in range(9)})
+    except RuntimeError as error:
+        short = shorten_state_dict_error(error)
+    assert short == ('Missing key(s) in state_dict: weight, bias; '
+                     'Unexpected key(s) in state_dict: k0, k1, k2, k3, ... (9 in all)')

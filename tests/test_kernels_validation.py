@@ -216,3 +216,16 @@ def test_modules_refuse_bad_input(use, error, names):
     with pytest.raises(error) as info:
         use(*_modules())
     assert str(info.value).startswith(names), str(info.value)
+
+
+def test_module_flags_and_a_non_finite_noise_strength_are_refused_by_name():
+    from refinestyle_kernels import ModulatedConv2d, StyledConv
+
+    with pytest.raises(TypeError, match="upsample: expected True or False"):
+        ModulatedConv2d(6, 5, 3, 8, upsample="no")
+    with pytest.raises(TypeError, match="demodulate: expected True or False"):
+        StyledConv(6, 5, 3, 8, demodulate=0)
+    x, weight, styles = torch.randn(2, 4, 5, 5), torch.randn(3, 4, 3, 3), torch.randn(2, 4)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="noise_strength: expected a finite number"):
+            styled_conv2d(x, weight, styles, noise=torch.randn(2, 1, 5, 5), noise_strength=bad, backend="torch")

@@ -292,6 +292,8 @@ def _validate(x, weight, styles, p, q, noise, noise_strength, bias, clamp, demod
             raise TypeError(
                 f"noise_strength: expected a tensor of shape [1] or a real number, got {type(noise_strength).__name__}"
             )
+        if not math.isfinite(noise_strength):  # a learned tensor may go non-finite in training: not checked
+            raise ValueError(f"noise_strength: expected a finite number, got {noise_strength}")
         noise_strength = torch.tensor([float(noise_strength)], dtype=x.dtype, device=x.device)
     if noise is None:  # (a strength without noise adds nothing, as rosinality's NoiseInjection with noise 0)
         noise_strength = None
