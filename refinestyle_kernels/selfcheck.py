@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import sys
 from dataclasses import asdict, dataclass
@@ -220,8 +221,12 @@ def self_check(device: str | torch.device | None = None, dtypes=(torch.float32,)
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as error:  # torch's "Expected one of cpu, cuda, ... device type"
         raise ValueError(f"device: {device!r} is not a device (cpu, cuda, cuda:N): {error}") from None
+    if device.type not in ("cpu", "cuda"):  # meta, mps, xpu...: no backend here checks values there
+        raise ValueError(f"device: expected cpu, cuda or cuda:N, got {device}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device} was asked for, but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device} was asked for, but this machine has {torch.cuda.device_count()} CUDA devices")
     if isinstance(dtypes, torch.dtype) or isinstance(backends, str):
         raise TypeError("dtypes, backends: expected sequences, e.g. (torch.float32,) and ['torch'], not one item")
     for name, value in (("channels", channels), ("size", size)):
@@ -284,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-check", action="store_true", help="print the environment report only")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the report and the results as JSON")
     args = parser.parse_args(argv)
+    if args.json:  # checked before the checks run, not after
+        args.json = os.path.expanduser(args.json)
+        if os.path.isdir(args.json):
+            parser.error(f"--json: expected a file name, got the folder {args.json!r}")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+            parser.error(f"--json: the folder of {args.json!r} does not exist")
     try:
         dtypes = [DTYPE_NAMES[name] for name in args.dtype.split(",")]
     except KeyError as error:

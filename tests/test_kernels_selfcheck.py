@@ -64,6 +64,8 @@ def test_bad_arguments_name_themselves():
         selfcheck.self_check("cpu", dtypes=torch.float32)
     with pytest.raises(ValueError, match="channels"):
         selfcheck.self_check("cpu", channels=0)
+    with pytest.raises(ValueError, match="device"):  # every check failed there, as if the kernels were wrong
+        selfcheck.self_check("meta")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device"):
             selfcheck.self_check("cuda")
@@ -100,6 +102,13 @@ def test_the_command_exits_nonzero_on_a_failed_check(monkeypatch, tmp_path, caps
     with pytest.raises(SystemExit) as info:  # torch's own RuntimeError was a traceback
         selfcheck.main(["--device", "foo"])
     assert info.value.code == 2
+    capsys.readouterr()
+    for bad_json in (tmp_path / "missing" / "out.json", tmp_path):  # was a traceback after the checks had run
+        with pytest.raises(SystemExit) as info:
+            selfcheck.main(["--backends", "torch", "--json", str(bad_json)])
+        assert info.value.code == 2
+        captured = capsys.readouterr()
+        assert "--json" in captured.err and "checks passed" not in captured.out
 
 
 def test_python_dash_m_runs_it():

@@ -132,6 +132,10 @@ DEMODULATION = dict(weight=torch.randn(5, 4, 3, 3), styles=torch.randn(2, 4), p=
         (dict(styles=torch.randn(4)), ValueError, "styles"),
         (dict(styles=torch.randn(2, 3)), ValueError, "styles"),
         (dict(styles=torch.randn(2, 4).double()), TypeError, "styles"),
+        (dict(styles=torch.randn(2, 4, device="meta")), ValueError, "styles"),  # device: ValueError, as the op
+        (dict(styles=torch.randn(0, 4)), ValueError, "styles"),  # empty batch, refused as the op does
+        (dict(p=torch.randn(0, 5), q=torch.randn(0, 4)), ValueError, "p, q"),  # L=0
+        (dict(weight=torch.randn(5, 4, 0, 0)), ValueError, "weight"),  # no taps: energy 0, d = 1/sqrt(eps)
         (dict(weight=torch.randn(5, 4, 3, 3).long()), TypeError, "weight"),
         (dict(eps=-1.0), ValueError, "eps"),
         (dict(scale=0.0), ValueError, "scale"),
@@ -142,6 +146,15 @@ def test_demodulation_coefficients_refuses_bad_input(overrides, error, names):
     with pytest.raises(error) as info:
         rk.demodulation_coefficients(*args.values())
     assert str(info.value).startswith(names), str(info.value)
+
+
+def test_demodulation_coefficients_take_a_non_square_kernel():
+    """Not an op input, but the formula holds for any kh x kw: check it against the literal kernel."""
+    weight, styles = torch.randn(5, 4, 1, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    p, q = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    kernels = 0.1 * weight[None] * styles[:, None, :, None, None] + (p.transpose(1, 2) @ q)[..., None, None]
+    expected = (kernels.square().sum((2, 3, 4)) + 1e-8).rsqrt()
+    torch.testing.assert_close(rk.demodulation_coefficients(weight, styles, p, q, 0.1, 1e-8), expected)
 
 
 @pytest.mark.parametrize(

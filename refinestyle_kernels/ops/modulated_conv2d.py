@@ -388,10 +388,12 @@ def demodulation_coefficients(
                 + k*k sum_l p[l,o] ((q q^T) @ p)[l,o]
 
     Args:
-        weight: [Cout, Cin, k, k] static kernel W0 (without `scale`), floating point.
-        styles: [B, Cin] modulation s, weight's dtype and device.
+        weight: [Cout, Cin, kh, kw] static kernel W0 (without `scale`), floating point, non-empty.
+            Any kernel size: the residual's energy counts kh * kw taps.
+        styles: [B, Cin] modulation s with B >= 1, weight's dtype and device.
         p, q: both None, or the scaled tokens as in `modulated_conv2d`: [B, L, Cout] and
-            [B, L, Cin] per sample, or [L, Cout] and [L, Cin] shared; weight's dtype and device.
+            [B, L, Cin] per sample, or [L, Cout] and [L, Cin] shared, L >= 1; weight's dtype
+            and device.
         scale: multiplier of W0, a positive finite number (1/sqrt(Cin*k*k) in StyleGAN2).
         eps: positive finite number added to sum K^2 before the rsqrt.
 
@@ -407,9 +409,13 @@ def _validate_demodulation(weight, styles, p, q, scale, eps) -> None:
     _check_tensor("weight", weight, (4,), "[Cout, Cin, k, k]")
     _check_tensor("styles", styles, (2,), "[B, Cin]")
     out_channels, in_channels = weight.shape[:2]
+    if weight.numel() == 0:
+        raise ValueError(f"weight: expected a non-empty [Cout, Cin, k, k], got {tuple(weight.shape)}")
     batch = styles.shape[0]
     if styles.shape[1] != in_channels:
         raise ValueError(f"styles: expected [B, Cin={in_channels}] (weight's Cin), got {tuple(styles.shape)}")
+    if batch == 0:
+        raise ValueError(f"styles: expected a non-empty batch [B, Cin={in_channels}], got {tuple(styles.shape)}")
     _check_token_pair(p, q)
     if p is not None:
         lead = (batch,) if p.ndim == 3 else ()
@@ -420,12 +426,15 @@ def _validate_demodulation(weight, styles, p, q, scale, eps) -> None:
                 f"p, q: expected {form} with B={batch}, the same L, Cout={out_channels} and Cin={in_channels}, "
                 f"got p {tuple(p.shape)} and q {tuple(q.shape)}"
             )
-    for name, tensor in (("styles", styles), ("p", p), ("q", q)):
-        if tensor is not None and (tensor.dtype != weight.dtype or tensor.device != weight.device):
-            raise TypeError(
-                f"{name}: expected weight's dtype and device ({weight.dtype}, {weight.device}), "
-                f"got {tensor.dtype}, {tensor.device}"
-            )
+        if num_tokens < 1:
+            raise ValueError("p, q: expected at least one token, got L=0")
+    for name, tensor in (("styles", styles), ("p", p), ("q", q)):  # as the op: dtype TypeError, device ValueError
+        if tensor is None:
+            continue
+        if tensor.dtype != weight.dtype:
+            raise TypeError(f"{name}: expected dtype {weight.dtype} (weight's), got {tensor.dtype}")
+        if tensor.device != weight.device:
+            raise ValueError(f"{name}: expected device {weight.device} (weight's), got {tensor.device}")
     _check_positive("scale", scale)
     _check_positive("eps", eps)
 
