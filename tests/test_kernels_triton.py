@@ -846,6 +846,41 @@ def test_autotuned_launch_path_runs_every_pruned_config(layer, monkeypatch):
 
 
 @needs_interpreter
+def test_the_autotuner_tunes_each_batch_bucket_once(monkeypatch):
+    """Which tile fills the GPU depends on how many programs the batch makes: a batch of 8 must
+    not run the tile tuned for a batch of 1. Batches with the same power of two share a choice."""
+    import triton
+
+    benchmarked = []
+
+    def stand_in_timer(kernel_call, quantiles):
+        kernel_call()
+        benchmarked.append(1)
+        return [1.0] * len(quantiles)
+
+    tuned = triton.autotune(
+        configs=op_module._CONV_CONFIGS,
+        key=op_module.CONV_AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": op_module._prune_conv_configs},
+        do_bench=stand_in_timer,
+    )(op_module._conv_gemm_kernel)
+    monkeypatch.setattr(op_module, "_conv_gemm_tuned", tuned)
+    monkeypatch.setattr(op_module, "_interpreted", lambda: False)
+    monkeypatch.setattr(op_module, "CONV_COMPILE_THREADS", 0)
+    monkeypatch.setattr(op_module, "_CONV_BEST_CONFIG", {})
+    buckets = []
+    for batch in (1, 2, 3, 4):
+        before = len(benchmarked)
+        check_layer(Layer(batch=batch, in_channels=20, out_channels=16, height=6, width=6, tokens=None, train_weight=False),
+                    torch.float32, "cpu", TOLERANCE["interpreted"])  # fmt: skip
+        buckets.append(len(benchmarked) > before)
+    assert buckets == [True, True, True, False]  # 3 tunes for bucket 4; 4 reuses its choice
+    fields = op_module.CONV_BEST_CONFIG_KEY_FIELDS
+    tuned_buckets = [dict(zip(fields, key))["BATCH_BUCKET"] for key in op_module._CONV_BEST_CONFIG]
+    assert sorted(tuned_buckets) == [1, 1, 2, 2, 4, 4]  # the forward and the grad-x launch of each
+
+
+@needs_interpreter
 def test_a_failed_parallel_compile_leaves_the_compiling_to_the_autotuner(monkeypatch):
     import triton
 

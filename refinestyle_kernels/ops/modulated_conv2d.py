@@ -883,7 +883,7 @@ CONV_SHARED_MEMORY_BUDGET = 160 * 1024
 # The autotuner's cache key: everything that changes which tile is fastest (Triton adds the
 # dtypes of the tensor arguments itself).
 CONV_AUTOTUNE_KEY = [
-    "N", "K", "L", "GRID_H", "GRID_W", "TMA_BLOCK_M", "MODE", "KSIZE", "HAS_A_SCALE", "HAS_LOWRANK", "BOX_Z", "FUSE_PROJECTION",
+    "N", "K", "L", "GRID_H", "GRID_W", "TMA_BLOCK_M", "BATCH_BUCKET", "MODE", "KSIZE", "HAS_A_SCALE", "HAS_LOWRANK", "BOX_Z", "FUSE_PROJECTION",
     "REDUCE_X", "RGB_CHANNELS", "TOKEN_PRODUCTS", "TILES_PER_PROGRAM", "INPUT_PRECISION",
 ]  # fmt: skip
 
@@ -1053,7 +1053,8 @@ if triton is not None:
             acc = tl.minimum(tl.maximum(acc, -clamp_value), clamp_value)
         return acc
 
-    @triton.jit
+    # BATCH_BUCKET only keys the autotuner: not specialised, so each batch size reuses the binaries
+    @triton.jit(do_not_specialize=["BATCH_BUCKET"])
     def _conv_gemm_kernel(
         a_ptr,  # [B, IN_H, IN_W, K] activations, channels last, contiguous
         a_desc,  # TMA descriptor of a, block [1, 1, TMA_BLOCK_M, BLOCK_K], if A_TMA (else unused)
@@ -1082,6 +1083,7 @@ if triton is not None:
         GRID_H,  # the pixel grid a program tiles: OUT_H x OUT_W, or one phase's (IN_H+1) x (IN_W+1)
         GRID_W,
         TMA_BLOCK_M,  # a_desc's strip length, 0 without a descriptor (unused here: an autotuning key)
+        BATCH_BUCKET,  # the batch rounded up to a power of two (unused here: an autotuning key)
         K,
         N,
         L,
@@ -2510,6 +2512,8 @@ def _launch_conv_gemm(
         raise ValueError(f"the fused projection holds L <= 64 tokens in registers, got L={rank}")
     precision = _fp32_input_precision() if w.dtype == torch.float32 else None
     tma_block_m = a_desc.block_shape[2] if a_desc is not None else 0
+    # how many programs fill the GPU, so which tile is fastest, depends on the batch too
+    batch_bucket = _next_pow2(batch)
     dummy = alpha
     noise_strides = noise.stride()[:1] + noise.stride()[2:] if noise is not None else (0, 0, 0)
     if noise is not None and noise.shape[0] == 1:
@@ -2521,7 +2525,7 @@ def _launch_conv_gemm(
         bias if bias is not None else dummy, x if x is not None else dummy, partial if partial is not None else dummy,
         rgb_mix if rgb is not None else dummy, rgb_bias if rgb_bias is not None else dummy,
         rgb_out if rgb is not None else dummy, grad_p_sums if token_products else dummy,
-        grad_q_sums if token_products else dummy, in_hw[0], in_hw[1], out_hw[0], out_hw[1], grid_hw[0], grid_hw[1], tma_block_m, k, n, rank,
+        grad_q_sums if token_products else dummy, in_hw[0], in_hw[1], out_hw[0], out_hw[1], grid_hw[0], grid_hw[1], tma_block_m, batch_bucket, k, n, rank,
         (r.stride(0) if r.shape[0] > 1 else 0) if lowrank else 0,
         (q.stride(0) if q.shape[0] > 1 else 0) if fuse_projection else 0,
         alpha.stride(0), alpha.stride(1), beta.stride(0), beta.stride(1),
@@ -2579,7 +2583,7 @@ def _launch_conv_gemm(
         # after the first launch of a shape, skip triton.autotune's per-call bookkeeping (~0.2 ms
         # of host time a launch, more than the GPU time of a low-resolution layer)
         key = (
-            mode, ksize, k, n, rank, grid_hw, tma_block_m, flags["BOX_Z"], flags["FUSE_PROJECTION"], flags["HAS_A_SCALE"],
+            mode, ksize, k, n, rank, grid_hw, tma_block_m, batch_bucket, flags["BOX_Z"], flags["FUSE_PROJECTION"], flags["HAS_A_SCALE"],
             lowrank, partial is not None, flags["RGB_CHANNELS"], token_products, tiles_per_program, precision, a.dtype,
             w.dtype, out.dtype, z.dtype if z is not None else None,
         )  # fmt: skip
@@ -2623,7 +2627,7 @@ def _compile_configs_in_parallel(tuner, args: tuple, grid, flags: dict) -> None:
 _CONV_BEST_CONFIG: dict = {}
 # the fields of those keys, in order (benchmarks record the choices by name)
 CONV_BEST_CONFIG_KEY_FIELDS = (
-    "MODE", "KSIZE", "K", "N", "L", "GRID_HW", "TMA_BLOCK_M", "BOX_Z", "FUSE_PROJECTION", "HAS_A_SCALE", "HAS_LOWRANK", "REDUCE_X",
+    "MODE", "KSIZE", "K", "N", "L", "GRID_HW", "TMA_BLOCK_M", "BATCH_BUCKET", "BOX_Z", "FUSE_PROJECTION", "HAS_A_SCALE", "HAS_LOWRANK", "REDUCE_X",
     "RGB_CHANNELS", "TOKEN_PRODUCTS", "TILES_PER_PROGRAM", "INPUT_PRECISION", "a_dtype", "w_dtype", "out_dtype",
     "z_dtype",
 )  # fmt: skip
