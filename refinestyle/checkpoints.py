@@ -374,9 +374,9 @@ def _channel_arguments(channels: dict[int, int], size: int) -> dict[str, Any]:
     if size >= 64:
         multipliers.insert(0, max(1, channels[size] * size // 16384))
     for multiplier in multipliers:
-        for channel_max in (512, max(channels.values())):
+        for channel_max in (None, 512, max(channels.values())):  # rosinality's (uncapped), NVlabs' cap, any cap
             if default_channels(size, multiplier, channel_max) == channels:
-                if channel_max == 512:
+                if channel_max is None:
                     return {"channel_multiplier": multiplier}
                 return {"channel_multiplier": multiplier, "channel_max": channel_max}
     return {"channels": channels}

@@ -32,17 +32,17 @@ __all__ = ["COMPILE_MODES", "Generator", "default_channels"]
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def default_channels(size: int, channel_multiplier: int = 2, channel_max: int = 512) -> dict[int, int]:
-    """Channels per resolution, 4 ... size: rosinality's table capped at channel_max.
+def default_channels(size: int, channel_multiplier: int = 2, channel_max: int | None = None) -> dict[int, int]:
+    """Channels per resolution, 4 ... size: rosinality's table, capped at channel_max if given.
 
     512 up to 32 px, then 16384 * channel_multiplier / resolution (config-f: 512, 256,
-    128, 64, 32 at 64 ... 1024 px), each at most channel_max.
+    128, 64, 32 at 64 ... 1024 px), each at most channel_max (None: no cap, as rosinality).
     """
     table = {}
     resolution = 4
     while resolution <= size:
         channels = 512 if resolution <= 32 else 16384 * channel_multiplier // resolution
-        table[resolution] = max(1, min(channel_max, channels))
+        table[resolution] = max(1, channels if channel_max is None else min(channel_max, channels))
         resolution *= 2
     return table
 
@@ -58,8 +58,9 @@ class Generator(nn.Module):
         blur_kernel: FIR taps of the up-sampling filters; the fused op implements
             (1, 3, 3, 1) only.
         lr_mlp: learning-rate multiplier of the mapping layers (0.01).
-        channel_max: cap on every resolution's channel count (tests build tiny generators
-            such as Generator(32, style_dim=32, n_mlp=2, channel_max=16)).
+        channel_max: None (rosinality's table, uncapped) or a cap on every resolution's
+            channel count (NVlabs caps at 512; tests build tiny generators such as
+            Generator(32, style_dim=32, n_mlp=2, channel_max=16)).
         channels: explicit {resolution: channels} for 4 ... size, overriding the table
             (used by the checkpoint loader for NVlabs tables that rosinality's formula
             cannot express).
@@ -82,7 +83,7 @@ class Generator(nn.Module):
         blur_kernel: Sequence[float] = (1, 3, 3, 1),
         lr_mlp: float = 0.01,
         *,
-        channel_max: int = 512,
+        channel_max: int | None = None,
         channels: Optional[Mapping[int, int]] = None,
         backend: str = "auto",
     ):
@@ -93,8 +94,8 @@ class Generator(nn.Module):
             raise ValueError(f"style_dim: expected a positive integer, got {style_dim!r}")
         if not isinstance(n_mlp, int) or n_mlp < 1:
             raise ValueError(f"n_mlp: expected a positive integer, got {n_mlp!r}")
-        if not isinstance(channel_max, int) or channel_max < 1:
-            raise ValueError(f"channel_max: expected a positive integer, got {channel_max!r}")
+        if channel_max is not None and (isinstance(channel_max, bool) or not isinstance(channel_max, int) or channel_max < 1):
+            raise ValueError(f"channel_max: expected None or a positive integer, got {channel_max!r}")
         backend = check_backend(backend)
         blur_kernel = tuple(blur_kernel)
 

@@ -135,6 +135,16 @@ def test_config_inference_for_config_f_shapes():
     assert config == {"size": 256, "style_dim": 512, "n_mlp": 8, "channel_multiplier": 1}
 
 
+@pytest.mark.parametrize("channel_max, expected", [(None, {}), (512, {"channel_max": 512}), (768, {"channel_max": 768})])
+def test_config_inference_tells_rosinality_uncapped_table_from_a_capped_one(channel_max, expected):
+    """rosinality's channel_multiplier=4 table has 1024 channels at 64 px; NVlabs caps at 512."""
+    with torch.device("meta"):
+        generator = Generator(256, channel_multiplier=4, channel_max=channel_max)
+        config = infer_generator_config(generator.state_dict())
+        assert config == {"size": 256, "style_dim": 512, "n_mlp": 8, "channel_multiplier": 4, **expected}
+        assert Generator(**config).channels == generator.channels
+
+
 def test_missing_file_names_the_file(tmp_path):
     with pytest.raises(MissingWeightsError, match="nowhere.pt"):
         load_generator(tmp_path / "nowhere.pt")

@@ -60,6 +60,12 @@ def test_default_channel_table_is_config_f():
     assert default_channels(1024) == {4: 512, 8: 512, 16: 512, 32: 512, 64: 512, 128: 256, 256: 128, 512: 64, 1024: 32}
     assert default_channels(256, channel_multiplier=1) == {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64}
     assert default_channels(32, channel_max=16) == {4: 16, 8: 16, 16: 16, 32: 16}
+    # rosinality's table has no cap: channel_multiplier=4 takes 1024 channels at 64 px
+    assert default_channels(256, channel_multiplier=4) == {4: 512, 8: 512, 16: 512, 32: 512, 64: 1024, 128: 512, 256: 256}
+    assert default_channels(256, channel_multiplier=4, channel_max=512)[64] == 512
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="channel_max"):
+            Generator(32, style_dim=8, n_mlp=1, channel_max=bad)
 
 
 def test_config_f_1024_layout():

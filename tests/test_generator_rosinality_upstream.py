@@ -71,6 +71,10 @@ RENDER = textwrap.dedent(
     arrays = {"z1": z1.numpy(), "z2": z2.numpy(), "mean": mean.numpy(), "swapped": np.array(len(names))}
     arrays.update({k: v.numpy() for k, v in before.items()})
     arrays.update({f"swapped_{k}": v.numpy() for k, v in after.items()})
+    # a wider table: rosinality's has no channel cap (1024 channels at 64 px here)
+    with torch.device("meta"):
+        wide = Generator(64, 32, 2, channel_multiplier=4).state_dict()
+    arrays["wide_shapes"] = np.array(repr(sorted((name, tuple(t.shape)) for name, t in wide.items())))
     np.savez(f"{out}/renders.npz", **arrays)
     """
 )
@@ -98,6 +102,9 @@ def test_rosinality_generator_and_checkpoint_render_the_same_images(tmp_path):
 
     # the drop-in: our Generator with rosinality's arguments takes its state_dict strictly (float64),
     # and load_generator reads the file (into float32, as checkpoints are)
+    with torch.device("meta"):
+        wide = Generator(64, 32, 2, channel_multiplier=4).state_dict()
+    assert repr(sorted((name, tuple(t.shape)) for name, t in wide.items())) == str(renders["wide_shapes"])
     exact = Generator(64, 32, 2, channel_multiplier=1, backend="torch").double().eval()
     exact.load_state_dict(torch.load(tmp_path / "g.pt", weights_only=True)["g_ema"], strict=True)
     loaded = load_generator(tmp_path / "g.pt", backend="torch").eval()
