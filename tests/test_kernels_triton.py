@@ -795,6 +795,18 @@ def test_epilogue_products_blocks_hold_every_channel():
         assert block_p in (16, 32) and warps in (8, 16)
 
 
+def autotuned_with_timer(do_bench):
+    """The conv kernel autotuned as `_tuned_conv_gemm` does, timed by `do_bench` (a stand-in)."""
+    import triton
+
+    return triton.autotune(
+        configs=op_module._CONV_CONFIGS,
+        key=op_module.CONV_AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": op_module._prune_conv_configs},
+        do_bench=do_bench,
+    )(op_module._conv_gemm_kernel)
+
+
 @needs_interpreter
 @pytest.mark.parametrize(
     "layer",
@@ -810,8 +822,6 @@ def test_autotuned_launch_path_runs_every_pruned_config(layer, monkeypatch):
     interpreter), the last one benchmarked wins, and the result must match the reference.
     Before it benchmarks, every one of those configs was compiled in parallel (a warm-up run,
     which compiles on a GPU and does nothing in the interpreter)."""
-    import triton
-
     launches = itertools.count()
     runs = {True: set(), False: set()}  # configs run with warmup=True (compile only) and for real
     kernel = op_module._conv_gemm_kernel
@@ -832,12 +842,7 @@ def test_autotuned_launch_path_runs_every_pruned_config(layer, monkeypatch):
         elapsed = -float(next(launches))  # each config "faster" than the one before
         return [elapsed] * len(quantiles)
 
-    tuned = triton.autotune(
-        configs=op_module._CONV_CONFIGS,
-        key=op_module.CONV_AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": op_module._prune_conv_configs},
-        do_bench=stand_in_timer,
-    )(op_module._conv_gemm_kernel)
+    tuned = autotuned_with_timer(stand_in_timer)
     monkeypatch.setattr(op_module, "_conv_gemm_tuned", tuned)
     monkeypatch.setattr(op_module, "_interpreted", lambda: False)  # take the GPU branch of the launcher
     check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"])
@@ -849,8 +854,6 @@ def test_autotuned_launch_path_runs_every_pruned_config(layer, monkeypatch):
 def test_the_autotuner_tunes_each_batch_bucket_once(monkeypatch):
     """Which tile fills the GPU depends on how many programs the batch makes: a batch of 8 must
     not run the tile tuned for a batch of 1. Batches with the same power of two share a choice."""
-    import triton
-
     benchmarked = []
 
     def stand_in_timer(kernel_call, quantiles):
@@ -858,12 +861,7 @@ def test_the_autotuner_tunes_each_batch_bucket_once(monkeypatch):
         benchmarked.append(1)
         return [1.0] * len(quantiles)
 
-    tuned = triton.autotune(
-        configs=op_module._CONV_CONFIGS,
-        key=op_module.CONV_AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": op_module._prune_conv_configs},
-        do_bench=stand_in_timer,
-    )(op_module._conv_gemm_kernel)
+    tuned = autotuned_with_timer(stand_in_timer)
     monkeypatch.setattr(op_module, "_conv_gemm_tuned", tuned)
     monkeypatch.setattr(op_module, "_interpreted", lambda: False)
     monkeypatch.setattr(op_module, "CONV_COMPILE_THREADS", 0)
@@ -882,14 +880,7 @@ def test_the_autotuner_tunes_each_batch_bucket_once(monkeypatch):
 
 @needs_interpreter
 def test_a_failed_parallel_compile_leaves_the_compiling_to_the_autotuner(monkeypatch):
-    import triton
-
-    tuned = triton.autotune(
-        configs=op_module._CONV_CONFIGS,
-        key=op_module.CONV_AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": op_module._prune_conv_configs},
-        do_bench=lambda kernel_call, quantiles: [kernel_call() or 1.0] * len(quantiles),
-    )(op_module._conv_gemm_kernel)
+    tuned = autotuned_with_timer(lambda kernel_call, quantiles: [kernel_call() or 1.0] * len(quantiles))
 
     def broken_warmup(*args, **kwargs):
         raise RuntimeError("no compiler today")

@@ -231,6 +231,18 @@ def _check_token_pair(p, q) -> None:
         _check_tensor("q", q, (2, 3), "[B, L, Cin] or [L, Cin]")
 
 
+def _check_like(tensors: dict, like: torch.Tensor, like_name: str) -> None:
+    """Every tensor in {name: tensor or None} has like's dtype (else TypeError) and device
+    (else ValueError); the message names the tensor and `like_name`."""
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if tensor.dtype != like.dtype:
+            raise TypeError(f"{name}: expected dtype {like.dtype} ({like_name}'s), got {tensor.dtype}")
+        if tensor.device != like.device:
+            raise ValueError(f"{name}: expected device {like.device} ({like_name}'s), got {tensor.device}")
+
+
 def _check_flag(name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
@@ -310,15 +322,8 @@ def _validate(x, weight, styles, p, q, noise, noise_strength, bias, clamp, demod
         scale = _check_positive("scale", scale, "None or a positive finite number")
     _check_flag("demodulate", demodulate)
     _check_flag("upsample", upsample)
-    tensors = {"x": x, "weight": weight, "styles": styles, "p": p, "q": q, "noise": noise}
-    tensors.update({"noise_strength": noise_strength, "bias": bias})
-    for name, tensor in tensors.items():
-        if tensor is None:
-            continue
-        if tensor.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {tensor.dtype}")
-        if tensor.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (x's), got {tensor.device}")
+    tensors = {"weight": weight, "styles": styles, "p": p, "q": q, "noise": noise}
+    _check_like(dict(tensors, noise_strength=noise_strength, bias=bias), x, "x")
     return x, weight, styles, p, q, noise, noise_strength, bias, float(scale)
 
 
@@ -428,13 +433,7 @@ def _validate_demodulation(weight, styles, p, q, scale, eps) -> None:
             )
         if num_tokens < 1:
             raise ValueError("p, q: expected at least one token, got L=0")
-    for name, tensor in (("styles", styles), ("p", p), ("q", q)):  # as the op: dtype TypeError, device ValueError
-        if tensor is None:
-            continue
-        if tensor.dtype != weight.dtype:
-            raise TypeError(f"{name}: expected dtype {weight.dtype} (weight's), got {tensor.dtype}")
-        if tensor.device != weight.device:
-            raise ValueError(f"{name}: expected device {weight.device} (weight's), got {tensor.device}")
+    _check_like({"styles": styles, "p": p, "q": q}, weight, "weight")
     _check_positive("scale", scale)
     _check_positive("eps", eps)
 

@@ -40,6 +40,7 @@ from refinestyle_kernels.ops.modulated_conv2d import (
     MAX_LAUNCH_BATCH,
     _backend_for_call,
     _check_flag,
+    _check_like,
     _check_positive,
     _check_tensor,
     _clamp_bound,
@@ -164,13 +165,7 @@ def _validate_rgb(x, weight, rgb_weight, rgb_styles, rgb_bias, rgb_clamp, rgb_sc
         _check_tensor("rgb_bias", rgb_bias, (1,), f"[K={channels}]")
         if rgb_bias.shape[0] != channels:
             raise ValueError(f"rgb_bias: expected [K={channels}], got {tuple(rgb_bias.shape)}")
-    for name, tensor in (("rgb_weight", rgb_weight), ("rgb_styles", rgb_styles), ("rgb_bias", rgb_bias)):
-        if tensor is None:
-            continue
-        if tensor.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {tensor.dtype}")
-        if tensor.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (x's), got {tensor.device}")
+    _check_like({"rgb_weight": rgb_weight, "rgb_styles": rgb_styles, "rgb_bias": rgb_bias}, x, "x")
     if rgb_clamp is not None:
         _check_positive("rgb_clamp", rgb_clamp, "None or a positive finite number")
     if rgb_scale is None:
