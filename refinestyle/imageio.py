@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from refinestyle.weights import require_file
 
@@ -151,6 +151,25 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     Image.fromarray(make_grid(images, nrow)).save(path)
 
 
+def open_rgb(path: str | Path) -> Image.Image:
+    """Read an image file as an 8-bit RGB PIL image, upright.
+
+    Applies the EXIF orientation (a portrait phone photo is stored sideways), scales 16- and
+    32-bit integer grayscale (PIL's modes I;16 and I, which convert("RGB") would clip at 255,
+    turning a 16-bit PNG nearly white) to 8 bits, and drops an alpha channel. Raises OSError
+    (PIL's own, for unreadable files) and ValueError for floating-point images, whose range
+    no file states.
+    """
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode == "F":
+            raise ValueError(f"{path} holds floating-point pixels (mode F); save it as an 8- or 16-bit image")
+        if img.mode.startswith("I"):  # I;16, I;16B, I;16L, I: 16-bit samples (0 ... 65535)
+            samples = np.asarray(img).astype(np.float64)
+            img = Image.fromarray(np.clip(np.rint(samples / 257), 0, 255).astype(np.uint8), mode="L")
+        return img.convert("RGB")
+
+
 def load_image(path: str | Path, size=None) -> torch.Tensor:
     """Read an image file as a [1, 3, height, width] float tensor in [-1, 1].
 
@@ -162,11 +181,10 @@ def load_image(path: str | Path, size=None) -> torch.Tensor:
     hw = None if size is None else image_size_hw(size)
     require_file(path, "image file")
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if hw is not None and img.size != hw[::-1]:
-                img = img.resize(hw[::-1], Image.BICUBIC)
-            array = np.asarray(img, dtype=np.float32).copy()
+        img = open_rgb(path)
+        if hw is not None and img.size != hw[::-1]:
+            img = img.resize(hw[::-1], Image.BICUBIC)
+        array = np.asarray(img, dtype=np.float32).copy()
     except (OSError, SyntaxError) as error:  # PIL raises these for unreadable or truncated files
         raise ValueError(f"{path} is not a readable image: {error}") from error
     return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1
@@ -179,7 +197,7 @@ def list_images(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"no image file or folder at {path}")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return files

@@ -802,6 +802,12 @@ def test_inference_commands_name_what_does_not_fit(trained, codes, tmp_path, cap
     assert "--image-size: LPIPS (AlexNet) needs pictures of at least 32 x 32 pixels, got 16 x 16" in capsys.readouterr().err
     assert run(*eval_argv, "--max-images", 1) == 0
     assert capsys.readouterr().out.splitlines()[2].rstrip().endswith("| - |")  # not timed: no nan
+    # another aspect than the inverter's square pictures: its renders are cut square, so the
+    # pictures were stretched and the codes' picture size did not match their renders
+    assert run("invert", "--inverter", root / "run", "--generator", generator_path, "--input", root / "val",
+               "--out", tmp_path / "i", "--image-size", "32x48", "--no-progress") == 2  # fmt: skip
+    assert "--image-size 32x48: expected the aspect of the inverter's pictures (32x32)" in capsys.readouterr().err
+    assert not (tmp_path / "i").exists()
 
 
 def test_train_inverter_names_options_not_config_fields(trained, tmp_path, capsys):

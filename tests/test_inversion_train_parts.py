@@ -62,6 +62,33 @@ def test_dataset_reads_resizes_and_flips_deterministically(folder):
     assert [again.is_flipped(i) for i in range(6)] == flips
 
 
+def test_images_are_read_upright_and_16_bit_scaled(tmp_path):
+    """The dataset and load_image read pictures the way viewers show them: a 16-bit grayscale
+    PNG scaled to 8 bits (PIL's convert clips it at 255: nearly white), a phone photo turned
+    by its EXIF orientation; a folder named like an image is not an image."""
+    from refinestyle.imageio import load_image
+
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    Image.fromarray((ramp // 257).astype(np.uint8)).save(tmp_path / "flat.png")
+    pixels = np.zeros((16, 24, 3), dtype=np.uint8)
+    pixels[:, :12] = 255  # left half white, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to show
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    (tmp_path / "folder.png").mkdir()
+    dataset = ImageFolderDataset(tmp_path, (24, 16))  # (height, width): the upright phone photo
+    assert [path.name for path in dataset.paths] == ["deep.png", "flat.png", "phone.jpg"]
+    deep, flat, phone = dataset[0], dataset[1], dataset[2]
+    assert (deep - flat).abs().max() <= 1 / 127.5
+    torch.testing.assert_close(load_image(tmp_path / "deep.png"), load_image(tmp_path / "flat.png"), atol=1 / 127.5, rtol=0)
+    assert phone[:, :12].mean() > 0.9 and phone[:, 12:].mean() < -0.9  # upright: the white half on top
+    assert load_image(tmp_path / "phone.jpg").shape == (1, 3, 24, 16)
+    Image.fromarray(np.zeros((4, 4), dtype=np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(ValueError, match="floating-point"):
+        load_image(tmp_path / "float.tiff")
+
+
 def test_dataset_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         ImageFolderDataset(tmp_path / "missing")

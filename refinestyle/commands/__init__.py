@@ -62,10 +62,20 @@ def image_size(text: str) -> tuple[int, int]:
 
 def size_for(inverter, image_size_arg) -> tuple[int, int]:
     """--image-size as given, else the size the inverter's encoder reads (256 x 256, or 192 x 256
-    for a Cars model)."""
-    if image_size_arg is not None:
-        return image_size_arg
-    return tuple(getattr(inverter, "input_size", (256, 256)))
+    for a Cars model). ValueError naming --image-size for another aspect than the inverter's: its
+    renders are cut to its own aspect, so the pictures would be stretched and the codes' picture
+    size would not match their renders."""
+    own = tuple(getattr(inverter, "input_size", (256, 256)))
+    if image_size_arg is None:
+        return own
+    from refinestyle.imageio import same_aspect
+
+    if not same_aspect(image_size_arg, own):
+        raise ValueError(
+            f"--image-size {image_size_arg[0]}x{image_size_arg[1]}: expected the aspect of the inverter's pictures "
+            f"({own[0]}x{own[1]}), e.g. {own[0]}x{own[1]}"
+        )
+    return tuple(image_size_arg)
 
 
 def finite_float(text: str) -> float:

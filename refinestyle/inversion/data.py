@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
-from refinestyle.imageio import image_size_hw, list_images
+from refinestyle.imageio import image_size_hw, list_images, open_rgb
 
 
 class UnreadableImageError(ValueError):
@@ -88,12 +88,11 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         path = self.paths[index]
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-                if img.size != self.size[::-1]:  # PIL sizes are (width, height)
-                    img = img.resize(self.size[::-1], Image.BICUBIC)
-                array = np.asarray(img, dtype=np.float32).copy()
-        except (OSError, SyntaxError) as error:  # PIL raises these for unreadable files
+            img = open_rgb(path)
+            if img.size != self.size[::-1]:  # PIL sizes are (width, height)
+                img = img.resize(self.size[::-1], Image.BICUBIC)
+            array = np.asarray(img, dtype=np.float32).copy()
+        except (OSError, SyntaxError, ValueError) as error:  # PIL raises these for unreadable files
             raise UnreadableImageError(f"{path} is not a readable image: {error}") from error
         image = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
         if self.is_flipped(index):
