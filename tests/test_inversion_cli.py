@@ -237,6 +237,22 @@ def test_train_inverter_resume_refuses_options_that_change_the_run(trained, tmp_
     assert json.loads((tmp_path / "run" / "config.json").read_text())["log_every"] == 5
 
 
+def test_train_inverter_resume_takes_the_default_num_refined_restated(trained, tmp_path, capsys):
+    """A run that took the default --num-refined (it depends on the generator) keeps null in its
+    config; restating the value it took was refused as "(the run has none)"."""
+    import shutil
+
+    root, _ = trained
+    shutil.copytree(root / "run", tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    (tmp_path / "run" / "config.json").write_text(json.dumps(dict(config, num_refined=None)))  # its inverter has 4
+    resume = ["train-inverter", "--out", tmp_path / "run", "--resume", "--workers", 0, "--no-progress"]
+    capsys.readouterr()
+    assert run(*resume, "--num-refined", 5) == 2
+    assert "--num-refined 5 (the run has 4)" in _one_line_error(capsys)
+    assert run(*resume, "--num-refined", 4, "--max-steps", 4) == 0
+
+
 def test_train_inverter_resume_refuses_other_weights_at_a_moved_path(trained, tmp_path, capsys):
     """A moved generator may be given again, another one may not: the same architecture with other
     weights trained on silently, another architecture ended in a traceback after config.json had
@@ -284,6 +300,12 @@ def test_train_inverter_resume_takes_moved_generator_and_data(trained, tmp_path,
     (tmp_path / "moved").mkdir()
     shutil.move(tmp_path / "generator.pt", tmp_path / "moved" / "generator.pt")
     shutil.move(tmp_path / "data", tmp_path / "moved" / "data")
+    # a "moved" folder with other images is not the run's data: bit-for-bit resume would silently break
+    shutil.copytree(root / "val", tmp_path / "other")
+    capsys.readouterr()
+    assert run("train-inverter", "--resume", "--max-steps", 2, "--generator", tmp_path / "moved" / "generator.pt",
+               "--data", tmp_path / "other", *common) == 2
+    assert "other images than the interrupted run trained with (4 files then, 3 now" in _one_line_error(capsys)
     assert run("train-inverter", "--resume", "--max-steps", 2, "--generator", tmp_path / "moved" / "generator.pt",
                "--data", tmp_path / "moved" / "data", *common) == 0
     state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)
@@ -406,6 +428,10 @@ def test_ganspace_keeps_a_png_named_output_and_edit_names_a_wrong_file(trained, 
 
     assert GANSpaceDirections.load(out).components.shape == (4, 32)  # not overwritten by the preview
     assert (tmp_path / "gs-preview.png").is_file()
+    # preview layers out of range: refused before the PCA runs and its file is written
+    assert run("ganspace", "--generator", generator_path, "--out", tmp_path / "bad.safetensors", "--num-samples", 1000,
+               "--preview-layers", "0-50", "--no-progress") == 2  # fmt: skip
+    assert "layers" in capsys.readouterr().err and not (tmp_path / "bad.safetensors").exists()
     def edit_error(ganspace, *more):
         code = run("edit", "--generator", generator_path, "--inverter", root / "run", "--input", root / "val",
                    "--ganspace", ganspace, "--out", tmp_path / "e", "--image-size", 32, *more)
@@ -423,7 +449,7 @@ def test_ganspace_keeps_a_png_named_output_and_edit_names_a_wrong_file(trained, 
     assert "--component: " in error and "components 0..3, got 4" in error
 
 
-def test_invert_writes_reconstructions_codes_and_grid(trained, tmp_path):
+def test_invert_writes_reconstructions_codes_and_grid(trained, tmp_path, capsys):
     from refinestyle.inversion.inference import load_codes
 
     root, generator_path = trained
@@ -443,6 +469,17 @@ def test_invert_writes_reconstructions_codes_and_grid(trained, tmp_path):
     assert np.abs(rendered[1].clamp(-1, 1).permute(1, 2, 0).numpy() - saved).max() < 1.5 / 127.5
     with Image.open(out / "comparison.png") as grid:
         assert grid.size == (3 * 34 + 2, 3 * 34 + 2)
+    # again into the same folder with one image: the other two codes stay, and it says so
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "001.png").write_bytes((root / "val" / "001.png").read_bytes())
+    assert run("invert", "--inverter", root / "run", "--generator", generator_path, "--input", tmp_path / "one",
+               "--out", out, "--image-size", 32, "--no-progress") == 0  # fmt: skip
+    assert "also holds 2 code files of an earlier run (000.safetensors, 002.safetensors)" in capsys.readouterr().err
+    # another generator of the same architecture: the inverter file knows its generator's weights
+    other = write_generator(tiny_generator(seed=1), tmp_path / "other.pt")
+    with pytest.warns(UserWarning, match="trained with other generator weights than these"):
+        assert run("invert", "--inverter", root / "run", "--generator", other, "--input", tmp_path / "one",
+                   "--out", tmp_path / "other-out", "--image-size", 32, "--no-progress") == 0  # fmt: skip
 
 
 def test_two_stage_on_an_e4e_checkpoint_trains_and_inverts(trained, tmp_path):
@@ -588,11 +625,11 @@ def test_missing_weight_files_are_named(trained, tmp_path, capsys):
         return err
 
     missing_lpips = error_of(
-        "train-inverter", "--generator", generator_path, "--data", root / "train", "--out", tmp_path / "a",
+        "train-inverter", "--generator", generator_path, "--data", root / "train", "--batch-size", 2, "--out", tmp_path / "a",
         "--domain", "other", "--workers", 0, "--no-progress", *TINY_OPTIONS)
     assert "alexnet-owt" in missing_lpips and "Pass it with --lpips-backbone (or set REFINESTYLE_ALEXNET)" in missing_lpips
     assert "model_ir_se50.pth" in error_of(
-        "train-inverter", "--generator", generator_path, "--data", root / "train", "--out", tmp_path / "b",
+        "train-inverter", "--generator", generator_path, "--data", root / "train", "--batch-size", 2, "--out", tmp_path / "b",
         "--lpips-random-backbone", "--ir-se50", tmp_path / "model_ir_se50.pth", "--workers", 0,
         "--no-progress", *TINY_OPTIONS)
     missing_id = error_of(
@@ -607,7 +644,7 @@ def test_missing_weight_files_are_named(trained, tmp_path, capsys):
         "--out", tmp_path / "d")
     # bad input that is not a file: a ValueError, reported the same way
     assert "num_refined" in error_of(
-        "train-inverter", "--generator", generator_path, "--data", root / "train", "--out", tmp_path / "e",
+        "train-inverter", "--generator", generator_path, "--data", root / "train", "--batch-size", 2, "--out", tmp_path / "e",
         "--lpips-random-backbone", "--domain", "other", "--num-refined", 99, "--workers", 0, "--no-progress",
         *TINY_OPTIONS)
 
@@ -796,6 +833,14 @@ def test_inference_commands_name_what_does_not_fit(trained, codes, tmp_path, cap
     assert run("invert", "--inverter", generator_path, "--generator", generator_path, "--input", root / "val",
                "--out", tmp_path / "i", "--no-progress") == 2  # fmt: skip
     assert "neither an inverter file" in capsys.readouterr().err
+    # the run's training checkpoint or config: torch's weights_only paragraphs, which did not say what the file was
+    for training_file, kind in ((root / "run" / "checkpoints" / "latest.pt", "training checkpoint"),
+                                (root / "run" / "config.json", "config")):  # fmt: skip
+        assert run("invert", "--inverter", training_file, "--generator", generator_path, "--input", root / "val",
+                   "--out", tmp_path / "i", "--no-progress") == 2  # fmt: skip
+        error = capsys.readouterr().err
+        assert f"a train-inverter run's {kind}, not an inverter; give the run folder ({root / 'run'})" in error, error
+        assert len(error.splitlines()) == 2 and "Traceback" not in error  # the error and the traceback hint
     eval_argv = ["eval-inversion", "--inverter", root / "run", "--generator", generator_path, "--data", root / "val",
                  "--lpips-random-backbone", "--domain", "other", "--no-progress", "--no-timing"]
     assert run(*eval_argv, "--image-size", 16) == 2
@@ -821,3 +866,21 @@ def test_train_inverter_names_options_not_config_fields(trained, tmp_path, capsy
         assert run(*base, *extra) == 2
         assert expected in _one_line_error(capsys)
     assert not (tmp_path / "r").exists()
+
+
+def test_train_inverter_refuses_data_and_sizes_it_cannot_train_on_before_making_the_run(trained, tmp_path, capsys):
+    """An empty folder, too few images for a batch, or pictures too small for LPIPS were found
+    after the networks loaded (LPIPS at the first step, naming `x`), leaving a run folder behind."""
+    root, generator_path = trained
+    (tmp_path / "empty").mkdir()
+    base = ["train-inverter", "--generator", generator_path, "--out", tmp_path / "r", "--lpips-random-backbone",
+            "--domain", "other", "--num-tokens", 4, "--max-steps", 1, "--workers", 0, "--no-progress", *TINY_OPTIONS]
+    for extra, expected in [
+        (["--data", tmp_path / "empty"], "holds no images"),
+        (["--data", root / "train", "--batch-size", 5], "data: 4 images cannot fill one batch of 5"),
+        (["--data", root / "train", "--batch-size", 2, "--image-size", 16],
+         "image_size (--image-size): LPIPS (AlexNet) needs pictures of at least 32 x 32 pixels; the losses compare at 16 x 16"),
+    ]:
+        assert run(*base, *extra) == 2
+        assert expected in _one_line_error(capsys)
+        assert not (tmp_path / "r").exists()

@@ -40,6 +40,8 @@ def main(args: argparse.Namespace) -> int:
     device = torch.device(args.device or default_device())
     generator = load_generator(args.generator, device)
     generator.requires_grad_(False).eval()
+    # checked before the PCA runs and its file is written
+    layers = editing.parse_layers(args.preview_layers, generator.n_latent) if args.preview_components else None
     with torch.no_grad():
         directions = editing.compute_ganspace(
             generator.get_latent, generator.style_dim, num_samples=args.num_samples,
@@ -53,7 +55,6 @@ def main(args: argparse.Namespace) -> int:
 
     count = min(args.preview_components, directions.components.shape[0])
     if count:
-        layers = editing.parse_layers(args.preview_layers, generator.n_latent)
         strengths = [-2.0, -1.0, 0.0, 1.0, 2.0]
         rng = torch.Generator().manual_seed(args.seed + 1)
         z = torch.randn(1, generator.style_dim, generator=rng).to(device)

@@ -11,6 +11,7 @@ inverted/comparison.png with a row per image: input | w+ only | refined.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from refinestyle.commands import device_name, image_size, int_at_least, output_folder, positive_int, size_for
@@ -52,6 +53,7 @@ def main(args: argparse.Namespace) -> int:
     inverter = load_inverter_for_inference(args.inverter, generator, device)
     size = size_for(inverter, args.image_size)
     dataset = ImageFolderDataset(args.input, size)
+    earlier_codes = {path.name for path in (out / "codes").glob("*.safetensors")}
 
     comparison = []
     with torch.no_grad(), refinestyle_kernels.use_backend(args.backend):
@@ -78,4 +80,8 @@ def main(args: argparse.Namespace) -> int:
         save_grid(torch.cat(comparison), out / "comparison.png", nrow=3)
         shown = "codes/, comparison.png: input | w+ only | refined"
     print(f"inverted {len(paths)} images into {out} (reconstructions/, {shown})")
+    stale = sorted(earlier_codes - {f"{name}.safetensors" for name in names})
+    if stale:  # `edit --codes` reads every file there
+        print(f"warning: {out / 'codes'} also holds {len(stale)} code files of an earlier run ({', '.join(stale[:3])}"
+              f"{', ...' if len(stale) > 3 else ''}); `refinestyle edit --codes` reads them all", file=sys.stderr)
     return 0

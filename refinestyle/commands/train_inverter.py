@@ -209,6 +209,8 @@ def resumed_changes(given: dict[str, tuple[str, object]], saved: dict, saved_pat
         old = saved.get(field)
         if field == "lr" and old is None:  # the run took the stage's default: restating it changes nothing
             old = default_learning_rate(saved.get("stage", "one"))
+        if field == "num_refined" and old is None:  # the default the run took depends on its generator
+            old = _num_refined_taken(saved_path.parent)
         if field in RESUME_OVERRIDABLE:
             changes[field] = value
         elif field == "model_options":
@@ -233,6 +235,18 @@ def resumed_changes(given: dict[str, tuple[str, object]], saved: dict, saved_pat
             f"{', '.join(refused)}. Leave these options out, or start a new run with another --out"
         )
     return changes
+
+
+def _num_refined_taken(run: Path) -> int | None:
+    """The number of refined layers a run took by default, from the inverter it saved (None
+    before its first checkpoint, or for a run without refinement)."""
+    from refinestyle.inversion.models import read_inverter_config
+    from refinestyle.inversion.train import INVERTER_NAME
+
+    if not (run / INVERTER_NAME).is_file():
+        return None
+    config = read_inverter_config(run / INVERTER_NAME)
+    return config.num_refined if config.refine else None
 
 
 def _shown(value) -> str:

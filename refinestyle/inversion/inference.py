@@ -13,6 +13,7 @@ Files without p/q tensors (a w+-only inverter) are valid: their refinement is No
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from torch import nn
 
 from refinestyle.imageio import image_size_hw, parse_image_size, same_aspect
 from refinestyle.weights import require_file, save_safetensors
+
+# the "format" of train-inverter's training checkpoints (RUN_DIR/checkpoints/*.pt)
+TRAINING_CHECKPOINT_FORMAT = "refinestyle-train-inverter"
 
 CODES_FORMAT = "refinestyle-codes"
 
@@ -35,6 +39,21 @@ def resolve_inverter_path(path: str | Path) -> Path:
         " (train one with `refinestyle train-inverter`; it writes RUN_DIR/inverter.safetensors; or give a pSp, e4e or "
         "Style Transformer checkpoint)",
     )  # fmt: skip
+
+
+def _run_of_training_file(path: Path) -> Path | None:
+    """The run folder when `path` is a train-inverter run's config.json or training checkpoint
+    (told by the format name in its pickle, read as bytes: nothing is unpickled), else None."""
+    if path.name == "config.json":
+        return path.parent
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"]
+            if not pickles or TRAINING_CHECKPOINT_FORMAT.encode() not in archive.read(pickles[0]):
+                return None
+    except (zipfile.BadZipFile, OSError):
+        return None
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
 def inverter_name(path: str | Path) -> str:
@@ -55,6 +74,12 @@ def load_inverter_for_inference(path: str | Path, generator: nn.Module, device: 
     from refinestyle.inversion.models import PretrainedEncoderInverter, load_inverter
 
     resolved = resolve_inverter_path(path)
+    run = _run_of_training_file(resolved)
+    if run is not None:
+        raise ValueError(
+            f"{resolved}: a train-inverter run's {'config' if resolved.suffix == '.json' else 'training checkpoint'}, "
+            f"not an inverter; give the run folder ({run}) or its inverter.safetensors"
+        )
     if resolved.suffix == ".safetensors":
         inverter = load_inverter(resolved, generator)
         trained = sum(p.numel() for p in inverter.parameters() if p.requires_grad)

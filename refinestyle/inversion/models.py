@@ -46,6 +46,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -801,7 +802,7 @@ def _own_state(model: _Inverter) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_inverter(path: str | os.PathLike, model: nn.Module) -> Path:
+def save_inverter(path: str | os.PathLike, model: nn.Module, *, generator_fingerprint: str | None = None) -> Path:
     """Write an inverter's weights and configuration to a safetensors file.
 
     path: the file to write (conventionally `*.safetensors`); its folder is created.
@@ -810,14 +811,21 @@ def save_inverter(path: str | os.PathLike, model: nn.Module) -> Path:
     FirstStage of a two-stage model is stored with it (under `first_stage.inverter.`), and so
     is a pSp / e4e PSPEncoder (under `first_stage.`); another first stage is not (pass it to
     load_inverter). The configuration is JSON in
-    the file's metadata under "config". Returns the path.
+    the file's metadata under "config". generator_fingerprint: the generator's
+    `refinestyle.checkpoints.generator_fingerprint`, computed here when None (stored, so that
+    loading around other weights warns). Returns the path.
     """
     model = _unwrap(model)
     if not isinstance(model, _Inverter):
         raise TypeError(f"model: expected a OneStageInverter or TwoStageInverter, got {type(model).__name__}")
     # safetensors refuses shared or non-contiguous storage: store plain CPU copies.
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in _own_state(model).items()}
-    metadata = {"format": FILE_FORMAT, "version": FILE_VERSION, "config": model.config.to_json()}
+    if generator_fingerprint is None:
+        from refinestyle.checkpoints import generator_fingerprint as fingerprint_of
+
+        generator_fingerprint = fingerprint_of(model.generator)
+    metadata = {"format": FILE_FORMAT, "version": FILE_VERSION, "config": model.config.to_json(),
+                "generator_fingerprint": generator_fingerprint}
     return save_safetensors(tensors, path, metadata)
 
 
@@ -934,4 +942,23 @@ def load_inverter(
         key = mismatched[0]
         raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}, expected {tuple(expected[key].shape)}")
     model.load_state_dict(state, strict=False)
+    _warn_on_other_generator_weights(path, generator)
     return _follow_the_generator(model, generator).eval()
+
+
+def _warn_on_other_generator_weights(path: Path, generator: nn.Module) -> None:
+    """Warn (not refuse: a fine-tuned generator is a legitimate target) when the inverter in
+    `path` was trained with other generator weights than `generator`'s; files from before the
+    fingerprint was stored hold none."""
+    from safetensors import safe_open
+
+    from refinestyle.checkpoints import generator_fingerprint
+
+    with safe_open(str(path), framework="pt") as handle:
+        stored = (handle.metadata() or {}).get("generator_fingerprint")
+    if stored is not None and stored != generator_fingerprint(generator):
+        warnings.warn(
+            f"{path}: the inverter was trained with other generator weights than these (same architecture); "
+            "its codes will not reconstruct the images well. Give the generator it was trained with",
+            stacklevel=3,
+        )

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -50,6 +51,7 @@ from refinestyle.distributed import DistributedContext, StopOnSignal, mean_over_
 from refinestyle.generator import COMPILE_MODES
 from refinestyle.imageio import image_size_hw, pool_or_resize, same_aspect
 from refinestyle.inversion.data import ImageFolderDataset, ResumableDistributedSampler
+from refinestyle.inversion.inference import TRAINING_CHECKPOINT_FORMAT
 from refinestyle.inversion.metrics import pool_to
 from refinestyle.weights import weights_fingerprint
 
@@ -624,7 +626,7 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         # torch.load's errors for a damaged file (a truncated zip: RuntimeError) name neither the file nor the cause
         raise ValueError(f"cannot read checkpoint {path}: {error}") from error
-    if not isinstance(state, dict) or state.get("format") != "refinestyle-train-inverter":
+    if not isinstance(state, dict) or state.get("format") != TRAINING_CHECKPOINT_FORMAT:
         raise ValueError(f"cannot read checkpoint {path}: not a train-inverter checkpoint")
     return state
 
@@ -652,11 +654,23 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
             f"resume: the checkpoint was written by {len(state['rng'])} processes, this run has "
             f"{context.world_size}; bit-for-bit resume needs the same number"
         )
+    # The data first (it only lists files): an empty folder or too few images fail at once
+    # and leave no run folder behind.
+    dataset = ImageFolderDataset(config.data, config.image_size, hflip=config.hflip, seed=config.seed)
+    sampler = ResumableDistributedSampler(
+        dataset, config.batch_size, context.world_size, context.rank, shuffle=True, seed=config.seed, drop_last=True
+    )
+    if sampler.batches_per_epoch() < 1:
+        raise ValueError(
+            f"data: {len(dataset)} images cannot fill one batch of {config.batch_size} on each of "
+            f"{context.world_size} processes"
+        )
+    val_dataset = ImageFolderDataset(config.val_data, config.image_size) if config.val_data else None
     if config.deterministic:
         # cuBLAS needs a fixed workspace to be deterministic (set before its first use)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    # The loss networks first: a missing weights file fails before any other work.
+    # Then the loss networks: a missing weights file fails before the generator loads.
     torch.manual_seed(config.seed)
     criterion = build_criterion(config, device)
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
@@ -671,10 +685,17 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
     if config.compile is not None:
         generator.compile_synthesis(mode=config.compile)
     compare_size = loss_size(config.image_size, generator.size)
+    if config.lpips_weight > 0 and min(compare_size) < 32:  # before the run folder is made
+        raise ValueError(
+            f"image_size (--image-size): LPIPS (AlexNet) needs pictures of at least 32 x 32 pixels; the losses "
+            f"compare at {compare_size[0]} x {compare_size[1]} (the picture size fitted to the {generator.size} px "
+            f"generator)"
+        )
 
     # The frozen networks a run trains against: a resume must find the same weights (a moved
     # file may be given again, another one is refused).
-    fingerprints = {"generator": generator_fingerprint(generator), "losses": weights_fingerprint(criterion)}
+    fingerprints = {"generator": generator_fingerprint(generator), "losses": weights_fingerprint(criterion),
+                    "data": data_fingerprint(dataset)}
     first_stage = getattr(model, "first_stage", None)
     if isinstance(first_stage, nn.Module):
         fingerprints["first_stage"] = weights_fingerprint(first_stage)
@@ -703,16 +724,6 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(config.to_json())
 
-    dataset = ImageFolderDataset(config.data, config.image_size, hflip=config.hflip, seed=config.seed)
-    sampler = ResumableDistributedSampler(
-        dataset, config.batch_size, context.world_size, context.rank, shuffle=True, seed=config.seed, drop_last=True
-    )
-    if sampler.batches_per_epoch() < 1:
-        raise ValueError(
-            f"data: {len(dataset)} images cannot fill one batch of {config.batch_size} on each of "
-            f"{context.world_size} processes"
-        )
-    val_dataset = ImageFolderDataset(config.val_data, config.image_size) if config.val_data else None
 
     train_model: nn.Module = model
     if context.distributed:
@@ -920,13 +931,30 @@ def _validate(model, criterion, dataset, config: TrainConfig, device, compare_si
 def _check_fingerprints(saved: dict[str, str], now: dict[str, str], config: TrainConfig) -> None:
     """ValueError when a frozen network's weights differ from the interrupted run's (checkpoints
     from before the fingerprints were stored hold none: nothing to compare)."""
+    if "data" in saved and "data" in now and saved["data"] != now["data"]:
+        then, found = saved["data"].split(" files ")[0], now["data"].split(" files ")[0]
+        raise ValueError(
+            f"resume: --data {config.data}: other images than the interrupted run trained with ({then} files then, "
+            f"{found} now, or other names or sizes); give the folder it used"
+        )
     files = {"generator": f"--generator {config.generator}", "first_stage": f"--first-stage {config.first_stage}",
              "losses": f"the loss networks' weights (--ir-se50 {config.ir_se50}, --lpips-backbone {config.lpips_backbone})"}
-    changed = [files[name] for name, digest in saved.items() if name in now and now[name] != digest]
+    changed = [files[name] for name, digest in saved.items() if name in files and name in now and now[name] != digest]
     if changed:
         raise ValueError(
             f"resume: {'; '.join(changed)}: other weights than the interrupted run trained with; give the files it used"
         )
+
+
+def data_fingerprint(dataset: ImageFolderDataset) -> str:
+    """"N files <digest>" of a training folder's image list: each file's path under the folder and
+    its size, so a moved folder matches and a folder with other, added or removed images does not
+    (the files are not read: a resume must not wait for a data set's bytes)."""
+    digest = hashlib.sha256()
+    for path in dataset.paths:
+        name = path.relative_to(dataset.root).as_posix() if path != dataset.root else path.name
+        digest.update(f"{name}\0{path.stat().st_size}\n".encode())
+    return f"{len(dataset.paths)} files {digest.hexdigest()[:16]}"
 
 
 def _save_checkpoint(
@@ -942,7 +970,7 @@ def _save_checkpoint(
     if context.is_main:
         atomic_torch_save(
             {
-                "format": "refinestyle-train-inverter",
+                "format": TRAINING_CHECKPOINT_FORMAT,
                 "config": dataclasses.asdict(config),
                 "model": trainable_state_dict(model),
                 "optimizer": optimizer.state_dict(),
@@ -954,18 +982,18 @@ def _save_checkpoint(
             },
             checkpoint_path,
         )
-        _export_inverter(model, inverter_path)
+        _export_inverter(model, inverter_path, fingerprints["generator"])
         plot_training_log(inverter_path.parent)  # the run folder
     context.barrier()
 
 
-def _export_inverter(model: nn.Module, path: Path) -> None:
+def _export_inverter(model: nn.Module, path: Path, generator_fingerprint: str) -> None:
     from refinestyle.inversion.models import save_inverter
 
     _remove_stale_temporaries(path)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        save_inverter(temporary, model)
+        save_inverter(temporary, model, generator_fingerprint=generator_fingerprint)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
