@@ -59,6 +59,8 @@ def test_images_that_share_a_stem_get_distinct_output_names():
     assert len(set(names)) == 5
     assert names[0] == "a" and names[2] == "a_1" and names[4] == "b"
     assert unique_stems(["a_1.png", "a.png", "a.jpg"]) == ["a_1", "a", "a_2"]
+    # one file on case-insensitive file systems (macOS, Windows)
+    assert unique_stems(["A.png", "a.png", "A_1.jpg"]) == ["A", "a_2", "A_1"]
 
 
 def test_a_damaged_code_file_is_named(tmp_path):

@@ -215,17 +215,18 @@ def load_codes(paths: list[Path], device: str | torch.device = "cpu") -> ImageCo
 def unique_stems(paths: list[Path]) -> list[str]:
     """File stems, one output name per path: a stem already given (a.png and a.jpg, or the same
     name in two folders) gets the first counter, _1, _2, ..., that no path's own stem is (so
-    a_1.png keeps its name beside a.png and a.jpg)."""
-    taken = {Path(path).stem for path in paths}
+    a_1.png keeps its name beside a.png and a.jpg). Names are compared without case: A.png and
+    a.png would be one file on macOS' and Windows' file systems."""
+    taken = {Path(path).stem.casefold() for path in paths}
     given: set[str] = set()
     stems = []
     for path in paths:
         stem = name = Path(path).stem
         count = 0
-        while name in given or (count and name in taken):
+        while name.casefold() in given or (count and name.casefold() in taken):
             count += 1
             name = f"{stem}_{count}"
-        given.add(name)
+        given.add(name.casefold())
         stems.append(name)
     return stems
 
