@@ -643,7 +643,7 @@ def test_missing_weight_files_are_named(trained, tmp_path, capsys):
         "invert", "--inverter", tmp_path, "--generator", generator_path, "--input", root / "val",
         "--out", tmp_path / "d")
     # bad input that is not a file: a ValueError, reported the same way
-    assert "num_refined" in error_of(
+    assert "num_refined (--num-refined): expected 1 to 7 (the 32 px generator's modulated convs), got 99" in error_of(
         "train-inverter", "--generator", generator_path, "--data", root / "train", "--batch-size", 2, "--out", tmp_path / "e",
         "--lpips-random-backbone", "--domain", "other", "--num-refined", 99, "--workers", 0, "--no-progress",
         *TINY_OPTIONS)

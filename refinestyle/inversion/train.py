@@ -678,6 +678,11 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
     random.seed(config.seed)
     np.random.seed(config.seed)
     generator = load_frozen_generator(config.generator, device)
+    if config.num_refined is not None and not 1 <= config.num_refined <= generator.num_layers:
+        raise ValueError(
+            f"num_refined (--num-refined): expected 1 to {generator.num_layers} (the {generator.size} px generator's "
+            f"modulated convs), got {config.num_refined}"
+        )
     model = build_inverter(config, generator, device)
     optimizer = build_optimizer(config, model)
     if config.grad_checkpointing:
