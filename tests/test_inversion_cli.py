@@ -798,6 +798,14 @@ def test_evaluate_edits_measures_id_against_the_real_images(trained, edit_files)
         evaluate_edits(inverter, generator, dataset, edits, progress=False)
 
 
+def test_eval_edit_names_boundaries_that_share_a_stem_by_their_paths():
+    from refinestyle.commands.eval_edit import boundary_names
+
+    assert boundary_names(["a/smile.npy", "age.npy"]) == ["smile", "age"]
+    assert boundary_names(["a/smile.npy", "b/smile.npy"]) == ["a/smile", "b/smile"]  # was "an edit is given twice"
+    assert boundary_names(["a/smile.npy", "a/smile.npy"]) == ["a/smile", "a/smile"]  # still refused as twice
+
+
 def test_eval_edit_names_what_is_missing(trained, edit_files, tmp_path, capsys, monkeypatch):
     root, generator_path = trained
     monkeypatch.delenv("REFINESTYLE_FID_INCEPTION", raising=False)

@@ -83,6 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def boundary_names(paths) -> list[str]:
+    """The report's name of each boundary file: its stem, or its path without the suffix where
+    two files share a stem (a/smile.npy and b/smile.npy); the same file twice keeps one name."""
+    stems = [Path(path).stem for path in paths]
+    return [stem if stems.count(stem) == 1 else Path(path).with_suffix("").as_posix() for path, stem in zip(paths, stems)]
+
+
 def main(args: argparse.Namespace) -> int:
     import os
 
@@ -115,10 +122,10 @@ def main(args: argparse.Namespace) -> int:
     layers = editing.parse_layers(args.layers, generator.n_latent)
 
     edits: list[NamedEdit] = []
-    for path in args.boundary:
+    for path, name in zip(args.boundary, boundary_names(args.boundary)):
         spec = editing.EditSpec("interfacegan", boundary=editing.load_boundary(path, generator.n_latent,
                                                                               generator.style_dim), layers=layers)
-        edits.append(NamedEdit(f"interfacegan {Path(path).stem}", spec, args.strength))
+        edits.append(NamedEdit(f"interfacegan {name}", spec, args.strength))
     for layer, channel in args.stylespace:
         stddev = editing.style_channel_stddev(generator, layer, num_samples=args.stylespace_samples,
                                                truncation=args.stylespace_truncation)
