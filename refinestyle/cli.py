@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Errors that describe bad input rather than a bug (a missing or unreadable file, a
     missing weights file, a checkpoint that does not fit, an output that would overwrite a
-    run, a ValueError from argument validation) are printed as one line,
+    run, a ValueError from argument validation, a training run whose loss diverged) are printed as one line,
     `refinestyle COMMAND: error: ...`, with exit status 2; set REFINESTYLE_TRACEBACK=1 to get the traceback instead.
     """
     import os
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._module.main(args) or 0)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:  # MissingWeightsError, CheckpointError too
+    # MissingWeightsError and CheckpointError are ValueErrors; FloatingPointError: a diverged training run
+    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as error:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
         status = report_error(args, error)

@@ -302,6 +302,22 @@ def oneshot_argv(files, out, reference, *extra):
             "--sample-every", "0", "--no-progress", "--device", "cpu", *extra]
 
 
+def test_adapt_text_refuses_an_out_that_is_its_run_folder_and_reports_a_diverged_run(files, tmp_path, capsys):
+    """--out X.run (the default work folder of X.run is X.run) trained fully, then failed to save;
+    a loss that went non-finite ended in a traceback."""
+    for argv in (text_argv(files, tmp_path / "sketch.run"),
+                 text_argv(files, tmp_path / "same", "--work-dir", str(tmp_path / "same"))):  # fmt: skip
+        assert cli.main(argv) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("refinestyle adapt-text: error: --out: ") and "is also the run's folder" in error
+        assert not any(tmp_path.iterdir())  # refused before any work
+    assert cli.main(text_argv(files, tmp_path / "a.safetensors", "--iterations", "3", "--lr", "1e30",
+                              "--scale-init", "1e30")) == 2  # fmt: skip
+    error = capsys.readouterr().err
+    assert error.startswith("refinestyle adapt-text: error: step ") and "training diverged" in error, error
+    assert "Traceback" not in error and "--restart" in error and not (tmp_path / "a.safetensors").exists()
+
+
 def test_adapt_text_resume_keeps_the_checkpoints_settings_and_counts_its_steps(files, tmp_path, capsys):
     out = tmp_path / "sketch.safetensors"
     checkpoint = tmp_path / "sketch.run" / "checkpoint.pt"

@@ -876,6 +876,16 @@ def test_train_inverter_names_options_not_config_fields(trained, tmp_path, capsy
     assert not (tmp_path / "r").exists()
 
 
+def test_train_inverter_reports_a_diverged_run_in_one_line(trained, tmp_path, capsys):
+    root, generator_path = trained
+    assert run("train-inverter", "--generator", generator_path, "--data", root / "train", "--out", tmp_path / "r",
+               "--lpips-random-backbone", "--domain", "other", "--num-tokens", 4, "--batch-size", 2, "--max-steps", 6,
+               "--lr", "1e30", "--workers", 0, "--no-progress", *TINY_OPTIONS) == 2  # fmt: skip
+    error = capsys.readouterr().err
+    assert error.startswith("refinestyle train-inverter: error: step ") and "training diverged" in error, error
+    assert "Traceback" not in error
+
+
 def test_train_inverter_refuses_data_and_sizes_it_cannot_train_on_before_making_the_run(trained, tmp_path, capsys):
     """An empty folder, too few images for a batch, or pictures too small for LPIPS were found
     after the networks loaded (LPIPS at the first step, naming `x`), leaving a run folder behind."""

@@ -438,7 +438,11 @@ def train_tokens(
                 logged = mean_over_processes({"loss": loss, **logs, **stop.vote()}, distributed, device=device)
                 stopping = stop.agreed(logged)
                 if not math.isfinite(logged["loss"]):
-                    raise FloatingPointError(f"step {step}: the loss is {logged['loss']} (lower the learning rate?)")
+                    raise FloatingPointError(
+                        f"step {step}: the loss is {logged['loss']}: training diverged (a learning rate or "
+                        "scale_init too large?); a resumed run keeps its settings, so start over (--restart) with "
+                        "a lower --lr"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if any(p.grad is not None for p in generator.parameters()):

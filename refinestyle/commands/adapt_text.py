@@ -121,6 +121,11 @@ def check_output_paths(args, work_dir: Path) -> None:
             check(str(path))
         except argparse.ArgumentTypeError as error:
             raise ValueError(f"{option}: {error}") from None
+    if Path(args.out).absolute() == Path(work_dir).absolute():  # the adapter could not be saved after the training
+        raise ValueError(
+            f"--out: {args.out} is also the run's folder (--work-dir, by default --out with the suffix .run); "
+            "give the adapter file another name, such as sketch.safetensors"
+        )
 
 
 def check_against_generator(args, generator) -> None:

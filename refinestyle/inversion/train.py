@@ -789,7 +789,10 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
                 stopping = stop.agreed(values)
                 if not all(math.isfinite(v) for v in values.values()):
                     # before the update: the last checkpoint and the weights stay usable
-                    raise FloatingPointError(f"step {step + 1}: non-finite loss {values}")
+                    raise FloatingPointError(
+                        f"step {step + 1}: non-finite loss {values}: training diverged; a resumed run keeps its "
+                        "config, so start a new run (another --out) with a lower --lr"
+                    )
                 optimizer.step()
                 step += 1
                 batch_in_epoch += 1
