@@ -175,6 +175,35 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step = step
 
 
+class SignalInterrupt(KeyboardInterrupt):
+    """SIGINT or SIGTERM during work that has no step to finish (`interrupt_on_signals`); `signum`
+    is the signal, for the exit status 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def interrupt_on_signals():
+    """Inside, SIGINT and SIGTERM raise SignalInterrupt at once: for preparation before a training
+    loop (a projection of the reference), which SIGTERM would otherwise end without a word.
+    Outside the main thread, where Python cannot handle signals, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise SignalInterrupt(signum)
+
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 class StopOnSignal:
     """SIGINT and SIGTERM ask a training loop to stop after its current step, on every process at once.
 

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -87,6 +91,15 @@ def test_adapt_text_then_eval_adapter_then_generate(files, tmp_path, capsys):
     assert cli.main(argv[:argv.index("--iterations") + 1] + ["6"] + argv[argv.index("--iterations") + 2:]
                     + ["--resume"]) == 0
     assert len((work / "history.jsonl").read_text().splitlines()) == 6
+    assert Adapter.load(out).metadata["training"]["sample_truncation"] == 0.7
+    # --restart of a shorter run: the earlier run's grids and history go too (they passed for the new run's)
+    restart = argv[:argv.index("--iterations") + 1] + ["2"] + argv[argv.index("--iterations") + 2:] + ["--restart"]
+    assert cli.main(restart) == 0
+    assert sorted(p.name for p in (work / "samples").glob("*.png")) == ["step_000000.png", "step_000002.png"]
+    assert len((work / "history.jsonl").read_text().splitlines()) == 2
+    assert cli.main(argv[:argv.index("--iterations") + 1] + ["6"] + argv[argv.index("--iterations") + 2:]
+                    + ["--restart"]) == 0  # back to the 6-step adapter the rest of the test reads
+    capsys.readouterr()
 
     metrics = tmp_path / "metrics.json"
     assert cli.main(["eval-adapter", "--generator", str(files["generator"]), "--adapter", str(out), "--n", "5",
@@ -197,6 +210,19 @@ def test_clear_errors(files, tmp_path, capsys, monkeypatch):
                      str(tmp_path / "stranger.safetensors"), "--n", "2", *base]) == 2
     error = capsys.readouterr().err
     assert error.startswith("refinestyle eval-adapter: error: ") and "fingerprint" in error
+    # generate names the adapter file that does not fit (with several, which one was unclear)
+    smaller = Adapter.for_generator(Generator(SIZE // 2, style_dim=16, n_mlp=2, channel_max=8), num_tokens=2)
+    smaller.save(tmp_path / "smaller.safetensors")
+    assert cli.main(["generate", "--ckpt", str(files["generator"]), "--n", "1", "--out", str(tmp_path / "g.png"),
+                     "--adapter", str(tmp_path / "smaller.safetensors"), *base]) == 2
+    error = capsys.readouterr().err
+    assert f"--adapter {tmp_path / 'smaller.safetensors'}: adapter: trained for a generator with" in error, error
+    # psi above 1 was taken and ignored (the codes truncate only below 1); an empty --text dropped TC silently
+    for option, value in (("--truncation", "1.5"), ("--truncation", "0"), ("--text", " ")):
+        with pytest.raises(SystemExit):
+            cli.main(["eval-adapter", "--generator", str(files["generator"]), "--adapter",
+                      str(tmp_path / "stranger.safetensors"), option, value, *base])
+        assert f"argument {option}: expected" in capsys.readouterr().err
 
 
 def test_adapt_commands_under_torchrun_match_one_process(files, tmp_path):
@@ -435,7 +461,37 @@ def test_adapt_oneshot_resume_refuses_another_w_r(files, tmp_path, capsys):
     assert "--reference (reference_sha256)" in capsys.readouterr().err
     assert cli.main(oneshot_argv(files, out, files["reference"], *resume, "--projection-steps", "3")) == 2
     assert "--projection-steps: 2 in the checkpoint, 3 in this run" in capsys.readouterr().err
+    # other LPIPS weights would train the rest of the run under another loss
+    from torchvision.models import alexnet
+
+    torch.manual_seed(5)
+    other_alexnet = tmp_path / "alexnet2.pth"
+    torch.save({f"features.{k}": v for k, v in alexnet(weights=None).features.state_dict().items()}, other_alexnet)
+    argv = oneshot_argv(files, out, files["reference"], *resume)
+    argv[argv.index(str(files["alexnet"]))] = str(other_alexnet)
+    assert cli.main(argv) == 2
+    assert "--lpips-backbone / --ir-se50 (the weights files) (loss_networks_sha256)" in capsys.readouterr().err
     assert torch.load(work / "checkpoint.pt", weights_only=True)["step"] == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_adapt_oneshot_stops_cleanly_while_projecting(files, tmp_path, capsys, monkeypatch, signum):
+    """Ctrl-C in the projection (up to 1000 steps before training) was a traceback; SIGTERM ended
+    the process without a word."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are handled in the main thread only")
+    import refinestyle.adaptation.projection as projection
+
+    def signalled_projection(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler raises here
+        raise AssertionError("the signal did not stop the projection")
+
+    monkeypatch.setattr(projection, "project", signalled_projection)
+    assert cli.main(oneshot_argv(files, tmp_path / "r.safetensors", files["reference"])) == 128 + signum
+    assert "interrupted while projecting the reference" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are put back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_adapt_oneshot_resume_without_checkpoint_projects_another_reference_again(files, tmp_path, capsys):

@@ -162,7 +162,7 @@ def _plot_history(history: list[dict[str, float]], path: Path) -> None:
 # checkpoint and the resuming run both hold must match, or the adapter would be trained under two
 # settings while its metadata names one.
 RESUMABLE_KEYS = frozenset(
-    {"generator_file", "reference", "inverter_file", "token_init", "iterations", "steps_done"}
+    {"generator_file", "reference", "inverter_file", "token_init", "iterations", "steps_done", "sample_truncation"}
 )
 # the command-line option behind a metadata entry, where it is not "--" + the entry's name
 SETTING_OPTIONS = {
@@ -176,7 +176,8 @@ SETTING_OPTIONS = {
     "generator_size": "--generator",
     "generator_style_dim": "--generator",
     "generator_num_layers": "--generator",
-    "layer_shapes": "--num-refined",
+    "layer_shapes": "--num-refined / --generator",
+    "loss_networks_sha256": "--lpips-backbone / --ir-se50 (the weights files)",
     "reference_sha256": "--reference",
     "w_r_source": "--inverter",
     "inverter_sha256": "--inverter",
@@ -583,7 +584,7 @@ def adapt_text(
     mean = _mean_latent(generator, truncation, seed)
     settings = _training_metadata(
         iterations=iterations, batch_size=batch_size, lr=lr, betas=tuple(betas), truncation=truncation, seed=seed,
-        loss="clip_directional", bf16=bf16,
+        loss="clip_directional", bf16=bf16, sample_truncation=sample_truncation,
     )
     info = {
         "kind": "text",

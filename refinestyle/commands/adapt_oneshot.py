@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from refinestyle.commands import report_error
+from refinestyle.commands import interrupted_exit_status, report_error
 from refinestyle.commands.adapt_text import (
     add_common_training_arguments,
     check_against_generator,
@@ -96,7 +96,10 @@ def check_oneshot_options(args) -> None:
         if not (math.isfinite(value) and value >= 0):  # a negative weight would push away from the reference
             raise ValueError(f"{option}: expected a non-negative number, got {value}")
     if not (math.isfinite(args.lr_min) and 0 <= args.lr_min <= args.lr):
-        raise ValueError(f"--lr-min: expected a rate in [0, --lr={args.lr:g}], got {args.lr_min}")
+        raise ValueError(
+            f"--lr-min: expected a rate in [0, --lr={args.lr:g}], got {args.lr_min:g}"
+            + (" (its default; give --lr-min with a --lr this low)" if args.lr_min == 1e-4 else "")
+        )
     if not all(1 <= layer <= 5 for layer in args.style_layers):
         raise ValueError(f"--style-layers: expected AlexNet ReLU layers 1 to 5, got {args.style_layers}")
     if args.mix_index is not None and args.mix_index < 0:
@@ -140,10 +143,10 @@ def main(args: argparse.Namespace) -> int:
     from refinestyle.adaptation.swd import LPIPSFeatures, SWDStyleLoss
     from refinestyle.adaptation.train import CHECKPOINT_NAME, adapt_oneshot, check_resume, save_w_plus
     from refinestyle.checkpoints import CheckpointError
-    from refinestyle.distributed import broadcast_from_main
+    from refinestyle.distributed import broadcast_from_main, interrupt_on_signals
     from refinestyle.imageio import load_image, save_grid
     from refinestyle.losses import LPIPSLoss, ReconstructionLoss
-    from refinestyle.weights import MissingWeightsError
+    from refinestyle.weights import MissingWeightsError, weights_fingerprint
 
     context = distributed_context(args)
     device = context.device
@@ -184,6 +187,8 @@ def main(args: argparse.Namespace) -> int:
             "inverter_file": str(args.inverter) if args.inverter else None,
             "inverter_sha256": file_sha256(args.inverter) if inverter is not None else None,
             "projection_steps": args.projection_steps if inverter is None else None,
+            # the LPIPS backbone (and IR-SE50) the losses use: another file would change the rest of the run
+            "loss_networks_sha256": weights_fingerprint(reconstruction),
             "style_layers": list(args.style_layers),
             "style_size": args.style_size,
             "swd_projections": args.swd_projections,
@@ -192,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
         w_r_origin = {key: run_metadata[key] for key in ("reference_sha256", "w_r_source", "inverter_sha256",
                                                          "projection_steps")}
         w_r_origin.update(generator_fingerprint=generator_fingerprint(generator), loss_size=args.loss_size,
-                          seed=args.seed)
+                          seed=args.seed, lpips_sha256=weights_fingerprint(lpips))  # the projection's loss
         if resume and (work_dir / CHECKPOINT_NAME).is_file():
             # now, before w_r is computed again and w_r.pt rewritten; adapt_oneshot checks the other settings
             check_resume(work_dir / CHECKPOINT_NAME, {**run_metadata, **w_r_origin})
@@ -215,8 +220,15 @@ def main(args: argparse.Namespace) -> int:
     elif cached is not None:
         w_r, reference_noise = cached
     else:
-        projected = project(generator, reference, lpips, steps=args.projection_steps, seed=args.seed,
-                            progress=not args.no_progress and context.is_main, loss_size=args.loss_size)
+        try:
+            with interrupt_on_signals():
+                projected = project(generator, reference, lpips, steps=args.projection_steps, seed=args.seed,
+                                    progress=not args.no_progress and context.is_main, loss_size=args.loss_size)
+        except KeyboardInterrupt as interrupt:
+            if context.is_main:
+                print("interrupted while projecting the reference: nothing is saved yet (w_r.pt is written when the "
+                      "projection ends); run the command again", file=sys.stderr)
+            return interrupted_exit_status(interrupt)
         w_r, reference_noise = projected.w_plus, projected.noise
         if context.is_main:
             # reference | its projection, to judge w_r before the adaptation starts

@@ -161,8 +161,9 @@ def prepare_run(args, context=None) -> tuple[Path, bool]:
         print(f"note: no checkpoint in {work_dir}, starting a new run", file=sys.stderr)
     if context is not None:
         context.barrier()  # every process has looked at the checkpoint before rank 0 deletes it
-    if args.restart and checkpoint.is_file() and is_main:
-        checkpoint.unlink()
+    if args.restart and is_main:  # the earlier run's files too: its sample grids would pass for the new run's
+        for stale in [checkpoint, work_dir / "loss.png", work_dir / "history.jsonl", *work_dir.glob("samples/step_*.png")]:
+            stale.unlink(missing_ok=True)
     return work_dir, args.resume
 
 

@@ -24,8 +24,15 @@ from pathlib import Path
 import torch
 
 from refinestyle.adaptation.clip_loss import PAPER_CLIP_MODELS, add_clip_arguments
-from refinestyle.commands import device_name, finite_float, image_file, output_file, positive_int, report_error, seed
+from refinestyle.commands import device_name, image_file, output_file, positive_int, report_error, seed, truncation_psi
 from refinestyle.weights import default_device
+
+
+def _target_text(text: str) -> str:
+    """A non-empty --text (an empty one silently dropped TC)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a target text such as 'pencil sketch', got an empty one")
+    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,11 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", type=Path, required=True, help="the adapter file (.safetensors)")
     parser.add_argument("--n", type=positive_int, default=2000, help="number of generated images (default 2000, as the paper)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
-    parser.add_argument("--text", default=None, help="target text for TC (default: the adapter's target text)")
+    parser.add_argument("--text", type=_target_text, default=None,
+                        help="target text for TC (default: the adapter's target text)")
     parser.add_argument("--ir-se50", default=None, metavar="PATH",
                         help="ArcFace IR-SE50 weights for ID (default: $REFINESTYLE_IR_SE50; none: ID skipped)")
     add_clip_arguments(parser, required_note=" (no CLIP model at all: TC skipped)")
-    parser.add_argument("--truncation", type=finite_float, default=1.0, help="truncation psi of the codes (default 1: none)")
+    parser.add_argument("--truncation", type=truncation_psi, default=1.0,
+                        help="truncation psi of the codes, in (0, 1] (default 1: none, as training draws them)")
     parser.add_argument("--seed", type=seed, default=0, help="seed of codes and noise (default 0)")
     parser.add_argument("--out", type=output_file, default=None, help="write the results as JSON here")
     parser.add_argument("--grid", type=image_file, default=None,

@@ -68,7 +68,10 @@ def _load_adapters(paths: list[Path], generator, device, check_fingerprint: bool
     for path in paths:
         require_file(path, "--adapter file")
         adapter = Adapter.load(path, device=device)
-        adapter.check_compatible(generator, check_fingerprint=False)  # shape mismatches: no way round them
+        try:  # shape mismatches: no way round them
+            adapter.check_compatible(generator, check_fingerprint=False)
+        except ValueError as error:
+            raise ValueError(f"--adapter {path}: {error}") from None
         if check_fingerprint:
             try:
                 adapter.check_compatible(generator)
