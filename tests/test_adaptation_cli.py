@@ -421,6 +421,10 @@ def test_adapt_text_refuses_meaningless_values_before_training(files, tmp_path, 
     (["--l2-weight", "-1"], "--l2-weight"),
     (["--style-weight", "nan"], "--style-weight"),
     (["--style-layers", "2", "6"], "--style-layers"),
+    (["--style-layers", "2", "2"], "--style-layers"),  # was counted twice
+    (["--l2-weight", "0", "--lpips-weight", "0", "--style-weight", "0"],
+     "--l2-weight, --lpips-weight, --id-weight, --style-weight"),  # trained nothing
+    (["--lr", "1e-5"], "--lr-min"),
     (["--mix-index", "-1"], "--mix-index"),
     (["--mix-index", "99"], "--mix-index"),
     (["--scale-init", "0"], "--scale-init"),

@@ -95,13 +95,16 @@ def check_oneshot_options(args) -> None:
                           ("--id-weight", args.id_weight), ("--style-weight", args.style_weight)):
         if not (math.isfinite(value) and value >= 0):  # a negative weight would push away from the reference
             raise ValueError(f"{option}: expected a non-negative number, got {value}")
+    if args.l2_weight == args.lpips_weight == args.id_weight == args.style_weight == 0:
+        raise ValueError("--l2-weight, --lpips-weight, --id-weight, --style-weight: every loss term has weight 0, "
+                         "so nothing would train")
     if not (math.isfinite(args.lr_min) and 0 <= args.lr_min <= args.lr):
         raise ValueError(
             f"--lr-min: expected a rate in [0, --lr={args.lr:g}], got {args.lr_min:g}"
             + (" (its default; give --lr-min with a --lr this low)" if args.lr_min == 1e-4 else "")
         )
-    if not all(1 <= layer <= 5 for layer in args.style_layers):
-        raise ValueError(f"--style-layers: expected AlexNet ReLU layers 1 to 5, got {args.style_layers}")
+    if not all(1 <= layer <= 5 for layer in args.style_layers) or len(set(args.style_layers)) != len(args.style_layers):
+        raise ValueError(f"--style-layers: expected distinct AlexNet ReLU layers 1 to 5, got {args.style_layers}")
     if args.mix_index is not None and args.mix_index < 0:
         raise ValueError(f"--mix-index: expected a non-negative integer, got {args.mix_index}")
 
