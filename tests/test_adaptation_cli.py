@@ -492,8 +492,12 @@ def test_adapt_oneshot_stops_cleanly_while_projecting(files, tmp_path, capsys, m
         raise AssertionError("the signal did not stop the projection")
 
     monkeypatch.setattr(projection, "project", signalled_projection)
-    assert cli.main(oneshot_argv(files, tmp_path / "r.safetensors", files["reference"])) == 128 + signum
-    assert "interrupted while projecting the reference" in capsys.readouterr().err
+    wide = tmp_path / "wide.png"  # and a reference that is not square is said to be stretched
+    Image.fromarray(np.zeros((30, 50, 3), dtype=np.uint8)).save(wide)
+    assert cli.main(oneshot_argv(files, tmp_path / "r.safetensors", wide)) == 128 + signum
+    error = capsys.readouterr().err
+    assert "interrupted while projecting the reference" in error
+    assert f"the reference is 30 x 50 pixels; it is resized to the generator's {SIZE} x {SIZE} (stretched" in error
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are put back
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 

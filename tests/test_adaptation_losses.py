@@ -98,6 +98,8 @@ def test_directional_loss_math_and_text_templates(tiny_clip_config):
     )
     assert torch.allclose(averaged[0], manual, atol=1e-6)
     assert not torch.allclose(one, averaged, atol=1e-3)
+    with pytest.warns(UserWarning, match="fills CLIP's 77 tokens and is cut"):  # the target word was lost silently
+        encoder.encode_text([" ".join(["very"] * 80) + " sketch"], templates=["a {}"])
     with pytest.raises(TypeError):
         encoder.encode_text("sketch")
     with pytest.raises(ValueError, match="same"):

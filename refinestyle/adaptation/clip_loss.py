@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Sequence
@@ -169,7 +170,14 @@ class CLIPEncoder(nn.Module):
         embeddings = []
         for text in texts:
             prompts = [template.format(text) for template in templates]
-            tokens = self.tokenizer(prompts).to(self.device)
+            tokens = self.tokenizer(prompts)
+            if bool((tokens[:, -1] != 0).any()):  # the tokenizer cuts what does not fit, silently
+                warnings.warn(
+                    f"{self.name}: {text!r} in its prompts fills CLIP's {tokens.shape[1]} tokens and is cut there "
+                    "(the end of the text is not read); shorten it",
+                    stacklevel=2,
+                )
+            tokens = tokens.to(self.device)
             features = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
             mean = features.mean(0)
             embeddings.append(F.normalize(mean, dim=-1) if normalize_mean else mean)

@@ -164,6 +164,9 @@ def main(args: argparse.Namespace) -> int:
         check_against_generator(args, generator)
         if args.mix_index is not None and args.mix_index > generator.n_latent:
             raise ValueError(f"--mix-index: this generator has {generator.n_latent} latent rows, got {args.mix_index}")
+        if reference.shape[-2] != reference.shape[-1] and context.is_main:
+            print(f"note: the reference is {reference.shape[-2]} x {reference.shape[-1]} pixels; it is resized to the "
+                  f"generator's {generator.size} x {generator.size} (stretched, not cropped)", file=sys.stderr)
         reference = torch.nn.functional.interpolate(
             reference, size=(generator.size,) * 2, mode="area" if reference.shape[-1] > generator.size else "bilinear"
         ).to(device)
