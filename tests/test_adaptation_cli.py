@@ -344,6 +344,12 @@ def test_adapt_text_refuses_an_out_that_is_its_run_folder_and_reports_a_diverged
     assert "Traceback" not in error and "--restart" in error and not (tmp_path / "a.safetensors").exists()
 
 
+def test_adapt_text_with_no_iterations_says_no_step_was_taken(files, tmp_path, capsys):
+    assert cli.main(text_argv(files, tmp_path / "a.safetensors", "--iterations", "0")) == 0
+    out = capsys.readouterr().out
+    assert "(no step taken)" in out and "curves" not in out and Adapter.load(tmp_path / "a.safetensors").num_trainable()
+
+
 def test_adapt_text_resume_keeps_the_checkpoints_settings_and_counts_its_steps(files, tmp_path, capsys):
     out = tmp_path / "sketch.safetensors"
     checkpoint = tmp_path / "sketch.run" / "checkpoint.pt"

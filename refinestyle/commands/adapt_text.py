@@ -196,7 +196,8 @@ def report(adapter, history, out: Path, work_dir: Path) -> None:
     if "loss_first" in summary:
         steps = f"{summary['window']} step" + ("s" if summary["window"] > 1 else "")
         loss = f"; loss {summary['loss_first']:.4g} (first {steps}) -> {summary['loss_last']:.4g} (last {steps})"
-    print(f"wrote {out}: {adapter.num_trainable():,} trainable parameters{loss}; samples and curves in {work_dir}")
+    where = f"; samples and curves in {work_dir}" if history else " (no step taken)"
+    print(f"wrote {out}: {adapter.num_trainable():,} trainable parameters{loss}{where}")
 
 
 def train_and_save(
