@@ -19,12 +19,10 @@ import hashlib
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
-from refinestyle.imageio import image_size_hw, list_images, open_rgb
+from refinestyle.imageio import image_size_hw, list_images, load_image
 
 
 class UnreadableImageError(ValueError):
@@ -88,13 +86,9 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         path = self.paths[index]
         try:
-            img = open_rgb(path)
-            if img.size != self.size[::-1]:  # PIL sizes are (width, height)
-                img = img.resize(self.size[::-1], Image.BICUBIC)
-            array = np.asarray(img, dtype=np.float32).copy()
-        except (OSError, SyntaxError, ValueError) as error:  # PIL raises these for unreadable files
-            raise UnreadableImageError(f"{path} is not a readable image: {error}") from error
-        image = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
+            image = load_image(path, self.size)[0]
+        except (FileNotFoundError, ValueError) as error:  # unreadable, or gone since the folder was listed
+            raise UnreadableImageError(str(error)) from error
         if self.is_flipped(index):
             image = image.flip(-1)
         return image.contiguous()

@@ -729,7 +729,6 @@ def _train(config: TrainConfig, context: DistributedContext, state, out: Path, c
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(config.to_json())
 
-
     train_model: nn.Module = model
     if context.distributed:
         train_model = nn.parallel.DistributedDataParallel(
