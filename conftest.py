@@ -45,3 +45,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def exact_float32(monkeypatch):
+    """fp32 without TF32 on a GPU, in cuBLAS, cuDNN and (through cudnn.allow_tf32) the Triton
+    dots: the tests compare fp32 results with fp32 tolerances. PyTorch's default lets cuDNN
+    convolutions use TF32, which on an H100 put errors of 1e-3 into comparisons at 1e-4.
+    Tests of the TF32 path ask for it themselves (TRITON_FP32_PRECISION="tf32")."""
+    if torch.cuda.is_available():
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)

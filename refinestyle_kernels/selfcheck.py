@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import sys
@@ -37,6 +38,10 @@ __all__ = ["CheckResult", "TOLERANCES", "environment_report", "self_check", "mai
 # Relative error allowed against the float64 reference: fp32 runs without TF32; the half
 # types lose about 1e-2 through a demodulated layer (docs/kernels.md, Tests), a broken kernel ~1.
 TOLERANCES = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# In a half type a backend may also be off by up to this many times the reference backend's own
+# error in that type, on the same inputs: on an H100 the bf16 gradients of every backend, the
+# reference's too, came out 3e-2 to 7e-2 from float64, most of it the rounding of g and out.
+ROUNDING_FACTOR = 2.0
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -63,7 +68,8 @@ _LAYERS = (
 class CheckResult:
     """One backend on one layer in one dtype: the worst relative error over the output(s) and the
     gradients of x, styles, p, q (and the toRGB's styles), against the float64 reference on the
-    same inputs; `errors` holds each one."""
+    same inputs; `errors` holds each one. `tolerance`: TOLERANCES[dtype], in a half type raised
+    to ROUNDING_FACTOR x the reference backend's own worst error in that type."""
 
     backend: str
     case: str
@@ -195,6 +201,19 @@ def _forward_backward(layer: _Layer, inputs: dict, backend: str, dtype: torch.dt
             **{f"grad_{name}": leaf.grad for name, leaf in leaves.items()}}
 
 
+def _tolerance(layer: _Layer, inputs: dict, truth: dict, dtype: torch.dtype) -> float:
+    """TOLERANCES[dtype]; in a half type at least ROUNDING_FACTOR x the worst error of the
+    reference backend run in that type (its materialised kernels and grouped conv)."""
+    if dtype == torch.float32:
+        return TOLERANCES[dtype]
+    try:
+        rounded = _forward_backward(layer, inputs, "reference", dtype)
+    except Exception:  # noqa: BLE001 - the reference's own check reports why; keep the floor
+        return TOLERANCES[dtype]
+    worst = max(_relative_error(rounded.get(name), truth[name]) for name in truth)
+    return max(TOLERANCES[dtype], ROUNDING_FACTOR * worst) if math.isfinite(worst) else TOLERANCES[dtype]
+
+
 def _relative_error(value: torch.Tensor, truth: torch.Tensor) -> float:
     if value is None or not torch.isfinite(value).all():
         return float("inf")
@@ -252,9 +271,10 @@ def self_check(device: str | torch.device | None = None, dtypes=(torch.float32,)
             for dtype in dtypes:
                 inputs = _layer_inputs(layer, dtype, device, channels, size)
                 truth = _forward_backward(layer, inputs, "reference", torch.float64)
+                tolerance = _tolerance(layer, inputs, truth, dtype)
                 for backend in backends:
                     result = CheckResult(backend, layer.name, str(dtype).replace("torch.", ""), str(device), None,
-                                         TOLERANCES[dtype], False, {})
+                                         tolerance, False, {})
                     try:
                         resolve_backend(backend, device)
                         values = _forward_backward(layer, inputs, backend, dtype)
@@ -311,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         for result in results:
             error = "-" if result.max_rel_error is None else f"{result.max_rel_error:.2e}"
             verdict = "ok" if result.passed else "FAILED"
-            print(f"{result.backend:10} {result.dtype:9} {result.case:36} {error:>13}  {result.tolerance:.0e}  {verdict}")
+            print(f"{result.backend:10} {result.dtype:9} {result.case:36} {error:>13}  {result.tolerance:.1e}  {verdict}")
             if result.failure:
                 print(f"    {result.failure}")
         failed = sum(not result.passed for result in results)

@@ -181,8 +181,16 @@ def check_layer(layer: Layer, dtype, device, tolerance: float, seed: int = 0):
     for name, grad in grads.items():
         assert grad.shape == expected_grads[name].shape, name
         errors[name] = relative_error(grad, expected_grads[name])
-    bad = {name: error for name, error in errors.items() if not error <= tolerance}  # NaN fails too
-    assert not bad, f"{layer}: relative errors above {tolerance}: {bad} (all: {errors})"
+    bounds = dict.fromkeys(errors, tolerance)
+    if dtype in (torch.float16, torch.bfloat16):
+        # or within twice the reference backend's own error in this dtype (H100: 3e-2 to 4e-2 for
+        # bf16 gradients of the larger layers, about as much as every backend's)
+        rounded, rounded_grads = run_layer(layer, inputs, "reference", dtype, device, grad_seed=seed + 1)
+        own = {"out": relative_error(rounded, expected)}
+        own.update({name: relative_error(grad, expected_grads[name]) for name, grad in rounded_grads.items()})
+        bounds = {name: max(tolerance, 2 * own[name]) for name in errors}
+    bad = {name: error for name, error in errors.items() if not error <= bounds[name]}  # NaN fails too
+    assert not bad, f"{layer}: relative errors above {bounds}: {bad} (all: {errors})"
     return errors
 
 
@@ -1045,6 +1053,42 @@ def test_torch_library_registration_passes_opcheck():
     torch.library.opcheck(torch.ops.refinestyle_kernels.styled_conv2d_triton.default, args)
 
 
+@needs_interpreter
+@pytest.mark.parametrize(
+    "layer",
+    [
+        Layer(batch=2, in_channels=6, out_channels=5, height=4, width=3, num_tokens=3),
+        Layer(batch=2, in_channels=6, out_channels=5, height=3, width=4, num_tokens=3, tokens="shared"),
+        Layer(batch=2, in_channels=6, out_channels=5, height=3, width=3, num_tokens=3, upsample=True),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused route", "separate route"])
+def test_backward_op_returns_the_layouts_its_fake_declares(layer, fused, monkeypatch):
+    """torch.compile builds its graphs on the fake implementation's layouts and asserts them on the
+    real outputs: each gradient of the backward op must have the strides the fake promises (an
+    H100 run of the compiled generator found grad p of the separate route's upsampling layers
+    transposed)."""
+    if not fused:  # the route of layers wider than the fused projection holds
+        monkeypatch.setattr(op_module, "FUSED_PROJECTION_MAX_COUT", 0)
+    inputs = {k: v.float() if v is not None else None for k, v in make_inputs(layer, seed=12).items()}
+    scale = 1 / math.sqrt(inputs["weight"][0].numel())
+    demod = refinestyle_kernels.demodulation_coefficients(inputs["weight"], inputs["styles"], inputs["p"], inputs["q"],
+                                                          scale, 1e-8)  # fmt: skip
+    tensors = [inputs[k] for k in ("x", "weight", "styles", "p", "q")] + [demod]
+    tensors += [inputs["noise"], inputs["noise_strength"], inputs["bias"]]
+    options = [scale, layer.upsample, True, None]
+    out = torch.ops.refinestyle_kernels.styled_conv2d_triton(*tensors, *options)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).contiguous(memory_format=torch.channels_last)
+    needs = [True, True, True, True, True, True, layer.noise is not None, True]
+    real = torch.ops.refinestyle_kernels.styled_conv2d_triton_backward(grad, out, *tensors, *options, needs)
+    fake = op_module._styled_conv2d_triton_backward_fake(grad, out, *tensors, *options, needs)
+    for index, (value, declared) in enumerate(zip(real, fake)):
+        assert value.shape == declared.shape, index
+        if value.numel() > 1:
+            assert value.stride() == declared.stride(), (index, value.shape, value.stride(), declared.stride())
+
+
 def compiled_block(device, dtype, compile_backend):
     """A StyledConv with shared RefineStyle tokens then a ToRGB, on the triton backend, compiled."""
     torch.manual_seed(0)
@@ -1110,6 +1154,21 @@ def test_autotune_pruning_fits_every_layer_shape(grid_hw, n, k, reduce, dtype):
             assert block["BLOCK_M"] == op_module._reduce_block_m(pixels)
         else:
             assert block["BLOCK_M"] <= max(16, 2 * pixels)
+
+
+@pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
+@pytest.mark.parametrize("reduce_x", [False, True])
+def test_autotune_pruning_gives_token_product_launches_their_reducing_tile(reduce_x):
+    """A grad-x launch with the token products reads x and reduces per tile whether or not grad s
+    is asked for (REDUCE_X): its one config has the reducing launch's M tile. Without grad s the
+    pruner once gave it BLOCK_M None, which only a GPU's autotuner reached (H100, session 24)."""
+    named = {"GRID_H": 64, "GRID_W": 64, "N": 32, "K": 32, "w_ptr": torch.empty(0, dtype=torch.bfloat16)}
+    kept = op_module._prune_conv_configs(op_module._CONV_CONFIGS, named, REDUCE_X=reduce_x, TOKEN_PRODUCTS=True,
+                                         HAS_A_SCALE=False)  # fmt: skip
+    assert kept
+    for config in kept:
+        assert config.kwargs["BLOCK_M"] == op_module._reduce_block_m(64 * 64)
+        assert config.kwargs["TILE_W"] == op_module._tile_width(config.kwargs["BLOCK_M"], 64)
 
 
 @pytest.mark.skipif(not (INTERPRETED or HAS_CUDA), reason="needs CUDA or the Triton interpreter")

@@ -2315,10 +2315,13 @@ if triton is not None:
         n_cap = max(16, _next_pow2(named_args["N"]))
         k_cap = max(16, _next_pow2(named_args["K"]))
         m_cap = max(16, _next_pow2(pixels))
-        reduce_m = _reduce_block_m(pixels) if kwargs.get("REDUCE_X", named_args.get("REDUCE_X")) else None
-        whole_n = bool(kwargs.get("RGB_CHANNELS", named_args.get("RGB_CHANNELS")))
         # token products: one K block, and the N tiles their partial sums were sized for
         products = bool(kwargs.get("TOKEN_PRODUCTS", named_args.get("TOKEN_PRODUCTS")))
+        # a launch that reads x reduces per tile (`_launch_conv_gemm`): grad s (REDUCE_X), the
+        # token products, or both; a products launch without grad s has REDUCE_X off
+        reducing = products or kwargs.get("REDUCE_X", named_args.get("REDUCE_X"))
+        reduce_m = _reduce_block_m(pixels) if reducing else None
+        whole_n = bool(kwargs.get("RGB_CHANNELS", named_args.get("RGB_CHANNELS")))
 
         element = named_args["w_ptr"].element_size()
 
@@ -3537,9 +3540,21 @@ def _styled_conv2d_triton_backward_op(
     needs: List[bool],
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of the fused layer for (x, styles, weight, p, q, demod, noise_strength, bias)."""
-    return _triton_backward(
+    grads = _triton_backward(
         grad, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp, needs
     )
+    return _in_fake_layouts(grads)
+
+
+def _in_fake_layouts(grads: tuple) -> tuple:
+    """The backward ops' gradients in the layouts their fake implementations declare: grad x
+    channels-last, every other one contiguous. torch.compile's graphs are built on the fake
+    layouts and assert them; this copies only what a launch left in another layout (grad p of
+    the per-sample token path comes out transposed, which only a GPU run showed)."""
+    first, *rest = grads
+    if first.ndim == 4:
+        first = first.contiguous(memory_format=torch.channels_last)
+    return (first, *(g.contiguous() for g in rest))
 
 
 @_styled_conv2d_triton_backward_op.register_fake

@@ -47,6 +47,7 @@ from refinestyle_kernels.ops.modulated_conv2d import (
     _derived_from_weight,
     _differentiable_once,
     _gradients_wanted,
+    _in_fake_layouts,
     _merge_deferred_demodulation,
     _needs_with_deferred,
     _save_with_deferred,
@@ -343,7 +344,8 @@ def _styled_conv2d_to_rgb_backward_op(
         needs, rgb_needs, placeholders=True,
     )  # fmt: skip
     # the outputs of a custom op may not alias each other: each placeholder its own tensor
-    return [g if need else x.new_empty(0) for g, need in zip(grads, [*needs, *rgb_needs])]
+    # (and each in the layout the fake implementation declares)
+    return list(_in_fake_layouts([g if need else x.new_empty(0) for g, need in zip(grads, [*needs, *rgb_needs])]))
 
 
 @_styled_conv2d_to_rgb_backward_op.register_fake
