@@ -630,7 +630,11 @@ def test_gpu_session_stage_leaves_at_most_what_the_device_tool_brings_back(stage
     written = sorted(path.name for path in out.rglob("*") if path.is_file())
     assert 0 < len(written) <= 8, written
     if stage == "3":
-        assert {"ab-conv-products-off.json", "ab-fusions-off.json", "headline-layers.json"} <= set(written)
+        assert {"ab-conv-products-off.json", "ab-epilogue-products-64.json", "ab-rgb-epilogue-off.json",
+                "headline-layers.json", "capture-check.log"} <= set(written)  # fmt: skip
+    if stage == "2":
+        assert {"headline-generator.json", "headline-generator-compile-torch.json",
+                "headline-generator-triton+graph.json"} <= set(written)  # fmt: skip
 
 
 def test_kernel_options_are_set_for_the_run_and_recorded(tmp_path, capsys, monkeypatch):
@@ -673,3 +677,19 @@ def test_results_go_to_the_checkout_or_the_working_directory_never_site_packages
     commit = _git_commit(repo / "benchmarks")
     if (repo / ".git").exists():
         assert commit is not None and len(commit) == 40
+
+
+def test_capture_check_refuses_bad_arguments_and_a_machine_without_a_gpu(monkeypatch, capsys):
+    """benchmarks.capture_check (the next GPU session's look at the failing +graph variants) names a
+    bad argument, and says it needs a GPU instead of failing inside torch.cuda."""
+    from benchmarks import capture_check
+
+    with pytest.raises(SystemExit) as info:
+        capture_check.main(["--size", "100"])
+    assert info.value.code == 2 and "--size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        capture_check.main(["--impl", "triton+graph"])  # it captures itself: eager implementations only
+    assert info.value.code == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert capture_check.main(["--impl", "reference"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
