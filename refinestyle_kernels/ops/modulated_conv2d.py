@@ -3550,7 +3550,7 @@ def _in_fake_layouts(grads: tuple) -> tuple:
     """The backward ops' gradients in the layouts their fake implementations declare: grad x
     channels-last, every other one contiguous. torch.compile's graphs are built on the fake
     layouts and assert them; this copies only what a launch left in another layout (grad p of
-    the per-sample token path comes out transposed, which only a GPU run showed)."""
+    the separate route's upsampling layers comes out transposed, which only a GPU run showed)."""
     first, *rest = grads
     if first.ndim == 4:
         first = first.contiguous(memory_format=torch.channels_last)
