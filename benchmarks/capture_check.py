@@ -41,7 +41,14 @@ def _last_lines(text: str, count: int = 30) -> str:
 
 def check_capture(impl: str, size: int, batch: int, dtype: str, mode: str, tokens: int, error_mode: str) -> bool:
     """Print what breaks the capture of one generator case; True when the captured graph replays
-    the eager outputs (relative error at most 1e-3 per output: the same kernels, the same inputs)."""
+    the eager outputs (relative error at most 1e-3 per output: the same kernels, the same inputs).
+
+    impl: an eager implementation's name (EAGER_IMPLEMENTATIONS). size: the config-f generator's
+    resolution (a power of two). batch: B. dtype: "float32", "bfloat16" or "float16" (weights and
+    inputs). mode: "forward" or "forward_backward" (gradients of w+ and the tokens). tokens: L per
+    refined layer, per sample (0: no refinement). error_mode: torch.cuda.graph's
+    capture_error_mode, "global", "thread_local" or "relaxed". Needs CUDA.
+    """
     implementation = registry()[impl]
     case = Case("generator", GeneratorConfig(size), batch, dtype, mode, TokenSetting(tokens, False))
     workload = make_workload(case, torch.device("cuda"))
