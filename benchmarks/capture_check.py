@@ -29,6 +29,7 @@ import torch
 
 from benchmarks.cases import DTYPE_SHORT, MODES, Case, GeneratorConfig, TokenSetting
 from benchmarks.implementations import registry
+from benchmarks.runner import first_error
 from benchmarks.timing import relative_error
 from benchmarks.workloads import make_workload, patched_op
 
@@ -83,8 +84,12 @@ def check_capture(impl: str, size: int, batch: int, dtype: str, mode: str, token
                 captured = workload.run(forward, inputs)
             graph.replay()
             torch.cuda.synchronize()
-        except Exception:  # noqa: BLE001
-            print("   FAILED:\n" + _last_lines(traceback.format_exc()))
+        except Exception as error:  # noqa: BLE001
+            first = first_error(error)
+            if first is not error:  # the capture's end raised again and hid the call that broke it
+                print("   FAILED; the first error, which broke the capture:\n"
+                      + _last_lines("".join(traceback.format_exception(first))))
+            print("   FAILED:\n" + _last_lines(traceback.format_exc(limit=-3, chain=False)))
             return False
         errors = {name: relative_error(captured[name].detach(), eager[name]) for name in eager}
         print("   replayed; relative error against the eager step: "

@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -289,6 +290,37 @@ class Bound:
             torch._dynamo.reset()
 
 
+def first_error(error: BaseException) -> BaseException:
+    """The exception that started `error`'s chain: the innermost of its `__cause__` / `__context__`
+    links. A capture that fails inside `torch.cuda.graph` raises again when the context ends the
+    capture ("operation failed due to a previous error during capture"), and that second error
+    hides the first, which names the call that broke the capture."""
+    seen = {id(error)}
+    while True:
+        earlier = error.__cause__ or error.__context__
+        if earlier is None or id(earlier) in seen:
+            return error
+        seen.add(id(earlier))
+        error = earlier
+
+
+def describe_error(error: BaseException, limit: int = 2000) -> str:
+    """`Type: message` of a failed variant, and when it was raised while handling an earlier
+    exception, that first one too, with the innermost frame it was raised from (file:line in
+    function), at most `limit` characters."""
+    text = f"{type(error).__name__}: {error}"
+    first = first_error(error)
+    if first is not error:
+        where = ""
+        frames = traceback.extract_tb(first.__traceback__) if first.__traceback__ is not None else []
+        if frames:
+            frame = frames[-1]
+            where = f" (raised at {Path(frame.filename).name}:{frame.lineno} in {frame.name})"
+        # the first error leads: it is the cause; the final one only says the capture was spoilt
+        text = f"first error: {type(first).__name__}: {first}{where}\nthen: {text}"
+    return text[:limit]
+
+
 def _free_memory(device: torch.device, thorough: bool = False) -> None:
     """Give back what a variant left. Reference counting frees tensors at once; the
     (slow) cycle collection and cache flush only after failures and compiled variants."""
@@ -428,7 +460,7 @@ def run_case(
             except Exception as error:  # noqa: BLE001 - one failing variant must not end the run
                 failed = True
                 record["status"] = "error"
-                record["error"] = f"{type(error).__name__}: {error}"[:2000]
+                record["error"] = describe_error(error)
                 options.log(f"error: {implementation.name} on {case.case_id}: {record['error'].splitlines()[0]}")
             finally:
                 if bound is not None:

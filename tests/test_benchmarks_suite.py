@@ -693,3 +693,35 @@ def test_capture_check_refuses_bad_arguments_and_a_machine_without_a_gpu(monkeyp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert capture_check.main(["--impl", "reference"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_failed_variant_records_the_error_that_started_the_chain():
+    """When a capture breaks, torch.cuda.graph's exit raises "operation failed due to a previous
+    error during capture" and hides the call that broke it (session 24 recorded only that). The
+    record leads with the first error and where it was raised."""
+    from benchmarks.runner import describe_error, first_error
+
+    class Capture:  # ends its capture on exit, failing if the block failed, as torch.cuda.graph does
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            if exc[0] is not None:
+                raise RuntimeError("operation failed due to a previous error during capture")
+
+    def synchronizing_call():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError) as info:
+        with Capture():
+            synchronizing_call()
+    error = info.value
+    assert "previous error" in str(error)
+    assert "not permitted" in str(first_error(error))
+    text = describe_error(error)
+    assert text.startswith("first error: RuntimeError: operation not permitted when stream is capturing")
+    assert "in synchronizing_call" in text.splitlines()[0]
+    assert text.splitlines()[1] == "then: RuntimeError: operation failed due to a previous error during capture"
+    plain = ValueError("bad input")
+    assert describe_error(plain) == "ValueError: bad input" and first_error(plain) is plain
+    assert len(describe_error(ValueError("x" * 5000))) == 2000
