@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     timing.add_argument("--seed", type=int, default=0)
     timing.add_argument(
         "--kernel-option", action="append", default=[], metavar="NAME=VALUE",
-        help="set a tuning constant of refinestyle_kernels.ops.modulated_conv2d for this run, e.g. "
-        "RGB_EPILOGUE_MAX_COUT=0 (switches a fusion off for an A/B run); repeatable; recorded in the JSON",
+        help="set a tuning constant of refinestyle_kernels.ops.modulated_conv2d or .upsample_add for this run, "
+        "e.g. RGB_EPILOGUE_MAX_COUT=0 (switches a fusion off for an A/B run); repeatable; recorded in the JSON",
     )  # fmt: skip
     timing.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default on the CPU: 1, for stable timings; "
@@ -301,22 +301,33 @@ def _run(argv: list[str] | None) -> int:
     return status
 
 
-def apply_kernel_options(items: list[str]) -> dict:
-    """Set `NAME=VALUE` tuning constants of the Triton op module (its UPPER_CASE bool, int, float
-    or str settings, e.g. RGB_EPILOGUE_MAX_COUT=0) and return {NAME: new value}. The op reads
-    them at call time, so they hold for the whole run. Raises ValueError on an unknown name or
-    a value that does not parse as the constant's type."""
-    from refinestyle_kernels.ops import modulated_conv2d as op_module
+def kernel_option_modules() -> tuple:
+    """The op modules whose UPPER_CASE settings `--kernel-option` may change."""
+    from refinestyle_kernels.ops import modulated_conv2d, upsample_add
 
+    return modulated_conv2d, upsample_add
+
+
+def apply_kernel_options(items: list[str]) -> dict:
+    """Set `NAME=VALUE` tuning constants of the Triton op modules (`kernel_option_modules`: their
+    UPPER_CASE bool, int, float or str settings, e.g. RGB_EPILOGUE_MAX_COUT=0 or
+    UPSAMPLE_ADD_TRITON=0) and return {NAME: new value}. The ops read them at call time, so they
+    hold for the whole run. Raises ValueError on an unknown name or a value that does not parse
+    as the constant's type."""
+    modules = kernel_option_modules()
+
+    def settable(module) -> dict:
+        return {n: v for n, v in vars(module).items() if n.isupper() and isinstance(v, (bool, int, float, str))}
+
+    owners = {name: module for module in reversed(modules) for name in settable(module)}
     applied = {}
     for item in items:
         name, sep, text = item.partition("=")
         name, text = name.strip(), text.strip()
-        current = getattr(op_module, name, None) if name.isupper() else None
-        if not sep or current is None or isinstance(current, (tuple, list, dict)) or callable(current):
-            settable = sorted(n for n, v in vars(op_module).items()
-                              if n.isupper() and isinstance(v, (bool, int, float, str)))  # fmt: skip
-            raise ValueError(f"expected NAME=VALUE with NAME one of {', '.join(settable)}; got {item!r}")
+        module = owners.get(name)
+        if not sep or module is None:
+            raise ValueError(f"expected NAME=VALUE with NAME one of {', '.join(sorted(owners))}; got {item!r}")
+        current = getattr(module, name)
         try:
             if isinstance(current, bool):
                 if text.lower() not in ("0", "1", "true", "false"):
@@ -326,7 +337,7 @@ def apply_kernel_options(items: list[str]) -> dict:
                 value = type(current)(text)
         except ValueError:
             raise ValueError(f"{name}: expected a value of type {type(current).__name__}, got {text!r}") from None
-        setattr(op_module, name, value)
+        setattr(module, name, value)
         applied[name] = value
     return applied
 

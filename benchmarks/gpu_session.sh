@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One lent GPU's measurements for issue 4, in three calls of under 10 minutes each (BENCHMARKS.md,
+# One lent GPU's measurements for issue 4, in four calls of under 10 minutes each (BENCHMARKS.md,
 # "Next GPU session"). Run from anywhere; results land in benchmarks/results/ and, where the
 # device tool sets $OUT, in $OUT too (at most 7 files a stage: the tool brings back 8):
 #
@@ -8,8 +8,9 @@
 #   bash benchmarks/gpu_session.sh 2   # the headline suite, whole network: the fused and plain variants in one
 #                                      # process, compile-torch and triton+graph each in their own (a failed
 #                                      # capture spoils every later capture in its process: session 24)
-#   bash benchmarks/gpu_session.sh 3   # why the captures fail (benchmarks.capture_check), the 256-1024 px
-#                                      # layers one by one, then A/Bs of the headline step's fusions
+#   bash benchmarks/gpu_session.sh 3   # why the captures fail (benchmarks.capture_check), then the 256-1024 px
+#                                      # layers one by one
+#   bash benchmarks/gpu_session.sh 4   # A/Bs of the headline step: one fusion or kernel switched off a run
 #
 # Merge a stage's JSON files with `python -m benchmarks report A.json B.json ...` (oldest first).
 #
@@ -17,9 +18,9 @@
 # style placement and loads (pointer or TMA) the autotuner chose per launch shape.
 set -uo pipefail
 case "${1:-}" in
-1 | 2 | 3) ;;
+1 | 2 | 3 | 4) ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh 1|2|3" >&2
+    echo "usage: bash benchmarks/gpu_session.sh 1|2|3|4" >&2
     exit 2
     ;;
 esac
@@ -47,7 +48,7 @@ case "${1:-}" in
     timeout 100 $python -m refinestyle_kernels --dtype fp32,bf16 --json "$out/selfcheck.json" 2>&1 | tail -n 14
     timeout 330 $python -m pytest -q $parallel tests/test_kernels_triton.py tests/test_kernels_to_rgb.py \
         tests/test_generator_gpu.py tests/test_generator_triton.py tests/test_kernels_modules.py tests/test_kernels_nvlabs.py \
-        tests/test_kernels_selfcheck.py 2>&1 |
+        tests/test_kernels_selfcheck.py tests/test_kernels_upsample_add.py 2>&1 |
         tee "$out/cuda-tests.log" | tail -n 30
     # triton first: its kernel table is what this stage is for; the JSON is rewritten after each
     timeout 160 $python -m benchmarks.profile --impls triton,reference,nvlabs,torch --json "$out/profile.json" 2>&1 |
@@ -77,10 +78,12 @@ case "${1:-}" in
         tee "$out/capture-check.log"
     timeout 90 $python -m benchmarks.capture_check --impl reference --size 1024 --batch 8 2>&1 | tail -n 40 |
         tee -a "$out/capture-check.log"
-    # L = 32 rows first (the budget is checked between cases); bounded, so the A/B runs keep their time
+    # L = 32 rows first (the budget is checked between cases); bounded, so the call ends in time
     timeout 200 $python -m benchmarks --suite headline --groups layer --layers "$layers" --tokens 32,0 --max-minutes 3 \
         --no-plot --output "$out/headline-layers.json" --impls reference,nvlabs,torch,triton 2>&1 | tail -n 60
-    # A/Bs against stage 2 (everything on), one fusion off at a time. Session 24: the 256 px layer's
+    ;;
+4)
+    # A/Bs against everything on, one fusion off at a time. Session 24: the 256 px layer's
     # epilogue products took 4.1 ms in one launch (of a 40 ms step), and switching off the toRGB
     # epilogue and the epilogue products together saved 6.8 ms where the conv token products were off
     ab() {  # the headline step with the kernel options that follow its name changed
@@ -90,8 +93,11 @@ case "${1:-}" in
             --max-minutes 1.5 --no-plot --output "$scratch/$name" 2>&1 | tail -n 3
         keep_json "$name"
     }
+    ab all-on  # the baseline, in this call: two processes' medians differed by up to 2 ms in session 24
     ab epilogue-products-64 --kernel-option EPILOGUE_PRODUCTS_MAX_CHANNELS=64
     ab rgb-epilogue-off --kernel-option RGB_EPILOGUE_MAX_COUT=0
     ab conv-products-off --kernel-option CONV_TOKEN_PRODUCTS_MAX_K=0
+    # session 25: the toRGB skip's upsample + add in Triton (`upsample_add`) against cuDNN's ~2.7 ms
+    ab upsample-add-off --kernel-option UPSAMPLE_ADD_TRITON=0
     ;;
 esac

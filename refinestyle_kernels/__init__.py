@@ -29,6 +29,7 @@ from refinestyle_kernels.ops.modulated_conv2d import (
 )
 from refinestyle_kernels.ops.styled_conv2d_to_rgb import styled_conv2d_to_rgb
 from refinestyle_kernels.ops.upfirdn2d import make_blur_kernel, upfirdn2d
+from refinestyle_kernels.ops.upsample_add import upsample_add
 
 __version__ = "0.1.0"
 
@@ -61,5 +62,6 @@ __all__ = [
     "NVlabsToRGBLayer",
     "nvlabs_conv_layers",
     "upfirdn2d",
+    "upsample_add",
     "use_backend",
 ]

@@ -30,6 +30,7 @@ from refinestyle_kernels.ops.modulated_conv2d import (
 )
 from refinestyle_kernels.ops.styled_conv2d_to_rgb import styled_conv2d_to_rgb
 from refinestyle_kernels.ops.upfirdn2d import make_blur_kernel, upfirdn2d
+from refinestyle_kernels.ops.upsample_add import upsample_add
 
 DEFAULT_BLUR_KERNEL = (1, 3, 3, 1)
 
@@ -484,7 +485,7 @@ class StyledConv(_ConvBackendMixin, nn.Module):
             backend=conv.backend,
         )
         if skip is not None:
-            image = image + to_rgb.upsample(skip.to(image.dtype))
+            image = to_rgb.add_upsampled_skip(image, skip)
         return out, image
 
 
@@ -518,8 +519,15 @@ class ToRGB(_ConvBackendMixin, nn.Module):
         out = self.conv.layer_forward(input, style, bias=self.bias.reshape(3), activate=False, clamp=self.clamp)
         if skip is not None:
             self._check_skip(skip, out)
-            out = out + self.upsample(skip.to(out.dtype))
+            out = self.add_upsampled_skip(out, skip)
         return out
+
+    def add_upsampled_skip(self, image: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """image + self.upsample(skip) as one pass on the Triton backend (`upsample_add`)."""
+        upsample = self.upsample
+        return upsample_add(
+            skip.to(image.dtype), upsample.kernel, image, up=upsample.factor, pad=upsample.pad, backend=self.backend
+        )
 
     def _check_skip(self, skip: torch.Tensor | None, reference: torch.Tensor) -> None:
         """skip: None or the previous block's image [B, 3, H/2, W/2], where reference (the

@@ -573,7 +573,7 @@ def test_gpu_session_script_names_real_cases(capsys, monkeypatch):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
-    result = subprocess.run(["bash", str(script), "4"], capture_output=True, text=True)
+    result = subprocess.run(["bash", str(script), "5"], capture_output=True, text=True)
     assert result.returncode == 2 and "usage" in result.stderr
     layers = re.search(r'^layers="([^"]+)"', script.read_text(), re.MULTILINE).group(1)
     assert main(["--suite", "headline", "--groups", "layer", "--layers", layers, "--list"]) == 0
@@ -584,9 +584,12 @@ def test_gpu_session_script_names_real_cases(capsys, monkeypatch):
 
     options = re.findall(r"--kernel-option (\S+)", script.read_text())
     assert options
+    from refinestyle_kernels.ops import upsample_add as upsample_module
+
     for option in options:  # restored after the test
         name = option.partition("=")[0]
-        monkeypatch.setattr(op_module, name, getattr(op_module, name))
+        module = upsample_module if hasattr(upsample_module, name) else op_module
+        monkeypatch.setattr(module, name, getattr(module, name))
     assert set(apply_kernel_options(options)) == {option.partition("=")[0] for option in options}
 
 
@@ -613,7 +616,7 @@ exit 0
 
 
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
-@pytest.mark.parametrize("stage", ["1", "2", "3"])
+@pytest.mark.parametrize("stage", ["1", "2", "3", "4"])
 def test_gpu_session_stage_leaves_at_most_what_the_device_tool_brings_back(stage, tmp_path):
     """The device tool returns at most 8 files from $OUT (/work/.library/device/README.md); a
     stage that wrote more would lose some of its results."""
@@ -630,8 +633,10 @@ def test_gpu_session_stage_leaves_at_most_what_the_device_tool_brings_back(stage
     written = sorted(path.name for path in out.rglob("*") if path.is_file())
     assert 0 < len(written) <= 8, written
     if stage == "3":
-        assert {"ab-conv-products-off.json", "ab-epilogue-products-64.json", "ab-rgb-epilogue-off.json",
-                "headline-layers.json", "capture-check.log"} <= set(written)  # fmt: skip
+        assert {"headline-layers.json", "capture-check.log"} <= set(written)
+    if stage == "4":
+        assert {"ab-all-on.json", "ab-conv-products-off.json", "ab-epilogue-products-64.json",
+                "ab-rgb-epilogue-off.json", "ab-upsample-add-off.json"} <= set(written)  # fmt: skip
     if stage == "2":
         assert {"headline-generator.json", "headline-generator-compile-torch.json",
                 "headline-generator-triton+graph.json"} <= set(written)  # fmt: skip
@@ -640,15 +645,21 @@ def test_gpu_session_stage_leaves_at_most_what_the_device_tool_brings_back(stage
 def test_kernel_options_are_set_for_the_run_and_recorded(tmp_path, capsys, monkeypatch):
     """--kernel-option switches a tuning constant of the op module (an A/B run of a fusion) and
     the JSON and the banner say so; unknown names and unparsable values stop the run."""
+    from refinestyle_kernels.ops import upsample_add as upsample_module
+
     for name in ("RGB_EPILOGUE_MAX_COUT", "TRITON_AUTOTUNE"):  # restored after the test
         monkeypatch.setattr(op_module, name, getattr(op_module, name))
+    monkeypatch.setattr(upsample_module, "UPSAMPLE_ADD_TRITON", True)
     argv = TINY + ["--groups", "generator", "--tokens", "0", "--mode", "fwd", "--impls", "torch", "--no-plot",
                    "--kernel-option", "RGB_EPILOGUE_MAX_COUT=0", "--kernel-option", "TRITON_AUTOTUNE=false",
-                   "--out", str(tmp_path)]  # fmt: skip
+                   "--kernel-option", "UPSAMPLE_ADD_TRITON=0", "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     assert op_module.RGB_EPILOGUE_MAX_COUT == 0 and op_module.TRITON_AUTOTUNE is False
+    assert upsample_module.UPSAMPLE_ADD_TRITON is False
     _, run = _only_json(tmp_path)
-    assert run["environment"]["kernel_options"] == {"RGB_EPILOGUE_MAX_COUT": 0, "TRITON_AUTOTUNE": False}
+    assert run["environment"]["kernel_options"] == {
+        "RGB_EPILOGUE_MAX_COUT": 0, "TRITON_AUTOTUNE": False, "UPSAMPLE_ADD_TRITON": False
+    }
     assert "Kernel options changed for this run" in capsys.readouterr().out
     for bad, message in (("NOT_A_CONSTANT=1", "NAME one of"), ("RGB_EPILOGUE_MAX_COUT", "NAME=VALUE"),
                          ("RGB_EPILOGUE_MAX_COUT=wide", "of type int"), ("TRITON_AUTOTUNE=maybe", "of type bool"),
