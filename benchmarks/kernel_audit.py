@@ -35,6 +35,7 @@ import sys
 import tempfile
 
 from refinestyle_kernels.ops import modulated_conv2d as op_module
+from refinestyle_kernels.ops import upsample_add as upsample_module
 
 # the H100 (sm_90) per-SM and per-program limits the occupancy estimate uses
 H100_REGISTERS_PER_SM = 65536
@@ -232,13 +233,14 @@ class OtherKernel:
     """A launch of one of the op's other kernels, with the blocks its launcher picks."""
 
     label: str
-    kernel: str  # its name in refinestyle_kernels.ops.modulated_conv2d
+    kernel: str  # its name in `module`
     constexprs: dict
     pointers: dict  # pointer arguments that are not bf16
     num_warps: int = 4
+    module: object = None  # the op module holding it; None: refinestyle_kernels.ops.modulated_conv2d
 
     def compile(self):
-        fn = getattr(op_module, self.kernel)
+        fn = getattr(self.module or op_module, self.kernel)
         pointers = {name: self.pointers.get(name, "*bf16") for name in fn.arg_names if name.endswith("_ptr")}
         divisible = [name for name in fn.arg_names if name.endswith("_ptr") or name in ("N", "C", "L", "CIN", "COUT")]
         return compile_for_hopper(fn, pointers, self.constexprs, self.num_warps, 3, divisible)
@@ -325,6 +327,14 @@ OTHER_KERNELS = (
         for backward in (False, True)
         for blocks in [op_module._demodulation_blocks(512, 512, 1, backward)]
     ),
+    # the toRGB skip's 2x upsample + add (contiguous output planes: unit column strides)
+    OtherKernel("skip upsample + add, 4x4 taps", "_upsample_add_kernel",
+                dict(UP=2, PAD=2, KH=4, KW=4, HAS_BASE=True, stride_xw=1,
+                     **dict(zip(("BLOCK_H", "BLOCK_W"), upsample_module.FORWARD_BLOCK))),
+                dict(taps_ptr=_FP32), module=upsample_module),
+    OtherKernel("skip upsample backward (adjoint), 4x4 taps", "_upsample_add_backward_kernel",
+                dict(UP=2, PAD=2, KH=4, KW=4, stride_gw=1, **dict(zip(("BLOCK_H", "BLOCK_W"), upsample_module.BACKWARD_BLOCK))),
+                dict(taps_ptr=_FP32), module=upsample_module),
 )
 
 

@@ -43,9 +43,12 @@ MAX_TAPS = 8
 # switch for A/B runs (`python -m benchmarks --kernel-option UPSAMPLE_ADD_TRITON=0`): False sends
 # the Triton backend's skip branch through `reference_upsample_add`, as before session 25
 UPSAMPLE_ADD_TRITON = True
-# output tile of a forward program and input tile of a backward program (rows, columns)
-FORWARD_BLOCK = (16, 64)
-BACKWARD_BLOCK = (16, 32)
+# Output tile of a forward program and input tile of a backward program (rows, columns), at 4
+# warps. Small tiles keep many gathers in flight: ptxas for sm_90a (`python -m
+# benchmarks.kernel_audit`) gives the forward 48 registers at 4 x 128 (10 programs an SM)
+# against 172 at 16 x 64 (2), and the backward 56 at 4 x 64 (9) against 96 at 16 x 32 (5).
+FORWARD_BLOCK = (4, 128)
+BACKWARD_BLOCK = (4, 64)
 
 
 def upsample_add(
