@@ -69,9 +69,10 @@ def run_on_cpu_tensors(tma: bool = False) -> None:
     autotuned launches, TMA where `tma`), outside the interpreter."""
     from refinestyle_kernels.ops import modulated_conv2d as op
     from refinestyle_kernels.ops import styled_conv2d_to_rgb as pair
+    from refinestyle_kernels.ops import upsample_add as skip
 
     op._interpreted = lambda: False
-    for module in (op, pair):
+    for module in (op, pair, skip):
         resolve = module.resolve_backend  # the other backends resolve as before
         module.resolve_backend = lambda backend, device, resolve=resolve: (
             "triton" if backend == "triton" else resolve(backend, device)

@@ -1384,6 +1384,9 @@ TRAINING_STEP_WITHOUT_A_GPU = textwrap.dedent(
     conv_kernels = op._conv_gemm_kernel.device_caches[0][0]
     tma = sum("tensordesc" in str(key) for key in conv_kernels)
     print("launched", len(hopper.loaded), "kernels;", len(conv_kernels), "conv kernels;", tma, "with TMA loads")
+    from refinestyle_kernels.ops import upsample_add as up
+    skip = [len(kernel.device_caches[0][0]) for kernel in (up._upsample_add_kernel, up._upsample_add_backward_kernel)]
+    print("skip upsample kernels", *skip)
     """
 )
 
@@ -1407,11 +1410,13 @@ def test_a_refined_bf16_training_step_compiles_and_passes_the_launch_checks_with
     with a stand-in driver (benchmarks/stand_in_driver.py) whose launches do nothing. The channel
     counts (512 to 32) take every route the 1024 px network takes: the separate and the fused
     projection, the toRGB in the conv's epilogue, the epilogue and grad-x token products, TMA
-    loads. This catches what the interpreter cannot: a kernel ptxas rejects, an argument the JIT
+    loads, the toRGB skip's upsample. This catches what the interpreter cannot: a kernel ptxas rejects, an argument the JIT
     binds differently, a tile that exceeds the H100's shared memory at launch."""
     output = _run_without_a_gpu(TRAINING_STEP_WITHOUT_A_GPU)
     launched, conv, tma = map(int, re.search(r"launched (\d+) kernels; (\d+) conv kernels; (\d+) with TMA", output).groups())
     assert launched >= 30 and conv >= 15 and tma >= 1, output
+    forward, backward = map(int, re.search(r"skip upsample kernels (\d+) (\d+)", output).groups())
+    assert forward >= 1 and backward >= 1, output  # the toRGB skip's `upsample_add`, both ways
 
 
 @pytest.mark.skipif(op_module.triton is None or not hasattr(op_module.triton, "AsyncCompileMode"),

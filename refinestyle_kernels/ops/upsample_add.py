@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 
 from refinestyle_kernels.backend import resolve_backend
+from refinestyle_kernels.ops import modulated_conv2d as _conv_op
 from refinestyle_kernels.ops.modulated_conv2d import (
-    KERNEL_DEVICE_TYPES,
     _alloc,
     _cdiv,
     _derived_from_weight,
@@ -89,7 +89,8 @@ def upsample_add(
     kernel_fixed = not (kernel.requires_grad and torch.is_grad_enabled())
     if backend != "triton" or not UPSAMPLE_ADD_TRITON or not kernel_fixed or max(kernel.shape) > MAX_TAPS:
         return reference_upsample_add(x, kernel, base, up=up, pad=pad)
-    if x.device.type not in KERNEL_DEVICE_TYPES and not (x.device.type == "cpu" and _interpreted()):
+    # (read at call time: benchmarks/stand_in_driver.py adds "cpu" to compile the GPU path)
+    if x.device.type not in _conv_op.KERNEL_DEVICE_TYPES and not (x.device.type == "cpu" and _interpreted()):
         return reference_upsample_add(x, kernel, base, up=up, pad=pad)
     # the taps as upfirdn2d uses them (rounded to x's dtype), flipped to correlation order, in
     # fp32; made once per filter buffer and dtype
