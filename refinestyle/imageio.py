@@ -156,17 +156,25 @@ def open_rgb(path: str | Path) -> Image.Image:
 
     Applies the EXIF orientation (a portrait phone photo is stored sideways), scales 16- and
     32-bit integer grayscale (PIL's modes I;16 and I, which convert("RGB") would clip at 255,
-    turning a 16-bit PNG nearly white) to 8 bits, and drops an alpha channel. Raises OSError
-    (PIL's own, for unreadable files) and ValueError for floating-point images, whose range
-    no file states.
+    turning a 16-bit PNG nearly white) to 8 bits, and drops an alpha channel. A 32-bit file
+    (mode I) states no range: its values are read as 8-bit when they all lie in 0 ... 255 (as
+    image tools write 8-bit data to 32-bit TIFFs), as 16-bit when they lie in 0 ... 65535, and
+    else over 0 ... 2^31 - 1. Raises OSError (PIL's own, for unreadable files) and ValueError
+    for floating-point images and negative samples, whose range no file states.
     """
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
         if img.mode == "F":
             raise ValueError(f"{path} holds floating-point pixels (mode F); save it as an 8- or 16-bit image")
-        if img.mode.startswith("I"):  # I;16, I;16B, I;16L, I: 16-bit samples (0 ... 65535)
+        if img.mode.startswith("I"):  # I;16, I;16B, I;16L: 16-bit samples; I: 32-bit, see above
             samples = np.asarray(img).astype(np.float64)
-            img = Image.fromarray(np.clip(np.rint(samples / 257), 0, 255).astype(np.uint8), mode="L")
+            top = 65535.0
+            if img.mode == "I" and samples.size:
+                low, high = samples.min(), samples.max()
+                if low < 0:
+                    raise ValueError(f"{path} holds negative 32-bit samples (down to {low:.0f}); no pixel range fits")
+                top = 255.0 if high <= 255 else 65535.0 if high <= 65535 else 2.0**31 - 1
+            img = Image.fromarray(np.clip(np.rint(samples * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
         return img.convert("RGB")
 
 

@@ -89,6 +89,25 @@ def test_images_are_read_upright_and_16_bit_scaled(tmp_path):
         load_image(tmp_path / "float.tiff")
 
 
+def test_32_bit_grayscale_reads_by_the_range_of_its_values(tmp_path):
+    """A 32-bit TIFF (PIL mode I) states no range: 8-bit values stay as they are (they used to be
+    divided as if 16-bit: nearly black), 16-bit ones are scaled like a 16-bit PNG, wider ones
+    over the int32 range; negative samples are refused."""
+    from refinestyle.imageio import load_image
+
+    flat = np.linspace(0, 255, 16 * 16).reshape(16, 16).astype(np.uint8)
+    Image.fromarray(flat).save(tmp_path / "flat.png")
+    expected = load_image(tmp_path / "flat.png")
+    for name, values in (("eight.tif", flat.astype(np.int32)), ("sixteen.tif", flat.astype(np.int32) * 257),
+                         ("wide.tif", (flat.astype(np.int64) * ((2**31 - 1) // 255)).astype(np.int32))):  # fmt: skip
+        Image.fromarray(values, mode="I").save(tmp_path / name)
+        assert Image.open(tmp_path / name).mode == "I"
+        torch.testing.assert_close(load_image(tmp_path / name), expected, atol=1 / 127.5, rtol=0, msg=name)
+    Image.fromarray(np.full((4, 4), -3, dtype=np.int32), mode="I").save(tmp_path / "negative.tif")
+    with pytest.raises(ValueError, match="negative 32-bit samples"):
+        load_image(tmp_path / "negative.tif")
+
+
 def test_dataset_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         ImageFolderDataset(tmp_path / "missing")
