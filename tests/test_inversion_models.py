@@ -207,6 +207,27 @@ def test_inverters_follow_a_float64_generator(tmp_path):
     torch.testing.assert_close(loaded(images).image, one.eval()(images).image)
 
 
+def test_a_first_stage_loads_from_its_run_folder(tmp_path):
+    """--first-stage takes a --no-refine run's folder as well as its inverter.safetensors; a folder
+    without one is named in the error."""
+    from refinestyle.inversion.style_transformer import load_first_stage
+
+    generator = tiny_generator()
+    first = OneStageInverter(generator, refine=False, **TINY).eval()
+    (tmp_path / "run").mkdir()
+    save_inverter(tmp_path / "run" / "inverter.safetensors", first)
+    images = random_images(2)
+    from_folder = load_first_stage(tmp_path / "run", generator)
+    from_file = load_first_stage(tmp_path / "run" / "inverter.safetensors", generator)
+    with torch.no_grad():
+        expected = first(images, render=False).w_plus
+        torch.testing.assert_close(from_folder(images), expected)
+        torch.testing.assert_close(from_file(images), expected)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="inverter.safetensors"):
+        load_first_stage(tmp_path / "empty", generator)
+
+
 def test_token_branch_groups_are_independent_layers():
     model = OneStageInverter(tiny_generator(), num_refined=3, num_tokens=4, **TINY).eval()
     result = model(random_images(2), render=False)

@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     paths.add_argument("--out", type=output_folder, required=True,
                        help="run folder (created; holds logs, grids, checkpoints)")
     paths.add_argument("--first-stage", help="two-stage: the frozen first stage: our w+ inverter (inverter.safetensors "
-                       "of a --no-refine run), a Style Transformer checkpoint (best_model.pt), or a pSp / e4e one "
+                       "of a --no-refine run, or that run's folder), a Style Transformer checkpoint (best_model.pt), or a pSp / e4e one "
                        "(psp_ffhq_encode.pt, e4e_ffhq_encode.pt; the same file loads as --generator)")
     paths.add_argument("--ir-se50", help="model_ir_se50.pth: initialises the encoder, drives the ID loss "
                        "(or set REFINESTYLE_IR_SE50)")

@@ -176,7 +176,8 @@ def load_style_transformer(
 def load_first_stage(path: str | os.PathLike, generator: nn.Module, **encoder_options) -> nn.Module:
     """A frozen first stage (images [B, 3, H, W] in [-1, 1] -> w+) from a file.
 
-    path: `save_inverter`'s safetensors file (a w+-only one-stage model), Style
+    path: `save_inverter`'s safetensors file (a w+-only one-stage model) or the
+        train-inverter run folder holding it (`RUN/inverter.safetensors`), Style
         Transformer's `best_model.pt`, or a pSp / e4e checkpoint (`psp_ffhq_encode.pt`,
         `e4e_ffhq_encode.pt`); torch files are told apart by their contents.
     generator: the generator the first stage was trained with.
@@ -185,6 +186,10 @@ def load_first_stage(path: str | os.PathLike, generator: nn.Module, **encoder_op
     eval mode with requires_grad False; a TwoStageInverter stores either with its weights.
     """
     path = Path(path)
+    if path.is_dir():  # a train-inverter run folder: its final weights
+        from refinestyle.inversion.inference import resolve_inverter_path
+
+        path = resolve_inverter_path(path)
     if path.suffix == ".safetensors":
         inverter = load_inverter(path, generator)
         if not isinstance(inverter, OneStageInverter):
