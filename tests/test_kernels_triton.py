@@ -821,6 +821,8 @@ def autotuned_with_timer(do_bench):
     [
         Layer(batch=2, in_channels=40, out_channels=20, height=9, width=11, num_tokens=7),
         Layer(batch=2, in_channels=40, out_channels=20, height=7, width=8, upsample=True, tokens="shared"),
+        # 32 channels on 16 x 16 pixels: the K = 32 tiles of the 1024 px layers, up to 256 x 32 x 32
+        Layer(batch=1, in_channels=32, out_channels=32, height=16, width=16, num_tokens=4),
     ],
     ids=str,
 )
@@ -856,6 +858,9 @@ def test_autotuned_launch_path_runs_every_pruned_config(layer, monkeypatch):
     check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"])
     assert next(launches) > 2  # forward and grad x were each tuned over more than one config
     assert len(runs[True]) > 2 and runs[True] == runs[False]
+    if layer.in_channels == 32:  # the K = 32 tiles, up to the longest, ran
+        forward_tiles = {dict(config)["BLOCK_M"] for mode, reduce_x, config in runs[False] if mode == 0 and not reduce_x}
+        assert {128, 256} <= forward_tiles, forward_tiles
 
 
 @needs_interpreter
@@ -1154,6 +1159,24 @@ def test_autotune_pruning_fits_every_layer_shape(grid_hw, n, k, reduce, dtype):
             assert block["BLOCK_M"] == op_module._reduce_block_m(pixels)
         else:
             assert block["BLOCK_M"] <= max(16, 2 * pixels)
+
+
+@pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
+def test_the_32_channel_forward_is_tuned_over_its_own_tiles():
+    """The 1024 px layers have K = 32 input channels, which no K = 64 tile fits: their forward
+    (with the toRGB: one N tile over all 32 channels) is tuned over the K = 32 tiles, TMA
+    loads included, where it once had a single untuned 64 x 32 x 32 tile. Wider layers never
+    see those tiles."""
+    weight = torch.empty(0, dtype=torch.bfloat16)
+    named = {"GRID_H": 1024, "GRID_W": 1024, "N": 32, "K": 32, "w_ptr": weight, "TMA_BLOCK_M": 128}
+    kept = op_module._prune_conv_configs(op_module._CONV_CONFIGS, named, RGB_CHANNELS=3, HAS_A_SCALE=True)
+    tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in kept}
+    assert tiles == {(64, 32, 32, 4), (128, 32, 32, 4), (128, 32, 32, 8), (256, 32, 32, 8)}
+    assert any(c.kwargs["A_TMA"] and c.kwargs["BLOCK_M"] == 128 for c in kept)
+    for k in (64, 512):
+        named = dict(named, N=k, K=k)
+        wide = op_module._prune_conv_configs(op_module._CONV_CONFIGS, named, HAS_A_SCALE=True)
+        assert all(c.kwargs["BLOCK_K"] == 64 or c.kwargs["BLOCK_N"] == 128 for c in wide)
 
 
 @pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")

@@ -2284,6 +2284,10 @@ if triton is not None:
     # tiles for the 4x4 and 8x8 layers (a tile never spans two samples). The flat (K block,
     # tap) loop holds one A and one W tile per step, so 3-4 pipeline stages cost 3-4 tile
     # pairs of shared memory; `_prune_conv_configs` drops what would not fit.
+    # The K = 32 tiles are for the 32-channel layers (1024 px): the K = 64 ones do not fit
+    # them, and until session 25 their forward had one untuned 64x32x32 tile and no TMA
+    # (`_prune_conv_configs` keeps these only where K <= 32). ptxas for sm_90a: 68-130
+    # registers, no spills, 2-7 programs an SM (`python -m benchmarks.kernel_audit`).
     _CONV_SHAPES = [
         (128, 128, 64, 8, 3),
         (128, 128, 32, 8, 4),
@@ -2298,6 +2302,10 @@ if triton is not None:
         (32, 128, 64, 4, 3),
         (16, 64, 64, 4, 3),
         (16, 128, 64, 4, 3),
+        (64, 32, 32, 4, 3),
+        (128, 32, 32, 4, 3),
+        (128, 32, 32, 8, 3),
+        (256, 32, 32, 8, 3),
     ]
     _CONV_CONFIGS = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
@@ -2305,8 +2313,9 @@ if triton is not None:
     ]
 
     def _prune_conv_configs(configs, named_args, **kwargs):
-        """Keep the configs that fit the problem: no N or K tile far wider than N or K, no M
-        tile longer than one sample's pixels, short M tiles only for small images; launches
+        """Keep the configs that fit the problem: no N or K tile far wider than N or K, no K tile
+        of a narrow (< 128) N tile narrower than K (up to 64), no M tile longer than one
+        sample's pixels, short M tiles only for small images; launches
         that reduce per tile get exactly `_reduce_block_m`; launches with the toRGB epilogue get
         one N tile over every channel. Each kept config gets its pixel
         block's width (`_tile_width`) and, for launches that scale A, is tried with the scale
@@ -2328,6 +2337,8 @@ if triton is not None:
         def fits(config):
             m, n, k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
             if config.num_stages * (m * k + k * n) * element > CONV_SHARED_MEMORY_BUDGET:
+                return False
+            if n < 128 and k < min(64, k_cap):  # a narrow tile's K block is as wide as K allows (to 64)
                 return False
             if whole_n and n != n_cap:
                 return False
