@@ -47,31 +47,8 @@ def upfirdn2d(
     Returns [B, C, (H*up + pad0 + pad1 - kh) // down + 1, (W*up + pad0 + pad1 - kw) // down + 1]
     in x's dtype; both sizes must be at least 1.
     """
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        raise ValueError(f"x: expected a [B, C, H, W] tensor, got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
-    if not isinstance(kernel, torch.Tensor) or kernel.ndim != 2:
-        raise ValueError(f"kernel: expected a [kh, kw] tensor, got {tuple(getattr(kernel, 'shape', ())) or type(kernel).__name__}")
-    if not kernel.is_floating_point():
-        raise TypeError(f"kernel: expected a floating-point tensor, got {kernel.dtype}")
-    if kernel.device != x.device:
-        raise ValueError(f"kernel: expected x's device {x.device}, got {kernel.device}")
-    for name, factor in (("up", up), ("down", down)):
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {factor!r}")
-    if (
-        not isinstance(pad, (tuple, list)) or len(pad) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in pad)
-    ):  # fmt: skip
-        raise ValueError(f"pad: expected (before, after) integers, got {pad!r}")
+    check_upfirdn2d_arguments(x, kernel, up, down, pad)
     batch, channels, height, width = x.shape
-    out_sizes = [(size * up + pad[0] + pad[1] - k) // down + 1 for size, k in zip((height, width), kernel.shape)]
-    if min(out_sizes) < 1:
-        raise ValueError(
-            f"pad, kernel: a {tuple(kernel.shape)} kernel on {height} x {width} upsampled by {up} and padded by "
-            f"{tuple(pad)} leaves no output pixels"
-        )
     filter_buffer = kernel
     kernel = kernel.to(x.dtype)
     pad0, pad1 = pad
@@ -108,3 +85,35 @@ def upfirdn2d(
     weight = torch.flip(kernel, [0, 1])[None, None].expand(channels, 1, *kernel.shape)
     x = F.conv2d(x, weight, groups=channels)
     return x[:, :, ::down, ::down]
+
+
+def check_upfirdn2d_arguments(x, kernel, up: int, down: int, pad) -> tuple[int, int]:
+    """Validate `upfirdn2d`'s arguments (as its docstring gives them), raising ValueError or
+    TypeError that name the argument; return the output's (height, width)."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise ValueError(f"x: expected a [B, C, H, W] tensor, got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+    if not isinstance(kernel, torch.Tensor) or kernel.ndim != 2 or min(kernel.shape) < 1:
+        got = tuple(getattr(kernel, "shape", ())) or type(kernel).__name__
+        raise ValueError(f"kernel: expected a non-empty [kh, kw] tensor, got {got}")
+    if not kernel.is_floating_point():
+        raise TypeError(f"kernel: expected a floating-point tensor, got {kernel.dtype}")
+    if kernel.device != x.device:
+        raise ValueError(f"kernel: expected x's device {x.device}, got {kernel.device}")
+    for name, factor in (("up", up), ("down", down)):
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {factor!r}")
+    if (
+        not isinstance(pad, (tuple, list)) or len(pad) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in pad)
+    ):  # fmt: skip
+        raise ValueError(f"pad: expected (before, after) integers, got {pad!r}")
+    _, _, height, width = x.shape
+    out_h, out_w = ((size * up + pad[0] + pad[1] - k) // down + 1 for size, k in zip((height, width), kernel.shape))
+    if min(out_h, out_w) < 1:
+        raise ValueError(
+            f"pad, kernel: a {tuple(kernel.shape)} kernel on {height} x {width} upsampled by {up} and padded by "
+            f"{tuple(pad)} leaves no output pixels"
+        )
+    return out_h, out_w

@@ -35,7 +35,7 @@ from refinestyle_kernels.ops.modulated_conv2d import (
     tl,
     triton,
 )
-from refinestyle_kernels.ops.upfirdn2d import upfirdn2d
+from refinestyle_kernels.ops.upfirdn2d import check_upfirdn2d_arguments, upfirdn2d
 
 # The Triton path unrolls the filter's taps: filters up to this size per axis run there,
 # larger ones (no StyleGAN2 config has one) through `reference_upsample_add`.
@@ -115,35 +115,11 @@ def reference_upsample_add(
 
 
 def _check_arguments(x, kernel, base, up, pad) -> None:
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        raise ValueError(f"x: expected a [B, C, H, W] tensor, got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
-    if not isinstance(kernel, torch.Tensor) or kernel.ndim != 2 or min(kernel.shape) < 1:
-        got = tuple(getattr(kernel, "shape", ())) or type(kernel).__name__
-        raise ValueError(f"kernel: expected a non-empty [kh, kw] tensor, got {got}")
-    if not kernel.is_floating_point():
-        raise TypeError(f"kernel: expected a floating-point tensor, got {kernel.dtype}")
-    if kernel.device != x.device:
-        raise ValueError(f"kernel: expected x's device {x.device}, got {kernel.device}")
-    if isinstance(up, bool) or not isinstance(up, int) or up < 1:
-        raise ValueError(f"up: expected a positive integer, got {up!r}")
-    if (
-        not isinstance(pad, (tuple, list)) or len(pad) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in pad)
-    ):  # fmt: skip
-        raise ValueError(f"pad: expected (before, after) integers, got {pad!r}")
-    batch, channels, height, width = x.shape
-    out_h, out_w = (size * up + pad[0] + pad[1] - k + 1 for size, k in zip((height, width), kernel.shape))
-    if min(out_h, out_w) < 1:
-        raise ValueError(
-            f"pad, kernel: a {tuple(kernel.shape)} kernel on {height} x {width} upsampled by {up} and padded by "
-            f"{tuple(pad)} leaves no output pixels"
-        )
+    out_h, out_w = check_upfirdn2d_arguments(x, kernel, up, 1, pad)
     if base is not None:
         if not isinstance(base, torch.Tensor):
             raise TypeError(f"base: expected None or a tensor [B, C, OH, OW], got {type(base).__name__}")
-        expected = (batch, channels, out_h, out_w)
+        expected = (x.shape[0], x.shape[1], out_h, out_w)
         if tuple(base.shape) != expected:
             raise ValueError(f"base: expected [B, C, OH, OW] = {list(expected)}, got {list(base.shape)}")
         if base.dtype != x.dtype or base.device != x.device:
