@@ -83,7 +83,7 @@ case "${1:-}" in
         --no-plot --output "$out/headline-layers.json" --impls reference,nvlabs,torch,triton 2>&1 | tail -n 60
     ;;
 4)
-    # A/Bs against everything on, one fusion off at a time. Session 24: the 256 px layer's
+    # A/Bs against the defaults, one route changed at a time. Session 24: the 256 px layer's
     # epilogue products took 4.1 ms in one launch (of a 40 ms step), and switching off the toRGB
     # epilogue and the epilogue products together saved 6.8 ms where the conv token products were off
     ab() {  # the headline step with the kernel options that follow its name changed
@@ -94,7 +94,9 @@ case "${1:-}" in
         keep_json "$name"
     }
     ab all-on  # the baseline, in this call: two processes' medians differed by up to 2 ms in session 24
-    ab epilogue-products-64 --kernel-option EPILOGUE_PRODUCTS_MAX_CHANNELS=64
+    # session 25 routed the 256 px layer away from the epilogue products (EPILOGUE_PRODUCTS_MAX_CHANNELS
+    # 128 -> 64) on session 24's profile; this times the old route
+    ab epilogue-products-128 --kernel-option EPILOGUE_PRODUCTS_MAX_CHANNELS=128
     ab rgb-epilogue-off --kernel-option RGB_EPILOGUE_MAX_COUT=0
     ab conv-products-off --kernel-option CONV_TOKEN_PRODUCTS_MAX_K=0
     # session 25: the toRGB skip's upsample + add in Triton (`upsample_add`) against cuDNN's ~2.7 ms

@@ -635,7 +635,7 @@ def test_gpu_session_stage_leaves_at_most_what_the_device_tool_brings_back(stage
     if stage == "3":
         assert {"headline-layers.json", "capture-check.log"} <= set(written)
     if stage == "4":
-        assert {"ab-all-on.json", "ab-conv-products-off.json", "ab-epilogue-products-64.json",
+        assert {"ab-all-on.json", "ab-conv-products-off.json", "ab-epilogue-products-128.json",
                 "ab-rgb-epilogue-off.json", "ab-upsample-add-off.json"} <= set(written)  # fmt: skip
     if stage == "2":
         assert {"headline-generator.json", "headline-generator-compile-torch.json",

@@ -616,8 +616,10 @@ def test_interpreted_epilogue_products_over_several_pixel_ranges(layer, monkeypa
     """The fused epilogue backward + token products kernel with its pixels split over several
     programs, the last range and block partly outside the image (splits of at least 16
     pixels instead of 1024), and for 70 channels a 128-wide tile of 16-pixel blocks. (Up to 64
-    output channels the grad-x conv would sum the token gradients itself: switched off here.)"""
+    output channels the grad-x conv would sum the token gradients itself: switched off here;
+    past 64 channels the route skips the kernel by default since session 25: switched on.)"""
     monkeypatch.setattr(op_module, "CONV_TOKEN_PRODUCTS_MAX_K", 0)
+    monkeypatch.setattr(op_module, "EPILOGUE_PRODUCTS_MAX_CHANNELS", op_module.EPILOGUE_PRODUCTS_KERNEL_MAX_CHANNELS)
     monkeypatch.setattr(op_module, "PIXEL_REDUCTION_MIN_PIXELS", 16)
     launched = []
     original = op_module._launch_epilogue_products
@@ -630,6 +632,24 @@ def test_interpreted_epilogue_products_over_several_pixel_ranges(layer, monkeypa
     monkeypatch.setattr(op_module, "_launch_epilogue_products", probe)
     check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=13)
     assert len(launched) == 1 and launched[0] > 1, launched
+
+
+@needs_interpreter
+def test_layers_past_64_channels_form_their_token_products_apart_from_the_epilogue(monkeypatch):
+    """Since session 25 a plain layer of 65-128 channels on the fused token route (config-f's
+    256 px layer) runs the epilogue backward and the pixel products as two kernels: on the H100
+    the one-kernel route took 4.1 ms there (BENCHMARKS.md). The one-kernel route stays a switch."""
+    calls = []
+    for name in ("_launch_epilogue_products", "_launch_epilogue_backward"):
+        original = getattr(op_module, name)
+        monkeypatch.setattr(op_module, name, lambda *a, _name=name, _f=original, **k: calls.append(_name) or _f(*a, **k))
+    layer = Layer(batch=1, in_channels=72, out_channels=72, height=5, width=6, num_tokens=4)
+    check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=3)
+    assert calls == ["_launch_epilogue_backward"]
+    calls.clear()
+    monkeypatch.setattr(op_module, "EPILOGUE_PRODUCTS_MAX_CHANNELS", 128)
+    check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=3)
+    assert calls == ["_launch_epilogue_products"]
 
 
 @needs_interpreter

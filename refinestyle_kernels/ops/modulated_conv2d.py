@@ -2878,8 +2878,16 @@ def _sum_partials_together(jobs: list) -> list:
 
 # A plain layer whose token gradients take the fused route (M = box(x)^T g) runs its epilogue
 # backward and that product in one kernel (`_epilogue_products_kernel`) when one tile can hold
-# every input and output channel of BLOCK_P pixels: in config-f the 256 px to 1024 px layers.
-EPILOGUE_PRODUCTS_MAX_CHANNELS = 128
+# every input and output channel of BLOCK_P pixels (the kernel holds up to 128). In config-f
+# only the 256 px layer (128 channels) would take it: the 512 and 1024 px layers sum their
+# token gradients in the grad-x conv. There, on the H100 in session 24, it took 4.1 ms in one
+# launch, and the refined layer 4.52 ms against 1.95 ms unrefined, where the separate route's
+# two kernels (`_epilogue_backward_kernel`, `_pixel_products_kernel`) ran every other layer's
+# work at a fraction of that. So the limit is 64 (session 25); stage 4 of
+# benchmarks/gpu_session.sh times 128 against it.
+EPILOGUE_PRODUCTS_MAX_CHANNELS = 64
+# what the kernel's tile can hold at all (`_epilogue_products_blocks`)
+EPILOGUE_PRODUCTS_KERNEL_MAX_CHANNELS = 128
 
 
 def _epilogue_products_blocks(in_channels: int, out_channels: int) -> tuple[int, int, int, int]:
@@ -2903,8 +2911,10 @@ def _launch_epilogue_products(
     `_launch_epilogue_backward`'s per-tile sums, and M [B, Cin, N] fp32 = box(x)^T g per sample)."""
     batch, out_channels, out_h, out_w = out.shape
     in_channels = x.shape[3]
-    if max(in_channels, out_channels) > EPILOGUE_PRODUCTS_MAX_CHANNELS:
-        raise ValueError(f"_launch_epilogue_products holds at most {EPILOGUE_PRODUCTS_MAX_CHANNELS} channels a tile")
+    if max(in_channels, out_channels) > EPILOGUE_PRODUCTS_KERNEL_MAX_CHANNELS:
+        raise ValueError(
+            f"_launch_epilogue_products holds at most {EPILOGUE_PRODUCTS_KERNEL_MAX_CHANNELS} channels a tile"
+        )
     rgb_grad, rgb_mix, rgb_out, _ = rgb if rgb is not None else (None, None, None, None)
     if grad is None and rgb_grad is None:
         raise ValueError("_launch_epilogue_products: neither grad nor a toRGB gradient was given")
@@ -3371,7 +3381,7 @@ def _triton_backward(
         sums = _launch_blur(grad.permute(0, 2, 3, 1), g_conv, saved=out.permute(0, 2, 3, 1), **epilogue)
     elif (
         fused and (need_p or need_q) and not conv_products
-        and max(in_channels, out_channels) <= EPILOGUE_PRODUCTS_MAX_CHANNELS
+        and max(in_channels, out_channels) <= min(EPILOGUE_PRODUCTS_MAX_CHANNELS, EPILOGUE_PRODUCTS_KERNEL_MAX_CHANNELS)
     ):  # fmt: skip
         # with M in the same pass, so g is not read back for it
         g_conv = _alloc((batch, out_h, out_w, out_channels), grad_dtype, device)
