@@ -7,7 +7,8 @@
 For each implementation the case runs a few times untimed (compilation, autotuning),
 then `--steps` times under torch.profiler. The report lists the wall time per step
 (CUDA events), the summed GPU kernel time per step, and the kernels that take the most
-of it, grouped by name. With `--cprofile` it also lists the Python functions that take the
+of it, grouped by name; for the triton backend also per layer call (the op's profiler ranges,
+`PROFILE_RANGES`: "conv 128->128 256x256 backward" and the kernels inside it). With `--cprofile` it also lists the Python functions that take the
 most host time per step (cProfile), for cases whose wall time exceeds their kernel time. This is a diagnostic, not a benchmark: profiling adds overhead
 to every launch, so take times from `python -m benchmarks`.
 """
@@ -24,6 +25,7 @@ import torch
 from benchmarks.cases import Case, GeneratorConfig, parse_tokens
 from benchmarks.implementations import select
 from benchmarks.workloads import make_workload, patched_op
+from refinestyle_kernels.ops import modulated_conv2d as op_module
 
 
 def _kernel_table(profiler, steps: int, top: int) -> list[dict]:
@@ -42,6 +44,50 @@ def _kernel_table(profiler, steps: int, top: int) -> list[dict]:
     ]
     rows.sort(key=lambda row: -row["ms_per_step"])
     return rows[:top] if top else rows
+
+
+RANGE_PREFIX = "refinestyle "
+
+
+def _kernels_under(event) -> list:
+    """The GPU kernels the profiler linked to a CPU event or to any event inside it."""
+    found = list(getattr(event, "kernels", ()))
+    for child in getattr(event, "cpu_children", ()):
+        found += _kernels_under(child)
+    return found
+
+
+def _layer_table(events, steps: int) -> list[dict]:
+    """Kernel time per layer call: for every profiler range the op opens around a layer's
+    forward or backward (`modulated_conv2d.PROFILE_RANGES`, named `RANGE_PREFIX` ...), the
+    kernels launched inside it, summed per step and grouped by kernel name. Rows: range,
+    ms_per_step, calls_per_step (range entries), kernels ({name: ms per step}); slowest first.
+    Kernels launched outside every range (the demodulation of eager training, autograd's own
+    additions, the reference's ops) are in no row."""
+    rows: dict[str, dict] = {}
+    for event in events:
+        if not event.name.startswith(RANGE_PREFIX) or any(
+            parent.name.startswith(RANGE_PREFIX) for parent in _parents(event)
+        ):  # fmt: skip
+            continue
+        row = rows.setdefault(event.name, {"range": event.name[len(RANGE_PREFIX):], "ms_per_step": 0.0,
+                                           "calls_per_step": 0.0, "kernels": defaultdict(float)})  # fmt: skip
+        row["calls_per_step"] += 1 / steps
+        for kernel in _kernels_under(event):
+            ms = kernel.duration / 1000.0 / steps
+            row["ms_per_step"] += ms
+            row["kernels"][kernel.name[:60]] += ms
+    table = sorted(rows.values(), key=lambda row: -row["ms_per_step"])
+    for row in table:
+        row["kernels"] = dict(sorted(row["kernels"].items(), key=lambda item: -item[1]))
+    return table
+
+
+def _parents(event):
+    parent = getattr(event, "cpu_parent", None)
+    while parent is not None:
+        yield parent
+        parent = getattr(parent, "cpu_parent", None)
 
 
 def _host_table(steps: int, step, top: int) -> list[dict]:
@@ -100,13 +146,20 @@ def profile_case(case: Case, implementation_name: str, steps: int, warmup: int, 
         torch.cuda.synchronize()
         wall_ms = start.elapsed_time(end) / steps
         torch.cuda.reset_peak_memory_stats()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-            for _ in range(steps):
-                step()
-            torch.cuda.synchronize()
+        # CPU activity too, for the op's per-layer ranges (`PROFILE_RANGES`) that the kernels link to
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        op_module.PROFILE_RANGES = True
+        try:
+            with torch.profiler.profile(activities=activities) as profiler:
+                for _ in range(steps):
+                    step()
+                torch.cuda.synchronize()
+        finally:
+            op_module.PROFILE_RANGES = False
         peak = torch.cuda.max_memory_allocated()
         host_rows = _host_table(steps, step, top) if host else []
     kernels = _kernel_table(profiler, steps, 0)
+    layers = _layer_table(profiler.events(), steps)
     workload.release(implementation)
     return {
         "case": case.case_id,
@@ -115,6 +168,7 @@ def profile_case(case: Case, implementation_name: str, steps: int, warmup: int, 
         "kernel_ms": sum(row["ms_per_step"] for row in kernels),
         "peak_gib": peak / 2**30,
         "kernels": kernels[:top],
+        "layers": layers,
         "host": host_rows,
     }
 
@@ -169,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         for row in result["kernels"]:
             print(f"  {row['ms_per_step']:8.3f} ms {row['calls_per_step']:6.1f}x {100 * row['share']:5.1f}%  {row['kernel']}")
+        if result["layers"]:
+            attributed = sum(row["ms_per_step"] for row in result["layers"])
+            print(f"  by layer call ({attributed:.2f} of {result['kernel_ms']:.2f} ms/step inside the op's ranges):")
+        for row in result["layers"][: args.top]:
+            slowest = ", ".join(f"{name} {ms:.2f}" for name, ms in list(row["kernels"].items())[:3])
+            print(f"  {row['ms_per_step']:8.3f} ms {row['calls_per_step']:6.1f}x  {row['range']}: {slowest}")
         if result["host"]:
             print("  host time per step (own / cumulative ms, calls):")
         for row in result["host"]:

@@ -736,3 +736,60 @@ def test_a_failed_variant_records_the_error_that_started_the_chain():
     plain = ValueError("bad input")
     assert describe_error(plain) == "ValueError: bad input" and first_error(plain) is plain
     assert len(describe_error(ValueError("x" * 5000))) == 2000
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton path on CPU tensors needs the interpreter")
+def test_profile_ranges_name_each_layer_call_only_when_switched_on():
+    """`modulated_conv2d.PROFILE_RANGES` (set by benchmarks.profile) puts each layer's Triton
+    forward and backward, and the toRGB skip's upsample, in a profiler range named after its
+    shape; off (the default) there is none."""
+    from refinestyle_kernels import upsample_add
+    from refinestyle_kernels.ops import modulated_conv2d
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, generator=generator, requires_grad=True)
+    weight, styles = torch.randn(5, 3, 3, 3, generator=generator), torch.randn(2, 3, generator=generator)
+    skip = torch.randn(2, 3, 2, 2, generator=generator, requires_grad=True)
+    kernel = torch.ones(4, 4) / 4
+
+    def names(switch):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(modulated_conv2d, "PROFILE_RANGES", switch)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+                out = styled_conv2d(x, weight, styles, backend="triton")
+                image = upsample_add(skip, kernel, out[:, :3], backend="triton")
+                image.square().sum().backward()
+        return {event.name for event in profiler.events() if event.name.startswith("refinestyle ")}
+
+    assert names(False) == set()
+    assert names(True) == {
+        "refinestyle conv 3->5 4x4 forward", "refinestyle conv 3->5 4x4 backward",
+        "refinestyle skip upsample 3ch 2x2 forward", "refinestyle skip upsample 3ch 2x2 backward",
+    }  # fmt: skip
+
+
+def test_profile_layer_table_sums_the_kernels_inside_each_outermost_range():
+    """benchmarks.profile's per-layer table: kernels linked to a range or to any event inside it,
+    per step, grouped by name; a range inside another counts once, in the outer one."""
+    from types import SimpleNamespace
+
+    from benchmarks.profile import _layer_table
+
+    def event(name, kernels=(), children=()):
+        node = SimpleNamespace(name=name, kernels=[SimpleNamespace(name=k, duration=us) for k, us in kernels],
+                               cpu_children=list(children), cpu_parent=None)  # fmt: skip
+        for child in children:
+            child.cpu_parent = node
+        return node
+
+    launch = event("cuLaunchKernel", kernels=[("_conv_gemm_kernel", 3000.0)])
+    inner = event("refinestyle conv 3->5 4x4 forward", kernels=[("_blur_kernel", 1000.0)])
+    outer = event("refinestyle conv 5->5 8x8 up forward", kernels=[("_conv_gemm_kernel", 2000.0)],
+                  children=[launch, inner])  # fmt: skip
+    other = event("refinestyle conv 5->5 8x8 up forward", kernels=[("_conv_gemm_kernel", 2000.0)])
+    stray = event("aten::add", kernels=[("elementwise", 500.0)])
+    rows = _layer_table([outer, launch, inner, other, stray], steps=2)
+    assert [row["range"] for row in rows] == ["conv 5->5 8x8 up forward"]
+    (row,) = rows
+    assert row["calls_per_step"] == 1.0 and row["ms_per_step"] == pytest.approx(4.0)
+    assert row["kernels"] == {"_conv_gemm_kernel": pytest.approx(3.5), "_blur_kernel": pytest.approx(0.5)}

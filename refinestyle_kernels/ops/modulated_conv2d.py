@@ -895,10 +895,44 @@ MAX_LAUNCH_BATCH = 65535
 POISON_BUFFERS = False
 
 
+# A profiling switch (benchmarks/profile.py): when True, each layer's forward and backward
+# launches run inside a torch.profiler range named after the layer's shape
+# ("refinestyle conv 128->128 256x256 backward"), so a profile can say which layer's kernels
+# take the time. False (the default) costs one global lookup per layer call.
+PROFILE_RANGES = False
+
 # A planning hook (benchmarks/traffic.py): when set, every kernel launch site calls it with
 # (kernel name, tensors the launch reads, tensors it writes), also on meta tensors, where
 # nothing is launched. None (the default) costs one global lookup per launch.
 LAUNCH_OBSERVER = None
+
+
+def profile_range_label(direction: str, x: torch.Tensor, out_channels: int, upsample: bool, rgb: bool = False) -> str:
+    """The profiler range of one layer call: "refinestyle conv Cin->Cout HxW[ up][ +toRGB] direction"
+    (x: the layer's input [B, Cin, H, W]; `PROFILE_RANGES`)."""
+    height, width = x.shape[2], x.shape[3]
+    return (f"refinestyle conv {x.shape[1]}->{out_channels} {height}x{width}{' up' if upsample else ''}"
+            f"{' +toRGB' if rgb else ''} {direction}")  # fmt: skip
+
+
+def _profiled(direction: str, x_index: int, weight_index: int, upsample_index: int):
+    """Run the wrapped layer function inside a profiler range when `PROFILE_RANGES` is set."""
+
+    def wrap(function):
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            if not PROFILE_RANGES:
+                return function(*args, **kwargs)
+            label = profile_range_label(
+                direction, args[x_index], args[weight_index].shape[0], bool(args[upsample_index]),
+                kwargs.get("rgb") is not None,
+            )  # fmt: skip
+            with torch.profiler.record_function(label):
+                return function(*args, **kwargs)
+
+        return call
+
+    return wrap
 
 
 def _observe_launch(kernel: str, reads, writes) -> None:
@@ -3203,6 +3237,7 @@ def _dense_weight_gradient(g_nchw, styled_x, weight, kernel, scale, upsample):
     return (grad * scale).to(weight.dtype).contiguous()
 
 
+@_profiled("forward", x_index=0, weight_index=1, upsample_index=10)
 def _triton_forward(
     x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp, rgb=None
 ):  # fmt: skip
@@ -3337,6 +3372,7 @@ def _launch_epilogue_backward(
     return sums
 
 
+@_profiled("backward", x_index=2, weight_index=3, upsample_index=12)
 def _triton_backward(
     grad, out, x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp, needs,
     placeholders=True, rgb=None,

@@ -21,6 +21,8 @@ gradient). One read and one write per pass, no layout change, any strides.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from refinestyle_kernels.backend import resolve_backend
@@ -128,8 +130,21 @@ def _check_arguments(x, kernel, base, up, pad) -> None:
             )
 
 
+def _profile_range(direction: str, channels: int, height: int, width: int):
+    """A profiler range for a launch on a [B, channels, height, width] skip when the op module's
+    `PROFILE_RANGES` is set, else a no-op."""
+    if not _conv_op.PROFILE_RANGES:
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(f"refinestyle skip upsample {channels}ch {height}x{width} {direction}")
+
+
 def _upsample_add_forward(x, taps, base, up, pad0, pad1) -> torch.Tensor:
     """The forward launch: [B, C, OH, OW] contiguous in x's dtype."""
+    with _profile_range("forward", x.shape[1], x.shape[2], x.shape[3]):
+        return _launch_upsample_add(x, taps, base, up, pad0, pad1)
+
+
+def _launch_upsample_add(x, taps, base, up, pad0, pad1) -> torch.Tensor:
     batch, channels, height, width = x.shape
     kh, kw = taps.shape
     out_h, out_w = height * up + pad0 + pad1 - kh + 1, width * up + pad0 + pad1 - kw + 1
@@ -151,6 +166,11 @@ def _upsample_add_forward(x, taps, base, up, pad0, pad1) -> torch.Tensor:
 def _upsample_add_backward(grad, taps, up, pad0, height, width) -> torch.Tensor:
     """grad x [B, C, height, width] (contiguous, grad's dtype) from grad of the output
     [B, C, OH, OW] (any strides): the adjoint of the forward's upsampling FIR."""
+    with _profile_range("backward", grad.shape[1], height, width):
+        return _launch_upsample_add_backward(grad, taps, up, pad0, height, width)
+
+
+def _launch_upsample_add_backward(grad, taps, up, pad0, height, width) -> torch.Tensor:
     batch, channels, out_h, out_w = grad.shape
     kh, kw = taps.shape
     grad_x = _alloc((batch, channels, height, width), grad.dtype, grad.device)
