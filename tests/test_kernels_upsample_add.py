@@ -88,7 +88,8 @@ def test_half_types_round_once_and_stay_within_the_references_rounding(dtype):
 
 
 def test_strided_inputs_are_read_as_they_are():
-    """x as a channel slice of a wider tensor and base channels last: no copy needed, same result."""
+    """x as a channel slice of a wider tensor, base and the output gradient channels last: no
+    copy needed, same results."""
     device = triton_test_device(torch.float32)
     generator = torch.Generator().manual_seed(5)
     wide = torch.randn(2, 5, 6, 10, generator=generator)
@@ -98,6 +99,14 @@ def test_strided_inputs_are_read_as_they_are():
     truth = reference_upsample_add(x.double(), kernel.double(), base.double())
     got = upsample_add(x.to(device), kernel.to(device), base.to(device), backend="triton")
     assert relative_error(got.cpu(), truth) < 1e-6
+    # and a channels-last output gradient (as the next layer's backward may send it)
+    grad = torch.randn(2, 3, 12, 20, generator=generator).contiguous(memory_format=torch.channels_last)
+    x_leaf = x.detach().double().requires_grad_(True)
+    (truth_grad,) = torch.autograd.grad(reference_upsample_add(x_leaf, kernel.double(), None), x_leaf, grad.double())
+    x_leaf = x.detach().to(device).requires_grad_(True)
+    out = upsample_add(x_leaf, kernel.to(device), None, backend="triton")
+    (got_grad,) = torch.autograd.grad(out, x_leaf, grad.to(device))
+    assert not grad.is_contiguous() and relative_error(got_grad.cpu(), truth_grad) < 1e-6
 
 
 def test_gradient_of_a_trained_kernel_goes_through_the_reference():
