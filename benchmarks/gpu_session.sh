@@ -8,8 +8,8 @@
 #   bash benchmarks/gpu_session.sh 2   # the headline suite, whole network: the fused and plain variants in one
 #                                      # process, compile-torch and triton+graph each in their own (a failed
 #                                      # capture spoils every later capture in its process: session 24)
-#   bash benchmarks/gpu_session.sh 3   # why the captures fail (benchmarks.capture_check), then the 256-1024 px
-#                                      # layers one by one
+#   bash benchmarks/gpu_session.sh 3   # why the captures fail (benchmarks.capture_check), the 256-1024 px
+#                                      # layers one by one, then compile-reference (for the vs-plain verdict)
 #   bash benchmarks/gpu_session.sh 4   # A/Bs of the headline step: one fusion or kernel switched off a run
 #
 # Merge a stage's JSON files with `python -m benchmarks report A.json B.json ...` (oldest first).
@@ -81,6 +81,11 @@ case "${1:-}" in
     # L = 32 rows first (the budget is checked between cases); bounded, so the call ends in time
     timeout 200 $python -m benchmarks --suite headline --groups layer --layers "$layers" --tokens 32,0 --max-minutes 3 \
         --no-plot --output "$out/headline-layers.json" --impls reference,nvlabs,torch,triton 2>&1 | tail -n 60
+    # the last plain variant the vs-plain verdict waits for (never timed yet), in its own process
+    name="headline-generator-compile-reference.json"
+    timeout 170 $python -m benchmarks --suite headline --groups generator --tokens 32 --max-minutes 2 --no-plot \
+        --output "$scratch/$name" --impls reference,compile-reference 2>&1 | tail -n 14
+    keep_json "$name"
     ;;
 4)
     # A/Bs against the defaults, one route changed at a time. Session 24: the 256 px layer's
