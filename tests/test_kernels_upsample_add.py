@@ -74,14 +74,18 @@ def test_triton_matches_the_float64_reference(case, with_base):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_half_types_round_once_and_stay_within_the_references_rounding(dtype):
+def test_half_types_round_once_and_stay_within_the_references_rounding(dtype, monkeypatch):
     """In a half type the kernel sums in fp32 and rounds once (the reference rounds the
     upsample and then the sum): at most the reference's own error in that dtype, with margin."""
     device = triton_test_device(dtype)
+    launched = []
+    launch = upsample_module._launch_upsample_add
+    monkeypatch.setattr(upsample_module, "_launch_upsample_add", lambda *a: launched.append(1) or launch(*a))
     x, kernel, base, grad, _ = make_case((2, 3, 8, 12, 2, (2, 1), None), dtype, device, seed=3)
     truth = run(reference_upsample_add, x, kernel, base, grad, torch.float64, "cpu", up=2, pad=(2, 1))
     half_reference = run(reference_upsample_add, x, kernel, base, grad, dtype, "cpu", up=2, pad=(2, 1))
     got = run(upsample_add, x, kernel.to(dtype), base, grad, dtype, device, up=2, pad=(2, 1), backend="triton")
+    assert launched  # the kernel ran (not the reference path)
     for a, own, b in zip(got, half_reference, truth):
         assert a.dtype == dtype
         assert relative_error(a.cpu(), b) <= 2 * relative_error(own, b) + 1e-3

@@ -25,7 +25,7 @@ import contextlib
 
 import torch
 
-from refinestyle_kernels.backend import resolve_backend
+from refinestyle_kernels.backend import resolve_backend, triton_interpreter_bf16_problem
 from refinestyle_kernels.ops import modulated_conv2d as _conv_op
 from refinestyle_kernels.ops.modulated_conv2d import (
     _alloc,
@@ -94,6 +94,8 @@ def upsample_add(
     # (read at call time: benchmarks/stand_in_driver.py adds "cpu" to compile the GPU path)
     if x.device.type not in _conv_op.KERNEL_DEVICE_TYPES and not (x.device.type == "cpu" and _interpreted()):
         return reference_upsample_add(x, kernel, base, up=up, pad=pad)
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and triton_interpreter_bf16_problem():
+        return reference_upsample_add(x, kernel, base, up=up, pad=pad)  # this interpreter rounds bf16 wrongly
     # the taps as upfirdn2d uses them (rounded to x's dtype), flipped to correlation order, in
     # fp32; made once per filter buffer and dtype
     taps = _derived_from_weight(
