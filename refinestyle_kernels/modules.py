@@ -523,7 +523,10 @@ class ToRGB(_ConvBackendMixin, nn.Module):
         return out
 
     def add_upsampled_skip(self, image: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        """image + self.upsample(skip) as one pass on the Triton backend (`upsample_add`)."""
+        """image + self.upsample(skip), as one pass on the Triton backend (`upsample_add`).
+
+        image: [B, 3, H, W], the toRGB's output; skip: [B, 3, H/2, W/2], the previous block's
+        image (cast to image's dtype). Returns [B, 3, H, W] in image's dtype."""
         upsample = self.upsample
         return upsample_add(
             skip.to(image.dtype), upsample.kernel, image, up=upsample.factor, pad=upsample.pad, backend=self.backend

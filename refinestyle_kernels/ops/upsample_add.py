@@ -193,19 +193,29 @@ class _UpsampleAddFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, taps, base, up, pad0, pad1):
-        ctx.save_for_backward(taps)
-        ctx.options = (up, pad0, x.shape[2], x.shape[3])
-        ctx.x_dtype = x.dtype
+        _setup_context(ctx, (x, taps, base, up, pad0, pad1), None)
         return _upsample_add_forward(x, taps, base, up, pad0, pad1)
 
     @staticmethod
     @_differentiable_once
     def backward(ctx, grad):
-        (taps,) = ctx.saved_tensors
-        up, pad0, height, width = ctx.options
-        grad_x = _upsample_add_backward(grad, taps, up, pad0, height, width) if ctx.needs_input_grad[0] else None
-        grad_base = grad if ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_base, None, None, None
+        return _gradients(ctx, grad, _upsample_add_backward)
+
+
+def _setup_context(ctx, inputs, output):
+    """What both autograd paths keep: the taps, and (up, pad0, H, W) of x."""
+    x, taps, base, up, pad0, _ = inputs
+    ctx.save_for_backward(taps)
+    ctx.options = (up, pad0, x.shape[2], x.shape[3])
+
+
+def _gradients(ctx, grad, backward):
+    """(grad x, None, grad base, None, None, None): grad x by `backward` (the launch or its
+    custom op, with `_upsample_add_backward`'s arguments), grad base is grad itself."""
+    (taps,) = ctx.saved_tensors
+    up, pad0, height, width = ctx.options
+    grad_x = backward(grad, taps, up, pad0, height, width) if ctx.needs_input_grad[0] else None
+    return grad_x, None, grad if ctx.needs_input_grad[2] else None, None, None, None
 
 
 # --- torch.library registration, for torch.compile
@@ -247,19 +257,8 @@ def _(grad, taps, up, pad0, height, width):
     return grad.new_empty((grad.shape[0], grad.shape[1], height, width))
 
 
-def _setup_context(ctx, inputs, output):
-    x, taps, base, up, pad0, _ = inputs
-    ctx.save_for_backward(taps)
-    ctx.options = (up, pad0, x.shape[2], x.shape[3])
-
-
 def _op_backward(ctx, grad):
-    (taps,) = ctx.saved_tensors
-    up, pad0, height, width = ctx.options
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.refinestyle_kernels.upsample_add_triton_backward(grad, taps, up, pad0, height, width)
-    return grad_x, None, grad if ctx.needs_input_grad[2] else None, None, None, None
+    return _gradients(ctx, grad, torch.ops.refinestyle_kernels.upsample_add_triton_backward)
 
 
 _upsample_add_op.register_autograd(_op_backward, setup_context=_setup_context)
