@@ -7,14 +7,20 @@
 For each implementation the case runs a few times untimed (compilation, autotuning),
 then `--steps` times under torch.profiler. The report lists the wall time per step
 (CUDA events), the summed GPU kernel time per step, and the kernels that take the most
-of it, grouped by name; for the triton backend also per layer call (the op's profiler ranges,
-`PROFILE_RANGES`: "conv 128->128 256x256 backward" and the kernels inside it). With `--cprofile` it also lists the Python functions that take the
-most host time per step (cProfile), for cases whose wall time exceeds their kernel time. This is a diagnostic, not a benchmark: profiling adds overhead
-to every launch, so take times from `python -m benchmarks`.
+of it, grouped by name. For the triton backend it also lists the time per layer call (the
+op's profiler ranges, `PROFILE_RANGES`: "conv 128->128 256x256 backward" and the kernels
+inside it), each against two floors at the device's peaks, measured first (`--no-peaks`
+skips them): the bytes and FLOPs of the call's own launches as `benchmarks.traffic` plans
+them on meta tensors ("planned": how slow the kernels are), and the layer's roofline
+("roofline": how far the kernel structure is from a fully fused layer). With `--cprofile`
+it also lists the Python functions that take the most host time per step (cProfile), for
+cases whose wall time exceeds their kernel time. This is a diagnostic, not a benchmark:
+profiling adds overhead to every launch, so take times from `python -m benchmarks`.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections import defaultdict
@@ -23,7 +29,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.cases import Case, GeneratorConfig, parse_tokens
-from benchmarks.implementations import select
+from benchmarks.flops import LayerSpec, layer_bytes, layer_flops
+from benchmarks.implementations import Implementation, select
+from benchmarks.timing import DTYPES, TimingSettings, dtype_name, measure_peaks
+from benchmarks.traffic import per_range, planned_generator_traffic
 from benchmarks.workloads import make_workload, patched_op
 from refinestyle_kernels.ops import modulated_conv2d as op_module
 
@@ -90,6 +99,85 @@ def _parents(event):
         parent = getattr(parent, "cpu_parent", None)
 
 
+def _range_prefix(spec: LayerSpec) -> str:
+    """The start of the op's range label for a call of this layer (`profile_range_label`)."""
+    up = " up" if spec.upsample else ""
+    return f"conv {spec.in_channel}->{spec.out_channel} {spec.in_size}x{spec.in_size}{up}"
+
+
+def _range_shape(label: str) -> str:
+    """A range label without its direction and " +toRGB": "conv 64->32 512x512 up"."""
+    shape = label.rsplit(" ", 1)[0]
+    return shape.removesuffix(" +toRGB")
+
+
+def _specs_in_range(label: str, layer: str, specs: dict[str, LayerSpec]) -> list[LayerSpec]:
+    """The layers whose work a range holds: the conv or toRGB the label names, and with
+    " +toRGB" the toRGB of the pair too; none for the skip upsample's ranges."""
+    parts = [specs[name] for name in layer.split("+") if name in specs]
+    named = [spec for spec in parts if _range_prefix(spec) == _range_shape(label)]
+    if named and " +toRGB " in label:
+        named += [spec for spec in parts if spec.kind == "torgb"]
+    return named
+
+
+def planned_layer_calls(case: Case, implementation: Implementation) -> dict[str, dict]:
+    """What each layer call of a generator case must do, planned on meta tensors (no GPU).
+
+    For every range the op opens (`modulated_conv2d.profile_range`; the keys are its labels
+    without RANGE_PREFIX): "layer" and "phase" (from `benchmarks.traffic`), "kernels" and
+    "bytes" (the launches inside it and the least bytes they move, `planned_generator_traffic`),
+    "flops" (the model FLOPs of its layers' pass: `layer_flops`' conv, fir and low-rank parts;
+    the demodulation runs outside the ranges) and "roofline_bytes" (`layer_bytes` of that pass,
+    a toRGB reading its input from its conv's registers; None for the skip upsample's ranges,
+    which the roofline folds into the toRGB). An empty dict for a layer case.
+    """
+    if case.group != "generator":
+        return {}
+    dtype = DTYPES[case.dtype]
+    launches = planned_generator_traffic(case.generator, case.batch, dtype, case.tokens, implementation, case.backward)
+    convs, torgbs = case.generator.layers()
+    specs = {spec.name: spec for spec in convs + torgbs}
+    element_size = torch.empty((), dtype=dtype).element_size()
+    calls = per_range(launches)
+    for label, call in calls.items():
+        backward = call["phase"] == "backward"
+        flops, roofline = 0, 0
+        named = _specs_in_range(label, call["layer"], specs)
+        for spec in named:
+            tokens = case.tokens.num_tokens if spec.refinable else 0
+            parts = layer_flops(spec, case.batch, tokens, shared_tokens=case.tokens.shared, backward=backward)
+            flops += parts["conv"] + parts["fir"] + parts["low_rank"]
+            moved = functools.partial(
+                layer_bytes, spec, case.batch, tokens, shared_tokens=case.tokens.shared,
+                element_size=element_size, input_resident=spec.kind == "torgb",
+            )  # fmt: skip
+            roofline += moved(backward=True) - moved(backward=False) if backward else moved(backward=False)
+        call["flops"] = flops
+        call["roofline_bytes"] = roofline if named else None
+    return calls
+
+
+def add_floors(layers: list[dict], calls: dict[str, dict], peak_flops: float, peak_bytes_per_s: float) -> None:
+    """Give each row of `_layer_table` its plan (`planned_layer_calls`) and two floors, in place:
+    "planned_ms", the least time of the call's own launches (their bytes at the copy peak or
+    their FLOPs at the matmul peak, whichever is longer: how far the kernels are from what they
+    must move), and "roofline_ms", the same with the roofline's bytes (how far the layer's
+    kernel structure is from a fully fused one). A row without a plan is left as it is."""
+    for row in layers:
+        call = calls.get(row["range"])
+        if call is None:
+            continue
+        per_call_ms = row["ms_per_step"] / max(row["calls_per_step"], 1e-9)
+        compute_ms = 1e3 * call["flops"] / peak_flops
+        row["planned"] = {key: call[key] for key in ("layer", "phase", "kernels", "bytes", "flops", "roofline_bytes")}
+        row["planned_ms"] = max(compute_ms, 1e3 * call["bytes"] / peak_bytes_per_s)
+        row["x_planned"] = per_call_ms / row["planned_ms"] if row["planned_ms"] else None
+        if call["roofline_bytes"] is not None:
+            row["roofline_ms"] = max(compute_ms, 1e3 * call["roofline_bytes"] / peak_bytes_per_s)
+            row["x_roofline"] = per_call_ms / row["roofline_ms"] if row["roofline_ms"] else None
+
+
 def _host_table(steps: int, step, top: int) -> list[dict]:
     """cProfile over `steps` calls: the functions with the most own time, per step."""
     import cProfile
@@ -111,15 +199,20 @@ def _host_table(steps: int, step, top: int) -> list[dict]:
     return rows[:top]
 
 
-def profile_case(case: Case, implementation_name: str, steps: int, warmup: int, top: int, host: bool = False) -> dict:
+def profile_case(
+    case: Case, implementation_name: str, steps: int, warmup: int, top: int, host: bool = False, peaks: dict | None = None
+) -> dict:
     """Run `case` with one implementation on CUDA and say where its time goes.
 
     case: a layer or generator `Case`; implementation_name: a name from
     `benchmarks.implementations.registry()`; steps: profiled calls after `warmup` untimed
-    ones; top: how many rows of each table to keep; host: also profile the Python side.
+    ones; top: how many rows of each table to keep; host: also profile the Python side;
+    peaks: {"flops_per_s", "bytes_per_s"} of the device (`measure_peaks`), for the floors of
+    the per-layer table (`add_floors`; none without).
     Returns {"case", "implementation", "wall_ms" (per step, CUDA events, outside the
     profiler), "kernel_ms" (summed GPU kernel time per step), "peak_gib", "kernels" (rows of
-    kernel, ms_per_step, calls_per_step, share), "host" (rows of function, own_ms,
+    kernel, ms_per_step, calls_per_step, share), "layers" (rows of `_layer_table`, with
+    `add_floors`' keys when peaks are given), "host" (rows of function, own_ms,
     cumulative_ms, calls_per_step; empty unless host)}.
     """
     device = torch.device("cuda")
@@ -161,6 +254,8 @@ def profile_case(case: Case, implementation_name: str, steps: int, warmup: int, 
     kernels = _kernel_table(profiler, steps, 0)
     layers = _layer_table(profiler.events(), steps)
     workload.release(implementation)
+    if layers and peaks:
+        add_floors(layers, planned_layer_calls(case, implementation), peaks["flops_per_s"], peaks["bytes_per_s"])
     return {
         "case": case.case_id,
         "implementation": implementation_name,
@@ -171,6 +266,30 @@ def profile_case(case: Case, implementation_name: str, steps: int, warmup: int, 
         "layers": layers,
         "host": host_rows,
     }
+
+
+def _layer_lines(layers: list[dict], kernel_ms: float, top: int) -> list[str]:
+    """The per-layer table as text: time per step, calls, the two floors of `add_floors` where
+    known (ms per call, and how many times the call's time they are), the slowest kernels."""
+    attributed = sum(row["ms_per_step"] for row in layers)
+    lines = [f"by layer call ({attributed:.2f} of {kernel_ms:.2f} ms/step of kernels inside the op's ranges)"]
+    if any("planned_ms" in row for row in layers):
+        planned = sum(row.get("planned_ms", 0.0) * row["calls_per_step"] for row in layers)
+        roofline = sum(row.get("roofline_ms", 0.0) * row["calls_per_step"] for row in layers)
+        lines.append(f"floors per step: {planned:.2f} ms for the launches' own bytes and FLOPs (planned), "
+                     f"{roofline:.2f} ms for the layers' roofline; x = the call's time over that floor")  # fmt: skip
+        lines.append(f"{'ms/step':>8s} {'calls':>6s} {'planned':>8s} {'x':>5s} {'roofline':>8s} {'x':>5s}  layer call: slowest kernels (ms/step)")
+    for row in layers[:top]:
+        slowest = ", ".join(f"{name} {ms:.2f}" for name, ms in list(row["kernels"].items())[:3])
+        floors = ""
+        for key in ("planned", "roofline"):
+            if f"{key}_ms" in row:
+                ratio = row.get(f"x_{key}")
+                floors += f" {row[f'{key}_ms']:8.3f} {ratio:5.1f}" if ratio is not None else f" {row[f'{key}_ms']:8.3f} {'':5s}"
+            elif "planned_ms" in row:
+                floors += f" {'':8s} {'':5s}"
+        lines.append(f"{row['ms_per_step']:8.3f} {row['calls_per_step']:5.1f}x{floors}  {row['range']}: {slowest}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--json", type=Path, default=None, help="also write the tables here")
+    parser.add_argument("--no-peaks", action="store_true",
+                        help="skip measuring the device's peaks, and so the per-layer floors (saves a few seconds)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.profile needs a CUDA GPU", file=sys.stderr)
@@ -213,9 +334,18 @@ def main(argv: list[str] | None = None) -> int:
         tokens=tokens,
         layer=layer,
     )
+    peaks = None
+    if not args.no_peaks:
+        dtype = DTYPES[args.dtype]
+        quick = TimingSettings(warmup_ms=20.0, min_time_ms=100.0, min_reps=5, max_reps=50)
+        measured = measure_peaks(torch.device("cuda"), [dtype], quick)
+        peaks = {"flops_per_s": measured["matmul_flops_per_s"][dtype_name(dtype)], "bytes_per_s": measured["copy_bytes_per_s"]}
+        print(f"device peaks: {peaks['flops_per_s'] / 1e12:.0f} TFLOP/s ({args.dtype} matmul), "
+              f"{peaks['bytes_per_s'] / 1e12:.2f} TB/s (copy)")  # fmt: skip
     results = []
     for name in args.impls.split(","):
-        result = profile_case(case, name.strip(), args.steps, args.warmup, args.top, args.cprofile)
+        result = profile_case(case, name.strip(), args.steps, args.warmup, args.top, args.cprofile, peaks)
+        result["device_peaks"] = peaks
         results.append(result)
         print(
             f"\n== {result['case']}  {name}: {result['wall_ms']:.2f} ms/step wall, "
@@ -224,11 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in result["kernels"]:
             print(f"  {row['ms_per_step']:8.3f} ms {row['calls_per_step']:6.1f}x {100 * row['share']:5.1f}%  {row['kernel']}")
         if result["layers"]:
-            attributed = sum(row["ms_per_step"] for row in result["layers"])
-            print(f"  by layer call ({attributed:.2f} of {result['kernel_ms']:.2f} ms/step inside the op's ranges):")
-        for row in result["layers"][: args.top]:
-            slowest = ", ".join(f"{name} {ms:.2f}" for name, ms in list(row["kernels"].items())[:3])
-            print(f"  {row['ms_per_step']:8.3f} ms {row['calls_per_step']:6.1f}x  {row['range']}: {slowest}")
+            print("  " + "\n  ".join(_layer_lines(result["layers"], result["kernel_ms"], args.top)))
         if result["host"]:
             print("  host time per step (own / cumulative ms, calls):")
         for row in result["host"]:

@@ -39,6 +39,7 @@ from benchmarks.flops import layer_bytes
 from benchmarks.implementations import Implementation
 from benchmarks.memory import add_step_arguments, meta_training_step, parse_step_arguments
 from benchmarks.workloads import patched_op
+from refinestyle_kernels.ops.modulated_conv2d import open_profile_range
 
 #: the H100's device-to-device copy bandwidth (read + write) measured by the suite in session 2
 #: (BENCHMARKS.md); the default for turning bytes into milliseconds
@@ -66,6 +67,10 @@ class Launch:
     kernel: str  # the Triton kernel ("conv_gemm[mode 0]", "blur", ...) or "aten.<op>"
     read_bytes: int
     write_bytes: int
+    # the op's profiler range open at the launch ("conv 128->128 256x256 backward",
+    # `modulated_conv2d.profile_range`), or None outside every range: the key on which
+    # `benchmarks.profile` sets each layer call's kernel time against its planned bytes
+    range_label: str | None = None
 
     @property
     def bytes(self) -> int:
@@ -93,8 +98,9 @@ class TrafficRecorder(TorchDispatchMode):
     def observe_launch(self, kernel: str, reads: list, writes: list) -> None:
         phase, layer = self._where()
         self.launches.append(
-            Launch(phase, layer, kernel, sum(map(addressed_bytes, reads)), sum(map(addressed_bytes, writes)))
-        )
+            Launch(phase, layer, kernel, sum(map(addressed_bytes, reads)), sum(map(addressed_bytes, writes)),
+                   open_profile_range())
+        )  # fmt: skip
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -189,13 +195,16 @@ class recording:
             self._wrapped.append(conv)
         self._op_module = op_module
         self._previous_observer = op_module.LAUNCH_OBSERVER
+        self._previous_ranges = op_module.PROFILE_RANGES
         op_module.LAUNCH_OBSERVER = recorder.observe_launch
+        op_module.PROFILE_RANGES = True  # each launch learns its layer call's range
         recorder.__enter__()
         return recorder
 
     def __exit__(self, *exc) -> None:
         self.recorder.__exit__(*exc)
         self._op_module.LAUNCH_OBSERVER = self._previous_observer
+        self._op_module.PROFILE_RANGES = self._previous_ranges
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -270,6 +279,20 @@ def per_layer(launches: list[Launch]) -> dict[str, dict[str, dict]]:
     for launch in launches:
         grouped[launch.layer][launch.phase].append(launch)
     return {layer: {phase: summarize(items) for phase, items in phases.items()} for layer, phases in grouped.items()}
+
+
+def per_range(launches: list[Launch]) -> dict[str, dict]:
+    """{range label: totals + {"layer", "phase"}} for the launches inside the op's profiler
+    ranges (`Launch.range_label`), in the order the ranges first appear; the layer and phase
+    are those of the range's first launch (a layer call belongs to one layer and one pass)."""
+    grouped: dict[str, list[Launch]] = defaultdict(list)
+    for launch in launches:
+        if launch.range_label is not None:
+            grouped[launch.range_label].append(launch)
+    return {
+        label: {"layer": items[0].layer, "phase": items[0].phase, **summarize(items)}
+        for label, items in grouped.items()
+    }
 
 
 def per_kernel(launches: list[Launch]) -> dict[str, dict]:

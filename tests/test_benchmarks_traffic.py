@@ -179,3 +179,68 @@ def test_command_line_prints_and_writes_the_plan(tmp_path, capsys):
         assert totals["kernels"] == len(plan["launches"]) > 0
     with pytest.raises(SystemExit):
         traffic.main(["--bandwidth", "0"])
+
+
+@pytest.mark.parametrize("tokens", [TokenSetting(0, False), TokenSetting(4, False), TokenSetting(8, True)])
+def test_layer_calls_hold_every_layer_pass_once(tokens):
+    """`benchmarks.profile.planned_layer_calls`: the op's ranges (one per layer call) split the
+    step's model FLOPs and roofline bytes exactly, each conv and toRGB pass in one range, and
+    hold every Triton launch but the demodulation's (which runs before the op)."""
+    from benchmarks.cases import Case
+    from benchmarks.flops import generator_flops
+    from benchmarks.profile import _range_prefix, _range_shape, planned_layer_calls
+
+    batch = 2
+    case = Case(group="generator", generator=SMALL, batch=batch, dtype="bfloat16", mode="forward_backward", tokens=tokens)
+    calls = planned_layer_calls(case, TRITON)
+    convs, torgbs = SMALL.layers()
+    # every conv has a forward and a backward call; the skip upsample's calls have no roofline
+    for spec in convs:
+        for phase in ("forward", "backward"):
+            (call,) = [c for label, c in calls.items() if _range_shape(label) == _range_prefix(spec) and c["phase"] == phase]
+            assert spec.name in call["layer"].split("+")
+    assert all((c["roofline_bytes"] is None) == label.startswith("skip upsample") for label, c in calls.items())
+    assert _range_shape("conv 8->8 8x8 up backward") == "conv 8->8 8x8 up"
+    assert _range_shape("conv 8->8 8x8 +toRGB forward") == "conv 8->8 8x8"
+    wanted = 0
+    for backward in (False, True):
+        totals = generator_flops(SMALL.size, batch, tokens.num_tokens, shared_tokens=tokens.shared, backward=backward,
+                                 channel_multiplier=SMALL.channel_multiplier, channel_max=SMALL.channel_max)  # fmt: skip
+        wanted += totals["conv"] + totals["fir"] + totals["low_rank"]
+    assert sum(c["flops"] for c in calls.values()) == wanted > 0
+    floors = traffic.floor_bytes(SMALL, batch, torch.bfloat16, tokens)
+    assert sum(c["roofline_bytes"] or 0 for c in calls.values()) == sum(floors.values())
+    launches = traffic.planned_generator_traffic(SMALL, batch, torch.bfloat16, tokens, TRITON)
+    outside = {launch.kernel for launch in launches if launch.range_label is None and not launch.kernel.startswith("aten.")}
+    # (with shared tokens the demodulation's backward sums its token gradients over the batch)
+    assert outside <= {"demodulation", "demodulation_backward", *(("sum_partials",) if tokens.shared else ())}
+    assert sum(c["bytes"] for c in calls.values()) == sum(l.bytes for l in launches if l.range_label is not None)
+    assert op_module.PROFILE_RANGES is False and op_module.open_profile_range() is None  # both restored
+
+
+def test_layer_floors_divide_each_calls_time_by_its_plan():
+    """`benchmarks.profile.add_floors`: the floor of a call is the longer of its bytes at the copy
+    peak and its FLOPs at the matmul peak; the ratio is per call (a range entered twice a step
+    has twice its time per step); a row without a plan is left as it is."""
+    from benchmarks.profile import _layer_lines, add_floors
+
+    calls = {
+        "conv 8->8 16x16 forward": {"layer": "convs.3", "phase": "forward", "kernels": 1, "bytes": 4e9,
+                                    "flops": 1e12, "roofline_bytes": 2e9},  # fmt: skip
+        "skip upsample 3ch 8x8 forward": {"layer": "to_rgbs.1", "phase": "forward", "kernels": 1, "bytes": 1e9,
+                                          "flops": 0, "roofline_bytes": None},  # fmt: skip
+    }
+    rows = [
+        {"range": "conv 8->8 16x16 forward", "ms_per_step": 8.0, "calls_per_step": 2.0, "kernels": {"k": 8.0}},
+        {"range": "skip upsample 3ch 8x8 forward", "ms_per_step": 1.0, "calls_per_step": 1.0, "kernels": {"k": 1.0}},
+        {"range": "conv 4->4 8x8 forward", "ms_per_step": 1.0, "calls_per_step": 1.0, "kernels": {}},
+    ]
+    add_floors(rows, calls, peak_flops=1e15, peak_bytes_per_s=2e12)
+    conv, skip, unplanned = rows
+    assert conv["planned_ms"] == pytest.approx(2.0) and conv["x_planned"] == pytest.approx(2.0)  # 4 GB at 2 TB/s
+    assert conv["roofline_ms"] == pytest.approx(1.0) and conv["x_roofline"] == pytest.approx(4.0)  # 1 TFLOP at 1 PFLOP/s
+    assert skip["planned_ms"] == pytest.approx(0.5) and "roofline_ms" not in skip
+    assert set(unplanned) == {"range", "ms_per_step", "calls_per_step", "kernels"}
+    lines = _layer_lines(rows, kernel_ms=12.0, top=10)
+    assert "10.00 of 12.00 ms/step" in lines[0] and "4.50 ms for the launches" in lines[1]
+    assert lines[4].split()[:6] == ["1.000", "1.0x", "0.500", "2.0", "skip", "upsample"]

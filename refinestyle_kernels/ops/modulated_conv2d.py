@@ -32,11 +32,13 @@ Triton backend does all of it in the conv's epilogue.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
 import numbers
 import os
+import threading
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -908,11 +910,34 @@ LAUNCH_OBSERVER = None
 
 
 def profile_range_label(direction: str, x: torch.Tensor, out_channels: int, upsample: bool, rgb: bool = False) -> str:
-    """The profiler range of one layer call: "refinestyle conv Cin->Cout HxW[ up][ +toRGB] direction"
-    (x: the layer's input [B, Cin, H, W]; `PROFILE_RANGES`)."""
+    """The profiler range of one layer call: "conv Cin->Cout HxW[ up][ +toRGB] direction"
+    (x: the layer's input [B, Cin, H, W]; `PROFILE_RANGES`), opened as "refinestyle " + that."""
     height, width = x.shape[2], x.shape[3]
-    return (f"refinestyle conv {x.shape[1]}->{out_channels} {height}x{width}{' up' if upsample else ''}"
+    return (f"conv {x.shape[1]}->{out_channels} {height}x{width}{' up' if upsample else ''}"
             f"{' +toRGB' if rgb else ''} {direction}")  # fmt: skip
+
+
+_OPEN_RANGES = threading.local()  # .labels: the profile ranges open in this thread, innermost last
+
+
+@contextlib.contextmanager
+def profile_range(label: str):
+    """A profiler range named "refinestyle " + label around the block, also kept on a per-thread
+    stack that `open_profile_range` reads: the traffic planner (benchmarks/traffic.py) labels
+    each launch with it, so the profile's kernel time and the planned bytes meet per layer call."""
+    stack = _OPEN_RANGES.__dict__.setdefault("labels", [])
+    stack.append(label)
+    try:
+        with torch.profiler.record_function(f"refinestyle {label}"):
+            yield
+    finally:
+        stack.pop()
+
+
+def open_profile_range() -> str | None:
+    """The innermost `profile_range` open in this thread (its label), or None."""
+    stack = getattr(_OPEN_RANGES, "labels", None)
+    return stack[-1] if stack else None
 
 
 def _profiled(direction: str, x_index: int, weight_index: int, upsample_index: int):
@@ -927,7 +952,7 @@ def _profiled(direction: str, x_index: int, weight_index: int, upsample_index: i
                 direction, args[x_index], args[weight_index].shape[0], bool(args[upsample_index]),
                 kwargs.get("rgb") is not None,
             )  # fmt: skip
-            with torch.profiler.record_function(label):
+            with profile_range(label):
                 return function(*args, **kwargs)
 
         return call

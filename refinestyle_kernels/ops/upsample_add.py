@@ -137,7 +137,7 @@ def _profile_range(direction: str, channels: int, height: int, width: int):
     `PROFILE_RANGES` is set, else a no-op."""
     if not _conv_op.PROFILE_RANGES:
         return contextlib.nullcontext()
-    return torch.profiler.record_function(f"refinestyle skip upsample {channels}ch {height}x{width} {direction}")
+    return _conv_op.profile_range(f"skip upsample {channels}ch {height}x{width} {direction}")
 
 
 def _upsample_add_forward(x, taps, base, up, pad0, pad1) -> torch.Tensor:
