@@ -201,7 +201,11 @@ def format_table(run: dict) -> str:
     """The stdout table: one row per (case, implementation), then peaks and targets."""
     lines = [_banner(run), ""]
     lines.append(_table(RESULT_HEADER, (_result_row(r) for r in run["results"]), markdown=False))
-    lines += ["", _peaks_line(run), _autotune_line(run), "", _targets_text(run, markdown=False)]
+    lines += ["", _peaks_line(run), _autotune_line(run)]
+    launches = conv_launch_table(run)
+    if launches:
+        lines += ["", launches]
+    lines += ["", _targets_text(run, markdown=False)]
     return "\n".join(lines)
 
 
@@ -255,6 +259,63 @@ def _autotune_line(run: dict) -> str:
         f"Conv autotuner: {len(chosen)} launch shapes tuned; the styles went on the W tile in {on_w} of the "
         f"{len(forward)} forward shapes, on the A tile in the rest (autotuned_conv_configs in the JSON)."
     )
+
+
+_CONV_MODES = {0: "conv", 1: "conv /2", 2: "convT x2"}
+
+
+def _conv_launch_label(config: dict) -> str:
+    """A tuned conv launch in words: "convT x2 64->32 on 513x513, A*s, +proj L32" (MODE, K->N, the
+    pixel grid, then what rides along: the styles on A, the low-rank branch fused or read, the
+    per-pixel sums of a grad-x launch, the token products, the toRGB epilogue)."""
+    grid = config.get("GRID_HW") or (0, 0)
+    parts = [f"{_CONV_MODES.get(config.get('MODE'), config.get('MODE'))} {config.get('K')}->{config.get('N')} "
+             f"on {grid[0]}x{grid[1]}"]  # fmt: skip
+    if config.get("HAS_A_SCALE"):
+        parts.append("A*s")
+    if config.get("HAS_LOWRANK"):
+        parts.append(f"{'+proj' if config.get('FUSE_PROJECTION') else '+z'} L{config.get('L')}")
+    if config.get("REDUCE_X"):
+        parts.append("+sum x")
+    if config.get("TOKEN_PRODUCTS"):
+        parts.append("+token products")
+    if config.get("RGB_CHANNELS"):
+        parts.append("+toRGB")
+    return ", ".join(parts)
+
+
+def conv_launch_table(run: dict, markdown: bool = False) -> str | None:
+    """The conv kernel's launch shapes as its autotuner timed them (`autotuned_conv_configs`:
+    the chosen config's median, Triton's do_bench with the L2 emptied between calls), slowest
+    first, against each launch's floor at the run's peaks: its least bytes at the copy peak or
+    its FLOPs at the matmul peak of its dtype, whichever is longer. None when nothing was timed."""
+    timed = [c for c in run.get("autotuned_conv_configs") or [] if c.get("tuned_ms")]
+    if not timed:
+        return None
+    peaks = run.get("peaks") or {}
+    copy = peaks.get("copy_bytes_per_s")
+    matmul = peaks.get("matmul_flops_per_s") or {}
+    rows = []
+    total_ms = total_floor = 0.0
+    for config in sorted(timed, key=lambda c: -c["tuned_ms"]):
+        ms = config["tuned_ms"]
+        nbytes, flops = config.get("least_bytes") or 0, config.get("flops") or 0
+        peak_flops = matmul.get(str(config.get("a_dtype", "")).replace("torch.", ""))
+        floor = None
+        if copy and peak_flops:
+            floor = 1e3 * max(nbytes / copy, flops / peak_flops)
+            total_floor += floor
+        total_ms += ms
+        tile = (f"{config.get('BLOCK_M')}x{config.get('BLOCK_N')}x{config.get('BLOCK_K')} w{config.get('num_warps')}"
+                f"{' TMA' if config.get('A_TMA') else ''}{' s->W' if config.get('SCALE_WEIGHT') else ''}")  # fmt: skip
+        rows.append([
+            _conv_launch_label(config), tile, f"{ms:.3f}", f"{nbytes / ms / 1e6:.0f}", f"{flops / ms / 1e9:.0f}",
+            "-" if floor is None else f"{floor:.3f}", "-" if not floor else f"{ms / floor:.1f}x",
+        ])  # fmt: skip
+    header = ["conv launch (tuned)", "tile", "ms", "GB/s", "TFLOP/s", "floor ms", "x floor"]
+    summary = (f"Conv launches as the autotuner timed them ({len(timed)} shapes): {total_ms:.2f} ms in all"
+               + (f", {total_floor:.2f} ms at the floor" if total_floor else " (no peaks: no floor)") + ".")
+    return summary + ("\n\n" if markdown else "\n") + _table(header, rows, markdown)
 
 
 def _targets_text(run: dict, markdown: bool) -> str:
@@ -315,6 +376,9 @@ def markdown_report(run: dict) -> str:
             rows.append(row)
         parts.append(_table(header, rows, markdown=True))
     parts += ["", _autotune_line(run)]
+    launches = conv_launch_table(run, markdown=True)
+    if launches:
+        parts += ["", launches]
     broken = [r for r in run["results"] if r.get("graph_breaks")]
     if broken:
         parts += ["", "Compiled with graph breaks (each graph is entered from Python):"]

@@ -39,7 +39,7 @@ from benchmarks.flops import layer_bytes
 from benchmarks.implementations import Implementation
 from benchmarks.memory import add_step_arguments, meta_training_step, parse_step_arguments
 from benchmarks.workloads import patched_op
-from refinestyle_kernels.ops.modulated_conv2d import open_profile_range
+from refinestyle_kernels.ops.modulated_conv2d import addressed_bytes, open_profile_range
 
 #: the H100's device-to-device copy bandwidth (read + write) measured by the suite in session 2
 #: (BENCHMARKS.md); the default for turning bytes into milliseconds
@@ -47,15 +47,6 @@ H100_COPY_BYTES_PER_S = 3.01e12
 
 # aten ops that allocate without writing: no traffic, no kernel
 _ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
-
-
-def addressed_bytes(tensor: torch.Tensor) -> int:
-    """Bytes of the distinct elements `tensor` addresses: an expanded (stride-0) dimension counts once."""
-    elements = 1
-    for size, stride in zip(tensor.shape, tensor.stride()):
-        if stride != 0:
-            elements *= size
-    return elements * tensor.element_size()
 
 
 @dataclass

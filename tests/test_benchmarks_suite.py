@@ -147,6 +147,54 @@ def test_autotuned_conv_choices_are_recorded_by_name(monkeypatch):
     assert "2 launch shapes tuned" in line and "W tile in 1 of the 1 forward shapes" in line
 
 
+def test_conv_launch_flops_count_every_product_the_kernel_issues():
+    """`_conv_launch_flops`, by hand: 1 sample on a 2 x 3 grid, 3x3 taps, K = 4, N = 5, L = 2."""
+    from refinestyle_kernels.ops.modulated_conv2d import _conv_launch_flops
+
+    def flops(**kwargs):
+        options = dict(batch=1, grid_hw=(2, 3), ksize=3, k=4, n=5, rank=0, phases=1, fused_projection=False,
+                       token_products=False, rgb_channels=0)  # fmt: skip
+        return _conv_launch_flops(**{**options, **kwargs})
+
+    assert flops() == 2 * 6 * 9 * 4 * 5  # the conv: 1080 MACs
+    # the transposed conv's four phases share the grid's 9 taps; box(z) @ r runs per output pixel
+    assert flops(rank=2, phases=4) == 2 * (1080 + 24 * 2 * 5)
+    assert flops(rank=2, phases=4, fused_projection=True) == 2 * (1080 + 240 + 6 * 9 * 4 * 2)  # + a @ q^T a tap
+    # a grad-x launch's token products: u = x r^T, then grad p a tap and grad q a pixel
+    assert flops(rank=2, token_products=True) == 2 * (1080 + 6 * 2 * 5 + 6 * (5 * 2 + 9 * 2 * 4 + 2 * 5))
+    assert flops(rgb_channels=3) == 2 * (1080 + 6 * 5 * 3)
+
+
+def test_conv_launch_table_ranks_the_tuned_launches_against_their_floors():
+    """The report's conv-launch table: slowest first, achieved GB/s and TFLOP/s, and each launch's
+    floor (least bytes at the copy peak or FLOPs at its dtype's matmul peak); shapes that were not
+    timed (one config left) are not in it; no timed shape, no table."""
+    from benchmarks.report import conv_launch_table
+
+    def launch(mode, ms, nbytes, flops, **flags):
+        return dict(MODE=mode, K=64, N=32, GRID_HW=(513, 513), L=32, a_dtype="torch.bfloat16", BLOCK_M=128,
+                    BLOCK_N=32, BLOCK_K=64, num_warps=4, A_TMA=False, SCALE_WEIGHT=True, tuned_ms=ms,
+                    least_bytes=nbytes, flops=flops, **flags)  # fmt: skip
+
+    run = {
+        "peaks": {"copy_bytes_per_s": 2e12, "matmul_flops_per_s": {"bfloat16": 5e14}},
+        "autotuned_conv_configs": [
+            launch(0, 0.5, 1e9, 1e11),  # floor: 1 GB at 2 TB/s = 0.5 ms
+            launch(2, 2.0, 1e8, 5e11, HAS_A_SCALE=True, HAS_LOWRANK=True, FUSE_PROJECTION=True),  # floor 1 ms (FLOPs)
+            launch(1, None, 1e9, 1e9),  # not timed
+        ],
+    }
+    text = conv_launch_table(run)
+    lines = text.splitlines()
+    assert lines[0].startswith("Conv launches as the autotuner timed them (2 shapes): 2.50 ms in all, 1.50 ms at the floor")
+    slow, fast = lines[3], lines[4]
+    assert slow.startswith("convT x2 64->32 on 513x513, A*s, +proj L32") and fast.startswith("conv 64->32 on 513x513")
+    assert slow.split()[-5:] == ["2.000", "50", "250", "1.000", "2.0x"]
+    assert fast.split()[-5:] == ["0.500", "2000", "200", "0.500", "1.0x"]
+    assert "| conv launch (tuned) |" in conv_launch_table(run, markdown=True)
+    assert conv_launch_table({"autotuned_conv_configs": [launch(0, None, 1, 1)]}) is None
+
+
 def _drops_residual(x, weight, styles, p=None, q=None, **kwargs):
     """A plausible bug: the low-rank residual silently ignored."""
     return styled_conv2d(x, weight, styles, None, None, **kwargs)

@@ -866,10 +866,13 @@ def test_autotuned_launch_path_runs_every_pruned_config(layer, monkeypatch):
     monkeypatch.setattr(kernel, "run", recording_run)
     monkeypatch.setattr(op_module, "CONV_COMPILE_THREADS", 4)
     monkeypatch.setattr(op_module, "_CONV_BEST_CONFIG", {})  # tune afresh, whatever ran before
+    monkeypatch.setattr(op_module, "_CONV_TUNED_LAUNCH", {})
+    timed = []
 
     def stand_in_timer(kernel_call, quantiles):
         kernel_call()
         elapsed = -float(next(launches))  # each config "faster" than the one before
+        timed.append(elapsed)
         return [elapsed] * len(quantiles)
 
     tuned = autotuned_with_timer(stand_in_timer)
@@ -878,6 +881,15 @@ def test_autotuned_launch_path_runs_every_pruned_config(layer, monkeypatch):
     check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"])
     assert next(launches) > 2  # forward and grad x were each tuned over more than one config
     assert len(runs[True]) > 2 and runs[True] == runs[False]
+    # each tuned shape records its winner's time (the last config timed for it: the fastest
+    # here), how many configs were timed, and its bytes and FLOPs (JSON: autotuned_conv_configs)
+    recorded = op_module.autotuned_conv_configs()
+    assert len(recorded) == len(op_module._CONV_BEST_CONFIG) >= 2
+    assert sum(entry["configs_timed"] for entry in recorded) == len(timed)
+    ends = list(itertools.accumulate(entry["configs_timed"] for entry in recorded))
+    wanted = [timed[end - 1] if entry["configs_timed"] else None for entry, end in zip(recorded, ends)]
+    assert [entry["tuned_ms"] for entry in recorded] == wanted and any(wanted)  # (one config left: nothing timed)
+    assert all(entry["least_bytes"] > 0 and entry["flops"] > 0 for entry in recorded)
     if layer.in_channels == 32:  # the K = 32 tiles, up to the longest, ran
         forward_tiles = {dict(config)["BLOCK_M"] for mode, reduce_x, config in runs[False] if mode == 0 and not reduce_x}
         assert {128, 256} <= forward_tiles, forward_tiles

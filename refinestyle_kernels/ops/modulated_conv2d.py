@@ -960,6 +960,22 @@ def _profiled(direction: str, x_index: int, weight_index: int, upsample_index: i
     return wrap
 
 
+def addressed_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of the distinct elements `tensor` addresses: an expanded (stride-0) dimension counts
+    once. What a launch must move of it at the least (the launch records and benchmarks/traffic.py)."""
+    elements = 1
+    for size, stride in zip(tensor.shape, tensor.stride()):
+        if stride != 0:
+            elements *= size
+    return elements * tensor.element_size()
+
+
+def _least_bytes(reads, writes) -> int:
+    """Bytes a launch must move at the least: each distinct tensor it reads or writes, once."""
+    distinct = {id(t): t for t in (*reads, *writes) if isinstance(t, torch.Tensor)}
+    return sum(addressed_bytes(t) for t in distinct.values())
+
+
 def _observe_launch(kernel: str, reads, writes) -> None:
     if LAUNCH_OBSERVER is not None:
 
@@ -2564,11 +2580,9 @@ def _launch_conv_gemm(
     rgb_mix, rgb_bias, rgb_out, rgb_clamp = rgb if rgb is not None else (None, None, None, None)
     if rgb is not None and (mode != 0 or w.shape[2] > RGB_EPILOGUE_MAX_COUT):
         raise ValueError(f"the toRGB epilogue needs MODE 0 and N <= {RGB_EPILOGUE_MAX_COUT}, got {mode} and {w.shape[2]}")
-    _observe_launch(
-        f"conv_gemm[mode {mode}]",
-        (a, a_scale, w, z, r, q if z is None else None, alpha, beta, noise, noise_strength, bias, x, rgb_mix, rgb_bias),
-        (out, partial, rgb_out, grad_p_sums, grad_q_sums),
-    )  # fmt: skip
+    reads = (a, a_scale, w, z, r, q if z is None else None, alpha, beta, noise, noise_strength, bias, x, rgb_mix, rgb_bias)
+    writes = (out, partial, rgb_out, grad_p_sums, grad_q_sums)
+    _observe_launch(f"conv_gemm[mode {mode}]", reads, writes)
 
     def result():
         if not token_products:
@@ -2663,8 +2677,16 @@ def _launch_conv_gemm(
         if config is None:
             tuner = _tuned_conv_gemm()
             _compile_configs_in_parallel(tuner, args, grid, flags)
+            tuner.configs_timings = None  # set again only if this launch's configs are timed (or read from disk)
             tuner[grid](*args, **flags)
             _CONV_BEST_CONFIG[key] = tuner.best_config
+            _CONV_TUNED_LAUNCH[key] = dict(
+                tuned_ms=_tuned_ms(getattr(tuner, "configs_timings", None), tuner.best_config),
+                configs_timed=len(getattr(tuner, "configs_timings", None) or ()),
+                least_bytes=_least_bytes(reads, writes),
+                flops=_conv_launch_flops(batch, grid_hw, ksize, k, n, rank if lowrank else 0, phases,
+                                         fuse_projection, token_products, flags["RGB_CHANNELS"]),
+            )  # fmt: skip
         else:
             _conv_gemm_kernel[grid(config.kwargs)](*args, **flags, **config.all_kwargs())
     return result()
@@ -2697,6 +2719,37 @@ def _compile_configs_in_parallel(tuner, args: tuple, grid, flags: dict) -> None:
 
 # (launch shape and dtypes) -> the triton.Config the autotuner chose for it
 _CONV_BEST_CONFIG: dict = {}
+# the same keys -> what tuning measured of that launch (`autotuned_conv_configs`)
+_CONV_TUNED_LAUNCH: dict = {}
+
+
+def _tuned_ms(timings: dict | None, best) -> float | None:
+    """The chosen config's median time (ms) among the autotuner's timings of one launch shape
+    ({config: [median, p20, p80]} or {config: ms}, Triton's `configs_timings`), or None where
+    nothing was timed (a single config after pruning)."""
+    if not timings or best not in timings:
+        return None
+    timing = timings[best]
+    return float(timing[0] if isinstance(timing, (list, tuple)) else timing)
+
+
+def _conv_launch_flops(batch, grid_hw, ksize, k, n, rank, phases, fused_projection, token_products, rgb_channels) -> int:
+    """FLOPs (2 x MACs) of one `_conv_gemm_kernel` launch's products: the conv (every grid pixel
+    meets KSIZE^2 taps, over the four phases of MODE 2 too), the low-rank branch (the fused
+    projection per tap, box(z) @ r per output pixel), the token products (u = x r^T, grad p's
+    per-tap products, grad q's) and the toRGB epilogue."""
+    grid_pixels = batch * grid_hw[0] * grid_hw[1]
+    out_pixels = grid_pixels * phases
+    macs = grid_pixels * ksize * ksize * k * n
+    if rank:
+        macs += out_pixels * rank * n
+        if fused_projection:
+            macs += grid_pixels * ksize * ksize * k * rank
+    if token_products:
+        macs += grid_pixels * (n * rank + ksize * ksize * rank * k + rank * n)
+    macs += out_pixels * n * rgb_channels
+    return 2 * macs
+
 # the fields of those keys, in order (benchmarks record the choices by name)
 CONV_BEST_CONFIG_KEY_FIELDS = (
     "MODE", "KSIZE", "K", "N", "L", "GRID_HW", "TMA_BLOCK_M", "BATCH_BUCKET", "BOX_Z", "FUSE_PROJECTION", "HAS_A_SCALE", "HAS_LOWRANK", "REDUCE_X",
@@ -2707,13 +2760,18 @@ CONV_BEST_CONFIG_KEY_FIELDS = (
 
 def autotuned_conv_configs() -> list[dict]:
     """What the conv kernel's autotuner chose in this process, one dict per launch shape: the
-    launch's fields (`CONV_BEST_CONFIG_KEY_FIELDS`, dtypes as strings) and the chosen config's
-    BLOCK_M/N/K, TILE_W, SCALE_WEIGHT, A_TMA, num_warps and num_stages."""
+    launch's fields (`CONV_BEST_CONFIG_KEY_FIELDS`, dtypes as strings), the chosen config's
+    BLOCK_M/N/K, TILE_W, SCALE_WEIGHT, A_TMA, num_warps and num_stages, and what tuning
+    measured: tuned_ms (the chosen config's median in the autotuner's own timing, Triton's
+    do_bench, which empties the L2 cache between calls; None where one config was left and
+    nothing was timed), configs_timed, least_bytes (every tensor the launch reads or writes,
+    once) and flops (2 x the MACs of its products, `_conv_launch_flops`)."""
     chosen = []
     for key, config in _CONV_BEST_CONFIG.items():
         entry = {name: str(value) if isinstance(value, torch.dtype) else value
                  for name, value in zip(CONV_BEST_CONFIG_KEY_FIELDS, key)}  # fmt: skip
         entry.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        entry.update(_CONV_TUNED_LAUNCH.get(key, {}))
         chosen.append(entry)
     return chosen
 
