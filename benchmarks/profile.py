@@ -7,15 +7,20 @@
 For each implementation the case runs a few times untimed (compilation, autotuning),
 then `--steps` times under torch.profiler. The report lists the wall time per step
 (CUDA events), the summed GPU kernel time per step, and the kernels that take the most
-of it, grouped by name. For the triton backend it also lists the time per layer call (the
-op's profiler ranges, `PROFILE_RANGES`: "conv 128->128 256x256 backward" and the kernels
-inside it), each against two floors at the device's peaks, measured first (`--no-peaks`
-skips them): the bytes and FLOPs of the call's own launches as `benchmarks.traffic` plans
-them on meta tensors ("planned": how slow the kernels are), and the layer's roofline
-("roofline": how far the kernel structure is from a fully fused layer). With `--cprofile`
-it also lists the Python functions that take the most host time per step (cProfile), for
-cases whose wall time exceeds their kernel time. This is a diagnostic, not a benchmark:
-profiling adds overhead to every launch, so take times from `python -m benchmarks`.
+of it, grouped by name. For the triton backend it also lists:
+
+- the time per layer call (the op's profiler ranges, `PROFILE_RANGES`: "conv 128->128
+  256x256 backward" and the kernels inside it), each against two floors at the device's
+  peaks, measured first (`--no-peaks` skips them): the bytes and FLOPs of the call's own
+  launches as `benchmarks.traffic` plans them on meta tensors ("planned": how slow the
+  kernels are), and the layer's roofline ("roofline": how far the kernel structure is from
+  a fully fused layer);
+- the conv kernel's launch shapes as its autotuner timed them in the warm-up, against
+  their floors (`benchmarks.report.conv_launch_table`).
+
+With `--cprofile` it also lists the Python functions that take the most host time per step
+(cProfile), for cases whose wall time exceeds their kernel time. This is a diagnostic, not a
+benchmark: profiling adds overhead to every launch, so take times from `python -m benchmarks`.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import torch
 from benchmarks.cases import Case, GeneratorConfig, parse_tokens
 from benchmarks.flops import LayerSpec, layer_bytes, layer_flops
 from benchmarks.implementations import Implementation, select
+from benchmarks.report import conv_launch_table
 from benchmarks.timing import DTYPES, TimingSettings, dtype_name, measure_peaks
 from benchmarks.traffic import per_range, planned_generator_traffic
 from benchmarks.workloads import make_workload, patched_op
@@ -355,6 +361,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {row['ms_per_step']:8.3f} ms {row['calls_per_step']:6.1f}x {100 * row['share']:5.1f}%  {row['kernel']}")
         if result["layers"]:
             print("  " + "\n  ".join(_layer_lines(result["layers"], result["kernel_ms"], args.top)))
+        # the conv kernel's launch shapes as its autotuner timed them in this process's warm-up
+        tuned = op_module.autotuned_conv_configs()
+        if tuned and not any("conv_launches" in earlier for earlier in results[:-1]):
+            result["conv_launches"] = tuned
+            suite_peaks = None
+            if peaks:
+                suite_peaks = {"copy_bytes_per_s": peaks["bytes_per_s"], "matmul_flops_per_s": {args.dtype: peaks["flops_per_s"]}}
+            table = conv_launch_table({"autotuned_conv_configs": tuned, "peaks": suite_peaks})
+            if table:
+                print("  " + "\n  ".join(table.splitlines()))
         if result["host"]:
             print("  host time per step (own / cumulative ms, calls):")
         for row in result["host"]:

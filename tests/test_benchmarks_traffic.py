@@ -244,3 +244,35 @@ def test_layer_floors_divide_each_calls_time_by_its_plan():
     lines = _layer_lines(rows, kernel_ms=12.0, top=10)
     assert "10.00 of 12.00 ms/step" in lines[0] and "4.50 ms for the launches" in lines[1]
     assert lines[4].split()[:6] == ["1.000", "1.0x", "0.500", "2.0", "skip", "upsample"]
+
+
+def test_profile_command_prints_the_floors_and_the_tuned_conv_launches(tmp_path, monkeypatch, capsys):
+    """`python -m benchmarks.profile` end to end with the GPU parts stood in (the profile itself,
+    the peaks, the autotuner's record): the per-layer table with its floors and the conv-launch
+    table are printed, and the JSON holds both, so a GPU session's stage 1 cannot stop at them."""
+    from benchmarks import profile
+
+    def fake_profile_case(case, name, steps, warmup, top, host, peaks):
+        layers = [{"range": "conv 8->8 16x16 forward", "ms_per_step": 2.0, "calls_per_step": 1.0, "kernels": {"k": 2.0}}]
+        calls = {"conv 8->8 16x16 forward": {"layer": "convs.3", "phase": "forward", "kernels": 1, "bytes": 1e9,
+                                             "flops": 1e9, "roofline_bytes": 5e8}}  # fmt: skip
+        profile.add_floors(layers, calls, peaks["flops_per_s"], peaks["bytes_per_s"])
+        kernels = [{"kernel": "k", "ms_per_step": 2.0, "calls_per_step": 1.0, "share": 1.0}]
+        return {"case": case.case_id, "implementation": name, "wall_ms": 3.0, "kernel_ms": 2.0, "peak_gib": 1.0,
+                "kernels": kernels, "layers": layers, "host": []}  # fmt: skip
+
+    tuned = [dict(MODE=0, K=8, N=8, GRID_HW=(16, 16), L=4, a_dtype="torch.bfloat16", BLOCK_M=64, BLOCK_N=16,
+                  BLOCK_K=16, num_warps=4, tuned_ms=0.25, least_bytes=5e8, flops=1e9)]  # fmt: skip
+    monkeypatch.setattr(profile.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(profile, "measure_peaks", lambda device, dtypes, settings: {
+        "matmul_flops_per_s": {"bfloat16": 5e14}, "copy_bytes_per_s": 2e12})  # fmt: skip
+    monkeypatch.setattr(profile, "profile_case", fake_profile_case)
+    monkeypatch.setattr(profile.op_module, "autotuned_conv_configs", lambda: tuned)
+    path = tmp_path / "profile.json"
+    assert profile.main(["--impls", "triton", "--size", "16", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "device peaks: 500 TFLOP/s (bfloat16 matmul), 2.00 TB/s (copy)" in out
+    assert "0.500   4.0    0.250   8.0  conv 8->8 16x16 forward" in out  # 1 GB at 2 TB/s; 0.5 GB
+    assert "Conv launches as the autotuner timed them (1 shapes): 0.25 ms in all, 0.25 ms at the floor" in out
+    (saved,) = json.loads(path.read_text())
+    assert saved["layers"][0]["x_planned"] == pytest.approx(4.0) and saved["conv_launches"][0]["tuned_ms"] == 0.25
