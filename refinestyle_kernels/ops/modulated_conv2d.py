@@ -2750,6 +2750,7 @@ def _conv_launch_flops(batch, grid_hw, ksize, k, n, rank, phases, fused_projecti
     macs += out_pixels * n * rgb_channels
     return 2 * macs
 
+
 # the fields of those keys, in order (benchmarks record the choices by name)
 CONV_BEST_CONFIG_KEY_FIELDS = (
     "MODE", "KSIZE", "K", "N", "L", "GRID_HW", "TMA_BLOCK_M", "BATCH_BUCKET", "BOX_Z", "FUSE_PROJECTION", "HAS_A_SCALE", "HAS_LOWRANK", "REDUCE_X",
