@@ -106,9 +106,8 @@ def _parents(event):
 
 
 def _range_prefix(spec: LayerSpec) -> str:
-    """The start of the op's range label for a call of this layer (`profile_range_label`)."""
-    up = " up" if spec.upsample else ""
-    return f"conv {spec.in_channel}->{spec.out_channel} {spec.in_size}x{spec.in_size}{up}"
+    """The shape part of the op's range label for a call of this layer (`layer_call_shape`)."""
+    return op_module.layer_call_shape(spec.in_channel, spec.out_channel, spec.in_size, spec.in_size, spec.upsample)
 
 
 def _range_shape(label: str) -> str:

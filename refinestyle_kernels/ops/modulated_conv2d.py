@@ -909,12 +909,17 @@ PROFILE_RANGES = False
 LAUNCH_OBSERVER = None
 
 
+def layer_call_shape(in_channels: int, out_channels: int, height: int, width: int, upsample: bool) -> str:
+    """The shape part of a layer call's profile range: "conv Cin->Cout HxW[ up]" (input H x W)."""
+    return f"conv {in_channels}->{out_channels} {height}x{width}{' up' if upsample else ''}"
+
+
 def profile_range_label(direction: str, x: torch.Tensor, out_channels: int, upsample: bool, rgb: bool = False) -> str:
-    """The profiler range of one layer call: "conv Cin->Cout HxW[ up][ +toRGB] direction"
-    (x: the layer's input [B, Cin, H, W]; `PROFILE_RANGES`), opened as "refinestyle " + that."""
-    height, width = x.shape[2], x.shape[3]
-    return (f"conv {x.shape[1]}->{out_channels} {height}x{width}{' up' if upsample else ''}"
-            f"{' +toRGB' if rgb else ''} {direction}")  # fmt: skip
+    """The profiler range of one layer call: `layer_call_shape`, then " +toRGB" where the call
+    also runs its toRGB, then the direction (x: the layer's input [B, Cin, H, W];
+    `PROFILE_RANGES`), opened as "refinestyle " + that."""
+    shape = layer_call_shape(x.shape[1], out_channels, x.shape[2], x.shape[3], upsample)
+    return f"{shape}{' +toRGB' if rgb else ''} {direction}"
 
 
 _OPEN_RANGES = threading.local()  # .labels: the profile ranges open in this thread, innermost last
