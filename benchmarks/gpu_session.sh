@@ -102,8 +102,13 @@ case "${1:-}" in
     # session 25 routed the 256 px layer away from the epilogue products (EPILOGUE_PRODUCTS_MAX_CHANNELS
     # 128 -> 64) on session 24's profile; this times the old route
     ab epilogue-products-128 --kernel-option EPILOGUE_PRODUCTS_MAX_CHANNELS=128
-    ab rgb-epilogue-off --kernel-option RGB_EPILOGUE_MAX_COUT=0
-    ab conv-products-off --kernel-option CONV_TOKEN_PRODUCTS_MAX_K=0
+    # session 27: the memory-bound loops' loads pipelined (cp.async), against session 26's plain loads
+    ab loads-unpipelined --kernel-option LOAD_STAGES=1
+    # session 27: the epilogue backward's programs walk up to 32 blocks of 512 values, against one
+    # block of 2048 a program (session 26); session 24 already timed the toRGB epilogue and the
+    # conv token products off (h100_2026-11-26_ab-*.json), so those two runs made room for these
+    ab epilogue-backward-one-block --kernel-option EPILOGUE_BACKWARD_MAX_TILES=1 \
+        --kernel-option EPILOGUE_BACKWARD_BLOCK_VALUES=2048
     # session 25: the toRGB skip's upsample + add in Triton (`upsample_add`) against cuDNN's ~2.7 ms
     ab upsample-add-off --kernel-option UPSAMPLE_ADD_TRITON=0
     ;;

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -237,12 +238,23 @@ class OtherKernel:
     constexprs: dict
     pointers: dict  # pointer arguments that are not bf16
     num_warps: int = 4
-    module: object = None  # the op module holding it; None: refinestyle_kernels.ops.modulated_conv2d
+    # the name of the op module holding it (a name, so that a case pickles to a --jobs worker);
+    # None: refinestyle_kernels.ops.modulated_conv2d
+    module: str | None = None
 
     def compile(self):
-        fn = getattr(self.module or op_module, self.kernel)
+        """Compile it as the JIT specialises a launch of the benchmarked shapes: pointers and
+        channel counts divisible by 16, unit strides as given in `constexprs`, and every other
+        stride divisible by 16 except the toRGB tensors' (3 channels). Without the strides'
+        divisibility the loads look unaligned and narrow, and Triton would not pipeline them
+        into asynchronous copies as it does at a real launch."""
+        fn = getattr(importlib.import_module(self.module) if self.module else op_module, self.kernel)
         pointers = {name: self.pointers.get(name, "*bf16") for name in fn.arg_names if name.endswith("_ptr")}
-        divisible = [name for name in fn.arg_names if name.endswith("_ptr") or name in ("N", "C", "L", "CIN", "COUT")]
+        divisible = [
+            name for name in fn.arg_names
+            if name.endswith("_ptr") or name in ("N", "C", "L", "CIN", "COUT")
+            or (name.startswith("stride_") and "rgb" not in name and name not in self.constexprs)
+        ]  # fmt: skip
         return compile_for_hopper(fn, pointers, self.constexprs, self.num_warps, 3, divisible)
 
 
@@ -250,7 +262,8 @@ _FP32 = "*fp32"
 
 
 
-_PIXEL_PRODUCTS = dict(KSIZE=3, INPUT_PRECISION=None, BLOCK_P=64)
+# channels-last operands: the JIT specialises their unit channel strides
+_PIXEL_PRODUCTS = dict(KSIZE=3, INPUT_PRECISION=None, BLOCK_P=64, LOAD_STAGES=op_module.LOAD_STAGES, stride_al=1, stride_bc=1)
 _DEMODULATION_POINTERS = dict.fromkeys(("s1_ptr", "s2_ptr", "demod_ptr", "energy_ptr", "u_ptr", "gp_ptr", "p_ptr",
                                         "q_ptr", "styles_ptr", "grad_demod_ptr", "grad_styles_ptr", "grad_p_ptr",
                                         "grad_q_ptr", "t_ptr", "c_ptr", "grad_energy_ptr"), _FP32)  # fmt: skip
@@ -276,15 +289,17 @@ OTHER_KERNELS = (
     ),
     OtherKernel("epilogue backward", "_epilogue_backward_kernel",
                 dict(HAS_DEMOD=True, HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True, HAS_CLAMP=False, HAS_GRAD=True,
-                     RGB_CHANNELS=0, RGB_CLAMP=False,
-                     **dict(zip(("BLOCK_M", "BLOCK_N"), op_module._pointwise_blocks(512 * 512, 64))), BLOCK_RGB=1),
+                     RGB_CHANNELS=0, RGB_CLAMP=False, LOAD_STAGES=op_module.LOAD_STAGES, stride_gn=1, stride_on=1,
+                     stride_noise_w=1,
+                     **dict(zip(("BLOCK_M", "BLOCK_N"), op_module._pointwise_blocks(512 * 512, 64, op_module.EPILOGUE_BACKWARD_BLOCK_VALUES))), BLOCK_RGB=1),
                 dict(demod_ptr=_FP32, noise_strength_ptr=_FP32, sums_ptr=_FP32)),
     *(
         # the last conv of a block with its toRGB's adjoint (1024 px: out feeds only the toRGB)
         OtherKernel(f"epilogue backward + toRGB adjoint{'' if has_grad else ', no grad'}", "_epilogue_backward_kernel",
                     dict(HAS_DEMOD=True, HAS_NOISE=True, HAS_BIAS=True, ACTIVATE=True, HAS_CLAMP=False,
-                         HAS_GRAD=has_grad, RGB_CHANNELS=3, RGB_CLAMP=False,
-                         **dict(zip(("BLOCK_M", "BLOCK_N"), op_module._pointwise_blocks(size * size, channels, 2048 if has_grad else 1024))),
+                         HAS_GRAD=has_grad, RGB_CHANNELS=3, RGB_CLAMP=False, LOAD_STAGES=op_module.LOAD_STAGES,
+                         stride_gn=1, stride_on=1, stride_noise_w=1,
+                         **dict(zip(("BLOCK_M", "BLOCK_N"), op_module._pointwise_blocks(size * size, channels, op_module.EPILOGUE_BACKWARD_BLOCK_VALUES))),
                          BLOCK_RGB=4),
                     dict(demod_ptr=_FP32, noise_strength_ptr=_FP32, sums_ptr=_FP32, rgb_mix_ptr=_FP32))
         for has_grad, size, channels in ((True, 512, 64), (False, 1024, 32))
@@ -331,10 +346,10 @@ OTHER_KERNELS = (
     OtherKernel("skip upsample + add, 4x4 taps", "_upsample_add_kernel",
                 dict(UP=2, PAD=2, KH=4, KW=4, HAS_BASE=True, stride_xw=1,
                      **dict(zip(("BLOCK_H", "BLOCK_W"), upsample_module.FORWARD_BLOCK))),
-                dict(taps_ptr=_FP32), module=upsample_module),
+                dict(taps_ptr=_FP32), module=upsample_module.__name__),
     OtherKernel("skip upsample backward (adjoint), 4x4 taps", "_upsample_add_backward_kernel",
                 dict(UP=2, PAD=2, KH=4, KW=4, stride_gw=1, **dict(zip(("BLOCK_H", "BLOCK_W"), upsample_module.BACKWARD_BLOCK))),
-                dict(taps_ptr=_FP32), module=upsample_module),
+                dict(taps_ptr=_FP32), module=upsample_module.__name__),
 )
 
 

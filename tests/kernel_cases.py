@@ -149,6 +149,10 @@ ROUTE_CHOICES = {
     "PIXEL_REDUCTION_PROGRAMS": (3, 528),  # how the separate route splits its sums over pixels
     "PIXEL_REDUCTION_MIN_PIXELS": (16, 1024),
     "BLUR_MAX_ROWS": (1, 3, 32),  # output rows a blur program walks
+    "EPILOGUE_BACKWARD_BLOCK_VALUES": (16, 512),  # an epilogue backward block: 1 pixel x 16-64 channels, or 8-32
+    "EPILOGUE_BACKWARD_MAX_TILES": (1, 3, 32),  # pixel blocks an epilogue backward program walks
+    "EPILOGUE_BACKWARD_MIN_PROGRAMS": (1, 2112),
+    "LOAD_STAGES": (1, 3),  # the memory-bound loops' pipelining (the interpreter runs both alike)
     "BLUR_MIN_PROGRAMS": (1, 1056),
     "TRITON_DEMODULATION_MAX_TOKENS": (2, 64),  # the Triton demodulation, via p^T q, or torch's
     "RGB_EPILOGUE_MAX_COUT": (0, 128),  # a pair's toRGB in its conv's epilogue, or its own launch

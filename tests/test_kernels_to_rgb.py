@@ -177,6 +177,17 @@ def test_interpreted_pair_matches_the_two_reference_layers(pair):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("pair", [PAIRS[0], PAIRS[1], PAIRS[3], PAIRS[5]], ids=str)
+def test_interpreted_pair_sums_the_torgb_over_several_pixel_blocks_a_program(pair, monkeypatch):
+    """The toRGB's per-sample sums (its weight and style gradients) when each epilogue backward
+    program walks 3 pixel blocks of 1-4 pixels, some past the image."""
+    monkeypatch.setattr(op_module, "EPILOGUE_BACKWARD_BLOCK_VALUES", 64)
+    monkeypatch.setattr(op_module, "EPILOGUE_BACKWARD_MAX_TILES", 3)
+    monkeypatch.setattr(op_module, "EPILOGUE_BACKWARD_MIN_PROGRAMS", 1)
+    check_pair(pair, torch.float32, "cpu", 2e-5)
+
+
+@needs_interpreter
 @pytest.mark.parametrize("pair", [PAIRS[0], PAIRS[2], PAIRS[5]], ids=str)
 def test_interpreted_pair_reads_strided_views(pair):
     """channels_last x and transposed views of the kernels, styles and tokens (`STRIDED_VIEWS`),

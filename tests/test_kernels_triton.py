@@ -635,6 +635,57 @@ def test_interpreted_epilogue_products_over_several_pixel_ranges(layer, monkeypa
 
 
 @needs_interpreter
+@pytest.mark.parametrize(
+    "layer",
+    [
+        Layer(batch=2, in_channels=12, out_channels=20, height=7, width=37, num_tokens=5, clamp=0.6),
+        Layer(batch=1, in_channels=9, out_channels=70, height=5, width=7, tokens="shared", noise="shared"),
+        Layer(batch=3, in_channels=5, out_channels=3, height=4, width=4, tokens=None, demodulate=False, bias=False),
+    ],
+    ids=str,
+)
+def test_interpreted_epilogue_backward_walks_several_pixel_blocks_a_program(layer, monkeypatch):
+    """`_epilogue_backward_kernel` with 3 pixel blocks a program (blocks of 1 to 4 pixels), so
+    that every program sums several blocks into one row of sums and the last program of each
+    sample walks blocks past the image; N blocks of 64 and a partial one at 70 channels."""
+    monkeypatch.setattr(op_module, "EPILOGUE_PRODUCTS_MAX_CHANNELS", 0)  # the plain epilogue backward
+    monkeypatch.setattr(op_module, "EPILOGUE_BACKWARD_BLOCK_VALUES", 64)
+    monkeypatch.setattr(op_module, "EPILOGUE_BACKWARD_MAX_TILES", 3)
+    monkeypatch.setattr(op_module, "EPILOGUE_BACKWARD_MIN_PROGRAMS", 1)
+    shapes = []
+    original = op_module._launch_epilogue_backward
+
+    def probe(grad, out, g, **kwargs):
+        sums = original(grad, out, g, **kwargs)
+        block_m, _ = op_module._pointwise_blocks(out.shape[2] * out.shape[3], out.shape[1], 64)
+        shapes.append((sums.shape[2], -(-out.shape[2] * out.shape[3] // block_m)))  # (programs, blocks) a sample
+        return sums
+
+    monkeypatch.setattr(op_module, "_launch_epilogue_backward", probe)
+    check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=17)
+    assert len(shapes) == 1, shapes
+    programs, blocks = shapes[0]
+    assert programs == -(-blocks // 3) and blocks % 3 != 0, shapes
+
+
+def test_epilogue_backward_programs_walk_more_blocks_only_where_enough_programs_remain(monkeypatch):
+    monkeypatch.setattr(op_module, "EPILOGUE_BACKWARD_MAX_TILES", 32)
+    monkeypatch.setattr(op_module, "EPILOGUE_BACKWARD_MIN_PROGRAMS", 2112)
+    assert op_module._epilogue_backward_tiles(1) == 1
+    assert op_module._epilogue_backward_tiles(2112 * 2 - 1) == 1
+    assert op_module._epilogue_backward_tiles(2112 * 5) == 5
+    assert op_module._epilogue_backward_tiles(8 * 65536) == 32  # the 1024 px layer at batch 8
+    monkeypatch.setattr(op_module, "EPILOGUE_BACKWARD_MAX_TILES", 1)
+    assert op_module._epilogue_backward_tiles(8 * 65536) == 1
+    # 512 values a block: 8 pixels of 64 channels, 16 of 32; never a block past one sample's pixels
+    assert op_module._pointwise_blocks(512 * 512, 64, 512) == (8, 64)
+    assert op_module._pointwise_blocks(1024 * 1024, 32, 512) == (16, 32)
+    assert op_module._pointwise_blocks(16, 512, 512) == (8, 64)
+    assert op_module._pointwise_blocks(16, 512, 16) == (1, 64)
+    assert op_module._pointwise_blocks(4, 3, 512) == (16, 16)
+
+
+@needs_interpreter
 def test_layers_past_64_channels_form_their_token_products_apart_from_the_epilogue(monkeypatch):
     """Since session 25 a plain layer of 65-128 channels on the fused token route (config-f's
     256 px layer) runs the epilogue backward and the pixel products as two kernels: on the H100

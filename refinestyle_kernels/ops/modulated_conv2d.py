@@ -881,6 +881,28 @@ CONV_TMA = True
 # tile)): the H100 has 227 KB per block, and the epilogue's layout conversions need some too.
 CONV_SHARED_MEMORY_BUDGET = 160 * 1024
 
+# Software-pipelining depth of the memory-bound kernels' loops: the epilogue backward's pixel
+# blocks, the pixel products' pixel blocks (with a box, its taps). Triton pipelines a loop's
+# plain loads (cp.async into shared memory, issued this many iterations ahead) only in a
+# `tl.range(..., num_stages=N)` loop whose loaded values are used in their own iteration; in a
+# plain `range` loop without a dot fed by its loads it issues each iteration's loads when the
+# iteration starts, so every iteration waits out the memory latency (Triton 3.6 and 3.9 alike;
+# the "loads" column of `benchmarks.kernel_audit` says which launches load by cp.async). 1: the
+# unpipelined loops of sessions up to 26.
+LOAD_STAGES = 3
+
+# `_epilogue_backward_kernel`: pixel blocks of at most this many values (pixels x channels), and
+# programs that each walk up to EPILOGUE_BACKWARD_MAX_TILES consecutive blocks (fewer where that
+# would leave under EPILOGUE_BACKWARD_MIN_PROGRAMS programs), keeping the small gradients' terms
+# in registers and storing one row of sums a program. With LOAD_STAGES = 3, blocks of 512 values
+# take 64-96 registers (5-8 programs an SM); 1024 took 93-143 (Triton 3.9, sm_90a). Until
+# session 26 each program ran one block of 2048 values (1024 without an output gradient): for
+# the 1024 px layer 262,144 programs, each ending in six cross-warp reductions, and 0.2 GB of
+# per-block sums written next to 1.2 GB of activations, then read back to finish the sums.
+EPILOGUE_BACKWARD_BLOCK_VALUES = 512
+EPILOGUE_BACKWARD_MAX_TILES = 32
+EPILOGUE_BACKWARD_MIN_PROGRAMS = 2112  # 16 per H100 SM
+
 # The autotuner's cache key: everything that changes which tile is fastest (Triton adds the
 # dtypes of the tensor arguments itself).
 CONV_AUTOTUNE_KEY = [
@@ -1747,19 +1769,14 @@ if triton is not None:
         stride_rgbo_h,
         stride_rgbo_w,
         rgb_clamp_value,
-        sums_at,  # [BLOCK_N] pointers to sums plane 3 (the block's offset in it), if STORE_SUMS
-        plane,  # the distance between two sums planes, if STORE_SUMS
         RGB_CHANNELS: tl.constexpr,
         RGB_CLAMP: tl.constexpr,
         BLOCK_RGB: tl.constexpr,
-        STORE_SUMS: tl.constexpr,
     ):
         """The toRGB layer's backward at BLOCK pixels of the conv output it reads:
         (grad [BLOCK, BLOCK_N] fp32 = sum_k grad_rgb[k] * mix[k, :], the gradient it sends to out,
         sums [BLOCK_RGB, BLOCK_N] fp32 = the block's sums of out * grad_rgb[k], row k), with
-        grad_rgb zero where the toRGB's clamp binds (bound as in `_clamp_bound`). With
-        STORE_SUMS the sums go to memory instead (row k at sums_at + k * plane) and the returned
-        ones are zero: a caller that stores per block keeps no [BLOCK_RGB, BLOCK_N] tile."""
+        grad_rgb zero where the toRGB's clamp binds (bound as in `_clamp_bound`)."""
         offs_rgb = tl.arange(0, BLOCK_RGB)
         grad = tl.zeros_like(out)
         sums = tl.zeros((BLOCK_RGB, out.shape[1]), dtype=tl.float32)
@@ -1776,10 +1793,7 @@ if triton is not None:
                 grad_k = tl.where(tl.abs(rgb) < rgb_clamp_value, grad_k, 0.0)
             mix = tl.load(rgb_mix_ptr + (b * RGB_CHANNELS + k) * N + offs_n, mask=n_ok, other=0.0)
             grad += grad_k[:, None] * mix[None, :]
-            if STORE_SUMS:
-                tl.store(sums_at + k * plane, tl.sum(out * grad_k[:, None], axis=0), mask=n_ok)
-            else:
-                sums += tl.where(offs_rgb[:, None] == k, tl.sum(out * grad_k[:, None], axis=0)[None, :], 0.0)
+            sums += tl.where(offs_rgb[:, None] == k, tl.sum(out * grad_k[:, None], axis=0)[None, :], 0.0)
         return grad, sums
 
     @triton.jit
@@ -1794,10 +1808,11 @@ if triton is not None:
         rgb_out_ptr,  # [B, RGB_CHANNELS, OUT_H, OUT_W] the toRGB's saved output, any strides, if RGB_CLAMP
         rgb_mix_ptr,  # [B, RGB_CHANNELS, N] fp32 contiguous: rgb_scale * rgb_weight * rgb_styles
         g_ptr,  # [B, OUT_H, OUT_W, N] out (x's dtype): grad of the conv result before * d, times d
-        sums_ptr,  # [3 + RGB_CHANNELS, B, M_TILES, N] fp32 out: per-tile sums (see below)
+        sums_ptr,  # [3 + RGB_CHANNELS, B, CHUNKS, N] fp32 out: per-program sums (see below)
         OUT_H,
         OUT_W,
         N,
+        TILES_PER_PROGRAM,  # consecutive pixel blocks a program walks (CHUNKS = ceil(blocks / this))
         stride_gb,
         stride_gn,
         stride_gh,
@@ -1827,6 +1842,7 @@ if triton is not None:
         HAS_GRAD: tl.constexpr,
         RGB_CHANNELS: tl.constexpr,
         RGB_CLAMP: tl.constexpr,
+        LOAD_STAGES: tl.constexpr,  # pixel blocks whose loads are in flight (`LOAD_STAGES`)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_RGB: tl.constexpr,  # >= RGB_CHANNELS
@@ -1838,45 +1854,66 @@ if triton is not None:
         added to out's gradient in registers, and the sums planes 3 + k hold the sums over
         pixels of out * grad_rgb[k] (clamp-masked): the toRGB's per-sample weight gradient,
         from which the style and weight gradients follow. Sums planes 0-2: grad bias, grad
-        strength, grad d."""
-        pid_m = tl.program_id(0)
+        strength, grad d.
+
+        Program (chunk, N block, sample): TILES_PER_PROGRAM consecutive blocks of BLOCK_M
+        pixels (blocks past the image are masked out), their loads pipelined LOAD_STAGES deep;
+        the terms of the sums stay unreduced in registers until the last block."""
+        chunk = tl.program_id(0)
         pid_n = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
-        m_tiles = tl.cdiv(OUT_H * OUT_W, BLOCK_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        out_y = offs_m // OUT_W
-        out_x = offs_m % OUT_W
-        m_ok = offs_m < OUT_H * OUT_W
+        chunks = tl.num_programs(0)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        out_rows = out_ptr + b * stride_ob + out_y * stride_oh + out_x * stride_ow
-        rgb_grad = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        out = rgb_grad  # loaded below when the toRGB's sums need it; else `_epilogue_gradient` loads it
-        if RGB_CHANNELS > 0:
-            out = tl.load(
-                out_rows[:, None] + offs_n[None, :] * stride_on, mask=m_ok[:, None] & n_ok[None, :], other=0.0
-            ).to(tl.float32)
-            plane = tl.num_programs(2) * m_tiles * N
-            rgb_grad, _ = _torgb_adjoint(
-                out, b, out_y, out_x, m_ok, offs_n, n_ok, N, rgb_grad_ptr, rgb_out_ptr, rgb_mix_ptr,
-                stride_rgb_b, stride_rgb_c, stride_rgb_h, stride_rgb_w, stride_rgbo_b, stride_rgbo_c, stride_rgbo_h,
-                stride_rgbo_w, rgb_clamp_value, sums_ptr + 3 * plane + (b * m_tiles + pid_m) * N + offs_n, plane,
-                RGB_CHANNELS, RGB_CLAMP, BLOCK_RGB, STORE_SUMS=True,
+        plane = tl.num_programs(2) * chunks * N
+        bias_sums = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        noise_sums = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        demod_sums = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        rgb_sums = tl.zeros((BLOCK_RGB, BLOCK_N), dtype=tl.float32)
+        for tile in tl.range(0, TILES_PER_PROGRAM, num_stages=LOAD_STAGES):
+            offs_m = (chunk * TILES_PER_PROGRAM + tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+            out_y = offs_m // OUT_W
+            out_x = offs_m % OUT_W
+            m_ok = offs_m < OUT_H * OUT_W
+            out_rows = out_ptr + b * stride_ob + out_y * stride_oh + out_x * stride_ow
+            rgb_grad = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            out = rgb_grad  # loaded below when the toRGB's sums need it; else `_epilogue_gradient` loads it
+            if RGB_CHANNELS > 0:
+                out = tl.load(
+                    out_rows[:, None] + offs_n[None, :] * stride_on, mask=m_ok[:, None] & n_ok[None, :], other=0.0
+                ).to(tl.float32)
+                rgb_grad, block_rgb_sums = _torgb_adjoint(
+                    out, b, out_y, out_x, m_ok, offs_n, n_ok, N, rgb_grad_ptr, rgb_out_ptr, rgb_mix_ptr,
+                    stride_rgb_b, stride_rgb_c, stride_rgb_h, stride_rgb_w, stride_rgbo_b, stride_rgbo_c,
+                    stride_rgbo_h, stride_rgbo_w, rgb_clamp_value, RGB_CHANNELS, RGB_CLAMP, BLOCK_RGB,
+                )  # fmt: skip
+                rgb_sums += block_rgb_sums
+            g, bias_terms, noise_terms, demod_terms = _epilogue_gradient(
+                grad_ptr + b * stride_gb + out_y * stride_gh + out_x * stride_gw,
+                out_rows,
+                noise_ptr + b * stride_noise_b + out_y * stride_noise_h + out_x * stride_noise_w,
+                m_ok, m_ok, stride_gn, stride_on, demod_ptr + b * N, noise_strength_ptr, bias_ptr,
+                offs_n, n_ok, clamp_value, rgb_grad, out, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
+                HAS_GRAD=HAS_GRAD, HAS_EXTRA_GRAD=RGB_CHANNELS > 0, OUT_LOADED=RGB_CHANNELS > 0,
             )  # fmt: skip
-        g, bias_terms, noise_terms, demod_terms = _epilogue_gradient(
-            grad_ptr + b * stride_gb + out_y * stride_gh + out_x * stride_gw,
-            out_rows,
-            noise_ptr + b * stride_noise_b + out_y * stride_noise_h + out_x * stride_noise_w,
-            m_ok, m_ok, stride_gn, stride_on, demod_ptr + b * N, noise_strength_ptr, bias_ptr,
-            offs_n, n_ok, clamp_value, rgb_grad, out, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
-            HAS_GRAD=HAS_GRAD, HAS_EXTRA_GRAD=RGB_CHANNELS > 0, OUT_LOADED=RGB_CHANNELS > 0,
-        )  # fmt: skip
+            bias_sums += bias_terms
+            noise_sums += noise_terms
+            demod_sums += demod_terms
+            g_rows = g_ptr + ((b * OUT_H + out_y) * OUT_W + out_x) * N
+            tl.store(
+                g_rows[:, None] + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :]
+            )
         _store_epilogue_sums(
-            sums_ptr, b, pid_m, m_tiles, offs_n, n_ok, N, bias_terms, noise_terms, demod_terms,
+            sums_ptr, b, chunk, chunks, offs_n, n_ok, N, bias_sums, noise_sums, demod_sums,
             HAS_DEMOD, HAS_NOISE, HAS_BIAS,
         )  # fmt: skip
-        g_rows = g_ptr + ((b * OUT_H + out_y) * OUT_W + out_x) * N
-        tl.store(g_rows[:, None] + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        if RGB_CHANNELS > 0:
+            offs_rgb = tl.arange(0, BLOCK_RGB)
+            tl.store(
+                sums_ptr + (3 + offs_rgb[:, None]) * plane + (b * chunks + chunk) * N + offs_n[None, :],
+                rgb_sums,
+                mask=(offs_rgb < RGB_CHANNELS)[:, None] & n_ok[None, :],
+            )
 
     @triton.jit
     def _boxed_tile(
@@ -1893,6 +1930,7 @@ if triton is not None:
         KSIZE: tl.constexpr,
         BLOCK_L: tl.constexpr,
         BLOCK_P: tl.constexpr,
+        TAP_STAGES: tl.constexpr,  # taps whose loads are in flight
     ):
         """box(a) at BLOCK_P pixels of b's grid, transposed: [BLOCK_L, BLOCK_P] fp32. BOX as in
         `_pixel_products_kernel`: -1 a is on b's grid, 0 same-padded, 1 stride 2. The box is
@@ -1905,7 +1943,7 @@ if triton is not None:
             ).to(tl.float32)
         else:
             a_box = tl.zeros((BLOCK_L, BLOCK_P), dtype=tl.float32)
-            for tap in tl.range(0, KSIZE * KSIZE, num_stages=1):
+            for tap in tl.range(0, KSIZE * KSIZE, num_stages=TAP_STAGES):
                 ky = tap // KSIZE
                 kx = tap % KSIZE
                 if BOX == 0:
@@ -1944,6 +1982,7 @@ if triton is not None:
         BOX: tl.constexpr,  # -1: a is on b's grid as it is; else the box's MODE (see below)
         KSIZE: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
+        LOAD_STAGES: tl.constexpr,  # pixel blocks (or, with a box, taps) whose loads are in flight
         BLOCK_P: tl.constexpr,
         BLOCK_L: tl.constexpr,
         BLOCK_C: tl.constexpr,
@@ -1966,13 +2005,15 @@ if triton is not None:
         stop = tl.minimum(start + PIXELS_PER_SPLIT, pixels)
         a_base = a_ptr + b * stride_ab + offs_l[:, None] * stride_al
         acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
-        for p0 in range(start, stop, BLOCK_P):
+        # Triton pipelines only innermost loops: with a box, the loop over its taps
+        for p0 in tl.range(start, stop, BLOCK_P, num_stages=LOAD_STAGES if BOX < 0 else 1):
             offs_p = p0 + tl.arange(0, BLOCK_P)
             p_ok = offs_p < stop
             out_y = offs_p // OUT_W
             out_x = offs_p % OUT_W
             a_t = _boxed_tile(
-                a_base, out_y, out_x, p_ok, l_ok, A_H, A_W, stride_ay, stride_ax, BOX, KSIZE, BLOCK_L, BLOCK_P
+                a_base, out_y, out_x, p_ok, l_ok, A_H, A_W, stride_ay, stride_ax, BOX, KSIZE, BLOCK_L, BLOCK_P,
+                LOAD_STAGES,
             ).to(a_ptr.dtype.element_ty)  # rounded like a boxed tensor in a's dtype
             b_tile = tl.load(
                 b_ptr + b * stride_bb + offs_p[:, None].to(tl.int64) * stride_bp + offs_c[None, :] * stride_bc,
@@ -2131,8 +2172,7 @@ if triton is not None:
                 rgb_grad, block_sums = _torgb_adjoint(
                     out, b, out_y, out_x, p_ok, offs_n, n_ok, N, rgb_grad_ptr, rgb_out_ptr, rgb_mix_ptr,
                     stride_rgb_b, stride_rgb_c, stride_rgb_h, stride_rgb_w, stride_rgbo_b, stride_rgbo_c,
-                    stride_rgbo_h, stride_rgbo_w, rgb_clamp_value, sums_ptr, 0, RGB_CHANNELS, RGB_CLAMP, BLOCK_RGB,
-                    STORE_SUMS=False,
+                    stride_rgbo_h, stride_rgbo_w, rgb_clamp_value, RGB_CHANNELS, RGB_CLAMP, BLOCK_RGB,
                 )  # fmt: skip
                 rgb_sums += block_sums
             g, bias_terms, noise_terms, demod_terms = _epilogue_gradient(
@@ -2155,7 +2195,7 @@ if triton is not None:
             tl.debug_barrier()  # the tile was stored by other threads of the program
             g = tl.load(g_tile, mask=g_ok, other=0.0)
             x_box = _boxed_tile(
-                x_base, out_y, out_x, p_ok, l_ok, OUT_H, OUT_W, stride_xy, stride_xx, 0, KSIZE, BLOCK_L, BLOCK_P
+                x_base, out_y, out_x, p_ok, l_ok, OUT_H, OUT_W, stride_xy, stride_xx, 0, KSIZE, BLOCK_L, BLOCK_P, 1
             ).to(x_ptr.dtype.element_ty)  # rounded like a boxed tensor in x's dtype
             products = tl.dot(x_box, g, products, input_precision=INPUT_PRECISION)
         partial = partial_ptr + ((b * splits + split) * CIN + offs_l[:, None]) * N + offs_n[None, :]
@@ -2782,14 +2822,11 @@ def autotuned_conv_configs() -> list[dict]:
     return chosen
 
 
-def _pointwise_blocks(pixels: int, channels: int, max_values: int = 2048) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of `_epilogue_backward_kernel`: at most 2048 values, as 64 x 64 at 4
-    warps took 255 registers and spilled with Triton 3.6 (`benchmarks.kernel_audit`). With a
-    toRGB's adjoint and no output gradient (the last block), 1024: with Triton 3.6 its 64 x 32
-    tile at 1024 px took 185 registers (2 programs an SM), 32 x 32 takes 88 (5 programs).
-    Smaller tiles cost bytes: each writes 3 + K fp32 sums per channel for the small gradients."""
+def _pointwise_blocks(pixels: int, channels: int, max_values: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of `_epilogue_backward_kernel`: at most max_values values (a power of
+    two, at least 16), BLOCK_N up to 64 channels."""
     block_n = min(64, max(16, _next_pow2(channels)))
-    return min(_reduce_block_m(pixels), max_values // block_n), block_n
+    return max(1, min(_reduce_block_m(pixels), max_values // block_n)), block_n
 
 
 _BLUR_TAPS_BY_DEVICE: dict = {}
@@ -2952,7 +2989,7 @@ def _sum_over_pixels(
             a, b, partials, a_h, a_w, out_h, out_w, rank, channels, *a.stride(), stride_bb, stride_bx, stride_bc,
             pixels_per_split, BOX=box, KSIZE=ksize,
             INPUT_PRECISION=_fp32_input_precision() if a.dtype == torch.float32 else None,
-            BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4,
+            LOAD_STAGES=LOAD_STAGES, BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4,
         )  # fmt: skip
     return _sum_partials(partials, dtype, over_batch=over_batch)
 
@@ -3434,17 +3471,21 @@ def _launch_epilogue_backward(
     mix [B, K, N] fp32 contiguous = rgb_scale * rgb_weight * rgb_styles, rgb_out [B, K, H, W] the
     toRGB's saved output or None, rgb_clamp float or None): its adjoint joins grad in registers.
 
-    Returns the per-tile sums [3 + K, B, M_TILES, N] fp32 (K = 0 without rgb): grad bias,
-    grad strength, grad d, then per toRGB channel k the sums of out * grad_rgb[k].
+    Returns the per-program sums [3 + K, B, CHUNKS, N] fp32 (K = 0 without rgb): grad bias,
+    grad strength, grad d, then per toRGB channel k the sums of out * grad_rgb[k]. Each program
+    sums `_epilogue_backward_tiles` pixel blocks (CHUNKS = ceil(blocks / that)).
     """
     batch, out_channels, out_h, out_w = out.shape
-    block_m, block_n = _pointwise_blocks(out_h * out_w, out_channels, 1024 if grad is None else 2048)
+    block_m, block_n = _pointwise_blocks(out_h * out_w, out_channels, EPILOGUE_BACKWARD_BLOCK_VALUES)
     m_tiles = _cdiv(out_h * out_w, block_m)
+    n_tiles = _cdiv(out_channels, block_n)
+    tiles_per_program = _epilogue_backward_tiles(m_tiles * n_tiles * batch)
+    chunks = _cdiv(m_tiles, tiles_per_program)
     rgb_grad, rgb_mix, rgb_out, _ = rgb if rgb is not None else (None, None, None, None)
     if grad is None and rgb_grad is None:
         raise ValueError("_launch_epilogue_backward: neither grad nor a toRGB gradient was given")
     rgb_channels = rgb_grad.shape[1] if rgb_grad is not None else 0
-    sums = _alloc((3 + rgb_channels, batch, m_tiles, out_channels), torch.float32, out.device)
+    sums = _alloc((3 + rgb_channels, batch, chunks, out_channels), torch.float32, out.device)
     _observe_launch(
         "epilogue_backward", (grad, out, demod, noise, noise_strength, bias, rgb_grad, rgb_mix, rgb_out), (g, sums)
     )
@@ -3454,11 +3495,18 @@ def _launch_epilogue_backward(
         grad, out, sums, demod=demod, noise=noise, noise_strength=noise_strength, bias=bias, activate=activate,
         clamp=clamp, rgb=rgb,
     )  # fmt: skip
-    _epilogue_backward_kernel[(m_tiles, _cdiv(out_channels, block_n), batch)](
-        *pointers, g, sums, out_h, out_w, out_channels, *strides, *bounds, **flags,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    _epilogue_backward_kernel[(chunks, n_tiles, batch)](
+        *pointers, g, sums, out_h, out_w, out_channels, tiles_per_program, *strides, *bounds, **flags,
+        LOAD_STAGES=LOAD_STAGES, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
     return sums
+
+
+def _epilogue_backward_tiles(blocks: int) -> int:
+    """Pixel blocks a program of `_epilogue_backward_kernel` walks, for a launch of `blocks`
+    (pixel block, N block, sample) blocks: up to EPILOGUE_BACKWARD_MAX_TILES, while at least
+    EPILOGUE_BACKWARD_MIN_PROGRAMS programs remain."""
+    return max(1, min(EPILOGUE_BACKWARD_MAX_TILES, blocks // max(1, EPILOGUE_BACKWARD_MIN_PROGRAMS)))
 
 
 @_profiled("backward", x_index=2, weight_index=3, upsample_index=12)
