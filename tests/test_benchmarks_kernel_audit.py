@@ -97,3 +97,21 @@ def test_token_product_launches_do_not_spill_at_their_tiles(tmp_path):
         assert (f"64x{block_n}x{block_k}", warps) in tiles, (n, k, tiles)
     for row in rows:
         assert row["spill_bytes"] == 0 and row["fits"] and row["programs_per_sm"] >= 1, row
+
+
+@pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
+def test_memory_bound_loops_load_by_cp_async_and_the_audit_runs_in_workers(tmp_path):
+    """Since session 27 the epilogue backward's block loop and the pixel products' loops are
+    `tl.range(..., num_stages=LOAD_STAGES)` loops, whose loads Triton turns into asynchronous
+    copies issued ahead (a plain loop without a dot loads each iteration's values when it
+    starts). Compiled as a real launch specialises them (strides divisible by 16), in two worker
+    processes: the skip-upsample cases once could not be sent to one."""
+    rows, _ = run_audit(tmp_path, "--families", "epilogue backward|pixel products|skip upsample", "--jobs", "2")
+    by_launch = {row["launch"]: row for row in rows}
+    pipelined = [name for name in by_launch if name.startswith("pixel products")] + [
+        "epilogue backward", "epilogue backward + toRGB adjoint", "epilogue backward + toRGB adjoint, no grad",
+    ]  # fmt: skip
+    assert len(pipelined) == 7 and any(name.startswith("skip upsample") for name in by_launch), sorted(by_launch)
+    for name in pipelined:
+        row = by_launch[name]
+        assert row["loads"] == "cp.async" and row["spill_bytes"] == 0 and row["programs_per_sm"] >= 4, row
