@@ -1797,6 +1797,53 @@ if triton is not None:
         return grad, sums
 
     @triton.jit
+    def _block_gradient(
+        grad_ptr, out_ptr, demod_ptr, noise_ptr, noise_strength_ptr, bias_ptr, rgb_grad_ptr, rgb_out_ptr, rgb_mix_ptr,
+        b,
+        out_y,  # [BLOCK] the block's pixels
+        out_x,
+        pix_ok,  # [BLOCK]
+        offs_n,
+        n_ok,
+        N,
+        stride_gb, stride_gn, stride_gh, stride_gw, stride_ob, stride_on, stride_oh, stride_ow,
+        stride_noise_b, stride_noise_h, stride_noise_w,
+        stride_rgb_b, stride_rgb_c, stride_rgb_h, stride_rgb_w, stride_rgbo_b, stride_rgbo_c, stride_rgbo_h,
+        stride_rgbo_w,
+        clamp_value,
+        rgb_clamp_value,
+        HAS_DEMOD: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATE: tl.constexpr,
+        HAS_CLAMP: tl.constexpr, HAS_GRAD: tl.constexpr, RGB_CHANNELS: tl.constexpr, RGB_CLAMP: tl.constexpr,
+        BLOCK_RGB: tl.constexpr,
+    ):  # fmt: skip
+        """`_epilogue_gradient` at one block of sample b's pixels, with the adjoint of the toRGB
+        that also reads out added to out's gradient when RGB_CHANNELS > 0 (`_torgb_adjoint`):
+        (g, bias_terms, noise_terms, demod_terms, rgb_sums [BLOCK_RGB, BLOCK_N], zero without
+        a toRGB). Arguments as `_epilogue_backward_kernel`'s."""
+        out_rows = out_ptr + b * stride_ob + out_y * stride_oh + out_x * stride_ow
+        rgb_grad = tl.zeros((out_y.shape[0], offs_n.shape[0]), dtype=tl.float32)
+        rgb_sums = tl.zeros((BLOCK_RGB, offs_n.shape[0]), dtype=tl.float32)
+        out = rgb_grad  # loaded below when the toRGB's sums need it; else `_epilogue_gradient` loads it
+        if RGB_CHANNELS > 0:
+            out = tl.load(
+                out_rows[:, None] + offs_n[None, :] * stride_on, mask=pix_ok[:, None] & n_ok[None, :], other=0.0
+            ).to(tl.float32)
+            rgb_grad, rgb_sums = _torgb_adjoint(
+                out, b, out_y, out_x, pix_ok, offs_n, n_ok, N, rgb_grad_ptr, rgb_out_ptr, rgb_mix_ptr,
+                stride_rgb_b, stride_rgb_c, stride_rgb_h, stride_rgb_w, stride_rgbo_b, stride_rgbo_c,
+                stride_rgbo_h, stride_rgbo_w, rgb_clamp_value, RGB_CHANNELS, RGB_CLAMP, BLOCK_RGB,
+            )  # fmt: skip
+        g, bias_terms, noise_terms, demod_terms = _epilogue_gradient(
+            grad_ptr + b * stride_gb + out_y * stride_gh + out_x * stride_gw,
+            out_rows,
+            noise_ptr + b * stride_noise_b + out_y * stride_noise_h + out_x * stride_noise_w,
+            pix_ok, pix_ok, stride_gn, stride_on, demod_ptr + b * N, noise_strength_ptr, bias_ptr,
+            offs_n, n_ok, clamp_value, rgb_grad, out, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
+            HAS_GRAD=HAS_GRAD, HAS_EXTRA_GRAD=RGB_CHANNELS > 0, OUT_LOADED=RGB_CHANNELS > 0,
+        )  # fmt: skip
+        return g, bias_terms, noise_terms, demod_terms, rgb_sums
+
+    @triton.jit
     def _epilogue_backward_kernel(
         grad_ptr,  # [B, N, OUT_H, OUT_W] grad of the output, any strides, if HAS_GRAD
         out_ptr,  # [B, N, OUT_H, OUT_W] the saved output, any strides
@@ -1875,27 +1922,15 @@ if triton is not None:
             out_y = offs_m // OUT_W
             out_x = offs_m % OUT_W
             m_ok = offs_m < OUT_H * OUT_W
-            out_rows = out_ptr + b * stride_ob + out_y * stride_oh + out_x * stride_ow
-            rgb_grad = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            out = rgb_grad  # loaded below when the toRGB's sums need it; else `_epilogue_gradient` loads it
-            if RGB_CHANNELS > 0:
-                out = tl.load(
-                    out_rows[:, None] + offs_n[None, :] * stride_on, mask=m_ok[:, None] & n_ok[None, :], other=0.0
-                ).to(tl.float32)
-                rgb_grad, block_rgb_sums = _torgb_adjoint(
-                    out, b, out_y, out_x, m_ok, offs_n, n_ok, N, rgb_grad_ptr, rgb_out_ptr, rgb_mix_ptr,
-                    stride_rgb_b, stride_rgb_c, stride_rgb_h, stride_rgb_w, stride_rgbo_b, stride_rgbo_c,
-                    stride_rgbo_h, stride_rgbo_w, rgb_clamp_value, RGB_CHANNELS, RGB_CLAMP, BLOCK_RGB,
-                )  # fmt: skip
-                rgb_sums += block_rgb_sums
-            g, bias_terms, noise_terms, demod_terms = _epilogue_gradient(
-                grad_ptr + b * stride_gb + out_y * stride_gh + out_x * stride_gw,
-                out_rows,
-                noise_ptr + b * stride_noise_b + out_y * stride_noise_h + out_x * stride_noise_w,
-                m_ok, m_ok, stride_gn, stride_on, demod_ptr + b * N, noise_strength_ptr, bias_ptr,
-                offs_n, n_ok, clamp_value, rgb_grad, out, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
-                HAS_GRAD=HAS_GRAD, HAS_EXTRA_GRAD=RGB_CHANNELS > 0, OUT_LOADED=RGB_CHANNELS > 0,
+            g, bias_terms, noise_terms, demod_terms, block_rgb_sums = _block_gradient(
+                grad_ptr, out_ptr, demod_ptr, noise_ptr, noise_strength_ptr, bias_ptr, rgb_grad_ptr, rgb_out_ptr,
+                rgb_mix_ptr, b, out_y, out_x, m_ok, offs_n, n_ok, N, stride_gb, stride_gn, stride_gh, stride_gw,
+                stride_ob, stride_on, stride_oh, stride_ow, stride_noise_b, stride_noise_h, stride_noise_w,
+                stride_rgb_b, stride_rgb_c, stride_rgb_h, stride_rgb_w, stride_rgbo_b, stride_rgbo_c, stride_rgbo_h,
+                stride_rgbo_w, clamp_value, rgb_clamp_value, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
+                HAS_GRAD, RGB_CHANNELS, RGB_CLAMP, BLOCK_RGB,
             )  # fmt: skip
+            rgb_sums += block_rgb_sums
             bias_sums += bias_terms
             noise_sums += noise_terms
             demod_sums += demod_terms
@@ -2162,27 +2197,15 @@ if triton is not None:
             p_ok = offs_p < stop
             out_y = offs_p // OUT_W
             out_x = offs_p % OUT_W
-            out_rows = out_ptr + b * stride_ob + out_y * stride_oh + out_x * stride_ow
-            rgb_grad = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-            out = rgb_grad  # loaded below when the toRGB's sums need it; else `_epilogue_gradient` loads it
-            if RGB_CHANNELS > 0:
-                out = tl.load(
-                    out_rows[:, None] + offs_n[None, :] * stride_on, mask=p_ok[:, None] & n_ok[None, :], other=0.0
-                ).to(tl.float32)
-                rgb_grad, block_sums = _torgb_adjoint(
-                    out, b, out_y, out_x, p_ok, offs_n, n_ok, N, rgb_grad_ptr, rgb_out_ptr, rgb_mix_ptr,
-                    stride_rgb_b, stride_rgb_c, stride_rgb_h, stride_rgb_w, stride_rgbo_b, stride_rgbo_c,
-                    stride_rgbo_h, stride_rgbo_w, rgb_clamp_value, RGB_CHANNELS, RGB_CLAMP, BLOCK_RGB,
-                )  # fmt: skip
-                rgb_sums += block_sums
-            g, bias_terms, noise_terms, demod_terms = _epilogue_gradient(
-                grad_ptr + b * stride_gb + out_y * stride_gh + out_x * stride_gw,
-                out_rows,
-                noise_ptr + b * stride_noise_b + out_y * stride_noise_h + out_x * stride_noise_w,
-                p_ok, p_ok, stride_gn, stride_on, demod_ptr + b * N, noise_strength_ptr, bias_ptr,
-                offs_n, n_ok, clamp_value, rgb_grad, out, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
-                HAS_GRAD=HAS_GRAD, HAS_EXTRA_GRAD=RGB_CHANNELS > 0, OUT_LOADED=RGB_CHANNELS > 0,
+            g, bias_terms, noise_terms, demod_terms, block_sums = _block_gradient(
+                grad_ptr, out_ptr, demod_ptr, noise_ptr, noise_strength_ptr, bias_ptr, rgb_grad_ptr, rgb_out_ptr,
+                rgb_mix_ptr, b, out_y, out_x, p_ok, offs_n, n_ok, N, stride_gb, stride_gn, stride_gh, stride_gw,
+                stride_ob, stride_on, stride_oh, stride_ow, stride_noise_b, stride_noise_h, stride_noise_w,
+                stride_rgb_b, stride_rgb_c, stride_rgb_h, stride_rgb_w, stride_rgbo_b, stride_rgbo_c, stride_rgbo_h,
+                stride_rgbo_w, clamp_value, rgb_clamp_value, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
+                HAS_GRAD, RGB_CHANNELS, RGB_CLAMP, BLOCK_RGB,
             )  # fmt: skip
+            rgb_sums += block_sums
             bias_sum += tl.sum(bias_terms, axis=0)
             noise_sum += tl.sum(noise_terms, axis=0)
             demod_sum += tl.sum(demod_terms, axis=0)
