@@ -109,6 +109,8 @@ case "${1:-}" in
     # conv token products off (h100_2026-11-26_ab-*.json), so those two runs made room for these
     ab epilogue-backward-one-block --kernel-option EPILOGUE_BACKWARD_MAX_TILES=1 \
         --kernel-option EPILOGUE_BACKWARD_BLOCK_VALUES=2048
+    # session 28: the blur programs load their next source row ahead, against loads where used
+    ab blur-loads-in-place --kernel-option BLUR_PREFETCH=0
     # session 25: the toRGB skip's upsample + add in Triton (`upsample_add`) against cuDNN's ~2.7 ms
     ab upsample-add-off --kernel-option UPSAMPLE_ADD_TRITON=0
     ;;

@@ -282,7 +282,8 @@ OTHER_KERNELS = (
         OtherKernel(label, "_blur_kernel",
                     # channels-last tensors: the JIT specialises their unit channel stride
                     dict(TAPS=4, EPILOGUE_BACKWARD=backward, INPUT_PRECISION=None, HAS_DEMOD=backward, HAS_NOISE=epilogue,
-                         HAS_BIAS=epilogue, ACTIVATE=epilogue, HAS_CLAMP=False, stride_sn=1, stride_vn=1,
+                         HAS_BIAS=epilogue, ACTIVATE=epilogue, HAS_CLAMP=False, PREFETCH=op_module.BLUR_PREFETCH,
+                         stride_sn=1, stride_vn=1,
                          **dict(zip(("BLOCK_W", "BLOCK_N"), op_module._blur_blocks(8, 1024, 1024, 32, backward)[:2]))),
                     dict(taps_ptr=_FP32, noise_strength_ptr=_FP32, demod_ptr=_FP32, sums_ptr=_FP32))
         for label, backward, epilogue in (("blur 4x4 + epilogue", False, True), ("epilogue backward + blur^T 4x4", True, True))

@@ -149,6 +149,7 @@ ROUTE_CHOICES = {
     "PIXEL_REDUCTION_PROGRAMS": (3, 528),  # how the separate route splits its sums over pixels
     "PIXEL_REDUCTION_MIN_PIXELS": (16, 1024),
     "BLUR_MAX_ROWS": (1, 3, 32),  # output rows a blur program walks
+    "BLUR_PREFETCH": (False, True),  # a blur program loads its next source row ahead, or not
     "EPILOGUE_BACKWARD_BLOCK_VALUES": (16, 512),  # an epilogue backward block: 1 pixel x 16-64 channels, or 8-32
     "EPILOGUE_BACKWARD_MAX_TILES": (1, 3, 32),  # pixel blocks an epilogue backward program walks
     "EPILOGUE_BACKWARD_MIN_PROGRAMS": (1, 2112),

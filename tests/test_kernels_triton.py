@@ -668,6 +668,39 @@ def test_interpreted_epilogue_backward_walks_several_pixel_blocks_a_program(laye
     assert programs == -(-blocks // 3) and blocks % 3 != 0, shapes
 
 
+@needs_interpreter
+@pytest.mark.parametrize("prefetch", [False, True], ids=["loads-in-place", "prefetch"])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        Layer(batch=2, in_channels=6, out_channels=20, height=5, width=4, upsample=True, clamp=0.6),
+        Layer(batch=1, in_channels=9, out_channels=70, height=5, width=19, upsample=True, tokens="shared", noise="shared"),
+    ],
+    ids=str,
+)
+def test_interpreted_blur_walks_rows_with_and_without_loading_ahead(layer, prefetch, monkeypatch):
+    """The upsampling blur and its adjoint in the epilogue backward (`_blur_kernel`), 3 output
+    rows a program: row programs start inside the image, warm their window up on rows another
+    program outputs, and the last ones run past the image's bottom. With PREFETCH each program
+    loads its next source row (and the forward's next noise row) one iteration ahead, including
+    the rows past its last one, which it must not load."""
+    monkeypatch.setattr(op_module, "BLUR_MAX_ROWS", 3)
+    monkeypatch.setattr(op_module, "BLUR_MIN_PROGRAMS", 10**9)  # keep 3 rows however few programs
+    monkeypatch.setattr(op_module, "BLUR_PREFETCH", prefetch)
+    launches = []
+    original = op_module._launch_blur
+
+    def probe(src, dst, **kwargs):
+        launches.append((kwargs.get("saved") is not None, dst.shape[1]))
+        return original(src, dst, **kwargs)
+
+    monkeypatch.setattr(op_module, "_launch_blur", probe)
+    check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=23)
+    # the forward blur and the blurred epilogue backward, each over more than one row program
+    assert sorted(backward for backward, _ in launches) == [False, True], launches
+    assert all(rows > 3 and rows % 3 != 0 for _, rows in launches), launches
+
+
 def test_epilogue_backward_programs_walk_more_blocks_only_where_enough_programs_remain(monkeypatch):
     monkeypatch.setattr(op_module, "EPILOGUE_BACKWARD_MAX_TILES", 32)
     monkeypatch.setattr(op_module, "EPILOGUE_BACKWARD_MIN_PROGRAMS", 2112)

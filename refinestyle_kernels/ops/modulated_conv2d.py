@@ -1138,16 +1138,37 @@ if triton is not None:
         HAS_CLAMP: tl.constexpr,
     ):
         """acc [BLOCK_M, BLOCK_N] fp32 -> act(acc + strength * noise + bias), clamped."""
+        noise = 0.0
+        strength = 0.0
+        bias = 0.0
         if HAS_NOISE:
             noise = tl.load(
                 noise_ptr + b * stride_noise_b + out_y * stride_noise_h + out_x * stride_noise_w,
                 mask=m_ok,
                 other=0.0,
-            ).to(tl.float32)
+            )
             strength = tl.load(noise_strength_ptr).to(tl.float32)
-            acc += strength * noise[:, None]
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        return _epilogue_of(acc, noise, strength, bias, clamp_value, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP)
+
+    @triton.jit
+    def _epilogue_of(
+        acc,  # [BLOCK_M, BLOCK_N] fp32
+        noise,  # [BLOCK_M] any float dtype, if HAS_NOISE
+        strength,  # fp32 scalar, if HAS_NOISE
+        bias,  # [BLOCK_N] fp32, if HAS_BIAS
+        clamp_value,
+        HAS_NOISE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ACTIVATE: tl.constexpr,
+        HAS_CLAMP: tl.constexpr,
+    ):
+        """`_apply_epilogue` from values its caller has loaded."""
+        if HAS_NOISE:
+            acc += strength * noise.to(tl.float32)[:, None]
+        if HAS_BIAS:
+            acc += bias[None, :]
         if ACTIVATE:
             acc = tl.where(acc > 0, acc, acc * 0.2) * 1.4142135623730951
         if HAS_CLAMP:
@@ -1549,6 +1570,39 @@ if triton is not None:
             out = loaded_out
         else:
             out = tl.load(out_rows[:, None] + offs_n[None, :] * stride_on, mask=mask, other=0.0).to(tl.float32)
+        noise = 0.0
+        strength = 0.0
+        if HAS_NOISE:
+            noise = tl.load(noise_at, mask=pix_ok, other=0.0)
+            strength = tl.load(noise_strength_ptr).to(tl.float32)
+        bias = 0.0
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        demod = 1.0
+        if HAS_DEMOD:
+            demod = tl.load(demod_row + offs_n, mask=n_ok, other=1.0)
+        return _epilogue_gradient_of(
+            grad, out, noise, sum_ok, demod, strength, bias, clamp_value, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE,
+            HAS_CLAMP,
+        )  # fmt: skip
+
+    @triton.jit
+    def _epilogue_gradient_of(
+        grad,  # [BLOCK_M, BLOCK_N] fp32: the output's gradient
+        out,  # [BLOCK_M, BLOCK_N] fp32: the saved output
+        noise,  # [BLOCK_M] the pixels' noise (any float dtype), if HAS_NOISE
+        sum_ok,  # [BLOCK_M] which pixels enter the sums
+        demod,  # [BLOCK_N] fp32 d (1 past N), if HAS_DEMOD
+        strength,  # fp32 scalar: the noise strength, if HAS_NOISE
+        bias,  # [BLOCK_N] fp32, if HAS_BIAS
+        clamp_value,
+        HAS_DEMOD: tl.constexpr,
+        HAS_NOISE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ACTIVATE: tl.constexpr,
+        HAS_CLAMP: tl.constexpr,
+    ):
+        """`_epilogue_gradient` from values its caller has loaded (same results)."""
         if HAS_CLAMP:  # clamped pixels pass no gradient; clamp_value is the bound as out's dtype
             grad = tl.where(tl.abs(out) < clamp_value, grad, 0.0)  # rounds it (see _clamp_bound)
         pre = out  # the pre-activation, recovered from the output (leaky ReLU is invertible)
@@ -1559,13 +1613,12 @@ if triton is not None:
         noise_terms = tl.zeros_like(bias_terms)
         demod_terms = tl.zeros_like(bias_terms)
         if HAS_BIAS:
-            pre -= tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            pre -= bias[None, :]
         if HAS_NOISE:
-            noise = tl.load(noise_at, mask=pix_ok, other=0.0).to(tl.float32)
+            noise = noise.to(tl.float32)
             noise_terms = bias_terms * noise[:, None]
-            pre -= tl.load(noise_strength_ptr).to(tl.float32) * noise[:, None]
+            pre -= strength * noise[:, None]
         if HAS_DEMOD:  # pre = d * conv: grad d = sum grad * pre / d; grad conv = grad * d
-            demod = tl.load(demod_row + offs_n, mask=n_ok, other=1.0)
             demod_terms = bias_terms * pre / demod[None, :]
             grad = grad * demod[None, :]
         return grad, bias_terms, noise_terms, demod_terms
@@ -1595,6 +1648,66 @@ if triton is not None:
             tl.store(sums + plane, tl.sum(noise_terms, axis=0), mask=n_ok)
         if HAS_DEMOD:
             tl.store(sums + 2 * plane, tl.sum(demod_terms, axis=0), mask=n_ok)
+
+    @triton.jit
+    def _blur_source_row(
+        src_ptr, saved_ptr, noise_ptr,
+        b,
+        src_y,  # the source row
+        end_y,  # the program's source rows end before this one: past it, load nothing (a prefetch)
+        load_x,  # [BLOCK_W] the forward's output columns, or the backward's source columns
+        offs_n, n_ok, SRC_H, SRC_W, DST_H, DST_W, PAD,
+        stride_sb, stride_sh, stride_sw, stride_sn, stride_vb, stride_vh, stride_vw, stride_vn,
+        stride_noise_b, stride_noise_h, stride_noise_w,
+        TAPS: tl.constexpr, EPILOGUE_BACKWARD: tl.constexpr, HAS_NOISE: tl.constexpr,
+    ):  # fmt: skip
+        """What `_blur_kernel` loads for one source row, as loaded (zero outside the image):
+        the forward's TAPS = 4 column-shifted [BLOCK_W, BLOCK_N] tiles of src (columns
+        load_x + c - PAD) and the noise [BLOCK_W] of the output row that row completes; the
+        backward's output gradient, saved output, 0.0, 0.0 and noise at the source columns
+        load_x. The noise is 0.0 without HAS_NOISE."""
+        # masks from [BLOCK_W] vectors: the interpreter rejects a scalar-and-vector mask
+        live = src_y + 0 * load_x < end_y
+        row_ok = live & (src_y + 0 * load_x >= 0) & (src_y + 0 * load_x < SRC_H)
+        noise = 0.0
+        if EPILOGUE_BACKWARD:
+            pix_ok = row_ok & (load_x >= 0) & (load_x < SRC_W)
+            mask = pix_ok[:, None] & n_ok[None, :]
+            # a row's base pointer plus 32-bit offsets within it: the loop-invariant part the
+            # compiler keeps across the row loop is then 32-bit, not a tile of 64-bit pointers
+            grad_offsets = (load_x * stride_sw)[:, None] + offs_n[None, :] * stride_sn
+            out_offsets = (load_x * stride_vw)[:, None] + offs_n[None, :] * stride_vn
+            grad = tl.load(src_ptr + (b * stride_sb + src_y * stride_sh) + grad_offsets, mask=mask, other=0.0)
+            out = tl.load(saved_ptr + (b * stride_vb + src_y * stride_vh) + out_offsets, mask=mask, other=0.0)
+            if HAS_NOISE:
+                noise = tl.load(
+                    noise_ptr + b * stride_noise_b + src_y * stride_noise_h + load_x * stride_noise_w, mask=pix_ok, other=0.0
+                )  # fmt: skip
+            return grad, out, 0.0, 0.0, noise
+        else:
+            tl.static_assert(TAPS == 4, "one tile per tap")
+            row = src_ptr + (b * stride_sb + src_y * stride_sh)  # plus 32-bit offsets, as above
+            rows = row + offs_n[None, :] * stride_sn
+            shifted = load_x - PAD
+            tap0 = tl.load(rows + (shifted * stride_sw)[:, None],
+                           mask=(row_ok & (shifted >= 0) & (shifted < SRC_W))[:, None] & n_ok[None, :], other=0.0)
+            shifted += 1
+            tap1 = tl.load(rows + (shifted * stride_sw)[:, None],
+                           mask=(row_ok & (shifted >= 0) & (shifted < SRC_W))[:, None] & n_ok[None, :], other=0.0)
+            shifted += 1
+            tap2 = tl.load(rows + (shifted * stride_sw)[:, None],
+                           mask=(row_ok & (shifted >= 0) & (shifted < SRC_W))[:, None] & n_ok[None, :], other=0.0)
+            shifted += 1
+            tap3 = tl.load(rows + (shifted * stride_sw)[:, None],
+                           mask=(row_ok & (shifted >= 0) & (shifted < SRC_W))[:, None] & n_ok[None, :], other=0.0)
+            if HAS_NOISE:
+                dst_y = src_y + PAD - (TAPS - 1)  # the output row this source row completes
+                noise_ok = live & (dst_y + 0 * load_x >= 0) & (dst_y + 0 * load_x < DST_H) & (load_x < DST_W)
+                noise = tl.load(
+                    noise_ptr + b * stride_noise_b + dst_y * stride_noise_h + load_x * stride_noise_w, mask=noise_ok,
+                    other=0.0,
+                )  # fmt: skip
+            return tap0, tap1, tap2, tap3, noise
 
     @triton.jit
     def _blur_kernel(
@@ -1636,6 +1749,7 @@ if triton is not None:
         HAS_CLAMP: tl.constexpr,
         BLOCK_W: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        PREFETCH: tl.constexpr,  # load source row i + 1 before filtering row i
     ):
         """dst[y, x] = sum over (a, c) of f[a] f[c] src[y + a - PAD, x + c - PAD], then (forward)
         the epilogue: the upsampling layer's 4x4 FIR, or its adjoint with flipped taps.
@@ -1687,49 +1801,73 @@ if triton is not None:
         bias_terms = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
         noise_terms = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
         demod_terms = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
-        for i in range(0, ROWS + TAPS - 1):
+        strength = 0.0
+        if HAS_NOISE:
+            strength = tl.load(noise_strength_ptr).to(tl.float32)
+        bias = 0.0
+        if HAS_BIAS and not EPILOGUE_BACKWARD:  # the backward reloads it a row (below)
+            bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        # where a source row's values are loaded: x for the forward's four column shifts, the
+        # source columns for the backward's band
+        load_x = src_x if EPILOGUE_BACKWARD else offs_x
+        rows_in = ROWS + TAPS - 1
+        if PREFETCH:
+            # Row i + 1's loads are issued before row i is filtered, so they are in flight during
+            # that work. Triton's pipeliner does not take this loop's loads (its filtered rows are
+            # carried into the next iteration), and at 3-5 programs an SM too few loads are in
+            # flight to cover the memory latency otherwise.
+            ahead0, ahead1, ahead2, ahead3, ahead_noise = _blur_source_row(
+                src_ptr, saved_ptr, noise_ptr, b, y0 - PAD, y0 - PAD + rows_in, load_x, offs_n, n_ok, SRC_H, SRC_W, DST_H,
+                DST_W, PAD, stride_sb, stride_sh, stride_sw, stride_sn, stride_vb, stride_vh, stride_vw, stride_vn,
+                stride_noise_b, stride_noise_h, stride_noise_w, TAPS, EPILOGUE_BACKWARD, HAS_NOISE,
+            )  # fmt: skip
+        for i in range(0, rows_in):
             src_y = y0 + i - PAD
-            # masks from [BLOCK_W] vectors: the interpreter rejects a scalar-and-vector mask
-            row_ok = (src_y + 0 * offs_j >= 0) & (src_y + 0 * offs_j < SRC_H)
+            if PREFETCH:
+                row0, row1, row2, row3, row_noise = ahead0, ahead1, ahead2, ahead3, ahead_noise
+                ahead0, ahead1, ahead2, ahead3, ahead_noise = _blur_source_row(
+                    src_ptr, saved_ptr, noise_ptr, b, src_y + 1, y0 - PAD + rows_in, load_x, offs_n, n_ok, SRC_H, SRC_W,
+                    DST_H, DST_W, PAD, stride_sb, stride_sh, stride_sw, stride_sn, stride_vb, stride_vh, stride_vw,
+                    stride_vn, stride_noise_b, stride_noise_h, stride_noise_w, TAPS, EPILOGUE_BACKWARD, HAS_NOISE,
+                )  # fmt: skip
+            else:
+                row0, row1, row2, row3, row_noise = _blur_source_row(
+                    src_ptr, saved_ptr, noise_ptr, b, src_y, y0 - PAD + rows_in, load_x, offs_n, n_ok, SRC_H, SRC_W, DST_H, DST_W,
+                    PAD, stride_sb, stride_sh, stride_sw, stride_sn, stride_vb, stride_vh, stride_vw, stride_vn,
+                    stride_noise_b, stride_noise_h, stride_noise_w, TAPS, EPILOGUE_BACKWARD, HAS_NOISE,
+                )  # fmt: skip
             if EPILOGUE_BACKWARD:
                 # the epilogue's gradient once per source pixel of the row, then filtered along x
                 # by the band (a tensor-core dot): no pixel is recomputed per tap
-                pix_ok = row_ok & (src_x >= 0) & (src_x < SRC_W)
-                own = pix_ok & own_x & (src_y + 0 * offs_j >= y0) & (src_y + 0 * offs_j < y0 + ROWS)
-                values, row_bias, row_noise, row_demod = _epilogue_gradient(
-                    src_ptr + b * stride_sb + src_y * stride_sh + src_x * stride_sw,
-                    saved_ptr + b * stride_vb + src_y * stride_vh + src_x * stride_vw,
-                    noise_ptr + b * stride_noise_b + src_y * stride_noise_h + src_x * stride_noise_w,
-                    pix_ok, own, stride_sn, stride_vn, demod_ptr + b * N, noise_strength_ptr, bias_ptr,
-                    offs_n, n_ok, clamp_value, 0.0, 0.0, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
-                    HAS_GRAD=True, HAS_EXTRA_GRAD=False, OUT_LOADED=False,
+                # (masks from [BLOCK_W] vectors: the interpreter rejects a scalar-and-vector mask)
+                own = (src_y + 0 * offs_j >= 0) & (src_y + 0 * offs_j < SRC_H) & (src_x >= 0) & (src_x < SRC_W)
+                own = own & own_x & (src_y + 0 * offs_j >= y0) & (src_y + 0 * offs_j < y0 + ROWS)
+                # d and the bias are loaded again each row (L1 hits): held across the loop in the
+                # tile's layout, they took ~40 more registers a thread (`benchmarks.kernel_audit`)
+                demod = 1.0
+                if HAS_DEMOD:
+                    demod = tl.load(demod_ptr + b * N + offs_n, mask=n_ok, other=1.0)
+                row_bias = 0.0
+                if HAS_BIAS:
+                    row_bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                values, pixel_bias, pixel_noise, pixel_demod = _epilogue_gradient_of(
+                    row0.to(tl.float32), row1.to(tl.float32), row_noise, own, demod, strength, row_bias, clamp_value,
+                    HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
                 )  # fmt: skip
-                bias_terms += row_bias
-                noise_terms += row_noise
-                demod_terms += row_demod
+                bias_terms += pixel_bias
+                noise_terms += pixel_noise
+                demod_terms += pixel_demod
                 # rounded to x's dtype, like the stored g of an unfused pass
                 filtered = tl.dot(band, values.to(dst_ptr.dtype.element_ty), input_precision=INPUT_PRECISION)
             else:
-                filtered = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
-                for c in tl.static_range(TAPS):
-                    src_x = offs_x + (c - PAD)
-                    pix_ok = row_ok & (src_x >= 0) & (src_x < SRC_W)
-                    values = tl.load(
-                        src_ptr + (b * stride_sb + src_y * stride_sh + src_x * stride_sw)[:, None] + offs_n[None, :] * stride_sn,
-                        mask=pix_ok[:, None] & n_ok[None, :],
-                        other=0.0,
-                    ).to(tl.float32)
-                    filtered += tl.load(taps_ptr + c) * values
+                filtered = f0 * row0.to(tl.float32) + f1 * row1.to(tl.float32)
+                filtered += f2 * row2.to(tl.float32) + f3 * row3.to(tl.float32)
             # output row y = y0 + i - (TAPS - 1) reads the filtered source rows y - PAD .. y + 3 - PAD
             y = y0 + i - (TAPS - 1)
             acc = f0 * h0 + f1 * h1 + f2 * h2 + f3 * filtered
             y_ok = (y + 0 * offs_x >= y0) & (y + 0 * offs_x < DST_H)  # the first TAPS - 1 rows warm up
             if not EPILOGUE_BACKWARD:
-                acc = _apply_epilogue(
-                    acc, b, y, offs_x, x_ok & y_ok, offs_n, n_ok, noise_ptr, noise_strength_ptr, bias_ptr,
-                    stride_noise_b, stride_noise_h, stride_noise_w, clamp_value,
-                    HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
-                )  # fmt: skip
+                acc = _epilogue_of(acc, row_noise, strength, bias, clamp_value, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP)
             dst_rows = dst_ptr + ((b * DST_H + y) * DST_W + offs_x) * N
             tl.store(
                 dst_rows[:, None] + offs_n[None, :],
@@ -2868,6 +3006,8 @@ def _blur_taps(device, flipped: bool = False) -> torch.Tensor:
 
 # a blur program walks this many output rows at most; fewer when that leaves the GPU idle
 BLUR_MAX_ROWS = 32
+# load each source row one iteration ahead (False: where it is used, as before session 28)
+BLUR_PREFETCH = True
 BLUR_MIN_PROGRAMS = 1056  # 8 per H100 SM
 
 
@@ -2932,7 +3072,7 @@ def _launch_blur(
         TAPS=len(_BLUR_TAPS_1D), EPILOGUE_BACKWARD=backward,
         INPUT_PRECISION=_fp32_input_precision() if dst.dtype == torch.float32 else None, HAS_DEMOD=demod is not None,
         HAS_NOISE=noise is not None, HAS_BIAS=bias is not None, ACTIVATE=activate, HAS_CLAMP=clamp is not None,
-        BLOCK_W=block_w, BLOCK_N=block_n, num_warps=4,
+        BLOCK_W=block_w, BLOCK_N=block_n, PREFETCH=BLUR_PREFETCH, num_warps=4,
     )  # fmt: skip
     return sums
 
