@@ -111,6 +111,10 @@ case "${1:-}" in
         --kernel-option EPILOGUE_BACKWARD_BLOCK_VALUES=2048
     # session 28: the blur programs load their next source row ahead, against loads where used
     ab blur-loads-in-place --kernel-option BLUR_PREFETCH=0
+    # session 28: the demodulation's fp32 dots on the tensor cores (3xTF32) instead of the FMA units
+    # (~1 ms over 17 launches in session 24, most of it the token terms); the CUDA tests of stage 1
+    # check its accuracy (`test_triton_demodulation_matches_the_torch_one[...-tf32x3]`)
+    ab demodulation-tf32x3 --kernel-option DEMODULATION_PRECISION=tf32x3
     # session 25: the toRGB skip's upsample + add in Triton (`upsample_add`) against cuDNN's ~2.7 ms
     ab upsample-add-off --kernel-option UPSAMPLE_ADD_TRITON=0
     ;;

@@ -322,13 +322,15 @@ OTHER_KERNELS = (
     ),
     *(
         # the backward as eager training runs it: adding into the conv's gradients of s, p, q
-        OtherKernel(f"demodulation{' backward' if backward else ''}, L={rank}",
+        # (and with its dots on the tensor cores, `DEMODULATION_PRECISION="tf32x3"`)
+        OtherKernel(f"demodulation{' backward' if backward else ''}, L={rank}{', tf32x3' if precision == 'tf32x3' else ''}",
                     "_demodulation_backward_kernel" if backward else "_demodulation_kernel",
                     dict(HAS_TOKENS=True, HAS_RESIDUAL=False, **dict(zip(("BLOCK_O", "BLOCK_I", "BLOCK_L"), blocks[:3])),
+                         DOT_PRECISION=precision,
                          **(dict(ACCUMULATE_STYLES=True, ACCUMULATE_TOKENS=True) if backward else {})),
                     _DEMODULATION_POINTERS, num_warps=blocks[3])
-        for rank in (32, 64) for backward in (False, True)
-        for blocks in [op_module._demodulation_blocks(512, 512, rank, backward)]
+        for precision in ("ieee", "tf32x3") for rank in (32, 64) for backward in (False, True)
+        for blocks in [op_module._demodulation_blocks(512, 512, rank, backward, precision)]
     ),
     # a 1024 px layer's per-program partials (L = 32, 32 channels), grad s, p and q finished
     # together in bf16 by one launch
@@ -338,10 +340,11 @@ OTHER_KERNELS = (
         OtherKernel(f"demodulation{' backward' if backward else ''}, shared residual",
                     "_demodulation_backward_kernel" if backward else "_demodulation_kernel",
                     dict(HAS_TOKENS=False, HAS_RESIDUAL=True, **dict(zip(("BLOCK_O", "BLOCK_I", "BLOCK_L"), blocks[:3])),
+                         DOT_PRECISION="ieee",
                          **(dict(ACCUMULATE_STYLES=True, ACCUMULATE_TOKENS=False) if backward else {})),
                     _DEMODULATION_POINTERS, num_warps=blocks[3])
         for backward in (False, True)
-        for blocks in [op_module._demodulation_blocks(512, 512, 1, backward)]
+        for blocks in [op_module._demodulation_blocks(512, 512, 1, backward, "ieee")]
     ),
     # the toRGB skip's 2x upsample + add (contiguous output planes: unit column strides)
     OtherKernel("skip upsample + add, 4x4 taps", "_upsample_add_kernel",

@@ -155,6 +155,7 @@ ROUTE_CHOICES = {
     "EPILOGUE_BACKWARD_MIN_PROGRAMS": (1, 2112),
     "LOAD_STAGES": (1, 3),  # the memory-bound loops' pipelining (the interpreter runs both alike)
     "BLUR_MIN_PROGRAMS": (1, 1056),
+    "DEMODULATION_PRECISION": ("ieee", "tf32x3"),  # the demodulation's dots and blocks (one math here)
     "TRITON_DEMODULATION_MAX_TOKENS": (2, 64),  # the Triton demodulation, via p^T q, or torch's
     "RGB_EPILOGUE_MAX_COUT": (0, 128),  # a pair's toRGB in its conv's epilogue, or its own launch
 }

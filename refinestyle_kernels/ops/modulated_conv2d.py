@@ -2400,6 +2400,7 @@ if triton is not None:
         BLOCK_O: tl.constexpr,
         BLOCK_I: tl.constexpr,
         BLOCK_L: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,  # of the fp32 dots: "ieee" (FMA) or "tf32x3" (tensor cores)
     ):
         """d = rsqrt(max(E, 0) + eps), E = scale^2 (s^2) S2^T + 2 scale sum_l p u + taps sum_l p gp
         (per-sample tokens), or E = scale^2 (s^2) S2^T + 2 scale s T^T + c (shared ones, through
@@ -2431,8 +2432,8 @@ if triton is not None:
                     mask=l_ok[:, None] & i_ok[None, :],
                     other=0.0,
                 ).to(tl.float32)
-                u = tl.dot(q * s[None, :], tl.trans(s1), u, input_precision="ieee")
-                gram = tl.dot(q, tl.trans(q), gram, input_precision="ieee")
+                u = tl.dot(q * s[None, :], tl.trans(s1), u, input_precision=DOT_PRECISION)
+                gram = tl.dot(q, tl.trans(q), gram, input_precision=DOT_PRECISION)
         energy = styled_energy * (scale * scale)
         if HAS_RESIDUAL:
             energy += 2.0 * scale * cross + tl.load(c_ptr + offs_o, mask=o_ok, other=0.0)
@@ -2442,7 +2443,7 @@ if triton is not None:
             p = tl.load(
                 p_ptr + b * stride_tokens_b + offs_l[:, None] * COUT + offs_o[None, :], mask=token_mask, other=0.0
             ).to(tl.float32)
-            gp = tl.dot(gram, p, input_precision="ieee")
+            gp = tl.dot(gram, p, input_precision=DOT_PRECISION)
             energy += 2.0 * scale * tl.sum(p * u, axis=0) + taps * tl.sum(p * gp, axis=0)
             tl.store(u_ptr + token_offsets, u, mask=token_mask)
             tl.store(gp_ptr + token_offsets, gp, mask=token_mask)
@@ -2489,6 +2490,7 @@ if triton is not None:
         BLOCK_O: tl.constexpr,
         BLOCK_I: tl.constexpr,
         BLOCK_L: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,  # of the fp32 dots: "ieee" (FMA) or "tf32x3" (tensor cores)
     ):
         """grad styles and grad q for BLOCK_I input channels (the first cdiv(CIN, BLOCK_I)
         programs of axis 0), or grad p (HAS_TOKENS) or dE (HAS_RESIDUAL) for BLOCK_O output
@@ -2523,8 +2525,8 @@ if triton is not None:
                         other=0.0,
                     ).to(tl.float32)
                     weighted_p = p * grad_energy[None, :]
-                    cross = tl.dot(weighted_p, s1, cross, input_precision="ieee")
-                    outer = tl.dot(weighted_p, tl.trans(p), outer, input_precision="ieee")
+                    cross = tl.dot(weighted_p, s1, cross, input_precision=DOT_PRECISION)
+                    outer = tl.dot(weighted_p, tl.trans(p), outer, input_precision=DOT_PRECISION)
             grad_styles = 2.0 * scale * scale * s * energy_s2 + 2.0 * scale * energy_t
             if HAS_TOKENS:
                 q_mask = l_ok[:, None] & i_ok[None, :]
@@ -2534,7 +2536,7 @@ if triton is not None:
                 ).to(tl.float32)
                 grad_styles += 2.0 * scale * tl.sum(q * cross, axis=0)
                 # the residual sum_o dE_o p_o^T (q q^T) p_o has q-gradient 2 (p diag(dE) p^T) q
-                grad_q = 2.0 * scale * s[None, :] * cross + 2.0 * taps * tl.dot(outer, q, input_precision="ieee")
+                grad_q = 2.0 * scale * s[None, :] * cross + 2.0 * taps * tl.dot(outer, q, input_precision=DOT_PRECISION)
                 if ACCUMULATE_TOKENS:
                     grad_q += tl.load(grad_q_ptr + q_offsets, mask=q_mask, other=0.0).to(tl.float32)
                 tl.store(grad_q_ptr + q_offsets, grad_q.to(grad_q_ptr.dtype.element_ty), mask=q_mask)
@@ -3274,6 +3276,16 @@ def _launch_epilogue_products(
 # through their residual R = p^T q instead, for any L.
 TRITON_DEMODULATION_MAX_TOKENS = 64
 
+# The demodulation kernels' fp32 dots: "ieee" on the FMA units, exact fp32; "tf32x3" on the tensor
+# cores, each operand split into two TF32 parts (three MMAs a product: near-fp32 accuracy).
+DEMODULATION_PRECISION = "ieee"
+
+
+def _demodulation_precision() -> str:
+    if DEMODULATION_PRECISION not in ("ieee", "tf32x3"):
+        raise ValueError(f'DEMODULATION_PRECISION: expected "ieee" or "tf32x3", got {DEMODULATION_PRECISION!r}')
+    return DEMODULATION_PRECISION
+
 # the device types whose tensors the Triton kernels take as they come (besides CPU tensors in
 # the interpreter); benchmarks/stand_in_driver.py adds "cpu" to time and compile the GPU path
 KERNEL_DEVICE_TYPES = ("cuda", "meta")
@@ -3300,17 +3312,27 @@ def _triton_demodulation_applies(weight, styles, p) -> bool:
     return p.dtype != torch.float64 and (p.shape[-2] <= TRITON_DEMODULATION_MAX_TOKENS or _shared_tokens(p))
 
 
-def _demodulation_blocks(in_channels: int, out_channels: int, rank: int, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_O, BLOCK_I, BLOCK_L, num_warps) of the demodulation kernels. Their exact fp32 dots
-    run on FMA units with register-hungry layouts: at 64 x 64 x 32 the forward spilled 1.2 KB
-    a thread. These blocks keep both kernels free of spills for L <= 64 on sm_90, with Triton
-    3.6 and 3.9 (`python -m benchmarks.kernel_audit --families demodulation`)."""
+def _demodulation_blocks(
+    in_channels: int, out_channels: int, rank: int, backward: bool, precision: str | None = None
+) -> tuple[int, int, int, int]:
+    """(BLOCK_O, BLOCK_I, BLOCK_L, num_warps) of the demodulation kernels. Their fp32 dots take
+    register-hungry layouts (at 64 x 64 x 32 the forward spilled 1.2 KB a thread); these blocks
+    keep both kernels free of spills for L <= 64 on sm_90, with Triton 3.6 and 3.9, in either
+    `DEMODULATION_PRECISION` (precision: that setting's value, or None for its current one;
+    `python -m benchmarks.kernel_audit --families demodulation` compiles both).
+    The forward's programs each sum over every input channel, so its output blocks are small
+    enough to give the GPU 128 programs at 512 channels and batch 8 (64 until session 28)."""
     block_l = max(16, _next_pow2(rank))
     wide = block_l >= 64
-    if backward:
+    if (precision or _demodulation_precision()) == "tf32x3":  # MMA operand layouts: smaller blocks fit
+        if backward:
+            block_o, block_i = 16, 32
+        else:
+            block_o, block_i = 32, 16
+    elif backward:
         block_o, block_i = 64, (32 if wide else 64)
     else:
-        block_o, block_i = (16 if wide else 64), 16
+        block_o, block_i = (16 if wide else 32), 16
     block_o = min(block_o, max(16, _next_pow2(out_channels)))
     return block_o, min(block_i, max(16, _next_pow2(in_channels))), block_l, 8 if wide else 4
 
@@ -3357,7 +3379,7 @@ def _demodulation_forward(weight, styles, p, q, scale, eps) -> tuple[torch.Tenso
             t if residual else s1, c if residual else demod,
             in_channels, out_channels, rank, *token_strides, float(scale), float(eps), taps,
             HAS_TOKENS=tokens, HAS_RESIDUAL=residual,
-            BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=warps,
+            BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, DOT_PRECISION=_demodulation_precision(), num_warps=warps,
         )  # fmt: skip
     saved = (weight, styles, p, q, demod, energy, u, gp, r, t)
     return demod, saved, (float(scale), token_strides, token_shapes, residual)
@@ -3418,7 +3440,7 @@ def _demodulation_backward(saved, options, grad_demod, needs, accumulate=(None, 
             t if residual else s1, grad_energy if residual else demod,
             in_channels, out_channels, rank, *token_strides, scale, taps,
             HAS_TOKENS=tokens, HAS_RESIDUAL=residual, ACCUMULATE_STYLES=into_styles, ACCUMULATE_TOKENS=into_tokens,
-            BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, num_warps=warps,
+            BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_L=block_l, DOT_PRECISION=_demodulation_precision(), num_warps=warps,
         )  # fmt: skip
     if residual and (need_p or need_q):
         # E = ... + 2 scale s (S1 * R)^T + taps rowsum(R^2): grad R = S1 * grad T + 2 taps sum_b dE * R
