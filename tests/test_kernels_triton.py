@@ -732,6 +732,9 @@ def test_epilogue_backward_programs_walk_more_blocks_only_where_enough_programs_
     assert op_module._pointwise_blocks(16, 512, 512) == (8, 64)
     assert op_module._pointwise_blocks(16, 512, 16) == (1, 64)
     assert op_module._pointwise_blocks(4, 3, 512) == (16, 16)
+    for bad in (0, 8, 48, 1000):  # a tile of a non-power-of-two size would fail inside Triton
+        with pytest.raises(ValueError, match="EPILOGUE_BACKWARD_BLOCK_VALUES"):
+            op_module._pointwise_blocks(4, 3, bad)
 
 
 @needs_interpreter

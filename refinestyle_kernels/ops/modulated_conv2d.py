@@ -2988,6 +2988,8 @@ def autotuned_conv_configs() -> list[dict]:
 def _pointwise_blocks(pixels: int, channels: int, max_values: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of `_epilogue_backward_kernel`: at most max_values values (a power of
     two, at least 16), BLOCK_N up to 64 channels."""
+    if max_values < 16 or max_values & (max_values - 1):
+        raise ValueError(f"EPILOGUE_BACKWARD_BLOCK_VALUES: expected a power of two of at least 16, got {max_values}")
     block_n = min(64, max(16, _next_pow2(channels)))
     return max(1, min(_reduce_block_m(pixels), max_values // block_n)), block_n
 
