@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent GPU's measurements for issue 4, in four calls of under 10 minutes each (BENCHMARKS.md,
 # "Next GPU session"). Run from anywhere; results land in benchmarks/results/ and, where the
-# device tool sets $OUT, in $OUT too (at most 7 files a stage: the tool brings back 8):
+# device tool sets $OUT, in $OUT too (at most 8 files a stage: what the tool brings back):
 #
 #   bash benchmarks/gpu_session.sh 1   # the compiled CUDA tests (and that the refined network compiles into one
 #                                      # graph), then the kernel profile of the headline step
@@ -99,6 +99,9 @@ case "${1:-}" in
         keep_json "$name"
     }
     ab all-on  # the baseline, in this call: two processes' medians differed by up to 2 ms in session 24
+    # session 28: the conv's input tiles copied 8 bytes at a time, which Triton 3.6 caches in L1 (the
+    # nine taps' tiles overlap), against 16-byte copies, which it sends through L2 only (compiles anew)
+    ab conv-input-l2 --kernel-option CONV_A_LOAD_BYTES=16
     # session 25 routed the 256 px layer away from the epilogue products (EPILOGUE_PRODUCTS_MAX_CHANNELS
     # 128 -> 64) on session 24's profile; this times the old route
     ab epilogue-products-128 --kernel-option EPILOGUE_PRODUCTS_MAX_CHANNELS=128

@@ -161,7 +161,9 @@ def compile_conv_for_hopper(flags: dict, shape: tuple, dtype: str = "bf16", grid
     shape (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), activations of Triton type dtype."""
     block_m, block_n, block_k, warps, stages = shape
     tma = flags.get("A_TMA", False)
-    constexprs = dict(flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    # A's copy width as the op would launch it under this Triton (`CONV_A_LOAD_BYTES`)
+    a_vector = op_module._conv_a_vector(4 if dtype == "fp32" else 2)
+    constexprs = dict(dict(A_VECTOR=a_vector), **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                       TILE_W=block_m if tma else op_module._tile_width(block_m, grid_w))  # fmt: skip
     pointers = {name: "*fp32" if name in CONV_FP32_POINTERS else f"*{dtype}" for name in CONV_POINTERS}
     if not flags["HAS_A_SCALE"]:  # a grad-x launch: alpha is the styles, in the activations' dtype

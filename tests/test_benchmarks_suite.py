@@ -131,9 +131,9 @@ def test_autotuned_conv_choices_are_recorded_by_name(monkeypatch):
         kwargs = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, TILE_W=16, SCALE_WEIGHT=on_w, A_TMA=False)
         return triton.Config(kwargs, num_warps=4, num_stages=3)
 
-    forward_key = (0, 3, 64, 32, 32, (1024, 1024), 128, 8, True, True, True, True, False, 3, False, 1, None,
+    forward_key = (0, 3, 64, 32, 32, (1024, 1024), 128, 8, True, True, True, True, False, 3, False, 1, None, 0,
                    torch.bfloat16, torch.bfloat16, torch.bfloat16, None)  # fmt: skip
-    grad_x_key = (1, 3, 32, 64, 32, (512, 512), 0, 8, True, False, False, True, True, 0, True, 16, None,
+    grad_x_key = (1, 3, 32, 64, 32, (512, 512), 0, 8, True, False, False, True, True, 0, True, 16, None, 4,
                   torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16)  # fmt: skip
     assert len(forward_key) == len(op_module.CONV_BEST_CONFIG_KEY_FIELDS)
     monkeypatch.setattr(op_module, "_CONV_BEST_CONFIG", {forward_key: config(True), grad_x_key: config(False)})
@@ -143,6 +143,7 @@ def test_autotuned_conv_choices_are_recorded_by_name(monkeypatch):
     assert chosen[0]["RGB_CHANNELS"] == 3 and chosen[1]["RGB_CHANNELS"] == 0
     assert chosen[0]["TOKEN_PRODUCTS"] is False and chosen[1]["TILES_PER_PROGRAM"] == 16
     assert chosen[0]["BATCH_BUCKET"] == 8
+    assert chosen[0]["A_VECTOR"] == 0 and chosen[1]["A_VECTOR"] == 4
     line = _autotune_line({"autotuned_conv_configs": chosen})
     assert "2 launch shapes tuned" in line and "W tile in 1 of the 1 forward shapes" in line
 
@@ -683,7 +684,7 @@ def test_gpu_session_stage_leaves_at_most_what_the_device_tool_brings_back(stage
     if stage == "3":
         assert {"headline-layers.json", "capture-check.log", "headline-generator-compile-reference.json"} <= set(written)
     if stage == "4":
-        assert {"ab-all-on.json", "ab-epilogue-products-128.json", "ab-loads-unpipelined.json",
+        assert {"ab-all-on.json", "ab-conv-input-l2.json", "ab-epilogue-products-128.json", "ab-loads-unpipelined.json",
                 "ab-epilogue-backward-one-block.json", "ab-blur-loads-in-place.json", "ab-demodulation-tf32x3.json",
                 "ab-upsample-add-off.json"} <= set(written)  # fmt: skip
     if stage == "2":

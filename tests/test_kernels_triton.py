@@ -717,6 +717,24 @@ def test_interpreted_blur_walks_rows_with_and_without_loading_ahead(layer, prefe
     assert all(rows > 3 and rows % 3 != 0 for _, rows in launches), launches
 
 
+@needs_interpreter
+@pytest.mark.parametrize(
+    "layer",
+    [
+        Layer(batch=2, in_channels=9, out_channels=20, height=5, width=7, num_tokens=3),
+        Layer(batch=1, in_channels=70, out_channels=12, height=4, width=6, upsample=True, tokens="shared"),
+    ],
+    ids=str,
+)
+def test_interpreted_conv_with_narrow_input_copies_matches_reference(layer, monkeypatch):
+    """The conv's input tile loaded 8 bytes a copy (`CONV_A_LOAD_BYTES`, the default under Triton
+    3.6): the same channels through offsets whose contiguity reads as 2 fp32 values, with K
+    blocks past the channels masked (9 and 70 channels)."""
+    monkeypatch.setattr(op_module, "CONV_A_LOAD_BYTES", 8)
+    assert op_module._conv_a_vector(4) == 2
+    check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=29)
+
+
 def test_epilogue_backward_programs_walk_more_blocks_only_where_enough_programs_remain(monkeypatch):
     monkeypatch.setattr(op_module, "EPILOGUE_BACKWARD_MAX_TILES", 32)
     monkeypatch.setattr(op_module, "EPILOGUE_BACKWARD_MIN_PROGRAMS", 2112)

@@ -877,6 +877,34 @@ CONV_SCALE_WEIGHT = True
 # next to the pointer variants; the untuned path uses it where it applies.
 CONV_TMA = True
 
+# Bytes a thread copies per asynchronous copy of the conv's input tile (pointer loads; TMA loads
+# are bulk copies through L2). The nine taps' A tiles of a pixel block overlap in all but a rim,
+# so the `.ca` loads meant them to hit L1. Triton 3.9 keeps that cache modifier on a 16-byte
+# cp.async; Triton 3.6 (torch 2.11's, the GPU machine's) lowers every 16-byte cp.async to `.cg`,
+# which bypasses L1, and honours `.ca` only on narrower copies (checked in the PTX for sm_90a):
+# there every tap re-reads its tile from L2, 9 times the input a pass. 8: copies of 8 bytes
+# (`.ca`, twice the copy instructions); 16: as wide as the layout allows; None: 8 under Triton
+# versions before 3.9, else 16.
+CONV_A_LOAD_BYTES: int | None = None
+
+
+def _triton_version() -> tuple[int, int]:
+    if triton is None:
+        return (0, 0)
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
+def _conv_a_vector(element_size: int) -> int:
+    """A_VECTOR of a `_conv_gemm_kernel` launch: elements per copy of its input tile, or 0 for
+    as wide as the layout allows (see `CONV_A_LOAD_BYTES`)."""
+    load_bytes = CONV_A_LOAD_BYTES
+    if load_bytes is None:
+        load_bytes = 8 if _triton_version() < (3, 9) else 16
+    if load_bytes not in (4, 8, 16):
+        raise ValueError(f"CONV_A_LOAD_BYTES: expected None, 4, 8 or 16, got {load_bytes!r}")
+    return 0 if load_bytes == 16 else max(1, load_bytes // element_size)
+
+
 # Shared memory the autotuner lets a config's pipelined tiles take (num_stages x (A tile + W
 # tile)): the H100 has 227 KB per block, and the epilogue's layout conversions need some too.
 CONV_SHARED_MEMORY_BUDGET = 160 * 1024
@@ -1244,6 +1272,7 @@ if triton is not None:
         INPUT_PRECISION: tl.constexpr,
         SCALE_WEIGHT: tl.constexpr,  # apply a_scale to the W tile (B operand) instead of the A tile
         A_TMA: tl.constexpr,  # load A by TMA (MODE 0, TILE_W == BLOCK_M: the block is one row strip)
+        A_VECTOR: tl.constexpr,  # > 0: A's pointer loads copy this many elements at a time (`CONV_A_LOAD_BYTES`)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -1382,8 +1411,12 @@ if triton is not None:
                 else:
                     pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
                     a_rows = a_ptr + ((b * IN_H + in_y) * IN_W + in_x) * K
+                    a_k = offs_k
+                    if A_VECTOR > 0:  # the same channels, seen as contiguous runs of A_VECTOR only
+                        lanes = tl.arange(0, BLOCK_K)
+                        a_k = k0 + (lanes // A_VECTOR) * A_VECTOR + lanes % A_VECTOR
                     a = tl.load(
-                        a_rows[:, None] + offs_k[None, :],
+                        a_rows[:, None] + a_k[None, :],
                         mask=pix_ok[:, None] & k_ok[None, :],
                         other=0.0,
                         cache_modifier=".ca",
@@ -2845,6 +2878,7 @@ def _launch_conv_gemm(
         TOKEN_PRODUCTS=token_products,
         TILES_PER_PROGRAM=tiles_per_program,
         INPUT_PRECISION=precision,
+        A_VECTOR=_conv_a_vector(a.element_size()),
         BLOCK_L=min(64, max(16, _next_pow2(rank))),
     )
     phases = 4 if mode == 2 else 1
@@ -2878,7 +2912,8 @@ def _launch_conv_gemm(
         # of host time a launch, more than the GPU time of a low-resolution layer)
         key = (
             mode, ksize, k, n, rank, grid_hw, tma_block_m, batch_bucket, flags["BOX_Z"], flags["FUSE_PROJECTION"], flags["HAS_A_SCALE"],
-            lowrank, partial is not None, flags["RGB_CHANNELS"], token_products, tiles_per_program, precision, a.dtype,
+            lowrank, partial is not None, flags["RGB_CHANNELS"], token_products, tiles_per_program, precision,
+            flags["A_VECTOR"], a.dtype,
             w.dtype, out.dtype, z.dtype if z is not None else None,
         )  # fmt: skip
         config = _CONV_BEST_CONFIG.get(key)
@@ -2962,7 +2997,7 @@ def _conv_launch_flops(batch, grid_hw, ksize, k, n, rank, phases, fused_projecti
 # the fields of those keys, in order (benchmarks record the choices by name)
 CONV_BEST_CONFIG_KEY_FIELDS = (
     "MODE", "KSIZE", "K", "N", "L", "GRID_HW", "TMA_BLOCK_M", "BATCH_BUCKET", "BOX_Z", "FUSE_PROJECTION", "HAS_A_SCALE", "HAS_LOWRANK", "REDUCE_X",
-    "RGB_CHANNELS", "TOKEN_PRODUCTS", "TILES_PER_PROGRAM", "INPUT_PRECISION", "a_dtype", "w_dtype", "out_dtype",
+    "RGB_CHANNELS", "TOKEN_PRODUCTS", "TILES_PER_PROGRAM", "INPUT_PRECISION", "A_VECTOR", "a_dtype", "w_dtype", "out_dtype",
     "z_dtype",
 )  # fmt: skip
 
