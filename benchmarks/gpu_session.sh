@@ -99,9 +99,10 @@ case "${1:-}" in
         keep_json "$name"
     }
     ab all-on  # the baseline, in this call: two processes' medians differed by up to 2 ms in session 24
-    # session 28: the conv's input tiles copied 8 bytes at a time, which Triton 3.6 caches in L1 (the
-    # nine taps' tiles overlap), against 16-byte copies, which it sends through L2 only (compiles anew)
-    ab conv-input-l2 --kernel-option CONV_A_LOAD_BYTES=16
+    # session 28: the loads a box's taps re-read (the conv's input tiles, the pixel products' boxed
+    # tiles) copied 8 bytes at a time, which Triton 3.6 caches in L1, against 16-byte copies, which
+    # it sends through L2 only (the conv kernels compile anew)
+    ab tap-loads-l2 --kernel-option TAP_LOAD_BYTES=16
     # session 25 routed the 256 px layer away from the epilogue products (EPILOGUE_PRODUCTS_MAX_CHANNELS
     # 128 -> 64) on session 24's profile; this times the old route
     ab epilogue-products-128 --kernel-option EPILOGUE_PRODUCTS_MAX_CHANNELS=128

@@ -161,8 +161,8 @@ def compile_conv_for_hopper(flags: dict, shape: tuple, dtype: str = "bf16", grid
     shape (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), activations of Triton type dtype."""
     block_m, block_n, block_k, warps, stages = shape
     tma = flags.get("A_TMA", False)
-    # A's copy width as the op would launch it under this Triton (`CONV_A_LOAD_BYTES`)
-    a_vector = op_module._conv_a_vector(4 if dtype == "fp32" else 2)
+    # A's copy width as the op would launch it under this Triton (`TAP_LOAD_BYTES`)
+    a_vector = op_module._tap_vector(4 if dtype == "fp32" else 2)
     constexprs = dict(dict(A_VECTOR=a_vector), **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                       TILE_W=block_m if tma else op_module._tile_width(block_m, grid_w))  # fmt: skip
     pointers = {name: "*fp32" if name in CONV_FP32_POINTERS else f"*{dtype}" for name in CONV_POINTERS}
@@ -265,7 +265,9 @@ _FP32 = "*fp32"
 
 
 # channels-last operands: the JIT specialises their unit channel strides
-_PIXEL_PRODUCTS = dict(KSIZE=3, INPUT_PRECISION=None, BLOCK_P=64, LOAD_STAGES=op_module.LOAD_STAGES, stride_al=1, stride_bc=1)
+# (and the box's tap loads as wide as the op makes them under this Triton: `TAP_LOAD_BYTES`)
+_PIXEL_PRODUCTS = dict(KSIZE=3, INPUT_PRECISION=None, BLOCK_P=64, LOAD_STAGES=op_module.LOAD_STAGES, stride_al=1, stride_bc=1,
+                       TAP_VECTOR=op_module._tap_vector(2))
 _DEMODULATION_POINTERS = dict.fromkeys(("s1_ptr", "s2_ptr", "demod_ptr", "energy_ptr", "u_ptr", "gp_ptr", "p_ptr",
                                         "q_ptr", "styles_ptr", "grad_demod_ptr", "grad_styles_ptr", "grad_p_ptr",
                                         "grad_q_ptr", "t_ptr", "c_ptr", "grad_energy_ptr"), _FP32)  # fmt: skip
@@ -279,7 +281,7 @@ OTHER_KERNELS = (
     OtherKernel("pixel products, stride-2 box (separate gz)", "_pixel_products_kernel",
                 dict(_PIXEL_PRODUCTS, BOX=1, BLOCK_L=32, BLOCK_C=64), dict(partial_ptr=_FP32)),
     OtherKernel("pixel products, no box", "_pixel_products_kernel",
-                dict(_PIXEL_PRODUCTS, BOX=-1, BLOCK_L=32, BLOCK_C=64), dict(partial_ptr=_FP32)),
+                dict(_PIXEL_PRODUCTS, BOX=-1, BLOCK_L=32, BLOCK_C=64, TAP_VECTOR=0), dict(partial_ptr=_FP32)),
     *(
         OtherKernel(label, "_blur_kernel",
                     # channels-last tensors: the JIT specialises their unit channel stride

@@ -146,7 +146,7 @@ ROUTE_CHOICES = {
     "CONV_PRODUCTS_MIN_PROGRAMS": (1, 1056),
     "CONV_SCALE_WEIGHT": (False, True),  # the styles on the W tile or on the A tile
     "CONV_TMA": (False, True),  # stride-1 input loads by TMA descriptor where they apply
-    "CONV_A_LOAD_BYTES": (8, 16),  # the input tile's pointer loads 8 bytes a copy (L1 under Triton 3.6) or 16
+    "TAP_LOAD_BYTES": (8, 16),  # loads the box's taps re-read: 8 bytes a copy (L1 under Triton 3.6) or 16
     "PIXEL_REDUCTION_PROGRAMS": (3, 528),  # how the separate route splits its sums over pixels
     "PIXEL_REDUCTION_MIN_PIXELS": (16, 1024),
     "BLUR_MAX_ROWS": (1, 3, 32),  # output rows a blur program walks

@@ -117,49 +117,52 @@ def test_memory_bound_loops_load_by_cp_async_and_the_audit_runs_in_workers(tmp_p
         assert row["loads"] == "cp.async" and row["spill_bytes"] == 0 and row["programs_per_sm"] >= 4, row
 
 
-def test_conv_input_copy_width_follows_the_triton_version(monkeypatch):
-    monkeypatch.setattr(op_module, "CONV_A_LOAD_BYTES", None)
-    for version, expected in ((None, None), ((3, 6), 4), ((3, 9), 0), ((3, 10), 0)):
-        if version is not None:
-            monkeypatch.setattr(op_module, "_triton_version", lambda version=version: version)
-        if expected is not None:
-            assert op_module._conv_a_vector(2) == expected, version
-    monkeypatch.setattr(op_module, "CONV_A_LOAD_BYTES", 8)
-    assert (op_module._conv_a_vector(2), op_module._conv_a_vector(4)) == (4, 2)
-    monkeypatch.setattr(op_module, "CONV_A_LOAD_BYTES", 16)
-    assert op_module._conv_a_vector(2) == 0
-    monkeypatch.setattr(op_module, "CONV_A_LOAD_BYTES", 12)
-    with pytest.raises(ValueError, match="CONV_A_LOAD_BYTES"):
-        op_module._conv_a_vector(2)
+def test_tap_load_width_follows_the_triton_version(monkeypatch):
+    for version, expected in (((3, 6), 8), ((3, 8), 8), ((3, 9), 16), ((4, 0), 16)):
+        assert op_module._default_tap_load_bytes(version) == expected, version
+    assert op_module.TAP_LOAD_BYTES == op_module._default_tap_load_bytes(op_module._triton_version())
+    monkeypatch.setattr(op_module, "TAP_LOAD_BYTES", 8)
+    assert (op_module._tap_vector(2), op_module._tap_vector(4)) == (4, 2)
+    monkeypatch.setattr(op_module, "TAP_LOAD_BYTES", 16)
+    assert op_module._tap_vector(2) == 0
+    monkeypatch.setattr(op_module, "TAP_LOAD_BYTES", 12)
+    with pytest.raises(ValueError, match="TAP_LOAD_BYTES"):
+        op_module._tap_vector(2)
 
 
 INPUT_COPIES = r"""
 import json, re, sys
-from benchmarks.kernel_audit import FAMILIES, compile_conv_for_hopper
 from refinestyle_kernels.ops import modulated_conv2d as op_module
-op_module.CONV_A_LOAD_BYTES = int(sys.argv[1])
+op_module.TAP_LOAD_BYTES = int(sys.argv[1])  # before the audit's cases read it
+from benchmarks.kernel_audit import FAMILIES, OTHER_KERNELS, compile_conv_for_hopper
 family = next(family for family in FAMILIES if family.name.startswith("forward, 3x3, unrefined"))
 (flags,) = [flags for label, flags in family.variants() if "W" in label and "TMA" not in label]
-ptx = compile_conv_for_hopper(flags, (128, 32, 32, 4, 3), grid_w=1024).asm["ptx"]
+products = next(case for case in OTHER_KERNELS if case.label.startswith("pixel products M = box(x)^T g"))
 # cp.async.ca.shared.global [ %r17 + 0 ], [ %rd14 + 0 ], 0x8, %r38;
-copies = re.findall(r"cp\.async\.(c[ag])\.shared\.global\S* \[[^\]]+\], \[[^\]]+\], (0x[0-9a-f]+|\d+)", ptx)
-print(json.dumps(sorted({(kind, int(size, 0)) for kind, size in copies})))
+pattern = r"cp\.async\.(c[ag])\.shared\.global\S* \[[^\]]+\], \[[^\]]+\], (0x[0-9a-f]+|\d+)"
+found = {}
+for name, kernel in (("conv", compile_conv_for_hopper(flags, (128, 32, 32, 4, 3), grid_w=1024)), ("products", products.compile())):
+    found[name] = sorted({(kind, int(size, 0)) for kind, size in re.findall(pattern, kernel.asm["ptx"])})
+print(json.dumps(found))
 """
 
 
 @pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
 @pytest.mark.parametrize("load_bytes", [8, 16])
-def test_conv_input_tiles_are_copied_through_l1(load_bytes):
-    """The nine taps' input tiles of a pixel block overlap: their asynchronous copies must be the
-    L1-caching `.ca` kind. At 8 bytes a copy every Triton emits `.ca`; at 16 bytes Triton 3.9
-    does, while 3.6 emits `.cg` (L2 only), which is why the op copies 8 bytes there."""
+def test_tap_loads_are_copied_through_l1(load_bytes):
+    """The tiles a box's nine taps re-read overlap (the conv's input tile, the pixel products'
+    boxed tile): their asynchronous copies must be the L1-caching `.ca` kind. At 8 bytes a copy
+    every Triton emits `.ca`; at 16 bytes Triton 3.9 does, while 3.6 emits `.cg` (L2 only),
+    which is why the op copies 8 bytes there (`TAP_LOAD_BYTES`)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     env.pop("TRITON_INTERPRET", None)  # the interpreter's kernels do not compile
     result = subprocess.run([sys.executable, "-c", INPUT_COPIES, str(load_bytes)], env=env, capture_output=True,
                             text=True, timeout=300, cwd=ROOT)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    widths = {tuple(pair) for pair in json.loads(result.stdout.strip().splitlines()[-1])}
-    if load_bytes == 8 or op_module._triton_version() >= (3, 9):
-        assert ("ca", load_bytes) in widths, widths
-    else:
-        assert ("cg", 16) in widths and not any(kind == "ca" for kind, _ in widths), widths
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, pairs in found.items():
+        widths = {tuple(pair) for pair in pairs}
+        if load_bytes == 8 or op_module._triton_version() >= (3, 9):
+            assert ("ca", load_bytes) in widths, (name, widths)
+        else:
+            assert ("cg", 16) in widths and not any(kind == "ca" for kind, _ in widths), (name, widths)

@@ -684,7 +684,7 @@ def test_gpu_session_stage_leaves_at_most_what_the_device_tool_brings_back(stage
     if stage == "3":
         assert {"headline-layers.json", "capture-check.log", "headline-generator-compile-reference.json"} <= set(written)
     if stage == "4":
-        assert {"ab-all-on.json", "ab-conv-input-l2.json", "ab-epilogue-products-128.json", "ab-loads-unpipelined.json",
+        assert {"ab-all-on.json", "ab-tap-loads-l2.json", "ab-epilogue-products-128.json", "ab-loads-unpipelined.json",
                 "ab-epilogue-backward-one-block.json", "ab-blur-loads-in-place.json", "ab-demodulation-tf32x3.json",
                 "ab-upsample-add-off.json"} <= set(written)  # fmt: skip
     if stage == "2":

@@ -726,13 +726,34 @@ def test_interpreted_blur_walks_rows_with_and_without_loading_ahead(layer, prefe
     ],
     ids=str,
 )
-def test_interpreted_conv_with_narrow_input_copies_matches_reference(layer, monkeypatch):
-    """The conv's input tile loaded 8 bytes a copy (`CONV_A_LOAD_BYTES`, the default under Triton
-    3.6): the same channels through offsets whose contiguity reads as 2 fp32 values, with K
-    blocks past the channels masked (9 and 70 channels)."""
-    monkeypatch.setattr(op_module, "CONV_A_LOAD_BYTES", 8)
-    assert op_module._conv_a_vector(4) == 2
+def test_interpreted_tap_loads_in_narrow_copies_match_reference(layer, monkeypatch):
+    """The loads a box's taps re-read, 8 bytes a copy (`TAP_LOAD_BYTES`, the default under Triton
+    3.6): the conv's input tile and the pixel products' boxed tile, through offsets whose
+    contiguity reads as runs of 2 fp32 values, with blocks past the channels masked (9 and 70
+    channels)."""
+    monkeypatch.setattr(op_module, "TAP_LOAD_BYTES", 8)
+    # the token products by the boxed pixel products, not in the epilogue or the grad-x conv
+    monkeypatch.setattr(op_module, "EPILOGUE_PRODUCTS_MAX_CHANNELS", 0)
+    monkeypatch.setattr(op_module, "CONV_TOKEN_PRODUCTS_MAX_K", 0)
+    assert op_module._tap_vector(4) == 2
+    vectors = []
+    for name in ("_conv_gemm_kernel", "_pixel_products_kernel"):
+
+        class Probe:  # kernel[grid](...) -> record the copy width, then launch for real
+            def __init__(self, kernel):
+                self.kernel = kernel
+
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    vectors.append((kwargs.get("BOX"), kwargs.get("A_VECTOR", kwargs.get("TAP_VECTOR"))))
+                    return self.kernel[grid](*args, **kwargs)
+
+                return launch
+
+        monkeypatch.setattr(op_module, name, Probe(getattr(op_module, name)))
     check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=29)
+    boxed = {box for box, vector in vectors if box is not None and box >= 0 and vector == 2}
+    assert (None, 2) in vectors and boxed, vectors
 
 
 def test_epilogue_backward_programs_walk_more_blocks_only_where_enough_programs_remain(monkeypatch):

@@ -877,15 +877,14 @@ CONV_SCALE_WEIGHT = True
 # next to the pointer variants; the untuned path uses it where it applies.
 CONV_TMA = True
 
-# Bytes a thread copies per asynchronous copy of the conv's input tile (pointer loads; TMA loads
-# are bulk copies through L2). The nine taps' A tiles of a pixel block overlap in all but a rim,
-# so the `.ca` loads meant them to hit L1. Triton 3.9 keeps that cache modifier on a 16-byte
-# cp.async; Triton 3.6 (torch 2.11's, the GPU machine's) lowers every 16-byte cp.async to `.cg`,
-# which bypasses L1, and honours `.ca` only on narrower copies (checked in the PTX for sm_90a):
-# there every tap re-reads its tile from L2, 9 times the input a pass. 8: copies of 8 bytes
-# (`.ca`, twice the copy instructions); 16: as wide as the layout allows; None: 8 under Triton
-# versions before 3.9, else 16.
-CONV_A_LOAD_BYTES: int | None = None
+# Bytes a thread copies per asynchronous copy of a tile that the taps of a 3x3 box re-read: the
+# conv's input tile, the pixel products' boxed tile (TMA loads are bulk copies through L2). The
+# nine taps' tiles of a pixel block overlap, so their loads are meant to hit L1 (`.ca`). Triton
+# 3.9 keeps that cache modifier on a 16-byte cp.async; Triton 3.6 (torch 2.11's, the GPU
+# machine's) lowers every 16-byte cp.async to `.cg`, which bypasses L1, and honours `.ca` only on
+# narrower copies (checked in the PTX for sm_90a): there every tap re-reads its tile from L2.
+# 8: copies of 8 bytes (`.ca`, twice the copy instructions); 16: as wide as the layout allows.
+# The default is 8 under Triton versions before 3.9, else 16 (`_default_tap_load_bytes`).
 
 
 def _triton_version() -> tuple[int, int]:
@@ -894,15 +893,20 @@ def _triton_version() -> tuple[int, int]:
     return tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 
-def _conv_a_vector(element_size: int) -> int:
-    """A_VECTOR of a `_conv_gemm_kernel` launch: elements per copy of its input tile, or 0 for
-    as wide as the layout allows (see `CONV_A_LOAD_BYTES`)."""
-    load_bytes = CONV_A_LOAD_BYTES
-    if load_bytes is None:
-        load_bytes = 8 if _triton_version() < (3, 9) else 16
-    if load_bytes not in (4, 8, 16):
-        raise ValueError(f"CONV_A_LOAD_BYTES: expected None, 4, 8 or 16, got {load_bytes!r}")
-    return 0 if load_bytes == 16 else max(1, load_bytes // element_size)
+def _default_tap_load_bytes(version: tuple[int, int]) -> int:
+    return 8 if version < (3, 9) else 16
+
+
+TAP_LOAD_BYTES: int = _default_tap_load_bytes(_triton_version())
+
+
+def _tap_vector(element_size: int) -> int:
+    """Elements per copy of a tile the box's taps re-read (`A_VECTOR` of `_conv_gemm_kernel`,
+    `TAP_VECTOR` of `_pixel_products_kernel`), or 0 for as wide as the layout allows (see
+    `TAP_LOAD_BYTES`)."""
+    if TAP_LOAD_BYTES not in (4, 8, 16):
+        raise ValueError(f"TAP_LOAD_BYTES: expected 4, 8 or 16, got {TAP_LOAD_BYTES!r}")
+    return 0 if TAP_LOAD_BYTES == 16 else max(1, TAP_LOAD_BYTES // element_size)
 
 
 # Shared memory the autotuner lets a config's pipelined tiles take (num_stages x (A tile + W
@@ -1145,6 +1149,16 @@ def _fp32_input_precision() -> str:
 if triton is not None:
 
     @triton.jit
+    def _in_runs(BLOCK: tl.constexpr, VECTOR: tl.constexpr):
+        """tl.arange(0, BLOCK), as offsets whose contiguity Triton reads as runs of VECTOR
+        elements (0: the whole block), so that it copies them VECTOR elements at a time
+        (`TAP_LOAD_BYTES`). The values are the same."""
+        lanes = tl.arange(0, BLOCK)
+        if VECTOR > 0:
+            lanes = (lanes // VECTOR) * VECTOR + lanes % VECTOR
+        return lanes
+
+    @triton.jit
     def _apply_epilogue(
         acc,
         b,
@@ -1272,7 +1286,7 @@ if triton is not None:
         INPUT_PRECISION: tl.constexpr,
         SCALE_WEIGHT: tl.constexpr,  # apply a_scale to the W tile (B operand) instead of the A tile
         A_TMA: tl.constexpr,  # load A by TMA (MODE 0, TILE_W == BLOCK_M: the block is one row strip)
-        A_VECTOR: tl.constexpr,  # > 0: A's pointer loads copy this many elements at a time (`CONV_A_LOAD_BYTES`)
+        A_VECTOR: tl.constexpr,  # > 0: A's pointer loads copy this many elements at a time (`TAP_LOAD_BYTES`)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -1411,12 +1425,8 @@ if triton is not None:
                 else:
                     pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
                     a_rows = a_ptr + ((b * IN_H + in_y) * IN_W + in_x) * K
-                    a_k = offs_k
-                    if A_VECTOR > 0:  # the same channels, seen as contiguous runs of A_VECTOR only
-                        lanes = tl.arange(0, BLOCK_K)
-                        a_k = k0 + (lanes // A_VECTOR) * A_VECTOR + lanes % A_VECTOR
                     a = tl.load(
-                        a_rows[:, None] + a_k[None, :],
+                        a_rows[:, None] + (k0 + _in_runs(BLOCK_K, A_VECTOR))[None, :],
                         mask=pix_ok[:, None] & k_ok[None, :],
                         other=0.0,
                         cache_modifier=".ca",
@@ -2163,6 +2173,7 @@ if triton is not None:
                     a_base + (in_y * stride_ay + in_x * stride_ax)[None, :].to(tl.int64),
                     mask=l_ok[:, None] & tap_ok[None, :],
                     other=0.0,
+                    cache_modifier=".ca",  # neighbouring taps read the same pixels: L1 hits
                 ).to(tl.float32)
         return a_box
 
@@ -2192,6 +2203,7 @@ if triton is not None:
         BLOCK_P: tl.constexpr,
         BLOCK_L: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        TAP_VECTOR: tl.constexpr,  # > 0: a box's tap loads copy this many elements at a time (`TAP_LOAD_BYTES`)
     ):
         """Split-K box(a)^T b over the pixels of b's grid: program (tile, split, b) sums one
         pixel range. The all-ones KSIZE x KSIZE box is summed on the fly from a's taps, in
@@ -2209,7 +2221,7 @@ if triton is not None:
         pixels = OUT_H * OUT_W
         start = split * PIXELS_PER_SPLIT
         stop = tl.minimum(start + PIXELS_PER_SPLIT, pixels)
-        a_base = a_ptr + b * stride_ab + offs_l[:, None] * stride_al
+        a_base = a_ptr + b * stride_ab + (pid_l * BLOCK_L + _in_runs(BLOCK_L, TAP_VECTOR))[:, None] * stride_al
         acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
         # Triton pipelines only innermost loops: with a box, the loop over its taps
         for p0 in tl.range(start, stop, BLOCK_P, num_stages=LOAD_STAGES if BOX < 0 else 1):
@@ -2878,7 +2890,7 @@ def _launch_conv_gemm(
         TOKEN_PRODUCTS=token_products,
         TILES_PER_PROGRAM=tiles_per_program,
         INPUT_PRECISION=precision,
-        A_VECTOR=_conv_a_vector(a.element_size()),
+        A_VECTOR=_tap_vector(a.element_size()),
         BLOCK_L=min(64, max(16, _next_pow2(rank))),
     )
     phases = 4 if mode == 2 else 1
@@ -3191,7 +3203,8 @@ def _sum_over_pixels(
             a, b, partials, a_h, a_w, out_h, out_w, rank, channels, *a.stride(), stride_bb, stride_bx, stride_bc,
             pixels_per_split, BOX=box, KSIZE=ksize,
             INPUT_PRECISION=_fp32_input_precision() if a.dtype == torch.float32 else None,
-            LOAD_STAGES=LOAD_STAGES, BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4,
+            LOAD_STAGES=LOAD_STAGES, BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_C=block_c,
+            TAP_VECTOR=_tap_vector(a.element_size()) if box >= 0 else 0, num_warps=4,
         )  # fmt: skip
     return _sum_partials(partials, dtype, over_batch=over_batch)
 
