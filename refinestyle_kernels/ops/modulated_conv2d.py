@@ -1716,8 +1716,7 @@ if triton is not None:
         if EPILOGUE_BACKWARD:
             pix_ok = row_ok & (load_x >= 0) & (load_x < SRC_W)
             mask = pix_ok[:, None] & n_ok[None, :]
-            # a row's base pointer plus 32-bit offsets within it: the loop-invariant part the
-            # compiler keeps across the row loop is then 32-bit, not a tile of 64-bit pointers
+            # a row's base pointer (it moves each row) plus offsets within the row (they do not)
             grad_offsets = (load_x * stride_sw)[:, None] + offs_n[None, :] * stride_sn
             out_offsets = (load_x * stride_vw)[:, None] + offs_n[None, :] * stride_vn
             grad = tl.load(src_ptr + (b * stride_sb + src_y * stride_sh) + grad_offsets, mask=mask, other=0.0)
@@ -1729,7 +1728,7 @@ if triton is not None:
             return grad, out, 0.0, 0.0, noise
         else:
             tl.static_assert(TAPS == 4, "one tile per tap")
-            row = src_ptr + (b * stride_sb + src_y * stride_sh)  # plus 32-bit offsets, as above
+            row = src_ptr + (b * stride_sb + src_y * stride_sh)  # plus offsets within the row, as above
             rows = row + offs_n[None, :] * stride_sn
             shifted = load_x - PAD
             tap0 = tl.load(rows + (shifted * stride_sw)[:, None],
