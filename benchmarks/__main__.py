@@ -216,6 +216,9 @@ def _run(argv: list[str] | None) -> int:
         # 11.7 ms with 1). One thread gives stable, comparable numbers; --threads overrides.
         torch.set_num_threads(1)
     suite, spec, settings = suite_from_args(args, on_cuda)
+    # every conv launch shape timed, the lone-config ones too (`autotuned_conv_configs` in the
+    # JSON); a --kernel-option may switch it off again
+    kernel_option_modules()[0].TIME_UNTUNED_CONV_LAUNCHES = True
     try:
         kernel_options = apply_kernel_options(args.kernel_option)
     except ValueError as error:

@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    op_module.TIME_UNTUNED_CONV_LAUNCHES = True  # the conv launch table lists every shape
     (tokens,) = parse_tokens(args.tokens)
     config = GeneratorConfig(args.size)
     layer = None

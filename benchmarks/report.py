@@ -284,11 +284,19 @@ def _conv_launch_label(config: dict) -> str:
     return ", ".join(parts)
 
 
+def _conv_tile(config: dict) -> str:
+    """A conv config's tile in short: BLOCK_MxBLOCK_NxBLOCK_K, warps, TMA loads, styles on W."""
+    return (f"{config.get('BLOCK_M')}x{config.get('BLOCK_N')}x{config.get('BLOCK_K')} w{config.get('num_warps')}"
+            f"{' TMA' if config.get('A_TMA') else ''}{' s->W' if config.get('SCALE_WEIGHT') else ''}")  # fmt: skip
+
+
 def conv_launch_table(run: dict, markdown: bool = False) -> str | None:
     """The conv kernel's launch shapes as its autotuner timed them (`autotuned_conv_configs`:
     the chosen config's median, Triton's do_bench with the L2 emptied between calls), slowest
     first, against each launch's floor at the run's peaks: its least bytes at the copy peak or
-    its FLOPs at the matmul peak of its dtype, whichever is longer. None when nothing was timed."""
+    its FLOPs at the matmul peak of its dtype, whichever is longer; then how many configs were
+    timed and the fastest of the others, with how much slower it was. None when nothing was
+    timed."""
     timed = [c for c in run.get("autotuned_conv_configs") or [] if c.get("tuned_ms")]
     if not timed:
         return None
@@ -306,13 +314,16 @@ def conv_launch_table(run: dict, markdown: bool = False) -> str | None:
             floor = 1e3 * max(nbytes / copy, flops / peak_flops)
             total_floor += floor
         total_ms += ms
-        tile = (f"{config.get('BLOCK_M')}x{config.get('BLOCK_N')}x{config.get('BLOCK_K')} w{config.get('num_warps')}"
-                f"{' TMA' if config.get('A_TMA') else ''}{' s->W' if config.get('SCALE_WEIGHT') else ''}")  # fmt: skip
+        timings = config.get("timings") or []
+        runner_up = "-"
+        if len(timings) > 1 and timings[0]["ms"] > 0:  # how much the choice mattered
+            runner_up = f"{_conv_tile(timings[1])} +{100 * (timings[1]['ms'] / timings[0]['ms'] - 1):.0f}%"
         rows.append([
-            _conv_launch_label(config), tile, f"{ms:.3f}", f"{nbytes / ms / 1e6:.0f}", f"{flops / ms / 1e9:.0f}",
-            "-" if floor is None else f"{floor:.3f}", "-" if not floor else f"{ms / floor:.1f}x",
+            _conv_launch_label(config), _conv_tile(config), f"{ms:.3f}", f"{nbytes / ms / 1e6:.0f}",
+            f"{flops / ms / 1e9:.0f}", "-" if floor is None else f"{floor:.3f}", "-" if not floor else f"{ms / floor:.1f}x",
+            f"{len(timings)}" if timings else "-", runner_up,
         ])  # fmt: skip
-    header = ["conv launch (tuned)", "tile", "ms", "GB/s", "TFLOP/s", "floor ms", "x floor"]
+    header = ["conv launch (tuned)", "tile", "ms", "GB/s", "TFLOP/s", "floor ms", "x floor", "timed", "next best"]
     summary = (f"Conv launches as the autotuner timed them ({len(timed)} shapes): {total_ms:.2f} ms in all"
                + (f", {total_floor:.2f} ms at the floor" if total_floor else " (no peaks: no floor)") + ".")
     return summary + ("\n\n" if markdown else "\n") + _table(header, rows, markdown)

@@ -168,8 +168,9 @@ def test_conv_launch_flops_count_every_product_the_kernel_issues():
 
 def test_conv_launch_table_ranks_the_tuned_launches_against_their_floors():
     """The report's conv-launch table: slowest first, achieved GB/s and TFLOP/s, and each launch's
-    floor (least bytes at the copy peak or FLOPs at its dtype's matmul peak); shapes that were not
-    timed (one config left) are not in it; no timed shape, no table."""
+    floor (least bytes at the copy peak or FLOPs at its dtype's matmul peak), how many configs
+    were timed and the next best of them; shapes that were not timed (one config left) are not
+    in it; no timed shape, no table."""
     from benchmarks.report import conv_launch_table
 
     def launch(mode, ms, nbytes, flops, **flags):
@@ -180,8 +181,11 @@ def test_conv_launch_table_ranks_the_tuned_launches_against_their_floors():
     run = {
         "peaks": {"copy_bytes_per_s": 2e12, "matmul_flops_per_s": {"bfloat16": 5e14}},
         "autotuned_conv_configs": [
-            launch(0, 0.5, 1e9, 1e11),  # floor: 1 GB at 2 TB/s = 0.5 ms
-            launch(2, 2.0, 1e8, 5e11, HAS_A_SCALE=True, HAS_LOWRANK=True, FUSE_PROJECTION=True),  # floor 1 ms (FLOPs)
+            launch(0, 0.5, 1e9, 1e11, timings=[dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, num_warps=4, ms=0.5)]),
+            launch(2, 2.0, 1e8, 5e11, HAS_A_SCALE=True, HAS_LOWRANK=True, FUSE_PROJECTION=True,  # floor 1 ms (FLOPs)
+                   timings=[dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, num_warps=4, ms=2.0),
+                            dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, A_TMA=True, ms=2.5),
+                            dict(BLOCK_M=256, BLOCK_N=32, BLOCK_K=32, num_warps=8, ms=3.0)]),
             launch(1, None, 1e9, 1e9),  # not timed
         ],
     }
@@ -190,8 +194,8 @@ def test_conv_launch_table_ranks_the_tuned_launches_against_their_floors():
     assert lines[0].startswith("Conv launches as the autotuner timed them (2 shapes): 2.50 ms in all, 1.50 ms at the floor")
     slow, fast = lines[3], lines[4]
     assert slow.startswith("convT x2 64->32 on 513x513, A*s, +proj L32") and fast.startswith("conv 64->32 on 513x513")
-    assert slow.split()[-5:] == ["2.000", "50", "250", "1.000", "2.0x"]
-    assert fast.split()[-5:] == ["0.500", "2000", "200", "0.500", "1.0x"]
+    assert slow.split()[-10:] == ["2.000", "50", "250", "1.000", "2.0x", "3", "64x32x64", "w8", "TMA", "+25%"]
+    assert fast.split()[-7:] == ["0.500", "2000", "200", "0.500", "1.0x", "1", "-"]
     assert "| conv launch (tuned) |" in conv_launch_table(run, markdown=True)
     assert conv_launch_table({"autotuned_conv_configs": [launch(0, None, 1, 1)]}) is None
 

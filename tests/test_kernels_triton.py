@@ -988,12 +988,15 @@ def autotuned_with_timer(do_bench):
     ],
     ids=str,
 )
-def test_autotuned_launch_path_runs_every_pruned_config(layer, monkeypatch):
+@pytest.mark.parametrize("time_lone_configs", [False, True], ids=["lone-untimed", "lone-timed"])
+def test_autotuned_launch_path_runs_every_pruned_config(layer, time_lone_configs, monkeypatch):
     """The GPU path launches the conv kernel through triton.autotune. With a stand-in timer the
     autotuner runs here too: every config that survives pruning is launched (in the
     interpreter), the last one benchmarked wins, and the result must match the reference.
     Before it benchmarks, every one of those configs was compiled in parallel (a warm-up run,
     which compiles on a GPU and does nothing in the interpreter)."""
+    import triton.testing
+
     launches = itertools.count()
     runs = {True: set(), False: set()}  # configs run with warmup=True (compile only) and for real
     kernel = op_module._conv_gemm_kernel
@@ -1017,20 +1020,40 @@ def test_autotuned_launch_path_runs_every_pruned_config(layer, monkeypatch):
         timed.append(elapsed)
         return [elapsed] * len(quantiles)
 
+    lone_timed = []
+
+    def stand_in_lone_timer(kernel_call, quantiles):  # triton.testing.do_bench, for lone configs
+        kernel_call()
+        lone_timed.append(1000.0 + len(lone_timed))
+        return [lone_timed[-1]] * len(quantiles)
+
     tuned = autotuned_with_timer(stand_in_timer)
     monkeypatch.setattr(op_module, "_conv_gemm_tuned", tuned)
     monkeypatch.setattr(op_module, "_interpreted", lambda: False)  # take the GPU branch of the launcher
+    monkeypatch.setattr(op_module, "TIME_UNTUNED_CONV_LAUNCHES", time_lone_configs)
+    monkeypatch.setattr(triton.testing, "do_bench", stand_in_lone_timer)
     check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"])
     assert next(launches) > 2  # forward and grad x were each tuned over more than one config
     assert len(runs[True]) > 2 and runs[True] == runs[False]
     # each tuned shape records its winner's time (the last config timed for it: the fastest
-    # here), how many configs were timed, and its bytes and FLOPs (JSON: autotuned_conv_configs)
+    # here), how many configs were timed, every timed config fastest first, and its bytes and
+    # FLOPs (JSON: autotuned_conv_configs)
     recorded = op_module.autotuned_conv_configs()
     assert len(recorded) == len(op_module._CONV_BEST_CONFIG) >= 2
     assert sum(entry["configs_timed"] for entry in recorded) == len(timed)
     ends = list(itertools.accumulate(entry["configs_timed"] for entry in recorded))
-    wanted = [timed[end - 1] if entry["configs_timed"] else None for entry, end in zip(recorded, ends)]
-    assert [entry["tuned_ms"] for entry in recorded] == wanted and any(wanted)  # (one config left: nothing timed)
+    lone = iter(lone_timed)
+    wanted = [timed[end - 1] if entry["configs_timed"] else (next(lone) if time_lone_configs else None)
+              for entry, end in zip(recorded, ends)]  # fmt: skip
+    assert [entry["tuned_ms"] for entry in recorded] == wanted and any(wanted)
+    assert next(lone, None) is None  # each lone config was timed once, when it was first launched
+    for entry in recorded:
+        rows = entry["timings"]
+        assert len(rows) == (entry["configs_timed"] or (1 if time_lone_configs else 0))
+        assert [row["ms"] for row in rows] == sorted(row["ms"] for row in rows)
+        if rows:  # the fastest is the one chosen, with its tile
+            assert rows[0]["ms"] == entry["tuned_ms"]
+            assert all(rows[0][name] == entry[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "TILE_W", "num_warps"))
     assert all(entry["least_bytes"] > 0 and entry["flops"] > 0 for entry in recorded)
     if layer.in_channels == 32:  # the K = 32 tiles, up to the longest, ran
         forward_tiles = {dict(config)["BLOCK_M"] for mode, reduce_x, config in runs[False] if mode == 0 and not reduce_x}

@@ -2933,10 +2933,20 @@ def _launch_conv_gemm(
             _compile_configs_in_parallel(tuner, args, grid, flags)
             tuner.configs_timings = None  # set again only if this launch's configs are timed (or read from disk)
             tuner[grid](*args, **flags)
-            _CONV_BEST_CONFIG[key] = tuner.best_config
+            best = tuner.best_config
+            timings = getattr(tuner, "configs_timings", None)
+            if not timings and TIME_UNTUNED_CONV_LAUNCHES:  # one config left: time it as the autotuner would
+                from triton.testing import do_bench
+
+                timings = {best: do_bench(
+                    lambda: _conv_gemm_kernel[grid(best.kwargs)](*args, **flags, **best.all_kwargs()),
+                    quantiles=(0.5, 0.2, 0.8),
+                )}  # fmt: skip
+            _CONV_BEST_CONFIG[key] = best
             _CONV_TUNED_LAUNCH[key] = dict(
-                tuned_ms=_tuned_ms(getattr(tuner, "configs_timings", None), tuner.best_config),
+                tuned_ms=_tuned_ms(timings, best),
                 configs_timed=len(getattr(tuner, "configs_timings", None) or ()),
+                timings=_config_timings(timings),
                 least_bytes=_least_bytes(reads, writes),
                 flops=_conv_launch_flops(batch, grid_hw, ksize, k, n, rank if lowrank else 0, phases,
                                          fuse_projection, token_products, flags["RGB_CHANNELS"]),
@@ -2973,8 +2983,22 @@ def _compile_configs_in_parallel(tuner, args: tuple, grid, flags: dict) -> None:
 
 # (launch shape and dtypes) -> the triton.Config the autotuner chose for it
 _CONV_BEST_CONFIG: dict = {}
+# When True (the benchmarks set it), a launch shape that pruning left one config is timed once
+# anyway, as the autotuner times the others, so every shape shows in `autotuned_conv_configs`:
+# the token-product launches of the 512 and 1024 px layers have one tile each.
+TIME_UNTUNED_CONV_LAUNCHES = False
 # the same keys -> what tuning measured of that launch (`autotuned_conv_configs`)
 _CONV_TUNED_LAUNCH: dict = {}
+
+
+def _config_timings(timings: dict | None) -> list[dict]:
+    """Every timed config of one launch shape as {its tile fields, num_warps, num_stages, ms},
+    fastest first: how much the autotuner's choice mattered (`autotuned_conv_configs`)."""
+    rows = []
+    for config, timing in (timings or {}).items():
+        ms = float(timing[0] if isinstance(timing, (list, tuple)) else timing)
+        rows.append(dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages, ms=ms))
+    return sorted(rows, key=lambda row: row["ms"])
 
 
 def _tuned_ms(timings: dict | None, best) -> float | None:
@@ -3019,8 +3043,10 @@ def autotuned_conv_configs() -> list[dict]:
     BLOCK_M/N/K, TILE_W, SCALE_WEIGHT, A_TMA, num_warps and num_stages, and what tuning
     measured: tuned_ms (the chosen config's median in the autotuner's own timing, Triton's
     do_bench, which empties the L2 cache between calls; None where one config was left and
-    nothing was timed), configs_timed, least_bytes (every tensor the launch reads or writes,
-    once) and flops (2 x the MACs of its products, `_conv_launch_flops`)."""
+    `TIME_UNTUNED_CONV_LAUNCHES` is off), configs_timed (by the autotuner), timings (every timed config's tile
+    fields, num_warps, num_stages and median ms, fastest first; with
+    `TIME_UNTUNED_CONV_LAUNCHES` also a lone config's), least_bytes (every tensor the launch
+    reads or writes, once) and flops (2 x the MACs of its products, `_conv_launch_flops`)."""
     chosen = []
     for key, config in _CONV_BEST_CONFIG.items():
         entry = {name: str(value) if isinstance(value, torch.dtype) else value
