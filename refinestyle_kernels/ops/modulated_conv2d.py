@@ -1339,6 +1339,13 @@ if triton is not None:
                 mask=l_ok[:, None] & n_ok[None, :],
                 other=0.0,
             )
+        if TOKEN_PRODUCTS:  # one K block: the same projection tile at every step, loaded once
+            offs_k_whole = tl.arange(0, BLOCK_K)
+            q_whole = tl.load(
+                q_ptr + b * stride_qb + offs_l[None, :] * K + offs_k_whole[:, None],
+                mask=(offs_k_whole < K)[:, None] & l_ok[None, :],
+                other=0.0,
+            )
         if TILES_PER_PROGRAM > 1:
             # Loaded once: the compiler would hoist this load's address tensor (a [BLOCK_L, BLOCK_N]
             # tile of 64-bit pointers is 32 registers a thread at 4 warps) out of the block loop
@@ -1437,11 +1444,14 @@ if triton is not None:
                     other=0.0,
                 )
                 if FUSE_PROJECTION:  # the low-rank input box(q a) = sum over taps of (a tile) q^T
-                    q_t = tl.load(
-                        q_ptr + b * stride_qb + offs_l[None, :] * K + offs_k[:, None],
-                        mask=k_ok[:, None] & l_ok[None, :],
-                        other=0.0,
-                    )
+                    if TOKEN_PRODUCTS:
+                        q_t = q_whole
+                    else:
+                        q_t = tl.load(
+                            q_ptr + b * stride_qb + offs_l[None, :] * K + offs_k[:, None],
+                            mask=k_ok[:, None] & l_ok[None, :],
+                            other=0.0,
+                        )
                     z_box = tl.dot(a.to(q_t.dtype), q_t, z_box, input_precision=INPUT_PRECISION)
                 if TOKEN_PRODUCTS:  # one K block (BLOCK_K >= K): the sum over taps is box(a)
                     grad_p_sums = tl.dot(u_t, a.to(u_t.dtype), grad_p_sums, input_precision=INPUT_PRECISION)
