@@ -217,8 +217,9 @@ def _run(argv: list[str] | None) -> int:
         torch.set_num_threads(1)
     suite, spec, settings = suite_from_args(args, on_cuda)
     # every conv launch shape timed, the lone-config ones too (`autotuned_conv_configs` in the
-    # JSON); a --kernel-option may switch it off again
-    kernel_option_modules()[0].TIME_UNTUNED_CONV_LAUNCHES = True
+    # JSON); a --kernel-option may switch it off again. (Without CUDA nothing is autotuned.)
+    if on_cuda:
+        kernel_option_modules()[0].TIME_UNTUNED_CONV_LAUNCHES = True
     try:
         kernel_options = apply_kernel_options(args.kernel_option)
     except ValueError as error:

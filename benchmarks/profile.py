@@ -319,7 +319,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    op_module.TIME_UNTUNED_CONV_LAUNCHES = True  # the conv launch table lists every shape
     (tokens,) = parse_tokens(args.tokens)
     config = GeneratorConfig(args.size)
     layer = None
@@ -348,6 +347,17 @@ def main(argv: list[str] | None = None) -> int:
         peaks = {"flops_per_s": measured["matmul_flops_per_s"][dtype_name(dtype)], "bytes_per_s": measured["copy_bytes_per_s"]}
         print(f"device peaks: {peaks['flops_per_s'] / 1e12:.0f} TFLOP/s ({args.dtype} matmul), "
               f"{peaks['bytes_per_s'] / 1e12:.2f} TB/s (copy)")  # fmt: skip
+    timing_lone_configs = op_module.TIME_UNTUNED_CONV_LAUNCHES
+    op_module.TIME_UNTUNED_CONV_LAUNCHES = True  # the conv launch table lists every shape
+    try:
+        return _profile_and_print(args, case, peaks)
+    finally:
+        op_module.TIME_UNTUNED_CONV_LAUNCHES = timing_lone_configs
+
+
+def _profile_and_print(args, case: Case, peaks: dict | None) -> int:
+    """`main`'s profiling: each implementation of --impls on the case, its tables printed and,
+    with --json, saved after each one."""
     results = []
     for name in args.impls.split(","):
         result = profile_case(case, name.strip(), args.steps, args.warmup, args.top, args.cprofile, peaks)

@@ -249,10 +249,15 @@ def test_layer_floors_divide_each_calls_time_by_its_plan():
 def test_profile_command_prints_the_floors_and_the_tuned_conv_launches(tmp_path, monkeypatch, capsys):
     """`python -m benchmarks.profile` end to end with the GPU parts stood in (the profile itself,
     the peaks, the autotuner's record): the per-layer table with its floors and the conv-launch
-    table are printed, and the JSON holds both, so a GPU session's stage 1 cannot stop at them."""
+    table are printed, and the JSON holds both, so a GPU session's stage 1 cannot stop at them.
+    Lone conv configs are timed while it profiles (every launch shape in the table), and the
+    setting is given back afterwards."""
     from benchmarks import profile
 
+    timing_lone_configs = []
+
     def fake_profile_case(case, name, steps, warmup, top, host, peaks):
+        timing_lone_configs.append(profile.op_module.TIME_UNTUNED_CONV_LAUNCHES)
         layers = [{"range": "conv 8->8 16x16 forward", "ms_per_step": 2.0, "calls_per_step": 1.0, "kernels": {"k": 2.0}}]
         calls = {"conv 8->8 16x16 forward": {"layer": "convs.3", "phase": "forward", "kernels": 1, "bytes": 1e9,
                                              "flops": 1e9, "roofline_bytes": 5e8}}  # fmt: skip
@@ -268,8 +273,10 @@ def test_profile_command_prints_the_floors_and_the_tuned_conv_launches(tmp_path,
         "matmul_flops_per_s": {"bfloat16": 5e14}, "copy_bytes_per_s": 2e12})  # fmt: skip
     monkeypatch.setattr(profile, "profile_case", fake_profile_case)
     monkeypatch.setattr(profile.op_module, "autotuned_conv_configs", lambda: tuned)
+    monkeypatch.setattr(profile.op_module, "TIME_UNTUNED_CONV_LAUNCHES", False)
     path = tmp_path / "profile.json"
     assert profile.main(["--impls", "triton", "--size", "16", "--json", str(path)]) == 0
+    assert timing_lone_configs == [True] and profile.op_module.TIME_UNTUNED_CONV_LAUNCHES is False
     out = capsys.readouterr().out
     assert "device peaks: 500 TFLOP/s (bfloat16 matmul), 2.00 TB/s (copy)" in out
     assert "0.500   4.0    0.250   8.0  conv 8->8 16x16 forward" in out  # 1 GB at 2 TB/s; 0.5 GB
