@@ -1376,6 +1376,24 @@ def test_the_32_channel_forward_is_tuned_over_its_own_tiles():
         assert all(c.kwargs["BLOCK_K"] == 64 or c.kwargs["BLOCK_N"] == 128 for c in wide)
 
 
+def test_token_product_launches_refuse_what_they_cannot_sum():
+    """A token-product launch forms grad q from the fused projection and grad p from one K
+    block: a projected z, an upsampling launch or too many channels is refused by name, before
+    anything is launched (meta tensors)."""
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    a, w = torch.empty(2, 8, 8, 16, **meta), torch.empty(9, 16, 16, **meta)
+    x, out = torch.empty(2, 8, 8, 16, **meta), torch.empty(2, 8, 8, 16, **meta)
+    q, r = torch.empty(2, 4, 16, **meta), torch.empty(2, 4, 16, **meta)
+    alpha, beta = torch.empty(2, 16, **meta), torch.empty(2, 16, dtype=torch.float32, device="meta")
+    common = dict(ksize=3, in_hw=(8, 8), out_hw=(8, 8), grid_hw=(8, 8), box_z=True, x=x, token_products=True)
+    op_module._launch_conv_gemm(a, None, w, None, r, alpha, beta, out, mode=0, q=q, **common)  # accepted
+    z = torch.empty(2, 8, 8, 4, **meta)
+    with pytest.raises(ValueError, match="no z.*z True"):
+        op_module._launch_conv_gemm(a, None, w, z, r, alpha, beta, out, mode=0, q=q, **common)
+    with pytest.raises(ValueError, match="MODE 2"):
+        op_module._launch_conv_gemm(a, None, w, None, r, alpha, beta, out, mode=2, q=q, **common)
+
+
 @pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
 @pytest.mark.parametrize("reduce_x", [False, True])
 def test_autotune_pruning_gives_token_product_launches_their_reducing_tile(reduce_x):

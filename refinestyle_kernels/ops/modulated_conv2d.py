@@ -2813,10 +2813,12 @@ def _launch_conv_gemm(
     each finished by a sum over dim 1 (`_sum_partials`); see the kernel."""
     pixels = grid_hw[0] * grid_hw[1]
     batch, n, k = a.shape[0], w.shape[2], w.shape[1]
-    if token_products and (mode == 2 or x is None or q is None or r is None or k > CONV_TOKEN_PRODUCTS_MAX_K):
+    if token_products and (
+        mode == 2 or x is None or q is None or r is None or z is not None or k > CONV_TOKEN_PRODUCTS_MAX_K
+    ):  # (their grad q is formed from the fused projection: z must be None)
         raise ValueError(
-            f"token products need a MODE 0/1 launch with x, q and r and K <= {CONV_TOKEN_PRODUCTS_MAX_K}, got "
-            f"MODE {mode}, K={k}, x {x is not None}, q {q is not None}, r {r is not None}"
+            f"token products need a MODE 0/1 launch with x, q and r, no z, and K <= {CONV_TOKEN_PRODUCTS_MAX_K}, "
+            f"got MODE {mode}, K={k}, x {x is not None}, q {q is not None}, r {r is not None}, z {z is not None}"
         )
     reduce_pixels = pixels if x is not None else None
     a_desc = _tma_descriptor(a, mode, grid_hw[1], reduce_pixels) if a.device.type != "meta" else None
@@ -2993,32 +2995,35 @@ def _compile_configs_in_parallel(tuner, args: tuple, grid, flags: dict) -> None:
 
 # (launch shape and dtypes) -> the triton.Config the autotuner chose for it
 _CONV_BEST_CONFIG: dict = {}
-# When True (the benchmarks set it), a launch shape that pruning left one config is timed once
-# anyway, as the autotuner times the others, so every shape shows in `autotuned_conv_configs`:
-# the token-product launches of the 512 and 1024 px layers have one tile each.
+# When True (`python -m benchmarks` on a GPU, `benchmarks.profile` while it profiles), a launch
+# shape that pruning left one config is timed once anyway, as the autotuner times the others, so
+# every shape shows in `autotuned_conv_configs`: the token-product launches of the 512 and
+# 1024 px layers have one tile each (two where TMA loads apply).
 TIME_UNTUNED_CONV_LAUNCHES = False
 # the same keys -> what tuning measured of that launch (`autotuned_conv_configs`)
 _CONV_TUNED_LAUNCH: dict = {}
 
 
+def _median_ms(timing) -> float:
+    """One config's time in Triton's `configs_timings`: [median, p20, p80] or ms."""
+    return float(timing[0] if isinstance(timing, (list, tuple)) else timing)
+
+
 def _config_timings(timings: dict | None) -> list[dict]:
     """Every timed config of one launch shape as {its tile fields, num_warps, num_stages, ms},
     fastest first: how much the autotuner's choice mattered (`autotuned_conv_configs`)."""
-    rows = []
-    for config, timing in (timings or {}).items():
-        ms = float(timing[0] if isinstance(timing, (list, tuple)) else timing)
-        rows.append(dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages, ms=ms))
+    rows = [dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages, ms=_median_ms(timing))
+            for config, timing in (timings or {}).items()]  # fmt: skip
     return sorted(rows, key=lambda row: row["ms"])
 
 
 def _tuned_ms(timings: dict | None, best) -> float | None:
-    """The chosen config's median time (ms) among the autotuner's timings of one launch shape
-    ({config: [median, p20, p80]} or {config: ms}, Triton's `configs_timings`), or None where
-    nothing was timed (a single config after pruning)."""
+    """The chosen config's median time (ms) among the timings of one launch shape ({config:
+    [median, p20, p80]} or {config: ms}, as Triton's `configs_timings`), or None where nothing
+    was timed (one config after pruning, `TIME_UNTUNED_CONV_LAUNCHES` off)."""
     if not timings or best not in timings:
         return None
-    timing = timings[best]
-    return float(timing[0] if isinstance(timing, (list, tuple)) else timing)
+    return _median_ms(timings[best])
 
 
 def _conv_launch_flops(batch, grid_hw, ksize, k, n, rank, phases, fused_projection, token_products, rgb_channels) -> int:
@@ -3053,8 +3058,8 @@ def autotuned_conv_configs() -> list[dict]:
     BLOCK_M/N/K, TILE_W, SCALE_WEIGHT, A_TMA, num_warps and num_stages, and what tuning
     measured: tuned_ms (the chosen config's median in the autotuner's own timing, Triton's
     do_bench, which empties the L2 cache between calls; None where one config was left and
-    `TIME_UNTUNED_CONV_LAUNCHES` is off), configs_timed (by the autotuner), timings (every timed config's tile
-    fields, num_warps, num_stages and median ms, fastest first; with
+    `TIME_UNTUNED_CONV_LAUNCHES` is off), configs_timed (by the autotuner), timings (every
+    timed config's tile fields, num_warps, num_stages and median ms, fastest first; with
     `TIME_UNTUNED_CONV_LAUNCHES` also a lone config's), least_bytes (every tensor the launch
     reads or writes, once) and flops (2 x the MACs of its products, `_conv_launch_flops`)."""
     chosen = []
