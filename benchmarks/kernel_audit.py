@@ -163,7 +163,9 @@ def compile_conv_for_hopper(flags: dict, shape: tuple, dtype: str = "bf16", grid
     tma = flags.get("A_TMA", False)
     # A's copy width as the op would launch it under this Triton (`TAP_LOAD_BYTES`)
     a_vector = op_module._tap_vector(4 if dtype == "fp32" else 2)
-    constexprs = dict(dict(A_VECTOR=a_vector), **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    # config-f's channel counts are whole numbers of every tile here (flags may say otherwise)
+    constexprs = dict(A_VECTOR=a_vector, EVEN_K=True, EVEN_N=True)
+    constexprs.update(flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                       TILE_W=block_m if tma else op_module._tile_width(block_m, grid_w))  # fmt: skip
     pointers = {name: "*fp32" if name in CONV_FP32_POINTERS else f"*{dtype}" for name in CONV_POINTERS}
     if not flags["HAS_A_SCALE"]:  # a grad-x launch: alpha is the styles, in the activations' dtype
@@ -219,6 +221,48 @@ def run_ptxas(ptx: str) -> PtxasReport:
     if result.returncode != 0:
         raise RuntimeError(f"ptxas failed:\n{result.stderr}")
     return PtxasReport.parse(result.stdout + result.stderr)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLoop:
+    """The innermost loop of a kernel's SASS that issues wgmma (HGMMA): a conv launch's step
+    loop. Its instructions per trip are what a warp issues per (K block, tap) step; at the small
+    tiles of the 32-64 channel layers they, not the tensor cores, bound the step."""
+
+    instructions: int  # SASS instructions in the loop body, the branch back included
+    wgmma: int  # HGMMA instructions among them
+
+    @classmethod
+    def find(cls, sass: str) -> "StepLoop | None":
+        """The shortest loop (a backward branch and what lies between its target and it) that
+        holds an HGMMA, in `cuobjdump -sass` text; None if there is none."""
+        code = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", re.MULTILINE)
+        listing = [(int(address, 16), text) for address, text in code.findall(sass)]
+        best = None
+        for address, text in listing:
+            branch = re.match(r"(?:@!?U?P\w+\s+)?BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
+            if branch is None or int(branch.group(1), 16) >= address:
+                continue
+            body = [line for at, line in listing if int(branch.group(1), 16) <= at <= address]
+            wgmma = sum(1 for line in body if re.search(r"\bHGMMA\b", line))
+            if wgmma and (best is None or len(body) < best.instructions):
+                best = cls(instructions=len(body), wgmma=wgmma)
+        return best
+
+
+def sass_of(cubin: bytes) -> str:
+    """The SASS of a cubin, by the cuobjdump Triton ships beside its ptxas."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as handle:
+            handle.write(cubin)
+        result = subprocess.run([tool, "-sass", path], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed:\n{result.stderr[-2000:]}")
+    return result.stdout
 
 
 def programs_per_sm(registers: int, shared_bytes: int, num_warps: int) -> int:
@@ -376,6 +420,7 @@ def _row(label: str, tile: str, warps: int, stages: int, kernel) -> dict:
     ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
     report = run_ptxas(ptx)
     shared = kernel.metadata.shared
+    loop = StepLoop.find(sass_of(kernel.asm["cubin"])) if "wgmma.mma_async" in ptx else None
     return dict(
         launch=label,
         tile=tile,
@@ -393,6 +438,9 @@ def _row(label: str, tile: str, warps: int, stages: int, kernel) -> dict:
         loads="tma" if "async_tma_copy_global_to_local" in ttgir else
               "cp.async" if "async_copy_global_to_local" in ttgir else "sync",
         serialized_wgmma=report.serialized_wgmma,
+        # the step loop's SASS: instructions a warp issues per trip, and the wgmma among them
+        loop_instructions=loop.instructions if loop else None,
+        loop_wgmma=loop.wgmma if loop else None,
         programs_per_sm=programs_per_sm(report.registers, shared, warps),
         fits=shared <= H100_SHARED_MEMORY_PER_PROGRAM,
     )
@@ -430,14 +478,16 @@ def _wgmma_cell(row: dict) -> str:
 def markdown(rows: list[dict]) -> str:
     """The audit's rows (as `audit` returns them) as a markdown table."""
     lines = [
-        "| launch | tile MxNxK | warps | stages | smem KiB | regs | spills B | loads | wgmma SS/RS | serialised | programs/SM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| launch | tile MxNxK | warps | stages | smem KiB | regs | spills B | loads | wgmma SS/RS | serialised | "
+        "step loop: SASS / wgmma | programs/SM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        loop = f"{row['loop_instructions']} / {row['loop_wgmma']}" if row.get("loop_instructions") else "—"
         lines.append(
             f"| {row['launch']} | {row['tile']} | {row['warps']} | {row['stages']} | {row['shared_kib']} | "
             f"{row['registers']} | {row['spill_bytes']} | {row['loads']} | {_wgmma_cell(row)} | "
-            f"{'SERIALISED' if row['serialized_wgmma'] else 'no'} | {row['programs_per_sm']} |"
+            f"{'SERIALISED' if row['serialized_wgmma'] else 'no'} | {loop} | {row['programs_per_sm']} |"
         )
     return "\n".join(lines)
 
@@ -480,12 +530,14 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(rows))
     else:
         header = (f"{'launch':<48} {'tile':>10} {'w':>2} {'st':>2} {'smem KiB':>8} {'regs':>4} {'spill':>5} "
-                  f"{'loads':>8} {'wgmma SS/RS':>11} {'serialised':>10} {'prog/SM':>7}")  # fmt: skip
+                  f"{'loads':>8} {'wgmma SS/RS':>11} {'serialised':>10} {'loop SASS/wgmma':>15} {'prog/SM':>7}")  # fmt: skip
         print(header)
         for row in rows:
             print(f"{row['launch']:<48} {row['tile']:>10} {row['warps']:>2} {row['stages']:>2} {row['shared_kib']:>8} "
                   f"{row['registers']:>4} {row['spill_bytes']:>5} {row['loads']:>8} {_wgmma_cell(row):>11} "
-                  f"{'SERIALISED' if row['serialized_wgmma'] else 'no':>10} {row['programs_per_sm']:>7}")  # fmt: skip
+                  f"{'SERIALISED' if row['serialized_wgmma'] else 'no':>10} "
+                  f"{(str(row['loop_instructions']) + ' / ' + str(row['loop_wgmma'])) if row['loop_instructions'] else '-':>15} "
+                  f"{row['programs_per_sm']:>7}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(dict(triton=triton.__version__, target="sm_90a", rows=rows), handle, indent=1)

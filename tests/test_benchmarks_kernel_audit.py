@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from benchmarks.kernel_audit import PtxasReport, programs_per_sm
+from benchmarks.kernel_audit import PtxasReport, StepLoop, programs_per_sm
 from refinestyle_kernels.ops import modulated_conv2d as op_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +35,31 @@ def test_ptxas_log_is_read():
     assert (clean.registers, clean.spill_bytes, clean.serialized_wgmma, clean.notes) == (72, 0, False, [])
     with pytest.raises(ValueError, match="register count"):
         PtxasReport.parse("ptxas fatal : Unsupported .version 9.4")
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IMAD R2, R3, R4, RZ ;
+        /*0020*/                   HGMMA.64x32x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0030*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0040*/                   LDGSTS.E.128 [R7], desc[UR22][R16.64], P4 ;
+        /*0050*/                   HGMMA.64x32x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0060*/               @P5 BRA 0x20 ;
+        /*0070*/                   IADD3 R5, R5, 0x1, RZ ;
+        /*0080*/               @!P1 BRA 0x10 ;
+        /*0090*/                   ISETP.GE.AND P0, PT, R5, 0x4, PT ;
+        /*00a0*/               @P0 BRA 0x90 ;
+        /*00b0*/                   BRA 0xb0;
+        /*00c0*/                   EXIT ;
+"""
+
+
+def test_step_loop_is_the_shortest_loop_with_wgmma():
+    """Backward branches close loops: the inner one (0x20-0x60) holds two HGMMA in 5
+    instructions; the outer one (0x10-0x80) is longer; 0x90-0xa0 and the trap at 0xb0 hold none."""
+    loop = StepLoop.find(SASS)
+    assert (loop.instructions, loop.wgmma) == (5, 2)
+    assert StepLoop.find(SASS.replace("HGMMA", "HMMA")) is None  # no wgmma: no step loop
 
 
 def test_programs_per_sm_takes_the_tightest_limit():
@@ -71,6 +96,9 @@ def test_forward_with_styles_on_w_keeps_the_wgmma_chain_and_nothing_spills(tmp_p
     on_w = [row for row in rows if "styles on W" in row["launch"]]  # the pointer and the TMA variants
     assert len(on_w) == 4 and not any(row["serialized_wgmma"] for row in on_w)
     assert all(row["wgmma_ss"] > 0 and row["wgmma_rs"] == 0 for row in on_w)  # A straight from shared memory
+    # each has a step loop with the tile's wgmma: 128 x 64 x 64 at 4 warps is 2 x 4 of 64x64x16
+    for row in rows:
+        assert row["loop_wgmma"] == (8 if row["tile"] == "128x64x64" else 4) and row["loop_instructions"] > 50, row
 
 
 @pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")

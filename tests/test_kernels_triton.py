@@ -1345,6 +1345,9 @@ def test_autotune_pruning_fits_every_layer_shape(grid_hw, n, k, reduce, dtype):
         tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_stages)
         tiles_tried.setdefault(tile, set()).add(config.kwargs["SCALE_WEIGHT"])
         assert config.kwargs["TILE_W"] == op_module._tile_width(config.kwargs["BLOCK_M"], grid_hw[1])
+        # the main loop drops its K and N masks only where every block is whole
+        assert config.kwargs["EVEN_K"] == (k % config.kwargs["BLOCK_K"] == 0)
+        assert config.kwargs["EVEN_N"] == (n % config.kwargs["BLOCK_N"] == 0)
     assert all(placements == ({False, True} if scale_a else {False}) for placements in tiles_tried.values())
     for config in kept:
         block = config.kwargs
@@ -1392,6 +1395,25 @@ def test_token_product_launches_refuse_what_they_cannot_sum():
         op_module._launch_conv_gemm(a, None, w, z, r, alpha, beta, out, mode=0, q=q, **common)
     with pytest.raises(ValueError, match="MODE 2"):
         op_module._launch_conv_gemm(a, None, w, None, r, alpha, beta, out, mode=2, q=q, **common)
+
+
+def test_conv_launches_refuse_a_sample_past_int32_offsets():
+    """The conv kernel addresses one sample's input with int32 offsets: a sample of more than
+    2**31 - 1 values (with a pixel of margin) is refused by name, the largest one that fits is
+    accepted (meta tensors: nothing is allocated or launched)."""
+    meta = dict(device="meta", dtype=torch.bfloat16)
+
+    def launch(height, width, channels):
+        a, w = torch.empty(1, height, width, channels, **meta), torch.empty(9, channels, 16, **meta)
+        out, alpha = torch.empty(1, height, width, 16, **meta), torch.empty(1, 16, **meta)
+        hw = (height, width)
+        op_module._launch_conv_gemm(a, None, w, None, None, alpha, alpha, out, mode=0, ksize=3, in_hw=hw, out_hw=hw,
+                                    grid_hw=hw, box_z=True)  # fmt: skip
+
+    limit = op_module.CONV_MAX_SAMPLE_VALUES
+    launch(limit // (2050 * 64) - 2, 2048, 64)  # (h + 2) * 2050 * 64 <= 2**31 - 1
+    with pytest.raises(ValueError, match=r"int32: x of 16382x2048 pixels and 64 channels"):
+        launch(16382, 2048, 64)  # 16384 * 2050 * 64 > 2**31 - 1
 
 
 @pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
@@ -1516,8 +1538,9 @@ COMPILE_FOR_SM90 = textwrap.dedent(
             assert copy in kernel.asm["ttgir"], f"{label}: the main loop is not pipelined"
             shared.append(check(kernel))
     # fp32 with TF32 dots (the widest operands) and the whole epilogue, clamp included
+    # and K and N not whole numbers of the tile (every load masked)
     flags = dict(FAMILIES[-1].flags, SCALE_WEIGHT=False, A_TMA=False, INPUT_PRECISION="tf32", HAS_NOISE=True, HAS_BIAS=True,
-                 ACTIVATE=True, HAS_CLAMP=True)
+                 ACTIVATE=True, HAS_CLAMP=True, EVEN_K=False, EVEN_N=False)
     shared.append(check(compile_conv_for_hopper(flags, largest_config(4), "fp32")))
     # the pixel products in every box mode, the blur, the epilogue backward and the demodulation
     shared += [check(case.compile()) for case in OTHER_KERNELS]

@@ -1287,6 +1287,8 @@ if triton is not None:
         SCALE_WEIGHT: tl.constexpr,  # apply a_scale to the W tile (B operand) instead of the A tile
         A_TMA: tl.constexpr,  # load A by TMA (MODE 0, TILE_W == BLOCK_M: the block is one row strip)
         A_VECTOR: tl.constexpr,  # > 0: A's pointer loads copy this many elements at a time (`TAP_LOAD_BYTES`)
+        EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: the main loop's loads need no K mask
+        EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: nor its W loads an N mask
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -1402,45 +1404,57 @@ if triton is not None:
             # software pipeliner can keep num_stages steps of loads in flight (an unrolled tap loop
             # multi-buffers all nine pairs and overflows shared memory). Consecutive steps read
             # shifted, overlapping A tiles of the same K block: L1/L2 hits.
+            # The input pixel that feeds an output pixel through a tap is a fixed pixel of this
+            # block, (tap_y, tap_x), shifted by a step's (shift_y, shift_x); so A's address is
+            # a per-pixel offset set here plus a number per step. (Computing each pixel's address
+            # at each step, in 64 bits, took about half of a small tile's step loop in SASS.)
+            if MODE == 0:
+                tap_y = out_y - KSIZE // 2
+                tap_x = out_x - KSIZE // 2
+            elif MODE == 1:
+                tap_y = 2 * out_y
+                tap_x = 2 * out_x
+            else:
+                tap_y = grid_y
+                tap_x = grid_x
+            # int32 within one sample: the host checks that it holds fewer than 2**31 values
+            a_pixels = (tap_y * IN_W + tap_x) * K
+            a_sample = a_ptr + b * IN_H * IN_W * K
             for step in range(0, tl.cdiv(K, BLOCK_K) * taps):
                 k0 = (step // taps) * BLOCK_K
                 tap = step % taps
                 ty = tap // taps_x
                 tx = tap % taps_x
-                # which input pixel feeds this output pixel through this tap
-                if MODE == 0:
-                    ky = ty
-                    kx = tx
-                    in_y = out_y + (ky - KSIZE // 2)
-                    in_x = out_x + (kx - KSIZE // 2)
-                elif MODE == 1:
-                    ky = ty
-                    kx = tx
-                    in_y = 2 * out_y + ky
-                    in_x = 2 * out_x + kx
-                else:
+                if MODE == 2:
                     ky = phase_y + 2 * ty
                     kx = phase_x + 2 * tx
-                    in_y = grid_y - ty
-                    in_x = grid_x - tx
+                    shift_y = -ty
+                    shift_x = -tx
+                else:
+                    ky = ty
+                    kx = tx
+                    shift_y = ty
+                    shift_x = tx
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < K
+                k_ok = (offs_k < K) | EVEN_K  # all true (and folded away) when every K block is whole
                 if A_TMA:  # one row strip, zero-filled where it leaves the image or K
                     strip_y = (pid_m // tiles_w) + (ky - KSIZE // 2)
                     strip_x = (pid_m % tiles_w) * BLOCK_M + (kx - KSIZE // 2)
                     a = a_desc.load([b.to(tl.int32), strip_y, strip_x, k0]).reshape(BLOCK_M, BLOCK_K)
                 else:
+                    in_y = tap_y + shift_y
+                    in_x = tap_x + shift_x
                     pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
-                    a_rows = a_ptr + ((b * IN_H + in_y) * IN_W + in_x) * K
+                    a_rows = a_sample + (a_pixels + ((shift_y * IN_W + shift_x) * K + k0))
                     a = tl.load(
-                        a_rows[:, None] + (k0 + _in_runs(BLOCK_K, A_VECTOR))[None, :],
+                        a_rows[:, None] + _in_runs(BLOCK_K, A_VECTOR)[None, :],
                         mask=pix_ok[:, None] & k_ok[None, :],
                         other=0.0,
                         cache_modifier=".ca",
                     )
                 w = tl.load(
                     w_ptr + (ky * KSIZE + kx) * K * N + offs_k[:, None] * N + offs_n[None, :],
-                    mask=k_ok[:, None] & n_ok[None, :],
+                    mask=k_ok[:, None] & (n_ok | EVEN_N)[None, :],
                     other=0.0,
                 )
                 if FUSE_PROJECTION:  # the low-rank input box(q a) = sum over taps of (a tile) q^T
@@ -2722,7 +2736,8 @@ if triton is not None:
         ]
         return [
             triton.Config(
-                dict(config.kwargs, TILE_W=tile_w, SCALE_WEIGHT=on_w, A_TMA=tma),
+                dict(config.kwargs, TILE_W=tile_w, SCALE_WEIGHT=on_w, A_TMA=tma,
+                     **_whole_blocks(named_args["K"], named_args["N"], config.kwargs["BLOCK_K"], config.kwargs["BLOCK_N"])),
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
             )
@@ -2770,6 +2785,17 @@ def _tiles_per_program(batch: int, m_tiles: int, n_tiles: int) -> int:
     return tiles
 
 
+def _whole_blocks(k: int, n: int, block_k: int, block_n: int) -> dict:
+    """EVEN_K and EVEN_N of a conv launch: whether K and N are whole numbers of its blocks, so
+    that its main loop loads without masks (config-f's channel counts always are)."""
+    return dict(EVEN_K=k % block_k == 0, EVEN_N=n % block_n == 0)
+
+
+# The conv kernel addresses one sample's input in int32 (a per-pixel offset and a per-step
+# shift), so a sample's input, with a pixel of margin on every side, must hold fewer values.
+CONV_MAX_SAMPLE_VALUES = 2**31 - 1
+
+
 def _tuned_conv_gemm():
     """The autotuned `_conv_gemm_kernel`, built on first use: some Triton versions ask the GPU
     driver for a benchmarker when an autotuner is made, and importing must work without one."""
@@ -2813,6 +2839,11 @@ def _launch_conv_gemm(
     each finished by a sum over dim 1 (`_sum_partials`); see the kernel."""
     pixels = grid_hw[0] * grid_hw[1]
     batch, n, k = a.shape[0], w.shape[2], w.shape[1]
+    if (in_hw[0] + 2) * (in_hw[1] + 2) * k > CONV_MAX_SAMPLE_VALUES:
+        raise ValueError(
+            f"the triton backend indexes one sample's input in int32: x of {in_hw[0]}x{in_hw[1]} pixels and {k} "
+            f"channels per sample is too large (at most {CONV_MAX_SAMPLE_VALUES} values with a pixel of margin)"
+        )
     if token_products and (
         mode == 2 or x is None or q is None or r is None or z is not None or k > CONV_TOKEN_PRODUCTS_MAX_K
     ):  # (their grad q is formed from the fused projection: z must be None)
@@ -2929,6 +2960,7 @@ def _launch_conv_gemm(
             SCALE_WEIGHT=(CONV_SCALE_WEIGHT or a_desc is not None) and a_scale is not None,
             A_TMA=a_desc is not None,
         )
+        blocks.update(_whole_blocks(k, n, blocks["BLOCK_K"], blocks["BLOCK_N"]))
         _conv_gemm_kernel[grid(blocks)](*args, **flags, **blocks, num_warps=num_warps, num_stages=CONV_NUM_STAGES)
     else:
         # after the first launch of a shape, skip triton.autotune's per-call bookkeeping (~0.2 ms
