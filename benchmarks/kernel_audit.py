@@ -62,8 +62,8 @@ class Family:
     name: str
     flags: dict
     grid_w: int  # the pixel grid's width at 1024 px, for the pixel block's width
-    # the only tiles the op launches it with, audited instead of any --shapes (the token-product
-    # launches: their tile is fixed by `_products_blocks`, not autotuned)
+    # the only tiles audited, instead of any --shapes: the token-product launches' (fixed by
+    # `_products_blocks`, not autotuned), the one-K-block forward's (the 32-channel layer's)
     shapes: tuple = ()
 
     def variants(self) -> list[tuple[str, dict]]:
@@ -94,6 +94,12 @@ FAMILIES = (
     Family("forward + toRGB, 3x3, L=32 fused", dict(_COMMON, **_STYLED_EPILOGUE, MODE=0, HAS_A_SCALE=True,
                                                     HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=True,
                                                     REDUCE_X=False, RGB_CHANNELS=3, HAS_RGB_BIAS=True), 1024),
+    # the 1024 px layer (32 channels): one K block, the projection and style tiles loaded once
+    Family("forward + toRGB, 3x3, L=32 fused, one K block", dict(_COMMON, **_STYLED_EPILOGUE, MODE=0, HAS_A_SCALE=True,
+                                                                 HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=True,
+                                                                 REDUCE_X=False, RGB_CHANNELS=3, HAS_RGB_BIAS=True,
+                                                                 SINGLE_K_BLOCK=True), 1024,
+           shapes=((64, 32, 32, 4, 3), (128, 32, 32, 4, 3))),
     Family("forward, 3x3, unrefined", dict(_COMMON, **_STYLED_EPILOGUE, MODE=0, HAS_A_SCALE=True, HAS_LOWRANK=False,
                                            BOX_Z=True, FUSE_PROJECTION=False, REDUCE_X=False), 1024),
     Family("forward, upsampling, L=32 fused", dict(_COMMON, **_NO_EPILOGUE, MODE=2, HAS_A_SCALE=True, HAS_LOWRANK=True,
@@ -107,12 +113,12 @@ FAMILIES = (
     # (one K block: BLOCK_K = Cout; 16 pixel blocks a program)
     Family("grad x + token products, 3x3, L=32 fused", dict(_COMMON, **_NO_EPILOGUE, MODE=0, HAS_A_SCALE=False,
                                                            HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=True,
-                                                           REDUCE_X=True, TOKEN_PRODUCTS=True, TILES_PER_PROGRAM=16),
+                                                           REDUCE_X=True, TOKEN_PRODUCTS=True, TILES_PER_PROGRAM=16, SINGLE_K_BLOCK=True),
            1024, shapes=((64, 32, 32, 4, 3), (64, 64, 32, 8, 3), (64, 64, 64, 8, 3))),
     Family("grad x + token products, stride 2, L=32 fused", dict(_COMMON, **_NO_EPILOGUE, MODE=1, HAS_A_SCALE=False,
                                                                 HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=True,
                                                                 REDUCE_X=True, TOKEN_PRODUCTS=True,
-                                                                TILES_PER_PROGRAM=16), 512,
+                                                                TILES_PER_PROGRAM=16, SINGLE_K_BLOCK=True), 512,
            shapes=((64, 64, 32, 8, 3), (64, 64, 64, 8, 3))),
     Family("grad x, stride 2, L=32 separate gz", dict(_COMMON, **_NO_EPILOGUE, MODE=1, HAS_A_SCALE=False,
                                                       HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=False,
@@ -164,7 +170,8 @@ def compile_conv_for_hopper(flags: dict, shape: tuple, dtype: str = "bf16", grid
     # A's copy width as the op would launch it under this Triton (`TAP_LOAD_BYTES`)
     a_vector = op_module._tap_vector(4 if dtype == "fp32" else 2)
     # config-f's channel counts are whole numbers of every tile here (flags may say otherwise)
-    constexprs = dict(A_VECTOR=a_vector, EVEN_K=True, EVEN_N=True)
+    # (SINGLE_K_BLOCK, one K block holding every input channel, only where the flags say so)
+    constexprs = dict(A_VECTOR=a_vector, EVEN_K=True, EVEN_N=True, SINGLE_K_BLOCK=False)
     constexprs.update(flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                       TILE_W=block_m if tma else op_module._tile_width(block_m, grid_w))  # fmt: skip
     pointers = {name: "*fp32" if name in CONV_FP32_POINTERS else f"*{dtype}" for name in CONV_POINTERS}

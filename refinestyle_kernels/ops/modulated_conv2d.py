@@ -1289,6 +1289,7 @@ if triton is not None:
         A_VECTOR: tl.constexpr,  # > 0: A's pointer loads copy this many elements at a time (`TAP_LOAD_BYTES`)
         EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: the main loop's loads need no K mask
         EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: nor its W loads an N mask
+        SINGLE_K_BLOCK: tl.constexpr,  # K <= BLOCK_K: the projection and style tiles are loaded once
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -1341,13 +1342,23 @@ if triton is not None:
                 mask=l_ok[:, None] & n_ok[None, :],
                 other=0.0,
             )
-        if TOKEN_PRODUCTS:  # one K block: the same projection tile at every step, loaded once
+        # the token products sum the A tiles of every tap into one [L, K] tile: one K block
+        tl.static_assert(SINGLE_K_BLOCK or not TOKEN_PRODUCTS)
+        # With one K block the projection and style tiles are the same at every step: loaded once
+        # here, they leave the step loop one load stream (and its shared-memory ring) fewer each.
+        if SINGLE_K_BLOCK:
             offs_k_whole = tl.arange(0, BLOCK_K)
-            q_whole = tl.load(
-                q_ptr + b * stride_qb + offs_l[None, :] * K + offs_k_whole[:, None],
-                mask=(offs_k_whole < K)[:, None] & l_ok[None, :],
-                other=0.0,
-            )
+            k_whole_ok = (offs_k_whole < K) | EVEN_K
+            if FUSE_PROJECTION:
+                q_whole = tl.load(
+                    q_ptr + b * stride_qb + offs_l[None, :] * K + offs_k_whole[:, None],
+                    mask=k_whole_ok[:, None] & l_ok[None, :],
+                    other=0.0,
+                )
+            if HAS_A_SCALE:
+                s_whole = tl.load(a_scale_ptr + b * K + offs_k_whole, mask=k_whole_ok, other=0.0).to(tl.float32)
+        # W's tile offsets within a K block; a step adds its tap's and K block's rows to them
+        w_tile = tl.arange(0, BLOCK_K)[:, None] * N + offs_n[None, :]
         if TILES_PER_PROGRAM > 1:
             # Loaded once: the compiler would hoist this load's address tensor (a [BLOCK_L, BLOCK_N]
             # tile of 64-bit pointers is 32 registers a thread at 4 warps) out of the block loop
@@ -1453,12 +1464,12 @@ if triton is not None:
                         cache_modifier=".ca",
                     )
                 w = tl.load(
-                    w_ptr + (ky * KSIZE + kx) * K * N + offs_k[:, None] * N + offs_n[None, :],
+                    w_ptr + ((ky * KSIZE + kx) * K + k0) * N + w_tile,
                     mask=k_ok[:, None] & (n_ok | EVEN_N)[None, :],
                     other=0.0,
                 )
                 if FUSE_PROJECTION:  # the low-rank input box(q a) = sum over taps of (a tile) q^T
-                    if TOKEN_PRODUCTS:
+                    if SINGLE_K_BLOCK:
                         q_t = q_whole
                     else:
                         q_t = tl.load(
@@ -1470,7 +1481,10 @@ if triton is not None:
                 if TOKEN_PRODUCTS:  # one K block (BLOCK_K >= K): the sum over taps is box(a)
                     grad_p_sums = tl.dot(u_t, a.to(u_t.dtype), grad_p_sums, input_precision=INPUT_PRECISION)
                 if HAS_A_SCALE:
-                    s = tl.load(a_scale_ptr + b * K + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                    if SINGLE_K_BLOCK:
+                        s = s_whole
+                    else:
+                        s = tl.load(a_scale_ptr + b * K + offs_k, mask=k_ok, other=0.0).to(tl.float32)
                     # Scaling A makes it a register operand of the MMA; ptxas then serialises the
                     # Hopper wgmma chain for some tiles (C7515). Scaling W keeps both operands in
                     # shared memory, at the cost of a W tile written back per step. The autotuner
@@ -2786,13 +2800,16 @@ def _tiles_per_program(batch: int, m_tiles: int, n_tiles: int) -> int:
 
 
 def _whole_blocks(k: int, n: int, block_k: int, block_n: int) -> dict:
-    """EVEN_K and EVEN_N of a conv launch: whether K and N are whole numbers of its blocks, so
-    that its main loop loads without masks (config-f's channel counts always are)."""
-    return dict(EVEN_K=k % block_k == 0, EVEN_N=n % block_n == 0)
+    """EVEN_K, EVEN_N and SINGLE_K_BLOCK of a conv launch: whether K and N are whole numbers of
+    its blocks, so that its main loop loads without masks (config-f's channel counts always
+    are), and whether one K block holds every input channel (the 32-channel layers at 32-wide
+    K blocks; every token-product launch), so that the step loop reuses one projection and
+    style tile."""
+    return dict(EVEN_K=k % block_k == 0, EVEN_N=n % block_n == 0, SINGLE_K_BLOCK=k <= block_k)
 
 
-# The conv kernel addresses one sample's input in int32 (a per-pixel offset and a per-step
-# shift), so a sample's input, with a pixel of margin on every side, must hold fewer values.
+# The conv kernel addresses one sample's input (a per-pixel offset and a per-step shift) and the
+# weight in int32, so each must hold fewer values (the input with a pixel of margin on every side).
 CONV_MAX_SAMPLE_VALUES = 2**31 - 1
 
 
@@ -2839,10 +2856,11 @@ def _launch_conv_gemm(
     each finished by a sum over dim 1 (`_sum_partials`); see the kernel."""
     pixels = grid_hw[0] * grid_hw[1]
     batch, n, k = a.shape[0], w.shape[2], w.shape[1]
-    if (in_hw[0] + 2) * (in_hw[1] + 2) * k > CONV_MAX_SAMPLE_VALUES:
+    if (in_hw[0] + 2) * (in_hw[1] + 2) * k > CONV_MAX_SAMPLE_VALUES or w.numel() > CONV_MAX_SAMPLE_VALUES:
         raise ValueError(
-            f"the triton backend indexes one sample's input in int32: x of {in_hw[0]}x{in_hw[1]} pixels and {k} "
-            f"channels per sample is too large (at most {CONV_MAX_SAMPLE_VALUES} values with a pixel of margin)"
+            f"the triton backend indexes one sample's input and the weight in int32: x of {in_hw[0]}x{in_hw[1]} "
+            f"pixels and {k} channels per sample, or a weight of {w.numel()} values, is too large (at most "
+            f"{CONV_MAX_SAMPLE_VALUES} values each, the input with a pixel of margin)"
         )
     if token_products and (
         mode == 2 or x is None or q is None or r is None or z is not None or k > CONV_TOKEN_PRODUCTS_MAX_K
