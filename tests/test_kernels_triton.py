@@ -1348,6 +1348,8 @@ def test_autotune_pruning_fits_every_layer_shape(grid_hw, n, k, reduce, dtype):
         # the main loop drops its K and N masks only where every block is whole
         assert config.kwargs["EVEN_K"] == (k % config.kwargs["BLOCK_K"] == 0)
         assert config.kwargs["EVEN_N"] == (n % config.kwargs["BLOCK_N"] == 0)
+        # and loads the projection and style tiles once only where one K block holds every channel
+        assert config.kwargs["SINGLE_K_BLOCK"] == (k <= config.kwargs["BLOCK_K"])
     assert all(placements == ({False, True} if scale_a else {False}) for placements in tiles_tried.values())
     for config in kept:
         block = config.kwargs
@@ -1398,14 +1400,14 @@ def test_token_product_launches_refuse_what_they_cannot_sum():
 
 
 def test_conv_launches_refuse_a_sample_past_int32_offsets():
-    """The conv kernel addresses one sample's input with int32 offsets: a sample of more than
-    2**31 - 1 values (with a pixel of margin) is refused by name, the largest one that fits is
-    accepted (meta tensors: nothing is allocated or launched)."""
+    """The conv kernel addresses one sample's input and the weight with int32 offsets: a sample
+    of more than 2**31 - 1 values (with a pixel of margin), or such a weight, is refused by name,
+    the largest sample that fits is accepted (meta tensors: nothing is allocated or launched)."""
     meta = dict(device="meta", dtype=torch.bfloat16)
 
-    def launch(height, width, channels):
-        a, w = torch.empty(1, height, width, channels, **meta), torch.empty(9, channels, 16, **meta)
-        out, alpha = torch.empty(1, height, width, 16, **meta), torch.empty(1, 16, **meta)
+    def launch(height, width, channels, out_channels=16):
+        a, w = torch.empty(1, height, width, channels, **meta), torch.empty(9, channels, out_channels, **meta)
+        out, alpha = torch.empty(1, height, width, out_channels, **meta), torch.empty(1, out_channels, **meta)
         hw = (height, width)
         op_module._launch_conv_gemm(a, None, w, None, None, alpha, alpha, out, mode=0, ksize=3, in_hw=hw, out_hw=hw,
                                     grid_hw=hw, box_z=True)  # fmt: skip
@@ -1414,6 +1416,8 @@ def test_conv_launches_refuse_a_sample_past_int32_offsets():
     launch(limit // (2050 * 64) - 2, 2048, 64)  # (h + 2) * 2050 * 64 <= 2**31 - 1
     with pytest.raises(ValueError, match=r"int32: x of 16382x2048 pixels and 64 channels"):
         launch(16382, 2048, 64)  # 16384 * 2050 * 64 > 2**31 - 1
+    with pytest.raises(ValueError, match=r"or a weight of 2415919104 values"):
+        launch(4, 4, 16384, out_channels=16384)  # 9 * 16384 * 16384 > 2**31 - 1
 
 
 @pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
