@@ -17,7 +17,11 @@ speed before any timing does:
   registers (RS), and whether the main loop's loads are asynchronous copies or TMA;
 - ptxas's C7515 note: the wgmma chain serialised because non-wgmma instructions write its
   accumulator registers. It appears when A is scaled in registers (an RS wgmma) for some tiles;
-- programs per SM that registers, shared memory and warps allow (the H100's limits).
+- programs per SM that registers, shared memory and warps allow (the H100's limits);
+- the step loop's SASS (instructions a warp issues a trip, and the wgmma among them), and for
+  the families that name their K, the warp instructions a pixel issues in all (a pixel block's
+  instructions x warps / pixels): at the 32-64 channel layers the issue rate, not the tensor
+  cores, bounds the conv.
 
 It makes no speed claim: timings come from `python -m benchmarks` on a GPU. It says which
 configs can be fast, and catches a kernel change that spills or serialises its MMAs.
@@ -65,11 +69,16 @@ class Family:
     # the only tiles audited, instead of any --shapes: the token-product launches' (fixed by
     # `_products_blocks`, not autotuned), the one-K-block forward's (the 32-channel layer's)
     shapes: tuple = ()
+    # the launch's input channels K, where the audit estimates what a pixel block issues
+    # (`issued_per_block`): the families that compare a tap a step with a row a step
+    k: int | None = None
 
     def variants(self) -> list[tuple[str, dict]]:
         """(label, flags) for each variant the autotuner tries: the styles on A or on W, and for
         stride-1 launches the TMA loads (with the styles on W)."""
         scaled = self.flags["HAS_A_SCALE"]
+        if self.flags.get("PACKED_ROW_K"):  # a row of taps a step: pointer loads, the styles on W
+            return [(self.name, dict(self.flags, SCALE_WEIGHT=scaled, A_TMA=False))]
         if not scaled:
             found = [(self.name, dict(self.flags, SCALE_WEIGHT=False, A_TMA=False))]
         else:
@@ -99,7 +108,13 @@ FAMILIES = (
                                                                  HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=True,
                                                                  REDUCE_X=False, RGB_CHANNELS=3, HAS_RGB_BIAS=True,
                                                                  SINGLE_K_BLOCK=True), 1024,
-           shapes=((64, 32, 32, 4, 3), (128, 32, 32, 4, 3))),
+           shapes=((64, 32, 32, 4, 3), (128, 32, 32, 4, 3)), k=32),
+    # the same launch with a row of taps a step (`PACKED_ROW_K`): 96 of 128 columns, 3 steps a block
+    Family("forward + toRGB, 3x3, L=32 fused, packed rows", dict(_COMMON, **_STYLED_EPILOGUE, MODE=0, HAS_A_SCALE=True,
+                                                                HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=True,
+                                                                REDUCE_X=False, RGB_CHANNELS=3, HAS_RGB_BIAS=True,
+                                                                SINGLE_K_BLOCK=True, EVEN_K=False, PACKED_ROW_K=32), 1024,
+           shapes=((64, 32, 128, 4, 3), (128, 32, 128, 4, 3), (128, 32, 128, 8, 3), (256, 32, 128, 8, 2)), k=32),
     Family("forward, 3x3, unrefined", dict(_COMMON, **_STYLED_EPILOGUE, MODE=0, HAS_A_SCALE=True, HAS_LOWRANK=False,
                                            BOX_Z=True, FUSE_PROJECTION=False, REDUCE_X=False), 1024),
     Family("forward, upsampling, L=32 fused", dict(_COMMON, **_NO_EPILOGUE, MODE=2, HAS_A_SCALE=True, HAS_LOWRANK=True,
@@ -120,6 +135,17 @@ FAMILIES = (
                                                                 REDUCE_X=True, TOKEN_PRODUCTS=True,
                                                                 TILES_PER_PROGRAM=16, SINGLE_K_BLOCK=True), 512,
            shapes=((64, 64, 32, 8, 3), (64, 64, 64, 8, 3))),
+    # the upsampling 1024 px layer's grad x (32 -> 64 channels) unrefined (refined, its launch
+    # sums the token products and takes a tap a step), a tap a step and a row a step
+    Family("grad x, stride 2, unrefined, one K block", dict(_COMMON, **_NO_EPILOGUE, MODE=1, HAS_A_SCALE=False,
+                                                           HAS_LOWRANK=False, BOX_Z=True, FUSE_PROJECTION=False,
+                                                           REDUCE_X=True, SINGLE_K_BLOCK=True), 512,
+           shapes=((64, 64, 32, 4, 3), (128, 64, 32, 4, 3)), k=32),
+    Family("grad x, stride 2, unrefined, packed rows", dict(_COMMON, **_NO_EPILOGUE, MODE=1, HAS_A_SCALE=False,
+                                                           HAS_LOWRANK=False, BOX_Z=True, FUSE_PROJECTION=False,
+                                                           REDUCE_X=True, SINGLE_K_BLOCK=True, EVEN_K=False,
+                                                           PACKED_ROW_K=32), 512,
+           shapes=((64, 64, 128, 4, 3), (128, 64, 128, 4, 3)), k=32),
     Family("grad x, stride 2, L=32 separate gz", dict(_COMMON, **_NO_EPILOGUE, MODE=1, HAS_A_SCALE=False,
                                                       HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=False,
                                                       REDUCE_X=True), 64),
@@ -171,7 +197,7 @@ def compile_conv_for_hopper(flags: dict, shape: tuple, dtype: str = "bf16", grid
     a_vector = op_module._tap_vector(4 if dtype == "fp32" else 2)
     # config-f's channel counts are whole numbers of every tile here; one K block holding every
     # input channel (SINGLE_K_BLOCK) only where the family says so; flags may override either
-    constexprs = dict(A_VECTOR=a_vector, EVEN_K=True, EVEN_N=True, SINGLE_K_BLOCK=False)
+    constexprs = dict(A_VECTOR=a_vector, EVEN_K=True, EVEN_N=True, SINGLE_K_BLOCK=False, PACKED_ROW_K=0)
     constexprs.update(flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                       TILE_W=block_m if tma else op_module._tile_width(block_m, grid_w))  # fmt: skip
     pointers = {name: "*fp32" if name in CONV_FP32_POINTERS else f"*{dtype}" for name in CONV_POINTERS}
@@ -255,6 +281,20 @@ class StepLoop:
             if wgmma and (best is None or len(body) < best.instructions):
                 best = cls(instructions=len(body), wgmma=wgmma)
         return best
+
+
+def issued_per_block(sass: str, steps: int) -> int:
+    """SASS instructions a warp issues for one pixel block of a conv launch that runs `steps`
+    steps (K blocks x taps, or rows of taps): every instruction of the kernel once, and its step
+    loop `steps` - 1 times more (a loop the compiler unrolled is in the listing as often as it
+    runs). An estimate: it counts both sides of every branch and the padding out (NOP, the
+    closing branch to itself)."""
+    code = re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.MULTILINE)
+    listed = [text for address, text in code if not text.startswith("NOP")]
+    while listed and re.fullmatch(r"BRA\s+0x[0-9a-f]+|BRA\s+`\(\.L_x_\d+\)", listed[-1].strip()):
+        listed.pop()  # the end's branch to itself
+    loop = StepLoop.find(sass)
+    return len(listed) + (steps - 1) * (loop.instructions if loop else 0)
 
 
 def sass_of(cubin: bytes) -> str:
@@ -412,10 +452,20 @@ OTHER_KERNELS = (
 )
 
 
-def audit_one(label: str, flags: dict, shape: tuple, grid_w: int) -> dict:
-    """Compile one (family variant, tile) and return its row of the audit."""
+def audit_one(label: str, flags: dict, shape: tuple, grid_w: int, k: int | None = None) -> dict:
+    """Compile one (family variant, tile) and return its row of the audit; with the launch's
+    input channels k, also what a pixel block issues (`issued_per_block`)."""
     kernel = compile_conv_for_hopper(flags, shape, grid_w=grid_w)
-    return _row(label, "x".join(str(v) for v in shape[:3]), shape[3], shape[4], kernel)
+    row = _row(label, "x".join(str(v) for v in shape[:3]), shape[3], shape[4], kernel)
+    if k is not None:
+        if flags.get("PACKED_ROW_K"):
+            steps = flags["KSIZE"]
+        else:
+            steps = -(-k // shape[2]) * flags["KSIZE"] ** 2
+        issued = issued_per_block(sass_of(kernel.asm["cubin"]), steps)
+        # warp instructions a pixel issues: the block's warps over its pixels
+        row.update(steps=steps, issued_per_pixel=round(issued * shape[3] / shape[0], 1))
+    return row
 
 
 def audit_other(case: OtherKernel) -> dict:
@@ -456,7 +506,7 @@ def _row(label: str, tile: str, warps: int, stages: int, kernel) -> dict:
 def audit(families=FAMILIES, shapes=DEFAULT_SHAPES, others=OTHER_KERNELS, jobs: int = 1, progress: bool = True):
     """Audit every (family variant, shape) of the conv kernel and every other kernel, in `jobs`
     processes. Returns one dict per compiled kernel, in a stable order."""
-    tasks = [(audit_one, (label, flags, shape, family.grid_w)) for family in families
+    tasks = [(audit_one, (label, flags, shape, family.grid_w, family.k)) for family in families
              for label, flags in family.variants()
              for shape in (family.shapes or shapes)]  # fmt: skip
     tasks += [(audit_other, (case,)) for case in others]
@@ -486,15 +536,16 @@ def markdown(rows: list[dict]) -> str:
     """The audit's rows (as `audit` returns them) as a markdown table."""
     lines = [
         "| launch | tile MxNxK | warps | stages | smem KiB | regs | spills B | loads | wgmma SS/RS | serialised | "
-        "step loop: SASS / wgmma | programs/SM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "step loop: SASS / wgmma | issued a pixel | programs/SM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         loop = f"{row['loop_instructions']} / {row['loop_wgmma']}" if row.get("loop_instructions") else "—"
         lines.append(
             f"| {row['launch']} | {row['tile']} | {row['warps']} | {row['stages']} | {row['shared_kib']} | "
             f"{row['registers']} | {row['spill_bytes']} | {row['loads']} | {_wgmma_cell(row)} | "
-            f"{'SERIALISED' if row['serialized_wgmma'] else 'no'} | {loop} | {row['programs_per_sm']} |"
+            f"{'SERIALISED' if row['serialized_wgmma'] else 'no'} | {loop} | {row.get('issued_per_pixel') or '—'} | "
+            f"{row['programs_per_sm']} |"
         )
     return "\n".join(lines)
 
@@ -537,14 +588,15 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(rows))
     else:
         header = (f"{'launch':<48} {'tile':>10} {'w':>2} {'st':>2} {'smem KiB':>8} {'regs':>4} {'spill':>5} "
-                  f"{'loads':>8} {'wgmma SS/RS':>11} {'serialised':>10} {'loop SASS/wgmma':>15} {'prog/SM':>7}")  # fmt: skip
+                  f"{'loads':>8} {'wgmma SS/RS':>11} {'serialised':>10} {'loop SASS/wgmma':>15} {'a pixel':>7} "
+                  f"{'prog/SM':>7}")  # fmt: skip
         print(header)
         for row in rows:
             print(f"{row['launch']:<48} {row['tile']:>10} {row['warps']:>2} {row['stages']:>2} {row['shared_kib']:>8} "
                   f"{row['registers']:>4} {row['spill_bytes']:>5} {row['loads']:>8} {_wgmma_cell(row):>11} "
                   f"{'SERIALISED' if row['serialized_wgmma'] else 'no':>10} "
                   f"{(str(row['loop_instructions']) + ' / ' + str(row['loop_wgmma'])) if row['loop_instructions'] else '-':>15} "
-                  f"{row['programs_per_sm']:>7}")  # fmt: skip
+                  f"{row.get('issued_per_pixel') or '-':>7} {row['programs_per_sm']:>7}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(dict(triton=triton.__version__, target="sm_90a", rows=rows), handle, indent=1)

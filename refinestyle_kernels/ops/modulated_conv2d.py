@@ -1290,6 +1290,7 @@ if triton is not None:
         EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: the main loop's loads need no K mask
         EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: nor its W loads an N mask
         SINGLE_K_BLOCK: tl.constexpr,  # K <= BLOCK_K: the projection and style tiles are loaded once
+        PACKED_ROW_K: tl.constexpr,  # > 0 (= K): a K block is one row's KSIZE taps of all K channels
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -1344,11 +1345,27 @@ if triton is not None:
             )
         # the token products sum the A tiles of every tap into one [L, K] tile: one K block
         tl.static_assert(SINGLE_K_BLOCK or not TOKEN_PRODUCTS)
+        # Packed rows: at a narrow layer (32 channels) a step of one tap is too short to pay for
+        # its own issue cost, so a step takes a whole row of taps instead. Channels last, the
+        # input pixels of a row's taps lie side by side, so the row's KSIZE x K values of an
+        # output pixel are one contiguous run (and so are the weight's rows of those taps): one
+        # A tile, one W tile, KSIZE steps a block instead of KSIZE x KSIZE. Column c of such a
+        # K block is channel c % K of the row's tap c // K; the columns past KSIZE x K are unused.
+        PACKED: tl.constexpr = PACKED_ROW_K > 0
+        tl.static_assert(not PACKED or (MODE != 2 and not A_TMA and not TOKEN_PRODUCTS and SINGLE_K_BLOCK))
+        tl.static_assert(KSIZE * PACKED_ROW_K <= BLOCK_K)
+        if PACKED:
+            packed_tap = tl.arange(0, BLOCK_K) // PACKED_ROW_K
+            packed_used = packed_tap < KSIZE
         # With one K block the projection and style tiles are the same at every step: loaded once
         # here, they leave the step loop one load stream (and its shared-memory ring) fewer each.
         if SINGLE_K_BLOCK:
-            offs_k_whole = tl.arange(0, BLOCK_K)
-            k_whole_ok = (offs_k_whole < K) | EVEN_K
+            if PACKED:  # each tap's columns repeat the channels
+                offs_k_whole = tl.arange(0, BLOCK_K) % PACKED_ROW_K
+                k_whole_ok = packed_used
+            else:
+                offs_k_whole = tl.arange(0, BLOCK_K)
+                k_whole_ok = (offs_k_whole < K) | EVEN_K
             if FUSE_PROJECTION:
                 q_whole = tl.load(
                     q_ptr + b * stride_qb + offs_l[None, :] * K + offs_k_whole[:, None],
@@ -1431,11 +1448,19 @@ if triton is not None:
             # int32 within one sample: the host checks that it holds fewer than 2**31 values
             a_pixels = (tap_y * IN_W + tap_x) * K
             a_sample = a_ptr + b * IN_H * IN_W * K
-            for step in range(0, tl.cdiv(K, BLOCK_K) * taps):
+            if PACKED:
+                steps = taps_y
+            else:
+                steps = tl.cdiv(K, BLOCK_K) * taps
+            for step in range(0, steps):
                 k0 = (step // taps) * BLOCK_K
                 tap = step % taps
                 ty = tap // taps_x
                 tx = tap % taps_x
+                if PACKED:  # a step is a row: its taps are the K block's columns
+                    k0 = 0
+                    ty = step
+                    tx = 0
                 if MODE == 2:
                     ky = phase_y + 2 * ty
                     kx = phase_x + 2 * tx
@@ -1448,6 +1473,8 @@ if triton is not None:
                     shift_x = tx
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_ok = (offs_k < K) | EVEN_K  # all true (and folded away) when every K block is whole
+                if PACKED:  # (W's rows of a row's taps are contiguous too: the same address as a tap's)
+                    k_ok = packed_used
                 if A_TMA:  # one row strip, zero-filled where it leaves the image or K
                     strip_y = (pid_m // tiles_w) + (ky - KSIZE // 2)
                     strip_x = (pid_m % tiles_w) * BLOCK_M + (kx - KSIZE // 2)
@@ -1455,11 +1482,17 @@ if triton is not None:
                 else:
                     in_y = tap_y + shift_y
                     in_x = tap_x + shift_x
-                    pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
+                    if PACKED:  # column c reads the pixel c // K to the right of in_x
+                        in_xs = in_x[:, None] + packed_tap[None, :]
+                        row_ok = m_ok & (in_y >= 0) & (in_y < IN_H)
+                        a_ok = row_ok[:, None] & (in_xs >= 0) & (in_xs < IN_W) & k_ok[None, :]
+                    else:
+                        pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
+                        a_ok = pix_ok[:, None] & k_ok[None, :]
                     a_rows = a_sample + (a_pixels + ((shift_y * IN_W + shift_x) * K + k0))
                     a = tl.load(
                         a_rows[:, None] + _in_runs(BLOCK_K, A_VECTOR)[None, :],
-                        mask=pix_ok[:, None] & k_ok[None, :],
+                        mask=a_ok,
                         other=0.0,
                         cache_modifier=".ca",
                     )
@@ -2738,24 +2771,42 @@ if triton is not None:
                 return tma_m
             return _tile_width(config.kwargs["BLOCK_M"], named_args["GRID_W"])
 
-        variants = [  # (config, TILE_W, SCALE_WEIGHT, A_TMA)
-            (config, tile_width(config), on_w, False) for config in kept for on_w in ((False, True) if scale_a else (False,))
+        variants = [  # (config, TILE_W, SCALE_WEIGHT, A_TMA, PACKED_ROW_K)
+            (config, tile_width(config), on_w, False, 0)
+            for config in kept
+            for on_w in ((False, True) if scale_a else (False,))
         ]
         # the TMA loads, for the tiles of the descriptor's block (its strip is the M tile), with
         # the styles on W (on A they would take A through registers again)
         variants += [
-            (config, tma_m, bool(scale_a), True)
+            (config, tma_m, bool(scale_a), True, 0)
             for config in kept
             if tma_m and config.kwargs["BLOCK_M"] == tma_m and config.kwargs["BLOCK_K"] == min(128 // element, k_cap)
         ]
+        # a row of taps a step (`_packed_row_block_k`), for the tiles that hold every input
+        # channel in one K block, with the styles on W (a [BLOCK_M, BLOCK_K] fp32 A in registers
+        # would be four taps' worth)
+        packed_k = _packed_row_block_k(
+            kwargs.get("MODE", named_args.get("MODE")), kwargs.get("KSIZE", named_args.get("KSIZE")), named_args["K"]
+        )
+        if packed_k and not products:
+            seen = set()
+            for config in kept:
+                tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps)
+                if config.kwargs["BLOCK_K"] < named_args["K"] or tile in seen:
+                    continue
+                seen.add(tile)
+                packed = _packed_config(config, packed_k, element)
+                if packed is not None:
+                    variants.append((packed, tile_width(packed), bool(scale_a), False, named_args["K"]))
         return [
             triton.Config(
-                dict(config.kwargs, TILE_W=tile_w, SCALE_WEIGHT=on_w, A_TMA=tma,
+                dict(config.kwargs, TILE_W=tile_w, SCALE_WEIGHT=on_w, A_TMA=tma, PACKED_ROW_K=packed_row_k,
                      **_whole_blocks(named_args["K"], named_args["N"], config.kwargs["BLOCK_K"], config.kwargs["BLOCK_N"])),
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
             )
-            for config, tile_w, on_w, tma in variants
+            for config, tile_w, on_w, tma, packed_row_k in variants
         ]
 
 
@@ -2797,6 +2848,38 @@ def _tiles_per_program(batch: int, m_tiles: int, n_tiles: int) -> int:
     while tiles < CONV_PRODUCTS_MAX_TILES and batch * -(-m_tiles // (2 * tiles)) * n_tiles >= CONV_PRODUCTS_MIN_PROGRAMS:
         tiles *= 2
     return tiles
+
+
+# Packed rows (`PACKED_ROW_K` of `_conv_gemm_kernel`): the widest K block a row of taps may take.
+# 128 holds config-f's 32-channel rows (3 x 32 of 128 columns: 3 steps a pixel block instead of
+# 9); a 64-channel row would take 256 columns, whose A and W tiles leave room for too few
+# pipeline stages and programs. 0 switches packed rows off.
+CONV_PACKED_ROW_MAX_K = 128
+
+# Whether the conv launches that are not autotuned pack a row of taps in a K block where that
+# applies (then instead of TMA loads). The autotuned launches try packed rows next to the
+# other variants, whatever this says.
+CONV_PACK_TAPS = False
+
+
+def _packed_row_block_k(mode, ksize, k: int) -> int:
+    """BLOCK_K of a conv launch that takes a row of taps a step (a stride-1 or stride-2 launch
+    with KSIZE > 1 whose row of KSIZE x K values fits `CONV_PACKED_ROW_MAX_K`), or 0 if none."""
+    if mode not in (0, 1) or ksize is None or ksize < 2:
+        return 0
+    block_k = max(16, _next_pow2(ksize * k))
+    return block_k if block_k <= CONV_PACKED_ROW_MAX_K else 0
+
+
+def _packed_config(config, block_k: int, element_size: int):
+    """config with K blocks of block_k columns, at as many pipeline stages (2 at least) as fit
+    `CONV_SHARED_MEMORY_BUDGET`; None if not even 2 do."""
+    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    stage_bytes = (m * block_k + block_k * n) * element_size
+    stages = min(config.num_stages, CONV_SHARED_MEMORY_BUDGET // stage_bytes)
+    if stages < 2:
+        return None
+    return triton.Config(dict(config.kwargs, BLOCK_K=block_k), num_warps=config.num_warps, num_stages=stages)
 
 
 def _whole_blocks(k: int, n: int, block_k: int, block_n: int) -> dict:
@@ -2873,6 +2956,13 @@ def _launch_conv_gemm(
     a_desc = _tma_descriptor(a, mode, grid_hw[1], reduce_pixels) if a.device.type != "meta" else None
     if token_products and a_desc is not None and a_desc.block_shape[3] < k:
         a_desc = None  # the products need the whole K in one A tile (fp32 rows wider than 32 channels)
+    untuned = _interpreted() or not TRITON_AUTOTUNE
+    # the untuned launch packs a row of taps a step (with pointer loads) where CONV_PACK_TAPS asks
+    untuned_packed_k = 0
+    if untuned and CONV_PACK_TAPS and not token_products:
+        untuned_packed_k = _packed_row_block_k(mode, ksize, k)
+        if untuned_packed_k:
+            a_desc = None
     sum_x = sum_x and x is not None
     partial = grad_p_sums = grad_q_sums = None
     tiles_per_program = 1
@@ -2959,7 +3049,7 @@ def _launch_conv_gemm(
         chunks = _cdiv(phases * _pixel_tiles(*grid_hw, meta["BLOCK_M"], meta["TILE_W"]), tiles_per_program)
         return (chunks * _cdiv(n, meta["BLOCK_N"]), batch)
 
-    if _interpreted() or not TRITON_AUTOTUNE:
+    if untuned:
         # the interpreter pays per program, not per element: one big tile
         block_m = min(128 if _interpreted() else 64, max(16, _next_pow2(pixels)))
         if x is not None:
@@ -2970,6 +3060,8 @@ def _launch_conv_gemm(
         num_warps = 4
         if token_products:
             _, block_k, num_warps = _products_blocks(n, k)
+        if untuned_packed_k:
+            block_k = untuned_packed_k
         blocks = dict(
             BLOCK_M=block_m,
             BLOCK_N=max(16, _next_pow2(n)) if rgb is not None else _products_block_n(n),
@@ -2977,6 +3069,7 @@ def _launch_conv_gemm(
             TILE_W=block_m if a_desc is not None else _tile_width(block_m, grid_hw[1]),
             SCALE_WEIGHT=(CONV_SCALE_WEIGHT or a_desc is not None) and a_scale is not None,
             A_TMA=a_desc is not None,
+            PACKED_ROW_K=k if untuned_packed_k else 0,
         )
         blocks.update(_whole_blocks(k, n, blocks["BLOCK_K"], blocks["BLOCK_N"]))
         _conv_gemm_kernel[grid(blocks)](*args, **flags, **blocks, num_warps=num_warps, num_stages=CONV_NUM_STAGES)
