@@ -70,15 +70,13 @@ class Family:
     # `_products_blocks`, not autotuned), the one-K-block forward's (the 32-channel layer's)
     shapes: tuple = ()
     # the launch's input channels K, where the audit estimates what a pixel block issues
-    # (`issued_per_block`): the families that compare a tap a step with a row a step
+    # (`issued_per_block`; the steps are the K blocks x taps)
     k: int | None = None
 
     def variants(self) -> list[tuple[str, dict]]:
         """(label, flags) for each variant the autotuner tries: the styles on A or on W, and for
         stride-1 launches the TMA loads (with the styles on W)."""
         scaled = self.flags["HAS_A_SCALE"]
-        if self.flags.get("PACKED_ROW_K"):  # a row of taps a step: pointer loads, the styles on W
-            return [(self.name, dict(self.flags, SCALE_WEIGHT=scaled, A_TMA=False))]
         if not scaled:
             found = [(self.name, dict(self.flags, SCALE_WEIGHT=False, A_TMA=False))]
         else:
@@ -108,13 +106,7 @@ FAMILIES = (
                                                                  HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=True,
                                                                  REDUCE_X=False, RGB_CHANNELS=3, HAS_RGB_BIAS=True,
                                                                  SINGLE_K_BLOCK=True), 1024,
-           shapes=((64, 32, 32, 4, 3), (128, 32, 32, 4, 3)), k=32),
-    # the same launch with a row of taps a step (`PACKED_ROW_K`): 96 of 128 columns, 3 steps a block
-    Family("forward + toRGB, 3x3, L=32 fused, packed rows", dict(_COMMON, **_STYLED_EPILOGUE, MODE=0, HAS_A_SCALE=True,
-                                                                HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=True,
-                                                                REDUCE_X=False, RGB_CHANNELS=3, HAS_RGB_BIAS=True,
-                                                                SINGLE_K_BLOCK=True, EVEN_K=False, PACKED_ROW_K=32), 1024,
-           shapes=((64, 32, 128, 4, 3), (128, 32, 128, 4, 3), (128, 32, 128, 8, 3), (256, 32, 128, 8, 2)), k=32),
+           shapes=((64, 32, 32, 4, 3), (128, 32, 32, 4, 3), (256, 32, 32, 4, 3), (256, 32, 32, 8, 3)), k=32),
     Family("forward, 3x3, unrefined", dict(_COMMON, **_STYLED_EPILOGUE, MODE=0, HAS_A_SCALE=True, HAS_LOWRANK=False,
                                            BOX_Z=True, FUSE_PROJECTION=False, REDUCE_X=False), 1024),
     Family("forward, upsampling, L=32 fused", dict(_COMMON, **_NO_EPILOGUE, MODE=2, HAS_A_SCALE=True, HAS_LOWRANK=True,
@@ -135,17 +127,6 @@ FAMILIES = (
                                                                 REDUCE_X=True, TOKEN_PRODUCTS=True,
                                                                 TILES_PER_PROGRAM=16, SINGLE_K_BLOCK=True), 512,
            shapes=((64, 64, 32, 8, 3), (64, 64, 64, 8, 3))),
-    # the upsampling 1024 px layer's grad x (32 -> 64 channels) unrefined (refined, its launch
-    # sums the token products and takes a tap a step), a tap a step and a row a step
-    Family("grad x, stride 2, unrefined, one K block", dict(_COMMON, **_NO_EPILOGUE, MODE=1, HAS_A_SCALE=False,
-                                                           HAS_LOWRANK=False, BOX_Z=True, FUSE_PROJECTION=False,
-                                                           REDUCE_X=True, SINGLE_K_BLOCK=True), 512,
-           shapes=((64, 64, 32, 4, 3), (128, 64, 32, 4, 3)), k=32),
-    Family("grad x, stride 2, unrefined, packed rows", dict(_COMMON, **_NO_EPILOGUE, MODE=1, HAS_A_SCALE=False,
-                                                           HAS_LOWRANK=False, BOX_Z=True, FUSE_PROJECTION=False,
-                                                           REDUCE_X=True, SINGLE_K_BLOCK=True, EVEN_K=False,
-                                                           PACKED_ROW_K=32), 512,
-           shapes=((64, 64, 128, 4, 3), (128, 64, 128, 4, 3)), k=32),
     Family("grad x, stride 2, L=32 separate gz", dict(_COMMON, **_NO_EPILOGUE, MODE=1, HAS_A_SCALE=False,
                                                       HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=False,
                                                       REDUCE_X=True), 64),
@@ -197,7 +178,7 @@ def compile_conv_for_hopper(flags: dict, shape: tuple, dtype: str = "bf16", grid
     a_vector = op_module._tap_vector(4 if dtype == "fp32" else 2)
     # config-f's channel counts are whole numbers of every tile here; one K block holding every
     # input channel (SINGLE_K_BLOCK) only where the family says so; flags may override either
-    constexprs = dict(A_VECTOR=a_vector, EVEN_K=True, EVEN_N=True, SINGLE_K_BLOCK=False, PACKED_ROW_K=0)
+    constexprs = dict(A_VECTOR=a_vector, EVEN_K=True, EVEN_N=True, SINGLE_K_BLOCK=False)
     constexprs.update(flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                       TILE_W=block_m if tma else op_module._tile_width(block_m, grid_w))  # fmt: skip
     pointers = {name: "*fp32" if name in CONV_FP32_POINTERS else f"*{dtype}" for name in CONV_POINTERS}
@@ -290,9 +271,12 @@ def issued_per_block(sass: str, steps: int) -> int:
     runs). An estimate: it counts both sides of every branch and the padding out (NOP, the
     closing branch to itself)."""
     code = re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.MULTILINE)
-    listed = [text for address, text in code if not text.startswith("NOP")]
-    while listed and re.fullmatch(r"BRA\s+0x[0-9a-f]+|BRA\s+`\(\.L_x_\d+\)", listed[-1].strip()):
-        listed.pop()  # the end's branch to itself
+
+    def padding(address: str, text: str) -> bool:  # NOP, or the end's unconditional branch to itself
+        to_itself = re.fullmatch(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)\s*", text)
+        return text.startswith("NOP") or (to_itself is not None and int(to_itself.group(1), 16) == int(address, 16))
+
+    listed = [text for address, text in code if not padding(address, text)]
     loop = StepLoop.find(sass)
     return len(listed) + (steps - 1) * (loop.instructions if loop else 0)
 
@@ -458,10 +442,7 @@ def audit_one(label: str, flags: dict, shape: tuple, grid_w: int, k: int | None 
     kernel = compile_conv_for_hopper(flags, shape, grid_w=grid_w)
     row = _row(label, "x".join(str(v) for v in shape[:3]), shape[3], shape[4], kernel)
     if k is not None:
-        if flags.get("PACKED_ROW_K"):
-            steps = flags["KSIZE"]
-        else:
-            steps = -(-k // shape[2]) * flags["KSIZE"] ** 2
+        steps = -(-k // shape[2]) * flags["KSIZE"] ** 2
         issued = issued_per_block(sass_of(kernel.asm["cubin"]), steps)
         # warp instructions a pixel issues: the block's warps over its pixels
         row.update(steps=steps, issued_per_pixel=round(issued * shape[3] / shape[0], 1))

@@ -159,7 +159,6 @@ ROUTE_CHOICES = {
     "DEMODULATION_PRECISION": ("ieee", "tf32x3"),  # the demodulation's dots and blocks (one math here)
     "TRITON_DEMODULATION_MAX_TOKENS": (2, 64),  # the Triton demodulation, via p^T q, or torch's
     "RGB_EPILOGUE_MAX_COUT": (0, 128),  # a pair's toRGB in its conv's epilogue, or its own launch
-    "CONV_PACK_TAPS": (False, True),  # untuned conv launches take a row of taps a step where it fits
 }
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from benchmarks.kernel_audit import PtxasReport, StepLoop, programs_per_sm
+from benchmarks.kernel_audit import PtxasReport, StepLoop, issued_per_block, programs_per_sm
 from refinestyle_kernels.ops import modulated_conv2d as op_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,6 +60,15 @@ def test_step_loop_is_the_shortest_loop_with_wgmma():
     loop = StepLoop.find(SASS)
     assert (loop.instructions, loop.wgmma) == (5, 2)
     assert StepLoop.find(SASS.replace("HGMMA", "HMMA")) is None  # no wgmma: no step loop
+
+
+def test_a_pixel_block_issues_the_kernel_once_and_its_step_loop_per_step():
+    """13 instructions listed, less the branch to itself at 0xb0 and the padding, once; the
+    5-instruction step loop 8 times more for 9 steps."""
+    padded = SASS + "        /*00d0*/                   NOP;\n"
+    assert issued_per_block(padded, steps=1) == 12
+    assert issued_per_block(padded, steps=9) == 12 + 8 * 5
+    assert issued_per_block(SASS.replace("HGMMA", "HMMA"), steps=9) == 12  # no step loop: as listed
 
 
 def test_programs_per_sm_takes_the_tightest_limit():

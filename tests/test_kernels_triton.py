@@ -302,6 +302,8 @@ def test_interpreted_two_dimensional_pixel_blocks_and_style_placement(layer, sca
         Layer(batch=2, in_channels=12, out_channels=20, height=6, width=37, num_tokens=5),
         Layer(batch=1, in_channels=16, out_channels=12, height=5, width=40, tokens="shared", noise=None),
         Layer(batch=1, in_channels=16, out_channels=4, height=3, width=33, kernel=1, num_tokens=3, clamp=0.5),
+        # 16 fp32 channels are a narrow row (64 bytes): the forward's strips are 256 pixels
+        Layer(batch=1, in_channels=16, out_channels=8, height=2, width=150, num_tokens=3, noise=None),
     ],
     ids=str,
 )
@@ -314,14 +316,16 @@ def test_interpreted_tma_loads_match_reference(layer, monkeypatch):
 
     def probe(a, mode, grid_w, reduce_pixels):
         made = descriptor(a, mode, grid_w, reduce_pixels)
-        tma_launches.append((mode, made is not None))
+        tma_launches.append((mode, made is not None, made.block_shape[2] if made is not None else None))
         return made
 
     monkeypatch.setattr(op_module, "_tma_descriptor", probe)
     check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=6)
-    stride_one = [used for mode, used in tma_launches if mode == 0]
+    stride_one = [used for mode, used, _ in tma_launches if mode == 0]
     assert stride_one and all(stride_one), tma_launches  # every stride-1 launch took TMA
-    assert not any(used for mode, used in tma_launches if mode != 0)  # never the stride-2 ones
+    assert not any(used for mode, used, _ in tma_launches if mode != 0)  # never the stride-2 ones
+    if layer.width > 128:  # the forward's strip spans 256 pixels, past the row's end
+        assert (0, True, 256) in tma_launches, tma_launches
 
 
 def test_tma_applies_only_where_its_constraints_hold(monkeypatch):
@@ -331,6 +335,13 @@ def test_tma_applies_only_where_its_constraints_hold(monkeypatch):
     wide = torch.zeros(1, 4, 256, 64)  # a row is at most 128 bytes of channels: 32 fp32, 64 bf16
     assert op_module._tma_descriptor(wide, 0, 256, None).block_shape == [1, 1, 128, 32]
     assert op_module._tma_descriptor(wide.bfloat16(), 0, 256, None).block_shape == [1, 1, 128, 64]
+    # rows of at most 64 bytes (16 fp32 or 32 bf16 channels): strips of up to 256 pixels
+    narrow = torch.zeros(1, 2, 512, 16)
+    assert op_module._tma_descriptor(narrow, 0, 512, None).block_shape == [1, 1, 256, 16]
+    assert op_module._tma_descriptor(narrow[:, :, :200].contiguous(), 0, 200, None).block_shape == [1, 1, 256, 16]
+    assert op_module._tma_descriptor(narrow[:, :, :100].contiguous(), 0, 100, None).block_shape == [1, 1, 128, 16]
+    assert op_module._tma_descriptor(torch.zeros(1, 2, 512, 32).bfloat16(), 0, 512, None).block_shape == [1, 1, 256, 32]
+    assert op_module._tma_descriptor(torch.zeros(1, 2, 512, 32), 0, 512, None).block_shape == [1, 1, 128, 32]
     assert op_module._tma_descriptor(rows, 0, 40, 6 * 40).block_shape == [1, 1, 64, 16]  # reducing: its M tile
     assert op_module._tma_descriptor(rows, 1, 40, None) is None  # stride 2: no strips
     assert op_module._tma_descriptor(torch.zeros(2, 6, 40, 10), 0, 40, None) is None  # 40-byte rows
@@ -756,67 +767,6 @@ def test_interpreted_tap_loads_in_narrow_copies_match_reference(layer, monkeypat
     assert (None, 2) in vectors and boxed, vectors
 
 
-@needs_interpreter
-@pytest.mark.parametrize("scale_weight", [False, True], ids=["styles-on-A", "styles-on-W"])
-@pytest.mark.parametrize(
-    "layer, separate",
-    [
-        # 12 channels: a row of 36 columns in a 64-wide K block, edges on both sides, grids
-        # wider than a pixel block; the whole epilogue, the fused projection
-        (Layer(batch=2, in_channels=12, out_channels=10, height=6, width=37, num_tokens=5), False),
-        # the upsampling layer: its grad x is a stride-2 launch (MODE 1) over the blurred
-        # gradient; the separate projection (z boxed in the kernel), so no token products there
-        (Layer(batch=1, in_channels=8, out_channels=20, height=5, width=9, upsample=True, tokens="shared"), True),
-        # 32 channels: the 1024 px layer's row (96 of 128 columns), no refinement
-        (Layer(batch=1, in_channels=32, out_channels=16, height=4, width=5, tokens=None, clamp=0.5), False),
-        # 45 channels: a row of 135 columns is past 128; the launch takes a tap a step
-        (Layer(batch=1, in_channels=45, out_channels=6, height=3, width=4, num_tokens=3), False),
-    ],
-    ids=str,
-)
-def test_interpreted_packed_rows_of_taps_match_reference(layer, separate, scale_weight, monkeypatch):
-    """`PACKED_ROW_K`: a K block holds a whole row of taps (KSIZE x K contiguous values of each
-    output pixel's input, channels last) where KSIZE x K fits `CONV_PACKED_ROW_MAX_K`, for the
-    stride-1 forward and grad x and the stride-2 grad x, with the styles on A or on W, the
-    fused projection (its q repeated per tap) and the boxed z; columns past the row's taps and
-    pixels past the image's edges are masked. Wider rows take a tap a step."""
-    monkeypatch.setattr(op_module, "CONV_PACK_TAPS", True)
-    monkeypatch.setattr(op_module, "CONV_SCALE_WEIGHT", scale_weight)
-    monkeypatch.setattr(op_module, "CONV_TOKEN_PRODUCTS_MAX_K", 0)  # (their launches never pack)
-    if separate:
-        monkeypatch.setattr(op_module, "FUSED_PROJECTION_MAX_COUT", 0)
-    launches = []
-
-    class Probe:  # kernel[grid](...) -> record the launch's mode and packing, then launch for real
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                k = args[self.kernel.arg_names.index("K")]
-                launches.append((kwargs["MODE"], kwargs["KSIZE"], k, kwargs["PACKED_ROW_K"], kwargs["BLOCK_K"]))
-                return self.kernel[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(op_module, "_conv_gemm_kernel", Probe(op_module._conv_gemm_kernel))
-    check_layer(layer, torch.float32, "cpu", TOLERANCE["interpreted"], seed=31)
-    packed = {(mode, block_k) for mode, ksize, k, packed_k, block_k in launches if packed_k}
-    # every stride-1 and stride-2 launch whose row fits packs it, into the narrowest K block
-    # that holds it (PACKED_ROW_K is the launch's K); the others take a tap a step
-    for mode, ksize, k, packed_k, block_k in launches:
-        if mode != 2 and ksize * k <= op_module.CONV_PACKED_ROW_MAX_K:
-            assert packed_k == k and block_k == max(16, op_module._next_pow2(ksize * k)), launches
-        else:
-            assert packed_k == 0 and block_k <= 64, launches
-    if layer.upsample:  # the stride-2 grad x of 20 output channels: 60 of 64 columns
-        assert (1, 64) in packed, launches
-    elif layer.in_channels * 3 > op_module.CONV_PACKED_ROW_MAX_K:  # the forward's row is too wide
-        assert packed == {(0, 32)}, launches  # (grad x's 6 channels: 18 of 32 columns)
-    else:  # the forward (and grad x) of the stride-1 layer
-        assert (0, max(16, op_module._next_pow2(3 * layer.in_channels))) in packed, launches
-
-
 def test_epilogue_backward_programs_walk_more_blocks_only_where_enough_programs_remain(monkeypatch):
     monkeypatch.setattr(op_module, "EPILOGUE_BACKWARD_MAX_TILES", 32)
     monkeypatch.setattr(op_module, "EPILOGUE_BACKWARD_MIN_PROGRAMS", 2112)
@@ -1065,8 +1015,7 @@ def test_autotuned_launch_path_runs_every_pruned_config(layer, time_lone_configs
 
     def recording_run(*args, grid, warmup, **kwargs):
         config = tuple(sorted((k, v) for k, v in kwargs.items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "TILE_W",
-                                                                          "SCALE_WEIGHT", "A_TMA", "PACKED_ROW_K",
-                                                                          "num_warps")))
+                                                                          "SCALE_WEIGHT", "A_TMA", "num_warps")))
         runs[warmup].add((kwargs["MODE"], kwargs["REDUCE_X"], config))
         return run(*args, grid=grid, warmup=warmup, **kwargs)
 
@@ -1120,9 +1069,6 @@ def test_autotuned_launch_path_runs_every_pruned_config(layer, time_lone_configs
     if layer.in_channels == 32:  # the K = 32 tiles, up to the longest, ran
         forward_tiles = {dict(config)["BLOCK_M"] for mode, reduce_x, config in runs[False] if mode == 0 and not reduce_x}
         assert {128, 256} <= forward_tiles, forward_tiles
-    if not layer.upsample:  # and the forward's tiles with a row of taps a step (K of 32 or 40)
-        packed = {dict(config)["PACKED_ROW_K"] for mode, reduce_x, config in runs[False] if mode == 0 and not reduce_x}
-        assert packed == {0, layer.in_channels}, packed
 
 
 @needs_interpreter
@@ -1435,54 +1381,19 @@ def test_the_32_channel_forward_is_tuned_over_its_own_tiles():
     loads included, where it once had a single untuned 64 x 32 x 32 tile. Wider layers never
     see those tiles."""
     weight = torch.empty(0, dtype=torch.bfloat16)
-    named = {"GRID_H": 1024, "GRID_W": 1024, "N": 32, "K": 32, "w_ptr": weight, "TMA_BLOCK_M": 128}
-    kept = op_module._prune_conv_configs(op_module._CONV_CONFIGS, named, RGB_CHANNELS=3, HAS_A_SCALE=True, MODE=0, KSIZE=3)
+    # its rows are narrow (64 bytes): TMA strips of 256 pixels
+    strip, block_k = op_module._tma_block(1024, 32, weight.element_size(), None)
+    assert (strip, block_k) == (256, 32)
+    named = {"GRID_H": 1024, "GRID_W": 1024, "N": 32, "K": 32, "w_ptr": weight, "TMA_BLOCK_M": strip}
+    kept = op_module._prune_conv_configs(op_module._CONV_CONFIGS, named, RGB_CHANNELS=3, HAS_A_SCALE=True)
     tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in kept}
-    tap_tiles = {(64, 32, 32, 4), (128, 32, 32, 4), (128, 32, 32, 8), (256, 32, 32, 8)}
-    # and each of them with a row of taps a step: 96 of 128 columns
-    assert tiles == tap_tiles | {(m, n, 128, warps) for m, n, _, warps in tap_tiles}
-    assert any(c.kwargs["A_TMA"] and c.kwargs["BLOCK_M"] == 128 for c in kept)
+    assert tiles == {(64, 32, 32, 4), (128, 32, 32, 4), (128, 32, 32, 8), (256, 32, 32, 8), (256, 32, 32, 4)}
+    tma = {(c.kwargs["BLOCK_M"], c.num_warps, c.kwargs["TILE_W"]) for c in kept if c.kwargs["A_TMA"]}
+    assert tma == {(256, 4, 256), (256, 8, 256)}
     for k in (64, 512):
         named = dict(named, N=k, K=k)
         wide = op_module._prune_conv_configs(op_module._CONV_CONFIGS, named, HAS_A_SCALE=True)
         assert all(c.kwargs["BLOCK_K"] == 64 or c.kwargs["BLOCK_N"] == 128 for c in wide)
-
-
-@pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_autotune_tries_a_row_of_taps_a_step_where_the_row_fits(dtype):
-    """Packed rows (`PACKED_ROW_K`) are tried for the stride-1 and stride-2 3x3 launches whose
-    row of taps fits `CONV_PACKED_ROW_MAX_K`, one variant per tile that holds every input channel
-    in one K block, with the styles on W, no TMA, at the stages that fit the shared memory; never
-    for the transposed conv, a 1x1 conv, wider rows or the token-product launches."""
-    weight = torch.empty(0, dtype=dtype)
-
-    def pruned(k, n=64, **flags):
-        named = {"GRID_H": 256, "GRID_W": 256, "N": n, "K": k, "w_ptr": weight}
-        return op_module._prune_conv_configs(op_module._CONV_CONFIGS, named, **flags)
-
-    for mode, k in ((0, 32), (1, 32), (0, 40), (0, 20), (1, 8)):
-        kept = pruned(k, MODE=mode, KSIZE=3, HAS_A_SCALE=mode == 0)
-        packed = [c for c in kept if c.kwargs["PACKED_ROW_K"]]
-        one_block = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
-                     for c in kept if not c.kwargs["PACKED_ROW_K"] and c.kwargs["BLOCK_K"] >= k}  # fmt: skip
-        block_k = max(16, op_module._next_pow2(3 * k))
-        stage_bytes = {c: (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * block_k * weight.element_size() for c in packed}
-        # every tile that fits two stages of the packed tiles has its packed variant, once
-        fitting = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in packed}
-        assert fitting and fitting <= one_block and len(fitting) == len(packed)
-        for c in packed:
-            assert c.kwargs["PACKED_ROW_K"] == k and c.kwargs["BLOCK_K"] == block_k
-            assert c.kwargs["SCALE_WEIGHT"] == (mode == 0) and not c.kwargs["A_TMA"]
-            assert 2 <= c.num_stages and c.num_stages * stage_bytes[c] <= op_module.CONV_SHARED_MEMORY_BUDGET
-            assert c.kwargs["SINGLE_K_BLOCK"] and c.kwargs["TILE_W"] == op_module._tile_width(c.kwargs["BLOCK_M"], 256)
-    assert all(not c.kwargs["PACKED_ROW_K"] for c in pruned(32, MODE=2, KSIZE=3, HAS_A_SCALE=True))
-    assert all(not c.kwargs["PACKED_ROW_K"] for c in pruned(32, MODE=0, KSIZE=1, HAS_A_SCALE=True))
-    assert all(not c.kwargs["PACKED_ROW_K"] for c in pruned(64, MODE=0, KSIZE=3, HAS_A_SCALE=True))  # 192 columns
-    products = pruned(32, MODE=0, KSIZE=3, REDUCE_X=True, TOKEN_PRODUCTS=True)
-    assert products and all(not c.kwargs["PACKED_ROW_K"] for c in products)
-    assert op_module._packed_row_block_k(0, 3, 42) == 128 and op_module._packed_row_block_k(0, 3, 43) == 0
-    assert op_module._packed_row_block_k(1, 3, 5) == 16 and op_module._packed_row_block_k(2, 3, 5) == 0
 
 
 def test_token_product_launches_refuse_what_they_cannot_sum():
@@ -1639,10 +1550,7 @@ COMPILE_FOR_SM90 = textwrap.dedent(
     # boxed on the fly and the grad-s reduction), bf16, with the largest tile the autotuner keeps
     for family in FAMILIES:
         for label, flags in family.variants():
-            shape = largest_config(2)
-            if flags.get("PACKED_ROW_K"):  # its own K blocks: the family's tile with the most shared memory
-                shape = max(family.shapes, key=lambda shape: shape[4] * (shape[0] * shape[2] + shape[2] * shape[1]))
-            kernel = compile_conv_for_hopper(flags, shape, "bf16", family.grid_w)
+            kernel = compile_conv_for_hopper(flags, largest_config(2), "bf16", family.grid_w)
             # the flat (K block, tap) loop is software-pipelined: its loads are asynchronous copies
             # (TMA bulk copies for the TMA variant)
             copy = "async_tma_copy_global_to_local" if flags["A_TMA"] else "async_copy_global_to_local"

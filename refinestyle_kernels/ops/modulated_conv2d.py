@@ -1109,12 +1109,27 @@ def _pixel_tiles(grid_h: int, grid_w: int, block_m: int, tile_w: int | None = No
     return -(-grid_h // (block_m // tile_w)) * -(-grid_w // tile_w)
 
 
+# Pixels a TMA strip of the conv kernel's input may span: 128, and 256 for the narrow layers
+# whose pixel rows (channels x element size, rounded up to a power of two) are at most
+# CONV_TMA_NARROW_ROW_BYTES (config-f's 1024 px forward: 32 bf16 channels). There the conv
+# issues more instructions than it moves bytes or multiplies, and the instructions a pixel costs
+# fall with the pixels a program takes: 72 a pixel at 128 x 32 x 32 (4 warps), 50 at
+# 256 x 32 x 32 (`python -m benchmarks.kernel_audit --families "one K block"`, Triton 3.6).
+CONV_TMA_STRIP = 128
+CONV_TMA_NARROW_STRIP = 256
+CONV_TMA_NARROW_ROW_BYTES = 64
+
+
 def _tma_block(grid_w: int, k: int, element_size: int, reduce_pixels: int | None) -> tuple[int, int]:
-    """(strip length, BLOCK_K) of the conv kernel's TMA loads: a whole row of up to 128 pixels,
-    or the M tile a reducing launch must use; at most 128 bytes of channels per pixel (64 in
-    bf16, 32 in fp32), the widest row a 128-byte-swizzled TMA box may have."""
-    block_m = _reduce_block_m(reduce_pixels) if reduce_pixels is not None else min(128, _next_pow2(grid_w))
-    return block_m, min(128 // element_size, max(16, _next_pow2(k)))
+    """(strip length, BLOCK_K) of the conv kernel's TMA loads: a whole row of up to
+    `CONV_TMA_STRIP` pixels (`CONV_TMA_NARROW_STRIP` for narrow rows), or the M tile a reducing
+    launch must use; at most 128 bytes of channels per pixel (64 in bf16, 32 in fp32), the
+    widest row a 128-byte-swizzled TMA box may have."""
+    block_k = min(128 // element_size, max(16, _next_pow2(k)))
+    if reduce_pixels is not None:
+        return _reduce_block_m(reduce_pixels), block_k
+    strip = CONV_TMA_NARROW_STRIP if block_k * element_size <= CONV_TMA_NARROW_ROW_BYTES else CONV_TMA_STRIP
+    return min(strip, _next_pow2(grid_w)), block_k
 
 
 @functools.lru_cache(maxsize=None)
@@ -1290,7 +1305,6 @@ if triton is not None:
         EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: the main loop's loads need no K mask
         EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: nor its W loads an N mask
         SINGLE_K_BLOCK: tl.constexpr,  # K <= BLOCK_K: the projection and style tiles are loaded once
-        PACKED_ROW_K: tl.constexpr,  # > 0 (= K): a K block is one row's KSIZE taps of all K channels
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -1345,27 +1359,11 @@ if triton is not None:
             )
         # the token products sum the A tiles of every tap into one [L, K] tile: one K block
         tl.static_assert(SINGLE_K_BLOCK or not TOKEN_PRODUCTS)
-        # Packed rows: at a narrow layer (32 channels) a step of one tap is too short to pay for
-        # its own issue cost, so a step takes a whole row of taps instead. Channels last, the
-        # input pixels of a row's taps lie side by side, so the row's KSIZE x K values of an
-        # output pixel are one contiguous run (and so are the weight's rows of those taps): one
-        # A tile, one W tile, KSIZE steps a block instead of KSIZE x KSIZE. Column c of such a
-        # K block is channel c % K of the row's tap c // K; the columns past KSIZE x K are unused.
-        PACKED: tl.constexpr = PACKED_ROW_K > 0
-        tl.static_assert(not PACKED or (MODE != 2 and not A_TMA and not TOKEN_PRODUCTS and SINGLE_K_BLOCK))
-        tl.static_assert(KSIZE * PACKED_ROW_K <= BLOCK_K)
-        if PACKED:
-            packed_tap = tl.arange(0, BLOCK_K) // PACKED_ROW_K
-            packed_used = packed_tap < KSIZE
         # With one K block the projection and style tiles are the same at every step: loaded once
         # here, they leave the step loop one load stream (and its shared-memory ring) fewer each.
         if SINGLE_K_BLOCK:
-            if PACKED:  # each tap's columns repeat the channels
-                offs_k_whole = tl.arange(0, BLOCK_K) % PACKED_ROW_K
-                k_whole_ok = packed_used
-            else:
-                offs_k_whole = tl.arange(0, BLOCK_K)
-                k_whole_ok = (offs_k_whole < K) | EVEN_K
+            offs_k_whole = tl.arange(0, BLOCK_K)
+            k_whole_ok = (offs_k_whole < K) | EVEN_K
             if FUSE_PROJECTION:
                 q_whole = tl.load(
                     q_ptr + b * stride_qb + offs_l[None, :] * K + offs_k_whole[:, None],
@@ -1448,19 +1446,12 @@ if triton is not None:
             # int32 within one sample: the host checks that it holds fewer than 2**31 values
             a_pixels = (tap_y * IN_W + tap_x) * K
             a_sample = a_ptr + b * IN_H * IN_W * K
-            if PACKED:
-                steps = taps_y
-            else:
-                steps = tl.cdiv(K, BLOCK_K) * taps
-            for step in range(0, steps):
-                k0 = (step // taps) * BLOCK_K
-                tap = step % taps
-                ty = tap // taps_x
-                tx = tap % taps_x
-                if PACKED:  # a step is a row: its taps are the K block's columns
-                    k0 = 0
-                    ty = step
-                    tx = 0
+            # (K block, tap row, tap column) are counters carried from step to step: dividing the
+            # step index by the taps and by their row length at every step cost ~15 instructions
+            k0 = tl.zeros([], dtype=tl.int32)
+            ty = tl.zeros([], dtype=tl.int32)
+            tx = tl.zeros([], dtype=tl.int32)
+            for step in range(0, tl.cdiv(K, BLOCK_K) * taps):
                 if MODE == 2:
                     ky = phase_y + 2 * ty
                     kx = phase_x + 2 * tx
@@ -1473,8 +1464,6 @@ if triton is not None:
                     shift_x = tx
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_ok = (offs_k < K) | EVEN_K  # all true (and folded away) when every K block is whole
-                if PACKED:  # (W's rows of a row's taps are contiguous too: the same address as a tap's)
-                    k_ok = packed_used
                 if A_TMA:  # one row strip, zero-filled where it leaves the image or K
                     strip_y = (pid_m // tiles_w) + (ky - KSIZE // 2)
                     strip_x = (pid_m % tiles_w) * BLOCK_M + (kx - KSIZE // 2)
@@ -1482,17 +1471,11 @@ if triton is not None:
                 else:
                     in_y = tap_y + shift_y
                     in_x = tap_x + shift_x
-                    if PACKED:  # column c reads the pixel c // K to the right of in_x
-                        in_xs = in_x[:, None] + packed_tap[None, :]
-                        row_ok = m_ok & (in_y >= 0) & (in_y < IN_H)
-                        a_ok = row_ok[:, None] & (in_xs >= 0) & (in_xs < IN_W) & k_ok[None, :]
-                    else:
-                        pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
-                        a_ok = pix_ok[:, None] & k_ok[None, :]
+                    pix_ok = m_ok & (in_y >= 0) & (in_y < IN_H) & (in_x >= 0) & (in_x < IN_W)
                     a_rows = a_sample + (a_pixels + ((shift_y * IN_W + shift_x) * K + k0))
                     a = tl.load(
                         a_rows[:, None] + _in_runs(BLOCK_K, A_VECTOR)[None, :],
-                        mask=a_ok,
+                        mask=pix_ok[:, None] & k_ok[None, :],
                         other=0.0,
                         cache_modifier=".ca",
                     )
@@ -1527,6 +1510,13 @@ if triton is not None:
                     else:
                         a = a.to(tl.float32) * s[None, :]
                 acc = tl.dot(a.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
+                tx += 1
+                row_done = tx == taps_x
+                tx = tl.where(row_done, 0, tx)
+                ty = tl.where(row_done, ty + 1, ty)
+                taps_done = ty == taps_y
+                ty = tl.where(taps_done, 0, ty)
+                k0 = tl.where(taps_done, k0 + BLOCK_K, k0)
 
             if REDUCE_X or TOKEN_PRODUCTS:
                 x_tile = tl.load(x_ptr + x_offsets, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
@@ -1611,18 +1601,34 @@ if triton is not None:
             out_rows = out_ptr + ((b * OUT_H + out_y) * OUT_W + out_x) * N
             stored = acc.to(out_ptr.dtype.element_ty)
             tl.store(out_rows[:, None] + offs_n[None, :], stored, mask=m_ok[:, None] & n_ok[None, :])
-            if RGB_CHANNELS > 0:  # the toRGB reads out as stored, rounded to its dtype
-                out_values = stored.to(tl.float32)
+            if RGB_CHANNELS > 0:
+                # The toRGB reads out as stored, rounded to its dtype, in one dot with the mix (in
+                # that dtype, as the reference's modulated 1x1 weight is; fp32 exactly): on the tensor
+                # cores, where three products and a cross-thread sum per value took 17% of the
+                # 1024 px forward's instructions (`python -m benchmarks.kernel_audit`).
                 rgb_rows = rgb_ptr + b * stride_rgb_b + out_y * stride_rgb_h + out_x * stride_rgb_w
-                for channel in tl.static_range(RGB_CHANNELS):
-                    # columns past N hold act(noise) but meet a zero mix
-                    mix = tl.load(rgb_mix_ptr + (b * RGB_CHANNELS + channel) * N + offs_n, mask=n_ok, other=0.0)
-                    rgb = tl.sum(out_values * mix[None, :], axis=1)
-                    if HAS_RGB_BIAS:
-                        rgb += tl.load(rgb_bias_ptr + channel).to(tl.float32)
-                    if HAS_RGB_CLAMP:
-                        rgb = tl.minimum(tl.maximum(rgb, -rgb_clamp_value), rgb_clamp_value)
-                    tl.store(rgb_rows + channel * stride_rgb_c, rgb.to(rgb_ptr.dtype.element_ty), mask=m_ok)
+                RGB_BLOCK: tl.constexpr = 16  # the toRGB's channels, padded to a dot's narrowest N
+                offs_rgb = tl.arange(0, RGB_BLOCK)
+                rgb_ok = offs_rgb < RGB_CHANNELS
+                # columns past N hold act(noise) but meet a zero mix
+                mix_t = tl.load(
+                    rgb_mix_ptr + (b * RGB_CHANNELS + offs_rgb[None, :]) * N + offs_n[:, None],
+                    mask=n_ok[:, None] & rgb_ok[None, :],
+                    other=0.0,
+                )
+                if stored.dtype == tl.float32:
+                    rgb = tl.dot(stored, mix_t, input_precision="ieee")
+                else:
+                    rgb = tl.dot(stored, mix_t.to(stored.dtype))
+                if HAS_RGB_BIAS:
+                    rgb += tl.load(rgb_bias_ptr + offs_rgb, mask=rgb_ok, other=0.0).to(tl.float32)[None, :]
+                if HAS_RGB_CLAMP:
+                    rgb = tl.minimum(tl.maximum(rgb, -rgb_clamp_value), rgb_clamp_value)
+                tl.store(
+                    rgb_rows[:, None] + offs_rgb[None, :] * stride_rgb_c,
+                    rgb.to(rgb_ptr.dtype.element_ty),
+                    mask=m_ok[:, None] & rgb_ok[None, :],
+                )
 
         if REDUCE_X and TILES_PER_PROGRAM > 1:
             tl.store(reduce_ptr + (b * chunks + chunk) * N + offs_n, x_sums, mask=n_ok)
@@ -2704,6 +2710,7 @@ if triton is not None:
         (128, 32, 32, 4, 3),
         (128, 32, 32, 8, 3),
         (256, 32, 32, 8, 3),
+        (256, 32, 32, 4, 3),
     ]
     _CONV_CONFIGS = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
@@ -2771,42 +2778,24 @@ if triton is not None:
                 return tma_m
             return _tile_width(config.kwargs["BLOCK_M"], named_args["GRID_W"])
 
-        variants = [  # (config, TILE_W, SCALE_WEIGHT, A_TMA, PACKED_ROW_K)
-            (config, tile_width(config), on_w, False, 0)
-            for config in kept
-            for on_w in ((False, True) if scale_a else (False,))
+        variants = [  # (config, TILE_W, SCALE_WEIGHT, A_TMA)
+            (config, tile_width(config), on_w, False) for config in kept for on_w in ((False, True) if scale_a else (False,))
         ]
         # the TMA loads, for the tiles of the descriptor's block (its strip is the M tile), with
         # the styles on W (on A they would take A through registers again)
         variants += [
-            (config, tma_m, bool(scale_a), True, 0)
+            (config, tma_m, bool(scale_a), True)
             for config in kept
             if tma_m and config.kwargs["BLOCK_M"] == tma_m and config.kwargs["BLOCK_K"] == min(128 // element, k_cap)
         ]
-        # a row of taps a step (`_packed_row_block_k`), for the tiles that hold every input
-        # channel in one K block, with the styles on W (a [BLOCK_M, BLOCK_K] fp32 A in registers
-        # would be four taps' worth)
-        packed_k = _packed_row_block_k(
-            kwargs.get("MODE", named_args.get("MODE")), kwargs.get("KSIZE", named_args.get("KSIZE")), named_args["K"]
-        )
-        if packed_k and not products:
-            seen = set()
-            for config in kept:
-                tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps)
-                if config.kwargs["BLOCK_K"] < named_args["K"] or tile in seen:
-                    continue
-                seen.add(tile)
-                packed = _packed_config(config, packed_k, element)
-                if packed is not None:
-                    variants.append((packed, tile_width(packed), bool(scale_a), False, named_args["K"]))
         return [
             triton.Config(
-                dict(config.kwargs, TILE_W=tile_w, SCALE_WEIGHT=on_w, A_TMA=tma, PACKED_ROW_K=packed_row_k,
+                dict(config.kwargs, TILE_W=tile_w, SCALE_WEIGHT=on_w, A_TMA=tma,
                      **_whole_blocks(named_args["K"], named_args["N"], config.kwargs["BLOCK_K"], config.kwargs["BLOCK_N"])),
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
             )
-            for config, tile_w, on_w, tma, packed_row_k in variants
+            for config, tile_w, on_w, tma in variants
         ]
 
 
@@ -2848,38 +2837,6 @@ def _tiles_per_program(batch: int, m_tiles: int, n_tiles: int) -> int:
     while tiles < CONV_PRODUCTS_MAX_TILES and batch * -(-m_tiles // (2 * tiles)) * n_tiles >= CONV_PRODUCTS_MIN_PROGRAMS:
         tiles *= 2
     return tiles
-
-
-# Packed rows (`PACKED_ROW_K` of `_conv_gemm_kernel`): the widest K block a row of taps may take.
-# 128 holds config-f's 32-channel rows (3 x 32 of 128 columns: 3 steps a pixel block instead of
-# 9); a 64-channel row would take 256 columns, whose A and W tiles leave room for too few
-# pipeline stages and programs. 0 switches packed rows off.
-CONV_PACKED_ROW_MAX_K = 128
-
-# Whether the conv launches that are not autotuned pack a row of taps in a K block where that
-# applies (then instead of TMA loads). The autotuned launches try packed rows next to the
-# other variants, whatever this says.
-CONV_PACK_TAPS = False
-
-
-def _packed_row_block_k(mode, ksize, k: int) -> int:
-    """BLOCK_K of a conv launch that takes a row of taps a step (a stride-1 or stride-2 launch
-    with KSIZE > 1 whose row of KSIZE x K values fits `CONV_PACKED_ROW_MAX_K`), or 0 if none."""
-    if mode not in (0, 1) or ksize is None or ksize < 2:
-        return 0
-    block_k = max(16, _next_pow2(ksize * k))
-    return block_k if block_k <= CONV_PACKED_ROW_MAX_K else 0
-
-
-def _packed_config(config, block_k: int, element_size: int):
-    """config with K blocks of block_k columns, at as many pipeline stages (2 at least) as fit
-    `CONV_SHARED_MEMORY_BUDGET`; None if not even 2 do."""
-    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    stage_bytes = (m * block_k + block_k * n) * element_size
-    stages = min(config.num_stages, CONV_SHARED_MEMORY_BUDGET // stage_bytes)
-    if stages < 2:
-        return None
-    return triton.Config(dict(config.kwargs, BLOCK_K=block_k), num_warps=config.num_warps, num_stages=stages)
 
 
 def _whole_blocks(k: int, n: int, block_k: int, block_n: int) -> dict:
@@ -2956,13 +2913,6 @@ def _launch_conv_gemm(
     a_desc = _tma_descriptor(a, mode, grid_hw[1], reduce_pixels) if a.device.type != "meta" else None
     if token_products and a_desc is not None and a_desc.block_shape[3] < k:
         a_desc = None  # the products need the whole K in one A tile (fp32 rows wider than 32 channels)
-    untuned = _interpreted() or not TRITON_AUTOTUNE
-    # the untuned launch packs a row of taps a step (with pointer loads) where CONV_PACK_TAPS asks
-    untuned_packed_k = 0
-    if untuned and CONV_PACK_TAPS and not token_products:
-        untuned_packed_k = _packed_row_block_k(mode, ksize, k)
-        if untuned_packed_k:
-            a_desc = None
     sum_x = sum_x and x is not None
     partial = grad_p_sums = grad_q_sums = None
     tiles_per_program = 1
@@ -3049,7 +2999,7 @@ def _launch_conv_gemm(
         chunks = _cdiv(phases * _pixel_tiles(*grid_hw, meta["BLOCK_M"], meta["TILE_W"]), tiles_per_program)
         return (chunks * _cdiv(n, meta["BLOCK_N"]), batch)
 
-    if untuned:
+    if _interpreted() or not TRITON_AUTOTUNE:
         # the interpreter pays per program, not per element: one big tile
         block_m = min(128 if _interpreted() else 64, max(16, _next_pow2(pixels)))
         if x is not None:
@@ -3060,8 +3010,6 @@ def _launch_conv_gemm(
         num_warps = 4
         if token_products:
             _, block_k, num_warps = _products_blocks(n, k)
-        if untuned_packed_k:
-            block_k = untuned_packed_k
         blocks = dict(
             BLOCK_M=block_m,
             BLOCK_N=max(16, _next_pow2(n)) if rgb is not None else _products_block_n(n),
@@ -3069,7 +3017,6 @@ def _launch_conv_gemm(
             TILE_W=block_m if a_desc is not None else _tile_width(block_m, grid_hw[1]),
             SCALE_WEIGHT=(CONV_SCALE_WEIGHT or a_desc is not None) and a_scale is not None,
             A_TMA=a_desc is not None,
-            PACKED_ROW_K=k if untuned_packed_k else 0,
         )
         blocks.update(_whole_blocks(k, n, blocks["BLOCK_K"], blocks["BLOCK_N"]))
         _conv_gemm_kernel[grid(blocks)](*args, **flags, **blocks, num_warps=num_warps, num_stages=CONV_NUM_STAGES)
