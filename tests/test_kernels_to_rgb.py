@@ -275,16 +275,20 @@ def test_deferred_demodulation_in_the_pair(pair, monkeypatch):
 
 @needs_interpreter
 @pytest.mark.parametrize(
-    "out_channels, switched_off, forward_launches", [(6, False, 1), (130, False, 2), (6, True, 2)]
+    "out_channels, rgb_channels, switched_off, forward_launches",
+    [(6, 3, False, 1), (130, 3, False, 2), (6, 3, True, 2), (6, 16, False, 1), (6, 17, False, 2)],
 )
-def test_the_toRGB_runs_inside_the_conv_launches(out_channels, switched_off, forward_launches, monkeypatch):
+def test_the_toRGB_runs_inside_the_conv_launches(out_channels, rgb_channels, switched_off, forward_launches, monkeypatch):
     """Forward: the toRGB is computed in the conv's epilogue where one tile holds every channel
-    (at most RGB_EPILOGUE_MAX_COUT; 0 switches it off), else it is a second launch. Backward:
-    one epilogue-backward launch serves both layers, and nothing runs the toRGB's own
-    transposed conv: the backward launches only the conv's grad-x kernel."""
+    (at most RGB_EPILOGUE_MAX_COUT; 0 switches it off) and the toRGB has at most
+    RGB_EPILOGUE_MAX_CHANNELS (16, its dot's width), else it is a second launch; either way the
+    results match the reference. Backward: one epilogue-backward launch serves both layers, and
+    nothing runs the toRGB's own transposed conv: the backward launches only the conv's grad-x
+    kernel."""
     if switched_off:
         monkeypatch.setattr(op_module, "RGB_EPILOGUE_MAX_COUT", 0)
-    pair = Pair(tokens=None, noise=False, out_channels=out_channels, height=3, width=4)
+    pair = Pair(tokens=None, noise=False, out_channels=out_channels, height=3, width=4, rgb_channels=rgb_channels)
+    check_pair(pair, torch.float32, "cpu", 2e-5, seed=8)
     inputs = make_inputs(pair)
     launches = []
     previous = op_module.LAUNCH_OBSERVER

@@ -849,6 +849,9 @@ FUSED_PROJECTION_MAX_COUT = 128
 # layers of config-f); the toRGB then never reads the activation back. Wider layers launch it
 # as its own 1x1 conv.
 RGB_EPILOGUE_MAX_COUT = 128
+# ... and where the toRGB has at most this many output channels: the epilogue computes it as one
+# dot padded to 16 columns (config-f's toRGB has 3).
+RGB_EPILOGUE_MAX_CHANNELS = 16
 
 # False: launch the conv kernels with one heuristic tile config instead of autotuning them on
 # the first call of every shape (quicker start-up, e.g. for tests; a bit slower kernels).
@@ -1608,6 +1611,7 @@ if triton is not None:
                 # 1024 px forward's instructions (`python -m benchmarks.kernel_audit`).
                 rgb_rows = rgb_ptr + b * stride_rgb_b + out_y * stride_rgb_h + out_x * stride_rgb_w
                 RGB_BLOCK: tl.constexpr = 16  # the toRGB's channels, padded to a dot's narrowest N
+                tl.static_assert(RGB_CHANNELS <= RGB_BLOCK)
                 offs_rgb = tl.arange(0, RGB_BLOCK)
                 rgb_ok = offs_rgb < RGB_CHANNELS
                 # columns past N hold act(noise) but meet a zero mix
@@ -2931,8 +2935,11 @@ def _launch_conv_gemm(
             grad_p_sums = _alloc((batch, chunks, n_tiles, rank, k), torch.float32, a.device)
             grad_q_sums = _alloc((batch, chunks, rank, n), torch.float32, a.device)
     rgb_mix, rgb_bias, rgb_out, rgb_clamp = rgb if rgb is not None else (None, None, None, None)
-    if rgb is not None and (mode != 0 or w.shape[2] > RGB_EPILOGUE_MAX_COUT):
-        raise ValueError(f"the toRGB epilogue needs MODE 0 and N <= {RGB_EPILOGUE_MAX_COUT}, got {mode} and {w.shape[2]}")
+    if rgb is not None and (mode != 0 or w.shape[2] > RGB_EPILOGUE_MAX_COUT or rgb[0].shape[1] > RGB_EPILOGUE_MAX_CHANNELS):
+        raise ValueError(
+            f"the toRGB epilogue needs MODE 0, N <= {RGB_EPILOGUE_MAX_COUT} and at most {RGB_EPILOGUE_MAX_CHANNELS} "
+            f"toRGB channels, got {mode}, {w.shape[2]} and {rgb[0].shape[1]}"
+        )
     reads = (a, a_scale, w, z, r, q if z is None else None, alpha, beta, noise, noise_strength, bias, x, rgb_mix, rgb_bias)
     writes = (out, partial, rgb_out, grad_p_sums, grad_q_sums)
     _observe_launch(f"conv_gemm[mode {mode}]", reads, writes)

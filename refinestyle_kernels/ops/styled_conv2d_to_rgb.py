@@ -180,11 +180,13 @@ def _pair_forward(
 ):  # fmt: skip
     """The pair's forward on the normalised arguments (`_triton_arguments` and the toRGB's):
     one `_triton_forward` launch for the conv with the toRGB in its epilogue (at most
-    `RGB_EPILOGUE_MAX_COUT` channels), else the conv and then the toRGB on its output.
+    `RGB_EPILOGUE_MAX_COUT` channels, a toRGB of at most `RGB_EPILOGUE_MAX_CHANNELS`), else the
+    conv and then the toRGB on its output.
     Returns (out, rgb, mix): mix [B, K, Cout] fp32 = rgb_scale * rgb_weight * rgb_styles."""
     mix = _rgb_mix(rgb_weight, rgb_styles, rgb_scale)
     conv = (x, weight, styles, p, q, demod, noise, noise_strength, bias, scale, upsample, activate, clamp)
-    if weight.shape[0] <= _conv_op.RGB_EPILOGUE_MAX_COUT:  # read at call time: a switch for A/B runs
+    # read at call time: a switch for A/B runs
+    if weight.shape[0] <= _conv_op.RGB_EPILOGUE_MAX_COUT and rgb_weight.shape[0] <= _conv_op.RGB_EPILOGUE_MAX_CHANNELS:
         out, rgb = _triton_forward(*conv, rgb=(mix, rgb_bias, rgb_clamp))
     else:
         out = _triton_forward(*conv)
