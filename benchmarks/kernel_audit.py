@@ -70,7 +70,8 @@ class Family:
     # `_products_blocks`, not autotuned), the one-K-block forward's (the 32-channel layer's)
     shapes: tuple = ()
     # the launch's input channels K, where the audit estimates what a pixel block issues
-    # (`issued_per_block`; the steps are the K blocks x taps)
+    # (`issued_per_block`; the steps are the K blocks x taps); the families whose one K block
+    # holds every input channel (SINGLE_K_BLOCK) take K from each tile's BLOCK_K
     k: int | None = None
 
     def variants(self) -> list[tuple[str, dict]]:
@@ -121,12 +122,12 @@ FAMILIES = (
     Family("grad x + token products, 3x3, L=32 fused", dict(_COMMON, **_NO_EPILOGUE, MODE=0, HAS_A_SCALE=False,
                                                            HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=True,
                                                            REDUCE_X=True, TOKEN_PRODUCTS=True, TILES_PER_PROGRAM=16, SINGLE_K_BLOCK=True),
-           1024, shapes=((64, 32, 32, 4, 3), (64, 64, 32, 8, 3), (64, 64, 64, 8, 3))),
+           1024, shapes=((64, 32, 32, 4, 3), (64, 64, 32, 8, 3), (64, 64, 64, 8, 3), (64, 64, 32, 4, 3), (64, 64, 64, 4, 3))),
     Family("grad x + token products, stride 2, L=32 fused", dict(_COMMON, **_NO_EPILOGUE, MODE=1, HAS_A_SCALE=False,
                                                                 HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=True,
                                                                 REDUCE_X=True, TOKEN_PRODUCTS=True,
                                                                 TILES_PER_PROGRAM=16, SINGLE_K_BLOCK=True), 512,
-           shapes=((64, 64, 32, 8, 3), (64, 64, 64, 8, 3))),
+           shapes=((64, 64, 32, 8, 3), (64, 64, 64, 8, 3), (64, 64, 32, 4, 3), (64, 64, 64, 4, 3))),
     Family("grad x, stride 2, L=32 separate gz", dict(_COMMON, **_NO_EPILOGUE, MODE=1, HAS_A_SCALE=False,
                                                       HAS_LOWRANK=True, BOX_Z=True, FUSE_PROJECTION=False,
                                                       REDUCE_X=True), 64),
@@ -264,12 +265,13 @@ class StepLoop:
         return best
 
 
-def issued_per_block(sass: str, steps: int) -> int:
+def issued_per_block(sass: str, steps: float) -> float:
     """SASS instructions a warp issues for one pixel block of a conv launch that runs `steps`
-    steps (K blocks x taps, or rows of taps): every instruction of the kernel once, and its step
-    loop `steps` - 1 times more (a loop the compiler unrolled is in the listing as often as it
-    runs). An estimate: it counts both sides of every branch and the padding out (NOP, the
-    closing branch to itself)."""
+    steps (K blocks x taps; for the transposed conv, its phases' average): every instruction of
+    the kernel once, and its step loop `steps` - 1 times more (a loop the compiler unrolled is
+    in the listing as often as it runs). An estimate: it counts both sides of every branch, and
+    a program that walks several pixel blocks (the token-product launches) pays its setup once,
+    not once a block; it leaves the padding out (NOP, the closing branch to itself)."""
     code = re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.MULTILINE)
 
     def padding(address: str, text: str) -> bool:  # NOP, or the end's unconditional branch to itself
@@ -441,8 +443,12 @@ def audit_one(label: str, flags: dict, shape: tuple, grid_w: int, k: int | None 
     input channels k, also what a pixel block issues (`issued_per_block`)."""
     kernel = compile_conv_for_hopper(flags, shape, grid_w=grid_w)
     row = _row(label, "x".join(str(v) for v in shape[:3]), shape[3], shape[4], kernel)
+    if k is None and flags.get("SINGLE_K_BLOCK"):
+        k = shape[2]
     if k is not None:
-        steps = -(-k // shape[2]) * flags["KSIZE"] ** 2
+        # the transposed conv's pixel blocks belong to one of four phases, which share the taps
+        taps = flags["KSIZE"] ** 2 / (4 if flags["MODE"] == 2 else 1)
+        steps = -(-k // shape[2]) * taps
         issued = issued_per_block(sass_of(kernel.asm["cubin"]), steps)
         # warp instructions a pixel issues: the block's warps over its pixels
         row.update(steps=steps, issued_per_pixel=round(issued * shape[3] / shape[0], 1))

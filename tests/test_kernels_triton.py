@@ -1450,6 +1450,23 @@ def test_autotune_pruning_gives_token_product_launches_their_reducing_tile(reduc
         assert config.kwargs["TILE_W"] == op_module._tile_width(config.kwargs["BLOCK_M"], 64)
 
 
+@pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
+@pytest.mark.parametrize("n, k, dtype, warps", [
+    (32, 32, torch.bfloat16, {4}),  # 64 x 32 x 32: 4 warps
+    (64, 32, torch.bfloat16, {8, 4}),  # past it: 8 warps, and 4 timed against them in 16-bit types
+    (64, 64, torch.float16, {8, 4}),
+    (64, 64, torch.float32, {8}),  # fp32 operands: 8 only
+])  # fmt: skip
+def test_token_product_launches_time_four_warps_against_eight(n, k, dtype, warps):
+    named = {"GRID_H": 256, "GRID_W": 256, "N": n, "K": k, "w_ptr": torch.empty(0, dtype=dtype)}
+    kept = op_module._prune_conv_configs(op_module._CONV_CONFIGS, named, REDUCE_X=True, TOKEN_PRODUCTS=True,
+                                         HAS_A_SCALE=False)  # fmt: skip
+    block_n, block_k, _ = op_module._products_blocks(n, k)
+    assert {config.num_warps for config in kept} == warps
+    for config in kept:  # the tile the partial sums' buffer was sized for, whatever the warps
+        assert (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]) == (64, block_n, block_k)
+
+
 @pytest.mark.skipif(not (INTERPRETED or HAS_CUDA), reason="needs CUDA or the Triton interpreter")
 def test_noise_that_needs_a_gradient_gets_one_from_the_triton_backend():
     """Projectors (rosinality's, NVlabs') optimise the noise maps; the Triton kernels compute no

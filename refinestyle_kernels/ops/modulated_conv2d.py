@@ -2758,12 +2758,18 @@ if triton is not None:
         kept = [config for config in configs if fits(config)]
         if products:  # one tile: the partial sums' buffer and the registers fix it (`_products_blocks`)
             block_n, block_k, warps = _products_blocks(named_args["N"], named_args["K"])
+            # Past 64 x 32 x 32 the tile takes 8 warps, two for each of its 64 pixels' warps' work:
+            # in 16-bit types 4 warps also fit (254-255 registers a thread, the same warps an SM)
+            # and issue 20-40% fewer instructions a pixel (`benchmarks.kernel_audit`, "token
+            # products"), but Triton 3.6 spills up to 56 bytes at some of them: both are timed.
+            tried = (warps, 4) if warps == 8 and element == 2 else (warps,)
             kept = [
                 triton.Config(
                     {"BLOCK_M": reduce_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
-                    num_warps=warps,
+                    num_warps=tried_warps,
                     num_stages=CONV_NUM_STAGES,
                 )
+                for tried_warps in tried
             ]
         if not kept:
             m = reduce_m or min(64, m_cap)
@@ -2829,7 +2835,8 @@ def _products_blocks(n: int, k: int) -> tuple[int, int, int]:
     spills for sm_90a (`python -m benchmarks.kernel_audit`): 4 warps up to 64 x 32 x 32 tiles
     (221-240 registers: 2 programs an SM), 8 past it (170-218: 1 program). The per-program
     products and the block loop around the main loop cost ~100 registers over the plain grad-x
-    launch; both cases keep 8 warps an SM."""
+    launch; both cases keep 8 warps an SM. Past 64 x 32 x 32 the autotuner also times 4 warps in
+    16-bit types (`_prune_conv_configs`)."""
     block_n, block_k = _products_block_n(n), max(16, _next_pow2(k))
     return block_n, block_k, (4 if block_n * block_k <= 1024 else 8)
 
