@@ -1116,8 +1116,9 @@ def _pixel_tiles(grid_h: int, grid_w: int, block_m: int, tile_w: int | None = No
 # whose pixel rows (channels x element size, rounded up to a power of two) are at most
 # CONV_TMA_NARROW_ROW_BYTES (config-f's 1024 px forward: 32 bf16 channels). There the conv
 # issues more instructions than it moves bytes or multiplies, and the instructions a pixel costs
-# fall with the pixels a program takes: 72 a pixel at 128 x 32 x 32 (4 warps), 50 at
-# 256 x 32 x 32 (`python -m benchmarks.kernel_audit --families "one K block"`, Triton 3.6).
+# fall with the pixels a program takes: with TMA loads, 65 warp instructions a pixel at
+# 128 x 32 x 32 (4 warps), 44 at 256 x 32 x 32 (`python -m benchmarks.kernel_audit --families
+# "one K block"`, Triton 3.6).
 CONV_TMA_STRIP = 128
 CONV_TMA_NARROW_STRIP = 256
 CONV_TMA_NARROW_ROW_BYTES = 64
