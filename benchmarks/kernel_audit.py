@@ -246,41 +246,62 @@ class StepLoop:
 
     instructions: int  # SASS instructions in the loop body, the branch back included
     wgmma: int  # HGMMA instructions among them
+    start: int = 0  # the addresses of its first instruction and of its branch back
+    end: int = 0
+
+    @staticmethod
+    def loops(sass: str) -> list[tuple[int, int, list[str]]]:
+        """Every loop of a `cuobjdump -sass` listing: (first address, address of the backward
+        branch, the instructions from the one to the other)."""
+        code = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", re.MULTILINE)
+        listing = [(int(address, 16), text) for address, text in code.findall(sass)]
+        found = []
+        for address, text in listing:
+            branch = re.match(r"(?:@!?U?P\w+\s+)?BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
+            if branch is None or int(branch.group(1), 16) >= address:
+                continue
+            start = int(branch.group(1), 16)
+            found.append((start, address, [line for at, line in listing if start <= at <= address]))
+        return found
 
     @classmethod
     def find(cls, sass: str) -> "StepLoop | None":
         """The shortest loop (a backward branch and what lies between its target and it) that
         holds an HGMMA, in `cuobjdump -sass` text; None if there is none."""
-        code = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", re.MULTILINE)
-        listing = [(int(address, 16), text) for address, text in code.findall(sass)]
         best = None
-        for address, text in listing:
-            branch = re.match(r"(?:@!?U?P\w+\s+)?BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
-            if branch is None or int(branch.group(1), 16) >= address:
-                continue
-            body = [line for at, line in listing if int(branch.group(1), 16) <= at <= address]
+        for start, end, body in cls.loops(sass):
             wgmma = sum(1 for line in body if re.search(r"\bHGMMA\b", line))
             if wgmma and (best is None or len(body) < best.instructions):
-                best = cls(instructions=len(body), wgmma=wgmma)
+                best = cls(instructions=len(body), wgmma=wgmma, start=start, end=end)
         return best
 
 
-def issued_per_block(sass: str, steps: float) -> float:
+def issued_per_block(sass: str, steps: float, blocks_per_program: int = 1) -> float:
     """SASS instructions a warp issues for one pixel block of a conv launch that runs `steps`
     steps (K blocks x taps; for the transposed conv, its phases' average): every instruction of
     the kernel once, and its step loop `steps` - 1 times more (a loop the compiler unrolled is
-    in the listing as often as it runs). An estimate: it counts both sides of every branch, and
-    a program that walks several pixel blocks (the token-product launches) pays its setup once,
-    not once a block; it leaves the padding out (NOP, the closing branch to itself)."""
+    in the listing as often as it runs). A program that walks `blocks_per_program` pixel blocks
+    (the token-product launches) runs the loop around the step loop once a block and the rest
+    once: a block pays its share of the rest. An estimate: it counts both sides of every branch;
+    it leaves the padding out (NOP, the closing branch to itself)."""
     code = re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.MULTILINE)
 
     def padding(address: str, text: str) -> bool:  # NOP, or the end's unconditional branch to itself
         to_itself = re.fullmatch(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)\s*", text)
         return text.startswith("NOP") or (to_itself is not None and int(to_itself.group(1), 16) == int(address, 16))
 
-    listed = [text for address, text in code if not padding(address, text)]
+    listed = len([text for address, text in code if not padding(address, text)])
     loop = StepLoop.find(sass)
-    return len(listed) + (steps - 1) * (loop.instructions if loop else 0)
+    if loop is None:
+        return listed
+    per_block = (steps - 1) * loop.instructions
+    # the block loop: the shortest loop around the step loop
+    around = [body for start, end, body in StepLoop.loops(sass)
+              if start <= loop.start and end >= loop.end and (start, end) != (loop.start, loop.end)]  # fmt: skip
+    if blocks_per_program > 1 and around:
+        block = len(min(around, key=len))
+        return per_block + block + (listed - block) / blocks_per_program
+    return per_block + listed
 
 
 def sass_of(cubin: bytes) -> str:
@@ -449,7 +470,7 @@ def audit_one(label: str, flags: dict, shape: tuple, grid_w: int, k: int | None 
         # the transposed conv's pixel blocks belong to one of four phases, which share the taps
         taps = flags["KSIZE"] ** 2 / (4 if flags["MODE"] == 2 else 1)
         steps = -(-k // shape[2]) * taps
-        issued = issued_per_block(sass_of(kernel.asm["cubin"]), steps)
+        issued = issued_per_block(sass_of(kernel.asm["cubin"]), steps, flags.get("TILES_PER_PROGRAM", 1))
         # warp instructions a pixel issues: the block's warps over its pixels
         row.update(steps=steps, issued_per_pixel=round(issued * shape[3] / shape[0], 1))
     return row

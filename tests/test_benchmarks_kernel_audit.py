@@ -69,6 +69,9 @@ def test_a_pixel_block_issues_the_kernel_once_and_its_step_loop_per_step():
     assert issued_per_block(padded, steps=1) == 12
     assert issued_per_block(padded, steps=9) == 12 + 8 * 5
     assert issued_per_block(SASS.replace("HGMMA", "HMMA"), steps=9) == 12  # no step loop: as listed
+    # a program of 4 blocks runs the block loop (0x10-0x80: 8 instructions) once a block and the
+    # other 4 listed once: a quarter each
+    assert issued_per_block(padded, steps=9, blocks_per_program=4) == 8 * 5 + 8 + 4 / 4
 
 
 def test_programs_per_sm_takes_the_tightest_limit():
