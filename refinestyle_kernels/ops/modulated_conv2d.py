@@ -1660,9 +1660,9 @@ if triton is not None:
         sum_ok,  # [BLOCK_M] which of them enter the sums
         stride_gn,
         stride_on,
-        demod_row,  # pointer to the sample's d [N] fp32, if HAS_DEMOD
-        noise_strength_ptr,
-        bias_ptr,
+        demod,  # [BLOCK_N] fp32: the sample's d at offs_n, as `_epilogue_constants` loads it
+        strength,  # fp32 scalar: the noise strength
+        bias,  # [BLOCK_N] fp32
         offs_n,
         n_ok,
         clamp_value,
@@ -1696,16 +1696,8 @@ if triton is not None:
         else:
             out = tl.load(out_rows[:, None] + offs_n[None, :] * stride_on, mask=mask, other=0.0).to(tl.float32)
         noise = 0.0
-        strength = 0.0
         if HAS_NOISE:
             noise = tl.load(noise_at, mask=pix_ok, other=0.0)
-            strength = tl.load(noise_strength_ptr).to(tl.float32)
-        bias = 0.0
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        demod = 1.0
-        if HAS_DEMOD:
-            demod = tl.load(demod_row + offs_n, mask=n_ok, other=1.0)
         return _epilogue_gradient_of(
             grad, out, noise, sum_ok, demod, strength, bias, clamp_value, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE,
             HAS_CLAMP,
@@ -1743,10 +1735,38 @@ if triton is not None:
             noise = noise.to(tl.float32)
             noise_terms = bias_terms * noise[:, None]
             pre -= strength * noise[:, None]
-        if HAS_DEMOD:  # pre = d * conv: grad d = sum grad * pre / d; grad conv = grad * d
-            demod_terms = bias_terms * pre / demod[None, :]
-            grad = grad * demod[None, :]
+        if HAS_DEMOD:
+            # pre = d * conv: grad d = sum grad * pre / d, divided once a channel when the sums
+            # are stored (`_store_epilogue_sums`): a division a value cost ~8 instructions
+            demod_terms = bias_terms * pre
+            grad = grad * demod[None, :]  # grad conv = grad * d
         return grad, bias_terms, noise_terms, demod_terms
+
+    @triton.jit
+    def _epilogue_constants(
+        demod_row,  # pointer to the sample's d [N] fp32, if HAS_DEMOD
+        noise_strength_ptr,  # pointer to the noise strength (one value), if HAS_NOISE
+        bias_ptr,  # pointer to the bias [N], if HAS_BIAS
+        offs_n,
+        n_ok,
+        HAS_DEMOD: tl.constexpr,
+        HAS_NOISE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+    ):
+        """(demod [BLOCK_N] fp32, 1 where absent, strength fp32 scalar, bias [BLOCK_N] fp32, 0
+        where absent): the epilogue's per-channel values, which a program over one channel block
+        loads once rather than once a pixel block (in its loop, Triton's pipeliner would copy
+        them through shared memory every time)."""
+        demod = tl.full(offs_n.shape, 1.0, dtype=tl.float32)
+        if HAS_DEMOD:
+            demod = tl.load(demod_row + offs_n, mask=n_ok, other=1.0)
+        strength = 0.0
+        if HAS_NOISE:
+            strength = tl.load(noise_strength_ptr).to(tl.float32)
+        bias = tl.zeros(offs_n.shape, dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        return demod, strength, bias
 
     @triton.jit
     def _store_epilogue_sums(
@@ -1760,11 +1780,13 @@ if triton is not None:
         bias_terms,  # [BLOCK, BLOCK_N] fp32 terms of `_epilogue_gradient`, summed here over axis 0
         noise_terms,
         demod_terms,
+        demod_row,  # pointer to the sample's d [N] fp32, if HAS_DEMOD: the demod terms' divisor
         HAS_DEMOD: tl.constexpr,
         HAS_NOISE: tl.constexpr,
         HAS_BIAS: tl.constexpr,
     ):
-        """One tile's sums of the small gradients' terms (the absent terms' planes stay unwritten)."""
+        """One tile's sums of the small gradients' terms (the absent terms' planes stay unwritten):
+        grad bias, grad strength, and grad d = the demod terms' sum / d."""
         sums = sums_ptr + (b * tiles + tile) * N + offs_n
         plane = tl.num_programs(2) * tiles * N  # the batch is the grid's axis 2
         if HAS_BIAS:
@@ -1772,7 +1794,8 @@ if triton is not None:
         if HAS_NOISE:
             tl.store(sums + plane, tl.sum(noise_terms, axis=0), mask=n_ok)
         if HAS_DEMOD:
-            tl.store(sums + 2 * plane, tl.sum(demod_terms, axis=0), mask=n_ok)
+            demod = tl.load(demod_row + offs_n, mask=n_ok, other=1.0)
+            tl.store(sums + 2 * plane, tl.sum(demod_terms, axis=0) / demod, mask=n_ok)
 
     @triton.jit
     def _blur_source_row(
@@ -2005,7 +2028,7 @@ if triton is not None:
             tiles = tl.num_programs(0) // n_blocks * tl.num_programs(1)
             tile = pid_r * (tl.num_programs(0) // n_blocks) + pid_w
             _store_epilogue_sums(
-                sums_ptr, b, tile, tiles, offs_n, n_ok, N, bias_terms, noise_terms, demod_terms,
+                sums_ptr, b, tile, tiles, offs_n, n_ok, N, bias_terms, noise_terms, demod_terms, demod_ptr + b * N,
                 HAS_DEMOD, HAS_NOISE, HAS_BIAS,
             )  # fmt: skip
 
@@ -2031,17 +2054,19 @@ if triton is not None:
         stride_rgbo_h,
         stride_rgbo_w,
         rgb_clamp_value,
+        rgb_mixes,  # mix[k, offs_n] of channels 0-3, as `_rgb_mixes_of` loads them once a program
+        rgb_terms,  # the running sums of out * grad_rgb[k], as `_rgb_sums_of` takes them
         RGB_CHANNELS: tl.constexpr,
         RGB_CLAMP: tl.constexpr,
         BLOCK_RGB: tl.constexpr,
     ):
-        """The toRGB layer's backward at BLOCK pixels of the conv output it reads:
-        (grad [BLOCK, BLOCK_N] fp32 = sum_k grad_rgb[k] * mix[k, :], the gradient it sends to out,
-        sums [BLOCK_RGB, BLOCK_N] fp32 = the block's sums of out * grad_rgb[k], row k), with
-        grad_rgb zero where the toRGB's clamp binds (bound as in `_clamp_bound`)."""
+        """The toRGB layer's backward at BLOCK pixels of the conv output it reads: (grad
+        [BLOCK, BLOCK_N] fp32 = sum_k grad_rgb[k] * mix[k, :], the gradient it sends to out,
+        rgb_terms with the block's out * grad_rgb[k] added), with grad_rgb zero where the
+        toRGB's clamp binds (bound as in `_clamp_bound`)."""
+        terms0, terms1, terms2, terms3, wider = rgb_terms
         offs_rgb = tl.arange(0, BLOCK_RGB)
         grad = tl.zeros_like(out)
-        sums = tl.zeros((BLOCK_RGB, out.shape[1]), dtype=tl.float32)
         for k in tl.static_range(RGB_CHANNELS):
             grad_k = tl.load(
                 rgb_grad_ptr + b * stride_rgb_b + k * stride_rgb_c + out_y * stride_rgb_h + out_x * stride_rgb_w,
@@ -2053,14 +2078,67 @@ if triton is not None:
                     + out_x * stride_rgbo_w, mask=pix_ok, other=0.0,
                 ).to(tl.float32)  # fmt: skip
                 grad_k = tl.where(tl.abs(rgb) < rgb_clamp_value, grad_k, 0.0)
-            mix = tl.load(rgb_mix_ptr + (b * RGB_CHANNELS + k) * N + offs_n, mask=n_ok, other=0.0)
+            if k < 4:
+                mix = rgb_mixes[k]
+            else:
+                mix = tl.load(rgb_mix_ptr + (b * RGB_CHANNELS + k) * N + offs_n, mask=n_ok, other=0.0)
             grad += grad_k[:, None] * mix[None, :]
-            sums += tl.where(offs_rgb[:, None] == k, tl.sum(out * grad_k[:, None], axis=0)[None, :], 0.0)
-        return grad, sums
+            # The first four channels' terms stay unreduced until the program's last block:
+            # summed over the block's pixels here, they took cross-thread shuffles and barriers,
+            # ~25% of the 1024 px launch's instructions (`benchmarks.kernel_audit`).
+            term = out * grad_k[:, None]
+            if k == 0:
+                terms0 += term
+            elif k == 1:
+                terms1 += term
+            elif k == 2:
+                terms2 += term
+            elif k == 3:
+                terms3 += term
+            else:
+                wider += tl.where(offs_rgb[:, None] == k, tl.sum(term, axis=0)[None, :], 0.0)
+        return grad, (terms0, terms1, terms2, terms3, wider)
+
+    @triton.jit
+    def _rgb_mixes_of(rgb_mix_ptr, b, offs_n, n_ok, N, RGB_CHANNELS: tl.constexpr):
+        """mix[k, offs_n] of sample b's toRGB channels 0-3 ([BLOCK_N] fp32 each, zero past
+        RGB_CHANNELS), loaded once by a program over one channel block (in its loop, Triton's
+        pipeliner would copy them through shared memory every pixel block)."""
+        row = rgb_mix_ptr + b * RGB_CHANNELS * N + offs_n
+        mix0 = tl.load(row, mask=n_ok & (RGB_CHANNELS > 0), other=0.0)
+        mix1 = tl.load(row + N, mask=n_ok & (RGB_CHANNELS > 1), other=0.0)
+        mix2 = tl.load(row + 2 * N, mask=n_ok & (RGB_CHANNELS > 2), other=0.0)
+        mix3 = tl.load(row + 3 * N, mask=n_ok & (RGB_CHANNELS > 3), other=0.0)
+        return mix0, mix1, mix2, mix3
+
+    @triton.jit
+    def _no_rgb_terms(BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_RGB: tl.constexpr):
+        """Zero running sums for `_torgb_adjoint`: four [BLOCK, BLOCK_N] fp32 tiles of unreduced
+        terms (toRGB channels 0-3) and [BLOCK_RGB, BLOCK_N] fp32 sums of channels 4 and up."""
+        terms = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
+        return terms, terms, terms, terms, tl.zeros((BLOCK_RGB, BLOCK_N), dtype=tl.float32)
+
+    @triton.jit
+    def _rgb_sums_of(rgb_terms, k: tl.constexpr):
+        """[BLOCK_N] fp32: the sum over pixels of out * grad_rgb[k] that `_torgb_adjoint`'s
+        running sums hold."""
+        terms0, terms1, terms2, terms3, wider = rgb_terms
+        if k == 0:
+            total = tl.sum(terms0, axis=0)
+        elif k == 1:
+            total = tl.sum(terms1, axis=0)
+        elif k == 2:
+            total = tl.sum(terms2, axis=0)
+        elif k == 3:
+            total = tl.sum(terms3, axis=0)
+        else:
+            total = tl.sum(tl.where(tl.arange(0, wider.shape[0])[:, None] == k, wider, 0.0), axis=0)
+        return total
 
     @triton.jit
     def _block_gradient(
-        grad_ptr, out_ptr, demod_ptr, noise_ptr, noise_strength_ptr, bias_ptr, rgb_grad_ptr, rgb_out_ptr, rgb_mix_ptr,
+        grad_ptr, out_ptr, noise_ptr, rgb_grad_ptr, rgb_out_ptr, rgb_mix_ptr,
+        epilogue_constants,  # (demod, strength, bias) of the program's channels (`_epilogue_constants`)
         b,
         out_y,  # [BLOCK] the block's pixels
         out_x,
@@ -2074,36 +2152,39 @@ if triton is not None:
         stride_rgbo_w,
         clamp_value,
         rgb_clamp_value,
+        rgb_mixes,  # the toRGB's mix of channels 0-3 (`_rgb_mixes_of`)
+        rgb_terms,  # the toRGB's running sums (`_no_rgb_terms`)
         HAS_DEMOD: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATE: tl.constexpr,
         HAS_CLAMP: tl.constexpr, HAS_GRAD: tl.constexpr, RGB_CHANNELS: tl.constexpr, RGB_CLAMP: tl.constexpr,
         BLOCK_RGB: tl.constexpr,
     ):  # fmt: skip
         """`_epilogue_gradient` at one block of sample b's pixels, with the adjoint of the toRGB
         that also reads out added to out's gradient when RGB_CHANNELS > 0 (`_torgb_adjoint`):
-        (g, bias_terms, noise_terms, demod_terms, rgb_sums [BLOCK_RGB, BLOCK_N], zero without
-        a toRGB). Arguments as `_epilogue_backward_kernel`'s."""
+        (g, bias_terms, noise_terms, demod_terms, rgb_terms with the block's terms added when
+        there is a toRGB). Arguments as `_epilogue_backward_kernel`'s."""
         out_rows = out_ptr + b * stride_ob + out_y * stride_oh + out_x * stride_ow
         rgb_grad = tl.zeros((out_y.shape[0], offs_n.shape[0]), dtype=tl.float32)
-        rgb_sums = tl.zeros((BLOCK_RGB, offs_n.shape[0]), dtype=tl.float32)
         out = rgb_grad  # loaded below when the toRGB's sums need it; else `_epilogue_gradient` loads it
         if RGB_CHANNELS > 0:
             out = tl.load(
                 out_rows[:, None] + offs_n[None, :] * stride_on, mask=pix_ok[:, None] & n_ok[None, :], other=0.0
             ).to(tl.float32)
-            rgb_grad, rgb_sums = _torgb_adjoint(
+            rgb_grad, rgb_terms = _torgb_adjoint(
                 out, b, out_y, out_x, pix_ok, offs_n, n_ok, N, rgb_grad_ptr, rgb_out_ptr, rgb_mix_ptr,
                 stride_rgb_b, stride_rgb_c, stride_rgb_h, stride_rgb_w, stride_rgbo_b, stride_rgbo_c,
-                stride_rgbo_h, stride_rgbo_w, rgb_clamp_value, RGB_CHANNELS, RGB_CLAMP, BLOCK_RGB,
+                stride_rgbo_h, stride_rgbo_w, rgb_clamp_value, rgb_mixes, rgb_terms, RGB_CHANNELS, RGB_CLAMP,
+                BLOCK_RGB,
             )  # fmt: skip
+        demod, strength, bias = epilogue_constants
         g, bias_terms, noise_terms, demod_terms = _epilogue_gradient(
             grad_ptr + b * stride_gb + out_y * stride_gh + out_x * stride_gw,
             out_rows,
             noise_ptr + b * stride_noise_b + out_y * stride_noise_h + out_x * stride_noise_w,
-            pix_ok, pix_ok, stride_gn, stride_on, demod_ptr + b * N, noise_strength_ptr, bias_ptr,
+            pix_ok, pix_ok, stride_gn, stride_on, demod, strength, bias,
             offs_n, n_ok, clamp_value, rgb_grad, out, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
             HAS_GRAD=HAS_GRAD, HAS_EXTRA_GRAD=RGB_CHANNELS > 0, OUT_LOADED=RGB_CHANNELS > 0,
         )  # fmt: skip
-        return g, bias_terms, noise_terms, demod_terms, rgb_sums
+        return g, bias_terms, noise_terms, demod_terms, rgb_terms
 
     @triton.jit
     def _epilogue_backward_kernel(
@@ -2178,21 +2259,24 @@ if triton is not None:
         bias_sums = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         noise_sums = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         demod_sums = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        rgb_sums = tl.zeros((BLOCK_RGB, BLOCK_N), dtype=tl.float32)
+        rgb_terms = _no_rgb_terms(BLOCK_M, BLOCK_N, BLOCK_RGB)
+        epilogue_constants = _epilogue_constants(
+            demod_ptr + b * N, noise_strength_ptr, bias_ptr, offs_n, n_ok, HAS_DEMOD, HAS_NOISE, HAS_BIAS
+        )
+        rgb_mixes = _rgb_mixes_of(rgb_mix_ptr, b, offs_n, n_ok, N, RGB_CHANNELS)
         for tile in tl.range(0, TILES_PER_PROGRAM, num_stages=LOAD_STAGES):
             offs_m = (chunk * TILES_PER_PROGRAM + tile) * BLOCK_M + tl.arange(0, BLOCK_M)
             out_y = offs_m // OUT_W
             out_x = offs_m % OUT_W
             m_ok = offs_m < OUT_H * OUT_W
-            g, bias_terms, noise_terms, demod_terms, block_rgb_sums = _block_gradient(
-                grad_ptr, out_ptr, demod_ptr, noise_ptr, noise_strength_ptr, bias_ptr, rgb_grad_ptr, rgb_out_ptr,
-                rgb_mix_ptr, b, out_y, out_x, m_ok, offs_n, n_ok, N, stride_gb, stride_gn, stride_gh, stride_gw,
+            g, bias_terms, noise_terms, demod_terms, rgb_terms = _block_gradient(
+                grad_ptr, out_ptr, noise_ptr, rgb_grad_ptr, rgb_out_ptr, rgb_mix_ptr, epilogue_constants, b, out_y,
+                out_x, m_ok, offs_n, n_ok, N, stride_gb, stride_gn, stride_gh, stride_gw,
                 stride_ob, stride_on, stride_oh, stride_ow, stride_noise_b, stride_noise_h, stride_noise_w,
                 stride_rgb_b, stride_rgb_c, stride_rgb_h, stride_rgb_w, stride_rgbo_b, stride_rgbo_c, stride_rgbo_h,
-                stride_rgbo_w, clamp_value, rgb_clamp_value, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
-                HAS_GRAD, RGB_CHANNELS, RGB_CLAMP, BLOCK_RGB,
+                stride_rgbo_w, clamp_value, rgb_clamp_value, rgb_mixes, rgb_terms, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE,
+                HAS_CLAMP, HAS_GRAD, RGB_CHANNELS, RGB_CLAMP, BLOCK_RGB,
             )  # fmt: skip
-            rgb_sums += block_rgb_sums
             bias_sums += bias_terms
             noise_sums += noise_terms
             demod_sums += demod_terms
@@ -2201,16 +2285,11 @@ if triton is not None:
                 g_rows[:, None] + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :]
             )
         _store_epilogue_sums(
-            sums_ptr, b, chunk, chunks, offs_n, n_ok, N, bias_sums, noise_sums, demod_sums,
+            sums_ptr, b, chunk, chunks, offs_n, n_ok, N, bias_sums, noise_sums, demod_sums, demod_ptr + b * N,
             HAS_DEMOD, HAS_NOISE, HAS_BIAS,
         )  # fmt: skip
-        if RGB_CHANNELS > 0:
-            offs_rgb = tl.arange(0, BLOCK_RGB)
-            tl.store(
-                sums_ptr + (3 + offs_rgb[:, None]) * plane + (b * chunks + chunk) * N + offs_n[None, :],
-                rgb_sums,
-                mask=(offs_rgb < RGB_CHANNELS)[:, None] & n_ok[None, :],
-            )
+        for k in tl.static_range(RGB_CHANNELS):
+            tl.store(sums_ptr + (3 + k) * plane + (b * chunks + chunk) * N + offs_n, _rgb_sums_of(rgb_terms, k), mask=n_ok)
 
     @triton.jit
     def _boxed_tile(
@@ -2452,27 +2531,30 @@ if triton is not None:
         l_ok = offs_l < CIN
         x_base = x_ptr + b * stride_xb + offs_l[:, None] * stride_xc
         products = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)
-        bias_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        noise_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        demod_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        rgb_sums = tl.zeros((BLOCK_RGB, BLOCK_N), dtype=tl.float32)
+        bias_sums = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        noise_sums = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        demod_sums = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        rgb_terms = _no_rgb_terms(BLOCK_P, BLOCK_N, BLOCK_RGB)
+        epilogue_constants = _epilogue_constants(
+            demod_ptr + b * N, noise_strength_ptr, bias_ptr, offs_n, n_ok, HAS_DEMOD, HAS_NOISE, HAS_BIAS
+        )
+        rgb_mixes = _rgb_mixes_of(rgb_mix_ptr, b, offs_n, n_ok, N, RGB_CHANNELS)
         for p0 in tl.range(start, stop, BLOCK_P, num_stages=1):
             offs_p = p0 + tl.arange(0, BLOCK_P)
             p_ok = offs_p < stop
             out_y = offs_p // OUT_W
             out_x = offs_p % OUT_W
-            g, bias_terms, noise_terms, demod_terms, block_sums = _block_gradient(
-                grad_ptr, out_ptr, demod_ptr, noise_ptr, noise_strength_ptr, bias_ptr, rgb_grad_ptr, rgb_out_ptr,
-                rgb_mix_ptr, b, out_y, out_x, p_ok, offs_n, n_ok, N, stride_gb, stride_gn, stride_gh, stride_gw,
+            g, bias_terms, noise_terms, demod_terms, rgb_terms = _block_gradient(
+                grad_ptr, out_ptr, noise_ptr, rgb_grad_ptr, rgb_out_ptr, rgb_mix_ptr, epilogue_constants, b, out_y,
+                out_x, p_ok, offs_n, n_ok, N, stride_gb, stride_gn, stride_gh, stride_gw,
                 stride_ob, stride_on, stride_oh, stride_ow, stride_noise_b, stride_noise_h, stride_noise_w,
                 stride_rgb_b, stride_rgb_c, stride_rgb_h, stride_rgb_w, stride_rgbo_b, stride_rgbo_c, stride_rgbo_h,
-                stride_rgbo_w, clamp_value, rgb_clamp_value, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE, HAS_CLAMP,
-                HAS_GRAD, RGB_CHANNELS, RGB_CLAMP, BLOCK_RGB,
+                stride_rgbo_w, clamp_value, rgb_clamp_value, rgb_mixes, rgb_terms, HAS_DEMOD, HAS_NOISE, HAS_BIAS, ACTIVATE,
+                HAS_CLAMP, HAS_GRAD, RGB_CHANNELS, RGB_CLAMP, BLOCK_RGB,
             )  # fmt: skip
-            rgb_sums += block_sums
-            bias_sum += tl.sum(bias_terms, axis=0)
-            noise_sum += tl.sum(noise_terms, axis=0)
-            demod_sum += tl.sum(demod_terms, axis=0)
+            bias_sums += bias_terms
+            noise_sums += noise_terms
+            demod_sums += demod_terms
             g_tile = g_ptr + ((b * OUT_H + out_y) * OUT_W + out_x)[:, None] * N + offs_n[None, :]
             g_ok = p_ok[:, None] & n_ok[None, :]
             tl.store(g_tile, g.to(g_ptr.dtype.element_ty), mask=g_ok)
@@ -2487,18 +2569,14 @@ if triton is not None:
             products = tl.dot(x_box, g, products, input_precision=INPUT_PRECISION)
         partial = partial_ptr + ((b * splits + split) * CIN + offs_l[:, None]) * N + offs_n[None, :]
         tl.store(partial, products, mask=l_ok[:, None] & n_ok[None, :])
+        _store_epilogue_sums(
+            sums_ptr, b, split, splits, offs_n, n_ok, N, bias_sums, noise_sums, demod_sums, demod_ptr + b * N,
+            HAS_DEMOD, HAS_NOISE, HAS_BIAS,
+        )  # fmt: skip
         sums = sums_ptr + (b * splits + split) * N + offs_n
         plane = tl.num_programs(2) * splits * N
-        if HAS_BIAS:
-            tl.store(sums, bias_sum, mask=n_ok)
-        if HAS_NOISE:
-            tl.store(sums + plane, noise_sum, mask=n_ok)
-        if HAS_DEMOD:
-            tl.store(sums + 2 * plane, demod_sum, mask=n_ok)
-        offs_rgb = tl.arange(0, BLOCK_RGB)
         for k in tl.static_range(RGB_CHANNELS):
-            rgb_sum = tl.sum(tl.where(offs_rgb[:, None] == k, rgb_sums, 0.0), axis=0)
-            tl.store(sums + (3 + k) * plane, rgb_sum, mask=n_ok)
+            tl.store(sums + (3 + k) * plane, _rgb_sums_of(rgb_terms, k), mask=n_ok)
 
     @triton.jit
     def _demodulation_kernel(
