@@ -21,7 +21,11 @@ speed before any timing does:
 - the step loop's SASS (instructions a warp issues a trip, and the wgmma among them), and for
   the families that name their K, the warp instructions a pixel issues in all (a pixel block's
   instructions x warps / pixels): at the 32-64 channel layers the issue rate, not the tensor
-  cores, bounds the conv.
+  cores, bounds the conv;
+- for the memory-bound loops (blur, epilogue backward, epilogue products) their innermost
+  loop: its instructions, its cross-thread shuffles, and the warp instructions a value issues
+  (`/v` in the table), which at 1-2 a value decide whether the H100 can issue them as fast as
+  it moves their bytes.
 
 It makes no speed claim: timings come from `python -m benchmarks` on a GPU. It says which
 configs can be fast, and catches a kernel change that spills or serialises its MMAs.
@@ -33,6 +37,7 @@ import concurrent.futures
 import dataclasses
 import importlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -341,6 +346,9 @@ class OtherKernel:
     # the name of the op module holding it (a name, so that a case pickles to a --jobs worker);
     # None: refinestyle_kernels.ops.modulated_conv2d
     module: str | None = None
+    # the constexprs whose product is the values one trip of its innermost loop covers (a pixel
+    # block, or a row for the blur): with them the audit reports what a value issues
+    values_per_trip: tuple[str, ...] = ()
 
     def compile(self):
         """Compile it as the JIT specialises a launch of the benchmarked shapes: pointers and
@@ -387,7 +395,8 @@ OTHER_KERNELS = (
                          HAS_BIAS=epilogue, ACTIVATE=epilogue, HAS_CLAMP=False, PREFETCH=op_module.BLUR_PREFETCH,
                          stride_sn=1, stride_vn=1,
                          **dict(zip(("BLOCK_W", "BLOCK_N"), op_module._blur_blocks(8, 1024, 1024, 32, backward)[:2]))),
-                    dict(taps_ptr=_FP32, noise_strength_ptr=_FP32, demod_ptr=_FP32, sums_ptr=_FP32))
+                    dict(taps_ptr=_FP32, noise_strength_ptr=_FP32, demod_ptr=_FP32, sums_ptr=_FP32),
+                    values_per_trip=("BLOCK_W", "BLOCK_N"))
         for label, backward, epilogue in (("blur 4x4 + epilogue", False, True), ("epilogue backward + blur^T 4x4", True, True))
     ),
     OtherKernel("epilogue backward", "_epilogue_backward_kernel",
@@ -395,7 +404,7 @@ OTHER_KERNELS = (
                      RGB_CHANNELS=0, RGB_CLAMP=False, LOAD_STAGES=op_module.LOAD_STAGES, stride_gn=1, stride_on=1,
                      stride_noise_w=1,
                      **dict(zip(("BLOCK_M", "BLOCK_N"), op_module._pointwise_blocks(512 * 512, 64, op_module.EPILOGUE_BACKWARD_BLOCK_VALUES))), BLOCK_RGB=1),
-                dict(demod_ptr=_FP32, noise_strength_ptr=_FP32, sums_ptr=_FP32)),
+                dict(demod_ptr=_FP32, noise_strength_ptr=_FP32, sums_ptr=_FP32), values_per_trip=("BLOCK_M", "BLOCK_N")),
     *(
         # the last conv of a block with its toRGB's adjoint (1024 px: out feeds only the toRGB)
         OtherKernel(f"epilogue backward + toRGB adjoint{'' if has_grad else ', no grad'}", "_epilogue_backward_kernel",
@@ -404,7 +413,8 @@ OTHER_KERNELS = (
                          stride_gn=1, stride_on=1, stride_noise_w=1,
                          **dict(zip(("BLOCK_M", "BLOCK_N"), op_module._pointwise_blocks(size * size, channels, op_module.EPILOGUE_BACKWARD_BLOCK_VALUES))),
                          BLOCK_RGB=4),
-                    dict(demod_ptr=_FP32, noise_strength_ptr=_FP32, sums_ptr=_FP32, rgb_mix_ptr=_FP32))
+                    dict(demod_ptr=_FP32, noise_strength_ptr=_FP32, sums_ptr=_FP32, rgb_mix_ptr=_FP32),
+                    values_per_trip=("BLOCK_M", "BLOCK_N"))
         for has_grad, size, channels in ((True, 512, 64), (False, 1024, 32))
     ),
     *(
@@ -418,7 +428,7 @@ OTHER_KERNELS = (
                          stride_xc=1, stride_gn=1, stride_on=1,
                          **dict(zip(("BLOCK_P", "BLOCK_L", "BLOCK_N"), blocks[:3])), BLOCK_RGB=4),
                     dict(demod_ptr=_FP32, noise_strength_ptr=_FP32, sums_ptr=_FP32, partial_ptr=_FP32, rgb_mix_ptr=_FP32),
-                    num_warps=blocks[3])
+                    num_warps=blocks[3], values_per_trip=("BLOCK_P", "BLOCK_N"))
         for has_grad, channels in ((False, 32), (True, 64), (True, 128))
         for blocks in [op_module._epilogue_products_blocks(channels, channels)]
     ),
@@ -477,8 +487,30 @@ def audit_one(label: str, flags: dict, shape: tuple, grid_w: int, k: int | None 
 
 
 def audit_other(case: OtherKernel) -> dict:
+    """Compile one of the other kernels and return its row of the audit; for the memory-bound
+    loops (`OtherKernel.values_per_trip`), also their innermost loop: its instructions, its
+    cross-thread shuffles, and the warp instructions a value issues (`issued_per_value`)."""
     blocks = "x".join(str(value) for name, value in case.constexprs.items() if name.startswith("BLOCK_"))
-    return _row(case.label, blocks, case.num_warps, 3, case.compile())
+    kernel = case.compile()
+    row = _row(case.label, blocks, case.num_warps, 3, kernel)
+    if case.values_per_trip:
+        values = math.prod(case.constexprs[name] for name in case.values_per_trip)
+        row.update(innermost_loop(sass_of(kernel.asm["cubin"]), case.num_warps, values))
+    return row
+
+
+def innermost_loop(sass: str, warps: int, values: int) -> dict:
+    """The shortest loop of a SASS listing, taken as one trip over `values` values by `warps`
+    warps: its instructions (`loop_instructions`), its SHFL (`loop_shuffles`: sums across the
+    threads, which a loop that keeps its sums unreduced until the end has none) and the warp
+    instructions a value issues in it (`issued_per_value`). The rest of the kernel, run once a
+    program, is left out."""
+    loops = StepLoop.loops(sass)
+    if not loops:
+        return dict(loop_instructions=None, loop_shuffles=None, issued_per_value=None)
+    body = min((body for start, end, body in loops), key=len)
+    shuffles = sum(1 for line in body if re.search(r"\bSHFL\.", line))
+    return dict(loop_instructions=len(body), loop_shuffles=shuffles, issued_per_value=round(len(body) * warps / values, 2))
 
 
 def _row(label: str, tile: str, warps: int, stages: int, kernel) -> dict:
@@ -536,6 +568,20 @@ def audit(families=FAMILIES, shapes=DEFAULT_SHAPES, others=OTHER_KERNELS, jobs: 
     return rows
 
 
+def _loop_cell(row: dict) -> str:
+    """The conv's step loop as SASS / wgmma; a memory-bound kernel's innermost loop as SASS."""
+    if not row.get("loop_instructions"):
+        return ""
+    return f"{row['loop_instructions']} / {row['loop_wgmma']}" if row.get("loop_wgmma") else str(row["loop_instructions"])
+
+
+def _issued_cell(row: dict) -> str:
+    """Warp instructions issued a pixel (the conv launches) or a value (`/v`, the memory-bound loops)."""
+    if row.get("issued_per_pixel"):
+        return str(row["issued_per_pixel"])
+    return f"{row['issued_per_value']}/v" if row.get("issued_per_value") else ""
+
+
 def _wgmma_cell(row: dict) -> str:
     return f"{row['wgmma_ss']}/{row['wgmma_rs']}" if row["wgmma"] else "none"
 
@@ -544,15 +590,15 @@ def markdown(rows: list[dict]) -> str:
     """The audit's rows (as `audit` returns them) as a markdown table."""
     lines = [
         "| launch | tile MxNxK | warps | stages | smem KiB | regs | spills B | loads | wgmma SS/RS | serialised | "
-        "step loop: SASS / wgmma | issued a pixel | programs/SM |",
+        "loop: SASS / wgmma | issued a pixel (/v: a value) | programs/SM |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        loop = f"{row['loop_instructions']} / {row['loop_wgmma']}" if row.get("loop_instructions") else "—"
+        loop = _loop_cell(row) or "—"
         lines.append(
             f"| {row['launch']} | {row['tile']} | {row['warps']} | {row['stages']} | {row['shared_kib']} | "
             f"{row['registers']} | {row['spill_bytes']} | {row['loads']} | {_wgmma_cell(row)} | "
-            f"{'SERIALISED' if row['serialized_wgmma'] else 'no'} | {loop} | {row.get('issued_per_pixel') or '—'} | "
+            f"{'SERIALISED' if row['serialized_wgmma'] else 'no'} | {loop} | {_issued_cell(row) or '—'} | "
             f"{row['programs_per_sm']} |"
         )
     return "\n".join(lines)
@@ -596,15 +642,14 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(rows))
     else:
         header = (f"{'launch':<48} {'tile':>10} {'w':>2} {'st':>2} {'smem KiB':>8} {'regs':>4} {'spill':>5} "
-                  f"{'loads':>8} {'wgmma SS/RS':>11} {'serialised':>10} {'loop SASS/wgmma':>15} {'a pixel':>7} "
+                  f"{'loads':>8} {'wgmma SS/RS':>11} {'serialised':>10} {'loop SASS/wgmma':>15} {'issued':>7} "
                   f"{'prog/SM':>7}")  # fmt: skip
         print(header)
         for row in rows:
             print(f"{row['launch']:<48} {row['tile']:>10} {row['warps']:>2} {row['stages']:>2} {row['shared_kib']:>8} "
                   f"{row['registers']:>4} {row['spill_bytes']:>5} {row['loads']:>8} {_wgmma_cell(row):>11} "
                   f"{'SERIALISED' if row['serialized_wgmma'] else 'no':>10} "
-                  f"{(str(row['loop_instructions']) + ' / ' + str(row['loop_wgmma'])) if row['loop_instructions'] else '-':>15} "
-                  f"{row.get('issued_per_pixel') or '-':>7} {row['programs_per_sm']:>7}")  # fmt: skip
+                  f"{_loop_cell(row) or '-':>15} {_issued_cell(row) or '-':>7} {row['programs_per_sm']:>7}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(dict(triton=triton.__version__, target="sm_90a", rows=rows), handle, indent=1)
