@@ -1348,7 +1348,14 @@ if triton is not None:
         if FUSE_PROJECTION or TOKEN_PRODUCTS:
             offs_l = tl.arange(0, BLOCK_L)
             l_ok = offs_l < L
-        if REDUCE_X and TILES_PER_PROGRAM > 1:
+        # A program over several pixel blocks keeps grad s's terms unreduced until its last block
+        # where that costs at most 16 registers a thread (4 warps): summed a block, across the
+        # threads, they cost ~80 instructions a block (`benchmarks.kernel_audit`). Larger tiles
+        # spilled with them (64 x 64 at 4 warps) and sum each block.
+        X_SUMS_UNREDUCED: tl.constexpr = TILES_PER_PROGRAM > 1 and BLOCK_M * BLOCK_N <= 2048
+        if REDUCE_X and X_SUMS_UNREDUCED:
+            x_sums = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        elif REDUCE_X and TILES_PER_PROGRAM > 1:
             x_sums = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if TOKEN_PRODUCTS:
             # grad p [L, K] = sum over pixels of (x r^T)^T box(a), partial over this N tile's
@@ -1527,11 +1534,14 @@ if triton is not None:
             if TOKEN_PRODUCTS:
                 grad_q_sums = tl.dot(tl.trans(z_box.to(x_tile.dtype)), x_tile, grad_q_sums, input_precision=INPUT_PRECISION)
             if REDUCE_X:  # the conv part of grad s: sum over pixels of x * conv^T(g) * scale, before alpha
-                x_terms = tl.sum(x_tile.to(tl.float32) * acc, axis=0) * alpha_scale
-                if TILES_PER_PROGRAM == 1:
-                    tl.store(reduce_ptr + (b * chunks + chunk) * N + offs_n, x_terms, mask=n_ok)
+                if X_SUMS_UNREDUCED:
+                    x_sums += x_tile.to(tl.float32) * acc
                 else:
-                    x_sums += x_terms
+                    x_terms = tl.sum(x_tile.to(tl.float32) * acc, axis=0) * alpha_scale
+                    if TILES_PER_PROGRAM == 1:
+                        tl.store(reduce_ptr + (b * chunks + chunk) * N + offs_n, x_terms, mask=n_ok)
+                    else:
+                        x_sums += x_terms
 
             alpha = tl.load(alpha_ptr + b * stride_alpha_b + offs_n * stride_alpha_n, mask=n_ok, other=0.0)
             acc = acc * (alpha.to(tl.float32) * alpha_scale)[None, :]
@@ -1635,7 +1645,9 @@ if triton is not None:
                     mask=m_ok[:, None] & rgb_ok[None, :],
                 )
 
-        if REDUCE_X and TILES_PER_PROGRAM > 1:
+        if REDUCE_X and X_SUMS_UNREDUCED:
+            tl.store(reduce_ptr + (b * chunks + chunk) * N + offs_n, tl.sum(x_sums, axis=0) * alpha_scale, mask=n_ok)
+        elif REDUCE_X and TILES_PER_PROGRAM > 1:
             tl.store(reduce_ptr + (b * chunks + chunk) * N + offs_n, x_sums, mask=n_ok)
         if TOKEN_PRODUCTS:
             offs_kp = tl.arange(0, BLOCK_K)
