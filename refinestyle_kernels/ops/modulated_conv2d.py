@@ -2124,6 +2124,23 @@ if triton is not None:
         return mix0, mix1, mix2, mix3
 
     @triton.jit
+    def _epilogue_program_setup(
+        demod_ptr, noise_strength_ptr, bias_ptr, rgb_mix_ptr, b, offs_n, n_ok, N,
+        BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_RGB: tl.constexpr, HAS_DEMOD: tl.constexpr,
+        HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, RGB_CHANNELS: tl.constexpr,
+    ):  # fmt: skip
+        """What a program of `_epilogue_backward_kernel` or `_epilogue_products_kernel` sets up
+        before its block loop: the zero running sums of the bias, noise and d terms ([BLOCK,
+        BLOCK_N] fp32 each) and of the toRGB's (`_no_rgb_terms`), the per-channel values
+        (`_epilogue_constants`) and the toRGB's mix (`_rgb_mixes_of`). Arguments as the kernels'."""
+        terms = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
+        constants = _epilogue_constants(
+            demod_ptr + b * N, noise_strength_ptr, bias_ptr, offs_n, n_ok, HAS_DEMOD, HAS_NOISE, HAS_BIAS
+        )
+        mixes = _rgb_mixes_of(rgb_mix_ptr, b, offs_n, n_ok, N, RGB_CHANNELS)
+        return terms, terms, terms, _no_rgb_terms(BLOCK, BLOCK_N, BLOCK_RGB), constants, mixes
+
+    @triton.jit
     def _no_rgb_terms(BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_RGB: tl.constexpr):
         """Zero running sums for `_torgb_adjoint`: four [BLOCK, BLOCK_N] fp32 tiles of unreduced
         terms (toRGB channels 0-3) and [BLOCK_RGB, BLOCK_N] fp32 sums of channels 4 and up."""
@@ -2268,14 +2285,10 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         plane = tl.num_programs(2) * chunks * N
-        bias_sums = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        noise_sums = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        demod_sums = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        rgb_terms = _no_rgb_terms(BLOCK_M, BLOCK_N, BLOCK_RGB)
-        epilogue_constants = _epilogue_constants(
-            demod_ptr + b * N, noise_strength_ptr, bias_ptr, offs_n, n_ok, HAS_DEMOD, HAS_NOISE, HAS_BIAS
-        )
-        rgb_mixes = _rgb_mixes_of(rgb_mix_ptr, b, offs_n, n_ok, N, RGB_CHANNELS)
+        bias_sums, noise_sums, demod_sums, rgb_terms, epilogue_constants, rgb_mixes = _epilogue_program_setup(
+            demod_ptr, noise_strength_ptr, bias_ptr, rgb_mix_ptr, b, offs_n, n_ok, N, BLOCK_M, BLOCK_N, BLOCK_RGB,
+            HAS_DEMOD, HAS_NOISE, HAS_BIAS, RGB_CHANNELS,
+        )  # fmt: skip
         for tile in tl.range(0, TILES_PER_PROGRAM, num_stages=LOAD_STAGES):
             offs_m = (chunk * TILES_PER_PROGRAM + tile) * BLOCK_M + tl.arange(0, BLOCK_M)
             out_y = offs_m // OUT_W
@@ -2543,14 +2556,10 @@ if triton is not None:
         l_ok = offs_l < CIN
         x_base = x_ptr + b * stride_xb + offs_l[:, None] * stride_xc
         products = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)
-        bias_sums = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-        noise_sums = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-        demod_sums = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-        rgb_terms = _no_rgb_terms(BLOCK_P, BLOCK_N, BLOCK_RGB)
-        epilogue_constants = _epilogue_constants(
-            demod_ptr + b * N, noise_strength_ptr, bias_ptr, offs_n, n_ok, HAS_DEMOD, HAS_NOISE, HAS_BIAS
-        )
-        rgb_mixes = _rgb_mixes_of(rgb_mix_ptr, b, offs_n, n_ok, N, RGB_CHANNELS)
+        bias_sums, noise_sums, demod_sums, rgb_terms, epilogue_constants, rgb_mixes = _epilogue_program_setup(
+            demod_ptr, noise_strength_ptr, bias_ptr, rgb_mix_ptr, b, offs_n, n_ok, N, BLOCK_P, BLOCK_N, BLOCK_RGB,
+            HAS_DEMOD, HAS_NOISE, HAS_BIAS, RGB_CHANNELS,
+        )  # fmt: skip
         for p0 in tl.range(start, stop, BLOCK_P, num_stages=1):
             offs_p = p0 + tl.arange(0, BLOCK_P)
             p_ok = offs_p < stop
