@@ -2097,7 +2097,7 @@ if triton is not None:
             grad += grad_k[:, None] * mix[None, :]
             # The first four channels' terms stay unreduced until the program's last block:
             # summed over the block's pixels here, they took cross-thread shuffles and barriers,
-            # ~25% of the 1024 px launch's instructions (`benchmarks.kernel_audit`).
+            # ~30% of the 1024 px launch's instructions (`benchmarks.kernel_audit`).
             term = out * grad_k[:, None]
             if k == 0:
                 terms0 += term
