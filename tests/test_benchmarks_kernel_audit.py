@@ -222,7 +222,7 @@ def test_tap_loads_are_copied_through_l1(load_bytes):
 def test_epilogue_backward_loops_sum_across_threads_only_once_a_program(tmp_path):
     """The epilogue backward's block loop (with the toRGB's adjoint, and with the token products
     M) keeps every sum's terms unreduced until its last block: summed a block, the toRGB's
-    sums cost 24-96 SHFL a trip, and the loop issued 1.9x the plain one's instructions a value."""
+    sums cost 24-120 SHFL a trip, and the loop issued 1.9x the plain one's instructions a value."""
     rows, _ = run_audit(tmp_path, "--families", "epilogue backward", "--jobs", "2")
     by_launch = {row["launch"]: row for row in rows}
     assert len(by_launch) == 7, sorted(by_launch)  # plain, + toRGB (2), + toRGB + M (3), + blur^T
