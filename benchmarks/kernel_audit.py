@@ -253,6 +253,9 @@ class StepLoop:
     wgmma: int  # HGMMA instructions among them
     start: int = 0  # the addresses of its first instruction and of its branch back
     end: int = 0
+    # Ampere-style HMMA (mma.sync) among them: a dot with fewer than 64 rows, which a Hopper
+    # wgmma cannot take, and which costs its shared-memory loads (LDSM) besides
+    mma_sync: int = 0
 
     @staticmethod
     def loops(sass: str) -> list[tuple[int, int, list[str]]]:
@@ -277,7 +280,8 @@ class StepLoop:
         for start, end, body in cls.loops(sass):
             wgmma = sum(1 for line in body if re.search(r"\bHGMMA\b", line))
             if wgmma and (best is None or len(body) < best.instructions):
-                best = cls(instructions=len(body), wgmma=wgmma, start=start, end=end)
+                mma_sync = sum(1 for line in body if re.search(r"\bHMMA\b", line))
+                best = cls(instructions=len(body), wgmma=wgmma, start=start, end=end, mma_sync=mma_sync)
         return best
 
 
@@ -538,6 +542,7 @@ def _row(label: str, tile: str, warps: int, stages: int, kernel) -> dict:
         # the step loop's SASS: instructions a warp issues per trip, and the wgmma among them
         loop_instructions=loop.instructions if loop else None,
         loop_wgmma=loop.wgmma if loop else None,
+        loop_mma_sync=loop.mma_sync if loop else None,
         programs_per_sm=programs_per_sm(report.registers, shared, warps),
         fits=shared <= H100_SHARED_MEMORY_PER_PROGRAM,
     )
@@ -569,10 +574,14 @@ def audit(families=FAMILIES, shapes=DEFAULT_SHAPES, others=OTHER_KERNELS, jobs: 
 
 
 def _loop_cell(row: dict) -> str:
-    """The conv's step loop as SASS / wgmma; a memory-bound kernel's innermost loop as SASS."""
+    """The conv's step loop as SASS / wgmma (+ mma.sync, if any); a memory-bound kernel's
+    innermost loop as SASS."""
     if not row.get("loop_instructions"):
         return ""
-    return f"{row['loop_instructions']} / {row['loop_wgmma']}" if row.get("loop_wgmma") else str(row["loop_instructions"])
+    if not row.get("loop_wgmma"):
+        return str(row["loop_instructions"])
+    mma_sync = f" + {row['loop_mma_sync']} mma.sync" if row.get("loop_mma_sync") else ""
+    return f"{row['loop_instructions']} / {row['loop_wgmma']}{mma_sync}"
 
 
 def _issued_cell(row: dict) -> str:
@@ -590,7 +599,7 @@ def markdown(rows: list[dict]) -> str:
     """The audit's rows (as `audit` returns them) as a markdown table."""
     lines = [
         "| launch | tile MxNxK | warps | stages | smem KiB | regs | spills B | loads | wgmma SS/RS | serialised | "
-        "loop: SASS / wgmma | issued a pixel (/v: a value) | programs/SM |",
+        "loop: SASS / wgmma (+ mma.sync) | issued a pixel (/v: a value) | programs/SM |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -642,14 +651,14 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(rows))
     else:
         header = (f"{'launch':<48} {'tile':>10} {'w':>2} {'st':>2} {'smem KiB':>8} {'regs':>4} {'spill':>5} "
-                  f"{'loads':>8} {'wgmma SS/RS':>11} {'serialised':>10} {'loop SASS/wgmma':>15} {'issued':>7} "
+                  f"{'loads':>8} {'wgmma SS/RS':>11} {'serialised':>10} {'loop SASS/wgmma':>26} {'issued':>7} "
                   f"{'prog/SM':>7}")  # fmt: skip
         print(header)
         for row in rows:
             print(f"{row['launch']:<48} {row['tile']:>10} {row['warps']:>2} {row['stages']:>2} {row['shared_kib']:>8} "
                   f"{row['registers']:>4} {row['spill_bytes']:>5} {row['loads']:>8} {_wgmma_cell(row):>11} "
                   f"{'SERIALISED' if row['serialized_wgmma'] else 'no':>10} "
-                  f"{_loop_cell(row) or '-':>15} {_issued_cell(row) or '-':>7} {row['programs_per_sm']:>7}")  # fmt: skip
+                  f"{_loop_cell(row) or '-':>26} {_issued_cell(row) or '-':>7} {row['programs_per_sm']:>7}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(dict(triton=triton.__version__, target="sm_90a", rows=rows), handle, indent=1)

@@ -56,10 +56,13 @@ SASS = """
 
 def test_step_loop_is_the_shortest_loop_with_wgmma():
     """Backward branches close loops: the inner one (0x20-0x60) holds two HGMMA in 5
-    instructions; the outer one (0x10-0x80) is longer; 0x90-0xa0 and the trap at 0xb0 hold none."""
+    instructions; the outer one (0x10-0x80) is longer; 0x90-0xa0 and the trap at 0xb0 hold none.
+    Ampere-style HMMA (mma.sync) in the step loop is counted apart from the HGMMA."""
     loop = StepLoop.find(SASS)
-    assert (loop.instructions, loop.wgmma) == (5, 2)
+    assert (loop.instructions, loop.wgmma, loop.mma_sync) == (5, 2, 0)
     assert StepLoop.find(SASS.replace("HGMMA", "HMMA")) is None  # no wgmma: no step loop
+    mixed = SASS.replace("IADD3 R2, R2, 0x1, RZ", "HMMA.16816.F32.BF16 R72, R136, R64, R72")
+    assert (StepLoop.find(mixed).wgmma, StepLoop.find(mixed).mma_sync) == (2, 1)  # an mma.sync in the step
 
 
 def test_a_pixel_block_issues_the_kernel_once_and_its_step_loop_per_step():
@@ -126,12 +129,13 @@ def test_box_summing_and_demodulation_kernels_do_not_spill(tmp_path):
 
 
 @pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
-def test_token_product_launches_do_not_spill_at_their_tiles(tmp_path):
+def test_token_product_launches_do_not_spill_and_the_32_channel_one_keeps_to_wgmma(tmp_path):
     """The grad-x launches that also sum the token gradients over 16 pixel blocks a program hold
     ~100 registers more than the plain grad-x launch: at the tiles `_products_blocks` gives them
     (the 512-1024 px layers) they must still fit without spills. The 4-warp alternatives the
     autotuner also times fit too; at 254-255 registers, they issue fewer instructions a pixel
-    than the 8-warp tiles."""
+    than the 8-warp tiles. At the 1024 px layer's 64 x 32 x 32 tile the step loop sums box(a) by
+    wgmma: grad p's own products there (L = 32 rows) were 16 mma.sync a step."""
     rows, _ = run_audit(tmp_path, "--families", "token products")
     tiles = {(row["tile"], row["warps"]) for row in rows}
     defaults = set()
@@ -147,6 +151,8 @@ def test_token_product_launches_do_not_spill_at_their_tiles(tmp_path):
     for (launch, tile, warps), issued in by_tile.items():
         if warps == 8:
             assert by_tile[(launch, tile, 4)] < issued, (launch, tile)
+    narrow = [row for row in rows if row["tile"] == "64x32x32"]
+    assert narrow and all(row["loop_mma_sync"] == 0 and row["loop_wgmma"] == 6 for row in narrow), narrow
 
 
 @pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")

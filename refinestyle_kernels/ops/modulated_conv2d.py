@@ -1370,6 +1370,16 @@ if triton is not None:
             )
         # the token products sum the A tiles of every tap into one [L, K] tile: one K block
         tl.static_assert(SINGLE_K_BLOCK or not TOKEN_PRODUCTS)
+        # grad p's products u^T a, one a step, have L rows: with L = 32 too few for a Hopper
+        # wgmma, and the compiler made each 16 mma.sync and 13 shared-memory loads (a quarter of
+        # the 1024 px layer's step loop). Where the registers allow, the step loop sums box(a)
+        # instead, one more wgmma a step (a @ I), and u^T box(a) is one dot a block; larger
+        # tiles spilled with the extra [BLOCK_M, BLOCK_K] accumulator (`benchmarks.kernel_audit`).
+        BOX_BY_MMA: tl.constexpr = TOKEN_PRODUCTS and BLOCK_M * (BLOCK_N + BLOCK_K) <= 4096
+        if BOX_BY_MMA:
+            offs_k_eye = tl.arange(0, BLOCK_K)
+            # from fp32, not bool: the interpreter turns a bool into a 16-bit float bit for bit
+            eye = tl.where(offs_k_eye[:, None] == offs_k_eye[None, :], 1.0, 0.0).to(a_ptr.dtype.element_ty)
         # With one K block the projection and style tiles are the same at every step: loaded once
         # here, they leave the step loop one load stream (and its shared-memory ring) fewer each.
         if SINGLE_K_BLOCK:
@@ -1422,6 +1432,8 @@ if triton is not None:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if FUSE_PROJECTION:
                 z_box = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
+            if BOX_BY_MMA:
+                a_box = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
             x_offsets = ((b * OUT_H + out_y) * OUT_W + out_x)[:, None] * N + offs_n[None, :]
             if TOKEN_PRODUCTS:  # u = x r^T, a dot operand in the loop (x is loaded again after it, from L1/L2)
                 x_rows = tl.load(x_ptr + x_offsets, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
@@ -1505,7 +1517,9 @@ if triton is not None:
                             other=0.0,
                         )
                     z_box = tl.dot(a.to(q_t.dtype), q_t, z_box, input_precision=INPUT_PRECISION)
-                if TOKEN_PRODUCTS:  # one K block (BLOCK_K >= K): the sum over taps is box(a)
+                if BOX_BY_MMA:  # one K block (BLOCK_K >= K): the sum over taps is box(a)
+                    a_box = tl.dot(a.to(eye.dtype), eye, a_box, input_precision=INPUT_PRECISION)
+                elif TOKEN_PRODUCTS:
                     grad_p_sums = tl.dot(u_t, a.to(u_t.dtype), grad_p_sums, input_precision=INPUT_PRECISION)
                 if HAS_A_SCALE:
                     if SINGLE_K_BLOCK:
@@ -1533,6 +1547,8 @@ if triton is not None:
                 x_tile = tl.load(x_ptr + x_offsets, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
             if TOKEN_PRODUCTS:
                 grad_q_sums = tl.dot(tl.trans(z_box.to(x_tile.dtype)), x_tile, grad_q_sums, input_precision=INPUT_PRECISION)
+            if BOX_BY_MMA:  # box(a) rounded to a's dtype, as the pixel products round their boxed tiles
+                grad_p_sums = tl.dot(u_t, a_box.to(u_t.dtype), grad_p_sums, input_precision=INPUT_PRECISION)
             if REDUCE_X:  # the conv part of grad s: sum over pixels of x * conv^T(g) * scale, before alpha
                 if X_SUMS_UNREDUCED:
                     x_sums += x_tile.to(tl.float32) * acc
@@ -2933,7 +2949,7 @@ def _products_blocks(n: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) of a token-product launch (BLOCK_M is `_reduce_block_m`):
     one K block of every output channel, and the warps at which ptxas fits the kernel without
     spills for sm_90a (`python -m benchmarks.kernel_audit`): 4 warps up to 64 x 32 x 32 tiles
-    (221-240 registers: 2 programs an SM), 8 past it (170-218: 1 program). The per-program
+    (255 registers with box(a) summed by wgmma: 2 programs an SM), 8 past it (170-218: 1 program). The per-program
     products and the block loop around the main loop cost ~100 registers over the plain grad-x
     launch; both cases keep 8 warps an SM. Past 64 x 32 x 32 the autotuner also times 4 warps in
     16-bit types (`_prune_conv_configs`)."""
