@@ -539,7 +539,7 @@ def _row(label: str, tile: str, warps: int, stages: int, kernel) -> dict:
         loads="tma" if "async_tma_copy_global_to_local" in ttgir else
               "cp.async" if "async_copy_global_to_local" in ttgir else "sync",
         serialized_wgmma=report.serialized_wgmma,
-        # the step loop's SASS: instructions a warp issues per trip, and the wgmma among them
+        # the step loop's SASS: instructions a warp issues per trip, the wgmma and mma.sync among them
         loop_instructions=loop.instructions if loop else None,
         loop_wgmma=loop.wgmma if loop else None,
         loop_mma_sync=loop.mma_sync if loop else None,

@@ -2949,9 +2949,9 @@ def _products_blocks(n: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) of a token-product launch (BLOCK_M is `_reduce_block_m`):
     one K block of every output channel, and the warps at which ptxas fits the kernel without
     spills for sm_90a (`python -m benchmarks.kernel_audit`): 4 warps up to 64 x 32 x 32 tiles
-    (255 registers with box(a) summed by wgmma: 2 programs an SM), 8 past it (170-218: 1 program). The per-program
-    products and the block loop around the main loop cost ~100 registers over the plain grad-x
-    launch; both cases keep 8 warps an SM. Past 64 x 32 x 32 the autotuner also times 4 warps in
+    (255 registers with box(a) summed by wgmma: 2 programs an SM), 8 past it (170-218: 1
+    program). The per-program products and the block loop around the main loop cost ~100
+    registers over the plain grad-x launch; both cases keep 8 warps an SM. Past 64 x 32 x 32 the autotuner also times 4 warps in
     16-bit types (`_prune_conv_configs`)."""
     block_n, block_k = _products_block_n(n), max(16, _next_pow2(k))
     return block_n, block_k, (4 if block_n * block_k <= 1024 else 8)
