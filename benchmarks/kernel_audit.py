@@ -183,8 +183,10 @@ def compile_conv_for_hopper(flags: dict, shape: tuple, dtype: str = "bf16", grid
     # A's copy width as the op would launch it under this Triton (`TAP_LOAD_BYTES`)
     a_vector = op_module._tap_vector(4 if dtype == "fp32" else 2)
     # config-f's channel counts are whole numbers of every tile here; one K block holding every
-    # input channel (SINGLE_K_BLOCK) only where the family says so; flags may override either
-    constexprs = dict(A_VECTOR=a_vector, EVEN_K=True, EVEN_N=True, SINGLE_K_BLOCK=False)
+    # input channel (SINGLE_K_BLOCK) only where the family says so; box(a) by wgmma where the op
+    # would sum it so (`_box_by_mma`); flags may override any of these
+    constexprs = dict(A_VECTOR=a_vector, EVEN_K=True, EVEN_N=True, SINGLE_K_BLOCK=False,
+                      BOX_BY_MMA=op_module._box_by_mma(flags["TOKEN_PRODUCTS"], block_m, block_n, block_k, warps))
     constexprs.update(flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                       TILE_W=block_m if tma else op_module._tile_width(block_m, grid_w))  # fmt: skip
     pointers = {name: "*fp32" if name in CONV_FP32_POINTERS else f"*{dtype}" for name in CONV_POINTERS}

@@ -806,7 +806,9 @@ def test_layers_past_64_channels_form_their_token_products_apart_from_the_epilog
 
 
 @needs_interpreter
-@pytest.mark.parametrize("max_tiles", [1, 4], ids=["one-block", "four-blocks"])
+@pytest.mark.parametrize(
+    "max_tiles, box_by_mma", [(1, None), (4, None), (4, False)], ids=["one-block", "four-blocks", "four-blocks-dot-a-step"]
+)
 @pytest.mark.parametrize(
     "layer",
     [
@@ -818,12 +820,14 @@ def test_layers_past_64_channels_form_their_token_products_apart_from_the_epilog
     ],
     ids=str,
 )
-def test_interpreted_token_products_in_the_grad_x_conv(layer, max_tiles, monkeypatch):
+def test_interpreted_token_products_in_the_grad_x_conv(layer, max_tiles, box_by_mma, monkeypatch):
     """The grad-x conv's token gradients (TOKEN_PRODUCTS): one pixel block a program, or up to four
     with the last program's blocks partly past the grid (20 x 23 px: nine 8 x 8 blocks, three
     programs), two N tiles (70 input channels), the upsampling layer's stride-2 box, shared
-    tokens summed over the batch. No other kernel forms M."""
+    tokens summed over the batch; box(a) summed by a dot in the step loop (BOX_BY_MMA: by
+    default at every tile here) or grad p's products a step. No other kernel forms M."""
     monkeypatch.setattr(op_module, "CONV_PRODUCTS_MAX_TILES", max_tiles)
+    monkeypatch.setattr(op_module, "CONV_PRODUCTS_BOX_BY_MMA", box_by_mma)
     monkeypatch.setattr(op_module, "CONV_PRODUCTS_MIN_PROGRAMS", 1)
     launches = []
     monkeypatch.setattr(op_module, "LAUNCH_OBSERVER", lambda kernel, reads, writes: launches.append((kernel, writes)))
@@ -1451,13 +1455,13 @@ def test_autotune_pruning_gives_token_product_launches_their_reducing_tile(reduc
 
 
 @pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")
-@pytest.mark.parametrize("n, k, dtype, warps", [
-    (32, 32, torch.bfloat16, {4}),  # 64 x 32 x 32: 4 warps
-    (64, 32, torch.bfloat16, {8, 4}),  # past it: 8 warps, and 4 timed against them in 16-bit types
-    (64, 64, torch.float16, {8, 4}),
-    (64, 64, torch.float32, {8}),  # fp32 operands: 8 only
+@pytest.mark.parametrize("n, k, dtype, warps, box_by_mma_warps", [
+    (32, 32, torch.bfloat16, {4}, {4}),  # 64 x 32 x 32: 4 warps, box(a) by wgmma
+    (64, 32, torch.bfloat16, {8, 4}, set()),  # past it: 8 warps, and 4 timed against them in 16-bit types
+    (64, 64, torch.float16, {8, 4}, {8}),  # box(a) by wgmma only at 8 warps (4 would spill)
+    (64, 64, torch.float32, {8}, {8}),  # fp32 operands: 8 only
 ])  # fmt: skip
-def test_token_product_launches_time_four_warps_against_eight(n, k, dtype, warps):
+def test_token_product_launches_time_four_warps_against_eight(n, k, dtype, warps, box_by_mma_warps):
     named = {"GRID_H": 256, "GRID_W": 256, "N": n, "K": k, "w_ptr": torch.empty(0, dtype=dtype)}
     kept = op_module._prune_conv_configs(op_module._CONV_CONFIGS, named, REDUCE_X=True, TOKEN_PRODUCTS=True,
                                          HAS_A_SCALE=False)  # fmt: skip
@@ -1465,6 +1469,26 @@ def test_token_product_launches_time_four_warps_against_eight(n, k, dtype, warps
     assert {config.num_warps for config in kept} == warps
     for config in kept:  # the tile the partial sums' buffer was sized for, whatever the warps
         assert (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]) == (64, block_n, block_k)
+        assert config.kwargs["BOX_BY_MMA"] == (config.num_warps in box_by_mma_warps), config
+
+
+def test_box_by_mma_where_the_accumulators_fit_32_registers_a_thread(monkeypatch):
+    """`_box_by_mma` at config-f's token-product tiles: 64 x 32 x 32 at 4 warps and 64 x 64 x 64
+    at 8, not the tiles that spilled with it (`benchmarks.kernel_audit`); never for a launch
+    without token products; always or never where `CONV_PRODUCTS_BOX_BY_MMA` says so. Every
+    other launch's configs carry it False."""
+    box = op_module._box_by_mma
+    assert box(True, 64, 32, 32, 4) and box(True, 64, 16, 32, 4) and box(True, 64, 64, 64, 8)
+    assert not box(True, 64, 64, 32, 8) and not box(True, 64, 64, 32, 4) and not box(True, 64, 64, 64, 4)
+    assert not box(False, 64, 32, 32, 4)
+    monkeypatch.setattr(op_module, "CONV_PRODUCTS_BOX_BY_MMA", False)
+    assert not box(True, 64, 32, 32, 4)
+    monkeypatch.setattr(op_module, "CONV_PRODUCTS_BOX_BY_MMA", True)
+    assert box(True, 64, 64, 32, 4) and not box(False, 64, 32, 32, 4)
+    monkeypatch.undo()
+    named = {"GRID_H": 64, "GRID_W": 64, "N": 32, "K": 32, "w_ptr": torch.empty(0, dtype=torch.bfloat16)}
+    plain = op_module._prune_conv_configs(op_module._CONV_CONFIGS, named, REDUCE_X=True, HAS_A_SCALE=False)
+    assert plain and not any(config.kwargs["BOX_BY_MMA"] for config in plain)
 
 
 @pytest.mark.skipif(not (INTERPRETED or HAS_CUDA), reason="needs CUDA or the Triton interpreter")

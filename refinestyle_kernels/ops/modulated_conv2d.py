@@ -1309,6 +1309,7 @@ if triton is not None:
         EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: the main loop's loads need no K mask
         EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: nor its W loads an N mask
         SINGLE_K_BLOCK: tl.constexpr,  # K <= BLOCK_K: the projection and style tiles are loaded once
+        BOX_BY_MMA: tl.constexpr,  # token products: sum box(a) by wgmma in the step loop (`_box_by_mma`)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -1372,10 +1373,9 @@ if triton is not None:
         tl.static_assert(SINGLE_K_BLOCK or not TOKEN_PRODUCTS)
         # grad p's products u^T a, one a step, have L rows: with L = 32 too few for a Hopper
         # wgmma, and the compiler made each 16 mma.sync and 13 shared-memory loads (a quarter of
-        # the 1024 px layer's step loop). Where the registers allow, the step loop sums box(a)
-        # instead, one more wgmma a step (a @ I), and u^T box(a) is one dot a block; larger
-        # tiles spilled with the extra [BLOCK_M, BLOCK_K] accumulator (`benchmarks.kernel_audit`).
-        BOX_BY_MMA: tl.constexpr = TOKEN_PRODUCTS and BLOCK_M * (BLOCK_N + BLOCK_K) <= 4096
+        # the 1024 px layer's step loop). With BOX_BY_MMA the step loop sums box(a) instead, one
+        # more wgmma a step (a @ I), and u^T box(a) is one dot a block (`_box_by_mma`).
+        tl.static_assert(TOKEN_PRODUCTS or not BOX_BY_MMA)
         if BOX_BY_MMA:
             offs_k_eye = tl.arange(0, BLOCK_K)
             # from fp32, not bool: the interpreter turns a bool into a 16-bit float bit for bit
@@ -2917,7 +2917,9 @@ if triton is not None:
         return [
             triton.Config(
                 dict(config.kwargs, TILE_W=tile_w, SCALE_WEIGHT=on_w, A_TMA=tma,
-                     **_whole_blocks(named_args["K"], named_args["N"], config.kwargs["BLOCK_K"], config.kwargs["BLOCK_N"])),
+                     **_whole_blocks(named_args["K"], named_args["N"], config.kwargs["BLOCK_K"], config.kwargs["BLOCK_N"]),
+                     BOX_BY_MMA=_box_by_mma(products, config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"],
+                                            config.kwargs["BLOCK_K"], config.num_warps)),
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
             )
@@ -2937,6 +2939,9 @@ CONV_TOKEN_PRODUCTS_MAX_K = 64
 CONV_PRODUCTS_MAX_TILES = 16
 # ... while keeping at least this many programs (8 per H100 SM).
 CONV_PRODUCTS_MIN_PROGRAMS = 1056
+# Such a launch sums box(a) by wgmma at the tiles that fit it (`_box_by_mma`): None. True or
+# False: always or never.
+CONV_PRODUCTS_BOX_BY_MMA = None
 
 
 def _products_block_n(n: int) -> int:
@@ -2955,6 +2960,25 @@ def _products_blocks(n: int, k: int) -> tuple[int, int, int]:
     16-bit types (`_prune_conv_configs`)."""
     block_n, block_k = _products_block_n(n), max(16, _next_pow2(k))
     return block_n, block_k, (4 if block_n * block_k <= 1024 else 8)
+
+
+def _box_by_mma(token_products: bool, block_m: int, block_n: int, block_k: int, num_warps: int) -> bool:
+    """BOX_BY_MMA of a conv launch: whether a token-product launch sums box(a) by wgmma in its
+    step loop (one more [BLOCK_M, BLOCK_K] fp32 accumulator) instead of one L-row dot a step.
+
+    By default (`CONV_PRODUCTS_BOX_BY_MMA` None) where ptxas fits it without spills for sm_90a
+    under Triton 3.6 and 3.9 (`python -m benchmarks.kernel_audit --families "token products"`):
+    at 4 warps, tiles whose output and box accumulators hold at most 4096 values (64 x 32 x 32:
+    86-99 instructions issued a pixel, from 101-107); at 8 warps, 64 x 64 x 64 (209-227, from
+    223-239). 64 x 64 x 32 at 8 warps spilled 16-92 bytes with it, the 64-wide tiles at 4
+    warps 16-472. True or False: every token-product launch, or none (the tests use both)."""
+    if not token_products:
+        return False
+    if CONV_PRODUCTS_BOX_BY_MMA is not None:
+        return bool(CONV_PRODUCTS_BOX_BY_MMA)
+    if num_warps == 4:
+        return block_m * (block_n + block_k) <= 4096
+    return (block_m, block_n, block_k, num_warps) == (64, 64, 64, 8)
 
 
 def _tiles_per_program(batch: int, m_tiles: int, n_tiles: int) -> int:
@@ -3149,6 +3173,7 @@ def _launch_conv_gemm(
             A_TMA=a_desc is not None,
         )
         blocks.update(_whole_blocks(k, n, blocks["BLOCK_K"], blocks["BLOCK_N"]))
+        blocks["BOX_BY_MMA"] = _box_by_mma(token_products, block_m, blocks["BLOCK_N"], block_k, num_warps)
         _conv_gemm_kernel[grid(blocks)](*args, **flags, **blocks, num_warps=num_warps, num_stages=CONV_NUM_STAGES)
     else:
         # after the first launch of a shape, skip triton.autotune's per-call bookkeeping (~0.2 ms
