@@ -2939,9 +2939,8 @@ CONV_TOKEN_PRODUCTS_MAX_K = 64
 CONV_PRODUCTS_MAX_TILES = 16
 # ... while keeping at least this many programs (8 per H100 SM).
 CONV_PRODUCTS_MIN_PROGRAMS = 1056
-# Such a launch sums box(a) by wgmma at the tiles that fit it (`_box_by_mma`): None. True or
-# False: always or never.
-CONV_PRODUCTS_BOX_BY_MMA = None
+# Such a launch sums box(a) by wgmma at the tiles that fit it (`_box_by_mma`); False: never.
+CONV_PRODUCTS_BOX_BY_MMA = True
 
 
 def _products_block_n(n: int) -> int:
@@ -2966,16 +2965,14 @@ def _box_by_mma(token_products: bool, block_m: int, block_n: int, block_k: int, 
     """BOX_BY_MMA of a conv launch: whether a token-product launch sums box(a) by wgmma in its
     step loop (one more [BLOCK_M, BLOCK_K] fp32 accumulator) instead of one L-row dot a step.
 
-    By default (`CONV_PRODUCTS_BOX_BY_MMA` None) where ptxas fits it without spills for sm_90a
-    under Triton 3.6 and 3.9 (`python -m benchmarks.kernel_audit --families "token products"`):
-    at 4 warps, tiles whose output and box accumulators hold at most 4096 values (64 x 32 x 32:
+    Where ptxas fits it without spills for sm_90a under Triton 3.6 and 3.9
+    (`python -m benchmarks.kernel_audit --families "token products"`): at 4 warps, tiles whose output and box accumulators hold at most 4096 values (64 x 32 x 32:
     86-99 instructions issued a pixel, from 101-107); at 8 warps, 64 x 64 x 64 (209-227, from
     223-239). 64 x 64 x 32 at 8 warps spilled 16-92 bytes with it, the 64-wide tiles at 4
-    warps 16-472. True or False: every token-product launch, or none (the tests use both)."""
-    if not token_products:
+    warps 16-472. Never where `CONV_PRODUCTS_BOX_BY_MMA` is False (an A/B, and the tests of
+    the per-step dot)."""
+    if not (token_products and CONV_PRODUCTS_BOX_BY_MMA):
         return False
-    if CONV_PRODUCTS_BOX_BY_MMA is not None:
-        return bool(CONV_PRODUCTS_BOX_BY_MMA)
     if num_warps == 4:
         return block_m * (block_n + block_k) <= 4096
     return (block_m, block_n, block_k, num_warps) == (64, 64, 64, 8)
