@@ -135,8 +135,8 @@ def test_token_product_launches_do_not_spill_and_the_32_channel_one_keeps_to_wgm
     (the 512-1024 px layers) they must still fit without spills. The 4-warp alternatives the
     autotuner also times fit too; at 254-255 registers, they issue fewer instructions a pixel
     than the 8-warp tiles. At the 1024 px layer's 64 x 32 x 32 tile and the 8-warp 64 x 64 x 64
-    one the step loop sums box(a) by wgmma: grad p's own products (L = 32 rows) were 16
-    mma.sync a step."""
+    one the step loop sums box(a) by wgmma, and the 4-warp 64 x 64 x 64 one sums grad p's
+    products transposed: as u^T a (L = 32 rows) they were 8-16 mma.sync a step."""
     rows, _ = run_audit(tmp_path, "--families", "token products")
     tiles = {(row["tile"], row["warps"]) for row in rows}
     defaults = set()
@@ -154,13 +154,15 @@ def test_token_product_launches_do_not_spill_and_the_32_channel_one_keeps_to_wgm
             assert by_tile[(launch, tile, 4)] < issued, (launch, tile)
     narrow = [row for row in rows if row["tile"] == "64x32x32"]
     assert narrow and all(row["loop_mma_sync"] == 0 and row["loop_wgmma"] == 6 for row in narrow), narrow
-    # the tiles that sum box(a) by wgmma (`_box_by_mma`: 64 x 64 x 64 at 8 warps too) have no
-    # mma.sync left in the step loop; the others keep grad p's (8-16 a step)
+    # the tiles that sum box(a) by wgmma (`_box_by_mma`: 64 x 64 x 64 at 8 warps too) and those
+    # whose 64-channel K block takes grad p's products transposed (a^T u) have no mma.sync left
+    # in the step loop; only the 64 x 64 x 32 tiles keep grad p's u^T a (16 a step)
     boxed = {row["tile"] for row in rows if op_module._box_by_mma(True, *map(int, row["tile"].split("x")), row["warps"])}
     assert {"64x32x32", "64x64x64"} <= boxed, boxed
     for row in rows:
-        by_mma = op_module._box_by_mma(True, *map(int, row["tile"].split("x")), row["warps"])
-        assert (row["loop_mma_sync"] == 0) == by_mma, row
+        block_m, block_n, block_k = map(int, row["tile"].split("x"))
+        by_wgmma = op_module._box_by_mma(True, block_m, block_n, block_k, row["warps"]) or block_k >= 64
+        assert (row["loop_mma_sync"] == 0) == by_wgmma, row
 
 
 @pytest.mark.skipif(op_module.triton is None, reason="Triton is not importable here")

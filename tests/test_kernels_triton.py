@@ -1792,6 +1792,30 @@ def test_half_precision_matches_reference(layer, dtype, monkeypatch):
     check_layer(layer, dtype, device, TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize(
+    "layer",
+    [
+        Layer(batch=1, in_channels=70, out_channels=40, height=9, width=11, num_tokens=9, noise=None),
+        Layer(batch=2, in_channels=12, out_channels=20, height=10, width=11, num_tokens=5),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_token_products_summed_a_step(layer, dtype, monkeypatch):
+    """The grad-x launch's token products without box(g) by wgmma (`CONV_PRODUCTS_BOX_BY_MMA`
+    off, as the 4-warp 64-wide tiles run them) in 16-bit types: grad p's products a step, as
+    [K, L] += a^T u where the K block has 64 channels (40 here: wgmma-sized on a GPU), as
+    [L, K] += u^T a where it has 32. Smooth layers, against float64."""
+    device = triton_test_device(dtype)
+    monkeypatch.setattr(op_module, "TRITON_AUTOTUNE", False)
+    monkeypatch.setattr(op_module, "CONV_PRODUCTS_BOX_BY_MMA", False)
+    monkeypatch.setattr(op_module, "CONV_PRODUCTS_MIN_PROGRAMS", 1)
+    launches = []
+    monkeypatch.setattr(op_module, "LAUNCH_OBSERVER", lambda kernel, reads, writes: launches.append(kernel))
+    check_layer(smooth(layer), dtype, device, TOLERANCE[dtype])
+    assert "pixel_products" not in launches and "epilogue_products" not in launches, launches
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision_random_layers_match_reference(seed, dtype, monkeypatch):

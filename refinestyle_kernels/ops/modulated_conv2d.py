@@ -1358,10 +1358,18 @@ if triton is not None:
             x_sums = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         elif REDUCE_X and TILES_PER_PROGRAM > 1:
             x_sums = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # Without BOX_BY_MMA, grad p's products a step are u^T a, L = 32 rows: mma.sync, not wgmma.
+        # Where the K block has the 64 rows a wgmma takes, they are summed transposed instead,
+        # [K, L] += a^T u, with a^T read from the A tile's shared memory and u stored there once a
+        # block (`benchmarks.kernel_audit`: 64 x 64 x 64 at 4 warps, 16 mma.sync a step -> none)
+        GRAD_P_TRANSPOSED: tl.constexpr = TOKEN_PRODUCTS and not BOX_BY_MMA and BLOCK_K >= 64
         if TOKEN_PRODUCTS:
             # grad p [L, K] = sum over pixels of (x r^T)^T box(a), partial over this N tile's
             # channels of x; grad q [L, N] = sum over pixels of box(a q^T)^T x = z_box^T x
-            grad_p_sums = tl.zeros((BLOCK_L, BLOCK_K), dtype=tl.float32)
+            if GRAD_P_TRANSPOSED:
+                grad_p_sums = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
+            else:
+                grad_p_sums = tl.zeros((BLOCK_L, BLOCK_K), dtype=tl.float32)
             grad_q_sums = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)
             # the projection back onto x's channels, r [L, N], for the products' u = x r^T
             r_rows = tl.load(
@@ -1437,9 +1445,8 @@ if triton is not None:
             x_offsets = ((b * OUT_H + out_y) * OUT_W + out_x)[:, None] * N + offs_n[None, :]
             if TOKEN_PRODUCTS:  # u = x r^T, a dot operand in the loop (x is loaded again after it, from L1/L2)
                 x_rows = tl.load(x_ptr + x_offsets, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-                u_t = tl.trans(
-                    tl.dot(x_rows, tl.trans(r_rows.to(x_rows.dtype)), input_precision=INPUT_PRECISION).to(x_rows.dtype)
-                )
+                u = tl.dot(x_rows, tl.trans(r_rows.to(x_rows.dtype)), input_precision=INPUT_PRECISION).to(x_rows.dtype)
+                u_t = tl.trans(u)
             # The taps that feed this program's pixels: all KSIZE x KSIZE, or in MODE 2 those of
             # its phase (ky = phase_y + 2 ty, kx = phase_x + 2 tx).
             if MODE == 2:
@@ -1519,6 +1526,8 @@ if triton is not None:
                     z_box = tl.dot(a.to(q_t.dtype), q_t, z_box, input_precision=INPUT_PRECISION)
                 if BOX_BY_MMA:  # one K block (BLOCK_K >= K): the sum over taps is box(a)
                     a_box = tl.dot(a.to(eye.dtype), eye, a_box, input_precision=INPUT_PRECISION)
+                elif GRAD_P_TRANSPOSED:
+                    grad_p_sums = tl.dot(tl.trans(a.to(u.dtype)), u, grad_p_sums, input_precision=INPUT_PRECISION)
                 elif TOKEN_PRODUCTS:
                     grad_p_sums = tl.dot(u_t, a.to(u_t.dtype), grad_p_sums, input_precision=INPUT_PRECISION)
                 if HAS_A_SCALE:
@@ -1668,11 +1677,18 @@ if triton is not None:
         if TOKEN_PRODUCTS:
             offs_kp = tl.arange(0, BLOCK_K)
             grad_p_rows = ((b * chunks + chunk) * n_tiles + pid_n) * L + offs_l
-            tl.store(
-                grad_p_ptr + grad_p_rows[:, None] * K + offs_kp[None, :],
-                grad_p_sums,
-                mask=l_ok[:, None] & (offs_kp < K)[None, :],
-            )
+            if GRAD_P_TRANSPOSED:
+                tl.store(
+                    grad_p_ptr + grad_p_rows[None, :] * K + offs_kp[:, None],
+                    grad_p_sums,
+                    mask=l_ok[None, :] & (offs_kp < K)[:, None],
+                )
+            else:
+                tl.store(
+                    grad_p_ptr + grad_p_rows[:, None] * K + offs_kp[None, :],
+                    grad_p_sums,
+                    mask=l_ok[:, None] & (offs_kp < K)[None, :],
+                )
             tl.store(
                 grad_q_ptr + ((b * chunks + chunk) * L + offs_l)[:, None] * N + offs_n[None, :],
                 grad_q_sums,
