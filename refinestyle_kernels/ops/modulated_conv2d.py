@@ -2893,7 +2893,7 @@ if triton is not None:
             # Past 64 x 32 x 32 the tile takes 8 warps, so each warp has half the work it would have
             # at 4: in 16-bit types 4 warps also fit (254-255 registers a thread, the same warps an SM)
             # and issue 26-42% fewer instructions a pixel (`benchmarks.kernel_audit`, "token
-            # products"), but Triton 3.6 spills up to 56 bytes at some of them: both are timed.
+            # products"), but Triton 3.6 spills up to 132 bytes at some of them: both are timed.
             tried = (warps, 4) if warps == 8 and element == 2 else (warps,)
             kept = [
                 triton.Config(
@@ -2969,10 +2969,10 @@ def _products_blocks(n: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) of a token-product launch (BLOCK_M is `_reduce_block_m`):
     one K block of every output channel, and the warps at which ptxas fits the kernel without
     spills for sm_90a (`python -m benchmarks.kernel_audit`): 4 warps up to 64 x 32 x 32 tiles
-    (255 registers with box(a) summed by wgmma: 2 programs an SM), 8 past it (170-218: 1
+    (255 registers with box(a) summed by wgmma: 2 programs an SM), 8 past it (182-242: 1
     program). The per-program products and the block loop around the main loop cost ~100
-    registers over the plain grad-x launch; both cases keep 8 warps an SM. Past 64 x 32 x 32 the autotuner also times 4 warps in
-    16-bit types (`_prune_conv_configs`)."""
+    registers over the plain grad-x launch; both cases keep 8 warps an SM. Past 64 x 32 x 32
+    the autotuner also times 4 warps in 16-bit types (`_prune_conv_configs`)."""
     block_n, block_k = _products_block_n(n), max(16, _next_pow2(k))
     return block_n, block_k, (4 if block_n * block_k <= 1024 else 8)
 
@@ -2982,11 +2982,13 @@ def _box_by_mma(token_products: bool, block_m: int, block_n: int, block_k: int, 
     step loop (one more [BLOCK_M, BLOCK_K] fp32 accumulator) instead of one L-row dot a step.
 
     Where ptxas fits it without spills for sm_90a under Triton 3.6 and 3.9
-    (`python -m benchmarks.kernel_audit --families "token products"`): at 4 warps, tiles whose output and box accumulators hold at most 4096 values (64 x 32 x 32:
-    86-99 instructions issued a pixel, from 101-107); at 8 warps, 64 x 64 x 64 (209-227, from
-    223-239). 64 x 64 x 32 at 8 warps spilled 16-92 bytes with it, the 64-wide tiles at 4
-    warps 16-472. Never where `CONV_PRODUCTS_BOX_BY_MMA` is False (an A/B, and the tests of
-    the per-step dot)."""
+    (`python -m benchmarks.kernel_audit --families "token products"`): at 4 warps, tiles whose
+    output and box accumulators hold at most 4096 values (64 x 32 x 32: 86-99 instructions
+    issued a pixel, from 101-107); at 8 warps, 64 x 64 x 64 (209-227, from 223-239).
+    64 x 64 x 32 at 8 warps spilled 16-92 bytes with it, the 64-wide tiles at 4 warps 16-472
+    (those with a 64-channel K block sum grad p's products transposed instead,
+    `GRAD_P_TRANSPOSED`). Never where `CONV_PRODUCTS_BOX_BY_MMA` is False (an A/B, and the
+    tests of the dots a step)."""
     if not (token_products and CONV_PRODUCTS_BOX_BY_MMA):
         return False
     if num_warps == 4:
