@@ -133,7 +133,7 @@ def test_token_product_launches_do_not_spill_and_the_32_channel_one_keeps_to_wgm
     """The grad-x launches that also sum the token gradients over 16 pixel blocks a program hold
     ~100 registers more than the plain grad-x launch: at the tiles `_products_blocks` gives them
     (the 512-1024 px layers) they must still fit without spills. The 4-warp alternatives the
-    autotuner also times fit too; at 254-255 registers, they issue fewer instructions a pixel
+    autotuner also times fit too; at 252-255 registers, they issue fewer instructions a pixel
     than the 8-warp tiles. At the 1024 px layer's 64 x 32 x 32 tile and the 8-warp 64 x 64 x 64
     one the step loop sums box(a) by wgmma, and the 4-warp 64 x 64 x 64 one sums grad p's
     products transposed: as u^T a (L = 32 rows) they were 8-16 mma.sync a step."""

@@ -1472,7 +1472,7 @@ def test_token_product_launches_time_four_warps_against_eight(n, k, dtype, warps
         assert config.kwargs["BOX_BY_MMA"] == (config.num_warps in box_by_mma_warps), config
 
 
-def test_box_by_mma_where_the_accumulators_fit_32_registers_a_thread(monkeypatch):
+def test_box_by_mma_only_at_the_tiles_audited_to_fit_it(monkeypatch):
     """`_box_by_mma` at config-f's token-product tiles: 64 x 32 x 32 at 4 warps and 64 x 64 x 64
     at 8, not the tiles that spilled with it (`benchmarks.kernel_audit`); never for a launch
     without token products, nor with `CONV_PRODUCTS_BOX_BY_MMA` off. Every other launch's

@@ -2891,7 +2891,7 @@ if triton is not None:
         if products:  # one tile: the partial sums' buffer and the registers fix it (`_products_blocks`)
             block_n, block_k, warps = _products_blocks(named_args["N"], named_args["K"])
             # Past 64 x 32 x 32 the tile takes 8 warps, so each warp has half the work it would have
-            # at 4: in 16-bit types 4 warps also fit (254-255 registers a thread, the same warps an SM)
+            # at 4: in 16-bit types 4 warps also fit (252-255 registers a thread, the same warps an SM)
             # and issue 26-42% fewer instructions a pixel (`benchmarks.kernel_audit`, "token
             # products"), but Triton 3.6 spills up to 132 bytes at some of them: both are timed.
             tried = (warps, 4) if warps == 8 and element == 2 else (warps,)
